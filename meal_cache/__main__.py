@@ -1,0 +1,3 @@
+from meal_cache.cli import main
+
+main()

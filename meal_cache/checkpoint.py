@@ -1,0 +1,49 @@
+"""Checkpoints: full training state written atomically, read back with ``weights_only=True`` (no code runs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from meal_cache.errors import UserError
+from meal_cache.models import create_model
+
+CHECKPOINT_FORMAT = "meal-cache-checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Write atomically (temporary file, then rename): a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a meal-cache checkpoint safely (``weights_only=True``: tensors and plain data, no code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: '{path}'")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for foreign or corrupt files
+        raise UserError(f"'{path}' is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"'{path}' is not a meal-cache checkpoint (no format '{CHECKPOINT_FORMAT}')")
+    return payload
+
+
+def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the network a checkpoint records and load its weights."""
+    model = create_model(payload["arch"], payload["num_classes"], payload["input"]["image_size"])
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval()
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    payload = load_checkpoint(path)
+    return model_from_checkpoint(payload, device), payload

@@ -1,0 +1,396 @@
+"""Datasets: one registry, every dataset held in memory as uint8 tensors so augmentation runs on the device.
+
+A dataset spec is ``NAME`` or ``NAME:ARG`` (``digits``, ``cifar10``, ``npz:/path/data.npz``,
+``imagefolder:/path/root``, ``fake:256``). :func:`load_dataset` resolves it to an :class:`ImageDataset`:
+a train and a test :class:`Split` of ``uint8`` images shaped ``(N, 3, H, W)`` and ``int64`` labels, with the
+number of classes, the normalisation, the augmentation recipe and a stable fingerprint of each split's rows.
+
+Grey-scale sources are replicated to three channels so every architecture takes every dataset unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from meal_cache.errors import UserError, unknown_choice
+
+SPLITS = ("train", "test")
+# Augmentation recipes (see augment.py): digit-like images are never mirrored, since a mirrored glyph is
+# another glyph; natural images are.
+DIGIT_RECIPE = "digits"
+NATURAL_RECIPE = "natural"
+# Hash every pixel of a split up to this size; above it, an evenly strided sample of rows.
+_FULL_HASH_BYTES = 256 * 2**20
+_HASH_SAMPLE_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: ``images`` uint8 ``(N, 3, H, W)``, ``labels`` int64 ``(N,)``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 (N, 3, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("labels must be (N,) and match the images")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """A loaded dataset: both splits in memory plus everything needed to train on and identify it."""
+
+    spec: str
+    kind: str
+    train: Split
+    test: Split
+    classes: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    recipe: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise unknown_choice("split", name, SPLITS)
+        return self.train if name == "train" else self.test
+
+    def fingerprint(self, split: str) -> str:
+        """A hash of what defines the split's rows: the dataset kind, the split, labels and pixels."""
+        part = self.split(split)
+        return fingerprint_rows(self.kind, split, part.images, part.labels)
+
+    def describe(self) -> dict:
+        """JSON-able identity of the dataset, recorded in checkpoints and stores to reload and verify it."""
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "options": dict(self.options),
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "recipe": self.recipe,
+            "sizes": {s: len(self.split(s)) for s in SPLITS},
+            "fingerprint": {s: self.fingerprint(s) for s in SPLITS},
+        }
+
+
+def fingerprint_rows(kind: str, split: str, images: torch.Tensor, labels: torch.Tensor) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{kind}|{split}|{tuple(images.shape)}".encode())
+    digest.update(labels.to(torch.int64).numpy().tobytes())
+    rows = images
+    if images.numel() > _FULL_HASH_BYTES:
+        step = max(1, images.shape[0] // _HASH_SAMPLE_ROWS)
+        rows = images[::step]
+    digest.update(rows.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """What a loader returns before normalisation statistics and resizing are applied."""
+
+    train: Split
+    test: Split
+    classes: tuple[str, ...]
+    recipe: str
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+Loader = Callable[[str | None, "LoadOptions"], _Raw]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    root: Path
+    download: bool
+    image_size: int | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    loader: Loader
+    needs_arg: bool
+    help: str
+
+
+def _to_nchw_rgb(images: np.ndarray) -> torch.Tensor:
+    """(N,H,W) or (N,H,W,3) or (N,H,W,1) uint8 -> (N,3,H,W) uint8, grey replicated to three channels."""
+    array = np.asarray(images)
+    if array.ndim == 3:
+        array = array[..., None]
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
+    if tensor.shape[1] == 1:
+        tensor = tensor.expand(-1, 3, -1, -1)
+    return tensor.contiguous()
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of test rows: a seeded split that keeps class proportions where every class allows it."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    _, test_idx = train_test_split(indices, test_size=test_fraction, random_state=seed, stratify=stratify)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[test_idx] = True
+    return mask
+
+
+def _split_by_mask(images: torch.Tensor, labels: np.ndarray, test_mask: np.ndarray) -> tuple[Split, Split]:
+    labels_t = torch.from_numpy(labels.astype(np.int64))
+    train_idx = torch.from_numpy(np.flatnonzero(~test_mask))
+    test_idx = torch.from_numpy(np.flatnonzero(test_mask))
+    return (
+        Split(images[train_idx].contiguous(), labels_t[train_idx].contiguous()),
+        Split(images[test_idx].contiguous(), labels_t[test_idx].contiguous()),
+    )
+
+
+def _load_digits(arg: str | None, options: LoadOptions) -> _Raw:
+    """scikit-learn's 8x8 digits (1,797 images, ships offline): intensities 0-16 scaled to 0-255, upsampled
+    bilinearly to 16x16 (or --image-size), replicated to 3 channels; a fixed stratified 80/20 split
+    (seed 0: 1,437 train, 360 test)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    pixels = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    images = _to_nchw_rgb(pixels)
+    size = options.image_size or 16
+    images = TF.resize(images, [size, size], antialias=True)
+    labels = bunch.target.astype(np.int64)
+    train, test = _split_by_mask(images, labels, stratified_split(labels, 0.2, seed=0))
+    return _Raw(train, test, tuple(str(c) for c in range(10)), DIGIT_RECIPE)
+
+
+def _torchvision_loader(name: str) -> Loader:
+    def load(arg: str | None, options: LoadOptions) -> _Raw:
+        from torchvision import datasets
+
+        parts = {}
+        for split in SPLITS:
+            try:
+                if name == "svhn":
+                    ds = datasets.SVHN(str(options.root), split=split, download=options.download)
+                else:
+                    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+                    ds = cls(str(options.root), train=split == "train", download=options.download)
+            except RuntimeError as err:
+                hint = "" if options.download else "; pass --download to fetch it (needs internet)"
+                raise UserError(f"{name} {split} split not found under '{options.root}' ({err}){hint}") from err
+            if name == "svhn":
+                images = torch.from_numpy(np.ascontiguousarray(ds.data))  # already (N, 3, H, W)
+                labels = np.asarray(ds.labels, dtype=np.int64)
+                classes = tuple(str(c) for c in range(10))
+            else:
+                images = _to_nchw_rgb(ds.data)
+                labels = np.asarray(ds.targets, dtype=np.int64)
+                classes = tuple(ds.classes)
+            parts[split] = Split(images, torch.from_numpy(labels))
+        # SVHN holds house-number digits: never mirrored.
+        recipe = DIGIT_RECIPE if name == "svhn" else NATURAL_RECIPE
+        return _Raw(parts["train"], parts["test"], classes, recipe)
+
+    return load
+
+
+def _load_npz(arg: str | None, options: LoadOptions) -> _Raw:
+    """``images`` uint8 (N,H,W) or (N,H,W,3), ``labels`` int (N,) in 0..C-1, optional ``split`` (0 train,
+    1 test; without it a seeded stratified 80/20 split) and optional ``classes`` (C names). Grey-scale images
+    are treated as digit-like (crop, never flip)."""
+    path = Path(arg)
+    if not path.is_file():
+        raise UserError(f"npz file not found: '{path}'")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise UserError(f"'{path}' is not a readable .npz archive ({err})") from err
+    with archive:
+        missing = [key for key in ("images", "labels") if key not in archive.files]
+        if missing:
+            raise UserError(
+                f"'{path}' lacks array(s) {', '.join(missing)}; it has {', '.join(archive.files) or 'none'} "
+                "(expected: images, labels, optional split and classes)"
+            )
+        images = archive["images"]
+        labels = archive["labels"]
+        split = archive["split"] if "split" in archive.files else None
+        names = archive["classes"] if "classes" in archive.files else None
+    if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))):
+        raise UserError(
+            f"'{path}': images must be uint8 of shape (N,H,W) or (N,H,W,3), got {images.dtype} {images.shape}"
+        )
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(
+            f"'{path}': labels must be integers of shape ({images.shape[0]},), got {labels.dtype} {labels.shape}"
+        )
+    if labels.min() < 0:
+        raise UserError(f"'{path}': labels must be non-negative class indices")
+    labels = labels.astype(np.int64)
+    num_classes = int(labels.max()) + 1
+    if names is not None:
+        if len(names) < num_classes:
+            raise UserError(f"'{path}': {len(names)} class names for labels up to {num_classes - 1}")
+        classes = tuple(str(n) for n in names)
+    else:
+        classes = tuple(str(c) for c in range(num_classes))
+    if split is not None:
+        if split.shape != labels.shape or not np.isin(split, (0, 1)).all():
+            raise UserError(f"'{path}': split must be (N,) with 0 (train) or 1 (test) per row")
+        test_mask = split.astype(bool)
+        if test_mask.all() or not test_mask.any():
+            raise UserError(f"'{path}': split leaves the train or the test split empty")
+    else:
+        test_mask = stratified_split(labels, 0.2, seed=options.seed)
+    recipe = DIGIT_RECIPE if images.ndim == 3 or images.shape[-1] == 1 else NATURAL_RECIPE
+    train, test = _split_by_mask(_to_nchw_rgb(images), labels, test_mask)
+    return _Raw(train, test, classes, recipe)
+
+
+def _load_imagefolder(arg: str | None, options: LoadOptions) -> _Raw:
+    """``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (or ``test/``): decoded once, the shorter side
+    resized to --image-size (default 32) and centre-cropped square, held in memory."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    root = Path(arg)
+    size = options.image_size or 32
+    held_out = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or held_out is None:
+        raise UserError(f"imagefolder '{root}' needs a train/ and a val/ (or test/) folder of class subfolders")
+
+    def read(folder: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+        try:
+            found = ImageFolder(str(folder), loader=lambda p: p)
+        except (FileNotFoundError, RuntimeError) as err:
+            raise UserError(f"imagefolder '{folder}': {err}") from err
+        images = torch.empty((len(found.samples), 3, size, size), dtype=torch.uint8)
+        for row, (file, _) in enumerate(found.samples):
+            with Image.open(file) as img:
+                tensor = TF.pil_to_tensor(img.convert("RGB"))
+            images[row] = TF.center_crop(TF.resize(tensor, size, antialias=True), [size, size])
+        return images, np.asarray(found.targets, dtype=np.int64), found.classes
+
+    train_images, train_labels, classes = read(root / "train")
+    test_images, test_labels, test_classes = read(held_out)
+    if test_classes != classes:
+        raise UserError(f"imagefolder '{root}': {held_out.name}/ has classes {test_classes}, train/ has {classes}")
+    return _Raw(
+        Split(train_images, torch.from_numpy(train_labels)),
+        Split(test_images, torch.from_numpy(test_labels)),
+        tuple(classes),
+        NATURAL_RECIPE,
+    )
+
+
+def _load_fake(arg: str | None, options: LoadOptions) -> _Raw:
+    """torchvision's FakeData: N random train images (default 64, ``fake:N``), N/4 test, 10 classes, 16 px."""
+    from torchvision.datasets import FakeData
+
+    try:
+        n_train = int(arg) if arg else 64
+    except ValueError as err:
+        raise UserError(f"fake:N takes a number of training images, got '{arg}'") from err
+    size = options.image_size or 16
+    parts = []
+    for offset, count in ((0, n_train), (n_train, max(1, n_train // 4))):
+        ds = FakeData(count, image_size=(3, size, size), num_classes=10, random_offset=options.seed * 10**6 + offset)
+        images = torch.stack([TF.pil_to_tensor(ds[i][0]) for i in range(count)])
+        labels = torch.tensor([int(ds[i][1]) for i in range(count)], dtype=torch.int64)
+        parts.append(Split(images, labels))
+    return _Raw(parts[0], parts[1], tuple(str(c) for c in range(10)), NATURAL_RECIPE)
+
+
+DATASETS: dict[str, DatasetEntry] = {
+    "digits": DatasetEntry(_load_digits, False, "scikit-learn 8x8 digits at 16 px, offline (the default)"),
+    "cifar10": DatasetEntry(_torchvision_loader("cifar10"), False, "CIFAR-10 from --data-root (--download)"),
+    "cifar100": DatasetEntry(_torchvision_loader("cifar100"), False, "CIFAR-100 from --data-root (--download)"),
+    "svhn": DatasetEntry(_torchvision_loader("svhn"), False, "SVHN from --data-root (--download)"),
+    "imagefolder": DatasetEntry(_load_imagefolder, True, "imagefolder:PATH with train/ and val/ class folders"),
+    "npz": DatasetEntry(_load_npz, True, "npz:PATH with images, labels[, split, classes]"),
+    "fake": DatasetEntry(_load_fake, False, "fake[:N] random images for tests"),
+}
+
+
+def dataset_names() -> list[str]:
+    return sorted(DATASETS)
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    kind, sep, arg = spec.partition(":")
+    if kind not in DATASETS:
+        raise unknown_choice("dataset", kind, list(DATASETS))
+    entry = DATASETS[kind]
+    if entry.needs_arg and not arg:
+        raise UserError(f"dataset '{kind}' needs a path: {entry.help}")
+    return kind, (arg or None)
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    # Chunked so a 50,000-image set never needs a float64 copy of itself.
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for chunk in images.split(4096):
+        pixels = chunk.to(torch.float64).div_(255.0)
+        total += pixels.sum(dim=(0, 2, 3))
+        squares += pixels.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-6).sqrt()
+    return tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in std)
+
+
+def load_dataset(
+    spec: str,
+    root: str | Path = "data",
+    download: bool = False,
+    image_size: int | None = None,
+    seed: int = 0,
+) -> ImageDataset:
+    """Load a dataset by spec (see the module doc) into memory.
+
+    ``image_size`` resizes every image to a square of that side (antialiased); ``seed`` only matters for
+    sources that draw a split (``npz`` without ``split``, ``fake``).
+    """
+    kind, arg = parse_spec(spec)
+    if image_size is not None and image_size < 8:
+        raise UserError(f"--image-size must be at least 8, got {image_size}")
+    options = LoadOptions(Path(root), download, image_size, seed)
+    raw = DATASETS[kind].loader(arg, options)
+    train, test = raw.train, raw.test
+    if image_size is not None and train.images.shape[-1] != image_size:
+        train, test = (
+            Split(TF.resize(s.images, [image_size, image_size], antialias=True), s.labels) for s in (train, test)
+        )
+    if raw.mean is not None and raw.std is not None:
+        mean, std = raw.mean, raw.std
+    else:
+        mean, std = _channel_stats(train.images)
+    recorded = {"root": str(root), "image_size": image_size, "seed": seed}
+    return ImageDataset(spec, kind, train, test, raw.classes, mean, std, raw.recipe, recorded)

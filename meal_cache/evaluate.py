@@ -1,0 +1,104 @@
+"""Evaluation: logits of un-augmented images, classification metrics, and a checkpoint evaluated end to end."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meal_cache import augment
+from meal_cache.checkpoint import load_model
+from meal_cache.data import ImageDataset, load_dataset
+from meal_cache.errors import UserError
+from meal_cache.runtime import Precision, resolve_device
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """Logits (float32, on the CPU) of the un-augmented ``images`` (uint8, any device)."""
+    precision = Precision(device)
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        for chunk in images.split(batch_size):
+            batch = augment.normalise(chunk.to(device, non_blocking=True), mean, std, precision.channels_last)
+            with precision.autocast():
+                outputs.append(model(batch).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """top-1 and top-5 accuracy (percent) and negative log-likelihood (nats per image)."""
+    labels = labels.to(logits.device)
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    hits = topk == labels[:, None]
+    return {
+        "top1": 100.0 * hits[:, 0].float().mean().item(),
+        "top5": 100.0 * hits.any(1).float().mean().item(),
+        "nll": F.cross_entropy(logits.float(), labels).item(),
+        "n": int(labels.shape[0]),
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: ImageDataset,
+    split: str = "test",
+    device: torch.device | None = None,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Metrics of ``model`` on a split of ``dataset``, seen without augmentation."""
+    device = device or next(model.parameters()).device
+    part = dataset.split(split)
+    logits = predict_logits(model, part.images, dataset.mean, dataset.std, device, batch_size)
+    return classification_metrics(logits, part.labels)
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    data: str | None = None,
+    data_root: str = "data",
+    download: bool = False,
+    image_size: int | None = None,
+    split: str = "test",
+    device: str = "auto",
+) -> dict:
+    """Evaluate a checkpoint on ``data`` (default: the dataset it was trained on, as it recorded it)."""
+    target = resolve_device(device)
+    model, payload = load_model(checkpoint, target)
+    recorded = payload["data"]
+    if data is None:
+        data = recorded["spec"]
+        data_root = recorded["options"].get("root", data_root) if data_root == "data" else data_root
+        image_size = image_size or recorded["options"].get("image_size")
+    dataset = load_dataset(data, data_root, download, image_size or payload["input"]["image_size"])
+    if dataset.num_classes != payload["num_classes"]:
+        raise UserError(f"'{checkpoint}' predicts {payload['num_classes']} classes; {data} has {dataset.num_classes}")
+    if dataset.image_size != payload["input"]["image_size"]:
+        raise UserError(
+            f"'{checkpoint}' takes {payload['input']['image_size']} px images; {data} gives "
+            f"{dataset.image_size} px (set --image-size)"
+        )
+    part = dataset.split(split)
+    logits = predict_logits(model, part.images, tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]), target)
+    same_data = dataset.fingerprint(split) == recorded["fingerprint"].get(split)
+    return {
+        "checkpoint": str(checkpoint),
+        "arch": payload["arch"],
+        "data": data,
+        "split": split,
+        "fingerprint": dataset.fingerprint(split),
+        "same_data_as_training": same_data,
+        "metrics": classification_metrics(logits, part.labels),
+    }

@@ -1,0 +1,316 @@
+"""Architecture registry in the style of timm's ``create_model``, and block taps taken with forward hooks.
+
+Every model :func:`create_model` returns carries ``model.block_names``: the dotted names of the modules whose
+outputs are its *blocks*, the stage outputs MEAL compares between student and teacher (the ResNet layers, the
+DenseNet dense blocks, the last module at each resolution elsewhere). :class:`BlockTap` collects those outputs
+during an ordinary forward pass; no forward is ever rewritten.
+
+Names:
+- small CIFAR-style networks cheap enough for a 2-core CPU: ``resnet8`` ... ``resnet110`` (3 stages of
+  torchvision BasicBlocks, widths 16-32-64), narrow/wide variants such as ``resnet8_w8``, wide ResNets
+  ``wrn16_2`` ... ``wrn28_10``, and ``densenet_k12`` (torchvision DenseNet, growth 12, blocks 4-4-4);
+- every torchvision classification model by name (``resnet18``, ``densenet121``, ``vgg16_bn``, ...), with a
+  small-input stem for images of 64 px or less (3x3 stride-1 stem, no max-pool);
+- ``ARCH:WEIGHTS`` loads torchvision's pretrained weights (``resnet50:IMAGENET1K_V2``; needs internet once).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from meal_cache.errors import UserError, unknown_choice
+
+SMALL_INPUT_MAX = 64
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    build: Callable[[int], nn.Module]  # num_classes -> model
+    blocks: tuple[str, ...] | None  # None: inferred as the last module at each resolution
+    help: str
+
+
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet (depth 6n+2): a 3x3 stem and three stages of n torchvision BasicBlocks."""
+
+    def __init__(self, blocks_per_stage: int, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.inplanes = width
+        self.layer1 = self._stage(width, blocks_per_stage, stride=1)
+        self.layer2 = self._stage(width * 2, blocks_per_stage, stride=2)
+        self.layer3 = self._stage(width * 4, blocks_per_stage, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width * 4, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def _stage(self, planes: int, count: int, stride: int) -> nn.Sequential:
+        layers = []
+        for index in range(count):
+            block_stride = stride if index == 0 else 1
+            downsample = None
+            if block_stride != 1 or self.inplanes != planes:
+                downsample = nn.Sequential(
+                    nn.Conv2d(self.inplanes, planes, 1, stride=block_stride, bias=False), nn.BatchNorm2d(planes)
+                )
+            layers.append(BasicBlock(self.inplanes, planes, block_stride, downsample))
+            self.inplanes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _cifar_resnet(depth: int, width: int) -> Callable[[int], nn.Module]:
+    return lambda num_classes: CifarResNet((depth - 2) // 6, width, num_classes)
+
+
+def _wide_resnet(depth: int, widen: int) -> Callable[[int], nn.Module]:
+    return lambda num_classes: CifarResNet((depth - 4) // 6, 16 * widen, num_classes)
+
+
+def _small_densenet(num_classes: int) -> nn.Module:
+    return torchvision.models.DenseNet(
+        growth_rate=12, block_config=(4, 4, 4), num_init_features=24, num_classes=num_classes
+    )
+
+
+_CIFAR_BLOCKS = ("layer1", "layer2", "layer3")
+
+
+def _builtin_entries() -> dict[str, ModelEntry]:
+    entries: dict[str, ModelEntry] = {}
+    for depth in (8, 14, 20, 32, 44, 56, 110):
+        entries[f"resnet{depth}"] = ModelEntry(
+            _cifar_resnet(depth, 16), _CIFAR_BLOCKS, f"CIFAR ResNet-{depth}, widths 16-32-64"
+        )
+    for depth, width in ((8, 4), (8, 8), (14, 8), (20, 8), (8, 32), (20, 32)):
+        entries[f"resnet{depth}_w{width}"] = ModelEntry(
+            _cifar_resnet(depth, width), _CIFAR_BLOCKS, f"CIFAR ResNet-{depth}, widths {width}-{2 * width}-{4 * width}"
+        )
+    for depth, widen in ((16, 1), (16, 2), (16, 4), (16, 8), (28, 10), (40, 2)):
+        entries[f"wrn{depth}_{widen}"] = ModelEntry(
+            _wide_resnet(depth, widen), _CIFAR_BLOCKS, f"wide ResNet-{depth}-{widen} (post-activation blocks)"
+        )
+    entries["densenet_k12"] = ModelEntry(
+        _small_densenet,
+        ("features.denseblock1", "features.denseblock2", "features.denseblock3"),
+        "small DenseNet: growth 12, blocks 4-4-4, 24 initial features",
+    )
+    return entries
+
+
+MODELS: dict[str, ModelEntry] = _builtin_entries()
+
+
+def torchvision_model_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_names() -> list[str]:
+    """Every name create_model accepts: the built-in small networks and torchvision's classifiers."""
+    return sorted(set(MODELS) | set(torchvision_model_names()))
+
+
+def _replace_stem_conv(conv: nn.Conv2d, pretrained: bool) -> nn.Conv2d:
+    if pretrained:
+        # Pretrained weights keep their kernel; only the stride goes, so the weights stay valid.
+        conv.stride = (1, 1)
+        return conv
+    return nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None)
+
+
+def adapt_to_small_input(model: nn.Module, image_size: int, pretrained: bool) -> nn.Module:
+    """Give a torchvision network a stem for small images (<= 64 px): a 3x3 stride-1 first convolution and
+    no stem max-pool, so a 16 or 32 px image is not reduced to 1 px before the last stage."""
+    from torchvision.models import VGG, DenseNet, MobileNetV2, ResNet
+
+    if image_size > SMALL_INPUT_MAX:
+        return model
+    if isinstance(model, ResNet):
+        model.conv1 = _replace_stem_conv(model.conv1, pretrained)
+        model.maxpool = nn.Identity()
+    elif isinstance(model, DenseNet):
+        model.features.conv0 = _replace_stem_conv(model.features.conv0, pretrained)
+        model.features.pool0 = nn.Identity()
+    elif isinstance(model, MobileNetV2):
+        model.features[0][0].stride = (1, 1)
+    elif isinstance(model, VGG):
+        # Five 2x2 max-pools would take a 16 px image below 1 px: keep only as many as the size allows.
+        pools = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
+        keep = int(math.log2(image_size))
+        for index in pools[keep:]:
+            model.features[index] = nn.Identity()
+        if not pretrained:
+            # The CIFAR VGG head: global pooling and one linear layer instead of 7x7x512 -> 4096 -> 4096.
+            out_features = model.classifier[-1].out_features
+            model.avgpool = nn.AdaptiveAvgPool2d(1)
+            model.classifier = nn.Linear(model.classifier[0].in_features // 49, out_features)
+    return model
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Point the last linear layer at ``num_classes`` (pretrained weights come with 1000 classes)."""
+    name, last = None, None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            name, last = module_name, module
+    if last is None or last.out_features == num_classes:
+        return
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Linear(last.in_features, num_classes))
+
+
+def _block_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential):
+        return [(f"features.{name}", module) for name, module in features.named_children()]
+    return list(model.named_children())
+
+
+def infer_blocks(model: nn.Module, image_size: int) -> tuple[str, ...]:
+    """The last module at each spatial resolution among the model's stages (global pools excluded)."""
+    candidates = [
+        (name, module)
+        for name, module in _block_candidates(model)
+        if not isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d)
+    ]
+    seen: dict[str, tuple[int, int]] = {}
+    handles = [
+        module.register_forward_hook(
+            lambda _m, _i, out, name=name: (
+                seen.__setitem__(name, tuple(out.shape[-2:]))
+                if isinstance(out, torch.Tensor) and out.ndim == 4
+                else None
+            )
+        )
+        for name, module in candidates
+    ]
+    try:
+        _probe(model, image_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    last_at: dict[tuple[int, int], str] = {}
+    for name, _ in candidates:
+        if name in seen:
+            last_at.pop(seen[name], None)
+            last_at[seen[name]] = name
+    blocks = tuple(sorted(last_at.values(), key=[n for n, _ in candidates].index))
+    if not blocks:
+        raise UserError(f"found no convolutional stages in {type(model).__name__} to use as blocks")
+    return blocks
+
+
+def _probe(model: nn.Module, image_size: int) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            return model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        model.train(was_training)
+
+
+def split_weights(name: str) -> tuple[str, str | None]:
+    arch, _, weights = name.partition(":")
+    return arch, (weights or None)
+
+
+def create_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
+    """Build ``name`` (optionally ``ARCH:WEIGHTS``) for ``num_classes`` classes and ``image_size`` px inputs.
+
+    The returned module has ``block_names``, the dotted names of its block modules.
+    """
+    arch, weights = split_weights(name)
+    if arch in MODELS:
+        if weights:
+            raise UserError(f"'{arch}' is a meal-cache network and has no pretrained weights ('{weights}')")
+        entry = MODELS[arch]
+        model = entry.build(num_classes)
+        model = adapt_to_small_input(model, image_size, pretrained=False)
+        blocks = entry.blocks
+    elif arch in torchvision_model_names():
+        if weights:
+            try:
+                weight_enum = torchvision.models.get_model_weights(arch)[weights]
+            except KeyError as err:
+                choices = [w.name for w in torchvision.models.get_model_weights(arch)]
+                raise unknown_choice(f"weights for {arch}", weights, choices) from err
+            model = torchvision.models.get_model(arch, weights=weight_enum)
+            _replace_head(model, num_classes)
+        else:
+            model = torchvision.models.get_model(arch, num_classes=num_classes)
+        model = adapt_to_small_input(model, image_size, pretrained=weights is not None)
+        blocks = _TORCHVISION_BLOCKS.get(type(model).__name__)
+    else:
+        raise unknown_choice("architecture", arch, model_names())
+    try:
+        model.block_names = blocks or infer_blocks(model, image_size)
+    except RuntimeError as err:
+        raise UserError(f"'{arch}' cannot take {image_size} px images ({err}); try a larger --image-size") from err
+    return model
+
+
+_TORCHVISION_BLOCKS = {
+    "ResNet": ("layer1", "layer2", "layer3", "layer4"),
+    "DenseNet": ("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.denseblock4"),
+}
+
+
+def block_shapes(model: nn.Module, image_size: int) -> dict[str, tuple[int, int, int]]:
+    """(channels, height, width) of every block output for one ``image_size`` input."""
+    with BlockTap(model) as tap:
+        _probe(model, image_size)
+    return {name: tuple(out.shape[1:]) for name, out in tap.outputs.items()}
+
+
+class BlockTap:
+    """Context manager that records the outputs of named modules during forward passes.
+
+    ``with BlockTap(model) as tap: logits = model(x)`` leaves ``tap.outputs[name]`` holding each block's
+    output of the last forward (by default ``model.block_names``).
+    """
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...] | list[str] | None = None) -> None:
+        self.model = model
+        self.names = tuple(names if names is not None else model.block_names)
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _record(self, name: str, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        self.outputs[name] = output
+
+    def __enter__(self) -> BlockTap:
+        for name in self.names:
+            try:
+                module = self.model.get_submodule(name)
+            except AttributeError as err:
+                raise UserError(f"{type(self.model).__name__} has no module '{name}' to tap") from err
+            self._handles.append(module.register_forward_hook(partial(self._record, name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

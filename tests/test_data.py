@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from meal_cache.data import DATASETS, load_dataset
+from meal_cache.errors import UserError
+
+
+def test_digits_shapes_split_and_normalisation(digits):
+    assert (len(digits.train), len(digits.test)) == (1437, 360)
+    assert digits.train.images.shape == (1437, 3, 16, 16) and digits.train.images.dtype == torch.uint8
+    assert digits.num_classes == 10 and digits.image_size == 16 and digits.recipe == "digits"
+    # Grey-scale replicated: the three channels are equal.
+    assert torch.equal(digits.train.images[:, 0], digits.train.images[:, 2])
+    # Stratified: every class is in the test split in proportion (each digit has ~180 images, 20% ~ 36).
+    counts = torch.bincount(digits.test.labels, minlength=10)
+    assert counts.min() >= 34 and counts.max() <= 38
+    # The recorded normalisation is the training pixels' statistics.
+    pixels = digits.train.images.float() / 255
+    assert digits.mean[0] == pytest.approx(pixels.mean().item(), abs=1e-4)
+    assert digits.std[0] == pytest.approx(pixels.std().item(), abs=1e-3)
+
+
+def test_digits_fingerprint_stable_and_sensitive(digits):
+    again = load_dataset("digits")
+    assert digits.fingerprint("train") == again.fingerprint("train")
+    assert digits.fingerprint("train") != digits.fingerprint("test")
+    assert load_dataset("digits", image_size=32).fingerprint("train") != digits.fingerprint("train")
+    describe = digits.describe()
+    assert describe["fingerprint"]["test"] == digits.fingerprint("test")
+    assert describe["sizes"] == {"train": 1437, "test": 360}
+
+
+def test_fingerprint_changes_with_one_label_or_one_pixel(digits):
+    from meal_cache.data import fingerprint_rows
+
+    images, labels = digits.train.images.clone(), digits.train.labels.clone()
+    base = fingerprint_rows("digits", "train", images, labels)
+    labels[5] = (labels[5] + 1) % 10
+    assert fingerprint_rows("digits", "train", images, labels) != base
+    images2 = digits.train.images.clone()
+    images2[7, 1, 3, 3] ^= 1
+    assert fingerprint_rows("digits", "train", images2, digits.train.labels) != base
+
+
+def test_npz_without_split_draws_a_seeded_stratified_split(npz_path):
+    data = load_dataset(f"npz:{npz_path}")
+    assert (len(data.train), len(data.test)) == (48, 12)
+    assert torch.bincount(data.test.labels).tolist() == [4, 4, 4]
+    assert data.recipe == "digits" and data.image_size == 12
+    assert data.fingerprint("test") == load_dataset(f"npz:{npz_path}").fingerprint("test")
+    assert data.fingerprint("test") != load_dataset(f"npz:{npz_path}", seed=1).fingerprint("test")
+
+
+def test_npz_with_split_and_colour(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(10, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(10) % 2
+    split = np.array([0] * 7 + [1] * 3)
+    path = tmp_path / "c.npz"
+    np.savez(path, images=images, labels=labels, split=split, classes=np.array(["cat", "dog"]))
+    data = load_dataset(f"npz:{path}")
+    assert data.classes == ("cat", "dog") and data.recipe == "natural"
+    assert torch.equal(data.test.images, torch.from_numpy(images[7:]).permute(0, 3, 1, 2))
+    assert data.test.labels.tolist() == [1, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"pixels": np.zeros((4, 8, 8), np.uint8), "labels": np.zeros(4, int)}, "lacks array.s. images"),
+        ({"images": np.zeros((4, 8, 8), np.float32), "labels": np.zeros(4, int)}, "images must be uint8"),
+        ({"images": np.zeros((4, 8, 8), np.uint8), "labels": np.zeros(3, int)}, "labels must be integers"),
+        ({"images": np.zeros((4, 8, 8), np.uint8), "labels": np.zeros(4, int), "split": np.zeros(4, int)}, "empty"),
+    ],
+)
+def test_npz_errors_name_the_problem(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(UserError, match=message):
+        load_dataset(f"npz:{path}")
+
+
+def test_imagefolder_reads_resizes_and_checks_classes(tmp_path):
+    rng = np.random.default_rng(2)
+    for split, count in (("train", 3), ("val", 2)):
+        for cls in ("ants", "bees"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    data = load_dataset(f"imagefolder:{tmp_path}", image_size=16)
+    assert data.train.images.shape == (6, 3, 16, 16) and data.test.images.shape == (4, 3, 16, 16)
+    assert data.classes == ("ants", "bees") and data.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "val" / "wasps").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "val" / "wasps" / "0.png")
+    with pytest.raises(UserError, match="has classes"):
+        load_dataset(f"imagefolder:{tmp_path}")
+
+
+def test_fake_is_deterministic():
+    a, b = load_dataset("fake:32"), load_dataset("fake:32")
+    assert a.train.images.shape == (32, 3, 16, 16) and len(a.test) == 8
+    assert torch.equal(a.train.images, b.train.images) and a.fingerprint("train") == b.fingerprint("train")
+
+
+def test_torchvision_sets_without_files_ask_for_download(tmp_path):
+    with pytest.raises(UserError, match="--download"):
+        load_dataset("cifar10", root=tmp_path)
+
+
+def test_cifar_loader_converts_torchvision_arrays(monkeypatch, tmp_path):
+    """The CIFAR path on arrays shaped as torchvision gives them (no download in tests)."""
+    import torchvision.datasets
+
+    class FakeCifar:
+        classes = ["a", "b"]
+
+        def __init__(self, root, train, download):
+            n = 6 if train else 2
+            self.data = np.arange(n * 32 * 32 * 3, dtype=np.uint8).reshape(n, 32, 32, 3)
+            self.targets = [i % 2 for i in range(n)]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCifar)
+    data = load_dataset("cifar10", root=tmp_path)
+    assert data.train.images.shape == (6, 3, 32, 32) and data.recipe == "natural" and data.classes == ("a", "b")
+    assert data.train.images[1, 2, 0, 0] == FakeCifar(None, True, False).data[1, 0, 0, 2]
+
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(UserError, match="choose one of: cifar10, cifar100, digits"):
+        load_dataset("mnist")
+    with pytest.raises(UserError, match="needs a path"):
+        load_dataset("npz")
+    assert set(DATASETS) >= {"digits", "cifar10", "cifar100", "svhn", "imagefolder", "npz", "fake"}

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from meal_cache.checkpoint import load_checkpoint, load_model
+from meal_cache.errors import UserError
+from meal_cache.evaluate import classification_metrics, evaluate
+from meal_cache.train import TrainConfig, learning_rate, train_supervised
+
+
+def test_short_training_on_digits_learns_far_above_chance(tmp_path, digits):
+    out = tmp_path / "teacher.pt"
+    config = TrainConfig(arch="resnet8", data="digits", epochs=3, seed=0, device="cpu")
+    payload = train_supervised(config, out, progress=False, dataset=digits)
+    assert payload["metrics"]["test"]["top1"] > 80.0  # chance is 10%
+    assert [h["epoch"] for h in payload["history"]] == [1, 2, 3]
+    assert payload["history"][-1]["loss"] < payload["history"][0]["loss"]
+
+    # The checkpoint loads with weights_only=True and reproduces the recorded accuracy.
+    raw = torch.load(out, weights_only=True)
+    assert raw["arch"] == "resnet8" and raw["classes"] == list(digits.classes)
+    assert raw["input"]["image_size"] == 16 and raw["data"]["fingerprint"]["train"] == digits.fingerprint("train")
+    model, _ = load_model(out)
+    assert evaluate(model, digits)["top1"] == pytest.approx(payload["metrics"]["test"]["top1"])
+
+
+def test_same_seed_gives_the_same_weights(tmp_path, digits):
+    config = TrainConfig(arch="resnet8_w4", data="digits", epochs=2, seed=3, device="cpu")
+    full = train_supervised(config, tmp_path / "a.pt", progress=False, dataset=digits)
+    twin = train_supervised(config, tmp_path / "b.pt", progress=False, dataset=digits)
+    for key, value in full["model"].items():
+        assert torch.equal(value, twin["model"][key]), key
+
+
+def test_resume_continues_an_interrupted_run(tmp_path, digits, monkeypatch):
+    import meal_cache.train as train_module
+
+    config = TrainConfig(arch="resnet8_w4", data="digits", epochs=2, seed=1, device="cpu")
+    reference = train_supervised(config, tmp_path / "ref.pt", progress=False, dataset=digits)
+
+    real_epoch = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_supervised(config, tmp_path / "run.pt", progress=False, dataset=digits)
+    assert load_checkpoint(tmp_path / "run.pt")["epoch"] == 1
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+
+    with pytest.raises(UserError, match="--resume"):
+        train_supervised(config, tmp_path / "run.pt", progress=False, dataset=digits)
+    resumed = train_supervised(config, tmp_path / "run.pt", resume=True, progress=False, dataset=digits)
+    assert resumed["epoch"] == 2
+    for key, value in reference["model"].items():
+        assert torch.allclose(value.float(), resumed["model"][key].float(), atol=1e-5), key
+
+    other = TrainConfig(**{**config.__dict__, "lr": 0.01})
+    with pytest.raises(UserError, match="other settings"):
+        train_supervised(other, tmp_path / "run.pt", resume=True, progress=False, dataset=digits)
+
+
+def test_learning_rate_schedules():
+    assert learning_rate(0, 100, 0.1, "cosine", 10) == pytest.approx(0.01)
+    assert learning_rate(10, 100, 0.1, "cosine", 10) == pytest.approx(0.1)
+    assert learning_rate(55, 100, 0.1, "cosine", 10) == pytest.approx(0.05)
+    assert learning_rate(99, 100, 0.1, "cosine", 0) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.99)))
+    assert learning_rate(60, 100, 0.1, "step", 0) == pytest.approx(0.01)
+    assert learning_rate(80, 100, 0.1, "step", 0) == pytest.approx(0.001)
+    assert learning_rate(80, 100, 0.1, "constant", 0) == 0.1
+
+
+def test_classification_metrics_on_hand_made_logits():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 5.0], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 2, 2, 1])
+    metrics = classification_metrics(logits, labels)
+    assert metrics["top1"] == pytest.approx(50.0)  # rows 0 and 2 (row 3 is a tie broken to class 0)
+    assert metrics["top5"] == pytest.approx(100.0)
+    expected_nll = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert metrics["nll"] == pytest.approx(expected_nll) and metrics["n"] == 4
+
+
+def test_checkpoint_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a meal-cache checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
