@@ -15,13 +15,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Until the pipeline runner lands: the default teachers on digits (resumed, so a second run is quick).
+# Until the pipeline runner lands: the default teachers on digits and their cache. Both resume, so a second
+# `make all` only checks that everything is there.
 RUN := runs/digits
 all: install
 	$(BIN)/meal-cache train --arch resnet20 --data digits --epochs 15 --resume --out $(RUN)/teachers/resnet20.pt
 	$(BIN)/meal-cache train --arch densenet_k12 --data digits --epochs 15 --resume --out $(RUN)/teachers/densenet_k12.pt
 	$(BIN)/meal-cache evaluate $(RUN)/teachers/resnet20.pt
 	$(BIN)/meal-cache evaluate $(RUN)/teachers/densenet_k12.pt
+	$(BIN)/meal-cache extract --teachers resnet20,densenet_k12 --teacher-dir $(RUN)/teachers --data digits \
+		--views 8 --identity-view --out $(RUN)/feats.zarr
 
 test: install
 	$(BIN)/python -m pytest -q

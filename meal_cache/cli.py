@@ -153,6 +153,101 @@ def evaluate(
 
 
 @main.command()
+@click.option(
+    "--teachers",
+    required=True,
+    help="Comma-separated teachers: NAME for TEACHER_DIR/NAME.pt (from `meal-cache train`), a path to a "
+    ".pt checkpoint, or ARCH:WEIGHTS for torchvision pretrained weights.",
+)
+@click.option(
+    "--data",
+    default="digits",
+    show_default=True,
+    help="Dataset: digits, cifar10, cifar100, svhn, imagefolder:PATH, npz:PATH, fake[:N].",
+)
+@data_options
+@click.option(
+    "--split",
+    default="train",
+    show_default=True,
+    type=click.Choice(["train", "test"]),
+    help="Which split to cache (distill trains on the train split).",
+)
+@click.option(
+    "--views",
+    default=8,
+    show_default=True,
+    type=int,
+    help="Augmented views to cache; distill's epoch e replays view e mod V.",
+)
+@click.option("--identity-view", is_flag=True, help="Also cache the un-augmented view (for evaluation and inspect).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the views' augmentation parameters.")
+@click.option(
+    "--grid",
+    default=1,
+    show_default=True,
+    type=click.Choice(["1", "2", "4"]),
+    help="Pool each block's output to a g x g grid of channel vectors (1 = global average).",
+)
+@click.option(
+    "--blocks",
+    default="all",
+    show_default=True,
+    help="Which blocks: all, K (the last K of each teacher), or comma-separated block names.",
+)
+@click.option(
+    "--features",
+    default="blocks,maps",
+    show_default=True,
+    help="What to store per block: blocks (pooled channels, for adapters), maps (channel-mean map, "
+    "MEAL's representation), or both.",
+)
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option("--codec", default="zstd:3", show_default=True, help="zstd[:LEVEL], blosc[:LEVEL] or none.")
+@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option(
+    "--rows-per-chunk",
+    default=512,
+    show_default=True,
+    type=int,
+    help="Rows in one Zarr chunk (the unit of writing and of resuming).",
+)
+@click.option("--teacher-dir", default="teachers", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--out", required=True, type=click.Path(), help="The store to write, e.g. feats.zarr.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store extracted with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, quiet: bool, **settings) -> None:
+    """Run every teacher once over V replayable views and write the Zarr teacher cache.
+
+    Each teacher sees exactly the images distill will replay (the views' crop and flip parameters are stored),
+    in eval mode. Per teacher, view and chunk of rows the store keeps the logits, every block's pooled output
+    and its channel-mean map. An interrupted extract, run again with the same arguments, resumes.
+    """
+    from meal_cache.extract import ExtractConfig
+    from meal_cache.extract import extract as run_extract
+    from meal_cache.store import describe_store
+
+    config = ExtractConfig(
+        teachers=[t.strip() for t in teachers.split(",") if t.strip()],
+        grid=int(grid),
+        features=[f.strip() for f in features.split(",") if f.strip()],
+        **settings,
+    )
+    store = run_extract(config, out, overwrite=overwrite, progress=not quiet)
+    click.echo(describe_store(store))
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+def info(store: str) -> None:
+    """Summarise a teacher cache: teachers, accuracy, blocks, shapes, stored bytes and compression."""
+    from meal_cache.store import describe_store, open_store
+
+    click.echo(describe_store(open_store(store)))
+
+
+@main.command()
 def models() -> None:
     """List the architectures `--arch` accepts, with their blocks."""
     from meal_cache.models import MODELS, torchvision_model_names

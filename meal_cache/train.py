@@ -168,7 +168,7 @@ def train_supervised(
             raise UserError(f"'{out}' exists; pass --resume to continue it or --overwrite to replace it")
     device = resolve_device(config.device)
     precision = Precision(device)
-    dataset = dataset or load_dataset(config.data, config.data_root, config.download, config.image_size, config.seed)
+    dataset = dataset or load_dataset(config.data, config.data_root, config.download, config.image_size)
     seed_everything(config.seed)
     model = precision.prepare(create_model(config.arch, dataset.num_classes, dataset.image_size))
     optimizer = make_optimizer(model.parameters(), config.lr, config.momentum, config.weight_decay)

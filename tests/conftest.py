@@ -27,3 +27,35 @@ def npz_path(tmp_path):
     path = tmp_path / "toy.npz"
     np.savez(path, images=images, labels=labels)
     return path
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, digits):
+    """Two small teachers of different families, trained for three epochs on digits."""
+    from meal_cache.train import TrainConfig, train_supervised
+
+    folder = tmp_path_factory.mktemp("teachers")
+    for arch in ("resnet8_w4", "densenet_k12"):
+        config = TrainConfig(arch=arch, data="digits", epochs=3, seed=0, device="cpu")
+        train_supervised(config, folder / f"{arch}.pt", progress=False, dataset=digits)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory, teacher_dir, digits):
+    """A complete store: both teachers, 2 augmented views plus the identity view, 256-row chunks."""
+    from meal_cache.extract import ExtractConfig, extract
+
+    config = ExtractConfig(
+        teachers=["resnet8_w4", "densenet_k12"],
+        views=2,
+        identity_view=True,
+        teacher_dir=str(teacher_dir),
+        rows_per_chunk=256,
+        batch_size=128,
+        grid=2,
+        device="cpu",
+    )
+    path = tmp_path_factory.mktemp("stores") / "feats.zarr"
+    extract(config, path, progress=False, dataset=digits)
+    return path, config

@@ -1,0 +1,363 @@
+"""Stage 1: run every teacher exactly once over V replayable views of a dataset split and fill the store.
+
+For each teacher, view and chunk of rows: the chunk's images get the view's stored augmentation on the device,
+the teacher runs once in eval mode under ``torch.inference_mode`` (AMP and channels_last on CUDA) with forward
+hooks on its blocks, and the logits, pooled blocks and channel-mean maps go to a background writer that
+compresses and writes the whole chunk, then marks it done. A killed extract, run again with the same settings,
+skips the chunks marked done and ends with the same store as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from tqdm.auto import tqdm
+
+from meal_cache import augment
+from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
+from meal_cache.data import ImageDataset, load_dataset
+from meal_cache.errors import UserError
+from meal_cache.models import BlockTap, block_shapes, create_model, split_weights
+from meal_cache.runtime import Precision, device_images, resolve_device
+from meal_cache.store import FEATURE_KINDS, BlockSpec, StoreLayout, TeacherSpec, TeacherStore, create_store, open_store
+
+# Chunks written but not yet durable; bounds the memory the background writer may hold.
+MAX_PENDING_WRITES = 4
+
+
+@dataclass
+class ExtractConfig:
+    """Everything that defines a store's contents; an existing store is resumed only under equal settings."""
+
+    teachers: list[str]
+    data: str = "digits"
+    data_root: str = "data"
+    download: bool = False
+    image_size: int | None = None
+    split: str = "train"
+    views: int = 8
+    identity_view: bool = False
+    seed: int = 0
+    grid: int = 1
+    blocks: str = "all"
+    features: list[str] = field(default_factory=lambda: list(FEATURE_KINDS))
+    dtype: str = "float16"
+    codec: str = "zstd:3"
+    batch_size: int = 256
+    rows_per_chunk: int = 512
+    teacher_dir: str = "teachers"
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not self.teachers:
+            raise UserError("name at least one teacher (--teachers resnet,densenet)")
+        if len(set(self.teachers)) != len(self.teachers):
+            raise UserError(f"a teacher is named twice in {','.join(self.teachers)}")
+        if self.views < 1 and not self.identity_view:
+            raise UserError("--views must be at least 1 (or 0 with --identity-view)")
+        if self.grid not in (1, 2, 4):
+            raise UserError(f"--grid must be 1, 2 or 4, got {self.grid}")
+        unknown = set(self.features) - set(FEATURE_KINDS)
+        if unknown or not self.features:
+            raise UserError(f"--features takes {', '.join(FEATURE_KINDS)}, got {','.join(self.features)}")
+        if self.batch_size < 1 or self.rows_per_chunk < 1:
+            raise UserError("--batch-size and --rows-per-chunk must be at least 1")
+
+
+@dataclass
+class Teacher:
+    """A teacher ready to run: the network, how it normalises its input, and what the store records."""
+
+    model: nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    spec: TeacherSpec
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def select_blocks(names: tuple[str, ...], selection: str) -> tuple[str, ...]:
+    """``all``, ``K`` (the last K blocks) or a comma list of block names."""
+    if selection == "all":
+        return names
+    if selection.isdigit():
+        count = int(selection)
+        if not 1 <= count <= len(names):
+            raise UserError(f"--blocks {count}: the teacher has {len(names)} blocks ({', '.join(names)})")
+        return names[-count:]
+    chosen = tuple(n.strip() for n in selection.split(",") if n.strip())
+    missing = [n for n in chosen if n not in names]
+    if missing:
+        raise UserError(f"unknown block(s) {', '.join(missing)}; the teacher's blocks are {', '.join(names)}")
+    return chosen
+
+
+def _available_checkpoints(teacher_dir: Path) -> str:
+    found = sorted(p.stem for p in teacher_dir.glob("*.pt")) if teacher_dir.is_dir() else []
+    return ", ".join(found) if found else "none"
+
+
+def resolve_teacher(name: str, teacher_dir: str | Path, dataset: ImageDataset, config: ExtractConfig) -> Teacher:
+    """A name is a checkpoint ``TEACHER_DIR/NAME.pt`` (or a path to a .pt file), else ``ARCH:WEIGHTS``."""
+    teacher_dir = Path(teacher_dir)
+    path = Path(name) if name.endswith(".pt") else teacher_dir / f"{name}.pt"
+    if path.is_file():
+        payload = load_checkpoint(path)
+        if payload["num_classes"] != dataset.num_classes:
+            raise UserError(
+                f"teacher '{name}' predicts {payload['num_classes']} classes; {dataset.spec} has {dataset.num_classes}"
+            )
+        if payload["input"]["image_size"] != dataset.image_size:
+            raise UserError(
+                f"teacher '{name}' was trained on {payload['input']['image_size']} px images; the data is "
+                f"{dataset.image_size} px (set --image-size)"
+            )
+        model = model_from_checkpoint(payload)
+        key, arch, sha = path.stem, payload["arch"], file_sha256(path)
+        mean, std, classes = tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]), payload["classes"]
+    elif ":" in name:
+        arch, weights = split_weights(name)
+        model = create_model(name, dataset.num_classes, dataset.image_size)
+        weight_enum = torchvision.models.get_model_weights(arch)[weights]
+        categories = weight_enum.meta.get("categories") or []
+        if len(categories) != dataset.num_classes:
+            raise UserError(
+                f"pretrained teacher '{name}' predicts {len(categories)} classes; {dataset.spec} has "
+                f"{dataset.num_classes}: fine-tune it first (meal-cache train --arch {name} ...)"
+            )
+        transform = weight_enum.transforms()
+        key, sha, classes = name.replace(":", "-"), None, list(categories)
+        mean, std = tuple(transform.mean), tuple(transform.std)
+    else:
+        raise UserError(
+            f"teacher '{name}' not found: no '{path}' and not ARCH:WEIGHTS; "
+            f"checkpoints in '{teacher_dir}': {_available_checkpoints(teacher_dir)}"
+        )
+    chosen = select_blocks(tuple(model.block_names), config.blocks)
+    shapes = block_shapes(model, dataset.image_size)
+    blocks = [
+        BlockSpec(b, shapes[b][0], min(config.grid, shapes[b][1], shapes[b][2]), shapes[b][1], shapes[b][2])
+        for b in chosen
+    ]
+    spec = TeacherSpec(
+        key=key,
+        source=name,
+        arch=arch,
+        checkpoint_sha256=sha,
+        classes=list(classes),
+        input={"image_size": dataset.image_size, "mean": list(mean), "std": list(std)},
+        blocks=blocks,
+    )
+    return Teacher(model.eval(), mean, std, spec)
+
+
+def teacher_outputs(
+    teacher: Teacher,
+    images: torch.Tensor,
+    params: augment.ViewParams,
+    features: tuple[str, ...],
+    precision: Precision,
+) -> dict[str, torch.Tensor]:
+    """One forward of the teacher over replayed images: logits and, per block, the pooled output and the map."""
+    batch = augment.apply(images, params, teacher.mean, teacher.std, channels_last=precision.channels_last)
+    names = [b.name for b in teacher.spec.blocks]
+    with BlockTap(teacher.model, names) as tap, precision.autocast():
+        logits = teacher.model(batch)
+    outputs = {"logits": logits.float()}
+    for block in teacher.spec.blocks:
+        value = tap.outputs[block.name].float()
+        if "blocks" in features:
+            outputs[f"blocks/{block.key}"] = F.adaptive_avg_pool2d(value, block.grid)
+        if "maps" in features:
+            outputs[f"maps/{block.key}"] = value.mean(1)
+    return outputs
+
+
+def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teacher]) -> dict:
+    """What must be equal for an existing store to be resumed rather than refused."""
+    recorded = asdict(config)
+    for transient in ("device", "batch_size", "data_root", "download", "teacher_dir"):
+        recorded.pop(transient)
+    recorded["fingerprint"] = dataset.fingerprint(config.split)
+    recorded["teacher_checkpoints"] = {t.spec.key: t.spec.checkpoint_sha256 for t in teachers}
+    return recorded
+
+
+def extract(
+    config: ExtractConfig,
+    out: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    dataset: ImageDataset | None = None,
+) -> TeacherStore:
+    """Build (or resume) the teacher cache at ``out`` and return it opened."""
+    config.validate()
+    device = resolve_device(config.device)
+    precision = Precision(device)
+    dataset = dataset or load_dataset(config.data, config.data_root, config.download, config.image_size)
+    teachers = [resolve_teacher(name, config.teacher_dir, dataset, config) for name in config.teachers]
+    settings = _settings(config, dataset, teachers)
+    store = _open_or_create(config, Path(out), dataset, teachers, settings, overwrite)
+    if store.complete:
+        if progress:
+            tqdm.write(f"{out} is complete; nothing to do")
+        return store
+
+    features = tuple(config.features)
+    images, _ = device_images(dataset.split(config.split), device)
+    views = [store.view_params(v) for v in range(store.num_views)]
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-writer") as writer:
+        pending: deque[Future] = deque()
+        try:
+            for teacher in teachers:
+                model = precision.prepare(teacher.model)
+                done = store.progress(teacher.spec.key)
+                for view, params in enumerate(views):
+                    todo = [c for c in range(store.n_chunks) if not done[view, c]]
+                    bar = tqdm(
+                        total=sum(_chunk_len(store, c) for c in todo),
+                        desc=f"{teacher.spec.key} view {view + 1}/{len(views)}",
+                        unit="img",
+                        leave=False,
+                        disable=not progress,
+                    )
+                    for chunk in todo:
+                        rows = store.chunk_rows(chunk)
+                        arrays = _run_chunk(teacher, model, images, params, rows, features, config, precision)
+                        pending.append(writer.submit(store.write_rows, teacher.spec.key, view, chunk, arrays))
+                        while len(pending) > MAX_PENDING_WRITES:
+                            pending.popleft().result()
+                        bar.update(rows.stop - rows.start)
+                    bar.close()
+                teacher.model = model.cpu()
+        finally:
+            # Whatever happens, chunks already handed to the writer are finished (or their error raised).
+            while pending:
+                pending.popleft().result()
+    _finalise(store, teachers)
+    return store
+
+
+def _chunk_len(store: TeacherStore, chunk: int) -> int:
+    rows = store.chunk_rows(chunk)
+    return rows.stop - rows.start
+
+
+@torch.inference_mode()
+def _run_chunk(
+    teacher: Teacher,
+    model: nn.Module,
+    images: torch.Tensor,
+    params: augment.ViewParams,
+    rows: slice,
+    features: tuple[str, ...],
+    config: ExtractConfig,
+    precision: Precision,
+) -> dict[str, np.ndarray]:
+    """A chunk's outputs in mini-batches of ``batch_size`` (a fixed split, so a resumed chunk is bit-equal)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(rows.start, rows.stop, config.batch_size):
+        stop = min(rows.stop, start + config.batch_size)
+        outputs = teacher_outputs(teacher, images[start:stop], params[start:stop], features, precision)
+        for key, value in outputs.items():
+            parts.setdefault(key, []).append(value.to(torch.float32).cpu())
+    dtype = np.dtype(config.dtype)
+    return {key: torch.cat(values).numpy().astype(dtype) for key, values in parts.items()}
+
+
+def _open_or_create(
+    config: ExtractConfig,
+    out: Path,
+    dataset: ImageDataset,
+    teachers: list[Teacher],
+    settings: dict,
+    overwrite: bool,
+) -> TeacherStore:
+    if out.exists() and not overwrite:
+        try:
+            existing = open_store(out, mode="r+")
+        except UserError as err:
+            raise UserError(f"'{out}' exists and is not a meal-cache store; pass --overwrite to replace it") from err
+        if existing.attrs.get("settings") == settings:
+            return existing
+        difference = _first_difference(existing.attrs.get("settings"), settings)
+        raise UserError(
+            f"'{out}' was extracted with other settings ({difference}); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    recipe = augment.recipe_for(dataset.recipe, dataset.image_size)
+    split = dataset.split(config.split)
+    n = len(split)
+    views = [
+        augment.draw(recipe, n, dataset.image_size, augment.view_generator(config.seed, v)) for v in range(config.views)
+    ]
+    if config.identity_view:
+        views.append(augment.identity(n, dataset.image_size))
+    description = dataset.describe()
+    dataset_attrs = {
+        **{
+            k: description[k]
+            for k in ("spec", "kind", "options", "num_classes", "classes", "image_size", "mean", "std", "recipe")
+        },
+        "split": config.split,
+        "n": n,
+        "fingerprint": description["fingerprint"][config.split],
+    }
+    views_info = {
+        "count": len(views),
+        "augmented": config.views,
+        "identity": config.identity_view,
+        "recipe": recipe.name,
+        "seed": config.seed,
+    }
+    layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features))
+    return create_store(
+        out,
+        dataset=dataset_attrs,
+        labels=split.labels,
+        views=views,
+        views_info=views_info,
+        teachers=[t.spec for t in teachers],
+        layout=layout,
+        settings=settings,
+    )
+
+
+def _first_difference(old: dict | None, new: dict) -> str:
+    if not isinstance(old, dict):
+        return "no settings recorded"
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            return f"{key}: {old.get(key)!r} there, {new.get(key)!r} now"
+    return "none"
+
+
+def _finalise(store: TeacherStore, teachers: list[Teacher]) -> None:
+    """Record each teacher's top-1 per view (from the stored logits) and mark the store complete."""
+    labels = store.labels()
+    recorded = store.attrs["teachers"]
+    for teacher in teachers:
+        key = teacher.spec.key
+        if not store.progress(key).all():
+            raise RuntimeError(f"teacher {key} has chunks not written; the store is left incomplete")
+        accuracy = []
+        for view in range(store.num_views):
+            predicted = store.logits(key, view).astype(np.float32).argmax(1)
+            accuracy.append(round(100.0 * float((predicted == labels).mean()), 4))
+        recorded[key]["accuracy"] = accuracy
+    store.set_attrs(teachers=recorded, complete=True)

@@ -1,0 +1,389 @@
+"""The teacher cache: a Zarr (v3) store in format ``meal-cache/1``.
+
+Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
+
+    attrs    format, version, dataset{...describe(), split, n, fingerprint}, views{count, augmented, identity,
+             recipe, seed}, teachers{NAME: {source, arch, checkpoint_sha256, classes, input, blocks[...],
+             accuracy[per view]}}, layout{rows_per_chunk, dtype, codec, grid, features}, settings, complete
+    labels                         (N,)               int64
+    views/crop                     (V, N, 4)          int16   y0, x0, h, w
+    views/flip                     (V, N)             bool
+    teachers/NAME/logits           (V, N, C)          float16
+    teachers/NAME/blocks/B         (V, N, C_B, g, g)  float16  block output average-pooled to a g x g grid
+    teachers/NAME/maps/B           (V, N, H_B, W_B)   float16  channel mean of the block output (MEAL's form)
+    teachers/NAME/progress         (V, N_chunks)      bool     set only after that chunk's arrays are written
+
+Chunks are ``(1, rows_per_chunk, ...)``; every write covers whole chunks, so no two writers share one, and the
+progress array has one chunk per element for the same reason. Metadata is JSON; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from meal_cache.augment import ViewParams
+from meal_cache.errors import UserError
+
+FORMAT = "meal-cache/1"
+VERSION = 1
+FEATURE_KINDS = ("blocks", "maps")
+DTYPES = ("float16", "float32")
+
+
+def parse_codec(spec: str) -> list:
+    """``zstd`` / ``zstd:LEVEL``, ``blosc`` / ``blosc:LEVEL`` (zstd inside, byte shuffle), or ``none``."""
+    name, _, level = spec.partition(":")
+    try:
+        level_value = int(level) if level else 3
+    except ValueError as err:
+        raise UserError(f"codec level must be a number, got '{spec}'") from err
+    if name == "zstd":
+        return [ZstdCodec(level=level_value)]
+    if name == "blosc":
+        return [BloscCodec(cname="zstd", clevel=min(level_value, 9), shuffle="shuffle")]
+    if name == "none":
+        return []
+    raise UserError(f"unknown codec '{spec}'; choose zstd[:LEVEL], blosc[:LEVEL] or none")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One teacher block as stored: its module name, array key, channels, pooled grid and map size."""
+
+    name: str
+    channels: int
+    grid: int
+    height: int
+    width: int
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "channels": self.channels, "grid": self.grid, "map": [self.height, self.width]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> BlockSpec:
+        return cls(data["name"], int(data["channels"]), int(data["grid"]), *map(int, data["map"]))
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What the store records about one teacher; ``key`` names its group under ``teachers/``."""
+
+    key: str
+    source: str
+    arch: str
+    checkpoint_sha256: str | None
+    classes: list[str]
+    input: dict
+    blocks: list[BlockSpec]
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source,
+            "arch": self.arch,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "classes": list(self.classes),
+            "input": self.input,
+            "blocks": [b.to_json() for b in self.blocks],
+        }
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    rows_per_chunk: int
+    dtype: str
+    codec: str
+    features: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {"rows_per_chunk": self.rows_per_chunk, "dtype": self.dtype, "codec": self.codec,
+                "features": list(self.features)}  # fmt: skip
+
+
+def _json_safe(value: Any) -> Any:
+    """Round-trip through JSON so attributes compare equal to what a reader gets back."""
+    return json.loads(json.dumps(value))
+
+
+def create_store(
+    path: str | Path,
+    *,
+    dataset: dict,
+    labels: torch.Tensor,
+    views: list[ViewParams],
+    views_info: dict,
+    teachers: list[TeacherSpec],
+    layout: StoreLayout,
+    settings: dict,
+) -> TeacherStore:
+    """Create every array and attribute of a new store (overwriting ``path``), with labels and views written."""
+    if layout.dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{layout.dtype}'; choose one of: {', '.join(DTYPES)}")
+    compressors = parse_codec(layout.codec)
+    n = int(labels.shape[0])
+    rows = layout.rows_per_chunk
+    group = zarr.open_group(str(path), mode="w")
+    group.attrs.update(
+        _json_safe(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "dataset": dataset,
+                "views": views_info,
+                "teachers": {t.key: t.to_json() for t in teachers},
+                "layout": layout.to_json(),
+                "settings": settings,
+                "complete": False,
+            }
+        )
+    )
+    group.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int64", compressors=compressors)[:] = (
+        labels.numpy()
+    )
+    count = len(views)
+    crop = group.create_array("views/crop", shape=(count, n, 4), chunks=(1, rows, 4), dtype="int16",
+                              compressors=compressors)  # fmt: skip
+    flip = group.create_array("views/flip", shape=(count, n), chunks=(1, rows), dtype="bool", compressors=compressors)
+    crop[:] = torch.stack([v.crop for v in views]).numpy()
+    flip[:] = torch.stack([v.flip for v in views]).numpy()
+    n_chunks = math.ceil(n / rows)
+    for teacher in teachers:
+        base = f"teachers/{teacher.key}"
+        num_classes = len(teacher.classes)
+        group.create_array(f"{base}/logits", shape=(count, n, num_classes), chunks=(1, rows, num_classes),
+                           dtype=layout.dtype, compressors=compressors, fill_value=0)  # fmt: skip
+        for block in teacher.blocks:
+            if "blocks" in layout.features:
+                shape = (count, n, block.channels, block.grid, block.grid)
+                group.create_array(f"{base}/blocks/{block.key}", shape=shape, chunks=(1, rows, *shape[2:]),
+                                   dtype=layout.dtype, compressors=compressors, fill_value=0)  # fmt: skip
+            if "maps" in layout.features:
+                shape = (count, n, block.height, block.width)
+                group.create_array(f"{base}/maps/{block.key}", shape=shape, chunks=(1, rows, *shape[2:]),
+                                   dtype=layout.dtype, compressors=compressors, fill_value=0)  # fmt: skip
+        group.create_array(f"{base}/progress", shape=(count, n_chunks), chunks=(1, 1), dtype="bool",
+                           fill_value=False)  # fmt: skip
+    return TeacherStore(group)
+
+
+def open_store(path: str | Path, mode: str = "r") -> TeacherStore:
+    """Open a meal-cache store; a missing path or a foreign Zarr group is a clear error."""
+    if not str(path).startswith(("memory://", "s3://", "gs://")) and not Path(path).exists():
+        raise UserError(f"store not found: '{path}'")
+    try:
+        group = zarr.open_group(str(path), mode=mode)
+    except (FileNotFoundError, ValueError, zarr.errors.ContainsArrayError) as err:
+        raise UserError(f"'{path}' is not a Zarr store ({err})") from err
+    if group.attrs.get("format") != FORMAT:
+        raise UserError(f"'{path}' is not a meal-cache store (format '{group.attrs.get('format')}', want '{FORMAT}')")
+    return TeacherStore(group)
+
+
+class TeacherStore:
+    """Read access to a store (and the few writes extract makes), with its attributes parsed."""
+
+    def __init__(self, group: zarr.Group) -> None:
+        self.group = group
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.group.attrs.get("complete", False))
+
+    @property
+    def dataset(self) -> dict:
+        return self.attrs["dataset"]
+
+    @property
+    def n(self) -> int:
+        return int(self.dataset["n"])
+
+    @property
+    def num_views(self) -> int:
+        return int(self.attrs["views"]["count"])
+
+    @property
+    def augmented_views(self) -> list[int]:
+        """Indices of the augmented views, the ones distill cycles through (the identity view excluded)."""
+        return list(range(int(self.attrs["views"]["augmented"])))
+
+    @property
+    def identity_view(self) -> int | None:
+        info = self.attrs["views"]
+        return int(info["augmented"]) if info.get("identity") else None
+
+    @property
+    def layout(self) -> StoreLayout:
+        data = self.attrs["layout"]
+        return StoreLayout(int(data["rows_per_chunk"]), data["dtype"], data["codec"], tuple(data["features"]))
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return list(self.attrs["teachers"])
+
+    def teacher(self, name: str) -> dict:
+        teachers = self.attrs["teachers"]
+        if name not in teachers:
+            raise UserError(f"store has no teacher '{name}'; it has {', '.join(teachers)}")
+        return teachers[name]
+
+    def blocks(self, teacher: str) -> list[BlockSpec]:
+        return [BlockSpec.from_json(b) for b in self.teacher(teacher)["blocks"]]
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n / self.layout.rows_per_chunk)
+
+    def chunk_rows(self, chunk: int) -> slice:
+        rows = self.layout.rows_per_chunk
+        return slice(chunk * rows, min(self.n, (chunk + 1) * rows))
+
+    # ------------------------------------------------------------------ arrays
+    def array(self, key: str) -> zarr.Array:
+        return self.group[key]
+
+    def labels(self) -> np.ndarray:
+        return self.group["labels"][:]
+
+    def view_params(self, view: int) -> ViewParams:
+        crop = torch.from_numpy(self.group["views/crop"][view])
+        flip = torch.from_numpy(self.group["views/flip"][view])
+        return ViewParams(crop, flip)
+
+    def logits(self, teacher: str, view: int) -> np.ndarray:
+        return self.group[f"teachers/{teacher}/logits"][view]
+
+    def feature(self, teacher: str, kind: str, block: str, view: int) -> np.ndarray:
+        return self.group[f"teachers/{teacher}/{kind}/{block}"][view]
+
+    def progress(self, teacher: str) -> np.ndarray:
+        return self.group[f"teachers/{teacher}/progress"][:]
+
+    def feature_keys(self, teacher: str) -> list[str]:
+        """Every data array of a teacher, relative to the store root."""
+        keys = [f"teachers/{teacher}/logits"]
+        for kind in self.layout.features:
+            keys += [f"teachers/{teacher}/{kind}/{b.key}" for b in self.blocks(teacher)]
+        return keys
+
+    # ------------------------------------------------------------------ writes (extract)
+    def write_rows(self, teacher: str, view: int, chunk: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write one chunk's rows of every array of a teacher, then mark the chunk done."""
+        rows = self.chunk_rows(chunk)
+        for key, values in arrays.items():
+            self.group[f"teachers/{teacher}/{key}"][view, rows] = values
+        self.group[f"teachers/{teacher}/progress"][view, chunk] = True
+
+    def set_attrs(self, **values: Any) -> None:
+        self.group.attrs.update(_json_safe(values))
+
+    # ------------------------------------------------------------------ checks and sizes
+    def check_matches(self, dataset_description: dict, split: str) -> None:
+        """Refuse a store built from other rows, classes or image size than ``dataset_description``."""
+        recorded = self.dataset
+        problems = []
+        if recorded["split"] != split:
+            problems.append(f"it caches the {recorded['split']} split, not {split}")
+        if recorded["fingerprint"] != dataset_description["fingerprint"][split]:
+            problems.append("its dataset fingerprint differs (other images or labels)")
+        if recorded["num_classes"] != dataset_description["num_classes"]:
+            problems.append(f"it has {recorded['num_classes']} classes, the data {dataset_description['num_classes']}")
+        if recorded["image_size"] != dataset_description["image_size"]:
+            problems.append(
+                f"its images are {recorded['image_size']} px, the data's {dataset_description['image_size']}"
+            )
+        if problems:
+            raise UserError(
+                f"store was built from {recorded['spec']} and does not match this data: " + "; ".join(problems)
+            )
+        if not self.complete:
+            raise UserError("store is incomplete (an extract was interrupted); run the same extract again to finish it")
+
+    def stored_bytes(self, key: str) -> int:
+        return int(self.group[key].nbytes_stored())
+
+    def sizes(self) -> dict[str, dict[str, int]]:
+        """Per teacher and array: stored (compressed) bytes and raw bytes at float32."""
+        out: dict[str, dict[str, int]] = {}
+        for teacher in self.teacher_names:
+            for key in self.feature_keys(teacher):
+                array = self.group[key]
+                out[key] = {
+                    "stored": self.stored_bytes(key),
+                    "raw_float32": int(np.prod(array.shape)) * 4,
+                    "raw": int(array.nbytes),
+                }
+        return out
+
+
+def describe_store(store: TeacherStore) -> str:
+    """A readable summary: dataset, views, and per teacher its accuracy, blocks, shapes and stored bytes."""
+    attrs = store.attrs
+    data, views, layout = attrs["dataset"], attrs["views"], store.layout
+    lines = [
+        f"store     {store.group.store}  ({'complete' if store.complete else 'INCOMPLETE: run the extract again'})",
+        f"dataset   {data['spec']} [{data['split']}]  {data['n']} rows, {data['num_classes']} classes, "
+        f"{data['image_size']} px, fingerprint {data['fingerprint'][:12]}",
+        f"views     {views['augmented']} augmented ({views['recipe']}, seed {views['seed']})"
+        + (" + identity" if views["identity"] else ""),
+        f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk, "
+        f"features {', '.join(layout.features)}",
+        "",
+    ]
+    sizes = store.sizes()
+    total_stored = total_raw32 = 0
+    for key in store.teacher_names:
+        teacher = store.teacher(key)
+        accuracy = teacher.get("accuracy")
+        if accuracy:
+            augmented = accuracy[: views["augmented"]] or accuracy
+            acc_text = f"top-1 {np.mean(augmented):.2f}% on augmented views"
+            if views["identity"]:
+                acc_text += f", {accuracy[-1]:.2f}% on the identity view"
+        else:
+            acc_text = "accuracy not yet recorded"
+        done = store.progress(key)
+        lines.append(f"teacher {key}  ({teacher['arch']}, from {teacher['source']})  {acc_text}  "
+                     f"[{int(done.sum())}/{done.size} chunks]")  # fmt: skip
+        lines.append(f"  {'array':40s} {'shape':>22s} {'stored':>10s} {'vs f32':>7s}")
+        for array_key in store.feature_keys(key):
+            size = sizes[array_key]
+            total_stored += size["stored"]
+            total_raw32 += size["raw_float32"]
+            shape = "x".join(str(s) for s in store.array(array_key).shape)
+            ratio = size["raw_float32"] / max(1, size["stored"])
+            lines.append(
+                f"  {array_key.removeprefix(f'teachers/{key}/'):40s} {shape:>22s} {_human(size['stored']):>10s} "
+                f"{ratio:6.1f}x"
+            )
+        lines.append("")
+    per_row = total_stored / max(1, store.n * store.num_views)
+    lines.append(
+        f"total     {_human(total_stored)} stored, {_human(total_raw32)} as float32 "
+        f"({total_raw32 / max(1, total_stored):.1f}x smaller); {per_row:.0f} bytes per sample per view"
+    )
+    return "\n".join(lines)
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

@@ -1,0 +1,213 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+import meal_cache.extract as extract_module
+from meal_cache import augment
+from meal_cache.checkpoint import load_model
+from meal_cache.cli import main
+from meal_cache.errors import UserError
+from meal_cache.extract import ExtractConfig, extract
+from meal_cache.models import BlockTap
+from meal_cache.store import open_store
+
+
+def _arrays(path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(path), mode="r")
+    return (
+        {name: array[:] for name, array in group.arrays()}
+        | {f"{prefix}/{name}": array[:] for prefix in ("views",) for name, array in group[prefix].arrays()}
+        | _teacher_arrays(group)
+    )
+
+
+def _teacher_arrays(group) -> dict[str, np.ndarray]:
+    out = {}
+    for key in group["teachers"]:
+        base = group[f"teachers/{key}"]
+        out[f"{key}/logits"] = base["logits"][:]
+        out[f"{key}/progress"] = base["progress"][:]
+        for kind in ("blocks", "maps"):
+            for name, array in base[kind].arrays():
+                out[f"{key}/{kind}/{name}"] = array[:]
+    return out
+
+
+def _assert_same_store(a, b) -> None:
+    left, right = _arrays(a), _arrays(b)
+    assert sorted(left) == sorted(right)
+    for key in left:
+        assert np.array_equal(left[key], right[key]), key
+    attrs_a = dict(zarr.open_group(str(a), mode="r").attrs)
+    attrs_b = dict(zarr.open_group(str(b), mode="r").attrs)
+    assert attrs_a == attrs_b
+
+
+def test_replay_reproduces_stored_outputs(small_store, teacher_dir, digits):
+    path, config = small_store
+    store = open_store(path)
+    rng = np.random.default_rng(0)
+    for key in ("resnet8_w4", "densenet_k12"):
+        model, payload = load_model(teacher_dir / f"{key}.pt")
+        for _ in range(3):
+            view, row = int(rng.integers(store.num_views)), int(rng.integers(store.n))
+            params = store.view_params(view)[row : row + 1]
+            image = digits.train.images[row : row + 1]
+            batch = augment.apply(image, params, payload["input"]["mean"], payload["input"]["std"])
+            with BlockTap(model) as tap, torch.no_grad():
+                logits = model(batch)
+            stored = store.logits(key, view)[row].astype(np.float32)
+            np.testing.assert_allclose(stored, logits[0].numpy(), rtol=2e-3, atol=2e-3)
+            for block in store.blocks(key):
+                out = tap.outputs[block.name][0]
+                pooled = torch.nn.functional.adaptive_avg_pool2d(out, block.grid).numpy()
+                stored_block = store.feature(key, "blocks", block.key, view)[row].astype(np.float32)
+                np.testing.assert_allclose(stored_block, pooled, rtol=2e-3, atol=2e-3)
+                stored_map = store.feature(key, "maps", block.key, view)[row].astype(np.float32)
+                np.testing.assert_allclose(stored_map, out.mean(0).numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_store_layout_opens_with_plain_zarr_and_dask(small_store, digits):
+    path, _ = small_store
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    assert attrs["format"] == "meal-cache/1" and attrs["complete"] is True
+    assert attrs["dataset"]["fingerprint"] == digits.fingerprint("train") and attrs["dataset"]["n"] == 1437
+    assert attrs["views"] == {"count": 3, "augmented": 2, "identity": True, "recipe": "digits", "seed": 0}
+    resnet = attrs["teachers"]["resnet8_w4"]
+    assert [b["name"] for b in resnet["blocks"]] == ["layer1", "layer2", "layer3"]
+    assert [(b["channels"], b["grid"], b["map"]) for b in resnet["blocks"]] == [
+        (4, 2, [16, 16]),
+        (8, 2, [8, 8]),
+        (16, 2, [4, 4]),
+    ]
+    assert len(resnet["accuracy"]) == 3 and resnet["accuracy"][-1] > 30
+    assert len(resnet["checkpoint_sha256"]) == 64
+    assert group["labels"].shape == (1437,) and np.array_equal(group["labels"][:], digits.train.labels.numpy())
+    assert group["views/crop"].shape == (3, 1437, 4) and group["views/crop"].dtype == np.int16
+    assert group["views/flip"].shape == (3, 1437) and not group["views/flip"][:].any()  # digits never flip
+    # The identity view is the whole image.
+    assert (group["views/crop"][2] == np.array([0, 0, 16, 16])).all()
+    logits = da.from_zarr(str(path), component="teachers/resnet8_w4/logits")
+    assert logits.shape == (3, 1437, 10) and logits.dtype == np.float16
+    assert logits.chunksize == (1, 256, 10)
+    dense = da.from_zarr(str(path), component="teachers/densenet_k12/blocks/features.denseblock3")
+    assert dense.shape == (3, 1437, 90, 2, 2)
+    maps = da.from_zarr(str(path), component="teachers/densenet_k12/maps/features.denseblock1")
+    assert maps.shape == (3, 1437, 16, 16)
+    # Stored accuracy agrees with what dask computes from the stored logits.
+    predicted = logits.argmax(axis=2).compute()
+    assert resnet["accuracy"][0] == pytest.approx(100 * (predicted[0] == group["labels"][:]).mean(), abs=1e-3)
+    assert group["teachers/resnet8_w4/progress"][:].all()
+
+
+def test_same_seed_gives_identical_stores(small_store, tmp_path, digits):
+    path, config = small_store
+    again = tmp_path / "again.zarr"
+    extract(config, again, progress=False, dataset=digits)
+    _assert_same_store(path, again)
+
+
+def test_killed_extract_resumes_to_the_same_store(small_store, tmp_path, digits, monkeypatch):
+    path, config = small_store
+    target = tmp_path / "killed.zarr"
+    real = extract_module._run_chunk
+    calls = {"n": 0}
+
+    def dies_after_seven_chunks(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "_run_chunk", dies_after_seven_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        extract(config, target, progress=False, dataset=digits)
+    partial = open_store(target)
+    assert not partial.complete and partial.progress("resnet8_w4").sum() == 7
+    with pytest.raises(UserError, match="incomplete"):
+        partial.check_matches(digits.describe(), "train")
+
+    monkeypatch.setattr(extract_module, "_run_chunk", real)
+    calls["n"] = 0
+    counted = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "_run_chunk", counting)
+    extract(config, target, progress=False, dataset=digits)
+    total_chunks = 2 * 3 * 6  # teachers x views x chunks
+    assert counted["n"] == total_chunks - 7
+    _assert_same_store(path, target)
+
+
+def test_other_settings_are_refused_unless_overwrite(small_store, tmp_path, digits):
+    _, base = small_store
+    config = dataclasses.replace(base, teachers=["resnet8_w4"], views=1, identity_view=False)
+    target = tmp_path / "s.zarr"
+    extract(config, target, progress=False, dataset=digits)
+    other = dataclasses.replace(config, views=2)
+    with pytest.raises(UserError, match="other settings.*views"):
+        extract(other, target, progress=False, dataset=digits)
+    store = extract(other, target, overwrite=True, progress=False, dataset=digits)
+    assert store.num_views == 2 and store.complete
+
+
+def test_fingerprint_follows_the_dataset(teacher_dir, tmp_path, digits):
+    from meal_cache.data import ImageDataset, Split
+
+    labels = digits.train.labels.clone()
+    labels[0] = (labels[0] + 1) % 10
+    changed = ImageDataset(**{**digits.__dict__, "train": Split(digits.train.images, labels)})
+    config = ExtractConfig(teachers=["resnet8_w4"], views=1, teacher_dir=str(teacher_dir), device="cpu")
+    a = extract(config, tmp_path / "a.zarr", progress=False, dataset=digits)
+    b = extract(config, tmp_path / "b.zarr", progress=False, dataset=changed)
+    assert a.dataset["fingerprint"] != b.dataset["fingerprint"]
+    a.check_matches(digits.describe(), "train")
+    with pytest.raises(UserError, match="fingerprint differs"):
+        b.check_matches(digits.describe(), "train")
+
+
+def test_teacher_errors_name_the_choices(teacher_dir, digits, tmp_path):
+    config = ExtractConfig(teachers=["resnet"], teacher_dir=str(teacher_dir), device="cpu")
+    with pytest.raises(UserError, match="teacher 'resnet' not found.*densenet_k12, resnet8_w4"):
+        extract(config, tmp_path / "x.zarr", progress=False, dataset=digits)
+    config = ExtractConfig(teachers=["resnet8_w4"], blocks="layer9", teacher_dir=str(teacher_dir), device="cpu")
+    with pytest.raises(UserError, match="unknown block.*layer1, layer2, layer3"):
+        extract(config, tmp_path / "x.zarr", progress=False, dataset=digits)
+
+
+def test_last_k_blocks_and_channels_only(teacher_dir, digits, tmp_path):
+    config = ExtractConfig(teachers=["densenet_k12"], views=1, blocks="1", features=["blocks"],
+                           teacher_dir=str(teacher_dir), device="cpu")  # fmt: skip
+    store = extract(config, tmp_path / "k.zarr", progress=False, dataset=digits)
+    assert [b.name for b in store.blocks("densenet_k12")] == ["features.denseblock3"]
+    assert "maps" not in zarr.open_group(str(tmp_path / "k.zarr"), mode="r")["teachers/densenet_k12"]
+
+
+def test_cli_extract_and_info(teacher_dir, tmp_path):
+    out = tmp_path / "cli.zarr"
+    runner = CliRunner()
+    args = ["extract", "--teachers", "resnet8_w4", "--data", "digits", "--views", "1", "--teacher-dir",
+            str(teacher_dir), "--out", str(out), "--device", "cpu", "--quiet"]  # fmt: skip
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    info = runner.invoke(main, ["info", str(out)])
+    assert info.exit_code == 0
+    for text in ("resnet8_w4", "logits", "maps/layer1", "bytes per sample per view", "complete"):
+        assert text in info.output
+    missing = runner.invoke(main, ["info", str(tmp_path / "nope.zarr")])
+    assert missing.exit_code == 2 and "store not found" in missing.stderr
+    again = runner.invoke(main, [*args[:-3], "--views", "2", "--out", str(out), "--device", "cpu", "--quiet"])
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+    assert json.loads(json.dumps(open_store(out).attrs))["complete"] is True
