@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from meal_cache.data import ImageDataset
 from meal_cache.errors import UserError
 from meal_cache.models import create_model
 
@@ -47,3 +48,39 @@ def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu") -> 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     payload = load_checkpoint(path)
     return model_from_checkpoint(payload, device), payload
+
+
+def model_payload(
+    model: nn.Module,
+    arch: str,
+    dataset: ImageDataset,
+    config: dict,
+    epoch: int,
+    history: list[dict],
+    test: dict,
+) -> dict:
+    """A checkpoint of a trained network: everything needed to rebuild, identify and evaluate it."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "arch": arch,
+        "num_classes": dataset.num_classes,
+        "classes": list(dataset.classes),
+        "block_names": list(model.block_names),
+        "input": {
+            "image_size": dataset.image_size,
+            "mean": list(dataset.mean),
+            "std": list(dataset.std),
+            "channels": 3,
+        },
+        "data": dataset.describe(),
+        "metrics": {"test": test},
+        "config": config,
+        "epoch": epoch,
+        "history": history,
+        "model": state_dict_cpu(model),
+    }
+
+
+def state_dict_cpu(module: nn.Module) -> dict:
+    """A module's state as contiguous CPU tensors (channels_last weights saved in the default layout)."""
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

@@ -238,6 +238,97 @@ def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, 
     click.echo(describe_store(store))
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise click.BadParameter(f"expected comma-separated numbers, got '{text}'") from err
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(), help="The teacher cache written by `meal-cache extract`.")
+@click.option("--student", required=True, help="Student architecture (see `meal-cache models`).")
+@click.option(
+    "--method",
+    default="meal",
+    show_default=True,
+    type=click.Choice(["meal", "kd", "meal-v2"]),
+    help="meal: block similarity + discriminators per block and on the output; kd: Hinton KD from the "
+    "ensemble mean; meal-v2: ensemble soft labels + an output discriminator.",
+)
+@click.option("--epochs", default=30, show_default=True, type=int, help="Epoch e replays cached view e mod V.")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--lr", default=0.05, show_default=True, type=float)
+@click.option("--momentum", default=0.9, show_default=True, type=float)
+@click.option("--weight-decay", default=5e-4, show_default=True, type=float)
+@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "step", "constant"]))
+@click.option("--warmup-epochs", default=1.0, show_default=True, type=float)
+@click.option(
+    "--teacher-selection",
+    type=click.Choice(["random", "mean", "all"]),
+    default=None,
+    help="random: one teacher a step (MEAL); mean: the ensemble's average; all: every teacher's losses. "
+    "Default: the method's.",
+)
+@click.option(
+    "--representation",
+    default="maps",
+    show_default=True,
+    type=click.Choice(["maps", "blocks"]),
+    help="maps: channel-mean maps (MEAL's, no adapters); blocks: pooled channels through learned adapters.",
+)
+@click.option(
+    "--block-loss",
+    type=click.Choice(["soft-ce", "l1", "l2", "cosine"]),
+    default=None,
+    help="Similarity per block (default soft-ce for maps, l2 for blocks).",
+)
+@click.option(
+    "--block-weights",
+    default="0.1,0.05,0.01",
+    show_default=True,
+    help="Weights of the matched blocks from the last backwards; their count caps the blocks matched.",
+)
+@click.option("--match-blocks", type=int, default=None, help="Match at most this many blocks from the end.")
+@click.option("--soft-loss", type=click.Choice(["kl", "soft-ce"]), default=None, help="Soft-label loss on logits.")
+@click.option("--temperature", type=float, default=None, help="Softening temperature (default: the method's).")
+@click.option("--soft-weight", default=1.0, show_default=True, type=float)
+@click.option("--hard-weight", default=0.0, show_default=True, type=float, help="Cross-entropy on labels (MEAL: 0).")
+@click.option("--adv-weight", default=0.1, show_default=True, type=float, help="Weight of each adversarial loss.")
+@click.option("--adv-loss", default="bce", show_default=True, type=click.Choice(["bce", "ls"]))
+@click.option("--disc-lr", default=2e-4, show_default=True, type=float, help="Adam learning rate of discriminators.")
+@click.option("--data", default=None, help="Override the store's dataset (must match its fingerprint).")
+@click.option("--data-root", default=None, help="Where the store's dataset lives (default: as recorded).")
+@click.option("--download", is_flag=True)
+@click.option("--online", is_flag=True, help="Reference: run the teachers in the loop on the same replayed images.")
+@click.option("--teachers", default="", help="With --online: the teachers, as given to extract.")
+@click.option("--teacher-dir", default="teachers", show_default=True, help="With --online: where they are.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/meal.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def distill(block_weights: str, teachers: str, out: str, resume: bool, overwrite: bool, quiet: bool,
+            **settings) -> None:  # fmt: skip
+    """Train a student (and MEAL's discriminators) from a teacher cache alone.
+
+    The images come from the dataset the store records, replayed with the stored augmentation of view
+    e mod V in epoch e; the teachers' outputs come from the store, never from their checkpoints. Writes
+    config.json, metrics.jsonl (every named loss per epoch), last.pt (for --resume) and student.pt
+    (for `meal-cache evaluate`) under --out.
+    """
+    from meal_cache.distill import DistillConfig
+    from meal_cache.distill import distill as run_distill
+
+    config = DistillConfig(block_weights=_floats(block_weights),
+                           teachers=[t.strip() for t in teachers.split(",") if t.strip()], **settings)  # fmt: skip
+    summary = run_distill(config, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    test = summary["test"]
+    click.echo(f"{settings['method']} student {settings['student']}: test top-1 {test['top1']:.2f}%  "
+               f"NLL {test['nll']:.4f}  -> {out}/student.pt")  # fmt: skip
+
+
 @main.command()
 @click.argument("store", type=click.Path())
 def info(store: str) -> None:

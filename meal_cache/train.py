@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from meal_cache import augment
-from meal_cache.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from meal_cache.checkpoint import load_checkpoint, model_payload, save_checkpoint
 from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.evaluate import evaluate
@@ -204,38 +204,7 @@ def train_supervised(
                 f"epoch {epoch + 1}/{config.epochs}  loss {stats['loss']:.4f}  train {stats['train_top1']:.1f}%  "
                 f"test {test['top1']:.2f}%  lr {stats['lr']:.4f}  {record['seconds']:.1f}s"
             )
-        payload = checkpoint_payload(model, optimizer, dataset, config, epoch + 1, history, test)
+        payload = model_payload(model, config.arch, dataset, dataclasses.asdict(config), epoch + 1, history, test)
+        payload["optimizer"] = optimizer.state_dict()
         save_checkpoint(out, payload)
     return payload
-
-
-def checkpoint_payload(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    dataset: ImageDataset,
-    config: TrainConfig,
-    epoch: int,
-    history: list[dict],
-    test: dict,
-) -> dict:
-    """Everything needed to rebuild, identify, evaluate and resume the model; plain data and tensors only."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "arch": config.arch,
-        "num_classes": dataset.num_classes,
-        "classes": list(dataset.classes),
-        "block_names": list(model.block_names),
-        "input": {
-            "image_size": dataset.image_size,
-            "mean": list(dataset.mean),
-            "std": list(dataset.std),
-            "channels": 3,
-        },
-        "data": dataset.describe(),
-        "metrics": {"test": test},
-        "config": dataclasses.asdict(config),
-        "epoch": epoch,
-        "history": history,
-        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-    }

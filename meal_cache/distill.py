@@ -1,0 +1,533 @@
+"""Stage 2: train the student (and MEAL's discriminators) from the teacher cache alone.
+
+Each epoch ``e`` replays augmented view ``e mod V`` of the store: the stored crop and flip are applied to the
+dataset's images on the device, so the student sees exactly the pixels the teachers saw, and the teachers'
+logits and block features for those pixels are read from memory (a whole view is loaded at a time, the next one
+prefetched in a background thread). The teachers' checkpoints are never opened, except by the ``--online``
+reference, which runs the teachers in the loop on the same replayed images.
+
+A :class:`Distiller` holds the student, the adapters and the discriminators and, like mdistiller's
+distillers, turns a batch into logits and a dict of named losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from meal_cache import augment, losses
+from meal_cache.checkpoint import load_checkpoint, model_payload, save_checkpoint, state_dict_cpu
+from meal_cache.data import ImageDataset, load_dataset
+from meal_cache.errors import UserError, unknown_choice
+from meal_cache.evaluate import evaluate
+from meal_cache.models import BlockTap, block_shapes, create_model
+from meal_cache.runtime import Precision, device_images, resolve_device, seed_everything
+from meal_cache.store import BlockSpec, TeacherStore, open_store
+from meal_cache.train import epoch_batches, epoch_generator, learning_rate, make_optimizer
+
+SELECTIONS = ("random", "mean", "all")
+REPRESENTATIONS = ("maps", "blocks")
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method trains with: block losses, adversarial losses on blocks and on the output."""
+
+    blocks: bool
+    block_adversarial: bool
+    output_adversarial: bool
+    soft_loss: str
+    temperature: float
+    selection: str
+    help: str
+
+
+METHODS: dict[str, Method] = {
+    "meal": Method(True, True, True, "soft-ce", 1.0, "random",
+                   "MEAL: block similarity + per-block and output discriminators, one random teacher a step"),
+    "kd": Method(False, False, False, "kl", 4.0, "mean", "Hinton KD from the ensemble mean of the cached logits"),
+    "meal-v2": Method(False, False, True, "soft-ce", 1.0, "mean",
+                      "MEAL V2: ensemble soft labels + one discriminator on the output"),
+}  # fmt: skip
+
+
+@dataclass
+class DistillConfig:
+    """Everything that defines a distillation run; written to ``config.json``."""
+
+    store: str
+    student: str
+    method: str = "meal"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    teacher_selection: str | None = None  # None: the method's own
+    representation: str = "maps"
+    block_loss: str | None = None  # None: soft-ce for maps (MEAL), l2 for blocks
+    block_weights: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.01])
+    match_blocks: int | None = None
+    soft_loss: str | None = None
+    temperature: float | None = None
+    soft_weight: float = 1.0
+    hard_weight: float = 0.0
+    adv_weight: float = 0.1
+    adv_loss: str = "bce"
+    disc_lr: float = 2e-4
+    data: str | None = None
+    data_root: str | None = None
+    download: bool = False
+    online: bool = False
+    teachers: list[str] = field(default_factory=list)
+    teacher_dir: str = "teachers"
+    seed: int = 0
+    device: str = "auto"
+
+    def resolved(self) -> DistillConfig:
+        """The config with every method default filled in and every choice checked."""
+        if self.method not in METHODS:
+            raise unknown_choice("method", self.method, list(METHODS))
+        method = METHODS[self.method]
+        if self.representation not in REPRESENTATIONS:
+            raise unknown_choice("representation", self.representation, REPRESENTATIONS)
+        config = dataclasses.replace(
+            self,
+            teacher_selection=self.teacher_selection or method.selection,
+            block_loss=self.block_loss or ("soft-ce" if self.representation == "maps" else "l2"),
+            soft_loss=self.soft_loss or method.soft_loss,
+            temperature=self.temperature or method.temperature,
+        )
+        if config.teacher_selection not in SELECTIONS:
+            raise unknown_choice("teacher selection", config.teacher_selection, SELECTIONS)
+        losses.similarity(config.block_loss)
+        if config.soft_loss not in losses.SOFT_LABEL:
+            raise unknown_choice("soft-label loss", config.soft_loss, list(losses.SOFT_LABEL))
+        if config.adv_loss not in losses.ADVERSARIAL:
+            raise unknown_choice("adversarial loss", config.adv_loss, list(losses.ADVERSARIAL))
+        if config.epochs < 1 or config.batch_size < 1:
+            raise UserError("--epochs and --batch-size must be at least 1")
+        if config.online and not config.teachers:
+            raise UserError("--online runs the teachers in the loop: name them with --teachers")
+        return config
+
+
+# ------------------------------------------------------------------------------------------------ matching
+
+
+@dataclass(frozen=True)
+class BlockPair:
+    """A student block matched to a teacher block, counted from the end (rank 0 = the last blocks)."""
+
+    teacher: str
+    rank: int
+    student_block: str
+    teacher_block: BlockSpec
+    weight: float
+
+    @property
+    def key(self) -> str:
+        # ModuleDict keys may not contain dots.
+        return f"{self.teacher}__{self.rank}".replace(".", "_")
+
+
+def match_blocks(
+    student_blocks: tuple[str, ...],
+    teacher_blocks: dict[str, list[BlockSpec]],
+    weights: list[float],
+    limit: int | None,
+) -> list[BlockPair]:
+    """Pair blocks from the end, so any two architectures match: the last with the last, and so on,
+    for as many blocks as both have and ``weights`` (and ``limit``) allow."""
+    pairs = []
+    for teacher, blocks in teacher_blocks.items():
+        count = min(len(student_blocks), len(blocks), len(weights), limit if limit is not None else len(weights))
+        for rank in range(count):
+            pairs.append(BlockPair(teacher, rank, student_blocks[-1 - rank], blocks[-1 - rank], float(weights[rank])))
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------ feeding
+
+
+class ViewFeed:
+    """Whole views of the needed store arrays in memory (pinned on CUDA), the next one read in the background.
+
+    Batches are then plain tensor indexing; Zarr is only ever read a whole view at a time.
+    """
+
+    def __init__(self, store: TeacherStore, keys: list[str], device: torch.device) -> None:
+        self.store = store
+        self.keys = keys
+        self.device = device
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="view-prefetch")
+        self._pending: dict[int, Future] = {}
+
+    def _read(self, view: int) -> dict[str, torch.Tensor]:
+        arrays = {}
+        for key in self.keys:
+            tensor = torch.from_numpy(self.store.array(key)[view])
+            if self.device.type == "cuda":
+                tensor = tensor.pin_memory()
+            arrays[key] = tensor.to(self.device, non_blocking=True)
+        return arrays
+
+    def prefetch(self, view: int) -> None:
+        if view not in self._pending:
+            self._pending[view] = self._pool.submit(self._read, view)
+
+    def get(self, view: int) -> dict[str, torch.Tensor]:
+        self.prefetch(view)
+        return self._pending.pop(view).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class OnlineTeachers:
+    """The reference: the same targets as the cache, computed by running the teachers in the loop."""
+
+    def __init__(self, config: DistillConfig, store: TeacherStore, dataset: ImageDataset, precision: Precision):
+        from meal_cache.extract import ExtractConfig, resolve_teacher
+
+        by_source = {store.teacher(key)["source"]: key for key in store.teacher_names}
+        self.teachers = {}
+        for name in config.teachers:
+            key = by_source.get(name, name)
+            if key not in store.teacher_names:
+                raise UserError(f"online teacher '{name}' is not in the store (it has {', '.join(by_source)})")
+            blocks = store.blocks(key)
+            grid = max(b.grid for b in blocks)
+            extract_config = ExtractConfig(teachers=[name], blocks=",".join(b.name for b in blocks), grid=grid,
+                                           teacher_dir=config.teacher_dir)  # fmt: skip
+            teacher = resolve_teacher(name, config.teacher_dir, dataset, extract_config)
+            recorded = store.teacher(key)["checkpoint_sha256"]
+            if teacher.spec.checkpoint_sha256 != recorded:
+                raise UserError(f"teacher '{name}' is not the checkpoint the store was extracted from (sha256 differs)")
+            teacher.model = precision.prepare(teacher.model).eval()
+            self.teachers[key] = teacher
+        self.features = store.layout.features
+        self.precision = precision
+
+    @torch.inference_mode()
+    def targets(self, images: torch.Tensor, params: augment.ViewParams) -> dict[str, torch.Tensor]:
+        from meal_cache.extract import teacher_outputs
+
+        out = {}
+        for key, teacher in self.teachers.items():
+            for name, value in teacher_outputs(teacher, images, params, self.features, self.precision).items():
+                out[f"teachers/{key}/{name}"] = value
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ distiller
+
+
+class Distiller(nn.Module):
+    """The student plus the adapters and discriminators MEAL trains beside it."""
+
+    def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
+        super().__init__()
+        self.student = student
+        self.config = config
+        self.method = METHODS[config.method]
+        self.teachers = list(store.teacher_names)
+        teacher_blocks = {t: store.blocks(t) for t in self.teachers} if self.method.blocks else {}
+        self.pairs = match_blocks(tuple(student.block_names), teacher_blocks, config.block_weights,
+                                  config.match_blocks)  # fmt: skip
+        self.similarity = losses.similarity(config.block_loss)
+        self.soft_loss = losses.SOFT_LABEL[config.soft_loss]
+        student_shapes = block_shapes(student, image_size) if self.pairs else {}
+        self.adapters = nn.ModuleDict()
+        self.discriminators = nn.ModuleDict()
+        self.target_shapes: dict[str, tuple[int, ...]] = {}
+        for pair in self.pairs:
+            channels, height, width = student_shapes[pair.student_block]
+            tb = pair.teacher_block
+            if config.representation == "maps":
+                shape = (min(height, tb.height), min(width, tb.width))
+                disc_shape = (shape[0] * shape[1],)
+            else:
+                self.adapters[pair.key] = losses.Adapter(channels, tb.channels)
+                shape = (tb.channels, tb.grid, tb.grid)
+                disc_shape = shape
+            self.target_shapes[pair.key] = shape
+            if self.method.block_adversarial:
+                self.discriminators[pair.key] = losses.make_discriminator(disc_shape)
+        if self.method.output_adversarial:
+            self.discriminators["logits"] = losses.MLPDiscriminator(store.attrs["dataset"]["num_classes"])
+
+    def needed_keys(self) -> list[str]:
+        """The store arrays training reads."""
+        kind = self.config.representation
+        keys = [f"teachers/{t}/logits" for t in self.teachers]
+        keys += [f"teachers/{p.teacher}/{kind}/{p.teacher_block.key}" for p in self.pairs]
+        return keys
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        return list(self.student.parameters()) + list(self.adapters.parameters())
+
+    def _represent(self, pair: BlockPair, student_out: torch.Tensor, teacher_value: torch.Tensor):
+        """Student and teacher block representations of equal shape."""
+        shape = self.target_shapes[pair.key]
+        if self.config.representation == "maps":
+            student_rep = F.adaptive_avg_pool2d(student_out.float().mean(1, keepdim=True), shape).flatten(1)
+            teacher_rep = F.adaptive_avg_pool2d(teacher_value.float().unsqueeze(1), shape).flatten(1)
+            return student_rep, teacher_rep
+        pooled = F.adaptive_avg_pool2d(student_out.float(), shape[-1])
+        return self.adapters[pair.key](pooled), teacher_value.float()
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        selected: list[str],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[tuple[str, torch.Tensor, torch.Tensor]]]:
+        """Student logits, its named losses, and the (discriminator, real, fake) inputs for the D step."""
+        config = self.config
+        with BlockTap(self.student, sorted({p.student_block for p in self.pairs})) as tap:
+            logits = self.student(images)
+        logits = logits.float()
+        named: dict[str, torch.Tensor] = {}
+        adversarial_inputs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        teacher_weight = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
+
+        teacher_logits = [targets[f"teachers/{t}/logits"].float() for t in selected]
+        if config.teacher_selection == "mean":
+            soft_sets = [losses.soft_targets(teacher_logits, config.temperature)]
+        else:
+            soft_sets = [losses.soft_targets([t], config.temperature) for t in teacher_logits]
+        if config.soft_weight:
+            named["soft"] = config.soft_weight * sum(self.soft_loss(logits, p, config.temperature) for p in soft_sets)
+        if config.hard_weight:
+            named["hard"] = config.hard_weight * F.cross_entropy(logits, labels)
+
+        for pair in self.pairs:
+            if pair.teacher not in selected:
+                continue
+            key = f"teachers/{pair.teacher}/{config.representation}/{pair.teacher_block.key}"
+            student_rep, teacher_rep = self._represent(pair, tap.outputs[pair.student_block], targets[key])
+            name = f"sim/{pair.key}"
+            named[name] = pair.weight * teacher_weight * self.similarity(student_rep, teacher_rep)
+            if pair.key in self.discriminators:
+                adversarial_inputs.append((pair.key, teacher_rep, student_rep))
+        if "logits" in self.discriminators:
+            student_probs = F.softmax(logits / config.temperature, dim=1)
+            for probs in soft_sets:
+                adversarial_inputs.append(("logits", probs, student_probs))
+        return logits, named, adversarial_inputs
+
+    def adversarial_losses(self, inputs, selected: list[str]) -> dict[str, torch.Tensor]:
+        """The student's losses for fooling each discriminator (called after the discriminators' step, so
+        the student plays against their updated weights)."""
+        teacher_weight = 1.0 / len(selected) if self.config.teacher_selection == "mean" else 1.0
+        named: dict[str, torch.Tensor] = {}
+        for disc_key, _, fake in inputs:
+            loss = losses.generator_loss(self.config.adv_loss, self.discriminators[disc_key](fake))
+            weighted = self.config.adv_weight * teacher_weight * loss
+            named[f"adv/{disc_key}"] = named[f"adv/{disc_key}"] + weighted if f"adv/{disc_key}" in named else weighted
+        return named
+
+    def discriminator_step(self, inputs, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One step of every discriminator on teacher (real) against detached student (fake) features."""
+        if not inputs:
+            return {}
+        total = 0.0
+        stats: dict[str, float] = {}
+        for disc_key, real, fake in inputs:
+            discriminator = self.discriminators[disc_key]
+            real_scores, fake_scores = discriminator(real.detach()), discriminator(fake.detach())
+            loss = losses.discriminator_loss(self.config.adv_loss, real_scores, fake_scores)
+            total = total + loss
+            stats[f"disc/{disc_key}"] = float(loss.detach())
+            stats[f"disc_acc/{disc_key}"] = losses.discriminator_accuracy(
+                real_scores, fake_scores, self.config.adv_loss
+            )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        return stats
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def load_store_dataset(config: DistillConfig, store: TeacherStore) -> ImageDataset:
+    """The dataset the store records (or ``config.data``), refused unless it matches the store."""
+    recorded = store.dataset
+    spec = config.data or recorded["spec"]
+    root = config.data_root or recorded["options"].get("root", "data")
+    image_size = recorded["options"].get("image_size")
+    dataset = load_dataset(spec, root, config.download, image_size)
+    store.check_matches(dataset.describe(), recorded["split"])
+    return dataset
+
+
+def _selection(config: DistillConfig, teachers: list[str], generator: torch.Generator) -> list[str]:
+    if config.teacher_selection == "random":
+        return [teachers[int(torch.randint(len(teachers), (1,), generator=generator))]]
+    return list(teachers)
+
+
+def distill(
+    config: DistillConfig,
+    out: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    dataset: ImageDataset | None = None,
+) -> dict:
+    """Train a student from a store; writes ``config.json``, ``metrics.jsonl``, ``last.pt`` and ``student.pt``
+    under ``out`` and returns the final summary (test metrics, history)."""
+    config = config.resolved()
+    out = Path(out)
+    last_path = out / "last.pt"
+    state = None
+    if out.exists() and any(out.iterdir()):
+        if resume and last_path.is_file():
+            state = load_checkpoint(last_path)
+            if state["config"] != _config_json(config):
+                raise UserError(f"'{out}' was run with other settings; --resume needs the same ones")
+        elif not overwrite:
+            raise UserError(f"'{out}' is not empty; pass --resume to continue it or --overwrite to replace it")
+    store = open_store(config.store)
+    if dataset is None:
+        dataset = load_store_dataset(config, store)
+    else:
+        store.check_matches(dataset.describe(), store.dataset["split"])
+    device = resolve_device(config.device)
+    precision = Precision(device)
+    seed_everything(config.seed)
+    student = create_model(config.student, dataset.num_classes, dataset.image_size)
+    distiller = Distiller(student, config, store, dataset.image_size)
+    distiller = distiller.to(device)
+    if precision.channels_last:
+        distiller.student.to(memory_format=torch.channels_last)
+    s_opt = make_optimizer(distiller.student_parameters(), config.lr, config.momentum, config.weight_decay)
+    d_params = list(distiller.discriminators.parameters())
+    d_opt = torch.optim.Adam(d_params, lr=config.disc_lr, betas=(0.5, 0.999)) if d_params else None
+    scaler = precision.grad_scaler()
+    history: list[dict] = []
+    start_epoch = 0
+    if state is not None:
+        distiller.load_state_dict(state["distiller"])
+        s_opt.load_state_dict(state["student_optimizer"])
+        if d_opt is not None:
+            d_opt.load_state_dict(state["disc_optimizer"])
+        history, start_epoch = list(state["history"]), int(state["epoch"])
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+    (out / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
+
+    split = dataset.split(store.dataset["split"])
+    images, labels = device_images(split, device)
+    views = store.augmented_views or [store.identity_view]
+    view_params = {v: store.view_params(v) for v in set(views)}
+    online = OnlineTeachers(config, store, dataset, precision) if config.online else None
+    feed = None if online else ViewFeed(store, distiller.needed_keys(), device)
+    steps_per_epoch = len(epoch_batches(len(labels), config.batch_size, torch.Generator().manual_seed(0)))
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    summary: dict = {}
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            torch.manual_seed(config.seed * 10_007 + epoch)
+            view = views[epoch % len(views)]
+            if feed is not None:
+                cached = feed.get(view)
+                if epoch + 1 < config.epochs:
+                    feed.prefetch(views[(epoch + 1) % len(views)])
+            started = time.perf_counter()
+            distiller.train()
+            sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            batches = epoch_batches(len(labels), config.batch_size, epoch_generator(config.seed, epoch, 0))
+            chooser = epoch_generator(config.seed, epoch, 2)
+            correct = seen = 0
+            bar = tqdm(batches, desc=f"{config.method} epoch {epoch + 1}/{config.epochs}", leave=False,
+                       disable=not progress, unit="batch")  # fmt: skip
+            for step_in_epoch, rows in enumerate(bar):
+                step = epoch * steps_per_epoch + step_in_epoch
+                lr = learning_rate(step, total_steps, config.lr, config.schedule, warmup)
+                for group in s_opt.param_groups:
+                    group["lr"] = lr
+                rows_dev = rows.to(device, non_blocking=True)
+                params = view_params[view][rows]
+                batch = augment.apply(images[rows_dev], params, dataset.mean, dataset.std,
+                                      channels_last=precision.channels_last)  # fmt: skip
+                if online is not None:
+                    targets = online.targets(images[rows_dev], params)
+                else:
+                    targets = {key: value[rows_dev] for key, value in cached.items()}
+                selected = _selection(config, distiller.teachers, chooser)
+                with precision.autocast():
+                    logits, named, adversarial = distiller(batch, targets, labels[rows_dev], selected)
+                stats = distiller.discriminator_step(adversarial, d_opt) if d_opt is not None else {}
+                with precision.autocast():
+                    named.update(distiller.adversarial_losses(adversarial, selected))
+                loss = sum(named.values())
+                s_opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(s_opt)
+                scaler.update()
+                # Averages over the steps in which each loss occurred (a random teacher's losses: about 1/T).
+                for name, value in [*((n, float(v.detach())) for n, v in named.items()), *stats.items(),
+                                    ("loss", float(loss.detach()))]:  # fmt: skip
+                    sums[name] = sums.get(name, 0.0) + value
+                    counts[name] = counts.get(name, 0) + 1
+                correct += int((logits.argmax(1) == labels[rows_dev]).sum())
+                seen += len(rows)
+                if progress:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+            record = {"epoch": epoch + 1, "view": view, "lr": lr}
+            record.update({k: v / counts[k] for k, v in sorted(sums.items())})
+            record["train_top1"] = 100.0 * correct / max(1, seen)
+            test = evaluate(distiller.student, dataset, "test", device)
+            record.update({"test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"]})
+            record["seconds"] = time.perf_counter() - started
+            history.append(record)
+            with (out / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if progress:
+                tqdm.write(
+                    f"{config.method} epoch {epoch + 1}/{config.epochs}  loss {record['loss']:.4f}  "
+                    f"train {record['train_top1']:.1f}%  test {test['top1']:.2f}%  {record['seconds']:.1f}s"
+                )
+            save_checkpoint(last_path, {
+                "format": "meal-cache-checkpoint/1",
+                "kind": "distill-state",
+                "config": _config_json(config),
+                "epoch": epoch + 1,
+                "history": history,
+                "distiller": state_dict_cpu(distiller),
+                "student_optimizer": s_opt.state_dict(),
+                "disc_optimizer": d_opt.state_dict() if d_opt is not None else {},
+            })  # fmt: skip
+            summary = {"test": test, "history": history}
+    finally:
+        if feed is not None:
+            feed.close()
+    if not summary:  # resumed a run that had already finished
+        summary = {"test": evaluate(distiller.student, dataset, "test", device), "history": history}
+    payload = model_payload(distiller.student, config.student, dataset, _config_json(config), config.epochs,
+                            history, summary["test"])  # fmt: skip
+    payload["distillation"] = {"store": str(config.store), "teachers": distiller.teachers, "method": config.method}
+    save_checkpoint(out / "student.pt", payload)
+    return summary
+
+
+def _config_json(config: DistillConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))

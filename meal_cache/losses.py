@@ -1,0 +1,178 @@
+"""Distillation losses, discriminators and adapters.
+
+Every loss is a plain function of tensors with a value a test can compute by hand. Conventions:
+- similarity losses compare a student representation with a teacher's of the same shape ``(B, ...)`` and
+  return the mean over the batch;
+- adversarial losses treat the teacher as *real* (target 1) and the student as *fake* (target 0); the student's
+  (generator's) loss asks the discriminator to call its features real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meal_cache.errors import unknown_choice
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def l1_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference over all elements."""
+    return F.l1_loss(student, teacher)
+
+
+def l2_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference over all elements."""
+    return F.mse_loss(student, teacher)
+
+
+def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity of each sample's flattened vectors, averaged over the batch."""
+    return (1.0 - F.cosine_similarity(_flat(student), _flat(teacher), dim=1)).mean()
+
+
+def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of softmax(student/T) against softmax(teacher/T) over each sample's flattened vector,
+    averaged over the batch (MEAL's default similarity)."""
+    target = F.softmax(_flat(teacher) / temperature, dim=1)
+    return -(target * F.log_softmax(_flat(student) / temperature, dim=1)).sum(1).mean()
+
+
+SIMILARITY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "l1": l1_loss,
+    "l2": l2_loss,
+    "cosine": cosine_loss,
+    "soft-ce": soft_cross_entropy,
+}
+
+
+def similarity(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if kind not in SIMILARITY:
+        raise unknown_choice("block loss", kind, list(SIMILARITY))
+    return SIMILARITY[kind]
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's loss: T^2 * KL(teacher || student) with both softened by T; ``teacher_probs`` are already
+    softened (so an ensemble can average probabilities first)."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
+
+
+def soft_label_ce(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * cross-entropy of the softened student against softened teacher probabilities (MEAL V2's form)."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    return -(teacher_probs * log_student).sum(1).mean() * temperature**2
+
+
+SOFT_LABEL: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "kl": kd_kl,
+    "soft-ce": soft_label_ce,
+}
+
+
+def soft_targets(teacher_logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """The mean of the teachers' softened probabilities (one teacher: its own)."""
+    return torch.stack([F.softmax(t.float() / temperature, dim=1) for t in teacher_logits]).mean(0)
+
+
+# ----------------------------------------------------------------------------------------------- adversarial
+
+
+def bce_real(scores: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(scores, torch.ones_like(scores))
+
+
+def bce_fake(scores: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(scores, torch.zeros_like(scores))
+
+
+def ls_real(scores: torch.Tensor) -> torch.Tensor:
+    return ((scores - 1.0) ** 2).mean()
+
+
+def ls_fake(scores: torch.Tensor) -> torch.Tensor:
+    return (scores**2).mean()
+
+
+ADVERSARIAL = {"bce": (bce_real, bce_fake), "ls": (ls_real, ls_fake)}
+
+
+def discriminator_loss(kind: str, real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """Teacher features are real, student features fake: the mean of the two halves' losses."""
+    real, fake = ADVERSARIAL[kind]
+    return 0.5 * (real(real_scores) + fake(fake_scores))
+
+
+def generator_loss(kind: str, fake_scores: torch.Tensor) -> torch.Tensor:
+    """The student's adversarial loss: make the discriminator call its features real."""
+    real, _ = ADVERSARIAL[kind]
+    return real(fake_scores)
+
+
+def discriminator_accuracy(real_scores: torch.Tensor, fake_scores: torch.Tensor, kind: str) -> float:
+    threshold = 0.0 if kind == "bce" else 0.5
+    hits = (real_scores > threshold).float().sum() + (fake_scores <= threshold).float().sum()
+    return float(hits / (real_scores.numel() + fake_scores.numel()))
+
+
+class MLPDiscriminator(nn.Module):
+    """Three linear layers halving the width (as MEAL's 1x1 discriminators) and one real/fake score."""
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        hidden = max(8, in_features // 2)
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Linear(hidden, max(4, hidden // 2)),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Linear(max(4, hidden // 2), 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(_flat(x)).squeeze(1)
+
+
+class ConvDiscriminator(nn.Module):
+    """A small conv net on a ``(C, g, g)`` grid, as in feature-map-level adversarial distillation."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        hidden = max(8, channels // 2)
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(1)
+
+
+def make_discriminator(shape: tuple[int, ...]) -> nn.Module:
+    """A conv discriminator for grids larger than 1x1, an MLP otherwise."""
+    if len(shape) == 3 and shape[1] > 1:
+        return ConvDiscriminator(shape[0])
+    return MLPDiscriminator(int(torch.tensor(shape).prod()))
+
+
+class Adapter(nn.Module):
+    """A learned 1x1 map from the student's pooled block channels to a teacher's (works for any grid)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
