@@ -303,6 +303,12 @@ def _floats(text: str) -> list[float]:
 @click.option("--online", is_flag=True, help="Reference: run the teachers in the loop on the same replayed images.")
 @click.option("--teachers", default="", help="With --online: the teachers, as given to extract.")
 @click.option("--teacher-dir", default="teachers", show_default=True, help="With --online: where they are.")
+@click.option(
+    "--max-memory",
+    default=None,
+    help="Memory for cached targets, e.g. 4GB. Two whole views are held when they fit (the current one "
+    "and the next, prefetched); otherwise whole chunks stream through a shuffle buffer.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/meal.")

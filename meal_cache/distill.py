@@ -15,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from dask.utils import parse_bytes
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -52,10 +55,12 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "meal": Method(True, True, True, "soft-ce", 1.0, "random",
+    # Soft labels: T=4 KL for all three. The references' T=1 soft cross-entropy (MEAL, MEAL V2) was measured
+    # worse on digits (docs/design.md); --soft-loss soft-ce --temperature 1 restores it.
+    "meal": Method(True, True, True, "kl", 4.0, "random",
                    "MEAL: block similarity + per-block and output discriminators, one random teacher a step"),
     "kd": Method(False, False, False, "kl", 4.0, "mean", "Hinton KD from the ensemble mean of the cached logits"),
-    "meal-v2": Method(False, False, True, "soft-ce", 1.0, "mean",
+    "meal-v2": Method(False, False, True, "kl", 4.0, "mean",
                       "MEAL V2: ensemble soft labels + one discriminator on the output"),
 }  # fmt: skip
 
@@ -93,6 +98,7 @@ class DistillConfig:
     teachers: list[str] = field(default_factory=list)
     teacher_dir: str = "teachers"
     seed: int = 0
+    max_memory: str | None = None  # e.g. "2GB": stream chunks when two views of the targets do not fit
     device: str = "auto"
 
     def resolved(self) -> DistillConfig:
@@ -118,6 +124,11 @@ class DistillConfig:
             raise unknown_choice("adversarial loss", config.adv_loss, list(losses.ADVERSARIAL))
         if config.epochs < 1 or config.batch_size < 1:
             raise UserError("--epochs and --batch-size must be at least 1")
+        if config.max_memory is not None:
+            try:
+                parse_bytes(config.max_memory)
+            except (ValueError, TypeError) as err:
+                raise UserError(f"--max-memory takes a size such as 512MB or 4GB, got '{config.max_memory}'") from err
         if config.online and not config.teachers:
             raise UserError("--online runs the teachers in the loop: name them with --teachers")
         return config
@@ -193,6 +204,109 @@ class ViewFeed:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class InMemoryBatches:
+    """Shuffled batches of a view held whole in memory (see :class:`ViewFeed`)."""
+
+    def __init__(self, feed: ViewFeed, n: int, batch_size: int, seed: int) -> None:
+        self.feed, self.n, self.batch_size, self.seed = feed, n, batch_size, seed
+
+    def epoch(self, epoch: int, view: int, next_view: int | None) -> Iterator[tuple[torch.Tensor, dict]]:
+        cached = self.feed.get(view)
+        if next_view is not None:
+            self.feed.prefetch(next_view)
+        for rows in epoch_batches(self.n, self.batch_size, epoch_generator(self.seed, epoch, 0)):
+            rows_dev = rows.to(self.feed.device, non_blocking=True)
+            yield rows, {key: value[rows_dev] for key, value in cached.items()}
+
+    def close(self) -> None:
+        self.feed.close()
+
+
+class StreamingBatches:
+    """For views larger than memory: whole chunks in shuffled order, ``buffer_chunks`` at a time, rows shuffled
+    within that buffer (the next buffer read in the background). Each epoch still sees every row once, in
+    ``floor(N / batch_size)`` full batches, as in memory."""
+
+    def __init__(self, store: TeacherStore, keys: list[str], device: torch.device, batch_size: int, seed: int,
+                 buffer_chunks: int) -> None:  # fmt: skip
+        self.store, self.keys, self.device = store, keys, device
+        self.batch_size, self.seed, self.buffer_chunks = batch_size, seed, max(1, buffer_chunks)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-prefetch")
+
+    def _read(self, view: int, chunks: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        slices = [self.store.chunk_rows(c) for c in chunks]
+        rows = torch.cat([torch.arange(r.start, r.stop) for r in slices])
+        arrays = {key: torch.cat([torch.from_numpy(self.store.array(key)[view, r]) for r in slices])
+                  for key in self.keys}  # fmt: skip
+        return rows, arrays
+
+    def epoch(self, epoch: int, view: int, next_view: int | None) -> Iterator[tuple[torch.Tensor, dict]]:
+        generator = epoch_generator(self.seed, epoch, 0)
+        groups = torch.randperm(self.store.n_chunks, generator=generator).split(self.buffer_chunks)
+        pending = self._pool.submit(self._read, view, groups[0].tolist())
+        carry_rows, carry = torch.empty(0, dtype=torch.long), {}
+        yielded = 0
+        for index in range(len(groups)):
+            rows, arrays = pending.result()
+            if index + 1 < len(groups):
+                pending = self._pool.submit(self._read, view, groups[index + 1].tolist())
+            if len(carry_rows):
+                rows = torch.cat([carry_rows, rows])
+                arrays = {key: torch.cat([carry[key], value]) for key, value in arrays.items()}
+            order = torch.randperm(len(rows), generator=generator)
+            full = len(order) // self.batch_size * self.batch_size
+            for batch in order[:full].split(self.batch_size):
+                yield (
+                    rows[batch],
+                    {key: value[batch].to(self.device, non_blocking=True) for key, value in arrays.items()},
+                )
+                yielded += 1
+            rest = order[full:]
+            carry_rows, carry = rows[rest], {key: value[rest] for key, value in arrays.items()}
+        if not yielded and len(carry_rows):  # fewer rows than one batch: one short batch, as in memory
+            yield carry_rows, {key: value.to(self.device) for key, value in carry.items()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class OnlineBatches:
+    """Batches of row indices only: the online reference computes the targets in the loop."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+
+    def epoch(self, epoch: int, view: int, next_view: int | None) -> Iterator[tuple[torch.Tensor, dict | None]]:
+        for rows in epoch_batches(self.n, self.batch_size, epoch_generator(self.seed, epoch, 0)):
+            yield rows, None
+
+    def close(self) -> None:
+        pass
+
+
+def view_bytes(store: TeacherStore, keys: list[str]) -> int:
+    """Bytes of one view of ``keys`` in memory."""
+    total = 0
+    for key in keys:
+        array = store.array(key)
+        total += int(np.prod(array.shape[1:])) * array.dtype.itemsize
+    return total
+
+
+def make_batch_source(config: DistillConfig, store: TeacherStore, keys: list[str], device: torch.device):
+    """In memory when two views (the current and the prefetched one) fit ``--max-memory``, else streaming."""
+    n = store.n
+    if config.online:
+        return OnlineBatches(n, config.batch_size, config.seed)
+    per_view = view_bytes(store, keys)
+    limit = parse_bytes(config.max_memory) if config.max_memory else None
+    if limit is None or 2 * per_view <= limit:
+        return InMemoryBatches(ViewFeed(store, keys, device), n, config.batch_size, config.seed)
+    per_chunk = max(1, per_view // store.n_chunks)
+    # Two buffers live at once: the one in use and the one being read.
+    return StreamingBatches(store, keys, device, config.batch_size, config.seed, limit // (2 * per_chunk))
 
 
 class OnlineTeachers:
@@ -437,7 +551,7 @@ def distill(
     views = store.augmented_views or [store.identity_view]
     view_params = {v: store.view_params(v) for v in set(views)}
     online = OnlineTeachers(config, store, dataset, precision) if config.online else None
-    feed = None if online else ViewFeed(store, distiller.needed_keys(), device)
+    source = make_batch_source(config, store, distiller.needed_keys(), device)
     steps_per_epoch = len(epoch_batches(len(labels), config.batch_size, torch.Generator().manual_seed(0)))
     total_steps = steps_per_epoch * config.epochs
     warmup = int(config.warmup_epochs * steps_per_epoch)
@@ -446,20 +560,22 @@ def distill(
         for epoch in range(start_epoch, config.epochs):
             torch.manual_seed(config.seed * 10_007 + epoch)
             view = views[epoch % len(views)]
-            if feed is not None:
-                cached = feed.get(view)
-                if epoch + 1 < config.epochs:
-                    feed.prefetch(views[(epoch + 1) % len(views)])
+            next_view = views[(epoch + 1) % len(views)] if epoch + 1 < config.epochs else None
             started = time.perf_counter()
             distiller.train()
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
-            batches = epoch_batches(len(labels), config.batch_size, epoch_generator(config.seed, epoch, 0))
             chooser = epoch_generator(config.seed, epoch, 2)
             correct = seen = 0
-            bar = tqdm(batches, desc=f"{config.method} epoch {epoch + 1}/{config.epochs}", leave=False,
-                       disable=not progress, unit="batch")  # fmt: skip
-            for step_in_epoch, rows in enumerate(bar):
+            bar = tqdm(
+                source.epoch(epoch, view, next_view),
+                total=steps_per_epoch,
+                leave=False,
+                desc=f"{config.method} epoch {epoch + 1}/{config.epochs}",
+                disable=not progress,
+                unit="batch",
+            )
+            for step_in_epoch, (rows, targets) in enumerate(bar):
                 step = epoch * steps_per_epoch + step_in_epoch
                 lr = learning_rate(step, total_steps, config.lr, config.schedule, warmup)
                 for group in s_opt.param_groups:
@@ -470,8 +586,6 @@ def distill(
                                       channels_last=precision.channels_last)  # fmt: skip
                 if online is not None:
                     targets = online.targets(images[rows_dev], params)
-                else:
-                    targets = {key: value[rows_dev] for key, value in cached.items()}
                 selected = _selection(config, distiller.teachers, chooser)
                 with precision.autocast():
                     logits, named, adversarial = distiller(batch, targets, labels[rows_dev], selected)
@@ -494,6 +608,7 @@ def distill(
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
             record = {"epoch": epoch + 1, "view": view, "lr": lr}
             record.update({k: v / counts[k] for k, v in sorted(sums.items())})
+            record["steps"] = counts.get("loss", 0)
             record["train_top1"] = 100.0 * correct / max(1, seen)
             test = evaluate(distiller.student, dataset, "test", device)
             record.update({"test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"]})
@@ -518,8 +633,7 @@ def distill(
             })  # fmt: skip
             summary = {"test": test, "history": history}
     finally:
-        if feed is not None:
-            feed.close()
+        source.close()
     if not summary:  # resumed a run that had already finished
         summary = {"test": evaluate(distiller.student, dataset, "test", device), "history": history}
     payload = model_payload(distiller.student, config.student, dataset, _config_json(config), config.epochs,

@@ -176,3 +176,11 @@ def test_cli_distill_then_evaluate(small_store, tmp_path):
     bad = runner.invoke(main, ["distill", "--store", str(path), "--student", "resnet8_w4", "--out", str(out),
                                "--method", "meal", "--online", "--device", "cpu"])  # fmt: skip
     assert bad.exit_code == 2 and "--teachers" in bad.stderr
+
+
+def test_streaming_run_trains(small_store, digits, tmp_path):
+    path, _ = small_store
+    summary = distill(_config(path, epochs=1, max_memory="300kB"), tmp_path / "s", progress=False, dataset=digits)
+    assert summary["history"][0]["steps"] == 1437 // 64
+    with pytest.raises(UserError, match="--max-memory takes a size"):
+        distill(_config(path, max_memory="lots"), tmp_path / "t", progress=False, dataset=digits)
