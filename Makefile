@@ -15,16 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Until the pipeline runner lands: the default teachers on digits and their cache. Both resume, so a second
-# `make all` only checks that everything is there.
-RUN := runs/digits
+# The default reproducible pipeline; `make all PIPELINE=pipelines/other.toml` runs another. A second run skips
+# every step whose settings and inputs are unchanged.
+PIPELINE ?= pipelines/digits.toml
 all: install
-	$(BIN)/meal-cache train --arch resnet20 --data digits --epochs 15 --resume --out $(RUN)/teachers/resnet20.pt
-	$(BIN)/meal-cache train --arch densenet_k12 --data digits --epochs 15 --resume --out $(RUN)/teachers/densenet_k12.pt
-	$(BIN)/meal-cache evaluate $(RUN)/teachers/resnet20.pt
-	$(BIN)/meal-cache evaluate $(RUN)/teachers/densenet_k12.pt
-	$(BIN)/meal-cache extract --teachers resnet20,densenet_k12 --teacher-dir $(RUN)/teachers --data digits \
-		--views 8 --identity-view --out $(RUN)/feats.zarr
+	$(BIN)/meal-cache run $(PIPELINE)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -345,6 +345,38 @@ def info(store: str) -> None:
 
 
 @main.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.option(
+    "--runs",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where run directories go: RUNS/<pipeline name>/.",
+)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run(pipeline_file: str, runs: str, device: str, quiet: bool) -> None:
+    """Run a whole pipeline (teachers, store, students over seeds, report), skipping up-to-date steps.
+
+    A step is skipped when its outputs exist and neither its settings nor its inputs changed, so running the
+    same file again only rebuilds the report.
+    """
+    from meal_cache.pipeline import load_pipeline, run_pipeline
+
+    run_dir = run_pipeline(load_pipeline(pipeline_file), runs, device=device, progress=not quiet)
+    click.echo(f"report: {run_dir / 'report.md'}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report(run_dir: str) -> None:
+    """Evaluate a pipeline run and write results.json, report.md and the PNG plots into it."""
+    from meal_cache.report import write_report
+
+    click.echo(f"report: {write_report(run_dir)}")
+
+
+@main.command()
 def models() -> None:
     """List the architectures `--arch` accepts, with their blocks."""
     from meal_cache.models import MODELS, torchvision_model_names

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from meal_cache import augment, losses
 from meal_cache.checkpoint import load_checkpoint, model_payload, save_checkpoint, state_dict_cpu
 from meal_cache.data import ImageDataset, load_dataset
-from meal_cache.errors import UserError, unknown_choice
+from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
 from meal_cache.evaluate import evaluate
 from meal_cache.models import BlockTap, block_shapes, create_model
 from meal_cache.runtime import Precision, device_images, resolve_device, seed_everything
@@ -509,11 +509,12 @@ def distill(
     out = Path(out)
     last_path = out / "last.pt"
     state = None
-    if out.exists() and any(out.iterdir()):
-        if resume and last_path.is_file():
+    # A run killed before its first epoch ended left no last.pt: resuming it is starting it.
+    if out.exists() and any(out.iterdir()) and not (resume and not last_path.is_file()):
+        if resume:
             state = load_checkpoint(last_path)
             if state["config"] != _config_json(config):
-                raise UserError(f"'{out}' was run with other settings; --resume needs the same ones")
+                raise SettingsMismatch(f"'{out}' was run with other settings; --resume needs the same ones")
         elif not overwrite:
             raise UserError(f"'{out}' is not empty; pass --resume to continue it or --overwrite to replace it")
     store = open_store(config.store)
@@ -544,6 +545,8 @@ def distill(
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
+        for stale in ("last.pt", "student.pt"):
+            (out / stale).unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
 
     split = dataset.split(store.dataset["split"])

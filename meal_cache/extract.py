@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from meal_cache import augment
 from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
 from meal_cache.data import ImageDataset, load_dataset
-from meal_cache.errors import UserError
+from meal_cache.errors import SettingsMismatch, UserError
 from meal_cache.models import BlockTap, block_shapes, create_model, split_weights
 from meal_cache.runtime import Precision, device_images, resolve_device
 from meal_cache.store import FEATURE_KINDS, BlockSpec, StoreLayout, TeacherSpec, TeacherStore, create_store, open_store
@@ -296,7 +296,7 @@ def _open_or_create(
         if existing.attrs.get("settings") == settings:
             return existing
         difference = _first_difference(existing.attrs.get("settings"), settings)
-        raise UserError(
+        raise SettingsMismatch(
             f"'{out}' was extracted with other settings ({difference}); "
             "pass --overwrite to replace it, or choose another --out"
         )

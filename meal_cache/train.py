@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from meal_cache import augment
 from meal_cache.checkpoint import load_checkpoint, model_payload, save_checkpoint
 from meal_cache.data import ImageDataset, load_dataset
-from meal_cache.errors import UserError, unknown_choice
+from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
 from meal_cache.evaluate import evaluate
 from meal_cache.models import create_model
 from meal_cache.runtime import Precision, device_images, resolve_device, seed_everything
@@ -160,7 +160,7 @@ def train_supervised(
         if resume:
             state = load_checkpoint(out)
             if state["config"] != dataclasses.asdict(config):
-                raise UserError(
+                raise SettingsMismatch(
                     f"'{out}' was written with other settings; resume needs the same ones "
                     "(or pass --overwrite to start again)"
                 )

@@ -1,0 +1,336 @@
+"""Reports: the results table of a pipeline run (mean and spread over seeds, paired differences against the
+student trained alone), ``results.json``, ``report.md`` and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from meal_cache.data import load_dataset  # noqa: E402
+from meal_cache.errors import UserError  # noqa: E402
+from meal_cache.evaluate import classification_metrics, predict_logits  # noqa: E402
+from meal_cache.models import count_parameters  # noqa: E402
+from meal_cache.store import open_store  # noqa: E402
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE (percent): |accuracy - confidence| per equal-width confidence bin, weighted by the bin's share."""
+    probs = torch.softmax(logits.float(), dim=1)
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    total = 0.0
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            total += inside.float().mean().item() * abs(
+                correct[inside].mean().item() - confidence[inside].mean().item()
+            )
+    return 100.0 * total
+
+
+def fidelity(logits: torch.Tensor, ensemble_probs: torch.Tensor) -> float:
+    """Top-1 agreement (percent) with the teacher ensemble."""
+    return 100.0 * (logits.argmax(1) == ensemble_probs.argmax(1)).float().mean().item()
+
+
+def paired_difference(values: list[float], baseline: list[float]) -> dict:
+    """Mean paired difference over seeds with a 95% t interval; 'within noise' when it contains zero."""
+    diffs = [a - b for a, b in zip(values, baseline, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "ci95": [math.nan, math.nan], "within_noise": True, "n": len(diffs)}
+    sem = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    if sem == 0:
+        low = high = mean
+    else:
+        low, high = stats.t.interval(0.95, len(diffs) - 1, loc=mean, scale=sem)
+    return {"mean": mean, "ci95": [float(low), float(high)], "within_noise": bool(low <= 0 <= high), "n": len(diffs)}
+
+
+def _summary(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def _ms_per_image(model: torch.nn.Module, images: torch.Tensor, mean, std) -> float:
+    """Inference time on this machine's CPU, best of three passes over the images, batches of 256."""
+    best = math.inf
+    for _ in range(3):
+        started = time.perf_counter()
+        predict_logits(model, images, mean, std, torch.device("cpu"), batch_size=256)
+        best = min(best, time.perf_counter() - started)
+    return 1000.0 * best / len(images)
+
+
+def collect_results(run_dir: Path, pipeline) -> dict:
+    """Evaluate every teacher, the ensemble and every student checkpoint of a pipeline run on the test split."""
+    teacher_payloads = {t["name"]: load_checkpoint(run_dir / "teachers" / f"{t['name']}.pt") for t in pipeline.teachers}
+    first = next(iter(teacher_payloads.values()))
+    recorded = first["data"]
+    dataset = load_dataset(recorded["spec"], recorded["options"].get("root", "data"), False,
+                           recorded["options"].get("image_size"))  # fmt: skip
+    test = dataset.test
+    rows: list[dict] = []
+    teacher_probs = []
+    timing: dict[str, float] = {}
+    for name, payload in teacher_payloads.items():
+        model = model_from_checkpoint(payload)
+        logits = predict_logits(model, test.images, tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]),
+                                torch.device("cpu"))  # fmt: skip
+        teacher_probs.append(torch.softmax(logits, 1))
+        metrics = classification_metrics(logits, test.labels)
+        timing.setdefault(payload["arch"], _ms_per_image(model, test.images, dataset.mean, dataset.std))
+        rows.append({
+            "name": f"teacher {name}", "kind": "teacher", "arch": payload["arch"],
+            "top1": _summary([metrics["top1"]]), "nll": _summary([metrics["nll"]]),
+            "ece": _summary([expected_calibration_error(logits, test.labels)]),
+            "params": count_parameters(model), "ms_per_image": timing[payload["arch"]],
+        })  # fmt: skip
+    ensemble = torch.stack(teacher_probs).mean(0)
+    log_ensemble = ensemble.clamp_min(1e-12).log()
+    ensemble_metrics = classification_metrics(log_ensemble, test.labels)
+    rows.append({
+        "name": "teacher ensemble", "kind": "ensemble", "arch": "+".join(p["arch"] for p in teacher_payloads.values()),
+        "top1": _summary([ensemble_metrics["top1"]]), "nll": _summary([ensemble_metrics["nll"]]),
+        "ece": _summary([expected_calibration_error(log_ensemble, test.labels)]),
+        "params": sum(r["params"] for r in rows), "ms_per_image": sum(r["ms_per_image"] for r in rows),
+    })  # fmt: skip
+
+    students_dir = run_dir / "students"
+    per_method: dict[str, dict[int, dict]] = {}
+    for method in pipeline.methods:
+        for seed in pipeline.seeds:
+            path = students_dir / method / f"seed-{seed}" / "student.pt"
+            if not path.is_file():
+                raise UserError(f"missing {path}: run the pipeline first (meal-cache run {pipeline.path})")
+            payload = load_checkpoint(path)
+            model = model_from_checkpoint(payload)
+            logits = predict_logits(model, test.images, tuple(payload["input"]["mean"]),
+                                    tuple(payload["input"]["std"]), torch.device("cpu"))  # fmt: skip
+            metrics = classification_metrics(logits, test.labels)
+            timing.setdefault(payload["arch"], _ms_per_image(model, test.images, dataset.mean, dataset.std))
+            per_method.setdefault(method, {})[seed] = {
+                "top1": metrics["top1"], "nll": metrics["nll"],
+                "fidelity": fidelity(logits, ensemble), "ece": expected_calibration_error(logits, test.labels),
+                "params": count_parameters(model), "arch": payload["arch"],
+                "history": payload.get("history", []), "ms_per_image": timing[payload["arch"]],
+            }  # fmt: skip
+    for method, by_seed in per_method.items():
+        seeds = sorted(by_seed)
+        sample = by_seed[seeds[0]]
+        rows.append({
+            "name": method, "kind": "student", "arch": sample["arch"],
+            **{m: _summary([by_seed[s][m] for s in seeds]) for m in ("top1", "nll", "fidelity", "ece")},
+            "params": sample["params"], "ms_per_image": sample["ms_per_image"],
+        })  # fmt: skip
+    comparisons = []
+    if "alone" in per_method:
+        base = per_method["alone"]
+        for method, by_seed in per_method.items():
+            if method == "alone":
+                continue
+            seeds = sorted(set(by_seed) & set(base))
+            for metric in ("top1", "nll"):
+                result = paired_difference([by_seed[s][metric] for s in seeds], [base[s][metric] for s in seeds])
+                comparisons.append({"method": method, "metric": metric, **result})
+    store = open_store(run_dir / "feats.zarr")
+    sizes = store.sizes()
+    return {
+        "pipeline": pipeline.name,
+        "dataset": {k: recorded[k] for k in ("spec", "num_classes", "image_size", "sizes")},
+        "seeds": pipeline.seeds,
+        "rows": rows,
+        "comparisons": comparisons,
+        "store": {
+            "stored_bytes": sum(v["stored"] for v in sizes.values()),
+            "float32_bytes": sum(v["raw_float32"] for v in sizes.values()),
+            "views": store.num_views,
+            "rows": store.n,
+            "by_array": sizes,
+        },
+        "histories": {m: {str(s): d["history"] for s, d in by_seed.items()} for m, by_seed in per_method.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+
+
+def plot_accuracy(results: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, by_seed in results["histories"].items():
+        curves = [[h["test_top1"] for h in history] for history in by_seed.values() if history]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        data = np.array([c[:length] for c in curves])
+        epochs = np.arange(1, length + 1)
+        mean = data.mean(0)
+        ax.plot(epochs, mean, label=f"{method} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(epochs, data.min(0), data.max(0), alpha=0.15)
+    for row in results["rows"]:
+        if row["kind"] == "ensemble":
+            ax.axhline(row["top1"]["mean"], color="black", linestyle="--", linewidth=1, label="teacher ensemble")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Test accuracy per epoch (mean over seeds, band: min-max)")
+    low = min(90.0, *(min(h["test_top1"] for h in hs[-3:]) for by in results["histories"].values()
+                       for hs in by.values() if hs))  # fmt: skip
+    ax.set_ylim(max(0.0, low - 2), 100.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_meal_losses(run_dir: Path, method: str, seed: int, path: Path) -> bool:
+    metrics_path = run_dir / "students" / method / f"seed-{seed}" / "metrics.jsonl"
+    if not metrics_path.is_file():
+        return False
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not records:
+        return False
+    epochs = [r["epoch"] for r in records]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups = {
+        "soft labels": ["soft"],
+        "block similarity (sum)": sorted({k for r in records for k in r if k.startswith("sim/")}),
+        "student adversarial (sum)": sorted({k for r in records for k in r if k.startswith("adv/")}),
+    }
+    for label, keys in groups.items():
+        if keys:
+            left.plot(epochs, [sum(r.get(k, 0.0) for k in keys) for r in records], label=label)
+    left.set_title(f"{method} student losses (seed {seed})")
+    left.set_xlabel("epoch")
+    left.set_yscale("log")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    for key in sorted({k for r in records for k in r if k.startswith("disc/")}):
+        right.plot(epochs, [r.get(key, math.nan) for r in records], label=key.removeprefix("disc/"))
+    right.axhline(math.log(2), color="black", linestyle=":", linewidth=1, label="chance (log 2)")
+    right.set_title("discriminator losses (teacher real vs student fake)")
+    right.set_xlabel("epoch")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_store_bytes(results: dict, path: Path) -> None:
+    by_array = results["store"]["by_array"]
+    teachers = sorted({key.split("/")[1] for key in by_array})
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    bottoms = np.zeros(len(teachers))
+    parts = sorted({key.split("/", 2)[2] for key in by_array}, key=lambda k: (k != "logits", k))
+    colours = plt.cm.tab20(np.linspace(0, 1, max(2, len(parts))))
+    for colour, part in zip(colours, parts, strict=False):
+        heights = np.array([by_array.get(f"teachers/{t}/{part}", {}).get("stored", 0) / 2**20 for t in teachers])
+        if heights.any():
+            ax.bar(teachers, heights, bottom=bottoms, label=part, color=colour)
+            bottoms += heights
+    ax.set_ylabel("stored MiB")
+    store = results["store"]
+    ax.set_title(f"Store: {store['stored_bytes'] / 2**20:.1f} MiB for {store['views']} views x {store['rows']} rows")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _fmt(summary: dict, digits: int = 2) -> str:
+    if len(summary["values"]) > 1:
+        return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+    return f"{summary['mean']:.{digits}f}"
+
+
+def render_markdown(results: dict, plots: dict[str, str]) -> str:
+    store = results["store"]
+    lines = [
+        f"# meal-cache report: {results['pipeline']}",
+        "",
+        f"Dataset `{results['dataset']['spec']}` ({results['dataset']['sizes']['train']} train, "
+        f"{results['dataset']['sizes']['test']} test images, {results['dataset']['image_size']} px). Students: mean ± "
+        f"standard deviation over seeds {results['seeds']}. One test image is "
+        f"{100 / results['dataset']['sizes']['test']:.2f} points of top-1.",
+        "",
+        "| model | arch | top-1 % | NLL | fidelity % | ECE % | params | ms / image (CPU) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        fidelity_text = _fmt(row["fidelity"]) if "fidelity" in row else "-"
+        lines.append(
+            f"| {row['name']} | {row['arch']} | {_fmt(row['top1'])} | {_fmt(row['nll'], 4)} | {fidelity_text} | "
+            f"{_fmt(row['ece'])} | {row['params']:,} | {row['ms_per_image']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Store: {store['stored_bytes'] / 2**20:.1f} MiB "
+        f"({store['float32_bytes'] / max(1, store['stored_bytes']):.1f}x "
+        f"smaller than float32), {store['views']} views x {store['rows']} rows, "
+        f"{store['stored_bytes'] / max(1, store['views'] * store['rows']):.0f} bytes per sample per view.",
+        "",
+    ]
+    if results["comparisons"]:
+        lines += [
+            "## Against the student trained alone (paired over seeds, 95% t interval)",
+            "",
+            "| method | metric | mean difference | 95% interval | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        for row in results["comparisons"]:
+            better = row["mean"] > 0 if row["metric"] == "top1" else row["mean"] < 0
+            verdict = "within noise" if row["within_noise"] else ("better" if better else "worse")
+            low, high = row["ci95"]
+            lines.append(f"| {row['method']} | {row['metric']} | {row['mean']:+.3f} | [{low:+.3f}, {high:+.3f}] | "
+                         f"{verdict} |")  # fmt: skip
+        lines.append("")
+    for title, file in plots.items():
+        lines += [f"## {title}", "", f"![{title}]({file})", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path, pipeline=None, progress: bool = True) -> Path:
+    """Evaluate a pipeline run and write ``results.json``, ``report.md`` and the plots into ``run_dir``."""
+    from meal_cache.pipeline import load_pipeline
+
+    run_dir = Path(run_dir)
+    if pipeline is None:
+        recorded = run_dir / "pipeline.toml"
+        if not recorded.is_file():
+            raise UserError(f"'{run_dir}' is not a pipeline run (no pipeline.toml); run `meal-cache run FILE` first")
+        pipeline = load_pipeline(recorded)
+    results = collect_results(run_dir, pipeline)
+    plots = {"Test accuracy per epoch": "accuracy.png"}
+    plot_accuracy(results, run_dir / "accuracy.png")
+    meal_methods = [m for m, o in pipeline.methods.items() if o.get("method", m) == "meal"]
+    if meal_methods and plot_meal_losses(run_dir, meal_methods[0], pipeline.seeds[0], run_dir / "meal_losses.png"):
+        plots["MEAL losses, discriminators included"] = "meal_losses.png"
+    plot_store_bytes(results, run_dir / "store_bytes.png")
+    plots["Store bytes by teacher and block"] = "store_bytes.png"
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (run_dir / "report.md").write_text(render_markdown(results, plots) + "\n")
+    return run_dir / "report.md"

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from meal_cache.errors import UserError
+from meal_cache.pipeline import load_pipeline, run_pipeline
+from meal_cache.report import expected_calibration_error, fidelity, paired_difference
+
+PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+
+TINY = """
+name = "tiny"
+seeds = [7, 8]
+[data]
+spec = "digits"
+[[teachers]]
+name = "resnet"
+arch = "resnet8_w4"
+epochs = 2
+[[teachers]]
+name = "dense"
+arch = "densenet_k12"
+epochs = 1
+[store]
+views = 2
+rows_per_chunk = 512
+[student]
+arch = "resnet8_w4"
+epochs = 1
+[methods]
+alone = {}
+meal = { method = "meal" }
+"""
+
+
+def test_every_shipped_pipeline_parses_and_resolves_its_names():
+    files = sorted(PIPELINES.glob("*.toml"))
+    assert any(f.name == "digits.toml" for f in files)
+    for file in files:
+        pipeline = load_pipeline(file)
+        assert pipeline.seeds and pipeline.teachers and pipeline.methods
+
+
+def test_tiny_pipeline_runs_skips_and_reruns_only_what_changed(tmp_path):
+    file = tmp_path / "tiny.toml"
+    file.write_text(TINY)
+    runs = tmp_path / "runs"
+    run_dir = run_pipeline(load_pipeline(file), runs, device="cpu", progress=False)
+    assert run_dir == runs / "tiny"
+    for name in ("report.md", "results.json", "accuracy.png", "meal_losses.png", "store_bytes.png"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    names = [row["name"] for row in results["rows"]]
+    assert names == ["teacher resnet", "teacher dense", "teacher ensemble", "alone", "meal"]
+    assert results["rows"][3]["top1"]["values"] and len(results["rows"][3]["top1"]["values"]) == 2
+    assert {(c["method"], c["metric"]) for c in results["comparisons"]} == {("meal", "top1"), ("meal", "nll")}
+    report = (run_dir / "report.md").read_text()
+    assert "| meal | resnet8_w4 |" in report and "paired over seeds" in report
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run_dir / "steps").iterdir()}
+    student = run_dir / "students" / "meal" / "seed-7" / "student.pt"
+    before = student.stat().st_mtime_ns
+    run_pipeline(load_pipeline(file), runs, device="cpu", progress=False)
+    assert student.stat().st_mtime_ns == before
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "steps").iterdir()} == stamps
+
+    # Changing the student's epochs reruns the students, not the teachers or the store.
+    file.write_text(
+        TINY.replace('arch = "resnet8_w4"\nepochs = 1\n[methods]', 'arch = "resnet8_w4"\nepochs = 2\n[methods]')
+    )
+    run_pipeline(load_pipeline(file), runs, device="cpu", progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "steps").iterdir()}
+    assert after["extract.json"] == stamps["extract.json"]
+    assert after["teacher__resnet.json"] == stamps["teacher__resnet.json"]
+    assert after["meal__seed-7.json"] != stamps["meal__seed-7.json"]
+    assert len(json.loads((run_dir / "results.json").read_text())["histories"]["meal"]["7"]) == 2
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (TINY.replace('arch = "densenet_k12"', 'arch = "densenet9"'), "unknown architecture 'densenet9'"),
+        (TINY.replace('meal = { method = "meal" }', 'meal = { method = "meal3" }'), "unknown method of 'meal'"),
+        (TINY.replace("views = 2", "viewz = 2"), "unknown setting.*viewz"),
+        (TINY.replace('spec = "digits"', 'spec = "mnist"'), "unknown dataset 'mnist'"),
+        (TINY.replace("[methods]", "[methods\n"), "not valid TOML"),
+    ],
+)
+def test_pipeline_mistakes_are_named(tmp_path, text, message):
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_pipeline(file)
+
+
+def test_statistics_on_hand_made_numbers():
+    import torch
+
+    # Differences 2, 3, 4: mean 3, sd 1, sem 1/sqrt(3), t(0.975, 2) = 4.3027, half-width 2.484.
+    result = paired_difference([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])
+    half = 4.302652729911275 / 3**0.5
+    assert result["mean"] == pytest.approx(3.0)
+    assert result["ci95"] == pytest.approx([3.0 - half, 3.0 + half])
+    assert result["within_noise"] is False
+    # Differences 1, 2, 3: the interval [-0.48, 4.48] holds zero.
+    assert paired_difference([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])["within_noise"] is True
+    assert paired_difference([1.0, 2.0], [1.5, 1.5])["within_noise"] is True
+    # Two samples, both confidence 0.9 (one bin); one right, one wrong: |0.5 - 0.9| = 40%.
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]]))
+    assert expected_calibration_error(logits, torch.tensor([0, 1])) == pytest.approx(40.0, abs=1e-4)
+    assert fidelity(torch.tensor([[2.0, 1.0], [0.0, 1.0]]), torch.tensor([[0.6, 0.4], [0.7, 0.3]])) == 50.0
