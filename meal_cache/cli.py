@@ -377,6 +377,41 @@ def report(run_dir: str) -> None:
 
 
 @main.command()
+@click.argument("store", type=click.Path())
+@click.option(
+    "--confidence",
+    default=0.9,
+    show_default=True,
+    type=float,
+    help="Flag a row when the ensemble (averaged over all views) gives another class at least this probability.",
+)
+@click.option(
+    "--csv",
+    "csv_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the suspect labels (default: STORE's folder, suspects.csv).",
+)
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write everything as JSON."
+)
+@click.option("--scheduler", default="threads", show_default=True, type=click.Choice(["threads", "distributed"]))
+@click.option("--address", default=None, help="A dask.distributed scheduler (default: a local cluster).")
+def inspect(store: str, confidence: float, csv_out: str | None, json_out: str | None, scheduler: str,
+            address: str | None) -> None:  # fmt: skip
+    """Teachers and their ensemble, per view and per class, their agreement, and suspect labels (dask)."""
+    from meal_cache.analysis import describe_inspection, inspect_store, write_suspects_csv
+
+    result = inspect_store(store, confidence, scheduler, address)
+    target = Path(csv_out) if csv_out else Path(store).resolve().parent / "suspects.csv"
+    write_suspects_csv(result, target)
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(describe_inspection(result))
+    click.echo(f"suspects -> {target}")
+
+
+@main.command()
 def models() -> None:
     """List the architectures `--arch` accepts, with their blocks."""
     from meal_cache.models import MODELS, torchvision_model_names

@@ -1,7 +1,8 @@
 """Datasets: one registry, every dataset held in memory as uint8 tensors so augmentation runs on the device.
 
 A dataset spec is ``NAME`` or ``NAME:ARG`` (``digits``, ``cifar10``, ``npz:/path/data.npz``,
-``imagefolder:/path/root``, ``fake:256``). :func:`load_dataset` resolves it to an :class:`ImageDataset`:
+``imagefolder:/path/root``, ``fake:256``), optionally followed by ``?OPTION=VALUE&...`` (label noise, a training
+fraction: see :class:`Modifiers`). :func:`load_dataset` resolves it to an :class:`ImageDataset`:
 a train and a test :class:`Split` of ``uint8`` images shaped ``(N, 3, H, W)`` and ``int64`` labels, with the
 number of classes, the normalisation, the augmentation recipe and a stable fingerprint of each split's rows.
 
@@ -61,6 +62,8 @@ class ImageDataset:
     std: tuple[float, float, float]
     recipe: str
     options: dict = field(default_factory=dict)
+    # The training labels before label noise was applied (None without noise): for measuring label inspection.
+    clean_train_labels: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -342,14 +345,87 @@ def dataset_names() -> list[str]:
     return sorted(DATASETS)
 
 
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    kind, sep, arg = spec.partition(":")
+@dataclass(frozen=True)
+class Modifiers:
+    """Changes to a dataset's training split, written into the spec after ``?`` so that every stage that
+    reloads the data from a recorded spec reproduces them: ``digits?label_noise=0.4&noise=symmetric``.
+
+    - ``train_fraction`` (0-1]: keep a stratified, seeded fraction of the training rows (low-data protocol);
+    - ``label_noise`` [0-1): the fraction of training labels changed, seeded; the test split stays clean;
+    - ``noise``: ``symmetric`` (to a uniformly drawn other class) or ``pairflip`` (class c to c+1 mod C, the
+      class-dependent kind);
+    - ``noise_seed`` / ``fraction_seed``: the seeds of the two draws (default 0).
+    """
+
+    train_fraction: float = 1.0
+    label_noise: float = 0.0
+    noise: str = "symmetric"
+    noise_seed: int = 0
+    fraction_seed: int = 0
+
+
+NOISE_KINDS = ("symmetric", "pairflip")
+
+
+def _parse_modifiers(text: str) -> Modifiers:
+    values: dict = {}
+    fields = {f.name: f.type for f in Modifiers.__dataclass_fields__.values()}
+    for item in filter(None, text.split("&")):
+        key, sep, value = item.partition("=")
+        if key not in fields or not sep:
+            raise UserError(f"unknown dataset option '{item}'; options are {', '.join(f'{k}=...' for k in fields)}")
+        try:
+            values[key] = value if key == "noise" else (int(value) if key.endswith("seed") else float(value))
+        except ValueError as err:
+            raise UserError(f"dataset option {key} takes a number, got '{value}'") from err
+    modifiers = Modifiers(**values)
+    if not 0.0 < modifiers.train_fraction <= 1.0:
+        raise UserError(f"train_fraction must be in (0, 1], got {modifiers.train_fraction}")
+    if not 0.0 <= modifiers.label_noise < 1.0:
+        raise UserError(f"label_noise must be in [0, 1), got {modifiers.label_noise}")
+    if modifiers.noise not in NOISE_KINDS:
+        raise unknown_choice("noise kind", modifiers.noise, NOISE_KINDS)
+    return modifiers
+
+
+def parse_spec(spec: str) -> tuple[str, str | None, Modifiers]:
+    """``NAME[:ARG][?OPTION=VALUE&...]`` -> (kind, arg, modifiers), with every part checked."""
+    base, modifiers = spec, Modifiers()
+    head, sep, tail = spec.rpartition("?")
+    if sep and "=" in tail:
+        base, modifiers = head, _parse_modifiers(tail)
+    kind, _, arg = base.partition(":")
     if kind not in DATASETS:
         raise unknown_choice("dataset", kind, list(DATASETS))
     entry = DATASETS[kind]
     if entry.needs_arg and not arg:
         raise UserError(f"dataset '{kind}' needs a path: {entry.help}")
-    return kind, (arg or None)
+    return kind, (arg or None), modifiers
+
+
+def corrupt_labels(labels: torch.Tensor, num_classes: int, rate: float, kind: str, seed: int) -> torch.Tensor:
+    """Seeded label noise: exactly ``round(rate * N)`` rows changed, to another class (see :class:`Modifiers`)."""
+    generator = torch.Generator().manual_seed(seed)
+    count = round(rate * len(labels))
+    rows = torch.randperm(len(labels), generator=generator)[:count]
+    noisy = labels.clone()
+    if kind == "pairflip":
+        noisy[rows] = (labels[rows] + 1) % num_classes
+    else:
+        shift = torch.randint(1, num_classes, (count,), generator=generator)
+        noisy[rows] = (labels[rows] + shift) % num_classes
+    return noisy
+
+
+def _apply_modifiers(train: Split, num_classes: int, modifiers: Modifiers) -> tuple[Split, torch.Tensor | None]:
+    if modifiers.train_fraction < 1.0:
+        keep = ~stratified_split(train.labels.numpy(), 1.0 - modifiers.train_fraction, modifiers.fraction_seed)
+        index = torch.from_numpy(np.flatnonzero(keep))
+        train = Split(train.images[index].contiguous(), train.labels[index].contiguous())
+    if modifiers.label_noise == 0.0:
+        return train, None
+    noisy = corrupt_labels(train.labels, num_classes, modifiers.label_noise, modifiers.noise, modifiers.noise_seed)
+    return Split(train.images, noisy), train.labels
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -378,7 +454,7 @@ def load_dataset(
     ``image_size`` resizes every image to a square of that side (antialiased); ``seed`` only matters for
     sources that draw a split (``npz`` without ``split``, ``fake``).
     """
-    kind, arg = parse_spec(spec)
+    kind, arg, modifiers = parse_spec(spec)
     if image_size is not None and image_size < 8:
         raise UserError(f"--image-size must be at least 8, got {image_size}")
     options = LoadOptions(Path(root), download, image_size, seed)
@@ -388,9 +464,10 @@ def load_dataset(
         train, test = (
             Split(TF.resize(s.images, [image_size, image_size], antialias=True), s.labels) for s in (train, test)
         )
+    train, clean_labels = _apply_modifiers(train, len(raw.classes), modifiers)
     if raw.mean is not None and raw.std is not None:
         mean, std = raw.mean, raw.std
     else:
         mean, std = _channel_stats(train.images)
     recorded = {"root": str(root), "image_size": image_size, "seed": seed}
-    return ImageDataset(spec, kind, train, test, raw.classes, mean, std, raw.recipe, recorded)
+    return ImageDataset(spec, kind, train, test, raw.classes, mean, std, raw.recipe, recorded, clean_labels)

@@ -98,6 +98,8 @@ class DistillConfig:
     teachers: list[str] = field(default_factory=list)
     teacher_dir: str = "teachers"
     seed: int = 0
+    refine_labels: bool = False  # hard labels of suspect rows (see `meal-cache inspect`) become the ensemble's
+    refine_confidence: float = 0.9
     max_memory: str | None = None  # e.g. "2GB": stream chunks when two views of the targets do not fit
     device: str = "auto"
 
@@ -551,6 +553,16 @@ def distill(
 
     split = dataset.split(store.dataset["split"])
     images, labels = device_images(split, device)
+    if config.refine_labels:
+        from meal_cache.analysis import suspect_rows
+
+        refined = suspect_rows(config.store, config.refine_confidence)
+        if refined:
+            rows = torch.tensor(sorted(refined), device=device)
+            labels = labels.clone()
+            labels[rows] = torch.tensor([refined[r] for r in sorted(refined)], device=device)
+        if progress:
+            tqdm.write(f"--refine-labels: {len(refined)} suspect label(s) replaced by the teachers' ensemble")
     views = store.augmented_views or [store.identity_view]
     view_params = {v: store.view_params(v) for v in set(views)}
     online = OnlineTeachers(config, store, dataset, precision) if config.online else None

@@ -153,7 +153,15 @@ def collect_results(run_dir: Path, pipeline) -> dict:
                 comparisons.append({"method": method, "metric": metric, **result})
     store = open_store(run_dir / "feats.zarr")
     sizes = store.sizes()
+    label_noise = None
+    if dataset.clean_train_labels is not None and store.dataset["split"] == "train":
+        from meal_cache.analysis import DEFAULT_CONFIDENCE, inspect_store, label_noise_scores
+
+        noisy_rows = np.flatnonzero((dataset.train.labels != dataset.clean_train_labels).numpy())
+        suspects = [s["row"] for s in inspect_store(run_dir / "feats.zarr", DEFAULT_CONFIDENCE)["suspects"]]
+        label_noise = {"confidence": DEFAULT_CONFIDENCE, **label_noise_scores(suspects, noisy_rows)}
     return {
+        "label_inspection": label_noise,
         "pipeline": pipeline.name,
         "dataset": {k: recorded[k] for k in ("spec", "num_classes", "image_size", "sizes")},
         "seeds": pipeline.seeds,
@@ -294,6 +302,14 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
         f"{store['stored_bytes'] / max(1, store['views'] * store['rows']):.0f} bytes per sample per view.",
         "",
     ]
+    inspection = results.get("label_inspection")
+    if inspection:
+        lines += [
+            f"Label inspection (`meal-cache inspect`, ensemble confidence >= {inspection['confidence']}): "
+            f"{inspection['flagged']} rows flagged of {inspection['noisy']} with changed labels; precision "
+            f"{inspection['precision']:.1f} %, recall {inspection['recall']:.1f} %.",
+            "",
+        ]
     if results["comparisons"]:
         lines += [
             "## Against the student trained alone (paired over seeds, 95% t interval)",

@@ -137,3 +137,41 @@ def test_unknown_dataset_lists_choices():
     with pytest.raises(UserError, match="needs a path"):
         load_dataset("npz")
     assert set(DATASETS) >= {"digits", "cifar10", "cifar100", "svhn", "imagefolder", "npz", "fake"}
+
+
+def test_label_noise_is_seeded_exact_and_spares_the_test_split(digits):
+    noisy = load_dataset("digits?label_noise=0.4&noise=symmetric")
+    changed = noisy.train.labels != digits.train.labels
+    assert int(changed.sum()) == round(0.4 * 1437)
+    assert torch.equal(noisy.clean_train_labels, digits.train.labels)
+    assert torch.equal(noisy.test.labels, digits.test.labels) and torch.equal(noisy.train.images, digits.train.images)
+    assert noisy.fingerprint("train") != digits.fingerprint("train")
+    assert noisy.fingerprint("test") == digits.fingerprint("test")
+    again = load_dataset("digits?label_noise=0.4&noise=symmetric")
+    assert torch.equal(again.train.labels, noisy.train.labels)
+    other_seed = load_dataset("digits?label_noise=0.4&noise_seed=1")
+    assert not torch.equal(other_seed.train.labels, noisy.train.labels)
+    pairs = load_dataset("digits?label_noise=0.2&noise=pairflip")
+    moved = pairs.train.labels != digits.train.labels
+    assert torch.equal(pairs.train.labels[moved], (digits.train.labels[moved] + 1) % 10)
+    assert digits.clean_train_labels is None
+
+
+def test_train_fraction_keeps_a_stratified_subset(digits):
+    small = load_dataset("digits?train_fraction=0.2")
+    assert len(small.train) == pytest.approx(0.2 * 1437, abs=1) and len(small.test) == 360
+    assert torch.bincount(small.train.labels, minlength=10).min() >= 27
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("digits?label_noise=1.5", "label_noise must be in"),
+        ("digits?noise=random&label_noise=0.1", "unknown noise kind 'random'"),
+        ("digits?colour=red", "unknown dataset option 'colour=red'"),
+        ("digits?train_fraction=lots", "takes a number"),
+    ],
+)
+def test_bad_dataset_options_are_named(spec, message):
+    with pytest.raises(UserError, match=message):
+        load_dataset(spec)

@@ -1,0 +1,152 @@
+"""Label and teacher analysis over a store, computed with dask so the store is never loaded whole.
+
+:func:`inspect_store` gives each teacher's and the ensemble's accuracy per view and per class, the pairwise
+agreement of teachers, and the *suspect labels*: rows where the teachers' ensemble, averaged over every cached
+view, confidently predicts another class than the given label. It runs on dask's threaded scheduler, or on a
+``dask.distributed`` cluster when given its address.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from contextlib import nullcontext
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+
+from meal_cache.errors import UserError
+from meal_cache.store import open_store
+
+DEFAULT_CONFIDENCE = 0.9
+
+
+def _softmax(block: np.ndarray) -> np.ndarray:
+    values = block.astype(np.float32)
+    values = values - values.max(axis=-1, keepdims=True)
+    np.exp(values, out=values)
+    return values / values.sum(axis=-1, keepdims=True)
+
+
+def _scheduler(scheduler: str, address: str | None):
+    if scheduler == "threads":
+        return nullcontext(), "threads"
+    if scheduler == "distributed":
+        try:
+            from dask.distributed import Client
+        except ImportError as err:
+            raise UserError("--scheduler distributed needs dask.distributed: pip install 'dask[distributed]'") from err
+        client = Client(address) if address else Client(processes=False)
+        return client, None
+    raise UserError(f"unknown scheduler '{scheduler}'; choose threads or distributed")
+
+
+def inspect_store(
+    path: str | Path,
+    confidence: float = DEFAULT_CONFIDENCE,
+    scheduler: str = "threads",
+    address: str | None = None,
+) -> dict:
+    """Teacher and ensemble accuracy per view and class, teacher agreement, and suspect labels."""
+    if not 0.0 < confidence <= 1.0:
+        raise UserError(f"--confidence must be in (0, 1], got {confidence}")
+    store = open_store(path)
+    if not store.complete:
+        raise UserError("store is incomplete (an extract was interrupted); run the same extract again to finish it")
+    num_classes = int(store.dataset["num_classes"])
+    labels = da.from_zarr(store.array("labels"))
+    onehot = labels[:, None] == da.arange(num_classes)[None, :]
+    class_counts = onehot.sum(axis=0)
+    teachers = store.teacher_names
+    probs = {t: da.from_zarr(store.array(f"teachers/{t}/logits")).map_blocks(_softmax, dtype=np.float32)
+             for t in teachers}  # fmt: skip
+    predictions = {t: p.argmax(axis=2) for t, p in probs.items()}
+    ensemble = da.stack([probs[t] for t in teachers]).mean(axis=0)  # (V, N, C)
+    predictions["ensemble"] = ensemble.argmax(axis=2)
+    lazy = {"labels": labels, "class_counts": class_counts}
+    for name, predicted in predictions.items():
+        correct = predicted == labels[None, :]
+        lazy[f"acc_view/{name}"] = correct.mean(axis=1) * 100
+        lazy[f"acc_class/{name}"] = (correct.astype(np.float32) @ onehot.astype(np.float32)) / class_counts * 100
+    for a, b in itertools.combinations(teachers, 2):
+        lazy[f"agree/{a}/{b}"] = (predictions[a] == predictions[b]).mean() * 100
+    mean_probs = ensemble.mean(axis=0)  # (N, C): the ensemble over every cached view
+    lazy["ensemble_prediction"] = mean_probs.argmax(axis=1)
+    lazy["ensemble_confidence"] = mean_probs.max(axis=1)
+    client, name = _scheduler(scheduler, address)
+    with client:
+        (computed,) = dask.compute(lazy, scheduler=name) if name else dask.compute(lazy)
+    labels_np = computed["labels"]
+    predicted_np = computed["ensemble_prediction"]
+    confidence_np = computed["ensemble_confidence"]
+    suspect = (predicted_np != labels_np) & (confidence_np >= confidence)
+    agreement = np.eye(len(teachers)) * 100
+    for (i, a), (j, b) in itertools.combinations(enumerate(teachers), 2):
+        agreement[i, j] = agreement[j, i] = float(computed[f"agree/{a}/{b}"])
+    return {
+        "store": str(path),
+        "views": store.num_views,
+        "rows": store.n,
+        "teachers": teachers,
+        "accuracy_per_view": {n: computed[f"acc_view/{n}"].round(4).tolist() for n in predictions},
+        "accuracy_per_class": {
+            n: np.nan_to_num(computed[f"acc_class/{n}"]).mean(axis=0).round(4).tolist() for n in predictions
+        },  # fmt: skip
+        "agreement": agreement.round(4).tolist(),
+        "confidence": confidence,
+        "suspects": [
+            {
+                "row": int(r),
+                "label": int(labels_np[r]),
+                "ensemble": int(predicted_np[r]),
+                "confidence": round(float(confidence_np[r]), 4),
+            }
+            for r in np.flatnonzero(suspect)
+        ],  # fmt: skip
+    }
+
+
+def suspect_rows(path: str | Path, confidence: float = DEFAULT_CONFIDENCE) -> dict[int, int]:
+    """Row -> the ensemble's label, for every suspect row of a store."""
+    return {s["row"]: s["ensemble"] for s in inspect_store(path, confidence)["suspects"]}
+
+
+def write_suspects_csv(result: dict, path: str | Path) -> None:
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["row", "label", "ensemble", "confidence"])
+        writer.writeheader()
+        writer.writerows(result["suspects"])
+
+
+def label_noise_scores(suspects: list[int], noisy_rows: np.ndarray) -> dict[str, float]:
+    """Precision and recall (percent) of the suspect rows against the rows whose labels were changed."""
+    flagged = set(suspects)
+    truth = set(int(r) for r in noisy_rows)
+    hits = len(flagged & truth)
+    return {
+        "flagged": len(flagged),
+        "noisy": len(truth),
+        "precision": 100.0 * hits / len(flagged) if flagged else 0.0,
+        "recall": 100.0 * hits / len(truth) if truth else 0.0,
+    }
+
+
+def describe_inspection(result: dict) -> str:
+    teachers = result["teachers"]
+    lines = [f"store {result['store']}: {result['rows']} rows, {result['views']} views", ""]
+    width = max(len(n) for n in result["accuracy_per_view"])
+    num_classes = len(next(iter(result["accuracy_per_class"].values())))
+    for title, key, prefix, count in (("top-1 % per view", "accuracy_per_view", "view ", result["views"]),
+                                      ("top-1 % per class", "accuracy_per_class", "class ", num_classes)):  # fmt: skip
+        lines += [title, " " * (width + 3) + " ".join(f"{prefix[0] + str(i):>7s}" for i in range(count))]
+        for name, values in result[key].items():
+            lines.append(f"  {name:{width}s} " + " ".join(f"{v:7.2f}" for v in values))
+        lines.append("")
+    lines += ["teacher agreement % (top-1, over every view and row)"]
+    for name, row in zip(teachers, result["agreement"], strict=True):
+        lines.append(f"  {name:{width}s}" + " ".join(f"{v:7.2f}" for v in row))
+    lines += ["", f"suspect labels (ensemble over all views disagrees with confidence >= {result['confidence']}): "
+              f"{len(result['suspects'])}"]  # fmt: skip
+    return "\n".join(lines)

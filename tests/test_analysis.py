@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from meal_cache.analysis import inspect_store, label_noise_scores, suspect_rows
+from meal_cache.cli import main
+from meal_cache.distill import DistillConfig, distill
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_inspect_matches_numpy_on_the_stored_logits(small_store):
+    path, _ = small_store
+    result = inspect_store(path, confidence=0.5)
+    group = zarr.open_group(str(path), mode="r")
+    labels = group["labels"][:]
+    a = group["teachers/resnet8_w4/logits"][:].astype(np.float32)
+    b = group["teachers/densenet_k12/logits"][:].astype(np.float32)
+    acc_a = (a.argmax(2) == labels).mean(1) * 100
+    assert result["accuracy_per_view"]["resnet8_w4"] == pytest.approx(acc_a.tolist(), abs=1e-3)
+    ensemble = (_softmax(a) + _softmax(b)) / 2
+    assert result["accuracy_per_view"]["ensemble"] == pytest.approx(
+        ((ensemble.argmax(2) == labels).mean(1) * 100).tolist(), abs=1e-3
+    )
+    agree = (a.argmax(2) == b.argmax(2)).mean() * 100
+    assert result["agreement"][0][1] == pytest.approx(agree, abs=1e-3) and result["agreement"][0][0] == 100
+    per_class = [((a.argmax(2) == labels)[:, labels == c].mean() * 100) for c in range(10)]
+    assert result["accuracy_per_class"]["resnet8_w4"] == pytest.approx(per_class, abs=1e-2)
+    mean_probs = ensemble.mean(0)
+    expected = np.flatnonzero((mean_probs.argmax(1) != labels) & (mean_probs.max(1) >= 0.5))
+    assert [s["row"] for s in result["suspects"]] == expected.tolist()
+
+
+def test_noisy_labels_are_found_and_refined(teacher_dir, tmp_path, monkeypatch):
+    """Teachers trained on clean digits, a store of digits with 20% of its labels changed: the suspects are the
+    changed rows, and distill --refine-labels trains its hard-label loss on the ensemble's labels there."""
+    from meal_cache.data import load_dataset
+    from meal_cache.extract import ExtractConfig, extract
+
+    noisy = load_dataset("digits?label_noise=0.2")
+    config = ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], views=2, teacher_dir=str(teacher_dir), device="cpu")
+    store = tmp_path / "noisy.zarr"
+    extract(config, store, progress=False, dataset=noisy)
+    changed = np.flatnonzero((noisy.train.labels != noisy.clean_train_labels).numpy())
+    # The session's teachers had three epochs (about 80% right): only a lower confidence finds rows.
+    found = suspect_rows(store, 0.5)
+    scores = label_noise_scores(list(found), changed)
+    assert scores["noisy"] == round(0.2 * 1437)
+    assert scores["precision"] > 90 and scores["recall"] > 15
+    truly_changed = [r for r in found if r in set(changed.tolist())]
+    assert np.mean([found[r] == int(noisy.clean_train_labels[r]) for r in truly_changed]) > 0.9
+
+    import meal_cache.distill as distill_module
+
+    seen = []
+    real_cross_entropy = distill_module.F.cross_entropy
+
+    def spy(logits, target, *args, **kwargs):
+        seen.append(target.clone())
+        return real_cross_entropy(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module.F, "cross_entropy", spy)
+    run = DistillConfig(store=str(store), student="resnet8_w4", epochs=1, method="kd", hard_weight=0.5,
+                        refine_labels=True, refine_confidence=0.5, batch_size=1437, device="cpu")  # fmt: skip
+    distill(run, tmp_path / "r", progress=False, dataset=noisy)
+    monkeypatch.setattr(distill_module.F, "cross_entropy", real_cross_entropy)
+    used = seen[0]
+    # One batch of every row, in the epoch's shuffled order: compare as multisets of (row label) via sorting rows.
+    refined = noisy.train.labels.clone()
+    for row, label in found.items():
+        refined[row] = label
+    assert torch.equal(torch.sort(used).values, torch.sort(refined).values)
+    assert not torch.equal(torch.sort(used).values, torch.sort(noisy.train.labels).values)
+
+
+def test_cli_inspect_writes_csv(small_store, tmp_path):
+    path, _ = small_store
+    out = tmp_path / "s.csv"
+    result = CliRunner().invoke(main, ["inspect", str(path), "--csv", str(out), "--confidence", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert "teacher agreement" in result.output and "ensemble" in result.output
+    rows = list(csv.DictReader(out.open()))
+    assert all(set(r) == {"row", "label", "ensemble", "confidence"} for r in rows)
+    bad = CliRunner().invoke(main, ["inspect", str(path), "--confidence", "2"])
+    assert bad.exit_code == 2 and "--confidence" in bad.stderr
+
+
+def test_inspect_on_a_local_dask_distributed_cluster(small_store):
+    from dask import distributed
+
+    path, _ = small_store
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as c:
+        remote = inspect_store(path, 0.5, scheduler="distributed", address=c.scheduler_address)
+    local = inspect_store(path, 0.5)
+    assert remote["accuracy_per_view"] == local["accuracy_per_view"] and remote["suspects"] == local["suspects"]
