@@ -25,8 +25,12 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check meal_cache tests
-	$(BIN)/ruff format --check meal_cache tests
+	$(BIN)/ruff check meal_cache tests benchmarks
+	$(BIN)/ruff format --check meal_cache tests benchmarks
+
+# Speed and size as ratios measured in one run; writes bench/results.json and prints the table.
+bench: install
+	$(BIN)/python benchmarks/bench.py --out bench/results.json
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info

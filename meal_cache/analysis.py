@@ -20,7 +20,7 @@ import numpy as np
 from meal_cache.errors import UserError
 from meal_cache.store import open_store
 
-DEFAULT_CONFIDENCE = 0.9
+DEFAULT_CONFIDENCE = 0.5
 
 
 def _softmax(block: np.ndarray) -> np.ndarray:

@@ -304,6 +304,19 @@ def _floats(text: str) -> list[float]:
 @click.option("--teachers", default="", help="With --online: the teachers, as given to extract.")
 @click.option("--teacher-dir", default="teachers", show_default=True, help="With --online: where they are.")
 @click.option(
+    "--refine-labels",
+    is_flag=True,
+    help="Replace the hard labels of suspect rows (see `meal-cache inspect`) by the teachers' ensemble's; "
+    "matters where hard labels are used (--hard-weight > 0).",
+)
+@click.option(
+    "--refine-confidence",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="With --refine-labels: the ensemble probability of another class that makes a row suspect.",
+)
+@click.option(
     "--max-memory",
     default=None,
     help="Memory for cached targets, e.g. 4GB. Two whole views are held when they fit (the current one "
@@ -380,7 +393,7 @@ def report(run_dir: str) -> None:
 @click.argument("store", type=click.Path())
 @click.option(
     "--confidence",
-    default=0.9,
+    default=0.5,
     show_default=True,
     type=float,
     help="Flag a row when the ensemble (averaged over all views) gives another class at least this probability.",

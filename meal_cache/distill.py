@@ -99,7 +99,7 @@ class DistillConfig:
     teacher_dir: str = "teachers"
     seed: int = 0
     refine_labels: bool = False  # hard labels of suspect rows (see `meal-cache inspect`) become the ensemble's
-    refine_confidence: float = 0.9
+    refine_confidence: float = 0.5
     max_memory: str | None = None  # e.g. "2GB": stream chunks when two views of the targets do not fit
     device: str = "auto"
 
@@ -337,11 +337,15 @@ class OnlineTeachers:
         self.precision = precision
 
     @torch.inference_mode()
-    def targets(self, images: torch.Tensor, params: augment.ViewParams) -> dict[str, torch.Tensor]:
+    def targets(self, images: torch.Tensor, params: augment.ViewParams,
+                selected: list[str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Targets of the ``selected`` teachers (default all): a random-teacher step runs only its teacher."""
         from meal_cache.extract import teacher_outputs
 
         out = {}
         for key, teacher in self.teachers.items():
+            if selected is not None and key not in selected:
+                continue
             for name, value in teacher_outputs(teacher, images, params, self.features, self.precision).items():
                 out[f"teachers/{key}/{name}"] = value
         return out
@@ -599,9 +603,9 @@ def distill(
                 params = view_params[view][rows]
                 batch = augment.apply(images[rows_dev], params, dataset.mean, dataset.std,
                                       channels_last=precision.channels_last)  # fmt: skip
-                if online is not None:
-                    targets = online.targets(images[rows_dev], params)
                 selected = _selection(config, distiller.teachers, chooser)
+                if online is not None:
+                    targets = online.targets(images[rows_dev], params, selected)
                 with precision.autocast():
                     logits, named, adversarial = distiller(batch, targets, labels[rows_dev], selected)
                 stats = distiller.discriminator_step(adversarial, d_opt) if d_opt is not None else {}

@@ -241,6 +241,9 @@ def run_pipeline(pipeline: Pipeline, runs_root: str | Path = "runs", device: str
                           train_alone)  # fmt: skip
                 continue
             student = {k: v for k, v in pipeline.student.items() if k in distill_fields and k != "arch"}
+            if overrides.get("online"):
+                # The online reference runs the pipeline's own teachers in the loop.
+                overrides = {"teachers": teacher_names, **overrides, "teacher_dir": str(teacher_dir)}
             config = DistillConfig(store=str(store_path), student=pipeline.student["arch"], seed=seed, device=device,
                                    **{"method": name, **student, **overrides})  # fmt: skip
 

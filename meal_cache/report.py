@@ -25,6 +25,7 @@ from meal_cache.models import count_parameters  # noqa: E402
 from meal_cache.store import open_store  # noqa: E402
 
 ECE_BINS = 15
+STUDENT_METRICS = ("top1", "nll", "fidelity", "ece", "epoch_seconds")
 
 
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -132,13 +133,15 @@ def collect_results(run_dir: Path, pipeline) -> dict:
                 "fidelity": fidelity(logits, ensemble), "ece": expected_calibration_error(logits, test.labels),
                 "params": count_parameters(model), "arch": payload["arch"],
                 "history": payload.get("history", []), "ms_per_image": timing[payload["arch"]],
+                "epoch_seconds": statistics.median(h["seconds"] for h in payload["history"])
+                if payload.get("history") else math.nan,
             }  # fmt: skip
     for method, by_seed in per_method.items():
         seeds = sorted(by_seed)
         sample = by_seed[seeds[0]]
         rows.append({
             "name": method, "kind": "student", "arch": sample["arch"],
-            **{m: _summary([by_seed[s][m] for s in seeds]) for m in ("top1", "nll", "fidelity", "ece")},
+            **{m: _summary([by_seed[s][m] for s in seeds]) for m in STUDENT_METRICS},
             "params": sample["params"], "ms_per_image": sample["ms_per_image"],
         })  # fmt: skip
     comparisons = []
@@ -285,14 +288,15 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
         f"standard deviation over seeds {results['seeds']}. One test image is "
         f"{100 / results['dataset']['sizes']['test']:.2f} points of top-1.",
         "",
-        "| model | arch | top-1 % | NLL | fidelity % | ECE % | params | ms / image (CPU) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | arch | top-1 % | NLL | fidelity % | ECE % | params | ms / image (CPU) | s / epoch |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         fidelity_text = _fmt(row["fidelity"]) if "fidelity" in row else "-"
+        epoch_text = f"{row['epoch_seconds']['mean']:.2f}" if "epoch_seconds" in row else "-"
         lines.append(
             f"| {row['name']} | {row['arch']} | {_fmt(row['top1'])} | {_fmt(row['nll'], 4)} | {fidelity_text} | "
-            f"{_fmt(row['ece'])} | {row['params']:,} | {row['ms_per_image']:.3f} |"
+            f"{_fmt(row['ece'])} | {row['params']:,} | {row['ms_per_image']:.3f} | {epoch_text} |"
         )
     lines += [
         "",

@@ -33,6 +33,7 @@ epochs = 1
 [methods]
 alone = {}
 meal = { method = "meal" }
+meal-online = { method = "meal", online = true }
 """
 
 
@@ -54,9 +55,13 @@ def test_tiny_pipeline_runs_skips_and_reruns_only_what_changed(tmp_path):
         assert (run_dir / name).is_file(), name
     results = json.loads((run_dir / "results.json").read_text())
     names = [row["name"] for row in results["rows"]]
-    assert names == ["teacher resnet", "teacher dense", "teacher ensemble", "alone", "meal"]
+    assert names == ["teacher resnet", "teacher dense", "teacher ensemble", "alone", "meal", "meal-online"]
     assert results["rows"][3]["top1"]["values"] and len(results["rows"][3]["top1"]["values"]) == 2
-    assert {(c["method"], c["metric"]) for c in results["comparisons"]} == {("meal", "top1"), ("meal", "nll")}
+    assert {(c["method"], c["metric"]) for c in results["comparisons"]} == {
+        (m, metric) for m in ("meal", "meal-online") for metric in ("top1", "nll")
+    }
+    online_config = json.loads((run_dir / "students" / "meal-online" / "seed-7" / "config.json").read_text())
+    assert online_config["online"] is True and online_config["teachers"] == ["resnet", "dense"]
     report = (run_dir / "report.md").read_text()
     assert "| meal | resnet8_w4 |" in report and "paired over seeds" in report
 
