@@ -75,7 +75,11 @@ def bench_extract(work: Path, digits: ImageDataset, repeats: int) -> dict:
     def full() -> None:
         extract(config, work / "extract.zarr", overwrite=True, progress=False, dataset=digits)
 
-    bare_s, full_s = median_time(bare, repeats), median_time(full, repeats)
+    bare_times, full_times = [], []
+    for _ in range(repeats):  # alternating, so drift in the machine's speed hits both alike
+        bare_times.append(median_time(bare, 1))
+        full_times.append(median_time(full, 1))
+    bare_s, full_s = statistics.median(bare_times), statistics.median(full_times)
     return {"extract_s": full_s, "bare_forward_s": bare_s, "extract_overhead": full_s / bare_s,
             "images": 4 * 2 * len(digits.train)}  # fmt: skip
 
