@@ -37,7 +37,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from meal_cache.checkpoint import load_checkpoint
 from meal_cache.data import parse_spec
 from meal_cache.distill import METHODS, DistillConfig, distill
 from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
@@ -260,7 +259,3 @@ def run_pipeline(pipeline: Pipeline, runs_root: str | Path = "runs", device: str
         tqdm.write(f"[{pipeline.name}] ran {len(steps.ran)} step(s), {len(steps.skipped)} up to date; "
                    f"report: {run_dir / 'report.md'}")  # fmt: skip
     return run_dir
-
-
-def teacher_checkpoints(run_dir: Path, pipeline: Pipeline) -> dict[str, dict]:
-    return {t["name"]: load_checkpoint(run_dir / "teachers" / f"{t['name']}.pt") for t in pipeline.teachers}

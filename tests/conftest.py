@@ -59,3 +59,24 @@ def small_store(tmp_path_factory, teacher_dir, digits):
     path = tmp_path_factory.mktemp("stores") / "feats.zarr"
     extract(config, path, progress=False, dataset=digits)
     return path, config
+
+
+@pytest.fixture
+def interrupt_on_call(monkeypatch):
+    """``interrupt_on_call(module, "name", n)`` makes the n-th call of ``module.name`` raise KeyboardInterrupt
+    (a user's Ctrl-C at that point); the earlier calls run as usual. Returns the undo function."""
+
+    def install(module, name: str, n: int):
+        real = getattr(module, name)
+        calls = {"n": 0}
+
+        def interrupted(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, interrupted)
+        return lambda: monkeypatch.setattr(module, name, real)
+
+    return install

@@ -116,26 +116,17 @@ def test_online_and_cached_first_step_agree(small_store, teacher_dir, digits):
         assert cached[key] == pytest.approx(online[key], rel=5e-3, abs=5e-4), key
 
 
-def test_resume_gives_the_same_weights(small_store, digits, tmp_path, monkeypatch):
+def test_resume_gives_the_same_weights(small_store, digits, tmp_path, interrupt_on_call):
     path, _ = small_store
     config = _config(path, epochs=2)
     reference = tmp_path / "ref"
     distill(config, reference, progress=False, dataset=digits)
 
-    real_evaluate = distill_module.evaluate
-    calls = {"n": 0}
-
-    def dies_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(distill_module, "evaluate", dies_in_second_epoch)
+    undo = interrupt_on_call(distill_module, "evaluate", 2)  # in the second epoch
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         distill(config, run, progress=False, dataset=digits)
-    monkeypatch.setattr(distill_module, "evaluate", real_evaluate)
+    undo()
     assert not (run / "student.pt").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 1
     with pytest.raises(UserError, match="--resume"):
         distill(config, run, progress=False, dataset=digits)

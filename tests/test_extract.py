@@ -116,19 +116,11 @@ def test_same_seed_gives_identical_stores(small_store, tmp_path, digits):
     _assert_same_store(path, again)
 
 
-def test_killed_extract_resumes_to_the_same_store(small_store, tmp_path, digits, monkeypatch):
+def test_killed_extract_resumes_to_the_same_store(small_store, tmp_path, digits, monkeypatch, interrupt_on_call):
     path, config = small_store
     target = tmp_path / "killed.zarr"
     real = extract_module._run_chunk
-    calls = {"n": 0}
-
-    def dies_after_seven_chunks(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(extract_module, "_run_chunk", dies_after_seven_chunks)
+    undo = interrupt_on_call(extract_module, "_run_chunk", 8)  # after seven chunks
     with pytest.raises(KeyboardInterrupt):
         extract(config, target, progress=False, dataset=digits)
     partial = open_store(target)
@@ -136,8 +128,7 @@ def test_killed_extract_resumes_to_the_same_store(small_store, tmp_path, digits,
     with pytest.raises(UserError, match="incomplete"):
         partial.check_matches(digits.describe(), "train")
 
-    monkeypatch.setattr(extract_module, "_run_chunk", real)
-    calls["n"] = 0
+    undo()
     counted = {"n": 0}
 
     def counting(*args, **kwargs):

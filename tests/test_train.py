@@ -35,26 +35,17 @@ def test_same_seed_gives_the_same_weights(tmp_path, digits):
         assert torch.equal(value, twin["model"][key]), key
 
 
-def test_resume_continues_an_interrupted_run(tmp_path, digits, monkeypatch):
+def test_resume_continues_an_interrupted_run(tmp_path, digits, interrupt_on_call):
     import meal_cache.train as train_module
 
     config = TrainConfig(arch="resnet8_w4", data="digits", epochs=2, seed=1, device="cpu")
     reference = train_supervised(config, tmp_path / "ref.pt", progress=False, dataset=digits)
 
-    real_epoch = train_module.train_one_epoch
-    calls = {"n": 0}
-
-    def dies_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", dies_in_second_epoch)
+    undo = interrupt_on_call(train_module, "train_one_epoch", 2)
     with pytest.raises(KeyboardInterrupt):
         train_supervised(config, tmp_path / "run.pt", progress=False, dataset=digits)
     assert load_checkpoint(tmp_path / "run.pt")["epoch"] == 1
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    undo()
 
     with pytest.raises(UserError, match="--resume"):
         train_supervised(config, tmp_path / "run.pt", progress=False, dataset=digits)
