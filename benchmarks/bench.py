@@ -185,6 +185,10 @@ def bench_size(work: Path, digits: ImageDataset) -> dict:
         "float16, zstd:3, blocks only": dict(features=["blocks"]),
         "float16, zstd:3, maps only": dict(features=["maps"]),
         "float16, zstd:3, last block only": dict(blocks="1"),
+        "float16, zstd:3, keep 6 bits": dict(keep_bits=6),
+        "float16, zstd:3, keep 4 bits": dict(keep_bits=4),
+        "float16, zstd:3, keep 2 bits": dict(keep_bits=2),
+        "float16, zstd:3, keep 4 bits, last block only": dict(keep_bits=4, blocks="1"),
     }
     rows = {}
     for label, overrides in options.items():
@@ -197,6 +201,34 @@ def bench_size(work: Path, digits: ImageDataset) -> dict:
         rows[label] = {"bytes_per_sample_view": stored / store.n, "float32_bytes_per_sample_view": raw / store.n,
                        "vs_float32": raw / stored}  # fmt: skip
     return rows
+
+
+def bench_lossy_accuracy(work: Path, digits: ImageDataset, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """The student's accuracy cost of lossy stores: MEAL from each store, same seeds, paired against the
+    lossless default. Teachers are trained briefly (8 epochs) so their outputs carry real structure."""
+    teachers = work / "trained"
+    teachers.mkdir()
+    for arch in ("resnet20", "densenet_k12"):
+        train_supervised(TrainConfig(arch=arch, epochs=8, device="cpu"), teachers / f"{arch}.pt", progress=False,
+                         dataset=digits)  # fmt: skip
+    options = {"lossless": {}, "keep 6 bits": dict(keep_bits=6), "keep 4 bits": dict(keep_bits=4),
+               "keep 2 bits": dict(keep_bits=2)}  # fmt: skip
+    top1: dict[str, list[float]] = {}
+    for label, overrides in options.items():
+        config = ExtractConfig(teachers=["resnet20", "densenet_k12"], views=4, teacher_dir=str(teachers),
+                               device="cpu", **overrides)  # fmt: skip
+        store = work / f"lossy-{label.replace(' ', '-')}.zarr"
+        extract(config, store, overwrite=True, progress=False, dataset=digits)
+        for seed in seeds:
+            run = distill(DistillConfig(store=str(store), student="resnet8_w4", epochs=10, seed=seed, device="cpu"),
+                          work / "lossy-run", overwrite=True, progress=False, dataset=digits)  # fmt: skip
+            top1.setdefault(label, []).append(run["test"]["top1"])
+    base = top1["lossless"]
+    return {
+        label: {"top1": values, "mean": statistics.fmean(values),
+                "mean_difference": statistics.fmean(a - b for a, b in zip(values, base, strict=True))}
+        for label, values in top1.items()
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -214,18 +246,20 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        print("1/5 extraction overhead ...", flush=True)
+        print("1/6 extraction overhead ...", flush=True)
         results["extract"] = bench_extract(work, digits, args.repeats)
-        print("2/5 cache tax ...", flush=True)
+        print("2/6 cache tax ...", flush=True)
         store = work / "tax.zarr"
         shutil.copytree(work / "extract.zarr", store)
         results["cache_tax"] = bench_cache_tax(work, digits, store, args.repeats)
-        print("3/5 offline speed-up ...", flush=True)
+        print("3/6 offline speed-up ...", flush=True)
         results["offline"] = bench_offline_speedup(work, max(2, args.repeats - 1))
-        print("4/5 loader ...", flush=True)
+        print("4/6 loader ...", flush=True)
         results["loader"] = bench_loader(store, args.repeats)
-        print("5/5 store size ...", flush=True)
+        print("5/6 store size ...", flush=True)
         results["size"] = bench_size(work, digits)
+        print("6/6 accuracy cost of lossy stores ...", flush=True)
+        results["lossy_accuracy"] = bench_lossy_accuracy(work, digits)
     flat = {**results["extract"], **results["cache_tax"], **results["offline"], **results["loader"]}
     results["targets"] = {
         name: {"value": flat[name], "target": f"{op} {limit}",
@@ -259,6 +293,13 @@ def render_table(results: dict) -> str:
     ]
     for label, row in results["size"].items():
         lines.append(f"| {label} | {row['bytes_per_sample_view']:.0f} | {row['vs_float32']:.2f}x |")
+    lines += [
+        "",
+        "| lossy store (MEAL student, 3 seeds) | top-1 % | difference to lossless (points) |",
+        "|---|---|---|",
+    ]
+    for label, row in results["lossy_accuracy"].items():
+        lines.append(f"| {label} | {row['mean']:.2f} | {row['mean_difference']:+.2f} |")
     return "\n".join(lines)
 
 

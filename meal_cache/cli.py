@@ -204,6 +204,13 @@ def evaluate(
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--codec", default="zstd:3", show_default=True, help="zstd[:LEVEL], blosc[:LEVEL] or none.")
+@click.option(
+    "--keep-bits",
+    type=int,
+    default=None,
+    help="Lossy: keep this many mantissa bits of every teacher output (bit rounding; float16 has 10). "
+    "Default: lossless.",
+)
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option(
     "--rows-per-chunk",

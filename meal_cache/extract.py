@@ -52,6 +52,7 @@ class ExtractConfig:
     features: list[str] = field(default_factory=lambda: list(FEATURE_KINDS))
     dtype: str = "float16"
     codec: str = "zstd:3"
+    keep_bits: int | None = None
     batch_size: int = 256
     rows_per_chunk: int = 512
     teacher_dir: str = "teachers"
@@ -325,7 +326,7 @@ def _open_or_create(
         "recipe": recipe.name,
         "seed": config.seed,
     }
-    layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features))
+    layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits)
     return create_store(
         out,
         dataset=dataset_attrs,

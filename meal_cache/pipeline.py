@@ -64,6 +64,10 @@ class Pipeline:
     gpu: bool = False
     raw: dict = field(default_factory=dict)
 
+    def method_seeds(self, name: str) -> list[int]:
+        """A method's seeds: its own ``seeds`` (a subset of the pipeline's) or the pipeline's."""
+        return [int(x) for x in self.methods[name].get("seeds", self.seeds)]
+
     def run_dir(self, root: str | Path = "runs") -> Path:
         return Path(root) / self.name
 
@@ -117,15 +121,18 @@ def load_pipeline(path: str | Path) -> Pipeline:
     if split_weights(student.get("arch", ""))[0] not in known_models:
         raise unknown_choice("architecture", student.get("arch", ""), sorted(known_models))
     methods = {name: dict(overrides) for name, overrides in raw["methods"].items()}
+    seeds = [int(s) for s in raw.get("seeds", [0])]
     for name, overrides in methods.items():
+        extra = set(overrides.get("seeds", seeds)) - set(seeds)
+        if extra:
+            raise UserError(f"{path} method {name}: seeds {sorted(extra)} are not among the pipeline's {seeds}")
         if name == ALONE:
-            _check_keys(f"{path} method {name}", overrides, _fields(TrainConfig) - {"arch", "data"})
+            _check_keys(f"{path} method {name}", overrides, _fields(TrainConfig) - {"arch", "data"} | {"seeds"})
             continue
-        _check_keys(f"{path} method {name}", overrides, _fields(DistillConfig) - {"store", "student"})
+        _check_keys(f"{path} method {name}", overrides, _fields(DistillConfig) - {"store", "student"} | {"seeds"})
         method = overrides.get("method", name)
         if method not in METHODS:
             raise unknown_choice(f"method of '{name}'", method, list(METHODS))
-    seeds = [int(s) for s in raw.get("seeds", [0])]
     return Pipeline(
         name=str(raw.get("name", path.stem)),
         path=path,
@@ -226,6 +233,9 @@ def run_pipeline(pipeline: Pipeline, runs_root: str | Path = "runs", device: str
     train_fields, distill_fields = _fields(TrainConfig), _fields(DistillConfig)
     for seed in pipeline.seeds:
         for name, overrides in pipeline.methods.items():
+            if seed not in pipeline.method_seeds(name):
+                continue
+            overrides = {k: v for k, v in overrides.items() if k != "seeds"}
             out = run_dir / "students" / name / f"seed-{seed}"
             if name == ALONE:
                 student = {k: v for k, v in pipeline.student.items() if k in train_fields}

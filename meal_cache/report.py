@@ -118,7 +118,7 @@ def collect_results(run_dir: Path, pipeline) -> dict:
     students_dir = run_dir / "students"
     per_method: dict[str, dict[int, dict]] = {}
     for method in pipeline.methods:
-        for seed in pipeline.seeds:
+        for seed in pipeline.method_seeds(method):
             path = students_dir / method / f"seed-{seed}" / "student.pt"
             if not path.is_file():
                 raise UserError(f"missing {path}: run the pipeline first (meal-cache run {pipeline.path})")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from meal_cache.augment import ViewParams
 from meal_cache.errors import UserError
+
+# zarr warns, each time such an array is opened, that numcodecs' codecs (BitRound, for --keep-bits) are outside
+# the Zarr v3 specification; meal-cache documents that and installs numcodecs, so the warning says nothing new.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 FORMAT = "meal-cache/1"
 VERSION = 1
@@ -53,6 +58,19 @@ def parse_codec(spec: str) -> list:
     if name == "none":
         return []
     raise UserError(f"unknown codec '{spec}'; choose zstd[:LEVEL], blosc[:LEVEL] or none")
+
+
+def lossy_filters(layout: StoreLayout) -> list:
+    """Bit rounding (numcodecs' BitRound): zeroes the low mantissa bits so the compressor finds runs. Readers
+    need numcodecs, which meal-cache installs; the values read back are the rounded ones."""
+    if layout.keep_bits is None:
+        return []
+    mantissa = {"float16": 10, "float32": 23}[layout.dtype]
+    if not 1 <= layout.keep_bits <= mantissa:
+        raise UserError(f"--keep-bits must be between 1 and {mantissa} for {layout.dtype}, got {layout.keep_bits}")
+    from zarr.codecs.numcodecs import BitRound
+
+    return [BitRound(keepbits=layout.keep_bits)]
 
 
 @dataclass(frozen=True)
@@ -106,10 +124,11 @@ class StoreLayout:
     dtype: str
     codec: str
     features: tuple[str, ...]
+    keep_bits: int | None = None  # lossy: mantissa bits kept by bit rounding (None: lossless)
 
     def to_json(self) -> dict:
         return {"rows_per_chunk": self.rows_per_chunk, "dtype": self.dtype, "codec": self.codec,
-                "features": list(self.features)}  # fmt: skip
+                "features": list(self.features), "keep_bits": self.keep_bits}  # fmt: skip
 
 
 def _json_safe(value: Any) -> Any:
@@ -132,6 +151,8 @@ def create_store(
     if layout.dtype not in DTYPES:
         raise UserError(f"unknown dtype '{layout.dtype}'; choose one of: {', '.join(DTYPES)}")
     compressors = parse_codec(layout.codec)
+    # Teacher outputs only: labels, views and progress stay exact.
+    filters = lossy_filters(layout)
     n = int(labels.shape[0])
     rows = layout.rows_per_chunk
     group = zarr.open_group(str(path), mode="w")
@@ -159,20 +180,19 @@ def create_store(
     crop[:] = torch.stack([v.crop for v in views]).numpy()
     flip[:] = torch.stack([v.flip for v in views]).numpy()
     n_chunks = math.ceil(n / rows)
+
+    def output_array(key: str, shape: tuple[int, ...]) -> None:
+        group.create_array(key, shape=shape, chunks=(1, rows, *shape[2:]), dtype=layout.dtype, filters=filters,
+                           compressors=compressors, fill_value=0)  # fmt: skip
+
     for teacher in teachers:
         base = f"teachers/{teacher.key}"
-        num_classes = len(teacher.classes)
-        group.create_array(f"{base}/logits", shape=(count, n, num_classes), chunks=(1, rows, num_classes),
-                           dtype=layout.dtype, compressors=compressors, fill_value=0)  # fmt: skip
+        output_array(f"{base}/logits", (count, n, len(teacher.classes)))
         for block in teacher.blocks:
             if "blocks" in layout.features:
-                shape = (count, n, block.channels, block.grid, block.grid)
-                group.create_array(f"{base}/blocks/{block.key}", shape=shape, chunks=(1, rows, *shape[2:]),
-                                   dtype=layout.dtype, compressors=compressors, fill_value=0)  # fmt: skip
+                output_array(f"{base}/blocks/{block.key}", (count, n, block.channels, block.grid, block.grid))
             if "maps" in layout.features:
-                shape = (count, n, block.height, block.width)
-                group.create_array(f"{base}/maps/{block.key}", shape=shape, chunks=(1, rows, *shape[2:]),
-                                   dtype=layout.dtype, compressors=compressors, fill_value=0)  # fmt: skip
+                output_array(f"{base}/maps/{block.key}", (count, n, block.height, block.width))
         group.create_array(f"{base}/progress", shape=(count, n_chunks), chunks=(1, 1), dtype="bool",
                            fill_value=False)  # fmt: skip
     return TeacherStore(group)
@@ -231,7 +251,8 @@ class TeacherStore:
     @property
     def layout(self) -> StoreLayout:
         data = self.attrs["layout"]
-        return StoreLayout(int(data["rows_per_chunk"]), data["dtype"], data["codec"], tuple(data["features"]))
+        return StoreLayout(int(data["rows_per_chunk"]), data["dtype"], data["codec"], tuple(data["features"]),
+                           data.get("keep_bits"))  # fmt: skip
 
     @property
     def teacher_names(self) -> list[str]:
@@ -343,7 +364,8 @@ def describe_store(store: TeacherStore) -> str:
         f"views     {views['augmented']} augmented ({views['recipe']}, seed {views['seed']})"
         + (" + identity" if views["identity"] else ""),
         f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk, "
-        f"features {', '.join(layout.features)}",
+        f"features {', '.join(layout.features)}"
+        + (f", lossy: {layout.keep_bits} mantissa bits kept" if layout.keep_bits is not None else ", lossless"),
         "",
     ]
     sizes = store.sizes()

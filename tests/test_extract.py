@@ -202,3 +202,27 @@ def test_cli_extract_and_info(teacher_dir, tmp_path):
     again = runner.invoke(main, [*args[:-3], "--views", "2", "--out", str(out), "--device", "cpu", "--quiet"])
     assert again.exit_code == 2 and "--overwrite" in again.stderr
     assert json.loads(json.dumps(open_store(out).attrs))["complete"] is True
+
+
+def test_bit_rounding_is_bounded_and_smaller(small_store, teacher_dir, digits, tmp_path):
+    _, base = small_store
+    exact_config = dataclasses.replace(base, teachers=["densenet_k12"], views=1, identity_view=False)
+    exact = extract(exact_config, tmp_path / "exact.zarr", progress=False, dataset=digits)
+    rounded = extract(dataclasses.replace(exact_config, keep_bits=3), tmp_path / "r.zarr", progress=False,
+                      dataset=digits)  # fmt: skip
+    assert rounded.layout.keep_bits == 3 and exact.layout.keep_bits is None
+    for key in exact.feature_keys("densenet_k12"):
+        a = exact.array(key)[:].astype(np.float32)
+        b = rounded.array(key)[:].astype(np.float32)
+        # Keeping 3 of float16's 10 mantissa bits: relative error at most 2^-4 (round to nearest); below
+        # float16's smallest normal number (2^-14) the rounding step is absolute.
+        assert np.all(np.abs(a - b) <= np.abs(a) * 2.0**-4 + 2.0**-14), key
+        assert not np.array_equal(a, b)
+        # The low 7 mantissa bits of every stored value are zero.
+        bits = rounded.array(key)[:].view(np.uint16)
+        assert not np.any(bits & 0x7F), key
+    total = lambda store: sum(v["stored"] for v in store.sizes().values())  # noqa: E731
+    assert total(rounded) < 0.8 * total(exact)
+    assert "3 mantissa bits kept" in __import__("meal_cache.store", fromlist=["x"]).describe_store(rounded)
+    with pytest.raises(UserError, match="--keep-bits must be between 1 and 10"):
+        extract(dataclasses.replace(exact_config, keep_bits=11), tmp_path / "bad.zarr", progress=False, dataset=digits)

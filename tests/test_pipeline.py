@@ -33,7 +33,7 @@ epochs = 1
 [methods]
 alone = {}
 meal = { method = "meal" }
-meal-online = { method = "meal", online = true }
+meal-online = { method = "meal", online = true, seeds = [7] }
 """
 
 
@@ -60,6 +60,8 @@ def test_tiny_pipeline_runs_skips_and_reruns_only_what_changed(tmp_path):
     assert {(c["method"], c["metric"]) for c in results["comparisons"]} == {
         (m, metric) for m in ("meal", "meal-online") for metric in ("top1", "nll")
     }
+    assert not (run_dir / "students" / "meal-online" / "seed-8").exists()
+    assert results["rows"][-1]["top1"]["values"] and len(results["rows"][-1]["top1"]["values"]) == 1
     online_config = json.loads((run_dir / "students" / "meal-online" / "seed-7" / "config.json").read_text())
     assert online_config["online"] is True and online_config["teachers"] == ["resnet", "dense"]
     report = (run_dir / "report.md").read_text()
@@ -92,6 +94,7 @@ def test_tiny_pipeline_runs_skips_and_reruns_only_what_changed(tmp_path):
         (TINY.replace("views = 2", "viewz = 2"), "unknown setting.*viewz"),
         (TINY.replace('spec = "digits"', 'spec = "mnist"'), "unknown dataset 'mnist'"),
         (TINY.replace("[methods]", "[methods\n"), "not valid TOML"),
+        (TINY.replace("seeds = [7] }", "seeds = [9] }"), "seeds .9. are not among"),
     ],
 )
 def test_pipeline_mistakes_are_named(tmp_path, text, message):
