@@ -32,7 +32,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for foreign or corrupt files
-        raise UserError(f"'{path}' is not a readable checkpoint ({type(err).__name__}: {err})") from err
+        reason = (str(err).strip().splitlines() or [""])[0]  # torch's messages run to many lines
+        raise UserError(f"'{path}' is not a readable checkpoint ({type(err).__name__}: {reason})") from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"'{path}' is not a meal-cache checkpoint (no format '{CHECKPOINT_FORMAT}')")
     return payload

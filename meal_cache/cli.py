@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -13,14 +14,25 @@ DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
 
 
 class MealCacheGroup(click.Group):
-    """Turns a user's mistake into one ``Error:`` line and exit status 2, never a traceback."""
+    """Turns a user's mistake into one ``Error:`` line and exit status 2, never a traceback: the library's
+    UserError, and click's own usage errors (which click would print under a usage banner)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except UserError as err:
-            click.echo(f"Error: {err}", err=True)
-            ctx.exit(2)
+            raise click.UsageError(str(err)) from err
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except click.ClickException as err:
+            click.echo(f"Error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
 
 
 @click.group(cls=MealCacheGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -253,6 +253,8 @@ def _load_npz(arg: str | None, options: LoadOptions) -> _Raw:
         raise UserError(
             f"'{path}': labels must be integers of shape ({images.shape[0]},), got {labels.dtype} {labels.shape}"
         )
+    if labels.shape[0] == 0:
+        raise UserError(f"'{path}' holds no images")
     if labels.min() < 0:
         raise UserError(f"'{path}': labels must be non-negative class indices")
     labels = labels.astype(np.int64)
@@ -295,8 +297,11 @@ def _load_imagefolder(arg: str | None, options: LoadOptions) -> _Raw:
             raise UserError(f"imagefolder '{folder}': {err}") from err
         images = torch.empty((len(found.samples), 3, size, size), dtype=torch.uint8)
         for row, (file, _) in enumerate(found.samples):
-            with Image.open(file) as img:
-                tensor = TF.pil_to_tensor(img.convert("RGB"))
+            try:
+                with Image.open(file) as img:
+                    tensor = TF.pil_to_tensor(img.convert("RGB"))
+            except (OSError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+                raise UserError(f"imagefolder: '{file}' is not a readable image ({err})") from err
             images[row] = TF.center_crop(TF.resize(tensor, size, antialias=True), [size, size])
         return images, np.asarray(found.targets, dtype=np.int64), found.classes
 

@@ -6,6 +6,8 @@ The CLI turns it into a single ``Error: ...`` line and exit status 2; library ca
 
 from __future__ import annotations
 
+import difflib
+
 
 class UserError(ValueError):
     """Raised for input the user controls: unknown names, missing files, malformed data, mismatches."""
@@ -15,6 +17,15 @@ class SettingsMismatch(UserError):
     """An existing output was made with other settings than asked for (resume refused, overwrite needed)."""
 
 
-def unknown_choice(kind: str, name: str, choices: list[str] | tuple[str, ...]) -> UserError:
-    """An error naming the bad value and every valid choice."""
-    return UserError(f"unknown {kind} '{name}'; choose one of: {', '.join(sorted(choices))}")
+# Above this many choices, an error names the closest ones and where the full list is, not all of them.
+MAX_LISTED_CHOICES = 20
+
+
+def unknown_choice(kind: str, name: str, choices: list[str] | tuple[str, ...], listing: str = "") -> UserError:
+    """An error naming the bad value and the valid choices (the closest ones, when there are many)."""
+    if len(choices) <= MAX_LISTED_CHOICES:
+        return UserError(f"unknown {kind} '{name}'; choose one of: {', '.join(sorted(choices))}")
+    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    where = f"`{listing}` lists all {len(choices)}" if listing else f"there are {len(choices)} choices"
+    return UserError(f"unknown {kind} '{name}'; {hint}{where}")

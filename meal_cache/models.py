@@ -260,7 +260,7 @@ def create_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module
         model = adapt_to_small_input(model, image_size, pretrained=weights is not None)
         blocks = _TORCHVISION_BLOCKS.get(type(model).__name__)
     else:
-        raise unknown_choice("architecture", arch, model_names())
+        raise unknown_choice("architecture", arch, model_names(), listing="meal-cache models")
     try:
         model.block_names = blocks or infer_blocks(model, image_size)
     except RuntimeError as err:

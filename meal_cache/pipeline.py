@@ -108,7 +108,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
             raise UserError(f"{path}: every [[teachers]] entry needs a name and an arch")
         _check_keys(f"{path} teacher {teacher['name']}", teacher, train_fields | {"name"})
         if split_weights(teacher["arch"])[0] not in known_models:
-            raise unknown_choice("architecture", teacher["arch"], sorted(known_models))
+            raise unknown_choice("architecture", teacher["arch"], sorted(known_models), listing="meal-cache models")
     names = [t["name"] for t in teachers]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: teacher names must be unique, got {', '.join(names)}")
@@ -119,7 +119,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
     student = dict(raw["student"])
     _check_keys(f"{path} [student]", student, (_fields(TrainConfig) | _fields(DistillConfig)) - {"student", "store"})
     if split_weights(student.get("arch", ""))[0] not in known_models:
-        raise unknown_choice("architecture", student.get("arch", ""), sorted(known_models))
+        raise unknown_choice("architecture", student.get("arch", ""), sorted(known_models),
+                             listing="meal-cache models")  # fmt: skip
     methods = {name: dict(overrides) for name, overrides in raw["methods"].items()}
     seeds = [int(s) for s in raw.get("seeds", [0])]
     for name, overrides in methods.items():

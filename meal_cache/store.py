@@ -206,8 +206,12 @@ def open_store(path: str | Path, mode: str = "r") -> TeacherStore:
         group = zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, ValueError, zarr.errors.ContainsArrayError) as err:
         raise UserError(f"'{path}' is not a Zarr store ({err})") from err
-    if group.attrs.get("format") != FORMAT:
-        raise UserError(f"'{path}' is not a meal-cache store (format '{group.attrs.get('format')}', want '{FORMAT}')")
+    found = group.attrs.get("format")
+    if isinstance(found, str) and found.startswith("meal-cache/") and found != FORMAT:
+        raise UserError(f"'{path}' is a store of format '{found}', which this meal-cache ({FORMAT}) cannot read; "
+                        "upgrade meal-cache or extract it again")  # fmt: skip
+    if found != FORMAT:
+        raise UserError(f"'{path}' is not a meal-cache store (format '{found}', want '{FORMAT}')")
     return TeacherStore(group)
 
 

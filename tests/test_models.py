@@ -87,8 +87,12 @@ def test_block_tap_removes_its_hooks():
 
 
 def test_unknown_names_are_user_errors():
-    with pytest.raises(UserError, match="unknown architecture 'resnet9000'.*resnet18"):
+    with pytest.raises(
+        UserError, match="unknown architecture 'resnet9000'; did you mean .*resnet.*`meal-cache models`"
+    ):
         create_model("resnet9000", 10)
+    with pytest.raises(UserError, match="unknown architecture 'qqq'; `meal-cache models` lists all"):
+        create_model("qqq", 10)
     with pytest.raises(UserError, match="unknown weights for resnet18 'NOPE'.*IMAGENET1K_V1"):
         create_model("resnet18:NOPE", 10)
     with pytest.raises(UserError, match="no pretrained weights"):

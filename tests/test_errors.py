@@ -1,0 +1,149 @@
+"""Every bad input of docs/errors.md: one `Error:` line naming the problem, exit status 2, no traceback, and no
+existing file changed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+from PIL import Image
+
+from meal_cache.cli import main
+
+
+class Pickled:
+    """A class a checkpoint must never be allowed to instantiate."""
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, teacher_dir, small_store):
+    """Files for every case, made once: teachers, stores (whole, edited copies), npz and image folders."""
+    root = tmp_path_factory.mktemp("errors")
+    teachers = root / "teachers"
+    shutil.copytree(teacher_dir, teachers)
+    (teachers / "truncated.pt").write_bytes((teachers / "resnet8_w4.pt").read_bytes()[:5000])
+    torch.save({"format": "meal-cache-checkpoint/1", "payload": Pickled()}, teachers / "pickled.pt")
+    store, _ = small_store
+    for name, attrs in {"newer.zarr": {"format": "meal-cache/2"}, "incomplete.zarr": {"complete": False}}.items():
+        shutil.copytree(store, root / name)
+        zarr.open_group(str(root / name), mode="r+").attrs.update(attrs)
+    shutil.copytree(store, root / "resized.zarr")
+    group = zarr.open_group(str(root / "resized.zarr"), mode="r+")
+    dataset = dict(group.attrs["dataset"])
+    dataset["options"] = {**dataset["options"], "image_size": 12}
+    group.attrs["dataset"] = dataset
+    rng = np.random.default_rng(0)
+    np.savez(root / "keys.npz", pixels=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(4, int))
+    np.savez(root / "dtype.npz", images=np.zeros((4, 8, 8), np.float32), labels=np.zeros(4, int))
+    np.savez(root / "shape.npz", images=np.zeros((4, 8, 8, 5), np.uint8), labels=np.zeros(4, int))
+    np.savez(root / "empty.npz", images=np.zeros((0, 8, 8), np.uint8), labels=np.zeros(0, int))
+    np.savez(root / "three.npz", images=rng.integers(0, 255, (30, 16, 16), np.uint8), labels=np.arange(30) % 3)
+    for name in ("notimage", "emptyclass"):
+        for split in ("train", "val"):
+            for cls in ("a", "b"):
+                folder = root / name / split / cls
+                folder.mkdir(parents=True)
+                if not (name == "emptyclass" and cls == "b"):
+                    Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).save(folder / "0.png")
+    (root / "notimage" / "train" / "a" / "1.png").write_text("not an image")
+    (root / "run").mkdir()
+    (root / "run" / "metrics.jsonl").write_text("{}\n")
+    (root / "bad.toml").write_text('name = "x"\nviewz = 3\n')
+    (root / "existing.pt").write_bytes(b"an earlier checkpoint")
+    return root, store
+
+
+def _cases(root: Path, store: Path) -> list[tuple[str, list[str], str]]:
+    t = ["--teacher-dir", str(root / "teachers"), "--device", "cpu"]
+    d = ["--device", "cpu"]
+    out = str(root / "new.pt")
+    return [
+        ("unknown architecture", ["train", "--arch", "resnet9", "--out", out], "unknown architecture 'resnet9'"),
+        ("unknown dataset", ["train", "--arch", "resnet8", "--data", "mnist", "--out", out], "unknown dataset 'mnist'"),
+        ("unknown teacher", ["extract", "--teachers", "resnet", "--out", str(root / "s.zarr"), *t],
+         "teacher 'resnet' not found"),
+        ("missing teacher checkpoint", ["extract", "--teachers", str(root / "none.pt"), "--out",
+                                        str(root / "s.zarr"), *t], "not found"),
+        ("truncated checkpoint", ["extract", "--teachers", "truncated", "--out", str(root / "s.zarr"), *t],
+         "not a readable checkpoint"),
+        ("checkpoint with a pickle payload", ["extract", "--teachers", "pickled", "--out", str(root / "s.zarr"), *t],
+         "not a readable checkpoint"),
+        ("teacher with other classes", ["extract", "--teachers", "resnet8_w4", "--data", f"npz:{root}/three.npz",
+                                        "--out", str(root / "s.zarr"), *t], "predicts 10 classes"),
+        ("store of another dataset", ["distill", "--store", str(store), "--student", "resnet8", "--data",
+                                      "fake:1437", "--out", str(root / "d1"), *d], "fingerprint differs"),
+        ("store of another image size", ["distill", "--store", str(root / "resized.zarr"), "--student", "resnet8",
+                                         "--out", str(root / "d2"), *d], "16 px, the data's 12"),
+        ("incomplete store", ["distill", "--store", str(root / "incomplete.zarr"), "--student", "resnet8",
+                              "--out", str(root / "d3"), *d], "store is incomplete"),
+        ("store of a newer format", ["info", str(root / "newer.zarr")], "format 'meal-cache/2'"),
+        ("missing store", ["inspect", str(root / "none.zarr")], "store not found"),
+        ("no views", ["extract", "--teachers", "resnet8_w4", "--views", "0", "--out", str(root / "s.zarr"), *t],
+         "--views must be at least 1"),
+        ("invalid grid", ["extract", "--teachers", "resnet8_w4", "--grid", "3", "--out", str(root / "s.zarr"), *t],
+         "Invalid value for '--grid'"),
+        ("unknown block", ["extract", "--teachers", "resnet8_w4", "--blocks", "layer9", "--out",
+                           str(root / "s.zarr"), *t], "unknown block(s) layer9"),
+        ("zero batch size", ["train", "--arch", "resnet8", "--batch-size", "0", "--out", out],
+         "--batch-size must be at least 1"),
+        ("zero epochs", ["distill", "--store", str(store), "--student", "resnet8", "--epochs", "0", "--out",
+                         str(root / "d4"), *d], "--epochs and --batch-size must be at least 1"),
+        ("npz without images", ["train", "--arch", "resnet8", "--data", f"npz:{root}/keys.npz", "--out", out],
+         "lacks array(s) images"),
+        ("npz of floats", ["train", "--arch", "resnet8", "--data", f"npz:{root}/dtype.npz", "--out", out],
+         "images must be uint8"),
+        ("npz of 5 channels", ["train", "--arch", "resnet8", "--data", f"npz:{root}/shape.npz", "--out", out],
+         "of shape (N,H,W) or (N,H,W,3)"),
+        ("empty npz", ["train", "--arch", "resnet8", "--data", f"npz:{root}/empty.npz", "--out", out],
+         "holds no images"),
+        ("image folder with a non-image", ["train", "--arch", "resnet8", "--data", f"imagefolder:{root}/notimage",
+                                           "--out", out], "is not a readable image"),
+        ("image folder with an empty class", ["train", "--arch", "resnet8", "--data",
+                                              f"imagefolder:{root}/emptyclass", "--out", out], "Found no valid file"),
+        ("existing checkpoint", ["train", "--arch", "resnet8", "--epochs", "1", "--out", str(root / "existing.pt")],
+         "exists; pass --resume"),
+        ("existing store, other settings", ["extract", "--teachers", "resnet8_w4", "--views", "5", "--out",
+                                            str(store), *t], "pass --overwrite"),
+        ("non-empty run directory", ["distill", "--store", str(store), "--student", "resnet8", "--out",
+                                     str(root / "run"), *d], "is not empty"),
+        ("CUDA without a GPU", ["train", "--arch", "resnet8", "--device", "cuda", "--out", out],
+         "no CUDA GPU is available"),
+        ("bad memory size", ["distill", "--store", str(store), "--student", "resnet8", "--max-memory", "lots",
+                             "--out", str(root / "d5"), *d], "--max-memory takes a size"),
+        ("pipeline with a typo", ["run", str(root / "bad.toml")], "unknown setting(s) viewz"),
+        ("unknown command", ["distil"], "No such command 'distil'"),
+    ]  # fmt: skip
+
+
+CASE_NAMES = [name for name, _, _ in _cases(Path("/x"), Path("/y"))]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_input_gives_one_line_and_exit_2(world, case):
+    root, store = world
+    _, args, message = next(c for c in _cases(root, store) if c[0] == case)
+    before = _snapshot(root) | _snapshot(store)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert message in lines[0], lines[0]
+    assert _snapshot(root) | _snapshot(store) == before, "a refused command changed a file"
+
+
+def test_errors_doc_lists_every_case():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
+    for name, _, message in _cases(Path("/x"), Path("/y")):
+        assert f"| {name} |" in text, name
+        assert message.replace("|", "\\|") in text, message
+    assert len(CASE_NAMES) >= 20
