@@ -11,6 +11,10 @@ import click
 from meal_cache.errors import UserError
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
+DATA_HELP = (
+    "Dataset: digits, cifar10, cifar100, svhn, imagefolder:PATH, npz:PATH or fake[:N], optionally with "
+    "?label_noise=R&noise=symmetric|pairflip&train_fraction=F (see `meal-cache datasets`)."
+)
 
 
 class MealCacheGroup(click.Group):
@@ -84,7 +88,7 @@ def data_options(func):
     "--data",
     default="digits",
     show_default=True,
-    help="Dataset: digits, cifar10, cifar100, svhn, imagefolder:PATH, npz:PATH, fake[:N].",
+    help=DATA_HELP,
 )
 @data_options
 @click.option("--epochs", default=30, show_default=True, type=int)
@@ -175,7 +179,7 @@ def evaluate(
     "--data",
     default="digits",
     show_default=True,
-    help="Dataset: digits, cifar10, cifar100, svhn, imagefolder:PATH, npz:PATH, fake[:N].",
+    help=DATA_HELP,
 )
 @data_options
 @click.option(
@@ -464,6 +468,14 @@ def datasets() -> None:
 
     for name, entry in sorted(DATASETS.items()):
         click.echo(f"  {name:12s} {entry.help}")
+    click.echo(
+        "Options after '?', joined by '&', change the training split (the test split stays as it is):\n"
+        "  train_fraction=F    keep a stratified, seeded fraction F of the training rows\n"
+        "  label_noise=R       change a fraction R of the training labels (seeded) ...\n"
+        "  noise=symmetric     ... to a uniformly drawn other class, or noise=pairflip: class c to c+1\n"
+        "  noise_seed=S, fraction_seed=S   the seeds of those draws (default 0)\n"
+        "e.g. --data 'digits?label_noise=0.4&noise=symmetric'"
+    )
 
 
 if __name__ == "__main__":
