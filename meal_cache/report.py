@@ -25,7 +25,7 @@ from meal_cache.models import count_parameters  # noqa: E402
 from meal_cache.store import open_store  # noqa: E402
 
 ECE_BINS = 15
-STUDENT_METRICS = ("top1", "nll", "fidelity", "ece", "epoch_seconds")
+STUDENT_METRICS = ("top1", "nll", "fidelity", "kl", "ece", "epoch_seconds")
 
 
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -47,6 +47,12 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
 def fidelity(logits: torch.Tensor, ensemble_probs: torch.Tensor) -> float:
     """Top-1 agreement (percent) with the teacher ensemble."""
     return 100.0 * (logits.argmax(1) == ensemble_probs.argmax(1)).float().mean().item()
+
+
+def kl_to_ensemble(logits: torch.Tensor, ensemble_probs: torch.Tensor) -> float:
+    """Mean KL(ensemble || student) in nats per image: how far the student's distribution is from the teachers'."""
+    log_student = torch.log_softmax(logits.float(), dim=1)
+    return torch.nn.functional.kl_div(log_student, ensemble_probs.float(), reduction="batchmean").item()
 
 
 def paired_difference(values: list[float], baseline: list[float]) -> dict:
@@ -130,7 +136,8 @@ def collect_results(run_dir: Path, pipeline) -> dict:
             timing.setdefault(payload["arch"], _ms_per_image(model, test.images, dataset.mean, dataset.std))
             per_method.setdefault(method, {})[seed] = {
                 "top1": metrics["top1"], "nll": metrics["nll"],
-                "fidelity": fidelity(logits, ensemble), "ece": expected_calibration_error(logits, test.labels),
+                "fidelity": fidelity(logits, ensemble), "kl": kl_to_ensemble(logits, ensemble),
+                "ece": expected_calibration_error(logits, test.labels),
                 "params": count_parameters(model), "arch": payload["arch"],
                 "history": payload.get("history", []), "ms_per_image": timing[payload["arch"]],
                 "epoch_seconds": statistics.median(h["seconds"] for h in payload["history"])
@@ -288,15 +295,17 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
         f"standard deviation over seeds {results['seeds']}. One test image is "
         f"{100 / results['dataset']['sizes']['test']:.2f} points of top-1.",
         "",
-        "| model | arch | top-1 % | NLL | fidelity % | ECE % | params | ms / image (CPU) | s / epoch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | arch | top-1 % | NLL | fidelity % | KL to ensemble | ECE % | params | ms / image (CPU) "
+        "| s / epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         fidelity_text = _fmt(row["fidelity"]) if "fidelity" in row else "-"
+        kl_text = _fmt(row["kl"], 4) if "kl" in row else "-"
         epoch_text = f"{row['epoch_seconds']['mean']:.2f}" if "epoch_seconds" in row else "-"
         lines.append(
             f"| {row['name']} | {row['arch']} | {_fmt(row['top1'])} | {_fmt(row['nll'], 4)} | {fidelity_text} | "
-            f"{_fmt(row['ece'])} | {row['params']:,} | {row['ms_per_image']:.3f} | {epoch_text} |"
+            f"{kl_text} | {_fmt(row['ece'])} | {row['params']:,} | {row['ms_per_image']:.3f} | {epoch_text} |"
         )
     lines += [
         "",

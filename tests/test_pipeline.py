@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from meal_cache.errors import UserError
 from meal_cache.pipeline import load_pipeline, run_pipeline
-from meal_cache.report import expected_calibration_error, fidelity, paired_difference
+from meal_cache.report import expected_calibration_error, fidelity, kl_to_ensemble, paired_difference
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -120,3 +121,7 @@ def test_statistics_on_hand_made_numbers():
     logits = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]]))
     assert expected_calibration_error(logits, torch.tensor([0, 1])) == pytest.approx(40.0, abs=1e-4)
     assert fidelity(torch.tensor([[2.0, 1.0], [0.0, 1.0]]), torch.tensor([[0.6, 0.4], [0.7, 0.3]])) == 50.0
+    # KL(ensemble || student): student uniform over 2 classes, ensemble [0.75, 0.25]:
+    # 0.75 log(0.75 / 0.5) + 0.25 log(0.25 / 0.5).
+    expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert kl_to_ensemble(torch.zeros(1, 2), torch.tensor([[0.75, 0.25]])) == pytest.approx(expected)
