@@ -143,6 +143,9 @@ def train(out: str, resume: bool, overwrite: bool, quiet: bool, **settings) -> N
     default=None,
     help="Where to write the metrics (default: CHECKPOINT with .eval.json).",
 )
+@click.option(
+    "--teachers", default="", help="Comma-separated teacher checkpoints: adds fidelity and KL to their ensemble."
+)
 def evaluate(
     checkpoint: str,
     data: str | None,
@@ -152,19 +155,24 @@ def evaluate(
     split: str,
     device: str,
     json_out: str | None,
+    teachers: str,
 ) -> None:
-    """Top-1, top-5 and negative log-likelihood of a checkpoint, printed and written as JSON."""
+    """Top-1, top-5, negative log-likelihood and calibration error (ECE) of a checkpoint, and with --teachers its
+    fidelity to their ensemble and KL divergence from it; printed and written as JSON."""
     from meal_cache.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
-        checkpoint, data=data, data_root=data_root, download=download, image_size=image_size, split=split, device=device
-    )
+        checkpoint, data=data, data_root=data_root, download=download, image_size=image_size, split=split,
+        device=device, teachers=[t.strip() for t in teachers.split(",") if t.strip()],
+    )  # fmt: skip
     path = Path(json_out) if json_out else Path(checkpoint).with_suffix(".eval.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     metrics = result["metrics"]
+    extra = (f"  fidelity {metrics['fidelity']:.2f}%  KL {metrics['kl_to_ensemble']:.4f}"
+             if "fidelity" in metrics else "")  # fmt: skip
     click.echo(
         f"{result['arch']} on {result['data']} ({split}, {metrics['n']} images): top-1 {metrics['top1']:.2f}%"
-        f"  top-5 {metrics['top5']:.2f}%  NLL {metrics['nll']:.4f}  -> {path}"
+        f"  top-5 {metrics['top5']:.2f}%  NLL {metrics['nll']:.4f}  ECE {metrics['ece']:.2f}%{extra}  -> {path}"
     )
 
 

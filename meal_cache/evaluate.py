@@ -12,6 +12,8 @@ from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.errors import UserError
 from meal_cache.runtime import Precision, resolve_device
 
+ECE_BINS = 15
+
 
 @torch.inference_mode()
 def predict_logits(
@@ -51,6 +53,33 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     }
 
 
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE (percent): |accuracy - confidence| per equal-width confidence bin, weighted by the bin's share."""
+    probs = torch.softmax(logits.float(), dim=1)
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    total = 0.0
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            total += inside.float().mean().item() * abs(
+                correct[inside].mean().item() - confidence[inside].mean().item()
+            )
+    return 100.0 * total
+
+
+def fidelity(logits: torch.Tensor, ensemble_probs: torch.Tensor) -> float:
+    """Top-1 agreement (percent) with the teacher ensemble."""
+    return 100.0 * (logits.argmax(1) == ensemble_probs.argmax(1)).float().mean().item()
+
+
+def kl_to_ensemble(logits: torch.Tensor, ensemble_probs: torch.Tensor) -> float:
+    """Mean KL(ensemble || student) in nats per image: how far the student's distribution is from the teachers'."""
+    log_student = torch.log_softmax(logits.float(), dim=1)
+    return torch.nn.functional.kl_div(log_student, ensemble_probs.float(), reduction="batchmean").item()
+
+
 def evaluate(
     model: nn.Module,
     dataset: ImageDataset,
@@ -73,8 +102,10 @@ def evaluate_checkpoint(
     image_size: int | None = None,
     split: str = "test",
     device: str = "auto",
+    teachers: list[str] | None = None,
 ) -> dict:
-    """Evaluate a checkpoint on ``data`` (default: the dataset it was trained on, as it recorded it)."""
+    """Evaluate a checkpoint on ``data`` (default: the dataset it was trained on, as it recorded it): top-1,
+    top-5, NLL and ECE, and with teacher checkpoints the fidelity to their ensemble and the KL from it."""
     target = resolve_device(device)
     model, payload = load_model(checkpoint, target)
     recorded = payload["data"]
@@ -93,6 +124,22 @@ def evaluate_checkpoint(
     part = dataset.split(split)
     logits = predict_logits(model, part.images, tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]), target)
     same_data = dataset.fingerprint(split) == recorded["fingerprint"].get(split)
+    metrics = classification_metrics(logits, part.labels)
+    metrics["ece"] = expected_calibration_error(logits, part.labels)
+    if teachers:
+        probs = []
+        for teacher in teachers:
+            teacher_model, teacher_payload = load_model(teacher, target)
+            if teacher_payload["num_classes"] != payload["num_classes"]:
+                raise UserError(f"teacher '{teacher}' predicts {teacher_payload['num_classes']} classes, "
+                                f"'{checkpoint}' {payload['num_classes']}")  # fmt: skip
+            teacher_input = teacher_payload["input"]
+            teacher_logits = predict_logits(teacher_model, part.images, tuple(teacher_input["mean"]),
+                                            tuple(teacher_input["std"]), target)  # fmt: skip
+            probs.append(torch.softmax(teacher_logits, 1))
+        ensemble = torch.stack(probs).mean(0)
+        metrics["fidelity"] = fidelity(logits, ensemble)
+        metrics["kl_to_ensemble"] = kl_to_ensemble(logits, ensemble)
     return {
         "checkpoint": str(checkpoint),
         "arch": payload["arch"],
@@ -100,5 +147,6 @@ def evaluate_checkpoint(
         "split": split,
         "fingerprint": dataset.fingerprint(split),
         "same_data_as_training": same_data,
-        "metrics": classification_metrics(logits, part.labels),
+        "teachers": [str(t) for t in teachers or []],
+        "metrics": metrics,
     }

@@ -20,39 +20,17 @@ from scipy import stats  # noqa: E402
 from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from meal_cache.data import load_dataset  # noqa: E402
 from meal_cache.errors import UserError  # noqa: E402
-from meal_cache.evaluate import classification_metrics, predict_logits  # noqa: E402
+from meal_cache.evaluate import (  # noqa: E402
+    classification_metrics,
+    expected_calibration_error,
+    fidelity,
+    kl_to_ensemble,
+    predict_logits,
+)
 from meal_cache.models import count_parameters  # noqa: E402
 from meal_cache.store import open_store  # noqa: E402
 
-ECE_BINS = 15
 STUDENT_METRICS = ("top1", "nll", "fidelity", "kl", "ece", "epoch_seconds")
-
-
-def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
-    """ECE (percent): |accuracy - confidence| per equal-width confidence bin, weighted by the bin's share."""
-    probs = torch.softmax(logits.float(), dim=1)
-    confidence, predicted = probs.max(1)
-    correct = (predicted == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    total = 0.0
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        inside = (confidence > low) & (confidence <= high)
-        if inside.any():
-            total += inside.float().mean().item() * abs(
-                correct[inside].mean().item() - confidence[inside].mean().item()
-            )
-    return 100.0 * total
-
-
-def fidelity(logits: torch.Tensor, ensemble_probs: torch.Tensor) -> float:
-    """Top-1 agreement (percent) with the teacher ensemble."""
-    return 100.0 * (logits.argmax(1) == ensemble_probs.argmax(1)).float().mean().item()
-
-
-def kl_to_ensemble(logits: torch.Tensor, ensemble_probs: torch.Tensor) -> float:
-    """Mean KL(ensemble || student) in nats per image: how far the student's distribution is from the teachers'."""
-    log_student = torch.log_softmax(logits.float(), dim=1)
-    return torch.nn.functional.kl_div(log_student, ensemble_probs.float(), reduction="batchmean").item()
 
 
 def paired_difference(values: list[float], baseline: list[float]) -> dict:

@@ -154,7 +154,7 @@ def test_mismatched_or_incomplete_stores_are_refused(small_store, digits, tmp_pa
         distill(_config(tmp_path / "none.zarr"), tmp_path / "d", progress=False, dataset=digits)
 
 
-def test_cli_distill_then_evaluate(small_store, tmp_path):
+def test_cli_distill_then_evaluate(small_store, teacher_dir, tmp_path):
     path, _ = small_store
     out = tmp_path / "cli"
     runner = CliRunner()
@@ -163,7 +163,14 @@ def test_cli_distill_then_evaluate(small_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert "test top-1" in result.output
     evaluated = runner.invoke(main, ["evaluate", str(out / "student.pt"), "--device", "cpu"])
-    assert evaluated.exit_code == 0 and "top-1" in evaluated.output
+    assert evaluated.exit_code == 0 and "top-1" in evaluated.output and "ECE" in evaluated.output
+    teachers = f"{teacher_dir}/resnet8_w4.pt,{teacher_dir}/densenet_k12.pt"
+    report = tmp_path / "e.json"
+    with_teachers = runner.invoke(main, ["evaluate", str(out / "student.pt"), "--device", "cpu", "--teachers", teachers,
+                                         "--json", str(report)])  # fmt: skip
+    assert with_teachers.exit_code == 0, with_teachers.output
+    metrics = json.loads(report.read_text())["metrics"]
+    assert 0 <= metrics["fidelity"] <= 100 and metrics["kl_to_ensemble"] >= 0 and "fidelity" in with_teachers.output
     bad = runner.invoke(main, ["distill", "--store", str(path), "--student", "resnet8_w4", "--out", str(out),
                                "--method", "meal", "--online", "--device", "cpu"])  # fmt: skip
     assert bad.exit_code == 2 and "--teachers" in bad.stderr

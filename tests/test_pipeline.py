@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from meal_cache.errors import UserError
+from meal_cache.evaluate import expected_calibration_error, fidelity, kl_to_ensemble
 from meal_cache.pipeline import load_pipeline, run_pipeline
-from meal_cache.report import expected_calibration_error, fidelity, kl_to_ensemble, paired_difference
+from meal_cache.report import paired_difference
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
