@@ -35,7 +35,15 @@ from meal_cache.evaluate import evaluate
 from meal_cache.models import BlockTap, block_shapes, create_model
 from meal_cache.runtime import Precision, device_images, resolve_device, seed_everything
 from meal_cache.store import BlockSpec, TeacherStore, open_store
-from meal_cache.train import epoch_batches, epoch_generator, learning_rate, make_optimizer
+from meal_cache.train import (
+    epoch_batches,
+    epoch_generator,
+    learning_rate,
+    make_optimizer,
+    seed_epoch,
+    set_learning_rate,
+    steps_per_epoch,
+)
 
 SELECTIONS = ("random", "mean", "all")
 REPRESENTATIONS = ("maps", "blocks")
@@ -571,13 +579,13 @@ def distill(
     view_params = {v: store.view_params(v) for v in set(views)}
     online = OnlineTeachers(config, store, dataset, precision) if config.online else None
     source = make_batch_source(config, store, distiller.needed_keys(), device)
-    steps_per_epoch = len(epoch_batches(len(labels), config.batch_size, torch.Generator().manual_seed(0)))
-    total_steps = steps_per_epoch * config.epochs
-    warmup = int(config.warmup_epochs * steps_per_epoch)
+    steps = steps_per_epoch(len(labels), config.batch_size)
+    total_steps = steps * config.epochs
+    warmup = int(config.warmup_epochs * steps)
     summary: dict = {}
     try:
         for epoch in range(start_epoch, config.epochs):
-            torch.manual_seed(config.seed * 10_007 + epoch)
+            seed_epoch(config.seed, epoch)
             view = views[epoch % len(views)]
             next_view = views[(epoch + 1) % len(views)] if epoch + 1 < config.epochs else None
             started = time.perf_counter()
@@ -588,17 +596,16 @@ def distill(
             correct = seen = 0
             bar = tqdm(
                 source.epoch(epoch, view, next_view),
-                total=steps_per_epoch,
+                total=steps,
                 leave=False,
                 desc=f"{config.method} epoch {epoch + 1}/{config.epochs}",
                 disable=not progress,
                 unit="batch",
             )
             for step_in_epoch, (rows, targets) in enumerate(bar):
-                step = epoch * steps_per_epoch + step_in_epoch
+                step = epoch * steps + step_in_epoch
                 lr = learning_rate(step, total_steps, config.lr, config.schedule, warmup)
-                for group in s_opt.param_groups:
-                    group["lr"] = lr
+                set_learning_rate(s_opt, lr)
                 rows_dev = rows.to(device, non_blocking=True)
                 params = view_params[view][rows]
                 batch = augment.apply(images[rows_dev], params, dataset.mean, dataset.std,

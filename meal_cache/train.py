@@ -77,6 +77,11 @@ def make_optimizer(params, lr: float, momentum: float, weight_decay: float) -> t
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches :func:`epoch_batches` cuts ``n`` rows into: full ones, or one short one if none is full."""
+    return max(1, n // batch_size)
+
+
 def epoch_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> list[torch.Tensor]:
     """A shuffled epoch of row indices cut into batches (a last short batch dropped unless asked)."""
     order = torch.randperm(n, generator=generator)
@@ -84,6 +89,16 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator, drop_last
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed in-model randomness (dropout) per epoch, so a resumed run replays the same epochs."""
+    torch.manual_seed(seed * 10_007 + epoch)
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -103,7 +118,7 @@ def train_one_epoch(
     dataset: ImageDataset,
     config: TrainConfig,
     epoch: int,
-    steps_per_epoch: int,
+    steps: int,
     precision: Precision,
     progress: bool = True,
 ) -> dict[str, float]:
@@ -112,15 +127,14 @@ def train_one_epoch(
     recipe = augment.recipe_for(dataset.recipe, dataset.image_size)
     params = augment.draw(recipe, len(labels), dataset.image_size, epoch_generator(config.seed, epoch, 1))
     batches = epoch_batches(len(labels), config.batch_size, epoch_generator(config.seed, epoch, 0))
-    total_steps = steps_per_epoch * config.epochs
-    warmup = int(config.warmup_epochs * steps_per_epoch)
+    total_steps = steps * config.epochs
+    warmup = int(config.warmup_epochs * steps)
     loss_sum, seen = torch.zeros((), device=precision.device), 0
     correct_t = torch.zeros((), device=precision.device, dtype=torch.long)
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress, unit="batch")
     for step_in_epoch, rows in enumerate(bar):
-        lr = learning_rate(epoch * steps_per_epoch + step_in_epoch, total_steps, config.lr, config.schedule, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = learning_rate(epoch * steps + step_in_epoch, total_steps, config.lr, config.schedule, warmup)
+        set_learning_rate(optimizer, lr)
         rows_dev = rows.to(precision.device, non_blocking=True)
         batch = augment.apply(
             images[rows_dev], params[rows], dataset.mean, dataset.std, channels_last=precision.channels_last
@@ -181,13 +195,13 @@ def train_supervised(
         history = list(state["history"])
         start_epoch = int(state["epoch"])
     images, labels = device_images(dataset.train, device)
-    steps_per_epoch = len(epoch_batches(len(labels), config.batch_size, torch.Generator().manual_seed(0)))
+    steps = steps_per_epoch(len(labels), config.batch_size)
     payload = state
     for epoch in range(start_epoch, config.epochs):
-        torch.manual_seed(config.seed * 10_007 + epoch)  # dropout and other in-model randomness, per epoch
+        seed_epoch(config.seed, epoch)
         started = time.perf_counter()
         stats = train_one_epoch(
-            model, optimizer, scaler, images, labels, dataset, config, epoch, steps_per_epoch, precision, progress
+            model, optimizer, scaler, images, labels, dataset, config, epoch, steps, precision, progress
         )
         test = evaluate(model, dataset, "test", device)
         record = {

@@ -8,7 +8,7 @@ import torch
 from meal_cache.checkpoint import load_checkpoint, load_model
 from meal_cache.errors import UserError
 from meal_cache.evaluate import classification_metrics, evaluate
-from meal_cache.train import TrainConfig, learning_rate, train_supervised
+from meal_cache.train import TrainConfig, epoch_batches, learning_rate, steps_per_epoch, train_supervised
 
 
 def test_short_training_on_digits_learns_far_above_chance(tmp_path, digits):
@@ -88,3 +88,9 @@ def test_checkpoint_errors_are_user_errors(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a meal-cache checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_steps_per_epoch_counts_what_epoch_batches_cuts():
+    for n, batch_size in [(1437, 64), (128, 64), (10, 64), (64, 64), (65, 64), (1, 1)]:
+        batches = epoch_batches(n, batch_size, torch.Generator().manual_seed(0))
+        assert steps_per_epoch(n, batch_size) == len(batches), (n, batch_size)
