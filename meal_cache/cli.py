@@ -54,6 +54,13 @@ def main() -> None:
     """
 
 
+def _with_options(func, options: list):
+    """Apply click options so they appear in --help in the order listed."""
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def data_options(func):
     """The options that name and locate a dataset, shared by every command that loads one."""
     options = [
@@ -72,9 +79,24 @@ def data_options(func):
             help="Resize images to this square size (default: the dataset's own; digits 16 px).",
         ),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return _with_options(func, options)
+
+
+def optimization_options(func):
+    """Epochs, batch and SGD schedule, shared by train and distill (the defaults of TrainConfig/DistillConfig)."""
+    options = [
+        click.option("--epochs", default=30, show_default=True, type=int,
+                     help="Epochs (distill's epoch e replays cached view e mod V)."),
+        click.option("--batch-size", default=64, show_default=True, type=int),
+        click.option("--lr", default=0.05, show_default=True, type=float, help="Peak learning rate of SGD."),
+        click.option("--momentum", default=0.9, show_default=True, type=float),
+        click.option("--weight-decay", default=5e-4, show_default=True, type=float),
+        click.option("--schedule", default="cosine", show_default=True,
+                     type=click.Choice(["cosine", "step", "constant"]),
+                     help="After the warm-up: cosine to zero, steps of 10x at 50% and 75%, or constant."),
+        click.option("--warmup-epochs", default=1.0, show_default=True, type=float),
+    ]  # fmt: skip
+    return _with_options(func, options)
 
 
 @main.command()
@@ -91,19 +113,7 @@ def data_options(func):
     help=DATA_HELP,
 )
 @data_options
-@click.option("--epochs", default=30, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--lr", default=0.05, show_default=True, type=float, help="Peak learning rate of SGD.")
-@click.option("--momentum", default=0.9, show_default=True, type=float)
-@click.option("--weight-decay", default=5e-4, show_default=True, type=float)
-@click.option(
-    "--schedule",
-    default="cosine",
-    show_default=True,
-    type=click.Choice(["cosine", "step", "constant"]),
-    help="After one warm-up epoch: cosine to zero, steps of 10x at 50% and 75%, or constant.",
-)
-@click.option("--warmup-epochs", default=1.0, show_default=True, type=float)
+@optimization_options
 @click.option("--label-smoothing", default=0.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
@@ -287,13 +297,7 @@ def _floats(text: str) -> list[float]:
     help="meal: block similarity + discriminators per block and on the output; kd: Hinton KD from the "
     "ensemble mean; meal-v2: ensemble soft labels + an output discriminator.",
 )
-@click.option("--epochs", default=30, show_default=True, type=int, help="Epoch e replays cached view e mod V.")
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--lr", default=0.05, show_default=True, type=float)
-@click.option("--momentum", default=0.9, show_default=True, type=float)
-@click.option("--weight-decay", default=5e-4, show_default=True, type=float)
-@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "step", "constant"]))
-@click.option("--warmup-epochs", default=1.0, show_default=True, type=float)
+@optimization_options
 @click.option(
     "--teacher-selection",
     type=click.Choice(["random", "mean", "all"]),
