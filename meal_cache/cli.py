@@ -336,6 +336,12 @@ def _floats(text: str) -> list[float]:
 @click.option("--data-root", default=None, help="Where the store's dataset lives (default: as recorded).")
 @click.option("--download", is_flag=True)
 @click.option("--online", is_flag=True, help="Reference: run the teachers in the loop on the same replayed images.")
+@click.option(
+    "--fresh-views",
+    is_flag=True,
+    help="With --online: a new augmentation of every image each epoch (the store's recipe) instead of "
+    "replaying the stored views; the reference the cached-views curve is measured against.",
+)
 @click.option("--teachers", default="", help="With --online: the teachers, as given to extract.")
 @click.option("--teacher-dir", default="teachers", show_default=True, help="With --online: where they are.")
 @click.option(

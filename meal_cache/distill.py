@@ -103,6 +103,10 @@ class DistillConfig:
     data_root: str | None = None
     download: bool = False
     online: bool = False
+    # Online only: a fresh augmentation of every image each epoch (drawn from the seed and the epoch, with the
+    # store's recipe) instead of replaying the store's views: function matching's ideal the views curve is
+    # measured against.
+    fresh_views: bool = False
     teachers: list[str] = field(default_factory=list)
     teacher_dir: str = "teachers"
     seed: int = 0
@@ -141,6 +145,8 @@ class DistillConfig:
                 raise UserError(f"--max-memory takes a size such as 512MB or 4GB, got '{config.max_memory}'") from err
         if config.online and not config.teachers:
             raise UserError("--online runs the teachers in the loop: name them with --teachers")
+        if config.fresh_views and not config.online:
+            raise UserError("--fresh-views draws new augmentations the store has no targets for: it needs --online")
         return config
 
 
@@ -577,6 +583,7 @@ def distill(
             tqdm.write(f"--refine-labels: {len(refined)} suspect label(s) replaced by the teachers' ensemble")
     views = store.augmented_views or [store.identity_view]
     view_params = {v: store.view_params(v) for v in set(views)}
+    recipe = augment.recipe_for(store.dataset["recipe"], dataset.image_size)
     online = OnlineTeachers(config, store, dataset, precision) if config.online else None
     source = make_batch_source(config, store, distiller.needed_keys(), device)
     steps = steps_per_epoch(len(labels), config.batch_size)
@@ -593,6 +600,11 @@ def distill(
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
             chooser = epoch_generator(config.seed, epoch, 2)
+            epoch_params = (
+                augment.draw(recipe, len(labels), dataset.image_size, epoch_generator(config.seed, epoch, 3))
+                if config.fresh_views
+                else view_params[view]
+            )
             correct = seen = 0
             bar = tqdm(
                 source.epoch(epoch, view, next_view),
@@ -607,7 +619,7 @@ def distill(
                 lr = learning_rate(step, total_steps, config.lr, config.schedule, warmup)
                 set_learning_rate(s_opt, lr)
                 rows_dev = rows.to(device, non_blocking=True)
-                params = view_params[view][rows]
+                params = epoch_params[rows]
                 batch = augment.apply(images[rows_dev], params, dataset.mean, dataset.std,
                                       channels_last=precision.channels_last)  # fmt: skip
                 selected = _selection(config, distiller.teachers, chooser)
@@ -632,7 +644,7 @@ def distill(
                 seen += len(rows)
                 if progress:
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-            record = {"epoch": epoch + 1, "view": view, "lr": lr}
+            record = {"epoch": epoch + 1, "view": "fresh" if config.fresh_views else view, "lr": lr}
             record.update({k: v / counts[k] for k, v in sorted(sums.items())})
             record["steps"] = counts.get("loss", 0)
             record["train_top1"] = 100.0 * correct / max(1, seen)

@@ -182,3 +182,26 @@ def test_streaming_run_trains(small_store, digits, tmp_path):
     assert summary["history"][0]["steps"] == 1437 // 64
     with pytest.raises(UserError, match="--max-memory takes a size"):
         distill(_config(path, max_memory="lots"), tmp_path / "t", progress=False, dataset=digits)
+
+
+def test_fresh_views_draw_new_augmentations_each_epoch(small_store, teacher_dir, digits, tmp_path, monkeypatch):
+    path, _ = small_store
+    drawn = []
+    real_draw = distill_module.augment.draw
+
+    def recording_draw(*args, **kwargs):
+        params = real_draw(*args, **kwargs)
+        drawn.append(params)
+        return params
+
+    monkeypatch.setattr(distill_module.augment, "draw", recording_draw)
+    config = _config(path, method="kd", online=True, fresh_views=True, teachers=["resnet8_w4", "densenet_k12"],
+                     teacher_dir=str(teacher_dir))  # fmt: skip
+    distill(config, tmp_path / "fresh", progress=False, dataset=digits)
+    records = [json.loads(line) for line in (tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["view"] for r in records] == ["fresh", "fresh"]
+    assert len(drawn) == 2 and not torch.equal(drawn[0].crop, drawn[1].crop)
+    stored = open_store(path).view_params(0)
+    assert not any(torch.equal(d.crop, stored.crop) for d in drawn)
+    with pytest.raises(UserError, match="needs --online"):
+        distill(_config(path, fresh_views=True), tmp_path / "bad", progress=False, dataset=digits)
