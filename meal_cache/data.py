@@ -2,7 +2,8 @@
 
 A dataset spec is ``NAME`` or ``NAME:ARG`` (``digits``, ``cifar10``, ``npz:/path/data.npz``,
 ``imagefolder:/path/root``, ``fake:256``), optionally followed by ``?OPTION=VALUE&...`` (label noise, a training
-fraction: see :class:`Modifiers`). :func:`load_dataset` resolves it to an :class:`ImageDataset`:
+fraction, a k-fold re-split such as ``digits?folds=5&fold=0``: see :class:`Modifiers`). :func:`load_dataset`
+resolves it to an :class:`ImageDataset`:
 a train and a test :class:`Split` of ``uint8`` images shaped ``(N, 3, H, W)`` and ``int64`` labels, with the
 number of classes, the normalisation, the augmentation recipe and a stable fingerprint of each split's rows.
 
@@ -352,14 +353,21 @@ def dataset_names() -> list[str]:
 
 @dataclass(frozen=True)
 class Modifiers:
-    """Changes to a dataset's training split, written into the spec after ``?`` so that every stage that
-    reloads the data from a recorded spec reproduces them: ``digits?label_noise=0.4&noise=symmetric``.
+    """Changes to a dataset's splits, written into the spec after ``?`` so that every stage that reloads the data
+    from a recorded spec reproduces them: ``digits?label_noise=0.4&noise=symmetric``.
 
+    - ``folds`` K (>= 2) with ``fold`` I (0 <= I < K): pool the train and test rows and re-split them with
+      scikit-learn's ``StratifiedKFold(K, shuffle=True, random_state=fold_seed)``; fold I is the test split, the
+      other K - 1 folds the train split. Over I = 0..K-1 every image is tested exactly once;
     - ``train_fraction`` (0-1]: keep a stratified, seeded fraction of the training rows (low-data protocol);
     - ``label_noise`` [0-1): the fraction of training labels changed, seeded; the test split stays clean;
     - ``noise``: ``symmetric`` (to a uniformly drawn other class) or ``pairflip`` (class c to c+1 mod C, the
       class-dependent kind);
-    - ``noise_seed`` / ``fraction_seed``: the seeds of the two draws (default 0).
+    - ``noise_seed`` / ``fraction_seed`` / ``fold_seed``: the seeds of the three draws (default 0, whatever the
+      run's ``--seed``, so runs with other seeds see the same rows).
+
+    They apply in this order: the fold split, then ``train_fraction`` on its train part, then label noise on what
+    is left of the train part; the test split is never subsampled or corrupted.
     """
 
     train_fraction: float = 1.0
@@ -367,6 +375,9 @@ class Modifiers:
     noise: str = "symmetric"
     noise_seed: int = 0
     fraction_seed: int = 0
+    folds: int | None = None
+    fold: int | None = None
+    fold_seed: int = 0
 
 
 NOISE_KINDS = ("symmetric", "pairflip")
@@ -379,10 +390,13 @@ def _parse_modifiers(text: str) -> Modifiers:
         key, sep, value = item.partition("=")
         if key not in fields or not sep:
             raise UserError(f"unknown dataset option '{item}'; options are {', '.join(f'{k}=...' for k in fields)}")
+        # The annotations are strings (postponed evaluation): "str", "float", "int" or "int | None".
+        kind = fields[key]
         try:
-            values[key] = value if key == "noise" else (int(value) if key.endswith("seed") else float(value))
+            values[key] = value if kind == "str" else (int(value) if kind.startswith("int") else float(value))
         except ValueError as err:
-            raise UserError(f"dataset option {key} takes a number, got '{value}'") from err
+            number = "a whole number" if kind.startswith("int") else "a number"
+            raise UserError(f"dataset option {key} takes {number}, got '{value}'") from err
     modifiers = Modifiers(**values)
     if not 0.0 < modifiers.train_fraction <= 1.0:
         raise UserError(f"train_fraction must be in (0, 1], got {modifiers.train_fraction}")
@@ -390,6 +404,19 @@ def _parse_modifiers(text: str) -> Modifiers:
         raise UserError(f"label_noise must be in [0, 1), got {modifiers.label_noise}")
     if modifiers.noise not in NOISE_KINDS:
         raise unknown_choice("noise kind", modifiers.noise, NOISE_KINDS)
+    if modifiers.folds is not None and modifiers.fold is None:
+        raise UserError(f"dataset option folds={modifiers.folds} needs fold=I, the test fold (e.g. folds=5&fold=0)")
+    if modifiers.fold is not None and modifiers.folds is None:
+        raise UserError(
+            f"dataset option fold={modifiers.fold} needs folds=K, the number of folds (e.g. folds=5&fold=0)"
+        )
+    if modifiers.folds is not None and modifiers.fold is not None:
+        if modifiers.folds < 2:
+            raise UserError(f"folds must be at least 2, got {modifiers.folds}")
+        if not 0 <= modifiers.fold < modifiers.folds:
+            raise UserError(
+                f"fold must be in 0..{modifiers.folds - 1} for folds={modifiers.folds}, got {modifiers.fold}"
+            )
     return modifiers
 
 
@@ -422,15 +449,44 @@ def corrupt_labels(labels: torch.Tensor, num_classes: int, rate: float, kind: st
     return noisy
 
 
-def _apply_modifiers(train: Split, num_classes: int, modifiers: Modifiers) -> tuple[Split, torch.Tensor | None]:
+def fold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> np.ndarray:
+    """Boolean mask of the rows in test fold ``fold`` of a seeded, shuffled ``StratifiedKFold(folds)``."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(labels)
+    smallest = int(counts[counts > 0].min())
+    if folds > smallest:
+        # scikit-learn only warns here, and some folds would then lack the class entirely.
+        rarest = int(np.flatnonzero(counts == smallest)[0])
+        raise UserError(
+            f"folds={folds} is more than the {smallest} images of the smallest class ({rarest}); "
+            "every fold needs at least one image of each class"
+        )
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    _, test_idx = list(splitter.split(np.zeros(len(labels)), labels))[fold]
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[test_idx] = True
+    return mask
+
+
+def _apply_modifiers(
+    train: Split, test: Split, num_classes: int, modifiers: Modifiers
+) -> tuple[Split, Split, torch.Tensor | None]:
+    """The modifiers in their documented order: fold split, train fraction, label noise (train part only)."""
+    if modifiers.folds is not None and modifiers.fold is not None:
+        # Pooled as train rows then test rows, so a fold is defined by the source's own row order.
+        images = torch.cat([train.images, test.images])
+        labels = torch.cat([train.labels, test.labels]).numpy()
+        mask = fold_split(labels, modifiers.folds, modifiers.fold, modifiers.fold_seed)
+        train, test = _split_by_mask(images, labels, mask)
     if modifiers.train_fraction < 1.0:
         keep = ~stratified_split(train.labels.numpy(), 1.0 - modifiers.train_fraction, modifiers.fraction_seed)
         index = torch.from_numpy(np.flatnonzero(keep))
         train = Split(train.images[index].contiguous(), train.labels[index].contiguous())
     if modifiers.label_noise == 0.0:
-        return train, None
+        return train, test, None
     noisy = corrupt_labels(train.labels, num_classes, modifiers.label_noise, modifiers.noise, modifiers.noise_seed)
-    return Split(train.images, noisy), train.labels
+    return Split(train.images, noisy), test, train.labels
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -469,7 +525,7 @@ def load_dataset(
         train, test = (
             Split(TF.resize(s.images, [image_size, image_size], antialias=True), s.labels) for s in (train, test)
         )
-    train, clean_labels = _apply_modifiers(train, len(raw.classes), modifiers)
+    train, test, clean_labels = _apply_modifiers(train, test, len(raw.classes), modifiers)
     if raw.mean is not None and raw.std is not None:
         mean, std = raw.mean, raw.std
     else:

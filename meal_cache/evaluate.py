@@ -1,4 +1,10 @@
-"""Evaluation: logits of un-augmented images, classification metrics, and a checkpoint evaluated end to end."""
+"""Evaluation: logits of un-augmented images, classification metrics, and a checkpoint evaluated end to end.
+
+The teachers' ensemble a student is compared with (fidelity, KL) is the mean of the teachers' softmax
+probabilities on the un-augmented images of the evaluated split. It comes either from the teachers' checkpoints,
+run here, or from a store of that split extracted with ``--identity-view`` (the teachers' cached logits on the
+un-augmented images, float16, so the metrics agree with the checkpoints' to about 1e-3).
+"""
 
 from __future__ import annotations
 
@@ -74,6 +80,11 @@ def fidelity(logits: torch.Tensor, ensemble_probs: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(1) == ensemble_probs.argmax(1)).float().mean().item()
 
 
+def ensemble_probabilities(teacher_logits: list[torch.Tensor]) -> torch.Tensor:
+    """The teachers' ensemble: the mean of their softmax probabilities (not the softmax of their mean logits)."""
+    return torch.stack([torch.softmax(logits.float(), 1) for logits in teacher_logits]).mean(0)
+
+
 def kl_to_ensemble(logits: torch.Tensor, ensemble_probs: torch.Tensor) -> float:
     """Mean KL(ensemble || student) in nats per image: how far the student's distribution is from the teachers'."""
     log_student = torch.log_softmax(logits.float(), dim=1)
@@ -94,6 +105,39 @@ def evaluate(
     return classification_metrics(logits, part.labels)
 
 
+def _teacher_logits_from_checkpoints(
+    teachers: list[str], images: torch.Tensor, target: torch.device, num_classes: int, checkpoint: str
+) -> list[torch.Tensor]:
+    outputs = []
+    for teacher in teachers:
+        teacher_model, teacher_payload = load_model(teacher, target)
+        if teacher_payload["num_classes"] != num_classes:
+            raise UserError(f"teacher '{teacher}' predicts {teacher_payload['num_classes']} classes, "
+                            f"'{checkpoint}' {num_classes}")  # fmt: skip
+        teacher_input = teacher_payload["input"]
+        outputs.append(predict_logits(teacher_model, images, tuple(teacher_input["mean"]),
+                                      tuple(teacher_input["std"]), target))  # fmt: skip
+    return outputs
+
+
+def _teacher_logits_from_store(path: str, dataset: ImageDataset, split: str) -> tuple[list[torch.Tensor], list[str]]:
+    """Every teacher's stored logits on the identity view of ``split``, after checking the store holds exactly
+    those rows: the same split, fingerprint, classes and image size, complete, with an identity view."""
+    # Imported here: zarr adds a quarter of a second to every import of this module (train, report) otherwise.
+    from meal_cache.store import open_store
+
+    store = open_store(path)
+    store.check_matches(dataset.describe(), split)
+    view = store.identity_view
+    if view is None:
+        raise UserError(
+            f"store '{path}' has no identity view (un-augmented images); extract it with --identity-view "
+            f"(e.g. --split {split} --views 0 --identity-view)"
+        )
+    names = store.teacher_names
+    return [torch.from_numpy(store.logits(name, view).astype("float32")) for name in names], names
+
+
 def evaluate_checkpoint(
     checkpoint: str,
     data: str | None = None,
@@ -103,9 +147,13 @@ def evaluate_checkpoint(
     split: str = "test",
     device: str = "auto",
     teachers: list[str] | None = None,
+    store: str | None = None,
 ) -> dict:
     """Evaluate a checkpoint on ``data`` (default: the dataset it was trained on, as it recorded it): top-1,
-    top-5, NLL and ECE, and with teacher checkpoints the fidelity to their ensemble and the KL from it."""
+    top-5, NLL and ECE, and with teacher checkpoints (``teachers``) or a store of the same split with an identity
+    view (``store``) the fidelity to the teachers' ensemble and the KL from it."""
+    if teachers and store:
+        raise UserError("--teachers and --store both give the teachers' ensemble; pass only one of them")
     target = resolve_device(device)
     model, payload = load_model(checkpoint, target)
     recorded = payload["data"]
@@ -122,22 +170,20 @@ def evaluate_checkpoint(
             f"{dataset.image_size} px (set --image-size)"
         )
     part = dataset.split(split)
+    # Before the model runs: a store that does not fit the data is refused without spending the time.
+    teacher_names = [str(t) for t in teachers or []]
+    teacher_logits = None
+    if store:
+        teacher_logits, teacher_names = _teacher_logits_from_store(store, dataset, split)
     logits = predict_logits(model, part.images, tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]), target)
     same_data = dataset.fingerprint(split) == recorded["fingerprint"].get(split)
     metrics = classification_metrics(logits, part.labels)
     metrics["ece"] = expected_calibration_error(logits, part.labels)
     if teachers:
-        probs = []
-        for teacher in teachers:
-            teacher_model, teacher_payload = load_model(teacher, target)
-            if teacher_payload["num_classes"] != payload["num_classes"]:
-                raise UserError(f"teacher '{teacher}' predicts {teacher_payload['num_classes']} classes, "
-                                f"'{checkpoint}' {payload['num_classes']}")  # fmt: skip
-            teacher_input = teacher_payload["input"]
-            teacher_logits = predict_logits(teacher_model, part.images, tuple(teacher_input["mean"]),
-                                            tuple(teacher_input["std"]), target)  # fmt: skip
-            probs.append(torch.softmax(teacher_logits, 1))
-        ensemble = torch.stack(probs).mean(0)
+        teacher_logits = _teacher_logits_from_checkpoints(teachers, part.images, target, payload["num_classes"],
+                                                          checkpoint)  # fmt: skip
+    if teacher_logits is not None:
+        ensemble = ensemble_probabilities(teacher_logits)
         metrics["fidelity"] = fidelity(logits, ensemble)
         metrics["kl_to_ensemble"] = kl_to_ensemble(logits, ensemble)
     return {
@@ -147,6 +193,7 @@ def evaluate_checkpoint(
         "split": split,
         "fingerprint": dataset.fingerprint(split),
         "same_data_as_training": same_data,
-        "teachers": [str(t) for t in teachers or []],
+        "teachers": teacher_names,
+        "store": str(store) if store else None,
         "metrics": metrics,
     }

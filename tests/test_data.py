@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -175,3 +178,105 @@ def test_train_fraction_keeps_a_stratified_subset(digits):
 def test_bad_dataset_options_are_named(spec, message):
     with pytest.raises(UserError, match=message):
         load_dataset(spec)
+
+
+def _row_keys(split, labels: torch.Tensor | None = None) -> list[bytes]:
+    """One key per row, its pixels and label: rows compare across splits without knowing their pooled index."""
+    labels = split.labels if labels is None else labels
+    return [
+        image.numpy().tobytes() + bytes([label]) for image, label in zip(split.images, labels.tolist(), strict=True)
+    ]
+
+
+def test_folds_test_every_image_exactly_once(digits):
+    from collections import Counter
+
+    folds = [load_dataset(f"digits?folds=5&fold={i}") for i in range(5)]
+    pooled = Counter(_row_keys(digits.train) + _row_keys(digits.test))
+    tested = Counter(key for fold in folds for key in _row_keys(fold.test))
+    # Equal as multisets: every pooled row in exactly one test fold (a duplicated image counts as often as it occurs).
+    assert tested == pooled and sum(tested.values()) == 1797
+    for fold in folds:
+        assert len(fold.train) + len(fold.test) == 1797
+        assert Counter(_row_keys(fold.train)) + Counter(_row_keys(fold.test)) == pooled
+    # Stratified: each class's share of a test fold is its pooled count / 5, within one image.
+    class_counts = torch.bincount(torch.cat([digits.train.labels, digits.test.labels]), minlength=10).double()
+    for fold in folds:
+        in_fold = torch.bincount(fold.test.labels, minlength=10).double()
+        assert (in_fold - class_counts / 5).abs().max() <= 1.0
+    # Each fold is other data: its own fingerprints, distinct from the built-in split's; describe() records it.
+    prints = {fold.fingerprint("test") for fold in folds} | {digits.fingerprint("test")}
+    assert len(prints) == 6
+    describe = folds[2].describe()
+    assert describe["spec"] == "digits?folds=5&fold=2" and describe["fingerprint"]["test"] == folds[2].fingerprint(
+        "test"
+    )
+    assert describe["sizes"] == {"train": len(folds[2].train), "test": len(folds[2].test)}
+    # Normalisation is the fold's own training pixels'.
+    assert folds[0].mean[0] == pytest.approx((folds[0].train.images.float() / 255).mean().item(), abs=1e-4)
+
+
+def test_folds_are_reproducible_and_seeded():
+    a, b = load_dataset("digits?folds=5&fold=3"), load_dataset("digits?folds=5&fold=3")
+    assert torch.equal(a.test.images, b.test.images) and torch.equal(a.train.labels, b.train.labels)
+    assert a.fingerprint("train") == b.fingerprint("train") and a.fingerprint("test") == b.fingerprint("test")
+    # The run's seed does not move the folds; fold_seed does.
+    assert load_dataset("digits?folds=5&fold=3", seed=7).fingerprint("test") == a.fingerprint("test")
+    assert load_dataset("digits?folds=5&fold=3&fold_seed=1").fingerprint("test") != a.fingerprint("test")
+
+
+def test_folds_compose_with_train_fraction_and_label_noise(digits):
+    from collections import Counter
+
+    fold = load_dataset("digits?folds=5&fold=1")
+    both = load_dataset("digits?folds=5&fold=1&train_fraction=0.5&label_noise=0.4&noise=symmetric")
+    # The fold split comes first: the same test rows, and their labels stay clean.
+    assert torch.equal(both.test.images, fold.test.images) and torch.equal(both.test.labels, fold.test.labels)
+    assert both.fingerprint("test") == fold.fingerprint("test")
+    # Then half of the fold's training rows, then noise on exactly 40% of those.
+    assert len(both.train) == pytest.approx(0.5 * len(fold.train), abs=1)
+    kept, available = Counter(_row_keys(both.train, both.clean_train_labels)), Counter(_row_keys(fold.train))
+    assert kept <= available
+    changed = both.train.labels != both.clean_train_labels
+    assert int(changed.sum()) == round(0.4 * len(both.train))
+    noisy = load_dataset("digits?folds=5&fold=1&label_noise=0.2&noise=pairflip")
+    moved = noisy.train.labels != fold.train.labels
+    assert int(moved.sum()) == round(0.2 * len(fold.train))
+    assert torch.equal(noisy.train.labels[moved], (fold.train.labels[moved] + 1) % 10)
+    assert torch.equal(noisy.test.labels, fold.test.labels) and noisy.fingerprint("test") == fold.fingerprint("test")
+
+
+FOLD_ERRORS = [
+    ("digits?folds=5", "folds=5 needs fold=I"),
+    ("digits?fold=0", "fold=0 needs folds=K"),
+    ("digits?folds=1&fold=0", "folds must be at least 2"),
+    ("digits?folds=5&fold=5", "fold must be in 0..4 for folds=5, got 5"),
+    ("digits?folds=5&fold=-1", "fold must be in 0..4"),
+    ("digits?folds=5.5&fold=0", "takes a whole number"),
+    ("digits?folds=200&fold=0", "folds=200 is more than the 174 images of the smallest class (8)"),
+]
+
+
+@pytest.mark.parametrize("spec, message", FOLD_ERRORS)
+def test_bad_fold_options_are_named(spec, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_dataset(spec)
+
+
+def test_fold_errors_through_the_cli_are_one_line(tmp_path):
+    """The rows docs/errors.md adds for folds, run as tests/test_errors.py runs its own."""
+    from click.testing import CliRunner
+
+    from meal_cache.cli import main
+
+    out = tmp_path / "x.pt"
+    for spec, message in FOLD_ERRORS:
+        result = CliRunner().invoke(main, ["train", "--arch", "resnet8", "--data", spec, "--out", str(out)])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and "Traceback" not in result.output, (spec, result.output)
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
+        assert not out.exists()
+    errors_doc = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
+    for spec, message in FOLD_ERRORS:
+        if spec != "digits?folds=5&fold=-1":  # the same row as fold=5
+            assert f"`train --data '{spec}'` | {message}" in errors_doc, spec
