@@ -13,7 +13,8 @@ from meal_cache.errors import UserError
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
 DATA_HELP = (
     "Dataset: digits, cifar10, cifar100, svhn, imagefolder:PATH, npz:PATH or fake[:N], optionally with "
-    "?label_noise=R&noise=symmetric|pairflip&train_fraction=F (see `meal-cache datasets`)."
+    "?label_noise=R&noise=symmetric|pairflip&train_fraction=F&folds=K&fold=I (folds: test on fold I of a "
+    "stratified K-fold re-split of all rows; see `meal-cache datasets`)."
 )
 
 
@@ -156,6 +157,13 @@ def train(out: str, resume: bool, overwrite: bool, quiet: bool, **settings) -> N
 @click.option(
     "--teachers", default="", help="Comma-separated teacher checkpoints: adds fidelity and KL to their ensemble."
 )
+@click.option(
+    "--store",
+    default=None,
+    type=click.Path(),
+    help="Instead of --teachers: a teacher cache of the evaluated split with an identity view (extract --split "
+    "test --views 0 --identity-view) whose cached logits give the ensemble.",
+)
 def evaluate(
     checkpoint: str,
     data: str | None,
@@ -166,14 +174,15 @@ def evaluate(
     device: str,
     json_out: str | None,
     teachers: str,
+    store: str | None,
 ) -> None:
-    """Top-1, top-5, negative log-likelihood and calibration error (ECE) of a checkpoint, and with --teachers its
-    fidelity to their ensemble and KL divergence from it; printed and written as JSON."""
+    """Top-1, top-5, negative log-likelihood and calibration error (ECE) of a checkpoint, and with --teachers (or
+    --store) its fidelity to the teachers' ensemble and KL divergence from it; printed and written as JSON."""
     from meal_cache.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         checkpoint, data=data, data_root=data_root, download=download, image_size=image_size, split=split,
-        device=device, teachers=[t.strip() for t in teachers.split(",") if t.strip()],
+        device=device, teachers=[t.strip() for t in teachers.split(",") if t.strip()], store=store,
     )  # fmt: skip
     path = Path(json_out) if json_out else Path(checkpoint).with_suffix(".eval.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -265,6 +274,7 @@ def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, 
     in eval mode. Per teacher, view and chunk of rows the store keeps the logits, every block's pooled output
     and its channel-mean map. An interrupted extract, run again with the same arguments, resumes.
     """
+    from meal_cache.distributed import is_main_process
     from meal_cache.extract import ExtractConfig
     from meal_cache.extract import extract as run_extract
     from meal_cache.store import describe_store
@@ -276,7 +286,8 @@ def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, 
         **settings,
     )
     store = run_extract(config, out, overwrite=overwrite, progress=not quiet)
-    click.echo(describe_store(store))
+    if is_main_process():
+        click.echo(describe_store(store))
 
 
 def _floats(text: str) -> list[float]:
@@ -380,10 +391,13 @@ def distill(block_weights: str, teachers: str, out: str, resume: bool, overwrite
     """
     from meal_cache.distill import DistillConfig
     from meal_cache.distill import distill as run_distill
+    from meal_cache.distributed import is_main_process
 
     config = DistillConfig(block_weights=_floats(block_weights),
                            teachers=[t.strip() for t in teachers.split(",") if t.strip()], **settings)  # fmt: skip
     summary = run_distill(config, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    if not is_main_process():
+        return
     test = summary["test"]
     click.echo(f"{settings['method']} student {settings['student']}: test top-1 {test['top1']:.2f}%  "
                f"NLL {test['nll']:.4f}  -> {out}/student.pt")  # fmt: skip
@@ -396,6 +410,37 @@ def info(store: str) -> None:
     from meal_cache.store import describe_store, open_store
 
     click.echo(describe_store(open_store(store)))
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Mark the damaged teacher chunks not done (and the store incomplete), so that running the same "
+    "`meal-cache extract` command again re-extracts exactly those.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(store: str, repair: bool, quiet: bool) -> None:
+    """Check every chunk of a teacher cache: present, and matching its CRC-32C checksum.
+
+    Lists each corrupt or missing chunk by array and chunk index. Exit status 0 when the store is sound,
+    1 when something is damaged (with or without --repair: a repaired store still needs the extract run).
+    `meal-cache distill` makes the same check on the arrays it reads and refuses a damaged store.
+    """
+    from meal_cache.store import open_store, repair_store, verify_store
+
+    report = verify_store(open_store(store), progress=not quiet)
+    for problem in report.problems:
+        click.echo(str(problem))
+    pending = f"; {report.chunks_pending} not extracted yet (incomplete store)" if report.chunks_pending else ""
+    click.echo(f"{report.chunks_checked} chunks checked, {len(report.problems)} damaged{pending}")
+    if report.ok:
+        return
+    if repair:
+        count = repair_store(open_store(store, mode="r+"), report)
+        click.echo(f"marked {count} chunk(s) for re-extraction: run the same `meal-cache extract` command to redo them")
+    sys.exit(1)
 
 
 @main.command()
@@ -487,7 +532,8 @@ def datasets() -> None:
     for name, entry in sorted(DATASETS.items()):
         click.echo(f"  {name:12s} {entry.help}")
     click.echo(
-        "Options after '?', joined by '&', change the training split (the test split stays as it is):\n"
+        "Options after '?', joined by '&' (applied in this order; test labels always stay clean):\n"
+        "  folds=K&fold=I      pool train and test, test on stratified fold I of K (fold_seed=S, default 0)\n"
         "  train_fraction=F    keep a stratified, seeded fraction F of the training rows\n"
         "  label_noise=R       change a fraction R of the training labels (seeded) ...\n"
         "  noise=symmetric     ... to a uniformly drawn other class, or noise=pairflip: class c to c+1\n"

@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 from meal_cache import augment, losses
 from meal_cache.checkpoint import load_checkpoint, model_payload, save_checkpoint, state_dict_cpu
 from meal_cache.data import ImageDataset, load_dataset
+from meal_cache.distributed import World, init_world
 from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
 from meal_cache.evaluate import evaluate
 from meal_cache.models import BlockTap, block_shapes, create_model
-from meal_cache.runtime import Precision, device_images, resolve_device, seed_everything
-from meal_cache.store import BlockSpec, TeacherStore, open_store
+from meal_cache.runtime import Precision, device_images, seed_everything
+from meal_cache.store import BlockSpec, TeacherStore, open_store, verify_store
 from meal_cache.train import (
     epoch_batches,
     epoch_generator,
@@ -428,11 +429,13 @@ class Distiller(nn.Module):
         targets: dict[str, torch.Tensor],
         labels: torch.Tensor,
         selected: list[str],
+        run_student: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[tuple[str, torch.Tensor, torch.Tensor]]]:
-        """Student logits, its named losses, and the (discriminator, real, fake) inputs for the D step."""
+        """Student logits, its named losses, and the (discriminator, real, fake) inputs for the D step.
+        ``run_student`` is what runs the student (its DistributedDataParallel wrapper under ``torchrun``)."""
         config = self.config
         with BlockTap(self.student, sorted({p.student_block for p in self.pairs})) as tap:
-            logits = self.student(images)
+            logits = (run_student or self.student)(images)
         logits = logits.float()
         named: dict[str, torch.Tensor] = {}
         adversarial_inputs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
@@ -474,8 +477,11 @@ class Distiller(nn.Module):
             named[f"adv/{disc_key}"] = named[f"adv/{disc_key}"] + weighted if f"adv/{disc_key}" in named else weighted
         return named
 
-    def discriminator_step(self, inputs, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """One step of every discriminator on teacher (real) against detached student (fake) features."""
+    def discriminator_step(
+        self, inputs, optimizer: torch.optim.Optimizer, world: World | None = None
+    ) -> dict[str, float]:
+        """One step of every discriminator on teacher (real) against detached student (fake) features
+        (gradients averaged over ranks under ``torchrun``)."""
         if not inputs:
             return {}
         total = 0.0
@@ -491,6 +497,8 @@ class Distiller(nn.Module):
             )
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if world is not None:
+            world.average_gradients(self.discriminators.parameters())
         optimizer.step()
         return stats
 
@@ -524,8 +532,16 @@ def distill(
     dataset: ImageDataset | None = None,
 ) -> dict:
     """Train a student from a store; writes ``config.json``, ``metrics.jsonl``, ``last.pt`` and ``student.pt``
-    under ``out`` and returns the final summary (test metrics, history)."""
+    under ``out`` and returns the final summary (test metrics, history).
+
+    Under ``torchrun`` each rank takes its share of every batch (the global batch is ``batch_size``, so the
+    schedule is the one a single process runs); the student is wrapped in DistributedDataParallel, the
+    discriminators' and adapters' gradients are averaged over ranks, and rank 0 alone writes files."""
     config = config.resolved()
+    world, device = init_world(config.device)
+    progress = progress and world.is_main
+    if config.batch_size % world.size:
+        raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {world.size} ranks")
     out = Path(out)
     last_path = out / "last.pt"
     state = None
@@ -537,19 +553,25 @@ def distill(
                 raise SettingsMismatch(f"'{out}' was run with other settings; --resume needs the same ones")
         elif not overwrite:
             raise UserError(f"'{out}' is not empty; pass --resume to continue it or --overwrite to replace it")
+    world.barrier()  # every rank has looked at ``out`` before rank 0 writes into it
     store = open_store(config.store)
     if dataset is None:
         dataset = load_store_dataset(config, store)
     else:
         store.check_matches(dataset.describe(), store.dataset["split"])
-    device = resolve_device(config.device)
     precision = Precision(device)
     seed_everything(config.seed)
     student = create_model(config.student, dataset.num_classes, dataset.image_size)
     distiller = Distiller(student, config, store, dataset.image_size)
+    _refuse_damaged(store, config.store, distiller.needed_keys())
     distiller = distiller.to(device)
     if precision.channels_last:
         distiller.student.to(memory_format=torch.channels_last)
+    run_student = None
+    if world.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        run_student = DistributedDataParallel(distiller.student, device_ids=[device] if device.type == "cuda" else None)
     s_opt = make_optimizer(distiller.student_parameters(), config.lr, config.momentum, config.weight_decay)
     d_params = list(distiller.discriminators.parameters())
     d_opt = torch.optim.Adam(d_params, lr=config.disc_lr, betas=(0.5, 0.999)) if d_params else None
@@ -562,12 +584,13 @@ def distill(
         if d_opt is not None:
             d_opt.load_state_dict(state["disc_optimizer"])
         history, start_epoch = list(state["history"]), int(state["epoch"])
-    else:
+    elif world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
         for stale in ("last.pt", "student.pt"):
             (out / stale).unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
+    if world.is_main:
+        (out / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
 
     split = dataset.split(store.dataset["split"])
     images, labels = device_images(split, device)
@@ -615,6 +638,9 @@ def distill(
                 unit="batch",
             )
             for step_in_epoch, (rows, targets) in enumerate(bar):
+                if world.enabled:  # this rank's share of the global batch
+                    rows = rows[world.rank :: world.size]
+                    targets = targets and {key: value[world.rank :: world.size] for key, value in targets.items()}
                 step = epoch * steps + step_in_epoch
                 lr = learning_rate(step, total_steps, config.lr, config.schedule, warmup)
                 set_learning_rate(s_opt, lr)
@@ -626,13 +652,14 @@ def distill(
                 if online is not None:
                     targets = online.targets(images[rows_dev], params, selected)
                 with precision.autocast():
-                    logits, named, adversarial = distiller(batch, targets, labels[rows_dev], selected)
-                stats = distiller.discriminator_step(adversarial, d_opt) if d_opt is not None else {}
+                    logits, named, adversarial = distiller(batch, targets, labels[rows_dev], selected, run_student)
+                stats = distiller.discriminator_step(adversarial, d_opt, world) if d_opt is not None else {}
                 with precision.autocast():
                     named.update(distiller.adversarial_losses(adversarial, selected))
                 loss = sum(named.values())
                 s_opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                world.average_gradients(distiller.adapters.parameters())
                 scaler.step(s_opt)
                 scaler.update()
                 # Averages over the steps in which each loss occurred (a random teacher's losses: about 1/T).
@@ -647,11 +674,15 @@ def distill(
             record = {"epoch": epoch + 1, "view": "fresh" if config.fresh_views else view, "lr": lr}
             record.update({k: v / counts[k] for k, v in sorted(sums.items())})
             record["steps"] = counts.get("loss", 0)
+            correct, seen = world.sum([correct, seen])
             record["train_top1"] = 100.0 * correct / max(1, seen)
             test = evaluate(distiller.student, dataset, "test", device)
             record.update({"test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"]})
             record["seconds"] = time.perf_counter() - started
             history.append(record)
+            if not world.is_main:
+                summary = {"test": test, "history": history}
+                continue
             with (out / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             if progress:
@@ -674,11 +705,23 @@ def distill(
         source.close()
     if not summary:  # resumed a run that had already finished
         summary = {"test": evaluate(distiller.student, dataset, "test", device), "history": history}
+    world.check_identical(distiller, "the student, adapters and discriminators")
+    if not world.is_main:
+        return summary
     payload = model_payload(distiller.student, config.student, dataset, _config_json(config), config.epochs,
                             history, summary["test"])  # fmt: skip
     payload["distillation"] = {"store": str(config.store), "teachers": distiller.teachers, "method": config.method}
     save_checkpoint(out / "student.pt", payload)
     return summary
+
+
+def _refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:
+    """Refuse a store whose needed chunks are missing or fail their checksums, before any training."""
+    report = verify_store(store, keys=["labels", "views/crop", "views/flip", *keys])
+    if not report.ok:
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        raise UserError(f"store '{path}' is damaged: {report.problems[0]}{more}; `meal-cache verify --repair "
+                        f"{path}` marks those chunks, then the same extract command re-extracts them")  # fmt: skip
 
 
 def _config_json(config: DistillConfig) -> dict:

@@ -5,6 +5,10 @@ the teacher runs once in eval mode under ``torch.inference_mode`` (AMP and chann
 hooks on its blocks, and the logits, pooled blocks and channel-mean maps go to a background writer that
 compresses and writes the whole chunk, then marks it done. A killed extract, run again with the same settings,
 skips the chunks marked done and ends with the same store as an uninterrupted run.
+
+Under ``torchrun`` every rank runs this function: rank 0 creates the store, every rank takes the chunks whose
+index ``c`` has ``c % world_size == rank`` (whole chunks, so no two ranks write one), and after a barrier rank 0
+records the teachers' accuracy and marks the store complete.
 """
 
 from __future__ import annotations
@@ -25,10 +29,20 @@ from tqdm.auto import tqdm
 from meal_cache import augment
 from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
 from meal_cache.data import ImageDataset, load_dataset
+from meal_cache.distributed import World, init_world
 from meal_cache.errors import SettingsMismatch, UserError
 from meal_cache.models import BlockTap, block_shapes, create_model, split_weights
-from meal_cache.runtime import Precision, device_images, resolve_device
-from meal_cache.store import FEATURE_KINDS, BlockSpec, StoreLayout, TeacherSpec, TeacherStore, create_store, open_store
+from meal_cache.runtime import Precision, device_images
+from meal_cache.store import (
+    FEATURE_KINDS,
+    BlockSpec,
+    StoreLayout,
+    TeacherSpec,
+    TeacherStore,
+    create_store,
+    open_store,
+    store_exists,
+)
 
 # Chunks written but not yet durable; bounds the memory the background writer may hold.
 MAX_PENDING_WRITES = 4
@@ -203,19 +217,46 @@ def extract(
     progress: bool = True,
     dataset: ImageDataset | None = None,
 ) -> TeacherStore:
-    """Build (or resume) the teacher cache at ``out`` and return it opened."""
+    """Build (or resume) the teacher cache at ``out`` (a folder or an fsspec URL) and return it opened.
+
+    A failed write (disk full, no permission) raises a :class:`UserError` and leaves the store resumable: the
+    chunks whose progress mark was set are kept, and the store is never marked complete."""
     config.validate()
-    device = resolve_device(config.device)
+    world, device = init_world(config.device)
+    progress = progress and world.is_main
     precision = Precision(device)
     dataset = dataset or load_dataset(config.data, config.data_root, config.download, config.image_size)
     teachers = [resolve_teacher(name, config.teacher_dir, dataset, config) for name in config.teachers]
     settings = _settings(config, dataset, teachers)
-    store = _open_or_create(config, Path(out), dataset, teachers, settings, overwrite)
-    if store.complete:
-        if progress:
-            tqdm.write(f"{out} is complete; nothing to do")
-        return store
+    try:
+        world.run_on_main(lambda: _open_or_create(config, out, dataset, teachers, settings, overwrite))
+        store = open_store(out, mode="r+")
+        if store.complete:
+            if progress:
+                tqdm.write(f"{out} is complete; nothing to do")
+            return store
+        _run_teachers(store, teachers, dataset, config, precision, device, world, progress)
+        world.barrier()
+        world.run_on_main(lambda: _finalise(store, teachers))
+    except OSError as err:
+        raise UserError(
+            f"writing the store '{out}' failed: {err.strerror or err}; the chunks already written are kept and "
+            "the store is not marked complete: fix the cause and run the same command to resume"
+        ) from err
+    return open_store(out)
 
+
+def _run_teachers(
+    store: TeacherStore,
+    teachers: list[Teacher],
+    dataset: ImageDataset,
+    config: ExtractConfig,
+    precision: Precision,
+    device: torch.device,
+    world: World,
+    progress: bool,
+) -> None:
+    """This rank's share of every (teacher, view, chunk) not yet done, written by a background writer."""
     features = tuple(config.features)
     images, _ = device_images(dataset.split(config.split), device)
     views = [store.view_params(v) for v in range(store.num_views)]
@@ -224,9 +265,9 @@ def extract(
         try:
             for teacher in teachers:
                 model = precision.prepare(teacher.model)
-                done = store.progress(teacher.spec.key)
+                done = _progress_marks(store, teacher.spec.key)
                 for view, params in enumerate(views):
-                    todo = [c for c in range(store.n_chunks) if not done[view, c]]
+                    todo = [c for c in range(world.rank, store.n_chunks, world.size) if not done[view, c]]
                     bar = tqdm(
                         total=sum(_chunk_len(store, c) for c in todo),
                         desc=f"{teacher.spec.key} view {view + 1}/{len(views)}",
@@ -247,8 +288,15 @@ def extract(
             # Whatever happens, chunks already handed to the writer are finished (or their error raised).
             while pending:
                 pending.popleft().result()
-    _finalise(store, teachers)
-    return store
+
+
+def _progress_marks(store: TeacherStore, teacher: str) -> np.ndarray:
+    try:
+        return store.progress(teacher)
+    except ValueError as err:  # a progress chunk fails its checksum
+        raise UserError(
+            f"the store's progress marks for {teacher} are corrupt ({err}); run `meal-cache verify --repair` on it"
+        ) from err
 
 
 def _chunk_len(store: TeacherStore, chunk: int) -> int:
@@ -280,13 +328,13 @@ def _run_chunk(
 
 def _open_or_create(
     config: ExtractConfig,
-    out: Path,
+    out: str | Path,
     dataset: ImageDataset,
     teachers: list[Teacher],
     settings: dict,
     overwrite: bool,
 ) -> TeacherStore:
-    if out.exists() and not overwrite:
+    if store_exists(out) and not overwrite:
         try:
             existing = open_store(out, mode="r+")
         except UserError as err:

@@ -14,22 +14,28 @@ Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
     teachers/NAME/progress         (V, N_chunks)      bool     set only after that chunk's arrays are written
 
 Chunks are ``(1, rows_per_chunk, ...)``; every write covers whole chunks, so no two writers share one, and the
-progress array has one chunk per element for the same reason. Metadata is JSON; nothing is pickled.
+progress array has one chunk per element for the same reason. Every chunk carries a CRC-32C checksum (the Zarr
+v3 ``crc32c`` codec, after compression) and is written even when it holds only the fill value, so a corrupt
+chunk fails to decode and a lost one is missing from the store: :func:`verify_store` finds both. Metadata is
+JSON; nothing is pickled. ``path`` may be a local directory or an fsspec URL (``memory://``, ``s3://``, ...).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from meal_cache.augment import ViewParams
 from meal_cache.errors import UserError
@@ -42,21 +48,49 @@ FORMAT = "meal-cache/1"
 VERSION = 1
 FEATURE_KINDS = ("blocks", "maps")
 DTYPES = ("float16", "float32")
+# Every array is created with it: all chunks written, so a missing chunk means a lost one.
+ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def is_url(path: str | Path) -> bool:
+    """An fsspec URL (``memory://``, ``s3://``, ``gs://``, ...) rather than a local path."""
+    return "://" in str(path)
+
+
+def store_exists(path: str | Path) -> bool:
+    if not is_url(path):
+        return Path(path).exists()
+    import fsspec
+
+    filesystem, root = fsspec.core.url_to_fs(str(path))
+    return bool(filesystem.exists(root))
+
+
+def remove_store(path: str | Path) -> None:
+    if not is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    import fsspec
+
+    filesystem, root = fsspec.core.url_to_fs(str(path))
+    if filesystem.exists(root):
+        filesystem.rm(root, recursive=True)
 
 
 def parse_codec(spec: str) -> list:
-    """``zstd`` / ``zstd:LEVEL``, ``blosc`` / ``blosc:LEVEL`` (zstd inside, byte shuffle), or ``none``."""
+    """``zstd`` / ``zstd:LEVEL``, ``blosc`` / ``blosc:LEVEL`` (zstd inside, byte shuffle), or ``none``; the
+    CRC-32C checksum always comes last."""
     name, _, level = spec.partition(":")
     try:
         level_value = int(level) if level else 3
     except ValueError as err:
         raise UserError(f"codec level must be a number, got '{spec}'") from err
     if name == "zstd":
-        return [ZstdCodec(level=level_value)]
+        return [ZstdCodec(level=level_value), Crc32cCodec()]
     if name == "blosc":
-        return [BloscCodec(cname="zstd", clevel=min(level_value, 9), shuffle="shuffle")]
+        return [BloscCodec(cname="zstd", clevel=min(level_value, 9), shuffle="shuffle"), Crc32cCodec()]
     if name == "none":
-        return []
+        return [Crc32cCodec()]
     raise UserError(f"unknown codec '{spec}'; choose zstd[:LEVEL], blosc[:LEVEL] or none")
 
 
@@ -147,7 +181,10 @@ def create_store(
     layout: StoreLayout,
     settings: dict,
 ) -> TeacherStore:
-    """Create every array and attribute of a new store (overwriting ``path``), with labels and views written."""
+    """Create every array and attribute of a new store (replacing ``path``), with labels and views written.
+
+    A local store is built beside ``path`` and renamed into place, so a process killed while creating it leaves
+    no half-made store behind, only a ``.creating`` folder the next attempt removes."""
     if layout.dtype not in DTYPES:
         raise UserError(f"unknown dtype '{layout.dtype}'; choose one of: {', '.join(DTYPES)}")
     compressors = parse_codec(layout.codec)
@@ -155,6 +192,11 @@ def create_store(
     filters = lossy_filters(layout)
     n = int(labels.shape[0])
     rows = layout.rows_per_chunk
+    target = path
+    if not is_url(path):
+        path = Path(path)
+        path = path.with_name(f".{path.name}.creating")
+        remove_store(path)
     group = zarr.open_group(str(path), mode="w")
     group.attrs.update(
         _json_safe(
@@ -170,20 +212,18 @@ def create_store(
             }
         )
     )
-    group.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int64", compressors=compressors)[:] = (
-        labels.numpy()
-    )
+    exact = {"compressors": compressors, "config": ARRAY_CONFIG}
+    group.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int64", **exact)[:] = labels.numpy()
     count = len(views)
-    crop = group.create_array("views/crop", shape=(count, n, 4), chunks=(1, rows, 4), dtype="int16",
-                              compressors=compressors)  # fmt: skip
-    flip = group.create_array("views/flip", shape=(count, n), chunks=(1, rows), dtype="bool", compressors=compressors)
+    crop = group.create_array("views/crop", shape=(count, n, 4), chunks=(1, rows, 4), dtype="int16", **exact)
+    flip = group.create_array("views/flip", shape=(count, n), chunks=(1, rows), dtype="bool", **exact)
     crop[:] = torch.stack([v.crop for v in views]).numpy()
     flip[:] = torch.stack([v.flip for v in views]).numpy()
     n_chunks = math.ceil(n / rows)
 
     def output_array(key: str, shape: tuple[int, ...]) -> None:
         group.create_array(key, shape=shape, chunks=(1, rows, *shape[2:]), dtype=layout.dtype, filters=filters,
-                           compressors=compressors, fill_value=0)  # fmt: skip
+                           fill_value=0, **exact)  # fmt: skip
 
     for teacher in teachers:
         base = f"teachers/{teacher.key}"
@@ -194,13 +234,17 @@ def create_store(
             if "maps" in layout.features:
                 output_array(f"{base}/maps/{block.key}", (count, n, block.height, block.width))
         group.create_array(f"{base}/progress", shape=(count, n_chunks), chunks=(1, 1), dtype="bool",
-                           fill_value=False)  # fmt: skip
+                           fill_value=False, **exact)  # fmt: skip
+    if str(target) != str(path):
+        remove_store(target)
+        Path(path).rename(target)
+        group = zarr.open_group(str(target), mode="r+")
     return TeacherStore(group)
 
 
 def open_store(path: str | Path, mode: str = "r") -> TeacherStore:
     """Open a meal-cache store; a missing path or a foreign Zarr group is a clear error."""
-    if not str(path).startswith(("memory://", "s3://", "gs://")) and not Path(path).exists():
+    if not store_exists(path):
         raise UserError(f"store not found: '{path}'")
     try:
         group = zarr.open_group(str(path), mode=mode)
@@ -355,6 +399,134 @@ class TeacherStore:
                     "raw": int(array.nbytes),
                 }
         return out
+
+
+# ---------------------------------------------------------------------------------------------------- verify
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """A chunk that should hold data and does not: ``missing`` (lost) or ``corrupt`` (fails its checksum)."""
+
+    array: str
+    chunk: tuple[int, ...]
+    kind: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.array} chunk ({', '.join(map(str, self.chunk))})"
+        return f"{where}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class VerifyReport:
+    chunks_checked: int = 0
+    chunks_pending: int = 0  # not extracted yet (an incomplete store), which is not damage
+    problems: list[ChunkProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _stored_chunks(array: zarr.Array) -> set[tuple[int, ...]]:
+    """Chunk indices present in the store (one listing, no reads)."""
+    store, prefix = array.store_path.store, f"{array.store_path.path}/c/"
+
+    async def listing() -> list[str]:
+        return [key async for key in store.list_prefix(prefix)]
+
+    found = set()
+    for key in sync(listing()):
+        parts = key[len(prefix) :].split("/")
+        if all(part.isdigit() for part in parts):  # not an interrupted atomic write's temporary file
+            found.add(tuple(int(part) for part in parts))
+    return found
+
+
+def _chunk_grid(array: zarr.Array) -> Iterator[tuple[int, ...]]:
+    import itertools
+
+    counts = [math.ceil(size / chunk) for size, chunk in zip(array.shape, array.chunks, strict=True)]
+    return itertools.product(*(range(count) for count in counts))
+
+
+def _decode_problems(array: zarr.Array, key: str, chunks: list[tuple[int, ...]]) -> list[ChunkProblem]:
+    """Decode ``chunks`` (sharing their first index) together, one by one only when that fails."""
+    try:
+        array[chunks[0][0]] if array.ndim > 1 else array[:]
+        return []
+    except Exception:  # noqa: BLE001 - any decode error marks a corrupt chunk, found below
+        pass
+    problems = []
+    for coords in chunks:
+        try:
+            array.get_block_selection(coords)
+        except Exception as err:  # noqa: BLE001
+            problems.append(ChunkProblem(key, coords, "corrupt", str(err).split(".")[0]))
+    return problems
+
+
+def verify_store(store: TeacherStore, keys: list[str] | None = None, progress: bool = False) -> VerifyReport:
+    """Check that every chunk that should hold data exists and decodes (its CRC-32C matches).
+
+    Labels and views are written at creation, so all their chunks must exist; a teacher's output chunk must
+    exist once its progress mark is set. ``keys`` limits the check to some arrays (distill checks those it
+    reads)."""
+    from tqdm.auto import tqdm
+
+    report = VerifyReport()
+    done: dict[str, np.ndarray] = {}
+    for teacher in store.teacher_names:
+        key = f"teachers/{teacher}/progress"
+        array = store.group[key]
+        marks = np.zeros(array.shape, dtype=bool)
+        for view in range(array.shape[0]):
+            try:
+                marks[view] = array[view]
+            except Exception:  # noqa: BLE001 - a corrupt mark: report it, count its chunk as not done
+                for chunk in range(array.shape[1]):
+                    try:
+                        marks[view, chunk] = array[view, chunk]
+                    except Exception as err:  # noqa: BLE001
+                        report.problems.append(ChunkProblem(key, (view, chunk), "corrupt", str(err).split(".")[0]))
+        done[teacher] = marks
+    all_keys = ["labels", "views/crop", "views/flip"]
+    for teacher in store.teacher_names:
+        all_keys += store.feature_keys(teacher)
+    for key in tqdm(keys if keys is not None else all_keys, desc="verify", unit="array", disable=not progress):
+        array = store.group[key]
+        stored = _stored_chunks(array)
+        if key.startswith("teachers/"):
+            marks = done[key.split("/")[1]]
+            expected = [c for c in _chunk_grid(array) if marks[c[0], c[1]]]
+            report.chunks_pending += int((~marks).sum())
+        else:
+            expected = list(_chunk_grid(array))
+        present = [c for c in expected if c in stored]
+        report.problems += [ChunkProblem(key, c, "missing") for c in expected if c not in stored]
+        by_first: dict[int, list[tuple[int, ...]]] = {}
+        for coords in present:
+            by_first.setdefault(coords[0], []).append(coords)
+        for chunks in by_first.values():
+            report.problems += _decode_problems(array, key, chunks)
+        report.chunks_checked += len(present)
+    return report
+
+
+def repair_store(store: TeacherStore, report: VerifyReport) -> int:
+    """Clear the progress marks of damaged teacher chunks (and the store's ``complete`` flag) so the same
+    extract command re-extracts exactly those; returns how many (teacher, view, chunk) units will be redone."""
+    fixed_at_creation = [p for p in report.problems if not p.array.startswith("teachers/")]
+    if fixed_at_creation:
+        raise UserError(f"{fixed_at_creation[0]}: labels and views are written when the store is created and "
+                        "cannot be re-extracted; extract it again with --overwrite")  # fmt: skip
+    redo = {(p.array.split("/")[1], p.chunk[0], p.chunk[1]) for p in report.problems}
+    for teacher, view, chunk in sorted(redo):
+        store.group[f"teachers/{teacher}/progress"][view, chunk] = False
+    if redo:
+        store.set_attrs(complete=False)
+    return len(redo)
 
 
 def describe_store(store: TeacherStore) -> str:
