@@ -15,6 +15,8 @@ A pipeline file::
     [store]
     views = 8
     identity_view = true
+    [stores.v1]                   # optional named stores: [store] with these overrides, in stores/v1.zarr
+    views = 1
     [student]
     arch = "resnet8_w4"
     epochs = 15
@@ -22,6 +24,9 @@ A pipeline file::
     alone = {}                    # the student trained alone, with labels
     kd = { method = "kd" }
     meal = { method = "meal" }    # any DistillConfig field may be set per method
+    meal-v1 = { method = "meal", store = "v1" }   # distilled from a named store
+
+The main store (``feats.zarr``) is extracted when no ``[stores]`` are named or some method uses it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import time
 import tomllib
 from collections.abc import Callable
@@ -45,7 +51,9 @@ from meal_cache.models import model_names, split_weights
 from meal_cache.train import TrainConfig, train_supervised
 
 ALONE = "alone"
-SECTIONS = {"name", "description", "seeds", "data", "teachers", "store", "student", "methods", "gpu"}
+SECTIONS = {"name", "description", "seeds", "data", "teachers", "store", "stores", "student", "methods", "gpu"}
+# Store names become file and step names (stores/NAME.zarr, extract/NAME).
+STORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -63,6 +71,26 @@ class Pipeline:
     description: str = ""
     gpu: bool = False
     raw: dict = field(default_factory=dict)
+    stores: dict[str, dict] = field(default_factory=dict)  # named stores: overrides of ``store``
+
+    def method_store(self, name: str) -> str | None:
+        """The named store a method distils from; None for the main store (and for ``alone``)."""
+        return self.methods[name].get("store")
+
+    def uses_main_store(self) -> bool:
+        """Whether the main store is extracted: always without named stores (as before they existed), else only
+        when a method distils from it, since extracting an unused store costs time."""
+        if not self.stores:
+            return True
+        return any(name != ALONE and self.method_store(name) is None for name in self.methods)
+
+    def store_path(self, run_dir: Path, store: str | None = None) -> Path:
+        """Where the main store (``store=None``) or a named store lives in a run directory."""
+        return run_dir / "feats.zarr" if store is None else run_dir / "stores" / f"{store}.zarr"
+
+    def store_settings(self, store: str | None = None) -> dict:
+        """ExtractConfig overrides of the main or a named store."""
+        return dict(self.store) if store is None else {**self.store, **self.stores[store]}
 
     def method_seeds(self, name: str) -> list[int]:
         """A method's seeds: its own ``seeds`` (a subset of the pipeline's) or the pipeline's."""
@@ -116,6 +144,14 @@ def load_pipeline(path: str | Path) -> Pipeline:
     store_fields = _fields(ExtractConfig) - {"teachers", "data", "data_root", "download", "image_size", "teacher_dir",
                                              "device"}  # fmt: skip
     _check_keys(f"{path} [store]", store, store_fields)
+    stores_raw = raw.get("stores", {})
+    if not isinstance(stores_raw, dict) or not all(isinstance(v, dict) for v in stores_raw.values()):
+        raise UserError(f"{path}: [stores] holds named tables such as [stores.v1] (views = 1)")
+    stores = {name: dict(overrides) for name, overrides in stores_raw.items()}
+    for name, overrides in stores.items():
+        if not STORE_NAME.fullmatch(name):
+            raise UserError(f"{path}: store name '{name}' may hold only letters, digits, '_', '.' and '-'")
+        _check_keys(f"{path} [stores.{name}]", overrides, store_fields)
     student = dict(raw["student"])
     _check_keys(f"{path} [student]", student, (_fields(TrainConfig) | _fields(DistillConfig)) - {"student", "store"})
     if split_weights(student.get("arch", ""))[0] not in known_models:
@@ -130,7 +166,15 @@ def load_pipeline(path: str | Path) -> Pipeline:
         if name == ALONE:
             _check_keys(f"{path} method {name}", overrides, _fields(TrainConfig) - {"arch", "data"} | {"seeds"})
             continue
-        _check_keys(f"{path} method {name}", overrides, _fields(DistillConfig) - {"store", "student"} | {"seeds"})
+        # ``store`` names a [stores] table here (the DistillConfig field of that name is the store's path).
+        _check_keys(f"{path} method {name}", overrides, _fields(DistillConfig) - {"student"} | {"seeds"})
+        if "store" in overrides:
+            chosen = overrides["store"]
+            if not isinstance(chosen, str):
+                raise UserError(f"{path} method {name}: store takes the name of a [stores] table, got {chosen!r}")
+            if chosen not in stores:
+                defined = ", ".join(sorted(stores)) or "none: add [stores.NAME] tables"
+                raise UserError(f"{path} method {name}: unknown store '{chosen}'; defined stores: {defined}")
         method = overrides.get("method", name)
         if method not in METHODS:
             raise unknown_choice(f"method of '{name}'", method, list(METHODS))
@@ -146,6 +190,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         description=str(raw.get("description", "")),
         gpu=bool(raw.get("gpu", False)),
         raw=raw,
+        stores=stores,
     )
 
 
@@ -220,23 +265,27 @@ def run_pipeline(pipeline: Pipeline, runs_root: str | Path = "runs", device: str
         steps.run(f"teacher/{teacher['name']}", dataclasses.asdict(config) | {"device": None}, [], [out], train_teacher)
 
     teacher_names = [t["name"] for t in pipeline.teachers]
-    store_path = run_dir / "feats.zarr"
-    extract_config = ExtractConfig(teachers=teacher_names, teacher_dir=str(teacher_dir), device=device,
-                                   **data, **pipeline.store)  # fmt: skip
-    steps.run(
-        "extract",
-        dataclasses.asdict(extract_config) | {"device": None, "teacher_dir": None},
-        [f"teacher/{n}" for n in teacher_names],
-        [store_path],
-        lambda: _retrying(lambda fresh: extract(extract_config, store_path, overwrite=fresh, progress=progress)),
-    )
+    teacher_steps = [f"teacher/{n}" for n in teacher_names]
+    # The main store keeps its step name and settings, so runs made before named stores existed stay up to date.
+    stores: list[tuple[str | None, str]] = [(None, "extract")] if pipeline.uses_main_store() else []
+    stores += [(name, f"extract/{name}") for name in pipeline.stores]
+    for store_name, step in stores:
+        store_path = pipeline.store_path(run_dir, store_name)
+        extract_config = ExtractConfig(teachers=teacher_names, teacher_dir=str(teacher_dir), device=device,
+                                       **data, **pipeline.store_settings(store_name))  # fmt: skip
+
+        def run_extract(config=extract_config, out=store_path) -> None:
+            _retrying(lambda fresh: extract(config, out, overwrite=fresh, progress=progress))
+
+        steps.run(step, dataclasses.asdict(extract_config) | {"device": None, "teacher_dir": None}, teacher_steps,
+                  [store_path], run_extract)  # fmt: skip
 
     train_fields, distill_fields = _fields(TrainConfig), _fields(DistillConfig)
     for seed in pipeline.seeds:
         for name, overrides in pipeline.methods.items():
             if seed not in pipeline.method_seeds(name):
                 continue
-            overrides = {k: v for k, v in overrides.items() if k != "seeds"}
+            overrides = {k: v for k, v in overrides.items() if k not in ("seeds", "store")}
             out = run_dir / "students" / name / f"seed-{seed}"
             if name == ALONE:
                 student = {k: v for k, v in pipeline.student.items() if k in train_fields}
@@ -254,13 +303,16 @@ def run_pipeline(pipeline: Pipeline, runs_root: str | Path = "runs", device: str
             if overrides.get("online"):
                 # The online reference runs the pipeline's own teachers in the loop.
                 overrides = {"teachers": teacher_names, **overrides, "teacher_dir": str(teacher_dir)}
+            store_name = pipeline.method_store(name)
+            store_step = "extract" if store_name is None else f"extract/{store_name}"
+            store_path = pipeline.store_path(run_dir, store_name)
             config = DistillConfig(store=str(store_path), student=pipeline.student["arch"], seed=seed, device=device,
                                    **{"method": name, **student, **overrides})  # fmt: skip
 
             def run_distill(config=config, out=out) -> None:
                 _retrying(lambda fresh: distill(config, out, resume=not fresh, overwrite=fresh, progress=progress))
 
-            steps.run(f"{name}/seed-{seed}", dataclasses.asdict(config) | {"device": None}, ["extract"],
+            steps.run(f"{name}/seed-{seed}", dataclasses.asdict(config) | {"device": None}, [store_step],
                       [out / "student.pt"], run_distill)  # fmt: skip
 
     from meal_cache.report import write_report

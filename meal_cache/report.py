@@ -1,5 +1,6 @@
 """Reports: the results table of a pipeline run (mean and spread over seeds, paired differences against the
-student trained alone), ``results.json``, ``report.md`` and PNG plots."""
+student trained alone), ``results.json``, ``report.md`` and PNG plots; for pipelines with named stores, the views
+curve (students from stores of V cached views against the online reference with fresh views every epoch)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ from meal_cache.models import count_parameters  # noqa: E402
 from meal_cache.store import open_store  # noqa: E402
 
 STUDENT_METRICS = ("top1", "nll", "fidelity", "kl", "ece", "epoch_seconds")
+CURVE_METRICS = ("top1", "nll", "fidelity")
+VIEWS_CURVE_PLOT = "Views curve"
+# For these metrics a lower value is the better one.
+LOWER_IS_BETTER = {"nll", "kl", "ece"}
 
 
 def paired_difference(values: list[float], baseline: list[float]) -> dict:
@@ -65,6 +70,77 @@ def _ms_per_image(model: torch.nn.Module, images: torch.Tensor, mean, std) -> fl
     return 1000.0 * best / len(images)
 
 
+def _store_summary(path: Path) -> dict:
+    store = open_store(path)
+    sizes = store.sizes()
+    return {
+        "path": str(path),
+        "stored_bytes": sum(v["stored"] for v in sizes.values()),
+        "float32_bytes": sum(v["raw_float32"] for v in sizes.values()),
+        "views": store.num_views,
+        "augmented_views": int(store.attrs["views"]["augmented"]),
+        "rows": store.n,
+        "by_array": sizes,
+    }
+
+
+def views_curve(pipeline, per_method: dict[str, dict[int, dict]], stores: dict[str, dict]) -> dict | None:
+    """Per method family: top-1, NLL and fidelity of the students from each named store against its number of
+    augmented views V, the family's online fresh-view reference and the student alone, all on the same seeds."""
+    from meal_cache.pipeline import ALONE
+
+    points: dict[str, list[tuple[str, str]]] = {}
+    references: dict[str, str] = {}
+    for name, overrides in pipeline.methods.items():
+        if name == ALONE or name not in per_method:
+            continue
+        family = overrides.get("method", name)
+        if overrides.get("online"):
+            # Only fresh views are the reference: online on replayed views matches the cache by construction.
+            if overrides.get("fresh_views"):
+                references.setdefault(family, name)
+        elif overrides.get("store") in stores:
+            points.setdefault(family, []).append((name, overrides["store"]))
+    if not points:
+        return None
+    members = [m for family in points.values() for m, _ in family]
+    members += [references[f] for f in points if f in references]
+    members += [ALONE] if ALONE in per_method else []
+    # Paired over seeds: every point, reference and baseline on the seeds all of them have.
+    seeds = sorted(set.intersection(*(set(per_method[m]) for m in members)))
+    curve: dict = {"seeds": seeds, "metrics": list(CURVE_METRICS), "alone": None, "families": {}}
+    if not seeds:
+        curve["note"] = "no seed is common to every method of the curve, so it cannot be paired"
+        return curve
+
+    def summaries(method: str) -> dict:
+        return {m: _summary([per_method[method][s][m] for s in seeds]) for m in CURVE_METRICS}
+
+    if ALONE in per_method:
+        curve["alone"] = {"method": ALONE, **summaries(ALONE)}
+    for family, entries in points.items():
+        reference = references.get(family)
+        rows = []
+        for method, store in entries:
+            row = {"method": method, "store": store, "views": stores[store]["augmented_views"],
+                   "stored_bytes": stores[store]["stored_bytes"], **summaries(method),
+                   "vs_reference": None}  # fmt: skip
+            if reference is not None:
+                row["vs_reference"] = {
+                    m: paired_difference(
+                        [per_method[method][s][m] for s in seeds], [per_method[reference][s][m] for s in seeds]
+                    )  # fmt: skip
+                    for m in CURVE_METRICS
+                }
+            rows.append(row)
+        rows.sort(key=lambda r: (r["views"], r["method"]))
+        curve["families"][family] = {
+            "points": rows,
+            "reference": None if reference is None else {"method": reference, **summaries(reference)},
+        }
+    return curve
+
+
 def collect_results(run_dir: Path, pipeline) -> dict:
     """Evaluate every teacher, the ensemble and every student checkpoint of a pipeline run on the test split."""
     teacher_payloads = {t["name"]: load_checkpoint(run_dir / "teachers" / f"{t['name']}.pt") for t in pipeline.teachers}
@@ -76,13 +152,20 @@ def collect_results(run_dir: Path, pipeline) -> dict:
     rows: list[dict] = []
     teacher_probs = []
     timing: dict[str, float] = {}
+
+    def time_once(arch: str, model: torch.nn.Module) -> float:
+        # Once per architecture: three timed passes per checkpoint were most of a report's time.
+        if arch not in timing:
+            timing[arch] = _ms_per_image(model, test.images, dataset.mean, dataset.std)
+        return timing[arch]
+
     for name, payload in teacher_payloads.items():
         model = model_from_checkpoint(payload)
         logits = predict_logits(model, test.images, tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]),
                                 torch.device("cpu"))  # fmt: skip
         teacher_probs.append(torch.softmax(logits, 1))
         metrics = classification_metrics(logits, test.labels)
-        timing.setdefault(payload["arch"], _ms_per_image(model, test.images, dataset.mean, dataset.std))
+        time_once(payload["arch"], model)
         rows.append({
             "name": f"teacher {name}", "kind": "teacher", "arch": payload["arch"],
             "top1": _summary([metrics["top1"]]), "nll": _summary([metrics["nll"]]),
@@ -111,7 +194,7 @@ def collect_results(run_dir: Path, pipeline) -> dict:
             logits = predict_logits(model, test.images, tuple(payload["input"]["mean"]),
                                     tuple(payload["input"]["std"]), torch.device("cpu"))  # fmt: skip
             metrics = classification_metrics(logits, test.labels)
-            timing.setdefault(payload["arch"], _ms_per_image(model, test.images, dataset.mean, dataset.std))
+            time_once(payload["arch"], model)
             per_method.setdefault(method, {})[seed] = {
                 "top1": metrics["top1"], "nll": metrics["nll"],
                 "fidelity": fidelity(logits, ensemble), "kl": kl_to_ensemble(logits, ensemble),
@@ -139,14 +222,21 @@ def collect_results(run_dir: Path, pipeline) -> dict:
             for metric in ("top1", "nll"):
                 result = paired_difference([by_seed[s][metric] for s in seeds], [base[s][metric] for s in seeds])
                 comparisons.append({"method": method, "metric": metric, **result})
-    store = open_store(run_dir / "feats.zarr")
-    sizes = store.sizes()
+    named = {name: _store_summary(pipeline.store_path(run_dir, name)) for name in pipeline.stores}
+    # The store the report describes: the main one, or (when no method uses it, so it was never extracted) the
+    # named store with the most views.
+    if pipeline.uses_main_store():
+        main_name, main = None, _store_summary(pipeline.store_path(run_dir))
+    else:
+        main_name = max(named, key=lambda n: (named[n]["views"], n))
+        main = named[main_name]
+    main_path = Path(main["path"])
     label_noise = None
-    if dataset.clean_train_labels is not None and store.dataset["split"] == "train":
+    if dataset.clean_train_labels is not None and open_store(main_path).dataset["split"] == "train":
         from meal_cache.analysis import DEFAULT_CONFIDENCE, inspect_store, label_noise_scores
 
         noisy_rows = np.flatnonzero((dataset.train.labels != dataset.clean_train_labels).numpy())
-        suspects = [s["row"] for s in inspect_store(run_dir / "feats.zarr", DEFAULT_CONFIDENCE)["suspects"]]
+        suspects = [s["row"] for s in inspect_store(main_path, DEFAULT_CONFIDENCE)["suspects"]]
         label_noise = {"confidence": DEFAULT_CONFIDENCE, **label_noise_scores(suspects, noisy_rows)}
     return {
         "label_inspection": label_noise,
@@ -156,12 +246,15 @@ def collect_results(run_dir: Path, pipeline) -> dict:
         "rows": rows,
         "comparisons": comparisons,
         "store": {
-            "stored_bytes": sum(v["stored"] for v in sizes.values()),
-            "float32_bytes": sum(v["raw_float32"] for v in sizes.values()),
-            "views": store.num_views,
-            "rows": store.n,
-            "by_array": sizes,
+            "name": main_name,
+            "stored_bytes": main["stored_bytes"],
+            "float32_bytes": main["float32_bytes"],
+            "views": main["views"],
+            "rows": main["rows"],
+            "by_array": main["by_array"],
         },
+        "stores": {name: {k: v for k, v in info.items() if k != "by_array"} for name, info in named.items()},
+        "views_curve": views_curve(pipeline, per_method, named),
         "histories": {m: {str(s): d["history"] for s, d in by_seed.items()} for m, by_seed in per_method.items()},
     }
 
@@ -254,6 +347,53 @@ def plot_store_bytes(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_views_curve(curve: dict, path: Path) -> None:
+    """Top-1, NLL and fidelity against V (log2 axis); references as horizontal lines with a mean ± sd band."""
+    titles = {"top1": "test top-1 (%)", "nll": "test NLL (nats)", "fidelity": "fidelity to the ensemble (%)"}
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(15, 4.4))
+    colours = plt.cm.tab10(np.arange(10))
+    ticks: dict[int, float] = {}
+    families = len(curve["families"])
+    for index, (family, data) in enumerate(curve["families"].items()):
+        colour = colours[index % 10]
+        for point in data["points"]:
+            ticks.setdefault(point["views"], point["stored_bytes"] / 2**20)
+        # Families side by side around each V, so their error bars do not hide each other.
+        shift = 2 ** (0.06 * (index - (families - 1) / 2))
+        for ax, metric in zip(axes, CURVE_METRICS, strict=True):
+            if data["points"]:
+                ax.errorbar([p["views"] * shift for p in data["points"]], [p[metric]["mean"] for p in data["points"]],
+                            yerr=[p[metric]["std"] for p in data["points"]], color=colour, marker="o", capsize=3,
+                            label=f"{family}, cached views")  # fmt: skip
+            reference = data["reference"]
+            if reference is not None:
+                mean, std = reference[metric]["mean"], reference[metric]["std"]
+                ax.axhline(mean, color=colour, linestyle="--", linewidth=1,
+                           label=f"{reference['method']} (fresh views)")  # fmt: skip
+                ax.axhspan(mean - std, mean + std, color=colour, alpha=0.12, linewidth=0)
+    alone = curve.get("alone")
+    for ax, metric in zip(axes, CURVE_METRICS, strict=True):
+        if alone is not None:
+            mean, std = alone[metric]["mean"], alone[metric]["std"]
+            ax.axhline(mean, color="grey", linestyle=":", linewidth=1.2, label="alone (labels only)")
+            ax.axhspan(mean - std, mean + std, color="grey", alpha=0.08, linewidth=0)
+        ax.set_xscale("log", base=2)
+        views = sorted(ticks)
+        ax.set_xticks(views, [f"{v}\n{ticks[v]:.1f} MiB" for v in views])
+        ax.minorticks_off()
+        if len(views) == 1:
+            ax.set_xlim(views[0] / 2, views[0] * 2)
+        ax.set_xlabel("cached augmented views V (store size)")
+        ax.set_title(titles[metric])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Cached views against fresh augmentation every epoch (mean ± sd over seeds {curve['seeds']})",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------------- report
 
 
@@ -261,6 +401,58 @@ def _fmt(summary: dict, digits: int = 2) -> str:
     if len(summary["values"]) > 1:
         return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
     return f"{summary['mean']:.{digits}f}"
+
+
+def _verdict(metric: str, difference: dict) -> str:
+    if difference["within_noise"]:
+        return "within noise"
+    better = difference["mean"] < 0 if metric in LOWER_IS_BETTER else difference["mean"] > 0
+    return "better" if better else "worse"
+
+
+def _difference_text(metric: str, difference: dict, digits: int) -> str:
+    low, high = difference["ci95"]
+    if difference["n"] < 2:
+        return f"{difference['mean']:+.{digits}f} (one seed: no interval)"
+    return (f"{difference['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] "
+            f"{_verdict(metric, difference)}")  # fmt: skip
+
+
+def render_views_curve(curve: dict, plot: str | None) -> list[str]:
+    """The views-curve section of report.md: one row per family and V, then the references."""
+    lines = ["## Views curve: cached views against fresh augmentation every epoch", ""]
+    if not curve["seeds"]:
+        return lines + [f"Not drawn: {curve['note']}.", ""]
+    lines += [
+        f"Students distilled from stores of V cached augmented views (epoch e replays view e mod V) against the "
+        f"online reference of the same method, which runs the teachers on a fresh augmentation of every image "
+        f"every epoch. Mean ± sd over seeds {curve['seeds']}, the same seeds for every row; differences to the "
+        f"online reference are paired over those seeds (95% t interval).",
+        "",
+        "| method | family | V | store MiB | top-1 % | NLL | fidelity % | top-1 - online [95% CI] "
+        "| NLL - online [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cells(row: dict) -> str:
+        return f"{_fmt(row['top1'])} | {_fmt(row['nll'], 4)} | {_fmt(row['fidelity'])}"
+
+    for family, data in curve["families"].items():
+        for point in data["points"]:
+            diff = point["vs_reference"]
+            top1 = _difference_text("top1", diff["top1"], 2) if diff else "no reference"
+            nll = _difference_text("nll", diff["nll"], 4) if diff else "no reference"
+            lines.append(f"| {point['method']} | {family} | {point['views']} | {point['stored_bytes'] / 2**20:.2f} | "
+                         f"{cells(point)} | {top1} | {nll} |")  # fmt: skip
+        if data["reference"] is not None:
+            lines.append(f"| {data['reference']['method']} | {family} | fresh | - | {cells(data['reference'])} | "
+                         f"reference | reference |")  # fmt: skip
+    if curve["alone"] is not None:
+        lines.append(f"| alone | - | - | - | {cells(curve['alone'])} | - | - |")
+    lines.append("")
+    if plot:
+        lines += [f"![views curve]({plot})", ""]
+    return lines
 
 
 def render_markdown(results: dict, plots: dict[str, str]) -> str:
@@ -285,9 +477,10 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
             f"| {row['name']} | {row['arch']} | {_fmt(row['top1'])} | {_fmt(row['nll'], 4)} | {fidelity_text} | "
             f"{kl_text} | {_fmt(row['ece'])} | {row['params']:,} | {row['ms_per_image']:.3f} | {epoch_text} |"
         )
+    store_label = "Store" if store.get("name") is None else f"Store `{store['name']}`"
     lines += [
         "",
-        f"Store: {store['stored_bytes'] / 2**20:.1f} MiB "
+        f"{store_label}: {store['stored_bytes'] / 2**20:.1f} MiB "
         f"({store['float32_bytes'] / max(1, store['stored_bytes']):.1f}x "
         f"smaller than float32), {store['views']} views x {store['rows']} rows, "
         f"{store['stored_bytes'] / max(1, store['views'] * store['rows']):.0f} bytes per sample per view.",
@@ -309,13 +502,16 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
             "|---|---|---|---|---|",
         ]
         for row in results["comparisons"]:
-            better = row["mean"] > 0 if row["metric"] == "top1" else row["mean"] < 0
-            verdict = "within noise" if row["within_noise"] else ("better" if better else "worse")
+            verdict = _verdict(row["metric"], row)
             low, high = row["ci95"]
             lines.append(f"| {row['method']} | {row['metric']} | {row['mean']:+.3f} | [{low:+.3f}, {high:+.3f}] | "
                          f"{verdict} |")  # fmt: skip
         lines.append("")
+    if results.get("views_curve") is not None:
+        lines += render_views_curve(results["views_curve"], plots.get(VIEWS_CURVE_PLOT))
     for title, file in plots.items():
+        if title == VIEWS_CURVE_PLOT:
+            continue
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
     return "\n".join(lines)
 
@@ -338,6 +534,11 @@ def write_report(run_dir: str | Path, pipeline=None, progress: bool = True) -> P
         plots["MEAL losses, discriminators included"] = "meal_losses.png"
     plot_store_bytes(results, run_dir / "store_bytes.png")
     plots["Store bytes by teacher and block"] = "store_bytes.png"
+    curve = results["views_curve"]
+    if curve is not None and curve["seeds"]:
+        plot_views_curve(curve, run_dir / "views_curve.png")
+        # Shown beside its table rather than with the other plots.
+        plots[VIEWS_CURVE_PLOT] = "views_curve.png"
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (run_dir / "report.md").write_text(render_markdown(results, plots) + "\n")
     return run_dir / "report.md"

@@ -88,6 +88,104 @@ def test_tiny_pipeline_runs_skips_and_reruns_only_what_changed(tmp_path):
     assert len(json.loads((run_dir / "results.json").read_text())["histories"]["meal"]["7"]) == 2
 
 
+# A quarter of the digits training rows keeps the eight students and two stores to seconds.
+VIEWS = """
+name = "tiny-views"
+seeds = [3, 4]
+[data]
+spec = "digits?train_fraction=0.25"
+[[teachers]]
+name = "resnet"
+arch = "resnet8_w4"
+epochs = 1
+[store]
+identity_view = false
+rows_per_chunk = 512
+[stores.v1]
+views = 1
+[stores.v2]
+views = 2
+[student]
+arch = "resnet8_w4"
+epochs = 2
+[methods]
+alone = {}
+kd-v1 = { method = "kd", store = "v1" }
+kd-v2 = { method = "kd", store = "v2" }
+kd-online = { method = "kd", online = true, fresh_views = true, store = "v2" }
+"""
+
+
+def test_views_pipeline_extracts_named_stores_and_draws_the_curve(tmp_path):
+    file = tmp_path / "views.toml"
+    file.write_text(VIEWS)
+    runs = tmp_path / "runs"
+    run_dir = run_pipeline(load_pipeline(file), runs, device="cpu", progress=False)
+    from meal_cache.store import open_store
+
+    # No method uses the main store, so it is not extracted.
+    assert not (run_dir / "feats.zarr").exists()
+    for name, views in (("v1", 1), ("v2", 2)):
+        attrs = open_store(run_dir / "stores" / f"{name}.zarr").attrs["views"]
+        assert (attrs["augmented"], attrs["identity"]) == (views, False)
+    for method, store in (("kd-v1", "v1"), ("kd-v2", "v2"), ("kd-online", "v2")):
+        for seed in (3, 4):
+            config = json.loads((run_dir / "students" / method / f"seed-{seed}" / "config.json").read_text())
+            assert config["store"] == str(run_dir / "stores" / f"{store}.zarr")
+    online = json.loads((run_dir / "students" / "kd-online" / "seed-3" / "config.json").read_text())
+    assert online["online"] is True and online["fresh_views"] is True and online["teachers"] == ["resnet"]
+    steps = {p.name for p in (run_dir / "steps").iterdir()}
+    assert {"extract__v1.json", "extract__v2.json"} <= steps and "extract.json" not in steps
+
+    results = json.loads((run_dir / "results.json").read_text())
+    curve = results["views_curve"]
+    assert curve["seeds"] == [3, 4] and list(curve["families"]) == ["kd"]
+    kd = curve["families"]["kd"]
+    assert [(p["method"], p["store"], p["views"]) for p in kd["points"]] == [("kd-v1", "v1", 1), ("kd-v2", "v2", 2)]
+    assert kd["reference"]["method"] == "kd-online" and curve["alone"]["method"] == "alone"
+    for point in kd["points"]:
+        assert point["stored_bytes"] == results["stores"][point["store"]]["stored_bytes"] > 0
+        assert len(point["top1"]["values"]) == 2
+        assert set(point["vs_reference"]) == {"top1", "nll", "fidelity"}
+        assert point["vs_reference"]["top1"]["n"] == 2
+    # The v2 store holds twice the teacher outputs of v1.
+    assert kd["points"][1]["stored_bytes"] > 1.5 * kd["points"][0]["stored_bytes"]
+    assert results["store"]["name"] == "v2"  # the report describes the largest store when the main one is unused
+    assert (run_dir / "views_curve.png").is_file()
+    report = (run_dir / "report.md").read_text()
+    assert "## Views curve" in report and "![views curve](views_curve.png)" in report
+    assert "| kd-v1 | kd | 1 |" in report and "| kd-v2 | kd | 2 |" in report
+    assert "| kd-online | kd | fresh | - |" in report
+
+    # A second run changes nothing: every step is up to date.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run_dir / "steps").iterdir()}
+    student = run_dir / "students" / "kd-v2" / "seed-4" / "student.pt"
+    before = student.stat().st_mtime_ns
+    run_pipeline(load_pipeline(file), runs, device="cpu", progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "steps").iterdir()} == stamps
+    assert student.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (VIEWS.replace('store = "v2" }\nkd-online', 'store = "v3" }\nkd-online'), "unknown store 'v3'.*v1, v2"),
+        (VIEWS.replace('store = "v1" }', "store = 1 }"), "store takes the name of a .stores. table, got 1"),
+        (
+            TINY.replace('meal = { method = "meal" }', 'meal = { method = "meal", store = "v1" }'),
+            "unknown store 'v1'; defined stores: none",
+        ),
+        (VIEWS.replace("[stores.v2]\nviews = 2", "[stores.v2]\nviewz = 2"), "stores.v2.*unknown setting.*viewz"),
+        (VIEWS.replace("alone = {}", 'alone = { store = "v1" }'), "method alone: unknown setting.*store"),
+    ],
+)
+def test_views_pipeline_mistakes_are_named(tmp_path, text, message):
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_pipeline(file)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
