@@ -451,19 +451,33 @@ def _chunk_grid(array: zarr.Array) -> Iterator[tuple[int, ...]]:
     return itertools.product(*(range(count) for count in counts))
 
 
+# Chunks decoded together by verify: bounds its memory whatever the size of a view.
+VERIFY_CHUNKS_AT_ONCE = 16
+
+
 def _decode_problems(array: zarr.Array, key: str, chunks: list[tuple[int, ...]]) -> list[ChunkProblem]:
-    """Decode ``chunks`` (sharing their first index) together, one by one only when that fails."""
-    try:
-        array[chunks[0][0]] if array.ndim > 1 else array[:]
-        return []
-    except Exception:  # noqa: BLE001 - any decode error marks a corrupt chunk, found below
-        pass
+    """Decode ``chunks`` (sharing their first index) a few at a time, one by one only where that fails."""
+    if array.ndim == 1:
+        groups = [chunks]
+    else:
+        ordered = sorted(chunks)
+        groups = [ordered[i : i + VERIFY_CHUNKS_AT_ONCE] for i in range(0, len(ordered), VERIFY_CHUNKS_AT_ONCE)]
     problems = []
-    for coords in chunks:
+    for group in groups:
         try:
-            array.get_block_selection(coords)
-        except Exception as err:  # noqa: BLE001
-            problems.append(ChunkProblem(key, coords, "corrupt", str(err).split(".")[0]))
+            if array.ndim == 1:
+                array[:]
+            else:
+                rows = slice(group[0][1], group[-1][1] + 1)
+                array.get_block_selection((group[0][0], rows))
+            continue
+        except Exception:  # noqa: BLE001 - some chunk of the group does not decode: find which, below
+            pass
+        for coords in group:
+            try:
+                array.get_block_selection(coords)
+            except Exception as err:  # noqa: BLE001
+                problems.append(ChunkProblem(key, coords, "corrupt", str(err).split(".")[0]))
     return problems
 
 
