@@ -198,6 +198,8 @@ def bench_size(work: Path, digits: ImageDataset) -> dict:
         "float16, zstd:3, keep 4 bits": dict(keep_bits=4),
         "float16, zstd:3, keep 2 bits": dict(keep_bits=2),
         "float16, zstd:3, keep 4 bits, last block only": dict(keep_bits=4, blocks="1"),
+        "8-bit blocks and maps, zstd:3": dict(quantize=8),
+        "8-bit blocks and maps, zstd:3, last block only": dict(quantize=8, blocks="1"),
     }
     rows = {}
     for label, overrides in options.items():
@@ -221,7 +223,7 @@ def bench_lossy_accuracy(work: Path, digits: ImageDataset, seeds: tuple[int, ...
         train_supervised(TrainConfig(arch=arch, epochs=8, device="cpu"), teachers / f"{arch}.pt", progress=False,
                          dataset=digits)  # fmt: skip
     options = {"lossless": {}, "keep 6 bits": dict(keep_bits=6), "keep 4 bits": dict(keep_bits=4),
-               "keep 2 bits": dict(keep_bits=2)}  # fmt: skip
+               "keep 2 bits": dict(keep_bits=2), "8-bit blocks and maps": dict(quantize=8)}  # fmt: skip
     top1: dict[str, list[float]] = {}
     for label, overrides in options.items():
         config = ExtractConfig(teachers=["resnet20", "densenet_k12"], views=4, teacher_dir=str(teachers),

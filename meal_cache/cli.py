@@ -254,6 +254,14 @@ def evaluate(
     help="Lossy: keep this many mantissa bits of every teacher output (bit rounding; float16 has 10). "
     "Default: lossless.",
 )
+@click.option(
+    "--quantize",
+    type=click.Choice(["8"]),
+    default=None,
+    callback=lambda ctx, param, value: int(value) if value else None,
+    help="Lossy: store blocks and maps as 8-bit codes, each row scaled to its own range (logits stay as "
+    "--dtype). Default: lossless.",
+)
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option(
     "--rows-per-chunk",

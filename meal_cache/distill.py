@@ -205,7 +205,7 @@ class ViewFeed:
     def _read(self, view: int) -> dict[str, torch.Tensor]:
         arrays = {}
         for key in self.keys:
-            tensor = torch.from_numpy(self.store.array(key)[view])
+            tensor = torch.from_numpy(self.store.read(key, view))
             if self.device.type == "cuda":
                 tensor = tensor.pin_memory()
             arrays[key] = tensor.to(self.device, non_blocking=True)
@@ -255,7 +255,7 @@ class StreamingBatches:
     def _read(self, view: int, chunks: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         slices = [self.store.chunk_rows(c) for c in chunks]
         rows = torch.cat([torch.arange(r.start, r.stop) for r in slices])
-        arrays = {key: torch.cat([torch.from_numpy(self.store.array(key)[view, r]) for r in slices])
+        arrays = {key: torch.cat([torch.from_numpy(self.store.read(key, view, r)) for r in slices])
                   for key in self.keys}  # fmt: skip
         return rows, arrays
 
@@ -308,7 +308,7 @@ def view_bytes(store: TeacherStore, keys: list[str]) -> int:
     total = 0
     for key in keys:
         array = store.array(key)
-        total += int(np.prod(array.shape[1:])) * array.dtype.itemsize
+        total += int(np.prod(array.shape[1:])) * store.value_itemsize(key)
     return total
 
 
@@ -717,7 +717,7 @@ def distill(
 
 def _refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:
     """Refuse a store whose needed chunks are missing or fail their checksums, before any training."""
-    report = verify_store(store, keys=["labels", "views/crop", "views/flip", *keys])
+    report = verify_store(store, keys=["labels", "views/crop", "views/flip", *store.with_companions(keys)])
     if not report.ok:
         more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
         raise UserError(f"store '{path}' is damaged: {report.problems[0]}{more}; `meal-cache verify --repair "

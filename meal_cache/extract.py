@@ -67,6 +67,7 @@ class ExtractConfig:
     dtype: str = "float16"
     codec: str = "zstd:3"
     keep_bits: int | None = None
+    quantize: int | None = None
     batch_size: int = 256
     rows_per_chunk: int = 512
     teacher_dir: str = "teachers"
@@ -371,7 +372,8 @@ def _open_or_create(
         "recipe": recipe.name,
         "seed": config.seed,
     }
-    layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits)
+    layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
+                         config.quantize)  # fmt: skip
     return create_store(
         out,
         dataset=dataset_attrs,

@@ -11,6 +11,8 @@ Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
     teachers/NAME/logits           (V, N, C)          float16
     teachers/NAME/blocks/B         (V, N, C_B, g, g)  float16  block output average-pooled to a g x g grid
     teachers/NAME/maps/B           (V, N, H_B, W_B)   float16  channel mean of the block output (MEAL's form)
+    teachers/NAME/ranges/KIND/B    (V, N, 2)          float32  with --quantize 8 only: each row's (low, step), the
+                                                               blocks/maps arrays then holding uint8 codes
     teachers/NAME/progress         (V, N_chunks)      bool     set only after that chunk's arrays are written
 
 Chunks are ``(1, rows_per_chunk, ...)``; every write covers whole chunks, so no two writers share one, and the
@@ -159,10 +161,43 @@ class StoreLayout:
     codec: str
     features: tuple[str, ...]
     keep_bits: int | None = None  # lossy: mantissa bits kept by bit rounding (None: lossless)
+    quantize: int | None = None  # lossy: blocks and maps as 8-bit codes with a per-row range (None: as dtype)
 
     def to_json(self) -> dict:
         return {"rows_per_chunk": self.rows_per_chunk, "dtype": self.dtype, "codec": self.codec,
-                "features": list(self.features), "keep_bits": self.keep_bits}  # fmt: skip
+                "features": list(self.features), "keep_bits": self.keep_bits, "quantize": self.quantize}  # fmt: skip
+
+
+QUANTIZE_BITS = (8,)
+
+
+def is_feature_key(key: str) -> bool:
+    """``teachers/NAME/blocks/B`` or ``teachers/NAME/maps/B`` (not logits, progress or ranges)."""
+    parts = key.split("/")
+    return len(parts) >= 4 and parts[0] == "teachers" and parts[2] in FEATURE_KINDS
+
+
+def range_key(key: str) -> str:
+    """Where a quantised feature array keeps its rows' ranges."""
+    _, teacher, rest = key.split("/", 2)
+    return f"teachers/{teacher}/ranges/{rest}"
+
+
+def quantize_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit codes of each row (its own minimum to maximum in 255 steps) and the rows' (low, step)."""
+    flat = values.reshape(len(values), -1).astype(np.float32)
+    low = flat.min(1)
+    step = (flat.max(1) - low) / 255.0
+    safe = np.where(step > 0, step, 1.0)
+    codes = np.rint((flat - low[:, None]) / safe[:, None]).clip(0, 255).astype(np.uint8)
+    return codes.reshape(values.shape), np.stack([low, step], 1).astype(np.float32)
+
+
+def dequantize_rows(codes: np.ndarray, ranges: np.ndarray, dtype: str) -> np.ndarray:
+    """The values ``quantize_rows`` encoded, to within half a step."""
+    shape = (len(codes),) + (1,) * (codes.ndim - 1)
+    low, step = ranges[:, 0].reshape(shape), ranges[:, 1].reshape(shape)
+    return (low + codes.astype(np.float32) * step).astype(dtype)
 
 
 def _json_safe(value: Any) -> Any:
@@ -188,6 +223,10 @@ def create_store(
     if layout.dtype not in DTYPES:
         raise UserError(f"unknown dtype '{layout.dtype}'; choose one of: {', '.join(DTYPES)}")
     compressors = parse_codec(layout.codec)
+    if layout.quantize is not None and layout.quantize not in QUANTIZE_BITS:
+        raise UserError(f"--quantize takes {', '.join(map(str, QUANTIZE_BITS))}, got {layout.quantize}")
+    if layout.quantize is not None and layout.keep_bits is not None:
+        raise UserError("--quantize and --keep-bits are two lossy encodings; choose one")
     # Teacher outputs only: labels, views and progress stay exact.
     filters = lossy_filters(layout)
     n = int(labels.shape[0])
@@ -222,6 +261,11 @@ def create_store(
     n_chunks = math.ceil(n / rows)
 
     def output_array(key: str, shape: tuple[int, ...]) -> None:
+        if layout.quantize is not None and is_feature_key(key):
+            group.create_array(key, shape=shape, chunks=(1, rows, *shape[2:]), dtype="uint8", fill_value=0, **exact)
+            group.create_array(range_key(key), shape=(count, n, 2), chunks=(1, rows, 2), dtype="float32",
+                               fill_value=0, **exact)  # fmt: skip
+            return
         group.create_array(key, shape=shape, chunks=(1, rows, *shape[2:]), dtype=layout.dtype, filters=filters,
                            fill_value=0, **exact)  # fmt: skip
 
@@ -300,7 +344,7 @@ class TeacherStore:
     def layout(self) -> StoreLayout:
         data = self.attrs["layout"]
         return StoreLayout(int(data["rows_per_chunk"]), data["dtype"], data["codec"], tuple(data["features"]),
-                           data.get("keep_bits"))  # fmt: skip
+                           data.get("keep_bits"), data.get("quantize"))  # fmt: skip
 
     @property
     def teacher_names(self) -> list[str]:
@@ -339,7 +383,26 @@ class TeacherStore:
         return self.group[f"teachers/{teacher}/logits"][view]
 
     def feature(self, teacher: str, kind: str, block: str, view: int) -> np.ndarray:
-        return self.group[f"teachers/{teacher}/{kind}/{block}"][view]
+        return self.read(f"teachers/{teacher}/{kind}/{block}", view)
+
+    def read(self, key: str, view: int, rows: slice = slice(None)) -> np.ndarray:
+        """Rows of one view of a teacher array as values (8-bit codes decoded with their ranges)."""
+        values = self.group[key][view, rows]
+        if self.layout.quantize is not None and is_feature_key(key):
+            return dequantize_rows(values, self.group[range_key(key)][view, rows], self.layout.dtype)
+        return values
+
+    def value_itemsize(self, key: str) -> int:
+        """Bytes per value as :meth:`read` returns it."""
+        if self.layout.quantize is not None and is_feature_key(key):
+            return np.dtype(self.layout.dtype).itemsize
+        return self.group[key].dtype.itemsize
+
+    def with_companions(self, keys: list[str]) -> list[str]:
+        """``keys`` and the arrays needed to decode them (the ranges of quantised features)."""
+        if self.layout.quantize is None:
+            return list(keys)
+        return [k for key in keys for k in ([key, range_key(key)] if is_feature_key(key) else [key])]
 
     def progress(self, teacher: str) -> np.ndarray:
         return self.group[f"teachers/{teacher}/progress"][:]
@@ -353,10 +416,15 @@ class TeacherStore:
 
     # ------------------------------------------------------------------ writes (extract)
     def write_rows(self, teacher: str, view: int, chunk: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write one chunk's rows of every array of a teacher, then mark the chunk done."""
+        """Write one chunk's rows of every array of a teacher (quantised where the layout says), then mark the
+        chunk done."""
         rows = self.chunk_rows(chunk)
         for key, values in arrays.items():
-            self.group[f"teachers/{teacher}/{key}"][view, rows] = values
+            full = f"teachers/{teacher}/{key}"
+            if self.layout.quantize is not None and is_feature_key(full):
+                values, ranges = quantize_rows(values)
+                self.group[range_key(full)][view, rows] = ranges
+            self.group[full][view, rows] = values
         self.group[f"teachers/{teacher}/progress"][view, chunk] = True
 
     def set_attrs(self, **values: Any) -> None:
@@ -393,10 +461,11 @@ class TeacherStore:
         for teacher in self.teacher_names:
             for key in self.feature_keys(teacher):
                 array = self.group[key]
+                companions = self.with_companions([key])
                 out[key] = {
-                    "stored": self.stored_bytes(key),
+                    "stored": sum(self.stored_bytes(k) for k in companions),
                     "raw_float32": int(np.prod(array.shape)) * 4,
-                    "raw": int(array.nbytes),
+                    "raw": sum(int(self.group[k].nbytes) for k in companions),
                 }
         return out
 
@@ -507,7 +576,7 @@ def verify_store(store: TeacherStore, keys: list[str] | None = None, progress: b
         done[teacher] = marks
     all_keys = ["labels", "views/crop", "views/flip"]
     for teacher in store.teacher_names:
-        all_keys += store.feature_keys(teacher)
+        all_keys += store.with_companions(store.feature_keys(teacher))
     for key in tqdm(keys if keys is not None else all_keys, desc="verify", unit="array", disable=not progress):
         array = store.group[key]
         stored = _stored_chunks(array)
@@ -555,7 +624,13 @@ def describe_store(store: TeacherStore) -> str:
         + (" + identity" if views["identity"] else ""),
         f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk, "
         f"features {', '.join(layout.features)}"
-        + (f", lossy: {layout.keep_bits} mantissa bits kept" if layout.keep_bits is not None else ", lossless"),
+        + (
+            f", lossy: {layout.keep_bits} mantissa bits kept"
+            if layout.keep_bits is not None
+            else f", lossy: blocks and maps as {layout.quantize}-bit codes"
+            if layout.quantize is not None
+            else ", lossless"
+        ),
         "",
     ]
     sizes = store.sizes()

@@ -17,7 +17,7 @@ from meal_cache.cli import main
 from meal_cache.errors import UserError
 from meal_cache.extract import ExtractConfig, extract
 from meal_cache.models import BlockTap
-from meal_cache.store import open_store
+from meal_cache.store import describe_store, open_store, verify_store
 
 
 def _arrays(path) -> dict[str, np.ndarray]:
@@ -226,3 +226,43 @@ def test_bit_rounding_is_bounded_and_smaller(small_store, teacher_dir, digits, t
     assert "3 mantissa bits kept" in __import__("meal_cache.store", fromlist=["x"]).describe_store(rounded)
     with pytest.raises(UserError, match="--keep-bits must be between 1 and 10"):
         extract(dataclasses.replace(exact_config, keep_bits=11), tmp_path / "bad.zarr", progress=False, dataset=digits)
+
+
+def test_quantized_store_decodes_features_within_half_a_step(small_store, teacher_dir, digits, tmp_path):
+    path, config = small_store
+    exact = open_store(path)
+    quantized_config = dataclasses.replace(config, quantize=8)
+    store = extract(quantized_config, tmp_path / "q8.zarr", progress=False, dataset=digits)
+    assert store.array("teachers/resnet8_w4/maps/layer3").dtype == np.uint8
+    assert store.array("teachers/resnet8_w4/logits").dtype == np.float16  # logits stay as --dtype
+    for kind, block in (("maps", "layer3"), ("blocks", "layer2")):
+        decoded = store.feature("resnet8_w4", kind, block, 1).astype(np.float32)
+        original = exact.feature("resnet8_w4", kind, block, 1).astype(np.float32)
+        rows = original.reshape(len(original), -1)
+        half_step = (rows.max(1) - rows.min(1)) / 255 / 2
+        error = np.abs(decoded - original).reshape(len(original), -1).max(1)
+        # Half a step, plus float16's rounding of the decoded value.
+        assert (error <= half_step + 2e-3 * np.abs(rows).max(1) + 1e-6).all()
+        assert error.max() > 0  # it is lossy
+    np.testing.assert_array_equal(store.logits("resnet8_w4", 0), exact.logits("resnet8_w4", 0))
+    sizes, exact_sizes = store.sizes(), exact.sizes()
+    key = "teachers/resnet8_w4/maps/layer1"
+    assert sizes[key]["stored"] < 0.8 * exact_sizes[key]["stored"]
+    assert verify_store(store).ok
+    assert "8-bit codes" in describe_store(store)
+    with pytest.raises(UserError, match="choose one"):
+        extract(dataclasses.replace(config, quantize=8, keep_bits=4), tmp_path / "both.zarr", progress=False,
+                dataset=digits)  # fmt: skip
+
+
+def test_distill_reads_a_quantized_store(small_store, digits, tmp_path):
+    from meal_cache.distill import DistillConfig, distill
+
+    path, config = small_store
+    store_path = tmp_path / "q8.zarr"
+    extract(dataclasses.replace(config, quantize=8), store_path, progress=False, dataset=digits)
+    for max_memory in (None, "300kB"):  # in memory, and streaming through a shuffle buffer
+        summary = distill(DistillConfig(store=str(store_path), student="resnet8_w4", epochs=1, device="cpu",
+                                        max_memory=max_memory), tmp_path / f"run-{max_memory}", progress=False,
+                          dataset=digits)  # fmt: skip
+        assert summary["history"][0]["steps"] == 1437 // 64 and np.isfinite(summary["history"][0]["loss"])
