@@ -169,6 +169,12 @@ def test_views_pipeline_extracts_named_stores_and_draws_the_curve(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
+        (TINY.replace('arch = "densenet_k12"', 'arch = "densenet9"'), "unknown architecture 'densenet9'"),
+        (TINY.replace('meal = { method = "meal" }', 'meal = { method = "meal3" }'), "unknown method of 'meal'"),
+        (TINY.replace("views = 2", "viewz = 2"), "unknown setting.*viewz"),
+        (TINY.replace('spec = "digits"', 'spec = "mnist"'), "unknown dataset 'mnist'"),
+        (TINY.replace("[methods]", "[methods\n"), "not valid TOML"),
+        (TINY.replace("seeds = [7] }", "seeds = [9] }"), "seeds .9. are not among"),
         (VIEWS.replace('store = "v2" }\nkd-online', 'store = "v3" }\nkd-online'), "unknown store 'v3'.*v1, v2"),
         (VIEWS.replace('store = "v1" }', "store = 1 }"), "store takes the name of a .stores. table, got 1"),
         (
@@ -177,24 +183,6 @@ def test_views_pipeline_extracts_named_stores_and_draws_the_curve(tmp_path):
         ),
         (VIEWS.replace("[stores.v2]\nviews = 2", "[stores.v2]\nviewz = 2"), "stores.v2.*unknown setting.*viewz"),
         (VIEWS.replace("alone = {}", 'alone = { store = "v1" }'), "method alone: unknown setting.*store"),
-    ],
-)
-def test_views_pipeline_mistakes_are_named(tmp_path, text, message):
-    file = tmp_path / "bad.toml"
-    file.write_text(text)
-    with pytest.raises(UserError, match=message):
-        load_pipeline(file)
-
-
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        (TINY.replace('arch = "densenet_k12"', 'arch = "densenet9"'), "unknown architecture 'densenet9'"),
-        (TINY.replace('meal = { method = "meal" }', 'meal = { method = "meal3" }'), "unknown method of 'meal'"),
-        (TINY.replace("views = 2", "viewz = 2"), "unknown setting.*viewz"),
-        (TINY.replace('spec = "digits"', 'spec = "mnist"'), "unknown dataset 'mnist'"),
-        (TINY.replace("[methods]", "[methods\n"), "not valid TOML"),
-        (TINY.replace("seeds = [7] }", "seeds = [9] }"), "seeds .9. are not among"),
     ],
 )
 def test_pipeline_mistakes_are_named(tmp_path, text, message):
