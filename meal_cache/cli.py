@@ -218,10 +218,12 @@ def evaluate(
 )
 @click.option(
     "--views",
-    default=8,
+    default=4,
     show_default=True,
     type=int,
-    help="Augmented views to cache; distill's epoch e replays view e mod V.",
+    help="Augmented views to cache; distill's epoch e replays view e mod V. On digits 1 to 16 views all matched "
+    "fresh augmentation every epoch (docs/design.md, the views curve); run pipelines/digits-views.toml's "
+    "protocol on your data before spending bytes on more.",
 )
 @click.option("--identity-view", is_flag=True, help="Also cache the un-augmented view (for evaluation and inspect).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the views' augmentation parameters.")

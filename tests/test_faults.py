@@ -89,6 +89,7 @@ def test_extract_killed_at_random_moments_resumes_to_the_same_store(teacher_dir,
             dataset=digits)  # fmt: skip
     assert_same_store(out, reference)
     assert verify_store(open_store(out)).ok
+    print(f"{len(kills)} kills (target, chunks done when killed) of {total}: {kills}")  # shown with pytest -s
     # The kills landed at different moments: during creation, then at growing numbers of chunks done.
     assert kills[0][0] is None and all(after >= target for target, after in kills[1:])
     assert len({after for _, after in kills}) == len(kills)
