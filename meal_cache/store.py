@@ -59,12 +59,23 @@ def is_url(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+def _filesystem(url: str | Path):
+    """The fsspec filesystem of a URL; a protocol whose package is missing or unknown is a user error."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(str(url))
+    except ImportError as err:
+        raise UserError(f"'{url}' needs a package that is not installed ({err}); for s3:// install "
+                        "'meal-cache[s3]'") from err  # fmt: skip
+    except ValueError as err:
+        raise UserError(f"'{url}': {err} (fsspec URLs such as memory://, s3://, gs://)") from err
+
+
 def store_exists(path: str | Path) -> bool:
     if not is_url(path):
         return Path(path).exists()
-    import fsspec
-
-    filesystem, root = fsspec.core.url_to_fs(str(path))
+    filesystem, root = _filesystem(path)
     return bool(filesystem.exists(root))
 
 
@@ -72,9 +83,7 @@ def remove_store(path: str | Path) -> None:
     if not is_url(path):
         shutil.rmtree(path, ignore_errors=True)
         return
-    import fsspec
-
-    filesystem, root = fsspec.core.url_to_fs(str(path))
+    filesystem, root = _filesystem(path)
     if filesystem.exists(root):
         filesystem.rm(root, recursive=True)
 

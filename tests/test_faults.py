@@ -213,6 +213,10 @@ def test_a_store_behind_an_fsspec_url_is_extracted_verified_and_distilled(teache
     assert json.loads((tmp_path / "from-url" / "config.json").read_text())["store"] == url
     with pytest.raises(UserError, match="store not found"):
         open_store(f"memory://meal-cache-test-{os.getpid()}/absent.zarr")
+    with pytest.raises(UserError, match=r"not installed.*meal-cache\[s3\]"):
+        open_store("s3://bucket/feats.zarr")  # s3fs is an extra, not installed here
+    with pytest.raises(UserError, match="Protocol not known"):
+        open_store("nosuchfs://bucket/feats.zarr")
 
 
 def test_verify_and_distill_on_the_command_line(small_store, tmp_path):
