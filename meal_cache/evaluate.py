@@ -16,6 +16,7 @@ from meal_cache import augment
 from meal_cache.checkpoint import load_model
 from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.errors import UserError
+from meal_cache.losses import soft_targets
 from meal_cache.runtime import Precision, resolve_device
 
 ECE_BINS = 15
@@ -82,7 +83,8 @@ def fidelity(logits: torch.Tensor, ensemble_probs: torch.Tensor) -> float:
 
 def ensemble_probabilities(teacher_logits: list[torch.Tensor]) -> torch.Tensor:
     """The teachers' ensemble: the mean of their softmax probabilities (not the softmax of their mean logits)."""
-    return torch.stack([torch.softmax(logits.float(), 1) for logits in teacher_logits]).mean(0)
+    # The soft labels distillation trains on, at temperature 1: one definition of the ensemble for both.
+    return soft_targets(teacher_logits, 1.0)
 
 
 def kl_to_ensemble(logits: torch.Tensor, ensemble_probs: torch.Tensor) -> float:

@@ -23,6 +23,7 @@ from meal_cache.data import load_dataset  # noqa: E402
 from meal_cache.errors import UserError  # noqa: E402
 from meal_cache.evaluate import (  # noqa: E402
     classification_metrics,
+    ensemble_probabilities,
     expected_calibration_error,
     fidelity,
     kl_to_ensemble,
@@ -150,7 +151,7 @@ def collect_results(run_dir: Path, pipeline) -> dict:
                            recorded["options"].get("image_size"))  # fmt: skip
     test = dataset.test
     rows: list[dict] = []
-    teacher_probs = []
+    teacher_logits = []
     timing: dict[str, float] = {}
 
     def time_once(arch: str, model: torch.nn.Module) -> float:
@@ -163,7 +164,7 @@ def collect_results(run_dir: Path, pipeline) -> dict:
         model = model_from_checkpoint(payload)
         logits = predict_logits(model, test.images, tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]),
                                 torch.device("cpu"))  # fmt: skip
-        teacher_probs.append(torch.softmax(logits, 1))
+        teacher_logits.append(logits)
         metrics = classification_metrics(logits, test.labels)
         time_once(payload["arch"], model)
         rows.append({
@@ -172,7 +173,7 @@ def collect_results(run_dir: Path, pipeline) -> dict:
             "ece": _summary([expected_calibration_error(logits, test.labels)]),
             "params": count_parameters(model), "ms_per_image": timing[payload["arch"]],
         })  # fmt: skip
-    ensemble = torch.stack(teacher_probs).mean(0)
+    ensemble = ensemble_probabilities(teacher_logits)
     log_ensemble = ensemble.clamp_min(1e-12).log()
     ensemble_metrics = classification_metrics(log_ensemble, test.labels)
     rows.append({
