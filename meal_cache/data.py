@@ -410,7 +410,7 @@ def _parse_modifiers(text: str) -> Modifiers:
         raise UserError(
             f"dataset option fold={modifiers.fold} needs folds=K, the number of folds (e.g. folds=5&fold=0)"
         )
-    if modifiers.folds is not None and modifiers.fold is not None:
+    if modifiers.folds is not None:  # and so fold, checked above
         if modifiers.folds < 2:
             raise UserError(f"folds must be at least 2, got {modifiers.folds}")
         if not 0 <= modifiers.fold < modifiers.folds:
@@ -473,7 +473,7 @@ def _apply_modifiers(
     train: Split, test: Split, num_classes: int, modifiers: Modifiers
 ) -> tuple[Split, Split, torch.Tensor | None]:
     """The modifiers in their documented order: fold split, train fraction, label noise (train part only)."""
-    if modifiers.folds is not None and modifiers.fold is not None:
+    if modifiers.folds is not None:  # parsing made sure fold is set with it
         # Pooled as train rows then test rows, so a fold is defined by the source's own row order.
         images = torch.cat([train.images, test.images])
         labels = torch.cat([train.labels, test.labels]).numpy()
