@@ -24,10 +24,11 @@ from meal_cache import augment
 from meal_cache.checkpoint import model_payload, save_checkpoint
 from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.distill import DistillConfig, InMemoryBatches, StreamingBatches, ViewFeed, distill
-from meal_cache.extract import ExtractConfig, extract, resolve_teacher
+from meal_cache.extract import ExtractConfig, extract
 from meal_cache.models import create_model
 from meal_cache.runtime import Precision, resolve_device
 from meal_cache.store import open_store
+from meal_cache.teachers import resolve_teacher
 from meal_cache.train import TrainConfig, train_supervised
 
 TARGETS = {
@@ -63,7 +64,7 @@ def bench_extract(work: Path, digits: ImageDataset, repeats: int, device: str = 
         untrained_teacher(teachers, arch, arch, digits)
     config = ExtractConfig(teachers=["resnet20", "densenet_k12"], views=4, teacher_dir=str(teachers), device=device)
     precision = Precision(resolve_device(device))
-    resolved = [resolve_teacher(n, teachers, digits, config) for n in config.teachers]
+    resolved = [resolve_teacher(n, teachers, digits, config.blocks, config.grid) for n in config.teachers]
     models = [precision.prepare(t.model) for t in resolved]
     recipe = augment.recipe_for(digits.recipe, digits.image_size)
     views = [augment.draw(recipe, len(digits.train), digits.image_size, augment.view_generator(0, v)) for v in range(4)]

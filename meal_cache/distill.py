@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,23 +27,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from meal_cache import augment, losses
-from meal_cache.checkpoint import load_checkpoint, model_payload, save_checkpoint, state_dict_cpu
+from meal_cache.checkpoint import model_payload, save_checkpoint, state_dict_cpu
 from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.distributed import World, init_world
-from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
+from meal_cache.errors import UserError, unknown_choice
 from meal_cache.evaluate import evaluate
+from meal_cache.loop import (
+    Optimisation,
+    Schedule,
+    Stage,
+    StepOutput,
+    Stream,
+    epoch_batches,
+    epoch_generator,
+    fit,
+    make_optimizer,
+    resume_state,
+    steps_per_epoch,
+)
 from meal_cache.models import BlockTap, block_shapes, create_model
 from meal_cache.runtime import Precision, device_images, seed_everything
 from meal_cache.store import BlockSpec, TeacherStore, open_store, verify_store
-from meal_cache.train import (
-    epoch_batches,
-    epoch_generator,
-    learning_rate,
-    make_optimizer,
-    seed_epoch,
-    set_learning_rate,
-    steps_per_epoch,
-)
+from meal_cache.teachers import resolve_teacher, teacher_outputs
 
 SELECTIONS = ("random", "mean", "all")
 REPRESENTATIONS = ("maps", "blocks")
@@ -233,7 +237,7 @@ class InMemoryBatches:
         cached = self.feed.get(view)
         if next_view is not None:
             self.feed.prefetch(next_view)
-        for rows in epoch_batches(self.n, self.batch_size, epoch_generator(self.seed, epoch, 0)):
+        for rows in epoch_batches(self.n, self.batch_size, epoch_generator(self.seed, epoch, Stream.BATCH_ORDER)):
             rows_dev = rows.to(self.feed.device, non_blocking=True)
             yield rows, {key: value[rows_dev] for key, value in cached.items()}
 
@@ -260,7 +264,7 @@ class StreamingBatches:
         return rows, arrays
 
     def epoch(self, epoch: int, view: int, next_view: int | None) -> Iterator[tuple[torch.Tensor, dict]]:
-        generator = epoch_generator(self.seed, epoch, 0)
+        generator = epoch_generator(self.seed, epoch, Stream.BATCH_ORDER)
         groups = torch.randperm(self.store.n_chunks, generator=generator).split(self.buffer_chunks)
         pending = self._pool.submit(self._read, view, groups[0].tolist())
         carry_rows, carry = torch.empty(0, dtype=torch.long), {}
@@ -296,7 +300,7 @@ class OnlineBatches:
         self.n, self.batch_size, self.seed = n, batch_size, seed
 
     def epoch(self, epoch: int, view: int, next_view: int | None) -> Iterator[tuple[torch.Tensor, dict | None]]:
-        for rows in epoch_batches(self.n, self.batch_size, epoch_generator(self.seed, epoch, 0)):
+        for rows in epoch_batches(self.n, self.batch_size, epoch_generator(self.seed, epoch, Stream.BATCH_ORDER)):
             yield rows, None
 
     def close(self) -> None:
@@ -330,8 +334,6 @@ class OnlineTeachers:
     """The reference: the same targets as the cache, computed by running the teachers in the loop."""
 
     def __init__(self, config: DistillConfig, store: TeacherStore, dataset: ImageDataset, precision: Precision):
-        from meal_cache.extract import ExtractConfig, resolve_teacher
-
         by_source = {store.teacher(key)["source"]: key for key in store.teacher_names}
         self.teachers = {}
         for name in config.teachers:
@@ -339,10 +341,8 @@ class OnlineTeachers:
             if key not in store.teacher_names:
                 raise UserError(f"online teacher '{name}' is not in the store (it has {', '.join(by_source)})")
             blocks = store.blocks(key)
-            grid = max(b.grid for b in blocks)
-            extract_config = ExtractConfig(teachers=[name], blocks=",".join(b.name for b in blocks), grid=grid,
-                                           teacher_dir=config.teacher_dir)  # fmt: skip
-            teacher = resolve_teacher(name, config.teacher_dir, dataset, extract_config)
+            teacher = resolve_teacher(name, config.teacher_dir, dataset, ",".join(b.name for b in blocks),
+                                      max(b.grid for b in blocks))  # fmt: skip
             recorded = store.teacher(key)["checkpoint_sha256"]
             if teacher.spec.checkpoint_sha256 != recorded:
                 raise UserError(f"teacher '{name}' is not the checkpoint the store was extracted from (sha256 differs)")
@@ -351,12 +351,9 @@ class OnlineTeachers:
         self.features = store.layout.features
         self.precision = precision
 
-    @torch.inference_mode()
     def targets(self, images: torch.Tensor, params: augment.ViewParams,
                 selected: list[str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         """Targets of the ``selected`` teachers (default all): a random-teacher step runs only its teacher."""
-        from meal_cache.extract import teacher_outputs
-
         out = {}
         for key, teacher in self.teachers.items():
             if selected is not None and key not in selected:
@@ -479,19 +476,19 @@ class Distiller(nn.Module):
 
     def discriminator_step(
         self, inputs, optimizer: torch.optim.Optimizer, world: World | None = None
-    ) -> dict[str, float]:
+    ) -> dict[str, torch.Tensor]:
         """One step of every discriminator on teacher (real) against detached student (fake) features
         (gradients averaged over ranks under ``torchrun``)."""
         if not inputs:
             return {}
         total = 0.0
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor] = {}
         for disc_key, real, fake in inputs:
             discriminator = self.discriminators[disc_key]
             real_scores, fake_scores = discriminator(real.detach()), discriminator(fake.detach())
             loss = losses.discriminator_loss(self.config.adv_loss, real_scores, fake_scores)
             total = total + loss
-            stats[f"disc/{disc_key}"] = float(loss.detach())
+            stats[f"disc/{disc_key}"] = loss.detach()
             stats[f"disc_acc/{disc_key}"] = losses.discriminator_accuracy(
                 real_scores, fake_scores, self.config.adv_loss
             )
@@ -543,17 +540,105 @@ def distill(
     if config.batch_size % world.size:
         raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {world.size} ranks")
     out = Path(out)
-    last_path = out / "last.pt"
-    state = None
-    # A run killed before its first epoch ended left no last.pt: resuming it is starting it.
-    if out.exists() and any(out.iterdir()) and not (resume and not last_path.is_file()):
-        if resume:
-            state = load_checkpoint(last_path)
-            if state["config"] != _config_json(config):
-                raise SettingsMismatch(f"'{out}' was run with other settings; --resume needs the same ones")
-        elif not overwrite:
-            raise UserError(f"'{out}' is not empty; pass --resume to continue it or --overwrite to replace it")
+    occupied = f"'{out}' is not empty; pass --resume to continue it or --overwrite to replace it"
+    state = resume_state(out, out / "last.pt", _config_json(config), resume, overwrite,
+                         out.exists() and any(out.iterdir()), occupied)  # fmt: skip
     world.barrier()  # every rank has looked at ``out`` before rank 0 writes into it
+    run = build_run(config, world, device, dataset, progress)
+    start_epoch, history = run.restore(state)
+    if world.is_main:
+        run.start_output(out, fresh=state is None)
+    epochs = DistillEpochs(run)
+    stage = Stage(model=run.distiller.student, train_mode=run.distiller.train, step=epochs.step,
+                  batches=epochs.batches, save=lambda epoch, history, _test: run.save_state(out, epoch, history),
+                  record_fields=epochs.record_fields, desc=config.method)  # fmt: skip
+    try:
+        history, test = fit(stage, run.optimisation, run.schedule, run.dataset, device, config.seed, start_epoch,
+                            history, world, out / "metrics.jsonl", progress)  # fmt: skip
+    finally:
+        run.source.close()
+    if test is None:  # resumed a run that had already finished
+        test = evaluate(run.distiller.student, run.dataset, "test", device)
+    world.check_identical(run.distiller, "the student, adapters and discriminators")
+    summary = {"test": test, "history": history}
+    if world.is_main:
+        run.save_student(out / "student.pt", history, test)
+    return summary
+
+
+@dataclass
+class DistillRun:
+    """Everything a distillation run trains with, built once: the store and its dataset, the distiller and its
+    optimisers, the device-resident images and labels, the views to replay and the batch source."""
+
+    config: DistillConfig
+    world: World
+    device: torch.device
+    precision: Precision
+    store: TeacherStore
+    dataset: ImageDataset
+    distiller: Distiller
+    run_student: nn.Module | None
+    optimisation: Optimisation
+    disc_optimizer: torch.optim.Optimizer | None
+    schedule: Schedule
+    images: torch.Tensor
+    labels: torch.Tensor
+    views: list[int]
+    view_params: dict[int, augment.ViewParams]
+    recipe: augment.Recipe
+    online: OnlineTeachers | None
+    source: object
+
+    def restore(self, state: dict | None) -> tuple[int, list[dict]]:
+        """Load a saved state (see :meth:`save_state`); the epoch to start from and the history so far."""
+        if state is None:
+            return 0, []
+        self.distiller.load_state_dict(state["distiller"])
+        self.optimisation.load_state_dict({"optimizer": state["student_optimizer"], "scaler": state.get("scaler")})
+        if self.disc_optimizer is not None:
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        return int(state["epoch"]), list(state["history"])
+
+    def start_output(self, out: Path, fresh: bool) -> None:
+        """``config.json`` always; a fresh run also empties ``metrics.jsonl`` and removes stale checkpoints."""
+        if fresh:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.jsonl").write_text("")
+            for stale in ("last.pt", "student.pt"):
+                (out / stale).unlink(missing_ok=True)
+        (out / "config.json").write_text(json.dumps(_config_json(self.config), indent=2) + "\n")
+
+    def save_state(self, out: Path, epoch: int, history: list[dict]) -> None:
+        """``last.pt``: what :meth:`restore` needs to continue after ``epoch``."""
+        optimisation = self.optimisation.state_dict()
+        save_checkpoint(out / "last.pt", {
+            "format": "meal-cache-checkpoint/1",
+            "kind": "distill-state",
+            "config": _config_json(self.config),
+            "epoch": epoch,
+            "history": history,
+            "distiller": state_dict_cpu(self.distiller),
+            "student_optimizer": optimisation["optimizer"],
+            "scaler": optimisation["scaler"],
+            "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer is not None else {},
+        })  # fmt: skip
+
+    def save_student(self, path: Path, history: list[dict], test: dict) -> None:
+        """``student.pt``: the trained student as ``train`` writes networks, plus where it was distilled from."""
+        config = self.config
+        payload = model_payload(self.distiller.student, config.student, self.dataset, _config_json(config),
+                                config.epochs, history, test)  # fmt: skip
+        payload["distillation"] = {"store": str(config.store), "teachers": self.distiller.teachers,
+                                   "method": config.method}  # fmt: skip
+        save_checkpoint(path, payload)
+
+
+def build_run(
+    config: DistillConfig, world: World, device: torch.device, dataset: ImageDataset | None, progress: bool
+) -> DistillRun:
+    """Open the store, load (or check) its dataset, and build the distiller, its optimisers and the batch source.
+    The student and the discriminators are initialised from ``config.seed``."""
     store = open_store(config.store)
     if dataset is None:
         dataset = load_store_dataset(config, store)
@@ -575,144 +660,86 @@ def distill(
     s_opt = make_optimizer(distiller.student_parameters(), config.lr, config.momentum, config.weight_decay)
     d_params = list(distiller.discriminators.parameters())
     d_opt = torch.optim.Adam(d_params, lr=config.disc_lr, betas=(0.5, 0.999)) if d_params else None
-    scaler = precision.grad_scaler()
-    history: list[dict] = []
-    start_epoch = 0
-    if state is not None:
-        distiller.load_state_dict(state["distiller"])
-        s_opt.load_state_dict(state["student_optimizer"])
-        if d_opt is not None:
-            d_opt.load_state_dict(state["disc_optimizer"])
-        history, start_epoch = list(state["history"]), int(state["epoch"])
-    elif world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
-        for stale in ("last.pt", "student.pt"):
-            (out / stale).unlink(missing_ok=True)
-    if world.is_main:
-        (out / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
-
-    split = dataset.split(store.dataset["split"])
-    images, labels = device_images(split, device)
+    optimisation = Optimisation(s_opt, precision.grad_scaler(),
+                                lambda: world.average_gradients(distiller.adapters.parameters()))  # fmt: skip
+    images, labels = device_images(dataset.split(store.dataset["split"]), device)
     if config.refine_labels:
-        from meal_cache.analysis import suspect_rows
-
-        refined = suspect_rows(config.store, config.refine_confidence)
-        if refined:
-            rows = torch.tensor(sorted(refined), device=device)
-            labels = labels.clone()
-            labels[rows] = torch.tensor([refined[r] for r in sorted(refined)], device=device)
-        if progress:
-            tqdm.write(f"--refine-labels: {len(refined)} suspect label(s) replaced by the teachers' ensemble")
+        labels = _refined_labels(config, labels, device, progress)
     views = store.augmented_views or [store.identity_view]
-    view_params = {v: store.view_params(v) for v in set(views)}
-    recipe = augment.recipe_for(store.dataset["recipe"], dataset.image_size)
-    online = OnlineTeachers(config, store, dataset, precision) if config.online else None
-    source = make_batch_source(config, store, distiller.needed_keys(), device)
-    steps = steps_per_epoch(len(labels), config.batch_size)
-    total_steps = steps * config.epochs
-    warmup = int(config.warmup_epochs * steps)
-    summary: dict = {}
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            seed_epoch(config.seed, epoch)
-            view = views[epoch % len(views)]
-            next_view = views[(epoch + 1) % len(views)] if epoch + 1 < config.epochs else None
-            started = time.perf_counter()
-            distiller.train()
-            sums: dict[str, float] = {}
-            counts: dict[str, int] = {}
-            chooser = epoch_generator(config.seed, epoch, 2)
-            epoch_params = (
-                augment.draw(recipe, len(labels), dataset.image_size, epoch_generator(config.seed, epoch, 3))
-                if config.fresh_views
-                else view_params[view]
-            )
-            correct = seen = 0
-            bar = tqdm(
-                source.epoch(epoch, view, next_view),
-                total=steps,
-                leave=False,
-                desc=f"{config.method} epoch {epoch + 1}/{config.epochs}",
-                disable=not progress,
-                unit="batch",
-            )
-            for step_in_epoch, (rows, targets) in enumerate(bar):
-                if world.enabled:  # this rank's share of the global batch
-                    rows = rows[world.rank :: world.size]
-                    targets = targets and {key: value[world.rank :: world.size] for key, value in targets.items()}
-                step = epoch * steps + step_in_epoch
-                lr = learning_rate(step, total_steps, config.lr, config.schedule, warmup)
-                set_learning_rate(s_opt, lr)
-                rows_dev = rows.to(device, non_blocking=True)
-                params = epoch_params[rows]
-                batch = augment.apply(images[rows_dev], params, dataset.mean, dataset.std,
-                                      channels_last=precision.channels_last)  # fmt: skip
-                selected = _selection(config, distiller.teachers, chooser)
-                if online is not None:
-                    targets = online.targets(images[rows_dev], params, selected)
-                with precision.autocast():
-                    logits, named, adversarial = distiller(batch, targets, labels[rows_dev], selected, run_student)
-                stats = distiller.discriminator_step(adversarial, d_opt, world) if d_opt is not None else {}
-                with precision.autocast():
-                    named.update(distiller.adversarial_losses(adversarial, selected))
-                loss = sum(named.values())
-                s_opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                world.average_gradients(distiller.adapters.parameters())
-                scaler.step(s_opt)
-                scaler.update()
-                # Averages over the steps in which each loss occurred (a random teacher's losses: about 1/T).
-                for name, value in [*((n, float(v.detach())) for n, v in named.items()), *stats.items(),
-                                    ("loss", float(loss.detach()))]:  # fmt: skip
-                    sums[name] = sums.get(name, 0.0) + value
-                    counts[name] = counts.get(name, 0) + 1
-                correct += int((logits.argmax(1) == labels[rows_dev]).sum())
-                seen += len(rows)
-                if progress:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-            record = {"epoch": epoch + 1, "view": "fresh" if config.fresh_views else view, "lr": lr}
-            record.update({k: v / counts[k] for k, v in sorted(sums.items())})
-            record["steps"] = counts.get("loss", 0)
-            correct, seen = world.sum([correct, seen])
-            record["train_top1"] = 100.0 * correct / max(1, seen)
-            test = evaluate(distiller.student, dataset, "test", device)
-            record.update({"test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"]})
-            record["seconds"] = time.perf_counter() - started
-            history.append(record)
-            if not world.is_main:
-                summary = {"test": test, "history": history}
-                continue
-            with (out / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            if progress:
-                tqdm.write(
-                    f"{config.method} epoch {epoch + 1}/{config.epochs}  loss {record['loss']:.4f}  "
-                    f"train {record['train_top1']:.1f}%  test {test['top1']:.2f}%  {record['seconds']:.1f}s"
-                )
-            save_checkpoint(last_path, {
-                "format": "meal-cache-checkpoint/1",
-                "kind": "distill-state",
-                "config": _config_json(config),
-                "epoch": epoch + 1,
-                "history": history,
-                "distiller": state_dict_cpu(distiller),
-                "student_optimizer": s_opt.state_dict(),
-                "disc_optimizer": d_opt.state_dict() if d_opt is not None else {},
-            })  # fmt: skip
-            summary = {"test": test, "history": history}
-    finally:
-        source.close()
-    if not summary:  # resumed a run that had already finished
-        summary = {"test": evaluate(distiller.student, dataset, "test", device), "history": history}
-    world.check_identical(distiller, "the student, adapters and discriminators")
-    if not world.is_main:
-        return summary
-    payload = model_payload(distiller.student, config.student, dataset, _config_json(config), config.epochs,
-                            history, summary["test"])  # fmt: skip
-    payload["distillation"] = {"store": str(config.store), "teachers": distiller.teachers, "method": config.method}
-    save_checkpoint(out / "student.pt", payload)
-    return summary
+    schedule = Schedule(config.lr, config.schedule, steps_per_epoch(len(labels), config.batch_size), config.epochs,
+                        config.warmup_epochs)  # fmt: skip
+    return DistillRun(
+        config=config, world=world, device=device, precision=precision, store=store, dataset=dataset,
+        distiller=distiller, run_student=run_student, optimisation=optimisation, disc_optimizer=d_opt,
+        schedule=schedule, images=images, labels=labels, views=views,
+        view_params={v: store.view_params(v) for v in set(views)},
+        recipe=augment.recipe_for(store.dataset["recipe"], dataset.image_size),
+        online=OnlineTeachers(config, store, dataset, precision) if config.online else None,
+        source=make_batch_source(config, store, distiller.needed_keys(), device),
+    )  # fmt: skip
+
+
+def _refined_labels(config: DistillConfig, labels: torch.Tensor, device: torch.device, progress: bool) -> torch.Tensor:
+    """``--refine-labels``: the hard labels of the rows `meal-cache inspect` finds suspect become the ensemble's."""
+    from meal_cache.analysis import suspect_rows
+
+    refined = suspect_rows(config.store, config.refine_confidence)
+    if refined:
+        rows = torch.tensor(sorted(refined), device=device)
+        labels = labels.clone()
+        labels[rows] = torch.tensor([refined[r] for r in sorted(refined)], device=device)
+    if progress:
+        tqdm.write(f"--refine-labels: {len(refined)} suspect label(s) replaced by the teachers' ensemble")
+    return labels
+
+
+class DistillEpochs:
+    """The per-epoch plan and the step of a distillation run: epoch ``e`` replays view ``e mod V`` (or a fresh
+    augmentation), and each step applies the view to the batch's images, picks the teachers, runs the distiller,
+    steps the discriminators, and returns the student's named losses for the loop to backpropagate."""
+
+    def __init__(self, run: DistillRun) -> None:
+        self.run = run
+        self.chooser: torch.Generator | None = None
+        self.params: augment.ViewParams | None = None
+
+    def view(self, epoch: int) -> int:
+        return self.run.views[epoch % len(self.run.views)]
+
+    def record_fields(self, epoch: int) -> dict:
+        return {"view": "fresh" if self.run.config.fresh_views else self.view(epoch)}
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, dict | None]]:
+        run, config = self.run, self.run.config
+        self.chooser = epoch_generator(config.seed, epoch, Stream.TEACHER_CHOICE)
+        if config.fresh_views:
+            generator = epoch_generator(config.seed, epoch, Stream.FRESH_VIEWS)
+            self.params = augment.draw(run.recipe, len(run.labels), run.dataset.image_size, generator)
+        else:
+            self.params = run.view_params[self.view(epoch)]
+        next_view = self.view(epoch + 1) if epoch + 1 < config.epochs else None
+        return run.source.epoch(epoch, self.view(epoch), next_view)
+
+    def step(self, batch: tuple[torch.Tensor, dict | None]) -> StepOutput:
+        run, world, distiller = self.run, self.run.world, self.run.distiller
+        rows, targets = batch
+        if world.enabled:  # this rank's share of the global batch
+            rows = rows[world.rank :: world.size]
+            targets = targets and {key: value[world.rank :: world.size] for key, value in targets.items()}
+        rows_dev = rows.to(run.device, non_blocking=True)
+        params = self.params[rows]
+        inputs = augment.apply(run.images[rows_dev], params, run.dataset.mean, run.dataset.std,
+                               channels_last=run.precision.channels_last)  # fmt: skip
+        selected = _selection(run.config, distiller.teachers, self.chooser)
+        if run.online is not None:
+            targets = run.online.targets(run.images[rows_dev], params, selected)
+        labels = run.labels[rows_dev]
+        with run.precision.autocast():
+            logits, named, adversarial = distiller(inputs, targets, labels, selected, run.run_student)
+        stats = distiller.discriminator_step(adversarial, run.disc_optimizer, world) if run.disc_optimizer else {}
+        with run.precision.autocast():
+            named.update(distiller.adversarial_losses(adversarial, selected))
+        return StepOutput(logits, labels, named, stats)
 
 
 def _refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:

@@ -8,13 +8,15 @@ un-augmented images, float16, so the metrics agree with the checkpoints' to abou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from meal_cache import augment
-from meal_cache.checkpoint import load_model
-from meal_cache.data import ImageDataset, load_dataset
+from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
+from meal_cache.data import ImageDataset, Split, load_dataset
 from meal_cache.errors import UserError
 from meal_cache.losses import soft_targets
 from meal_cache.runtime import Precision, resolve_device
@@ -107,18 +109,42 @@ def evaluate(
     return classification_metrics(logits, part.labels)
 
 
+@dataclass
+class CheckpointResult:
+    """A checkpoint's network, its logits on the evaluated split and their metrics."""
+
+    model: nn.Module
+    logits: torch.Tensor
+    metrics: dict[str, float]
+
+
+def evaluate_payload(
+    payload: dict, part: Split, device: torch.device, ensemble: torch.Tensor | None = None
+) -> CheckpointResult:
+    """The network a checkpoint records, on the un-augmented images of ``part``: top-1, top-5, NLL and ECE, and
+    given the teachers' ensemble probabilities on the same images, the fidelity to it and the KL from it. The one
+    way from a checkpoint to its metrics, for ``meal-cache evaluate`` and the pipeline's report alike."""
+    model = model_from_checkpoint(payload, device)
+    logits = predict_logits(model, part.images, tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]),
+                            device)  # fmt: skip
+    metrics = classification_metrics(logits, part.labels)
+    metrics["ece"] = expected_calibration_error(logits, part.labels)
+    if ensemble is not None:
+        metrics["fidelity"] = fidelity(logits, ensemble)
+        metrics["kl_to_ensemble"] = kl_to_ensemble(logits, ensemble)
+    return CheckpointResult(model, logits, metrics)
+
+
 def _teacher_logits_from_checkpoints(
-    teachers: list[str], images: torch.Tensor, target: torch.device, num_classes: int, checkpoint: str
+    teachers: list[str], part: Split, target: torch.device, num_classes: int, checkpoint: str
 ) -> list[torch.Tensor]:
     outputs = []
     for teacher in teachers:
-        teacher_model, teacher_payload = load_model(teacher, target)
+        teacher_payload = load_checkpoint(teacher)
         if teacher_payload["num_classes"] != num_classes:
             raise UserError(f"teacher '{teacher}' predicts {teacher_payload['num_classes']} classes, "
                             f"'{checkpoint}' {num_classes}")  # fmt: skip
-        teacher_input = teacher_payload["input"]
-        outputs.append(predict_logits(teacher_model, images, tuple(teacher_input["mean"]),
-                                      tuple(teacher_input["std"]), target))  # fmt: skip
+        outputs.append(evaluate_payload(teacher_payload, part, target).logits)
     return outputs
 
 
@@ -157,7 +183,7 @@ def evaluate_checkpoint(
     if teachers and store:
         raise UserError("--teachers and --store both give the teachers' ensemble; pass only one of them")
     target = resolve_device(device)
-    model, payload = load_model(checkpoint, target)
+    payload = load_checkpoint(checkpoint)
     recorded = payload["data"]
     if data is None:
         data = recorded["spec"]
@@ -177,17 +203,11 @@ def evaluate_checkpoint(
     teacher_logits = None
     if store:
         teacher_logits, teacher_names = _teacher_logits_from_store(store, dataset, split)
-    logits = predict_logits(model, part.images, tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]), target)
-    same_data = dataset.fingerprint(split) == recorded["fingerprint"].get(split)
-    metrics = classification_metrics(logits, part.labels)
-    metrics["ece"] = expected_calibration_error(logits, part.labels)
     if teachers:
-        teacher_logits = _teacher_logits_from_checkpoints(teachers, part.images, target, payload["num_classes"],
-                                                          checkpoint)  # fmt: skip
-    if teacher_logits is not None:
-        ensemble = ensemble_probabilities(teacher_logits)
-        metrics["fidelity"] = fidelity(logits, ensemble)
-        metrics["kl_to_ensemble"] = kl_to_ensemble(logits, ensemble)
+        teacher_logits = _teacher_logits_from_checkpoints(teachers, part, target, payload["num_classes"], checkpoint)
+    ensemble = ensemble_probabilities(teacher_logits) if teacher_logits is not None else None
+    metrics = evaluate_payload(payload, part, target, ensemble).metrics
+    same_data = dataset.fingerprint(split) == recorded["fingerprint"].get(split)
     return {
         "checkpoint": str(checkpoint),
         "arch": payload["arch"],

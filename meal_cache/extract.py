@@ -13,7 +13,6 @@ records the teachers' accuracy and marks the store complete.
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -21,28 +20,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision
 from torch import nn
 from tqdm.auto import tqdm
 
 from meal_cache import augment
-from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
 from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.distributed import World, init_world
 from meal_cache.errors import SettingsMismatch, UserError
-from meal_cache.models import BlockTap, block_shapes, create_model, split_weights
 from meal_cache.runtime import Precision, device_images
 from meal_cache.store import (
     FEATURE_KINDS,
-    BlockSpec,
     StoreLayout,
-    TeacherSpec,
     TeacherStore,
     create_store,
     open_store,
     store_exists,
 )
+from meal_cache.teachers import Teacher, resolve_teacher, teacher_outputs
 
 # Chunks written but not yet durable; bounds the memory the background writer may hold.
 MAX_PENDING_WRITES = 4
@@ -89,118 +83,6 @@ class ExtractConfig:
             raise UserError("--batch-size and --rows-per-chunk must be at least 1")
 
 
-@dataclass
-class Teacher:
-    """A teacher ready to run: the network, how it normalises its input, and what the store records."""
-
-    model: nn.Module
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    spec: TeacherSpec
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def select_blocks(names: tuple[str, ...], selection: str) -> tuple[str, ...]:
-    """``all``, ``K`` (the last K blocks) or a comma list of block names."""
-    if selection == "all":
-        return names
-    if selection.isdigit():
-        count = int(selection)
-        if not 1 <= count <= len(names):
-            raise UserError(f"--blocks {count}: the teacher has {len(names)} blocks ({', '.join(names)})")
-        return names[-count:]
-    chosen = tuple(n.strip() for n in selection.split(",") if n.strip())
-    missing = [n for n in chosen if n not in names]
-    if missing:
-        raise UserError(f"unknown block(s) {', '.join(missing)}; the teacher's blocks are {', '.join(names)}")
-    return chosen
-
-
-def _available_checkpoints(teacher_dir: Path) -> str:
-    found = sorted(p.stem for p in teacher_dir.glob("*.pt")) if teacher_dir.is_dir() else []
-    return ", ".join(found) if found else "none"
-
-
-def resolve_teacher(name: str, teacher_dir: str | Path, dataset: ImageDataset, config: ExtractConfig) -> Teacher:
-    """A name is a checkpoint ``TEACHER_DIR/NAME.pt`` (or a path to a .pt file), else ``ARCH:WEIGHTS``."""
-    teacher_dir = Path(teacher_dir)
-    path = Path(name) if name.endswith(".pt") else teacher_dir / f"{name}.pt"
-    if path.is_file():
-        payload = load_checkpoint(path)
-        if payload["num_classes"] != dataset.num_classes:
-            raise UserError(
-                f"teacher '{name}' predicts {payload['num_classes']} classes; {dataset.spec} has {dataset.num_classes}"
-            )
-        if payload["input"]["image_size"] != dataset.image_size:
-            raise UserError(
-                f"teacher '{name}' was trained on {payload['input']['image_size']} px images; the data is "
-                f"{dataset.image_size} px (set --image-size)"
-            )
-        model = model_from_checkpoint(payload)
-        key, arch, sha = path.stem, payload["arch"], file_sha256(path)
-        mean, std, classes = tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]), payload["classes"]
-    elif ":" in name:
-        arch, weights = split_weights(name)
-        model = create_model(name, dataset.num_classes, dataset.image_size)
-        weight_enum = torchvision.models.get_model_weights(arch)[weights]
-        categories = weight_enum.meta.get("categories") or []
-        if len(categories) != dataset.num_classes:
-            raise UserError(
-                f"pretrained teacher '{name}' predicts {len(categories)} classes; {dataset.spec} has "
-                f"{dataset.num_classes}: fine-tune it first (meal-cache train --arch {name} ...)"
-            )
-        transform = weight_enum.transforms()
-        key, sha, classes = name.replace(":", "-"), None, list(categories)
-        mean, std = tuple(transform.mean), tuple(transform.std)
-    else:
-        raise UserError(
-            f"teacher '{name}' not found: no '{path}' and not ARCH:WEIGHTS; "
-            f"checkpoints in '{teacher_dir}': {_available_checkpoints(teacher_dir)}"
-        )
-    chosen = select_blocks(tuple(model.block_names), config.blocks)
-    shapes = block_shapes(model, dataset.image_size)
-    blocks = [
-        BlockSpec(b, shapes[b][0], min(config.grid, shapes[b][1], shapes[b][2]), shapes[b][1], shapes[b][2])
-        for b in chosen
-    ]
-    spec = TeacherSpec(
-        key=key,
-        source=name,
-        arch=arch,
-        checkpoint_sha256=sha,
-        classes=list(classes),
-        input={"image_size": dataset.image_size, "mean": list(mean), "std": list(std)},
-        blocks=blocks,
-    )
-    return Teacher(model.eval(), mean, std, spec)
-
-
-def teacher_outputs(
-    teacher: Teacher,
-    images: torch.Tensor,
-    params: augment.ViewParams,
-    features: tuple[str, ...],
-    precision: Precision,
-) -> dict[str, torch.Tensor]:
-    """One forward of the teacher over replayed images: logits and, per block, the pooled output and the map."""
-    batch = augment.apply(images, params, teacher.mean, teacher.std, channels_last=precision.channels_last)
-    names = [b.name for b in teacher.spec.blocks]
-    with BlockTap(teacher.model, names) as tap, precision.autocast():
-        logits = teacher.model(batch)
-    outputs = {"logits": logits.float()}
-    for block in teacher.spec.blocks:
-        value = tap.outputs[block.name].float()
-        if "blocks" in features:
-            outputs[f"blocks/{block.key}"] = F.adaptive_avg_pool2d(value, block.grid)
-        if "maps" in features:
-            outputs[f"maps/{block.key}"] = value.mean(1)
-    return outputs
-
-
 def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teacher]) -> dict:
     """What must be equal for an existing store to be resumed rather than refused."""
     recorded = asdict(config)
@@ -227,7 +109,9 @@ def extract(
     progress = progress and world.is_main
     precision = Precision(device)
     dataset = dataset or load_dataset(config.data, config.data_root, config.download, config.image_size)
-    teachers = [resolve_teacher(name, config.teacher_dir, dataset, config) for name in config.teachers]
+    teachers = [
+        resolve_teacher(name, config.teacher_dir, dataset, config.blocks, config.grid) for name in config.teachers
+    ]
     settings = _settings(config, dataset, teachers)
     try:
         world.run_on_main(lambda: _open_or_create(config, out, dataset, teachers, settings, overwrite))

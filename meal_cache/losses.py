@@ -116,10 +116,12 @@ def generator_loss(kind: str, fake_scores: torch.Tensor) -> torch.Tensor:
     return real(fake_scores)
 
 
-def discriminator_accuracy(real_scores: torch.Tensor, fake_scores: torch.Tensor, kind: str) -> float:
+def discriminator_accuracy(real_scores: torch.Tensor, fake_scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """The share of teacher features scored real and student features scored fake (a 0-d tensor on the scores'
+    device: reading it is left to the caller, once per logging interval)."""
     threshold = 0.0 if kind == "bce" else 0.5
     hits = (real_scores > threshold).float().sum() + (fake_scores <= threshold).float().sum()
-    return float(hits / (real_scores.numel() + fake_scores.numel()))
+    return hits.detach() / (real_scores.numel() + fake_scores.numel())
 
 
 class MLPDiscriminator(nn.Module):

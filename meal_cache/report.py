@@ -18,18 +18,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from meal_cache.checkpoint import load_checkpoint  # noqa: E402
 from meal_cache.data import load_dataset  # noqa: E402
 from meal_cache.errors import UserError  # noqa: E402
 from meal_cache.evaluate import (  # noqa: E402
     classification_metrics,
     ensemble_probabilities,
+    evaluate_payload,
     expected_calibration_error,
-    fidelity,
-    kl_to_ensemble,
     predict_logits,
 )
 from meal_cache.models import count_parameters  # noqa: E402
+from meal_cache.pipeline_config import ALONE, load_pipeline  # noqa: E402
 from meal_cache.store import open_store  # noqa: E402
 
 STUDENT_METRICS = ("top1", "nll", "fidelity", "kl", "ece", "epoch_seconds")
@@ -88,8 +88,6 @@ def _store_summary(path: Path) -> dict:
 def views_curve(pipeline, per_method: dict[str, dict[int, dict]], stores: dict[str, dict]) -> dict | None:
     """Per method family: top-1, NLL and fidelity of the students from each named store against its number of
     augmented views V, the family's online fresh-view reference and the student alone, all on the same seeds."""
-    from meal_cache.pipeline import ALONE
-
     points: dict[str, list[tuple[str, str]]] = {}
     references: dict[str, str] = {}
     for name, overrides in pipeline.methods.items():
@@ -142,36 +140,31 @@ def views_curve(pipeline, per_method: dict[str, dict[int, dict]], stores: dict[s
     return curve
 
 
-def collect_results(run_dir: Path, pipeline) -> dict:
-    """Evaluate every teacher, the ensemble and every student checkpoint of a pipeline run on the test split."""
-    teacher_payloads = {t["name"]: load_checkpoint(run_dir / "teachers" / f"{t['name']}.pt") for t in pipeline.teachers}
-    first = next(iter(teacher_payloads.values()))
-    recorded = first["data"]
-    dataset = load_dataset(recorded["spec"], recorded["options"].get("root", "data"), False,
-                           recorded["options"].get("image_size"))  # fmt: skip
-    test = dataset.test
-    rows: list[dict] = []
-    teacher_logits = []
-    timing: dict[str, float] = {}
+class _Timer:
+    """CPU inference time per architecture, measured once: three timed passes per checkpoint were most of a
+    report's time."""
 
-    def time_once(arch: str, model: torch.nn.Module) -> float:
-        # Once per architecture: three timed passes per checkpoint were most of a report's time.
-        if arch not in timing:
-            timing[arch] = _ms_per_image(model, test.images, dataset.mean, dataset.std)
-        return timing[arch]
+    def __init__(self, images: torch.Tensor, mean, std) -> None:
+        self.images, self.mean, self.std = images, mean, std
+        self.ms: dict[str, float] = {}
 
+    def __call__(self, arch: str, model: torch.nn.Module) -> float:
+        if arch not in self.ms:
+            self.ms[arch] = _ms_per_image(model, self.images, self.mean, self.std)
+        return self.ms[arch]
+
+
+def _teacher_rows(teacher_payloads: dict[str, dict], test, timer: _Timer) -> tuple[list[dict], torch.Tensor]:
+    """A row per teacher and one for their ensemble, and the ensemble's probabilities on the test images."""
+    rows, teacher_logits = [], []
     for name, payload in teacher_payloads.items():
-        model = model_from_checkpoint(payload)
-        logits = predict_logits(model, test.images, tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]),
-                                torch.device("cpu"))  # fmt: skip
-        teacher_logits.append(logits)
-        metrics = classification_metrics(logits, test.labels)
-        time_once(payload["arch"], model)
+        result = evaluate_payload(payload, test, torch.device("cpu"))
+        teacher_logits.append(result.logits)
+        metrics = result.metrics
         rows.append({
             "name": f"teacher {name}", "kind": "teacher", "arch": payload["arch"],
-            "top1": _summary([metrics["top1"]]), "nll": _summary([metrics["nll"]]),
-            "ece": _summary([expected_calibration_error(logits, test.labels)]),
-            "params": count_parameters(model), "ms_per_image": timing[payload["arch"]],
+            "top1": _summary([metrics["top1"]]), "nll": _summary([metrics["nll"]]), "ece": _summary([metrics["ece"]]),
+            "params": count_parameters(result.model), "ms_per_image": timer(payload["arch"], result.model),
         })  # fmt: skip
     ensemble = ensemble_probabilities(teacher_logits)
     log_ensemble = ensemble.clamp_min(1e-12).log()
@@ -182,29 +175,33 @@ def collect_results(run_dir: Path, pipeline) -> dict:
         "ece": _summary([expected_calibration_error(log_ensemble, test.labels)]),
         "params": sum(r["params"] for r in rows), "ms_per_image": sum(r["ms_per_image"] for r in rows),
     })  # fmt: skip
+    return rows, ensemble
 
-    students_dir = run_dir / "students"
+
+def _student_results(run_dir: Path, pipeline, test, ensemble: torch.Tensor, timer: _Timer) -> dict[str, dict]:
+    """Per method and seed: the student checkpoint's metrics on the test split."""
     per_method: dict[str, dict[int, dict]] = {}
     for method in pipeline.methods:
         for seed in pipeline.method_seeds(method):
-            path = students_dir / method / f"seed-{seed}" / "student.pt"
+            path = run_dir / "students" / method / f"seed-{seed}" / "student.pt"
             if not path.is_file():
                 raise UserError(f"missing {path}: run the pipeline first (meal-cache run {pipeline.path})")
             payload = load_checkpoint(path)
-            model = model_from_checkpoint(payload)
-            logits = predict_logits(model, test.images, tuple(payload["input"]["mean"]),
-                                    tuple(payload["input"]["std"]), torch.device("cpu"))  # fmt: skip
-            metrics = classification_metrics(logits, test.labels)
-            time_once(payload["arch"], model)
+            result = evaluate_payload(payload, test, torch.device("cpu"), ensemble)
+            metrics = result.metrics
             per_method.setdefault(method, {})[seed] = {
-                "top1": metrics["top1"], "nll": metrics["nll"],
-                "fidelity": fidelity(logits, ensemble), "kl": kl_to_ensemble(logits, ensemble),
-                "ece": expected_calibration_error(logits, test.labels),
-                "params": count_parameters(model), "arch": payload["arch"],
-                "history": payload.get("history", []), "ms_per_image": timing[payload["arch"]],
+                "top1": metrics["top1"], "nll": metrics["nll"], "fidelity": metrics["fidelity"],
+                "kl": metrics["kl_to_ensemble"], "ece": metrics["ece"],
+                "params": count_parameters(result.model), "arch": payload["arch"],
+                "history": payload.get("history", []), "ms_per_image": timer(payload["arch"], result.model),
                 "epoch_seconds": statistics.median(h["seconds"] for h in payload["history"])
                 if payload.get("history") else math.nan,
             }  # fmt: skip
+    return per_method
+
+
+def _student_rows(per_method: dict[str, dict]) -> list[dict]:
+    rows = []
     for method, by_seed in per_method.items():
         seeds = sorted(by_seed)
         sample = by_seed[seeds[0]]
@@ -213,16 +210,47 @@ def collect_results(run_dir: Path, pipeline) -> dict:
             **{m: _summary([by_seed[s][m] for s in seeds]) for m in STUDENT_METRICS},
             "params": sample["params"], "ms_per_image": sample["ms_per_image"],
         })  # fmt: skip
+    return rows
+
+
+def _comparisons_with_alone(per_method: dict[str, dict]) -> list[dict]:
+    """Each method's paired top-1 and NLL difference to the student alone, over the seeds both have."""
+    if ALONE not in per_method:
+        return []
     comparisons = []
-    if "alone" in per_method:
-        base = per_method["alone"]
-        for method, by_seed in per_method.items():
-            if method == "alone":
-                continue
-            seeds = sorted(set(by_seed) & set(base))
-            for metric in ("top1", "nll"):
-                result = paired_difference([by_seed[s][metric] for s in seeds], [base[s][metric] for s in seeds])
-                comparisons.append({"method": method, "metric": metric, **result})
+    base = per_method[ALONE]
+    for method, by_seed in per_method.items():
+        if method == ALONE:
+            continue
+        seeds = sorted(set(by_seed) & set(base))
+        for metric in ("top1", "nll"):
+            result = paired_difference([by_seed[s][metric] for s in seeds], [base[s][metric] for s in seeds])
+            comparisons.append({"method": method, "metric": metric, **result})
+    return comparisons
+
+
+def _label_inspection(dataset, store_path: Path) -> dict | None:
+    """Where the data records which train labels were corrupted: how well `inspect`'s suspects find them."""
+    if dataset.clean_train_labels is None or open_store(store_path).dataset["split"] != "train":
+        return None
+    from meal_cache.analysis import DEFAULT_CONFIDENCE, inspect_store, label_noise_scores
+
+    noisy_rows = np.flatnonzero((dataset.train.labels != dataset.clean_train_labels).numpy())
+    suspects = [s["row"] for s in inspect_store(store_path, DEFAULT_CONFIDENCE)["suspects"]]
+    return {"confidence": DEFAULT_CONFIDENCE, **label_noise_scores(suspects, noisy_rows)}
+
+
+def collect_results(run_dir: Path, pipeline) -> dict:
+    """Evaluate every teacher, the ensemble and every student checkpoint of a pipeline run on the test split."""
+    teacher_payloads = {t["name"]: load_checkpoint(run_dir / "teachers" / f"{t['name']}.pt") for t in pipeline.teachers}
+    recorded = next(iter(teacher_payloads.values()))["data"]
+    dataset = load_dataset(recorded["spec"], recorded["options"].get("root", "data"), False,
+                           recorded["options"].get("image_size"))  # fmt: skip
+    test = dataset.test
+    timer = _Timer(test.images, dataset.mean, dataset.std)
+    rows, ensemble = _teacher_rows(teacher_payloads, test, timer)
+    per_method = _student_results(run_dir, pipeline, test, ensemble, timer)
+    rows += _student_rows(per_method)
     named = {name: _store_summary(pipeline.store_path(run_dir, name)) for name in pipeline.stores}
     # The store the report describes: the main one, or (when no method uses it, so it was never extracted) the
     # named store with the most views.
@@ -231,21 +259,13 @@ def collect_results(run_dir: Path, pipeline) -> dict:
     else:
         main_name = max(named, key=lambda n: (named[n]["views"], n))
         main = named[main_name]
-    main_path = Path(main["path"])
-    label_noise = None
-    if dataset.clean_train_labels is not None and open_store(main_path).dataset["split"] == "train":
-        from meal_cache.analysis import DEFAULT_CONFIDENCE, inspect_store, label_noise_scores
-
-        noisy_rows = np.flatnonzero((dataset.train.labels != dataset.clean_train_labels).numpy())
-        suspects = [s["row"] for s in inspect_store(main_path, DEFAULT_CONFIDENCE)["suspects"]]
-        label_noise = {"confidence": DEFAULT_CONFIDENCE, **label_noise_scores(suspects, noisy_rows)}
     return {
-        "label_inspection": label_noise,
+        "label_inspection": _label_inspection(dataset, Path(main["path"])),
         "pipeline": pipeline.name,
         "dataset": {k: recorded[k] for k in ("spec", "num_classes", "image_size", "sizes")},
         "seeds": pipeline.seeds,
         "rows": rows,
-        "comparisons": comparisons,
+        "comparisons": _comparisons_with_alone(per_method),
         "store": {
             "name": main_name,
             "stored_bytes": main["stored_bytes"],
@@ -519,8 +539,6 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
 
 def write_report(run_dir: str | Path, pipeline=None, progress: bool = True) -> Path:
     """Evaluate a pipeline run and write ``results.json``, ``report.md`` and the plots into ``run_dir``."""
-    from meal_cache.pipeline import load_pipeline
-
     run_dir = Path(run_dir)
     if pipeline is None:
         recorded = run_dir / "pipeline.toml"

@@ -8,7 +8,8 @@ import torch
 from meal_cache.checkpoint import load_checkpoint, load_model
 from meal_cache.errors import UserError
 from meal_cache.evaluate import classification_metrics, evaluate
-from meal_cache.train import TrainConfig, epoch_batches, learning_rate, steps_per_epoch, train_supervised
+from meal_cache.loop import epoch_batches, learning_rate, steps_per_epoch
+from meal_cache.train import TrainConfig, train_supervised
 
 
 def test_short_training_on_digits_learns_far_above_chance(tmp_path, digits):

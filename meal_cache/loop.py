@@ -1,0 +1,288 @@
+"""The one training loop that ``train`` (supervised) and ``distill`` share.
+
+A stage supplies an iterable of batches per epoch and a step function that turns one batch into logits and a dict
+of named losses (as mdistiller's distillers do); the loop owns the rest, in the manner of torchvision's
+classification reference and timm's train loop: epochs, the learning-rate schedule, the optimiser step with loss
+scaling, running means kept on the device (read once per logging interval, not after every step), evaluation on
+the test split, the history, ``metrics.jsonl``, checkpoints after every epoch and resume from them.
+
+Randomness is derived from the run's seed, the epoch and a named :class:`Stream`, so a resumed run replays exactly
+the epochs an uninterrupted one would have run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from meal_cache.checkpoint import load_checkpoint
+from meal_cache.data import ImageDataset
+from meal_cache.distributed import World
+from meal_cache.errors import SettingsMismatch, UserError
+from meal_cache.evaluate import evaluate
+
+SCHEDULES = ("cosine", "step", "constant")
+# Seeds of successive epochs are this far apart, so (seed, epoch) pairs of nearby runs never collide.
+EPOCH_SEED_STRIDE = 10_007
+# The progress bar's loss is read from the device (a host sync) once per this many steps.
+LOG_EVERY_STEPS = 10
+
+
+class Stream(IntEnum):
+    """The independent random streams of one epoch (see :func:`epoch_generator`)."""
+
+    BATCH_ORDER = 0  # which rows form each batch
+    AUGMENTATION = 1  # supervised training's fresh crops and flips
+    TEACHER_CHOICE = 2  # distillation's random teacher per step
+    FRESH_VIEWS = 3  # the online reference's fresh augmentation (``--fresh-views``)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def learning_rate(step: int, total_steps: int, base_lr: float, schedule: str, warmup_steps: int) -> float:
+    """Linear warm-up, then cosine to zero, steps of 10x at 50% and 75%, or constant."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "step":
+        return base_lr * (0.1 ** sum(progress >= m for m in (0.5, 0.75)))
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches :func:`epoch_batches` cuts ``n`` rows into: full ones, or one short one if none is full."""
+    return max(1, n // batch_size)
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> list[torch.Tensor]:
+    """A shuffled epoch of row indices cut into batches (a last short batch dropped unless asked)."""
+    order = torch.randperm(n, generator=generator)
+    batches = list(order.split(batch_size))
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed in-model randomness (dropout) per epoch, so a resumed run replays the same epochs."""
+    torch.manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
+
+
+def epoch_generator(seed: int, epoch: int, stream: Stream) -> torch.Generator:
+    """Per-epoch randomness of one :class:`Stream`, derived from the run seed."""
+    mixed = (seed * EPOCH_SEED_STRIDE + epoch) * 31 + int(stream)
+    return torch.Generator().manual_seed(mixed & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of every step of a run: ``steps`` per epoch for ``epochs`` epochs."""
+
+    base_lr: float
+    kind: str
+    steps: int
+    epochs: int
+    warmup_epochs: float
+
+    def __call__(self, step: int) -> float:
+        warmup_steps = int(self.warmup_epochs * self.steps)
+        return learning_rate(step, self.steps * self.epochs, self.base_lr, self.kind, warmup_steps)
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+@dataclass
+class StepOutput:
+    """What a stage's step returns: the logits and labels (for train accuracy), the named losses whose sum is
+    backpropagated, and named values that are only logged (a discriminator's loss, say)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Optimisation:
+    """The optimiser the loop steps, its loss scaler, and what runs between backward and step (averaging the
+    gradients of parameters DistributedDataParallel does not own, say)."""
+
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    after_backward: Callable[[], None] | None = None
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.after_backward is not None:
+            self.after_backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # checkpoints written before the scaler was saved hold none
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class RunningMeans:
+    """Sums of named values kept on the device, each averaged over the steps in which it occurred; reading them is
+    one host sync."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            self._sums[name] = self._sums[name] + value if name in self._sums else value
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+    def count(self, name: str) -> int:
+        return self._counts.get(name, 0)
+
+    def means(self) -> dict[str, float]:
+        if not self._sums:
+            return {}
+        names = sorted(self._sums)
+        totals = torch.stack([self._sums[n] for n in names]).tolist()
+        return {n: total / self._counts[n] for n, total in zip(names, totals, strict=True)}
+
+
+def run_epoch(
+    step: Callable[[object], StepOutput],
+    batches: Iterable,
+    optimisation: Optimisation,
+    schedule: Schedule,
+    epoch: int,
+    world: World,
+    desc: str,
+    progress: bool,
+) -> dict[str, float]:
+    """One epoch of ``step`` over ``batches``: the learning rate of each step set first, the sum of the named
+    losses backpropagated; returns the epoch's learning rate, mean losses and stats, steps and train top-1."""
+    means = RunningMeans()
+    correct, seen, lr = None, 0, schedule(epoch * schedule.steps)
+    bar = tqdm(batches, total=schedule.steps, leave=False, desc=desc, disable=not progress, unit="batch")
+    for index, batch in enumerate(bar):
+        lr = schedule(epoch * schedule.steps + index)
+        set_learning_rate(optimisation.optimizer, lr)
+        out = step(batch)
+        loss = sum(out.losses.values())
+        optimisation.step(loss)
+        means.add({**out.losses, **out.stats, "loss": loss})
+        hits = (out.logits.argmax(1) == out.labels).sum()
+        correct = hits if correct is None else correct + hits
+        seen += len(out.labels)
+        if progress and index % LOG_EVERY_STEPS == 0:
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+    record = {"lr": lr, **means.means(), "steps": means.count("loss")}
+    total_correct, total_seen = world.sum([int(correct) if correct is not None else 0, seen])
+    record["train_top1"] = 100.0 * total_correct / max(1, total_seen)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- epochs
+
+
+@dataclass
+class Stage:
+    """What a stage gives the loop: the model evaluated after each epoch, a step function, the batches of each
+    epoch, fields of its own for each epoch's record, and what to save after each epoch."""
+
+    model: nn.Module
+    train_mode: Callable[[], None]
+    step: Callable[[object], StepOutput]
+    batches: Callable[[int], Iterable]
+    save: Callable[[int, list[dict], dict], None]
+    record_fields: Callable[[int], dict] = lambda epoch: {}
+    desc: str = ""
+
+
+def fit(
+    stage: Stage,
+    optimisation: Optimisation,
+    schedule: Schedule,
+    dataset: ImageDataset,
+    device: torch.device,
+    seed: int,
+    start_epoch: int = 0,
+    history: list[dict] | None = None,
+    world: World | None = None,
+    metrics_path: Path | None = None,
+    progress: bool = True,
+) -> tuple[list[dict], dict | None]:
+    """Epochs ``start_epoch`` to ``schedule.epochs``: train, evaluate on the test split, record, save (on rank 0
+    only under ``torchrun``). Returns the history and the last epoch's test metrics (None when none ran)."""
+    world = world or World()
+    history = list(history or [])
+    test = None
+    for epoch in range(start_epoch, schedule.epochs):
+        seed_epoch(seed, epoch)
+        started = time.perf_counter()
+        stage.train_mode()
+        record = {"epoch": epoch + 1, **stage.record_fields(epoch)}
+        prefix = f"{stage.desc} " if stage.desc else ""
+        desc = f"{prefix}epoch {epoch + 1}/{schedule.epochs}"
+        record.update(run_epoch(stage.step, stage.batches(epoch), optimisation, schedule, epoch, world, desc,
+                                progress and world.is_main))  # fmt: skip
+        test = evaluate(stage.model, dataset, "test", device)
+        record.update({"test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"]})
+        record["seconds"] = time.perf_counter() - started
+        history.append(record)
+        if not world.is_main:
+            continue
+        if metrics_path is not None:
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if progress:
+            tqdm.write(f"{desc}  loss {record['loss']:.4f}  train {record['train_top1']:.1f}%  "
+                       f"test {test['top1']:.2f}%  lr {record['lr']:.4f}  {record['seconds']:.1f}s")  # fmt: skip
+        stage.save(epoch + 1, history, test)
+    return history, test
+
+
+def resume_state(
+    output: Path, checkpoint: Path, config: dict, resume: bool, overwrite: bool, occupied: bool, occupied_message: str
+) -> dict | None:
+    """The saved state to resume ``output`` from, or None to start afresh. ``occupied``: the output already holds
+    something; without ``resume`` or ``overwrite`` that is refused with ``occupied_message``. A resumed state must
+    have been written with the same ``config``. Resuming an output with no ``checkpoint`` yet (a run killed in its
+    first epoch) starts it."""
+    if not occupied:
+        return None
+    if resume and checkpoint.is_file():
+        state = load_checkpoint(checkpoint)
+        if state["config"] != config:
+            raise SettingsMismatch(f"'{output}' was written with other settings; --resume needs the same ones "
+                                   "(or pass --overwrite to start again)")  # fmt: skip
+        return state
+    if not resume and not overwrite:
+        raise UserError(occupied_message)
+    return None

@@ -1,0 +1,170 @@
+"""A pipeline file's data model: :class:`Pipeline` and :func:`load_pipeline`, which parses a TOML file and checks
+every section, setting, dataset, architecture and method name before anything runs. Running a pipeline is
+:mod:`meal_cache.pipeline`'s; reporting on a run is :mod:`meal_cache.report`'s; both read this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meal_cache.data import parse_spec
+from meal_cache.distill import METHODS, DistillConfig
+from meal_cache.errors import UserError, unknown_choice
+from meal_cache.extract import ExtractConfig
+from meal_cache.models import model_names, split_weights
+from meal_cache.train import TrainConfig
+
+ALONE = "alone"
+SECTIONS = {"name", "description", "seeds", "data", "teachers", "store", "stores", "student", "methods", "gpu"}
+# Store names become file and step names (stores/NAME.zarr, extract/NAME).
+STORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class Pipeline:
+    """A parsed pipeline file."""
+
+    name: str
+    path: Path
+    data: dict
+    teachers: list[dict]
+    store: dict
+    student: dict
+    methods: dict[str, dict]
+    seeds: list[int]
+    description: str = ""
+    gpu: bool = False
+    raw: dict = field(default_factory=dict)
+    stores: dict[str, dict] = field(default_factory=dict)  # named stores: overrides of ``store``
+
+    def method_store(self, name: str) -> str | None:
+        """The named store a method distils from; None for the main store (and for ``alone``)."""
+        return self.methods[name].get("store")
+
+    def uses_main_store(self) -> bool:
+        """Whether the main store is extracted: always without named stores (as before they existed), else only
+        when a method distils from it, since extracting an unused store costs time."""
+        if not self.stores:
+            return True
+        return any(name != ALONE and self.method_store(name) is None for name in self.methods)
+
+    def store_path(self, run_dir: Path, store: str | None = None) -> Path:
+        """Where the main store (``store=None``) or a named store lives in a run directory."""
+        return run_dir / "feats.zarr" if store is None else run_dir / "stores" / f"{store}.zarr"
+
+    def store_settings(self, store: str | None = None) -> dict:
+        """ExtractConfig overrides of the main or a named store."""
+        return dict(self.store) if store is None else {**self.store, **self.stores[store]}
+
+    def method_seeds(self, name: str) -> list[int]:
+        """A method's seeds: its own ``seeds`` (a subset of the pipeline's) or the pipeline's."""
+        return [int(x) for x in self.methods[name].get("seeds", self.seeds)]
+
+    def run_dir(self, root: str | Path = "runs") -> Path:
+        return Path(root) / self.name
+
+
+def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
+    unknown = set(given) - allowed
+    if unknown:
+        raise UserError(
+            f"{where}: unknown setting(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def fields_of(cls) -> set[str]:
+    """The field names of a config dataclass."""
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """Parse and check a pipeline file: every section, setting, dataset, architecture and method name."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pipeline file not found: '{path}'")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"'{path}' is not valid TOML: {err}") from err
+    _check_keys(str(path), raw, SECTIONS)
+    for section in ("data", "teachers", "student", "methods"):
+        if section not in raw:
+            raise UserError(f"'{path}' lacks the [{section}] section")
+    data = dict(raw["data"])
+    _check_keys(f"{path} [data]", data, {"spec", "root", "download", "image_size"})
+    parse_spec(data.get("spec", ""))
+    known_models = set(model_names())
+    teachers = [dict(t) for t in raw["teachers"]]
+    train_fields = fields_of(TrainConfig) - {"data", "data_root", "download", "image_size", "device"}
+    for teacher in teachers:
+        if "name" not in teacher or "arch" not in teacher:
+            raise UserError(f"{path}: every [[teachers]] entry needs a name and an arch")
+        _check_keys(f"{path} teacher {teacher['name']}", teacher, train_fields | {"name"})
+        if split_weights(teacher["arch"])[0] not in known_models:
+            raise unknown_choice("architecture", teacher["arch"], sorted(known_models), listing="meal-cache models")
+    names = [t["name"] for t in teachers]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: teacher names must be unique, got {', '.join(names)}")
+    store = dict(raw.get("store", {}))
+    store_fields = fields_of(ExtractConfig) - {"teachers", "data", "data_root", "download", "image_size", "teacher_dir",
+                                             "device"}  # fmt: skip
+    _check_keys(f"{path} [store]", store, store_fields)
+    stores_raw = raw.get("stores", {})
+    if not isinstance(stores_raw, dict) or not all(isinstance(v, dict) for v in stores_raw.values()):
+        raise UserError(f"{path}: [stores] holds named tables such as [stores.v1] (views = 1)")
+    stores = {name: dict(overrides) for name, overrides in stores_raw.items()}
+    for name, overrides in stores.items():
+        if not STORE_NAME.fullmatch(name):
+            raise UserError(f"{path}: store name '{name}' may hold only letters, digits, '_', '.' and '-'")
+        _check_keys(f"{path} [stores.{name}]", overrides, store_fields)
+    student = dict(raw["student"])
+    _check_keys(
+        f"{path} [student]", student, (fields_of(TrainConfig) | fields_of(DistillConfig)) - {"student", "store"}
+    )
+    if split_weights(student.get("arch", ""))[0] not in known_models:
+        raise unknown_choice("architecture", student.get("arch", ""), sorted(known_models),
+                             listing="meal-cache models")  # fmt: skip
+    methods = {name: dict(overrides) for name, overrides in raw["methods"].items()}
+    seeds = [int(s) for s in raw.get("seeds", [0])]
+    _check_methods(path, methods, seeds, stores)
+    return Pipeline(
+        name=str(raw.get("name", path.stem)),
+        path=path,
+        data=data,
+        teachers=teachers,
+        store=store,
+        student=student,
+        methods=methods,
+        seeds=seeds,
+        description=str(raw.get("description", "")),
+        gpu=bool(raw.get("gpu", False)),
+        raw=raw,
+        stores=stores,
+    )
+
+
+def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], stores: dict[str, dict]) -> None:
+    """Each method's settings, seeds (a subset of the pipeline's), store name and method name."""
+    for name, overrides in methods.items():
+        extra = set(overrides.get("seeds", seeds)) - set(seeds)
+        if extra:
+            raise UserError(f"{path} method {name}: seeds {sorted(extra)} are not among the pipeline's {seeds}")
+        if name == ALONE:
+            _check_keys(f"{path} method {name}", overrides, fields_of(TrainConfig) - {"arch", "data"} | {"seeds"})
+            continue
+        # ``store`` names a [stores] table here (the DistillConfig field of that name is the store's path).
+        _check_keys(f"{path} method {name}", overrides, fields_of(DistillConfig) - {"student"} | {"seeds"})
+        if "store" in overrides:
+            chosen = overrides["store"]
+            if not isinstance(chosen, str):
+                raise UserError(f"{path} method {name}: store takes the name of a [stores] table, got {chosen!r}")
+            if chosen not in stores:
+                defined = ", ".join(sorted(stores)) or "none: add [stores.NAME] tables"
+                raise UserError(f"{path} method {name}: unknown store '{chosen}'; defined stores: {defined}")
+        method = overrides.get("method", name)
+        if method not in METHODS:
+            raise unknown_choice(f"method of '{name}'", method, list(METHODS))

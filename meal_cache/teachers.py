@@ -1,0 +1,142 @@
+"""Teachers: resolving a teacher by name and running it with its block taps.
+
+A name is a checkpoint written by ``meal-cache train`` (``TEACHER_DIR/NAME.pt`` or a path to a ``.pt`` file), or
+``ARCH:WEIGHTS`` for torchvision's pretrained weights. A :class:`Teacher` carries the network, its input
+normalisation and the :class:`~meal_cache.store.TeacherSpec` a store records about it. Extraction and the online
+reference of distillation both run teachers through :func:`teacher_outputs`, so the two compute the same targets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from meal_cache import augment
+from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
+from meal_cache.data import ImageDataset
+from meal_cache.errors import UserError
+from meal_cache.models import BlockTap, block_shapes, create_model, split_weights
+from meal_cache.runtime import Precision
+from meal_cache.store import BlockSpec, TeacherSpec
+
+
+@dataclass
+class Teacher:
+    """A teacher ready to run: the network, how it normalises its input, and what the store records."""
+
+    model: nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    spec: TeacherSpec
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def select_blocks(names: tuple[str, ...], selection: str) -> tuple[str, ...]:
+    """``all``, ``K`` (the last K blocks) or a comma list of block names."""
+    if selection == "all":
+        return names
+    if selection.isdigit():
+        count = int(selection)
+        if not 1 <= count <= len(names):
+            raise UserError(f"--blocks {count}: the teacher has {len(names)} blocks ({', '.join(names)})")
+        return names[-count:]
+    chosen = tuple(n.strip() for n in selection.split(",") if n.strip())
+    missing = [n for n in chosen if n not in names]
+    if missing:
+        raise UserError(f"unknown block(s) {', '.join(missing)}; the teacher's blocks are {', '.join(names)}")
+    return chosen
+
+
+def _available_checkpoints(teacher_dir: Path) -> str:
+    found = sorted(p.stem for p in teacher_dir.glob("*.pt")) if teacher_dir.is_dir() else []
+    return ", ".join(found) if found else "none"
+
+
+def resolve_teacher(
+    name: str, teacher_dir: str | Path, dataset: ImageDataset, blocks: str = "all", grid: int = 1
+) -> Teacher:
+    """The teacher ``name`` for ``dataset``, tapping ``blocks`` (``all``, the last ``K`` or a comma list) pooled
+    to at most a ``grid`` x ``grid`` grid. A name is a checkpoint ``TEACHER_DIR/NAME.pt`` (or a path to a .pt
+    file), else ``ARCH:WEIGHTS``."""
+    teacher_dir = Path(teacher_dir)
+    path = Path(name) if name.endswith(".pt") else teacher_dir / f"{name}.pt"
+    if path.is_file():
+        payload = load_checkpoint(path)
+        if payload["num_classes"] != dataset.num_classes:
+            raise UserError(
+                f"teacher '{name}' predicts {payload['num_classes']} classes; {dataset.spec} has {dataset.num_classes}"
+            )
+        if payload["input"]["image_size"] != dataset.image_size:
+            raise UserError(
+                f"teacher '{name}' was trained on {payload['input']['image_size']} px images; the data is "
+                f"{dataset.image_size} px (set --image-size)"
+            )
+        model = model_from_checkpoint(payload)
+        key, arch, sha = path.stem, payload["arch"], file_sha256(path)
+        mean, std, classes = tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]), payload["classes"]
+    elif ":" in name:
+        arch, weights = split_weights(name)
+        model = create_model(name, dataset.num_classes, dataset.image_size)
+        weight_enum = torchvision.models.get_model_weights(arch)[weights]
+        categories = weight_enum.meta.get("categories") or []
+        if len(categories) != dataset.num_classes:
+            raise UserError(
+                f"pretrained teacher '{name}' predicts {len(categories)} classes; {dataset.spec} has "
+                f"{dataset.num_classes}: fine-tune it first (meal-cache train --arch {name} ...)"
+            )
+        transform = weight_enum.transforms()
+        key, sha, classes = name.replace(":", "-"), None, list(categories)
+        mean, std = tuple(transform.mean), tuple(transform.std)
+    else:
+        raise UserError(
+            f"teacher '{name}' not found: no '{path}' and not ARCH:WEIGHTS; "
+            f"checkpoints in '{teacher_dir}': {_available_checkpoints(teacher_dir)}"
+        )
+    chosen = select_blocks(tuple(model.block_names), blocks)
+    shapes = block_shapes(model, dataset.image_size)
+    specs = [BlockSpec(b, shapes[b][0], min(grid, shapes[b][1], shapes[b][2]), shapes[b][1], shapes[b][2])
+             for b in chosen]  # fmt: skip
+    spec = TeacherSpec(
+        key=key,
+        source=name,
+        arch=arch,
+        checkpoint_sha256=sha,
+        classes=list(classes),
+        input={"image_size": dataset.image_size, "mean": list(mean), "std": list(std)},
+        blocks=specs,
+    )
+    return Teacher(model.eval(), mean, std, spec)
+
+
+# no_grad, not inference_mode: the online reference feeds these outputs to losses that save tensors for backward.
+@torch.no_grad()
+def teacher_outputs(
+    teacher: Teacher,
+    images: torch.Tensor,
+    params: augment.ViewParams,
+    features: tuple[str, ...],
+    precision: Precision,
+) -> dict[str, torch.Tensor]:
+    """One forward of the teacher over replayed images: logits and, per block, the pooled output and the map."""
+    batch = augment.apply(images, params, teacher.mean, teacher.std, channels_last=precision.channels_last)
+    names = [b.name for b in teacher.spec.blocks]
+    with BlockTap(teacher.model, names) as tap, precision.autocast():
+        logits = teacher.model(batch)
+    outputs = {"logits": logits.float()}
+    for block in teacher.spec.blocks:
+        value = tap.outputs[block.name].float()
+        if "blocks" in features:
+            outputs[f"blocks/{block.key}"] = F.adaptive_avg_pool2d(value, block.grid)
+        if "maps" in features:
+            outputs[f"maps/{block.key}"] = value.mean(1)
+    return outputs
