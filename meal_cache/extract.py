@@ -162,7 +162,12 @@ def _run_teachers(
                     )
                     for chunk in todo:
                         rows = store.chunk_rows(chunk)
-                        arrays = _run_chunk(teacher, model, images, params, rows, features, config, precision)
+                        try:
+                            arrays = _run_chunk(teacher, model, images, params, rows, features, config, precision)
+                        except NonFiniteOutput as err:
+                            # Raised before the chunk reaches the writer: it is never marked done.
+                            where = _view_name(store, view)
+                            raise UserError(err.explain(teacher.spec.key, where, rows, config, precision)) from None
                         pending.append(writer.submit(store.write_rows, teacher.spec.key, view, chunk, arrays))
                         while len(pending) > MAX_PENDING_WRITES:
                             pending.popleft().result()
@@ -207,8 +212,71 @@ def _run_chunk(
         outputs = teacher_outputs(teacher, images[start:stop], params[start:stop], features, precision)
         for key, value in outputs.items():
             parts.setdefault(key, []).append(value.to(torch.float32).cpu())
+    raw = {key: torch.cat(values).numpy() for key, values in parts.items()}
     dtype = np.dtype(config.dtype)
-    return {key: torch.cat(values).numpy().astype(dtype) for key, values in parts.items()}
+    with np.errstate(over="ignore"):  # an overflow is reported below, by name, not as a numpy warning
+        arrays = {key: value.astype(dtype) for key, value in raw.items()}
+    _check_finite(raw, arrays, config)
+    return arrays
+
+
+class NonFiniteOutput(Exception):
+    """A chunk's teacher outputs hold inf or NaN: already in float32 (``stage`` "float32"), after the cast to the
+    store's dtype ("cast") or after its bit rounding ("keep_bits"). Turned into a UserError naming the teacher
+    and view by :func:`_run_teachers`."""
+
+    def __init__(self, stage: str, keys: list[str], largest: float) -> None:
+        super().__init__(stage, keys)
+        self.stage, self.keys, self.largest = stage, keys, largest
+
+    def explain(self, teacher: str, view: str, rows: slice, config: ExtractConfig, precision: Precision) -> str:
+        others = f" (and {len(self.keys) - 1} more of its arrays)" if len(self.keys) > 1 else ""
+        where = f"in its {self.keys[0]}{others} on {view}, rows {rows.start}-{rows.stop - 1}"
+        overwrite = "(with --overwrite, to replace this unfinished store)"
+        if self.stage == "float32":
+            amp = (f"; it ran under {precision.dtype} autocast on CUDA: run with --device cpu to see whether it does"
+                   " so in float32 too" if precision.on_cuda else "")  # fmt: skip
+            return (f"teacher '{teacher}' gives non-finite values (inf or NaN) {where}, already in float32, before "
+                    f"any cast to the store's {config.dtype}: the teacher itself is broken (check its checkpoint "
+                    f"with `meal-cache evaluate`, or retrain it){amp}")  # fmt: skip
+        largest = f"largest |value| {self.largest:.3g}"
+        if self.stage == "cast":
+            limit = float(np.finfo(config.dtype).max)
+            return (f"teacher '{teacher}' gives values beyond {config.dtype}'s range ({largest}; {config.dtype} holds "
+                    f"up to {limit:.6g}) {where}, which the store would hold as inf: extract with --dtype float32 "
+                    f"{overwrite}")  # fmt: skip
+        return (f"teacher '{teacher}' gives values that --keep-bits {config.keep_bits} rounds up to inf ({largest}, "
+                f"near {config.dtype}'s largest) {where}: extract without --keep-bits, or with --dtype float32 "
+                f"{overwrite}")  # fmt: skip
+
+
+def _check_finite(raw: dict[str, np.ndarray], stored: dict[str, np.ndarray], config: ExtractConfig) -> None:
+    """Raise :class:`NonFiniteOutput` when a teacher output is not finite as computed (float32), as cast to the
+    store's dtype, or as the store's bit rounding (``keep_bits``) would write it; a quantised feature is coded
+    from the cast values, so the cast covers it."""
+    for stage, arrays in (("float32", raw), ("cast", stored)):
+        bad = [key for key, value in arrays.items() if not np.isfinite(value).all()]
+        if bad:
+            raise NonFiniteOutput(stage, bad, _largest(raw, bad))
+    if config.keep_bits is not None:
+        from numcodecs import BitRound
+
+        rounding = BitRound(keepbits=config.keep_bits)
+        bad = [key for key, value in stored.items()
+               if not np.isfinite(np.asarray(rounding.encode(value)).view(value.dtype)).all()]  # fmt: skip
+        if bad:
+            raise NonFiniteOutput("keep_bits", bad, _largest(raw, bad))
+
+
+def _largest(raw: dict[str, np.ndarray], keys: list[str]) -> float:
+    finite = [np.abs(raw[key][np.isfinite(raw[key])]) for key in keys]
+    return max((float(values.max()) for values in finite if values.size), default=float("nan"))
+
+
+def _view_name(store: TeacherStore, view: int) -> str:
+    """A view as the progress bars count them (from 1), saying which is the un-augmented one."""
+    name = f"view {view + 1} of {store.num_views}"
+    return f"{name} (the identity view)" if view == store.identity_view else name
 
 
 def _open_or_create(

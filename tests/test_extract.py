@@ -266,3 +266,82 @@ def test_distill_reads_a_quantized_store(small_store, digits, tmp_path):
                                         max_memory=max_memory), tmp_path / f"run-{max_memory}", progress=False,
                           dataset=digits)  # fmt: skip
         assert summary["history"][0]["steps"] == 1437 // 64 and np.isfinite(summary["history"][0]["loss"])
+
+
+def _edited_teacher(teacher_dir, folder, name: str, edit) -> str:
+    """A copy of the resnet8_w4 teacher saved as ``folder/name.pt`` with ``edit`` applied to its weights."""
+    from meal_cache.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(teacher_dir / "resnet8_w4.pt")
+    weights = {k: v.clone() for k, v in payload["model"].items()}
+    edit(weights)
+    path = folder / f"{name}.pt"
+    save_checkpoint(path, {**payload, "model": weights})
+    return str(path)
+
+
+def _loud(weights) -> None:
+    # Logits of about 1e7: finite in float32, beyond float16's largest value (65504).
+    weights["fc.weight"] *= 1e6
+
+
+def test_outputs_beyond_float16_are_refused_and_the_store_stays_resumable(teacher_dir, digits, tmp_path):
+    loud = _edited_teacher(teacher_dir, tmp_path, "loud", _loud)
+    config = ExtractConfig(teachers=[str(teacher_dir / "resnet8_w4.pt"), loud], views=1, identity_view=True,
+                           rows_per_chunk=512, device="cpu")  # fmt: skip
+    out = tmp_path / "loud.zarr"
+    with pytest.raises(UserError) as caught:
+        extract(config, out, progress=False, dataset=digits)
+    message = str(caught.value)
+    assert "teacher 'loud'" in message and "logits" in message and "view 1 of 2" in message
+    assert "float16" in message and "--dtype float32" in message
+    # The chunks of the first teacher are kept, no chunk of the loud one is marked done and none holds inf.
+    store = open_store(out)
+    assert not store.complete
+    assert store.progress("resnet8_w4").all() and not store.progress("loud").any()
+    assert np.isfinite(store.logits("loud", 0).astype(np.float32)).all()
+    # As the message says: float32 holds them.
+    store = extract(dataclasses.replace(config, dtype="float32"), out, overwrite=True, progress=False,
+                    dataset=digits)  # fmt: skip
+    logits = store.logits("loud", 0)
+    assert store.complete and np.isfinite(logits).all() and np.abs(logits).max() > 65504
+
+
+def test_a_teacher_that_gives_nan_in_float32_is_named_broken(teacher_dir, digits, tmp_path):
+    def nan_bias(weights) -> None:
+        weights["fc.bias"][3] = float("nan")
+
+    broken = _edited_teacher(teacher_dir, tmp_path, "broken", nan_bias)
+    config = ExtractConfig(teachers=[broken], views=1, dtype="float32", device="cpu")
+    with pytest.raises(UserError, match="teacher 'broken' gives non-finite .*logits on view 1 of 1.*float32") as e:
+        extract(config, tmp_path / "broken.zarr", progress=False, dataset=digits)
+    assert "--dtype" not in str(e.value)  # a wider dtype would not help
+    assert not open_store(tmp_path / "broken.zarr").progress("broken").any()
+
+
+def test_overflow_through_the_console_script_is_one_error_line(teacher_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _edited_teacher(teacher_dir, tmp_path, "loud", _loud)
+    command = [sys.executable, "-m", "meal_cache", "extract", "--teachers", "loud", "--teacher-dir", str(tmp_path),
+               "--data", "digits", "--views", "1", "--out", str(tmp_path / "s.zarr"), "--device", "cpu",
+               "--quiet"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "teacher 'loud'" in errors[0] and "logits" in errors[0] and "--dtype float32" in errors[0]
+
+
+def test_bit_rounding_up_to_inf_is_caught_before_the_write():
+    raw = {"logits": np.array([[1.0, 65504.0]], np.float32), "maps/layer1": np.ones((1, 2, 2), np.float32)}
+    stored = {key: value.astype(np.float16) for key, value in raw.items()}
+    config = ExtractConfig(teachers=["t"], keep_bits=4)
+    extract_module._check_finite(raw, stored, ExtractConfig(teachers=["t"]))  # finite in float16
+    with pytest.raises(extract_module.NonFiniteOutput) as caught:
+        extract_module._check_finite(raw, stored, config)
+    assert caught.value.stage == "keep_bits" and caught.value.keys == ["logits"]
+    assert "--keep-bits 4 rounds" in caught.value.explain("t", "view 1 of 1", slice(0, 1), config, None)
