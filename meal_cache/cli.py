@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,11 @@ class MealCacheGroup(click.Group):
             click.echo("Aborted.", err=True)
             sys.exit(1)
         except click.ClickException as err:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # Under torchrun: one line from rank 0, not one per rank, and the same exit status on every rank.
+                from meal_cache.distributed import exit_with_user_error
+
+                exit_with_user_error(err.format_message(), err.exit_code)
             click.echo(f"Error: {err.format_message()}", err=True)
             sys.exit(err.exit_code)
 

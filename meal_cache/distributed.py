@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -129,3 +134,77 @@ def init_world(device_name: str = "auto") -> tuple[World, torch.device]:
 def is_main_process() -> bool:
     """Rank 0 under ``torchrun``, or a process launched alone: the one that prints and writes reports."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+# How long a rank other than 0, failing, waits for rank 0 to have printed the mistake before printing it itself.
+REPORT_WAIT_S = 10.0
+
+
+def exit_with_user_error(message: str, status: int = 2) -> NoReturn:
+    """End a rank under ``torchrun`` after a user's mistake: one ``Error:`` line in all, every rank exits ``status``.
+
+    The ranks usually all meet the same mistake (a setting they all check, or rank 0's error shared by
+    :meth:`World.run_on_main`). Rank 0 alone prints it; another rank waits, through the store torchrun's agent
+    serves, until rank 0 has printed, then leaves silently, and prints the line itself only if rank 0 has not
+    within ``REPORT_WAIT_S`` (a mistake that rank alone met). A rank on its way out ignores torchrun's SIGTERM
+    (sent once another rank has exited), so it exits ``status`` as well. Every rank also leaves the message in
+    torchrun's error file, so that the summary torchrun prints when a rank failed names the mistake instead of
+    pointing at how to enable tracebacks; that summary, with torchrun's own ChildFailedError traceback and exit
+    status 1, cannot be prevented from a rank (docs/errors.md shows what a user sees). Outside torchrun's agent
+    (no store to wait on) every failing rank prints its line.
+    """
+    # Ignored, not handled: Python puts its own handlers back to the default while it shuts down, and torchrun's
+    # SIGTERM would then end a rank as "-15" on its way out.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _write_torchelastic_error_file(message)
+    rank = int(os.environ.get("RANK", "0"))
+    store = _agent_store()
+    key = f"meal-cache/error-reported/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if rank == 0:
+        _print_error(message)
+        if store is not None:
+            try:
+                store.set(key, "1")
+            except Exception:  # the others then print the line themselves: never hide the mistake
+                pass
+        sys.exit(status)
+    reported = False
+    if store is not None:
+        try:
+            store.wait([key], timedelta(seconds=REPORT_WAIT_S))
+            reported = True
+        except Exception:  # rank 0 met no mistake (or is gone): this rank's own is the one to print
+            pass
+    if not reported:
+        _print_error(message)
+    sys.exit(status)
+
+
+def _print_error(message: str) -> None:
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+
+
+def _agent_store() -> dist.Store | None:
+    """A client of the key-value store torchrun's agent serves to every rank, or None outside torchrun."""
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not address or not port:
+        return None
+    try:
+        return dist.TCPStore(address, int(port), is_master=False, timeout=timedelta(seconds=REPORT_WAIT_S))
+    except Exception:
+        return None
+
+
+def _write_torchelastic_error_file(message: str) -> None:
+    """Leave ``message`` where torchrun reads a failed rank's error (the "traceback" of its closing summary)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                            "timestamp": str(int(time.time()))}}}  # fmt: skip
+    try:
+        with open(path, "w") as file:
+            json.dump(record, file)
+    except OSError:
+        pass

@@ -1,14 +1,20 @@
-"""Two ranks on the CPU (gloo) under torchrun: extraction gives the one-rank store, DDP distillation trains."""
+"""Two ranks on the CPU (gloo) under torchrun: extraction gives the one-rank store, DDP distillation trains, and a
+mistake is one line."""
 
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
 
+import pytest
 import torch
+import torch.distributed as dist
 from test_faults import TEACHERS, assert_same_store
 
+from meal_cache import distributed
 from meal_cache.checkpoint import load_model
 from meal_cache.extract import ExtractConfig, extract
 from meal_cache.store import open_store, verify_store
@@ -56,6 +62,53 @@ def test_two_rank_distillation_trains_one_student(small_store, digits, tmp_path)
     assert any(key.startswith("disc/") for key in records[0])
     model, payload = load_model(out / "student.pt")
     assert payload["arch"] == "resnet8_w4"
+
+
+def test_a_mistake_under_torchrun_is_one_error_line_and_exit_2_on_every_rank(small_store, tmp_path):
+    path, _ = small_store
     bad = _torchrun("distill", "--store", str(path), "--student", "resnet8_w4", "--epochs", "1", "--batch-size", "63",
                     "--device", "cpu", "--out", str(tmp_path / "odd"), "--quiet")  # fmt: skip
-    assert bad.returncode != 0 and "multiple of the 2 ranks" in bad.stderr
+    output = bad.stdout + bad.stderr
+    message = "--batch-size 63 must be a multiple of the 2 ranks"
+    # One line from rank 0, not one per rank (torchrun's "ChildFailedError:" below does not start a line so).
+    assert [line for line in output.splitlines() if line.startswith("Error:")] == [f"Error: {message}"], output
+    # Every rank exits 2, as one process would, and torchrun's closing summary names the mistake (from the
+    # ranks' error files) instead of pointing at how to enable tracebacks.
+    exits = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\n\s*exitcode\s*: (-?\d+)", output))
+    assert exits == {"0": "2", "1": "2"}, output
+    assert f"traceback : {message}" in output and "To enable traceback" not in output
+    # No traceback from a rank: the one traceback is torchrun's own ChildFailedError, raised whenever a rank
+    # fails, which is also why torchrun exits 1 (docs/errors.md shows the whole output).
+    assert output.count("Traceback") == 1 and "ChildFailedError" in output, output
+    assert not re.search(r'File ".*meal_cache', output) and "UserError" not in output, output
+    assert bad.returncode == 1
+
+
+def test_rank_0_prints_the_mistake_and_another_rank_only_what_rank_0_did_not(monkeypatch, capsys, tmp_path):
+    """The rule behind the test above, without starting ranks: a store in this process plays torchrun's agent."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in {"WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(server.port), "TORCHELASTIC_RESTART_COUNT": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "REPORT_WAIT_S", 0.2)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def fail(rank: int, message: str) -> str:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"{rank}.json"))
+        with pytest.raises(SystemExit) as exited:
+            distributed.exit_with_user_error(message, 2)
+        assert exited.value.code == 2
+        assert json.loads((tmp_path / f"{rank}.json").read_text())["message"]["extraInfo"]["py_callstack"] == message
+        return capsys.readouterr().err
+
+    try:
+        # Rank 1 alone met it (rank 0 never reports): after the wait it prints its own.
+        assert fail(1, "only rank 1's") == "Error: only rank 1's\n"
+        # Every rank met it: rank 0 prints and says so through the store, rank 1 then leaves silently.
+        assert fail(0, "everyone's") == "Error: everyone's\n"
+        assert fail(1, "everyone's") == ""
+        # And a rank that torchrun stops (SIGTERM) on its way out exits with the same status.
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
