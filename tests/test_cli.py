@@ -66,6 +66,8 @@ def test_user_mistakes_give_one_line_and_exit_2(tmp_path):
     runner = CliRunner()
     for args, message in cases:
         result = runner.invoke(main, args)
+        # The runner keeps tracebacks out of result.stderr: an exception other than the exit would print one.
+        assert isinstance(result.exception, SystemExit), result.exc_info
         _assert_one_error_line(result.exit_code, result.stderr, message)
     # And once as a real process, as a user runs it.
     process = _run_cli("train", "--arch", "resnet9000", "--out", out)
