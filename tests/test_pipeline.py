@@ -47,11 +47,44 @@ def test_every_shipped_pipeline_parses_and_resolves_its_names():
         assert pipeline.seeds and pipeline.teachers and pipeline.methods
 
 
-def test_tiny_pipeline_runs_skips_and_reruns_only_what_changed(tmp_path):
-    file = tmp_path / "tiny.toml"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The TINY pipeline run once for this module: (its file, the runs root, the run directory)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    file = folder / "tiny.toml"
     file.write_text(TINY)
-    runs = tmp_path / "runs"
-    run_dir = run_pipeline(load_pipeline(file), runs, device="cpu", progress=False)
+    runs = folder / "runs"
+    return file, runs, run_pipeline(load_pipeline(file), runs, device="cpu", progress=False)
+
+
+def test_results_json_equals_an_independent_evaluate_of_each_checkpoint(tiny_run):
+    from meal_cache.evaluate import evaluate_checkpoint
+
+    _, _, run_dir = tiny_run
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = {row["name"]: row for row in results["rows"]}
+    pipeline = load_pipeline(run_dir / "pipeline.toml")
+    teachers = [str(run_dir / "teachers" / f"{t['name']}.pt") for t in pipeline.teachers]
+    for name, path in zip([t["name"] for t in pipeline.teachers], teachers, strict=True):
+        metrics = evaluate_checkpoint(path, device="cpu")["metrics"]
+        for metric in ("top1", "nll", "ece"):
+            assert rows[f"teacher {name}"][metric]["values"] == pytest.approx([metrics[metric]], rel=1e-6, abs=1e-9)
+    for method in pipeline.methods:
+        seeds = pipeline.method_seeds(method)
+        evaluated = [
+            evaluate_checkpoint(str(run_dir / "students" / method / f"seed-{seed}" / "student.pt"), device="cpu",
+                                teachers=teachers)["metrics"]
+            for seed in seeds
+        ]  # fmt: skip
+        for metric, key in (("top1", "top1"), ("nll", "nll"), ("fidelity", "fidelity"), ("kl", "kl_to_ensemble"),
+                            ("ece", "ece")):  # fmt: skip
+            expected = pytest.approx([m[key] for m in evaluated], rel=1e-6, abs=1e-9)
+            assert rows[method][metric]["values"] == expected, (method, metric, seeds)
+
+
+def test_tiny_pipeline_runs_skips_and_reruns_only_what_changed(tiny_run):
+    # Changes the run's student epochs at its end: the module's other tests on this run come before it.
+    file, runs, run_dir = tiny_run
     assert run_dir == runs / "tiny"
     for name in ("report.md", "results.json", "accuracy.png", "meal_losses.png", "store_bytes.png"):
         assert (run_dir / name).is_file(), name
