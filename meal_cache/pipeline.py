@@ -41,13 +41,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from meal_cache.distill import DistillConfig, distill
-from meal_cache.errors import SettingsMismatch
+from meal_cache.errors import SettingsMismatch, UserError
 from meal_cache.extract import ExtractConfig, extract
 from meal_cache.pipeline_config import ALONE, Pipeline, fields_of, load_pipeline
 from meal_cache.report import write_report
+from meal_cache.runtime import resolve_device
 from meal_cache.train import TrainConfig, train_supervised
 
-__all__ = ["Pipeline", "load_pipeline", "run_pipeline"]
+__all__ = ["Pipeline", "check_device", "load_pipeline", "run_pipeline"]
 
 # ---------------------------------------------------------------------------------------------------- steps
 
@@ -94,9 +95,27 @@ def _retrying(run: Callable[[bool], object]) -> None:
         run(True)
 
 
+def check_device(pipeline: Pipeline, device: str = "auto", allow_cpu: bool = False) -> None:
+    """Refuse to run a pipeline marked ``gpu = true`` on anything but a CUDA device, unless ``allow_cpu``."""
+    if not pipeline.gpu or allow_cpu:
+        return
+    target = resolve_device(device)  # --device cuda without a GPU is refused here, with its own message
+    if target.type == "cuda":
+        return
+    why = "no CUDA GPU was found (--device auto)" if device == "auto" else f"--device {device}"
+    networks, epochs = pipeline.training_epochs()
+    raise UserError(
+        f"pipeline '{pipeline.name}' is sized for a GPU (gpu = true in {pipeline.path}), but it would run on the "
+        f"{target.type.upper()}: {why}; it trains {networks} networks for {epochs:,} epochs in all, which on a CPU "
+        "takes far longer (docs/design.md gives CPU rates per architecture); pass --allow-cpu to run it anyway"
+    )
+
+
 def run_pipeline(pipeline: Pipeline, runs_root: str | Path = "runs", device: str = "auto",
-                 progress: bool = True) -> Path:  # fmt: skip
-    """Run (or bring up to date) every step of ``pipeline``; returns its run directory."""
+                 progress: bool = True, allow_cpu: bool = False) -> Path:  # fmt: skip
+    """Run (or bring up to date) every step of ``pipeline``; returns its run directory. A ``gpu = true`` pipeline
+    is refused, before anything is written, when it would not run on CUDA, unless ``allow_cpu``."""
+    check_device(pipeline, device, allow_cpu)
     run_dir = pipeline.run_dir(runs_root)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "pipeline.toml").write_text(pipeline.path.read_text())

@@ -67,6 +67,15 @@ class Pipeline:
     def run_dir(self, root: str | Path = "runs") -> Path:
         return Path(root) / self.name
 
+    def training_epochs(self) -> tuple[int, int]:
+        """How many networks the pipeline trains (teachers, and students over their seeds) and their epochs in
+        all: a rough measure of its cost."""
+        epochs = [int(t.get("epochs", TrainConfig.epochs)) for t in self.teachers]
+        for name, overrides in self.methods.items():
+            default = TrainConfig.epochs if name == ALONE else DistillConfig.epochs
+            epochs += [int(overrides.get("epochs", self.student.get("epochs", default)))] * len(self.method_seeds(name))
+        return len(epochs), sum(epochs)
+
 
 def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
     unknown = set(given) - allowed

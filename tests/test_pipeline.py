@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 
 from meal_cache.errors import UserError
 from meal_cache.evaluate import expected_calibration_error, fidelity, kl_to_ensemble
-from meal_cache.pipeline import load_pipeline, run_pipeline
+from meal_cache.pipeline import check_device, load_pipeline, run_pipeline
 from meal_cache.report import paired_difference
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
@@ -245,3 +246,25 @@ def test_statistics_on_hand_made_numbers():
     # 0.75 log(0.75 / 0.5) + 0.25 log(0.25 / 0.5).
     expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     assert kl_to_ensemble(torch.zeros(1, 2), torch.tensor([[0.75, 0.25]])) == pytest.approx(expected)
+
+
+def test_a_gpu_pipeline_is_refused_off_cuda_before_anything_is_written(tmp_path, monkeypatch):
+    import torch
+
+    file = tmp_path / "big.toml"
+    # Its first teacher's zero epochs fail at once: a run that gets past the device check stops there, cheaply.
+    file.write_text("gpu = true\n" + TINY.replace("epochs = 2", "epochs = 0"))
+    pipeline = load_pipeline(file)
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, why in (("cpu", "--device cpu"), ("auto", "no CUDA GPU was found")):
+        with pytest.raises(UserError, match=f"'tiny' is sized for a GPU.*{why}.*--allow-cpu") as caught:
+            run_pipeline(pipeline, runs, device=device, progress=False)
+        # 2 teachers (0 and 1 epochs), students of 1 epoch: alone and meal on 2 seeds, meal-online on 1.
+        assert "trains 7 networks for 6 epochs in all" in str(caught.value)
+        assert not runs.exists()
+    check_device(pipeline, "cpu", allow_cpu=True)
+    check_device(dataclasses.replace(pipeline, gpu=False), "cpu")
+    with pytest.raises(UserError, match="epochs") as caught:
+        run_pipeline(pipeline, runs, device="cpu", progress=False, allow_cpu=True)
+    assert "GPU" not in str(caught.value)
