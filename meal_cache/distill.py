@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +40,8 @@ from meal_cache.loop import (
     Stage,
     StepOutput,
     Stream,
+    check_number,
+    check_optimisation,
     epoch_batches,
     epoch_generator,
     fit,
@@ -121,7 +125,7 @@ class DistillConfig:
     device: str = "auto"
 
     def resolved(self) -> DistillConfig:
-        """The config with every method default filled in and every choice checked."""
+        """The config with every method default filled in and every choice and number checked."""
         if self.method not in METHODS:
             raise unknown_choice("method", self.method, list(METHODS))
         method = METHODS[self.method]
@@ -132,7 +136,7 @@ class DistillConfig:
             teacher_selection=self.teacher_selection or method.selection,
             block_loss=self.block_loss or ("soft-ce" if self.representation == "maps" else "l2"),
             soft_loss=self.soft_loss or method.soft_loss,
-            temperature=self.temperature or method.temperature,
+            temperature=method.temperature if self.temperature is None else self.temperature,
         )
         if config.teacher_selection not in SELECTIONS:
             raise unknown_choice("teacher selection", config.teacher_selection, SELECTIONS)
@@ -141,8 +145,16 @@ class DistillConfig:
             raise unknown_choice("soft-label loss", config.soft_loss, list(losses.SOFT_LABEL))
         if config.adv_loss not in losses.ADVERSARIAL:
             raise unknown_choice("adversarial loss", config.adv_loss, list(losses.ADVERSARIAL))
-        if config.epochs < 1 or config.batch_size < 1:
-            raise UserError("--epochs and --batch-size must be at least 1")
+        check_optimisation(config)
+        check_number("temperature", config.temperature, low=0.0, low_open=True)
+        for name in ("soft_weight", "hard_weight", "adv_weight"):
+            check_number(name, getattr(config, name), low=0.0)
+        check_number("disc_lr", config.disc_lr, low=0.0, low_open=True)
+        check_number("refine_confidence", config.refine_confidence, low=0.0, high=1.0)
+        if any(not math.isfinite(w) or w < 0 for w in config.block_weights):
+            raise UserError(f"--block-weights must be numbers >= 0, got {config.block_weights}")
+        if config.match_blocks is not None and config.match_blocks < 0:
+            raise UserError(f"--match-blocks must be at least 0, got {config.match_blocks}")
         if config.max_memory is not None:
             try:
                 parse_bytes(config.max_memory)
@@ -152,6 +164,9 @@ class DistillConfig:
             raise UserError("--online runs the teachers in the loop: name them with --teachers")
         if config.fresh_views and not config.online:
             raise UserError("--fresh-views draws new augmentations the store has no targets for: it needs --online")
+        if config.refine_labels and not config.hard_weight:
+            raise UserError("--refine-labels replaces hard labels, which only train with --hard-weight > 0 "
+                            "(MEAL's refinement uses --hard-weight 1)")  # fmt: skip
         return config
 
 
@@ -366,6 +381,27 @@ class OnlineTeachers:
 # ------------------------------------------------------------------------------------------------ distiller
 
 
+class AdversarialInput(NamedTuple):
+    """One discriminator's input of a step: teacher (real) and student (fake) representations, and the weight of
+    the student's adversarial loss on it."""
+
+    key: str
+    real: torch.Tensor
+    fake: torch.Tensor
+    weight: float
+
+
+@dataclass
+class DistillerOutput:
+    """What the distiller makes of a batch: the student's logits, its named losses (summed and backpropagated),
+    the discriminators' inputs, and values that are only logged."""
+
+    logits: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    adversarial: list[AdversarialInput]
+    stats: dict[str, torch.Tensor]
+
+
 class Distiller(nn.Module):
     """The student plus the adapters and discriminators MEAL trains beside it."""
 
@@ -378,6 +414,13 @@ class Distiller(nn.Module):
         teacher_blocks = {t: store.blocks(t) for t in self.teachers} if self.method.blocks else {}
         self.pairs = match_blocks(tuple(student.block_names), teacher_blocks, config.block_weights,
                                   config.match_blocks)  # fmt: skip
+        stored = store.layout.features
+        if self.pairs and config.representation not in stored:
+            other = next((kind for kind in REPRESENTATIONS if kind in stored), None)
+            instead = f", or distill with --representation {other}" if other else ""
+            raise UserError(f"the store holds no block {config.representation} (it was extracted with --features "
+                            f"{','.join(stored)}): extract with --features {config.representation} "
+                            f"(or blocks,maps){instead}")  # fmt: skip
         self.similarity = losses.similarity(config.block_loss)
         self.soft_loss = losses.SOFT_LABEL[config.soft_loss]
         student_shapes = block_shapes(student, image_size) if self.pairs else {}
@@ -411,14 +454,15 @@ class Distiller(nn.Module):
         return list(self.student.parameters()) + list(self.adapters.parameters())
 
     def _represent(self, pair: BlockPair, student_out: torch.Tensor, teacher_value: torch.Tensor):
-        """Student and teacher block representations of equal shape."""
+        """Student and teacher block representations of equal shape, in float32 (under autocast the adapter
+        computes in bf16/fp16; the discriminators' step, outside autocast, takes float32)."""
         shape = self.target_shapes[pair.key]
         if self.config.representation == "maps":
             student_rep = F.adaptive_avg_pool2d(student_out.float().mean(1, keepdim=True), shape).flatten(1)
             teacher_rep = F.adaptive_avg_pool2d(teacher_value.float().unsqueeze(1), shape).flatten(1)
             return student_rep, teacher_rep
         pooled = F.adaptive_avg_pool2d(student_out.float(), shape[-1])
-        return self.adapters[pair.key](pooled), teacher_value.float()
+        return self.adapters[pair.key](pooled).float(), teacher_value.float()
 
     def forward(
         self,
@@ -427,16 +471,19 @@ class Distiller(nn.Module):
         labels: torch.Tensor,
         selected: list[str],
         run_student: nn.Module | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[tuple[str, torch.Tensor, torch.Tensor]]]:
-        """Student logits, its named losses, and the (discriminator, real, fake) inputs for the D step.
-        ``run_student`` is what runs the student (its DistributedDataParallel wrapper under ``torchrun``)."""
+    ) -> DistillerOutput:
+        """Student logits, its named losses, the inputs of the discriminators' step and logged-only values.
+        ``run_student`` is what runs the student (its DistributedDataParallel wrapper under ``torchrun``).
+
+        Weighting over teachers: ``mean`` has one soft-label term and one output-adversarial term (on the
+        ensemble) and averages the block terms over the teachers; ``all`` sums every teacher's terms; ``random``
+        has the one selected teacher's."""
         config = self.config
         with BlockTap(self.student, sorted({p.student_block for p in self.pairs})) as tap:
             logits = (run_student or self.student)(images)
         logits = logits.float()
-        named: dict[str, torch.Tensor] = {}
-        adversarial_inputs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        teacher_weight = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
+        out = DistillerOutput(logits, {}, [], {})
+        block_weight = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
 
         teacher_logits = [targets[f"teachers/{t}/logits"].float() for t in selected]
         if config.teacher_selection == "mean":
@@ -444,38 +491,43 @@ class Distiller(nn.Module):
         else:
             soft_sets = [losses.soft_targets([t], config.temperature) for t in teacher_logits]
         if config.soft_weight:
-            named["soft"] = config.soft_weight * sum(self.soft_loss(logits, p, config.temperature) for p in soft_sets)
+            out.losses["soft"] = config.soft_weight * sum(self.soft_loss(logits, p, config.temperature)
+                                                          for p in soft_sets)  # fmt: skip
         if config.hard_weight:
-            named["hard"] = config.hard_weight * F.cross_entropy(logits, labels)
+            out.losses["hard"] = config.hard_weight * F.cross_entropy(logits, labels)
 
         for pair in self.pairs:
             if pair.teacher not in selected:
                 continue
             key = f"teachers/{pair.teacher}/{config.representation}/{pair.teacher_block.key}"
             student_rep, teacher_rep = self._represent(pair, tap.outputs[pair.student_block], targets[key])
-            name = f"sim/{pair.key}"
-            named[name] = pair.weight * teacher_weight * self.similarity(student_rep, teacher_rep)
+            similarity = self.similarity(student_rep, teacher_rep)
+            out.losses[f"sim/{pair.key}"] = pair.weight * block_weight * similarity
+            if config.block_loss == "soft-ce":
+                # soft-ce includes the teacher map's entropy, which no student can lower: KL shows the movement.
+                entropy = losses.soft_entropy(teacher_rep)
+                out.stats[f"sim_kl/{pair.key}"] = similarity.detach() - entropy
             if pair.key in self.discriminators:
-                adversarial_inputs.append((pair.key, teacher_rep, student_rep))
+                out.adversarial.append(AdversarialInput(pair.key, teacher_rep, student_rep, block_weight))
         if "logits" in self.discriminators:
             student_probs = F.softmax(logits / config.temperature, dim=1)
             for probs in soft_sets:
-                adversarial_inputs.append(("logits", probs, student_probs))
-        return logits, named, adversarial_inputs
+                out.adversarial.append(AdversarialInput("logits", probs, student_probs, 1.0))
+        return out
 
-    def adversarial_losses(self, inputs, selected: list[str]) -> dict[str, torch.Tensor]:
+    def adversarial_losses(self, inputs: list[AdversarialInput]) -> dict[str, torch.Tensor]:
         """The student's losses for fooling each discriminator (called after the discriminators' step, so
-        the student plays against their updated weights)."""
-        teacher_weight = 1.0 / len(selected) if self.config.teacher_selection == "mean" else 1.0
+        the student plays against their updated weights), weighted as :meth:`forward` describes."""
         named: dict[str, torch.Tensor] = {}
-        for disc_key, _, fake in inputs:
-            loss = losses.generator_loss(self.config.adv_loss, self.discriminators[disc_key](fake))
-            weighted = self.config.adv_weight * teacher_weight * loss
-            named[f"adv/{disc_key}"] = named[f"adv/{disc_key}"] + weighted if f"adv/{disc_key}" in named else weighted
+        for item in inputs:
+            loss = losses.generator_loss(self.config.adv_loss, self.discriminators[item.key](item.fake))
+            name = f"adv/{item.key}"
+            weighted = self.config.adv_weight * item.weight * loss
+            named[name] = named[name] + weighted if name in named else weighted
         return named
 
     def discriminator_step(
-        self, inputs, optimizer: torch.optim.Optimizer, world: World | None = None
+        self, inputs: list[AdversarialInput], optimizer: torch.optim.Optimizer, world: World | None = None
     ) -> dict[str, torch.Tensor]:
         """One step of every discriminator on teacher (real) against detached student (fake) features
         (gradients averaged over ranks under ``torchrun``)."""
@@ -483,7 +535,7 @@ class Distiller(nn.Module):
             return {}
         total = 0.0
         stats: dict[str, torch.Tensor] = {}
-        for disc_key, real, fake in inputs:
+        for disc_key, real, fake, _ in inputs:
             discriminator = self.discriminators[disc_key]
             real_scores, fake_scores = discriminator(real.detach()), discriminator(fake.detach())
             loss = losses.discriminator_loss(self.config.adv_loss, real_scores, fake_scores)
@@ -735,11 +787,12 @@ class DistillEpochs:
             targets = run.online.targets(run.images[rows_dev], params, selected)
         labels = run.labels[rows_dev]
         with run.precision.autocast():
-            logits, named, adversarial = distiller(inputs, targets, labels, selected, run.run_student)
-        stats = distiller.discriminator_step(adversarial, run.disc_optimizer, world) if run.disc_optimizer else {}
+            out = distiller(inputs, targets, labels, selected, run.run_student)
+        if run.disc_optimizer is not None:
+            out.stats.update(distiller.discriminator_step(out.adversarial, run.disc_optimizer, world))
         with run.precision.autocast():
-            named.update(distiller.adversarial_losses(adversarial, selected))
-        return StepOutput(logits, labels, named, stats)
+            out.losses.update(distiller.adversarial_losses(out.adversarial))
+        return StepOutput(out.logits, labels, out.losses, out.stats)
 
 
 def _refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from meal_cache.checkpoint import load_checkpoint
 from meal_cache.data import ImageDataset
 from meal_cache.distributed import World
-from meal_cache.errors import SettingsMismatch, UserError
+from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
 from meal_cache.evaluate import evaluate
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -44,6 +44,36 @@ class Stream(IntEnum):
     AUGMENTATION = 1  # supervised training's fresh crops and flips
     TEACHER_CHOICE = 2  # distillation's random teacher per step
     FRESH_VIEWS = 3  # the online reference's fresh augmentation (``--fresh-views``)
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def check_number(name: str, value: float, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:  # fmt: skip
+    """Refuse a setting outside ``[low, high]`` (an end excluded where ``*_open``), NaN or infinite included;
+    ``name`` is the config field, shown as its command-line option."""
+    option = "--" + name.replace("_", "-")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"{option} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise UserError(f"{option} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise UserError(f"{option} must be {'<' if high_open else '<='} {high:g}, got {value:g}")
+
+
+def check_optimisation(config) -> None:
+    """The settings every training stage shares: epochs, batch size, SGD and its schedule."""
+    if config.schedule not in SCHEDULES:
+        raise unknown_choice("schedule", config.schedule, SCHEDULES)
+    for name in ("epochs", "batch_size"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value!r}")
+    check_number("lr", config.lr, low=0.0, low_open=True)
+    check_number("momentum", config.momentum, low=0.0, high=1.0, high_open=True)
+    check_number("weight_decay", config.weight_decay, low=0.0)
+    check_number("warmup_epochs", config.warmup_epochs, low=0.0)
 
 
 # ---------------------------------------------------------------------------------------------- schedule

@@ -44,6 +44,13 @@ def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temperature
     return -(target * F.log_softmax(_flat(student) / temperature, dim=1)).sum(1).mean()
 
 
+def soft_entropy(teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(teacher/T) over each sample's flattened vector, averaged over the batch: the part of
+    :func:`soft_cross_entropy` no student can lower (the rest is the KL from the teacher's distribution)."""
+    log_target = F.log_softmax(_flat(teacher) / temperature, dim=1)
+    return -(log_target.exp() * log_target).sum(1).mean()
+
+
 SIMILARITY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "l1": l1_loss,
     "l2": l2_loss,

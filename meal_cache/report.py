@@ -324,6 +324,8 @@ def plot_meal_losses(run_dir: Path, method: str, seed: int, path: Path) -> bool:
     groups = {
         "soft labels": ["soft"],
         "block similarity (sum)": sorted({k for r in records for k in r if k.startswith("sim/")}),
+        # soft-ce carries the teacher maps' entropy, which no student lowers: the KL part shows the maps moving.
+        "block KL to the teacher (sum, unweighted)": sorted({k for r in records for k in r if k.startswith("sim_kl/")}),
         "student adversarial (sum)": sorted({k for r in records for k in r if k.startswith("adv/")}),
     }
     for label, keys in groups.items():

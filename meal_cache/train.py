@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from meal_cache import augment
 from meal_cache.checkpoint import model_payload, save_checkpoint
 from meal_cache.data import ImageDataset, load_dataset
-from meal_cache.errors import UserError, unknown_choice
 from meal_cache.loop import (
-    SCHEDULES,
     Optimisation,
     Schedule,
     Stage,
     StepOutput,
     Stream,
+    check_number,
+    check_optimisation,
     epoch_batches,
     epoch_generator,
     fit,
@@ -57,13 +57,9 @@ class TrainConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise unknown_choice("schedule", self.schedule, SCHEDULES)
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.lr <= 0:
-            raise UserError("--lr must be positive")
+        """Refuse every choice and number outside what training accepts, before anything runs."""
+        check_optimisation(self)
+        check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
 
 
 def train_supervised(

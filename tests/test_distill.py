@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 import meal_cache.distill as distill_module
+import meal_cache.loop as loop_module
 from meal_cache.checkpoint import load_model
 from meal_cache.cli import main
 from meal_cache.data import load_dataset
@@ -15,7 +21,7 @@ from meal_cache.distill import DistillConfig, Distiller, OnlineTeachers, ViewFee
 from meal_cache.errors import UserError
 from meal_cache.evaluate import evaluate
 from meal_cache.extract import ExtractConfig, extract
-from meal_cache.models import create_model
+from meal_cache.models import block_shapes, create_model
 from meal_cache.runtime import Precision
 from meal_cache.store import BlockSpec, open_store
 
@@ -65,7 +71,21 @@ def test_blocks_representation_with_adapters_and_conv_discriminators(small_store
     distiller = Distiller(student, config, open_store(path), 16)
     assert config.block_loss == "l2" and len(distiller.adapters) == 6
     assert any(type(d).__name__ == "ConvDiscriminator" for d in distiller.discriminators.values())
+    for pair in distiller.pairs:  # each adapter maps the student's pooled block onto the teacher's block
+        channels, _, _ = block_shapes(student, 16)[pair.student_block]
+        grid = pair.teacher_block.grid
+        mapped = distiller.adapters[pair.key](torch.zeros(3, channels, grid, grid))
+        assert mapped.shape == (3, pair.teacher_block.channels, grid, grid), pair.key
+    initial = {k: v.clone() for k, v in distiller.adapters.state_dict().items()}
+    config = dataclasses.replace(config, epochs=2)
     distill(config, tmp_path / "b", progress=False, dataset=digits)
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    sims = sorted(k for k in records[0] if k.startswith("sim/"))
+    assert len(sims) == 6 and all(k.replace("sim/", "adv/") in records[0] for k in sims)
+    assert sum(records[1][k] for k in sims) < sum(records[0][k] for k in sims)  # the adapters learn the mapping
+    trained = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["distiller"]
+    moved = [k for k, v in initial.items() if not torch.equal(v, trained[f"adapters.{k}"])]
+    assert len(moved) == len(initial)
 
 
 def test_distill_never_opens_a_teacher(teacher_dir, digits, tmp_path, monkeypatch):
@@ -107,8 +127,8 @@ def test_online_and_cached_first_step_agree(small_store, teacher_dir, digits):
             feed.close()
         else:
             targets = OnlineTeachers(config, store, digits, precision).targets(images, params)
-        _, named, adversarial = distiller(batch, targets, digits.train.labels[rows], distiller.teachers)
-        named.update(distiller.adversarial_losses(adversarial, distiller.teachers))
+        out = distiller(batch, targets, digits.train.labels[rows], distiller.teachers)
+        named = {**out.losses, **distiller.adversarial_losses(out.adversarial)}
         results.append({k: float(v.detach()) for k, v in named.items()})
     cached, online = results
     assert cached.keys() == online.keys() and len(cached) > 5
@@ -122,7 +142,7 @@ def test_resume_gives_the_same_weights(small_store, digits, tmp_path, interrupt_
     reference = tmp_path / "ref"
     distill(config, reference, progress=False, dataset=digits)
 
-    undo = interrupt_on_call(distill_module, "evaluate", 2)  # in the second epoch
+    undo = interrupt_on_call(loop_module, "evaluate", 2)  # in the second epoch
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         distill(config, run, progress=False, dataset=digits)
@@ -205,3 +225,131 @@ def test_fresh_views_draw_new_augmentations_each_epoch(small_store, teacher_dir,
     assert not any(torch.equal(d.crop, stored.crop) for d in drawn)
     with pytest.raises(UserError, match="needs --online"):
         distill(_config(path, fresh_views=True), tmp_path / "bad", progress=False, dataset=digits)
+
+
+# ------------------------------------------------------------------------------------------ hardening (#14)
+
+
+@pytest.fixture
+def cpu_bf16_autocast(monkeypatch):
+    """Mixed precision as on a GPU, on the CPU: every autocast region of the code runs under CPU bf16 autocast,
+    so dtype mismatches between autocast and fp32 code show here as they would on CUDA."""
+    monkeypatch.setattr(Precision, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize(("method", "representation"), [("meal", "maps"), ("meal", "blocks"), ("meal-v2", "maps"),
+                                                        ("kd", "maps")])  # fmt: skip
+def test_distill_runs_under_bf16_autocast(small_store, digits, tmp_path, cpu_bf16_autocast, method, representation):
+    path, _ = small_store
+    config = _config(path, method=method, representation=representation, epochs=1, batch_size=256)
+    summary = distill(config, tmp_path / "amp", progress=False, dataset=digits)
+    record = summary["history"][0]
+    assert record["steps"] == 1437 // 256
+    assert all(math.isfinite(v) for k, v in record.items() if isinstance(v, float)), record
+
+
+@pytest.mark.parametrize("representation", ["maps", "blocks"])
+def test_online_reference_runs_with_every_representation(small_store, teacher_dir, digits, tmp_path, representation):
+    path, _ = small_store
+    config = _config(path, representation=representation, online=True, epochs=1, batch_size=256,
+                     teachers=["resnet8_w4", "densenet_k12"], teacher_dir=str(teacher_dir))  # fmt: skip
+    summary = distill(config, tmp_path / representation, progress=False, dataset=digits)
+    assert summary["history"][0]["steps"] == 1437 // 256
+    assert any(k.startswith("sim/") for k in summary["history"][0])
+
+
+@pytest.fixture(scope="module")
+def one_kind_stores(tmp_path_factory, teacher_dir, digits):
+    """Two one-view stores of one teacher: one with only pooled blocks, one with only channel-mean maps."""
+    folder = tmp_path_factory.mktemp("kinds")
+    for kind in ("blocks", "maps"):
+        config = ExtractConfig(teachers=["resnet8_w4"], views=1, features=[kind], teacher_dir=str(teacher_dir),
+                               device="cpu")  # fmt: skip
+        extract(config, folder / f"{kind}.zarr", progress=False, dataset=digits)
+    return folder
+
+
+@pytest.mark.parametrize(("stored", "representation"), [("blocks", "maps"), ("maps", "blocks")])
+def test_a_store_without_the_needed_arrays_is_one_error_line(one_kind_stores, tmp_path, stored, representation):
+    store = one_kind_stores / f"{stored}.zarr"
+    result = subprocess.run(
+        [sys.executable, "-m", "meal_cache", "distill", "--store", str(store), "--student", "resnet8_w4",
+         "--representation", representation, "--epochs", "1", "--out", str(tmp_path / "run"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    assert f"--features {representation}" in errors[0] and f"--representation {stored}" in errors[0]
+
+
+def _one_step(store_path, digits, **overrides):
+    """A distiller's forward and adversarial losses on the first 64 rows of view 0 (discriminators untouched)."""
+    from meal_cache import augment
+
+    config = _config(store_path, **overrides).resolved()
+    store = open_store(store_path)
+    torch.manual_seed(0)
+    distiller = Distiller(create_model("resnet8_w4", 10, 16), config, store, 16)
+    rows = torch.arange(64)
+    feed = ViewFeed(store, distiller.needed_keys(), torch.device("cpu"))
+    targets = {k: v[rows] for k, v in feed.get(0).items()}
+    feed.close()
+    batch = augment.apply(digits.train.images[rows], store.view_params(0)[rows], digits.mean, digits.std)
+    out = distiller(batch, targets, digits.train.labels[rows], distiller.teachers)
+    return distiller, config, out
+
+
+def test_the_output_adversarial_weight_does_not_depend_on_the_teacher_count(small_store, digits):
+    path, _ = small_store
+    distiller, config, out = _one_step(path, digits, method="meal-v2")
+    assert config.teacher_selection == "mean" and len(distiller.teachers) == 2
+    (item,) = out.adversarial  # one term: the ensemble
+    from meal_cache import losses
+
+    expected = config.adv_weight * losses.generator_loss(config.adv_loss, distiller.discriminators["logits"](item.fake))
+    actual = distiller.adversarial_losses(out.adversarial)["adv/logits"]
+    assert float(actual.detach()) == pytest.approx(float(expected.detach()))
+
+
+def test_block_kl_is_logged_and_the_block_loss_moves_the_student(small_store, digits):
+    from meal_cache import losses
+
+    path, _ = small_store
+    distiller, config, out = _one_step(path, digits, method="meal", teacher_selection="all")
+    sims = {k.removeprefix("sim/"): v for k, v in out.losses.items() if k.startswith("sim/")}
+    kls = {k.removeprefix("sim_kl/"): v for k, v in out.stats.items() if k.startswith("sim_kl/")}
+    assert sims and kls.keys() == sims.keys()
+    for key, kl in kls.items():
+        pair = next(p for p in distiller.pairs if p.key == key)
+        entropy = float(sims[key]) / pair.weight - float(kl)
+        assert float(kl) >= -1e-5 and 0 < entropy < math.log(16 * 16) + 1e-4, key  # a distribution over <= 256 cells
+    assert losses.soft_entropy(torch.zeros(2, 16)) == pytest.approx(math.log(16))
+    total = sum(sims.values())
+    grads = torch.autograd.grad(
+        total, [p for p in distiller.student.parameters() if p.requires_grad], allow_unused=True
+    )
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+
+
+def test_settings_outside_their_range_are_refused(small_store):
+    path, _ = small_store
+    for overrides, message in [
+        ({"temperature": 0.0}, "--temperature must be > 0"),
+        ({"temperature": -1.0}, "--temperature must be > 0"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"epochs": 0}, "--epochs must be at least 1"),
+        ({"lr": float("nan")}, "--lr must be a finite number"),
+        ({"momentum": 1.0}, "--momentum must be < 1"),
+        ({"adv_weight": -0.1}, "--adv-weight must be >= 0"),
+        ({"disc_lr": 0.0}, "--disc-lr must be > 0"),
+        ({"block_weights": [0.1, -1.0]}, "--block-weights"),
+        ({"refine_confidence": 1.5}, "--refine-confidence must be <= 1"),
+        ({"refine_labels": True}, "--hard-weight"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            _config(path, **overrides).resolved()
+    assert _config(path, temperature=2.0).resolved().temperature == 2.0
+    assert _config(path, method="kd").resolved().temperature == 4.0
+    assert _config(path, refine_labels=True, hard_weight=1.0).resolved().refine_labels

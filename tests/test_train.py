@@ -37,12 +37,12 @@ def test_same_seed_gives_the_same_weights(tmp_path, digits):
 
 
 def test_resume_continues_an_interrupted_run(tmp_path, digits, interrupt_on_call):
-    import meal_cache.train as train_module
+    import meal_cache.loop as loop_module
 
     config = TrainConfig(arch="resnet8_w4", data="digits", epochs=2, seed=1, device="cpu")
     reference = train_supervised(config, tmp_path / "ref.pt", progress=False, dataset=digits)
 
-    undo = interrupt_on_call(train_module, "train_one_epoch", 2)
+    undo = interrupt_on_call(loop_module, "run_epoch", 2)
     with pytest.raises(KeyboardInterrupt):
         train_supervised(config, tmp_path / "run.pt", progress=False, dataset=digits)
     assert load_checkpoint(tmp_path / "run.pt")["epoch"] == 1
@@ -95,3 +95,37 @@ def test_steps_per_epoch_counts_what_epoch_batches_cuts():
     for n, batch_size in [(1437, 64), (128, 64), (10, 64), (64, 64), (65, 64), (1, 1)]:
         batches = epoch_batches(n, batch_size, torch.Generator().manual_seed(0))
         assert steps_per_epoch(n, batch_size) == len(batches), (n, batch_size)
+
+
+def test_checkpoints_carry_the_loss_scaler_so_fp16_resume_is_exact(tmp_path, digits):
+    from meal_cache.loop import Optimisation
+
+    config = TrainConfig(arch="resnet8_w4", data="digits", epochs=1, seed=0, device="cpu")
+    payload = train_supervised(config, tmp_path / "a.pt", progress=False, dataset=digits)
+    assert "scaler" in load_checkpoint(tmp_path / "a.pt") and "optimizer" in payload
+
+    # An fp16 GPU's scaler, on the CPU: its scale and growth tracker survive the round trip the loop makes.
+    weight = torch.nn.Parameter(torch.ones(3))
+
+    def optimisation() -> Optimisation:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        return Optimisation(torch.optim.SGD([weight], lr=0.1), scaler)
+
+    trained = optimisation()
+    for _ in range(5):
+        trained.step((weight**2).sum())
+    assert trained.scaler.get_scale() != 2.0**10
+    restored = optimisation()
+    restored.load_state_dict(trained.state_dict())
+    assert restored.scaler.get_scale() == trained.scaler.get_scale()
+    assert restored.scaler.state_dict() == trained.scaler.state_dict()
+
+
+def test_train_settings_outside_their_range_are_refused(tmp_path, digits):
+    cases = [({"schedule": "linear"}, "schedule"), ({"label_smoothing": 1.0}, "--label-smoothing"),
+             ({"weight_decay": -1.0}, "--weight-decay"), ({"batch_size": 0}, "--batch-size")]  # fmt: skip
+    for overrides, message in cases:
+        with pytest.raises(UserError, match=message):
+            train_supervised(TrainConfig(arch="resnet8_w4", **overrides), tmp_path / "x.pt", progress=False,
+                             dataset=digits)  # fmt: skip
+    assert not (tmp_path / "x.pt").exists()
