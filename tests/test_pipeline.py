@@ -3,6 +3,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -268,3 +270,14 @@ def test_a_gpu_pipeline_is_refused_off_cuda_before_anything_is_written(tmp_path,
     with pytest.raises(UserError, match="epochs") as caught:
         run_pipeline(pipeline, runs, device="cpu", progress=False, allow_cpu=True)
     assert "GPU" not in str(caught.value)
+
+
+def test_the_run_command_passes_allow_cpu_through(tmp_path):
+    file = tmp_path / "big.toml"
+    file.write_text("gpu = true\n" + TINY.replace("epochs = 2", "epochs = 0"))
+    command = [sys.executable, "-m", "meal_cache", "run", str(file), "--runs", str(tmp_path / "runs"), "--device",
+               "cpu", "--quiet"]  # fmt: skip
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "is sized for a GPU" in refused.stderr, refused.stderr
+    allowed = subprocess.run([*command, "--allow-cpu"], capture_output=True, text=True, timeout=300)
+    assert allowed.returncode == 2 and "GPU" not in allowed.stderr and "--epochs" in allowed.stderr, allowed.stderr
