@@ -32,7 +32,7 @@ from meal_cache import augment, losses
 from meal_cache.checkpoint import model_payload, save_checkpoint, state_dict_cpu
 from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.distributed import World, init_world
-from meal_cache.errors import UserError, unknown_choice
+from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
 from meal_cache.evaluate import evaluate
 from meal_cache.loop import (
     Optimisation,
@@ -42,12 +42,11 @@ from meal_cache.loop import (
     Stream,
     check_number,
     check_optimisation,
-    epoch_batches,
     epoch_generator,
     fit,
     make_optimizer,
     resume_state,
-    steps_per_epoch,
+    shuffled_batches,
 )
 from meal_cache.models import BlockTap, block_shapes, create_model
 from meal_cache.runtime import Precision, device_images, seed_everything
@@ -164,10 +163,20 @@ class DistillConfig:
             raise UserError("--online runs the teachers in the loop: name them with --teachers")
         if config.fresh_views and not config.online:
             raise UserError("--fresh-views draws new augmentations the store has no targets for: it needs --online")
+        if not _has_a_loss(config, method):
+            raise UserError(f"--method {config.method} with these weights trains on nothing: set --soft-weight or "
+                            "--hard-weight above 0 (or, for meal, block or adversarial weights)")  # fmt: skip
         if config.refine_labels and not config.hard_weight:
             raise UserError("--refine-labels replaces hard labels, which only train with --hard-weight > 0 "
                             "(MEAL's refinement uses --hard-weight 1)")  # fmt: skip
         return config
+
+
+def _has_a_loss(config: DistillConfig, method: Method) -> bool:
+    """Whether some term of the student's loss has a weight above 0."""
+    blocks = method.blocks and config.match_blocks != 0 and any(w > 0 for w in config.block_weights)
+    adversarial = (method.block_adversarial and blocks) or method.output_adversarial
+    return config.soft_weight > 0 or config.hard_weight > 0 or blocks or (adversarial and config.adv_weight > 0)
 
 
 # ------------------------------------------------------------------------------------------------ matching
@@ -252,7 +261,7 @@ class InMemoryBatches:
         cached = self.feed.get(view)
         if next_view is not None:
             self.feed.prefetch(next_view)
-        for rows in epoch_batches(self.n, self.batch_size, epoch_generator(self.seed, epoch, Stream.BATCH_ORDER)):
+        for rows in shuffled_batches(self.n, self.batch_size, self.seed, epoch):
             rows_dev = rows.to(self.feed.device, non_blocking=True)
             yield rows, {key: value[rows_dev] for key, value in cached.items()}
 
@@ -315,7 +324,7 @@ class OnlineBatches:
         self.n, self.batch_size, self.seed = n, batch_size, seed
 
     def epoch(self, epoch: int, view: int, next_view: int | None) -> Iterator[tuple[torch.Tensor, dict | None]]:
-        for rows in epoch_batches(self.n, self.batch_size, epoch_generator(self.seed, epoch, Stream.BATCH_ORDER)):
+        for rows in shuffled_batches(self.n, self.batch_size, self.seed, epoch):
             yield rows, None
 
     def close(self) -> None:
@@ -646,6 +655,12 @@ class DistillRun:
         """Load a saved state (see :meth:`save_state`); the epoch to start from and the history so far."""
         if state is None:
             return 0, []
+        # A run is resumable only on the targets it trained on: a store re-extracted at the same path with other
+        # settings or retrained teachers would otherwise finish (or pass as finished) on stale weights.
+        if "store_settings" in state and state["store_settings"] != self.store.attrs.get("settings"):
+            raise SettingsMismatch(f"the run in progress was distilled from '{self.config.store}' as it was extracted "
+                                   "with other settings or teachers; --resume needs the same store (or pass "
+                                   "--overwrite to start again)")  # fmt: skip
         self.distiller.load_state_dict(state["distiller"])
         self.optimisation.load_state_dict({"optimizer": state["student_optimizer"], "scaler": state.get("scaler")})
         if self.disc_optimizer is not None:
@@ -668,6 +683,7 @@ class DistillRun:
             "format": "meal-cache-checkpoint/1",
             "kind": "distill-state",
             "config": _config_json(self.config),
+            "store_settings": self.store.attrs.get("settings"),
             "epoch": epoch,
             "history": history,
             "distiller": state_dict_cpu(self.distiller),
@@ -718,12 +734,10 @@ def build_run(
     if config.refine_labels:
         labels = _refined_labels(config, labels, device, progress)
     views = store.augmented_views or [store.identity_view]
-    schedule = Schedule(config.lr, config.schedule, steps_per_epoch(len(labels), config.batch_size), config.epochs,
-                        config.warmup_epochs)  # fmt: skip
     return DistillRun(
         config=config, world=world, device=device, precision=precision, store=store, dataset=dataset,
         distiller=distiller, run_student=run_student, optimisation=optimisation, disc_optimizer=d_opt,
-        schedule=schedule, images=images, labels=labels, views=views,
+        schedule=Schedule.of(config, len(labels)), images=images, labels=labels, views=views,
         view_params={v: store.view_params(v) for v in set(views)},
         recipe=augment.recipe_for(store.dataset["recipe"], dataset.image_size),
         online=OnlineTeachers(config, store, dataset, precision) if config.online else None,

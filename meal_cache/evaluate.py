@@ -144,7 +144,9 @@ def _teacher_logits_from_checkpoints(
         if teacher_payload["num_classes"] != num_classes:
             raise UserError(f"teacher '{teacher}' predicts {teacher_payload['num_classes']} classes, "
                             f"'{checkpoint}' {num_classes}")  # fmt: skip
-        outputs.append(evaluate_payload(teacher_payload, part, target).logits)
+        teacher_input = teacher_payload["input"]
+        outputs.append(predict_logits(model_from_checkpoint(teacher_payload, target), part.images,
+                                      tuple(teacher_input["mean"]), tuple(teacher_input["std"]), target))  # fmt: skip
     return outputs
 
 

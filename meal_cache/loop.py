@@ -114,6 +114,11 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator, drop_last
     return batches
 
 
+def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Epoch ``epoch``'s batches of row indices under ``seed`` (the :attr:`Stream.BATCH_ORDER` stream)."""
+    return epoch_batches(n, batch_size, epoch_generator(seed, epoch, Stream.BATCH_ORDER))
+
+
 def seed_epoch(seed: int, epoch: int) -> None:
     """Seed in-model randomness (dropout) per epoch, so a resumed run replays the same epochs."""
     torch.manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
@@ -134,6 +139,12 @@ class Schedule:
     steps: int
     epochs: int
     warmup_epochs: float
+
+    @classmethod
+    def of(cls, config, rows: int) -> Schedule:
+        """The schedule of a train or distill config over ``rows`` training rows."""
+        steps = steps_per_epoch(rows, config.batch_size)
+        return cls(config.lr, config.schedule, steps, config.epochs, config.warmup_epochs)
 
     def __call__(self, step: int) -> float:
         warmup_steps = int(self.warmup_epochs * self.steps)

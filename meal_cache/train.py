@@ -25,12 +25,11 @@ from meal_cache.loop import (
     Stream,
     check_number,
     check_optimisation,
-    epoch_batches,
     epoch_generator,
     fit,
     make_optimizer,
     resume_state,
-    steps_per_epoch,
+    shuffled_batches,
 )
 from meal_cache.models import create_model
 from meal_cache.runtime import Precision, device_images, resolve_device, seed_everything
@@ -94,13 +93,12 @@ def train_supervised(
         history, start_epoch = list(state["history"]), int(state["epoch"])
     images, labels = device_images(dataset.train, device)
     recipe = augment.recipe_for(dataset.recipe, dataset.image_size)
-    saved = {"payload": state}
+    saved_payload = state
 
     def batches(epoch: int) -> Iterable[tuple[torch.Tensor, augment.ViewParams]]:
         params = augment.draw(recipe, len(labels), dataset.image_size,
                               epoch_generator(config.seed, epoch, Stream.AUGMENTATION))  # fmt: skip
-        for rows in epoch_batches(len(labels), config.batch_size,
-                                  epoch_generator(config.seed, epoch, Stream.BATCH_ORDER)):  # fmt: skip
+        for rows in shuffled_batches(len(labels), config.batch_size, config.seed, epoch):
             yield rows, params[rows]
 
     def step(batch: tuple[torch.Tensor, augment.ViewParams]) -> StepOutput:
@@ -117,11 +115,11 @@ def train_supervised(
     def save(epoch: int, history: list[dict], test: dict) -> None:
         payload = model_payload(model, config.arch, dataset, dataclasses.asdict(config), epoch, history, test)
         payload.update(optimisation.state_dict())
+        nonlocal saved_payload
         save_checkpoint(out, payload)
-        saved["payload"] = payload
+        saved_payload = payload
 
     stage = Stage(model=model, train_mode=model.train, step=step, batches=batches, save=save)
-    schedule = Schedule(config.lr, config.schedule, steps_per_epoch(len(labels), config.batch_size), config.epochs,
-                        config.warmup_epochs)  # fmt: skip
-    fit(stage, optimisation, schedule, dataset, device, config.seed, start_epoch, history, progress=progress)
-    return saved["payload"]
+    fit(stage, optimisation, Schedule.of(config, len(labels)), dataset, device, config.seed, start_epoch, history,
+        progress=progress)  # fmt: skip
+    return saved_payload

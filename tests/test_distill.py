@@ -18,7 +18,7 @@ from meal_cache.checkpoint import load_model
 from meal_cache.cli import main
 from meal_cache.data import load_dataset
 from meal_cache.distill import DistillConfig, Distiller, OnlineTeachers, ViewFeed, distill, match_blocks
-from meal_cache.errors import UserError
+from meal_cache.errors import SettingsMismatch, UserError
 from meal_cache.evaluate import evaluate
 from meal_cache.extract import ExtractConfig, extract
 from meal_cache.models import block_shapes, create_model
@@ -67,6 +67,7 @@ def test_each_method_trains_and_writes_its_run(small_store, digits, tmp_path, me
 def test_blocks_representation_with_adapters_and_conv_discriminators(small_store, digits, tmp_path):
     path, _ = small_store
     config = _config(path, representation="blocks", teacher_selection="all", epochs=1).resolved()
+    torch.manual_seed(config.seed)  # as distill() seeds before it builds the student and the adapters
     student = create_model("resnet8_w4", 10, 16)
     distiller = Distiller(student, config, open_store(path), 16)
     assert config.block_loss == "l2" and len(distiller.adapters) == 6
@@ -83,7 +84,9 @@ def test_blocks_representation_with_adapters_and_conv_discriminators(small_store
     sims = sorted(k for k in records[0] if k.startswith("sim/"))
     assert len(sims) == 6 and all(k.replace("sim/", "adv/") in records[0] for k in sims)
     assert sum(records[1][k] for k in sims) < sum(records[0][k] for k in sims)  # the adapters learn the mapping
-    trained = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["distiller"]
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert "scaler" in state and "store_settings" in state
+    trained = state["distiller"]
     moved = [k for k, v in initial.items() if not torch.equal(v, trained[f"adapters.{k}"])]
     assert len(moved) == len(initial)
 
@@ -347,9 +350,29 @@ def test_settings_outside_their_range_are_refused(small_store):
         ({"block_weights": [0.1, -1.0]}, "--block-weights"),
         ({"refine_confidence": 1.5}, "--refine-confidence must be <= 1"),
         ({"refine_labels": True}, "--hard-weight"),
+        ({"method": "kd", "soft_weight": 0.0}, "trains on nothing"),
+        ({"method": "meal-v2", "soft_weight": 0.0, "adv_weight": 0.0}, "trains on nothing"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
             _config(path, **overrides).resolved()
     assert _config(path, temperature=2.0).resolved().temperature == 2.0
     assert _config(path, method="kd").resolved().temperature == 4.0
     assert _config(path, refine_labels=True, hard_weight=1.0).resolved().refine_labels
+    assert _config(path, method="kd", soft_weight=0.0, hard_weight=1.0).resolved().hard_weight == 1.0
+    assert _config(path, method="meal", soft_weight=0.0, adv_weight=0.0).resolved().method == "meal"  # blocks remain
+
+
+def test_a_run_is_not_resumed_on_a_store_extracted_again_with_other_settings(teacher_dir, digits, tmp_path):
+    store = tmp_path / "s.zarr"
+
+    def extract_views(views: int) -> None:
+        config = ExtractConfig(teachers=["resnet8_w4"], views=views, teacher_dir=str(teacher_dir), device="cpu")
+        extract(config, store, overwrite=True, progress=False, dataset=digits)
+
+    extract_views(1)
+    config = _config(store, method="kd", epochs=1, batch_size=256)
+    distill(config, tmp_path / "run", progress=False, dataset=digits)
+    distill(config, tmp_path / "run", resume=True, progress=False, dataset=digits)  # the same store: resumes
+    extract_views(2)
+    with pytest.raises(SettingsMismatch, match="other settings or teachers"):
+        distill(config, tmp_path / "run", resume=True, progress=False, dataset=digits)

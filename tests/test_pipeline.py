@@ -278,6 +278,8 @@ def test_the_run_command_passes_allow_cpu_through(tmp_path):
     command = [sys.executable, "-m", "meal_cache", "run", str(file), "--runs", str(tmp_path / "runs"), "--device",
                "cpu", "--quiet"]  # fmt: skip
     refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "is sized for a GPU" in refused.stderr, refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
+    assert refused.returncode == 2 and len(errors) == 1 and "is sized for a GPU" in errors[0], refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "runs").exists()
     allowed = subprocess.run([*command, "--allow-cpu"], capture_output=True, text=True, timeout=300)
     assert allowed.returncode == 2 and "GPU" not in allowed.stderr and "--epochs" in allowed.stderr, allowed.stderr

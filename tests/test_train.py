@@ -97,7 +97,7 @@ def test_steps_per_epoch_counts_what_epoch_batches_cuts():
         assert steps_per_epoch(n, batch_size) == len(batches), (n, batch_size)
 
 
-def test_checkpoints_carry_the_loss_scaler_so_fp16_resume_is_exact(tmp_path, digits):
+def test_checkpoints_carry_the_loss_scaler_state(tmp_path, digits):
     from meal_cache.loop import Optimisation
 
     config = TrainConfig(arch="resnet8_w4", data="digits", epochs=1, seed=0, device="cpu")
