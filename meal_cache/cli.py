@@ -421,11 +421,28 @@ def distill(block_weights: str, teachers: str, out: str, resume: bool, overwrite
 
 @main.command()
 @click.argument("store", type=click.Path())
-def info(store: str) -> None:
-    """Summarise a teacher cache: teachers, accuracy, blocks, shapes, stored bytes and compression."""
+@click.option(
+    "--fidelity",
+    "reference",
+    default=None,
+    metavar="REFERENCE_STORE",
+    help="Also compare this (lossy) store's targets with a lossless store of the same teachers, rows and views: "
+    "KL of the soft targets at T=1 and T=4, top-1 agreement, relative L2 error of blocks and maps, change in the "
+    "soft-ce block loss. No training, so no seed noise.",
+)
+def info(store: str, reference: str | None) -> None:
+    """Summarise a teacher cache: teachers, accuracy, blocks, shapes, stored bytes and compression.
+
+    With --fidelity REFERENCE_STORE, also how faithfully it reproduces the reference store's targets (e.g. a
+    --keep-bits 4 or --quantize 8 store against a float16 one extracted with the same teachers and --seed).
+    """
     from meal_cache.store import describe_store, open_store
 
     click.echo(describe_store(open_store(store)))
+    if reference is not None:
+        from meal_cache.fidelity import describe_fidelity, store_fidelity
+
+        click.echo(describe_fidelity(store_fidelity(store, reference)))
 
 
 @main.command()

@@ -1,0 +1,131 @@
+"""How faithfully a lossy store reproduces a lossless one's teacher targets, measured without training.
+
+A student trained on digits cannot show a cost below about a point (one test image is 0.28 points and a seed's
+spread about a point), while the targets themselves can be compared exactly. :func:`store_fidelity` reads a lossy
+store and a reference store of the same teachers, rows and views chunk by chunk and reports, per teacher:
+
+- for the logits, the mean KL(reference soft targets at T || the lossy store's at T) for T = 1 and T = 4 (the
+  temperatures of MEAL's reference and of meal-cache's default soft labels), and the top-1 agreement;
+- for every block array (pooled ``blocks`` and channel-mean ``maps``), the relative L2 error
+  ``||lossy - reference|| / ||reference||`` over all values, and for ``maps`` the change in the soft-ce block loss
+  per row: the mean absolute difference between the soft cross-entropy of the reference map (standing in for a
+  student that matches the teacher) against the lossy map and against the reference map, i.e. how much the block
+  loss moves when its target is the lossy map.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meal_cache.errors import UserError
+from meal_cache.store import TeacherStore, open_store
+
+TEMPERATURES = (1.0, 4.0)
+
+
+def _check_comparable(store: TeacherStore, reference: TeacherStore) -> None:
+    """Refuse a pair of stores whose rows, views or teachers differ: their targets are not of the same images."""
+    mine, theirs = store.dataset, reference.dataset
+    for key in ("fingerprint", "split", "n", "num_classes"):
+        if mine.get(key) != theirs.get(key):
+            raise UserError(f"the stores hold other rows ({key}: {mine.get(key)!r} against {theirs.get(key)!r})")
+    if store.num_views != reference.num_views or store.attrs["views"] != reference.attrs["views"]:
+        raise UserError(f"the stores hold other views ({store.attrs['views']} against {reference.attrs['views']})")
+    missing = [t for t in store.teacher_names if t not in reference.teacher_names]
+    if missing:
+        raise UserError(f"the reference store has no teacher {', '.join(missing)} (it has "
+                        f"{', '.join(reference.teacher_names)})")  # fmt: skip
+    for teacher in store.teacher_names:
+        if store.teacher(teacher)["checkpoint_sha256"] != reference.teacher(teacher)["checkpoint_sha256"]:
+            raise UserError(f"teacher {teacher} is another checkpoint in the reference store (sha256 differs)")
+    for view in range(store.num_views):
+        if not (store.view_params(view).crop.equal(reference.view_params(view).crop)
+                and store.view_params(view).flip.equal(reference.view_params(view).flip)):  # fmt: skip
+            raise UserError(f"view {view} has other crops or flips in the two stores (another --seed?)")
+
+
+class _Sums:
+    """Running sums for one teacher, so a store is compared chunk by chunk in bounded memory."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.kl = dict.fromkeys(TEMPERATURES, 0.0)
+        self.agree = 0
+        self.squared_error: dict[str, float] = {}
+        self.squared_norm: dict[str, float] = {}
+        self.loss_change: dict[str, float] = {}
+
+    def add_logits(self, lossy: np.ndarray, reference: np.ndarray) -> None:
+        lossy_t, reference_t = torch.from_numpy(lossy).double(), torch.from_numpy(reference).double()
+        for temperature in TEMPERATURES:
+            log_lossy = F.log_softmax(lossy_t / temperature, dim=1)
+            log_reference = F.log_softmax(reference_t / temperature, dim=1)
+            kl = (log_reference.exp() * (log_reference - log_lossy)).sum(1)
+            self.kl[temperature] += float(kl.sum())
+        self.agree += int((lossy_t.argmax(1) == reference_t.argmax(1)).sum())
+        self.rows += len(lossy)
+
+    def add_block(self, key: str, lossy: np.ndarray, reference: np.ndarray) -> None:
+        lossy_t, reference_t = torch.from_numpy(lossy).double(), torch.from_numpy(reference).double()
+        self.squared_error[key] = self.squared_error.get(key, 0.0) + float(((lossy_t - reference_t) ** 2).sum())
+        self.squared_norm[key] = self.squared_norm.get(key, 0.0) + float((reference_t**2).sum())
+        if key.startswith("maps/"):  # soft-ce per row, with the reference map standing in for the student's
+            student = F.log_softmax(reference_t.flatten(1), dim=1)
+            exact = -(F.softmax(reference_t.flatten(1), dim=1) * student).sum(1)
+            moved = -(F.softmax(lossy_t.flatten(1), dim=1) * student).sum(1)
+            self.loss_change[key] = self.loss_change.get(key, 0.0) + float((moved - exact).abs().sum())
+
+    def summary(self, rows_per_block: dict[str, int]) -> dict:
+        return {
+            "rows": self.rows,
+            "kl": {f"T={t:g}": self.kl[t] / max(1, self.rows) for t in TEMPERATURES},
+            "top1_agreement": 100.0 * self.agree / max(1, self.rows),
+            "blocks": {
+                key: {
+                    "relative_l2": (self.squared_error[key] / self.squared_norm[key]) ** 0.5
+                    if self.squared_norm[key] > 0 else 0.0,
+                    **({"soft_ce_change": self.loss_change[key] / max(1, rows_per_block[key])}
+                       if key in self.loss_change else {}),
+                }
+                for key in sorted(self.squared_error)
+            },
+        }  # fmt: skip
+
+
+def store_fidelity(path: str, reference_path: str) -> dict:
+    """Per teacher of the store at ``path``: how far its targets are from those of ``reference_path`` (a lossless
+    store of the same teachers, rows and views), over every view and row. See the module's docstring."""
+    store, reference = open_store(path), open_store(reference_path)
+    _check_comparable(store, reference)
+    kinds = [k for k in store.layout.features if k in reference.layout.features]
+    result = {"store": str(path), "reference": str(reference_path), "views": store.num_views, "teachers": {}}
+    for teacher in store.teacher_names:
+        sums = _Sums()
+        blocks = [b.key for b in store.blocks(teacher)]
+        block_rows: dict[str, int] = {}
+        for view in range(store.num_views):
+            for chunk in range(store.n_chunks):
+                rows = store.chunk_rows(chunk)
+                logits = f"teachers/{teacher}/logits"
+                sums.add_logits(store.read(logits, view, rows), reference.read(logits, view, rows))
+                for kind in kinds:
+                    for block in blocks:
+                        key = f"teachers/{teacher}/{kind}/{block}"
+                        sums.add_block(f"{kind}/{block}", store.read(key, view, rows), reference.read(key, view, rows))
+                        block_rows[f"{kind}/{block}"] = block_rows.get(f"{kind}/{block}", 0) + rows.stop - rows.start
+        result["teachers"][teacher] = sums.summary(block_rows)
+    return result
+
+
+def describe_fidelity(result: dict) -> str:
+    """The fidelity of a store as text, one teacher a paragraph."""
+    lines = [f"fidelity of {result['store']} against {result['reference']} ({result['views']} views)"]
+    for teacher, summary in result["teachers"].items():
+        kl = "  ".join(f"KL at {t} {value:.2e}" for t, value in summary["kl"].items())
+        lines.append(f"  {teacher}: logits  {kl}  top-1 agreement {summary['top1_agreement']:.2f}%")
+        for block, values in summary["blocks"].items():
+            change = f"  soft-ce change {values['soft_ce_change']:.2e}" if "soft_ce_change" in values else ""
+            lines.append(f"    {block}: relative L2 error {values['relative_l2']:.2e}{change}")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""`meal-cache info STORE --fidelity REFERENCE`: a lossy store's targets against a lossless store's, no training."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from meal_cache.errors import UserError
+from meal_cache.extract import extract
+from meal_cache.fidelity import store_fidelity
+from meal_cache.store import open_store
+
+
+@pytest.fixture(scope="module")
+def lossy_stores(small_store, digits, tmp_path_factory):
+    """The small store's settings with 8-bit blocks and maps, and with another view seed."""
+    path, config = small_store
+    folder = tmp_path_factory.mktemp("lossy")
+    for name, overrides in (("q8", {"quantize": 8}), ("seed", {"seed": 7, "views": 1, "identity_view": False})):
+        extract(dataclasses.replace(config, **overrides), folder / f"{name}.zarr", progress=False, dataset=digits)
+    return folder
+
+
+def _kl(reference: np.ndarray, lossy: np.ndarray, temperature: float) -> float:
+    def log_softmax(x):
+        x = x.astype(np.float64) / temperature
+        x = x - x.max(1, keepdims=True)
+        return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+    p, q = log_softmax(reference), log_softmax(lossy)
+    return float((np.exp(p) * (p - q)).sum(1).mean())
+
+
+def test_a_store_against_itself_is_exact(small_store):
+    path, _ = small_store
+    result = store_fidelity(str(path), str(path))
+    for summary in result["teachers"].values():
+        assert summary["kl"] == {"T=1": 0.0, "T=4": 0.0} and summary["top1_agreement"] == 100.0
+        assert summary["blocks"] and all(b["relative_l2"] == 0.0 for b in summary["blocks"].values())
+        assert all(b["soft_ce_change"] == 0.0 for k, b in summary["blocks"].items() if k.startswith("maps/"))
+
+
+def test_8bit_blocks_against_float16_match_a_hand_computation(small_store, lossy_stores):
+    path, _ = small_store
+    reference, lossy = open_store(path), open_store(lossy_stores / "q8.zarr")
+    result = store_fidelity(str(lossy_stores / "q8.zarr"), str(path))
+    assert set(result["teachers"]) == {"resnet8_w4", "densenet_k12"} and result["views"] == 3
+    for teacher, summary in result["teachers"].items():
+        # Logits stay float16 in an 8-bit store: the soft targets are the reference's.
+        assert summary["kl"]["T=4"] == pytest.approx(0.0, abs=1e-12) and summary["top1_agreement"] == 100.0
+        for key, values in summary["blocks"].items():
+            kind_block = f"teachers/{teacher}/{key}"
+            ref = np.concatenate([reference.read(kind_block, v) for v in range(3)]).astype(np.float64)
+            low = np.concatenate([lossy.read(kind_block, v) for v in range(3)]).astype(np.float64)
+            expected = np.linalg.norm(low - ref) / np.linalg.norm(ref)
+            assert values["relative_l2"] == pytest.approx(expected, rel=1e-6), key
+            assert 0 < values["relative_l2"] < 0.02, key  # half a step of 255 per row's range
+        assert summary["rows"] == 3 * reference.n
+    # The KL of logits that do differ, against the same formula written out: KL(reference || lossy), not reversed.
+    ref_logits = reference.logits("resnet8_w4", 0).astype(np.float64)
+    noisy = ref_logits + np.random.default_rng(0).normal(0, 0.5, ref_logits.shape)
+    from meal_cache.fidelity import _Sums
+
+    sums = _Sums()
+    sums.add_logits(noisy, ref_logits)
+    assert sums.kl[4.0] / sums.rows == pytest.approx(_kl(ref_logits, noisy, 4.0), rel=1e-9)
+    assert sums.kl[1.0] / sums.rows != pytest.approx(_kl(noisy, ref_logits, 1.0), rel=1e-3)
+
+
+def test_stores_of_other_views_are_refused(small_store, lossy_stores):
+    path, _ = small_store
+    with pytest.raises(UserError, match="other views"):
+        store_fidelity(str(lossy_stores / "seed.zarr"), str(path))
+    result = subprocess.run([sys.executable, "-m", "meal_cache", "info", str(lossy_stores / "seed.zarr"),
+                             "--fidelity", str(path)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "other views" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    shown = subprocess.run([sys.executable, "-m", "meal_cache", "info", str(lossy_stores / "q8.zarr"), "--fidelity",
+                            str(path)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert shown.returncode == 0 and "top-1 agreement 100.00%" in shown.stdout and "relative L2" in shown.stdout
