@@ -254,10 +254,13 @@ def _check_finite(raw: dict[str, np.ndarray], stored: dict[str, np.ndarray], con
     """Raise :class:`NonFiniteOutput` when a teacher output is not finite as computed (float32), as cast to the
     store's dtype, or as the store's bit rounding (``keep_bits``) would write it; a quantised feature is coded
     from the cast values, so the cast covers it."""
-    for stage, arrays in (("float32", raw), ("cast", stored)):
-        bad = [key for key, value in arrays.items() if not np.isfinite(value).all()]
-        if bad:
-            raise NonFiniteOutput(stage, bad, _largest(raw, bad))
+    # A value not finite in float32 stays so after the cast, so one pass over the cast values finds every chunk
+    # at fault; the float32 values are read only to tell a broken teacher from an overflowing cast.
+    bad = [key for key, value in stored.items() if not np.isfinite(value).all()]
+    if bad:
+        broken = [key for key in bad if not np.isfinite(raw[key]).all()]
+        stage, keys = ("float32", broken) if broken else ("cast", bad)
+        raise NonFiniteOutput(stage, keys, _largest(raw, keys))
     if config.keep_bits is not None:
         from numcodecs import BitRound
 

@@ -31,7 +31,7 @@ def _check_comparable(store: TeacherStore, reference: TeacherStore) -> None:
     for key in ("fingerprint", "split", "n", "num_classes"):
         if mine.get(key) != theirs.get(key):
             raise UserError(f"the stores hold other rows ({key}: {mine.get(key)!r} against {theirs.get(key)!r})")
-    if store.num_views != reference.num_views or store.attrs["views"] != reference.attrs["views"]:
+    if store.attrs["views"] != reference.attrs["views"]:  # count, seed, recipe and identity view
         raise UserError(f"the stores hold other views ({store.attrs['views']} against {reference.attrs['views']})")
     missing = [t for t in store.teacher_names if t not in reference.teacher_names]
     if missing:
@@ -41,8 +41,8 @@ def _check_comparable(store: TeacherStore, reference: TeacherStore) -> None:
         if store.teacher(teacher)["checkpoint_sha256"] != reference.teacher(teacher)["checkpoint_sha256"]:
             raise UserError(f"teacher {teacher} is another checkpoint in the reference store (sha256 differs)")
     for view in range(store.num_views):
-        if not (store.view_params(view).crop.equal(reference.view_params(view).crop)
-                and store.view_params(view).flip.equal(reference.view_params(view).flip)):  # fmt: skip
+        mine, theirs = store.view_params(view), reference.view_params(view)
+        if not (mine.crop.equal(theirs.crop) and mine.flip.equal(theirs.flip)):
             raise UserError(f"view {view} has other crops or flips in the two stores (another --seed?)")
 
 
