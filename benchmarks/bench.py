@@ -67,7 +67,8 @@ def bench_extract(work: Path, digits: ImageDataset, repeats: int, device: str = 
     resolved = [resolve_teacher(n, teachers, digits, config.blocks, config.grid) for n in config.teachers]
     models = [precision.prepare(t.model) for t in resolved]
     recipe = augment.recipe_for(digits.recipe, digits.image_size)
-    views = [augment.draw(recipe, len(digits.train), digits.image_size, augment.view_generator(0, v)) for v in range(4)]
+    sizes = augment.square_sizes(len(digits.train), digits.image_size)
+    views = [augment.draw(recipe, sizes, augment.view_generator(0, v)) for v in range(4)]
     batches = [augment.apply(digits.train.images, v, t.mean, t.std, channels_last=precision.channels_last)
                .to(precision.device) for t in resolved for v in views]  # fmt: skip
 

@@ -6,7 +6,12 @@ A cached teacher output is valid only for the exact pixels the teacher saw, so a
 the images are. The same parameters always give the same pixels.
 
 Recipes follow the data: ``digits`` (glyphs: crop with zero padding, never flip), ``natural`` (crop with
-padding and horizontal flip for images up to 64 px; random-resized-crop and flip above).
+padding and horizontal flip for images up to 64 px; random-resized-crop and flip above) and ``full`` (image files
+decoded at their own resolution: torchvision's RandomResizedCrop, scale 0.08-1 and ratio 3/4-4/3, and flip, with
+boxes in each source image's own coordinates; the evaluation view is the central 224/256 of the shorter side, as
+torchvision's resize-256 / centre-crop-224).
+
+Boxes are drawn for each row's source size ``(H, W)``: for in-memory data every row has the dataset's square size.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class Recipe:
     name: str
     flip: bool
     resized_crop_scale: tuple[float, float] | None  # None: crop with padding instead
+    # The un-augmented (evaluation) view: the central square of this fraction of the shorter side.
+    eval_crop: float = 1.0
 
     def pad(self, image_size: int) -> int:
         # 4 px at 32 px (the CIFAR convention), 2 px at 16 px.
@@ -56,7 +63,9 @@ RECIPES: dict[str, Recipe] = {
     "digits": Recipe("digits", flip=False, resized_crop_scale=None),
     "natural": Recipe("natural", flip=True, resized_crop_scale=None),
     "natural-large": Recipe("natural-large", flip=True, resized_crop_scale=(0.25, 1.0)),
+    "full": Recipe("full", flip=True, resized_crop_scale=(0.08, 1.0), eval_crop=224 / 256),
 }
+FULL_RECIPE = "full"
 
 
 def recipe_for(data_recipe: str, image_size: int) -> Recipe:
@@ -73,38 +82,59 @@ def view_generator(seed: int, view: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + view)
 
 
-def identity(n: int, image_size: int) -> ViewParams:
-    """The un-augmented view: the whole image, not mirrored."""
-    crop = torch.tensor([0, 0, image_size, image_size], dtype=torch.int16).repeat(n, 1)
-    return ViewParams(crop, torch.zeros(n, dtype=torch.bool))
+def square_sizes(n: int, image_size: int) -> torch.Tensor:
+    """The source sizes of ``n`` in-memory rows of ``image_size`` px: int32 ``(n, 2)`` as (H, W)."""
+    return torch.full((n, 2), image_size, dtype=torch.int32)
 
 
-def _random_resized_boxes(n: int, size: int, scale: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
-    # Ten tries per sample as torchvision's RandomResizedCrop, vectorised; the whole image where all fail.
-    tries = 10
-    area = size * size * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=gen)
+def identity(sizes: torch.Tensor, recipe: Recipe | None = None) -> ViewParams:
+    """The un-augmented view of rows of source ``sizes`` (N, 2): the central square of ``recipe.eval_crop`` of the
+    shorter side (the whole image for in-memory data), not mirrored."""
+    fraction = recipe.eval_crop if recipe is not None else 1.0
+    height, width = sizes[:, 0].long(), sizes[:, 1].long()
+    side = torch.minimum(height, width)
+    if fraction != 1.0:
+        side = (side.double() * fraction).round().long().clamp_min(1)
+    crop = torch.stack([(height - side) // 2, (width - side) // 2, side, side], 1)
+    return ViewParams(crop.to(torch.int16), torch.zeros(len(sizes), dtype=torch.bool))
+
+
+def _random_resized_boxes(sizes: torch.Tensor, scale: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    # Ten tries per sample as torchvision's RandomResizedCrop, vectorised; where all fail, its fallback: the
+    # largest centred box whose aspect ratio is within 3/4-4/3.
+    n, tries = len(sizes), 10
+    height, width = sizes[:, 0].to(torch.float32), sizes[:, 1].to(torch.float32)
+    area = (height * width)[:, None] * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=gen)
     log_ratio = torch.empty(n, tries).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
     ratio = torch.exp(log_ratio)
     w = torch.sqrt(area * ratio).round()
     h = torch.sqrt(area / ratio).round()
-    ok = (w >= 1) & (w <= size) & (h >= 1) & (h <= size)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    ok = (w >= 1) & (w <= width[:, None]) & (h >= 1) & (h <= height[:, None])
+    found = ok.any(1)
+    first = ok.float().argmax(1)
     rows = torch.arange(n)
-    h = torch.where(first >= 0, h[rows, first.clamp_min(0)], torch.full((n,), float(size)))
-    w = torch.where(first >= 0, w[rows, first.clamp_min(0)], torch.full((n,), float(size)))
-    y0 = (torch.rand(n, generator=gen) * (size - h + 1)).floor()
-    x0 = (torch.rand(n, generator=gen) * (size - w + 1)).floor()
+    aspect = width / height
+    fallback_w = torch.where(aspect > 4 / 3, (height * 4 / 3).round(), width)
+    fallback_h = torch.where(aspect < 3 / 4, (width / (3 / 4)).round(), height)
+    h = torch.where(found, h[rows, first], fallback_h)
+    w = torch.where(found, w[rows, first], fallback_w)
+    y0 = (torch.rand(n, generator=gen) * (height - h + 1)).floor()
+    x0 = (torch.rand(n, generator=gen) * (width - w + 1)).floor()
+    y0 = torch.where(found, y0, ((height - h) / 2).floor())
+    x0 = torch.where(found, x0, ((width - w) / 2).floor())
     return torch.stack([y0, x0, h, w], 1)
 
 
-def draw(recipe: Recipe, n: int, image_size: int, generator: torch.Generator) -> ViewParams:
-    """Draw one view's parameters for ``n`` samples of ``image_size`` px (square) images."""
+def draw(recipe: Recipe, sizes: torch.Tensor, generator: torch.Generator) -> ViewParams:
+    """Draw one view's parameters for rows of source ``sizes`` (int ``(N, 2)`` as H, W; see
+    :func:`square_sizes`). Padded crops keep the source size, so they take square in-memory images only."""
+    n = len(sizes)
     if recipe.resized_crop_scale is not None:
-        boxes = _random_resized_boxes(n, image_size, recipe.resized_crop_scale, generator)
+        boxes = _random_resized_boxes(sizes, recipe.resized_crop_scale, generator)
     else:
-        pad = recipe.pad(image_size)
+        pad = recipe.pad(int(sizes[0, 0]) if n else 0)
         offsets = torch.randint(-pad, pad + 1, (n, 2), generator=generator)
-        boxes = torch.cat([offsets, torch.full((n, 2), image_size)], 1)
+        boxes = torch.cat([offsets, sizes.to(offsets.dtype)], 1)
     flips = torch.rand(n, generator=generator) < 0.5 if recipe.flip else torch.zeros(n, dtype=torch.bool)
     return ViewParams(boxes.to(torch.int16), flips)
 
@@ -131,6 +161,26 @@ def _crop_resized(images: torch.Tensor, crop: torch.Tensor, size: int) -> torch.
     return roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
 
+def render(images: torch.Tensor, params: ViewParams, out_size: int | None = None) -> torch.Tensor:
+    """The view's pixels of uint8 ``(B, 3, H, W)`` images: float32 ``(B, 3, out_size, out_size)`` in 0-255, on the
+    images' device. Each row's pixels depend on that row alone: a box of the output size is an exact gather, any
+    other box is resampled bilinearly, whatever the other rows of the batch are."""
+    size = out_size or images.shape[-1]
+    params = params.to(images.device)
+    crop = params.crop
+    same_size = (crop[:, 2] == size) & (crop[:, 3] == size)
+    if bool(same_size.all()):
+        pixels = _crop_same_size(images, crop, size).float()
+    elif not bool(same_size.any()):
+        pixels = _crop_resized(images, crop, size)
+    else:
+        pixels = torch.empty((images.shape[0], 3, size, size), dtype=torch.float32, device=images.device)
+        exact, resampled = same_size.nonzero()[:, 0], (~same_size).nonzero()[:, 0]
+        pixels[exact] = _crop_same_size(images[exact], crop[exact], size).float()
+        pixels[resampled] = _crop_resized(images[resampled], crop[resampled], size)
+    return torch.where(params.flip[:, None, None, None], pixels.flip(-1), pixels)
+
+
 def apply(
     images: torch.Tensor,
     params: ViewParams,
@@ -140,14 +190,8 @@ def apply(
     channels_last: bool = False,
 ) -> torch.Tensor:
     """Augment and normalise a batch: uint8 ``(B, 3, H, W)`` plus its rows' parameters -> float32
-    ``(B, 3, out_size, out_size)``, on the images' device."""
-    size = out_size or images.shape[-1]
-    params = params.to(images.device)
-    crop = params.crop
-    same_size = bool(((crop[:, 2] == size) & (crop[:, 3] == size)).all())
-    pixels = _crop_same_size(images, crop, size).float() if same_size else _crop_resized(images, crop, size)
-    pixels = torch.where(params.flip[:, None, None, None], pixels.flip(-1), pixels)
-    return _normalise(pixels, mean, std, channels_last)
+    ``(B, 3, out_size, out_size)``, on the images' device (:func:`render`, then :func:`normalise`)."""
+    return normalise(render(images, params, out_size), mean, std, channels_last)
 
 
 def normalise(
@@ -156,7 +200,7 @@ def normalise(
     std: torch.Tensor | tuple[float, ...],
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """The identity view of uint8 ``images`` (no crop, no flip), normalised: what evaluation sees."""
+    """``images`` (uint8, or float pixels in 0-255 from :func:`render`) normalised as the network takes them."""
     return _normalise(images.float(), mean, std, channels_last)
 
 

@@ -68,6 +68,15 @@ def _with_options(func, options: list):
     return func
 
 
+WORKERS_OPTION = click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Processes that read and decode image files (imagefolder), 0 for none; default: the cores less one, "
+    "at most 8. In-memory datasets do not use them.",
+)
+
+
 def data_options(func):
     """The options that name and locate a dataset, shared by every command that loads one."""
     options = [
@@ -83,8 +92,10 @@ def data_options(func):
             "--image-size",
             type=int,
             default=None,
-            help="Resize images to this square size (default: the dataset's own; digits 16 px).",
+            help="Resize images to this square size (default: the dataset's own; digits 16 px, a streamed "
+            "imagefolder 224 px, one with ?in_memory=1 32 px).",
         ),
+        WORKERS_OPTION,
     ]
     return _with_options(func, options)
 
@@ -176,6 +187,7 @@ def evaluate(
     data_root: str,
     download: bool,
     image_size: int | None,
+    workers: int | None,
     split: str,
     device: str,
     json_out: str | None,
@@ -188,7 +200,7 @@ def evaluate(
 
     result = evaluate_checkpoint(
         checkpoint, data=data, data_root=data_root, download=download, image_size=image_size, split=split,
-        device=device, teachers=[t.strip() for t in teachers.split(",") if t.strip()], store=store,
+        device=device, teachers=[t.strip() for t in teachers.split(",") if t.strip()], store=store, workers=workers,
     )  # fmt: skip
     path = Path(json_out) if json_out else Path(checkpoint).with_suffix(".eval.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -362,6 +374,7 @@ def _floats(text: str) -> list[float]:
 @click.option("--data", default=None, help="Override the store's dataset (must match its fingerprint).")
 @click.option("--data-root", default=None, help="Where the store's dataset lives (default: as recorded).")
 @click.option("--download", is_flag=True)
+@WORKERS_OPTION
 @click.option("--online", is_flag=True, help="Reference: run the teachers in the loop on the same replayed images.")
 @click.option(
     "--fresh-views",

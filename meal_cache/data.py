@@ -1,11 +1,13 @@
-"""Datasets: one registry, every dataset held in memory as uint8 tensors so augmentation runs on the device.
+"""Datasets: one registry; small datasets held in memory as uint8 tensors, image folders streamed from disk.
 
 A dataset spec is ``NAME`` or ``NAME:ARG`` (``digits``, ``cifar10``, ``npz:/path/data.npz``,
 ``imagefolder:/path/root``, ``fake:256``), optionally followed by ``?OPTION=VALUE&...`` (label noise, a training
-fraction, a k-fold re-split such as ``digits?folds=5&fold=0``: see :class:`Modifiers`). :func:`load_dataset`
-resolves it to an :class:`ImageDataset`:
-a train and a test :class:`Split` of ``uint8`` images shaped ``(N, 3, H, W)`` and ``int64`` labels, with the
-number of classes, the normalisation, the augmentation recipe and a stable fingerprint of each split's rows.
+fraction, a k-fold re-split such as ``digits?folds=5&fold=0``, and for image folders ``in_memory`` and
+``skip_bad``: see :class:`Modifiers`). :func:`load_dataset` resolves it to an :class:`ImageDataset`: a train and a
+test split with ``int64`` labels, the number of classes, the normalisation, the augmentation recipe and a stable
+fingerprint of each split's rows. A split is either a :class:`Split` of ``uint8`` images shaped ``(N, 3, H, W)``
+in memory or a :class:`~meal_cache.source.FileSplit` of image files decoded on demand; both are read through the
+source their ``open()`` returns (see :mod:`meal_cache.source`).
 
 Grey-scale sources are replicated to three channels so every architecture takes every dataset unchanged.
 """
@@ -13,6 +15,7 @@ Grey-scale sources are replicated to three channels so every architecture takes 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,9 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from meal_cache import augment
 from meal_cache.errors import UserError, unknown_choice
+from meal_cache.source import DECODER, FileSplit, find_unreadable, list_image_folder
 
 SPLITS = ("train", "test")
 # Augmentation recipes (see augment.py): digit-like images are never mirrored, since a mirrored glyph is
@@ -49,15 +54,51 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def take(self, index: torch.Tensor) -> Split:
+        return Split(self.images[index].contiguous(), self.labels[index].contiguous())
+
+    def relabel(self, labels: torch.Tensor) -> Split:
+        return Split(self.images, labels)
+
+    def concat(self, other: Split) -> Split:
+        return Split(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]))
+
+    def fingerprint(self, kind: str, split: str) -> str:
+        return fingerprint_rows(kind, split, self.images, self.labels)
+
+    def source_sizes(self, workers: int | None = None) -> torch.Tensor:
+        """Every row's (H, W): the square size of the held images."""
+        return augment.square_sizes(len(self), self.image_size)
+
+    def eval_view(self, workers: int | None = None) -> augment.ViewParams:
+        """The un-augmented view: the whole image."""
+        return augment.identity(self.source_sizes())
+
+    def open(self, device: torch.device, workers: int | None = None):
+        """A :class:`~meal_cache.source.MemorySource` of these images on ``device`` (``workers`` is unused)."""
+        from meal_cache.source import MemorySource
+
+        return MemorySource(self.images, device, self.image_size)
+
+    def sample_pixels(self, count: int) -> torch.Tensor:
+        return self.images[:count]
+
+
+AnySplit = Split | FileSplit
+
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """A loaded dataset: both splits in memory plus everything needed to train on and identify it."""
+    """A loaded dataset: both splits plus everything needed to train on and identify it."""
 
     spec: str
     kind: str
-    train: Split
-    test: Split
+    train: AnySplit
+    test: AnySplit
     classes: tuple[str, ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -72,21 +113,28 @@ class ImageDataset:
 
     @property
     def image_size(self) -> int:
-        return int(self.train.images.shape[-1])
+        return self.train.image_size
 
-    def split(self, name: str) -> Split:
+    @property
+    def streamed(self) -> bool:
+        """Whether the images are decoded from files on demand rather than held in memory."""
+        return isinstance(self.train, FileSplit)
+
+    def split(self, name: str) -> AnySplit:
         if name not in SPLITS:
             raise unknown_choice("split", name, SPLITS)
         return self.train if name == "train" else self.test
 
     def fingerprint(self, split: str) -> str:
         """A hash of what defines the split's rows: the dataset kind, the split, labels and pixels."""
-        part = self.split(split)
-        return fingerprint_rows(self.kind, split, part.images, part.labels)
+        return self.split(split).fingerprint(self.kind, split)
 
     def describe(self) -> dict:
-        """JSON-able identity of the dataset, recorded in checkpoints and stores to reload and verify it."""
+        """JSON-able identity of the dataset, recorded in checkpoints and stores to reload and verify it. A streamed
+        dataset also records its decoder: another decoder build may differ by a few levels per pixel."""
+        streamed = {"source": "files", "decoder": DECODER} if self.streamed else {}
         return {
+            **streamed,
             "spec": self.spec,
             "kind": self.kind,
             "options": dict(self.options),
@@ -117,8 +165,8 @@ def fingerprint_rows(kind: str, split: str, images: torch.Tensor, labels: torch.
 class _Raw:
     """What a loader returns before normalisation statistics and resizing are applied."""
 
-    train: Split
-    test: Split
+    train: AnySplit
+    test: AnySplit
     classes: tuple[str, ...]
     recipe: str
     mean: tuple[float, float, float] | None = None
@@ -134,6 +182,9 @@ class LoadOptions:
     download: bool
     image_size: int | None
     seed: int
+    in_memory: bool = False
+    skip_bad: bool = False
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -279,43 +330,72 @@ def _load_npz(arg: str | None, options: LoadOptions) -> _Raw:
     return _Raw(train, test, classes, recipe)
 
 
-def _load_imagefolder(arg: str | None, options: LoadOptions) -> _Raw:
-    """``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (or ``test/``): decoded once, the shorter side
-    resized to --image-size (default 32) and centre-cropped square, held in memory."""
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
+# ImageNet's statistics: streamed folders are too large to measure, and pretrained teachers expect these.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STREAM_IMAGE_SIZE = 224
+IN_MEMORY_IMAGE_SIZE = 32
 
+
+def _load_imagefolder(arg: str | None, options: LoadOptions) -> _Raw:
+    """``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (or ``test/``), streamed: decoded on demand at full
+    resolution (random-resized crops in each image's own coordinates) and served at --image-size (default 224).
+    With ``?in_memory=1``: decoded once, the shorter side resized to --image-size (default 32), centre-cropped
+    square and held in memory. ``?skip_bad=1`` decodes every file first and leaves out (and counts) the ones
+    that do not decode."""
     root = Path(arg)
-    size = options.image_size or 32
     held_out = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or held_out is None:
         raise UserError(f"imagefolder '{root}' needs a train/ and a val/ (or test/) folder of class subfolders")
+    train_files, train_labels, classes = list_image_folder(root / "train")
+    test_files, test_labels, _ = list_image_folder(held_out, {c: i for i, c in enumerate(classes)})
+    parts = []
+    for folder, files, labels in ((root / "train", train_files, train_labels), (held_out, test_files, test_labels)):
+        relative = [os.path.join(folder.name, name) for name in files]
+        if options.skip_bad:
+            relative, labels = _without_unreadable(root, relative, labels, options.workers)
+        parts.append((relative, labels))
+    if options.in_memory:
+        size = options.image_size or IN_MEMORY_IMAGE_SIZE
+        train, test = (Split(_decode_all(root, files, size), torch.from_numpy(labels)) for files, labels in parts)
+        return _Raw(train, test, tuple(classes), NATURAL_RECIPE)
+    size = options.image_size or STREAM_IMAGE_SIZE
+    train, test = (
+        FileSplit(str(root), np.array([os.fsencode(f) for f in files], dtype=object).astype(bytes),
+                  torch.from_numpy(labels), np.array([os.path.getsize(root / f) for f in files], dtype=np.int64), size)
+        for files, labels in parts
+    )  # fmt: skip
+    return _Raw(train, test, tuple(classes), augment.FULL_RECIPE, IMAGENET_MEAN, IMAGENET_STD)
 
-    def read(folder: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+
+def _without_unreadable(
+    root: Path, files: list[str], labels: np.ndarray, workers: int | None
+) -> tuple[list[str], np.ndarray]:
+    from tqdm.auto import tqdm
+
+    bad = find_unreadable([str(root / f) for f in files], workers)
+    if bad:
+        shown = "; ".join(f"{files[i]} ({reason})" for i, reason in list(bad.items())[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        tqdm.write(f"skip_bad: left out {len(bad)} of {len(files)} file(s) that do not decode: {shown}{more}")
+    keep = [i for i in range(len(files)) if i not in bad]
+    return [files[i] for i in keep], labels[keep]
+
+
+def _decode_all(root: Path, files: list[str], size: int) -> torch.Tensor:
+    from meal_cache.source import decode_rgb
+
+    images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    for row, name in enumerate(files):
         try:
-            found = ImageFolder(str(folder), loader=lambda p: p)
-        except (FileNotFoundError, RuntimeError) as err:
-            raise UserError(f"imagefolder '{folder}': {err}") from err
-        images = torch.empty((len(found.samples), 3, size, size), dtype=torch.uint8)
-        for row, (file, _) in enumerate(found.samples):
-            try:
-                with Image.open(file) as img:
-                    tensor = TF.pil_to_tensor(img.convert("RGB"))
-            except (OSError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
-                raise UserError(f"imagefolder: '{file}' is not a readable image ({err})") from err
-            images[row] = TF.center_crop(TF.resize(tensor, size, antialias=True), [size, size])
-        return images, np.asarray(found.targets, dtype=np.int64), found.classes
-
-    train_images, train_labels, classes = read(root / "train")
-    test_images, test_labels, test_classes = read(held_out)
-    if test_classes != classes:
-        raise UserError(f"imagefolder '{root}': {held_out.name}/ has classes {test_classes}, train/ has {classes}")
-    return _Raw(
-        Split(train_images, torch.from_numpy(train_labels)),
-        Split(test_images, torch.from_numpy(test_labels)),
-        tuple(classes),
-        NATURAL_RECIPE,
-    )
+            tensor = decode_rgb(str(root / name))
+        except (RuntimeError, OSError, SyntaxError, ValueError) as err:
+            raise UserError(
+                f"imagefolder: '{root / name}' is not a readable image ({str(err).strip()[:200]}); "
+                "remove it, or load the data with ?skip_bad=1 to leave unreadable files out"
+            ) from err
+        images[row] = TF.center_crop(TF.resize(tensor, size, antialias=True), [size, size])
+    return images
 
 
 def _load_fake(arg: str | None, options: LoadOptions) -> _Raw:
@@ -364,7 +444,11 @@ class Modifiers:
     - ``noise``: ``symmetric`` (to a uniformly drawn other class) or ``pairflip`` (class c to c+1 mod C, the
       class-dependent kind);
     - ``noise_seed`` / ``fraction_seed`` / ``fold_seed``: the seeds of the three draws (default 0, whatever the
-      run's ``--seed``, so runs with other seeds see the same rows).
+      run's ``--seed``, so runs with other seeds see the same rows);
+    - ``in_memory`` 1 (``imagefolder`` only): decode once into memory at --image-size (default 32) instead of
+      streaming the files at full resolution (default 224);
+    - ``skip_bad`` 1 (``imagefolder`` only): decode every file first and leave out, counted and reported, those
+      that do not decode, instead of refusing them.
 
     They apply in this order: the fold split, then ``train_fraction`` on its train part, then label noise on what
     is left of the train part; the test split is never subsampled or corrupted.
@@ -378,8 +462,12 @@ class Modifiers:
     folds: int | None = None
     fold: int | None = None
     fold_seed: int = 0
+    in_memory: int = 0
+    skip_bad: int = 0
 
 
+# Options of how a source is read rather than of which rows it has.
+LOADER_OPTIONS = ("in_memory", "skip_bad")
 NOISE_KINDS = ("symmetric", "pairflip")
 
 
@@ -410,6 +498,9 @@ def _parse_modifiers(text: str) -> Modifiers:
         raise UserError(
             f"dataset option fold={modifiers.fold} needs folds=K, the number of folds (e.g. folds=5&fold=0)"
         )
+    for flag in LOADER_OPTIONS:
+        if getattr(modifiers, flag) not in (0, 1):
+            raise UserError(f"dataset option {flag} takes 0 or 1, got {getattr(modifiers, flag)}")
     if modifiers.folds is not None:  # and so fold, checked above
         if modifiers.folds < 2:
             raise UserError(f"folds must be at least 2, got {modifiers.folds}")
@@ -432,6 +523,9 @@ def parse_spec(spec: str) -> tuple[str, str | None, Modifiers]:
     entry = DATASETS[kind]
     if entry.needs_arg and not arg:
         raise UserError(f"dataset '{kind}' needs a path: {entry.help}")
+    for flag in LOADER_OPTIONS:
+        if getattr(modifiers, flag) and kind != "imagefolder":
+            raise UserError(f"dataset option {flag} applies to imagefolder only, not {kind}")
     return kind, (arg or None), modifiers
 
 
@@ -470,23 +564,22 @@ def fold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> np.ndarr
 
 
 def _apply_modifiers(
-    train: Split, test: Split, num_classes: int, modifiers: Modifiers
-) -> tuple[Split, Split, torch.Tensor | None]:
+    train: AnySplit, test: AnySplit, num_classes: int, modifiers: Modifiers
+) -> tuple[AnySplit, AnySplit, torch.Tensor | None]:
     """The modifiers in their documented order: fold split, train fraction, label noise (train part only)."""
     if modifiers.folds is not None:  # parsing made sure fold is set with it
         # Pooled as train rows then test rows, so a fold is defined by the source's own row order.
-        images = torch.cat([train.images, test.images])
-        labels = torch.cat([train.labels, test.labels]).numpy()
-        mask = fold_split(labels, modifiers.folds, modifiers.fold, modifiers.fold_seed)
-        train, test = _split_by_mask(images, labels, mask)
+        pooled = train.concat(test)
+        mask = fold_split(pooled.labels.numpy(), modifiers.folds, modifiers.fold, modifiers.fold_seed)
+        train = pooled.take(torch.from_numpy(np.flatnonzero(~mask)))
+        test = pooled.take(torch.from_numpy(np.flatnonzero(mask)))
     if modifiers.train_fraction < 1.0:
         keep = ~stratified_split(train.labels.numpy(), 1.0 - modifiers.train_fraction, modifiers.fraction_seed)
-        index = torch.from_numpy(np.flatnonzero(keep))
-        train = Split(train.images[index].contiguous(), train.labels[index].contiguous())
+        train = train.take(torch.from_numpy(np.flatnonzero(keep)))
     if modifiers.label_noise == 0.0:
         return train, test, None
     noisy = corrupt_labels(train.labels, num_classes, modifiers.label_noise, modifiers.noise, modifiers.noise_seed)
-    return Split(train.images, noisy), test, train.labels
+    return train.relabel(noisy), test, train.labels
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -509,19 +602,22 @@ def load_dataset(
     download: bool = False,
     image_size: int | None = None,
     seed: int = 0,
+    workers: int | None = None,
 ) -> ImageDataset:
-    """Load a dataset by spec (see the module doc) into memory.
+    """Load a dataset by spec (see the module doc): in memory, or as lists of files for a streamed image folder.
 
-    ``image_size`` resizes every image to a square of that side (antialiased); ``seed`` only matters for
-    sources that draw a split (``npz`` without ``split``, ``fake``).
+    ``image_size`` resizes every image to a square of that side (antialiased; a streamed folder serves its views
+    at that size); ``seed`` only matters for sources that draw a split (``npz`` without ``split``, ``fake``);
+    ``workers`` is the processes that check files for ``?skip_bad=1``.
     """
     kind, arg, modifiers = parse_spec(spec)
     if image_size is not None and image_size < 8:
         raise UserError(f"--image-size must be at least 8, got {image_size}")
-    options = LoadOptions(Path(root), download, image_size, seed)
+    options = LoadOptions(Path(root), download, image_size, seed, bool(modifiers.in_memory), bool(modifiers.skip_bad),
+                          workers)  # fmt: skip
     raw = DATASETS[kind].loader(arg, options)
     train, test = raw.train, raw.test
-    if image_size is not None and train.images.shape[-1] != image_size:
+    if image_size is not None and train.image_size != image_size and isinstance(train, Split):
         train, test = (
             Split(TF.resize(s.images, [image_size, image_size], antialias=True), s.labels) for s in (train, test)
         )

@@ -42,6 +42,7 @@ from meal_cache.loop import (
     Stream,
     check_number,
     check_optimisation,
+    check_workers,
     epoch_generator,
     fit,
     make_optimizer,
@@ -49,7 +50,8 @@ from meal_cache.loop import (
     shuffled_batches,
 )
 from meal_cache.models import BlockTap, block_shapes, create_model
-from meal_cache.runtime import Precision, device_images, seed_everything
+from meal_cache.runtime import Precision, seed_everything
+from meal_cache.source import ImageSource
 from meal_cache.store import BlockSpec, TeacherStore, open_store, verify_store
 from meal_cache.teachers import resolve_teacher, teacher_outputs
 
@@ -122,6 +124,7 @@ class DistillConfig:
     refine_confidence: float = 0.5
     max_memory: str | None = None  # e.g. "2GB": stream chunks when two views of the targets do not fit
     device: str = "auto"
+    workers: int | None = None  # decoding processes for image files (None: from the core count); not recorded
 
     def resolved(self) -> DistillConfig:
         """The config with every method default filled in and every choice and number checked."""
@@ -149,6 +152,7 @@ class DistillConfig:
         for name in ("soft_weight", "hard_weight", "adv_weight"):
             check_number(name, getattr(config, name), low=0.0)
         check_number("disc_lr", config.disc_lr, low=0.0, low_open=True)
+        check_workers(config.workers)
         check_number("refine_confidence", config.refine_confidence, low=0.0, high=1.0)
         if any(not math.isfinite(w) or w < 0 for w in config.block_weights):
             raise UserError(f"--block-weights must be numbers >= 0, got {config.block_weights}")
@@ -375,14 +379,14 @@ class OnlineTeachers:
         self.features = store.layout.features
         self.precision = precision
 
-    def targets(self, images: torch.Tensor, params: augment.ViewParams,
-                selected: list[str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
-        """Targets of the ``selected`` teachers (default all): a random-teacher step runs only its teacher."""
+    def targets(self, pixels: torch.Tensor, selected: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Targets of the ``selected`` teachers (default all) on a view's ``pixels``: a random-teacher step runs
+        only its teacher."""
         out = {}
         for key, teacher in self.teachers.items():
             if selected is not None and key not in selected:
                 continue
-            for name, value in teacher_outputs(teacher, images, params, self.features, self.precision).items():
+            for name, value in teacher_outputs(teacher, pixels, self.features, self.precision).items():
                 out[f"teachers/{key}/{name}"] = value
         return out
 
@@ -615,11 +619,12 @@ def distill(
                   record_fields=epochs.record_fields, desc=config.method)  # fmt: skip
     try:
         history, test = fit(stage, run.optimisation, run.schedule, run.dataset, device, config.seed, start_epoch,
-                            history, world, out / "metrics.jsonl", progress)  # fmt: skip
+                            history, world, out / "metrics.jsonl", progress, config.workers)  # fmt: skip
     finally:
         run.source.close()
+        run.images.close()
     if test is None:  # resumed a run that had already finished
-        test = evaluate(run.distiller.student, run.dataset, "test", device)
+        test = evaluate(run.distiller.student, run.dataset, "test", device, workers=config.workers)
     world.check_identical(run.distiller, "the student, adapters and discriminators")
     summary = {"test": test, "history": history}
     if world.is_main:
@@ -630,7 +635,7 @@ def distill(
 @dataclass
 class DistillRun:
     """Everything a distillation run trains with, built once: the store and its dataset, the distiller and its
-    optimisers, the device-resident images and labels, the views to replay and the batch source."""
+    optimisers, the image source and the labels, the views to replay and the batch source of the targets."""
 
     config: DistillConfig
     world: World
@@ -643,13 +648,14 @@ class DistillRun:
     optimisation: Optimisation
     disc_optimizer: torch.optim.Optimizer | None
     schedule: Schedule
-    images: torch.Tensor
+    images: ImageSource
     labels: torch.Tensor
     views: list[int]
     view_params: dict[int, augment.ViewParams]
     recipe: augment.Recipe
     online: OnlineTeachers | None
     source: object
+    sizes: torch.Tensor  # each row's source (H, W), for fresh views
 
     def restore(self, state: dict | None) -> tuple[int, list[dict]]:
         """Load a saved state (see :meth:`save_state`); the epoch to start from and the history so far."""
@@ -730,7 +736,9 @@ def build_run(
     d_opt = torch.optim.Adam(d_params, lr=config.disc_lr, betas=(0.5, 0.999)) if d_params else None
     optimisation = Optimisation(s_opt, precision.grad_scaler(),
                                 lambda: world.average_gradients(distiller.adapters.parameters()))  # fmt: skip
-    images, labels = device_images(dataset.split(store.dataset["split"]), device)
+    split = dataset.split(store.dataset["split"])
+    images = split.open(device, config.workers)
+    labels = split.labels.to(device, non_blocking=True)
     if config.refine_labels:
         labels = _refined_labels(config, labels, device, progress)
     views = store.augmented_views or [store.identity_view]
@@ -740,6 +748,7 @@ def build_run(
         schedule=Schedule.of(config, len(labels)), images=images, labels=labels, views=views,
         view_params={v: store.view_params(v) for v in set(views)},
         recipe=augment.recipe_for(store.dataset["recipe"], dataset.image_size),
+        sizes=store.source_sizes() if store.source_sizes() is not None else split.source_sizes(config.workers),
         online=OnlineTeachers(config, store, dataset, precision) if config.online else None,
         source=make_batch_source(config, store, distiller.needed_keys(), device),
     )  # fmt: skip
@@ -767,7 +776,6 @@ class DistillEpochs:
     def __init__(self, run: DistillRun) -> None:
         self.run = run
         self.chooser: torch.Generator | None = None
-        self.params: augment.ViewParams | None = None
 
     def view(self, epoch: int) -> int:
         return self.run.views[epoch % len(self.run.views)]
@@ -775,30 +783,36 @@ class DistillEpochs:
     def record_fields(self, epoch: int) -> dict:
         return {"view": "fresh" if self.run.config.fresh_views else self.view(epoch)}
 
-    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, dict | None]]:
-        run, config = self.run, self.run.config
+    def batches(self, epoch: int) -> Iterator[tuple[tuple[torch.Tensor, dict | None], torch.Tensor]]:
+        """The epoch's ``((rows, targets), pixels)``: rows and targets from the store's batch source, the pixels
+        of those rows in this epoch's view from the image source. Under torchrun each rank asks only for its
+        share of every batch, so it decodes only its own rows."""
+        run, config, world = self.run, self.run.config, self.run.world
         self.chooser = epoch_generator(config.seed, epoch, Stream.TEACHER_CHOICE)
         if config.fresh_views:
             generator = epoch_generator(config.seed, epoch, Stream.FRESH_VIEWS)
-            self.params = augment.draw(run.recipe, len(run.labels), run.dataset.image_size, generator)
+            params = augment.draw(run.recipe, run.sizes, generator)
         else:
-            self.params = run.view_params[self.view(epoch)]
+            params = run.view_params[self.view(epoch)]
         next_view = self.view(epoch + 1) if epoch + 1 < config.epochs else None
-        return run.source.epoch(epoch, self.view(epoch), next_view)
 
-    def step(self, batch: tuple[torch.Tensor, dict | None]) -> StepOutput:
+        def requests() -> Iterator[tuple[torch.Tensor, augment.ViewParams, tuple[torch.Tensor, dict | None]]]:
+            for rows, targets in run.source.epoch(epoch, self.view(epoch), next_view):
+                if world.enabled:  # this rank's share of the global batch
+                    rows = rows[world.rank :: world.size]
+                    targets = targets and {key: value[world.rank :: world.size] for key, value in targets.items()}
+                yield rows, params[rows], (rows, targets)
+
+        return run.images.pixels(requests())
+
+    def step(self, batch: tuple[tuple[torch.Tensor, dict | None], torch.Tensor]) -> StepOutput:
         run, world, distiller = self.run, self.run.world, self.run.distiller
-        rows, targets = batch
-        if world.enabled:  # this rank's share of the global batch
-            rows = rows[world.rank :: world.size]
-            targets = targets and {key: value[world.rank :: world.size] for key, value in targets.items()}
+        (rows, targets), pixels = batch
         rows_dev = rows.to(run.device, non_blocking=True)
-        params = self.params[rows]
-        inputs = augment.apply(run.images[rows_dev], params, run.dataset.mean, run.dataset.std,
-                               channels_last=run.precision.channels_last)  # fmt: skip
+        inputs = augment.normalise(pixels, run.dataset.mean, run.dataset.std, run.precision.channels_last)
         selected = _selection(run.config, distiller.teachers, self.chooser)
         if run.online is not None:
-            targets = run.online.targets(run.images[rows_dev], params, selected)
+            targets = run.online.targets(pixels, selected)
         labels = run.labels[rows_dev]
         with run.precision.autocast():
             out = distiller(inputs, targets, labels, selected, run.run_student)
@@ -819,4 +833,7 @@ def _refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:
 
 
 def _config_json(config: DistillConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    """The recorded config: everything but how many processes decode, which changes no result."""
+    recorded = dataclasses.asdict(config)
+    recorded.pop("workers")
+    return json.loads(json.dumps(recorded))

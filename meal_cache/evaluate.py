@@ -16,7 +16,7 @@ from torch import nn
 
 from meal_cache import augment
 from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
-from meal_cache.data import ImageDataset, Split, load_dataset
+from meal_cache.data import AnySplit, ImageDataset, load_dataset
 from meal_cache.errors import UserError
 from meal_cache.losses import soft_targets
 from meal_cache.runtime import Precision, resolve_device
@@ -27,23 +27,29 @@ ECE_BINS = 15
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module,
-    images: torch.Tensor,
+    part: AnySplit,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     device: torch.device,
     batch_size: int = 512,
+    workers: int | None = None,
 ) -> torch.Tensor:
-    """Logits (float32, on the CPU) of the un-augmented ``images`` (uint8, any device)."""
+    """Logits (float32, on the CPU) of the evaluation view of every row of ``part``: the whole image in memory,
+    the central 224/256 of a file's shorter side resized to the output size (torchvision's resize / centre crop)."""
     precision = Precision(device)
     was_training = model.training
     model.eval()
     outputs = []
+    params = part.eval_view(workers)
+    source = part.open(device, workers)
+    requests = ((rows, params[rows], None) for rows in torch.arange(len(part)).split(batch_size))
     try:
-        for chunk in images.split(batch_size):
-            batch = augment.normalise(chunk.to(device, non_blocking=True), mean, std, precision.channels_last)
+        for _, pixels in source.pixels(requests):
+            batch = augment.normalise(pixels, mean, std, precision.channels_last)
             with precision.autocast():
                 outputs.append(model(batch).float().cpu())
     finally:
+        source.close()
         model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
 
@@ -101,11 +107,12 @@ def evaluate(
     split: str = "test",
     device: torch.device | None = None,
     batch_size: int = 512,
+    workers: int | None = None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on a split of ``dataset``, seen without augmentation."""
     device = device or next(model.parameters()).device
     part = dataset.split(split)
-    logits = predict_logits(model, part.images, dataset.mean, dataset.std, device, batch_size)
+    logits = predict_logits(model, part, dataset.mean, dataset.std, device, batch_size, workers)
     return classification_metrics(logits, part.labels)
 
 
@@ -119,14 +126,18 @@ class CheckpointResult:
 
 
 def evaluate_payload(
-    payload: dict, part: Split, device: torch.device, ensemble: torch.Tensor | None = None
+    payload: dict,
+    part: AnySplit,
+    device: torch.device,
+    ensemble: torch.Tensor | None = None,
+    workers: int | None = None,
 ) -> CheckpointResult:
     """The network a checkpoint records, on the un-augmented images of ``part``: top-1, top-5, NLL and ECE, and
     given the teachers' ensemble probabilities on the same images, the fidelity to it and the KL from it. The one
     way from a checkpoint to its metrics, for ``meal-cache evaluate`` and the pipeline's report alike."""
     model = model_from_checkpoint(payload, device)
-    logits = predict_logits(model, part.images, tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]),
-                            device)  # fmt: skip
+    logits = predict_logits(model, part, tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]), device,
+                            workers=workers)  # fmt: skip
     metrics = classification_metrics(logits, part.labels)
     metrics["ece"] = expected_calibration_error(logits, part.labels)
     if ensemble is not None:
@@ -136,7 +147,12 @@ def evaluate_payload(
 
 
 def _teacher_logits_from_checkpoints(
-    teachers: list[str], part: Split, target: torch.device, num_classes: int, checkpoint: str
+    teachers: list[str],
+    part: AnySplit,
+    target: torch.device,
+    num_classes: int,
+    checkpoint: str,
+    workers: int | None = None,
 ) -> list[torch.Tensor]:
     outputs = []
     for teacher in teachers:
@@ -145,8 +161,9 @@ def _teacher_logits_from_checkpoints(
             raise UserError(f"teacher '{teacher}' predicts {teacher_payload['num_classes']} classes, "
                             f"'{checkpoint}' {num_classes}")  # fmt: skip
         teacher_input = teacher_payload["input"]
-        outputs.append(predict_logits(model_from_checkpoint(teacher_payload, target), part.images,
-                                      tuple(teacher_input["mean"]), tuple(teacher_input["std"]), target))  # fmt: skip
+        model = model_from_checkpoint(teacher_payload, target)
+        outputs.append(predict_logits(model, part, tuple(teacher_input["mean"]), tuple(teacher_input["std"]), target,
+                                      workers=workers))  # fmt: skip
     return outputs
 
 
@@ -178,6 +195,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     teachers: list[str] | None = None,
     store: str | None = None,
+    workers: int | None = None,
 ) -> dict:
     """Evaluate a checkpoint on ``data`` (default: the dataset it was trained on, as it recorded it): top-1,
     top-5, NLL and ECE, and with teacher checkpoints (``teachers``) or a store of the same split with an identity
@@ -206,9 +224,10 @@ def evaluate_checkpoint(
     if store:
         teacher_logits, teacher_names = _teacher_logits_from_store(store, dataset, split)
     if teachers:
-        teacher_logits = _teacher_logits_from_checkpoints(teachers, part, target, payload["num_classes"], checkpoint)
+        teacher_logits = _teacher_logits_from_checkpoints(teachers, part, target, payload["num_classes"], checkpoint,
+                                                          workers)  # fmt: skip
     ensemble = ensemble_probabilities(teacher_logits) if teacher_logits is not None else None
-    metrics = evaluate_payload(payload, part, target, ensemble).metrics
+    metrics = evaluate_payload(payload, part, target, ensemble, workers).metrics
     same_data = dataset.fingerprint(split) == recorded["fingerprint"].get(split)
     return {
         "checkpoint": str(checkpoint),

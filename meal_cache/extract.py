@@ -1,10 +1,12 @@
 """Stage 1: run every teacher exactly once over V replayable views of a dataset split and fill the store.
 
-For each teacher, view and chunk of rows: the chunk's images get the view's stored augmentation on the device,
-the teacher runs once in eval mode under ``torch.inference_mode`` (AMP and channels_last on CUDA) with forward
-hooks on its blocks, and the logits, pooled blocks and channel-mean maps go to a background writer that
-compresses and writes the whole chunk, then marks it done. A killed extract, run again with the same settings,
-skips the chunks marked done and ends with the same store as an uninterrupted run.
+For each view and chunk of rows: the source renders the chunk's images as the view's stored parameters say (on
+the device for in-memory data, in decoding workers for image files: each image is decoded once per view for all
+teachers), every teacher that has not yet done the chunk runs once in eval mode under ``torch.inference_mode``
+(AMP and channels_last on CUDA) with forward hooks on its blocks, and the logits, pooled blocks and channel-mean
+maps go to a background writer that compresses and writes the whole chunk, then marks it done. A killed extract,
+run again with the same settings, skips the chunks marked done and ends with the same store as an uninterrupted
+run.
 
 Under ``torchrun`` every rank runs this function: rank 0 creates the store, every rank takes the chunks whose
 index ``c`` has ``c % world_size == rank`` (whole chunks, so no two ranks write one), and after a barrier rank 0
@@ -14,20 +16,21 @@ records the teachers' accuracy and marks the store complete.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from meal_cache import augment
 from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.distributed import World, init_world
 from meal_cache.errors import SettingsMismatch, UserError
-from meal_cache.runtime import Precision, device_images
+from meal_cache.loop import check_workers
+from meal_cache.runtime import Precision
 from meal_cache.store import (
     FEATURE_KINDS,
     StoreLayout,
@@ -66,6 +69,7 @@ class ExtractConfig:
     rows_per_chunk: int = 512
     teacher_dir: str = "teachers"
     device: str = "auto"
+    workers: int | None = None  # decoding processes for image files (None: from the core count)
 
     def validate(self) -> None:
         if not self.teachers:
@@ -81,12 +85,13 @@ class ExtractConfig:
             raise UserError(f"--features takes {', '.join(FEATURE_KINDS)}, got {','.join(self.features)}")
         if self.batch_size < 1 or self.rows_per_chunk < 1:
             raise UserError("--batch-size and --rows-per-chunk must be at least 1")
+        check_workers(self.workers)
 
 
 def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teacher]) -> dict:
     """What must be equal for an existing store to be resumed rather than refused."""
     recorded = asdict(config)
-    for transient in ("device", "batch_size", "data_root", "download", "teacher_dir"):
+    for transient in ("device", "batch_size", "data_root", "download", "teacher_dir", "workers"):
         recorded.pop(transient)
     recorded["fingerprint"] = dataset.fingerprint(config.split)
     recorded["teacher_checkpoints"] = {t.spec.key: t.spec.checkpoint_sha256 for t in teachers}
@@ -141,43 +146,82 @@ def _run_teachers(
     world: World,
     progress: bool,
 ) -> None:
-    """This rank's share of every (teacher, view, chunk) not yet done, written by a background writer."""
-    features = tuple(config.features)
-    images, _ = device_images(dataset.split(config.split), device)
-    views = [store.view_params(v) for v in range(store.num_views)]
+    """This rank's share of every (view, chunk) some teacher has not done, written by a background writer."""
+    for teacher in teachers:
+        teacher.model = precision.prepare(teacher.model)
+    done = {t.spec.key: _progress_marks(store, t.spec.key) for t in teachers}
+    source = dataset.split(config.split).open(device, config.workers)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-writer") as writer:
         pending: deque[Future] = deque()
         try:
-            for teacher in teachers:
-                model = precision.prepare(teacher.model)
-                done = _progress_marks(store, teacher.spec.key)
-                for view, params in enumerate(views):
-                    todo = [c for c in range(world.rank, store.n_chunks, world.size) if not done[view, c]]
-                    bar = tqdm(
-                        total=sum(_chunk_len(store, c) for c in todo),
-                        desc=f"{teacher.spec.key} view {view + 1}/{len(views)}",
-                        unit="img",
-                        leave=False,
-                        disable=not progress,
-                    )
-                    for chunk in todo:
-                        rows = store.chunk_rows(chunk)
-                        try:
-                            arrays = _run_chunk(teacher, model, images, params, rows, features, config, precision)
-                        except NonFiniteOutput as err:
-                            # Raised before the chunk reaches the writer: it is never marked done.
-                            where = _view_name(store, view)
-                            raise UserError(err.explain(teacher.spec.key, where, rows, config, precision)) from None
-                        pending.append(writer.submit(store.write_rows, teacher.spec.key, view, chunk, arrays))
-                        while len(pending) > MAX_PENDING_WRITES:
-                            pending.popleft().result()
-                        bar.update(rows.stop - rows.start)
-                    bar.close()
-                teacher.model = model.cpu()
+            for view in range(store.num_views):
+                todo = [c for c in range(world.rank, store.n_chunks, world.size)
+                        if not all(marks[view, c] for marks in done.values())]  # fmt: skip
+                bar = tqdm(total=sum(_chunk_len(store, c) for c in todo), desc=f"view {view + 1}/{store.num_views}",
+                           unit="img", leave=False, disable=not progress)  # fmt: skip
+                params = store.view_params(view)
+                chunks = _chunk_outputs(source, teachers, params, store, todo, done, view, config, precision)
+                for chunk, outputs in chunks:
+                    for key, arrays in outputs.items():
+                        pending.append(writer.submit(store.write_rows, key, view, chunk, arrays))
+                    while len(pending) > MAX_PENDING_WRITES:
+                        pending.popleft().result()
+                    bar.update(_chunk_len(store, chunk))
+                bar.close()
         finally:
+            source.close()
             # Whatever happens, chunks already handed to the writer are finished (or their error raised).
             while pending:
                 pending.popleft().result()
+    for teacher in teachers:
+        teacher.model = teacher.model.cpu()
+
+
+@torch.inference_mode()
+def _chunk_outputs(source, teachers: list[Teacher], params: augment.ViewParams, store: TeacherStore, chunks: list[int],
+                   done: dict[str, np.ndarray], view: int, config: ExtractConfig,
+                   precision: Precision) -> Iterator[tuple[int, dict[str, dict]]]:  # fmt: skip
+    """Per chunk, the store arrays of every teacher that has not done it, from mini-batches of ``batch_size`` rows
+    (a fixed split, so a resumed chunk is bit-equal). A chunk whose outputs are not finite raises a UserError
+    before it reaches the writer, so it is never marked done."""
+
+    def requests() -> Iterator[tuple[torch.Tensor, augment.ViewParams, tuple[int, slice, bool]]]:
+        for chunk in chunks:
+            rows = store.chunk_rows(chunk)
+            for start in range(rows.start, rows.stop, config.batch_size):
+                stop = min(rows.stop, start + config.batch_size)
+                yield torch.arange(start, stop), params[start:stop], (chunk, rows, stop == rows.stop)
+
+    features = tuple(config.features)
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for (chunk, rows, last), pixels in source.pixels(requests()):
+        for teacher in teachers:
+            key = teacher.spec.key
+            if not done[key][view, chunk]:
+                outputs = teacher_outputs(teacher, pixels, features, precision)
+                for name, value in outputs.items():
+                    parts.setdefault(key, {}).setdefault(name, []).append(value.to(torch.float32).cpu())
+        if last:
+            arrays, refused = {}, None
+            for key, teacher_parts in parts.items():
+                try:
+                    arrays[key] = _store_arrays(teacher_parts, config)
+                except NonFiniteOutput as err:
+                    refused = refused or err.explain(key, _view_name(store, view), rows, config, precision)
+            parts = {}
+            yield chunk, arrays  # the other teachers' arrays of the chunk are written before the refusal
+            if refused:
+                raise UserError(refused)
+
+
+def _store_arrays(parts: dict[str, list[torch.Tensor]], config: ExtractConfig) -> dict[str, np.ndarray]:
+    """A chunk's outputs cast to the store's dtype, refused (:class:`NonFiniteOutput`) when not finite."""
+    raw = {key: torch.cat(values).numpy() for key, values in parts.items()}
+    dtype = np.dtype(config.dtype)
+    with np.errstate(over="ignore"):  # an overflow is reported below, by name, not as a numpy warning
+        arrays = {key: value.astype(dtype) for key, value in raw.items()}
+    _check_finite(raw, arrays, config)
+    return arrays
 
 
 def _progress_marks(store: TeacherStore, teacher: str) -> np.ndarray:
@@ -192,32 +236,6 @@ def _progress_marks(store: TeacherStore, teacher: str) -> np.ndarray:
 def _chunk_len(store: TeacherStore, chunk: int) -> int:
     rows = store.chunk_rows(chunk)
     return rows.stop - rows.start
-
-
-@torch.inference_mode()
-def _run_chunk(
-    teacher: Teacher,
-    model: nn.Module,
-    images: torch.Tensor,
-    params: augment.ViewParams,
-    rows: slice,
-    features: tuple[str, ...],
-    config: ExtractConfig,
-    precision: Precision,
-) -> dict[str, np.ndarray]:
-    """A chunk's outputs in mini-batches of ``batch_size`` (a fixed split, so a resumed chunk is bit-equal)."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(rows.start, rows.stop, config.batch_size):
-        stop = min(rows.stop, start + config.batch_size)
-        outputs = teacher_outputs(teacher, images[start:stop], params[start:stop], features, precision)
-        for key, value in outputs.items():
-            parts.setdefault(key, []).append(value.to(torch.float32).cpu())
-    raw = {key: torch.cat(values).numpy() for key, values in parts.items()}
-    dtype = np.dtype(config.dtype)
-    with np.errstate(over="ignore"):  # an overflow is reported below, by name, not as a numpy warning
-        arrays = {key: value.astype(dtype) for key, value in raw.items()}
-    _check_finite(raw, arrays, config)
-    return arrays
 
 
 class NonFiniteOutput(Exception):
@@ -305,11 +323,10 @@ def _open_or_create(
     recipe = augment.recipe_for(dataset.recipe, dataset.image_size)
     split = dataset.split(config.split)
     n = len(split)
-    views = [
-        augment.draw(recipe, n, dataset.image_size, augment.view_generator(config.seed, v)) for v in range(config.views)
-    ]
+    sizes = split.source_sizes(config.workers)
+    views = [augment.draw(recipe, sizes, augment.view_generator(config.seed, v)) for v in range(config.views)]
     if config.identity_view:
-        views.append(augment.identity(n, dataset.image_size))
+        views.append(augment.identity(sizes, recipe))
     description = dataset.describe()
     dataset_attrs = {
         **{
@@ -335,6 +352,7 @@ def _open_or_create(
         labels=split.labels,
         views=views,
         views_info=views_info,
+        source_sizes=sizes if dataset.streamed else None,
         teachers=[t.spec for t in teachers],
         layout=layout,
         settings=settings,

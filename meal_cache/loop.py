@@ -62,6 +62,12 @@ def check_number(name: str, value: float, low: float | None = None, high: float 
         raise UserError(f"{option} must be {'<' if high_open else '<='} {high:g}, got {value:g}")
 
 
+def check_workers(workers: int | None) -> None:
+    """``--workers``: None (from the core count) or a whole number of decoding processes, 0 for none."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise UserError(f"--workers must be 0 or more decoding processes, got {workers!r}")
+
+
 def check_optimisation(config) -> None:
     """The settings every training stage shares: epochs, batch size, SGD and its schedule."""
     if config.schedule not in SCHEDULES:
@@ -278,6 +284,7 @@ def fit(
     world: World | None = None,
     metrics_path: Path | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> tuple[list[dict], dict | None]:
     """Epochs ``start_epoch`` to ``schedule.epochs``: train, evaluate on the test split, record, save (on rank 0
     only under ``torchrun``). Returns the history and the last epoch's test metrics (None when none ran)."""
@@ -293,7 +300,7 @@ def fit(
         desc = f"{prefix}epoch {epoch + 1}/{schedule.epochs}"
         record.update(run_epoch(stage.step, stage.batches(epoch), optimisation, schedule, epoch, world, desc,
                                 progress and world.is_main))  # fmt: skip
-        test = evaluate(stage.model, dataset, "test", device)
+        test = evaluate(stage.model, dataset, "test", device, workers=workers)
         record.update({"test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"]})
         record["seconds"] = time.perf_counter() - started
         history.append(record)

@@ -8,6 +8,8 @@ Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
     labels                         (N,)               int64
     views/crop                     (V, N, 4)          int16   y0, x0, h, w
     views/flip                     (V, N)             bool
+    views/source_size              (N, 2)             int32   H, W of each source image (image files only: the
+                                                               boxes are in each image's own coordinates)
     teachers/NAME/logits           (V, N, C)          float16
     teachers/NAME/blocks/B         (V, N, C_B, g, g)  float16  block output average-pooled to a g x g grid
     teachers/NAME/maps/B           (V, N, H_B, W_B)   float16  channel mean of the block output (MEAL's form)
@@ -224,6 +226,7 @@ def create_store(
     teachers: list[TeacherSpec],
     layout: StoreLayout,
     settings: dict,
+    source_sizes: torch.Tensor | None = None,
 ) -> TeacherStore:
     """Create every array and attribute of a new store (replacing ``path``), with labels and views written.
 
@@ -267,6 +270,9 @@ def create_store(
     flip = group.create_array("views/flip", shape=(count, n), chunks=(1, rows), dtype="bool", **exact)
     crop[:] = torch.stack([v.crop for v in views]).numpy()
     flip[:] = torch.stack([v.flip for v in views]).numpy()
+    if source_sizes is not None:
+        group.create_array("views/source_size", shape=(n, 2), chunks=(rows, 2), dtype="int32",
+                           **exact)[:] = source_sizes.numpy()  # fmt: skip
     n_chunks = math.ceil(n / rows)
 
     def output_array(key: str, shape: tuple[int, ...]) -> None:
@@ -387,6 +393,12 @@ class TeacherStore:
         crop = torch.from_numpy(self.group["views/crop"][view])
         flip = torch.from_numpy(self.group["views/flip"][view])
         return ViewParams(crop, flip)
+
+    def source_sizes(self) -> torch.Tensor | None:
+        """Each row's source (H, W) when the store was extracted from image files, else None."""
+        if "views/source_size" not in self.group:
+            return None
+        return torch.from_numpy(self.group["views/source_size"][:])
 
     def logits(self, teacher: str, view: int) -> np.ndarray:
         return self.group[f"teachers/{teacher}/logits"][view]

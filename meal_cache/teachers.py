@@ -122,13 +122,13 @@ def resolve_teacher(
 @torch.no_grad()
 def teacher_outputs(
     teacher: Teacher,
-    images: torch.Tensor,
-    params: augment.ViewParams,
+    pixels: torch.Tensor,
     features: tuple[str, ...],
     precision: Precision,
 ) -> dict[str, torch.Tensor]:
-    """One forward of the teacher over replayed images: logits and, per block, the pooled output and the map."""
-    batch = augment.apply(images, params, teacher.mean, teacher.std, channels_last=precision.channels_last)
+    """One forward of the teacher over a replayed view's ``pixels`` (float 0-255 from a source, see
+    :mod:`meal_cache.source`): logits and, per block, the pooled output and the map."""
+    batch = augment.normalise(pixels, teacher.mean, teacher.std, channels_last=precision.channels_last)
     names = [b.name for b in teacher.spec.blocks]
     with BlockTap(teacher.model, names) as tap, precision.autocast():
         logits = teacher.model(batch)

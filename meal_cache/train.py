@@ -25,6 +25,7 @@ from meal_cache.loop import (
     Stream,
     check_number,
     check_optimisation,
+    check_workers,
     epoch_generator,
     fit,
     make_optimizer,
@@ -32,7 +33,7 @@ from meal_cache.loop import (
     shuffled_batches,
 )
 from meal_cache.models import create_model
-from meal_cache.runtime import Precision, device_images, resolve_device, seed_everything
+from meal_cache.runtime import Precision, resolve_device, seed_everything
 
 
 @dataclass
@@ -54,11 +55,19 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     device: str = "auto"
+    workers: int | None = None  # decoding processes for image files (None: from the core count); not recorded
 
     def validate(self) -> None:
         """Refuse every choice and number outside what training accepts, before anything runs."""
         check_optimisation(self)
         check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
+        check_workers(self.workers)
+
+    def recorded(self) -> dict:
+        """The config as checkpoints record it: everything but how many processes decode."""
+        recorded = dataclasses.asdict(self)
+        recorded.pop("workers")
+        return recorded
 
 
 def train_supervised(
@@ -76,7 +85,7 @@ def train_supervised(
     """
     config.validate()
     out = Path(out)
-    state = resume_state(out, out, dataclasses.asdict(config), resume, overwrite, out.exists(),
+    state = resume_state(out, out, config.recorded(), resume, overwrite, out.exists(),
                          f"'{out}' exists; pass --resume to continue it or --overwrite to replace it")  # fmt: skip
     device = resolve_device(config.device)
     precision = Precision(device)
@@ -91,35 +100,37 @@ def train_supervised(
         model.load_state_dict(state["model"])
         optimisation.load_state_dict(state)
         history, start_epoch = list(state["history"]), int(state["epoch"])
-    images, labels = device_images(dataset.train, device)
+    source = dataset.train.open(device, config.workers)
+    labels = dataset.train.labels.to(device, non_blocking=True)
+    sizes = dataset.train.source_sizes(config.workers)
     recipe = augment.recipe_for(dataset.recipe, dataset.image_size)
     saved_payload = state
 
-    def batches(epoch: int) -> Iterable[tuple[torch.Tensor, augment.ViewParams]]:
-        params = augment.draw(recipe, len(labels), dataset.image_size,
-                              epoch_generator(config.seed, epoch, Stream.AUGMENTATION))  # fmt: skip
-        for rows in shuffled_batches(len(labels), config.batch_size, config.seed, epoch):
-            yield rows, params[rows]
+    def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        params = augment.draw(recipe, sizes, epoch_generator(config.seed, epoch, Stream.AUGMENTATION))
+        rows = shuffled_batches(len(labels), config.batch_size, config.seed, epoch)
+        return source.pixels((batch, params[batch], batch) for batch in rows)
 
-    def step(batch: tuple[torch.Tensor, augment.ViewParams]) -> StepOutput:
-        rows, params = batch
-        rows_dev = rows.to(device, non_blocking=True)
-        inputs = augment.apply(images[rows_dev], params, dataset.mean, dataset.std,
-                               channels_last=precision.channels_last)  # fmt: skip
-        target = labels[rows_dev]
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
+        rows, pixels = batch
+        inputs = augment.normalise(pixels, dataset.mean, dataset.std, precision.channels_last)
+        target = labels[rows.to(device, non_blocking=True)]
         with precision.autocast():
             logits = model(inputs)
             loss = F.cross_entropy(logits, target, label_smoothing=config.label_smoothing)
         return StepOutput(logits, target, {"loss": loss})
 
     def save(epoch: int, history: list[dict], test: dict) -> None:
-        payload = model_payload(model, config.arch, dataset, dataclasses.asdict(config), epoch, history, test)
+        payload = model_payload(model, config.arch, dataset, config.recorded(), epoch, history, test)
         payload.update(optimisation.state_dict())
         nonlocal saved_payload
         save_checkpoint(out, payload)
         saved_payload = payload
 
     stage = Stage(model=model, train_mode=model.train, step=step, batches=batches, save=save)
-    fit(stage, optimisation, Schedule.of(config, len(labels)), dataset, device, config.seed, start_epoch, history,
-        progress=progress)  # fmt: skip
+    try:
+        fit(stage, optimisation, Schedule.of(config, len(labels)), dataset, device, config.seed, start_epoch, history,
+            progress=progress, workers=config.workers)  # fmt: skip
+    finally:
+        source.close()
     return saved_payload

@@ -96,12 +96,13 @@ def test_imagefolder_reads_resizes_and_checks_classes(tmp_path):
             for i in range(count):
                 pixels = rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
-    data = load_dataset(f"imagefolder:{tmp_path}", image_size=16)
+    data = load_dataset(f"imagefolder:{tmp_path}?in_memory=1", image_size=16)
     assert data.train.images.shape == (6, 3, 16, 16) and data.test.images.shape == (4, 3, 16, 16)
     assert data.classes == ("ants", "bees") and data.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert not data.streamed and load_dataset(f"imagefolder:{tmp_path}").streamed
     (tmp_path / "val" / "wasps").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "val" / "wasps" / "0.png")
-    with pytest.raises(UserError, match="has classes"):
+    with pytest.raises(UserError, match="wasps that train/ lacks"):
         load_dataset(f"imagefolder:{tmp_path}")
 
 

@@ -129,7 +129,7 @@ def test_online_and_cached_first_step_agree(small_store, teacher_dir, digits):
             targets = {k: v[rows] for k, v in feed.get(0).items()}
             feed.close()
         else:
-            targets = OnlineTeachers(config, store, digits, precision).targets(images, params)
+            targets = OnlineTeachers(config, store, digits, precision).targets(augment.render(images, params))
         out = distiller(batch, targets, digits.train.labels[rows], distiller.teachers)
         named = {**out.losses, **distiller.adversarial_losses(out.adversarial)}
         results.append({k: float(v.detach()) for k, v in named.items()})
