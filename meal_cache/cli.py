@@ -398,6 +398,14 @@ def _floats(text: str) -> list[float]:
     help="With --refine-labels: the ensemble probability of another class that makes a row suspect.",
 )
 @click.option(
+    "--crops-per-image",
+    default=1,
+    show_default=True,
+    type=int,
+    help="FKD's multi-crop: each batch holds K cached views of batch-size / K images, so an image file is decoded "
+    "once for K crops (an epoch is then K views of every image). Needs K <= the store's views.",
+)
+@click.option(
     "--max-memory",
     default=None,
     help="Memory for cached targets, e.g. 4GB. Two whole views are held when they fit (the current one "

@@ -125,6 +125,8 @@ class DistillConfig:
     max_memory: str | None = None  # e.g. "2GB": stream chunks when two views of the targets do not fit
     device: str = "auto"
     workers: int | None = None  # decoding processes for image files (None: from the core count); not recorded
+    # FKD's multi-crop: each batch holds K cached views of batch_size / K images, decoded once for the K crops.
+    crops_per_image: int = 1
 
     def resolved(self) -> DistillConfig:
         """The config with every method default filled in and every choice and number checked."""
@@ -153,6 +155,7 @@ class DistillConfig:
             check_number(name, getattr(config, name), low=0.0)
         check_number("disc_lr", config.disc_lr, low=0.0, low_open=True)
         check_workers(config.workers)
+        _check_crops(config)
         check_number("refine_confidence", config.refine_confidence, low=0.0, high=1.0)
         if any(not math.isfinite(w) or w < 0 for w in config.block_weights):
             raise UserError(f"--block-weights must be numbers >= 0, got {config.block_weights}")
@@ -174,6 +177,17 @@ class DistillConfig:
             raise UserError("--refine-labels replaces hard labels, which only train with --hard-weight > 0 "
                             "(MEAL's refinement uses --hard-weight 1)")  # fmt: skip
         return config
+
+
+def _check_crops(config: DistillConfig) -> None:
+    crops = config.crops_per_image
+    if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
+        raise UserError(f"--crops-per-image must be at least 1, got {crops!r}")
+    if config.batch_size % crops:
+        raise UserError(f"--batch-size {config.batch_size} must be a multiple of --crops-per-image {crops} (a batch "
+                        f"holds {crops} crops of each of its images)")  # fmt: skip
+    if crops > 1 and config.online:
+        raise UserError("--crops-per-image replays cached views; the online reference (--online) takes one view")
 
 
 def _has_a_loss(config: DistillConfig, method: Method) -> bool:
@@ -273,6 +287,29 @@ class InMemoryBatches:
         self.feed.close()
 
 
+class MultiCropBatches:
+    """FKD's multi-crop: every batch holds ``crops`` views of each of its ``batch_size / crops`` rows, laid out
+    view by view, the targets of those views held whole in memory. Each image is then decoded once for its
+    ``crops`` crops."""
+
+    def __init__(self, feed: ViewFeed, n: int, batch_size: int, seed: int, crops: int) -> None:
+        self.feed, self.n, self.batch_size, self.seed, self.crops = feed, n, batch_size, seed, crops
+
+    def epoch(self, epoch: int, views: list[int],
+              next_views: list[int] | None) -> Iterator[tuple[torch.Tensor, dict, torch.Tensor]]:  # fmt: skip
+        """``(rows, targets, crop)`` per batch: ``crop[i]`` is which of ``views`` sample ``i`` is."""
+        cached = [self.feed.get(view) for view in views]
+        for view in next_views or []:
+            self.feed.prefetch(view)
+        for rows in shuffled_batches(self.n, self.batch_size // self.crops, self.seed, epoch):
+            rows_dev = rows.to(self.feed.device, non_blocking=True)
+            targets = {key: torch.cat([arrays[key][rows_dev] for arrays in cached]) for key in cached[0]}
+            yield rows.repeat(self.crops), targets, torch.arange(self.crops).repeat_interleave(len(rows))
+
+    def close(self) -> None:
+        self.feed.close()
+
+
 class StreamingBatches:
     """For views larger than memory: whole chunks in shuffled order, ``buffer_chunks`` at a time, rows shuffled
     within that buffer (the next buffer read in the background). Each epoch still sees every row once, in
@@ -351,6 +388,13 @@ def make_batch_source(config: DistillConfig, store: TeacherStore, keys: list[str
         return OnlineBatches(n, config.batch_size, config.seed)
     per_view = view_bytes(store, keys)
     limit = parse_bytes(config.max_memory) if config.max_memory else None
+    crops = config.crops_per_image
+    if crops > 1:
+        if limit is not None and 2 * crops * per_view > limit:
+            raise UserError(f"--crops-per-image {crops} needs the targets of {crops} views in memory (and the next "
+                            f"{crops}, prefetched): {2 * crops * per_view / 2**20:.0f} MB, more than --max-memory "
+                            f"{config.max_memory}")  # fmt: skip
+        return MultiCropBatches(ViewFeed(store, keys, device), n, config.batch_size, config.seed, crops)
     if limit is None or 2 * per_view <= limit:
         return InMemoryBatches(ViewFeed(store, keys, device), n, config.batch_size, config.seed)
     per_chunk = max(1, per_view // store.n_chunks)
@@ -742,10 +786,13 @@ def build_run(
     if config.refine_labels:
         labels = _refined_labels(config, labels, device, progress)
     views = store.augmented_views or [store.identity_view]
+    if config.crops_per_image > len(views):
+        raise UserError(f"--crops-per-image {config.crops_per_image} needs as many cached views; '{config.store}' has "
+                        f"{len(views)} (extract with --views {config.crops_per_image} or more)")  # fmt: skip
     return DistillRun(
         config=config, world=world, device=device, precision=precision, store=store, dataset=dataset,
         distiller=distiller, run_student=run_student, optimisation=optimisation, disc_optimizer=d_opt,
-        schedule=Schedule.of(config, len(labels)), images=images, labels=labels, views=views,
+        schedule=Schedule.of(config, len(labels) * config.crops_per_image), images=images, labels=labels, views=views,
         view_params={v: store.view_params(v) for v in set(views)},
         recipe=augment.recipe_for(store.dataset["recipe"], dataset.image_size),
         sizes=store.source_sizes() if store.source_sizes() is not None else split.source_sizes(config.workers),
@@ -780,8 +827,17 @@ class DistillEpochs:
     def view(self, epoch: int) -> int:
         return self.run.views[epoch % len(self.run.views)]
 
+    def epoch_views(self, epoch: int) -> list[int]:
+        """The views epoch ``epoch`` replays: view ``e mod V``, or with K crops per image views ``eK .. eK+K-1``
+        (mod V)."""
+        crops = self.run.config.crops_per_image
+        return [self.run.views[(epoch * crops + j) % len(self.run.views)] for j in range(crops)]
+
     def record_fields(self, epoch: int) -> dict:
-        return {"view": "fresh" if self.run.config.fresh_views else self.view(epoch)}
+        if self.run.config.fresh_views:
+            return {"view": "fresh"}
+        views = self.epoch_views(epoch)
+        return {"view": views[0] if len(views) == 1 else views}
 
     def batches(self, epoch: int) -> Iterator[tuple[tuple[torch.Tensor, dict | None], torch.Tensor]]:
         """The epoch's ``((rows, targets), pixels)``: rows and targets from the store's batch source, the pixels
@@ -789,19 +845,26 @@ class DistillEpochs:
         share of every batch, so it decodes only its own rows."""
         run, config, world = self.run, self.run.config, self.run.world
         self.chooser = epoch_generator(config.seed, epoch, Stream.TEACHER_CHOICE)
+        views = self.epoch_views(epoch)
         if config.fresh_views:
             generator = epoch_generator(config.seed, epoch, Stream.FRESH_VIEWS)
-            params = augment.draw(run.recipe, run.sizes, generator)
+            params = [augment.draw(run.recipe, run.sizes, generator)]
         else:
-            params = run.view_params[self.view(epoch)]
-        next_view = self.view(epoch + 1) if epoch + 1 < config.epochs else None
+            params = [run.view_params[view] for view in views]
+        last = epoch + 1 >= config.epochs
+        if config.crops_per_image > 1:
+            batches = run.source.epoch(epoch, views, None if last else self.epoch_views(epoch + 1))
+        else:
+            one_view = run.source.epoch(epoch, views[0], None if last else self.view(epoch + 1))
+            batches = ((rows, targets, None) for rows, targets in one_view)
 
         def requests() -> Iterator[tuple[torch.Tensor, augment.ViewParams, tuple[torch.Tensor, dict | None]]]:
-            for rows, targets in run.source.epoch(epoch, self.view(epoch), next_view):
+            for rows, targets, crop in batches:
                 if world.enabled:  # this rank's share of the global batch
-                    rows = rows[world.rank :: world.size]
-                    targets = targets and {key: value[world.rank :: world.size] for key, value in targets.items()}
-                yield rows, params[rows], (rows, targets)
+                    share = slice(world.rank, None, world.size)
+                    rows, crop = rows[share], crop if crop is None else crop[share]
+                    targets = targets and {key: value[share] for key, value in targets.items()}
+                yield rows, _crop_params(params, rows, crop), (rows, targets)
 
         return run.images.pixels(requests())
 
@@ -821,6 +884,15 @@ class DistillEpochs:
         with run.precision.autocast():
             out.losses.update(distiller.adversarial_losses(out.adversarial))
         return StepOutput(out.logits, labels, out.losses, out.stats)
+
+
+def _crop_params(params: list[augment.ViewParams], rows: torch.Tensor, crop: torch.Tensor | None) -> augment.ViewParams:
+    """Each sample's parameters: of the one view, or of view ``crop[i]`` of ``params`` for sample ``i``."""
+    if crop is None:
+        return params[0][rows]
+    boxes = torch.stack([p.crop for p in params])[crop, rows]
+    flips = torch.stack([p.flip for p in params])[crop, rows]
+    return augment.ViewParams(boxes, flips)
 
 
 def _refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -158,3 +159,118 @@ def test_sizes_are_read_from_the_headers_by_workers(folder):
     assert sizes.dtype == torch.int32 and sizes.shape == (20, 2)
     assert 150 <= int(sizes.min()) and int(sizes.max()) <= 500
     assert not math.isclose(float(sizes[:, 0].float().std()), 0.0)
+
+
+# ------------------------------------------------------------------------------------ replay through the stages
+
+
+@pytest.fixture(scope="module")
+def streamed_run(folder, tmp_path_factory):
+    """Two teachers trained one epoch on the streamed folder at 32 px, for the replay tests."""
+    from meal_cache.train import TrainConfig, train_supervised
+
+    teachers = tmp_path_factory.mktemp("stream-teachers")
+    for arch in ("resnet8_w4", "densenet_k12"):
+        config = TrainConfig(arch=arch, data=f"imagefolder:{folder}", image_size=32, epochs=1, batch_size=8,
+                             device="cpu", workers=0)  # fmt: skip
+        train_supervised(config, teachers / f"{arch}.pt", progress=False)
+    return folder, teachers
+
+
+def _extract_recording(spec, teachers, out, monkeypatch, workers):
+    """Extract 3 views + the identity view of ``spec``; returns, per view, the pixels the first teacher was fed
+    for every row (captured at the teacher's forward)."""
+    from meal_cache import extract as extract_module
+    from meal_cache.extract import ExtractConfig, extract
+
+    fed: list[torch.Tensor] = []
+    real = extract_module.teacher_outputs
+
+    def recording(teacher, pixels, *args):
+        if teacher.spec.key == "resnet8_w4":
+            fed.append(pixels.clone())
+        return real(teacher, pixels, *args)
+
+    monkeypatch.setattr(extract_module, "teacher_outputs", recording)
+    config = ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], data=spec, image_size=32, views=3,
+                           identity_view=True, teacher_dir=str(teachers), rows_per_chunk=8, batch_size=4,
+                           device="cpu", workers=workers)  # fmt: skip
+    store = extract(config, out, progress=False)
+    monkeypatch.undo()
+    return store, torch.cat(fed).view(store.num_views, store.n, 3, 32, 32)
+
+
+@pytest.mark.parametrize(("option", "workers"), [("?in_memory=1", 0), ("", 0), ("", 2)])
+def test_distill_replays_the_pixels_and_targets_the_teachers_saw(streamed_run, tmp_path, monkeypatch, option,
+                                                                  workers):  # fmt: skip
+    from meal_cache import distill as distill_module
+    from meal_cache.distill import DistillConfig, distill
+
+    folder, teachers = streamed_run
+    path = tmp_path / "s.zarr"
+    store, fed = _extract_recording(f"imagefolder:{folder}{option}", teachers, path, monkeypatch, workers)
+    assert (store.source_sizes() is None) == bool(option)
+    seen = []
+    real_step = distill_module.DistillEpochs.step
+
+    def record(self, batch):
+        (rows, targets), pixels = batch
+        seen.append((rows.clone(), {k: v.clone() for k, v in targets.items()}, pixels.clone()))
+        return real_step(self, batch)
+
+    monkeypatch.setattr(distill_module.DistillEpochs, "step", record)
+    config = DistillConfig(store=str(path), student="resnet8_w4", method="kd", epochs=3, batch_size=8,
+                           device="cpu", workers=workers)  # fmt: skip
+    distill(config, tmp_path / "run", progress=False)
+    steps_per_epoch = store.n // 8
+    assert len(seen) == 3 * steps_per_epoch
+    logits = {view: torch.from_numpy(store.logits("resnet8_w4", view)) for view in range(3)}
+    for index, (rows, targets, pixels) in enumerate(seen):
+        view = index // steps_per_epoch  # epoch e replays view e mod 3
+        assert torch.equal(pixels, fed[view][rows]), (index, view)
+        assert torch.equal(targets["teachers/resnet8_w4/logits"].to(logits[view].dtype), logits[view][rows])
+    # Every row was seen in every epoch; the views differ, so replay is not one view thrice.
+    assert not torch.equal(fed[0], fed[1])
+
+
+def test_multi_crop_batches_hold_k_cached_views_of_each_image_from_one_decode(streamed_run, tmp_path, monkeypatch):
+    from meal_cache import distill as distill_module
+    from meal_cache import source as source_module
+    from meal_cache.distill import DistillConfig, distill
+
+    folder, teachers = streamed_run
+    path = tmp_path / "s.zarr"
+    store, fed = _extract_recording(f"imagefolder:{folder}", teachers, path, monkeypatch, 0)
+    seen, decoded = [], []
+    real_step, real_decode = distill_module.DistillEpochs.step, source_module.decode_rgb
+
+    def record(self, batch):
+        (rows, targets), pixels = batch
+        seen.append((rows.clone(), {k: v.clone() for k, v in targets.items()}, pixels.clone()))
+        return real_step(self, batch)
+
+    def counting_decode(file):
+        decoded.append(file)
+        return real_decode(file)
+
+    monkeypatch.setattr(distill_module.DistillEpochs, "step", record)
+    monkeypatch.setattr(source_module, "decode_rgb", counting_decode)
+    config = DistillConfig(store=str(path), student="resnet8_w4", method="kd", epochs=2, batch_size=6,
+                           crops_per_image=3, device="cpu", workers=0)  # fmt: skip
+    summary = distill(config, tmp_path / "run", progress=False)
+    assert [record["view"] for record in summary["history"]] == [[0, 1, 2], [0, 1, 2]]
+    assert len(seen) == 2 * (store.n // 2)  # batches of 2 images x 3 crops: an epoch is 3 views of every image
+    logits = torch.from_numpy(np.stack([store.logits("resnet8_w4", view) for view in range(3)]))
+    for rows, targets, pixels in seen:
+        images = rows[:2]
+        assert torch.equal(rows, images.repeat(3))
+        for crop in range(3):
+            block = slice(2 * crop, 2 * crop + 2)
+            assert torch.equal(pixels[block], fed[crop][images])
+            assert torch.equal(targets["teachers/resnet8_w4/logits"][block].to(logits.dtype), logits[crop][images])
+    train_decodes = [file for file in decoded if "/train/" in file]
+    assert len(train_decodes) == 2 * store.n  # once per image and epoch, not once per crop
+    with pytest.raises(UserError, match="needs as many cached views"):
+        distill(dataclasses.replace(config, crops_per_image=6, batch_size=12), tmp_path / "run6", progress=False)
+    with pytest.raises(UserError, match="multiple of --crops-per-image"):
+        distill(dataclasses.replace(config, batch_size=8), tmp_path / "run8", progress=False)
