@@ -3,16 +3,21 @@
 Every figure is a ratio (or a rate beside its baseline) measured here and now, each timing the median of
 repeats, so it holds on a noisy shared machine. Writes bench/results.json and prints a table.
 
-    python benchmarks/bench.py [--out bench/results.json] [--repeats 3]
+    python benchmarks/bench.py [--out bench/results.json] [--repeats 3] [--only digits|stream]
+
+`--only stream` runs only the streaming-image section (generated JPEG folders, about 6 minutes on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -244,14 +249,238 @@ def bench_lossy_accuracy(work: Path, digits: ImageDataset, seeds: tuple[int, ...
     }  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------- streaming images
+
+STREAM_TARGETS = {
+    "stream_extract_overhead": ("<=", 1.05),
+    "stream_cache_tax_kd": ("<=", 1.00),
+    "stream_multicrop_ratio": ("<=", 0.85),
+}
+STREAM_TEACHERS = ("resnet8_w4", "densenet_k12")
+STREAM_STUDENT = "resnet8_w4"
+STREAM_BATCH = 64  # extract and distill alike: CIFAR-style networks keep full resolution, 224 px batches are large
+STREAM_WORKERS = 1  # one decoding process beside the training process: the 2-core machine's split
+
+
+def image_folder(root: Path, classes: int, train: int, val: int, seed: int) -> Path:
+    """A generated ImageFolder of JPEGs, 150-500 px a side (the tests' helper, tests/imagefolder.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from imagefolder import make_image_folder
+
+    return make_image_folder(root, classes, train, val, sizes=(150, 500), seed=seed)
+
+
+def decoded_mb(root: Path) -> float:
+    """The decoded size of every image of the folder (train and val): the sum of H x W x 3 bytes."""
+    from PIL import Image
+
+    total = 0
+    for path in root.rglob("*.jpg"):
+        with Image.open(path) as image:
+            total += image.width * image.height * 3
+    return total / 1e6
+
+
+def plain_loader(folder: Path, train: bool, mean, std, shuffle: bool) -> torch.utils.data.DataLoader:
+    """What a user writes with torchvision: ImageFolder (PIL decoding), v2 transforms, a DataLoader."""
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    crop = ([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()] if train
+            else [v2.Resize(256, antialias=True), v2.CenterCrop(224)])  # fmt: skip
+    transform = v2.Compose([v2.PILToTensor(), *crop, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform=transform), batch_size=STREAM_BATCH,
+                                       shuffle=shuffle, num_workers=STREAM_WORKERS)  # fmt: skip
+
+
+def plain_extract(root: Path, teachers: list[torch.nn.Module], mean, std) -> None:
+    """The teachers' forward (eval, inference mode, no store) over one augmented pass of the training images."""
+    with torch.inference_mode():
+        for images, _ in plain_loader(root / "train", True, mean, std, shuffle=False):
+            for model in teachers:
+                model(images)
+
+
+def plain_epoch(root: Path, mean, std, seed: int = 0) -> float:
+    """One epoch of the student trained alone (SGD, cross-entropy, distill's optimiser settings), then its test
+    accuracy as distill's epoch ends: the seconds of both, as distill's history records them."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    model = create_model(STREAM_STUDENT, 10, 224)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for images, labels in plain_loader(root / "train", True, mean, std, shuffle=True):
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.inference_mode():
+        for images, _ in plain_loader(root / "val", False, mean, std, shuffle=False):
+            model(images)
+    return time.perf_counter() - started
+
+
+def stream_teachers(folder: Path, dataset: ImageDataset, archs=STREAM_TEACHERS) -> list[str]:
+    folder.mkdir(exist_ok=True)
+    for arch in archs:
+        untrained_teacher(folder, arch, arch, dataset)
+    return list(archs)
+
+
+def bench_stream_extract(work: Path, root: Path, repeats: int) -> dict:
+    """extract over a streamed 224 px ImageFolder (one view, both teachers) against the torchvision pipeline with
+    the same teachers' bare forward; each timing loads the folder afresh, as each run of either would."""
+    spec = f"imagefolder:{root}"
+    teacher_dir = work / "stream-teachers"
+    names = stream_teachers(teacher_dir, load_dataset(spec, image_size=224))
+    config = ExtractConfig(teachers=names, data=spec, image_size=224, views=1, batch_size=STREAM_BATCH,
+                           teacher_dir=str(teacher_dir), device="cpu", workers=STREAM_WORKERS)  # fmt: skip
+    data = load_dataset(spec, image_size=224)
+    models = [resolve_teacher(n, teacher_dir, data).model for n in names]
+    store = work / "stream.zarr"
+    plain_times, full_times = [], []
+    for _ in range(repeats):  # alternating, so drift in the machine's speed hits both alike
+        plain_times.append(median_time(lambda: plain_extract(root, models, data.mean, data.std), 1))
+        full_times.append(median_time(lambda: extract(config, store, overwrite=True, progress=False,
+                                                      dataset=load_dataset(spec, image_size=224)), 1))  # fmt: skip
+    plain_s, full_s = statistics.median(plain_times), statistics.median(full_times)
+    images = len(names) * len(data.train)
+    return {"stream_images": len(data.train), "stream_extract_s": full_s, "plain_extract_s": plain_s,
+            "stream_extract_overhead": full_s / plain_s, "stream_extract_images_per_s": images / full_s,
+            "plain_extract_images_per_s": images / plain_s}  # fmt: skip
+
+
+def bench_stream_cache_tax(work: Path, root: Path, store: Path, repeats: int) -> dict:
+    """One distill epoch (kd, meal) from the streamed store against one epoch of the same student trained alone
+    with the torchvision pipeline (same workers, batch size, test pass at the end); alternating rounds."""
+    data = load_dataset(f"imagefolder:{root}", image_size=224)
+    seconds: dict[str, list[float]] = {"alone": [], "kd": [], "meal": []}
+    for _ in range(repeats):
+        seconds["alone"].append(plain_epoch(root, data.mean, data.std))
+        for method in ("kd", "meal"):
+            # meal matches the last 2 blocks: the student's first map is 224x224 at 224 px, and its MLP
+            # discriminator (50,176 -> 25,088 -> ...) would hold 1.26 G parameters (20 GB with Adam's state).
+            config = DistillConfig(store=str(store), student=STREAM_STUDENT, method=method, epochs=1,
+                                   batch_size=STREAM_BATCH, device="cpu", workers=STREAM_WORKERS,
+                                   match_blocks=2 if method == "meal" else None)  # fmt: skip
+            run = distill(config, work / f"stream-{method}", overwrite=True, progress=False, dataset=data)
+            seconds[method].append(run["history"][0]["seconds"])
+    alone_s, kd_s, meal_s = (statistics.median(seconds[k]) for k in ("alone", "kd", "meal"))
+    return {"stream_alone_epoch_s": alone_s, "stream_kd_epoch_s": kd_s, "stream_meal_epoch_s": meal_s,
+            "stream_cache_tax_kd": kd_s / alone_s, "stream_cache_tax_meal": meal_s / alone_s}  # fmt: skip
+
+
+def bench_stream_multicrop(work: Path, root: Path, repeats: int) -> dict:
+    """Seconds per trained sample of a kd epoch with 4 crops of each decoded image against 1 (a 4-view store of
+    one teacher; the crops-4 epoch has 4x the samples of the crops-1 one, and one test pass each)."""
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    if "crops_per_image" not in fields:
+        return {
+            "stream_multicrop_ratio": None,
+            "stream_multicrop_note": "not available: no DistillConfig.crops_per_image",
+        }
+    spec = f"imagefolder:{root}"
+    data = load_dataset(spec, image_size=224)
+    teacher_dir = work / "multicrop-teachers"
+    names = stream_teachers(teacher_dir, data, (STREAM_TEACHERS[0],))
+    store = work / "multicrop.zarr"
+    extract(ExtractConfig(teachers=names, data=spec, image_size=224, views=4, batch_size=STREAM_BATCH,
+                          teacher_dir=str(teacher_dir), device="cpu", workers=STREAM_WORKERS),
+            store, progress=False, dataset=data)  # fmt: skip
+    per_sample: dict[int, list[float]] = {1: [], 4: []}
+    for _ in range(repeats):
+        for crops in (1, 4):
+            config = DistillConfig(store=str(store), student=STREAM_STUDENT, method="kd", epochs=1,
+                                   batch_size=STREAM_BATCH, device="cpu", workers=STREAM_WORKERS,
+                                   crops_per_image=crops)  # fmt: skip
+            run = distill(config, work / f"multicrop-{crops}", overwrite=True, progress=False, dataset=data)
+            record = run["history"][0]  # whole batches only: seconds per sample trained
+            per_sample[crops].append(record["seconds"] / (record["steps"] * STREAM_BATCH))
+    one, four = statistics.median(per_sample[1]), statistics.median(per_sample[4])
+    return {"multicrop_images": len(data.train), "crops1_s_per_sample": one, "crops4_s_per_sample": four,
+            "stream_multicrop_ratio": four / one}  # fmt: skip
+
+
+# The child is started from this small wrapper, not forked from the bench: a forked child's peak RSS starts at
+# its parent's (Linux keeps the pre-exec high-water mark), so it would read the bench's own peak.
+RSS_WRAPPER = (
+    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def peak_rss_mb(command: list[str]) -> float:
+    """Peak resident memory of a child process (the largest of it and the decoding workers it reaps), in MB."""
+    out = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *command], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) * 1024 / 1e6  # Linux: KiB
+
+
+def bench_stream_memory(work: Path, counts: tuple[int, int], size: int = 32) -> dict:
+    """Peak RSS of `meal-cache extract` (one teacher, one view) and `meal-cache distill` (kd, one epoch) over a
+    folder of ``counts[0]`` and of ``counts[1]`` training images, against the folder's decoded size. Served at
+    ``size`` px so the networks' own activations stay small beside the data."""
+    cli = str(Path(sys.executable).with_name("meal-cache"))
+    result: dict = {"images": list(counts), "image_size": size, "decoded_dataset_mb": [],
+                    "peak_rss_mb": {"extract": [], "distill": []}}  # fmt: skip
+    for count in counts:
+        root = image_folder(work / f"rss-{count}", 10, count // 10, 1, seed=count)
+        spec = f"imagefolder:{root}"
+        teacher_dir = work / f"rss-teachers-{count}"
+        stream_teachers(teacher_dir, load_dataset(spec, image_size=size), (STREAM_TEACHERS[0],))
+        store = work / f"rss-{count}.zarr"
+        common = ["--device", "cpu", "--workers", str(STREAM_WORKERS), "--quiet"]
+        result["peak_rss_mb"]["extract"].append(peak_rss_mb([
+            cli, "extract", "--teachers", STREAM_TEACHERS[0], "--data", spec, "--image-size", str(size),
+            "--views", "1", "--teacher-dir", str(teacher_dir), "--out", str(store), *common]))  # fmt: skip
+        result["peak_rss_mb"]["distill"].append(peak_rss_mb([
+            cli, "distill", "--store", str(store), "--student", STREAM_STUDENT, "--method", "kd", "--epochs", "1",
+            "--out", str(work / f"rss-run-{count}"), *common]))  # fmt: skip
+        result["decoded_dataset_mb"].append(decoded_mb(root))
+    return result
+
+
+def bench_decode(root: Path, repeats: int) -> dict:
+    """Images per second of one decoding worker: the FileSource over the training split's evaluation views (after
+    a first pass that starts the worker and warms the page cache)."""
+    data = load_dataset(f"imagefolder:{root}", image_size=224)
+    split = data.train
+    view = split.eval_view(STREAM_WORKERS)
+    source = split.open(torch.device("cpu"), STREAM_WORKERS)
+
+    def drain() -> None:
+        for _ in source.pixels((rows, view[rows], None) for rows in torch.arange(len(split)).split(STREAM_BATCH)):
+            pass
+
+    drain()
+    seconds = median_time(drain, repeats)
+    source.close()
+    return {"decode_images": len(split), "decode_images_per_s_per_worker": len(split) / seconds}
+
+
+def bench_stream(work: Path, repeats: int, train: int = 400, multicrop: int = 200,
+                 rss: tuple[int, int] = (1000, 2000)) -> dict:  # fmt: skip
+    """The streaming-image figures (issue 15) on generated JPEG folders of 10 classes, 150-500 px a side."""
+    root = image_folder(work / "stream-folder", 10, train // 10, 1, seed=0)
+    results = bench_stream_extract(work, root, repeats)
+    results.update(bench_stream_cache_tax(work, root, work / "stream.zarr", repeats))
+    results.update(bench_stream_multicrop(work, image_folder(work / "multicrop-folder", 10, multicrop // 10, 1, 1),
+                                          repeats))  # fmt: skip
+    results.update(bench_decode(root, repeats))
+    results.update(bench_stream_memory(work, rss))
+    results["workers"], results["batch_size"] = STREAM_WORKERS, STREAM_BATCH
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stream-repeats", type=int, default=1, help="Rounds of the streaming section's timings.")
+    parser.add_argument("--only", choices=["digits", "stream"], help="Run one section: digits (1-6) or stream (7).")
     parser.add_argument("--device", default="cpu", help="Where extraction overhead is measured (cuda: also img/s).")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    digits = load_dataset("digits")
     started = time.perf_counter()
     results: dict = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -260,26 +489,26 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        print("1/6 extraction overhead ...", flush=True)
-        results["extract"] = bench_extract(work, digits, args.repeats, args.device)
-        print("2/6 cache tax ...", flush=True)
-        store = work / "tax.zarr"
-        shutil.copytree(work / "extract.zarr", store)
-        results["cache_tax"] = bench_cache_tax(work, digits, store, args.repeats)
-        print("3/6 offline speed-up ...", flush=True)
-        results["offline"] = bench_offline_speedup(work, max(2, args.repeats - 1))
-        print("4/6 loader ...", flush=True)
-        results["loader"] = bench_loader(store, args.repeats)
-        print("5/6 store size ...", flush=True)
-        results["size"] = bench_size(work, digits)
-        print("6/6 accuracy cost of lossy stores ...", flush=True)
-        results["lossy_accuracy"] = bench_lossy_accuracy(work, digits)
-    flat = {**results["extract"], **results["cache_tax"], **results["offline"], **results["loader"]}
-    results["targets"] = {
-        name: {"value": flat[name], "target": f"{op} {limit}",
-               "met": flat[name] <= limit if op == "<=" else flat[name] >= limit}
-        for name, (op, limit) in TARGETS.items()
-    }  # fmt: skip
+        if args.only != "stream":
+            digits = load_dataset("digits")
+            print("1/7 extraction overhead ...", flush=True)
+            results["extract"] = bench_extract(work, digits, args.repeats, args.device)
+            print("2/7 cache tax ...", flush=True)
+            store = work / "tax.zarr"
+            shutil.copytree(work / "extract.zarr", store)
+            results["cache_tax"] = bench_cache_tax(work, digits, store, args.repeats)
+            print("3/7 offline speed-up ...", flush=True)
+            results["offline"] = bench_offline_speedup(work, max(2, args.repeats - 1))
+            print("4/7 loader ...", flush=True)
+            results["loader"] = bench_loader(store, args.repeats)
+            print("5/7 store size ...", flush=True)
+            results["size"] = bench_size(work, digits)
+            print("6/7 accuracy cost of lossy stores ...", flush=True)
+            results["lossy_accuracy"] = bench_lossy_accuracy(work, digits)
+        if args.only != "digits":
+            print("7/7 streamed image folders ...", flush=True)
+            results["stream"] = bench_stream(work, args.stream_repeats)
+    results["targets"] = targets(results)
     results["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -288,36 +517,76 @@ def main() -> None:
     print(f"-> {out}")
 
 
+def targets(results: dict) -> dict:
+    """Each targeted figure with its target and whether it is met; the streaming section's untargeted figures
+    with target "(reported)" and met null. A figure that could not be measured (null) is not met."""
+    sections = [results[k] for k in ("extract", "cache_tax", "offline", "loader", "stream") if k in results]
+    flat = {k: v for section in sections for k, v in section.items()}
+    rows = {}
+    for name, (op, limit) in {**TARGETS, **STREAM_TARGETS}.items():
+        if name not in flat:
+            continue
+        value = flat[name]
+        met = None if value is None else value <= limit if op == "<=" else value >= limit
+        rows[name] = {"value": value, "target": f"{op} {limit}", "met": met}
+    if "stream" in results:
+        stream = results["stream"]
+        rows["stream_cache_tax_meal"] = {"value": stream["stream_cache_tax_meal"], "target": "(reported)", "met": None}
+        rows["decode_images_per_s_per_worker"] = {"value": stream["decode_images_per_s_per_worker"],
+                                                  "target": "(reported)", "met": None}  # fmt: skip
+        for key in ("peak_rss_mb", "decoded_dataset_mb", "images"):
+            rows[key] = {"value": stream[key], "target": "(reported)", "met": None}
+    return rows
+
+
 def render_table(results: dict) -> str:
     lines = [f"meal-cache bench, {results['date']}, {results['machine']}", "",
              "| figure | value | target | met |", "|---|---|---|---|"]  # fmt: skip
     for name, row in results["targets"].items():
-        value = f"{row['value']:,.0f}" if row["value"] > 1000 else f"{row['value']:.2f}"
-        lines.append(f"| {name} | {value} | {row['target']} | {'yes' if row['met'] else 'no'} |")
-    offline = results["offline"]
-    loader = results["loader"]
-    lines += [
-        f"| offline_speedup_random | {offline['offline_speedup_random']:.2f} | (reported) | |",
-        f"| cache_tax_kd | {results['cache_tax']['cache_tax_kd']:.2f} | (reported) | |",
-        f"| loader_streaming_samples_per_s | {loader['loader_streaming_samples_per_s']:,.0f} | (reported) | |",
-        f"| plain_indexing_samples_per_s | {loader['plain_indexing_samples_per_s']:,.0f} | (baseline) | |",
-        f"| extract_images_per_s ({results['extract']['device']}) | {results['extract']['extract_images_per_s']:,.0f}"
-        " | (absolute) | |",
-        f"| bare_forward_images_per_s | {results['extract']['bare_forward_images_per_s']:,.0f} | (absolute) | |",
-        "",
-        "| store option (2 teachers, digits) | bytes / sample / view | vs float32 |",
-        "|---|---|---|",
-    ]
-    for label, row in results["size"].items():
-        lines.append(f"| {label} | {row['bytes_per_sample_view']:.0f} | {row['vs_float32']:.2f}x |")
-    lines += [
-        "",
-        "| lossy store (MEAL student, 3 seeds) | top-1 % | difference to lossless (points) |",
-        "|---|---|---|",
-    ]
-    for label, row in results["lossy_accuracy"].items():
-        lines.append(f"| {label} | {row['mean']:.2f} | {row['mean_difference']:+.2f} |")
+        met = {True: "yes", False: "no", None: ""}[row["met"]]
+        lines.append(f"| {name} | {format_value(row['value'])} | {row['target']} | {met} |")
+    if "extract" in results:
+        offline = results["offline"]
+        loader = results["loader"]
+        lines += [
+            f"| offline_speedup_random | {offline['offline_speedup_random']:.2f} | (reported) | |",
+            f"| cache_tax_kd | {results['cache_tax']['cache_tax_kd']:.2f} | (reported) | |",
+            f"| loader_streaming_samples_per_s | {loader['loader_streaming_samples_per_s']:,.0f} | (reported) | |",
+            f"| plain_indexing_samples_per_s | {loader['plain_indexing_samples_per_s']:,.0f} | (baseline) | |",
+            f"| extract_images_per_s ({results['extract']['device']}) | "
+            f"{results['extract']['extract_images_per_s']:,.0f} | (absolute) | |",
+            f"| bare_forward_images_per_s | {results['extract']['bare_forward_images_per_s']:,.0f} | (absolute) | |",
+        ]
+    if "stream" in results:
+        stream = results["stream"]
+        lines += [
+            f"| stream_extract_images_per_s (cpu) | {stream['stream_extract_images_per_s']:,.1f} | (absolute) | |",
+            f"| plain_extract_images_per_s (cpu) | {stream['plain_extract_images_per_s']:,.1f} | (baseline) | |",
+        ]
+    if "size" in results:
+        lines += ["", "| store option (2 teachers, digits) | bytes / sample / view | vs float32 |", "|---|---|---|"]
+        for label, row in results["size"].items():
+            lines.append(f"| {label} | {row['bytes_per_sample_view']:.0f} | {row['vs_float32']:.2f}x |")
+        lines += [
+            "",
+            "| lossy store (MEAL student, 3 seeds) | top-1 % | difference to lossless (points) |",
+            "|---|---|---|",
+        ]
+        for label, row in results["lossy_accuracy"].items():
+            lines.append(f"| {label} | {row['mean']:.2f} | {row['mean_difference']:+.2f} |")
     return "\n".join(lines)
+
+
+def format_value(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {format_value(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return " / ".join(format_value(v) for v in value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.0f}" if value > 1000 else f"{value:.2f}"
 
 
 if __name__ == "__main__":
