@@ -15,6 +15,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from imagefolder import make_image_folder, write_image
 from PIL import Image
 
 from meal_cache.cli import main
@@ -59,6 +60,30 @@ def world(tmp_path_factory, teacher_dir, small_store):
                 if not (name == "emptyclass" and cls == "b"):
                     Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).save(folder / "0.png")
     (root / "notimage" / "train" / "a" / "1.png").write_text("not an image")
+    # Streamed JPEG folders of 10 classes, read at 16 px so the digits teachers take them.
+    streamed = make_image_folder(root / "jpegs", classes=10, train=2, val=1, sizes=(40, 90))
+    shutil.copytree(streamed, root / "truncated")
+    victim = root / "truncated" / "train" / "c03" / "1.jpg"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size * 3 // 4])  # the header stays whole
+    shutil.copytree(streamed, root / "extra")
+    shutil.copytree(streamed / "val" / "c09", root / "extra" / "val" / "c10")
+    shutil.copytree(streamed, root / "changed")
+    from meal_cache.extract import ExtractConfig, extract
+
+    extract(
+        ExtractConfig(
+            teachers=["resnet8_w4"],
+            data=f"imagefolder:{root / 'changed'}",
+            image_size=16,
+            views=1,
+            teacher_dir=str(teachers),
+            device="cpu",
+            workers=0,
+        ),
+        root / "changed.zarr",
+        progress=False,
+    )
+    write_image(root / "changed" / "train" / "c00" / "0.jpg", 77, 66, np.array([9.0, 9.0, 9.0]), rng)
     (root / "run").mkdir()
     (root / "run" / "metrics.jsonl").write_text("{}\n")
     (root / "bad.toml").write_text('name = "x"\nviewz = 3\n')
@@ -113,6 +138,17 @@ def _cases(root: Path, store: Path) -> list[tuple[str, list[str], str]]:
                                            "--out", out], "is not a readable image"),
         ("image folder with an empty class", ["train", "--arch", "resnet8", "--data",
                                               f"imagefolder:{root}/emptyclass", "--out", out], "Found no valid file"),
+        ("held-out class that train lacks", ["train", "--arch", "resnet8", "--data", f"imagefolder:{root}/extra",
+                                             "--out", out], "has class folder(s) c10 that train/ lacks"),
+        ("skip_bad neither 0 nor 1", ["train", "--arch", "resnet8", "--data", f"imagefolder:{root}/jpegs?skip_bad=2",
+                                      "--out", out], "dataset option skip_bad takes 0 or 1, got 2"),
+        ("in_memory on a dataset in memory", ["train", "--arch", "resnet8", "--data", "digits?in_memory=1", "--out",
+                                              out], "dataset option in_memory applies to imagefolder only"),
+        ("negative workers", ["train", "--arch", "resnet8", "--workers", "-1", "--out", out],
+         "--workers must be 0 or more decoding processes, got -1"),
+        ("crops not dividing the batch", ["distill", "--store", str(store), "--student", "resnet8",
+                                          "--crops-per-image", "3", "--out", str(root / "d8"), *d],
+         "--batch-size 64 must be a multiple of --crops-per-image 3"),
         ("existing checkpoint", ["train", "--arch", "resnet8", "--epochs", "1", "--out", str(root / "existing.pt")],
          "exists; pass --resume"),
         ("existing store, other settings", ["extract", "--teachers", "resnet8_w4", "--views", "5", "--out",
@@ -167,6 +203,12 @@ def _console_cases(root: Path, store: Path) -> list[tuple[str, list[str], str]]:
         ("failed write", ["extract", "--teachers", "resnet8_w4", "--views", "1", "--out", str(root / "full.zarr"),
                           *t], f"writing the store '{root / 'full.zarr'}' failed: File too large"),
         ("store URL without its filesystem package", ["info", "s3://bucket/feats.zarr"], "install 'meal-cache[s3]'"),
+        ("truncated JPEG", ["extract", "--teachers", "resnet8_w4", "--data", f"imagefolder:{root / 'truncated'}",
+                            "--image-size", "16", "--views", "1", "--workers", "2", "--out",
+                            str(root / "truncated.zarr"), *t], "c03/1.jpg' cannot be decoded"),
+        ("image file changed since extract", ["distill", "--store", str(root / "changed.zarr"), "--student",
+                                              "resnet8_w4", "--epochs", "1", "--device", "cpu", "--out",
+                                              str(root / "d9"), "--quiet"], "its dataset fingerprint differs"),
         ("store URL of an unknown protocol", ["info", "nosuchfs://bucket/feats.zarr"], "Protocol not known"),
         # Two rows other test files run in click's runner, once as a process too.
         ("fold out of range", ["train", "--arch", "resnet8", "--data", "digits?folds=5&fold=5", "--out",
@@ -178,6 +220,8 @@ def _console_cases(root: Path, store: Path) -> list[tuple[str, list[str], str]]:
     ]  # fmt: skip
 
 
+# Cases that fail while writing a store: it stays, unfinished and resumable.
+PARTIAL_STORES = {"failed write": "full.zarr", "truncated JPEG": "truncated.zarr"}
 CONSOLE_CASE_NAMES = [name for name, _, _ in _console_cases(Path("/x"), Path("/y"))]
 
 
@@ -212,8 +256,8 @@ def test_bad_input_through_the_console_script_gives_one_line_and_exit_2(world, c
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr[-3000:]
     assert message in lines[0], lines[0]
     after = _snapshot(root) | _snapshot(store)
-    if case == "failed write":  # the store it was writing stays, resumable; nothing else is new
-        partial = str(root / "full.zarr")
+    if case in PARTIAL_STORES:  # the store it was writing stays, resumable; nothing else is new
+        partial = str(root / PARTIAL_STORES[case])
         assert any(p.startswith(partial + "/") for p in after), "the partial store was removed"
         after = {p: v for p, v in after.items() if not p.startswith(partial + "/")}
     assert after == before, "a refused command changed a file"
