@@ -1,4 +1,4 @@
-"""Where and how tensors run: device choice, mixed precision, memory layout, seeding, device-resident data.
+"""Where and how tensors run: device choice, mixed precision, memory layout, seeding.
 
 CPU and CUDA take the same code path; AMP (bf16 where supported, else fp16 with loss scaling),
 channels_last and pinned host memory switch on only where they help, on CUDA.
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from meal_cache.data import Split
 from meal_cache.errors import UserError
 
 
@@ -62,11 +61,3 @@ class Precision:
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
-
-
-def device_images(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split's uint8 images and labels on ``device`` (pinned first on CUDA so the copy is async)."""
-    images, labels = split.images, split.labels
-    if device.type == "cuda":
-        images, labels = images.pin_memory(), labels.pin_memory()
-    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
