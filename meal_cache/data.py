@@ -421,7 +421,9 @@ DATASETS: dict[str, DatasetEntry] = {
     "cifar10": DatasetEntry(_torchvision_loader("cifar10"), False, "CIFAR-10 from --data-root (--download)"),
     "cifar100": DatasetEntry(_torchvision_loader("cifar100"), False, "CIFAR-100 from --data-root (--download)"),
     "svhn": DatasetEntry(_torchvision_loader("svhn"), False, "SVHN from --data-root (--download)"),
-    "imagefolder": DatasetEntry(_load_imagefolder, True, "imagefolder:PATH with train/ and val/ class folders, streamed at 224 px (?in_memory=1: held at 32 px)"),
+    "imagefolder": DatasetEntry(
+        _load_imagefolder, True, "imagefolder:PATH with train/ and val/ class folders, streamed (?in_memory=1: held)"
+    ),
     "npz": DatasetEntry(_load_npz, True, "npz:PATH with images, labels[, split, classes]"),
     "fake": DatasetEntry(_load_fake, False, "fake[:N] random images for tests"),
 }
