@@ -27,6 +27,10 @@ A pipeline file::
     meal-v1 = { method = "meal", store = "v1" }   # distilled from a named store
 
 The main store (``feats.zarr``) is extracted when no ``[stores]`` are named or some method uses it.
+
+A teacher whose ``arch`` names torchvision's pretrained weights (``arch = "resnet50:IMAGENET1K_V2"``) has no
+training step and takes no training settings: extract, the online reference and the report use those weights as
+they are (``pipelines/imagenet.toml``).
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ def run_pipeline(pipeline: Pipeline, runs_root: str | Path = "runs", device: str
     }
     teacher_dir = run_dir / "teachers"
 
-    for teacher in pipeline.teachers:
+    for teacher in pipeline.trained_teachers():
         settings = {k: v for k, v in teacher.items() if k != "name"}
         config = TrainConfig(**{**data, **settings, "device": device})
         out = teacher_dir / f"{teacher['name']}.pt"
@@ -138,8 +142,9 @@ def run_pipeline(pipeline: Pipeline, runs_root: str | Path = "runs", device: str
 
         steps.run(f"teacher/{teacher['name']}", dataclasses.asdict(config) | {"device": None}, [], [out], train_teacher)
 
-    teacher_names = [t["name"] for t in pipeline.teachers]
-    teacher_steps = [f"teacher/{n}" for n in teacher_names]
+    # Pretrained teachers have no step: extract resolves them by ARCH:WEIGHTS.
+    teacher_names = pipeline.teacher_sources()
+    teacher_steps = [f"teacher/{t['name']}" for t in pipeline.trained_teachers()]
     # The main store keeps its step name and settings, so runs made before named stores existed stay up to date.
     stores: list[tuple[str | None, str]] = [(None, "extract")] if pipeline.uses_main_store() else []
     stores += [(name, f"extract/{name}") for name in pipeline.stores]
@@ -186,7 +191,7 @@ def _student_step(steps: StepRunner, pipeline: Pipeline, run_dir: Path, name: st
     student = {k: v for k, v in pipeline.student.items() if k in fields_of(DistillConfig) and k != "arch"}
     if overrides.get("online"):
         # The online reference runs the pipeline's own teachers in the loop.
-        teacher_names = [t["name"] for t in pipeline.teachers]
+        teacher_names = pipeline.teacher_sources()
         overrides = {"teachers": teacher_names, **overrides, "teacher_dir": str(run_dir / "teachers")}
     store_name = pipeline.method_store(name)
     store_step = "extract" if store_name is None else f"extract/{store_name}"

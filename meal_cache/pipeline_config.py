@@ -15,7 +15,7 @@ from meal_cache.data import parse_spec
 from meal_cache.distill import METHODS, DistillConfig
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.extract import ExtractConfig
-from meal_cache.models import model_names, split_weights
+from meal_cache.models import MODELS, model_names, split_weights
 from meal_cache.train import TrainConfig
 
 ALONE = "alone"
@@ -67,14 +67,49 @@ class Pipeline:
     def run_dir(self, root: str | Path = "runs") -> Path:
         return Path(root) / self.name
 
+    def trained_teachers(self) -> list[dict]:
+        """The teachers the pipeline trains: all but those that name pretrained weights (see
+        :func:`is_pretrained`)."""
+        return [t for t in self.teachers if not is_pretrained(t)]
+
+    def teacher_sources(self) -> list[str]:
+        """The teacher names extract and the online reference resolve: a trained teacher's name (its checkpoint
+        ``teachers/NAME.pt``), a pretrained one's ``ARCH:WEIGHTS``."""
+        return [t["arch"] if is_pretrained(t) else t["name"] for t in self.teachers]
+
     def training_epochs(self) -> tuple[int, int]:
         """How many networks the pipeline trains (teachers, and students over their seeds) and their epochs in
         all: a rough measure of its cost."""
-        epochs = [int(t.get("epochs", TrainConfig.epochs)) for t in self.teachers]
+        epochs = [int(t.get("epochs", TrainConfig.epochs)) for t in self.trained_teachers()]
         for name, overrides in self.methods.items():
             default = TrainConfig.epochs if name == ALONE else DistillConfig.epochs
             epochs += [int(overrides.get("epochs", self.student.get("epochs", default)))] * len(self.method_seeds(name))
         return len(epochs), sum(epochs)
+
+
+def is_pretrained(teacher: dict) -> bool:
+    """Whether a [[teachers]] entry names torchvision's pretrained weights (``arch = "resnet50:IMAGENET1K_V2"``):
+    such a teacher is used as it is, and the pipeline trains nothing for it."""
+    return split_weights(teacher["arch"])[1] is not None
+
+
+def _check_pretrained(where: str, teacher: dict) -> None:
+    """A pretrained teacher: no training settings, and weights torchvision has (checked without loading them)."""
+    import torchvision
+
+    settings = sorted(set(teacher) - {"name", "arch"})
+    if settings:
+        raise UserError(
+            f"{where}: '{teacher['arch']}' names pretrained weights, so the pipeline uses it as it is and trains "
+            f"nothing; remove {', '.join(settings)} (a fine-tuned teacher is `meal-cache train --arch "
+            f"{teacher['arch']} ...`, outside the pipeline)"
+        )
+    arch, weights = split_weights(teacher["arch"])
+    if arch in MODELS:
+        raise UserError(f"{where}: '{arch}' is a meal-cache network and has no pretrained weights ('{weights}')")
+    choices = [w.name for w in torchvision.models.get_model_weights(arch)]
+    if weights not in choices:
+        raise unknown_choice(f"weights for {arch}", weights, choices)
 
 
 def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
@@ -115,6 +150,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
         _check_keys(f"{path} teacher {teacher['name']}", teacher, train_fields | {"name"})
         if split_weights(teacher["arch"])[0] not in known_models:
             raise unknown_choice("architecture", teacher["arch"], sorted(known_models), listing="meal-cache models")
+        if is_pretrained(teacher):
+            _check_pretrained(f"{path} teacher {teacher['name']}", teacher)
     names = [t["name"] for t in teachers]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: teacher names must be unique, got {', '.join(names)}")

@@ -22,6 +22,7 @@ from meal_cache.checkpoint import load_checkpoint  # noqa: E402
 from meal_cache.data import Split, load_dataset  # noqa: E402
 from meal_cache.errors import UserError  # noqa: E402
 from meal_cache.evaluate import (  # noqa: E402
+    CheckpointResult,
     classification_metrics,
     ensemble_probabilities,
     evaluate_payload,
@@ -29,7 +30,7 @@ from meal_cache.evaluate import (  # noqa: E402
     predict_logits,
 )
 from meal_cache.models import count_parameters  # noqa: E402
-from meal_cache.pipeline_config import ALONE, load_pipeline  # noqa: E402
+from meal_cache.pipeline_config import ALONE, is_pretrained, load_pipeline  # noqa: E402
 from meal_cache.store import open_store  # noqa: E402
 
 STUDENT_METRICS = ("top1", "nll", "fidelity", "kl", "ece", "epoch_seconds")
@@ -155,23 +156,38 @@ class _Timer:
         return self.ms[arch]
 
 
-def _teacher_rows(teacher_payloads: dict[str, dict], test, timer: _Timer) -> tuple[list[dict], torch.Tensor]:
-    """A row per teacher and one for their ensemble, and the ensemble's probabilities on the test images."""
+def _evaluate_pretrained(source: str, teacher_dir: Path, dataset, device: torch.device) -> CheckpointResult:
+    """A pretrained teacher (``ARCH:WEIGHTS``) on the test split, as extract ran it: built by
+    :func:`~meal_cache.teachers.resolve_teacher` (``create_model`` with the weights; a class count other than the
+    data's is refused), with its weights' own normalisation."""
+    from meal_cache.teachers import resolve_teacher
+
+    teacher = resolve_teacher(source, teacher_dir, dataset)
+    model = teacher.model.to(device)
+    logits = predict_logits(model, dataset.test, teacher.mean, teacher.std, device)
+    metrics = classification_metrics(logits, dataset.test.labels)
+    metrics["ece"] = expected_calibration_error(logits, dataset.test.labels)
+    return CheckpointResult(model, logits, metrics)
+
+
+def _teacher_rows(teachers: dict[str, tuple[str, CheckpointResult]], test,
+                  timer: _Timer) -> tuple[list[dict], torch.Tensor]:  # fmt: skip
+    """A row per teacher (``teachers``: name -> (arch, its result on the test split)) and one for their ensemble,
+    and the ensemble's probabilities on the test images."""
     rows, teacher_logits = [], []
-    for name, payload in teacher_payloads.items():
-        result = evaluate_payload(payload, test, torch.device("cpu"))
+    for name, (arch, result) in teachers.items():
         teacher_logits.append(result.logits)
         metrics = result.metrics
         rows.append({
-            "name": f"teacher {name}", "kind": "teacher", "arch": payload["arch"],
+            "name": f"teacher {name}", "kind": "teacher", "arch": arch,
             "top1": _summary([metrics["top1"]]), "nll": _summary([metrics["nll"]]), "ece": _summary([metrics["ece"]]),
-            "params": count_parameters(result.model), "ms_per_image": timer(payload["arch"], result.model),
+            "params": count_parameters(result.model), "ms_per_image": timer(arch, result.model),
         })  # fmt: skip
     ensemble = ensemble_probabilities(teacher_logits)
     log_ensemble = ensemble.clamp_min(1e-12).log()
     ensemble_metrics = classification_metrics(log_ensemble, test.labels)
     rows.append({
-        "name": "teacher ensemble", "kind": "ensemble", "arch": "+".join(p["arch"] for p in teacher_payloads.values()),
+        "name": "teacher ensemble", "kind": "ensemble", "arch": "+".join(arch for arch, _ in teachers.values()),
         "top1": _summary([ensemble_metrics["top1"]]), "nll": _summary([ensemble_metrics["nll"]]),
         "ece": _summary([expected_calibration_error(log_ensemble, test.labels)]),
         "params": sum(r["params"] for r in rows), "ms_per_image": sum(r["ms_per_image"] for r in rows),
@@ -243,14 +259,32 @@ def _label_inspection(dataset, store_path: Path) -> dict | None:
 
 def collect_results(run_dir: Path, pipeline) -> dict:
     """Evaluate every teacher, the ensemble and every student checkpoint of a pipeline run on the test split."""
-    teacher_payloads = {t["name"]: load_checkpoint(run_dir / "teachers" / f"{t['name']}.pt") for t in pipeline.teachers}
-    recorded = next(iter(teacher_payloads.values()))["data"]
-    dataset = load_dataset(recorded["spec"], recorded["options"].get("root", "data"), False,
-                           recorded["options"].get("image_size"))  # fmt: skip
+    payloads = {t["name"]: load_checkpoint(run_dir / "teachers" / f"{t['name']}.pt")
+                for t in pipeline.trained_teachers()}  # fmt: skip
+    if payloads:
+        # The data as the trained teachers recorded it.
+        recorded = next(iter(payloads.values()))["data"]
+        dataset = load_dataset(recorded["spec"], recorded["options"].get("root", "data"), False,
+                               recorded["options"].get("image_size"))  # fmt: skip
+    else:
+        # Only pretrained teachers: the data as the pipeline gave it to every step.
+        dataset = load_dataset(pipeline.data.get("spec", "digits"), pipeline.data.get("root", "data"), False,
+                               pipeline.data.get("image_size"))  # fmt: skip
+        recorded = {"spec": dataset.spec, "num_classes": dataset.num_classes, "image_size": dataset.image_size,
+                    "sizes": {"train": len(dataset.train), "test": len(dataset.test)}}  # fmt: skip
     test = dataset.test
+    cpu = torch.device("cpu")
+    teachers = {}
+    for teacher in pipeline.teachers:
+        if is_pretrained(teacher):
+            result = _evaluate_pretrained(teacher["arch"], run_dir / "teachers", dataset, cpu)
+            teachers[teacher["name"]] = (teacher["arch"], result)
+        else:
+            payload = payloads[teacher["name"]]
+            teachers[teacher["name"]] = (payload["arch"], evaluate_payload(payload, test, cpu))
     # Timed on (at most) 512 test images, decoded once: the networks' time, not the decoder's.
     timer = _Timer(test.sample_pixels(512), dataset.mean, dataset.std)
-    rows, ensemble = _teacher_rows(teacher_payloads, test, timer)
+    rows, ensemble = _teacher_rows(teachers, test, timer)
     per_method = _student_results(run_dir, pipeline, test, ensemble, timer)
     rows += _student_rows(per_method)
     named = {name: _store_summary(pipeline.store_path(run_dir, name)) for name in pipeline.stores}
