@@ -489,7 +489,7 @@ class Distiller(nn.Module):
             tb = pair.teacher_block
             if config.representation == "maps":
                 shape = (min(height, tb.height), min(width, tb.width))
-                disc_shape = (shape[0] * shape[1],)
+                disc_shape = shape  # the representation is the map flattened; the discriminator knows its shape
             else:
                 self.adapters[pair.key] = losses.Adapter(channels, tb.channels)
                 shape = (tb.channels, tb.grid, tb.grid)

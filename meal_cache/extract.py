@@ -41,6 +41,10 @@ from meal_cache.store import (
 )
 from meal_cache.teachers import Teacher, resolve_teacher, teacher_outputs
 
+# What a store records of its dataset's description (the decoder only for image files: another decoder build may
+# differ by a few levels per pixel).
+STORE_DATASET_KEYS = ("spec", "kind", "options", "num_classes", "classes", "image_size", "mean", "std", "recipe",
+                      "source", "decoder")  # fmt: skip
 # Chunks written but not yet durable; bounds the memory the background writer may hold.
 MAX_PENDING_WRITES = 4
 
@@ -329,10 +333,7 @@ def _open_or_create(
         views.append(augment.identity(sizes, recipe))
     description = dataset.describe()
     dataset_attrs = {
-        **{
-            k: description[k]
-            for k in ("spec", "kind", "options", "num_classes", "classes", "image_size", "mean", "std", "recipe")
-        },
+        **{key: description[key] for key in STORE_DATASET_KEYS if key in description},
         "split": config.split,
         "n": n,
         "fingerprint": description["fingerprint"][config.split],

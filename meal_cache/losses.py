@@ -169,10 +169,33 @@ class ConvDiscriminator(nn.Module):
         return self.net(x).squeeze(1)
 
 
+# An MLP on a map grows with the square of its area; larger maps are average-pooled to this side first (28: a
+# torchvision ResNet's layer2 at 224 px; every map at 16-32 px is smaller and unchanged).
+MAP_DISCRIMINATOR_SIDE = 28
+
+
+class PooledMapDiscriminator(nn.Module):
+    """An :class:`MLPDiscriminator` on a ``(H, W)`` map (given flat, ``(N, H * W)``, or as ``(N, H, W)``)
+    average-pooled to at most ``side`` x ``side``."""
+
+    def __init__(self, height: int, width: int, side: int = MAP_DISCRIMINATOR_SIDE) -> None:
+        super().__init__()
+        self.shape = (height, width)
+        self.size = (min(height, side), min(width, side))
+        self.mlp = MLPDiscriminator(self.size[0] * self.size[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = x.reshape(x.shape[0], 1, *self.shape)
+        return self.mlp(F.adaptive_avg_pool2d(maps, self.size))
+
+
 def make_discriminator(shape: tuple[int, ...]) -> nn.Module:
-    """A conv discriminator for grids larger than 1x1, an MLP otherwise."""
+    """A conv discriminator for grids larger than 1x1, an MLP otherwise (on a pooled copy of a map larger than
+    :data:`MAP_DISCRIMINATOR_SIDE` on a side)."""
     if len(shape) == 3 and shape[1] > 1:
         return ConvDiscriminator(shape[0])
+    if len(shape) == 2 and max(shape) > MAP_DISCRIMINATOR_SIDE:
+        return PooledMapDiscriminator(*shape)
     return MLPDiscriminator(int(torch.tensor(shape).prod()))
 
 

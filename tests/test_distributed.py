@@ -58,6 +58,29 @@ def test_two_rank_extraction_writes_the_one_rank_store(teacher_dir, digits, tmp_
     assert verify_store(open_store(out)).ok
 
 
+def test_two_rank_extraction_of_a_streamed_folder_writes_the_one_rank_store(teacher_dir, tmp_path):
+    """Each rank decodes the files of its own chunks in its own workers; together they write the one-rank store."""
+    from imagefolder import make_image_folder
+
+    folder = make_image_folder(tmp_path / "jpegs", classes=10, train=5, val=1, sizes=(40, 120))
+    spec = f"imagefolder:{folder}"
+    args = ["--teachers", ",".join(TEACHERS), "--teacher-dir", str(teacher_dir), "--data", spec, "--image-size", "16",
+            "--views", "2", "--rows-per-chunk", "8", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
+    out = tmp_path / "two.zarr"
+    result = _torchrun("extract", *args, "--workers", "1", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    threads = _one_thread()
+    try:
+        reference = tmp_path / "one.zarr"
+        config = ExtractConfig(teachers=TEACHERS, teacher_dir=str(teacher_dir), data=spec, image_size=16, views=2,
+                               rows_per_chunk=8, batch_size=4, device="cpu", workers=0)  # fmt: skip
+        extract(config, reference, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_store(out, reference)
+    assert open_store(out).source_sizes().shape == (50, 2)
+
+
 EPOCHS = 2
 
 

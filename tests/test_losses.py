@@ -90,3 +90,22 @@ def test_conv_discriminator_for_grids_and_adapter_shapes():
     assert isinstance(losses.make_discriminator((8, 1, 1)), losses.MLPDiscriminator)
     assert losses.make_discriminator((8, 2, 2))(torch.randn(3, 8, 2, 2)).shape == (3,)
     assert losses.Adapter(4, 9)(torch.randn(3, 4, 2, 2)).shape == (3, 9, 2, 2)
+
+
+def test_a_large_maps_discriminator_pools_it_first_and_a_small_one_is_unchanged():
+    from meal_cache.losses import MAP_DISCRIMINATOR_SIDE, MLPDiscriminator, PooledMapDiscriminator, make_discriminator
+
+    torch.manual_seed(0)
+    small = make_discriminator((16, 16))
+    torch.manual_seed(0)
+    assert isinstance(small, MLPDiscriminator)
+    reference = MLPDiscriminator(256)
+    assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(), reference.state_dict().values(),
+                                                 strict=True))  # fmt: skip
+    large = make_discriminator((224, 224))
+    assert isinstance(large, PooledMapDiscriminator) and large.size == (MAP_DISCRIMINATOR_SIDE,) * 2
+    # A CIFAR-style network keeps a 224 x 224 first map at 224 px: an MLP on it would hold 1.26 G parameters.
+    assert sum(p.numel() for p in large.parameters()) < 500_000
+    maps = torch.rand(3, 224 * 224)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(maps.view(3, 1, 224, 224), MAP_DISCRIMINATOR_SIDE).flatten(1)
+    assert torch.allclose(large(maps), large.mlp(pooled))

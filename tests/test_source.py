@@ -210,6 +210,7 @@ def test_distill_replays_the_pixels_and_targets_the_teachers_saw(streamed_run, t
     path = tmp_path / "s.zarr"
     store, fed = _extract_recording(f"imagefolder:{folder}{option}", teachers, path, monkeypatch, workers)
     assert (store.source_sizes() is None) == bool(option)
+    assert ("decoder" in store.dataset) == (not option)
     seen = []
     real_step = distill_module.DistillEpochs.step
 
