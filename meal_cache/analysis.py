@@ -60,7 +60,7 @@ def inspect_store(
     onehot = labels[:, None] == da.arange(num_classes)[None, :]
     class_counts = onehot.sum(axis=0)
     teachers = store.teacher_names
-    probs = {t: da.from_zarr(store.array(f"teachers/{t}/logits")).map_blocks(_softmax, dtype=np.float32)
+    probs = {t: store.dask_array(f"teachers/{t}/logits").map_blocks(_softmax, dtype=np.float32)
              for t in teachers}  # fmt: skip
     predictions = {t: p.argmax(axis=2) for t, p in probs.items()}
     ensemble = da.stack([probs[t] for t in teachers]).mean(axis=0)  # (V, N, C)

@@ -282,6 +282,14 @@ def evaluate(
     help="Lossy: store blocks and maps as 8-bit codes, each row scaled to its own range (logits stay as "
     "--dtype). Default: lossless.",
 )
+@click.option(
+    "--logits-topk",
+    type=int,
+    default=None,
+    help="Lossy: keep each row's K largest logits (int16 classes, --dtype values) and the log-sum-exp of all; "
+    "read back with the rest of the probability spread evenly over the other classes (FKD, TinyViT). "
+    "Default: every logit.",
+)
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option(
     "--rows-per-chunk",

@@ -376,8 +376,7 @@ def view_bytes(store: TeacherStore, keys: list[str]) -> int:
     """Bytes of one view of ``keys`` in memory."""
     total = 0
     for key in keys:
-        array = store.array(key)
-        total += int(np.prod(array.shape[1:])) * store.value_itemsize(key)
+        total += int(np.prod(store.logical_shape(key)[1:])) * store.value_itemsize(key)
     return total
 
 

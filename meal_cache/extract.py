@@ -69,6 +69,7 @@ class ExtractConfig:
     codec: str = "zstd:3"
     keep_bits: int | None = None
     quantize: int | None = None
+    logits_topk: int | None = None  # lossy: only each row's K largest logits (and their log-sum-exp)
     batch_size: int = 256
     rows_per_chunk: int = 512
     teacher_dir: str = "teachers"
@@ -90,6 +91,8 @@ class ExtractConfig:
         if self.batch_size < 1 or self.rows_per_chunk < 1:
             raise UserError("--batch-size and --rows-per-chunk must be at least 1")
         check_workers(self.workers)
+        if self.logits_topk is not None and (isinstance(self.logits_topk, bool) or self.logits_topk < 1):
+            raise UserError(f"--logits-topk must be at least 1, got {self.logits_topk}")
 
 
 def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teacher]) -> dict:
@@ -346,7 +349,7 @@ def _open_or_create(
         "seed": config.seed,
     }
     layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
-                         config.quantize)  # fmt: skip
+                         config.quantize, config.logits_topk)  # fmt: skip
     return create_store(
         out,
         dataset=dataset_attrs,

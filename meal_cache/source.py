@@ -168,7 +168,7 @@ class FileSource:
         decoder = _Decoder(split.root, split.files, split.known_sizes, out_size)
         self.loader = DataLoader(decoder, sampler=self._plan, batch_size=None, num_workers=workers,
                                  persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-                                 prefetch_factor=4 if workers > 0 else None)  # fmt: skip
+                                 prefetch_factor=2 if workers > 0 else None)  # fmt: skip
 
     def pixels(self, requests: Iterable[Request]) -> Iterator[tuple[Any, torch.Tensor]]:
         payloads: deque = deque()

@@ -1,4 +1,5 @@
-"""The teacher cache: a Zarr (v3) store in format ``meal-cache/1``.
+"""The teacher cache: a Zarr (v3) store in format ``meal-cache/2`` (``meal-cache/1`` stores, which cannot hold
+top-k logits, are read as they are).
 
 Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
 
@@ -10,7 +11,10 @@ Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
     views/flip                     (V, N)             bool
     views/source_size              (N, 2)             int32   H, W of each source image (image files only: the
                                                                boxes are in each image's own coordinates)
-    teachers/NAME/logits           (V, N, C)          float16
+    teachers/NAME/logits           (V, N, C)          float16  or, with --logits-topk K, instead:
+    teachers/NAME/logits_topk/index (V, N, K)         int16    the K largest logits' classes, largest first
+    teachers/NAME/logits_topk/value (V, N, K)         float16  their logits
+    teachers/NAME/logits_topk/lse  (V, N)             float32  log-sum-exp of all C logits (see read_topk)
     teachers/NAME/blocks/B         (V, N, C_B, g, g)  float16  block output average-pooled to a g x g grid
     teachers/NAME/maps/B           (V, N, H_B, W_B)   float16  channel mean of the block output (MEAL's form)
     teachers/NAME/ranges/KIND/B    (V, N, 2)          float32  with --quantize 8 only: each row's (low, step), the
@@ -48,7 +52,9 @@ from meal_cache.errors import UserError
 # the Zarr v3 specification; meal-cache documents that and installs numcodecs, so the warning says nothing new.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
-FORMAT = "meal-cache/1"
+FORMAT = "meal-cache/2"
+# Formats this version reads: /2 added top-k logits (a layout /1 readers would not know).
+READABLE_FORMATS = ("meal-cache/1", FORMAT)
 VERSION = 1
 FEATURE_KINDS = ("blocks", "maps")
 DTYPES = ("float16", "float32")
@@ -173,10 +179,12 @@ class StoreLayout:
     features: tuple[str, ...]
     keep_bits: int | None = None  # lossy: mantissa bits kept by bit rounding (None: lossless)
     quantize: int | None = None  # lossy: blocks and maps as 8-bit codes with a per-row range (None: as dtype)
+    logits_topk: int | None = None  # lossy: the K largest logits and the log-sum-exp (None: every logit)
 
     def to_json(self) -> dict:
         return {"rows_per_chunk": self.rows_per_chunk, "dtype": self.dtype, "codec": self.codec,
-                "features": list(self.features), "keep_bits": self.keep_bits, "quantize": self.quantize}  # fmt: skip
+                "features": list(self.features), "keep_bits": self.keep_bits, "quantize": self.quantize,
+                "logits_topk": self.logits_topk}  # fmt: skip
 
 
 QUANTIZE_BITS = (8,)
@@ -202,6 +210,49 @@ def quantize_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     safe = np.where(step > 0, step, 1.0)
     codes = np.rint((flat - low[:, None]) / safe[:, None]).clip(0, 255).astype(np.uint8)
     return codes.reshape(values.shape), np.stack([low, step], 1).astype(np.float32)
+
+
+TOPK_PARTS = ("index", "value", "lse")
+
+
+def is_logits_key(key: str) -> bool:
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == "teachers" and parts[2] == "logits"
+
+
+def topk_keys(key: str) -> list[str]:
+    """The arrays that hold ``teachers/NAME/logits`` in a top-k store."""
+    return [f"{key}_topk/{part}" for part in TOPK_PARTS]
+
+
+def encode_topk(logits: np.ndarray, k: int, dtype: str) -> dict[str, np.ndarray]:
+    """Each row's ``k`` largest logits (classes as int16, largest first; values as ``dtype``) and the log-sum-exp
+    of all its logits (float32, computed from the ``dtype`` values so the rebuilt probabilities match them)."""
+    values = logits.astype(dtype)
+    order = np.argsort(-values.astype(np.float32), axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(values, order, axis=1)
+    wide = values.astype(np.float64)
+    peak = wide.max(1, keepdims=True)
+    lse = (peak[:, 0] + np.log(np.exp(wide - peak).sum(1))).astype(np.float32)
+    return {"index": order.astype(np.int16), "value": top, "lse": lse}
+
+
+def decode_topk(index: np.ndarray, value: np.ndarray, lse: np.ndarray, classes: int, dtype: str) -> np.ndarray:
+    """Dense logits whose softmax gives each stored class its own probability, ``exp(value - lse)``, and spreads
+    the remaining mass evenly over the other ``classes - k`` classes (the rule of FKD's and TinyViT's top-k soft
+    labels); the log-sum-exp makes the stored classes' probabilities exact at temperature 1. With k = classes
+    nothing is spread and the logits are the stored ones up to a constant."""
+    rows, k = index.shape
+    top = value.astype(np.float64)
+    norm = lse.astype(np.float64)[:, None]
+    kept = np.exp(top - norm).sum(1)
+    dense = np.empty((rows, classes), dtype=np.float64)
+    if classes > k:
+        # At least a millionth of the mass each, so a rounded-off remainder never becomes log(0).
+        rest = np.clip(1.0 - kept, 1e-6 * (classes - k), None) / (classes - k)
+        dense[:] = (norm[:, 0] + np.log(rest))[:, None]
+    np.put_along_axis(dense, index.astype(np.int64), top, axis=1)
+    return dense.astype(dtype)
 
 
 def dequantize_rows(codes: np.ndarray, ranges: np.ndarray, dtype: str) -> np.ndarray:
@@ -239,6 +290,12 @@ def create_store(
         raise UserError(f"--quantize takes {', '.join(map(str, QUANTIZE_BITS))}, got {layout.quantize}")
     if layout.quantize is not None and layout.keep_bits is not None:
         raise UserError("--quantize and --keep-bits are two lossy encodings; choose one")
+    k = layout.logits_topk
+    if k is not None and k < 1:
+        raise UserError(f"--logits-topk must be at least 1, got {k}")
+    for teacher in teachers:
+        if k is not None and k > len(teacher.classes):
+            raise UserError(f"--logits-topk {k} is more than teacher {teacher.key}'s {len(teacher.classes)} classes")
     # Teacher outputs only: labels, views and progress stay exact.
     filters = lossy_filters(layout)
     n = int(labels.shape[0])
@@ -286,7 +343,15 @@ def create_store(
 
     for teacher in teachers:
         base = f"teachers/{teacher.key}"
-        output_array(f"{base}/logits", (count, n, len(teacher.classes)))
+        k = layout.logits_topk
+        if k is None:
+            output_array(f"{base}/logits", (count, n, len(teacher.classes)))
+        else:
+            index, value, lse = topk_keys(f"{base}/logits")
+            for key, dtype in ((index, "int16"), (value, layout.dtype)):
+                group.create_array(key, shape=(count, n, k), chunks=(1, rows, k), dtype=dtype, fill_value=0,
+                                   **exact)  # fmt: skip
+            group.create_array(lse, shape=(count, n), chunks=(1, rows), dtype="float32", fill_value=0, **exact)
         for block in teacher.blocks:
             if "blocks" in layout.features:
                 output_array(f"{base}/blocks/{block.key}", (count, n, block.channels, block.grid, block.grid))
@@ -310,10 +375,10 @@ def open_store(path: str | Path, mode: str = "r") -> TeacherStore:
     except (FileNotFoundError, ValueError, zarr.errors.ContainsArrayError) as err:
         raise UserError(f"'{path}' is not a Zarr store ({err})") from err
     found = group.attrs.get("format")
-    if isinstance(found, str) and found.startswith("meal-cache/") and found != FORMAT:
+    if isinstance(found, str) and found.startswith("meal-cache/") and found not in READABLE_FORMATS:
         raise UserError(f"'{path}' is a store of format '{found}', which this meal-cache ({FORMAT}) cannot read; "
                         "upgrade meal-cache or extract it again")  # fmt: skip
-    if found != FORMAT:
+    if found not in READABLE_FORMATS:
         raise UserError(f"'{path}' is not a meal-cache store (format '{found}', want '{FORMAT}')")
     return TeacherStore(group)
 
@@ -359,7 +424,7 @@ class TeacherStore:
     def layout(self) -> StoreLayout:
         data = self.attrs["layout"]
         return StoreLayout(int(data["rows_per_chunk"]), data["dtype"], data["codec"], tuple(data["features"]),
-                           data.get("keep_bits"), data.get("quantize"))  # fmt: skip
+                           data.get("keep_bits"), data.get("quantize"), data.get("logits_topk"))  # fmt: skip
 
     @property
     def teacher_names(self) -> list[str]:
@@ -401,13 +466,44 @@ class TeacherStore:
         return torch.from_numpy(self.group["views/source_size"][:])
 
     def logits(self, teacher: str, view: int) -> np.ndarray:
-        return self.group[f"teachers/{teacher}/logits"][view]
+        return self.read(f"teachers/{teacher}/logits", view)
+
+    def dask_array(self, key: str):
+        """A lazy dask array of ``key`` as :meth:`read` gives it, chunk by chunk (top-k logits rebuilt per chunk)."""
+        import dask
+        import dask.array as da
+
+        if not (self.layout.logits_topk is not None and is_logits_key(key)):
+            return da.from_zarr(self.group[key])
+        dtype = np.dtype(self.layout.dtype)
+        views = []
+        for view in range(self.num_views):
+            chunks = []
+            for chunk in range(self.n_chunks):
+                rows = self.chunk_rows(chunk)
+                shape = (rows.stop - rows.start, self.num_classes())
+                chunks.append(da.from_delayed(dask.delayed(self.read)(key, view, rows), shape=shape, dtype=dtype))
+            views.append(da.concatenate(chunks))
+        return da.stack(views)
+
+    def num_classes(self) -> int:
+        return int(self.dataset["num_classes"])
+
+    def logical_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of an array as :meth:`read` gives it (a top-k store's logits are rebuilt dense)."""
+        if self.layout.logits_topk is not None and is_logits_key(key):
+            return (self.num_views, self.n, self.num_classes())
+        return tuple(self.group[key].shape)
 
     def feature(self, teacher: str, kind: str, block: str, view: int) -> np.ndarray:
         return self.read(f"teachers/{teacher}/{kind}/{block}", view)
 
     def read(self, key: str, view: int, rows: slice = slice(None)) -> np.ndarray:
-        """Rows of one view of a teacher array as values (8-bit codes decoded with their ranges)."""
+        """Rows of one view of a teacher array as values (8-bit codes decoded with their ranges, top-k logits
+        rebuilt dense by :func:`decode_topk`)."""
+        if self.layout.logits_topk is not None and is_logits_key(key):
+            index, value, lse = (self.group[part][view, rows] for part in topk_keys(key))
+            return decode_topk(index, value, lse, self.num_classes(), self.layout.dtype)
         values = self.group[key][view, rows]
         if self.layout.quantize is not None and is_feature_key(key):
             return dequantize_rows(values, self.group[range_key(key)][view, rows], self.layout.dtype)
@@ -415,15 +511,23 @@ class TeacherStore:
 
     def value_itemsize(self, key: str) -> int:
         """Bytes per value as :meth:`read` returns it."""
-        if self.layout.quantize is not None and is_feature_key(key):
+        if (self.layout.quantize is not None and is_feature_key(key)) or (
+            self.layout.logits_topk is not None and is_logits_key(key)
+        ):
             return np.dtype(self.layout.dtype).itemsize
         return self.group[key].dtype.itemsize
 
     def with_companions(self, keys: list[str]) -> list[str]:
-        """``keys`` and the arrays needed to decode them (the ranges of quantised features)."""
-        if self.layout.quantize is None:
-            return list(keys)
-        return [k for key in keys for k in ([key, range_key(key)] if is_feature_key(key) else [key])]
+        """The arrays that hold ``keys``: the keys themselves and the ranges of quantised features, or for top-k
+        logits their three arrays."""
+        quantized, topk = self.layout.quantize is not None, self.layout.logits_topk is not None
+        out = []
+        for key in keys:
+            if topk and is_logits_key(key):
+                out += topk_keys(key)
+            else:
+                out += [key, range_key(key)] if quantized and is_feature_key(key) else [key]
+        return out
 
     def progress(self, teacher: str) -> np.ndarray:
         return self.group[f"teachers/{teacher}/progress"][:]
@@ -442,6 +546,11 @@ class TeacherStore:
         rows = self.chunk_rows(chunk)
         for key, values in arrays.items():
             full = f"teachers/{teacher}/{key}"
+            if self.layout.logits_topk is not None and is_logits_key(full):
+                encoded = encode_topk(values, self.layout.logits_topk, self.layout.dtype)
+                for part, array_key in zip(TOPK_PARTS, topk_keys(full), strict=True):
+                    self.group[array_key][view, rows] = encoded[part]
+                continue
             if self.layout.quantize is not None and is_feature_key(full):
                 values, ranges = quantize_rows(values)
                 self.group[range_key(full)][view, rows] = ranges
@@ -481,11 +590,10 @@ class TeacherStore:
         out: dict[str, dict[str, int]] = {}
         for teacher in self.teacher_names:
             for key in self.feature_keys(teacher):
-                array = self.group[key]
                 companions = self.with_companions([key])
                 out[key] = {
                     "stored": sum(self.stored_bytes(k) for k in companions),
-                    "raw_float32": int(np.prod(array.shape)) * 4,
+                    "raw_float32": int(np.prod(self.logical_shape(key))) * 4,
                     "raw": sum(int(self.group[k].nbytes) for k in companions),
                 }
         return out
@@ -633,6 +741,17 @@ def repair_store(store: TeacherStore, report: VerifyReport) -> int:
     return len(redo)
 
 
+def _lossy_description(layout: StoreLayout) -> str:
+    lossy = []
+    if layout.keep_bits is not None:
+        lossy.append(f"{layout.keep_bits} mantissa bits kept")
+    if layout.quantize is not None:
+        lossy.append(f"blocks and maps as {layout.quantize}-bit codes")
+    if layout.logits_topk is not None:
+        lossy.append(f"the top {layout.logits_topk} logits")
+    return "lossy: " + ", ".join(lossy) if lossy else "lossless"
+
+
 def describe_store(store: TeacherStore) -> str:
     """A readable summary: dataset, views, and per teacher its accuracy, blocks, shapes and stored bytes."""
     attrs = store.attrs
@@ -644,14 +763,7 @@ def describe_store(store: TeacherStore) -> str:
         f"views     {views['augmented']} augmented ({views['recipe']}, seed {views['seed']})"
         + (" + identity" if views["identity"] else ""),
         f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk, "
-        f"features {', '.join(layout.features)}"
-        + (
-            f", lossy: {layout.keep_bits} mantissa bits kept"
-            if layout.keep_bits is not None
-            else f", lossy: blocks and maps as {layout.quantize}-bit codes"
-            if layout.quantize is not None
-            else ", lossless"
-        ),
+        f"features {', '.join(layout.features)}, {_lossy_description(layout)}",
         "",
     ]
     sizes = store.sizes()

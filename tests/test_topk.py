@@ -1,0 +1,118 @@
+"""Top-k logits (issue 16): the rebuild rule on hand-made logits, a top-k store end to end, and format-1 stores."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meal_cache.data import load_dataset
+from meal_cache.errors import UserError
+from meal_cache.extract import extract
+from meal_cache.store import decode_topk, encode_topk, open_store
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def test_rebuilt_top_k_keeps_each_stored_probability_and_spreads_the_rest_evenly():
+    logits = np.array([[4.0, 1.0, 0.0, -1.0, 2.0, 0.5], [0.0, 0.0, 3.0, 0.0, 0.0, -2.0]], dtype=np.float32)
+    encoded = encode_topk(logits, 2, "float32")
+    assert encoded["index"].tolist() == [[0, 4], [2, 0]] and encoded["index"].dtype == np.int16
+    assert encoded["value"].tolist() == [[4.0, 2.0], [3.0, 0.0]]
+    rebuilt = _softmax(decode_topk(encoded["index"], encoded["value"], encoded["lse"], 6, "float64"))
+    reference = _softmax(logits)
+    np.testing.assert_allclose(rebuilt.sum(1), 1.0, atol=1e-12)  # mass is conserved
+    np.testing.assert_allclose(rebuilt[0, [0, 4]], reference[0, [0, 4]], rtol=1e-5)
+    rest = 1.0 - reference[0, [0, 4]].sum()
+    np.testing.assert_allclose(rebuilt[0, [1, 2, 3, 5]], rest / 4, rtol=1e-5)
+    np.testing.assert_allclose(rebuilt[1, [2, 0]], reference[1, [2, 0]], rtol=1e-5)
+    # k = classes keeps everything: the same softmax at every temperature.
+    every = encode_topk(logits, 6, "float32")
+    dense = decode_topk(every["index"], every["value"], every["lse"], 6, "float32")
+    for temperature in (1.0, 4.0):
+        np.testing.assert_allclose(_softmax(dense, temperature), _softmax(logits, temperature), rtol=1e-5)
+
+
+def test_a_remainder_rounded_to_nothing_never_gives_minus_infinity():
+    logits = np.array([[30.0, -30.0, -30.0]], dtype=np.float16)
+    encoded = encode_topk(logits, 1, "float16")
+    dense = decode_topk(encoded["index"], encoded["value"], encoded["lse"], 3, "float16")
+    assert np.isfinite(dense.astype(np.float32)).all() and dense.argmax() == 0
+
+
+@pytest.fixture(scope="module")
+def topk_stores(small_store, teacher_dir, digits, tmp_path_factory):
+    path, config = small_store
+    out = tmp_path_factory.mktemp("topk") / "top3.zarr"
+    extract(dataclasses.replace(config, logits_topk=3, views=1), out, progress=False, dataset=digits)
+    return path, out
+
+
+def test_a_top_k_store_holds_k_logits_a_row_and_reads_back_dense(topk_stores):
+    dense_path, topk_path = topk_stores
+    dense, topk = open_store(dense_path), open_store(topk_path)
+    assert topk.attrs["format"] == "meal-cache/2" and topk.layout.logits_topk == 3 and topk.complete
+    assert "teachers/resnet8_w4/logits" not in topk.group
+    index = topk.group["teachers/resnet8_w4/logits_topk/index"]
+    assert index.shape == (2, dense.n, 3)
+    # Views are drawn one by one from the seed: view 0 is the same view in both; the identity view is the last.
+    for view, dense_view in ((0, 0), (1, dense.identity_view)):
+        reference = dense.logits("resnet8_w4", dense_view).astype(np.float32)
+        rebuilt = topk.logits("resnet8_w4", view).astype(np.float32)
+        assert rebuilt.shape == reference.shape
+        stored = index[view].astype(np.int64)
+        assert (stored[:, 0] == reference.argmax(1)).all() and (rebuilt.argmax(1) == stored[:, 0]).all()
+        p, q = _softmax(reference), _softmax(rebuilt)
+        np.testing.assert_allclose(np.take_along_axis(q, stored, 1), np.take_along_axis(p, stored, 1), atol=1e-3)
+        np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-3)
+    # The teachers' recorded accuracy comes from the rebuilt logits: the same top-1.
+    accuracy, dense_accuracy = topk.teacher("resnet8_w4")["accuracy"], dense.teacher("resnet8_w4")["accuracy"]
+    assert accuracy == [dense_accuracy[0], dense_accuracy[-1]]
+    sizes = topk.sizes()["teachers/resnet8_w4/logits"]
+    assert sizes["raw"] == 2 * dense.n * (3 * 2 + 3 * 2 + 4)  # index int16, value float16, lse float32
+
+
+def test_distill_and_inspect_read_a_top_k_store(topk_stores, digits, tmp_path):
+    from meal_cache.analysis import inspect_store
+    from meal_cache.distill import DistillConfig, distill
+
+    _, topk_path = topk_stores
+    config = DistillConfig(store=str(topk_path), student="resnet8_w4", method="kd", epochs=1, device="cpu")
+    summary = distill(config, tmp_path / "run", progress=False, dataset=digits)
+    assert summary["test"]["n"] == 360
+    assert inspect_store(topk_path)["teachers"]
+
+
+def test_bad_top_k_settings_are_refused(small_store, digits, tmp_path):
+    _, config = small_store
+    with pytest.raises(UserError, match="--logits-topk must be at least 1, got 0"):
+        extract(dataclasses.replace(config, logits_topk=0), tmp_path / "a.zarr", progress=False, dataset=digits)
+    with pytest.raises(UserError, match="--logits-topk 11 is more than teacher resnet8_w4's 10 classes"):
+        extract(dataclasses.replace(config, logits_topk=11), tmp_path / "b.zarr", progress=False, dataset=digits)
+
+
+def test_a_store_written_in_format_1_is_still_read_and_distilled_from(tmp_path):
+    """tests/fixtures/format1_store was written by meal-cache as of format meal-cache/1 (make_format1.py)."""
+    from meal_cache.distill import DistillConfig, distill
+
+    path = tmp_path / "format1.zarr"
+    shutil.copytree(FIXTURES / "format1_store", path)
+    store = open_store(path)
+    assert store.attrs["format"] == "meal-cache/1" and store.layout.logits_topk is None and store.complete
+    assert store.logits("resnet8_w4", 0).shape == (48, 3)
+    dataset = load_dataset(f"npz:{FIXTURES / 'format1.npz'}", image_size=16)
+    config = DistillConfig(store=str(path), student="resnet8_w4", method="meal", epochs=1, batch_size=16,
+                           device="cpu")  # fmt: skip
+    summary = distill(config, tmp_path / "run", progress=False, dataset=dataset)
+    assert summary["test"]["n"] == 12 and np.isfinite(summary["history"][0]["loss"])
+    assert torch.load(tmp_path / "run" / "student.pt", weights_only=True)["arch"] == "resnet8_w4"
