@@ -265,6 +265,13 @@ def evaluate(
     help="What to store per block: blocks (pooled channels, for adapters), maps (channel-mean map, "
     "MEAL's representation), or both.",
 )
+@click.option(
+    "--for",
+    "preset",
+    default=None,
+    help="Store only what one method reads: meal (logits + the last 3 blocks' maps), kd or meal-v2 (logits "
+    "only), all (everything, as without --for). Replaces --features and --blocks.",
+)
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--codec", default="zstd:3", show_default=True, help="zstd[:LEVEL], blosc[:LEVEL] or none.")
 @click.option(

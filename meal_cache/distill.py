@@ -474,6 +474,12 @@ class Distiller(nn.Module):
         if self.pairs and config.representation not in stored:
             other = next((kind for kind in REPRESENTATIONS if kind in stored), None)
             instead = f", or distill with --representation {other}" if other else ""
+            preset = (store.attrs.get("settings") or {}).get("preset")
+            if preset is not None:
+                wanted = "meal" if config.representation == "maps" else "all"
+                raise UserError(f"the store holds no block {config.representation}: it was extracted with --for "
+                                f"{preset}, which stores {', '.join(stored) or 'logits only'}; extract with --for "
+                                f"{wanted} for --method {config.method}{instead}")  # fmt: skip
             raise UserError(f"the store holds no block {config.representation} (it was extracted with --features "
                             f"{','.join(stored)}): extract with --features {config.representation} "
                             f"(or blocks,maps){instead}")  # fmt: skip

@@ -15,6 +15,7 @@ records the teachers' accuracy and marks the store complete.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from meal_cache import augment
 from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.distributed import World, init_world
-from meal_cache.errors import SettingsMismatch, UserError
+from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
 from meal_cache.loop import check_workers
 from meal_cache.runtime import Precision
 from meal_cache.store import (
@@ -47,6 +48,25 @@ STORE_DATASET_KEYS = ("spec", "kind", "options", "num_classes", "classes", "imag
                       "source", "decoder")  # fmt: skip
 # Chunks written but not yet durable; bounds the memory the background writer may hold.
 MAX_PENDING_WRITES = 4
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What ``extract --for METHOD`` stores: the feature kinds and which blocks (logits always)."""
+
+    features: tuple[str, ...]
+    blocks: str
+    help: str
+
+
+# MEAL's default --block-weights match the last three blocks of each teacher; kd and meal-v2 read logits only.
+PRESETS: dict[str, Preset] = {
+    "all": Preset(tuple(FEATURE_KINDS), "all", "logits, and every block's pooled output and map (the default)"),
+    "meal": Preset(("maps",), "3", "logits and the channel-mean maps of the last 3 blocks"),
+    "kd": Preset((), "all", "logits only"),
+    "meal-v2": Preset((), "all", "logits only"),
+}
+DEFAULT_BLOCKS = "all"
 
 
 @dataclass
@@ -70,11 +90,27 @@ class ExtractConfig:
     keep_bits: int | None = None
     quantize: int | None = None
     logits_topk: int | None = None  # lossy: only each row's K largest logits (and their log-sum-exp)
+    preset: str | None = None  # ``--for METHOD``: store only what that method reads (see PRESETS)
     batch_size: int = 256
     rows_per_chunk: int = 512
     teacher_dir: str = "teachers"
     device: str = "auto"
     workers: int | None = None  # decoding processes for image files (None: from the core count)
+
+    def resolved(self) -> ExtractConfig:
+        """The config with a ``--for`` preset's features and blocks filled in, every setting checked."""
+        config = self
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise unknown_choice("--for method", self.preset, list(PRESETS))
+            preset = PRESETS[self.preset]
+            chosen = (tuple(self.features), self.blocks)
+            if chosen not in ((tuple(FEATURE_KINDS), DEFAULT_BLOCKS), (preset.features, preset.blocks)):
+                raise UserError(f"--for {self.preset} chooses the features and blocks itself; pass --for or "
+                                "--features/--blocks, not both")  # fmt: skip
+            config = dataclasses.replace(self, features=list(preset.features), blocks=preset.blocks)
+        config.validate()
+        return config
 
     def validate(self) -> None:
         if not self.teachers:
@@ -86,7 +122,7 @@ class ExtractConfig:
         if self.grid not in (1, 2, 4):
             raise UserError(f"--grid must be 1, 2 or 4, got {self.grid}")
         unknown = set(self.features) - set(FEATURE_KINDS)
-        if unknown or not self.features:
+        if unknown or (not self.features and self.preset is None):
             raise UserError(f"--features takes {', '.join(FEATURE_KINDS)}, got {','.join(self.features)}")
         if self.batch_size < 1 or self.rows_per_chunk < 1:
             raise UserError("--batch-size and --rows-per-chunk must be at least 1")
@@ -116,7 +152,7 @@ def extract(
 
     A failed write (disk full, no permission) raises a :class:`UserError` and leaves the store resumable: the
     chunks whose progress mark was set are kept, and the store is never marked complete."""
-    config.validate()
+    config = config.resolved()
     world, device = init_world(config.device)
     progress = progress and world.is_main
     precision = Precision(device)

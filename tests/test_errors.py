@@ -148,6 +148,8 @@ def _cases(root: Path, store: Path) -> list[tuple[str, list[str], str]]:
                                 str(root / "k0.zarr"), *t], "--logits-topk must be at least 1, got 0"),
         ("top-k beyond the classes", ["extract", "--teachers", "resnet8_w4", "--logits-topk", "11", "--out",
                                       str(root / "k11.zarr"), *t], "--logits-topk 11 is more than teacher"),
+        ("unknown --for method", ["extract", "--teachers", "resnet8_w4", "--for", "mael", "--out",
+                                  str(root / "for.zarr"), *t], "unknown --for method 'mael'"),
         ("negative workers", ["train", "--arch", "resnet8", "--workers", "-1", "--out", out],
          "--workers must be 0 or more decoding processes, got -1"),
         ("crops not dividing the batch", ["distill", "--store", str(store), "--student", "resnet8",

@@ -116,3 +116,31 @@ def test_a_store_written_in_format_1_is_still_read_and_distilled_from(tmp_path):
     summary = distill(config, tmp_path / "run", progress=False, dataset=dataset)
     assert summary["test"]["n"] == 12 and np.isfinite(summary["history"][0]["loss"])
     assert torch.load(tmp_path / "run" / "student.pt", weights_only=True)["arch"] == "resnet8_w4"
+
+
+def test_presets_store_only_what_their_method_reads(small_store, digits, tmp_path):
+    from meal_cache.distill import DistillConfig, distill
+
+    _, config = small_store
+    base = dataclasses.replace(config, views=1, identity_view=False, grid=1, features=["blocks", "maps"],
+                               blocks="all")  # fmt: skip
+    kd = extract(dataclasses.replace(base, preset="kd", logits_topk=5), tmp_path / "kd.zarr", progress=False,
+                 dataset=digits)  # fmt: skip
+    assert sorted(kd.group["teachers/resnet8_w4"].keys()) == ["logits_topk", "progress"]
+    meal = extract(dataclasses.replace(base, preset="meal"), tmp_path / "meal.zarr", progress=False, dataset=digits)
+    blocks = [b.key for b in meal.blocks("resnet8_w4")]
+    assert meal.layout.features == ("maps",) and len(blocks) == 3
+    assert sorted(meal.group["teachers/resnet8_w4/maps"].keys()) == sorted(blocks)
+    assert "blocks" not in meal.group["teachers/resnet8_w4"]
+    # What distill reads is there: meal from the meal preset, kd from the kd one; meal from kd is one clear error.
+    for store, method in ((tmp_path / "meal.zarr", "meal"), (tmp_path / "kd.zarr", "kd")):
+        run = DistillConfig(store=str(store), student="resnet8_w4", method=method, epochs=1, device="cpu")
+        assert distill(run, tmp_path / f"run-{method}", progress=False, dataset=digits)["test"]["n"] == 360
+    wrong = DistillConfig(store=str(tmp_path / "kd.zarr"), student="resnet8_w4", method="meal", epochs=1, device="cpu")
+    with pytest.raises(UserError, match="extracted with --for kd, which stores logits only; extract with --for meal"):
+        distill(wrong, tmp_path / "run-wrong", progress=False, dataset=digits)
+    with pytest.raises(UserError, match="unknown --for method 'mael'"):
+        extract(dataclasses.replace(base, preset="mael"), tmp_path / "x.zarr", progress=False, dataset=digits)
+    with pytest.raises(UserError, match="pass --for or --features/--blocks, not both"):
+        extract(dataclasses.replace(base, preset="kd", blocks="2"), tmp_path / "y.zarr", progress=False,
+                dataset=digits)  # fmt: skip
