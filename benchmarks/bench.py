@@ -30,7 +30,8 @@ from meal_cache.checkpoint import model_payload, save_checkpoint
 from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.distill import DistillConfig, InMemoryBatches, StreamingBatches, ViewFeed, distill
 from meal_cache.extract import ExtractConfig, extract
-from meal_cache.models import create_model
+from meal_cache.fidelity import store_fidelity
+from meal_cache.models import block_shapes, create_model
 from meal_cache.runtime import Precision, resolve_device
 from meal_cache.store import open_store
 from meal_cache.teachers import resolve_teacher
@@ -247,6 +248,67 @@ def bench_lossy_accuracy(work: Path, digits: ImageDataset, seeds: tuple[int, ...
                 "mean_difference": statistics.fmean(a - b for a, b in zip(values, base, strict=True))}
         for label, values in top1.items()
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- compact stores
+
+COMPACT_TARGETS = {
+    "store_bytes_meal_224": ("<=", 1200),
+    "store_bytes_kd_224_top5": ("<=", 60),
+    "topk_kl_T4": ("<=", 0.01),
+}
+TOPK_DEFAULT = 5
+
+
+def meal_bytes_224(arch: str) -> dict:
+    """Raw bytes a row and view for one 1,000-class teacher at 224 px, from the network's own block shapes
+    (untrained: bytes do not need weights): ``--for meal`` keeps the logits and the last 3 blocks' maps."""
+    model = create_model(arch, 1000, 224)
+    shapes = block_shapes(model, 224)
+    maps = [shapes[name][1] * shapes[name][2] for name in model.block_names[-3:]]
+    topk = TOPK_DEFAULT * (2 + 2) + 4  # int16 classes, float16 values, a float32 log-sum-exp
+    return {
+        "maps": dict(zip(model.block_names[-3:], maps, strict=True)),
+        "meal": 2 * 1000 + 2 * sum(maps),
+        "meal_top5": topk + 2 * sum(maps),
+        "meal_top5_quantize8": topk + sum(maps) + 8 * len(maps),  # 8-bit codes and each row's (low, step)
+        "kd": 2 * 1000,
+        "kd_top5": topk,
+    }
+
+
+def bench_compact(work: Path, digits: ImageDataset) -> dict:
+    """Issue 16's sizes at 224 px for 1,000 classes (resnet50, densenet121) and the fidelity of top-k logits
+    against the lossless store, over k, on the digits teachers trained by the lossy-accuracy section."""
+    sizes = {arch: meal_bytes_224(arch) for arch in ("resnet50", "densenet121")}
+    if not (work / "trained").is_dir():  # run alone (--only compact): train the teachers as that section does
+        (work / "trained").mkdir()
+        for arch in ("resnet20", "densenet_k12"):
+            train_supervised(TrainConfig(arch=arch, epochs=8, device="cpu"), work / "trained" / f"{arch}.pt",
+                             progress=False, dataset=digits)  # fmt: skip
+    reference = work / "topk-reference.zarr"
+    config = ExtractConfig(teachers=["resnet20", "densenet_k12"], views=2, teacher_dir=str(work / "trained"),
+                           device="cpu", preset="kd")  # fmt: skip
+    extract(config, reference, overwrite=True, progress=False, dataset=digits)
+    curve = {}
+    for k in (1, 2, 3, 5, 8):
+        store = work / f"topk-{k}.zarr"
+        opened = extract(dataclasses.replace(config, logits_topk=k), store, overwrite=True, progress=False,
+                         dataset=digits)  # fmt: skip
+        teachers = store_fidelity(str(store), str(reference))["teachers"].values()
+        stored = sum(v["stored"] for v in opened.sizes().values())
+        curve[k] = {"kl_T1": max(t["kl"]["T=1"] for t in teachers), "kl_T4": max(t["kl"]["T=4"] for t in teachers),
+                    "top1_agreement": min(t["top1_agreement"] for t in teachers),
+                    "bytes_per_row_view": stored / (opened.n * opened.num_views)}  # fmt: skip
+    return {
+        "sizes_224": sizes,
+        "store_bytes_meal_224": max(v["meal"] for v in sizes.values()),
+        "store_bytes_meal_224_top5_quantize8": max(v["meal_top5_quantize8"] for v in sizes.values()),
+        "store_bytes_kd_224_top5": max(v["kd_top5"] for v in sizes.values()),
+        "topk_curve_digits": curve,
+        "topk_kl_T4": curve[TOPK_DEFAULT]["kl_T4"],
+        "topk_top1_agreement": curve[TOPK_DEFAULT]["top1_agreement"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- streaming images
@@ -477,7 +539,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stream-repeats", type=int, default=1, help="Rounds of the streaming section's timings.")
-    parser.add_argument("--only", choices=["digits", "stream"], help="Run one section: digits (1-6) or stream (7).")
+    parser.add_argument("--only", choices=["digits", "stream", "compact"],
+                        help="Run one section: digits (1-6), compact (6b) or stream (7).")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="Where extraction overhead is measured (cuda: also img/s).")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -489,7 +552,10 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        if args.only != "stream":
+        if args.only == "compact":
+            print("6b/7 compact stores: sizes at 224 px and the top-k curve ...", flush=True)
+            results["compact"] = bench_compact(work, load_dataset("digits"))
+        if args.only not in ("stream", "compact"):
             digits = load_dataset("digits")
             print("1/7 extraction overhead ...", flush=True)
             results["extract"] = bench_extract(work, digits, args.repeats, args.device)
@@ -505,7 +571,9 @@ def main() -> None:
             results["size"] = bench_size(work, digits)
             print("6/7 accuracy cost of lossy stores ...", flush=True)
             results["lossy_accuracy"] = bench_lossy_accuracy(work, digits)
-        if args.only != "digits":
+            print("6b/7 compact stores: sizes at 224 px and the top-k curve ...", flush=True)
+            results["compact"] = bench_compact(work, digits)
+        if args.only not in ("digits", "compact"):
             print("7/7 streamed image folders ...", flush=True)
             results["stream"] = bench_stream(work, args.stream_repeats)
     results["targets"] = targets(results)
@@ -520,15 +588,18 @@ def main() -> None:
 def targets(results: dict) -> dict:
     """Each targeted figure with its target and whether it is met; the streaming section's untargeted figures
     with target "(reported)" and met null. A figure that could not be measured (null) is not met."""
-    sections = [results[k] for k in ("extract", "cache_tax", "offline", "loader", "stream") if k in results]
+    sections = [results[k] for k in ("extract", "cache_tax", "offline", "loader", "stream", "compact") if k in results]
     flat = {k: v for section in sections for k, v in section.items()}
     rows = {}
-    for name, (op, limit) in {**TARGETS, **STREAM_TARGETS}.items():
+    for name, (op, limit) in {**TARGETS, **STREAM_TARGETS, **COMPACT_TARGETS}.items():
         if name not in flat:
             continue
         value = flat[name]
         met = None if value is None else value <= limit if op == "<=" else value >= limit
         rows[name] = {"value": value, "target": f"{op} {limit}", "met": met}
+    if "compact" in results:
+        for key in ("store_bytes_meal_224_top5_quantize8", "topk_top1_agreement"):
+            rows[key] = {"value": results["compact"][key], "target": "(reported)", "met": None}
     if "stream" in results:
         stream = results["stream"]
         rows["stream_cache_tax_meal"] = {"value": stream["stream_cache_tax_meal"], "target": "(reported)", "met": None}
