@@ -383,15 +383,15 @@ def _without_unreadable(
 
 
 def _decode_all(root: Path, files: list[str], size: int) -> torch.Tensor:
-    from meal_cache.source import decode_rgb
+    from meal_cache.source import DECODE_ERRORS, decode_rgb, first_line
 
     images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     for row, name in enumerate(files):
         try:
             tensor = decode_rgb(str(root / name))
-        except (RuntimeError, OSError, SyntaxError, ValueError) as err:
+        except DECODE_ERRORS as err:
             raise UserError(
-                f"imagefolder: '{root / name}' is not a readable image ({str(err).strip()[:200]}); "
+                f"imagefolder: '{root / name}' is not a readable image ({first_line(err)}); "
                 "remove it, or load the data with ?skip_bad=1 to leave unreadable files out"
             ) from err
         images[row] = TF.center_crop(TF.resize(tensor, size, antialias=True), [size, size])

@@ -791,6 +791,7 @@ def build_run(
     if config.refine_labels:
         labels = _refined_labels(config, labels, device, progress)
     views = store.augmented_views or [store.identity_view]
+    recorded_sizes = store.source_sizes()  # image files: each row's size, so fresh views need no header scan
     if config.crops_per_image > len(views):
         raise UserError(f"--crops-per-image {config.crops_per_image} needs as many cached views; '{config.store}' has "
                         f"{len(views)} (extract with --views {config.crops_per_image} or more)")  # fmt: skip
@@ -800,7 +801,7 @@ def build_run(
         schedule=Schedule.of(config, len(labels) * config.crops_per_image), images=images, labels=labels, views=views,
         view_params={v: store.view_params(v) for v in set(views)},
         recipe=augment.recipe_for(store.dataset["recipe"], dataset.image_size),
-        sizes=store.source_sizes() if store.source_sizes() is not None else split.source_sizes(config.workers),
+        sizes=recorded_sizes if recorded_sizes is not None else split.source_sizes(config.workers),
         online=OnlineTeachers(config, store, dataset, precision) if config.online else None,
         source=make_batch_source(config, store, distiller.needed_keys(), device),
     )  # fmt: skip

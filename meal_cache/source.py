@@ -42,6 +42,8 @@ DECODER = f"torchvision.io.decode_image {torchvision.__version__}"
 MAX_SIDE = 32767
 
 Request = tuple[torch.Tensor, augment.ViewParams, Any]
+# What a decoder raises for a file that is not a readable image (PIL's UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (RuntimeError, OSError, SyntaxError, ValueError)
 
 
 class ImageSource(Protocol):
@@ -134,8 +136,8 @@ class _Decoder(Dataset):
         path = self.path(row)
         try:
             image = decode_rgb(path)
-        except (RuntimeError, OSError, SyntaxError, ValueError) as err:
-            return BadImage(path, f"cannot be decoded ({_first_line(err)})")
+        except DECODE_ERRORS as err:
+            return BadImage(path, f"cannot be decoded ({first_line(err)})")
         if self.sizes is not None:
             expected = tuple(int(v) for v in self.sizes[row])
             if tuple(image.shape[-2:]) != expected:
@@ -144,7 +146,7 @@ class _Decoder(Dataset):
         return image
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__
 
@@ -274,7 +276,7 @@ class _Headers(Dataset):
                 with Image.open(path) as image:
                     width, height = image.size
             except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-                return sizes, f"image '{path}' is not a readable image ({_first_line(err)})"
+                return sizes, f"image '{path}' is not a readable image ({first_line(err)})"
             if max(width, height) > MAX_SIDE:
                 return sizes, f"image '{path}' is {width}x{height} px; meal-cache takes sides up to {MAX_SIDE} px"
             sizes.append((height, width))
@@ -297,8 +299,8 @@ def readable(path: str) -> str | None:
     """None when ``path`` decodes to an image, else why not (for ``?skip_bad=1``, which decodes every file)."""
     try:
         image = decode_rgb(path)
-    except (RuntimeError, OSError, SyntaxError, ValueError) as err:
-        return _first_line(err)
+    except DECODE_ERRORS as err:
+        return first_line(err)
     if max(image.shape[-2:]) > MAX_SIDE:
         return f"larger than {MAX_SIDE} px"
     return None
@@ -340,7 +342,7 @@ def list_image_folder(folder: Path, class_to_idx: dict[str, int] | None = None):
     try:
         samples = make_dataset(str(folder), found_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as err:
-        raise UserError(f"imagefolder '{folder}': {_first_line(err)}") from err
+        raise UserError(f"imagefolder '{folder}': {first_line(err)}") from err
     relative = [os.path.relpath(path, folder) for path, _ in samples]
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     return relative, labels, classes
