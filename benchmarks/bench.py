@@ -23,6 +23,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from meal_cache import augment
@@ -33,7 +34,7 @@ from meal_cache.extract import ExtractConfig, extract
 from meal_cache.fidelity import store_fidelity
 from meal_cache.models import block_shapes, create_model
 from meal_cache.runtime import Precision, resolve_device
-from meal_cache.store import open_store
+from meal_cache.store import encode_topk, open_store, quantize_rows
 from meal_cache.teachers import resolve_teacher
 from meal_cache.train import TrainConfig, train_supervised
 
@@ -266,13 +267,17 @@ def meal_bytes_224(arch: str) -> dict:
     model = create_model(arch, 1000, 224)
     shapes = block_shapes(model, 224)
     maps = [shapes[name][1] * shapes[name][2] for name in model.block_names[-3:]]
-    topk = TOPK_DEFAULT * (2 + 2) + 4  # int16 classes, float16 values, a float32 log-sum-exp
+    # Bytes as the store's own encoders write one row: float16 logits, top-k, float16 and 8-bit maps.
+    logits = np.zeros((1, 1000), dtype=np.float16)
+    topk = sum(a.nbytes for a in encode_topk(logits, TOPK_DEFAULT, "float16").values())
+    quantized = sum(sum(a.nbytes for a in quantize_rows(np.zeros((1, m), np.float16))) for m in maps)
+    float16_maps = 2 * sum(maps)
     return {
         "maps": dict(zip(model.block_names[-3:], maps, strict=True)),
-        "meal": 2 * 1000 + 2 * sum(maps),
-        "meal_top5": topk + 2 * sum(maps),
-        "meal_top5_quantize8": topk + sum(maps) + 8 * len(maps),  # 8-bit codes and each row's (low, step)
-        "kd": 2 * 1000,
+        "meal": logits.nbytes + float16_maps,
+        "meal_top5": topk + float16_maps,
+        "meal_top5_quantize8": topk + quantized,
+        "kd": logits.nbytes,
         "kd_top5": topk,
     }
 

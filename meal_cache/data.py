@@ -361,7 +361,7 @@ def _load_imagefolder(arg: str | None, options: LoadOptions) -> _Raw:
         return _Raw(train, test, tuple(classes), NATURAL_RECIPE)
     size = options.image_size or STREAM_IMAGE_SIZE
     train, test = (
-        FileSplit(str(root), np.array([os.fsencode(f) for f in files], dtype=object).astype(bytes),
+        FileSplit(str(root), np.array([os.fsencode(f) for f in files], dtype=bytes),
                   torch.from_numpy(labels), np.array([os.path.getsize(root / f) for f in files], dtype=np.int64), size)
         for files, labels in parts
     )  # fmt: skip

@@ -59,6 +59,11 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def worker_count(workers: int | None) -> int:
+    """``--workers`` as given, or :func:`default_workers` when not given."""
+    return default_workers() if workers is None else workers
+
+
 class MemorySource:
     """Rows of an in-memory split, cropped on the device."""
 
@@ -247,7 +252,7 @@ class FileSplit:
         return augment.identity(self.source_sizes(workers), augment.RECIPES[augment.FULL_RECIPE])
 
     def open(self, device: torch.device, workers: int | None = None) -> FileSource:
-        return FileSource(self, device, default_workers() if workers is None else workers, self.image_size)
+        return FileSource(self, device, worker_count(workers), self.image_size)
 
     def sample_pixels(self, count: int) -> torch.Tensor:
         """uint8 pixels of the first ``count`` rows' evaluation views, decoded here (for timing networks)."""
@@ -285,8 +290,7 @@ class _Headers(Dataset):
 
 def scan_sizes(root: str, files: np.ndarray, workers: int | None = None) -> torch.Tensor:
     """(H, W) of every file from its header (PIL reads it without decoding the pixels)."""
-    workers = default_workers() if workers is None else workers
-    loader = DataLoader(_Headers(root, files, 256), batch_size=None, num_workers=workers)
+    loader = DataLoader(_Headers(root, files, 256), batch_size=None, num_workers=worker_count(workers))
     sizes: list[tuple[int, int]] = []
     for chunk, problem in loader:
         if problem is not None:
@@ -319,8 +323,7 @@ class _Check(Dataset):
 
 def find_unreadable(paths: list[str], workers: int | None = None) -> dict[int, str]:
     """Index -> reason for every path that does not decode, checked in parallel."""
-    workers = default_workers() if workers is None else workers
-    loader = DataLoader(_Check(paths), batch_size=None, num_workers=workers)
+    loader = DataLoader(_Check(paths), batch_size=None, num_workers=worker_count(workers))
     return {index: reason for index, reason in enumerate(loader) if reason is not None}
 
 
