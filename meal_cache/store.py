@@ -741,6 +741,12 @@ def repair_store(store: TeacherStore, report: VerifyReport) -> int:
     return len(redo)
 
 
+def _array_label(store: TeacherStore, key: str, teacher: str) -> str:
+    label = key.removeprefix(f"teachers/{teacher}/")
+    k = store.layout.logits_topk
+    return f"{label} (top {k}, read back dense)" if k is not None and is_logits_key(key) else label
+
+
 def _lossy_description(layout: StoreLayout) -> str:
     lossy = []
     if layout.keep_bits is not None:
@@ -763,7 +769,7 @@ def describe_store(store: TeacherStore) -> str:
         f"views     {views['augmented']} augmented ({views['recipe']}, seed {views['seed']})"
         + (" + identity" if views["identity"] else ""),
         f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk, "
-        f"features {', '.join(layout.features)}, {_lossy_description(layout)}",
+        f"features {', '.join(layout.features) or 'none (logits only)'}, {_lossy_description(layout)}",
         "",
     ]
     sizes = store.sizes()
@@ -786,11 +792,10 @@ def describe_store(store: TeacherStore) -> str:
             size = sizes[array_key]
             total_stored += size["stored"]
             total_raw32 += size["raw_float32"]
-            shape = "x".join(str(s) for s in store.array(array_key).shape)
+            shape = "x".join(str(s) for s in store.logical_shape(array_key))
             ratio = size["raw_float32"] / max(1, size["stored"])
             lines.append(
-                f"  {array_key.removeprefix(f'teachers/{key}/'):40s} {shape:>22s} {_human(size['stored']):>10s} "
-                f"{ratio:6.1f}x"
+                f"  {_array_label(store, array_key, key):40s} {shape:>22s} {_human(size['stored']):>10s} {ratio:6.1f}x"
             )
         lines.append("")
     per_row = total_stored / max(1, store.n * store.num_views)

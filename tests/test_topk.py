@@ -13,7 +13,7 @@ import torch
 from meal_cache.data import load_dataset
 from meal_cache.errors import UserError
 from meal_cache.extract import extract
-from meal_cache.store import decode_topk, encode_topk, open_store
+from meal_cache.store import decode_topk, describe_store, encode_topk, open_store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -78,6 +78,10 @@ def test_a_top_k_store_holds_k_logits_a_row_and_reads_back_dense(topk_stores):
     # The teachers' recorded accuracy comes from the rebuilt logits: the same top-1.
     accuracy, dense_accuracy = topk.teacher("resnet8_w4")["accuracy"], dense.teacher("resnet8_w4")["accuracy"]
     assert accuracy == [dense_accuracy[0], dense_accuracy[-1]]
+    # What `extract` and `info` print: the logits' dense shape, marked as top-k.
+    text = describe_store(topk)
+    row = next(line for line in text.splitlines() if line.strip().startswith("logits (top 3, read back dense)"))
+    assert row.split("dense)")[1].split()[0] == f"2x{dense.n}x10" and "lossy: the top 3 logits" in text
     sizes = topk.sizes()["teachers/resnet8_w4/logits"]
     assert sizes["raw"] == 2 * dense.n * (3 * 2 + 3 * 2 + 4)  # index int16, value float16, lse float32
 
