@@ -269,8 +269,8 @@ def evaluate(
     "--for",
     "preset",
     default=None,
-    help="Store only what one method reads: meal (logits + the last 3 blocks' maps), kd or meal-v2 (logits "
-    "only), all (everything, as without --for). Replaces --features and --blocks.",
+    help="Store only what one method reads: meal (logits + the last 3 blocks' maps, 8-bit unless --quantize "
+    "none), kd or meal-v2 (logits only), all (everything, as without --for). Replaces --features and --blocks.",
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--codec", default="zstd:3", show_default=True, help="zstd[:LEVEL], blosc[:LEVEL] or none.")
@@ -283,11 +283,11 @@ def evaluate(
 )
 @click.option(
     "--quantize",
-    type=click.Choice(["8"]),
+    type=click.Choice(["8", "none"]),
     default=None,
-    callback=lambda ctx, param, value: int(value) if value else None,
+    callback=lambda ctx, param, value: None if value is None else 0 if value == "none" else int(value),
     help="Lossy: store blocks and maps as 8-bit codes, each row scaled to its own range (logits stay as "
-    "--dtype). Default: lossless.",
+    "--dtype). Default: lossless, except 8 with --for meal; 'none' keeps meal's maps lossless.",
 )
 @click.option(
     "--logits-topk",

@@ -52,17 +52,21 @@ MAX_PENDING_WRITES = 4
 
 @dataclass(frozen=True)
 class Preset:
-    """What ``extract --for METHOD`` stores: the feature kinds and which blocks (logits always)."""
+    """What ``extract --for METHOD`` stores: the feature kinds and which blocks (logits always), and the lossy
+    encoding of blocks and maps it uses unless ``--quantize``/``--keep-bits`` choose one."""
 
     features: tuple[str, ...]
     blocks: str
     help: str
+    quantize: int | None = None
 
 
 # MEAL's default --block-weights match the last three blocks of each teacher; kd and meal-v2 read logits only.
+# meal's maps are 8-bit: `info --fidelity` measures them within the maps' target where --keep-bits 4 is not
+# (docs/design.md, "Lossy stores").
 PRESETS: dict[str, Preset] = {
     "all": Preset(tuple(FEATURE_KINDS), "all", "logits, and every block's pooled output and map (the default)"),
-    "meal": Preset(("maps",), "3", "logits and the channel-mean maps of the last 3 blocks"),
+    "meal": Preset(("maps",), "3", "logits and the channel-mean maps of the last 3 blocks, 8-bit", quantize=8),
     "kd": Preset((), "all", "logits only"),
     "meal-v2": Preset((), "all", "logits only"),
 }
@@ -88,7 +92,7 @@ class ExtractConfig:
     dtype: str = "float16"
     codec: str = "zstd:3"
     keep_bits: int | None = None
-    quantize: int | None = None
+    quantize: int | None = None  # None: the --for preset's encoding (lossless without one); 0: lossless
     logits_topk: int | None = None  # lossy: only each row's K largest logits (and their log-sum-exp)
     preset: str | None = None  # ``--for METHOD``: store only what that method reads (see PRESETS)
     batch_size: int = 256
@@ -109,6 +113,10 @@ class ExtractConfig:
                 raise UserError(f"--for {self.preset} chooses the features and blocks itself; pass --for or "
                                 "--features/--blocks, not both")  # fmt: skip
             config = dataclasses.replace(self, features=list(preset.features), blocks=preset.blocks)
+            if self.quantize is None and self.keep_bits is None:
+                config = dataclasses.replace(config, quantize=preset.quantize)
+        if config.quantize == 0:
+            config = dataclasses.replace(config, quantize=None)
         config.validate()
         return config
 

@@ -136,6 +136,12 @@ def test_presets_store_only_what_their_method_reads(small_store, digits, tmp_pat
     assert meal.layout.features == ("maps",) and len(blocks) == 3
     assert sorted(meal.group["teachers/resnet8_w4/maps"].keys()) == sorted(blocks)
     assert "blocks" not in meal.group["teachers/resnet8_w4"]
+    # meal's maps are 8-bit unless the user chooses another encoding or none.
+    assert meal.layout.quantize == 8 and sorted(meal.group["teachers/resnet8_w4/ranges/maps"].keys()) == sorted(blocks)
+    assert dataclasses.replace(base, preset="meal", quantize=0).resolved().quantize is None
+    chosen = dataclasses.replace(base, preset="meal", keep_bits=6).resolved()
+    assert (chosen.quantize, chosen.keep_bits) == (None, 6)
+    assert dataclasses.replace(base, preset="kd").resolved().quantize is None
     # What distill reads is there: meal from the meal preset, kd from the kd one; meal from kd is one clear error.
     for store, method in ((tmp_path / "meal.zarr", "meal"), (tmp_path / "kd.zarr", "kd")):
         run = DistillConfig(store=str(store), student="resnet8_w4", method=method, epochs=1, device="cpu")
