@@ -72,6 +72,8 @@ def model_payload(
             "mean": list(dataset.mean),
             "std": list(dataset.std),
             "channels": 3,
+            # A pretrained timm model's own input (normalisation, native size), beside the data's it trained on.
+            **({"pretrained": model.pretrained_input} if hasattr(model, "pretrained_input") else {}),
         },
         "data": dataset.describe(),
         "metrics": {"test": test},

@@ -11,7 +11,9 @@ Names:
   ``wrn16_2`` ... ``wrn28_10``, and ``densenet_k12`` (torchvision DenseNet, growth 12, blocks 4-4-4);
 - every torchvision classification model by name (``resnet18``, ``densenet121``, ``vgg16_bn``, ...), with a
   small-input stem for images of 64 px or less (3x3 stride-1 stem, no max-pool);
-- ``ARCH:WEIGHTS`` loads torchvision's pretrained weights (``resnet50:IMAGENET1K_V2``; needs internet once).
+- ``ARCH:WEIGHTS`` loads torchvision's pretrained weights (``resnet50:IMAGENET1K_V2``; needs internet once);
+- a family prefix hands the name to another library's registry (:data:`FAMILIES`): ``timm:NAME`` is any timm
+  model, ViTs included, with blocks from its ``forward_intermediates`` (:mod:`meal_cache.timm_models`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from meal_cache import timm_models
 from meal_cache.errors import UserError, unknown_choice
 
 SMALL_INPUT_MAX = 64
@@ -117,13 +120,48 @@ def _builtin_entries() -> dict[str, ModelEntry]:
 MODELS: dict[str, ModelEntry] = _builtin_entries()
 
 
+@dataclass(frozen=True)
+class ModelFamily:
+    """Architectures named ``PREFIX:...`` and built by another library's own registry."""
+
+    create: Callable[[str, int, int], nn.Module]  # (name, num_classes, image_size) -> model with block_names
+    split: Callable[[str], tuple[str, str | None]]  # name -> (architecture, weights or None)
+    known: Callable[[str], bool]  # whether an architecture (as split gives it) exists, without building it
+    help: str
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "timm": ModelFamily(
+        timm_models.create_timm_model,
+        timm_models.split_name,
+        timm_models.is_known,
+        "any timm model, ViTs included: timm:NAME (untrained), timm:NAME:pretrained, timm:NAME.TAG, "
+        "timm:hf-hub:ORG/NAME; blocks from forward_intermediates",
+    )
+}
+
+
+def family_of(name: str) -> ModelFamily | None:
+    """The family a ``PREFIX:...`` name belongs to, or None (a meal-cache or torchvision name)."""
+    prefix, colon, _ = name.partition(":")
+    return FAMILIES.get(prefix) if colon else None
+
+
 def torchvision_model_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def model_names() -> list[str]:
-    """Every name create_model accepts: the built-in small networks and torchvision's classifiers."""
+    """The names create_model accepts without a family prefix: the built-in small networks and torchvision's
+    classifiers (a family's names, ``timm:...``, are checked by :func:`is_model_name`)."""
     return sorted(set(MODELS) | set(torchvision_model_names()))
+
+
+def is_model_name(arch: str) -> bool:
+    """Whether ``arch`` (without weights, as :func:`split_weights` gives it) names an architecture, without
+    building it."""
+    family = family_of(arch)
+    return family.known(arch) if family is not None else arch in MODELS or arch in torchvision_model_names()
 
 
 def _replace_stem_conv(conv: nn.Conv2d, pretrained: bool) -> nn.Conv2d:
@@ -229,6 +267,11 @@ def _probe(model: nn.Module, image_size: int) -> torch.Tensor:
 
 
 def split_weights(name: str) -> tuple[str, str | None]:
+    """``ARCH:WEIGHTS`` -> (ARCH, WEIGHTS or None); a family's names split by the family's own rule
+    (``timm:NAME:pretrained`` -> (``timm:NAME``, ``pretrained``))."""
+    family = family_of(name)
+    if family is not None:
+        return family.split(name)
     arch, _, weights = name.partition(":")
     return arch, (weights or None)
 
@@ -238,6 +281,9 @@ def create_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module
 
     The returned module has ``block_names``, the dotted names of its block modules.
     """
+    family = family_of(name)
+    if family is not None:
+        return family.create(name, num_classes, image_size)
     arch, weights = split_weights(name)
     if arch in MODELS:
         if weights:

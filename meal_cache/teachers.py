@@ -1,7 +1,8 @@
 """Teachers: resolving a teacher by name and running it with its block taps.
 
 A name is a checkpoint written by ``meal-cache train`` (``TEACHER_DIR/NAME.pt`` or a path to a ``.pt`` file), or
-``ARCH:WEIGHTS`` for torchvision's pretrained weights. A :class:`Teacher` carries the network, its input
+``ARCH:WEIGHTS`` for torchvision's pretrained weights, or timm's (``timm:NAME:pretrained``, ``timm:NAME.TAG``,
+``timm:hf-hub:ORG/NAME``). A :class:`Teacher` carries the network, its input
 normalisation and the :class:`~meal_cache.store.TeacherSpec` a store records about it. Extraction and the online
 reference of distillation both run teachers through :func:`teacher_outputs`, so the two compute the same targets.
 """
@@ -84,22 +85,21 @@ def resolve_teacher(
         model = model_from_checkpoint(payload)
         key, arch, sha = path.stem, payload["arch"], file_sha256(path)
         mean, std, classes = tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]), payload["classes"]
-    elif ":" in name:
+        pretrained = {k: v for k, v in payload["input"].items() if k == "pretrained"}
+    elif split_weights(name)[1] is not None:
         arch, weights = split_weights(name)
         model = create_model(name, dataset.num_classes, dataset.image_size)
-        weight_enum = torchvision.models.get_model_weights(arch)[weights]
-        categories = weight_enum.meta.get("categories") or []
+        categories, mean, std, pretrained = _pretrained_input(model, arch, weights)
         if len(categories) != dataset.num_classes:
             raise UserError(
                 f"pretrained teacher '{name}' predicts {len(categories)} classes; {dataset.spec} has "
                 f"{dataset.num_classes}: fine-tune it first (meal-cache train --arch {name} ...)"
             )
-        transform = weight_enum.transforms()
-        key, sha, classes = name.replace(":", "-"), None, list(categories)
-        mean, std = tuple(transform.mean), tuple(transform.std)
+        # The key names the store's group: no ':' and no '/' (a hub name's), which Zarr would nest.
+        key, sha, classes = name.replace(":", "-").replace("/", "-"), None, list(categories)
     else:
         raise UserError(
-            f"teacher '{name}' not found: no '{path}' and not ARCH:WEIGHTS; "
+            f"teacher '{name}' not found: no '{path}' and not ARCH:WEIGHTS (or timm:NAME:pretrained); "
             f"checkpoints in '{teacher_dir}': {_available_checkpoints(teacher_dir)}"
         )
     chosen = select_blocks(tuple(model.block_names), blocks)
@@ -112,10 +112,24 @@ def resolve_teacher(
         arch=arch,
         checkpoint_sha256=sha,
         classes=list(classes),
-        input={"image_size": dataset.image_size, "mean": list(mean), "std": list(std)},
+        input={"image_size": dataset.image_size, "mean": list(mean), "std": list(std), **pretrained},
         blocks=specs,
     )
     return Teacher(model.eval(), mean, std, spec)
+
+
+def _pretrained_input(
+    model: nn.Module, arch: str, weights: str
+) -> tuple[list[str], tuple[float, ...], tuple[float, ...], dict]:
+    """A pretrained teacher's classes and normalisation: timm's from the model's pretrained config (also
+    recorded whole, as ``pretrained``, with its native input size), torchvision's from the weights' enum."""
+    if hasattr(model, "pretrained_input"):
+        info = model.pretrained_input
+        return list(model.pretrained_classes), tuple(info["mean"]), tuple(info["std"]), {"pretrained": info}
+    weight_enum = torchvision.models.get_model_weights(arch)[weights]
+    transform = weight_enum.transforms()
+    categories = list(weight_enum.meta.get("categories") or [])
+    return categories, tuple(transform.mean), tuple(transform.std), {}
 
 
 # no_grad, not inference_mode: the online reference feeds these outputs to losses that save tensors for backward.
