@@ -587,10 +587,24 @@ def inspect(store: str, confidence: float, csv_out: str | None, json_out: str | 
 
 
 @main.command()
-def models() -> None:
-    """List the architectures `--arch` accepts, with their blocks."""
-    from meal_cache.models import MODELS, torchvision_model_names
+@click.argument("pattern", required=False)
+@click.option("--image-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="The input size at which timm models' blocks are shown.")  # fmt: skip
+def models(pattern: str | None, image_size: int) -> None:
+    """List the architectures `--arch` accepts, with their blocks. PATTERN ('resnet1*', or 'timm:vit_tiny*' for
+    timm's only) lists the matching names, and timm's with their blocks (channels x height x width) at
+    --image-size."""
+    import fnmatch
 
+    from meal_cache.models import FAMILIES, MODELS, model_names, torchvision_model_names
+    from meal_cache.timm_models import PREFIX, describe
+
+    if pattern:
+        if not pattern.startswith(PREFIX):
+            matches = fnmatch.filter(model_names(), pattern)
+            click.echo(f"meal-cache and torchvision networks matching '{pattern}': {', '.join(matches) or 'none'}")
+        click.echo("\n".join(describe(pattern.removeprefix(PREFIX), image_size)))
+        return
     click.echo("meal-cache networks (cheap on a CPU):")
     for name, entry in sorted(MODELS.items()):
         click.echo(f"  {name:16s} {entry.help}")
@@ -598,6 +612,8 @@ def models() -> None:
     names = torchvision_model_names()
     for start in range(0, len(names), 6):
         click.echo("  " + "  ".join(names[start : start + 6]))
+    for prefix, family in FAMILIES.items():
+        click.echo(f"{prefix}: {family.help}; `meal-cache models '{prefix}:PATTERN'` lists them with their blocks")
 
 
 @main.command()
