@@ -15,7 +15,7 @@ from meal_cache.data import parse_spec
 from meal_cache.distill import METHODS, DistillConfig
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.extract import ExtractConfig
-from meal_cache.models import MODELS, model_names, split_weights
+from meal_cache.models import MODELS, family_of, is_model_name, model_names, split_weights
 from meal_cache.train import TrainConfig
 
 ALONE = "alone"
@@ -105,6 +105,8 @@ def _check_pretrained(where: str, teacher: dict) -> None:
             f"{teacher['arch']} ...`, outside the pipeline)"
         )
     arch, weights = split_weights(teacher["arch"])
+    if family_of(arch) is not None:
+        return  # timm's weights are found (or not) by timm itself when the teacher is built
     if arch in MODELS:
         raise UserError(f"{where}: '{arch}' is a meal-cache network and has no pretrained weights ('{weights}')")
     choices = [w.name for w in torchvision.models.get_model_weights(arch)]
@@ -148,7 +150,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         if "name" not in teacher or "arch" not in teacher:
             raise UserError(f"{path}: every [[teachers]] entry needs a name and an arch")
         _check_keys(f"{path} teacher {teacher['name']}", teacher, train_fields | {"name"})
-        if split_weights(teacher["arch"])[0] not in known_models:
+        if not is_model_name(split_weights(teacher["arch"])[0]):
             raise unknown_choice("architecture", teacher["arch"], sorted(known_models), listing="meal-cache models")
         if is_pretrained(teacher):
             _check_pretrained(f"{path} teacher {teacher['name']}", teacher)
@@ -171,7 +173,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     _check_keys(
         f"{path} [student]", student, (fields_of(TrainConfig) | fields_of(DistillConfig)) - {"student", "store"}
     )
-    if split_weights(student.get("arch", ""))[0] not in known_models:
+    if not is_model_name(split_weights(student.get("arch", ""))[0]):
         raise unknown_choice("architecture", student.get("arch", ""), sorted(known_models),
                              listing="meal-cache models")  # fmt: skip
     methods = {name: dict(overrides) for name, overrides in raw["methods"].items()}
