@@ -127,6 +127,7 @@ class ModelFamily:
     create: Callable[[str, int, int], nn.Module]  # (name, num_classes, image_size) -> model with block_names
     split: Callable[[str], tuple[str, str | None]]  # name -> (architecture, weights or None)
     known: Callable[[str], bool]  # whether an architecture (as split gives it) exists, without building it
+    check: Callable[[str], None]  # the same, raising the family's UserError (with the closest names) if not
     help: str
 
 
@@ -135,6 +136,7 @@ FAMILIES: dict[str, ModelFamily] = {
         timm_models.create_timm_model,
         timm_models.split_name,
         timm_models.is_known,
+        timm_models.check_known,
         "any timm model, ViTs included: timm:NAME (untrained), timm:NAME:pretrained, timm:NAME.TAG, "
         "timm:hf-hub:ORG/NAME; blocks from forward_intermediates",
     )
@@ -162,6 +164,16 @@ def is_model_name(arch: str) -> bool:
     building it."""
     family = family_of(arch)
     return family.known(arch) if family is not None else arch in MODELS or arch in torchvision_model_names()
+
+
+def check_model_name(arch: str) -> None:
+    """Raise the UserError of an unknown ``arch`` (as :func:`split_weights` gives it), naming the closest names
+    of its own family, without building it."""
+    family = family_of(arch)
+    if family is not None:
+        family.check(arch)
+    elif not is_model_name(arch):
+        raise unknown_choice("architecture", arch, model_names(), listing="meal-cache models")
 
 
 def _replace_stem_conv(conv: nn.Conv2d, pretrained: bool) -> nn.Conv2d:

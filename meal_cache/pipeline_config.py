@@ -15,7 +15,7 @@ from meal_cache.data import parse_spec
 from meal_cache.distill import METHODS, DistillConfig
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.extract import ExtractConfig
-from meal_cache.models import MODELS, family_of, is_model_name, model_names, split_weights
+from meal_cache.models import MODELS, check_model_name, family_of, split_weights
 from meal_cache.train import TrainConfig
 
 ALONE = "alone"
@@ -143,15 +143,13 @@ def load_pipeline(path: str | Path) -> Pipeline:
     data = dict(raw["data"])
     _check_keys(f"{path} [data]", data, {"spec", "root", "download", "image_size"})
     parse_spec(data.get("spec", ""))
-    known_models = set(model_names())
     teachers = [dict(t) for t in raw["teachers"]]
     train_fields = fields_of(TrainConfig) - {"data", "data_root", "download", "image_size", "device"}
     for teacher in teachers:
         if "name" not in teacher or "arch" not in teacher:
             raise UserError(f"{path}: every [[teachers]] entry needs a name and an arch")
         _check_keys(f"{path} teacher {teacher['name']}", teacher, train_fields | {"name"})
-        if not is_model_name(split_weights(teacher["arch"])[0]):
-            raise unknown_choice("architecture", teacher["arch"], sorted(known_models), listing="meal-cache models")
+        check_model_name(split_weights(teacher["arch"])[0])
         if is_pretrained(teacher):
             _check_pretrained(f"{path} teacher {teacher['name']}", teacher)
     names = [t["name"] for t in teachers]
@@ -173,9 +171,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     _check_keys(
         f"{path} [student]", student, (fields_of(TrainConfig) | fields_of(DistillConfig)) - {"student", "store"}
     )
-    if not is_model_name(split_weights(student.get("arch", ""))[0]):
-        raise unknown_choice("architecture", student.get("arch", ""), sorted(known_models),
-                             listing="meal-cache models")  # fmt: skip
+    check_model_name(split_weights(student.get("arch", ""))[0])
     methods = {name: dict(overrides) for name, overrides in raw["methods"].items()}
     seeds = [int(s) for s in raw.get("seeds", [0])]
     _check_methods(path, methods, seeds, stores)

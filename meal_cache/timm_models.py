@@ -76,6 +76,11 @@ def is_known(arch: str) -> bool:
     return name in timm.list_models() and (not tag or model_name in timm.list_pretrained(model_name))
 
 
+def check_known(arch: str) -> None:
+    """:func:`is_known`, raising the error of an unknown ``timm:NAME`` (or tag) with the closest names."""
+    _check_known(parse_name(arch)[0])
+
+
 def _check_known(model_name: str) -> None:
     """An unknown architecture or pretrained tag is one error with the closest names, before anything is built."""
     if model_name.startswith(HF_HUB):
