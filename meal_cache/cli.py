@@ -386,6 +386,30 @@ def _floats(text: str) -> list[float]:
 @click.option("--adv-weight", default=0.1, show_default=True, type=float, help="Weight of each adversarial loss.")
 @click.option("--adv-loss", default="bce", show_default=True, type=click.Choice(["bce", "ls"]))
 @click.option("--disc-lr", default=2e-4, show_default=True, type=float, help="Adam learning rate of discriminators.")
+@click.option(
+    "--discriminators",
+    default=None,
+    callback=lambda ctx, param, value: (
+        None if value is None else [] if value.strip() == "none" else [v.strip() for v in value.split(",") if v.strip()]
+    ),
+    help="Which discriminators train: blocks,output (meal's), blocks, output (meal-v2's) or none. Default: the "
+    "method's.",
+)
+@click.option(
+    "--adv-game",
+    default="adversarial",
+    show_default=True,
+    type=click.Choice(["adversarial", "joint"]),
+    help="adversarial: the discriminators take their own step, then the student learns to fool them; joint: "
+    "MEAL's reference code, their loss added to the student's on one optimiser (at --disc-lr / --lr of its rate).",
+)
+@click.option(
+    "--preset",
+    default=None,
+    type=click.Choice(["reference"]),
+    help="reference: MEAL's reference code (T=1 soft-ce, random teacher, joint discriminators, adversarial "
+    "weight 1, --disc-lr 5e-4); options you set yourself win.",
+)
 @click.option("--data", default=None, help="Override the store's dataset (must match its fingerprint).")
 @click.option("--data-root", default=None, help="Where the store's dataset lives (default: as recorded).")
 @click.option("--download", is_flag=True)

@@ -57,6 +57,14 @@ from meal_cache.teachers import resolve_teacher, teacher_outputs
 
 SELECTIONS = ("random", "mean", "all")
 REPRESENTATIONS = ("maps", "blocks")
+DISCRIMINATORS = ("blocks", "output")
+# How the discriminators are trained. "adversarial": their own Adam step on detached student features, then the
+# student's loss for fooling them (a GAN game). "joint": MEAL's reference code, whose discriminator loss is added
+# to the student's loss on one optimiser with gradient reversal off, so the student also lowers it.
+ADV_GAMES = ("adversarial", "joint")
+# Every this many steps, the gradient norm each loss family sends into the student's parameters is logged (one
+# extra backward pass per family on that step).
+GRAD_NORM_EVERY = 20
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,9 @@ class DistillConfig:
     adv_weight: float = 0.1
     adv_loss: str = "bce"
     disc_lr: float = 2e-4
+    discriminators: list[str] | None = None  # None: the method's own (DISCRIMINATORS); [] none
+    adv_game: str = "adversarial"  # see ADV_GAMES
+    preset: str | None = None  # see PRESETS: settings a preset fills in where they are left at their defaults
     data: str | None = None
     data_root: str | None = None
     download: bool = False
@@ -129,14 +140,24 @@ class DistillConfig:
     crops_per_image: int = 1
 
     def resolved(self) -> DistillConfig:
-        """The config with every method default filled in and every choice and number checked."""
+        """The config with a preset's and the method's defaults filled in and every choice and number checked."""
+        self = self._with_preset()
         if self.method not in METHODS:
             raise unknown_choice("method", self.method, list(METHODS))
         method = METHODS[self.method]
         if self.representation not in REPRESENTATIONS:
             raise unknown_choice("representation", self.representation, REPRESENTATIONS)
+        if self.discriminators is not None and not set(self.discriminators) <= set(DISCRIMINATORS):
+            raise UserError(f"--discriminators takes {', '.join(DISCRIMINATORS)} or none, got "
+                            f"{','.join(self.discriminators)}")  # fmt: skip
+        if self.adv_game not in ADV_GAMES:
+            raise unknown_choice("adversarial game", self.adv_game, ADV_GAMES)
+        own = [name for name, on in zip(DISCRIMINATORS, (method.block_adversarial, method.output_adversarial),
+                                        strict=True) if on]  # fmt: skip
+        chosen = self.discriminators if self.discriminators is not None else own
         config = dataclasses.replace(
             self,
+            discriminators=[d for d in DISCRIMINATORS if d in chosen],
             teacher_selection=self.teacher_selection or method.selection,
             block_loss=self.block_loss or ("soft-ce" if self.representation == "maps" else "l2"),
             soft_loss=self.soft_loss or method.soft_loss,
@@ -178,6 +199,37 @@ class DistillConfig:
                             "(MEAL's refinement uses --hard-weight 1)")  # fmt: skip
         return config
 
+    def _with_preset(self) -> DistillConfig:
+        """The config with its preset's settings wherever this config leaves them at the dataclass defaults."""
+        if self.preset is None:
+            return self
+        if self.preset not in PRESETS:
+            raise unknown_choice("preset", self.preset, list(PRESETS))
+        unset = dataclasses.MISSING
+        defaults = {f.name: f.default if f.default is not unset else f.default_factory()
+                    for f in dataclasses.fields(self) if (f.default, f.default_factory) != (unset, unset)}  # fmt: skip
+        chosen = {k: v for k, v in PRESETS[self.preset].settings.items() if getattr(self, k) == defaults[k]}
+        return dataclasses.replace(self, **chosen)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Settings ``distill --preset NAME`` fills in (each one only where the command leaves it at its default)."""
+
+    settings: dict
+    help: str
+
+
+PRESETS: dict[str, Preset] = {
+    # MEAL's reference code (AaronHeee/MEAL, main.py and loss.py): soft cross-entropy at T = 1 on the outputs, a
+    # random teacher each step, block weights from its README's single-teacher command (the last blocks weigh
+    # most; the same as meal-cache's default), eta = 1 on every discriminator, and the discriminators on the
+    # student's optimiser at a hundredth of its learning rate (d_lr 1e-3 against lr 0.1), no gradient reversal.
+    "reference": Preset({"method": "meal", "soft_loss": "soft-ce", "temperature": 1.0, "teacher_selection": "random",
+                         "adv_weight": 1.0, "adv_game": "joint", "disc_lr": 5e-4, "hard_weight": 0.0},
+                        "MEAL's reference code: T=1 soft-ce, random teacher, joint discriminators, eta 1"),
+}  # fmt: skip
+
 
 def _check_crops(config: DistillConfig) -> None:
     crops = config.crops_per_image
@@ -193,7 +245,7 @@ def _check_crops(config: DistillConfig) -> None:
 def _has_a_loss(config: DistillConfig, method: Method) -> bool:
     """Whether some term of the student's loss has a weight above 0."""
     blocks = method.blocks and config.match_blocks != 0 and any(w > 0 for w in config.block_weights)
-    adversarial = (method.block_adversarial and blocks) or method.output_adversarial
+    adversarial = ("blocks" in config.discriminators and blocks) or "output" in config.discriminators
     return config.soft_weight > 0 or config.hard_weight > 0 or blocks or (adversarial and config.adv_weight > 0)
 
 
@@ -500,9 +552,9 @@ class Distiller(nn.Module):
                 shape = (tb.channels, tb.grid, tb.grid)
                 disc_shape = shape
             self.target_shapes[pair.key] = shape
-            if self.method.block_adversarial:
+            if "blocks" in config.discriminators:
                 self.discriminators[pair.key] = losses.make_discriminator(disc_shape)
-        if self.method.output_adversarial:
+        if "output" in config.discriminators:
             self.discriminators["logits"] = losses.MLPDiscriminator(store.attrs["dataset"]["num_classes"])
 
     def needed_keys(self) -> list[str]:
@@ -571,6 +623,13 @@ class Distiller(nn.Module):
                 out.stats[f"sim_kl/{pair.key}"] = similarity.detach() - entropy
             if pair.key in self.discriminators:
                 out.adversarial.append(AdversarialInput(pair.key, teacher_rep, student_rep, block_weight))
+        everyone = [f"teachers/{t}/logits" for t in self.teachers]
+        # How often the teachers this step learns from agree with the whole ensemble (the online reference runs
+        # only the selected teachers, so it cannot say).
+        if len(everyone) > 1 and all(key in targets for key in everyone):
+            ensemble = torch.stack([targets[f"teachers/{t}/logits"].float().softmax(1) for t in self.teachers]).mean(0)
+            chosen = torch.stack([t.softmax(1) for t in teacher_logits]).mean(0)
+            out.stats["teacher_agreement"] = (chosen.argmax(1) == ensemble.argmax(1)).float().mean()
         if "logits" in self.discriminators:
             student_probs = F.softmax(logits / config.temperature, dim=1)
             for probs in soft_sets:
@@ -587,6 +646,24 @@ class Distiller(nn.Module):
             weighted = self.config.adv_weight * item.weight * loss
             named[name] = named[name] + weighted if name in named else weighted
         return named
+
+    def joint_losses(self, inputs: list[AdversarialInput]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``--adv-game joint`` (MEAL's reference code): each discriminator's own loss on teacher (real) against
+        student (fake, not detached) features, weighted as :meth:`adversarial_losses` weighs the student's, and
+        added to the student's loss; one backward pass trains both. Returns the losses and the logged stats."""
+        named: dict[str, torch.Tensor] = {}
+        stats: dict[str, torch.Tensor] = {}
+        for item in inputs:
+            discriminator = self.discriminators[item.key]
+            real_scores, fake_scores = discriminator(item.real.detach()), discriminator(item.fake)
+            loss = losses.discriminator_loss(self.config.adv_loss, real_scores, fake_scores)
+            name = f"joint/{item.key}"
+            weighted = self.config.adv_weight * item.weight * loss
+            named[name] = named[name] + weighted if name in named else weighted
+            stats[f"disc/{item.key}"] = loss.detach()
+            stats[f"disc_acc/{item.key}"] = losses.discriminator_accuracy(real_scores, fake_scores,
+                                                                          self.config.adv_loss)  # fmt: skip
+        return named, stats
 
     def discriminator_step(
         self, inputs: list[AdversarialInput], optimizer: torch.optim.Optimizer, world: World | None = None
@@ -782,9 +859,14 @@ def build_run(
         run_student = DistributedDataParallel(distiller.student, device_ids=[device] if device.type == "cuda" else None)
     s_opt = make_optimizer(distiller.student_parameters(), config.lr, config.momentum, config.weight_decay)
     d_params = list(distiller.discriminators.parameters())
-    d_opt = torch.optim.Adam(d_params, lr=config.disc_lr, betas=(0.5, 0.999)) if d_params else None
-    optimisation = Optimisation(s_opt, precision.grad_scaler(),
-                                lambda: world.average_gradients(distiller.adapters.parameters()))  # fmt: skip
+    d_opt = None
+    if d_params and config.adv_game == "joint":  # the reference's one optimiser, at disc_lr / lr of its rate
+        s_opt.add_param_group({"params": d_params, "lr": config.disc_lr, "lr_scale": config.disc_lr / config.lr})
+    elif d_params:
+        d_opt = torch.optim.Adam(d_params, lr=config.disc_lr, betas=(0.5, 0.999))
+    # Parameters DistributedDataParallel does not own: the adapters, and jointly trained discriminators.
+    shared = list(distiller.adapters.parameters()) + (d_params if d_opt is None else [])
+    optimisation = Optimisation(s_opt, precision.grad_scaler(), lambda: world.average_gradients(shared))
     split = dataset.split(store.dataset["split"])
     images = split.open(device, config.workers)
     labels = split.labels.to(device, non_blocking=True)
@@ -829,6 +911,7 @@ class DistillEpochs:
     def __init__(self, run: DistillRun) -> None:
         self.run = run
         self.chooser: torch.Generator | None = None
+        self.steps = 0  # steps taken in this process (paces the gradient-norm diagnostics)
 
     def view(self, epoch: int) -> int:
         return self.run.views[epoch % len(self.run.views)]
@@ -885,11 +968,38 @@ class DistillEpochs:
         labels = run.labels[rows_dev]
         with run.precision.autocast():
             out = distiller(inputs, targets, labels, selected, run.run_student)
-        if run.disc_optimizer is not None:
-            out.stats.update(distiller.discriminator_step(out.adversarial, run.disc_optimizer, world))
-        with run.precision.autocast():
-            out.losses.update(distiller.adversarial_losses(out.adversarial))
+        if run.config.adv_game == "joint":
+            with run.precision.autocast():
+                joint, stats = distiller.joint_losses(out.adversarial)
+            out.losses.update(joint)
+            out.stats.update(stats)
+        else:
+            if run.disc_optimizer is not None:
+                out.stats.update(distiller.discriminator_step(out.adversarial, run.disc_optimizer, world))
+            with run.precision.autocast():
+                out.losses.update(distiller.adversarial_losses(out.adversarial))
+        if self.steps % GRAD_NORM_EVERY == 0 and not world.enabled:
+            out.stats.update(gradient_norms(out.losses, distiller.student_parameters()))
+        self.steps += 1
         return StepOutput(out.logits, labels, out.losses, out.stats)
+
+
+LOSS_FAMILIES = {"soft": "soft", "hard": "hard", "sim/": "sim", "adv/": "adv", "joint/": "adv"}
+
+
+def gradient_norms(named: dict[str, torch.Tensor], params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The L2 norm of the gradient each loss family (soft labels, hard labels, block similarity, adversarial)
+    sends into ``params``, as ``grad/FAMILY``: which part of the loss actually moves the student. The graph is
+    kept for the step's own backward pass."""
+    families: dict[str, torch.Tensor] = {}
+    for name, loss in named.items():
+        family = next(f for prefix, f in LOSS_FAMILIES.items() if name.startswith(prefix))
+        families[family] = families[family] + loss if family in families else loss
+    norms = {}
+    for family, loss in families.items():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        norms[f"grad/{family}"] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+    return norms
 
 
 def _crop_params(params: list[augment.ViewParams], rows: torch.Tensor, crop: torch.Tensor | None) -> augment.ViewParams:

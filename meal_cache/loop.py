@@ -102,8 +102,10 @@ def make_optimizer(params, lr: float, momentum: float, weight_decay: float) -> t
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate for every group; a group with an ``lr_scale`` (distill's jointly trained
+    discriminators) follows the schedule at that fraction of it."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

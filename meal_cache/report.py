@@ -36,6 +36,8 @@ from meal_cache.store import open_store  # noqa: E402
 STUDENT_METRICS = ("top1", "nll", "fidelity", "kl", "ece", "epoch_seconds")
 CURVE_METRICS = ("top1", "nll", "fidelity")
 VIEWS_CURVE_PLOT = "Views curve"
+# The method every other distilled student is also paired against, where a pipeline has it.
+KD_BASELINE = "kd"
 # For these metrics a lower value is the better one.
 LOWER_IS_BETTER = {"nll", "kl", "ece"}
 
@@ -230,20 +232,72 @@ def _student_rows(per_method: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def _comparisons_with_alone(per_method: dict[str, dict]) -> list[dict]:
-    """Each method's paired top-1 and NLL difference to the student alone, over the seeds both have."""
-    if ALONE not in per_method:
+def _comparisons_with(per_method: dict[str, dict], baseline: str) -> list[dict]:
+    """Each other method's paired top-1 and NLL difference to ``baseline``, over the seeds both have, with the
+    number of seeds on which it is the better one."""
+    if baseline not in per_method:
         return []
     comparisons = []
-    base = per_method[ALONE]
+    base = per_method[baseline]
     for method, by_seed in per_method.items():
-        if method == ALONE:
+        if method in (baseline, ALONE):
             continue
         seeds = sorted(set(by_seed) & set(base))
         for metric in ("top1", "nll"):
-            result = paired_difference([by_seed[s][metric] for s in seeds], [base[s][metric] for s in seeds])
-            comparisons.append({"method": method, "metric": metric, **result})
+            values, reference = [by_seed[s][metric] for s in seeds], [base[s][metric] for s in seeds]
+            result = paired_difference(values, reference)
+            sign = -1 if metric in LOWER_IS_BETTER else 1
+            wins = sum(sign * (a - b) > 0 for a, b in zip(values, reference, strict=True))
+            comparisons.append({"method": method, "metric": metric, "wins": wins, **result})
     return comparisons
+
+
+# What each part of a MEAL run does, from its metrics (issue 20): the block KL to the teachers' maps (soft-ce
+# less the maps' own entropy), how often the discriminators tell teacher from student, the gradient norm each
+# loss family sends into the student, and how often the teachers learnt from agree with the whole ensemble.
+DIAGNOSTICS = {
+    "block_kl": ("block KL (sum, last epoch)", lambda r: _sum_of(r, "sim_kl/"), "last"),
+    "disc_acc_blocks": ("block disc. accuracy (last epoch)", lambda r: _mean_of(r, "disc_acc/", blocks=True), "last"),
+    "disc_acc_output": ("output disc. accuracy (last epoch)", lambda r: r.get("disc_acc/logits"), "last"),
+    "grad_soft": ("grad soft", lambda r: r.get("grad/soft"), "run"),
+    "grad_hard": ("grad hard", lambda r: r.get("grad/hard"), "run"),
+    "grad_sim": ("grad similarity", lambda r: r.get("grad/sim"), "run"),
+    "grad_adv": ("grad adversarial", lambda r: r.get("grad/adv"), "run"),
+    "teacher_agreement": ("teacher agreement with ensemble %", lambda r: _percent(r.get("teacher_agreement")), "run"),
+}
+
+
+def _sum_of(record: dict, prefix: str) -> float | None:
+    values = [v for k, v in record.items() if k.startswith(prefix)]
+    return sum(values) if values else None
+
+
+def _mean_of(record: dict, prefix: str, blocks: bool) -> float | None:
+    values = [v for k, v in record.items() if k.startswith(prefix) and (k != prefix + "logits") == blocks]
+    return statistics.fmean(values) if values else None
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def run_diagnostics(per_method: dict[str, dict]) -> dict[str, dict]:
+    """Per method, each diagnostic's mean over seeds: of the last epoch's value, or of the run's mean over the
+    epochs that logged it (the gradient norms are logged every few steps). Absent where no run logged it."""
+    table: dict[str, dict] = {}
+    for method, by_seed in per_method.items():
+        row = {}
+        for name, (_, read, when) in DIAGNOSTICS.items():
+            per_seed = []
+            for data in by_seed.values():
+                values = [v for v in map(read, data["history"]) if v is not None]
+                if values:
+                    per_seed.append(values[-1] if when == "last" else statistics.fmean(values))
+            if per_seed:
+                row[name] = statistics.fmean(per_seed)
+        if row:
+            table[method] = row
+    return table
 
 
 def _label_inspection(dataset, store_path: Path) -> dict | None:
@@ -301,7 +355,9 @@ def collect_results(run_dir: Path, pipeline) -> dict:
         "dataset": {k: recorded[k] for k in ("spec", "num_classes", "image_size", "sizes")},
         "seeds": pipeline.seeds,
         "rows": rows,
-        "comparisons": _comparisons_with_alone(per_method),
+        "comparisons": _comparisons_with(per_method, ALONE),
+        "comparisons_kd": _comparisons_with(per_method, KD_BASELINE),
+        "diagnostics": run_diagnostics(per_method),
         "store": {
             "name": main_name,
             "stored_bytes": main["stored_bytes"],
@@ -383,6 +439,26 @@ def plot_meal_losses(run_dir: Path, method: str, seed: int, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_paired_differences(comparisons: list[dict], baseline: str, path: Path) -> None:
+    """Each method's paired top-1 difference to ``baseline`` with its 95% interval, one row a method."""
+    rows = [r for r in comparisons if r["metric"] == "top1"]
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * len(rows)))
+    for index, row in enumerate(rows):
+        low, high = row["ci95"]
+        color = "grey" if row["within_noise"] else ("tab:green" if row["mean"] > 0 else "tab:red")
+        if math.isfinite(low):
+            ax.plot([low, high], [index, index], color=color, linewidth=2)
+        ax.plot([row["mean"]], [index], "o", color=color)
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(rows)), [r["method"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"top-1 difference to {baseline} (points; 95% t interval over seeds)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_store_bytes(results: dict, path: Path) -> None:
@@ -566,6 +642,32 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
             lines.append(f"| {row['method']} | {row['metric']} | {row['mean']:+.3f} | [{low:+.3f}, {high:+.3f}] | "
                          f"{verdict} |")  # fmt: skip
         lines.append("")
+    if results.get("comparisons_kd"):
+        lines += [
+            f"## Against `{KD_BASELINE}` (paired over seeds, 95% t interval)",
+            "",
+            "| method | top-1 difference | 95% interval | wins | verdict | NLL difference | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        by_metric = {(r["method"], r["metric"]): r for r in results["comparisons_kd"]}
+        for method in dict.fromkeys(r["method"] for r in results["comparisons_kd"]):
+            top1, nll = by_metric[method, "top1"], by_metric[method, "nll"]
+            low, high = top1["ci95"]
+            lines.append(f"| {method} | {top1['mean']:+.2f} | [{low:+.2f}, {high:+.2f}] | {top1['wins']}/{top1['n']} | "
+                         f"{_verdict('top1', top1)} | {nll['mean']:+.4f} | {_verdict('nll', nll)} |")  # fmt: skip
+        lines.append("")
+    if results.get("diagnostics"):
+        shown = [n for n in DIAGNOSTICS if any(n in row for row in results["diagnostics"].values())]
+        lines += [
+            "## What each part does (mean over seeds; gradient norms into the student, over the run)",
+            "",
+            "| method | " + " | ".join(DIAGNOSTICS[n][0] for n in shown) + " |",
+            "|---|" + "---|" * len(shown),
+        ]
+        for method, row in results["diagnostics"].items():
+            cells = [f"{row[n]:.3g}" if n in row else "-" for n in shown]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
     if results.get("views_curve") is not None:
         lines += render_views_curve(results["views_curve"], plots.get(VIEWS_CURVE_PLOT))
     for title, file in plots.items():
@@ -589,6 +691,9 @@ def write_report(run_dir: str | Path, pipeline=None, progress: bool = True) -> P
     meal_methods = [m for m, o in pipeline.methods.items() if o.get("method", m) == "meal"]
     if meal_methods and plot_meal_losses(run_dir, meal_methods[0], pipeline.seeds[0], run_dir / "meal_losses.png"):
         plots["MEAL losses, discriminators included"] = "meal_losses.png"
+    if len({r["method"] for r in results["comparisons_kd"]}) > 1:
+        plot_paired_differences(results["comparisons_kd"], KD_BASELINE, run_dir / "against_kd.png")
+        plots[f"Paired top-1 difference to {KD_BASELINE}"] = "against_kd.png"
     plot_store_bytes(results, run_dir / "store_bytes.png")
     plots["Store bytes by teacher and block"] = "store_bytes.png"
     curve = results["views_curve"]

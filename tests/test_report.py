@@ -67,3 +67,44 @@ def test_views_curve_needs_named_store_points():
     curve = views_curve(disjoint, {"meal-a": _runs({1: 90.0}), "alone": _runs({2: 91.0})},
                         {"a": {"augmented_views": 1, "stored_bytes": 1}})  # fmt: skip
     assert curve["seeds"] == [] and "cannot be paired" in "\n".join(render_views_curve(curve, None))
+
+
+def test_methods_are_paired_against_kd_with_wins_and_their_diagnostics_are_tabled(tmp_path):
+    from meal_cache.report import _comparisons_with, plot_paired_differences, render_markdown, run_diagnostics
+
+    def run(top1: float, nll: float, history: list[dict]) -> dict:
+        return {"top1": top1, "nll": nll, "history": history}
+
+    meal_history = [
+        {"sim_kl/a": 0.5, "sim_kl/b": 0.25, "disc_acc/a": 0.9, "disc_acc/b": 0.7, "disc_acc/logits": 0.6,
+         "grad/soft": 1.0, "teacher_agreement": 0.8},
+        {"sim_kl/a": 0.3, "sim_kl/b": 0.1, "disc_acc/a": 1.0, "disc_acc/b": 0.8, "disc_acc/logits": 0.5,
+         "teacher_agreement": 0.9, "grad/soft": 3.0, "grad/adv": 0.5},
+    ]  # fmt: skip
+    per_method = {
+        "alone": {1: run(70.0, 1.0, []), 2: run(72.0, 1.1, [])},
+        "kd": {1: run(90.0, 0.40, [{"grad/soft": 2.0}]), 2: run(91.0, 0.50, [{"grad/soft": 4.0}])},
+        "meal": {1: run(88.0, 0.45, meal_history), 2: run(92.0, 0.40, meal_history)},
+    }
+    against_kd = {(c["method"], c["metric"]): c for c in _comparisons_with(per_method, "kd")}
+    assert set(against_kd) == {("meal", "top1"), ("meal", "nll")}  # neither kd itself nor alone
+    top1, nll = against_kd["meal", "top1"], against_kd["meal", "nll"]
+    assert top1["mean"] == pytest.approx(-0.5) and top1["wins"] == 1 and top1["n"] == 2
+    assert nll["mean"] == pytest.approx(-0.025) and nll["wins"] == 1  # lower NLL wins: seed 2 only
+    diagnostics = run_diagnostics(per_method)
+    assert "alone" not in diagnostics and diagnostics["kd"] == {"grad_soft": pytest.approx(3.0)}
+    meal = diagnostics["meal"]
+    assert meal["block_kl"] == pytest.approx(0.4)  # the last epoch's sum over blocks
+    assert meal["disc_acc_blocks"] == pytest.approx(0.9) and meal["disc_acc_output"] == pytest.approx(0.5)
+    assert meal["grad_soft"] == pytest.approx(2.0) and meal["grad_adv"] == pytest.approx(0.5)  # over the run
+    assert meal["teacher_agreement"] == pytest.approx(85.0)
+    results = {"pipeline": "t", "dataset": {"spec": "digits", "sizes": {"train": 10, "test": 360}, "image_size": 16},
+               "seeds": [1, 2], "rows": [], "comparisons": [], "comparisons_kd": list(against_kd.values()),
+               "diagnostics": diagnostics,
+               "store": {"stored_bytes": 1, "float32_bytes": 2, "views": 1, "rows": 1}}  # fmt: skip
+    report = render_markdown(results, {})
+    assert "| meal | -0.50 |" in report and "| 1/2 | within noise |" in report
+    # Columns no run logged (hard labels, block similarity here) are left out.
+    assert "| kd | - | - | - | 3 | - | - |" in report and "| meal | 0.4 | 0.9 | 0.5 | 2 | 0.5 | 85 |" in report
+    plot_paired_differences(results["comparisons_kd"], "kd", tmp_path / "kd.png")
+    assert (tmp_path / "kd.png").stat().st_size > 1000

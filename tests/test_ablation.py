@@ -1,0 +1,104 @@
+"""MEAL's ingredients as switches (issue 20): which discriminators train, the reference code's joint game, the
+reference preset, and the diagnostics a run logs (gradient norm per loss family, teacher agreement)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_distill import _config, _one_step
+from torch import nn
+
+from meal_cache import losses
+from meal_cache.distill import DistillConfig, distill, gradient_norms
+from meal_cache.errors import UserError
+
+
+def test_the_discriminators_switch_chooses_which_are_built(small_store, digits):
+    path, _ = small_store
+    both, _, _ = _one_step(path, digits, method="meal")
+    assert "logits" in both.discriminators and len(both.discriminators) == 1 + len(both.pairs)
+    blocks, _, _ = _one_step(path, digits, method="meal", discriminators=["blocks"])
+    assert "logits" not in blocks.discriminators and len(blocks.discriminators) == len(blocks.pairs) > 0
+    output, _, out = _one_step(path, digits, method="meal", discriminators=["output"])
+    assert list(output.discriminators) == ["logits"] and output.pairs  # the block similarity stays
+    assert {item.key for item in out.adversarial} == {"logits"}  # one a teacher: _one_step selects both
+    none, _, out = _one_step(path, digits, method="meal", discriminators=[])
+    assert not none.discriminators and not out.adversarial
+    assert _config(path, method="kd").resolved().discriminators == []
+    assert _config(path, method="meal-v2").resolved().discriminators == ["output"]
+    with pytest.raises(UserError, match="--discriminators takes blocks, output or none, got maps"):
+        _config(path, discriminators=["maps"]).resolved()
+    # No loss left: kd's soft labels off and nothing adversarial.
+    with pytest.raises(UserError, match="trains on nothing"):
+        _config(path, method="meal", soft_weight=0.0, block_weights=[0.0], discriminators=[]).resolved()
+
+
+def test_the_joint_game_adds_the_discriminator_loss_and_lets_it_reach_the_student(small_store, digits):
+    path, _ = small_store
+    distiller, config, out = _one_step(path, digits, method="meal-v2", adv_game="joint", adv_weight=0.5)
+    joint, stats = distiller.joint_losses(out.adversarial)
+    (item,) = out.adversarial
+    discriminator = distiller.discriminators["logits"]
+    expected = 0.5 * losses.discriminator_loss("bce", discriminator(item.real), discriminator(item.fake))
+    assert float(joint["joint/logits"].detach()) == pytest.approx(float(expected.detach()))
+    assert 0.0 <= float(stats["disc_acc/logits"]) <= 1.0
+    # Unlike the adversarial game's discriminator step, the student's features are not detached here: the one
+    # backward pass moves the student and the discriminator alike.
+    student = [p for p in distiller.student.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(joint["joint/logits"], student + list(discriminator.parameters()), allow_unused=True)
+    assert sum(float(g.abs().sum()) for g in grads[: len(student)] if g is not None) > 0
+    assert all(g is not None and float(g.abs().sum()) > 0 for g in grads[len(student) :])
+
+
+def test_a_joint_run_steps_the_discriminators_on_the_students_optimiser(small_store, digits, tmp_path):
+    path, _ = small_store
+    config = _config(path, method="meal", adv_game="joint", epochs=1, batch_size=256, disc_lr=5e-4, lr=0.05)
+    summary = distill(config, tmp_path / "joint", progress=False, dataset=digits)
+    (record,) = summary["history"]
+    assert any(k.startswith("joint/") for k in record) and not any(k.startswith("adv/") for k in record)
+    state = torch.load(tmp_path / "joint" / "last.pt", weights_only=True)
+    groups = state["student_optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["lr_scale"] == pytest.approx(0.01)
+    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 0.01)
+    assert state["disc_optimizer"] == {}
+
+
+def test_the_reference_preset_fills_in_only_what_the_user_left_at_its_default(small_store):
+    path, _ = small_store
+    reference = _config(path, preset="reference").resolved()
+    assert (reference.method, reference.soft_loss, reference.temperature, reference.teacher_selection,
+            reference.adv_game, reference.adv_weight) == ("meal", "soft-ce", 1.0, "random", "joint", 1.0)  # fmt: skip
+    assert reference.discriminators == ["blocks", "output"]
+    mine = _config(path, preset="reference", temperature=4.0, adv_weight=0.3).resolved()
+    assert (mine.temperature, mine.adv_weight, mine.soft_loss) == (4.0, 0.3, "soft-ce")
+    with pytest.raises(UserError, match="unknown preset 'refernce'"):
+        _config(path, preset="refernce").resolved()
+
+
+def test_gradient_norms_are_those_of_each_loss_family_alone():
+    layer = nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0, 3.0]]))
+    x = torch.tensor([[1.0, 0.0, 2.0]])
+    y = layer(x).sum()  # 7; d y / d w = x
+    named = {"soft": 2 * y, "sim/a": y, "sim/b": 3 * y, "adv/logits": y * 0, "joint/b": 4 * y}
+    norms = gradient_norms(named, list(layer.parameters()))
+    length = float(x.norm())  # sqrt(5)
+    assert float(norms["grad/soft"]) == pytest.approx(2 * length)
+    assert float(norms["grad/sim"]) == pytest.approx(4 * length)  # the family's sum, not the sum of norms
+    assert float(norms["grad/adv"]) == pytest.approx(4 * length)  # adversarial and joint are one family
+    assert set(norms) == {"grad/soft", "grad/sim", "grad/adv"}
+
+
+def test_a_meal_run_logs_what_each_part_does(small_store, digits, tmp_path):
+    path, _ = small_store
+    config = DistillConfig(store=str(path), student="resnet8_w4", epochs=1, batch_size=64, device="cpu")
+    distill(config, tmp_path / "meal", progress=False, dataset=digits)
+    (record,) = [json.loads(line) for line in (tmp_path / "meal" / "metrics.jsonl").read_text().splitlines()]
+    for family in ("soft", "sim", "adv"):
+        assert record[f"grad/{family}"] > 0, family
+    assert "grad/hard" not in record  # no hard-label term in meal's defaults
+    assert 0.5 < record["teacher_agreement"] <= 1.0  # two trained teachers mostly agree with their mean
+    assert any(k.startswith("disc_acc/") for k in record) and any(k.startswith("sim_kl/") for k in record)
