@@ -283,3 +283,12 @@ def test_the_run_command_passes_allow_cpu_through(tmp_path):
     assert "Traceback" not in refused.stderr and not (tmp_path / "runs").exists()
     allowed = subprocess.run([*command, "--allow-cpu"], capture_output=True, text=True, timeout=300)
     assert allowed.returncode == 2 and "GPU" not in allowed.stderr and "--epochs" in allowed.stderr, allowed.stderr
+
+
+def test_the_cifar100_ablation_runs_the_digits_grid_unchanged():
+    digits, cifar = (
+        load_pipeline(PIPELINES / "digits-ablation.toml"),
+        load_pipeline(PIPELINES / "cifar100-ablation.toml"),
+    )
+    assert cifar.methods == digits.methods and len(digits.methods) >= 15
+    assert cifar.gpu and cifar.seeds == digits.seeds and cifar.data["spec"] == "cifar100"
