@@ -21,8 +21,10 @@ PIPELINE ?= pipelines/digits.toml
 all: install
 	$(BIN)/meal-cache run $(PIPELINE)
 
+# Two workers, one torch thread each (tests/conftest.py), whole modules to a worker so module fixtures run once:
+# the suite is sized for a 2-core machine.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check meal_cache tests benchmarks

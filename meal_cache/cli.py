@@ -262,15 +262,16 @@ def evaluate(
     "--features",
     default="blocks,maps",
     show_default=True,
-    help="What to store per block: blocks (pooled channels, for adapters), maps (channel-mean map, "
-    "MEAL's representation), or both.",
+    help="What to store per block: blocks (pooled channels, what meal reads by default), maps (channel-mean "
+    "map, MEAL's reference representation), or both.",
 )
 @click.option(
     "--for",
     "preset",
     default=None,
-    help="Store only what one method reads: meal (logits + the last 3 blocks' maps, 8-bit unless --quantize "
-    "none), kd or meal-v2 (logits only), all (everything, as without --for). Replaces --features and --blocks.",
+    help="Store only what one method reads: meal (logits + the last 3 blocks' pooled channels, 8-bit unless "
+    "--quantize none), kd or meal-v2 (logits only), all (everything, as without --for). Replaces --features and "
+    "--blocks.",
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--codec", default="zstd:3", show_default=True, help="zstd[:LEVEL], blosc[:LEVEL] or none.")
@@ -361,10 +362,10 @@ def _floats(text: str) -> list[float]:
 )
 @click.option(
     "--representation",
-    default="maps",
-    show_default=True,
+    default=None,
     type=click.Choice(["maps", "blocks"]),
-    help="maps: channel-mean maps (MEAL's, no adapters); blocks: pooled channels through learned adapters.",
+    help="blocks: pooled channels through learned adapters (the default, the ablation's choice: docs/design.md); "
+    "maps: channel-mean maps (MEAL's reference, no adapters; the default for a store that holds only maps).",
 )
 @click.option(
     "--block-loss",

@@ -106,8 +106,11 @@ class DistillConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
     teacher_selection: str | None = None  # None: the method's own
-    representation: str = "maps"
-    block_loss: str | None = None  # None: soft-ce for maps (MEAL), l2 for blocks
+    # None: pooled block channels through learned adapters, the ablation's choice over MEAL's channel-mean maps
+    # (docs/design.md, "MEAL's ablation"), or maps where the store holds maps and no blocks (stores extracted
+    # with --features maps, and --for meal before the ablation); "maps" is the reference's.
+    representation: str | None = None
+    block_loss: str | None = None  # None: soft-ce for maps (MEAL's reference), l2 for blocks
     block_weights: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.01])
     match_blocks: int | None = None
     soft_loss: str | None = None
@@ -139,9 +142,13 @@ class DistillConfig:
     # FKD's multi-crop: each batch holds K cached views of batch_size / K images, decoded once for the K crops.
     crops_per_image: int = 1
 
-    def resolved(self) -> DistillConfig:
-        """The config with a preset's and the method's defaults filled in and every choice and number checked."""
+    def resolved(self, stored: tuple[str, ...] | None = None) -> DistillConfig:
+        """The config with a preset's and the method's defaults filled in and every choice and number checked;
+        ``stored``: the store's feature kinds, which choose the representation left unset."""
         self = self._with_preset()
+        if self.representation is None:
+            only_maps = stored is not None and "maps" in stored and "blocks" not in stored
+            self = dataclasses.replace(self, representation="maps" if only_maps else "blocks")
         if self.method not in METHODS:
             raise unknown_choice("method", self.method, list(METHODS))
         method = METHODS[self.method]
@@ -221,12 +228,14 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # MEAL's reference code (AaronHeee/MEAL, main.py and loss.py): soft cross-entropy at T = 1 on the outputs, a
+    # MEAL's reference code (AaronHeee/MEAL, main.py and loss.py): channel-mean maps with soft cross-entropy,
+    # soft cross-entropy at T = 1 on the outputs, a
     # random teacher each step, block weights from its README's single-teacher command (the last blocks weigh
     # most; the same as meal-cache's default), eta = 1 on every discriminator, and the discriminators on the
     # student's optimiser at a hundredth of its learning rate (d_lr 1e-3 against lr 0.1), no gradient reversal.
-    "reference": Preset({"method": "meal", "soft_loss": "soft-ce", "temperature": 1.0, "teacher_selection": "random",
-                         "adv_weight": 1.0, "adv_game": "joint", "disc_lr": 5e-4, "hard_weight": 0.0},
+    "reference": Preset({"method": "meal", "representation": "maps", "soft_loss": "soft-ce", "temperature": 1.0,
+                         "teacher_selection": "random", "adv_weight": 1.0, "adv_game": "joint", "disc_lr": 5e-4,
+                         "hard_weight": 0.0},
                         "MEAL's reference code: T=1 soft-ce, random teacher, joint discriminators, eta 1"),
 }  # fmt: skip
 
@@ -528,7 +537,7 @@ class Distiller(nn.Module):
             instead = f", or distill with --representation {other}" if other else ""
             preset = (store.attrs.get("settings") or {}).get("preset")
             if preset is not None:
-                wanted = "meal" if config.representation == "maps" else "all"
+                wanted = "meal" if config.representation == "blocks" else "all"
                 raise UserError(f"the store holds no block {config.representation}: it was extracted with --for "
                                 f"{preset}, which stores {', '.join(stored) or 'logits only'}; extract with --for "
                                 f"{wanted} for --method {config.method}{instead}")  # fmt: skip
@@ -705,6 +714,15 @@ def load_store_dataset(config: DistillConfig, store: TeacherStore) -> ImageDatas
     return dataset
 
 
+def stored_features(path: str) -> tuple[str, ...] | None:
+    """The feature kinds the store at ``path`` holds, or None where there is no readable store (distill then
+    reports that with its own message)."""
+    try:
+        return open_store(path).layout.features
+    except (UserError, OSError, KeyError, ValueError):
+        return None
+
+
 def _selection(config: DistillConfig, teachers: list[str], generator: torch.Generator) -> list[str]:
     if config.teacher_selection == "random":
         return [teachers[int(torch.randint(len(teachers), (1,), generator=generator))]]
@@ -725,7 +743,7 @@ def distill(
     Under ``torchrun`` each rank takes its share of every batch (the global batch is ``batch_size``, so the
     schedule is the one a single process runs); the student is wrapped in DistributedDataParallel, the
     discriminators' and adapters' gradients are averaged over ranks, and rank 0 alone writes files."""
-    config = config.resolved()
+    config = config.resolved(stored_features(config.store))
     world, device = init_world(config.device)
     progress = progress and world.is_main
     if config.batch_size % world.size:

@@ -61,12 +61,13 @@ class Preset:
     quantize: int | None = None
 
 
-# MEAL's default --block-weights match the last three blocks of each teacher; kd and meal-v2 read logits only.
-# meal's maps are 8-bit: `info --fidelity` measures them within the maps' target where --keep-bits 4 is not
+# MEAL's default --block-weights match the last three blocks of each teacher, and its default representation is
+# their pooled channels (docs/design.md, "MEAL's ablation"); kd and meal-v2 read logits only. meal's blocks are
+# 8-bit: `info --fidelity` measures 8-bit blocks and maps within the bar where --keep-bits 4 is not
 # (docs/design.md, "Lossy stores").
 PRESETS: dict[str, Preset] = {
     "all": Preset(tuple(FEATURE_KINDS), "all", "logits, and every block's pooled output and map (the default)"),
-    "meal": Preset(("maps",), "3", "logits and the channel-mean maps of the last 3 blocks, 8-bit", quantize=8),
+    "meal": Preset(("blocks",), "3", "logits and the pooled channels of the last 3 blocks, 8-bit", quantize=8),
     "kd": Preset((), "all", "logits only"),
     "meal-v2": Preset((), "all", "logits only"),
 }

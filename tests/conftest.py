@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +10,10 @@ from meal_cache.data import load_dataset
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
-    # The suite is sized for a 2-core machine; keep torch from oversubscribing it.
-    torch.set_num_threads(2)
+def _threads():
+    # The suite is sized for a 2-core machine: two threads in one process, or one in each of `make test`'s two
+    # pytest-xdist workers, so torch never oversubscribes it.
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")

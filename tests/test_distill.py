@@ -320,7 +320,7 @@ def test_block_kl_is_logged_and_the_block_loss_moves_the_student(small_store, di
     from meal_cache import losses
 
     path, _ = small_store
-    distiller, config, out = _one_step(path, digits, method="meal", teacher_selection="all")
+    distiller, config, out = _one_step(path, digits, method="meal", teacher_selection="all", representation="maps")
     sims = {k.removeprefix("sim/"): v for k, v in out.losses.items() if k.startswith("sim/")}
     kls = {k.removeprefix("sim_kl/"): v for k, v in out.stats.items() if k.startswith("sim_kl/")}
     assert sims and kls.keys() == sims.keys()

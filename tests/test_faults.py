@@ -145,8 +145,8 @@ def test_verify_finds_corrupt_and_lost_chunks_distill_refuses_and_repair_reextra
     ]
     assert report.chunks_pending == 0 and report.chunks_checked > 50
     with pytest.raises(UserError, match=r"damaged: teachers/.* chunk \(.*\): (missing|corrupt).*and 1 more"):
-        distill(DistillConfig(store=str(damaged), student="resnet8_w4", epochs=1, device="cpu"), tmp_path / "d",
-                progress=False, dataset=digits)  # fmt: skip
+        distill(DistillConfig(store=str(damaged), student="resnet8_w4", epochs=1, device="cpu",
+                              representation="maps"), tmp_path / "d", progress=False, dataset=digits)  # fmt: skip
     assert not (tmp_path / "d").exists() or not (tmp_path / "d" / "student.pt").exists()
 
     store = open_store(damaged, mode="r+")

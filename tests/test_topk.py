@@ -133,11 +133,12 @@ def test_presets_store_only_what_their_method_reads(small_store, digits, tmp_pat
     assert sorted(kd.group["teachers/resnet8_w4"].keys()) == ["logits_topk", "progress"]
     meal = extract(dataclasses.replace(base, preset="meal"), tmp_path / "meal.zarr", progress=False, dataset=digits)
     blocks = [b.key for b in meal.blocks("resnet8_w4")]
-    assert meal.layout.features == ("maps",) and len(blocks) == 3
-    assert sorted(meal.group["teachers/resnet8_w4/maps"].keys()) == sorted(blocks)
-    assert "blocks" not in meal.group["teachers/resnet8_w4"]
-    # meal's maps are 8-bit unless the user chooses another encoding or none.
-    assert meal.layout.quantize == 8 and sorted(meal.group["teachers/resnet8_w4/ranges/maps"].keys()) == sorted(blocks)
+    assert meal.layout.features == ("blocks",) and len(blocks) == 3
+    assert sorted(meal.group["teachers/resnet8_w4/blocks"].keys()) == sorted(blocks)
+    assert "maps" not in meal.group["teachers/resnet8_w4"]
+    # meal's blocks are 8-bit unless the user chooses another encoding or none.
+    assert meal.layout.quantize == 8
+    assert sorted(meal.group["teachers/resnet8_w4/ranges/blocks"].keys()) == sorted(blocks)
     assert dataclasses.replace(base, preset="meal", quantize=0).resolved().quantize is None
     chosen = dataclasses.replace(base, preset="meal", keep_bits=6).resolved()
     assert (chosen.quantize, chosen.keep_bits) == (None, 6)
