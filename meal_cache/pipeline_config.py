@@ -212,3 +212,9 @@ def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], store
         method = overrides.get("method", name)
         if method not in METHODS:
             raise unknown_choice(f"method of '{name}'", method, list(METHODS))
+        # Every choice and number of the method's settings, now rather than after the teachers and the store.
+        settings = {k: v for k, v in overrides.items() if k not in ("seeds", "store")}
+        try:
+            DistillConfig(store="", student="", **{"method": method, "teachers": ["t"], **settings}).resolved()
+        except (UserError, TypeError, ValueError) as err:
+            raise UserError(f"{path} method {name}: {err}") from err

@@ -243,6 +243,8 @@ def _comparisons_with(per_method: dict[str, dict], baseline: str) -> list[dict]:
         if method in (baseline, ALONE):
             continue
         seeds = sorted(set(by_seed) & set(base))
+        if not seeds:  # nothing to pair: the method and the baseline ran on different seeds
+            continue
         for metric in ("top1", "nll"):
             values, reference = [by_seed[s][metric] for s in seeds], [base[s][metric] for s in seeds]
             result = paired_difference(values, reference)

@@ -207,6 +207,15 @@ def test_views_pipeline_extracts_named_stores_and_draws_the_curve(tmp_path):
     [
         (TINY.replace('arch = "densenet_k12"', 'arch = "densenet9"'), "unknown architecture 'densenet9'"),
         (TINY.replace('meal = { method = "meal" }', 'meal = { method = "meal3" }'), "unknown method of 'meal'"),
+        # A method's settings are checked when the file loads, not after the teachers and the store.
+        (
+            TINY.replace('meal = { method = "meal" }', 'meal = { method = "meal", adv_game = "jiont" }'),
+            "method meal: unknown adversarial game 'jiont'",
+        ),
+        (
+            TINY.replace('meal = { method = "meal" }', 'meal = { method = "meal", temperature = -1.0 }'),
+            "method meal: .*temperature",
+        ),
         (TINY.replace("views = 2", "viewz = 2"), "unknown setting.*viewz"),
         (TINY.replace('spec = "digits"', 'spec = "mnist"'), "unknown dataset 'mnist'"),
         (TINY.replace("[methods]", "[methods\n"), "not valid TOML"),
