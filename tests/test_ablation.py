@@ -113,3 +113,18 @@ def test_the_representation_left_unset_follows_what_the_store_holds(small_store)
     assert _config(path, representation="maps").resolved(("blocks", "maps")).representation == "maps"
     maps = _config(path).resolved(("maps",))
     assert maps.block_loss == "soft-ce"  # the maps' own default loss follows
+
+
+def test_the_gradient_norm_pass_changes_no_weight(small_store, digits, tmp_path, monkeypatch):
+    import meal_cache.distill as distill_module
+
+    path, _ = small_store
+    weights = []
+    for every in (1, 10**9):  # a diagnostic pass on every step, and on none but the first
+        monkeypatch.setattr(distill_module, "GRAD_NORM_EVERY", every)
+        config = _config(path, epochs=1, batch_size=256)
+        distill(config, tmp_path / f"every-{every}", progress=False, dataset=digits)
+        weights.append(torch.load(tmp_path / f"every-{every}" / "last.pt", weights_only=True)["distiller"])
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
