@@ -246,6 +246,15 @@ def evaluate(
 @click.option("--identity-view", is_flag=True, help="Also cache the un-augmented view (for evaluation and inspect).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the views' augmentation parameters.")
 @click.option(
+    "--recipe",
+    default="crop",
+    show_default=True,
+    help="What each view draws after the dataset's crop (and flip): crop (nothing more), randaugment "
+    "(torchvision's RandAugment: 2 ops a row at magnitude 9 of 31) or trivialaugment (TrivialAugmentWide: one op, "
+    "any magnitude); each row's ops and magnitudes are stored, and distill replays them. Digits draw glyph-safe "
+    "ops only (docs/design.md).",
+)
+@click.option(
     "--grid",
     default=1,
     show_default=True,

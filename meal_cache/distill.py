@@ -955,7 +955,7 @@ class DistillEpochs:
         views = self.epoch_views(epoch)
         if config.fresh_views:
             generator = epoch_generator(config.seed, epoch, Stream.FRESH_VIEWS)
-            params = [augment.draw(run.recipe, run.sizes, generator)]
+            params = [augment.draw(run.recipe, run.sizes, generator, run.store.policy)]
         else:
             params = [run.view_params[view] for view in views]
         last = epoch + 1 >= config.epochs
@@ -1024,14 +1024,12 @@ def _crop_params(params: list[augment.ViewParams], rows: torch.Tensor, crop: tor
     """Each sample's parameters: of the one view, or of view ``crop[i]`` of ``params`` for sample ``i``."""
     if crop is None:
         return params[0][rows]
-    boxes = torch.stack([p.crop for p in params])[crop, rows]
-    flips = torch.stack([p.flip for p in params])[crop, rows]
-    return augment.ViewParams(boxes, flips)
+    return augment.stack_views(params, crop, rows)
 
 
 def _refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:
     """Refuse a store whose needed chunks are missing or fail their checksums, before any training."""
-    report = verify_store(store, keys=["labels", "views/crop", "views/flip", *store.with_companions(keys)])
+    report = verify_store(store, keys=["labels", *store.view_keys, *store.with_companions(keys)])
     if not report.ok:
         more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
         raise UserError(f"store '{path}' is damaged: {report.problems[0]}{more}; `meal-cache verify --repair "

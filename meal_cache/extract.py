@@ -86,6 +86,7 @@ class ExtractConfig:
     split: str = "train"
     views: int = 4  # the views curve (docs/design.md): no gain measured beyond
     identity_view: bool = False
+    recipe: str = "crop"  # the views' policy after the crop: crop (none), randaugment, trivialaugment
     seed: int = 0
     grid: int = 1
     blocks: str = "all"
@@ -126,6 +127,8 @@ class ExtractConfig:
             raise UserError("name at least one teacher (--teachers resnet,densenet)")
         if len(set(self.teachers)) != len(self.teachers):
             raise UserError(f"a teacher is named twice in {','.join(self.teachers)}")
+        if self.recipe not in augment.POLICY_NAMES:
+            raise unknown_choice("--recipe", self.recipe, list(augment.POLICY_NAMES))
         if self.views < 1 and not self.identity_view:
             raise UserError("--views must be at least 1 (or 0 with --identity-view)")
         if self.grid not in (1, 2, 4):
@@ -145,6 +148,8 @@ def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teach
     recorded = asdict(config)
     for transient in ("device", "batch_size", "data_root", "download", "teacher_dir", "workers"):
         recorded.pop(transient)
+    if recorded["recipe"] == "crop":  # the settings of stores extracted before --recipe existed
+        recorded.pop("recipe")
     recorded["fingerprint"] = dataset.fingerprint(config.split)
     recorded["teacher_checkpoints"] = {t.spec.key: t.spec.checkpoint_sha256 for t in teachers}
     return recorded
@@ -376,9 +381,10 @@ def _open_or_create(
     split = dataset.split(config.split)
     n = len(split)
     sizes = split.source_sizes(config.workers)
-    views = [augment.draw(recipe, sizes, augment.view_generator(config.seed, v)) for v in range(config.views)]
+    policy = augment.policy_for(config.recipe, recipe.name)
+    views = [augment.draw(recipe, sizes, augment.view_generator(config.seed, v), policy) for v in range(config.views)]
     if config.identity_view:
-        views.append(augment.identity(sizes, recipe))
+        views.append(augment.identity(sizes, recipe, policy))
     description = dataset.describe()
     dataset_attrs = {
         **{key: description[key] for key in STORE_DATASET_KEYS if key in description},
@@ -393,6 +399,8 @@ def _open_or_create(
         "recipe": recipe.name,
         "seed": config.seed,
     }
+    if policy is not None:
+        views_info["policy"] = policy.to_json()
     layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
                          config.quantize, config.logits_topk)  # fmt: skip
     return create_store(

@@ -11,7 +11,8 @@ normalises them with its network's statistics.
   (torchvision.io's ``decode_image``, measured 1.4-1.7x faster than PIL on this machine's JPEGs). A worker
   decodes each file once per request, however many of the request's rows name it (FKD's multi-crop), crops each
   box in the source image's own coordinates, resizes it to ``S`` with antialiasing, mirrors it, and hands back
-  uint8; memory does not grow with the dataset. Same decoder, same box: the same pixels, bit for bit, on one
+  uint8; memory does not grow with the dataset. A view's policy ops (RandAugment, TrivialAugment) then run on
+  the device (:func:`~meal_cache.augment.apply_ops`). Same decoder, same box: the same pixels, bit for bit, on one
   machine, whatever the number of workers or the other rows of a request.
 
 A file that cannot be decoded, or no longer has the size recorded for it, comes back from the worker as a
@@ -182,17 +183,18 @@ class FileSource:
 
         def items() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
             for rows, params, payload in requests:
-                payloads.append(payload)
+                payloads.append((payload, params))
                 yield rows, params.crop, params.flip
 
         self._plan.items = items()
         for pixels, bad in self.loader:
-            payload = payloads.popleft()
+            payload, params = payloads.popleft()
             if bad is not None:
                 raise UserError(f"image '{bad.path}' {bad.reason}; remove or replace it (the dataset's fingerprint "
                                 "then changes: extract again), or load the data with ?skip_bad=1 to leave "
                                 "unreadable files out")  # fmt: skip
-            yield payload, pixels.to(self.device, non_blocking=True).float()
+            # A policy's ops run on the device, on the workers' uint8 (as in memory, after the crop and flip).
+            yield payload, augment.apply_ops(pixels.to(self.device, non_blocking=True), params).float()
 
     def close(self) -> None:
         # Persistent workers end with the loader's iterator.

@@ -1,5 +1,5 @@
-"""The teacher cache: a Zarr (v3) store in format ``meal-cache/2`` (``meal-cache/1`` stores, which cannot hold
-top-k logits, are read as they are).
+"""The teacher cache: a Zarr (v3) store in format ``meal-cache/2``, or ``meal-cache/3`` when its views carry a
+policy's ops (``meal-cache/1`` stores, which cannot hold top-k logits, are read as they are).
 
 Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
 
@@ -9,6 +9,9 @@ Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
     labels                         (N,)               int64
     views/crop                     (V, N, 4)          int16   y0, x0, h, w
     views/flip                     (V, N)             bool
+    views/ops                      (V, N, K)          int8    with a policy only (format /3): each row's K ops as
+                                                               indices into augment.OP_NAMES, -1 none
+    views/magnitude                (V, N, K)          int8    their signed magnitude bins (attrs views.policy)
     views/source_size              (N, 2)             int32   H, W of each source image (image files only: the
                                                                boxes are in each image's own coordinates)
     teachers/NAME/logits           (V, N, C)          float16  or, with --logits-topk K, instead:
@@ -45,7 +48,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from meal_cache.augment import ViewParams
+from meal_cache.augment import Policy, ViewParams, policy_from_json
 from meal_cache.errors import UserError
 
 # zarr warns, each time such an array is opened, that numcodecs' codecs (BitRound, for --keep-bits) are outside
@@ -53,8 +56,12 @@ from meal_cache.errors import UserError
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 FORMAT = "meal-cache/2"
-# Formats this version reads: /2 added top-k logits (a layout /1 readers would not know).
-READABLE_FORMATS = ("meal-cache/1", FORMAT)
+# A store whose views carry a policy's ops (extract --recipe randaugment|trivialaugment): a /2 reader would
+# replay its views without the ops, so such a store says /3 and /2 readers refuse it. Crop-only stores stay /2.
+OPS_FORMAT = "meal-cache/3"
+# Formats this version reads: /2 added top-k logits (a layout /1 readers would not know), /3 views' ops.
+READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT)
+OPS_KEYS = ("views/ops", "views/magnitude")
 VERSION = 1
 FEATURE_KINDS = ("blocks", "maps")
 DTYPES = ("float16", "float32")
@@ -309,7 +316,7 @@ def create_store(
     group.attrs.update(
         _json_safe(
             {
-                "format": FORMAT,
+                "format": FORMAT if views[0].ops is None else OPS_FORMAT,
                 "version": VERSION,
                 "dataset": dataset,
                 "views": views_info,
@@ -327,6 +334,11 @@ def create_store(
     flip = group.create_array("views/flip", shape=(count, n), chunks=(1, rows), dtype="bool", **exact)
     crop[:] = torch.stack([v.crop for v in views]).numpy()
     flip[:] = torch.stack([v.flip for v in views]).numpy()
+    if views[0].ops is not None:
+        k = views[0].ops.shape[1]
+        for key, name in zip(OPS_KEYS, ("ops", "magnitude"), strict=True):
+            group.create_array(key, shape=(count, n, k), chunks=(1, rows, k), dtype="int8",
+                               **exact)[:] = torch.stack([getattr(v, name) for v in views]).numpy()  # fmt: skip
     if source_sizes is not None:
         group.create_array("views/source_size", shape=(n, 2), chunks=(rows, 2), dtype="int32",
                            **exact)[:] = source_sizes.numpy()  # fmt: skip
@@ -454,10 +466,23 @@ class TeacherStore:
     def labels(self) -> np.ndarray:
         return self.group["labels"][:]
 
+    @property
+    def policy(self) -> Policy | None:
+        """The views' policy (``extract --recipe``), None for crop-only views."""
+        return policy_from_json(self.attrs["views"].get("policy"))
+
+    @property
+    def view_keys(self) -> list[str]:
+        """The arrays that define the views' pixels."""
+        return ["views/crop", "views/flip", *(OPS_KEYS if OPS_KEYS[0] in self.group else ())]
+
     def view_params(self, view: int) -> ViewParams:
         crop = torch.from_numpy(self.group["views/crop"][view])
         flip = torch.from_numpy(self.group["views/flip"][view])
-        return ViewParams(crop, flip)
+        if OPS_KEYS[0] not in self.group:
+            return ViewParams(crop, flip)
+        ops, magnitude = (torch.from_numpy(self.group[key][view]) for key in OPS_KEYS)
+        return ViewParams(crop, flip, ops, magnitude, self.policy.space)
 
     def source_sizes(self) -> torch.Tensor | None:
         """Each row's source (H, W) when the store was extracted from image files, else None."""
@@ -703,7 +728,7 @@ def verify_store(store: TeacherStore, keys: list[str] | None = None, progress: b
                     except Exception as err:  # noqa: BLE001
                         report.problems.append(ChunkProblem(key, (view, chunk), "corrupt", str(err).split(".")[0]))
         done[teacher] = marks
-    all_keys = ["labels", "views/crop", "views/flip"]
+    all_keys = ["labels", *store.view_keys]
     for teacher in store.teacher_names:
         all_keys += store.with_companions(store.feature_keys(teacher))
     for key in tqdm(keys if keys is not None else all_keys, desc="verify", unit="array", disable=not progress):
@@ -766,7 +791,9 @@ def describe_store(store: TeacherStore) -> str:
         f"store     {store.group.store}  ({'complete' if store.complete else 'INCOMPLETE: run the extract again'})",
         f"dataset   {data['spec']} [{data['split']}]  {data['n']} rows, {data['num_classes']} classes, "
         f"{data['image_size']} px, fingerprint {data['fingerprint'][:12]}",
-        f"views     {views['augmented']} augmented ({views['recipe']}, seed {views['seed']})"
+        f"views     {views['augmented']} augmented ({views['recipe']}"
+        + (f" + {views['policy']['name']}" if views.get("policy") else "")
+        + f", seed {views['seed']})"
         + (" + identity" if views["identity"] else ""),
         f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk, "
         f"features {', '.join(layout.features) or 'none (logits only)'}, {_lossy_description(layout)}",
