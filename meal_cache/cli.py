@@ -297,7 +297,7 @@ def evaluate(
     default=None,
     callback=lambda ctx, param, value: None if value is None else 0 if value == "none" else int(value),
     help="Lossy: store blocks and maps as 8-bit codes, each row scaled to its own range (logits stay as "
-    "--dtype). Default: lossless, except 8 with --for meal; 'none' keeps meal's maps lossless.",
+    "--dtype). Default: lossless, except 8 with --for meal; 'none' keeps meal's blocks lossless.",
 )
 @click.option(
     "--logits-topk",
@@ -341,6 +341,13 @@ def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, 
     store = run_extract(config, out, overwrite=overwrite, progress=not quiet)
     if is_main_process():
         click.echo(describe_store(store))
+
+
+def _discriminator_names(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise click.BadParameter("name blocks, output, both (blocks,output) or none")
+    return [] if names == ["none"] else names
 
 
 def _floats(text: str) -> list[float]:
@@ -395,13 +402,18 @@ def _floats(text: str) -> list[float]:
 @click.option("--hard-weight", default=0.0, show_default=True, type=float, help="Cross-entropy on labels (MEAL: 0).")
 @click.option("--adv-weight", default=0.1, show_default=True, type=float, help="Weight of each adversarial loss.")
 @click.option("--adv-loss", default="bce", show_default=True, type=click.Choice(["bce", "ls"]))
-@click.option("--disc-lr", default=2e-4, show_default=True, type=float, help="Adam learning rate of discriminators.")
+@click.option(
+    "--disc-lr",
+    default=2e-4,
+    show_default=True,
+    type=float,
+    help="Learning rate of the discriminators (Adam; with --adv-game joint, their "
+    "part of the student's SGD, at --disc-lr / --lr of its scheduled rate).",
+)
 @click.option(
     "--discriminators",
     default=None,
-    callback=lambda ctx, param, value: (
-        None if value is None else [] if value.strip() == "none" else [v.strip() for v in value.split(",") if v.strip()]
-    ),
+    callback=lambda ctx, param, value: None if value is None else _discriminator_names(value),
     help="Which discriminators train: blocks,output (meal's), blocks, output (meal-v2's) or none. Default: the "
     "method's.",
 )

@@ -154,9 +154,11 @@ class DistillConfig:
         method = METHODS[self.method]
         if self.representation not in REPRESENTATIONS:
             raise unknown_choice("representation", self.representation, REPRESENTATIONS)
-        if self.discriminators is not None and not set(self.discriminators) <= set(DISCRIMINATORS):
-            raise UserError(f"--discriminators takes {', '.join(DISCRIMINATORS)} or none, got "
-                            f"{','.join(self.discriminators)}")  # fmt: skip
+        if self.discriminators is not None:
+            self = dataclasses.replace(self, discriminators=parse_discriminators(self.discriminators))
+            if "blocks" in self.discriminators and not method_blocks(self.method):
+                raise UserError(f"--discriminators blocks needs block terms, which --method {self.method} has not "
+                                "(use --method meal, or --discriminators output)")  # fmt: skip
         if self.adv_game not in ADV_GAMES:
             raise unknown_choice("adversarial game", self.adv_game, ADV_GAMES)
         own = [name for name, on in zip(DISCRIMINATORS, (method.block_adversarial, method.output_adversarial),
@@ -215,13 +217,16 @@ class DistillConfig:
         unset = dataclasses.MISSING
         defaults = {f.name: f.default if f.default is not unset else f.default_factory()
                     for f in dataclasses.fields(self) if (f.default, f.default_factory) != (unset, unset)}  # fmt: skip
-        chosen = {k: v for k, v in PRESETS[self.preset].settings.items() if getattr(self, k) == defaults[k]}
+        # A setting may be a function of the config (the reference's discriminator rate is a hundredth of --lr).
+        chosen = {k: v(self) if callable(v) else v for k, v in PRESETS[self.preset].settings.items()
+                  if getattr(self, k) == defaults[k]}  # fmt: skip
         return dataclasses.replace(self, **chosen)
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Settings ``distill --preset NAME`` fills in (each one only where the command leaves it at its default)."""
+    """Settings ``distill --preset NAME`` fills in (each one only where the command leaves it at its default
+    value); a value may be a function of the config."""
 
     settings: dict
     help: str
@@ -234,10 +239,29 @@ PRESETS: dict[str, Preset] = {
     # most; the same as meal-cache's default), eta = 1 on every discriminator, and the discriminators on the
     # student's optimiser at a hundredth of its learning rate (d_lr 1e-3 against lr 0.1), no gradient reversal.
     "reference": Preset({"method": "meal", "representation": "maps", "soft_loss": "soft-ce", "temperature": 1.0,
-                         "teacher_selection": "random", "adv_weight": 1.0, "adv_game": "joint", "disc_lr": 5e-4,
-                         "hard_weight": 0.0},
+                         "teacher_selection": "random", "adv_weight": 1.0, "adv_game": "joint",
+                         "disc_lr": lambda config: config.lr / 100, "hard_weight": 0.0},
                         "MEAL's reference code: T=1 soft-ce, random teacher, joint discriminators, eta 1"),
 }  # fmt: skip
+
+
+def parse_discriminators(value: object) -> list[str]:
+    """``--discriminators``' value as names: a list of them, a comma-separated string, or ``none`` (no
+    discriminators); anything else is one clear error."""
+    if isinstance(value, str):
+        value = [] if value.strip() == "none" else [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"--discriminators takes {', '.join(DISCRIMINATORS)} or none, got {value!r}")
+    names = [] if list(value) == ["none"] else list(value)
+    unknown = [v for v in names if v not in DISCRIMINATORS]
+    if unknown:
+        raise UserError(f"--discriminators takes {', '.join(DISCRIMINATORS)} or none, got {','.join(unknown)}")
+    return names
+
+
+def method_blocks(name: str) -> bool:
+    """Whether a method (unknown names: assumed so, refused elsewhere) has block terms."""
+    return name not in METHODS or METHODS[name].blocks
 
 
 def _check_crops(config: DistillConfig) -> None:
@@ -535,6 +559,8 @@ class Distiller(nn.Module):
         if self.pairs and config.representation not in stored:
             other = next((kind for kind in REPRESENTATIONS if kind in stored), None)
             instead = f", or distill with --representation {other}" if other else ""
+            if config.preset is not None:
+                instead += f" (--preset {config.preset} reads {config.representation})"
             preset = (store.attrs.get("settings") or {}).get("preset")
             if preset is not None:
                 wanted = "meal" if config.representation == "blocks" else "all"
@@ -633,9 +659,9 @@ class Distiller(nn.Module):
             if pair.key in self.discriminators:
                 out.adversarial.append(AdversarialInput(pair.key, teacher_rep, student_rep, block_weight))
         everyone = [f"teachers/{t}/logits" for t in self.teachers]
-        # How often the teachers this step learns from agree with the whole ensemble (the online reference runs
-        # only the selected teachers, so it cannot say).
-        if len(everyone) > 1 and all(key in targets for key in everyone):
+        # How often the teacher drawn this step agrees with the whole ensemble (mean and all learn from the
+        # ensemble itself; the online reference runs only the drawn teacher, so it cannot say).
+        if config.teacher_selection == "random" and len(everyone) > 1 and all(key in targets for key in everyone):
             ensemble = torch.stack([targets[f"teachers/{t}/logits"].float().softmax(1) for t in self.teachers]).mean(0)
             chosen = torch.stack([t.softmax(1) for t in teacher_logits]).mean(0)
             out.stats["teacher_agreement"] = (chosen.argmax(1) == ensemble.argmax(1)).float().mean()
@@ -1011,7 +1037,7 @@ def gradient_norms(named: dict[str, torch.Tensor], params: list[nn.Parameter]) -
     kept for the step's own backward pass."""
     families: dict[str, torch.Tensor] = {}
     for name, loss in named.items():
-        family = next(f for prefix, f in LOSS_FAMILIES.items() if name.startswith(prefix))
+        family = next((f for prefix, f in LOSS_FAMILIES.items() if name.startswith(prefix)), "other")
         families[family] = families[family] + loss if family in families else loss
     norms = {}
     for family, loss in families.items():

@@ -30,6 +30,14 @@ def test_the_discriminators_switch_chooses_which_are_built(small_store, digits):
     assert _config(path, method="meal-v2").resolved().discriminators == ["output"]
     with pytest.raises(UserError, match="--discriminators takes blocks, output or none, got maps"):
         _config(path, discriminators=["maps"]).resolved()
+    # What a pipeline file or a Python caller may write: a comma string, "none", or a list.
+    assert _config(path, discriminators="output, blocks").resolved().discriminators == ["blocks", "output"]
+    assert _config(path, discriminators="none").resolved().discriminators == []
+    assert _config(path, discriminators=["none"]).resolved().discriminators == []
+    with pytest.raises(UserError, match="--discriminators takes blocks, output or none, got 5"):
+        _config(path, discriminators=5).resolved()
+    with pytest.raises(UserError, match="--discriminators blocks needs block terms, which --method meal-v2 has not"):
+        _config(path, method="meal-v2", discriminators=["blocks", "output"]).resolved()
     # No loss left: kd's soft labels off and nothing adversarial.
     with pytest.raises(UserError, match="trains on nothing"):
         _config(path, method="meal", soft_weight=0.0, block_weights=[0.0], discriminators=[]).resolved()
@@ -74,6 +82,8 @@ def test_the_reference_preset_fills_in_only_what_the_user_left_at_its_default(sm
     assert (reference.representation, reference.block_loss) == ("maps", "soft-ce")  # the reference's own maps
     mine = _config(path, preset="reference", temperature=4.0, adv_weight=0.3).resolved()
     assert (mine.temperature, mine.adv_weight, mine.soft_loss) == (4.0, 0.3, "soft-ce")
+    # The reference's discriminators run at a hundredth of the student's rate, whatever --lr is.
+    assert _config(path, preset="reference", lr=0.1).resolved().disc_lr == pytest.approx(1e-3)
     with pytest.raises(UserError, match="unknown preset 'refernce'"):
         _config(path, preset="refernce").resolved()
 
