@@ -344,10 +344,11 @@ def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, 
 
 
 def _discriminator_names(value: str) -> list[str]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    if not names:
+    from meal_cache.distill import parse_discriminators
+
+    if not value.replace(",", "").strip():  # "" would otherwise read as no discriminators
         raise click.BadParameter("name blocks, output, both (blocks,output) or none")
-    return [] if names == ["none"] else names
+    return parse_discriminators(value)
 
 
 def _floats(text: str) -> list[float]:

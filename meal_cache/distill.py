@@ -662,8 +662,8 @@ class Distiller(nn.Module):
         # How often the teacher drawn this step agrees with the whole ensemble (mean and all learn from the
         # ensemble itself; the online reference runs only the drawn teacher, so it cannot say).
         if config.teacher_selection == "random" and len(everyone) > 1 and all(key in targets for key in everyone):
-            ensemble = torch.stack([targets[f"teachers/{t}/logits"].float().softmax(1) for t in self.teachers]).mean(0)
-            chosen = torch.stack([t.softmax(1) for t in teacher_logits]).mean(0)
+            ensemble = losses.soft_targets([targets[key] for key in everyone], 1.0)
+            chosen = losses.soft_targets(teacher_logits, 1.0)
             out.stats["teacher_agreement"] = (chosen.argmax(1) == ensemble.argmax(1)).float().mean()
         if "logits" in self.discriminators:
             student_probs = F.softmax(logits / config.temperature, dim=1)
@@ -689,16 +689,20 @@ class Distiller(nn.Module):
         named: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
         for item in inputs:
-            discriminator = self.discriminators[item.key]
-            real_scores, fake_scores = discriminator(item.real.detach()), discriminator(item.fake)
-            loss = losses.discriminator_loss(self.config.adv_loss, real_scores, fake_scores)
+            loss = self._discriminate(item.key, item.real, item.fake, stats)
             name = f"joint/{item.key}"
             weighted = self.config.adv_weight * item.weight * loss
             named[name] = named[name] + weighted if name in named else weighted
-            stats[f"disc/{item.key}"] = loss.detach()
-            stats[f"disc_acc/{item.key}"] = losses.discriminator_accuracy(real_scores, fake_scores,
-                                                                          self.config.adv_loss)  # fmt: skip
         return named, stats
+
+    def _discriminate(self, key: str, real: torch.Tensor, fake: torch.Tensor, stats: dict) -> torch.Tensor:
+        """Discriminator ``key``'s loss on teacher (real, detached) against student (fake, as given) features;
+        its loss and accuracy are logged into ``stats``."""
+        real_scores, fake_scores = self.discriminators[key](real.detach()), self.discriminators[key](fake)
+        loss = losses.discriminator_loss(self.config.adv_loss, real_scores, fake_scores)
+        stats[f"disc/{key}"] = loss.detach()
+        stats[f"disc_acc/{key}"] = losses.discriminator_accuracy(real_scores, fake_scores, self.config.adv_loss)
+        return loss
 
     def discriminator_step(
         self, inputs: list[AdversarialInput], optimizer: torch.optim.Optimizer, world: World | None = None
@@ -710,14 +714,7 @@ class Distiller(nn.Module):
         total = 0.0
         stats: dict[str, torch.Tensor] = {}
         for disc_key, real, fake, _ in inputs:
-            discriminator = self.discriminators[disc_key]
-            real_scores, fake_scores = discriminator(real.detach()), discriminator(fake.detach())
-            loss = losses.discriminator_loss(self.config.adv_loss, real_scores, fake_scores)
-            total = total + loss
-            stats[f"disc/{disc_key}"] = loss.detach()
-            stats[f"disc_acc/{disc_key}"] = losses.discriminator_accuracy(
-                real_scores, fake_scores, self.config.adv_loss
-            )
+            total = total + self._discriminate(disc_key, real, fake.detach(), stats)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if world is not None:
