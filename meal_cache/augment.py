@@ -25,9 +25,11 @@ over RandAugment's narrower ranges (see :func:`policy_for`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
@@ -47,39 +49,80 @@ class ViewParams:
     With a policy, also ``ops`` int8 ``(N, K)``: each row's k-th op as an index into :data:`OP_NAMES` (-1: none,
     as in an identity view), ``magnitude`` int8 ``(N, K)``: its magnitude bin, negative for a negated magnitude,
     and ``space``: whose magnitude ranges the bins index (a key of :data:`SPACES`). Without one, ``ops`` and
-    ``magnitude`` are None and the view is the crop and flip alone, as stores written before policies hold."""
+    ``magnitude`` are None and the view is the crop and flip alone, as stores written before policies hold.
+
+    With mixing (``extract --mixup/--cutmix``), also ``mix_partner`` int32 ``(N,)``: the row of the split whose
+    view (the same view, unmixed) is mixed in, ``mix_lambda`` float32 ``(N,)``: the row's own share (1: not
+    mixed), and ``mix_box`` int16 ``(N, 4)``: y0, x0, h, w in output pixels of the partner's patch pasted in
+    (CutMix), all zero for a blend (Mixup). A view of a whole split finds each partner's parameters in itself;
+    a view of some rows (``view[rows]``) carries them in ``partner``, resolved when it was taken."""
 
     crop: torch.Tensor
     flip: torch.Tensor
     ops: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
     space: str | None = None
+    mix_partner: torch.Tensor | None = None
+    mix_lambda: torch.Tensor | None = None
+    mix_box: torch.Tensor | None = None
+    partner: ViewParams | None = None
 
     def __len__(self) -> int:
         return int(self.flip.shape[0])
 
+    def unmixed(self) -> ViewParams:
+        """The same crops, flips and ops without mixing (what a partner contributes)."""
+        return ViewParams(self.crop, self.flip, self.ops, self.magnitude, self.space)
+
+    def _rows(self, rows: torch.Tensor | slice) -> ViewParams:
+        def take(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value[rows]
+
+        return ViewParams(self.crop[rows], self.flip[rows], take(self.ops), take(self.magnitude), self.space)
+
     def __getitem__(self, rows: torch.Tensor | slice) -> ViewParams:
-        if self.ops is None:
-            return ViewParams(self.crop[rows], self.flip[rows])
-        return ViewParams(self.crop[rows], self.flip[rows], self.ops[rows], self.magnitude[rows], self.space)
+        taken = self._rows(rows)
+        if self.mix_partner is None:
+            return taken
+        partner = self.partner[rows] if self.partner is not None else self.unmixed()[self.mix_partner[rows].long()]
+        return dataclasses.replace(taken, mix_partner=self.mix_partner[rows], mix_lambda=self.mix_lambda[rows],
+                                   mix_box=self.mix_box[rows], partner=partner)  # fmt: skip
 
     def to(self, device: torch.device | str) -> ViewParams:
         def move(value: torch.Tensor | None) -> torch.Tensor | None:
             return None if value is None else value.to(device, non_blocking=True)
 
-        return ViewParams(move(self.crop), move(self.flip), move(self.ops), move(self.magnitude), self.space)
+        return ViewParams(move(self.crop), move(self.flip), move(self.ops), move(self.magnitude), self.space,
+                          move(self.mix_partner), move(self.mix_lambda), move(self.mix_box),
+                          None if self.partner is None else self.partner.to(device))  # fmt: skip
 
 
 def stack_views(views: list[ViewParams], view: torch.Tensor, rows: torch.Tensor) -> ViewParams:
-    """Row ``rows[i]`` of view ``views[view[i]]`` for every ``i`` (views of one store: one policy)."""
+    """Row ``rows[i]`` of view ``views[view[i]]`` for every ``i`` (views of one store, of a whole split: one
+    policy, one mixing); a mixed row's partner is taken from the same view."""
 
-    def pick(values: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(values)[view, rows]
+    def pick(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if values[0] is None else torch.stack(values)[view, rows]
 
-    if views[0].ops is None:
-        return ViewParams(pick([v.crop for v in views]), pick([v.flip for v in views]))
-    return ViewParams(pick([v.crop for v in views]), pick([v.flip for v in views]), pick([v.ops for v in views]),
-                      pick([v.magnitude for v in views]), views[0].space)  # fmt: skip
+    first = views[0]
+    taken = ViewParams(pick([v.crop for v in views]), pick([v.flip for v in views]), pick([v.ops for v in views]),
+                       pick([v.magnitude for v in views]), first.space)  # fmt: skip
+    if first.mix_partner is None:
+        return taken
+    partners = pick([v.mix_partner for v in views])
+    return dataclasses.replace(taken, mix_partner=partners, mix_lambda=pick([v.mix_lambda for v in views]),
+                               mix_box=pick([v.mix_box for v in views]),
+                               partner=stack_views([v.unmixed() for v in views], view, partners.long()))  # fmt: skip
+
+
+def concat_views(parts: list[ViewParams]) -> ViewParams:
+    """Unmixed views of some rows, one after the other (what one request of a source renders)."""
+
+    def cat(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if values[0] is None else torch.cat(values)
+
+    return ViewParams(cat([p.crop for p in parts]), cat([p.flip for p in parts]), cat([p.ops for p in parts]),
+                      cat([p.magnitude for p in parts]), parts[0].space)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -305,6 +348,114 @@ def apply_ops(images: torch.Tensor, params: ViewParams) -> torch.Tensor:
     return out
 
 
+# ------------------------------------------------------------------------------------------- mixing
+@dataclass(frozen=True)
+class Mixing:
+    """Mixup and CutMix over a view's rows, as timm's ``Mixup`` in its per-element mode: each row is mixed with
+    probability ``prob``; where both alphas are set, CutMix is chosen with probability ``switch_prob``, else
+    Mixup; the row's own share ``lambda`` is drawn from Beta(alpha, alpha), and CutMix's box has sides
+    ``sqrt(1 - lambda)`` of the image, centred uniformly and clipped, ``lambda`` then corrected to the area
+    kept. Partners are a random permutation of the split's rows (each view its own)."""
+
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+
+    @property
+    def enabled(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.prob > 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def mixing_from_json(data: dict | None) -> Mixing | None:
+    return Mixing(**data) if data else None
+
+
+def cutmix_boxes(lam: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """timm's ``rand_bbox``: int16 ``(N, 4)`` y0, x0, h, w of a box with sides ``int(size * sqrt(1 - lam))``
+    centred at a uniform pixel and clipped to the image."""
+    cut = (size * torch.sqrt(1.0 - lam.double())).long()
+    centre = torch.randint(size, (len(lam), 2), generator=generator)
+    low = (centre - cut[:, None] // 2).clamp(0, size)
+    high = (centre + cut[:, None] // 2).clamp(0, size)
+    return torch.cat([low, high - low], 1).to(torch.int16)
+
+
+def draw_mixing(mixing: Mixing, n: int, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One view's ``mix_partner``, ``mix_lambda`` and ``mix_box`` for ``n`` rows of ``size`` px output."""
+    partner = torch.randperm(n, generator=generator).to(torch.int32)
+    # torch draws no Beta from a Generator; numpy does, from a seed this generator gives.
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+    use_cutmix = np.zeros(n, dtype=bool)
+    if mixing.mixup > 0 and mixing.cutmix > 0:
+        use_cutmix = rng.random(n) < mixing.switch_prob
+        lam = np.where(use_cutmix, rng.beta(mixing.cutmix, mixing.cutmix, n), rng.beta(mixing.mixup, mixing.mixup, n))
+    elif mixing.cutmix > 0:
+        use_cutmix = np.ones(n, dtype=bool)
+        lam = rng.beta(mixing.cutmix, mixing.cutmix, n)
+    else:
+        lam = rng.beta(mixing.mixup, mixing.mixup, n)
+    mixed = rng.random(n) < mixing.prob
+    lam = torch.from_numpy(np.where(mixed, lam, 1.0).astype(np.float32))
+    use_cutmix = torch.from_numpy(use_cutmix & mixed)
+    box = torch.where(use_cutmix[:, None], cutmix_boxes(lam, size, generator), torch.zeros(n, 4, dtype=torch.int16))
+    area = box[:, 2].float() * box[:, 3].float()
+    # CutMix's share is the area kept (timm's correct_lam), so a box clipped at the border mixes its labels right.
+    lam = torch.where(use_cutmix, 1.0 - area / float(size * size), lam)
+    return {"mix_partner": partner, "mix_lambda": lam, "mix_box": box}
+
+
+def unmixed_mixing(n: int) -> dict[str, torch.Tensor]:
+    """The mixing fields of rows that are not mixed (an identity view of a mixing store)."""
+    return {"mix_partner": torch.arange(n, dtype=torch.int32), "mix_lambda": torch.ones(n),
+            "mix_box": torch.zeros(n, 4, dtype=torch.int16)}  # fmt: skip
+
+
+def mixed_rows(params: ViewParams) -> torch.Tensor:
+    """The indices of the rows that take a partner (none without mixing)."""
+    if params.mix_lambda is None:
+        return torch.zeros(0, dtype=torch.long)
+    return (params.mix_lambda.cpu() < 1).nonzero()[:, 0]
+
+
+def mix(pixels: torch.Tensor, partner_pixels: torch.Tensor, params: ViewParams, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of ``pixels`` (float 0-255, after each row's own crop, flip and ops) mixed with their
+    partners' pixels (``partner_pixels[i]`` for ``rows[i]``): the partner's patch pasted into the box (CutMix) or
+    the two blended by the row's ``lambda`` (Mixup). Elementwise per row, so a row's pixels depend on its own
+    and its partner's alone."""
+    if not len(rows):
+        return pixels
+    out = pixels.clone()
+    device = pixels.device
+    rows_dev = rows.to(device)
+    own, other = pixels[rows_dev], partner_pixels.to(pixels.dtype)
+    box = params.mix_box[rows].to(device).long()
+    lam = params.mix_lambda[rows].to(device).to(pixels.dtype).view(-1, 1, 1, 1)
+    size_y, size_x = pixels.shape[-2:]
+    y = torch.arange(size_y, device=device).view(1, -1, 1)
+    x = torch.arange(size_x, device=device).view(1, 1, -1)
+    y0, x0, h, w = (box[:, i].view(-1, 1, 1) for i in range(4))
+    inside = ((y >= y0) & (y < y0 + h) & (x >= x0) & (x < x0 + w))[:, None]
+    cut = (h * w > 0).view(-1, 1, 1, 1)
+    blended = own * lam + other * (1.0 - lam)
+    out[rows_dev] = torch.where(cut, torch.where(inside, other, own), blended)
+    return out
+
+
+def mixed_labels(labels: torch.Tensor, params: ViewParams | None, num_classes: int,
+                 partner_labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Hard labels as class probabilities, mixed with the partners' by each row's ``lambda`` (timm's and FKD's
+    mixed targets); unmixed rows are one-hot. ``partner_labels`` are the partners' labels."""
+    target = F.one_hot(labels, num_classes).float()
+    if params is None or params.mix_lambda is None or partner_labels is None:
+        return target
+    lam = params.mix_lambda.to(labels.device).float()[:, None]
+    return lam * target + (1.0 - lam) * F.one_hot(partner_labels, num_classes).float()
+
+
 def view_generator(seed: int, view: int) -> torch.Generator:
     """The generator of view ``view`` under ``seed``: views are independent and each reproducible alone."""
     return torch.Generator().manual_seed(seed * 1_000_003 + view)
@@ -315,9 +466,11 @@ def square_sizes(n: int, image_size: int) -> torch.Tensor:
     return torch.full((n, 2), image_size, dtype=torch.int32)
 
 
-def identity(sizes: torch.Tensor, recipe: Recipe | None = None, policy: Policy | None = None) -> ViewParams:
+def identity(sizes: torch.Tensor, recipe: Recipe | None = None, policy: Policy | None = None,
+             mixing: Mixing | None = None) -> ViewParams:  # fmt: skip
     """The un-augmented view of rows of source ``sizes`` (N, 2): the central square of ``recipe.eval_crop`` of the
-    shorter side (the whole image for in-memory data), not mirrored; under a ``policy``, with no ops."""
+    shorter side (the whole image for in-memory data), not mirrored; under a ``policy``, with no ops; under
+    ``mixing``, not mixed."""
     fraction = recipe.eval_crop if recipe is not None else 1.0
     height, width = sizes[:, 0].long(), sizes[:, 1].long()
     side = torch.minimum(height, width)
@@ -325,10 +478,13 @@ def identity(sizes: torch.Tensor, recipe: Recipe | None = None, policy: Policy |
         side = (side.double() * fraction).round().long().clamp_min(1)
     crop = torch.stack([(height - side) // 2, (width - side) // 2, side, side], 1)
     flip = torch.zeros(len(sizes), dtype=torch.bool)
-    if policy is None:
-        return ViewParams(crop.to(torch.int16), flip)
-    none = torch.full((len(sizes), policy.num_ops), NO_OP, dtype=torch.int8)
-    return ViewParams(crop.to(torch.int16), flip, none, torch.zeros_like(none), policy.space)
+    view = ViewParams(crop.to(torch.int16), flip)
+    if policy is not None:
+        none = torch.full((len(sizes), policy.num_ops), NO_OP, dtype=torch.int8)
+        view = ViewParams(view.crop, flip, none, torch.zeros_like(none), policy.space)
+    if mixing is not None and mixing.enabled:
+        view = dataclasses.replace(view, **unmixed_mixing(len(sizes)))
+    return view
 
 
 def _random_resized_boxes(sizes: torch.Tensor, scale: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
@@ -357,10 +513,13 @@ def _random_resized_boxes(sizes: torch.Tensor, scale: tuple[float, float], gen: 
     return torch.stack([y0, x0, h, w], 1)
 
 
-def draw(recipe: Recipe, sizes: torch.Tensor, generator: torch.Generator, policy: Policy | None = None) -> ViewParams:
+def draw(recipe: Recipe, sizes: torch.Tensor, generator: torch.Generator, policy: Policy | None = None,
+         mixing: Mixing | None = None, out_size: int | None = None) -> ViewParams:  # fmt: skip
     """Draw one view's parameters for rows of source ``sizes`` (int ``(N, 2)`` as H, W; see
     :func:`square_sizes`). Padded crops keep the source size, so they take square in-memory images only. The
-    crop and flip are drawn first, so a policy's view has the crops of the policy-less view of the same seed."""
+    crop and flip are drawn first, then the policy's ops, then the mixing (CutMix boxes in ``out_size`` px
+    output), so each addition keeps the draws before it: a policy's view has the crops of the policy-less view
+    of the same seed."""
     n = len(sizes)
     if recipe.resized_crop_scale is not None:
         boxes = _random_resized_boxes(sizes, recipe.resized_crop_scale, generator)
@@ -369,10 +528,15 @@ def draw(recipe: Recipe, sizes: torch.Tensor, generator: torch.Generator, policy
         offsets = torch.randint(-pad, pad + 1, (n, 2), generator=generator)
         boxes = torch.cat([offsets, sizes.to(offsets.dtype)], 1)
     flips = torch.rand(n, generator=generator) < 0.5 if recipe.flip else torch.zeros(n, dtype=torch.bool)
-    if policy is None:
-        return ViewParams(boxes.to(torch.int16), flips)
-    ops, magnitude = _draw_ops(policy, n, generator)
-    return ViewParams(boxes.to(torch.int16), flips, ops, magnitude, policy.space)
+    view = ViewParams(boxes.to(torch.int16), flips)
+    if policy is not None:
+        ops, magnitude = _draw_ops(policy, n, generator)
+        view = ViewParams(view.crop, flips, ops, magnitude, policy.space)
+    if mixing is not None and mixing.enabled:
+        if out_size is None:
+            raise ValueError("mixing needs the output size (for CutMix's boxes)")
+        view = dataclasses.replace(view, **draw_mixing(mixing, n, out_size, generator))
+    return view
 
 
 def _crop_same_size(images: torch.Tensor, crop: torch.Tensor, size: int) -> torch.Tensor:

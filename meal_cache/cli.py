@@ -255,6 +255,37 @@ def evaluate(
     "ops only (docs/design.md).",
 )
 @click.option(
+    "--mixup",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Mix each view's rows with Mixup, lambda ~ Beta(ALPHA, ALPHA) (timm uses 0.8); 0: no Mixup. Each row's "
+    "partner and lambda are stored; the teachers see the mixed image, and distill rebuilds it and mixes the "
+    "hard labels with the same lambda.",
+)
+@click.option(
+    "--cutmix",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Paste a box of a partner row (CutMix, lambda ~ Beta(ALPHA, ALPHA), timm uses 1.0); 0: no CutMix. The "
+    "box is stored with the partner.",
+)
+@click.option(
+    "--mix-prob",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="The share of (view, row)s mixed, with --mixup or --cutmix.",
+)
+@click.option(
+    "--mix-switch-prob",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="With both --mixup and --cutmix: the chance a mixed row takes CutMix rather than Mixup (timm's switch_prob).",
+)
+@click.option(
     "--grid",
     default=1,
     show_default=True,

@@ -622,7 +622,9 @@ class Distiller(nn.Module):
         run_student: nn.Module | None = None,
     ) -> DistillerOutput:
         """Student logits, its named losses, the inputs of the discriminators' step and logged-only values.
-        ``run_student`` is what runs the student (its DistributedDataParallel wrapper under ``torchrun``).
+        ``labels`` are class indices, or class probabilities (mixed rows' labels, see
+        :func:`~meal_cache.augment.mixed_labels`). ``run_student`` is what runs the student (its
+        DistributedDataParallel wrapper under ``torchrun``).
 
         Weighting over teachers: ``mean`` has one soft-label term and one output-adversarial term (on the
         ensemble) and averages the block terms over the teachers; ``all`` sums every teacher's terms; ``random``
@@ -969,16 +971,19 @@ class DistillEpochs:
         views = self.epoch_views(epoch)
         return {"view": views[0] if len(views) == 1 else views}
 
-    def batches(self, epoch: int) -> Iterator[tuple[tuple[torch.Tensor, dict | None], torch.Tensor]]:
-        """The epoch's ``((rows, targets), pixels)``: rows and targets from the store's batch source, the pixels
-        of those rows in this epoch's view from the image source. Under torchrun each rank asks only for its
+    def batches(self, epoch: int) -> Iterator[tuple[tuple[torch.Tensor, dict | None, augment.ViewParams | None],
+                                                    torch.Tensor]]:  # fmt: skip
+        """The epoch's ``((rows, targets, mixed), pixels)``: rows and targets from the store's batch source, the
+        pixels of those rows in this epoch's view from the image source, and the rows' view parameters when the
+        view mixes rows (None otherwise). Under torchrun each rank asks only for its
         share of every batch, so it decodes only its own rows."""
         run, config, world = self.run, self.run.config, self.run.world
         self.chooser = epoch_generator(config.seed, epoch, Stream.TEACHER_CHOICE)
         views = self.epoch_views(epoch)
         if config.fresh_views:
             generator = epoch_generator(config.seed, epoch, Stream.FRESH_VIEWS)
-            params = [augment.draw(run.recipe, run.sizes, generator, run.store.policy)]
+            params = [augment.draw(run.recipe, run.sizes, generator, run.store.policy, run.store.mixing,
+                                   run.dataset.image_size)]  # fmt: skip
         else:
             params = [run.view_params[view] for view in views]
         last = epoch + 1 >= config.epochs
@@ -988,27 +993,34 @@ class DistillEpochs:
             one_view = run.source.epoch(epoch, views[0], None if last else self.view(epoch + 1))
             batches = ((rows, targets, None) for rows, targets in one_view)
 
-        def requests() -> Iterator[tuple[torch.Tensor, augment.ViewParams, tuple[torch.Tensor, dict | None]]]:
+        def requests() -> Iterator[tuple[torch.Tensor, augment.ViewParams, tuple]]:
             for rows, targets, crop in batches:
                 if world.enabled:  # this rank's share of the global batch
                     share = slice(world.rank, None, world.size)
                     rows, crop = rows[share], crop if crop is None else crop[share]
                     targets = targets and {key: value[share] for key, value in targets.items()}
-                yield rows, _crop_params(params, rows, crop), (rows, targets)
+                rows_params = _crop_params(params, rows, crop)
+                # Mixed rows' hard labels are mixed with the same lambda (the pixels are mixed by the source).
+                yield rows, rows_params, (rows, targets, rows_params if rows_params.mix_partner is not None else None)
 
         return run.images.pixels(requests())
 
-    def step(self, batch: tuple[tuple[torch.Tensor, dict | None], torch.Tensor]) -> StepOutput:
+    def step(self, batch: tuple[tuple, torch.Tensor]) -> StepOutput:
+        """One step on a batch of :meth:`batches`."""
         run, world, distiller = self.run, self.run.world, self.run.distiller
-        (rows, targets), pixels = batch
+        (rows, targets, mixed), pixels = batch
         rows_dev = rows.to(run.device, non_blocking=True)
         inputs = augment.normalise(pixels, run.dataset.mean, run.dataset.std, run.precision.channels_last)
         selected = _selection(run.config, distiller.teachers, self.chooser)
         if run.online is not None:
             targets = run.online.targets(pixels, selected)
         labels = run.labels[rows_dev]
+        hard_targets = labels
+        if mixed is not None:
+            partners = run.labels[mixed.mix_partner.to(run.device, non_blocking=True).long()]
+            hard_targets = augment.mixed_labels(labels, mixed, run.dataset.num_classes, partners)
         with run.precision.autocast():
-            out = distiller(inputs, targets, labels, selected, run.run_student)
+            out = distiller(inputs, targets, hard_targets, selected, run.run_student)
         if run.config.adv_game == "joint":
             with run.precision.autocast():
                 joint, stats = distiller.joint_losses(out.adversarial)

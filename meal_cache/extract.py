@@ -16,6 +16,7 @@ records the teachers' accuracy and marks the store complete.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +49,7 @@ STORE_DATASET_KEYS = ("spec", "kind", "options", "num_classes", "classes", "imag
                       "source", "decoder")  # fmt: skip
 # Chunks written but not yet durable; bounds the memory the background writer may hold.
 MAX_PENDING_WRITES = 4
+MIXING_FIELDS = ("mixup", "cutmix", "mix_prob", "mix_switch_prob")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class ExtractConfig:
     views: int = 4  # the views curve (docs/design.md): no gain measured beyond
     identity_view: bool = False
     recipe: str = "crop"  # the views' policy after the crop: crop (none), randaugment, trivialaugment
+    mixup: float = 0.0  # Mixup's Beta alpha (0: none); the teachers see the mixed images
+    cutmix: float = 0.0  # CutMix's Beta alpha (0: none)
+    mix_prob: float = 1.0  # the share of (view, row)s mixed
+    mix_switch_prob: float = 0.5  # with both alphas: the chance of CutMix rather than Mixup (timm's switch_prob)
     seed: int = 0
     grid: int = 1
     blocks: str = "all"
@@ -102,6 +108,12 @@ class ExtractConfig:
     teacher_dir: str = "teachers"
     device: str = "auto"
     workers: int | None = None  # decoding processes for image files (None: from the core count)
+
+    def mixing(self) -> augment.Mixing | None:
+        """The views' Mixup/CutMix, None when neither is asked for."""
+        mixing = augment.Mixing(float(self.mixup), float(self.cutmix), float(self.mix_prob),
+                                float(self.mix_switch_prob))  # fmt: skip
+        return mixing if mixing.enabled else None
 
     def resolved(self) -> ExtractConfig:
         """The config with a ``--for`` preset's features and blocks filled in, every setting checked."""
@@ -129,6 +141,14 @@ class ExtractConfig:
             raise UserError(f"a teacher is named twice in {','.join(self.teachers)}")
         if self.recipe not in augment.POLICY_NAMES:
             raise unknown_choice("--recipe", self.recipe, list(augment.POLICY_NAMES))
+        for name in ("mixup", "cutmix"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or math.isnan(value):
+                raise UserError(f"--{name} takes a Beta alpha >= 0 (0: no {name}), got {value!r}")
+        for name in ("mix_prob", "mix_switch_prob"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise UserError(f"--{name.replace('_', '-')} is a probability in [0, 1], got {value!r}")
         if self.views < 1 and not self.identity_view:
             raise UserError("--views must be at least 1 (or 0 with --identity-view)")
         if self.grid not in (1, 2, 4):
@@ -150,6 +170,9 @@ def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teach
         recorded.pop(transient)
     if recorded["recipe"] == "crop":  # the settings of stores extracted before --recipe existed
         recorded.pop("recipe")
+    if config.mixing() is None:  # ... and before --mixup/--cutmix
+        for name in MIXING_FIELDS:
+            recorded.pop(name)
     recorded["fingerprint"] = dataset.fingerprint(config.split)
     recorded["teacher_checkpoints"] = {t.spec.key: t.spec.checkpoint_sha256 for t in teachers}
     return recorded
@@ -382,9 +405,11 @@ def _open_or_create(
     n = len(split)
     sizes = split.source_sizes(config.workers)
     policy = augment.policy_for(config.recipe, recipe.name)
-    views = [augment.draw(recipe, sizes, augment.view_generator(config.seed, v), policy) for v in range(config.views)]
+    mixing = config.mixing()
+    views = [augment.draw(recipe, sizes, augment.view_generator(config.seed, v), policy, mixing, dataset.image_size)
+             for v in range(config.views)]  # fmt: skip
     if config.identity_view:
-        views.append(augment.identity(sizes, recipe, policy))
+        views.append(augment.identity(sizes, recipe, policy, mixing))
     description = dataset.describe()
     dataset_attrs = {
         **{key: description[key] for key in STORE_DATASET_KEYS if key in description},
@@ -401,6 +426,8 @@ def _open_or_create(
     }
     if policy is not None:
         views_info["policy"] = policy.to_json()
+    if mixing is not None:
+        views_info["mixing"] = mixing.to_json()
     layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
                          config.quantize, config.logits_topk)  # fmt: skip
     return create_store(

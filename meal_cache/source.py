@@ -75,11 +75,38 @@ class MemorySource:
         self.device, self.out_size = device, out_size
 
     def pixels(self, requests: Iterable[Request]) -> Iterator[tuple[Any, torch.Tensor]]:
+        return with_partners(self._rendered, requests)
+
+    def _rendered(self, requests: Iterable[Request]) -> Iterator[tuple[Any, torch.Tensor]]:
         for rows, params, payload in requests:
             yield payload, augment.render(self.images[rows.to(self.device, non_blocking=True)], params, self.out_size)
 
     def close(self) -> None:
         pass
+
+
+def with_partners(render, requests: Iterable[Request]) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``render``'s pixels of the requests, each mixed row mixed with its partner (Mixup, CutMix): a request's
+    mixed rows ask ``render`` for their partners' rows too, in the same request, so a source decodes and
+    crops the partners as it does any row, and a row's pixels depend on its own and its partner's parameters
+    alone, whatever else the request holds."""
+
+    def expanded() -> Iterator[Request]:
+        for rows, params, payload in requests:
+            mixed = augment.mixed_rows(params)
+            if params.mix_partner is None:
+                yield rows, params, (payload, None, None)
+                continue
+            partners = params.mix_partner[mixed].long().to(rows.device)
+            both = augment.concat_views([params.unmixed(), params.partner[mixed]])
+            yield torch.cat([rows, partners]), both, (payload, params, mixed)
+
+    for (payload, params, mixed), pixels in render(expanded()):
+        if params is None:
+            yield payload, pixels
+            continue
+        own = len(params)
+        yield payload, augment.mix(pixels[:own], pixels[own:], params, mixed)
 
 
 @dataclass(frozen=True)
@@ -179,6 +206,9 @@ class FileSource:
                                  prefetch_factor=2 if workers > 0 else None)  # fmt: skip
 
     def pixels(self, requests: Iterable[Request]) -> Iterator[tuple[Any, torch.Tensor]]:
+        return with_partners(self._decoded, requests)
+
+    def _decoded(self, requests: Iterable[Request]) -> Iterator[tuple[Any, torch.Tensor]]:
         payloads: deque = deque()
 
         def items() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

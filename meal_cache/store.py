@@ -1,5 +1,6 @@
-"""The teacher cache: a Zarr (v3) store in format ``meal-cache/2``, or ``meal-cache/3`` when its views carry a
-policy's ops (``meal-cache/1`` stores, which cannot hold top-k logits, are read as they are).
+"""The teacher cache: a Zarr (v3) store in format ``meal-cache/2``, ``meal-cache/3`` when its views carry a
+policy's ops, ``meal-cache/4`` when they mix rows (Mixup, CutMix); ``meal-cache/1`` stores, which cannot hold
+top-k logits, are read as they are.
 
 Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
 
@@ -12,6 +13,10 @@ Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
     views/ops                      (V, N, K)          int8    with a policy only (format /3): each row's K ops as
                                                                indices into augment.OP_NAMES, -1 none
     views/magnitude                (V, N, K)          int8    their signed magnitude bins (attrs views.policy)
+    views/mix_partner              (V, N)             int32   with mixing only (format /4): the row mixed in
+    views/mix_lambda               (V, N)             float32 the row's own share (1: not mixed)
+    views/mix_box                  (V, N, 4)          int16   y0, x0, h, w of the partner's patch (CutMix), in
+                                                               output pixels; all zero for a blend (Mixup)
     views/source_size              (N, 2)             int32   H, W of each source image (image files only: the
                                                                boxes are in each image's own coordinates)
     teachers/NAME/logits           (V, N, C)          float16  or, with --logits-topk K, instead:
@@ -33,6 +38,7 @@ JSON; nothing is pickled. ``path`` may be a local directory or an fsspec URL (``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -48,7 +54,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from meal_cache.augment import Policy, ViewParams, policy_from_json
+from meal_cache.augment import Mixing, Policy, ViewParams, mixing_from_json, policy_from_json
 from meal_cache.errors import UserError
 
 # zarr warns, each time such an array is opened, that numcodecs' codecs (BitRound, for --keep-bits) are outside
@@ -59,9 +65,12 @@ FORMAT = "meal-cache/2"
 # A store whose views carry a policy's ops (extract --recipe randaugment|trivialaugment): a /2 reader would
 # replay its views without the ops, so such a store says /3 and /2 readers refuse it. Crop-only stores stay /2.
 OPS_FORMAT = "meal-cache/3"
-# Formats this version reads: /2 added top-k logits (a layout /1 readers would not know), /3 views' ops.
-READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT)
+# A store whose views mix rows (extract --mixup/--cutmix): /2 and /3 readers would replay unmixed pixels.
+MIX_FORMAT = "meal-cache/4"
+# Formats this version reads: /2 added top-k logits (a layout /1 readers would not know), /3 views' ops, /4 mixing.
+READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT)
 OPS_KEYS = ("views/ops", "views/magnitude")
+MIX_KEYS = ("views/mix_partner", "views/mix_lambda", "views/mix_box")
 VERSION = 1
 FEATURE_KINDS = ("blocks", "maps")
 DTYPES = ("float16", "float32")
@@ -274,6 +283,13 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _format_of(view: ViewParams) -> str:
+    """The oldest format whose readers replay ``view`` right."""
+    if view.mix_partner is not None:
+        return MIX_FORMAT
+    return FORMAT if view.ops is None else OPS_FORMAT
+
+
 def create_store(
     path: str | Path,
     *,
@@ -316,7 +332,7 @@ def create_store(
     group.attrs.update(
         _json_safe(
             {
-                "format": FORMAT if views[0].ops is None else OPS_FORMAT,
+                "format": _format_of(views[0]),
                 "version": VERSION,
                 "dataset": dataset,
                 "views": views_info,
@@ -339,6 +355,11 @@ def create_store(
         for key, name in zip(OPS_KEYS, ("ops", "magnitude"), strict=True):
             group.create_array(key, shape=(count, n, k), chunks=(1, rows, k), dtype="int8",
                                **exact)[:] = torch.stack([getattr(v, name) for v in views]).numpy()  # fmt: skip
+    if views[0].mix_partner is not None:
+        for key, dtype in zip(MIX_KEYS, ("int32", "float32", "int16"), strict=True):
+            values = torch.stack([getattr(v, key.split("/")[1]) for v in views]).numpy()
+            group.create_array(key, shape=values.shape, chunks=(1, rows, *values.shape[2:]), dtype=dtype,
+                               **exact)[:] = values  # fmt: skip
     if source_sizes is not None:
         group.create_array("views/source_size", shape=(n, 2), chunks=(rows, 2), dtype="int32",
                            **exact)[:] = source_sizes.numpy()  # fmt: skip
@@ -472,17 +493,28 @@ class TeacherStore:
         return policy_from_json(self.attrs["views"].get("policy"))
 
     @property
+    def mixing(self) -> Mixing | None:
+        """The views' Mixup/CutMix settings (``extract --mixup/--cutmix``), None for unmixed views."""
+        return mixing_from_json(self.attrs["views"].get("mixing"))
+
+    @property
     def view_keys(self) -> list[str]:
         """The arrays that define the views' pixels."""
-        return ["views/crop", "views/flip", *(OPS_KEYS if OPS_KEYS[0] in self.group else ())]
+        present = [key for key in (*OPS_KEYS, *MIX_KEYS) if key in self.group]
+        return ["views/crop", "views/flip", *present]
 
     def view_params(self, view: int) -> ViewParams:
+        """View ``view`` of every row (its partners, when mixed, found in itself)."""
         crop = torch.from_numpy(self.group["views/crop"][view])
         flip = torch.from_numpy(self.group["views/flip"][view])
-        if OPS_KEYS[0] not in self.group:
-            return ViewParams(crop, flip)
-        ops, magnitude = (torch.from_numpy(self.group[key][view]) for key in OPS_KEYS)
-        return ViewParams(crop, flip, ops, magnitude, self.policy.space)
+        params = ViewParams(crop, flip)
+        if OPS_KEYS[0] in self.group:
+            ops, magnitude = (torch.from_numpy(self.group[key][view]) for key in OPS_KEYS)
+            params = ViewParams(crop, flip, ops, magnitude, self.policy.space)
+        if MIX_KEYS[0] in self.group:
+            mixed = {key.split("/")[1]: torch.from_numpy(self.group[key][view]) for key in MIX_KEYS}
+            params = dataclasses.replace(params, **mixed)
+        return params
 
     def source_sizes(self) -> torch.Tensor | None:
         """Each row's source (H, W) when the store was extracted from image files, else None."""
@@ -783,6 +815,14 @@ def _lossy_description(layout: StoreLayout) -> str:
     return "lossy: " + ", ".join(lossy) if lossy else "lossless"
 
 
+def _mixing_description(mixing: dict | None) -> str:
+    if not mixing:
+        return ""
+    kinds = [f"{kind} {mixing[kind]:g}" for kind in ("mixup", "cutmix") if mixing[kind] > 0]
+    switch = f", switch {mixing['switch_prob']:g}" if len(kinds) == 2 else ""
+    return f" + {' / '.join(kinds)} (p {mixing['prob']:g}{switch})"
+
+
 def describe_store(store: TeacherStore) -> str:
     """A readable summary: dataset, views, and per teacher its accuracy, blocks, shapes and stored bytes."""
     attrs = store.attrs
@@ -793,6 +833,7 @@ def describe_store(store: TeacherStore) -> str:
         f"{data['image_size']} px, fingerprint {data['fingerprint'][:12]}",
         f"views     {views['augmented']} augmented ({views['recipe']}"
         + (f" + {views['policy']['name']}" if views.get("policy") else "")
+        + _mixing_description(views.get("mixing"))
         + f", seed {views['seed']})"
         + (" + identity" if views["identity"] else ""),
         f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk, "

@@ -128,7 +128,7 @@ def _distill_recording(path, monkeypatch, dataset=None, **options):
     real_step = distill_module.DistillEpochs.step
 
     def record(self, batch):
-        (rows, _), pixels = batch
+        (rows, *_), pixels = batch
         seen.append((rows.clone(), pixels.clone()))
         return real_step(self, batch)
 

@@ -150,6 +150,8 @@ def _cases(root: Path, store: Path) -> list[tuple[str, list[str], str]]:
                                       str(root / "k11.zarr"), *t], "--logits-topk 11 is more than teacher"),
         ("unknown --recipe", ["extract", "--teachers", "resnet8_w4", "--recipe", "autoaugment", "--out",
                               str(root / "s.zarr"), *t], "unknown --recipe 'autoaugment'"),
+        ("mix probability above 1", ["extract", "--teachers", "resnet8_w4", "--cutmix", "1", "--mix-prob", "1.5",
+                                     "--out", str(root / "mix.zarr"), *t], "Invalid value for '--mix-prob'"),
         ("unknown --for method", ["extract", "--teachers", "resnet8_w4", "--for", "mael", "--out",
                                   str(root / "for.zarr"), *t], "unknown --for method 'mael'"),
         ("negative workers", ["train", "--arch", "resnet8", "--workers", "-1", "--out", out],
@@ -223,6 +225,8 @@ def _console_cases(root: Path, store: Path) -> list[tuple[str, list[str], str]]:
                                               "resnet8_w4", "--epochs", "1", "--device", "cpu", "--out",
                                               str(root / "d9"), "--quiet"], "its dataset fingerprint differs"),
         ("store URL of an unknown protocol", ["info", "nosuchfs://bucket/feats.zarr"], "Protocol not known"),
+        ("negative --cutmix alpha", ["extract", "--teachers", "resnet8_w4", "--cutmix", "-1", "--out",
+                                     str(root / "cutmix.zarr"), *t], "Invalid value for '--cutmix': -1.0 is not in"),
         # Two rows other test files run in click's runner, once as a process too.
         ("fold out of range", ["train", "--arch", "resnet8", "--data", "digits?folds=5&fold=5", "--out",
                                str(root / "new.pt")], "fold must be in 0..4 for folds=5, got 5"),

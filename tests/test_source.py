@@ -215,7 +215,7 @@ def test_distill_replays_the_pixels_and_targets_the_teachers_saw(streamed_run, t
     real_step = distill_module.DistillEpochs.step
 
     def record(self, batch):
-        (rows, targets), pixels = batch
+        (rows, targets, _), pixels = batch
         seen.append((rows.clone(), {k: v.clone() for k, v in targets.items()}, pixels.clone()))
         return real_step(self, batch)
 
@@ -246,7 +246,7 @@ def test_multi_crop_batches_hold_k_cached_views_of_each_image_from_one_decode(st
     real_step, real_decode = distill_module.DistillEpochs.step, source_module.decode_rgb
 
     def record(self, batch):
-        (rows, targets), pixels = batch
+        (rows, targets, _), pixels = batch
         seen.append((rows.clone(), {k: v.clone() for k, v in targets.items()}, pixels.clone()))
         return real_step(self, batch)
 
