@@ -19,7 +19,8 @@ from meal_cache.models import MODELS, check_model_name, family_of, split_weights
 from meal_cache.train import TrainConfig
 
 ALONE = "alone"
-SECTIONS = {"name", "description", "seeds", "data", "teachers", "store", "stores", "student", "methods", "gpu"}
+SECTIONS = {"name", "description", "seeds", "data", "teachers", "store", "stores", "student", "methods", "gpu",
+            "pairs"}  # fmt: skip
 # Store names become file and step names (stores/NAME.zarr, extract/NAME).
 STORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -40,6 +41,8 @@ class Pipeline:
     gpu: bool = False
     raw: dict = field(default_factory=dict)
     stores: dict[str, dict] = field(default_factory=dict)  # named stores: overrides of ``store``
+    # (method, baseline) pairs the report compares over seeds, beyond every method against alone and kd.
+    pairs: list[tuple[str, str]] = field(default_factory=list)
 
     def method_store(self, name: str) -> str | None:
         """The named store a method distils from; None for the main store (and for ``alone``)."""
@@ -175,6 +178,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     methods = {name: dict(overrides) for name, overrides in raw["methods"].items()}
     seeds = [int(s) for s in raw.get("seeds", [0])]
     _check_methods(path, methods, seeds, stores)
+    pairs = _check_pairs(path, raw.get("pairs", []), methods)
     return Pipeline(
         name=str(raw.get("name", path.stem)),
         path=path,
@@ -188,7 +192,27 @@ def load_pipeline(path: str | Path) -> Pipeline:
         gpu=bool(raw.get("gpu", False)),
         raw=raw,
         stores=stores,
+        pairs=pairs,
     )
+
+
+def _check_pairs(path: Path, pairs: object, methods: dict[str, dict]) -> list[tuple[str, str]]:
+    """``pairs = [["METHOD", "BASELINE"], ...]``: two methods of [methods] each, which the report pairs."""
+    shape = f"{path}: pairs is a list of [method, baseline] name pairs, e.g. pairs = [[\"kd-cutmix\", \"kd\"]]"
+    if not isinstance(pairs, list):
+        raise UserError(shape)
+    checked = []
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(name, str) for name in pair)):
+            raise UserError(shape)
+        unknown = [name for name in pair if name not in methods]
+        if unknown:
+            raise UserError(f"{path}: pairs names {', '.join(unknown)}, not among the methods "
+                            f"({', '.join(methods)})")  # fmt: skip
+        if pair[0] == pair[1]:
+            raise UserError(f"{path}: pairs compares {pair[0]} with itself")
+        checked.append((pair[0], pair[1]))
+    return checked
 
 
 def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], stores: dict[str, dict]) -> None:

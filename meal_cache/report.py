@@ -250,7 +250,7 @@ def _comparisons_with(per_method: dict[str, dict], baseline: str) -> list[dict]:
             result = paired_difference(values, reference)
             sign = -1 if metric in LOWER_IS_BETTER else 1
             wins = sum(sign * (a - b) > 0 for a, b in zip(values, reference, strict=True))
-            comparisons.append({"method": method, "metric": metric, "wins": wins, **result})
+            comparisons.append({"method": method, "baseline": baseline, "metric": metric, "wins": wins, **result})
     return comparisons
 
 
@@ -359,6 +359,9 @@ def collect_results(run_dir: Path, pipeline) -> dict:
         "rows": rows,
         "comparisons": _comparisons_with(per_method, ALONE),
         "comparisons_kd": _comparisons_with(per_method, KD_BASELINE),
+        "comparisons_pairs": [row for method, baseline in pipeline.pairs
+                              for row in _comparisons_with({k: per_method[k] for k in (method, baseline)
+                                                            if k in per_method}, baseline)],  # fmt: skip
         "diagnostics": run_diagnostics(per_method),
         "store": {
             "name": main_name,
@@ -657,6 +660,20 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
             low, high = top1["ci95"]
             lines.append(f"| {method} | {top1['mean']:+.2f} | [{low:+.2f}, {high:+.2f}] | {top1['wins']}/{top1['n']} | "
                          f"{_verdict('top1', top1)} | {nll['mean']:+.4f} | {_verdict('nll', nll)} |")  # fmt: skip
+        lines.append("")
+    if results.get("comparisons_pairs"):
+        lines += [
+            "## Pairs the pipeline names (paired over seeds, 95% t interval)",
+            "",
+            "| method | against | top-1 difference | 95% interval | wins | verdict | NLL difference | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        rows = results["comparisons_pairs"]
+        for top1, nll in zip(rows[::2], rows[1::2], strict=True):
+            low, high = top1["ci95"]
+            lines.append(f"| {top1['method']} | {top1['baseline']} | {top1['mean']:+.2f} | [{low:+.2f}, {high:+.2f}] "
+                         f"| {top1['wins']}/{top1['n']} | {_verdict('top1', top1)} | {nll['mean']:+.4f} | "
+                         f"{_verdict('nll', nll)} |")  # fmt: skip
         lines.append("")
     if results.get("diagnostics"):
         shown = [n for n in DIAGNOSTICS if any(n in row for row in results["diagnostics"].values())]

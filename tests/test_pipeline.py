@@ -228,6 +228,9 @@ def test_views_pipeline_extracts_named_stores_and_draws_the_curve(tmp_path):
         ),
         (VIEWS.replace("[stores.v2]\nviews = 2", "[stores.v2]\nviewz = 2"), "stores.v2.*unknown setting.*viewz"),
         (VIEWS.replace("alone = {}", 'alone = { store = "v1" }'), "method alone: unknown setting.*store"),
+        ('pairs = [["meal", "kd-x"]]\n' + TINY, "pairs names kd-x, not among the methods"),
+        ('pairs = [["meal"]]\n' + TINY, "pairs is a list of .method, baseline. name pairs"),
+        ('pairs = [["meal", "meal"]]\n' + TINY, "pairs compares meal with itself"),
     ],
 )
 def test_pipeline_mistakes_are_named(tmp_path, text, message):

@@ -108,3 +108,8 @@ def test_methods_are_paired_against_kd_with_wins_and_their_diagnostics_are_table
     assert "| kd | - | - | - | 3 | - | - |" in report and "| meal | 0.4 | 0.9 | 0.5 | 2 | 0.5 | 85 |" in report
     plot_paired_differences(results["comparisons_kd"], "kd", tmp_path / "kd.png")
     assert (tmp_path / "kd.png").stat().st_size > 1000
+    # A pair the pipeline names: meal against alone, its own table, the baseline named in each row.
+    results["comparisons_pairs"] = _comparisons_with({k: per_method[k] for k in ("meal", "alone")}, "alone")
+    report = render_markdown(results, {})
+    assert "## Pairs the pipeline names" in report
+    assert "| meal | alone | +19.00 | [" in report and "| 2/2 | better |" in report
