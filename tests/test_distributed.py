@@ -39,11 +39,13 @@ def _one_thread():
 
 
 def test_two_rank_extraction_writes_the_one_rank_store(teacher_dir, digits, tmp_path):
-    settings = dict(teachers=TEACHERS, views=2, identity_view=True, rows_per_chunk=128, grid=2)
+    # RandAugment and Mixup/CutMix too: a rank's rows take partners from the other rank's chunks.
+    settings = dict(teachers=TEACHERS, views=2, identity_view=True, rows_per_chunk=128, grid=2, recipe="randaugment",
+                    mixup=0.8, cutmix=1.0)  # fmt: skip
     out = tmp_path / "two.zarr"
     result = _torchrun("extract", "--teachers", ",".join(TEACHERS), "--teacher-dir", str(teacher_dir), "--views",
-                       "2", "--identity-view", "--rows-per-chunk", "128", "--grid", "2", "--device", "cpu",
-                       "--out", str(out), "--quiet")  # fmt: skip
+                       "2", "--identity-view", "--rows-per-chunk", "128", "--grid", "2", "--recipe", "randaugment",
+                       "--mixup", "0.8", "--cutmix", "1", "--device", "cpu", "--out", str(out), "--quiet")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     # One report, from rank 0.
     assert result.stdout.count("bytes per sample per view") == 1
@@ -56,6 +58,7 @@ def test_two_rank_extraction_writes_the_one_rank_store(teacher_dir, digits, tmp_
         torch.set_num_threads(threads)
     assert_same_store(out, reference)
     assert verify_store(open_store(out)).ok
+    assert open_store(out).view_params(0).mix_box.any()  # the views really mix
 
 
 def test_two_rank_extraction_of_a_streamed_folder_writes_the_one_rank_store(teacher_dir, tmp_path):
