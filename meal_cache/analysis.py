@@ -72,7 +72,16 @@ def inspect_store(
         lazy[f"acc_class/{name}"] = (correct.astype(np.float32) @ onehot.astype(np.float32)) / class_counts * 100
     for a, b in itertools.combinations(teachers, 2):
         lazy[f"agree/{a}/{b}"] = (predictions[a] == predictions[b]).mean() * 100
-    mean_probs = ensemble.mean(axis=0)  # (N, C): the ensemble over every cached view
+    natural = [v for v in range(store.num_views) if v not in store.divergent_views]
+    # The teachers' disagreement per view: Jensen-Shannon at T = 1 (what --divergent-views ascends) and the
+    # share of rows on which some two teachers' top-1 differ.
+    stacked = da.stack([probs[t] for t in teachers])  # (T, V, N, C)
+    log_stacked, log_mean = da.log(da.maximum(stacked, 1e-12)), da.log(da.maximum(ensemble, 1e-12))
+    lazy["js_view"] = (stacked * (log_stacked - log_mean[None])).sum(axis=3).mean(axis=0).mean(axis=1)
+    firsts = predictions[teachers[0]]
+    lazy["split_view"] = da.stack([predictions[t] != firsts for t in teachers]).any(axis=0).mean(axis=1) * 100
+    # The ensemble over every natural view (divergent views are made to split the teachers, not to label rows).
+    mean_probs = ensemble[natural].mean(axis=0)  # (N, C)
     lazy["ensemble_prediction"] = mean_probs.argmax(axis=1)
     lazy["ensemble_confidence"] = mean_probs.max(axis=1)
     client, name = _scheduler(scheduler, address)
@@ -85,9 +94,16 @@ def inspect_store(
     agreement = np.eye(len(teachers)) * 100
     for (i, a), (j, b) in itertools.combinations(enumerate(teachers), 2):
         agreement[i, j] = agreement[j, i] = float(computed[f"agree/{a}/{b}"])
+    kinds = {"natural": natural, "divergent": store.divergent_views}
+    disagreement = {
+        kind: {"views": len(views), "js": round(float(computed["js_view"][views].mean()), 6),
+               "top1_split_percent": round(float(computed["split_view"][views].mean()), 4)}
+        for kind, views in kinds.items() if views
+    } if len(teachers) > 1 else {}  # fmt: skip
     return {
         "store": str(path),
         "views": store.num_views,
+        "disagreement": disagreement,
         "rows": store.n,
         "teachers": teachers,
         "accuracy_per_view": {n: computed[f"acc_view/{n}"].round(4).tolist() for n in predictions},
@@ -147,6 +163,12 @@ def describe_inspection(result: dict) -> str:
     lines += ["teacher agreement % (top-1, over every view and row)"]
     for name, row in zip(teachers, result["agreement"], strict=True):
         lines.append(f"  {name:{width}s}" + " ".join(f"{v:7.2f}" for v in row))
-    lines += ["", f"suspect labels (ensemble over all views disagrees with confidence >= {result['confidence']}): "
+    if result.get("disagreement"):
+        lines += ["", "teacher disagreement (Jensen-Shannon at T=1, nats; % of rows where top-1 differs)"]
+        for kind, row in result["disagreement"].items():
+            lines.append(f"  {kind:9s} {row['views']:3d} view(s)  JS {row['js']:.4f}  top-1 split "
+                         f"{row['top1_split_percent']:.2f} %")  # fmt: skip
+    lines += ["", "suspect labels (ensemble over the natural views disagrees with confidence >= "
+              f"{result['confidence']}): "
               f"{len(result['suspects'])}"]  # fmt: skip
     return "\n".join(lines)

@@ -286,6 +286,29 @@ def evaluate(
     help="With both --mixup and --cutmix: the chance a mixed row takes CutMix rather than Mixup (timm's switch_prob).",
 )
 @click.option(
+    "--divergent-views",
+    default=0,
+    show_default=True,
+    type=int,
+    help="ACN's divergent examples: add K views a row made by gradient ascent on the teachers' disagreement "
+    "(Jensen-Shannon at T=1) from the un-augmented image, within --divergent-eps; their uint8 pixels are stored "
+    "beside the teachers' outputs on them, and distill mixes them in (--divergent-ratio). Needs two teachers.",
+)
+@click.option(
+    "--divergent-eps",
+    default=0.03,
+    show_default=True,
+    type=float,
+    help="The divergent views' L-infinity bound, a fraction of the pixel range in [0, 1] (8/255 = 0.031).",
+)
+@click.option(
+    "--divergent-steps",
+    default=5,
+    show_default=True,
+    type=int,
+    help="Signed-gradient steps of the search, each 2.5 x eps / steps (PGD's rule), from a seeded random start.",
+)
+@click.option(
     "--grid",
     default=1,
     show_default=True,

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from meal_cache import augment
 from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.distributed import World, init_world
+from meal_cache.divergent import DivergentSearch, DivergentSource, check_search, search_from_json
 from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
 from meal_cache.loop import check_workers
 from meal_cache.runtime import Precision
@@ -50,6 +51,7 @@ STORE_DATASET_KEYS = ("spec", "kind", "options", "num_classes", "classes", "imag
 # Chunks written but not yet durable; bounds the memory the background writer may hold.
 MAX_PENDING_WRITES = 4
 MIXING_FIELDS = ("mixup", "cutmix", "mix_prob", "mix_switch_prob")
+DIVERGENT_FIELDS = ("divergent_views", "divergent_eps", "divergent_steps")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ class ExtractConfig:
     cutmix: float = 0.0  # CutMix's Beta alpha (0: none)
     mix_prob: float = 1.0  # the share of (view, row)s mixed
     mix_switch_prob: float = 0.5  # with both alphas: the chance of CutMix rather than Mixup (timm's switch_prob)
+    divergent_views: int = 0  # ACN's divergent examples: views searched for the teachers' disagreement, stored
+    divergent_eps: float = 0.03  # their L-infinity bound around the un-augmented image, a fraction of 0-255
+    divergent_steps: int = 5  # signed-gradient ascent steps of 2.5 eps / steps each
     seed: int = 0
     grid: int = 1
     blocks: str = "all"
@@ -114,6 +119,12 @@ class ExtractConfig:
         mixing = augment.Mixing(float(self.mixup), float(self.cutmix), float(self.mix_prob),
                                 float(self.mix_switch_prob))  # fmt: skip
         return mixing if mixing.enabled else None
+
+    def divergent_search(self) -> DivergentSearch | None:
+        """How the divergent views are searched, None without ``--divergent-views``."""
+        if not self.divergent_views:
+            return None
+        return DivergentSearch(self.divergent_views, float(self.divergent_eps), self.divergent_steps, self.seed)
 
     def resolved(self) -> ExtractConfig:
         """The config with a ``--for`` preset's features and blocks filled in, every setting checked."""
@@ -149,6 +160,7 @@ class ExtractConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
                 raise UserError(f"--{name.replace('_', '-')} is a probability in [0, 1], got {value!r}")
+        check_search(self.divergent_views, self.divergent_eps, self.divergent_steps, len(self.teachers))
         if self.views < 1 and not self.identity_view:
             raise UserError("--views must be at least 1 (or 0 with --identity-view)")
         if self.grid not in (1, 2, 4):
@@ -172,6 +184,9 @@ def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teach
         recorded.pop("recipe")
     if config.mixing() is None:  # ... and before --mixup/--cutmix
         for name in MIXING_FIELDS:
+            recorded.pop(name)
+    if not config.divergent_views:  # ... and before --divergent-views
+        for name in DIVERGENT_FIELDS:
             recorded.pop(name)
     recorded["fingerprint"] = dataset.fingerprint(config.split)
     recorded["teacher_checkpoints"] = {t.spec.key: t.spec.checkpoint_sha256 for t in teachers}
@@ -240,7 +255,12 @@ def _run_teachers(
                 bar = tqdm(total=sum(_chunk_len(store, c) for c in todo), desc=f"view {view + 1}/{store.num_views}",
                            unit="img", leave=False, disable=not progress)  # fmt: skip
                 params = store.view_params(view)
-                chunks = _chunk_outputs(source, teachers, params, store, todo, done, view, config, precision)
+                view_source = source
+                if view in store.divergent_views:
+                    view_source = DivergentSource(source, teachers, store, search_from_json(store.attrs["views"]
+                                                  ["divergent"]), store.divergent_views.index(view),
+                                                  precision.channels_last)  # fmt: skip
+                chunks = _chunk_outputs(view_source, teachers, params, store, todo, done, view, config, precision)
                 for chunk, outputs in chunks:
                     for key, arrays in outputs.items():
                         pending.append(writer.submit(store.write_rows, key, view, chunk, arrays))
@@ -410,6 +430,9 @@ def _open_or_create(
              for v in range(config.views)]  # fmt: skip
     if config.identity_view:
         views.append(augment.identity(sizes, recipe, policy, mixing))
+    search = config.divergent_search()
+    # Divergent views start from the un-augmented image; their crops say so, their pixels are stored.
+    views += [augment.identity(sizes, recipe, policy, mixing) for _ in range(config.divergent_views)]
     description = dataset.describe()
     dataset_attrs = {
         **{key: description[key] for key in STORE_DATASET_KEYS if key in description},
@@ -428,6 +451,8 @@ def _open_or_create(
         views_info["policy"] = policy.to_json()
     if mixing is not None:
         views_info["mixing"] = mixing.to_json()
+    if search is not None:
+        views_info["divergent"] = search.to_json()
     layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
                          config.quantize, config.logits_topk)  # fmt: skip
     return create_store(
@@ -437,6 +462,7 @@ def _open_or_create(
         views=views,
         views_info=views_info,
         source_sizes=sizes if dataset.streamed else None,
+        divergent_pixels=None if search is None else (search.views, n, 3, dataset.image_size, dataset.image_size),
         teachers=[t.spec for t in teachers],
         layout=layout,
         settings=settings,

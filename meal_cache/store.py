@@ -17,6 +17,9 @@ Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
     views/mix_lambda               (V, N)             float32 the row's own share (1: not mixed)
     views/mix_box                  (V, N, 4)          int16   y0, x0, h, w of the partner's patch (CutMix), in
                                                                output pixels; all zero for a blend (Mixup)
+    divergent/pixels               (K, N, 3, S, S)    uint8   with --divergent-views only (format /5): the stored
+                                                               pixels of the K divergent views, which are the
+                                                               store's last K views (attrs views.divergent)
     views/source_size              (N, 2)             int32   H, W of each source image (image files only: the
                                                                boxes are in each image's own coordinates)
     teachers/NAME/logits           (V, N, C)          float16  or, with --logits-topk K, instead:
@@ -67,8 +70,12 @@ FORMAT = "meal-cache/2"
 OPS_FORMAT = "meal-cache/3"
 # A store whose views mix rows (extract --mixup/--cutmix): /2 and /3 readers would replay unmixed pixels.
 MIX_FORMAT = "meal-cache/4"
-# Formats this version reads: /2 added top-k logits (a layout /1 readers would not know), /3 views' ops, /4 mixing.
-READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT)
+# A store with divergent views (extract --divergent-views): their pixels are stored, not replayed, so a /4 reader
+# would take them for views to render from their (identity) crops.
+DIVERGENT_FORMAT = "meal-cache/5"
+# Formats this version reads: /2 added top-k logits (a layout /1 readers would not know), /3 views' ops, /4 mixing,
+# /5 divergent views.
+READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT, DIVERGENT_FORMAT)
 OPS_KEYS = ("views/ops", "views/magnitude")
 MIX_KEYS = ("views/mix_partner", "views/mix_lambda", "views/mix_box")
 VERSION = 1
@@ -283,8 +290,10 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _format_of(view: ViewParams) -> str:
-    """The oldest format whose readers replay ``view`` right."""
+def _format_of(view: ViewParams, divergent: bool = False) -> str:
+    """The oldest format whose readers replay ``view`` right (and know divergent views)."""
+    if divergent:
+        return DIVERGENT_FORMAT
     if view.mix_partner is not None:
         return MIX_FORMAT
     return FORMAT if view.ops is None else OPS_FORMAT
@@ -301,6 +310,7 @@ def create_store(
     layout: StoreLayout,
     settings: dict,
     source_sizes: torch.Tensor | None = None,
+    divergent_pixels: tuple[int, ...] | None = None,
 ) -> TeacherStore:
     """Create every array and attribute of a new store (replacing ``path``), with labels and views written.
 
@@ -332,7 +342,7 @@ def create_store(
     group.attrs.update(
         _json_safe(
             {
-                "format": _format_of(views[0]),
+                "format": _format_of(views[0], divergent_pixels is not None),
                 "version": VERSION,
                 "dataset": dataset,
                 "views": views_info,
@@ -360,6 +370,9 @@ def create_store(
             values = torch.stack([getattr(v, key.split("/")[1]) for v in views]).numpy()
             group.create_array(key, shape=values.shape, chunks=(1, rows, *values.shape[2:]), dtype=dtype,
                                **exact)[:] = values  # fmt: skip
+    if divergent_pixels is not None:  # (K, N, 3, S, S), written by extract as it finds them
+        group.create_array("divergent/pixels", shape=divergent_pixels, chunks=(1, rows, *divergent_pixels[2:]),
+                           dtype="uint8", fill_value=0, **exact)  # fmt: skip
     if source_sizes is not None:
         group.create_array("views/source_size", shape=(n, 2), chunks=(rows, 2), dtype="int32",
                            **exact)[:] = source_sizes.numpy()  # fmt: skip
@@ -452,6 +465,16 @@ class TeacherStore:
     def identity_view(self) -> int | None:
         info = self.attrs["views"]
         return int(info["augmented"]) if info.get("identity") else None
+
+    @property
+    def divergent_views(self) -> list[int]:
+        """Indices of the divergent views (``extract --divergent-views``), after the augmented and identity ones;
+        their pixels are ``divergent/pixels[k]`` for the k-th of them."""
+        info = self.attrs["views"].get("divergent")
+        if not info:
+            return []
+        first = int(self.attrs["views"]["augmented"]) + bool(self.attrs["views"]["identity"])
+        return list(range(first, first + int(info["views"])))
 
     @property
     def layout(self) -> StoreLayout:
@@ -835,7 +858,9 @@ def describe_store(store: TeacherStore) -> str:
         + (f" + {views['policy']['name']}" if views.get("policy") else "")
         + _mixing_description(views.get("mixing"))
         + f", seed {views['seed']})"
-        + (" + identity" if views["identity"] else ""),
+        + (" + identity" if views["identity"] else "")
+        + (f" + {views['divergent']['views']} divergent (eps {views['divergent']['eps']:g}, "
+           f"{views['divergent']['steps']} steps)" if views.get("divergent") else ""),
         f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk, "
         f"features {', '.join(layout.features) or 'none (logits only)'}, {_lossy_description(layout)}",
         "",
@@ -846,10 +871,13 @@ def describe_store(store: TeacherStore) -> str:
         teacher = store.teacher(key)
         accuracy = teacher.get("accuracy")
         if accuracy:
-            augmented = accuracy[: views["augmented"]] or accuracy
+            augmented = accuracy[: views["augmented"]] or accuracy[:1]
             acc_text = f"top-1 {np.mean(augmented):.2f}% on augmented views"
             if views["identity"]:
-                acc_text += f", {accuracy[-1]:.2f}% on the identity view"
+                acc_text += f", {accuracy[store.identity_view]:.2f}% on the identity view"
+            if store.divergent_views:
+                divergent = [accuracy[v] for v in store.divergent_views]
+                acc_text += f", {np.mean(divergent):.2f}% on divergent views"
         else:
             acc_text = "accuracy not yet recorded"
         done = store.progress(key)

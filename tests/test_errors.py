@@ -152,6 +152,8 @@ def _cases(root: Path, store: Path) -> list[tuple[str, list[str], str]]:
                               str(root / "s.zarr"), *t], "unknown --recipe 'autoaugment'"),
         ("mix probability above 1", ["extract", "--teachers", "resnet8_w4", "--cutmix", "1", "--mix-prob", "1.5",
                                      "--out", str(root / "mix.zarr"), *t], "Invalid value for '--mix-prob'"),
+        ("divergent views from one teacher", ["extract", "--teachers", "resnet8_w4", "--divergent-views", "1",
+                                              "--out", str(root / "div.zarr"), *t], "name at least two teachers"),
         ("unknown --for method", ["extract", "--teachers", "resnet8_w4", "--for", "mael", "--out",
                                   str(root / "for.zarr"), *t], "unknown --for method 'mael'"),
         ("negative workers", ["train", "--arch", "resnet8", "--workers", "-1", "--out", out],
@@ -227,6 +229,9 @@ def _console_cases(root: Path, store: Path) -> list[tuple[str, list[str], str]]:
         ("store URL of an unknown protocol", ["info", "nosuchfs://bucket/feats.zarr"], "Protocol not known"),
         ("negative --cutmix alpha", ["extract", "--teachers", "resnet8_w4", "--cutmix", "-1", "--out",
                                      str(root / "cutmix.zarr"), *t], "Invalid value for '--cutmix': -1.0 is not in"),
+        ("divergent bound outside [0, 1]", ["extract", "--teachers", "resnet8_w4,densenet_k12", "--divergent-views",
+                                            "1", "--divergent-eps", "1.5", "--out", str(root / "div.zarr"), *t],
+         "--divergent-eps is a fraction of the pixel range in [0, 1] (8/255 = 0.031), got 1.5"),
         # Two rows other test files run in click's runner, once as a process too.
         ("fold out of range", ["train", "--arch", "resnet8", "--data", "digits?folds=5&fold=5", "--out",
                                str(root / "new.pt")], "fold must be in 0..4 for folds=5, got 5"),
