@@ -522,6 +522,13 @@ def _floats(text: str) -> list[float]:
     "once for K crops (an epoch is then K views of every image). Needs K <= the store's views.",
 )
 @click.option(
+    "--divergent-ratio",
+    default=None,
+    type=float,
+    help="Batches of the store's divergent views (extract --divergent-views) per natural batch, spread through "
+    "each epoch; epoch e takes divergent view e mod K. Default: 0.25 where the store has them, else none.",
+)
+@click.option(
     "--max-memory",
     default=None,
     help="Memory for cached targets, e.g. 4GB. Two whole views are held when they fit (the current one "

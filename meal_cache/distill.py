@@ -43,6 +43,7 @@ from meal_cache.loop import (
     check_number,
     check_optimisation,
     check_workers,
+    epoch_batches,
     epoch_generator,
     fit,
     make_optimizer,
@@ -65,6 +66,9 @@ ADV_GAMES = ("adversarial", "joint")
 # Every this many steps, the gradient norm each loss family sends into the student's parameters is logged (one
 # extra backward pass per family on that step).
 GRAD_NORM_EVERY = 20
+# One divergent batch for every four natural ones: ACN trains on natural and divergent examples together; a
+# quarter keeps natural images the bulk of each epoch (docs/design.md, "Divergent views").
+DIVERGENT_RATIO = 0.25
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,9 @@ class DistillConfig:
     workers: int | None = None  # decoding processes for image files (None: from the core count); not recorded
     # FKD's multi-crop: each batch holds K cached views of batch_size / K images, decoded once for the K crops.
     crops_per_image: int = 1
+    # Divergent views (extract --divergent-views): this many of their batches per natural batch, interleaved
+    # through each epoch; None: DIVERGENT_RATIO where the store has them, else 0.
+    divergent_ratio: float | None = None
 
     def resolved(self, stored: tuple[str, ...] | None = None) -> DistillConfig:
         """The config with a preset's and the method's defaults filled in and every choice and number checked;
@@ -186,6 +193,11 @@ class DistillConfig:
         check_number("disc_lr", config.disc_lr, low=0.0, low_open=True)
         check_workers(config.workers)
         _check_crops(config)
+        if config.divergent_ratio is not None:
+            check_number("divergent_ratio", config.divergent_ratio, low=0.0)
+            if config.divergent_ratio > 0 and config.crops_per_image > 1:
+                raise UserError("--divergent-ratio mixes whole batches of divergent views; it does not combine with "
+                                "--crops-per-image")  # fmt: skip
         check_number("refine_confidence", config.refine_confidence, low=0.0, high=1.0)
         if any(not math.isfinite(w) or w < 0 for w in config.block_weights):
             raise UserError(f"--block-weights must be numbers >= 0, got {config.block_weights}")
@@ -792,6 +804,8 @@ def distill(
     finally:
         run.source.close()
         run.images.close()
+        if run.divergent is not None:
+            run.divergent.close()
     if test is None:  # resumed a run that had already finished
         test = evaluate(run.distiller.student, run.dataset, "test", device, workers=config.workers)
     world.check_identical(run.distiller, "the student, adapters and discriminators")
@@ -825,6 +839,7 @@ class DistillRun:
     online: OnlineTeachers | None
     source: object
     sizes: torch.Tensor  # each row's source (H, W), for fresh views
+    divergent: DivergentBatches | None = None
 
     def restore(self, state: dict | None) -> tuple[int, list[dict]]:
         """Load a saved state (see :meth:`save_state`); the epoch to start from and the history so far."""
@@ -920,16 +935,72 @@ def build_run(
     if config.crops_per_image > len(views):
         raise UserError(f"--crops-per-image {config.crops_per_image} needs as many cached views; '{config.store}' has "
                         f"{len(views)} (extract with --views {config.crops_per_image} or more)")  # fmt: skip
+    schedule = Schedule.of(config, len(labels) * config.crops_per_image)
+    divergent = _divergent_batches(config, store, distiller.needed_keys(), device, schedule.steps)
+    if divergent is not None:
+        schedule = dataclasses.replace(schedule, steps=schedule.steps + divergent.per_epoch)
     return DistillRun(
         config=config, world=world, device=device, precision=precision, store=store, dataset=dataset,
         distiller=distiller, run_student=run_student, optimisation=optimisation, disc_optimizer=d_opt,
-        schedule=Schedule.of(config, len(labels) * config.crops_per_image), images=images, labels=labels, views=views,
+        schedule=schedule, images=images, labels=labels, views=views, divergent=divergent,
         view_params={v: store.view_params(v) for v in set(views)},
         recipe=augment.recipe_for(store.dataset["recipe"], dataset.image_size),
         sizes=recorded_sizes if recorded_sizes is not None else split.source_sizes(config.workers),
         online=OnlineTeachers(config, store, dataset, precision) if config.online else None,
         source=make_batch_source(config, store, distiller.needed_keys(), device),
     )  # fmt: skip
+
+
+class DivergentBatches:
+    """The divergent views' batches (``extract --divergent-views``): epoch ``e`` takes divergent view ``e mod K``,
+    ``per_epoch`` shuffled batches of it, their pixels the stored uint8 (held in memory, on the device) and their
+    targets that view's stored teacher outputs."""
+
+    def __init__(self, store: TeacherStore, keys: list[str], device: torch.device, batch_size: int, seed: int,
+                 per_epoch: int) -> None:  # fmt: skip
+        from meal_cache.divergent import stored_pixels
+
+        self.views, self.per_epoch = store.divergent_views, per_epoch
+        self.feed = ViewFeed(store, keys, device)
+        self.pixels = [stored_pixels(store, k).to(device) for k in range(len(self.views))]
+        self.n, self.batch_size, self.seed = store.n, batch_size, seed
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, dict, torch.Tensor]]:
+        """``(rows, targets, pixels)`` of the epoch's divergent batches."""
+        k = epoch % len(self.views)
+        cached = self.feed.get(self.views[k])
+        order = epoch_batches(self.n, self.batch_size, epoch_generator(self.seed, epoch, Stream.DIVERGENT_ORDER))
+        for rows in order[: self.per_epoch]:
+            rows_dev = rows.to(self.feed.device, non_blocking=True)
+            yield rows, {key: value[rows_dev] for key, value in cached.items()}, self.pixels[k][rows_dev].float()
+
+    def close(self) -> None:
+        self.feed.close()
+
+
+def _divergent_batches(config: DistillConfig, store: TeacherStore, keys: list[str], device: torch.device,
+                       natural_steps: int) -> DivergentBatches | None:  # fmt: skip
+    """The divergent batch source at ``--divergent-ratio`` (see :data:`DIVERGENT_RATIO`), None without any."""
+    ratio = config.divergent_ratio
+    if ratio is None:
+        ratio = DIVERGENT_RATIO if store.divergent_views and config.crops_per_image == 1 else 0.0
+    if ratio > 0 and not store.divergent_views:
+        raise UserError(f"--divergent-ratio {ratio:g}: store '{config.store}' has no divergent views (extract with "
+                        "--divergent-views K)")  # fmt: skip
+    per_epoch = round(ratio * natural_steps)
+    if per_epoch == 0:
+        return None
+    return DivergentBatches(store, keys, device, config.batch_size, config.seed, per_epoch)
+
+
+def _interleaved(natural: Iterator, divergent: Iterator, natural_count: int, divergent_count: int) -> Iterator:
+    """The natural batches with the divergent ones spread evenly among them."""
+    given = 0
+    for index, batch in enumerate(natural):
+        yield batch
+        while given < (index + 1) * divergent_count // natural_count:
+            yield next(divergent)
+            given += 1
 
 
 def _refined_labels(config: DistillConfig, labels: torch.Tensor, device: torch.device, progress: bool) -> torch.Tensor:
@@ -966,10 +1037,13 @@ class DistillEpochs:
         return [self.run.views[(epoch * crops + j) % len(self.run.views)] for j in range(crops)]
 
     def record_fields(self, epoch: int) -> dict:
+        divergent = self.run.divergent
+        extra = {} if divergent is None else {"divergent_view": divergent.views[epoch % len(divergent.views)],
+                                              "divergent_batches": divergent.per_epoch}  # fmt: skip
         if self.run.config.fresh_views:
-            return {"view": "fresh"}
+            return {"view": "fresh", **extra}
         views = self.epoch_views(epoch)
-        return {"view": views[0] if len(views) == 1 else views}
+        return {"view": views[0] if len(views) == 1 else views, **extra}
 
     def batches(self, epoch: int) -> Iterator[tuple[tuple[torch.Tensor, dict | None, augment.ViewParams | None],
                                                     torch.Tensor]]:  # fmt: skip
@@ -1003,7 +1077,20 @@ class DistillEpochs:
                 # Mixed rows' hard labels are mixed with the same lambda (the pixels are mixed by the source).
                 yield rows, rows_params, (rows, targets, rows_params if rows_params.mix_partner is not None else None)
 
-        return run.images.pixels(requests())
+        natural = run.images.pixels(requests())
+        if run.divergent is None:
+            return natural
+
+        def divergent() -> Iterator:
+            for rows, targets, pixels in run.divergent.epoch(epoch):
+                if world.enabled:
+                    share = slice(world.rank, None, world.size)
+                    rows, pixels = rows[share], pixels[share]
+                    targets = {key: value[share] for key, value in targets.items()}
+                yield (rows, targets, None), pixels
+
+        natural_steps = run.schedule.steps - run.divergent.per_epoch
+        return _interleaved(natural, divergent(), natural_steps, run.divergent.per_epoch)
 
     def step(self, batch: tuple[tuple, torch.Tensor]) -> StepOutput:
         """One step on a batch of :meth:`batches`."""

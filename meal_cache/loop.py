@@ -44,6 +44,7 @@ class Stream(IntEnum):
     AUGMENTATION = 1  # supervised training's fresh crops and flips
     TEACHER_CHOICE = 2  # distillation's random teacher per step
     FRESH_VIEWS = 3  # the online reference's fresh augmentation (``--fresh-views``)
+    DIVERGENT_ORDER = 4  # which rows form each divergent batch (``distill --divergent-ratio``)
 
 
 # ---------------------------------------------------------------------------------------------- settings

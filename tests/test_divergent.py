@@ -158,3 +158,54 @@ def test_divergent_settings_are_checked_and_kept_out_of_other_stores(small_store
             ExtractConfig(**{"teachers": TEACHERS, **bad}).resolved()
     plain = open_store(small_store[0])
     assert plain.divergent_views == [] and "divergent_views" not in plain.attrs["settings"]
+
+
+def test_distill_interleaves_batches_of_the_stored_divergent_pixels(teacher_dir, tmp_path, monkeypatch, small_store):
+    import json
+
+    from meal_cache import distill as distill_module
+    from meal_cache.distill import DistillConfig, distill
+
+    store, _ = _extract(teacher_dir, tmp_path / "s.zarr", views=2, divergent_views=2)
+    seen = []
+    real_step = distill_module.DistillEpochs.step
+
+    def record(self, batch):
+        (rows, targets, _), pixels = batch
+        seen.append((rows.clone(), targets["teachers/resnet8_w4/logits"].clone(), pixels.clone()))
+        return real_step(self, batch)
+
+    def run(out, **options):
+        seen.clear()
+        monkeypatch.setattr(distill_module.DistillEpochs, "step", record)
+        config = DistillConfig(store=str(tmp_path / "s.zarr"), student="resnet8_w4", method="kd", epochs=2,
+                               batch_size=16, device="cpu", workers=0, **options)  # fmt: skip
+        distill(config, tmp_path / out, progress=False)
+        monkeypatch.undo()
+        return list(seen)
+
+    natural = store.n // 16  # 8 natural batches an epoch
+    steps = run("default")  # the default ratio, 0.25: 2 divergent batches an epoch
+    assert len(steps) == 2 * (natural + 2)
+    images = load_dataset(SPEC).split("train").images.float()
+    divergent_steps = []
+    for index, (rows, logits, pixels) in enumerate(steps):
+        epoch = index // (natural + 2)
+        if not _is_divergent(store, epoch % 2, rows, pixels):
+            assert not torch.equal(pixels, images[rows])  # a natural batch: an augmented view
+            continue
+        divergent_steps.append(index % (natural + 2))
+        view = store.divergent_views[epoch % 2]
+        assert torch.equal(logits.float(), torch.from_numpy(store.logits("resnet8_w4", view)[rows.numpy()]).float())
+    assert divergent_steps == [4, 9, 4, 9]  # spread evenly: after the 4th and the 8th natural batch
+    history = [json.loads(line) for line in (tmp_path / "default" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["divergent_view"] for h in history if "divergent_view" in h] == [3, 4]
+    assert len(run("more", divergent_ratio=1.0)) == 2 * 2 * natural
+    assert len(run("none", divergent_ratio=0.0)) == 2 * natural
+    with pytest.raises(UserError, match="has no divergent views"):
+        distill(DistillConfig(store=str(small_store[0]), student="resnet8_w4", method="kd", epochs=1, device="cpu",
+                              divergent_ratio=0.5), tmp_path / "plain", progress=False)  # fmt: skip
+
+
+def _is_divergent(store, k, rows, pixels) -> bool:
+    return torch.equal(pixels, stored_pixels(store, k, rows).float())
