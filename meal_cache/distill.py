@@ -301,6 +301,9 @@ def _check_peers(config: DistillConfig, method: Method) -> DistillConfig:
             raise UserError(f"--peers trains several students together, which only --method {takers} does "
                             f"(got --method {config.method})")  # fmt: skip
         return config
+    if config.discriminators:
+        raise UserError(f"--method {config.method} trains its own discriminators on the peers' maps; --discriminators "
+                        "is not read (--adv-weight 0 turns the adversarial terms off)")  # fmt: skip
     return dataclasses.replace(config, peers=1 if peers is None else peers)
 
 

@@ -185,6 +185,13 @@ def test_bad_peers_through_the_console_script(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], process.stderr
 
 
+def test_afd_refuses_the_discriminators_it_does_not_read():
+    with pytest.raises(UserError, match="--discriminators is not read"):
+        DistillConfig(store="", student="resnet8_w4", method="afd", discriminators=["output"]).resolved()
+    assert DistillConfig(store="", student="resnet8_w4", method="afd").resolved().peers == 1
+    assert DistillConfig(store="", student="resnet8_w4", method="kd").resolved().peers is None
+
+
 def test_peers_is_checked_in_a_pipeline_file(tmp_path):
     file = tmp_path / "p.toml"
     base = PIPELINE.replace('afd = { method = "afd", peers = 2 }', "{}")
