@@ -419,9 +419,18 @@ def _floats(text: str) -> list[float]:
     "--method",
     default="meal",
     show_default=True,
-    type=click.Choice(["meal", "kd", "meal-v2"]),
+    type=click.Choice(["meal", "kd", "meal-v2", "afd"]),
     help="meal: block similarity + discriminators per block and on the output; kd: Hinton KD from the "
-    "ensemble mean; meal-v2: ensemble soft labels + an output discriminator.",
+    "ensemble mean; meal-v2: ensemble soft labels + an output discriminator; afd: --peers students trained "
+    "together, conv discriminators on their last feature maps (AFD).",
+)
+@click.option(
+    "--peers",
+    type=int,
+    default=None,
+    help="With --method afd: train N students of --student together (default 1), each initialised from its own "
+    "seed; student i's discriminator learns from student i-1 (mod N), all learn from each other's logits and "
+    "from the teachers' maps and soft labels. Writes peer0.pt .. peerN-1.pt (student.pt is peer0).",
 )
 @optimization_options
 @click.option(

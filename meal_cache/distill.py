@@ -82,6 +82,7 @@ class Method:
     temperature: float
     selection: str
     help: str
+    peers: bool = False  # trains --peers students together (meal_cache.afd) instead of one
 
 
 METHODS: dict[str, Method] = {
@@ -92,6 +93,9 @@ METHODS: dict[str, Method] = {
     "kd": Method(False, False, False, "kl", 4.0, "mean", "Hinton KD from the ensemble mean of the cached logits"),
     "meal-v2": Method(False, False, True, "kl", 4.0, "mean",
                       "MEAL V2: ensemble soft labels + one discriminator on the output"),
+    "afd": Method(False, False, False, "kl", 4.0, "mean",
+                  "AFD: --peers students, each with conv discriminators on its last feature map against its "
+                  "cyclic peer's and the teachers' maps, plus mutual KL", peers=True),
 }  # fmt: skip
 
 
@@ -148,6 +152,8 @@ class DistillConfig:
     # Divergent views (extract --divergent-views): this many of their batches per natural batch, interleaved
     # through each epoch; None: DIVERGENT_RATIO where the store has them, else 0.
     divergent_ratio: float | None = None
+    # AFD's peers: students trained together (None: one, and the only value a method without peers takes).
+    peers: int | None = None
 
     def resolved(self, stored: tuple[str, ...] | None = None) -> DistillConfig:
         """The config with a preset's and the method's defaults filled in and every choice and number checked;
@@ -198,6 +204,7 @@ class DistillConfig:
             if config.divergent_ratio > 0 and config.crops_per_image > 1:
                 raise UserError("--divergent-ratio mixes whole batches of divergent views; it does not combine with "
                                 "--crops-per-image")  # fmt: skip
+        config = _check_peers(config, method)
         check_number("refine_confidence", config.refine_confidence, low=0.0, high=1.0)
         if any(not math.isfinite(w) or w < 0 for w in config.block_weights):
             raise UserError(f"--block-weights must be numbers >= 0, got {config.block_weights}")
@@ -291,7 +298,25 @@ def _has_a_loss(config: DistillConfig, method: Method) -> bool:
     """Whether some term of the student's loss has a weight above 0."""
     blocks = method.blocks and config.match_blocks != 0 and any(w > 0 for w in config.block_weights)
     adversarial = ("blocks" in config.discriminators and blocks) or "output" in config.discriminators
+    adversarial = adversarial or method.peers  # AFD's map discriminators
     return config.soft_weight > 0 or config.hard_weight > 0 or blocks or (adversarial and config.adv_weight > 0)
+
+
+def _check_peers(config: DistillConfig, method: Method) -> DistillConfig:
+    """``--peers``: a whole number >= 1, taken only by a method that trains peers (None there means one)."""
+    peers = config.peers
+    if peers is not None and (isinstance(peers, bool) or not isinstance(peers, int) or peers < 1):
+        raise UserError(f"--peers must be a whole number of students, at least 1, got {peers!r}")
+    if not method.peers:
+        if peers is not None:
+            takers = ", ".join(name for name, m in METHODS.items() if m.peers)
+            raise UserError(f"--peers trains several students together, which only --method {takers} does "
+                            f"(got --method {config.method})")  # fmt: skip
+        return config
+    if config.discriminators:
+        raise UserError(f"--method {config.method} trains its own discriminators on the peers' maps; --discriminators "
+                        "is not read (--adv-weight 0 turns the adversarial terms off)")  # fmt: skip
+    return dataclasses.replace(config, peers=1 if peers is None else peers)
 
 
 # ------------------------------------------------------------------------------------------------ matching
@@ -812,6 +837,10 @@ def distill(
     summary = {"test": test, "history": history}
     if world.is_main:
         run.save_student(out / "student.pt", history, test)
+        if METHODS[config.method].peers:
+            from meal_cache.afd import save_peers
+
+            summary["peers"] = save_peers(run, out, history)
     return summary
 
 
@@ -862,7 +891,7 @@ class DistillRun:
         if fresh:
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.jsonl").write_text("")
-            for stale in ("last.pt", "student.pt"):
+            for stale in ("last.pt", "student.pt", *(p.name for p in out.glob("peer*.pt"))):
                 (out / stale).unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(_config_json(self.config), indent=2) + "\n")
 
@@ -882,10 +911,11 @@ class DistillRun:
             "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer is not None else {},
         })  # fmt: skip
 
-    def save_student(self, path: Path, history: list[dict], test: dict) -> None:
-        """``student.pt``: the trained student as ``train`` writes networks, plus where it was distilled from."""
+    def save_student(self, path: Path, history: list[dict], test: dict, model: nn.Module | None = None) -> None:
+        """``student.pt``: the trained student (or ``model``, an AFD peer) as ``train`` writes networks, plus where
+        it was distilled from."""
         config = self.config
-        payload = model_payload(self.distiller.student, config.student, self.dataset, _config_json(config),
+        payload = model_payload(model or self.distiller.student, config.student, self.dataset, _config_json(config),
                                 config.epochs, history, test)  # fmt: skip
         payload["distillation"] = {"store": str(config.store), "teachers": self.distiller.teachers,
                                    "method": config.method}  # fmt: skip
@@ -905,11 +935,20 @@ def build_run(
     precision = Precision(device)
     seed_everything(config.seed)
     student = create_model(config.student, dataset.num_classes, dataset.image_size)
-    distiller = Distiller(student, config, store, dataset.image_size)
+    method = METHODS[config.method]
+    if method.peers:
+        from meal_cache.afd import PeerDistiller  # afd builds on this module
+
+        if world.enabled:
+            raise UserError(f"--method {config.method} trains its peers in one process; run it without torchrun")
+        distiller = PeerDistiller(student, config, store, dataset.image_size)
+    else:
+        distiller = Distiller(student, config, store, dataset.image_size)
     _refuse_damaged(store, config.store, distiller.needed_keys())
     distiller = distiller.to(device)
     if precision.channels_last:
-        distiller.student.to(memory_format=torch.channels_last)
+        for network in distiller.peers if method.peers else [distiller.student]:
+            network.to(memory_format=torch.channels_last)
     run_student = None
     if world.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -1162,4 +1201,6 @@ def _config_json(config: DistillConfig) -> dict:
     """The recorded config: everything but how many processes decode, which changes no result."""
     recorded = dataclasses.asdict(config)
     recorded.pop("workers")
+    if recorded.get("peers") is None:  # runs of methods without peers record what they recorded before
+        recorded.pop("peers", None)
     return json.loads(json.dumps(recorded))

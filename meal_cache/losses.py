@@ -169,6 +169,30 @@ class ConvDiscriminator(nn.Module):
         return self.net(x).squeeze(1)
 
 
+class ConvMapDiscriminator(nn.Module):
+    """AFD's discriminator on a full ``(C, H, W)`` feature map: a 3x3 conv, a strided 3x3 conv that halves the
+    grid (so a 32 px map and an 8 px one cost alike per position), and a 1x1 conv to one score per position, whose
+    mean is the map's real/fake score. No batch norm: real and fake maps arrive as separate batches, whose
+    statistics would differ and let the discriminator tell them apart by the batch, not the map."""
+
+    def __init__(self, channels: int, hidden: int | None = None) -> None:
+        super().__init__()
+        self.channels = channels
+        hidden = hidden or max(8, channels // 2)
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride=2, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(hidden, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"expected maps of shape (N, {self.channels}, H, W), got {tuple(x.shape)}")
+        return self.net(x).mean((1, 2, 3))
+
+
 # An MLP on a map grows with the square of its area; larger maps are average-pooled to this side first (28: a
 # torchvision ResNet's layer2 at 224 px; every map at 16-32 px is smaller and unchanged).
 MAP_DISCRIMINATOR_SIDE = 28

@@ -202,5 +202,7 @@ def _student_step(steps: StepRunner, pipeline: Pipeline, run_dir: Path, name: st
     def run_distill(config=config, out=out) -> None:
         _retrying(lambda fresh: distill(config, out, resume=not fresh, overwrite=fresh, progress=progress))
 
-    steps.run(f"{name}/seed-{seed}", dataclasses.asdict(config) | {"device": None}, [store_step],
-              [out / "student.pt"], run_distill)  # fmt: skip
+    settings = dataclasses.asdict(config) | {"device": None}
+    if settings["peers"] is None:  # the stamps of methods without peers stay those written before --peers existed
+        settings.pop("peers")
+    steps.run(f"{name}/seed-{seed}", settings, [store_step], [out / "student.pt"], run_distill)

@@ -38,6 +38,8 @@ CURVE_METRICS = ("top1", "nll", "fidelity")
 VIEWS_CURVE_PLOT = "Views curve"
 # The method every other distilled student is also paired against, where a pipeline has it.
 KD_BASELINE = "kd"
+# And against MEAL, where a pipeline has it (AFD's peers are compared with both).
+MEAL_BASELINE = "meal"
 # For these metrics a lower value is the better one.
 LOWER_IS_BETTER = {"nll", "kl", "ece"}
 
@@ -205,18 +207,30 @@ def _student_results(run_dir: Path, pipeline, test, ensemble: torch.Tensor, time
             path = run_dir / "students" / method / f"seed-{seed}" / "student.pt"
             if not path.is_file():
                 raise UserError(f"missing {path}: run the pipeline first (meal-cache run {pipeline.path})")
-            payload = load_checkpoint(path)
-            result = evaluate_payload(payload, test, torch.device("cpu"), ensemble)
-            metrics = result.metrics
-            per_method.setdefault(method, {})[seed] = {
-                "top1": metrics["top1"], "nll": metrics["nll"], "fidelity": metrics["fidelity"],
-                "kl": metrics["kl_to_ensemble"], "ece": metrics["ece"],
-                "params": count_parameters(result.model), "arch": payload["arch"],
-                "history": payload.get("history", []), "ms_per_image": timer(payload["arch"], result.model),
-                "epoch_seconds": statistics.median(h["seconds"] for h in payload["history"])
-                if payload.get("history") else math.nan,
-            }  # fmt: skip
+            per_method.setdefault(method, {})[seed] = _checkpoint_result(path, test, ensemble, timer)
+            # AFD's other peers (peer0 is student.pt) as rows of their own, paired over seeds like any method.
+            peers = sorted((int(p.stem[4:]), p) for p in path.parent.glob("peer*.pt") if p.stem[4:].isdigit())
+            for index, peer in peers:
+                if index > 0:
+                    row = _checkpoint_result(peer, test, ensemble, timer)
+                    row["history"] = []  # the run's history, whose test accuracy is peer 0's
+                    per_method.setdefault(f"{method}/{peer.stem}", {})[seed] = row
     return per_method
+
+
+def _checkpoint_result(path: Path, test, ensemble: torch.Tensor, timer: _Timer) -> dict:
+    """A student checkpoint's metrics on the test split."""
+    payload = load_checkpoint(path)
+    result = evaluate_payload(payload, test, torch.device("cpu"), ensemble)
+    metrics = result.metrics
+    return {
+        "top1": metrics["top1"], "nll": metrics["nll"], "fidelity": metrics["fidelity"],
+        "kl": metrics["kl_to_ensemble"], "ece": metrics["ece"],
+        "params": count_parameters(result.model), "arch": payload["arch"],
+        "history": payload.get("history", []), "ms_per_image": timer(payload["arch"], result.model),
+        "epoch_seconds": statistics.median(h["seconds"] for h in payload["history"])
+        if payload.get("history") else math.nan,
+    }  # fmt: skip
 
 
 def _student_rows(per_method: dict[str, dict]) -> list[dict]:
@@ -362,6 +376,7 @@ def collect_results(run_dir: Path, pipeline) -> dict:
         "comparisons_pairs": [row for method, baseline in pipeline.pairs
                               for row in _comparisons_with({k: per_method[k] for k in (method, baseline)
                                                             if k in per_method}, baseline)],  # fmt: skip
+        "comparisons_meal": _comparisons_with(per_method, MEAL_BASELINE),
         "diagnostics": run_diagnostics(per_method),
         "store": {
             "name": main_name,
@@ -647,15 +662,17 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
             lines.append(f"| {row['method']} | {row['metric']} | {row['mean']:+.3f} | [{low:+.3f}, {high:+.3f}] | "
                          f"{verdict} |")  # fmt: skip
         lines.append("")
-    if results.get("comparisons_kd"):
+    for baseline, key in ((KD_BASELINE, "comparisons_kd"), (MEAL_BASELINE, "comparisons_meal")):
+        if not results.get(key):
+            continue
         lines += [
-            f"## Against `{KD_BASELINE}` (paired over seeds, 95% t interval)",
+            f"## Against `{baseline}` (paired over seeds, 95% t interval)",
             "",
             "| method | top-1 difference | 95% interval | wins | verdict | NLL difference | verdict |",
             "|---|---|---|---|---|---|---|",
         ]
-        by_metric = {(r["method"], r["metric"]): r for r in results["comparisons_kd"]}
-        for method in dict.fromkeys(r["method"] for r in results["comparisons_kd"]):
+        by_metric = {(r["method"], r["metric"]): r for r in results[key]}
+        for method in dict.fromkeys(r["method"] for r in results[key]):
             top1, nll = by_metric[method, "top1"], by_metric[method, "nll"]
             low, high = top1["ci95"]
             lines.append(f"| {method} | {top1['mean']:+.2f} | [{low:+.2f}, {high:+.2f}] | {top1['wins']}/{top1['n']} | "

@@ -1,0 +1,169 @@
+"""AFD (Chung et al., ICML 2020, feature-map-level online adversarial distillation) on the teacher cache:
+``distill --method afd --peers N`` trains N students of one architecture together.
+
+Each peer has a conv discriminator on its last block's full feature map that takes the maps of its cyclic peer
+(peer ``i - 1 mod N``) as real and its own as fake, and one per cached teacher that takes the teacher's stored
+channel-mean map of its last block as real and the peer's channel-mean map (pooled to the same size) as fake.
+Each peer learns to fool its own discriminators, and from the teachers' soft labels and its peers' logits
+(mutual KL, as in DML). With one peer only the cached teachers teach.
+
+The step is :class:`meal_cache.distill.DistillEpochs`' own: :class:`PeerDistiller` answers the distiller's
+interface (logits, named losses, discriminator inputs), and the loop backpropagates the sum of every peer's
+losses; peer ``i``'s losses reach only peer ``i`` (its peers' maps and logits enter detached), so one SGD step
+over all peers' parameters is N independent steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meal_cache import losses
+from meal_cache.distill import AdversarialInput, DistillConfig, Distiller, DistillerOutput, DistillRun
+from meal_cache.errors import UserError
+from meal_cache.evaluate import evaluate
+from meal_cache.models import BlockTap, block_shapes, create_model
+from meal_cache.store import TeacherStore
+
+# Peer i > 0 is initialised from seed + i * this (peer 0 from the run's seed, so a one-peer run starts where any
+# other method's student does); far apart so the peers of nearby seeds never share an initialisation.
+PEER_SEED_STRIDE = 1_000_003
+
+
+def peer_seed(seed: int, index: int) -> int:
+    """The seed peer ``index`` of a run with ``seed`` is initialised from."""
+    return seed + PEER_SEED_STRIDE * index
+
+
+def cyclic_sources(peers: int) -> list[int]:
+    """AFD's cyclic order: for each peer ``i``, the peer whose maps its discriminator takes as real, ``i - 1 mod
+    N``. One peer has no peer to learn from (empty)."""
+    if peers < 1:
+        raise ValueError(f"peers must be at least 1, got {peers}")
+    return [(i - 1) % peers for i in range(peers)] if peers > 1 else []
+
+
+def teacher_key(peer: int, teacher: str) -> str:
+    """The discriminator of peer ``peer`` against ``teacher``'s maps (ModuleDict keys may not hold dots)."""
+    return f"peer{peer}__{teacher}".replace(".", "_")
+
+
+class PeerDistiller(nn.Module):
+    """AFD's peers and their discriminators, with the interface of :class:`meal_cache.distill.Distiller` so the
+    distillation loop, its checkpoints and resume run unchanged (``student`` is peer 0)."""
+
+    def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
+        super().__init__()
+        if "maps" not in store.layout.features:
+            raise UserError(f"--method {config.method} learns from the teachers' block maps, which this store lacks "
+                            f"(it holds {', '.join(store.layout.features) or 'logits only'}): extract with "
+                            "--features maps (or blocks,maps, the default)")  # fmt: skip
+        self.config = config
+        self.teachers = list(store.teacher_names)
+        num_classes = store.attrs["dataset"]["num_classes"]
+        networks = [student]
+        for index in range(1, config.peers):
+            with torch.random.fork_rng(devices=[]):  # the run's own random stream is left where it was
+                torch.manual_seed(peer_seed(config.seed, index))
+                networks.append(create_model(config.student, num_classes, image_size))
+        self.peers = nn.ModuleList(networks)
+        self.soft_loss = losses.SOFT_LABEL[config.soft_loss]
+        # AFD's discriminators look at the last feature map, where the networks' knowledge is most specific.
+        self.block = student.block_names[-1]
+        channels, height, width = block_shapes(student, image_size)[self.block]
+        self.sources = cyclic_sources(config.peers)
+        self.discriminators = nn.ModuleDict()
+        for index in range(len(self.sources)):
+            self.discriminators[f"peer{index}"] = losses.ConvMapDiscriminator(channels)
+        # The store keeps one channel-mean map per teacher block, so against a teacher the peer's map is reduced
+        # the same way (no learned transfer layer: teachers and students differ in channels).
+        self.teacher_blocks = {t: store.blocks(t)[-1] for t in self.teachers}
+        self.teacher_shapes = {t: (min(height, b.height), min(width, b.width)) for t, b in self.teacher_blocks.items()}
+        for index in range(config.peers):
+            for teacher in self.teachers:
+                self.discriminators[teacher_key(index, teacher)] = losses.ConvMapDiscriminator(1)
+        self.adapters = nn.ModuleDict()  # none; the loop averages their gradients under torchrun
+
+    # The adversarial game is the student's (its own Adam step, then the generator losses; or --adv-game joint):
+    # those methods read only ``config`` and ``discriminators``.
+    adversarial_losses = Distiller.adversarial_losses
+    joint_losses = Distiller.joint_losses
+    _discriminate = Distiller._discriminate
+    discriminator_step = Distiller.discriminator_step
+
+    @property
+    def student(self) -> nn.Module:
+        return self.peers[0]
+
+    def needed_keys(self) -> list[str]:
+        """The store arrays training reads: every teacher's logits and its last block's map."""
+        keys = [f"teachers/{t}/logits" for t in self.teachers]
+        return keys + [f"teachers/{t}/maps/{b.key}" for t, b in self.teacher_blocks.items()]
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        return list(self.peers.parameters())
+
+    def teacher_maps(self, teacher: str, stored: torch.Tensor, peer_map: torch.Tensor):
+        """Real and fake inputs of a teacher discriminator: ``teacher``'s stored ``(B, H, W)`` map and a peer's
+        ``(B, C, H, W)`` map averaged over channels, both pooled to a common size, as ``(B, 1, h, w)`` float32."""
+        shape = self.teacher_shapes[teacher]
+        real = F.adaptive_avg_pool2d(stored.float().unsqueeze(1), shape)
+        fake = F.adaptive_avg_pool2d(peer_map.float().mean(1, keepdim=True), shape)
+        return real, fake
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        selected: list[str],
+        run_student: nn.Module | None = None,
+    ) -> DistillerOutput:
+        """Every peer's named losses (``soft/peerI``, ``hard/peerI``, ``mutual/peerI``) and discriminator inputs;
+        the logits are peer 0's. ``run_student`` is unused (AFD refuses torchrun)."""
+        config, temperature = self.config, self.config.temperature
+        logits, maps = [], []
+        for peer in self.peers:
+            with BlockTap(peer, [self.block]) as tap:
+                logits.append(peer(images).float())
+            maps.append(tap.outputs[self.block].float())
+        out = DistillerOutput(logits[0], {}, [], {})
+        teacher_logits = [targets[f"teachers/{t}/logits"].float() for t in selected]
+        if config.teacher_selection == "mean":
+            soft_sets = [losses.soft_targets(teacher_logits, temperature)]
+        else:
+            soft_sets = [losses.soft_targets([t], temperature) for t in teacher_logits]
+        teacher_weight = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
+        for index, (own_logits, own_map) in enumerate(zip(logits, maps, strict=True)):
+            name = f"peer{index}"
+            if config.soft_weight:
+                out.losses[f"soft/{name}"] = config.soft_weight * sum(
+                    self.soft_loss(own_logits, p, temperature) for p in soft_sets)  # fmt: skip
+            if config.hard_weight:
+                out.losses[f"hard/{name}"] = config.hard_weight * F.cross_entropy(own_logits, labels)
+            others = [other for j, other in enumerate(logits) if j != index]
+            if others and config.soft_weight:  # DML: the mean KL to each peer's (detached) softened prediction
+                mutual = sum(losses.kd_kl(own_logits, F.softmax(o.detach() / temperature, dim=1), temperature)
+                             for o in others) / len(others)  # fmt: skip
+                out.losses[f"mutual/{name}"] = config.soft_weight * mutual
+            if self.sources:
+                out.adversarial.append(AdversarialInput(name, maps[self.sources[index]].detach(), own_map, 1.0))
+            for teacher in selected:
+                stored = targets[f"teachers/{teacher}/maps/{self.teacher_blocks[teacher].key}"]
+                real, fake = self.teacher_maps(teacher, stored, own_map)
+                out.adversarial.append(AdversarialInput(teacher_key(index, teacher), real, fake, teacher_weight))
+        return out
+
+
+def save_peers(run: DistillRun, out: Path, history: list[dict]) -> list[dict]:
+    """``peerI.pt`` for every peer (the format of ``student.pt``, which is peer 0's), each evaluated on the test
+    split; returns their test metrics in peer order."""
+    results = []
+    for index, peer in enumerate(run.distiller.peers):
+        test = evaluate(peer, run.dataset, "test", run.device, workers=run.config.workers)
+        run.save_student(Path(out) / f"peer{index}.pt", history, test, model=peer)
+        results.append(test)
+    return results

@@ -1,0 +1,240 @@
+"""AFD (``distill --method afd --peers N``): the cyclic pairing, the map discriminators, peer checkpoints,
+bf16 autocast, and refusals through the console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from meal_cache.afd import PeerDistiller, cyclic_sources, peer_seed, teacher_key
+from meal_cache.checkpoint import load_checkpoint
+from meal_cache.distill import DistillConfig, DistillEpochs, build_run, distill
+from meal_cache.distributed import World
+from meal_cache.errors import UserError
+from meal_cache.evaluate import evaluate_payload
+from meal_cache.losses import ConvMapDiscriminator
+from meal_cache.pipeline import load_pipeline, run_pipeline
+
+CPU = torch.device("cpu")
+
+
+def _config(store, **overrides) -> DistillConfig:
+    settings = {"store": str(store), "student": "resnet8_w4", "method": "afd", "epochs": 1, "batch_size": 64,
+                "device": "cpu", "workers": 0, **overrides}  # fmt: skip
+    return DistillConfig(**settings).resolved(("blocks", "maps"))
+
+
+@pytest.fixture
+def peer_run(small_store, digits):
+    """A built three-peer run and its first batch; closed afterwards."""
+    run = build_run(_config(small_store[0], peers=3), World(), CPU, digits, progress=False)
+    epochs = DistillEpochs(run)
+    batch = next(iter(epochs.batches(0)))
+    yield run, epochs, batch
+    run.source.close()
+    run.images.close()
+
+
+def test_cyclic_pairing_learns_from_the_previous_peer():
+    assert cyclic_sources(1) == []
+    assert cyclic_sources(2) == [1, 0]
+    assert cyclic_sources(4) == [3, 0, 1, 2]
+    with pytest.raises(ValueError):
+        cyclic_sources(0)
+    assert peer_seed(5, 0) == 5 and peer_seed(5, 1) != peer_seed(6, 0)
+
+
+def test_conv_map_discriminator_golden_value_and_shapes():
+    disc = ConvMapDiscriminator(2)  # hidden = 8
+    first, second, head = disc.net[0], disc.net[2], disc.net[4]
+    with torch.no_grad():
+        for conv, weight, bias in ((first, 0.5, 0.0), (second, -0.25, 0.0), (head, 1.0, 0.1)):
+            conv.weight.fill_(weight)
+            conv.bias.fill_(bias)
+    # A 1x1 map sees only each kernel's centre tap: 2 * 0.5 = 1 per hidden channel; 8 * -0.25 = -2, leaky to
+    # -0.4; the head sums 8 of those plus its bias: -3.1.
+    score = disc(torch.ones(1, 2, 1, 1))
+    assert score.shape == (1,) and score.item() == pytest.approx(-3.1)
+    assert disc(torch.randn(5, 2, 9, 7)).shape == (5,)
+    with pytest.raises(ValueError, match=r"\(N, 2, H, W\)"):
+        disc(torch.randn(5, 3, 4, 4))
+
+
+def test_each_discriminator_sees_its_cyclic_peers_maps(peer_run):
+    run, epochs, batch = peer_run
+    distiller = run.distiller
+    assert isinstance(distiller, PeerDistiller) and len(distiller.peers) == 3
+    teachers = distiller.teachers
+    assert set(distiller.discriminators) == {f"peer{i}" for i in range(3)} | {
+        teacher_key(i, t) for i in range(3) for t in teachers}  # fmt: skip
+    maps: dict[int, torch.Tensor] = {}
+    for index, peer in enumerate(distiller.peers):
+        peer.get_submodule(distiller.block).register_forward_hook(
+            lambda _m, _i, output, index=index: maps.__setitem__(index, output.detach().float()))  # fmt: skip
+    seen: dict[str, list[torch.Tensor]] = {}
+    for key, disc in distiller.discriminators.items():
+        disc.register_forward_hook(lambda _m, inputs, _o, key=key: seen.setdefault(key, []).append(inputs[0]))
+    epochs.step(batch)
+    channels = distiller.discriminators["peer0"].channels
+    for index, source in enumerate([2, 0, 1]):
+        # Discriminator step (real, fake), then the generator loss (fake): real is the previous peer's map.
+        real, fake, generator = seen[f"peer{index}"]
+        assert real.shape == maps[source].shape and real.shape[1] == channels and real.dim() == 4
+        assert torch.equal(real, maps[source]) and not torch.equal(real, maps[index])
+        assert torch.equal(fake, maps[index]) and torch.equal(generator.detach(), maps[index])
+        for teacher in teachers:
+            real_t, fake_t, _ = seen[teacher_key(index, teacher)]
+            assert real_t.shape[1] == fake_t.shape[1] == 1 and real_t.shape == fake_t.shape
+            expected = nn.functional.adaptive_avg_pool2d(maps[index].mean(1, keepdim=True), fake_t.shape[-2:])
+            assert torch.allclose(fake_t, expected)
+
+
+def test_peers_have_their_own_weights_and_stay_apart(peer_run):
+    run, epochs, batch = peer_run
+    peers = run.distiller.peers
+    pointers = [{p.data_ptr() for p in peer.parameters()} for peer in peers]
+    assert all(not (a & b) for i, a in enumerate(pointers) for b in pointers[i + 1 :])
+    first = [next(peer.parameters()).detach().clone() for peer in peers]
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
+    trained = {id(p) for p in run.optimisation.optimizer.param_groups[0]["params"]}
+    assert all(id(p) in trained for peer in peers for p in peer.parameters())
+    before = [torch.cat([p.detach().flatten() for p in peer.parameters()]) for peer in peers]
+    out = epochs.step(batch)
+    run.optimisation.step(sum(out.losses.values()))
+    after = [torch.cat([p.detach().flatten() for p in peer.parameters()]) for peer in peers]
+    assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    assert not torch.equal(after[0], after[1])
+    assert {f"{kind}/peer{i}" for kind in ("soft", "mutual") for i in range(3)} <= set(out.losses)
+
+
+def test_a_step_under_cpu_bf16_autocast_is_finite(peer_run):
+    run, epochs, batch = peer_run
+    (rows, targets, _), pixels = batch
+    from meal_cache import augment
+
+    inputs = augment.normalise(pixels, run.dataset.mean, run.dataset.std, False)
+    labels = run.labels[rows]
+    distiller = run.distiller
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = distiller(inputs, targets, labels, distiller.teachers)
+        stats = distiller.discriminator_step(out.adversarial, run.disc_optimizer)
+        out.losses.update(distiller.adversarial_losses(out.adversarial))
+    assert any(name.startswith("adv/peer") for name in out.losses)
+    total = sum(out.losses.values())
+    assert all(torch.isfinite(v).all() for v in [*out.losses.values(), *stats.values()])
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in distiller.student_parameters() if p.grad is not None)
+
+
+def test_peer_checkpoints_are_written_loadable_and_evaluated(small_store, digits, tmp_path):
+    out = tmp_path / "afd"
+    summary = distill(_config(small_store[0], peers=2), out, progress=False, dataset=digits)
+    assert {"config.json", "metrics.jsonl", "last.pt", "student.pt", "peer0.pt", "peer1.pt"} <= {
+        p.name for p in out.iterdir()}  # fmt: skip
+    assert json.loads((out / "config.json").read_text())["peers"] == 2
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"mutual/peer0", "mutual/peer1", "adv/peer0", "adv/peer1", "disc_acc/peer1"} <= set(record)
+    payloads = [torch.load(out / f"peer{i}.pt", weights_only=True) for i in range(2)]
+    student = torch.load(out / "student.pt", weights_only=True)
+    assert all(torch.equal(student["model"][k], v) for k, v in payloads[0]["model"].items())
+    assert any(not torch.equal(payloads[1]["model"][k], v) for k, v in payloads[0]["model"].items())
+    for payload, test in zip(payloads, summary["peers"], strict=True):
+        assert payload["distillation"]["method"] == "afd" and payload["metrics"]["test"] == test
+    again = evaluate_payload(load_checkpoint(out / "peer1.pt"), digits.test, CPU).metrics
+    assert again["top1"] == pytest.approx(summary["peers"][1]["top1"])
+    assert summary["peers"][0]["top1"] == pytest.approx(summary["test"]["top1"])
+    # A finished run resumed is finished: the same peers come back.
+    resumed = distill(_config(small_store[0], peers=2), out, resume=True, progress=False, dataset=digits)
+    assert resumed["peers"][1]["top1"] == pytest.approx(summary["peers"][1]["top1"])
+
+
+def test_a_store_without_maps_is_refused_naming_the_flag(tmp_path, teacher_dir, digits):
+    from meal_cache.extract import ExtractConfig, extract
+
+    store = tmp_path / "blocks.zarr"
+    extract(ExtractConfig(teachers=["resnet8_w4"], views=1, teacher_dir=str(teacher_dir), features=["blocks"],
+                          device="cpu"), store, progress=False, dataset=digits)  # fmt: skip
+    with pytest.raises(UserError, match="--features maps"):
+        distill(DistillConfig(store=str(store), student="resnet8_w4", method="afd", epochs=1, device="cpu"),
+                tmp_path / "out", progress=False, dataset=digits)  # fmt: skip
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meal_cache", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "afd", "--peers", "0"], "--peers must be a whole number of students, at least 1, got 0"),
+        (["--method", "afd", "--peers", "-3"], "at least 1, got -3"),
+        (["--method", "kd", "--peers", "2"], "only --method afd does (got --method kd)"),
+    ],
+)
+def test_bad_peers_through_the_console_script(tmp_path, args, message):
+    process = _run_cli("distill", "--store", str(tmp_path / "none.zarr"), "--student", "resnet8_w4",
+                       "--out", str(tmp_path / "out"), *args)  # fmt: skip
+    assert process.returncode == 2, process.stderr
+    lines = [line for line in process.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in process.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], process.stderr
+
+
+def test_afd_refuses_the_discriminators_it_does_not_read():
+    with pytest.raises(UserError, match="--discriminators is not read"):
+        DistillConfig(store="", student="resnet8_w4", method="afd", discriminators=["output"]).resolved()
+    assert DistillConfig(store="", student="resnet8_w4", method="afd").resolved().peers == 1
+    assert DistillConfig(store="", student="resnet8_w4", method="kd").resolved().peers is None
+
+
+def test_peers_is_checked_in_a_pipeline_file(tmp_path):
+    file = tmp_path / "p.toml"
+    base = PIPELINE.replace('afd = { method = "afd", peers = 2 }', "{}")
+    file.write_text(base.format(methods='kd = { method = "kd", peers = 2 }'))
+    with pytest.raises(UserError, match="method kd: --peers"):
+        load_pipeline(file)
+    file.write_text(base.format(methods='afd = { method = "afd", peers = 0 }'))
+    with pytest.raises(UserError, match="method afd: --peers must be"):
+        load_pipeline(file)
+
+
+PIPELINE = """
+name = "afd-tiny"
+seeds = [3]
+[data]
+spec = "digits"
+[[teachers]]
+name = "resnet"
+arch = "resnet8_w4"
+epochs = 1
+[store]
+views = 1
+[student]
+arch = "resnet8_w4"
+epochs = 1
+[methods]
+alone = {{}}
+meal = {{ method = "meal" }}
+{methods}
+"""
+
+
+def test_an_afd_pipeline_reports_each_peer_against_alone_and_meal(tmp_path):
+    file = tmp_path / "afd.toml"
+    file.write_text(PIPELINE.format(methods='afd = { method = "afd", peers = 2 }'))
+    run_dir = run_pipeline(load_pipeline(file), tmp_path / "runs", device="cpu", progress=False)
+    assert (run_dir / "students" / "afd" / "seed-3" / "peer1.pt").is_file()
+    results = json.loads((run_dir / "results.json").read_text())
+    names = [row["name"] for row in results["rows"]]
+    assert {"alone", "meal", "afd", "afd/peer1"} <= set(names)
+    against_alone = {r["method"] for r in results["comparisons"]}
+    against_meal = {r["method"] for r in results["comparisons_meal"]}
+    assert {"afd", "afd/peer1"} <= against_alone and {"afd", "afd/peer1"} <= against_meal
+    assert "meal" not in against_meal
+    report = (run_dir / "report.md").read_text()
+    assert "| afd/peer1 |" in report and "## Against `meal`" in report
