@@ -899,6 +899,10 @@ def describe_store(store: TeacherStore) -> str:
         f"total     {_human(total_stored)} stored, {_human(total_raw32)} as float32 "
         f"({total_raw32 / max(1, total_stored):.1f}x smaller); {per_row:.0f} bytes per sample per view"
     )
+    if "divergent/pixels" in store.group:  # beside the teachers' outputs: the divergent views' own pixels
+        pixels = store.group["divergent/pixels"]
+        lines.append(f"divergent pixels {_human(store.stored_bytes('divergent/pixels'))} stored "
+                     f"({'x'.join(map(str, pixels.shape))} uint8, {_human(pixels.nbytes)} raw)")  # fmt: skip
     return "\n".join(lines)
 
 

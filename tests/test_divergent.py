@@ -120,6 +120,7 @@ def test_extract_stores_the_divergent_pixels_and_the_teachers_outputs_on_exactly
     assert info["eps"] == 0.03 and info["steps"] == 3 and info["step_size"] == pytest.approx(0.025)
     assert store.attrs["settings"]["divergent_views"] == 2
     assert "2 divergent (eps 0.03, 3 steps)" in describe_store(store)
+    assert "divergent pixels" in describe_store(store) and "(2x143x3x16x16 uint8" in describe_store(store)
     images = load_dataset(SPEC).split("train").images
     for k, view in enumerate(store.divergent_views):
         pixels = stored_pixels(store, k)
