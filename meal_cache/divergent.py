@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from meal_cache import augment
 from meal_cache.errors import UserError
+from meal_cache.store import DIVERGENT_PIXELS as PIXELS_KEY
 
-PIXELS_KEY = "divergent/pixels"
 # PGD's usual step: 2.5 eps / steps lets a search reach the ball's boundary and move along it.
 STEP_FACTOR = 2.5
 

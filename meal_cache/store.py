@@ -78,6 +78,7 @@ DIVERGENT_FORMAT = "meal-cache/5"
 READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT, DIVERGENT_FORMAT)
 OPS_KEYS = ("views/ops", "views/magnitude")
 MIX_KEYS = ("views/mix_partner", "views/mix_lambda", "views/mix_box")
+DIVERGENT_PIXELS = "divergent/pixels"
 VERSION = 1
 FEATURE_KINDS = ("blocks", "maps")
 DTYPES = ("float16", "float32")
@@ -371,7 +372,7 @@ def create_store(
             group.create_array(key, shape=values.shape, chunks=(1, rows, *values.shape[2:]), dtype=dtype,
                                **exact)[:] = values  # fmt: skip
     if divergent_pixels is not None:  # (K, N, 3, S, S), written by extract as it finds them
-        group.create_array("divergent/pixels", shape=divergent_pixels, chunks=(1, rows, *divergent_pixels[2:]),
+        group.create_array(DIVERGENT_PIXELS, shape=divergent_pixels, chunks=(1, rows, *divergent_pixels[2:]),
                            dtype="uint8", fill_value=0, **exact)  # fmt: skip
     if source_sizes is not None:
         group.create_array("views/source_size", shape=(n, 2), chunks=(rows, 2), dtype="int32",
@@ -786,6 +787,8 @@ def verify_store(store: TeacherStore, keys: list[str] | None = None, progress: b
     all_keys = ["labels", *store.view_keys]
     for teacher in store.teacher_names:
         all_keys += store.with_companions(store.feature_keys(teacher))
+    if DIVERGENT_PIXELS in store.group:
+        all_keys.append(DIVERGENT_PIXELS)
     for key in tqdm(keys if keys is not None else all_keys, desc="verify", unit="array", disable=not progress):
         array = store.group[key]
         stored = _stored_chunks(array)
@@ -793,6 +796,10 @@ def verify_store(store: TeacherStore, keys: list[str] | None = None, progress: b
             marks = done[key.split("/")[1]]
             expected = [c for c in _chunk_grid(array) if marks[c[0], c[1]]]
             report.chunks_pending += int((~marks).sum())
+        elif key == DIVERGENT_PIXELS:  # a divergent view's pixel chunk is written before any teacher marks it
+            views = store.divergent_views
+            marked = [np.logical_or.reduce([done[t][views[c[0]], c[1]] for t in done]) for c in _chunk_grid(array)]
+            expected = [c for c, m in zip(_chunk_grid(array), marked, strict=True) if m]
         else:
             expected = list(_chunk_grid(array))
         present = [c for c in expected if c in stored]
@@ -809,11 +816,14 @@ def verify_store(store: TeacherStore, keys: list[str] | None = None, progress: b
 def repair_store(store: TeacherStore, report: VerifyReport) -> int:
     """Clear the progress marks of damaged teacher chunks (and the store's ``complete`` flag) so the same
     extract command re-extracts exactly those; returns how many (teacher, view, chunk) units will be redone."""
-    fixed_at_creation = [p for p in report.problems if not p.array.startswith("teachers/")]
+    fixed_at_creation = [p for p in report.problems if not p.array.startswith(("teachers/", DIVERGENT_PIXELS))]
     if fixed_at_creation:
         raise UserError(f"{fixed_at_creation[0]}: labels and views are written when the store is created and "
                         "cannot be re-extracted; extract it again with --overwrite")  # fmt: skip
-    redo = {(p.array.split("/")[1], p.chunk[0], p.chunk[1]) for p in report.problems}
+    redo = {(p.array.split("/")[1], p.chunk[0], p.chunk[1]) for p in report.problems if p.array != DIVERGENT_PIXELS}
+    # A damaged divergent pixel chunk: every teacher redoes that (view, chunk), which searches its pixels again.
+    redo |= {(t, store.divergent_views[p.chunk[0]], p.chunk[1]) for p in report.problems
+             if p.array == DIVERGENT_PIXELS for t in store.teacher_names}  # fmt: skip
     for teacher, view, chunk in sorted(redo):
         store.group[f"teachers/{teacher}/progress"][view, chunk] = False
     if redo:
@@ -899,9 +909,9 @@ def describe_store(store: TeacherStore) -> str:
         f"total     {_human(total_stored)} stored, {_human(total_raw32)} as float32 "
         f"({total_raw32 / max(1, total_stored):.1f}x smaller); {per_row:.0f} bytes per sample per view"
     )
-    if "divergent/pixels" in store.group:  # beside the teachers' outputs: the divergent views' own pixels
-        pixels = store.group["divergent/pixels"]
-        lines.append(f"divergent pixels {_human(store.stored_bytes('divergent/pixels'))} stored "
+    if DIVERGENT_PIXELS in store.group:  # beside the teachers' outputs: the divergent views' own pixels
+        pixels = store.group[DIVERGENT_PIXELS]
+        lines.append(f"divergent pixels {_human(store.stored_bytes(DIVERGENT_PIXELS))} stored "
                      f"({'x'.join(map(str, pixels.shape))} uint8, {_human(pixels.nbytes)} raw)")  # fmt: skip
     return "\n".join(lines)
 

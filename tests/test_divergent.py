@@ -138,6 +138,17 @@ def test_extract_stores_the_divergent_pixels_and_the_teachers_outputs_on_exactly
     # Another batch split (chunks of 64 rows in batches of 16, not 64): the same pixels for every row.
     other, _ = _extract(teacher_dir, tmp_path / "other.zarr", batch_size=16)
     assert torch.equal(stored_pixels(other, 0), stored_pixels(store, 0))
+    # A lost pixel chunk: verify finds it, repair has every teacher redo that (view, chunk), extract restores it.
+    from meal_cache.store import open_store, repair_store, verify_store
+
+    before = stored_pixels(other, 1)
+    lost = tmp_path / "other.zarr" / "divergent" / "pixels" / "c" / "1" / "1" / "0" / "0" / "0"
+    lost.unlink()
+    report = verify_store(open_store(tmp_path / "other.zarr"))
+    assert [(p.array, p.chunk, p.kind) for p in report.problems] == [("divergent/pixels", (1, 1, 0, 0, 0), "missing")]
+    assert repair_store(open_store(tmp_path / "other.zarr", mode="r+"), report) == 2
+    repaired, _ = _extract(teacher_dir, tmp_path / "other.zarr", batch_size=16)
+    assert verify_store(repaired).ok and torch.equal(stored_pixels(repaired, 1), before)
     # inspect: the teachers disagree on the divergent views, hardly on the natural ones.
     result = inspect_store(tmp_path / "s.zarr")
     natural, divergent = result["disagreement"]["natural"], result["disagreement"]["divergent"]
