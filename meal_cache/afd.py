@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from meal_cache import losses
-from meal_cache.distill import AdversarialInput, DistillConfig, Distiller, DistillerOutput, DistillRun
+from meal_cache.distill import (
+    AdversarialInput,
+    DistillConfig,
+    Distiller,
+    DistillerOutput,
+    DistillRun,
+    soft_target_sets,
+)
 from meal_cache.errors import UserError
 from meal_cache.evaluate import evaluate
 from meal_cache.models import BlockTap, block_shapes, create_model
@@ -132,10 +139,7 @@ class PeerDistiller(nn.Module):
             maps.append(tap.outputs[self.block].float())
         out = DistillerOutput(logits[0], {}, [], {})
         teacher_logits = [targets[f"teachers/{t}/logits"].float() for t in selected]
-        if config.teacher_selection == "mean":
-            soft_sets = [losses.soft_targets(teacher_logits, temperature)]
-        else:
-            soft_sets = [losses.soft_targets([t], temperature) for t in teacher_logits]
+        soft_sets = soft_target_sets(config, teacher_logits)
         teacher_weight = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
         for index, (own_logits, own_map) in enumerate(zip(logits, maps, strict=True)):
             name = f"peer{index}"

@@ -569,6 +569,14 @@ class AdversarialInput(NamedTuple):
     weight: float
 
 
+def soft_target_sets(config: DistillConfig, teacher_logits: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The soft targets a step learns from: the ensemble mean of the selected teachers' (``--teacher-selection
+    mean``), or each selected teacher's own."""
+    if config.teacher_selection == "mean":
+        return [losses.soft_targets(teacher_logits, config.temperature)]
+    return [losses.soft_targets([t], config.temperature) for t in teacher_logits]
+
+
 @dataclass
 class DistillerOutput:
     """What the distiller makes of a batch: the student's logits, its named losses (summed and backpropagated),
@@ -674,10 +682,7 @@ class Distiller(nn.Module):
         block_weight = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
 
         teacher_logits = [targets[f"teachers/{t}/logits"].float() for t in selected]
-        if config.teacher_selection == "mean":
-            soft_sets = [losses.soft_targets(teacher_logits, config.temperature)]
-        else:
-            soft_sets = [losses.soft_targets([t], config.temperature) for t in teacher_logits]
+        soft_sets = soft_target_sets(config, teacher_logits)
         if config.soft_weight:
             out.losses["soft"] = config.soft_weight * sum(self.soft_loss(logits, p, config.temperature)
                                                           for p in soft_sets)  # fmt: skip

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 from imagefolder import make_image_folder
+from test_augment_replay import _extract_recording
 
 from meal_cache import augment
 from meal_cache.data import load_dataset
@@ -93,24 +94,6 @@ def test_a_mixed_rows_pixels_depend_on_its_own_and_its_partners_parameters_alone
         assert torch.equal(next(source.pixels([(rows, stacked, None)]))[1], expected), size
     plain = augment.identity(sizes, recipe, policy, mixing)
     assert torch.equal(next(source.pixels([(every, plain[every], None)]))[1], images.float())
-
-
-def _extract_recording(config, out, monkeypatch):
-    from meal_cache import extract as extract_module
-    from meal_cache.extract import extract
-
-    fed: list[torch.Tensor] = []
-    real = extract_module.teacher_outputs
-
-    def recording(teacher, pixels, *args):
-        fed.append(pixels.clone())
-        return real(teacher, pixels, *args)
-
-    monkeypatch.setattr(extract_module, "teacher_outputs", recording)
-    store = extract(config, out, progress=False)
-    monkeypatch.undo()
-    pixels = torch.cat(fed)
-    return store, pixels.view(store.num_views, store.n, *pixels.shape[1:])
 
 
 def _distill_recording(path, monkeypatch, **options):
