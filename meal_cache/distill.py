@@ -1113,10 +1113,7 @@ class DistillEpochs:
 
         def requests() -> Iterator[tuple[torch.Tensor, augment.ViewParams, tuple]]:
             for rows, targets, crop in batches:
-                if world.enabled:  # this rank's share of the global batch
-                    share = slice(world.rank, None, world.size)
-                    rows, crop = rows[share], crop if crop is None else crop[share]
-                    targets = targets and {key: value[share] for key, value in targets.items()}
+                rows, targets, crop = _rank_share(world, rows, targets, crop)
                 rows_params = _crop_params(params, rows, crop)
                 # Mixed rows' hard labels are mixed with the same lambda (the pixels are mixed by the source).
                 yield rows, rows_params, (rows, targets, rows_params if rows_params.mix_partner is not None else None)
@@ -1127,10 +1124,7 @@ class DistillEpochs:
 
         def divergent() -> Iterator:
             for rows, targets, pixels in run.divergent.epoch(epoch):
-                if world.enabled:
-                    share = slice(world.rank, None, world.size)
-                    rows, pixels = rows[share], pixels[share]
-                    targets = {key: value[share] for key, value in targets.items()}
+                rows, targets, pixels = _rank_share(world, rows, targets, pixels)
                 yield (rows, targets, None), pixels
 
         natural_steps = run.schedule.steps - run.divergent.per_epoch
@@ -1166,6 +1160,16 @@ class DistillEpochs:
             out.stats.update(gradient_norms(out.losses, distiller.student_parameters()))
         self.steps += 1
         return StepOutput(out.logits, labels, out.losses, out.stats)
+
+
+def _rank_share(world: World, rows: torch.Tensor, targets: dict | None, extra: torch.Tensor | None):
+    """This rank's share of a global batch under torchrun (every ``world.size``-th sample from its rank): the rows,
+    their targets and one more per-sample tensor (or None); the whole batch outside torchrun."""
+    if not world.enabled:
+        return rows, targets, extra
+    share = slice(world.rank, None, world.size)
+    targets = targets and {key: value[share] for key, value in targets.items()}
+    return rows[share], targets, None if extra is None else extra[share]
 
 
 LOSS_FAMILIES = {"soft": "soft", "hard": "hard", "sim/": "sim", "adv/": "adv", "joint/": "adv"}

@@ -19,7 +19,7 @@ mixes their batches into its epochs (``distill --divergent-ratio``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -127,7 +127,9 @@ class DivergentSource:
 
     def pixels(self, requests: Iterable[tuple[torch.Tensor, augment.ViewParams, Any]]):
         parts: list[torch.Tensor] = []
-        for (rows, _), (payload, pixels) in _paired(requests, self.source):
+        # Each request's rows travel with its payload, so the search knows whose pixels came back.
+        asked = ((rows, params, (rows, payload)) for rows, params, payload in requests)
+        for (rows, payload), pixels in self.source.pixels(asked):
             found = divergent_pixels(self.teachers, pixels, rows, self.search, self.view, self.channels_last)
             parts.append(found.cpu())
             chunk, chunk_rows, last = payload
@@ -138,19 +140,6 @@ class DivergentSource:
 
     def close(self) -> None:
         self.source.close()
-
-
-def _paired(requests, source) -> Iterator[tuple[tuple[torch.Tensor, augment.ViewParams], tuple[Any, torch.Tensor]]]:
-    """Each request's rows beside the source's answer to it (the source answers in request order)."""
-    asked: list = []
-
-    def remember():
-        for rows, params, payload in requests:
-            asked.append((rows, params))
-            yield rows, params, payload
-
-    for answer in source.pixels(remember()):
-        yield asked.pop(0), answer
 
 
 def stored_pixels(store, view: int, rows: torch.Tensor | None = None) -> torch.Tensor:
