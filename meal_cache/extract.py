@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 
 from meal_cache import augment
 from meal_cache.data import ImageDataset, load_dataset
+from meal_cache.distill.methods.base import StoreNeeds
+from meal_cache.distill.registry import available_methods
 from meal_cache.distributed import World, init_world
 from meal_cache.divergent import DivergentSearch, DivergentSource, check_search, search_from_json
 from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
@@ -54,27 +56,17 @@ MIXING_FIELDS = ("mixup", "cutmix", "mix_prob", "mix_switch_prob")
 DIVERGENT_FIELDS = ("divergent_views", "divergent_eps", "divergent_steps")
 
 
-@dataclass(frozen=True)
-class Preset:
-    """What ``extract --for METHOD`` stores: the feature kinds and which blocks (logits always), and the lossy
-    encoding of blocks and maps it uses unless ``--quantize``/``--keep-bits`` choose one."""
-
-    features: tuple[str, ...]
-    blocks: str
-    help: str
-    quantize: int | None = None
+# ``--for all``: everything, as without --for; ``--for METHOD``: what the method declares it reads
+# (:attr:`meal_cache.distill.Method.store_needs`).
+STORE_EVERYTHING = StoreNeeds(tuple(FEATURE_KINDS), "all",
+                              "logits, and every block's pooled output and map (the default)")
 
 
-# MEAL's default --block-weights match the last three blocks of each teacher, and its default representation is
-# their pooled channels (docs/design.md, "MEAL's ablation"); kd and meal-v2 read logits only. meal's blocks are
-# 8-bit: `info --fidelity` measures 8-bit blocks and maps within the bar where --keep-bits 4 is not
-# (docs/design.md, "Lossy stores").
-PRESETS: dict[str, Preset] = {
-    "all": Preset(tuple(FEATURE_KINDS), "all", "logits, and every block's pooled output and map (the default)"),
-    "meal": Preset(("blocks",), "3", "logits and the pooled channels of the last 3 blocks, 8-bit", quantize=8),
-    "kd": Preset((), "all", "logits only"),
-    "meal-v2": Preset((), "all", "logits only"),
-}
+def store_presets() -> dict[str, StoreNeeds]:
+    """What ``extract --for NAME`` stores, by name: ``all``, then every method's (plug-ins included)."""
+    return {"all": STORE_EVERYTHING, **{name: cls.store_needs for name, cls in available_methods().items()}}
+
+
 DEFAULT_BLOCKS = "all"
 
 
@@ -107,7 +99,7 @@ class ExtractConfig:
     keep_bits: int | None = None
     quantize: int | None = None  # None: the --for preset's encoding (lossless without one); 0: lossless
     logits_topk: int | None = None  # lossy: only each row's K largest logits (and their log-sum-exp)
-    preset: str | None = None  # ``--for METHOD``: store only what that method reads (see PRESETS)
+    preset: str | None = None  # ``--for METHOD``: store only what that method reads (see store_presets)
     batch_size: int = 256
     rows_per_chunk: int = 512
     teacher_dir: str = "teachers"
@@ -130,9 +122,10 @@ class ExtractConfig:
         """The config with a ``--for`` preset's features and blocks filled in, every setting checked."""
         config = self
         if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise unknown_choice("--for method", self.preset, list(PRESETS))
-            preset = PRESETS[self.preset]
+            presets = store_presets()
+            if self.preset not in presets:
+                raise unknown_choice("--for method", self.preset, list(presets))
+            preset = presets[self.preset]
             chosen = (tuple(self.features), self.blocks)
             if chosen not in ((tuple(FEATURE_KINDS), DEFAULT_BLOCKS), (preset.features, preset.blocks)):
                 raise UserError(f"--for {self.preset} chooses the features and blocks itself; pass --for or "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meal_cache.data import parse_spec
-from meal_cache.distill import METHODS, DistillConfig
+from meal_cache.distill import DistillConfig, available_methods
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.extract import ExtractConfig
 from meal_cache.models import MODELS, check_model_name, family_of, split_weights
@@ -234,8 +234,8 @@ def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], store
                 defined = ", ".join(sorted(stores)) or "none: add [stores.NAME] tables"
                 raise UserError(f"{path} method {name}: unknown store '{chosen}'; defined stores: {defined}")
         method = overrides.get("method", name)
-        if method not in METHODS:
-            raise unknown_choice(f"method of '{name}'", method, list(METHODS))
+        if method not in available_methods():
+            raise unknown_choice(f"method of '{name}'", method, list(available_methods()))
         # Every choice and number of the method's settings, now rather than after the teachers and the store.
         settings = {k: v for k, v in overrides.items() if k not in ("seeds", "store")}
         try:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from meal_cache.afd import PeerDistiller, cyclic_sources, peer_seed, teacher_key
 from meal_cache.checkpoint import load_checkpoint
 from meal_cache.distill import DistillConfig, DistillEpochs, build_run, distill
+from meal_cache.distill.methods.afd import PeerDistiller, cyclic_sources, peer_seed, teacher_key
 from meal_cache.distributed import World
 from meal_cache.errors import UserError
 from meal_cache.evaluate import evaluate_payload
@@ -92,6 +92,28 @@ def test_each_discriminator_sees_its_cyclic_peers_maps(peer_run):
             assert real_t.shape[1] == fake_t.shape[1] == 1 and real_t.shape == fake_t.shape
             expected = nn.functional.adaptive_avg_pool2d(maps[index].mean(1, keepdim=True), fake_t.shape[-2:])
             assert torch.allclose(fake_t, expected)
+
+
+def test_mutual_kl_is_each_peers_kl_from_its_peers_by_hand(peer_run):
+    run, _, batch = peer_run
+    (rows, targets, _), pixels = batch
+    from meal_cache import augment
+
+    inputs = augment.normalise(pixels, run.dataset.mean, run.dataset.std, False)
+    distiller, temperature, weight = run.distiller, run.config.temperature, run.config.soft_weight
+    out = distiller(inputs, targets, run.labels[rows], distiller.teachers)
+    with torch.no_grad():
+        logits = [peer(inputs).double() for peer in distiller.peers]
+    for i, own in enumerate(logits):
+        # DML's direction: KL(peer || own) = sum_c p_peer (log p_peer - log p_own), times T^2, over the batch.
+        log_own = own / temperature - torch.logsumexp(own / temperature, 1, keepdim=True)
+        kls = []
+        for j, other in enumerate(logits):
+            if j != i:
+                log_other = other / temperature - torch.logsumexp(other / temperature, 1, keepdim=True)
+                kls.append((log_other.exp() * (log_other - log_own)).sum(1).mean() * temperature**2)
+        expected = weight * sum(kls) / len(kls)
+        assert float(out.losses[f"mutual/peer{i}"]) == pytest.approx(float(expected), rel=1e-4), i
 
 
 def test_peers_have_their_own_weights_and_stay_apart(peer_run):

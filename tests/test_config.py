@@ -10,7 +10,7 @@ import pytest
 
 from meal_cache import losses
 from meal_cache.cli import main
-from meal_cache.distill import METHODS, REPRESENTATIONS, SELECTIONS, DistillConfig
+from meal_cache.distill import REPRESENTATIONS, SELECTIONS, DistillConfig, available_methods
 from meal_cache.extract import ExtractConfig
 from meal_cache.loop import SCHEDULES
 from meal_cache.store import DTYPES
@@ -29,7 +29,7 @@ CLI_ONLY = {"out", "resume", "overwrite", "quiet", "teachers", "arch", "store", 
             "data_root", "identity_view", "online", "fresh_views", "refine_labels"}  # fmt: skip
 CHOICES = {
     "schedule": SCHEDULES,
-    "method": tuple(METHODS),
+    "method": tuple(available_methods()),
     "teacher_selection": SELECTIONS,
     "representation": REPRESENTATIONS,
     "block_loss": tuple(losses.SIMILARITY),

@@ -271,6 +271,18 @@ def test_multi_crop_batches_hold_k_cached_views_of_each_image_from_one_decode(st
             assert torch.equal(targets["teachers/resnet8_w4/logits"][block].to(logits.dtype), logits[crop][images])
     train_decodes = [file for file in decoded if "/train/" in file]
     assert len(train_decodes) == 2 * store.n  # once per image and epoch, not once per crop
+    # More cached views than crops: epoch e reads views 2e, 2e + 1 (mod 3), so the whole cache is replayed.
+    seen.clear()
+    fewer = dataclasses.replace(config, crops_per_image=2, batch_size=4, epochs=3)
+    summary = distill(fewer, tmp_path / "run2", progress=False)
+    assert [record["view"] for record in summary["history"]] == [[0, 1], [2, 0], [1, 2]]
+    per_epoch = store.n // 2
+    for index, (rows, targets, pixels) in enumerate(seen):
+        images = rows[:2]
+        for crop, view in enumerate([[0, 1], [2, 0], [1, 2]][index // per_epoch]):
+            block = slice(2 * crop, 2 * crop + 2)
+            assert torch.equal(pixels[block], fed[view][images]), (index, crop, view)
+            assert torch.equal(targets["teachers/resnet8_w4/logits"][block].to(logits.dtype), logits[view][images])
     with pytest.raises(UserError, match="needs as many cached views"):
         distill(dataclasses.replace(config, crops_per_image=6, batch_size=12), tmp_path / "run6", progress=False)
     with pytest.raises(UserError, match="multiple of --crops-per-image"):

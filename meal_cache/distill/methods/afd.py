@@ -7,33 +7,37 @@ channel-mean map of its last block as real and the peer's channel-mean map (pool
 Each peer learns to fool its own discriminators, and from the teachers' soft labels and its peers' logits
 (mutual KL, as in DML). With one peer only the cached teachers teach.
 
-The step is :class:`meal_cache.distill.DistillEpochs`' own: :class:`PeerDistiller` answers the distiller's
-interface (logits, named losses, discriminator inputs), and the loop backpropagates the sum of every peer's
-losses; peer ``i``'s losses reach only peer ``i`` (its peers' maps and logits enter detached), so one SGD step
-over all peers' parameters is N independent steps.
+The step is :class:`meal_cache.distill.step.DistillEpochs`' own: :class:`PeerDistiller` is a
+:class:`~meal_cache.distill.methods.base.Method` (logits, named losses, discriminator inputs), and the loop
+backpropagates the sum of every peer's losses; peer ``i``'s losses reach only peer ``i`` (its peers' maps and
+logits enter detached), so one SGD step over all peers' parameters is N independent steps.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from meal_cache import losses
-from meal_cache.distill import (
+from meal_cache.distill.methods.base import (
     AdversarialInput,
-    DistillConfig,
-    Distiller,
     DistillerOutput,
-    DistillRun,
+    Method,
+    StoreNeeds,
+    feature_key,
+    logits_key,
     soft_target_sets,
 )
 from meal_cache.errors import UserError
-from meal_cache.evaluate import evaluate
 from meal_cache.models import BlockTap, block_shapes, create_model
-from meal_cache.store import TeacherStore
+
+if TYPE_CHECKING:
+    from meal_cache.distill.config import DistillConfig
+    from meal_cache.store import TeacherStore
 
 # Peer i > 0 is initialised from seed + i * this (peer 0 from the run's seed, so a one-peer run starts where any
 # other method's student does); far apart so the peers of nearby seeds never share an initialisation.
@@ -58,18 +62,23 @@ def teacher_key(peer: int, teacher: str) -> str:
     return f"peer{peer}__{teacher}".replace(".", "_")
 
 
-class PeerDistiller(nn.Module):
-    """AFD's peers and their discriminators, with the interface of :class:`meal_cache.distill.Distiller` so the
-    distillation loop, its checkpoints and resume run unchanged (``student`` is peer 0)."""
+class PeerDistiller(Method):
+    """AFD's peers and their discriminators; the distillation loop, its checkpoints and resume run unchanged
+    (``student`` is peer 0)."""
+
+    name: ClassVar[str] = "afd"
+    help: ClassVar[str] = ("AFD: --peers students, each with conv discriminators on its last feature map against its "
+                           "cyclic peer's and the teachers' maps, plus mutual KL")  # fmt: skip
+    store_needs: ClassVar[StoreNeeds] = StoreNeeds(("maps",), "all", "logits and every block's channel-mean map")
+    trains_peers: ClassVar[bool] = True
 
     def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
-        super().__init__()
+        super().__init__(student, config, store, image_size)
+        del self.student  # peer 0, below
         if "maps" not in store.layout.features:
             raise UserError(f"--method {config.method} learns from the teachers' block maps, which this store lacks "
                             f"(it holds {', '.join(store.layout.features) or 'logits only'}): extract with "
                             "--features maps (or blocks,maps, the default)")  # fmt: skip
-        self.config = config
-        self.teachers = list(store.teacher_names)
         num_classes = store.attrs["dataset"]["num_classes"]
         networks = [student]
         for index in range(1, config.peers):
@@ -77,12 +86,10 @@ class PeerDistiller(nn.Module):
                 torch.manual_seed(peer_seed(config.seed, index))
                 networks.append(create_model(config.student, num_classes, image_size))
         self.peers = nn.ModuleList(networks)
-        self.soft_loss = losses.SOFT_LABEL[config.soft_loss]
         # AFD's discriminators look at the last feature map, where the networks' knowledge is most specific.
         self.block = student.block_names[-1]
         channels, height, width = block_shapes(student, image_size)[self.block]
         self.sources = cyclic_sources(config.peers)
-        self.discriminators = nn.ModuleDict()
         for index in range(len(self.sources)):
             self.discriminators[f"peer{index}"] = losses.ConvMapDiscriminator(channels)
         # The store keeps one channel-mean map per teacher block, so against a teacher the peer's map is reduced
@@ -92,14 +99,19 @@ class PeerDistiller(nn.Module):
         for index in range(config.peers):
             for teacher in self.teachers:
                 self.discriminators[teacher_key(index, teacher)] = losses.ConvMapDiscriminator(1)
-        self.adapters = nn.ModuleDict()  # none; the loop averages their gradients under torchrun
 
-    # The adversarial game is the student's (its own Adam step, then the generator losses; or --adv-game joint):
-    # those methods read only ``config`` and ``discriminators``.
-    adversarial_losses = Distiller.adversarial_losses
-    joint_losses = Distiller.joint_losses
-    _discriminate = Distiller._discriminate
-    discriminator_step = Distiller.discriminator_step
+    @classmethod
+    def check(cls, config: DistillConfig) -> DistillConfig:
+        """One peer where ``--peers`` is not given; the map discriminators are its own."""
+        if config.discriminators:
+            instead = "--adv-weight 0 turns the adversarial terms off"
+            raise UserError(f"--method {config.method} trains its own discriminators on the peers' maps; "
+                            f"--discriminators is not read ({instead})")  # fmt: skip
+        return dataclasses.replace(config, peers=1 if config.peers is None else config.peers)
+
+    @classmethod
+    def has_a_loss(cls, config: DistillConfig) -> bool:
+        return super().has_a_loss(config) or config.adv_weight > 0  # the map discriminators
 
     @property
     def student(self) -> nn.Module:
@@ -107,11 +119,13 @@ class PeerDistiller(nn.Module):
 
     def needed_keys(self) -> list[str]:
         """The store arrays training reads: every teacher's logits and its last block's map."""
-        keys = [f"teachers/{t}/logits" for t in self.teachers]
-        return keys + [f"teachers/{t}/maps/{b.key}" for t, b in self.teacher_blocks.items()]
+        return super().needed_keys() + [feature_key(t, "maps", b.key) for t, b in self.teacher_blocks.items()]
 
     def student_parameters(self) -> list[nn.Parameter]:
         return list(self.peers.parameters())
+
+    def trained_networks(self) -> list[nn.Module]:
+        return list(self.peers)
 
     def teacher_maps(self, teacher: str, stored: torch.Tensor, peer_map: torch.Tensor):
         """Real and fake inputs of a teacher discriminator: ``teacher``'s stored ``(B, H, W)`` map and a peer's
@@ -138,16 +152,12 @@ class PeerDistiller(nn.Module):
                 logits.append(peer(images).float())
             maps.append(tap.outputs[self.block].float())
         out = DistillerOutput(logits[0], {}, [], {})
-        teacher_logits = [targets[f"teachers/{t}/logits"].float() for t in selected]
+        teacher_logits = [targets[logits_key(t)].float() for t in selected]
         soft_sets = soft_target_sets(config, teacher_logits)
         teacher_weight = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
         for index, (own_logits, own_map) in enumerate(zip(logits, maps, strict=True)):
             name = f"peer{index}"
-            if config.soft_weight:
-                out.losses[f"soft/{name}"] = config.soft_weight * sum(
-                    self.soft_loss(own_logits, p, temperature) for p in soft_sets)  # fmt: skip
-            if config.hard_weight:
-                out.losses[f"hard/{name}"] = config.hard_weight * F.cross_entropy(own_logits, labels)
+            out.losses.update(self.label_losses(own_logits, soft_sets, labels, suffix=f"/{name}"))
             others = [other for j, other in enumerate(logits) if j != index]
             if others and config.soft_weight:  # DML: the mean KL to each peer's (detached) softened prediction
                 mutual = sum(losses.kd_kl(own_logits, F.softmax(o.detach() / temperature, dim=1), temperature)
@@ -156,18 +166,7 @@ class PeerDistiller(nn.Module):
             if self.sources:
                 out.adversarial.append(AdversarialInput(name, maps[self.sources[index]].detach(), own_map, 1.0))
             for teacher in selected:
-                stored = targets[f"teachers/{teacher}/maps/{self.teacher_blocks[teacher].key}"]
+                stored = targets[feature_key(teacher, "maps", self.teacher_blocks[teacher].key)]
                 real, fake = self.teacher_maps(teacher, stored, own_map)
                 out.adversarial.append(AdversarialInput(teacher_key(index, teacher), real, fake, teacher_weight))
         return out
-
-
-def save_peers(run: DistillRun, out: Path, history: list[dict]) -> list[dict]:
-    """``peerI.pt`` for every peer (the format of ``student.pt``, which is peer 0's), each evaluated on the test
-    split; returns their test metrics in peer order."""
-    results = []
-    for index, peer in enumerate(run.distiller.peers):
-        test = evaluate(peer, run.dataset, "test", run.device, workers=run.config.workers)
-        run.save_student(Path(out) / f"peer{index}.pt", history, test, model=peer)
-        results.append(test)
-    return results

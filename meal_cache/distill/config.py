@@ -1,0 +1,245 @@
+"""A distillation run's settings (written to ``config.json``), the presets, and their checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from dask.utils import parse_bytes
+
+from meal_cache import losses
+from meal_cache.distill.methods.base import DISCRIMINATORS, REPRESENTATIONS, SELECTIONS, Method
+from meal_cache.distill.registry import available_methods, method_class
+from meal_cache.errors import UserError, unknown_choice
+from meal_cache.loop import check_number, check_optimisation, check_workers
+
+# How the discriminators are trained. "adversarial": their own Adam step on detached student features, then the
+# student's loss for fooling them (a GAN game). "joint": MEAL's reference code, whose discriminator loss is added
+# to the student's loss on one optimiser with gradient reversal off, so the student also lowers it.
+ADV_GAMES = ("adversarial", "joint")
+# One divergent batch for every four natural ones: natural and divergent examples train together; a quarter keeps
+# natural images the bulk of each epoch (docs/design.md, "Divergent views").
+DIVERGENT_RATIO = 0.25
+
+
+@dataclass
+class DistillConfig:
+    """Everything that defines a distillation run; written to ``config.json``."""
+
+    store: str
+    student: str
+    method: str = "meal"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    teacher_selection: str | None = None  # None: the method's own
+    # None: pooled block channels through learned adapters, the ablation's choice over MEAL's channel-mean maps
+    # (docs/design.md, "MEAL's ablation"), or maps where the store holds maps and no blocks (stores extracted
+    # with --features maps, and --for meal before the ablation); "maps" is the reference's.
+    representation: str | None = None
+    block_loss: str | None = None  # None: soft-ce for maps (MEAL's reference), l2 for blocks
+    block_weights: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.01])
+    match_blocks: int | None = None
+    soft_loss: str | None = None
+    temperature: float | None = None
+    soft_weight: float = 1.0
+    hard_weight: float = 0.0
+    adv_weight: float = 0.1
+    adv_loss: str = "bce"
+    disc_lr: float = 2e-4
+    discriminators: list[str] | None = None  # None: the method's own (DISCRIMINATORS); [] none
+    adv_game: str = "adversarial"  # see ADV_GAMES
+    preset: str | None = None  # see PRESETS: settings a preset fills in where they are left at their defaults
+    data: str | None = None
+    data_root: str | None = None
+    download: bool = False
+    online: bool = False
+    # Online only: a fresh augmentation of every image each epoch (drawn from the seed and the epoch, with the
+    # store's recipe) instead of replaying the store's views: function matching's ideal the views curve is
+    # measured against.
+    fresh_views: bool = False
+    teachers: list[str] = field(default_factory=list)
+    teacher_dir: str = "teachers"
+    seed: int = 0
+    refine_labels: bool = False  # hard labels of suspect rows (see `meal-cache inspect`) become the ensemble's
+    refine_confidence: float = 0.5
+    max_memory: str | None = None  # e.g. "2GB": stream chunks when two views of the targets do not fit
+    device: str = "auto"
+    workers: int | None = None  # decoding processes for image files (None: from the core count); not recorded
+    # FKD's multi-crop: each batch holds K cached views of batch_size / K images, decoded once for the K crops.
+    crops_per_image: int = 1
+    # Divergent views (extract --divergent-views): this many of their batches per natural batch, interleaved
+    # through each epoch; None: DIVERGENT_RATIO where the store has them, else 0.
+    divergent_ratio: float | None = None
+    # AFD's peers: students trained together (None: one, and the only value a method without peers takes).
+    peers: int | None = None
+    # The method's own options (its ``Options`` dataclass), ``--method-option NAME=VALUE``; recorded only when set.
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self, stored: tuple[str, ...] | None = None) -> DistillConfig:
+        """The config with a preset's and the method's defaults filled in and every choice and number checked;
+        ``stored``: the store's feature kinds, which choose the representation left unset."""
+        method = method_class(self.method)
+        self = self._with_preset()._with_defaults(method.settings)
+        if self.representation is None:
+            only_maps = stored is not None and "maps" in stored and "blocks" not in stored
+            self = dataclasses.replace(self, representation="maps" if only_maps else "blocks")
+        if self.representation not in REPRESENTATIONS:
+            raise unknown_choice("representation", self.representation, REPRESENTATIONS)
+        if self.adv_game not in ADV_GAMES:
+            raise unknown_choice("adversarial game", self.adv_game, ADV_GAMES)
+        config = dataclasses.replace(
+            self,
+            discriminators=_discriminators(self, method),
+            teacher_selection=self.teacher_selection or method.selection,
+            block_loss=self.block_loss or ("soft-ce" if self.representation == "maps" else "l2"),
+            soft_loss=self.soft_loss or method.soft_loss,
+            temperature=method.temperature if self.temperature is None else self.temperature,
+        )
+        _check_choices_and_numbers(config)
+        config = method.check(_check_peers(config, method))
+        method.options_of(config)
+        if not method.has_a_loss(config):
+            raise UserError(f"--method {config.method} with these weights trains on nothing: set --soft-weight or "
+                            "--hard-weight above 0 (or, for meal, block or adversarial weights)")  # fmt: skip
+        return config
+
+    def _with_preset(self) -> DistillConfig:
+        """The config with its preset's settings wherever this config leaves them at the dataclass defaults."""
+        if self.preset is None:
+            return self
+        if self.preset not in PRESETS:
+            raise unknown_choice("preset", self.preset, list(PRESETS))
+        return self._with_defaults(PRESETS[self.preset].settings)
+
+    def _with_defaults(self, settings: dict[str, Any]) -> DistillConfig:
+        """The config with ``settings`` wherever this config leaves them at the dataclass defaults; a setting may
+        be a function of the config (the reference's discriminator rate is a hundredth of --lr)."""
+        unset = dataclasses.MISSING
+        defaults = {f.name: f.default if f.default is not unset else f.default_factory()
+                    for f in dataclasses.fields(self) if (f.default, f.default_factory) != (unset, unset)}  # fmt: skip
+        chosen = {k: v(self) if callable(v) else v for k, v in settings.items()
+                  if getattr(self, k) == defaults[k]}  # fmt: skip
+        return dataclasses.replace(self, **chosen)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Settings ``distill --preset NAME`` fills in (each one only where the command leaves it at its default
+    value); a value may be a function of the config."""
+
+    settings: dict
+    help: str
+
+
+PRESETS: dict[str, Preset] = {
+    # MEAL's reference code (AaronHeee/MEAL, main.py and loss.py): channel-mean maps with soft cross-entropy,
+    # soft cross-entropy at T = 1 on the outputs, a
+    # random teacher each step, block weights from its README's single-teacher command (the last blocks weigh
+    # most; the same as meal-cache's default), eta = 1 on every discriminator, and the discriminators on the
+    # student's optimiser at a hundredth of its learning rate (d_lr 1e-3 against lr 0.1), no gradient reversal.
+    "reference": Preset({"method": "meal", "representation": "maps", "soft_loss": "soft-ce", "temperature": 1.0,
+                         "teacher_selection": "random", "adv_weight": 1.0, "adv_game": "joint",
+                         "disc_lr": lambda config: config.lr / 100, "hard_weight": 0.0},
+                        "MEAL's reference code: T=1 soft-ce, random teacher, joint discriminators, eta 1"),
+}  # fmt: skip
+
+
+def parse_discriminators(value: object) -> list[str]:
+    """``--discriminators``' value as names: a list of them, a comma-separated string, or ``none`` (no
+    discriminators); anything else is one clear error."""
+    if isinstance(value, str):
+        value = [] if value.strip() == "none" else [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"--discriminators takes {', '.join(DISCRIMINATORS)} or none, got {value!r}")
+    names = [] if list(value) == ["none"] else list(value)
+    unknown = [v for v in names if v not in DISCRIMINATORS]
+    if unknown:
+        raise UserError(f"--discriminators takes {', '.join(DISCRIMINATORS)} or none, got {','.join(unknown)}")
+    return names
+
+
+def _discriminators(config: DistillConfig, method: type[Method]) -> list[str]:
+    """The discriminators a run trains: ``--discriminators`` where given, else the method's own."""
+    if config.discriminators is None:
+        return [d for d in DISCRIMINATORS if d in method.own_discriminators]
+    chosen = parse_discriminators(config.discriminators)
+    if "blocks" in chosen and not method.block_terms:
+        raise UserError(f"--discriminators blocks needs block terms, which --method {config.method} has not "
+                        "(use --method meal, or --discriminators output)")  # fmt: skip
+    return [d for d in DISCRIMINATORS if d in chosen]
+
+
+def _check_choices_and_numbers(config: DistillConfig) -> None:
+    """Every shared choice and number in its range (a method's own options are its own to check)."""
+    if config.teacher_selection not in SELECTIONS:
+        raise unknown_choice("teacher selection", config.teacher_selection, SELECTIONS)
+    losses.similarity(config.block_loss)
+    if config.soft_loss not in losses.SOFT_LABEL:
+        raise unknown_choice("soft-label loss", config.soft_loss, list(losses.SOFT_LABEL))
+    if config.adv_loss not in losses.ADVERSARIAL:
+        raise unknown_choice("adversarial loss", config.adv_loss, list(losses.ADVERSARIAL))
+    check_optimisation(config)
+    check_number("temperature", config.temperature, low=0.0, low_open=True)
+    for name in ("soft_weight", "hard_weight", "adv_weight"):
+        check_number(name, getattr(config, name), low=0.0)
+    check_number("disc_lr", config.disc_lr, low=0.0, low_open=True)
+    check_workers(config.workers)
+    _check_crops(config)
+    if config.divergent_ratio is not None:
+        check_number("divergent_ratio", config.divergent_ratio, low=0.0)
+        if config.divergent_ratio > 0 and config.crops_per_image > 1:
+            raise UserError("--divergent-ratio mixes whole batches of divergent views; it does not combine with "
+                            "--crops-per-image")  # fmt: skip
+    check_number("refine_confidence", config.refine_confidence, low=0.0, high=1.0)
+    if any(not math.isfinite(w) or w < 0 for w in config.block_weights):
+        raise UserError(f"--block-weights must be numbers >= 0, got {config.block_weights}")
+    if config.match_blocks is not None and config.match_blocks < 0:
+        raise UserError(f"--match-blocks must be at least 0, got {config.match_blocks}")
+    _check_memory_and_modes(config)
+
+
+def _check_memory_and_modes(config: DistillConfig) -> None:
+    if config.max_memory is not None:
+        try:
+            parse_bytes(config.max_memory)
+        except (ValueError, TypeError) as err:
+            raise UserError(f"--max-memory takes a size such as 512MB or 4GB, got '{config.max_memory}'") from err
+    if config.online and not config.teachers:
+        raise UserError("--online runs the teachers in the loop: name them with --teachers")
+    if config.fresh_views and not config.online:
+        raise UserError("--fresh-views draws new augmentations the store has no targets for: it needs --online")
+    if config.refine_labels and not config.hard_weight:
+        raise UserError("--refine-labels replaces hard labels, which only train with --hard-weight > 0 "
+                        "(MEAL's refinement uses --hard-weight 1)")  # fmt: skip
+    if not isinstance(config.method_options, dict):
+        raise UserError(f"method options are NAME=VALUE pairs, got {config.method_options!r}")
+
+
+def _check_crops(config: DistillConfig) -> None:
+    crops = config.crops_per_image
+    if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
+        raise UserError(f"--crops-per-image must be at least 1, got {crops!r}")
+    if config.batch_size % crops:
+        raise UserError(f"--batch-size {config.batch_size} must be a multiple of --crops-per-image {crops} (a batch "
+                        f"holds {crops} crops of each of its images)")  # fmt: skip
+    if crops > 1 and config.online:
+        raise UserError("--crops-per-image replays cached views; the online reference (--online) takes one view")
+
+
+def _check_peers(config: DistillConfig, method: type[Method]) -> DistillConfig:
+    """``--peers``: a whole number >= 1, taken only by a method that trains peers."""
+    peers = config.peers
+    if peers is not None and (isinstance(peers, bool) or not isinstance(peers, int) or peers < 1):
+        raise UserError(f"--peers must be a whole number of students, at least 1, got {peers!r}")
+    if peers is not None and not method.trains_peers:
+        takers = ", ".join(name for name, m in available_methods().items() if m.trains_peers)
+        raise UserError(f"--peers trains several students together, which only --method {takers} does "
+                        f"(got --method {config.method})")  # fmt: skip
+    return config

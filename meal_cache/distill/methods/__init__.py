@@ -1,0 +1,1 @@
+"""The distillation methods, one file each; every Method subclass with a name in a module here is registered."""

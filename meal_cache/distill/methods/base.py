@@ -1,0 +1,260 @@
+"""The method interface: what every distillation method declares, and the adversarial game they share.
+
+A method is one class in one file (mdistiller's distillers, timm's registered models). It declares:
+
+- what it reads from a store (:attr:`Method.store_needs`), which ``extract --for NAME`` follows;
+- its defaults for the shared settings (:attr:`Method.soft_loss`, :attr:`Method.settings`, ...) and its own
+  options (:attr:`Method.Options`, a dataclass given as ``distill --method-option KEY=VALUE``) with their checks;
+- the networks it trains beside the student (``adapters``, ``discriminators``, or more, as AFD's peers);
+- :meth:`Method.forward`, which turns a batch into the student's logits and a dict of named losses.
+
+The feed (which rows, views and pixels a step gets), the loop (optimiser, AMP, DDP, resume) and the run directory
+are not a method's business. Methods are found by :mod:`meal_cache.distill.registry`: every module of this package
+and every entry point of the group ``meal_cache.methods``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meal_cache import losses
+from meal_cache.errors import UserError
+
+if TYPE_CHECKING:
+    from meal_cache.distill.config import DistillConfig
+    from meal_cache.distributed import World
+    from meal_cache.store import TeacherStore
+
+SELECTIONS = ("random", "mean", "all")
+REPRESENTATIONS = ("maps", "blocks")
+DISCRIMINATORS = ("blocks", "output")
+
+
+@dataclass(frozen=True)
+class StoreNeeds:
+    """What ``extract --for METHOD`` stores: the feature kinds besides the logits (``blocks``: pooled channels,
+    ``maps``: channel-mean maps), which blocks (``extract --blocks``), and the lossy encoding of blocks and maps it
+    uses unless ``--quantize``/``--keep-bits`` choose one."""
+
+    features: tuple[str, ...] = ()
+    blocks: str = "all"
+    help: str = "logits only"
+    quantize: int | None = None
+
+
+class AdversarialInput(NamedTuple):
+    """One discriminator's input of a step: teacher (real) and student (fake) representations, and the weight of
+    the student's adversarial loss on it."""
+
+    key: str
+    real: torch.Tensor
+    fake: torch.Tensor
+    weight: float
+
+
+@dataclass
+class DistillerOutput:
+    """What a method makes of a batch: the student's logits, its named losses (summed and backpropagated), the
+    discriminators' inputs, and values that are only logged."""
+
+    logits: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    adversarial: list[AdversarialInput]
+    stats: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without options of its own."""
+
+
+def soft_target_sets(config: DistillConfig, teacher_logits: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The soft targets a step learns from: the ensemble mean of the selected teachers' (``--teacher-selection
+    mean``), or each selected teacher's own."""
+    if config.teacher_selection == "mean":
+        return [losses.soft_targets(teacher_logits, config.temperature)]
+    return [losses.soft_targets([t], config.temperature) for t in teacher_logits]
+
+
+def logits_key(teacher: str) -> str:
+    """The store array of a teacher's logits."""
+    return f"teachers/{teacher}/logits"
+
+
+def feature_key(teacher: str, kind: str, block: str) -> str:
+    """The store array of a teacher block's ``kind`` (``blocks`` or ``maps``)."""
+    return f"teachers/{teacher}/{kind}/{block}"
+
+
+class Method(nn.Module):
+    """The base of every method: the student, its adapters and discriminators, and the adversarial game.
+
+    Subclasses set :attr:`name` and :attr:`help` and implement :meth:`forward` (and :meth:`needed_keys` where they
+    read more than the logits)."""
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    store_needs: ClassVar[StoreNeeds] = StoreNeeds()
+    # Defaults of the shared settings that are None until the method fills them in.
+    soft_loss: ClassVar[str] = "kl"
+    temperature: ClassVar[float] = 4.0
+    selection: ClassVar[str] = "mean"
+    own_discriminators: ClassVar[tuple[str, ...]] = ()  # of DISCRIMINATORS, where --discriminators is not given
+    block_terms: ClassVar[bool] = False  # whether --block-weights, --match-blocks and --representation apply
+    trains_peers: ClassVar[bool] = False  # whether --peers applies (students trained together)
+    # Shared settings the method fills in where the command leaves them at their defaults (as a preset does).
+    settings: ClassVar[dict[str, Any]] = {}
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
+        super().__init__()
+        self.student = student
+        self.config = config
+        self.options = self.options_of(config)
+        self.teachers = list(store.teacher_names)
+        self.adapters = nn.ModuleDict()  # trained with the student (averaged over ranks under torchrun)
+        self.discriminators = nn.ModuleDict()
+        self.epoch = 0
+
+    # ------------------------------------------------------------------------------------------ declarations
+
+    @classmethod
+    def options_of(cls, config: DistillConfig) -> Any:
+        """The method's own options from ``config.method_options``, checked; unknown names are one clear error."""
+        given = dict(config.method_options or {})
+        known = {f.name: f for f in dataclasses.fields(cls.Options)}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            takes = ", ".join(known) or "none"
+            raise UserError(f"--method {cls.name} has no option {', '.join(unknown)} (its options: {takes})")
+        values = {}
+        for key, value in given.items():
+            default = getattr(cls.Options(), key)
+            if isinstance(default, bool) or not isinstance(default, int | float) or isinstance(value, bool):
+                values[key] = value
+            elif not isinstance(value, int | float):
+                raise UserError(f"--method-option {key} of --method {cls.name} takes a number, got {value!r}")
+            else:
+                values[key] = type(default)(value) if isinstance(default, float) else value
+        options = cls.Options(**values)
+        cls.check_options(options)
+        return options
+
+    @classmethod
+    def check_options(cls, options: Any) -> None:
+        """Refuse options out of their range (a :class:`UserError` naming the option)."""
+
+    @classmethod
+    def check(cls, config: DistillConfig) -> DistillConfig:
+        """The method's own checks of the shared settings; may fill in values (AFD's peer count)."""
+        return config
+
+    @classmethod
+    def has_a_loss(cls, config: DistillConfig) -> bool:
+        """Whether some term of the student's loss has a weight above 0."""
+        adversarial = "output" in config.discriminators and config.adv_weight > 0
+        return config.soft_weight > 0 or config.hard_weight > 0 or adversarial
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch's steps (0-based), for losses with a schedule of their own."""
+        self.epoch = epoch
+
+    def needed_keys(self) -> list[str]:
+        """The store arrays training reads: every teacher's logits."""
+        return [logits_key(t) for t in self.teachers]
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """What the student's optimiser trains."""
+        return list(self.student.parameters()) + list(self.adapters.parameters())
+
+    def trained_networks(self) -> list[nn.Module]:
+        """The networks a run writes as students (``student.pt``, then ``peerI.pt`` for the others)."""
+        return [self.student]
+
+    def teacher_soft_targets(self, targets: dict[str, torch.Tensor], selected: list[str]) -> list[torch.Tensor]:
+        """The selected teachers' soft targets at ``--temperature`` (see :func:`soft_target_sets`)."""
+        return soft_target_sets(self.config, [targets[logits_key(t)].float() for t in selected])
+
+    def label_losses(self, logits: torch.Tensor, soft_sets: list[torch.Tensor], labels: torch.Tensor,
+                     suffix: str = "") -> dict[str, torch.Tensor]:  # fmt: skip
+        """The shared terms: ``soft`` (``--soft-loss`` against each soft target set, at ``--soft-weight``) and
+        ``hard`` (cross-entropy at ``--hard-weight``), each left out at weight 0."""
+        config, named = self.config, {}
+        if config.soft_weight:
+            soft = losses.SOFT_LABEL[config.soft_loss]
+            named[f"soft{suffix}"] = config.soft_weight * sum(soft(logits, p, config.temperature) for p in soft_sets)
+        if config.hard_weight:
+            named[f"hard{suffix}"] = config.hard_weight * F.cross_entropy(logits, labels)
+        return named
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        selected: list[str],
+        run_student: nn.Module | None = None,
+    ) -> DistillerOutput:
+        """The student's logits, its named losses, the inputs of the discriminators' step and logged-only values.
+        ``labels`` are class indices, or class probabilities (mixed rows' labels); ``selected`` the teachers of
+        this step; ``run_student`` what runs the student (its DistributedDataParallel wrapper under torchrun)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ the game
+
+    def adversarial_losses(self, inputs: list[AdversarialInput]) -> dict[str, torch.Tensor]:
+        """The student's losses for fooling each discriminator (called after the discriminators' step, so
+        the student plays against their updated weights)."""
+        named: dict[str, torch.Tensor] = {}
+        for item in inputs:
+            loss = losses.generator_loss(self.config.adv_loss, self.discriminators[item.key](item.fake))
+            _accumulate(named, f"adv/{item.key}", self.config.adv_weight * item.weight * loss)
+        return named
+
+    def joint_losses(self, inputs: list[AdversarialInput]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``--adv-game joint`` (MEAL's reference code): each discriminator's own loss on teacher (real) against
+        student (fake, not detached) features, weighted as :meth:`adversarial_losses` weighs the student's, and
+        added to the student's loss; one backward pass trains both. Returns the losses and the logged stats."""
+        named: dict[str, torch.Tensor] = {}
+        stats: dict[str, torch.Tensor] = {}
+        for item in inputs:
+            loss = self._discriminate(item.key, item.real, item.fake, stats)
+            _accumulate(named, f"joint/{item.key}", self.config.adv_weight * item.weight * loss)
+        return named, stats
+
+    def _discriminate(self, key: str, real: torch.Tensor, fake: torch.Tensor, stats: dict) -> torch.Tensor:
+        """Discriminator ``key``'s loss on teacher (real, detached) against student (fake, as given) features;
+        its loss and accuracy are logged into ``stats``."""
+        real_scores, fake_scores = self.discriminators[key](real.detach()), self.discriminators[key](fake)
+        loss = losses.discriminator_loss(self.config.adv_loss, real_scores, fake_scores)
+        stats[f"disc/{key}"] = loss.detach()
+        stats[f"disc_acc/{key}"] = losses.discriminator_accuracy(real_scores, fake_scores, self.config.adv_loss)
+        return loss
+
+    def discriminator_step(
+        self, inputs: list[AdversarialInput], optimizer: torch.optim.Optimizer, world: World | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One step of every discriminator on teacher (real) against detached student (fake) features
+        (gradients averaged over ranks under ``torchrun``)."""
+        if not inputs:
+            return {}
+        total = 0.0
+        stats: dict[str, torch.Tensor] = {}
+        for disc_key, real, fake, _ in inputs:
+            total = total + self._discriminate(disc_key, real, fake.detach(), stats)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if world is not None:
+            world.average_gradients(self.discriminators.parameters())
+        optimizer.step()
+        return stats
+
+
+def _accumulate(named: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    named[name] = named[name] + value if name in named else value

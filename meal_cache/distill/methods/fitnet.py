@@ -1,0 +1,98 @@
+"""FitNet (Romero et al., ICLR 2015), from the cache: a hint loss, the mean squared difference between a learned
+1x1 adapter of the student's block and the teacher's stored block (pooled channels at the store's grid), beside
+cross-entropy on the hard labels; trained jointly, as mdistiller does, not in the paper's two stages. The hint is
+the blocks ``block`` places from the end of each network (0: the last), the middle of a three-stage CIFAR net by
+default; mdistiller's CIFAR weights are the defaults (hint 100, CE 1, no soft labels)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meal_cache import losses
+from meal_cache.distill.methods.base import DistillerOutput, Method, StoreNeeds, feature_key
+from meal_cache.errors import UserError
+from meal_cache.models import BlockTap, block_shapes
+
+if TYPE_CHECKING:
+    from meal_cache.distill.config import DistillConfig
+    from meal_cache.store import TeacherStore
+
+
+@dataclass(frozen=True)
+class FitNetOptions:
+    block: int = 1  # the hint block, counted from the end of each network (0: the last)
+    weight: float = 100.0  # the hint loss's weight
+
+
+class FitNet(Method):
+    name: ClassVar[str] = "fitnet"
+    help: ClassVar[str] = ("FitNet: a hint loss between a learned adapter of a student block and the teacher's "
+                           "stored pooled block (options block, weight), beside cross-entropy")  # fmt: skip
+    store_needs: ClassVar[StoreNeeds] = StoreNeeds(("blocks",), "2", "logits and the pooled channels of the last "
+                                                   "2 blocks, 8-bit", quantize=8)  # fmt: skip
+    settings: ClassVar[dict] = {"hard_weight": 1.0, "soft_weight": 0.0}
+    Options: ClassVar[type] = FitNetOptions
+
+    @classmethod
+    def check_options(cls, options: FitNetOptions) -> None:
+        if isinstance(options.block, bool) or not isinstance(options.block, int) or options.block < 0:
+            raise UserError(f"--method-option block of --method fitnet is a block count from the end, >= 0, got "
+                            f"{options.block!r}")  # fmt: skip
+        if not options.weight >= 0:
+            raise UserError(f"--method-option weight of --method fitnet must be >= 0, got {options.weight}")
+
+    @classmethod
+    def has_a_loss(cls, config: DistillConfig) -> bool:
+        return super().has_a_loss(config) or cls.options_of(config).weight > 0
+
+    def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
+        super().__init__(student, config, store, image_size)
+        if "blocks" not in store.layout.features:
+            raise UserError("--method fitnet reads the teachers' pooled blocks, which this store lacks: extract with "
+                            "--for fitnet (or --features blocks)")  # fmt: skip
+        depth = self.options.block + 1
+        if len(student.block_names) < depth:
+            raise UserError(f"--method-option block {self.options.block}: the student has "
+                            f"{len(student.block_names)} blocks")  # fmt: skip
+        self.student_block = student.block_names[-depth]
+        channels = block_shapes(student, image_size)[self.student_block][0]
+        self.hints = {}
+        for teacher in self.teachers:
+            blocks = store.blocks(teacher)
+            if len(blocks) < depth:
+                raise UserError(f"--method-option block {self.options.block}: the store holds {len(blocks)} blocks "
+                                f"of teacher '{teacher}' (extract with --blocks {depth} or more)")  # fmt: skip
+            self.hints[teacher] = blocks[-depth]
+            self.adapters[teacher.replace(".", "_")] = losses.Adapter(channels, blocks[-depth].channels)
+
+    def needed_keys(self) -> list[str]:
+        return super().needed_keys() + [feature_key(t, "blocks", b.key) for t, b in self.hints.items()]
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        selected: list[str],
+        run_student: nn.Module | None = None,
+    ) -> DistillerOutput:
+        config = self.config
+        with BlockTap(self.student, [self.student_block]) as tap:
+            logits = (run_student or self.student)(images).float()
+        out = DistillerOutput(logits, {}, [], {})
+        # One hint per selected teacher, averaged over them (the ensemble's share of the hint).
+        hint = 0.0
+        for teacher in selected:
+            stored = targets[feature_key(teacher, "blocks", self.hints[teacher].key)].float()
+            pooled = F.adaptive_avg_pool2d(tap.outputs[self.student_block].float(), stored.shape[-1])
+            hint = hint + F.mse_loss(self.adapters[teacher.replace(".", "_")](pooled).float(), stored)
+        if self.options.weight:
+            out.losses["hint"] = self.options.weight * hint / len(selected)
+        soft_sets = self.teacher_soft_targets(targets, selected) if config.soft_weight else []
+        out.losses.update(self.label_losses(logits, soft_sets, labels))
+        return out

@@ -1,0 +1,219 @@
+"""MEAL (Shen et al., AAAI 2019) and its family on the cache: block similarity through adapters (or channel-mean
+maps), one discriminator per block and one on the output, soft labels from one teacher drawn each step; and the two
+members that keep only part of it, Hinton's KD (ensemble soft labels) and MEAL V2 (soft labels and the output
+discriminator)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meal_cache import losses
+from meal_cache.distill.methods.base import (
+    REPRESENTATIONS,
+    AdversarialInput,
+    DistillerOutput,
+    Method,
+    StoreNeeds,
+    feature_key,
+    logits_key,
+    soft_target_sets,
+)
+from meal_cache.errors import UserError
+from meal_cache.models import BlockTap, block_shapes
+from meal_cache.store import BlockSpec
+
+if TYPE_CHECKING:
+    from meal_cache.distill.config import DistillConfig
+    from meal_cache.store import TeacherStore
+
+
+@dataclass(frozen=True)
+class BlockPair:
+    """A student block matched to a teacher block, counted from the end (rank 0 = the last blocks)."""
+
+    teacher: str
+    rank: int
+    student_block: str
+    teacher_block: BlockSpec
+    weight: float
+
+    @property
+    def key(self) -> str:
+        # ModuleDict keys may not contain dots.
+        return f"{self.teacher}__{self.rank}".replace(".", "_")
+
+
+def match_blocks(
+    student_blocks: tuple[str, ...],
+    teacher_blocks: dict[str, list[BlockSpec]],
+    weights: list[float],
+    limit: int | None,
+) -> list[BlockPair]:
+    """Pair blocks from the end, so any two architectures match: the last with the last, and so on,
+    for as many blocks as both have and ``weights`` (and ``limit``) allow."""
+    pairs = []
+    for teacher, blocks in teacher_blocks.items():
+        count = min(len(student_blocks), len(blocks), len(weights), limit if limit is not None else len(weights))
+        for rank in range(count):
+            pairs.append(BlockPair(teacher, rank, student_blocks[-1 - rank], blocks[-1 - rank], float(weights[rank])))
+    return pairs
+
+
+def refuse_missing_representation(config: DistillConfig, store: TeacherStore) -> None:
+    """One error line naming the extract flag when the store lacks the block representation the run reads."""
+    stored = store.layout.features
+    if config.representation in stored:
+        return
+    other = next((kind for kind in REPRESENTATIONS if kind in stored), None)
+    instead = f", or distill with --representation {other}" if other else ""
+    if config.preset is not None:
+        instead += f" (--preset {config.preset} reads {config.representation})"
+    preset = (store.attrs.get("settings") or {}).get("preset")
+    if preset is not None:
+        wanted = "meal" if config.representation == "blocks" else "all"
+        raise UserError(f"the store holds no block {config.representation}: it was extracted with --for "
+                        f"{preset}, which stores {', '.join(stored) or 'logits only'}; extract with --for "
+                        f"{wanted} for --method {config.method}{instead}")  # fmt: skip
+    raise UserError(f"the store holds no block {config.representation} (it was extracted with --features "
+                    f"{','.join(stored)}): extract with --features {config.representation} "
+                    f"(or blocks,maps){instead}")  # fmt: skip
+
+
+class Distiller(Method):
+    """The MEAL family's student plus the adapters and discriminators it trains beside it; which terms a member
+    has is its :attr:`block_terms` and :attr:`own_discriminators`."""
+
+    def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
+        super().__init__(student, config, store, image_size)
+        teacher_blocks = {t: store.blocks(t) for t in self.teachers} if self.block_terms else {}
+        self.pairs = match_blocks(tuple(student.block_names), teacher_blocks, config.block_weights,
+                                  config.match_blocks)  # fmt: skip
+        if self.pairs:
+            refuse_missing_representation(config, store)
+        self.similarity = losses.similarity(config.block_loss)
+        student_shapes = block_shapes(student, image_size) if self.pairs else {}
+        self.target_shapes: dict[str, tuple[int, ...]] = {}
+        for pair in self.pairs:
+            channels, height, width = student_shapes[pair.student_block]
+            tb = pair.teacher_block
+            if config.representation == "maps":
+                shape = (min(height, tb.height), min(width, tb.width))
+            else:
+                self.adapters[pair.key] = losses.Adapter(channels, tb.channels)
+                shape = (tb.channels, tb.grid, tb.grid)
+            self.target_shapes[pair.key] = shape
+            if "blocks" in config.discriminators:
+                self.discriminators[pair.key] = losses.make_discriminator(shape)
+        if "output" in config.discriminators:
+            self.discriminators["logits"] = losses.MLPDiscriminator(store.attrs["dataset"]["num_classes"])
+
+    @classmethod
+    def has_a_loss(cls, config: DistillConfig) -> bool:
+        blocks = cls.block_terms and config.match_blocks != 0 and any(w > 0 for w in config.block_weights)
+        block_adversarial = "blocks" in config.discriminators and blocks and config.adv_weight > 0
+        return super().has_a_loss(config) or blocks or block_adversarial
+
+    def needed_keys(self) -> list[str]:
+        """The store arrays training reads: the logits and the matched blocks' representation."""
+        kind = self.config.representation
+        return super().needed_keys() + [feature_key(p.teacher, kind, p.teacher_block.key) for p in self.pairs]
+
+    def _represent(self, pair: BlockPair, student_out: torch.Tensor, teacher_value: torch.Tensor):
+        """Student and teacher block representations of equal shape, in float32 (under autocast the adapter
+        computes in bf16/fp16; the discriminators' step, outside autocast, takes float32)."""
+        shape = self.target_shapes[pair.key]
+        if self.config.representation == "maps":
+            student_rep = F.adaptive_avg_pool2d(student_out.float().mean(1, keepdim=True), shape).flatten(1)
+            teacher_rep = F.adaptive_avg_pool2d(teacher_value.float().unsqueeze(1), shape).flatten(1)
+            return student_rep, teacher_rep
+        pooled = F.adaptive_avg_pool2d(student_out.float(), shape[-1])
+        return self.adapters[pair.key](pooled).float(), teacher_value.float()
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        selected: list[str],
+        run_student: nn.Module | None = None,
+    ) -> DistillerOutput:
+        """Weighting over teachers: ``mean`` has one soft-label term and one output-adversarial term (on the
+        ensemble) and averages the block terms over the teachers; ``all`` sums every teacher's terms; ``random``
+        has the one selected teacher's."""
+        config = self.config
+        with BlockTap(self.student, sorted({p.student_block for p in self.pairs})) as tap:
+            logits = (run_student or self.student)(images)
+        logits = logits.float()
+        out = DistillerOutput(logits, {}, [], {})
+        teacher_logits = [targets[logits_key(t)].float() for t in selected]
+        soft_sets = soft_target_sets(config, teacher_logits)
+        out.losses.update(self.label_losses(logits, soft_sets, labels))
+        self._block_terms(out, tap.outputs, targets, selected)
+        self._teacher_agreement(out, targets, teacher_logits)
+        if "logits" in self.discriminators:
+            student_probs = F.softmax(logits / config.temperature, dim=1)
+            for probs in soft_sets:
+                out.adversarial.append(AdversarialInput("logits", probs, student_probs, 1.0))
+        return out
+
+    def _block_terms(self, out: DistillerOutput, student_blocks: dict[str, torch.Tensor],
+                     targets: dict[str, torch.Tensor], selected: list[str]) -> None:  # fmt: skip
+        """Each matched block's similarity loss and discriminator input, for the selected teachers."""
+        config = self.config
+        block_weight = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
+        for pair in self.pairs:
+            if pair.teacher not in selected:
+                continue
+            stored = targets[feature_key(pair.teacher, config.representation, pair.teacher_block.key)]
+            student_rep, teacher_rep = self._represent(pair, student_blocks[pair.student_block], stored)
+            similarity = self.similarity(student_rep, teacher_rep)
+            out.losses[f"sim/{pair.key}"] = pair.weight * block_weight * similarity
+            if config.block_loss == "soft-ce":
+                # soft-ce includes the teacher map's entropy, which no student can lower: KL shows the movement.
+                out.stats[f"sim_kl/{pair.key}"] = similarity.detach() - losses.soft_entropy(teacher_rep)
+            if pair.key in self.discriminators:
+                out.adversarial.append(AdversarialInput(pair.key, teacher_rep, student_rep, block_weight))
+
+    def _teacher_agreement(self, out: DistillerOutput, targets: dict[str, torch.Tensor],
+                           teacher_logits: list[torch.Tensor]) -> None:  # fmt: skip
+        """How often the teacher drawn this step agrees with the whole ensemble (mean and all learn from the
+        ensemble itself; the online reference runs only the drawn teacher, so it cannot say)."""
+        everyone = [logits_key(t) for t in self.teachers]
+        if self.config.teacher_selection == "random" and len(everyone) > 1 and all(k in targets for k in everyone):
+            ensemble = losses.soft_targets([targets[key] for key in everyone], 1.0)
+            chosen = losses.soft_targets(teacher_logits, 1.0)
+            out.stats["teacher_agreement"] = (chosen.argmax(1) == ensemble.argmax(1)).float().mean()
+
+
+# MEAL's default --block-weights match the last three blocks of each teacher, and its default representation is
+# their pooled channels (docs/design.md, "MEAL's ablation"); its blocks are 8-bit: `info --fidelity` measures 8-bit
+# blocks and maps within the bar where --keep-bits 4 is not (docs/design.md, "Lossy stores"). Soft labels: T=4 KL
+# for the three; the references' T=1 soft cross-entropy (MEAL, MEAL V2) was measured worse on digits
+# (docs/design.md); --soft-loss soft-ce --temperature 1 restores it.
+
+
+class Meal(Distiller):
+    name: ClassVar[str] = "meal"
+    help: ClassVar[str] = "MEAL: block similarity + per-block and output discriminators, one random teacher a step"
+    store_needs: ClassVar[StoreNeeds] = StoreNeeds(
+        ("blocks",), "3", "logits and the pooled channels of the last 3 blocks, 8-bit", quantize=8
+    )
+    selection: ClassVar[str] = "random"
+    own_discriminators: ClassVar[tuple[str, ...]] = ("blocks", "output")
+    block_terms: ClassVar[bool] = True
+
+
+class KD(Distiller):
+    name: ClassVar[str] = "kd"
+    help: ClassVar[str] = "Hinton KD from the ensemble mean of the cached logits"
+
+
+class MealV2(Distiller):
+    name: ClassVar[str] = "meal-v2"
+    help: ClassVar[str] = "MEAL V2: ensemble soft labels + one discriminator on the output"
+    own_discriminators: ClassVar[tuple[str, ...]] = ("output",)

@@ -1,0 +1,289 @@
+"""A distillation run: open the store and its dataset, build the method, its optimisers and the feed, train
+with the shared loop (:func:`meal_cache.loop.fit`), and write ``config.json``, ``metrics.jsonl``, ``last.pt`` and
+the students. The teachers' checkpoints are never opened, except by the ``--online`` reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from meal_cache import augment
+from meal_cache.checkpoint import model_payload, save_checkpoint, state_dict_cpu
+from meal_cache.data import ImageDataset, load_dataset
+from meal_cache.distill.config import DistillConfig
+from meal_cache.distill.feed import DivergentBatches, OnlineTeachers, divergent_batches, make_batch_source
+from meal_cache.distill.methods.base import Method
+from meal_cache.distill.registry import method_class
+from meal_cache.distill.step import DistillEpochs
+from meal_cache.distributed import World, init_world
+from meal_cache.errors import SettingsMismatch, UserError
+from meal_cache.evaluate import evaluate
+from meal_cache.loop import Optimisation, Schedule, Stage, fit, make_optimizer, resume_state
+from meal_cache.models import create_model
+from meal_cache.runtime import Precision, seed_everything
+from meal_cache.source import ImageSource
+from meal_cache.store import TeacherStore, open_store, verify_store
+
+
+def load_store_dataset(config: DistillConfig, store: TeacherStore) -> ImageDataset:
+    """The dataset the store records (or ``config.data``), refused unless it matches the store."""
+    recorded = store.dataset
+    spec = config.data or recorded["spec"]
+    root = config.data_root or recorded["options"].get("root", "data")
+    image_size = recorded["options"].get("image_size")
+    dataset = load_dataset(spec, root, config.download, image_size)
+    store.check_matches(dataset.describe(), recorded["split"])
+    return dataset
+
+
+def stored_features(path: str) -> tuple[str, ...] | None:
+    """The feature kinds the store at ``path`` holds, or None where there is no readable store (distill then
+    reports that with its own message)."""
+    try:
+        return open_store(path).layout.features
+    except (UserError, OSError, KeyError, ValueError):
+        return None
+
+
+def distill(
+    config: DistillConfig,
+    out: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    dataset: ImageDataset | None = None,
+) -> dict:
+    """Train a student from a store; writes ``config.json``, ``metrics.jsonl``, ``last.pt`` and ``student.pt``
+    under ``out`` and returns the final summary (test metrics, history).
+
+    Under ``torchrun`` each rank takes its share of every batch (the global batch is ``batch_size``, so the
+    schedule is the one a single process runs); the student is wrapped in DistributedDataParallel, the
+    discriminators' and adapters' gradients are averaged over ranks, and rank 0 alone writes files."""
+    config = config.resolved(stored_features(config.store))
+    world, device = init_world(config.device)
+    progress = progress and world.is_main
+    if config.batch_size % world.size:
+        raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {world.size} ranks")
+    out = Path(out)
+    occupied = f"'{out}' is not empty; pass --resume to continue it or --overwrite to replace it"
+    state = resume_state(out, out / "last.pt", _config_json(config), resume, overwrite,
+                         out.exists() and any(out.iterdir()), occupied)  # fmt: skip
+    world.barrier()  # every rank has looked at ``out`` before rank 0 writes into it
+    run = build_run(config, world, device, dataset, progress)
+    start_epoch, history = run.restore(state)
+    if world.is_main:
+        run.start_output(out, fresh=state is None)
+    epochs = DistillEpochs(run)
+    stage = Stage(model=run.distiller.student, train_mode=run.distiller.train, step=epochs.step,
+                  batches=epochs.batches, save=lambda epoch, history, _test: run.save_state(out, epoch, history),
+                  record_fields=epochs.record_fields, desc=config.method)  # fmt: skip
+    try:
+        history, test = fit(stage, run.optimisation, run.schedule, run.dataset, device, config.seed, start_epoch,
+                            history, world, out / "metrics.jsonl", progress, config.workers)  # fmt: skip
+    finally:
+        run.source.close()
+        run.images.close()
+        if run.divergent is not None:
+            run.divergent.close()
+    if test is None:  # resumed a run that had already finished
+        test = evaluate(run.distiller.student, run.dataset, "test", device, workers=config.workers)
+    world.check_identical(run.distiller, "the student, adapters and discriminators")
+    summary = {"test": test, "history": history}
+    if world.is_main:
+        run.save_student(out / "student.pt", history, test)
+        if method_class(config.method).trains_peers:
+            summary["peers"] = save_peers(run, out, history)
+    return summary
+
+
+@dataclass
+class DistillRun:
+    """Everything a distillation run trains with, built once: the store and its dataset, the distiller and its
+    optimisers, the image source and the labels, the views to replay and the batch source of the targets."""
+
+    config: DistillConfig
+    world: World
+    device: torch.device
+    precision: Precision
+    store: TeacherStore
+    dataset: ImageDataset
+    distiller: Method
+    run_student: nn.Module | None
+    optimisation: Optimisation
+    disc_optimizer: torch.optim.Optimizer | None
+    schedule: Schedule
+    images: ImageSource
+    labels: torch.Tensor
+    views: list[int]
+    view_params: dict[int, augment.ViewParams]
+    recipe: augment.Recipe
+    online: OnlineTeachers | None
+    source: object
+    sizes: torch.Tensor  # each row's source (H, W), for fresh views
+    divergent: DivergentBatches | None = None
+
+    def restore(self, state: dict | None) -> tuple[int, list[dict]]:
+        """Load a saved state (see :meth:`save_state`); the epoch to start from and the history so far."""
+        if state is None:
+            return 0, []
+        # A run is resumable only on the targets it trained on: a store re-extracted at the same path with other
+        # settings or retrained teachers would otherwise finish (or pass as finished) on stale weights.
+        if "store_settings" in state and state["store_settings"] != self.store.attrs.get("settings"):
+            raise SettingsMismatch(f"the run in progress was distilled from '{self.config.store}' as it was extracted "
+                                   "with other settings or teachers; --resume needs the same store (or pass "
+                                   "--overwrite to start again)")  # fmt: skip
+        self.distiller.load_state_dict(state["distiller"])
+        self.optimisation.load_state_dict({"optimizer": state["student_optimizer"], "scaler": state.get("scaler")})
+        if self.disc_optimizer is not None:
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        return int(state["epoch"]), list(state["history"])
+
+    def start_output(self, out: Path, fresh: bool) -> None:
+        """``config.json`` always; a fresh run also empties ``metrics.jsonl`` and removes stale checkpoints."""
+        if fresh:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.jsonl").write_text("")
+            for stale in ("last.pt", "student.pt", *(p.name for p in out.glob("peer*.pt"))):
+                (out / stale).unlink(missing_ok=True)
+        (out / "config.json").write_text(json.dumps(_config_json(self.config), indent=2) + "\n")
+
+    def save_state(self, out: Path, epoch: int, history: list[dict]) -> None:
+        """``last.pt``: what :meth:`restore` needs to continue after ``epoch``."""
+        optimisation = self.optimisation.state_dict()
+        save_checkpoint(out / "last.pt", {
+            "format": "meal-cache-checkpoint/1",
+            "kind": "distill-state",
+            "config": _config_json(self.config),
+            "store_settings": self.store.attrs.get("settings"),
+            "epoch": epoch,
+            "history": history,
+            "distiller": state_dict_cpu(self.distiller),
+            "student_optimizer": optimisation["optimizer"],
+            "scaler": optimisation["scaler"],
+            "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer is not None else {},
+        })  # fmt: skip
+
+    def save_student(self, path: Path, history: list[dict], test: dict, model: nn.Module | None = None) -> None:
+        """``student.pt``: the trained student (or ``model``, an AFD peer) as ``train`` writes networks, plus where
+        it was distilled from."""
+        config = self.config
+        payload = model_payload(model or self.distiller.student, config.student, self.dataset, _config_json(config),
+                                config.epochs, history, test)  # fmt: skip
+        payload["distillation"] = {"store": str(config.store), "teachers": self.distiller.teachers,
+                                   "method": config.method}  # fmt: skip
+        save_checkpoint(path, payload)
+
+
+def build_run(
+    config: DistillConfig, world: World, device: torch.device, dataset: ImageDataset | None, progress: bool
+) -> DistillRun:
+    """Open the store, load (or check) its dataset, and build the distiller, its optimisers and the batch source.
+    The student and the discriminators are initialised from ``config.seed``."""
+    store = open_store(config.store)
+    if dataset is None:
+        dataset = load_store_dataset(config, store)
+    else:
+        store.check_matches(dataset.describe(), store.dataset["split"])
+    precision = Precision(device)
+    seed_everything(config.seed)
+    student = create_model(config.student, dataset.num_classes, dataset.image_size)
+    method = method_class(config.method)
+    if method.trains_peers and world.enabled:
+        raise UserError(f"--method {config.method} trains its peers in one process; run it without torchrun")
+    distiller = method(student, config, store, dataset.image_size)
+    _refuse_damaged(store, config.store, distiller.needed_keys())
+    distiller = distiller.to(device)
+    if precision.channels_last:
+        for network in distiller.trained_networks():
+            network.to(memory_format=torch.channels_last)
+    run_student = None
+    if world.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        run_student = DistributedDataParallel(distiller.student, device_ids=[device] if device.type == "cuda" else None)
+    s_opt = make_optimizer(distiller.student_parameters(), config.lr, config.momentum, config.weight_decay)
+    d_params = list(distiller.discriminators.parameters())
+    d_opt = None
+    if d_params and config.adv_game == "joint":  # the reference's one optimiser, at disc_lr / lr of its rate
+        s_opt.add_param_group({"params": d_params, "lr": config.disc_lr, "lr_scale": config.disc_lr / config.lr})
+    elif d_params:
+        d_opt = torch.optim.Adam(d_params, lr=config.disc_lr, betas=(0.5, 0.999))
+    # Parameters DistributedDataParallel does not own: the adapters, and jointly trained discriminators.
+    shared = list(distiller.adapters.parameters()) + (d_params if d_opt is None else [])
+    optimisation = Optimisation(s_opt, precision.grad_scaler(), lambda: world.average_gradients(shared))
+    split = dataset.split(store.dataset["split"])
+    images = split.open(device, config.workers)
+    labels = split.labels.to(device, non_blocking=True)
+    if config.refine_labels:
+        labels = _refined_labels(config, labels, device, progress)
+    views = store.augmented_views or [store.identity_view]
+    recorded_sizes = store.source_sizes()  # image files: each row's size, so fresh views need no header scan
+    if config.crops_per_image > len(views):
+        raise UserError(f"--crops-per-image {config.crops_per_image} needs as many cached views; '{config.store}' has "
+                        f"{len(views)} (extract with --views {config.crops_per_image} or more)")  # fmt: skip
+    schedule = Schedule.of(config, len(labels) * config.crops_per_image)
+    divergent = divergent_batches(config, store, distiller.needed_keys(), device, schedule.steps)
+    if divergent is not None:
+        schedule = dataclasses.replace(schedule, steps=schedule.steps + divergent.per_epoch)
+    return DistillRun(
+        config=config, world=world, device=device, precision=precision, store=store, dataset=dataset,
+        distiller=distiller, run_student=run_student, optimisation=optimisation, disc_optimizer=d_opt,
+        schedule=schedule, images=images, labels=labels, views=views, divergent=divergent,
+        view_params={v: store.view_params(v) for v in set(views)},
+        recipe=augment.recipe_for(store.dataset["recipe"], dataset.image_size),
+        sizes=recorded_sizes if recorded_sizes is not None else split.source_sizes(config.workers),
+        online=OnlineTeachers(config, store, dataset, precision) if config.online else None,
+        source=make_batch_source(config, store, distiller.needed_keys(), device),
+    )  # fmt: skip
+
+
+def _refined_labels(config: DistillConfig, labels: torch.Tensor, device: torch.device, progress: bool) -> torch.Tensor:
+    """``--refine-labels``: the hard labels of the rows `meal-cache inspect` finds suspect become the ensemble's."""
+    from meal_cache.analysis import suspect_rows
+
+    refined = suspect_rows(config.store, config.refine_confidence)
+    if refined:
+        rows = torch.tensor(sorted(refined), device=device)
+        labels = labels.clone()
+        labels[rows] = torch.tensor([refined[r] for r in sorted(refined)], device=device)
+    if progress:
+        tqdm.write(f"--refine-labels: {len(refined)} suspect label(s) replaced by the teachers' ensemble")
+    return labels
+
+
+def _refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:
+    """Refuse a store whose needed chunks are missing or fail their checksums, before any training."""
+    report = verify_store(store, keys=["labels", *store.view_keys, *store.with_companions(keys)])
+    if not report.ok:
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        raise UserError(f"store '{path}' is damaged: {report.problems[0]}{more}; `meal-cache verify --repair "
+                        f"{path}` marks those chunks, then the same extract command re-extracts them")  # fmt: skip
+
+
+def _config_json(config: DistillConfig) -> dict:
+    """The recorded config: everything but how many processes decode, which changes no result."""
+    recorded = dataclasses.asdict(config)
+    recorded.pop("workers")
+    # Runs of methods without peers or options record what they recorded before those settings existed.
+    if recorded.get("peers") is None:
+        recorded.pop("peers", None)
+    if not recorded.get("method_options"):
+        recorded.pop("method_options", None)
+    return json.loads(json.dumps(recorded))
+
+
+def save_peers(run: DistillRun, out: Path, history: list[dict]) -> list[dict]:
+    """``peerI.pt`` for every network a method trains as a student (``student.pt`` is peer 0's), each evaluated on
+    the test split; returns their test metrics in order."""
+    results = []
+    for index, peer in enumerate(run.distiller.trained_networks()):
+        test = evaluate(peer, run.dataset, "test", run.device, workers=run.config.workers)
+        run.save_student(Path(out) / f"peer{index}.pt", history, test, model=peer)
+        results.append(test)
+    return results

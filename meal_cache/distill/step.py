@@ -1,0 +1,168 @@
+"""The per-epoch plan and the step of a distillation run: epoch ``e`` replays view ``e mod V`` (or a fresh
+augmentation); each step applies the view to the batch's images, picks the teachers, runs the method, steps the
+discriminators, and returns the student's named losses for the loop to backpropagate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from meal_cache import augment
+from meal_cache.distill.config import DistillConfig
+from meal_cache.distill.feed import interleaved
+from meal_cache.distributed import World
+from meal_cache.loop import StepOutput, Stream, epoch_generator
+
+if TYPE_CHECKING:
+    from meal_cache.distill.run import DistillRun
+
+# Every this many steps, the gradient norm each loss family sends into the student's parameters is logged (one
+# extra backward pass per family on that step).
+GRAD_NORM_EVERY = 20
+
+
+def _selection(config: DistillConfig, teachers: list[str], generator: torch.Generator) -> list[str]:
+    if config.teacher_selection == "random":
+        return [teachers[int(torch.randint(len(teachers), (1,), generator=generator))]]
+    return list(teachers)
+
+
+class DistillEpochs:
+    """The per-epoch plan and the step of a distillation run: epoch ``e`` replays view ``e mod V`` (or a fresh
+    augmentation), and each step applies the view to the batch's images, picks the teachers, runs the distiller,
+    steps the discriminators, and returns the student's named losses for the loop to backpropagate."""
+
+    def __init__(self, run: DistillRun) -> None:
+        self.run = run
+        self.chooser: torch.Generator | None = None
+        self.steps = 0  # steps taken in this process (paces the gradient-norm diagnostics)
+
+    def view(self, epoch: int) -> int:
+        return self.run.views[epoch % len(self.run.views)]
+
+    def epoch_views(self, epoch: int) -> list[int]:
+        """The views epoch ``epoch`` replays: view ``e mod V``, or with K crops per image views ``eK .. eK+K-1``
+        (mod V)."""
+        crops = self.run.config.crops_per_image
+        return [self.run.views[(epoch * crops + j) % len(self.run.views)] for j in range(crops)]
+
+    def record_fields(self, epoch: int) -> dict:
+        divergent = self.run.divergent
+        extra = {} if divergent is None else {"divergent_view": divergent.views[epoch % len(divergent.views)],
+                                              "divergent_batches": divergent.per_epoch}  # fmt: skip
+        if self.run.config.fresh_views:
+            return {"view": "fresh", **extra}
+        views = self.epoch_views(epoch)
+        return {"view": views[0] if len(views) == 1 else views, **extra}
+
+    def batches(self, epoch: int) -> Iterator[tuple[tuple[torch.Tensor, dict | None, augment.ViewParams | None],
+                                                    torch.Tensor]]:  # fmt: skip
+        """The epoch's ``((rows, targets, mixed), pixels)``: rows and targets from the store's batch source, the
+        pixels of those rows in this epoch's view from the image source, and the rows' view parameters when the
+        view mixes rows (None otherwise). Under torchrun each rank asks only for its
+        share of every batch, so it decodes only its own rows."""
+        run, config, world = self.run, self.run.config, self.run.world
+        self.chooser = epoch_generator(config.seed, epoch, Stream.TEACHER_CHOICE)
+        run.distiller.set_epoch(epoch)
+        views = self.epoch_views(epoch)
+        if config.fresh_views:
+            generator = epoch_generator(config.seed, epoch, Stream.FRESH_VIEWS)
+            params = [augment.draw(run.recipe, run.sizes, generator, run.store.policy, run.store.mixing,
+                                   run.dataset.image_size)]  # fmt: skip
+        else:
+            params = [run.view_params[view] for view in views]
+        last = epoch + 1 >= config.epochs
+        if config.crops_per_image > 1:
+            batches = run.source.epoch(epoch, views, None if last else self.epoch_views(epoch + 1))
+        else:
+            one_view = run.source.epoch(epoch, views[0], None if last else self.view(epoch + 1))
+            batches = ((rows, targets, None) for rows, targets in one_view)
+
+        def requests() -> Iterator[tuple[torch.Tensor, augment.ViewParams, tuple]]:
+            for rows, targets, crop in batches:
+                rows, targets, crop = _rank_share(world, rows, targets, crop)
+                rows_params = _crop_params(params, rows, crop)
+                # Mixed rows' hard labels are mixed with the same lambda (the pixels are mixed by the source).
+                yield rows, rows_params, (rows, targets, rows_params if rows_params.mix_partner is not None else None)
+
+        natural = run.images.pixels(requests())
+        if run.divergent is None:
+            return natural
+
+        def divergent() -> Iterator:
+            for rows, targets, pixels in run.divergent.epoch(epoch):
+                rows, targets, pixels = _rank_share(world, rows, targets, pixels)
+                yield (rows, targets, None), pixels
+
+        natural_steps = run.schedule.steps - run.divergent.per_epoch
+        return interleaved(natural, divergent(), natural_steps, run.divergent.per_epoch)
+
+    def step(self, batch: tuple[tuple, torch.Tensor]) -> StepOutput:
+        """One step on a batch of :meth:`batches`."""
+        run, world, distiller = self.run, self.run.world, self.run.distiller
+        (rows, targets, mixed), pixels = batch
+        rows_dev = rows.to(run.device, non_blocking=True)
+        inputs = augment.normalise(pixels, run.dataset.mean, run.dataset.std, run.precision.channels_last)
+        selected = _selection(run.config, distiller.teachers, self.chooser)
+        if run.online is not None:
+            targets = run.online.targets(pixels, selected)
+        labels = run.labels[rows_dev]
+        hard_targets = labels
+        if mixed is not None:
+            partners = run.labels[mixed.mix_partner.to(run.device, non_blocking=True).long()]
+            hard_targets = augment.mixed_labels(labels, mixed, run.dataset.num_classes, partners)
+        with run.precision.autocast():
+            out = distiller(inputs, targets, hard_targets, selected, run.run_student)
+        if run.config.adv_game == "joint":
+            with run.precision.autocast():
+                joint, stats = distiller.joint_losses(out.adversarial)
+            out.losses.update(joint)
+            out.stats.update(stats)
+        else:
+            if run.disc_optimizer is not None:
+                out.stats.update(distiller.discriminator_step(out.adversarial, run.disc_optimizer, world))
+            with run.precision.autocast():
+                out.losses.update(distiller.adversarial_losses(out.adversarial))
+        if self.steps % GRAD_NORM_EVERY == 0 and not world.enabled:
+            out.stats.update(gradient_norms(out.losses, distiller.student_parameters()))
+        self.steps += 1
+        return StepOutput(out.logits, labels, out.losses, out.stats)
+
+
+def _rank_share(world: World, rows: torch.Tensor, targets: dict | None, extra: torch.Tensor | None):
+    """This rank's share of a global batch under torchrun (every ``world.size``-th sample from its rank): the rows,
+    their targets and one more per-sample tensor (or None); the whole batch outside torchrun."""
+    if not world.enabled:
+        return rows, targets, extra
+    share = slice(world.rank, None, world.size)
+    targets = targets and {key: value[share] for key, value in targets.items()}
+    return rows[share], targets, None if extra is None else extra[share]
+
+
+LOSS_FAMILIES = {"soft": "soft", "hard": "hard", "sim/": "sim", "adv/": "adv", "joint/": "adv"}
+
+
+def gradient_norms(named: dict[str, torch.Tensor], params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The L2 norm of the gradient each loss family (soft labels, hard labels, block similarity, adversarial)
+    sends into ``params``, as ``grad/FAMILY``: which part of the loss actually moves the student. The graph is
+    kept for the step's own backward pass."""
+    families: dict[str, torch.Tensor] = {}
+    for name, loss in named.items():
+        # A method's own loss (FitNet's hint, AT's attention) is a family of its own, named by its first part.
+        family = next((f for prefix, f in LOSS_FAMILIES.items() if name.startswith(prefix)), name.split("/")[0])
+        families[family] = families[family] + loss if family in families else loss
+    norms = {}
+    for family, loss in families.items():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        norms[f"grad/{family}"] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+    return norms
+
+
+def _crop_params(params: list[augment.ViewParams], rows: torch.Tensor, crop: torch.Tensor | None) -> augment.ViewParams:
+    """Each sample's parameters: of the one view, or of view ``crop[i]`` of ``params`` for sample ``i``."""
+    if crop is None:
+        return params[0][rows]
+    return augment.stack_views(params, crop, rows)
