@@ -10,18 +10,13 @@ import statistics
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from meal_cache.checkpoint import load_checkpoint  # noqa: E402
-from meal_cache.data import Split, load_dataset  # noqa: E402
-from meal_cache.errors import UserError  # noqa: E402
-from meal_cache.evaluate import (  # noqa: E402
+from meal_cache.checkpoint import load_checkpoint
+from meal_cache.data import Split, load_dataset
+from meal_cache.errors import UserError
+from meal_cache.evaluate import (
     CheckpointResult,
     classification_metrics,
     ensemble_probabilities,
@@ -29,41 +24,54 @@ from meal_cache.evaluate import (  # noqa: E402
     expected_calibration_error,
     predict_logits,
 )
-from meal_cache.models import count_parameters  # noqa: E402
-from meal_cache.pipeline_config import ALONE, is_pretrained, load_pipeline  # noqa: E402
-from meal_cache.store import open_store  # noqa: E402
+from meal_cache.models import count_parameters
+from meal_cache.pipeline_config import ALONE, is_pretrained, load_pipeline
+from meal_cache.report_markdown import VIEWS_CURVE_PLOT, render_markdown, render_views_curve
+from meal_cache.report_plots import (
+    plot_accuracy,
+    plot_meal_losses,
+    plot_paired_differences,
+    plot_store_bytes,
+    plot_views_curve,
+)
+from meal_cache.report_stats import (
+    CURVE_METRICS,
+    DIAGNOSTICS,
+    KD_BASELINE,
+    LOWER_IS_BETTER,
+    MEAL_BASELINE,
+    _comparisons_with,
+    _summary,
+    paired_difference,
+    run_diagnostics,
+)
+from meal_cache.store import open_store
+
+# The statistics, the plots and report.md live in report_stats, report_plots and report_markdown; their names are
+# importable from here too, as before the split.
+__all__ = [
+    "CURVE_METRICS",
+    "DIAGNOSTICS",
+    "KD_BASELINE",
+    "LOWER_IS_BETTER",
+    "MEAL_BASELINE",
+    "STUDENT_METRICS",
+    "VIEWS_CURVE_PLOT",
+    "collect_results",
+    "paired_difference",
+    "plot_accuracy",
+    "plot_meal_losses",
+    "plot_paired_differences",
+    "plot_store_bytes",
+    "plot_views_curve",
+    "render_markdown",
+    "render_views_curve",
+    "run_diagnostics",
+    "views_curve",
+    "write_report",
+]
 
 STUDENT_METRICS = ("top1", "nll", "fidelity", "kl", "ece", "epoch_seconds")
-CURVE_METRICS = ("top1", "nll", "fidelity")
-VIEWS_CURVE_PLOT = "Views curve"
-# The method every other distilled student is also paired against, where a pipeline has it.
-KD_BASELINE = "kd"
-# And against MEAL, where a pipeline has it (AFD's peers are compared with both).
-MEAL_BASELINE = "meal"
-# For these metrics a lower value is the better one.
-LOWER_IS_BETTER = {"nll", "kl", "ece"}
-
-
-def paired_difference(values: list[float], baseline: list[float]) -> dict:
-    """Mean paired difference over seeds with a 95% t interval; 'within noise' when it contains zero."""
-    diffs = [a - b for a, b in zip(values, baseline, strict=True)]
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return {"mean": mean, "ci95": [math.nan, math.nan], "within_noise": True, "n": len(diffs)}
-    sem = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    if sem == 0:
-        low = high = mean
-    else:
-        low, high = stats.t.interval(0.95, len(diffs) - 1, loc=mean, scale=sem)
-    return {"mean": mean, "ci95": [float(low), float(high)], "within_noise": bool(low <= 0 <= high), "n": len(diffs)}
-
-
-def _summary(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
-    }
 
 
 def _ms_per_image(model: torch.nn.Module, images: torch.Tensor, mean, std) -> float:
@@ -246,76 +254,6 @@ def _student_rows(per_method: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def _comparisons_with(per_method: dict[str, dict], baseline: str) -> list[dict]:
-    """Each other method's paired top-1 and NLL difference to ``baseline``, over the seeds both have, with the
-    number of seeds on which it is the better one."""
-    if baseline not in per_method:
-        return []
-    comparisons = []
-    base = per_method[baseline]
-    for method, by_seed in per_method.items():
-        if method in (baseline, ALONE):
-            continue
-        seeds = sorted(set(by_seed) & set(base))
-        if not seeds:  # nothing to pair: the method and the baseline ran on different seeds
-            continue
-        for metric in ("top1", "nll"):
-            values, reference = [by_seed[s][metric] for s in seeds], [base[s][metric] for s in seeds]
-            result = paired_difference(values, reference)
-            sign = -1 if metric in LOWER_IS_BETTER else 1
-            wins = sum(sign * (a - b) > 0 for a, b in zip(values, reference, strict=True))
-            comparisons.append({"method": method, "baseline": baseline, "metric": metric, "wins": wins, **result})
-    return comparisons
-
-
-# What each part of a MEAL run does, from its metrics (issue 20): the block KL to the teachers' maps (soft-ce
-# less the maps' own entropy), how often the discriminators tell teacher from student, the gradient norm each
-# loss family sends into the student, and how often the teachers learnt from agree with the whole ensemble.
-DIAGNOSTICS = {
-    "block_kl": ("block KL (sum, last epoch)", lambda r: _sum_of(r, "sim_kl/"), "last"),
-    "disc_acc_blocks": ("block disc. accuracy (last epoch)", lambda r: _mean_of(r, "disc_acc/", blocks=True), "last"),
-    "disc_acc_output": ("output disc. accuracy (last epoch)", lambda r: r.get("disc_acc/logits"), "last"),
-    "grad_soft": ("grad soft", lambda r: r.get("grad/soft"), "run"),
-    "grad_hard": ("grad hard", lambda r: r.get("grad/hard"), "run"),
-    "grad_sim": ("grad similarity", lambda r: r.get("grad/sim"), "run"),
-    "grad_adv": ("grad adversarial", lambda r: r.get("grad/adv"), "run"),
-    "teacher_agreement": ("teacher agreement with ensemble %", lambda r: _percent(r.get("teacher_agreement")), "run"),
-}
-
-
-def _sum_of(record: dict, prefix: str) -> float | None:
-    values = [v for k, v in record.items() if k.startswith(prefix)]
-    return sum(values) if values else None
-
-
-def _mean_of(record: dict, prefix: str, blocks: bool) -> float | None:
-    values = [v for k, v in record.items() if k.startswith(prefix) and (k != prefix + "logits") == blocks]
-    return statistics.fmean(values) if values else None
-
-
-def _percent(value: float | None) -> float | None:
-    return None if value is None else 100.0 * value
-
-
-def run_diagnostics(per_method: dict[str, dict]) -> dict[str, dict]:
-    """Per method, each diagnostic's mean over seeds: of the last epoch's value, or of the run's mean over the
-    epochs that logged it (the gradient norms are logged every few steps). Absent where no run logged it."""
-    table: dict[str, dict] = {}
-    for method, by_seed in per_method.items():
-        row = {}
-        for name, (_, read, when) in DIAGNOSTICS.items():
-            per_seed = []
-            for data in by_seed.values():
-                values = [v for v in map(read, data["history"]) if v is not None]
-                if values:
-                    per_seed.append(values[-1] if when == "last" else statistics.fmean(values))
-            if per_seed:
-                row[name] = statistics.fmean(per_seed)
-        if row:
-            table[method] = row
-    return table
-
-
 def _label_inspection(dataset, store_path: Path) -> dict | None:
     """Where the data records which train labels were corrupted: how well `inspect`'s suspects find them."""
     if dataset.clean_train_labels is None or open_store(store_path).dataset["split"] != "train":
@@ -373,9 +311,11 @@ def collect_results(run_dir: Path, pipeline) -> dict:
         "rows": rows,
         "comparisons": _comparisons_with(per_method, ALONE),
         "comparisons_kd": _comparisons_with(per_method, KD_BASELINE),
-        "comparisons_pairs": [row for method, baseline in pipeline.pairs
-                              for row in _comparisons_with({k: per_method[k] for k in (method, baseline)
-                                                            if k in per_method}, baseline)],  # fmt: skip
+        "comparisons_pairs": [
+            row
+            for method, baseline in pipeline.pairs
+            for row in _comparisons_with({k: per_method[k] for k in (method, baseline) if k in per_method}, baseline)
+        ],
         "comparisons_meal": _comparisons_with(per_method, MEAL_BASELINE),
         "diagnostics": run_diagnostics(per_method),
         "store": {
@@ -390,327 +330,6 @@ def collect_results(run_dir: Path, pipeline) -> dict:
         "views_curve": views_curve(pipeline, per_method, named),
         "histories": {m: {str(s): d["history"] for s, d in by_seed.items()} for m, by_seed in per_method.items()},
     }
-
-
-# ---------------------------------------------------------------------------------------------------- plots
-
-
-def plot_accuracy(results: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method, by_seed in results["histories"].items():
-        curves = [[h["test_top1"] for h in history] for history in by_seed.values() if history]
-        if not curves:
-            continue
-        length = min(len(c) for c in curves)
-        data = np.array([c[:length] for c in curves])
-        epochs = np.arange(1, length + 1)
-        mean = data.mean(0)
-        ax.plot(epochs, mean, label=f"{method} (n={len(curves)})")
-        if len(curves) > 1:
-            ax.fill_between(epochs, data.min(0), data.max(0), alpha=0.15)
-    for row in results["rows"]:
-        if row["kind"] == "ensemble":
-            ax.axhline(row["top1"]["mean"], color="black", linestyle="--", linewidth=1, label="teacher ensemble")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Test accuracy per epoch (mean over seeds, band: min-max)")
-    low = min(90.0, *(min(h["test_top1"] for h in hs[-3:]) for by in results["histories"].values()
-                       for hs in by.values() if hs))  # fmt: skip
-    ax.set_ylim(max(0.0, low - 2), 100.5)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_meal_losses(run_dir: Path, method: str, seed: int, path: Path) -> bool:
-    metrics_path = run_dir / "students" / method / f"seed-{seed}" / "metrics.jsonl"
-    if not metrics_path.is_file():
-        return False
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not records:
-        return False
-    epochs = [r["epoch"] for r in records]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    groups = {
-        "soft labels": ["soft"],
-        "block similarity (sum)": sorted({k for r in records for k in r if k.startswith("sim/")}),
-        # soft-ce carries the teacher maps' entropy, which no student lowers: the KL part shows the maps moving.
-        "block KL to the teacher (sum, unweighted)": sorted({k for r in records for k in r if k.startswith("sim_kl/")}),
-        "student adversarial (sum)": sorted({k for r in records for k in r if k.startswith("adv/")}),
-    }
-    for label, keys in groups.items():
-        if keys:
-            left.plot(epochs, [sum(r.get(k, 0.0) for k in keys) for r in records], label=label)
-    left.set_title(f"{method} student losses (seed {seed})")
-    left.set_xlabel("epoch")
-    left.set_yscale("log")
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    for key in sorted({k for r in records for k in r if k.startswith("disc/")}):
-        right.plot(epochs, [r.get(key, math.nan) for r in records], label=key.removeprefix("disc/"))
-    right.axhline(math.log(2), color="black", linestyle=":", linewidth=1, label="chance (log 2)")
-    right.set_title("discriminator losses (teacher real vs student fake)")
-    right.set_xlabel("epoch")
-    right.grid(alpha=0.3)
-    right.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def plot_paired_differences(comparisons: list[dict], baseline: str, path: Path) -> None:
-    """Each method's paired top-1 difference to ``baseline`` with its 95% interval, one row a method."""
-    rows = [r for r in comparisons if r["metric"] == "top1"]
-    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * len(rows)))
-    for index, row in enumerate(rows):
-        low, high = row["ci95"]
-        color = "grey" if row["within_noise"] else ("tab:green" if row["mean"] > 0 else "tab:red")
-        if math.isfinite(low):
-            ax.plot([low, high], [index, index], color=color, linewidth=2)
-        ax.plot([row["mean"]], [index], "o", color=color)
-    ax.axvline(0.0, color="black", linewidth=1)
-    ax.set_yticks(range(len(rows)), [r["method"] for r in rows], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"top-1 difference to {baseline} (points; 95% t interval over seeds)")
-    ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_store_bytes(results: dict, path: Path) -> None:
-    by_array = results["store"]["by_array"]
-    teachers = sorted({key.split("/")[1] for key in by_array})
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    bottoms = np.zeros(len(teachers))
-    parts = sorted({key.split("/", 2)[2] for key in by_array}, key=lambda k: (k != "logits", k))
-    colours = plt.cm.tab20(np.linspace(0, 1, max(2, len(parts))))
-    for colour, part in zip(colours, parts, strict=False):
-        heights = np.array([by_array.get(f"teachers/{t}/{part}", {}).get("stored", 0) / 2**20 for t in teachers])
-        if heights.any():
-            ax.bar(teachers, heights, bottom=bottoms, label=part, color=colour)
-            bottoms += heights
-    ax.set_ylabel("stored MiB")
-    store = results["store"]
-    ax.set_title(f"Store: {store['stored_bytes'] / 2**20:.1f} MiB for {store['views']} views x {store['rows']} rows")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_views_curve(curve: dict, path: Path) -> None:
-    """Top-1, NLL and fidelity against V (log2 axis); references as horizontal lines with a mean ± sd band."""
-    titles = {"top1": "test top-1 (%)", "nll": "test NLL (nats)", "fidelity": "fidelity to the ensemble (%)"}
-    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(15, 4.4))
-    colours = plt.cm.tab10(np.arange(10))
-    ticks: dict[int, float] = {}
-    families = len(curve["families"])
-    for index, (family, data) in enumerate(curve["families"].items()):
-        colour = colours[index % 10]
-        for point in data["points"]:
-            ticks.setdefault(point["views"], point["stored_bytes"] / 2**20)
-        # Families side by side around each V, so their error bars do not hide each other.
-        shift = 2 ** (0.06 * (index - (families - 1) / 2))
-        for ax, metric in zip(axes, CURVE_METRICS, strict=True):
-            if data["points"]:
-                ax.errorbar([p["views"] * shift for p in data["points"]], [p[metric]["mean"] for p in data["points"]],
-                            yerr=[p[metric]["std"] for p in data["points"]], color=colour, marker="o", capsize=3,
-                            label=f"{family}, cached views")  # fmt: skip
-            reference = data["reference"]
-            if reference is not None:
-                mean, std = reference[metric]["mean"], reference[metric]["std"]
-                ax.axhline(mean, color=colour, linestyle="--", linewidth=1,
-                           label=f"{reference['method']} (fresh views)")  # fmt: skip
-                ax.axhspan(mean - std, mean + std, color=colour, alpha=0.12, linewidth=0)
-    alone = curve.get("alone")
-    for ax, metric in zip(axes, CURVE_METRICS, strict=True):
-        if alone is not None:
-            mean, std = alone[metric]["mean"], alone[metric]["std"]
-            ax.axhline(mean, color="grey", linestyle=":", linewidth=1.2, label="alone (labels only)")
-            ax.axhspan(mean - std, mean + std, color="grey", alpha=0.08, linewidth=0)
-        ax.set_xscale("log", base=2)
-        views = sorted(ticks)
-        ax.set_xticks(views, [f"{v}\n{ticks[v]:.1f} MiB" for v in views])
-        ax.minorticks_off()
-        if len(views) == 1:
-            ax.set_xlim(views[0] / 2, views[0] * 2)
-        ax.set_xlabel("cached augmented views V (store size)")
-        ax.set_title(titles[metric])
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Cached views against fresh augmentation every epoch (mean ± sd over seeds {curve['seeds']})",
-                 fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------- report
-
-
-def _fmt(summary: dict, digits: int = 2) -> str:
-    if len(summary["values"]) > 1:
-        return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
-    return f"{summary['mean']:.{digits}f}"
-
-
-def _verdict(metric: str, difference: dict) -> str:
-    if difference["within_noise"]:
-        return "within noise"
-    better = difference["mean"] < 0 if metric in LOWER_IS_BETTER else difference["mean"] > 0
-    return "better" if better else "worse"
-
-
-def _difference_text(metric: str, difference: dict, digits: int) -> str:
-    low, high = difference["ci95"]
-    if difference["n"] < 2:
-        return f"{difference['mean']:+.{digits}f} (one seed: no interval)"
-    return (f"{difference['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] "
-            f"{_verdict(metric, difference)}")  # fmt: skip
-
-
-def render_views_curve(curve: dict, plot: str | None) -> list[str]:
-    """The views-curve section of report.md: one row per family and V, then the references."""
-    lines = ["## Views curve: cached views against fresh augmentation every epoch", ""]
-    if not curve["seeds"]:
-        return lines + [f"Not drawn: {curve['note']}.", ""]
-    lines += [
-        f"Students distilled from stores of V cached augmented views (epoch e replays view e mod V) against the "
-        f"online reference of the same method, which runs the teachers on a fresh augmentation of every image "
-        f"every epoch. Mean ± sd over seeds {curve['seeds']}, the same seeds for every row; differences to the "
-        f"online reference are paired over those seeds (95% t interval).",
-        "",
-        "| method | family | V | store MiB | top-1 % | NLL | fidelity % | top-1 - online [95% CI] "
-        "| NLL - online [95% CI] |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-
-    def cells(row: dict) -> str:
-        return f"{_fmt(row['top1'])} | {_fmt(row['nll'], 4)} | {_fmt(row['fidelity'])}"
-
-    for family, data in curve["families"].items():
-        for point in data["points"]:
-            diff = point["vs_reference"]
-            top1 = _difference_text("top1", diff["top1"], 2) if diff else "no reference"
-            nll = _difference_text("nll", diff["nll"], 4) if diff else "no reference"
-            lines.append(f"| {point['method']} | {family} | {point['views']} | {point['stored_bytes'] / 2**20:.2f} | "
-                         f"{cells(point)} | {top1} | {nll} |")  # fmt: skip
-        if data["reference"] is not None:
-            lines.append(f"| {data['reference']['method']} | {family} | fresh | - | {cells(data['reference'])} | "
-                         f"reference | reference |")  # fmt: skip
-    if curve["alone"] is not None:
-        lines.append(f"| alone | - | - | - | {cells(curve['alone'])} | - | - |")
-    lines.append("")
-    if plot:
-        lines += [f"![views curve]({plot})", ""]
-    return lines
-
-
-def render_markdown(results: dict, plots: dict[str, str]) -> str:
-    store = results["store"]
-    lines = [
-        f"# meal-cache report: {results['pipeline']}",
-        "",
-        f"Dataset `{results['dataset']['spec']}` ({results['dataset']['sizes']['train']} train, "
-        f"{results['dataset']['sizes']['test']} test images, {results['dataset']['image_size']} px). Students: mean ± "
-        f"standard deviation over seeds {results['seeds']}. One test image is "
-        f"{100 / results['dataset']['sizes']['test']:.2f} points of top-1.",
-        "",
-        "| model | arch | top-1 % | NLL | fidelity % | KL to ensemble | ECE % | params | ms / image (CPU) "
-        "| s / epoch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in results["rows"]:
-        fidelity_text = _fmt(row["fidelity"]) if "fidelity" in row else "-"
-        kl_text = _fmt(row["kl"], 4) if "kl" in row else "-"
-        epoch_text = f"{row['epoch_seconds']['mean']:.2f}" if "epoch_seconds" in row else "-"
-        lines.append(
-            f"| {row['name']} | {row['arch']} | {_fmt(row['top1'])} | {_fmt(row['nll'], 4)} | {fidelity_text} | "
-            f"{kl_text} | {_fmt(row['ece'])} | {row['params']:,} | {row['ms_per_image']:.3f} | {epoch_text} |"
-        )
-    store_label = "Store" if store.get("name") is None else f"Store `{store['name']}`"
-    lines += [
-        "",
-        f"{store_label}: {store['stored_bytes'] / 2**20:.1f} MiB "
-        f"({store['float32_bytes'] / max(1, store['stored_bytes']):.1f}x "
-        f"smaller than float32), {store['views']} views x {store['rows']} rows, "
-        f"{store['stored_bytes'] / max(1, store['views'] * store['rows']):.0f} bytes per sample per view.",
-        "",
-    ]
-    inspection = results.get("label_inspection")
-    if inspection:
-        lines += [
-            f"Label inspection (`meal-cache inspect`, ensemble confidence >= {inspection['confidence']}): "
-            f"{inspection['flagged']} rows flagged of {inspection['noisy']} with changed labels; precision "
-            f"{inspection['precision']:.1f} %, recall {inspection['recall']:.1f} %.",
-            "",
-        ]
-    if results["comparisons"]:
-        lines += [
-            "## Against the student trained alone (paired over seeds, 95% t interval)",
-            "",
-            "| method | metric | mean difference | 95% interval | verdict |",
-            "|---|---|---|---|---|",
-        ]
-        for row in results["comparisons"]:
-            verdict = _verdict(row["metric"], row)
-            low, high = row["ci95"]
-            lines.append(f"| {row['method']} | {row['metric']} | {row['mean']:+.3f} | [{low:+.3f}, {high:+.3f}] | "
-                         f"{verdict} |")  # fmt: skip
-        lines.append("")
-    for baseline, key in ((KD_BASELINE, "comparisons_kd"), (MEAL_BASELINE, "comparisons_meal")):
-        if not results.get(key):
-            continue
-        lines += [
-            f"## Against `{baseline}` (paired over seeds, 95% t interval)",
-            "",
-            "| method | top-1 difference | 95% interval | wins | verdict | NLL difference | verdict |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        by_metric = {(r["method"], r["metric"]): r for r in results[key]}
-        for method in dict.fromkeys(r["method"] for r in results[key]):
-            top1, nll = by_metric[method, "top1"], by_metric[method, "nll"]
-            low, high = top1["ci95"]
-            lines.append(f"| {method} | {top1['mean']:+.2f} | [{low:+.2f}, {high:+.2f}] | {top1['wins']}/{top1['n']} | "
-                         f"{_verdict('top1', top1)} | {nll['mean']:+.4f} | {_verdict('nll', nll)} |")  # fmt: skip
-        lines.append("")
-    if results.get("comparisons_pairs"):
-        lines += [
-            "## Pairs the pipeline names (paired over seeds, 95% t interval)",
-            "",
-            "| method | against | top-1 difference | 95% interval | wins | verdict | NLL difference | verdict |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        rows = results["comparisons_pairs"]
-        for top1, nll in zip(rows[::2], rows[1::2], strict=True):
-            low, high = top1["ci95"]
-            lines.append(f"| {top1['method']} | {top1['baseline']} | {top1['mean']:+.2f} | [{low:+.2f}, {high:+.2f}] "
-                         f"| {top1['wins']}/{top1['n']} | {_verdict('top1', top1)} | {nll['mean']:+.4f} | "
-                         f"{_verdict('nll', nll)} |")  # fmt: skip
-        lines.append("")
-    if results.get("diagnostics"):
-        shown = [n for n in DIAGNOSTICS if any(n in row for row in results["diagnostics"].values())]
-        lines += [
-            "## What each part does (mean over seeds; gradient norms into the student, over the run)",
-            "",
-            "| method | " + " | ".join(DIAGNOSTICS[n][0] for n in shown) + " |",
-            "|---|" + "---|" * len(shown),
-        ]
-        for method, row in results["diagnostics"].items():
-            cells = [f"{row[n]:.3g}" if n in row else "-" for n in shown]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if results.get("views_curve") is not None:
-        lines += render_views_curve(results["views_curve"], plots.get(VIEWS_CURVE_PLOT))
-    for title, file in plots.items():
-        if title == VIEWS_CURVE_PLOT:
-            continue
-        lines += [f"## {title}", "", f"![{title}]({file})", ""]
-    return "\n".join(lines)
 
 
 def write_report(run_dir: str | Path, pipeline=None, progress: bool = True) -> Path:

@@ -1,0 +1,182 @@
+"""distill: a student (and MEAL's discriminators) from a teacher cache alone."""
+
+from __future__ import annotations
+
+import click
+
+from meal_cache.cli.options import DEVICE_HELP, WORKERS_OPTION, optimization_options
+
+
+def _discriminator_names(value: str) -> list[str]:
+    from meal_cache.distill import parse_discriminators
+
+    if not value.replace(",", "").strip():  # "" would otherwise read as no discriminators
+        raise click.BadParameter("name blocks, output, both (blocks,output) or none")
+    return parse_discriminators(value)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise click.BadParameter(f"expected comma-separated numbers, got '{text}'") from err
+
+
+@click.command()
+@click.option("--store", required=True, type=click.Path(), help="The teacher cache written by `meal-cache extract`.")
+@click.option("--student", required=True, help="Student architecture (see `meal-cache models`).")
+@click.option(
+    "--method",
+    default="meal",
+    show_default=True,
+    type=click.Choice(["meal", "kd", "meal-v2", "afd"]),
+    help="meal: block similarity + discriminators per block and on the output; kd: Hinton KD from the "
+    "ensemble mean; meal-v2: ensemble soft labels + an output discriminator; afd: --peers students trained "
+    "together, conv discriminators on their last feature maps (AFD).",
+)
+@click.option(
+    "--peers",
+    type=int,
+    default=None,
+    help="With --method afd: train N students of --student together (default 1), each initialised from its own "
+    "seed; student i's discriminator learns from student i-1 (mod N), all learn from each other's logits and "
+    "from the teachers' maps and soft labels. Writes peer0.pt .. peerN-1.pt (student.pt is peer0).",
+)
+@optimization_options
+@click.option(
+    "--teacher-selection",
+    type=click.Choice(["random", "mean", "all"]),
+    default=None,
+    help="random: one teacher a step (MEAL); mean: the ensemble's average; all: every teacher's losses. "
+    "Default: the method's.",
+)
+@click.option(
+    "--representation",
+    default=None,
+    type=click.Choice(["maps", "blocks"]),
+    help="blocks: pooled channels through learned adapters (the default, the ablation's choice: docs/design.md); "
+    "maps: channel-mean maps (MEAL's reference, no adapters; the default for a store that holds only maps).",
+)
+@click.option(
+    "--block-loss",
+    type=click.Choice(["soft-ce", "l1", "l2", "cosine"]),
+    default=None,
+    help="Similarity per block (default soft-ce for maps, l2 for blocks).",
+)
+@click.option(
+    "--block-weights",
+    default="0.1,0.05,0.01",
+    show_default=True,
+    help="Weights of the matched blocks from the last backwards; their count caps the blocks matched.",
+)
+@click.option("--match-blocks", type=int, default=None, help="Match at most this many blocks from the end.")
+@click.option("--soft-loss", type=click.Choice(["kl", "soft-ce"]), default=None, help="Soft-label loss on logits.")
+@click.option("--temperature", type=float, default=None, help="Softening temperature (default: the method's).")
+@click.option("--soft-weight", default=1.0, show_default=True, type=float)
+@click.option("--hard-weight", default=0.0, show_default=True, type=float, help="Cross-entropy on labels (MEAL: 0).")
+@click.option("--adv-weight", default=0.1, show_default=True, type=float, help="Weight of each adversarial loss.")
+@click.option("--adv-loss", default="bce", show_default=True, type=click.Choice(["bce", "ls"]))
+@click.option(
+    "--disc-lr",
+    default=2e-4,
+    show_default=True,
+    type=float,
+    help="Learning rate of the discriminators (Adam; with --adv-game joint, their "
+    "part of the student's SGD, at --disc-lr / --lr of its scheduled rate).",
+)
+@click.option(
+    "--discriminators",
+    default=None,
+    callback=lambda ctx, param, value: None if value is None else _discriminator_names(value),
+    help="Which discriminators train: blocks,output (meal's), blocks, output (meal-v2's) or none. Default: the "
+    "method's.",
+)
+@click.option(
+    "--adv-game",
+    default="adversarial",
+    show_default=True,
+    type=click.Choice(["adversarial", "joint"]),
+    help="adversarial: the discriminators take their own step, then the student learns to fool them; joint: "
+    "MEAL's reference code, their loss added to the student's on one optimiser (at --disc-lr / --lr of its rate).",
+)
+@click.option(
+    "--preset",
+    default=None,
+    type=click.Choice(["reference"]),
+    help="reference: MEAL's reference code (T=1 soft-ce, random teacher, joint discriminators, adversarial "
+    "weight 1, --disc-lr 5e-4); options you set yourself win.",
+)
+@click.option("--data", default=None, help="Override the store's dataset (must match its fingerprint).")
+@click.option("--data-root", default=None, help="Where the store's dataset lives (default: as recorded).")
+@click.option("--download", is_flag=True)
+@WORKERS_OPTION
+@click.option("--online", is_flag=True, help="Reference: run the teachers in the loop on the same replayed images.")
+@click.option(
+    "--fresh-views",
+    is_flag=True,
+    help="With --online: a new augmentation of every image each epoch (the store's recipe) instead of "
+    "replaying the stored views; the reference the cached-views curve is measured against.",
+)
+@click.option("--teachers", default="", help="With --online: the teachers, as given to extract.")
+@click.option("--teacher-dir", default="teachers", show_default=True, help="With --online: where they are.")
+@click.option(
+    "--refine-labels",
+    is_flag=True,
+    help="Replace the hard labels of suspect rows (see `meal-cache inspect`) by the teachers' ensemble's; "
+    "matters where hard labels are used (--hard-weight > 0).",
+)
+@click.option(
+    "--refine-confidence",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="With --refine-labels: the ensemble probability of another class that makes a row suspect.",
+)
+@click.option(
+    "--crops-per-image",
+    default=1,
+    show_default=True,
+    type=int,
+    help="FKD's multi-crop: each batch holds K cached views of batch-size / K images, so an image file is decoded "
+    "once for K crops (an epoch is then K views of every image). Needs K <= the store's views.",
+)
+@click.option(
+    "--divergent-ratio",
+    default=None,
+    type=float,
+    help="Batches of the store's divergent views (extract --divergent-views) per natural batch, spread through "
+    "each epoch; epoch e takes divergent view e mod K. Default: 0.25 where the store has them, else none.",
+)
+@click.option(
+    "--max-memory",
+    default=None,
+    help="Memory for cached targets, e.g. 4GB. Two whole views are held when they fit (the current one "
+    "and the next, prefetched); otherwise whole chunks stream through a shuffle buffer.",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/meal.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def distill(block_weights: str, teachers: str, out: str, resume: bool, overwrite: bool, quiet: bool,
+            **settings) -> None:  # fmt: skip
+    """Train a student (and MEAL's discriminators) from a teacher cache alone.
+
+    The images come from the dataset the store records, replayed with the stored augmentation of view
+    e mod V in epoch e; the teachers' outputs come from the store, never from their checkpoints. Writes
+    config.json, metrics.jsonl (every named loss per epoch), last.pt (for --resume) and student.pt
+    (for `meal-cache evaluate`) under --out.
+    """
+    from meal_cache.distill import DistillConfig
+    from meal_cache.distill import distill as run_distill
+    from meal_cache.distributed import is_main_process
+
+    config = DistillConfig(block_weights=_floats(block_weights),
+                           teachers=[t.strip() for t in teachers.split(",") if t.strip()], **settings)  # fmt: skip
+    summary = run_distill(config, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    if not is_main_process():
+        return
+    test = summary["test"]
+    click.echo(f"{settings['method']} student {settings['student']}: test top-1 {test['top1']:.2f}%  "
+               f"NLL {test['nll']:.4f}  -> {out}/student.pt")  # fmt: skip

@@ -1,0 +1,191 @@
+"""extract: the teachers once over V replayable views, into the Zarr teacher cache."""
+
+from __future__ import annotations
+
+import click
+
+from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, data_options
+
+
+@click.command()
+@click.option(
+    "--teachers",
+    required=True,
+    help="Comma-separated teachers: NAME for TEACHER_DIR/NAME.pt (from `meal-cache train`), a path to a "
+    ".pt checkpoint, or ARCH:WEIGHTS for torchvision pretrained weights.",
+)
+@click.option(
+    "--data",
+    default="digits",
+    show_default=True,
+    help=DATA_HELP,
+)
+@data_options
+@click.option(
+    "--split",
+    default="train",
+    show_default=True,
+    type=click.Choice(["train", "test"]),
+    help="Which split to cache (distill trains on the train split).",
+)
+@click.option(
+    "--views",
+    default=4,
+    show_default=True,
+    type=int,
+    help="Augmented views to cache; distill's epoch e replays view e mod V. On digits 1 to 16 views all matched "
+    "fresh augmentation every epoch (docs/design.md, the views curve); run pipelines/digits-views.toml's "
+    "protocol on your data before spending bytes on more.",
+)
+@click.option("--identity-view", is_flag=True, help="Also cache the un-augmented view (for evaluation and inspect).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the views' augmentation parameters.")
+@click.option(
+    "--recipe",
+    default="crop",
+    show_default=True,
+    help="What each view draws after the dataset's crop (and flip): crop (nothing more), randaugment "
+    "(torchvision's RandAugment: 2 ops a row at magnitude 9 of 31) or trivialaugment (TrivialAugmentWide: one op, "
+    "any magnitude); each row's ops and magnitudes are stored, and distill replays them. Digits draw glyph-safe "
+    "ops only (docs/design.md).",
+)
+@click.option(
+    "--mixup",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Mix each view's rows with Mixup, lambda ~ Beta(ALPHA, ALPHA) (timm uses 0.8); 0: no Mixup. Each row's "
+    "partner and lambda are stored; the teachers see the mixed image, and distill rebuilds it and mixes the "
+    "hard labels with the same lambda.",
+)
+@click.option(
+    "--cutmix",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Paste a box of a partner row (CutMix, lambda ~ Beta(ALPHA, ALPHA), timm uses 1.0); 0: no CutMix. The "
+    "box is stored with the partner.",
+)
+@click.option(
+    "--mix-prob",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="The share of (view, row)s mixed, with --mixup or --cutmix.",
+)
+@click.option(
+    "--mix-switch-prob",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="With both --mixup and --cutmix: the chance a mixed row takes CutMix rather than Mixup (timm's switch_prob).",
+)
+@click.option(
+    "--divergent-views",
+    default=0,
+    show_default=True,
+    type=int,
+    help="ACN's divergent examples: add K views a row made by gradient ascent on the teachers' disagreement "
+    "(Jensen-Shannon at T=1) from the un-augmented image, within --divergent-eps; their uint8 pixels are stored "
+    "beside the teachers' outputs on them, and distill mixes them in (--divergent-ratio). Needs two teachers.",
+)
+@click.option(
+    "--divergent-eps",
+    default=0.03,
+    show_default=True,
+    type=float,
+    help="The divergent views' L-infinity bound, a fraction of the pixel range in [0, 1] (8/255 = 0.031).",
+)
+@click.option(
+    "--divergent-steps",
+    default=5,
+    show_default=True,
+    type=int,
+    help="Signed-gradient steps of the search, each 2.5 x eps / steps (PGD's rule), from a seeded random start.",
+)
+@click.option(
+    "--grid",
+    default=1,
+    show_default=True,
+    type=click.Choice(["1", "2", "4"]),
+    help="Pool each block's output to a g x g grid of channel vectors (1 = global average).",
+)
+@click.option(
+    "--blocks",
+    default="all",
+    show_default=True,
+    help="Which blocks: all, K (the last K of each teacher), or comma-separated block names.",
+)
+@click.option(
+    "--features",
+    default="blocks,maps",
+    show_default=True,
+    help="What to store per block: blocks (pooled channels, what meal reads by default), maps (channel-mean "
+    "map, MEAL's reference representation), or both.",
+)
+@click.option(
+    "--for",
+    "preset",
+    default=None,
+    help="Store only what one method reads: meal (logits + the last 3 blocks' pooled channels, 8-bit unless "
+    "--quantize none), kd or meal-v2 (logits only), all (everything, as without --for). Replaces --features and "
+    "--blocks.",
+)
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option("--codec", default="zstd:3", show_default=True, help="zstd[:LEVEL], blosc[:LEVEL] or none.")
+@click.option(
+    "--keep-bits",
+    type=int,
+    default=None,
+    help="Lossy: keep this many mantissa bits of every teacher output (bit rounding; float16 has 10). "
+    "Default: lossless.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["8", "none"]),
+    default=None,
+    callback=lambda ctx, param, value: None if value is None else 0 if value == "none" else int(value),
+    help="Lossy: store blocks and maps as 8-bit codes, each row scaled to its own range (logits stay as "
+    "--dtype). Default: lossless, except 8 with --for meal; 'none' keeps meal's blocks lossless.",
+)
+@click.option(
+    "--logits-topk",
+    type=int,
+    default=None,
+    help="Lossy: keep each row's K largest logits (int16 classes, --dtype values) and the log-sum-exp of all; "
+    "read back with the rest of the probability spread evenly over the other classes (FKD, TinyViT). "
+    "Default: every logit.",
+)
+@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option(
+    "--rows-per-chunk",
+    default=512,
+    show_default=True,
+    type=int,
+    help="Rows in one Zarr chunk (the unit of writing and of resuming).",
+)
+@click.option("--teacher-dir", default="teachers", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--out", required=True, type=click.Path(), help="The store to write, e.g. feats.zarr.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store extracted with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, quiet: bool, **settings) -> None:
+    """Run every teacher once over V replayable views and write the Zarr teacher cache.
+
+    Each teacher sees exactly the images distill will replay (the views' crop and flip parameters are stored),
+    in eval mode. Per teacher, view and chunk of rows the store keeps the logits, every block's pooled output
+    and its channel-mean map. An interrupted extract, run again with the same arguments, resumes.
+    """
+    from meal_cache.distributed import is_main_process
+    from meal_cache.extract import ExtractConfig
+    from meal_cache.extract import extract as run_extract
+    from meal_cache.store import describe_store
+
+    config = ExtractConfig(
+        teachers=[t.strip() for t in teachers.split(",") if t.strip()],
+        grid=int(grid),
+        features=[f.strip() for f in features.split(",") if f.strip()],
+        **settings,
+    )
+    store = run_extract(config, out, overwrite=overwrite, progress=not quiet)
+    if is_main_process():
+        click.echo(describe_store(store))

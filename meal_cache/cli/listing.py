@@ -1,0 +1,53 @@
+"""models and datasets: the names `--arch` and `--data` accept."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("pattern", required=False)
+@click.option("--image-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="The input size at which timm models' blocks are shown.")  # fmt: skip
+def models(pattern: str | None, image_size: int) -> None:
+    """List the architectures `--arch` accepts, with their blocks. PATTERN ('resnet1*', or 'timm:vit_tiny*' for
+    timm's only) lists the matching names, and timm's with their blocks (channels x height x width) at
+    --image-size."""
+    import fnmatch
+
+    from meal_cache.models import FAMILIES, MODELS, model_names, torchvision_model_names
+    from meal_cache.timm_models import PREFIX, describe
+
+    if pattern:
+        if not pattern.startswith(PREFIX):
+            matches = fnmatch.filter(model_names(), pattern)
+            click.echo(f"meal-cache and torchvision networks matching '{pattern}': {', '.join(matches) or 'none'}")
+        click.echo("\n".join(describe(pattern.removeprefix(PREFIX), image_size)))
+        return
+    click.echo("meal-cache networks (cheap on a CPU):")
+    for name, entry in sorted(MODELS.items()):
+        click.echo(f"  {name:16s} {entry.help}")
+    click.echo("torchvision classifiers (small-input stem at <= 64 px; ARCH:WEIGHTS for pretrained):")
+    names = torchvision_model_names()
+    for start in range(0, len(names), 6):
+        click.echo("  " + "  ".join(names[start : start + 6]))
+    for prefix, family in FAMILIES.items():
+        click.echo(f"{prefix}: {family.help}; `meal-cache models '{prefix}:PATTERN'` lists them with their blocks")
+
+
+@click.command()
+def datasets() -> None:
+    """List the datasets `--data` accepts."""
+    from meal_cache.data import DATASETS
+
+    for name, entry in sorted(DATASETS.items()):
+        click.echo(f"  {name:12s} {entry.help}")
+    click.echo(
+        "Options after '?', joined by '&' (applied in this order; test labels always stay clean):\n"
+        "  folds=K&fold=I      pool train and test, test on stratified fold I of K (fold_seed=S, default 0)\n"
+        "  train_fraction=F    keep a stratified, seeded fraction F of the training rows\n"
+        "  label_noise=R       change a fraction R of the training labels (seeded) ...\n"
+        "  noise=symmetric     ... to a uniformly drawn other class, or noise=pairflip: class c to c+1\n"
+        "  noise_seed=S, fraction_seed=S   the seeds of those draws (default 0)\n"
+        "e.g. --data 'digits?label_noise=0.4&noise=symmetric'"
+    )

@@ -1,0 +1,68 @@
+"""Options and help texts that several commands share, so each reads the same everywhere."""
+
+from __future__ import annotations
+
+import click
+
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
+DATA_HELP = (
+    "Dataset: digits, cifar10, cifar100, svhn, imagefolder:PATH, npz:PATH or fake[:N], optionally with "
+    "?label_noise=R&noise=symmetric|pairflip&train_fraction=F&folds=K&fold=I (folds: test on fold I of a "
+    "stratified K-fold re-split of all rows; see `meal-cache datasets`)."
+)
+
+
+def _with_options(func, options: list):
+    """Apply click options so they appear in --help in the order listed."""
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+WORKERS_OPTION = click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Processes that read and decode image files (imagefolder), 0 for none; default: the cores less one, "
+    "at most 8. In-memory datasets do not use them.",
+)
+
+
+def data_options(func):
+    """The options that name and locate a dataset, shared by every command that loads one."""
+    options = [
+        click.option(
+            "--data-root",
+            default="data",
+            show_default=True,
+            type=click.Path(file_okay=False),
+            help="Where torchvision datasets (cifar10, cifar100, svhn) live or are downloaded to.",
+        ),
+        click.option("--download", is_flag=True, help="Download a torchvision dataset that is missing (internet)."),
+        click.option(
+            "--image-size",
+            type=int,
+            default=None,
+            help="Resize images to this square size (default: the dataset's own; digits 16 px, a streamed "
+            "imagefolder 224 px, one with ?in_memory=1 32 px).",
+        ),
+        WORKERS_OPTION,
+    ]
+    return _with_options(func, options)
+
+
+def optimization_options(func):
+    """Epochs, batch and SGD schedule, shared by train and distill (the defaults of TrainConfig/DistillConfig)."""
+    options = [
+        click.option("--epochs", default=30, show_default=True, type=int,
+                     help="Epochs (distill's epoch e replays cached view e mod V)."),
+        click.option("--batch-size", default=64, show_default=True, type=int),
+        click.option("--lr", default=0.05, show_default=True, type=float, help="Peak learning rate of SGD."),
+        click.option("--momentum", default=0.9, show_default=True, type=float),
+        click.option("--weight-decay", default=5e-4, show_default=True, type=float),
+        click.option("--schedule", default="cosine", show_default=True,
+                     type=click.Choice(["cosine", "step", "constant"]),
+                     help="After the warm-up: cosine to zero, steps of 10x at 50% and 75%, or constant."),
+        click.option("--warmup-epochs", default=1.0, show_default=True, type=float),
+    ]  # fmt: skip
+    return _with_options(func, options)

@@ -1,0 +1,170 @@
+"""The PNG plots of a pipeline run's report: accuracy per epoch, MEAL's losses, paired differences, store bytes
+and the views curve."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from meal_cache.report_stats import CURVE_METRICS  # noqa: E402
+
+
+def plot_accuracy(results: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, by_seed in results["histories"].items():
+        curves = [[h["test_top1"] for h in history] for history in by_seed.values() if history]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        data = np.array([c[:length] for c in curves])
+        epochs = np.arange(1, length + 1)
+        mean = data.mean(0)
+        ax.plot(epochs, mean, label=f"{method} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(epochs, data.min(0), data.max(0), alpha=0.15)
+    for row in results["rows"]:
+        if row["kind"] == "ensemble":
+            ax.axhline(row["top1"]["mean"], color="black", linestyle="--", linewidth=1, label="teacher ensemble")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Test accuracy per epoch (mean over seeds, band: min-max)")
+    low = min(90.0, *(min(h["test_top1"] for h in hs[-3:]) for by in results["histories"].values()
+                       for hs in by.values() if hs))  # fmt: skip
+    ax.set_ylim(max(0.0, low - 2), 100.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_meal_losses(run_dir: Path, method: str, seed: int, path: Path) -> bool:
+    metrics_path = run_dir / "students" / method / f"seed-{seed}" / "metrics.jsonl"
+    if not metrics_path.is_file():
+        return False
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not records:
+        return False
+    epochs = [r["epoch"] for r in records]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups = {
+        "soft labels": ["soft"],
+        "block similarity (sum)": sorted({k for r in records for k in r if k.startswith("sim/")}),
+        # soft-ce carries the teacher maps' entropy, which no student lowers: the KL part shows the maps moving.
+        "block KL to the teacher (sum, unweighted)": sorted({k for r in records for k in r if k.startswith("sim_kl/")}),
+        "student adversarial (sum)": sorted({k for r in records for k in r if k.startswith("adv/")}),
+    }
+    for label, keys in groups.items():
+        if keys:
+            left.plot(epochs, [sum(r.get(k, 0.0) for k in keys) for r in records], label=label)
+    left.set_title(f"{method} student losses (seed {seed})")
+    left.set_xlabel("epoch")
+    left.set_yscale("log")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    for key in sorted({k for r in records for k in r if k.startswith("disc/")}):
+        right.plot(epochs, [r.get(key, math.nan) for r in records], label=key.removeprefix("disc/"))
+    right.axhline(math.log(2), color="black", linestyle=":", linewidth=1, label="chance (log 2)")
+    right.set_title("discriminator losses (teacher real vs student fake)")
+    right.set_xlabel("epoch")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_paired_differences(comparisons: list[dict], baseline: str, path: Path) -> None:
+    """Each method's paired top-1 difference to ``baseline`` with its 95% interval, one row a method."""
+    rows = [r for r in comparisons if r["metric"] == "top1"]
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * len(rows)))
+    for index, row in enumerate(rows):
+        low, high = row["ci95"]
+        color = "grey" if row["within_noise"] else ("tab:green" if row["mean"] > 0 else "tab:red")
+        if math.isfinite(low):
+            ax.plot([low, high], [index, index], color=color, linewidth=2)
+        ax.plot([row["mean"]], [index], "o", color=color)
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(rows)), [r["method"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"top-1 difference to {baseline} (points; 95% t interval over seeds)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_store_bytes(results: dict, path: Path) -> None:
+    by_array = results["store"]["by_array"]
+    teachers = sorted({key.split("/")[1] for key in by_array})
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    bottoms = np.zeros(len(teachers))
+    parts = sorted({key.split("/", 2)[2] for key in by_array}, key=lambda k: (k != "logits", k))
+    colours = plt.cm.tab20(np.linspace(0, 1, max(2, len(parts))))
+    for colour, part in zip(colours, parts, strict=False):
+        heights = np.array([by_array.get(f"teachers/{t}/{part}", {}).get("stored", 0) / 2**20 for t in teachers])
+        if heights.any():
+            ax.bar(teachers, heights, bottom=bottoms, label=part, color=colour)
+            bottoms += heights
+    ax.set_ylabel("stored MiB")
+    store = results["store"]
+    ax.set_title(f"Store: {store['stored_bytes'] / 2**20:.1f} MiB for {store['views']} views x {store['rows']} rows")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_views_curve(curve: dict, path: Path) -> None:
+    """Top-1, NLL and fidelity against V (log2 axis); references as horizontal lines with a mean ± sd band."""
+    titles = {"top1": "test top-1 (%)", "nll": "test NLL (nats)", "fidelity": "fidelity to the ensemble (%)"}
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(15, 4.4))
+    colours = plt.cm.tab10(np.arange(10))
+    ticks: dict[int, float] = {}
+    families = len(curve["families"])
+    for index, (family, data) in enumerate(curve["families"].items()):
+        colour = colours[index % 10]
+        for point in data["points"]:
+            ticks.setdefault(point["views"], point["stored_bytes"] / 2**20)
+        # Families side by side around each V, so their error bars do not hide each other.
+        shift = 2 ** (0.06 * (index - (families - 1) / 2))
+        for ax, metric in zip(axes, CURVE_METRICS, strict=True):
+            if data["points"]:
+                ax.errorbar([p["views"] * shift for p in data["points"]], [p[metric]["mean"] for p in data["points"]],
+                            yerr=[p[metric]["std"] for p in data["points"]], color=colour, marker="o", capsize=3,
+                            label=f"{family}, cached views")  # fmt: skip
+            reference = data["reference"]
+            if reference is not None:
+                mean, std = reference[metric]["mean"], reference[metric]["std"]
+                ax.axhline(mean, color=colour, linestyle="--", linewidth=1,
+                           label=f"{reference['method']} (fresh views)")  # fmt: skip
+                ax.axhspan(mean - std, mean + std, color=colour, alpha=0.12, linewidth=0)
+    alone = curve.get("alone")
+    for ax, metric in zip(axes, CURVE_METRICS, strict=True):
+        if alone is not None:
+            mean, std = alone[metric]["mean"], alone[metric]["std"]
+            ax.axhline(mean, color="grey", linestyle=":", linewidth=1.2, label="alone (labels only)")
+            ax.axhspan(mean - std, mean + std, color="grey", alpha=0.08, linewidth=0)
+        ax.set_xscale("log", base=2)
+        views = sorted(ticks)
+        ax.set_xticks(views, [f"{v}\n{ticks[v]:.1f} MiB" for v in views])
+        ax.minorticks_off()
+        if len(views) == 1:
+            ax.set_xlim(views[0] / 2, views[0] * 2)
+        ax.set_xlabel("cached augmented views V (store size)")
+        ax.set_title(titles[metric])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Cached views against fresh augmentation every epoch (mean ± sd over seeds {curve['seeds']})",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
