@@ -72,6 +72,7 @@ for _command in (
     store.inspect,
     listing.models,
     listing.datasets,
+    listing.methods,
 ):
     main.add_command(_command)
 del _command

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from meal_cache.cli.options import DEVICE_HELP, WORKERS_OPTION, optimization_options
@@ -13,6 +15,39 @@ def _discriminator_names(value: str) -> list[str]:
     if not value.replace(",", "").strip():  # "" would otherwise read as no discriminators
         raise click.BadParameter("name blocks, output, both (blocks,output) or none")
     return parse_discriminators(value)
+
+
+class MethodChoice(click.Choice):
+    """``--method``'s choices: the method registry's names (plug-ins included), read when first asked for, so
+    that commands which never look at them do not import torch to start."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    @property
+    def choices(self) -> list[str]:
+        from meal_cache.distill import available_methods
+
+        return list(available_methods())
+
+    @choices.setter
+    def choices(self, _value) -> None:
+        pass
+
+
+def _method_options(pairs: tuple[str, ...]) -> dict[str, object]:
+    """``--method-option NAME=VALUE`` pairs as a dict; a value that reads as JSON (a number, true) is that."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"takes NAME=VALUE, got '{pair}'", param_hint="--method-option")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        options[name.strip()] = value
+    return options
 
 
 def _floats(text: str) -> list[float]:
@@ -29,10 +64,9 @@ def _floats(text: str) -> list[float]:
     "--method",
     default="meal",
     show_default=True,
-    type=click.Choice(["meal", "kd", "meal-v2", "afd"]),
-    help="meal: block similarity + discriminators per block and on the output; kd: Hinton KD from the "
-    "ensemble mean; meal-v2: ensemble soft labels + an output discriminator; afd: --peers students trained "
-    "together, conv discriminators on their last feature maps (AFD).",
+    type=MethodChoice(),
+    help="The distillation method, built in or a plug-in's: `meal-cache methods` lists each with what it reads "
+    "from a store and its options.",
 )
 @click.option(
     "--peers",
@@ -41,6 +75,15 @@ def _floats(text: str) -> list[float]:
     help="With --method afd: train N students of --student together (default 1), each initialised from its own "
     "seed; student i's discriminator learns from student i-1 (mod N), all learn from each other's logits and "
     "from the teachers' maps and soft labels. Writes peer0.pt .. peerN-1.pt (student.pt is peer0).",
+)
+@click.option(
+    "--method-option",
+    "method_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    callback=lambda ctx, param, value: _method_options(value),
+    help="One of the method's own options (repeat for more), e.g. --method dkd --method-option beta=8; "
+    "`meal-cache methods` lists each method's options and defaults.",
 )
 @optimization_options
 @click.option(
@@ -73,7 +116,14 @@ def _floats(text: str) -> list[float]:
 @click.option("--soft-loss", type=click.Choice(["kl", "soft-ce"]), default=None, help="Soft-label loss on logits.")
 @click.option("--temperature", type=float, default=None, help="Softening temperature (default: the method's).")
 @click.option("--soft-weight", default=1.0, show_default=True, type=float)
-@click.option("--hard-weight", default=0.0, show_default=True, type=float, help="Cross-entropy on labels (MEAL: 0).")
+@click.option(
+    "--hard-weight",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Cross-entropy on labels (MEAL: 0). A method whose paper trains with it fills in its own weight where you "
+    "leave this at 0 (`meal-cache methods`).",
+)
 @click.option("--adv-weight", default=0.1, show_default=True, type=float, help="Weight of each adversarial loss.")
 @click.option("--adv-loss", default="bce", show_default=True, type=click.Choice(["bce", "ls"]))
 @click.option(

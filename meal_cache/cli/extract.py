@@ -126,9 +126,9 @@ from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, data_options
     "--for",
     "preset",
     default=None,
-    help="Store only what one method reads: meal (logits + the last 3 blocks' pooled channels, 8-bit unless "
-    "--quantize none), kd or meal-v2 (logits only), all (everything, as without --for). Replaces --features and "
-    "--blocks.",
+    help="Store only what one method reads (`meal-cache methods` says what each reads; meal: logits + the last 3 "
+    "blocks' pooled channels, 8-bit unless --quantize none), or all (everything, as without --for). Replaces "
+    "--features and --blocks.",
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--codec", default="zstd:3", show_default=True, help="zstd[:LEVEL], blosc[:LEVEL] or none.")

@@ -1,4 +1,4 @@
-"""models and datasets: the names `--arch` and `--data` accept."""
+"""models, datasets and methods: the names `--arch`, `--data` and `--method` accept."""
 
 from __future__ import annotations
 
@@ -51,3 +51,23 @@ def datasets() -> None:
         "  noise_seed=S, fraction_seed=S   the seeds of those draws (default 0)\n"
         "e.g. --data 'digits?label_noise=0.4&noise=symmetric'"
     )
+
+
+@click.command()
+def methods() -> None:
+    """List the distillation methods (plug-ins included): what each reads from a store (`extract --for NAME`),
+    the settings it fills in, and its own options (`distill --method-option NAME=VALUE`) with their defaults."""
+    import dataclasses
+
+    from meal_cache.distill import available_methods
+
+    for name, cls in available_methods().items():
+        click.echo(f"{name}: {cls.help}")
+        click.echo(f"    reads: {cls.store_needs.help} (extract --for {name})")
+        fills = {**cls.settings, "teacher_selection": cls.selection, "temperature": cls.temperature}
+        click.echo("    defaults: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in fills.items()))
+        options = [f"{f.name}={f.default}" for f in dataclasses.fields(cls.Options)]
+        if options:
+            click.echo(f"    options: {', '.join(options)}")
+        if cls.__module__.split(".")[0] != "meal_cache":
+            click.echo(f"    from: {cls.__module__} (plug-in)")

@@ -18,7 +18,7 @@ from torch import nn
 
 from meal_cache.distill.methods.base import DistillerOutput, Method, StoreNeeds, feature_key
 from meal_cache.errors import UserError
-from meal_cache.models import BlockTap, block_shapes
+from meal_cache.models import BlockTap
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig
@@ -68,7 +68,6 @@ class AT(Method):
         if "maps" not in store.layout.features:
             raise UserError("--method at reads the teachers' channel-mean maps, which this store lacks: extract with "
                             "--for at (or --features maps)")  # fmt: skip
-        block_shapes(student, image_size)  # the student's blocks run at this size (a clear error otherwise)
         count = min(self.options.blocks, len(student.block_names))
         self.pairs = {t: [(student.block_names[-1 - r], store.blocks(t)[-1 - r])
                           for r in range(min(count, len(store.blocks(t))))] for t in self.teachers}  # fmt: skip
