@@ -32,9 +32,10 @@ from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.distill import DistillConfig, InMemoryBatches, StreamingBatches, ViewFeed, distill
 from meal_cache.extract import ExtractConfig, extract
 from meal_cache.fidelity import store_fidelity
-from meal_cache.models import block_shapes, create_model
+from meal_cache.models import create_model
 from meal_cache.runtime import Precision, resolve_device
 from meal_cache.store import encode_topk, open_store, quantize_rows
+from meal_cache.taps import block_shapes
 from meal_cache.teachers import resolve_teacher
 from meal_cache.train import TrainConfig, train_supervised
 

@@ -35,6 +35,7 @@ from meal_cache.distributed import World, init_world
 from meal_cache.divergent import DivergentSearch, DivergentSource, check_search, search_from_json
 from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
 from meal_cache.loop import check_workers
+from meal_cache.mixing import Mixing
 from meal_cache.runtime import Precision
 from meal_cache.store import (
     FEATURE_KINDS,
@@ -106,10 +107,9 @@ class ExtractConfig:
     device: str = "auto"
     workers: int | None = None  # decoding processes for image files (None: from the core count)
 
-    def mixing(self) -> augment.Mixing | None:
+    def mixing(self) -> Mixing | None:
         """The views' Mixup/CutMix, None when neither is asked for."""
-        mixing = augment.Mixing(float(self.mixup), float(self.cutmix), float(self.mix_prob),
-                                float(self.mix_switch_prob))  # fmt: skip
+        mixing = Mixing(float(self.mixup), float(self.cutmix), float(self.mix_prob), float(self.mix_switch_prob))
         return mixing if mixing.enabled else None
 
     def divergent_search(self) -> DivergentSearch | None:

@@ -35,7 +35,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
-from meal_cache import augment
+from meal_cache import augment, mixing
 from meal_cache.errors import UserError
 
 DECODER = f"torchvision.io.decode_image {torchvision.__version__}"
@@ -93,7 +93,7 @@ def with_partners(render, requests: Iterable[Request]) -> Iterator[tuple[Any, to
 
     def expanded() -> Iterator[Request]:
         for rows, params, payload in requests:
-            mixed = augment.mixed_rows(params)
+            mixed = mixing.mixed_rows(params)
             if params.mix_partner is None:
                 yield rows, params, (payload, None, None)
                 continue
@@ -106,7 +106,7 @@ def with_partners(render, requests: Iterable[Request]) -> Iterator[tuple[Any, to
             yield payload, pixels
             continue
         own = len(params)
-        yield payload, augment.mix(pixels[:own], pixels[own:], params, mixed)
+        yield payload, mixing.mix(pixels[:own], pixels[own:], params, mixed)
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,10 @@ from meal_cache import augment
 from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
 from meal_cache.data import ImageDataset
 from meal_cache.errors import UserError
-from meal_cache.models import BlockTap, block_shapes, create_model, split_weights
+from meal_cache.models import create_model, split_weights
 from meal_cache.runtime import Precision
 from meal_cache.store import BlockSpec, TeacherSpec
+from meal_cache.taps import BlockTap, block_shapes
 
 
 @dataclass

@@ -4,7 +4,7 @@ and ``timm:hf-hub:ORG/NAME`` (timm's pretrained weights; need internet once, the
 A timm network is wrapped in :class:`TimmNet`, whose forward is the model's own API: ``forward_intermediates``
 (NCHW maps of the chosen stages, a ViT's token maps included) and then ``forward_head`` on its final features, so
 the logits are the model's own forward's. Each chosen intermediate passes through an identity module
-(``taps.NAME``), which is where :class:`~meal_cache.models.BlockTap`'s forward hooks find it: to the rest of
+(``taps.NAME``), which is where :class:`~meal_cache.taps.BlockTap`'s forward hooks find it: to the rest of
 meal-cache a ViT's token map or a ConvNeXt's stage is a block like a ResNet's layer. A model without
 ``forward_intermediates`` is hooked on the modules its ``feature_info`` names instead (``net.MODULE``), if those
 give NCHW maps. timm is imported only when a timm name is used (it adds about half a second).
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from meal_cache.errors import UserError, unknown_choice
+from meal_cache.taps import block_shapes
 
 PREFIX = "timm:"
 PRETRAINED = ":pretrained"
@@ -284,8 +285,6 @@ def create_timm_model(name: str, num_classes: int, image_size: int) -> nn.Module
 def describe(pattern: str, image_size: int, limit: int = 50) -> list[str]:
     """Lines for ``meal-cache models 'timm:PATTERN'``: each matching timm model and its blocks at ``image_size``
     (channels x height x width), built on the meta device so no weights are allocated; names only past ``limit``."""
-    from meal_cache.models import block_shapes
-
     names = timm_model_names(pattern)
     if not names:
         close = [PREFIX + n for n in difflib.get_close_matches(pattern.strip("*"), _timm().list_models(), n=5)]

@@ -22,9 +22,10 @@ from meal_cache.distill import DistillConfig, Distiller, OnlineTeachers, ViewFee
 from meal_cache.errors import SettingsMismatch, UserError
 from meal_cache.evaluate import evaluate
 from meal_cache.extract import ExtractConfig, extract
-from meal_cache.models import block_shapes, create_model
+from meal_cache.models import create_model
 from meal_cache.runtime import Precision
 from meal_cache.store import BlockSpec, open_store
+from meal_cache.taps import block_shapes
 
 
 def _config(store, **overrides) -> DistillConfig:

@@ -16,8 +16,8 @@ from meal_cache.checkpoint import load_model
 from meal_cache.cli import main
 from meal_cache.errors import UserError
 from meal_cache.extract import ExtractConfig, extract
-from meal_cache.models import BlockTap
 from meal_cache.store import describe_store, open_store, verify_store
+from meal_cache.taps import BlockTap
 
 
 def _arrays(path) -> dict[str, np.ndarray]:

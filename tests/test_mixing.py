@@ -15,6 +15,7 @@ from test_augment_replay import _extract_recording
 from meal_cache import augment
 from meal_cache.data import load_dataset
 from meal_cache.errors import SettingsMismatch, UserError
+from meal_cache.mixing import Mixing, mix, mixed_labels, mixed_rows
 from meal_cache.source import MemorySource
 
 SPEC = "digits?train_fraction=0.1"  # 143 rows
@@ -23,7 +24,7 @@ SPEC = "digits?train_fraction=0.1"  # 143 rows
 def test_draws_follow_timms_per_row_rules_and_keep_the_crops():
     sizes = augment.square_sizes(4000, 16)
     recipe, policy = augment.RECIPES["digits"], augment.policy_for("randaugment", "digits")
-    both = augment.Mixing(mixup=0.8, cutmix=1.0)
+    both = Mixing(mixup=0.8, cutmix=1.0)
     view = augment.draw(recipe, sizes, augment.view_generator(2, 3), policy, both, 16)
     plain = augment.draw(recipe, sizes, augment.view_generator(2, 3), policy)
     # Mixing is drawn after the crop and the ops, so it changes neither.
@@ -39,11 +40,11 @@ def test_draws_follow_timms_per_row_rules_and_keep_the_crops():
     assert 0.45 < lam[blended].mean() < 0.55 and (lam <= 1).all() and lam.dtype == torch.float32
     again = augment.draw(recipe, sizes, augment.view_generator(2, 3), policy, both, 16)
     assert all(torch.equal(getattr(again, k), getattr(view, k)) for k in ("mix_partner", "mix_lambda", "mix_box"))
-    sometimes = augment.draw(recipe, sizes, augment.view_generator(2, 3), None, augment.Mixing(mixup=1.0, prob=0.3), 16)
+    sometimes = augment.draw(recipe, sizes, augment.view_generator(2, 3), None, Mixing(mixup=1.0, prob=0.3), 16)
     assert 0.27 < (sometimes.mix_lambda < 1).float().mean() < 0.33 and not sometimes.mix_box.any()
-    only_cutmix = augment.draw(recipe, sizes, augment.view_generator(2, 3), None, augment.Mixing(cutmix=1.0), 16)
+    only_cutmix = augment.draw(recipe, sizes, augment.view_generator(2, 3), None, Mixing(cutmix=1.0), 16)
     assert (only_cutmix.mix_box[:, 2] > 0).float().mean() > 0.9
-    assert augment.draw(recipe, sizes, augment.view_generator(2, 3), None, augment.Mixing(), 16).mix_partner is None
+    assert augment.draw(recipe, sizes, augment.view_generator(2, 3), None, Mixing(), 16).mix_partner is None
 
 
 def test_mix_pastes_the_partners_box_or_blends_by_lambda():
@@ -56,15 +57,15 @@ def test_mix_pastes_the_partners_box_or_blends_by_lambda():
         mix_lambda=torch.tensor([1 - 20 / 64, 0.25, 1.0]),
         mix_box=torch.tensor([[2, 3, 4, 5], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.int16),
     )
-    rows = augment.mixed_rows(params)
+    rows = mixed_rows(params)
     assert rows.tolist() == [0, 1]
-    out = augment.mix(own, partner[rows], params, rows)
+    out = mix(own, partner[rows], params, rows)
     expected = own.clone()
     expected[0, :, 2:6, 3:8] = partner[0, :, 2:6, 3:8]
     expected[1] = own[1] * 0.25 + partner[1] * 0.75
     assert torch.equal(out, expected)
     labels = torch.tensor([1, 2, 3])
-    mixed = augment.mixed_labels(labels, params, 5, labels[params.mix_partner.long()])
+    mixed = mixed_labels(labels, params, 5, labels[params.mix_partner.long()])
     assert torch.allclose(mixed[0], (1 - 20 / 64) * F.one_hot(torch.tensor(1), 5) + 20 / 64 * F.one_hot(
         torch.tensor(3), 5).float())  # fmt: skip
     assert torch.equal(mixed[2], F.one_hot(torch.tensor(3), 5).float())
@@ -75,14 +76,14 @@ def test_a_mixed_rows_pixels_depend_on_its_own_and_its_partners_parameters_alone
     generator = torch.Generator().manual_seed(4)
     images = torch.randint(0, 256, (60, 3, 16, 16), dtype=torch.uint8, generator=generator)
     sizes, recipe = augment.square_sizes(60, 16), augment.RECIPES["natural"]
-    policy, mixing = augment.policy_for("trivialaugment", "natural"), augment.Mixing(mixup=0.8, cutmix=1.0)
+    policy, mixing = augment.policy_for("trivialaugment", "natural"), Mixing(mixup=0.8, cutmix=1.0)
     views = [augment.draw(recipe, sizes, augment.view_generator(0, v), policy, mixing, 16) for v in range(2)]
     source = MemorySource(images, torch.device("cpu"), 16)
     every = torch.arange(60)
     whole = [next(source.pixels([(every, v[every], None)]))[1] for v in views]
     unmixed = augment.render(images, views[0].unmixed())
     assert not torch.equal(whole[0], unmixed)
-    mixed = augment.mixed_rows(views[0][every])
+    mixed = mixed_rows(views[0][every])
     assert torch.equal(whole[0][~torch.isin(every, mixed)], unmixed[~torch.isin(every, mixed)])
     for size in (1, 5, 23):
         rows = torch.randperm(60, generator=generator)[:size]
@@ -132,7 +133,7 @@ def test_distill_replays_the_mixed_pixels_the_teacher_saw_and_mixes_the_hard_lab
                            batch_size=50, device="cpu")  # fmt: skip
     path = tmp_path / "s.zarr"
     store, fed = _extract_recording(config, path, monkeypatch)
-    assert store.attrs["format"] == MIX_FORMAT and store.mixing == augment.Mixing(0.8, 1.0, 1.0, 0.5)
+    assert store.attrs["format"] == MIX_FORMAT and store.mixing == Mixing(0.8, 1.0, 1.0, 0.5)
     assert store.attrs["settings"]["cutmix"] == 1.0
     assert "mixup 0.8 / cutmix 1 (p 1, switch 0.5)" in describe_store(store)
     # The stored arrays, read with zarr alone, rebuild what the teacher saw: the row's own view, then its
@@ -166,7 +167,7 @@ def test_distill_replays_the_mixed_pixels_the_teacher_saw_and_mixes_the_hard_lab
         view, rows = index // steps, step["rows"]
         assert torch.equal(step["pixels"], fed[view][rows]), index
         params = store.view_params(view)[rows]
-        expected = augment.mixed_labels(labels[rows], params, 10, labels[params.mix_partner.long()])
+        expected = mixed_labels(labels[rows], params, 10, labels[params.mix_partner.long()])
         assert torch.equal(step["labels"], expected), index
     assert any((step["labels"].max(1).values < 1).any() for step in seen)  # some labels really are mixed
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from meal_cache.errors import UserError
-from meal_cache.models import BlockTap, block_shapes, create_model, model_names
+from meal_cache.models import create_model, model_names
+from meal_cache.taps import BlockTap, block_shapes
 
 # (name, image size, expected blocks and their channels)
 CASES = [

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from meal_cache.cli import main
 from meal_cache.errors import UserError
-from meal_cache.models import BlockTap, block_shapes, create_model, is_model_name, split_weights
+from meal_cache.models import create_model, is_model_name, split_weights
+from meal_cache.taps import BlockTap, block_shapes
 from meal_cache.timm_models import choose_stages
 
 timm = pytest.importorskip("timm")
