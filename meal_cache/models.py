@@ -29,10 +29,7 @@ from torchvision.models.resnet import BasicBlock
 
 from meal_cache import timm_models
 from meal_cache.errors import UserError, unknown_choice
-
-# BlockTap and block_shapes are re-exported for distill.py and afd.py, which still import them from here; their
-# home is taps.py, which imports neither registry, so re-exporting them makes no circle.
-from meal_cache.taps import BlockTap, block_shapes, infer_blocks  # noqa: F401
+from meal_cache.taps import infer_blocks
 
 SMALL_INPUT_MAX = 64
 

@@ -194,7 +194,7 @@ import torch.nn.functional as F
 
 from meal_cache.distill import DistillerOutput, Method, StoreNeeds
 from meal_cache.losses import Adapter
-from meal_cache.models import BlockTap, block_shapes
+from meal_cache.taps import BlockTap, block_shapes
 
 
 class Cosine(Method):

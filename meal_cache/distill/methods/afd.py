@@ -33,7 +33,8 @@ from meal_cache.distill.methods.base import (
     soft_target_sets,
 )
 from meal_cache.errors import UserError
-from meal_cache.models import BlockTap, block_shapes, create_model
+from meal_cache.models import create_model
+from meal_cache.taps import BlockTap, block_shapes
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig

@@ -18,7 +18,7 @@ from torch import nn
 
 from meal_cache.distill.methods.base import DistillerOutput, Method, StoreNeeds, feature_key
 from meal_cache.errors import UserError
-from meal_cache.models import BlockTap
+from meal_cache.taps import BlockTap
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig

@@ -16,7 +16,7 @@ from torch import nn
 from meal_cache import losses
 from meal_cache.distill.methods.base import DistillerOutput, Method, StoreNeeds, feature_key
 from meal_cache.errors import UserError
-from meal_cache.models import BlockTap, block_shapes
+from meal_cache.taps import BlockTap, block_shapes
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig
