@@ -59,8 +59,9 @@ DIVERGENT_FIELDS = ("divergent_views", "divergent_eps", "divergent_steps")
 
 # ``--for all``: everything, as without --for; ``--for METHOD``: what the method declares it reads
 # (:attr:`meal_cache.distill.Method.store_needs`).
-STORE_EVERYTHING = StoreNeeds(tuple(FEATURE_KINDS), "all",
-                              "logits, and every block's pooled output and map (the default)")
+STORE_EVERYTHING = StoreNeeds(
+    tuple(FEATURE_KINDS), "all", "logits, and every block's pooled output and map (the default)"
+)
 
 
 def store_presets() -> dict[str, StoreNeeds]:

@@ -198,7 +198,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
 
 def _check_pairs(path: Path, pairs: object, methods: dict[str, dict]) -> list[tuple[str, str]]:
     """``pairs = [["METHOD", "BASELINE"], ...]``: two methods of [methods] each, which the report pairs."""
-    shape = f"{path}: pairs is a list of [method, baseline] name pairs, e.g. pairs = [[\"kd-cutmix\", \"kd\"]]"
+    shape = f'{path}: pairs is a list of [method, baseline] name pairs, e.g. pairs = [["kd-cutmix", "kd"]]'
     if not isinstance(pairs, list):
         raise UserError(shape)
     checked = []

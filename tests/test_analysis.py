@@ -59,7 +59,6 @@ def test_noisy_labels_are_found_and_refined(teacher_dir, tmp_path, monkeypatch):
     truly_changed = [r for r in found if r in set(changed.tolist())]
     assert np.mean([found[r] == int(noisy.clean_train_labels[r]) for r in truly_changed]) > 0.9
 
-
     seen = []
     real_cross_entropy = torch.nn.functional.cross_entropy
 

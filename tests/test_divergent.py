@@ -100,8 +100,19 @@ def _extract(teacher_dir, out, monkeypatch=None, **options):
             return real(teacher, pixels, *args)
 
         monkeypatch.setattr(extract_module, "teacher_outputs", recording)
-    settings = dict(teachers=TEACHERS, data=SPEC, views=1, identity_view=True, divergent_views=2, divergent_steps=3,
-                    preset="kd", teacher_dir=str(teacher_dir), device="cpu", rows_per_chunk=64, batch_size=64)
+    settings = dict(
+        teachers=TEACHERS,
+        data=SPEC,
+        views=1,
+        identity_view=True,
+        divergent_views=2,
+        divergent_steps=3,
+        preset="kd",
+        teacher_dir=str(teacher_dir),
+        device="cpu",
+        rows_per_chunk=64,
+        batch_size=64,
+    )
     config = ExtractConfig(**{**settings, **options})
     store = extract(config, out, progress=False)
     if monkeypatch is not None:

@@ -231,7 +231,8 @@ def test_a_method_installed_by_entry_point_runs_end_to_end(tmp_path, teacher_dir
     package = tmp_path / "plugin"
     (package / "cosine_method").mkdir(parents=True)
     (package / "cosine_method" / "__init__.py").write_text(PLUGIN)
-    (package / "pyproject.toml").write_text(textwrap.dedent("""
+    (package / "pyproject.toml").write_text(
+        textwrap.dedent("""
         [build-system]
         requires = ["setuptools"]
         build-backend = "setuptools.build_meta"
@@ -240,7 +241,8 @@ def test_a_method_installed_by_entry_point_runs_end_to_end(tmp_path, teacher_dir
         version = "0.1"
         [project.entry-points."meal_cache.methods"]
         cosine = "cosine_method:Cosine"
-    """))
+    """)
+    )
     site = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
                               "--no-build-isolation", "--target", str(site), str(package)],
