@@ -18,7 +18,7 @@ import meal_cache.loop as loop_module
 from meal_cache.checkpoint import load_model
 from meal_cache.cli import main
 from meal_cache.data import load_dataset
-from meal_cache.distill import DistillConfig, Distiller, OnlineTeachers, ViewFeed, distill, match_blocks
+from meal_cache.distill import DistillConfig, OnlineTeachers, ViewFeed, distill, match_blocks, method_class
 from meal_cache.errors import SettingsMismatch, UserError
 from meal_cache.evaluate import evaluate
 from meal_cache.extract import ExtractConfig, extract
@@ -71,7 +71,7 @@ def test_blocks_representation_with_adapters_and_conv_discriminators(small_store
     config = _config(path, representation="blocks", teacher_selection="all", epochs=1).resolved()
     torch.manual_seed(config.seed)  # as distill() seeds before it builds the student and the adapters
     student = create_model("resnet8_w4", 10, 16)
-    distiller = Distiller(student, config, open_store(path), 16)
+    distiller = method_class(config.method)(student, config, open_store(path), 16)
     assert config.block_loss == "l2" and len(distiller.adapters) == 6
     assert any(type(d).__name__ == "ConvDiscriminator" for d in distiller.discriminators.values())
     for pair in distiller.pairs:  # each adapter maps the student's pooled block onto the teacher's block
@@ -125,7 +125,7 @@ def test_online_and_cached_first_step_agree(small_store, teacher_dir, digits):
     results = []
     for source in ("cache", "online"):
         torch.manual_seed(0)
-        distiller = Distiller(create_model("resnet8_w4", 10, 16), config, store, 16)
+        distiller = method_class(config.method)(create_model("resnet8_w4", 10, 16), config, store, 16)
         if source == "cache":
             feed = ViewFeed(store, distiller.needed_keys(), torch.device("cpu"))
             targets = {k: v[rows] for k, v in feed.get(0).items()}
@@ -319,7 +319,7 @@ def _one_step(store_path, digits, **overrides):
     config = _config(store_path, **overrides).resolved()
     store = open_store(store_path)
     torch.manual_seed(0)
-    distiller = Distiller(create_model("resnet8_w4", 10, 16), config, store, 16)
+    distiller = method_class(config.method)(create_model("resnet8_w4", 10, 16), config, store, 16)
     rows = torch.arange(64)
     feed = ViewFeed(store, distiller.needed_keys(), torch.device("cpu"))
     targets = {k: v[rows] for k, v in feed.get(0).items()}

@@ -89,6 +89,9 @@ class Distiller(Method):
     has is its :attr:`block_terms` and :attr:`own_discriminators`."""
 
     def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
+        if not self.name:  # the family's terms are its members' (meal, kd, meal-v2), so build one of them
+            raise TypeError(f"build the method of a config with method_class(config.method), here "
+                            f"method_class('{config.method}'), not the MEAL family's base class")  # fmt: skip
         super().__init__(student, config, store, image_size)
         teacher_blocks = {t: store.blocks(t) for t in self.teachers} if self.block_terms else {}
         self.pairs = match_blocks(tuple(student.block_names), teacher_blocks, config.block_weights,
