@@ -43,6 +43,72 @@ def test_the_ops_and_their_magnitudes_are_torchvisions(space):
             assert torch.equal(augment._apply_op(images, name, magnitude), expected), (name, signed_bin)
 
 
+def _torchvision_magnitude(space: str, name: str, signed_bin: int, height: int, width: int) -> float:
+    """What torchvision passes for op ``name`` when it draws bin ``|signed_bin|`` (and, for a negative bin, the
+    sign): entry ``|signed_bin|`` of its own table evaluated for its ``num_magnitude_bins`` and the image's size, 0
+    for the ops that take none. The test above hands op_magnitude's value to both sides, so it cannot see which
+    entry a stored bin reads; this reads the entry from torchvision alone."""
+    reference = TORCHVISION[space]()
+    magnitudes_fn, signed = reference._AUGMENTATION_SPACE[name]
+    magnitudes = magnitudes_fn(reference.num_magnitude_bins, height, width)
+    if magnitudes is None:
+        return 0.0
+    value = float(magnitudes[abs(signed_bin)])
+    return -value if signed and signed_bin < 0 else value
+
+
+@pytest.mark.parametrize("space", list(TORCHVISION))
+def test_a_stored_bin_is_torchvisions_table_entry_of_that_index(space):
+    height, width = 16, 20  # not square: TranslateX reads the width, TranslateY the height
+    bins = TORCHVISION[space]().num_magnitude_bins
+    assert bins == augment.NUM_BINS == 31
+    for name in augment.OP_NAMES:
+        op = augment.OP_INDEX[name]
+        for signed_bin in range(-(bins - 1), bins):
+            if signed_bin < 0 and not augment.SPACES[space][name][1]:
+                continue  # never stored: unsigned ops draw no sign
+            expected = _torchvision_magnitude(space, name, signed_bin, height, width)
+            assert augment.op_magnitude(space, op, signed_bin, height, width) == pytest.approx(expected, abs=1e-6), (
+                name,
+                signed_bin,
+            )
+
+
+@pytest.mark.parametrize("policy_name", ["randaugment", "trivialaugment"])
+def test_rendered_ops_are_torchvisions_ops_at_the_drawn_bins_magnitude(policy_name):
+    """Each row's pixels are torchvision's op at the magnitude torchvision's table gives for the bin drawn for that
+    row, applied to the row's crop; and the bins drawn are torchvision's: RandAugment's fixed magnitude 9, or
+    TrivialAugment's uniform draw over all 31 bins."""
+    policy = augment.policy_for(policy_name, "natural")
+    n = 600
+    sizes = augment.square_sizes(n, 16)
+    generator = torch.Generator().manual_seed(11)
+    images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    params = augment.draw(augment.RECIPES["natural"], sizes, augment.view_generator(2, 0), policy)
+    takes = torch.tensor([augment.SPACES[policy.space][name][0] is not None for name in augment.OP_NAMES])
+    drawn = params.magnitude.long().abs()[takes[params.ops.long()]]
+    if policy_name == "randaugment":
+        assert policy.magnitude == v2.RandAugment().magnitude and set(drawn.tolist()) == {policy.magnitude}
+    else:
+        assert set(drawn.tolist()) == set(range(v2.TrivialAugmentWide().num_magnitude_bins))
+    rendered = augment.render(images, params)
+    crops = augment.render(images, dataclasses.replace(params, ops=None)).to(torch.uint8)
+    reference = TORCHVISION[policy.space]()
+    # Rows grouped by their (op, bin) pairs, so each torchvision call covers many rows (a row's pixels depend on its
+    # own parameters alone, tested above).
+    pairs = torch.cat([params.ops.long(), params.magnitude.long()], 1)
+    for pair in torch.unique(pairs, dim=0):
+        rows = (pairs == pair).all(1).nonzero()[:, 0]
+        expected = crops[rows]
+        for k in range(policy.num_ops):
+            name = augment.OP_NAMES[int(pair[k])]
+            magnitude = _torchvision_magnitude(policy.space, name, int(pair[policy.num_ops + k]), 16, 16)
+            expected = reference._apply_image_or_video_transform(expected, name, magnitude,
+                                                                 interpolation=InterpolationMode.NEAREST,
+                                                                 fill=reference._fill)  # fmt: skip
+        assert torch.equal(rendered[rows], expected.float()), pair.tolist()
+
+
 def test_policies_draw_torchvisions_counts_and_bins_and_keep_the_crops():
     sizes = augment.square_sizes(400, 16)
     natural, digits = augment.RECIPES["natural"], augment.RECIPES["digits"]

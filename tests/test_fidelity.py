@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import zarr
 
 from meal_cache.errors import UserError
 from meal_cache.extract import extract
@@ -69,6 +70,53 @@ def test_8bit_blocks_against_float16_match_a_hand_computation(small_store, lossy
     sums.add_logits(noisy, ref_logits)
     assert sums.kl[4.0] / sums.rows == pytest.approx(_kl(ref_logits, noisy, 4.0), rel=1e-9)
     assert sums.kl[1.0] / sums.rows != pytest.approx(_kl(noisy, ref_logits, 1.0), rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def top3_store(small_store, digits, tmp_path_factory):
+    """The small store's rows and views for one of its teachers, logits only, with only each row's 3 largest logits
+    kept (of 10 classes): what the fidelity of top-k logits is measured on, at the least extraction cost."""
+    path, config = small_store
+    out = tmp_path_factory.mktemp("top3") / "top3.zarr"
+    top3 = dataclasses.replace(config, teachers=["resnet8_w4"], preset="kd", logits_topk=3)
+    extract(top3, out, progress=False, dataset=digits)
+    return out
+
+
+def _rebuilt_by_hand(index: np.ndarray, value: np.ndarray, lse: np.ndarray, classes: int) -> np.ndarray:
+    """docs/design.md's top-k rule, written out: a stored class keeps its logit (so its probability at T = 1 is
+    exp(value - lse)), every other class gets log((1 - stored mass) / (classes - k)) + lse (the rest spread evenly,
+    at least a millionth of the mass each); read back in the store's dtype, as every reader of a store gets it."""
+    k = index.shape[-1]
+    kept = np.exp(value.astype(np.float64) - lse[..., None].astype(np.float64)).sum(-1)
+    rest = np.maximum(1.0 - kept, 1e-6 * (classes - k)) / (classes - k)
+    dense = np.repeat((lse.astype(np.float64) + np.log(rest))[..., None], classes, axis=-1)
+    for j in range(k):
+        np.put_along_axis(dense, index[..., j : j + 1].astype(np.int64), value[..., j : j + 1].astype(np.float64), -1)
+    return dense.astype(value.dtype)
+
+
+def test_top_k_logits_kl_at_1_and_4_match_a_hand_computation(small_store, top3_store):
+    """The KL at T = 1 and at T = 4 of a top-3 store against the full logits, each against the formula written out
+    here from the two stores' raw arrays (zarr alone): KL(softmax(full / T) || softmax(rebuilt / T)), averaged over
+    every row of every view."""
+    path, _ = small_store
+    result = store_fidelity(str(top3_store), str(path))
+    full_group, top_group = zarr.open_group(str(path), mode="r"), zarr.open_group(str(top3_store), mode="r")
+    assert result["views"] == 3 and list(result["teachers"]) == ["resnet8_w4"]
+    for teacher, summary in result["teachers"].items():
+        full = np.asarray(full_group[f"teachers/{teacher}/logits"][:])  # (V, N, C)
+        parts = [np.asarray(top_group[f"teachers/{teacher}/logits_topk/{p}"][:]) for p in ("index", "value", "lse")]
+        rebuilt = _rebuilt_by_hand(*parts, classes=full.shape[-1])
+        flat_full, flat_rebuilt = full.reshape(-1, full.shape[-1]), rebuilt.reshape(-1, full.shape[-1])
+        expected = {t: _kl(flat_full, flat_rebuilt, t) for t in (1.0, 4.0)}
+        # The two temperatures give clearly different values, so one computed at the other's temperature shows.
+        assert max(expected.values()) > 2 * min(expected.values()) > 0, expected
+        assert summary["kl"]["T=1"] == pytest.approx(expected[1.0], rel=1e-6), teacher
+        assert summary["kl"]["T=4"] == pytest.approx(expected[4.0], rel=1e-6), teacher
+        # The largest logit is stored as it is, so the top-1 never moves.
+        assert summary["rows"] == len(flat_full) and summary["top1_agreement"] == 100.0
+        assert (flat_rebuilt.argmax(1) == flat_full.argmax(1)).all()
 
 
 def test_stores_of_other_views_are_refused(small_store, lossy_stores):

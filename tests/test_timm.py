@@ -53,6 +53,34 @@ def test_taps_read_the_models_own_forward_and_blocks_have_timms_shapes(family, n
     assert block_shapes(model, 32) == {b: tuple(o.shape[1:]) for b, o in tap.outputs.items()}
 
 
+def test_a_vit_tap_named_blocks_i_reads_timms_block_i():
+    """Every ViT block has the same shape, so a tap reading the block before or after the one it is named for would
+    pass the shape checks above; here the expected maps come from forward hooks on timm's own modules, found by
+    the name the tap carries (taps.blocks_2 -> net.blocks.2), not from the indices meal-cache chose."""
+    torch.manual_seed(0)
+    model = create_model("timm:vit_tiny_patch16_224", num_classes=10, image_size=32).eval()
+    modules = dict(model.net.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for block in model.block_names:
+        name = block.removeprefix("taps.").replace("_", ".")  # blocks_2 -> blocks.2
+        assert name in modules and name.startswith("blocks."), name
+        handles.append(modules[name].register_forward_hook(lambda _m, _i, out, key=block: seen.setdefault(key, out)))
+    x = torch.randn(2, 3, 32, 32)
+    try:
+        with BlockTap(model) as tap, torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert list(seen) == list(tap.outputs) == ["taps.blocks_2", "taps.blocks_5", "taps.blocks_8", "taps.blocks_11"]
+    prefix = model.net.num_prefix_tokens  # the class token, dropped from a token map
+    for block, tokens in seen.items():
+        # (B, prefix + 2 * 2 patches, C) tokens -> (B, C, 2, 2): a 32 px image cut into 16 px patches.
+        expected = tokens[:, prefix:].reshape(2, 2, 2, -1).permute(0, 3, 1, 2)
+        torch.testing.assert_close(tap.outputs[block], expected, rtol=0, atol=0, msg=lambda m, b=block: f"{b}: {m}")
+
+
 def test_stage_choice_names_and_the_registry():
     assert choose_stages([16] * 12) == [2, 5, 8, 11] and choose_stages([16, 16]) == [0, 1]
     assert choose_stages([2, 4, 8, 16, 32]) == [1, 2, 3, 4]  # the stem's stride-2 map is left out

@@ -86,15 +86,76 @@ def test_a_top_k_store_holds_k_logits_a_row_and_reads_back_dense(topk_stores):
     assert sizes["raw"] == 2 * dense.n * (3 * 2 + 3 * 2 + 4)  # index int16, value float16, lse float32
 
 
-def test_distill_and_inspect_read_a_top_k_store(topk_stores, digits, tmp_path):
+def _rebuilt_by_hand(index: np.ndarray, value: np.ndarray, lse: np.ndarray, classes: int) -> np.ndarray:
+    """docs/design.md's top-k rule written out: stored classes keep their logits, every other class gets
+    lse + log((1 - stored mass) / (classes - k)) (at least a millionth of the mass each), in the store's dtype."""
+    k = index.shape[-1]
+    kept = np.exp(value.astype(np.float64) - lse[..., None].astype(np.float64)).sum(-1)
+    rest = np.maximum(1.0 - kept, 1e-6 * (classes - k)) / (classes - k)
+    dense = np.repeat((lse.astype(np.float64) + np.log(rest))[..., None], classes, axis=-1)
+    for j in range(k):
+        np.put_along_axis(dense, index[..., j : j + 1].astype(np.int64), value[..., j : j + 1].astype(np.float64), -1)
+    return dense.astype(value.dtype)
+
+
+def test_distill_and_inspect_read_a_top_k_store(topk_stores, digits, tmp_path, monkeypatch):
+    """Distill learns from the rebuilt logits' soft targets, and inspect's accuracies are those of the rebuilt logits:
+    each teacher's equal to its full logits' (the largest logit is stored as it is), the ensemble's that of the mean
+    of the rebuilt probabilities. Every expected value comes from the stores' raw arrays, read with zarr alone."""
+    import zarr
+
+    from meal_cache import distill as distill_module
     from meal_cache.analysis import inspect_store
     from meal_cache.distill import DistillConfig, distill
 
-    _, topk_path = topk_stores
-    config = DistillConfig(store=str(topk_path), student="resnet8_w4", method="kd", epochs=1, device="cpu")
+    dense_path, topk_path = topk_stores
+    dense_group, topk_group = zarr.open_group(str(dense_path), mode="r"), zarr.open_group(str(topk_path), mode="r")
+    teachers = ["resnet8_w4", "densenet_k12"]
+    labels = np.asarray(topk_group["labels"][:])
+    full = {t: np.asarray(dense_group[f"teachers/{t}/logits"][:]) for t in teachers}  # (3, N, 10)
+    rebuilt = {t: _rebuilt_by_hand(*(np.asarray(topk_group[f"teachers/{t}/logits_topk/{p}"][:])
+                                     for p in ("index", "value", "lse")), classes=10) for t in teachers}  # fmt: skip
+
+    # Distill: every step's soft targets (kd, T = 4, the mean of both teachers) are the rebuilt logits' of its rows
+    # in view 0, the one augmented view the top-k store holds (epoch 0 replays it).
+    steps: list[torch.Tensor] = []
+    soft: list[list[torch.Tensor]] = []
+    real_step, real_soft = distill_module.DistillEpochs.step, distill_module.soft_target_sets
+
+    def record_step(self, batch):
+        steps.append(batch[0][0].clone())
+        return real_step(self, batch)
+
+    def record_soft(config, teacher_logits):
+        out = real_soft(config, teacher_logits)
+        soft.append([p.detach().clone() for p in out])
+        return out
+
+    monkeypatch.setattr(distill_module.DistillEpochs, "step", record_step)
+    monkeypatch.setattr(distill_module, "soft_target_sets", record_soft)
+    config = DistillConfig(store=str(topk_path), student="resnet8_w4", method="kd", epochs=1, device="cpu",
+                           temperature=4.0, teacher_selection="mean")  # fmt: skip
     summary = distill(config, tmp_path / "run", progress=False, dataset=digits)
-    assert summary["test"]["n"] == 360
-    assert inspect_store(topk_path)["teachers"]
+    monkeypatch.undo()
+    assert summary["test"]["n"] == 360 and len(steps) == len(soft) > 0
+    for rows, (targets,) in zip(steps, soft, strict=True):
+        index = rows.numpy()
+        expected = np.mean([_softmax(rebuilt[t][0, index], 4.0) for t in teachers], axis=0)
+        np.testing.assert_allclose(targets.numpy(), expected, rtol=0, atol=1e-6)
+    # Not the full logits' targets: what distill learns from is the lossy rebuild.
+    first = steps[0].numpy()
+    assert not np.allclose(np.mean([_softmax(full[t][0, first], 4.0) for t in teachers], axis=0),
+                           soft[0][0].numpy(), atol=1e-3)  # fmt: skip
+
+    # Inspect: top-k view 0 is the dense store's view 0, its identity view (1) the dense store's (2).
+    result = inspect_store(topk_path)
+    assert result["teachers"] == teachers and result["views"] == 2
+    for t in teachers:
+        from_full = [100 * float((full[t][v].argmax(1) == labels).mean()) for v in (0, 2)]
+        assert result["accuracy_per_view"][t] == pytest.approx(from_full, abs=1e-4), t
+    ensemble = np.mean([_softmax(rebuilt[t].reshape(-1, 10)).reshape(2, -1, 10) for t in teachers], axis=0)
+    from_rebuilt = [100 * float((ensemble[v].argmax(1) == labels).mean()) for v in (0, 1)]
+    assert result["accuracy_per_view"]["ensemble"] == pytest.approx(from_rebuilt, abs=1e-4)
 
 
 def test_bad_top_k_settings_are_refused(small_store, digits, tmp_path):
