@@ -18,7 +18,7 @@ import dask.array as da
 import numpy as np
 
 from meal_cache.errors import UserError
-from meal_cache.store import open_store
+from meal_cache.store import LABELS, logits_key, open_store
 
 DEFAULT_CONFIDENCE = 0.5
 
@@ -56,11 +56,11 @@ def inspect_store(
     if not store.complete:
         raise UserError("store is incomplete (an extract was interrupted); run the same extract again to finish it")
     num_classes = int(store.dataset["num_classes"])
-    labels = da.from_zarr(store.array("labels"))
+    labels = da.from_zarr(store.array(LABELS))
     onehot = labels[:, None] == da.arange(num_classes)[None, :]
     class_counts = onehot.sum(axis=0)
     teachers = store.teacher_names
-    probs = {t: store.dask_array(f"teachers/{t}/logits").map_blocks(_softmax, dtype=np.float32)
+    probs = {t: store.dask_array(logits_key(t)).map_blocks(_softmax, dtype=np.float32)
              for t in teachers}  # fmt: skip
     predictions = {t: p.argmax(axis=2) for t, p in probs.items()}
     ensemble = da.stack([probs[t] for t in teachers]).mean(axis=0)  # (V, N, C)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from meal_cache import augment
 from meal_cache.errors import UserError
-from meal_cache.store import DIVERGENT_PIXELS as PIXELS_KEY
+from meal_cache.store import DIVERGENT_PIXELS
 
 # PGD's usual step: 2.5 eps / steps lets a search reach the ball's boundary and move along it.
 STEP_FACTOR = 2.5
@@ -134,7 +134,7 @@ class DivergentSource:
             parts.append(found.cpu())
             chunk, chunk_rows, last = payload
             if last:  # whole chunks only, as every store write
-                self.store.array(PIXELS_KEY)[self.view, chunk_rows] = torch.cat(parts).numpy()
+                self.store.array(DIVERGENT_PIXELS)[self.view, chunk_rows] = torch.cat(parts).numpy()
                 parts = []
             yield payload, found.float()
 
@@ -144,7 +144,7 @@ class DivergentSource:
 
 def stored_pixels(store, view: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 ``(N, 3, S, S)`` pixels of divergent view ``view`` (its index among the divergent views)."""
-    array = store.array(PIXELS_KEY)
+    array = store.array(DIVERGENT_PIXELS)
     if rows is None:
         return torch.from_numpy(array[view])
     return torch.from_numpy(array.oindex[view, rows.numpy()])

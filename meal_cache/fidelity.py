@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from meal_cache.errors import UserError
-from meal_cache.store import TeacherStore, open_store
+from meal_cache.store import TeacherStore, feature_key, feature_name, logits_key, open_store
 
 TEMPERATURES = (1.0, 4.0)
 
@@ -108,13 +108,13 @@ def store_fidelity(path: str, reference_path: str) -> dict:
         for view in range(store.num_views):
             for chunk in range(store.n_chunks):
                 rows = store.chunk_rows(chunk)
-                logits = f"teachers/{teacher}/logits"
+                logits = logits_key(teacher)
                 sums.add_logits(store.read(logits, view, rows), reference.read(logits, view, rows))
                 for kind in kinds:
                     for block in blocks:
-                        key = f"teachers/{teacher}/{kind}/{block}"
-                        sums.add_block(f"{kind}/{block}", store.read(key, view, rows), reference.read(key, view, rows))
-                        block_rows[f"{kind}/{block}"] = block_rows.get(f"{kind}/{block}", 0) + rows.stop - rows.start
+                        key, name = feature_key(teacher, kind, block), feature_name(kind, block)
+                        sums.add_block(name, store.read(key, view, rows), reference.read(key, view, rows))
+                        block_rows[name] = block_rows.get(name, 0) + rows.stop - rows.start
         result["teachers"][teacher] = sums.summary(block_rows)
     return result
 

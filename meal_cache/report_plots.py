@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from meal_cache.report_stats import CURVE_METRICS  # noqa: E402
+from meal_cache.store_keys import LOGITS, split_teacher_key, teacher_key  # noqa: E402
 
 
 def plot_accuracy(results: dict, path: Path) -> None:
@@ -104,13 +105,13 @@ def plot_paired_differences(comparisons: list[dict], baseline: str, path: Path) 
 
 def plot_store_bytes(results: dict, path: Path) -> None:
     by_array = results["store"]["by_array"]
-    teachers = sorted({key.split("/")[1] for key in by_array})
+    teachers = sorted({split_teacher_key(key)[0] for key in by_array})
     fig, ax = plt.subplots(figsize=(9, 4.2))
     bottoms = np.zeros(len(teachers))
-    parts = sorted({key.split("/", 2)[2] for key in by_array}, key=lambda k: (k != "logits", k))
+    parts = sorted({split_teacher_key(key)[1] for key in by_array}, key=lambda k: (k != LOGITS, k))
     colours = plt.cm.tab20(np.linspace(0, 1, max(2, len(parts))))
     for colour, part in zip(colours, parts, strict=False):
-        heights = np.array([by_array.get(f"teachers/{t}/{part}", {}).get("stored", 0) / 2**20 for t in teachers])
+        heights = np.array([by_array.get(teacher_key(t, part), {}).get("stored", 0) / 2**20 for t in teachers])
         if heights.any():
             ax.bar(teachers, heights, bottom=bottoms, label=part, color=colour)
             bottoms += heights

@@ -1,0 +1,110 @@
+"""``meal-cache info``: a store described in text, per teacher its accuracy, arrays, shapes and stored bytes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from meal_cache.store_keys import DIVERGENT_PIXELS, is_logits_key, split_teacher_key
+from meal_cache.store_schema import StoreLayout
+
+if TYPE_CHECKING:  # the store module imports this one
+    from meal_cache.store import TeacherStore
+
+
+def _array_label(store: TeacherStore, key: str) -> str:
+    label = split_teacher_key(key)[1]
+    k = store.layout.logits_topk
+    return f"{label} (top {k}, read back dense)" if k is not None and is_logits_key(key) else label
+
+
+def _lossy_description(layout: StoreLayout) -> str:
+    lossy = []
+    if layout.keep_bits is not None:
+        lossy.append(f"{layout.keep_bits} mantissa bits kept")
+    if layout.quantize is not None:
+        lossy.append(f"blocks and maps as {layout.quantize}-bit codes")
+    if layout.logits_topk is not None:
+        lossy.append(f"the top {layout.logits_topk} logits")
+    return "lossy: " + ", ".join(lossy) if lossy else "lossless"
+
+
+def _mixing_description(mixing: dict | None) -> str:
+    if not mixing:
+        return ""
+    kinds = [f"{kind} {mixing[kind]:g}" for kind in ("mixup", "cutmix") if mixing[kind] > 0]
+    switch = f", switch {mixing['switch_prob']:g}" if len(kinds) == 2 else ""
+    return f" + {' / '.join(kinds)} (p {mixing['prob']:g}{switch})"
+
+
+def describe_store(store: TeacherStore) -> str:
+    """A readable summary: dataset, views, and per teacher its accuracy, blocks, shapes and stored bytes."""
+    attrs = store.attrs
+    data, views, layout = attrs["dataset"], attrs["views"], store.layout
+    lines = [
+        f"store     {store.group.store}  ({'complete' if store.complete else 'INCOMPLETE: run the extract again'})",
+        f"dataset   {data['spec']} [{data['split']}]  {data['n']} rows, {data['num_classes']} classes, "
+        f"{data['image_size']} px, fingerprint {data['fingerprint'][:12]}",
+        f"views     {views['augmented']} augmented ({views['recipe']}"
+        + (f" + {views['policy']['name']}" if views.get("policy") else "")
+        + _mixing_description(views.get("mixing"))
+        + f", seed {views['seed']})"
+        + (" + identity" if views["identity"] else "")
+        + (
+            f" + {views['divergent']['views']} divergent (eps {views['divergent']['eps']:g}, "
+            f"{views['divergent']['steps']} steps)"
+            if views.get("divergent")
+            else ""
+        ),
+        f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk, "
+        f"features {', '.join(layout.features) or 'none (logits only)'}, {_lossy_description(layout)}",
+        "",
+    ]
+    sizes = store.sizes()
+    total_stored = total_raw32 = 0
+    for key in store.teacher_names:
+        teacher = store.teacher(key)
+        accuracy = teacher.get("accuracy")
+        if accuracy:
+            augmented = accuracy[: views["augmented"]] or accuracy[:1]
+            acc_text = f"top-1 {np.mean(augmented):.2f}% on augmented views"
+            if views["identity"]:
+                acc_text += f", {accuracy[store.identity_view]:.2f}% on the identity view"
+            if store.divergent_views:
+                divergent = [accuracy[v] for v in store.divergent_views]
+                acc_text += f", {np.mean(divergent):.2f}% on divergent views"
+        else:
+            acc_text = "accuracy not yet recorded"
+        done = store.progress(key)
+        lines.append(f"teacher {key}  ({teacher['arch']}, from {teacher['source']})  {acc_text}  "
+                     f"[{int(done.sum())}/{done.size} chunks]")  # fmt: skip
+        lines.append(f"  {'array':40s} {'shape':>22s} {'stored':>10s} {'vs f32':>7s}")
+        for array_key in store.feature_keys(key):
+            size = sizes[array_key]
+            total_stored += size["stored"]
+            total_raw32 += size["raw_float32"]
+            shape = "x".join(str(s) for s in store.logical_shape(array_key))
+            ratio = size["raw_float32"] / max(1, size["stored"])
+            lines.append(
+                f"  {_array_label(store, array_key):40s} {shape:>22s} {_human(size['stored']):>10s} {ratio:6.1f}x"
+            )
+        lines.append("")
+    per_row = total_stored / max(1, store.n * store.num_views)
+    lines.append(
+        f"total     {_human(total_stored)} stored, {_human(total_raw32)} as float32 "
+        f"({total_raw32 / max(1, total_stored):.1f}x smaller); {per_row:.0f} bytes per sample per view"
+    )
+    if DIVERGENT_PIXELS in store.group:  # beside the teachers' outputs: the divergent views' own pixels
+        pixels = store.group[DIVERGENT_PIXELS]
+        lines.append(f"divergent pixels {_human(store.stored_bytes(DIVERGENT_PIXELS))} stored "
+                     f"({'x'.join(map(str, pixels.shape))} uint8, {_human(pixels.nbytes)} raw)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

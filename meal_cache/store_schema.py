@@ -1,0 +1,95 @@
+"""What a store records about itself: its format (and which formats this version reads), the teachers and
+their blocks, and the layout of their outputs (see :mod:`meal_cache.store` for the arrays)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meal_cache.augment import ViewParams
+
+FORMAT = "meal-cache/2"
+# A store whose views carry a policy's ops (extract --recipe randaugment|trivialaugment): a /2 reader would
+# replay its views without the ops, so such a store says /3 and /2 readers refuse it. Crop-only stores stay /2.
+OPS_FORMAT = "meal-cache/3"
+# A store whose views mix rows (extract --mixup/--cutmix): /2 and /3 readers would replay unmixed pixels.
+MIX_FORMAT = "meal-cache/4"
+# A store with divergent views (extract --divergent-views): their pixels are stored, not replayed, so a /4 reader
+# would take them for views to render from their (identity) crops.
+DIVERGENT_FORMAT = "meal-cache/5"
+# Formats this version reads: /2 added top-k logits (a layout /1 readers would not know), /3 views' ops, /4 mixing,
+# /5 divergent views.
+READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT, DIVERGENT_FORMAT)
+VERSION = 1
+DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One teacher block as stored: its module name, array key, channels, pooled grid and map size."""
+
+    name: str
+    channels: int
+    grid: int
+    height: int
+    width: int
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "channels": self.channels, "grid": self.grid, "map": [self.height, self.width]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> BlockSpec:
+        return cls(data["name"], int(data["channels"]), int(data["grid"]), *map(int, data["map"]))
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What the store records about one teacher; ``key`` names its group under ``teachers/``."""
+
+    key: str
+    source: str
+    arch: str
+    checkpoint_sha256: str | None
+    classes: list[str]
+    input: dict
+    blocks: list[BlockSpec]
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source,
+            "arch": self.arch,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "classes": list(self.classes),
+            "input": self.input,
+            "blocks": [b.to_json() for b in self.blocks],
+        }
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    rows_per_chunk: int
+    dtype: str
+    codec: str
+    features: tuple[str, ...]
+    keep_bits: int | None = None  # lossy: mantissa bits kept by bit rounding (None: lossless)
+    quantize: int | None = None  # lossy: blocks and maps as 8-bit codes with a per-row range (None: as dtype)
+    logits_topk: int | None = None  # lossy: the K largest logits and the log-sum-exp (None: every logit)
+
+    def to_json(self) -> dict:
+        return {"rows_per_chunk": self.rows_per_chunk, "dtype": self.dtype, "codec": self.codec,
+                "features": list(self.features), "keep_bits": self.keep_bits, "quantize": self.quantize,
+                "logits_topk": self.logits_topk}  # fmt: skip
+
+
+def format_of(view: ViewParams, divergent: bool = False) -> str:
+    """The oldest format whose readers replay ``view`` right (and know divergent views)."""
+    if divergent:
+        return DIVERGENT_FORMAT
+    if view.mix_partner is not None:
+        return MIX_FORMAT
+    return FORMAT if view.ops is None else OPS_FORMAT

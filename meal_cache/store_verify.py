@@ -1,0 +1,193 @@
+"""Verify and repair a store: every chunk that should hold data exists and passes its CRC-32C checksum, and a
+damaged teacher chunk is cleared for the same extract command to redo (see :mod:`meal_cache.store`)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from meal_cache.errors import UserError
+from meal_cache.store_keys import DIVERGENT_PIXELS, LABELS, is_teacher_key, progress_key, teacher_of
+
+if TYPE_CHECKING:  # the store module imports this one
+    from meal_cache.store import TeacherStore
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """A chunk that should hold data and does not: ``missing`` (lost) or ``corrupt`` (fails its checksum)."""
+
+    array: str
+    chunk: tuple[int, ...]
+    kind: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.array} chunk ({', '.join(map(str, self.chunk))})"
+        return f"{where}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class VerifyReport:
+    chunks_checked: int = 0
+    chunks_pending: int = 0  # not extracted yet (an incomplete store), which is not damage
+    problems: list[ChunkProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _stored_chunks(array: zarr.Array) -> set[tuple[int, ...]]:
+    """Chunk indices present in the store (one listing, no reads)."""
+    store, prefix = array.store_path.store, f"{array.store_path.path}/c/"
+
+    async def listing() -> list[str]:
+        return [key async for key in store.list_prefix(prefix)]
+
+    found = set()
+    for key in sync(listing()):
+        parts = key[len(prefix) :].split("/")
+        if all(part.isdigit() for part in parts):  # not an interrupted atomic write's temporary file
+            found.add(tuple(int(part) for part in parts))
+    return found
+
+
+def _chunk_grid(array: zarr.Array) -> Iterator[tuple[int, ...]]:
+    counts = [math.ceil(size / chunk) for size, chunk in zip(array.shape, array.chunks, strict=True)]
+    return itertools.product(*(range(count) for count in counts))
+
+
+# Chunks decoded together by verify: bounds its memory whatever the size of a view.
+VERIFY_CHUNKS_AT_ONCE = 16
+
+
+def _decode_problems(array: zarr.Array, key: str, chunks: list[tuple[int, ...]]) -> list[ChunkProblem]:
+    """Decode ``chunks`` (sharing their first index) a few at a time, one by one only where that fails."""
+    if array.ndim == 1:
+        groups = [chunks]
+    else:
+        ordered = sorted(chunks)
+        groups = [ordered[i : i + VERIFY_CHUNKS_AT_ONCE] for i in range(0, len(ordered), VERIFY_CHUNKS_AT_ONCE)]
+    problems = []
+    for group in groups:
+        try:
+            if array.ndim == 1:
+                array[:]
+            else:
+                rows = slice(group[0][1], group[-1][1] + 1)
+                array.get_block_selection((group[0][0], rows))
+            continue
+        except Exception:  # noqa: BLE001 - some chunk of the group does not decode: find which, below
+            pass
+        for coords in group:
+            try:
+                array.get_block_selection(coords)
+            except Exception as err:  # noqa: BLE001
+                problems.append(ChunkProblem(key, coords, "corrupt", str(err).split(".")[0]))
+    return problems
+
+
+def verify_store(store: TeacherStore, keys: list[str] | None = None, progress: bool = False) -> VerifyReport:
+    """Check that every chunk that should hold data exists and decodes (its CRC-32C matches).
+
+    Labels and views are written at creation, so all their chunks must exist; a teacher's output chunk must
+    exist once its progress mark is set. ``keys`` limits the check to some arrays (distill checks those it
+    reads)."""
+    from tqdm.auto import tqdm
+
+    report = VerifyReport()
+    done = {teacher: _progress_marks(store, teacher, report) for teacher in store.teacher_names}
+    for key in tqdm(keys if keys is not None else _all_keys(store), desc="verify", unit="array", disable=not progress):
+        array = store.group[key]
+        stored = _stored_chunks(array)
+        if is_teacher_key(key):
+            marks = done[teacher_of(key)]
+            expected = [c for c in _chunk_grid(array) if marks[c[0], c[1]]]
+            report.chunks_pending += int((~marks).sum())
+        elif key == DIVERGENT_PIXELS:
+            expected = _divergent_expected(store, array, done)
+        else:
+            expected = list(_chunk_grid(array))
+        present = [c for c in expected if c in stored]
+        report.problems += [ChunkProblem(key, c, "missing") for c in expected if c not in stored]
+        by_first: dict[int, list[tuple[int, ...]]] = {}
+        for coords in present:
+            by_first.setdefault(coords[0], []).append(coords)
+        for chunks in by_first.values():
+            report.problems += _decode_problems(array, key, chunks)
+        report.chunks_checked += len(present)
+    return report
+
+
+def _progress_marks(store: TeacherStore, teacher: str, report: VerifyReport) -> np.ndarray:
+    """A teacher's progress marks, a corrupt one reported in ``report`` and counted as not done."""
+    key = progress_key(teacher)
+    array = store.group[key]
+    marks = np.zeros(array.shape, dtype=bool)
+    for view in range(array.shape[0]):
+        try:
+            marks[view] = array[view]
+        except Exception:  # noqa: BLE001 - a corrupt mark: report it, count its chunk as not done
+            for chunk in range(array.shape[1]):
+                try:
+                    marks[view, chunk] = array[view, chunk]
+                except Exception as err:  # noqa: BLE001
+                    report.problems.append(ChunkProblem(key, (view, chunk), "corrupt", str(err).split(".")[0]))
+    return marks
+
+
+def _all_keys(store: TeacherStore) -> list[str]:
+    """Every array that holds data: labels, views, each teacher's outputs with their companions, divergent pixels."""
+    keys = [LABELS, *store.view_keys]
+    for teacher in store.teacher_names:
+        keys += store.with_companions(store.feature_keys(teacher))
+    if DIVERGENT_PIXELS in store.group:
+        keys.append(DIVERGENT_PIXELS)
+    return keys
+
+
+# ------------------------------------------------------------------ divergent pixels
+# Their chunks are written by extract, not at creation, yet carry no progress marks of their own: a chunk is
+# due once any teacher marked its (divergent view, chunk) done, and a damaged one is redone by every teacher.
+
+
+def _divergent_expected(store: TeacherStore, array: zarr.Array, done: dict[str, np.ndarray]) -> list[tuple[int, ...]]:
+    """The divergent pixel chunks that must exist: a view's chunk is written before any teacher marks it."""
+    views = store.divergent_views
+    marked = [np.logical_or.reduce([done[t][views[c[0]], c[1]] for t in done]) for c in _chunk_grid(array)]
+    return [c for c, m in zip(_chunk_grid(array), marked, strict=True) if m]
+
+
+def _divergent_redo(store: TeacherStore, problems: list[ChunkProblem]) -> set[tuple[str, int, int]]:
+    """A damaged divergent pixel chunk: every teacher redoes that (view, chunk), which searches its pixels again."""
+    return {(t, store.divergent_views[p.chunk[0]], p.chunk[1]) for p in problems
+            if p.array == DIVERGENT_PIXELS for t in store.teacher_names}  # fmt: skip
+
+
+def _written_by_extract(key: str) -> bool:
+    """Teacher arrays and divergent pixels, which the same extract command can write again (not labels, views)."""
+    return is_teacher_key(key) or key.startswith(DIVERGENT_PIXELS)
+
+
+def repair_store(store: TeacherStore, report: VerifyReport) -> int:
+    """Clear the progress marks of damaged teacher chunks (and the store's ``complete`` flag) so the same
+    extract command re-extracts exactly those; returns how many (teacher, view, chunk) units will be redone."""
+    fixed_at_creation = [p for p in report.problems if not _written_by_extract(p.array)]
+    if fixed_at_creation:
+        raise UserError(f"{fixed_at_creation[0]}: labels and views are written when the store is created and "
+                        "cannot be re-extracted; extract it again with --overwrite")  # fmt: skip
+    redo = {(teacher_of(p.array), p.chunk[0], p.chunk[1]) for p in report.problems if p.array != DIVERGENT_PIXELS}
+    redo |= _divergent_redo(store, report.problems)
+    for teacher, view, chunk in sorted(redo):
+        store.group[progress_key(teacher)][view, chunk] = False
+    if redo:
+        store.set_attrs(complete=False)
+    return len(redo)
