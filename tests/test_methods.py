@@ -211,14 +211,14 @@ class Cosine(Method):
             self.adapters[t] = Adapter(channels, spec.channels)
 
     def needed_keys(self):
-        return super().needed_keys() + [f"teachers/{t}/blocks/{b.key}" for t, b in self.last.items()]
+        return super().needed_keys() + [feature_key(t, "blocks", b.key) for t, b in self.last.items()]
 
     def forward(self, images, targets, labels, selected, run_student=None):
         with BlockTap(self.student, [self.block]) as tap:
             logits = (run_student or self.student)(images).float()
         out = DistillerOutput(logits, {}, [], {})
         for t in selected:
-            stored = targets[f"teachers/{t}/blocks/{self.last[t].key}"].float().flatten(1)
+            stored = targets[feature_key(t, "blocks", self.last[t].key)].float().flatten(1)
             pooled = F.adaptive_avg_pool2d(tap.outputs[self.block].float(), 1)
             mine = self.adapters[t](pooled).flatten(1)
             out.losses[f"cos/{t}"] = (1 - F.cosine_similarity(mine, stored)).mean()

@@ -18,7 +18,7 @@ from meal_cache.divergent import stored_pixels
 from meal_cache.errors import UserError
 from meal_cache.loop import Stream, epoch_batches, epoch_generator, shuffled_batches
 from meal_cache.runtime import Precision
-from meal_cache.store import TeacherStore
+from meal_cache.store import TeacherStore, teacher_key
 from meal_cache.teachers import resolve_teacher, teacher_outputs
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ class OnlineTeachers:
             if selected is not None and key not in selected:
                 continue
             for name, value in teacher_outputs(teacher, pixels, self.features, self.precision).items():
-                out[f"teachers/{key}/{name}"] = value
+                out[teacher_key(key, name)] = value
         return out
 
 

@@ -28,12 +28,11 @@ from meal_cache.distill.methods.base import (
     DistillerOutput,
     Method,
     StoreNeeds,
-    feature_key,
-    logits_key,
     soft_target_sets,
 )
 from meal_cache.errors import UserError
 from meal_cache.models import create_model
+from meal_cache.store_keys import feature_key, logits_key
 from meal_cache.taps import BlockTap, block_shapes
 
 if TYPE_CHECKING:

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meal_cache.distill.methods.base import DistillerOutput, Method, StoreNeeds, feature_key
+from meal_cache.distill.methods.base import DistillerOutput, Method, StoreNeeds
 from meal_cache.errors import UserError
+from meal_cache.store_keys import feature_key
 from meal_cache.taps import BlockTap
 
 if TYPE_CHECKING:

@@ -25,6 +25,7 @@ from torch import nn
 
 from meal_cache import losses
 from meal_cache.errors import UserError
+from meal_cache.store_keys import logits_key
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig
@@ -80,16 +81,6 @@ def soft_target_sets(config: DistillConfig, teacher_logits: list[torch.Tensor]) 
     if config.teacher_selection == "mean":
         return [losses.soft_targets(teacher_logits, config.temperature)]
     return [losses.soft_targets([t], config.temperature) for t in teacher_logits]
-
-
-def logits_key(teacher: str) -> str:
-    """The store array of a teacher's logits."""
-    return f"teachers/{teacher}/logits"
-
-
-def feature_key(teacher: str, kind: str, block: str) -> str:
-    """The store array of a teacher block's ``kind`` (``blocks`` or ``maps``)."""
-    return f"teachers/{teacher}/{kind}/{block}"
 
 
 class Method(nn.Module):

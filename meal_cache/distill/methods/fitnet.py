@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from meal_cache import losses
-from meal_cache.distill.methods.base import DistillerOutput, Method, StoreNeeds, feature_key
+from meal_cache.distill.methods.base import DistillerOutput, Method, StoreNeeds
 from meal_cache.errors import UserError
+from meal_cache.store_keys import feature_key
 from meal_cache.taps import BlockTap, block_shapes
 
 if TYPE_CHECKING:
