@@ -36,10 +36,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from meal_cache.errors import unknown_choice
-
-# mixed_labels and mixing_from_json are re-exported for distill.py and store.py, which still take them from here;
-# their home is mixing.py, which does not import this module.
-from meal_cache.mixing import Mixing, draw_mixing, mixed_labels, mixing_from_json, unmixed_mixing  # noqa: F401
+from meal_cache.mixing import Mixing, draw_mixing, unmixed_mixing
 
 SMALL_IMAGE_MAX = 64
 

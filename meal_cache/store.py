@@ -54,8 +54,9 @@ import numpy as np
 import torch
 import zarr
 
-from meal_cache.augment import Mixing, Policy, ViewParams, mixing_from_json, policy_from_json
+from meal_cache.augment import Policy, ViewParams, policy_from_json
 from meal_cache.errors import UserError
+from meal_cache.mixing import Mixing, mixing_from_json
 
 # The schema, codecs, array names, verify and describe live in sibling modules (none imports this one at import time);
 # their public names are re-exported here, where readers, writers and tests have always found them.

@@ -211,9 +211,19 @@ def test_streaming_run_trains(small_store, digits, tmp_path, monkeypatch):
         seen.append((rows.clone(), {k: v.clone() for k, v in targets.items()}))
         return real_step(self, batch)
 
+    streamed = []
+    real_epoch = distill_module.StreamingBatches.epoch
+
+    def streaming_epoch(self, epoch, view, next_view):
+        streamed.append(view)
+        return real_epoch(self, epoch, view, next_view)
+
     monkeypatch.setattr(distill_module.DistillEpochs, "step", record)
-    config = _config(path, method="kd", epochs=2, max_memory="300kB")
+    monkeypatch.setattr(distill_module.StreamingBatches, "epoch", streaming_epoch)
+    # kd reads two teachers' logits, 57 kB a view: two views do not fit 60 kB, so chunks stream, a few at a time.
+    config = _config(path, method="kd", epochs=2, max_memory="60kB")
     summary = distill(config, tmp_path / "s", progress=False, dataset=digits)
+    assert streamed == [0, 1]
     steps = 1437 // 64
     assert [r["steps"] for r in summary["history"]] == [steps, steps]
     store = open_store(path)

@@ -15,6 +15,7 @@ from meal_cache.distill.config import DistillConfig
 from meal_cache.distill.feed import interleaved
 from meal_cache.distributed import World
 from meal_cache.loop import StepOutput, Stream, epoch_generator
+from meal_cache.mixing import mixed_labels
 
 if TYPE_CHECKING:
     from meal_cache.distill.run import DistillRun
@@ -113,7 +114,7 @@ class DistillEpochs:
         hard_targets = labels
         if mixed is not None:
             partners = run.labels[mixed.mix_partner.to(run.device, non_blocking=True).long()]
-            hard_targets = augment.mixed_labels(labels, mixed, run.dataset.num_classes, partners)
+            hard_targets = mixed_labels(labels, mixed, run.dataset.num_classes, partners)
         with run.precision.autocast():
             out = distiller(inputs, targets, hard_targets, selected, run.run_student)
         if run.config.adv_game == "joint":
