@@ -1,19 +1,20 @@
-"""Divergent views (ACN's "divergent examples", made offline): images on which the teachers disagree.
+"""Divergent views: images on which the fixed teachers disagree, found once by a PGD search and cached.
 
-Adversarial co-distillation (ACN) finds that images on which classifiers disagree carry the dark knowledge, and
-makes more of them with a restricted adversarial search. meal-cache makes them once, at extraction, and caches
-them: ``extract --divergent-views K`` adds K views per row, each made from the row's un-augmented image by
-``--divergent-steps`` signed-gradient ascent steps on the teachers' disagreement, kept within an L-infinity ball
-of ``--divergent-eps`` (a fraction of the 0-255 range) around it and within the valid pixels (projected gradient
-ascent, as Madry et al.'s PGD, from a seeded uniform start inside the ball). The disagreement is the
-generalised Jensen-Shannon divergence of the teachers' softmax outputs at T = 1: the mean over teachers of
-KL(p_i || mean p), zero exactly when they all agree, and bounded by log(number of teachers).
+This is not ACN (adversarial co-distillation), whose generator is trained in alternation with co-distilling
+classifiers to make them disagree; it borrows ACN's observation that images on which classifiers disagree carry the
+dark knowledge, and makes such images once, at extraction, and caches them: ``extract --divergent-views K`` adds K
+views per row, each made from the row's un-augmented image by ``--divergent-steps`` signed-gradient ascent steps on
+the teachers' disagreement, kept within an L-infinity ball of ``--divergent-eps`` (a fraction of the 0-255 range)
+around it and within the valid pixels (projected gradient ascent, as Madry et al.'s PGD, from a seeded uniform start
+inside the ball). The disagreement is the generalised Jensen-Shannon divergence of the teachers' softmax outputs at
+T = 1: the mean over teachers of KL(p_i || mean p), zero exactly when they all agree, and bounded by log(number of
+teachers).
 
-Divergent pixels cannot be replayed from a few parameters, so they are stored as uint8 (``divergent/pixels``),
-and the teachers' outputs are computed on those stored uint8 pixels, the exact ones distill then feeds (see
-:class:`DivergentSource`). Their teacher outputs are views of the store like any other, after the augmented
-and identity views (``views.divergent`` says which), so distill, inspect and verify read them unchanged; distill
-mixes their batches into its epochs (``distill --divergent-ratio``).
+Divergent pixels cannot be replayed from a few parameters, so they are stored as uint8 (``divergent/pixels``), and
+the teachers' outputs are computed on those stored uint8 pixels, the exact ones distill then feeds (see
+:class:`DivergentSource`). Their teacher outputs are views of the store like any other, after the augmented and
+identity views (``views.divergent`` says which), so distill, inspect and verify read them unchanged; distill mixes
+their batches into its epochs (``distill --divergent-ratio``).
 """
 
 from __future__ import annotations

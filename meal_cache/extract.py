@@ -89,7 +89,7 @@ class ExtractConfig:
     cutmix: float = 0.0  # CutMix's Beta alpha (0: none)
     mix_prob: float = 1.0  # the share of (view, row)s mixed
     mix_switch_prob: float = 0.5  # with both alphas: the chance of CutMix rather than Mixup (timm's switch_prob)
-    divergent_views: int = 0  # ACN's divergent examples: views searched for the teachers' disagreement, stored
+    divergent_views: int = 0  # divergent views: a PGD search for the fixed teachers' disagreement, stored
     divergent_eps: float = 0.03  # their L-infinity bound around the un-augmented image, a fraction of 0-255
     divergent_steps: int = 5  # signed-gradient ascent steps of 2.5 eps / steps each
     seed: int = 0

@@ -84,9 +84,10 @@ from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, data_options
     default=0,
     show_default=True,
     type=int,
-    help="ACN's divergent examples: add K views a row made by gradient ascent on the teachers' disagreement "
-    "(Jensen-Shannon at T=1) from the un-augmented image, within --divergent-eps; their uint8 pixels are stored "
-    "beside the teachers' outputs on them, and distill mixes them in (--divergent-ratio). Needs two teachers.",
+    help="Divergent views: add K views a row made by a PGD search (gradient ascent) on the fixed teachers' "
+    "disagreement (Jensen-Shannon at T=1) from the un-augmented image, within --divergent-eps; their uint8 pixels "
+    "are stored beside the teachers' outputs on them, and distill mixes them in (--divergent-ratio). Needs two "
+    "teachers.",
 )
 @click.option(
     "--divergent-eps",
