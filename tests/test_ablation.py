@@ -126,12 +126,12 @@ def test_the_representation_left_unset_follows_what_the_store_holds(small_store)
 
 
 def test_the_gradient_norm_pass_changes_no_weight(small_store, digits, tmp_path, monkeypatch):
-    import meal_cache.distill as distill_module
+    import meal_cache.distill.step as step_module
 
     path, _ = small_store
     weights = []
     for every in (1, 10**9):  # a diagnostic pass on every step, and on none but the first
-        monkeypatch.setattr(distill_module, "GRAD_NORM_EVERY", every)
+        monkeypatch.setattr(step_module, "GRAD_NORM_EVERY", every)
         config = _config(path, epochs=1, batch_size=256)
         distill(config, tmp_path / f"every-{every}", progress=False, dataset=digits)
         weights.append(torch.load(tmp_path / f"every-{every}" / "last.pt", weights_only=True)["distiller"])

@@ -23,6 +23,7 @@ PARSED = {
     ("extract", "features"): lambda text: text.split(","),
     ("distill", "block_weights"): lambda text: [float(w) for w in text.split(",")],
     ("distill", "teachers"): lambda text: [t for t in text.split(",") if t],
+    ("distill", "method_options"): dict,  # NAME=VALUE pairs, none by default
 }
 # Options whose config field is filled in elsewhere (required arguments, or defaults the CLI resolves itself).
 CLI_ONLY = {"out", "resume", "overwrite", "quiet", "teachers", "arch", "store", "student", "download", "data",

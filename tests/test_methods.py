@@ -194,6 +194,7 @@ import torch.nn.functional as F
 
 from meal_cache.distill import DistillerOutput, Method, StoreNeeds
 from meal_cache.losses import Adapter
+from meal_cache.store import feature_key
 from meal_cache.taps import BlockTap, block_shapes
 
 

@@ -107,6 +107,7 @@ def test_distill_and_inspect_read_a_top_k_store(topk_stores, digits, tmp_path, m
     from meal_cache import distill as distill_module
     from meal_cache.analysis import inspect_store
     from meal_cache.distill import DistillConfig, distill
+    from meal_cache.distill.methods import meal as meal_module
 
     dense_path, topk_path = topk_stores
     dense_group, topk_group = zarr.open_group(str(dense_path), mode="r"), zarr.open_group(str(topk_path), mode="r")
@@ -120,7 +121,7 @@ def test_distill_and_inspect_read_a_top_k_store(topk_stores, digits, tmp_path, m
     # in view 0, the one augmented view the top-k store holds (epoch 0 replays it).
     steps: list[torch.Tensor] = []
     soft: list[list[torch.Tensor]] = []
-    real_step, real_soft = distill_module.DistillEpochs.step, distill_module.soft_target_sets
+    real_step, real_soft = distill_module.DistillEpochs.step, meal_module.soft_target_sets
 
     def record_step(self, batch):
         steps.append(batch[0][0].clone())
@@ -132,7 +133,7 @@ def test_distill_and_inspect_read_a_top_k_store(topk_stores, digits, tmp_path, m
         return out
 
     monkeypatch.setattr(distill_module.DistillEpochs, "step", record_step)
-    monkeypatch.setattr(distill_module, "soft_target_sets", record_soft)
+    monkeypatch.setattr(meal_module, "soft_target_sets", record_soft)  # kd is a member of the MEAL family
     config = DistillConfig(store=str(topk_path), student="resnet8_w4", method="kd", epochs=1, device="cpu",
                            temperature=4.0, teacher_selection="mean")  # fmt: skip
     summary = distill(config, tmp_path / "run", progress=False, dataset=digits)

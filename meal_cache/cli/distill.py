@@ -80,6 +80,7 @@ def _floats(text: str) -> list[float]:
     "--method-option",
     "method_options",
     multiple=True,
+    default=(),
     metavar="NAME=VALUE",
     callback=lambda ctx, param, value: _method_options(value),
     help="One of the method's own options (repeat for more), e.g. --method dkd --method-option beta=8; "
