@@ -165,6 +165,11 @@ def test_method_options_are_checked():
         DistillConfig(store="", student="s", method="dkd", method_options={"beta": -1}).resolved()
     with pytest.raises(UserError, match="has no option"):
         DistillConfig(store="", student="s", method="kd", method_options={"alpha": 1}).resolved()
+    with pytest.raises(UserError, match="block of --method fitnet takes a whole number, got 1.5"):
+        DistillConfig(store="", student="s", method="fitnet", method_options={"block": 1.5}).resolved()
+    with pytest.raises(UserError, match="weight of --method at takes a number, got 'lots'"):
+        DistillConfig(store="", student="s", method="at", method_options={"weight": "lots"}).resolved()
+    assert DistillConfig(store="", student="s", method="dkd", method_options={"beta": 2}).resolved() is not None
     assert DistillConfig(store="", student="s", method="dkd", hard_weight=0.5).resolved().hard_weight == 0.5
     assert {"meal", "kd", "meal-v2", "afd", "dkd", "fitnet", "at"} <= set(available_methods())
 
@@ -176,7 +181,7 @@ def _console(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 
 @pytest.mark.parametrize(("options", "message"), [
     (["--method", "dkd", "--method-option", "gamma=2"], "--method dkd has no option gamma (its options: alpha, beta"),
-    (["--method", "at", "--method-option", "blocks=0"], "blocks of --method at must be at least 1, got 0"),
+    (["--method", "at", "--method-option", "blocks=0"], "blocks of --method at must be >= 1, got 0"),
     (["--method", "dkd", "--method-option", "beta"], "takes NAME=VALUE, got 'beta'"),
 ])  # fmt: skip
 def test_bad_method_options_through_the_console_script(tmp_path, options, message):

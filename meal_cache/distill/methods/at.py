@@ -9,7 +9,7 @@ Maps of different sizes are average-pooled to the smaller one's grid before norm
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ATOptions:
-    blocks: int = 3  # the last this many blocks of each network, matched from the end
+    blocks: int = field(default=3, metadata={"low": 1})  # the last this many blocks of each network, from the end
     weight: float = 1000.0  # the paper's beta
 
 
@@ -52,13 +52,6 @@ class AT(Method):
                                                    "blocks, 8-bit", quantize=8)  # fmt: skip
     settings: ClassVar[dict] = {"hard_weight": 1.0, "soft_weight": 0.0}
     Options: ClassVar[type] = ATOptions
-
-    @classmethod
-    def check_options(cls, options: ATOptions) -> None:
-        if isinstance(options.blocks, bool) or not isinstance(options.blocks, int) or options.blocks < 1:
-            raise UserError(f"--method-option blocks of --method at must be at least 1, got {options.blocks!r}")
-        if not options.weight >= 0:
-            raise UserError(f"--method-option weight of --method at must be >= 0, got {options.weight}")
 
     @classmethod
     def has_a_loss(cls, config: DistillConfig) -> bool:

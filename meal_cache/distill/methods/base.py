@@ -16,6 +16,7 @@ and every entry point of the group ``meal_cache.methods``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -124,22 +125,13 @@ class Method(nn.Module):
         if unknown:
             takes = ", ".join(known) or "none"
             raise UserError(f"--method {cls.name} has no option {', '.join(unknown)} (its options: {takes})")
-        values = {}
-        for key, value in given.items():
-            default = getattr(cls.Options(), key)
-            if isinstance(default, bool) or not isinstance(default, int | float) or isinstance(value, bool):
-                values[key] = value
-            elif not isinstance(value, int | float):
-                raise UserError(f"--method-option {key} of --method {cls.name} takes a number, got {value!r}")
-            else:
-                values[key] = type(default)(value) if isinstance(default, float) else value
-        options = cls.Options(**values)
+        options = cls.Options(**{key: _option_value(cls.name, known[key], value) for key, value in given.items()})
         cls.check_options(options)
         return options
 
     @classmethod
     def check_options(cls, options: Any) -> None:
-        """Refuse options out of their range (a :class:`UserError` naming the option)."""
+        """Further checks of the options together (each number is already checked against its field's ``low``)."""
 
     @classmethod
     def check(cls, config: DistillConfig) -> DistillConfig:
@@ -245,6 +237,23 @@ class Method(nn.Module):
             world.average_gradients(self.discriminators.parameters())
         optimizer.step()
         return stats
+
+
+def _option_value(method: str, option: dataclasses.Field, value: Any) -> Any:
+    """An option's value as its field's type: a number option takes a finite number (a whole one where the
+    default is whole) at least the field's ``metadata["low"]`` (0 unless said)."""
+    default = option.default
+    if isinstance(default, bool) or not isinstance(default, int | float):
+        return value
+    whole = isinstance(default, int)
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or (whole and value != int(value)):
+        kind = "a whole number" if whole else "a number"
+        raise UserError(f"--method-option {option.name} of --method {method} takes {kind}, got {value!r}")
+    low = option.metadata.get("low", 0)
+    if value < low:
+        raise UserError(f"--method-option {option.name} of --method {method} must be >= {low}, got {value}")
+    return int(value) if whole else float(value)
 
 
 def _accumulate(named: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from meal_cache.distill.methods.base import DistillerOutput, Method
-from meal_cache.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -63,13 +62,6 @@ class DKD(Method):
                            "beta, warmup) beside cross-entropy, from the cached logits")  # fmt: skip
     settings: ClassVar[dict] = {"hard_weight": 1.0}
     Options: ClassVar[type] = DKDOptions
-
-    @classmethod
-    def check_options(cls, options: DKDOptions) -> None:
-        for name in ("alpha", "beta", "warmup"):
-            value = getattr(options, name)
-            if not value >= 0:
-                raise UserError(f"--method-option {name} of --method dkd must be >= 0, got {value}")
 
     @classmethod
     def has_a_loss(cls, config) -> bool:

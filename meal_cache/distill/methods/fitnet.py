@@ -40,14 +40,6 @@ class FitNet(Method):
     Options: ClassVar[type] = FitNetOptions
 
     @classmethod
-    def check_options(cls, options: FitNetOptions) -> None:
-        if isinstance(options.block, bool) or not isinstance(options.block, int) or options.block < 0:
-            raise UserError(f"--method-option block of --method fitnet is a block count from the end, >= 0, got "
-                            f"{options.block!r}")  # fmt: skip
-        if not options.weight >= 0:
-            raise UserError(f"--method-option weight of --method fitnet must be >= 0, got {options.weight}")
-
-    @classmethod
     def has_a_loss(cls, config: DistillConfig) -> bool:
         return super().has_a_loss(config) or cls.options_of(config).weight > 0
 
