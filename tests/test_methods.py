@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -272,3 +273,15 @@ def test_a_method_installed_by_entry_point_runs_end_to_end(tmp_path, teacher_dir
     unknown = _console("distill", "--store", str(store), "--student", "resnet8_w4", "--method", "cosine",
                        "--out", str(tmp_path / "other"))  # fmt: skip
     assert unknown.returncode == 2 and "'cosine' is not one of" in unknown.stderr
+
+
+REFUSALS = [("at", "fitnet", "--for at (or --features maps)"), ("fitnet", "at", "--for fitnet (or --features blocks)")]
+
+
+@pytest.mark.parametrize(("method", "store", "flags"), REFUSALS)
+def test_a_store_without_what_a_method_reads_is_refused_naming_the_flags(method_stores, digits, tmp_path, method,
+                                                                          store, flags):  # fmt: skip
+    config = DistillConfig(store=str(method_stores / f"{store}.zarr"), student="resnet8_w4", method=method, epochs=1,
+                           device="cpu")  # fmt: skip
+    with pytest.raises(UserError, match=re.escape(flags)):
+        distill(config, tmp_path / "run", progress=False, dataset=digits)

@@ -75,10 +75,7 @@ class PeerDistiller(Method):
     def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
         super().__init__(student, config, store, image_size)
         del self.student  # peer 0, below
-        if "maps" not in store.layout.features:
-            raise UserError(f"--method {config.method} learns from the teachers' block maps, which this store lacks "
-                            f"(it holds {', '.join(store.layout.features) or 'logits only'}): extract with "
-                            "--features maps (or blocks,maps, the default)")  # fmt: skip
+        self.require_stored(store, "maps")
         num_classes = store.attrs["dataset"]["num_classes"]
         networks = [student]
         for index in range(1, config.peers):

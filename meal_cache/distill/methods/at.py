@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from meal_cache.distill.methods.base import DistillerOutput, Method, StoreNeeds
-from meal_cache.errors import UserError
 from meal_cache.store_keys import feature_key
 from meal_cache.taps import BlockTap
 
@@ -59,9 +58,7 @@ class AT(Method):
 
     def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
         super().__init__(student, config, store, image_size)
-        if "maps" not in store.layout.features:
-            raise UserError("--method at reads the teachers' channel-mean maps, which this store lacks: extract with "
-                            "--for at (or --features maps)")  # fmt: skip
+        self.require_stored(store, "maps")
         count = min(self.options.blocks, len(student.block_names))
         self.pairs = {t: [(student.block_names[-1 - r], store.blocks(t)[-1 - r])
                           for r in range(min(count, len(store.blocks(t))))] for t in self.teachers}  # fmt: skip

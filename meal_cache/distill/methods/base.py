@@ -144,6 +144,14 @@ class Method(nn.Module):
         adversarial = "output" in config.discriminators and config.adv_weight > 0
         return config.soft_weight > 0 or config.hard_weight > 0 or adversarial
 
+    def require_stored(self, store: TeacherStore, *kinds: str) -> None:
+        """Refuse a store without the feature kinds this method reads, naming the extract flags that store them."""
+        missing = [kind for kind in kinds if kind not in store.layout.features]
+        if missing:
+            raise UserError(f"--method {self.name} reads the teachers' block {' and '.join(missing)}, which this store "
+                            f"lacks (it holds {', '.join(store.layout.features) or 'logits only'}): extract with "
+                            f"--for {self.name} (or --features {','.join(missing)})")  # fmt: skip
+
     def set_epoch(self, epoch: int) -> None:
         """Called before each epoch's steps (0-based), for losses with a schedule of their own."""
         self.epoch = epoch

@@ -45,9 +45,7 @@ class FitNet(Method):
 
     def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
         super().__init__(student, config, store, image_size)
-        if "blocks" not in store.layout.features:
-            raise UserError("--method fitnet reads the teachers' pooled blocks, which this store lacks: extract with "
-                            "--for fitnet (or --features blocks)")  # fmt: skip
+        self.require_stored(store, "blocks")
         depth = self.options.block + 1
         if len(student.block_names) < depth:
             raise UserError(f"--method-option block {self.options.block}: the student has "
