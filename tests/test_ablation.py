@@ -80,6 +80,8 @@ def test_the_reference_preset_fills_in_only_what_the_user_left_at_its_default(sm
             reference.adv_game, reference.adv_weight) == ("meal", "soft-ce", 1.0, "random", "joint", 1.0)  # fmt: skip
     assert reference.discriminators == ["blocks", "output"]
     assert (reference.representation, reference.block_loss) == ("maps", "soft-ce")  # the reference's own maps
+    assert reference.divergent_ratio == 0.0  # no divergent batches from a store that has them, unless asked
+    assert _config(path, preset="reference", divergent_ratio=0.5).resolved().divergent_ratio == 0.5
     mine = _config(path, preset="reference", temperature=4.0, adv_weight=0.3).resolved()
     assert (mine.temperature, mine.adv_weight, mine.soft_loss) == (4.0, 0.3, "soft-ce")
     # The reference's discriminators run at a hundredth of the student's rate, whatever --lr is.

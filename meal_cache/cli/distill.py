@@ -155,7 +155,7 @@ def _floats(text: str) -> list[float]:
     default=None,
     type=click.Choice(["reference"]),
     help="reference: MEAL's reference code (T=1 soft-ce, random teacher, joint discriminators, adversarial "
-    "weight 1, --disc-lr 5e-4); options you set yourself win.",
+    "weight 1, discriminators at --lr / 100, no divergent batches); options you set yourself win.",
 )
 @click.option("--data", default=None, help="Override the store's dataset (must match its fingerprint).")
 @click.option("--data-root", default=None, help="Where the store's dataset lives (default: as recorded).")

@@ -146,7 +146,9 @@ PRESETS: dict[str, Preset] = {
     # student's optimiser at a hundredth of its learning rate (d_lr 1e-3 against lr 0.1), no gradient reversal.
     "reference": Preset({"method": "meal", "representation": "maps", "soft_loss": "soft-ce", "temperature": 1.0,
                          "teacher_selection": "random", "adv_weight": 1.0, "adv_game": "joint",
-                         "disc_lr": lambda config: config.lr / 100, "hard_weight": 0.0},
+                         "disc_lr": lambda config: config.lr / 100, "hard_weight": 0.0,
+                         # The reference trains on natural images only: divergent views only where asked for.
+                         "divergent_ratio": 0.0},
                         "MEAL's reference code: T=1 soft-ce, random teacher, joint discriminators, eta 1"),
 }  # fmt: skip
 
