@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from by_hand import first_rows
 from click.testing import CliRunner
 
 import meal_cache.augment as augment_module
@@ -324,19 +325,9 @@ def test_a_store_without_the_needed_arrays_is_one_error_line(one_kind_stores, tm
 
 def _one_step(store_path, digits, **overrides):
     """A distiller's forward and adversarial losses on the first 64 rows of view 0 (discriminators untouched)."""
-    from meal_cache import augment
-
     config = _config(store_path, **overrides).resolved()
-    store = open_store(store_path)
-    torch.manual_seed(0)
-    distiller = method_class(config.method)(create_model("resnet8_w4", 10, 16), config, store, 16)
-    rows = torch.arange(64)
-    feed = ViewFeed(store, distiller.needed_keys(), torch.device("cpu"))
-    targets = {k: v[rows] for k, v in feed.get(0).items()}
-    feed.close()
-    batch = augment.apply(digits.train.images[rows], store.view_params(0)[rows], digits.mean, digits.std)
-    out = distiller(batch, targets, digits.train.labels[rows], distiller.teachers)
-    return distiller, config, out
+    distiller, images, targets, labels = first_rows(config, digits)
+    return distiller, config, distiller(images, targets, labels, distiller.teachers)
 
 
 def test_the_output_adversarial_weight_does_not_depend_on_the_teacher_count(small_store, digits):

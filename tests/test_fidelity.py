@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import zarr
+from by_hand import topk_rebuilt
 
 from meal_cache.errors import UserError
 from meal_cache.extract import extract
@@ -83,19 +84,6 @@ def top3_store(small_store, digits, tmp_path_factory):
     return out
 
 
-def _rebuilt_by_hand(index: np.ndarray, value: np.ndarray, lse: np.ndarray, classes: int) -> np.ndarray:
-    """docs/design.md's top-k rule, written out: a stored class keeps its logit (so its probability at T = 1 is
-    exp(value - lse)), every other class gets log((1 - stored mass) / (classes - k)) + lse (the rest spread evenly,
-    at least a millionth of the mass each); read back in the store's dtype, as every reader of a store gets it."""
-    k = index.shape[-1]
-    kept = np.exp(value.astype(np.float64) - lse[..., None].astype(np.float64)).sum(-1)
-    rest = np.maximum(1.0 - kept, 1e-6 * (classes - k)) / (classes - k)
-    dense = np.repeat((lse.astype(np.float64) + np.log(rest))[..., None], classes, axis=-1)
-    for j in range(k):
-        np.put_along_axis(dense, index[..., j : j + 1].astype(np.int64), value[..., j : j + 1].astype(np.float64), -1)
-    return dense.astype(value.dtype)
-
-
 def test_top_k_logits_kl_at_1_and_4_match_a_hand_computation(small_store, top3_store):
     """The KL at T = 1 and at T = 4 of a top-3 store against the full logits, each against the formula written out
     here from the two stores' raw arrays (zarr alone): KL(softmax(full / T) || softmax(rebuilt / T)), averaged over
@@ -107,7 +95,7 @@ def test_top_k_logits_kl_at_1_and_4_match_a_hand_computation(small_store, top3_s
     for teacher, summary in result["teachers"].items():
         full = np.asarray(full_group[f"teachers/{teacher}/logits"][:])  # (V, N, C)
         parts = [np.asarray(top_group[f"teachers/{teacher}/logits_topk/{p}"][:]) for p in ("index", "value", "lse")]
-        rebuilt = _rebuilt_by_hand(*parts, classes=full.shape[-1])
+        rebuilt = topk_rebuilt(*parts, classes=full.shape[-1])
         flat_full, flat_rebuilt = full.reshape(-1, full.shape[-1]), rebuilt.reshape(-1, full.shape[-1])
         expected = {t: _kl(flat_full, flat_rebuilt, t) for t in (1.0, 4.0)}
         # The two temperatures give clearly different values, so one computed at the other's temperature shows.

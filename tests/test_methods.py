@@ -14,14 +14,13 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from by_hand import first_rows
 
-from meal_cache import augment
-from meal_cache.distill import DistillConfig, ViewFeed, available_methods, distill, method_class
+from meal_cache.distill import DistillConfig, available_methods, distill
 from meal_cache.distill.methods.at import attention_loss
 from meal_cache.distill.methods.dkd import decoupled_kl
 from meal_cache.errors import UserError
 from meal_cache.extract import ExtractConfig, extract, store_presets
-from meal_cache.models import create_model
 from meal_cache.store import open_store
 
 
@@ -80,15 +79,8 @@ def _first_batch(store_path, digits, method: str, **overrides):
     """A built method and the inputs of its forward pass on the first 64 rows of view 0."""
     config = DistillConfig(store=str(store_path), student="resnet8_w4", method=method, device="cpu",
                            **overrides).resolved(open_store(store_path).layout.features)  # fmt: skip
-    store = open_store(store_path)
-    torch.manual_seed(0)
-    distiller = method_class(method)(create_model("resnet8_w4", 10, 16), config, store, 16)
-    rows = torch.arange(64)
-    feed = ViewFeed(store, distiller.needed_keys(), torch.device("cpu"))
-    targets = {k: v[rows] for k, v in feed.get(0).items()}
-    feed.close()
-    images = augment.apply(digits.train.images[rows], store.view_params(0)[rows], digits.mean, digits.std)
-    return distiller, config, images, targets, digits.train.labels[rows]
+    distiller, images, targets, labels = first_rows(config, digits)
+    return distiller, config, images, targets, labels
 
 
 def test_dkd_ensemble_terms_and_warm_up(method_stores, digits):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from by_hand import topk_rebuilt
 
 from meal_cache.data import load_dataset
 from meal_cache.errors import UserError
@@ -86,18 +87,6 @@ def test_a_top_k_store_holds_k_logits_a_row_and_reads_back_dense(topk_stores):
     assert sizes["raw"] == 2 * dense.n * (3 * 2 + 3 * 2 + 4)  # index int16, value float16, lse float32
 
 
-def _rebuilt_by_hand(index: np.ndarray, value: np.ndarray, lse: np.ndarray, classes: int) -> np.ndarray:
-    """docs/design.md's top-k rule written out: stored classes keep their logits, every other class gets
-    lse + log((1 - stored mass) / (classes - k)) (at least a millionth of the mass each), in the store's dtype."""
-    k = index.shape[-1]
-    kept = np.exp(value.astype(np.float64) - lse[..., None].astype(np.float64)).sum(-1)
-    rest = np.maximum(1.0 - kept, 1e-6 * (classes - k)) / (classes - k)
-    dense = np.repeat((lse.astype(np.float64) + np.log(rest))[..., None], classes, axis=-1)
-    for j in range(k):
-        np.put_along_axis(dense, index[..., j : j + 1].astype(np.int64), value[..., j : j + 1].astype(np.float64), -1)
-    return dense.astype(value.dtype)
-
-
 def test_distill_and_inspect_read_a_top_k_store(topk_stores, digits, tmp_path, monkeypatch):
     """Distill learns from the rebuilt logits' soft targets, and inspect's accuracies are those of the rebuilt logits:
     each teacher's equal to its full logits' (the largest logit is stored as it is), the ensemble's that of the mean
@@ -114,7 +103,7 @@ def test_distill_and_inspect_read_a_top_k_store(topk_stores, digits, tmp_path, m
     teachers = ["resnet8_w4", "densenet_k12"]
     labels = np.asarray(topk_group["labels"][:])
     full = {t: np.asarray(dense_group[f"teachers/{t}/logits"][:]) for t in teachers}  # (3, N, 10)
-    rebuilt = {t: _rebuilt_by_hand(*(np.asarray(topk_group[f"teachers/{t}/logits_topk/{p}"][:])
+    rebuilt = {t: topk_rebuilt(*(np.asarray(topk_group[f"teachers/{t}/logits_topk/{p}"][:])
                                      for p in ("index", "value", "lse")), classes=10) for t in teachers}  # fmt: skip
 
     # Distill: every step's soft targets (kd, T = 4, the mean of both teachers) are the rebuilt logits' of its rows

@@ -81,8 +81,10 @@ class AT(Method):
             logits = (run_student or self.student)(images).float()
         out = DistillerOutput(logits, {}, [], {})
         if self.options.weight:
-            # Summed over the blocks, averaged over the selected teachers.
-            total = sum(attention_loss(tap.outputs[s].float().mean(1), targets[feature_key(t, "maps", b.key)])
+            # The student's channel-mean maps once, whatever the teachers; summed over the blocks, averaged over the
+            # selected teachers.
+            maps = {block: tap.outputs[block].float().mean(1) for block in blocks}
+            total = sum(attention_loss(maps[s], targets[feature_key(t, "maps", b.key)])
                         for t in selected for s, b in self.pairs[t])  # fmt: skip
             out.losses["attention"] = self.options.weight * total / len(selected)
         soft_sets = self.teacher_soft_targets(targets, selected) if config.soft_weight else []

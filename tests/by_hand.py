@@ -1,0 +1,39 @@
+"""Helpers several test modules share: a built method on the first rows of a store's view, and the top-k rule of
+docs/design.md written out independently of the store's own decoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from meal_cache import augment
+from meal_cache.distill import DistillConfig, ViewFeed, method_class
+from meal_cache.models import create_model
+from meal_cache.store import open_store
+
+
+def first_rows(config: DistillConfig, digits, rows: int = 64):
+    """``config``'s method built on a resnet8_w4 student (seed 0) and the inputs of its forward pass on the first
+    ``rows`` rows of view 0: ``(method, images, targets, labels)``."""
+    store = open_store(config.store)
+    torch.manual_seed(0)
+    method = method_class(config.method)(create_model("resnet8_w4", 10, 16), config, store, 16)
+    index = torch.arange(rows)
+    feed = ViewFeed(store, method.needed_keys(), torch.device("cpu"))
+    targets = {k: v[index] for k, v in feed.get(0).items()}
+    feed.close()
+    images = augment.apply(digits.train.images[index], store.view_params(0)[index], digits.mean, digits.std)
+    return method, images, targets, digits.train.labels[index]
+
+
+def topk_rebuilt(index: np.ndarray, value: np.ndarray, lse: np.ndarray, classes: int) -> np.ndarray:
+    """docs/design.md's top-k rule, written out: a stored class keeps its logit (so its probability at T = 1 is
+    exp(value - lse)), every other class gets log((1 - stored mass) / (classes - k)) + lse (the rest spread evenly,
+    at least a millionth of the mass each); read back in the store's dtype, as every reader of a store gets it."""
+    k = index.shape[-1]
+    kept = np.exp(value.astype(np.float64) - lse[..., None].astype(np.float64)).sum(-1)
+    rest = np.maximum(1.0 - kept, 1e-6 * (classes - k)) / (classes - k)
+    dense = np.repeat((lse.astype(np.float64) + np.log(rest))[..., None], classes, axis=-1)
+    for j in range(k):
+        np.put_along_axis(dense, index[..., j : j + 1].astype(np.int64), value[..., j : j + 1].astype(np.float64), -1)
+    return dense.astype(value.dtype)
