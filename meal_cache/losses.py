@@ -223,6 +223,26 @@ def make_discriminator(shape: tuple[int, ...]) -> nn.Module:
     return MLPDiscriminator(int(torch.tensor(shape).prod()))
 
 
+class TransferLayer(nn.Module):
+    """AFD's transfer layer: a peer's ``(C, H, W)`` feature map brought to a smaller peer's ``(c, h, w)``, so one
+    discriminator can compare them: a 3x3 conv at the stride that divides the grid (average-pooled the rest of the
+    way where it does not divide), batch norm and ReLU."""
+
+    def __init__(self, in_shape: tuple[int, int, int], out_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        (channels, height, width), (out_channels, *size) = in_shape, out_shape
+        stride = max(1, min(height // size[0], width // size[1]))
+        self.size = tuple(size)
+        self.conv = nn.Conv2d(channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if tuple(y.shape[-2:]) != self.size:
+            y = F.adaptive_avg_pool2d(y, self.size)
+        return F.relu(self.norm(y))
+
+
 class Adapter(nn.Module):
     """A learned 1x1 map from the student's pooled block channels to a teacher's (works for any grid)."""
 

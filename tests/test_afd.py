@@ -13,7 +13,8 @@ from torch import nn
 
 from meal_cache.checkpoint import load_checkpoint
 from meal_cache.distill import DistillConfig, DistillEpochs, build_run, distill
-from meal_cache.distill.methods.afd import PeerDistiller, cyclic_sources, peer_seed, teacher_key
+from meal_cache.distill.methods.afd import PeerDistiller, cyclic_sources, teacher_key
+from meal_cache.distill.methods.peers import peer_seed
 from meal_cache.distributed import World
 from meal_cache.errors import UserError
 from meal_cache.evaluate import evaluate_payload
@@ -74,7 +75,7 @@ def test_each_discriminator_sees_its_cyclic_peers_maps(peer_run):
         teacher_key(i, t) for i in range(3) for t in teachers}  # fmt: skip
     maps: dict[int, torch.Tensor] = {}
     for index, peer in enumerate(distiller.peers):
-        peer.get_submodule(distiller.block).register_forward_hook(
+        peer.get_submodule(distiller.blocks[index]).register_forward_hook(
             lambda _m, _i, output, index=index: maps.__setitem__(index, output.detach().float()))  # fmt: skip
     seen: dict[str, list[torch.Tensor]] = {}
     for key, disc in distiller.discriminators.items():
@@ -100,7 +101,7 @@ def test_mutual_kl_is_each_peers_kl_from_its_peers_by_hand(peer_run):
     from meal_cache import augment
 
     inputs = augment.normalise(pixels, run.dataset.mean, run.dataset.std, False)
-    distiller, temperature, weight = run.distiller, run.config.temperature, run.config.soft_weight
+    distiller, temperature, weight = run.distiller, run.config.temperature, run.distiller.options.mutual
     out = distiller(inputs, targets, run.labels[rows], distiller.teachers)
     with torch.no_grad():
         logits = [peer(inputs).double() for peer in distiller.peers]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import click
 
@@ -17,22 +18,33 @@ def _discriminator_names(value: str) -> list[str]:
     return parse_discriminators(value)
 
 
-class MethodChoice(click.Choice):
-    """``--method``'s choices: the method registry's names (plug-ins included), read when first asked for, so
-    that commands which never look at them do not import torch to start."""
+class RegistryChoice(click.Choice):
+    """A choice among a registry's names (``--method``: the methods, plug-ins included; ``--preset``: the presets),
+    read when first asked for, so that commands which never look at them do not import torch to start."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: Callable[[], list[str]]) -> None:
+        self.names = names
         super().__init__([])
 
     @property
     def choices(self) -> list[str]:
-        from meal_cache.distill import available_methods
-
-        return list(available_methods())
+        return self.names()
 
     @choices.setter
     def choices(self, _value) -> None:
         pass
+
+
+def _method_names() -> list[str]:
+    from meal_cache.distill import available_methods
+
+    return list(available_methods())
+
+
+def _preset_names() -> list[str]:
+    from meal_cache.distill.config import PRESETS
+
+    return list(PRESETS)
 
 
 def _method_options(pairs: tuple[str, ...]) -> dict[str, object]:
@@ -50,6 +62,16 @@ def _method_options(pairs: tuple[str, ...]) -> dict[str, object]:
     return options
 
 
+def _peers(value: str | None) -> int | list[str] | None:
+    """``--peers``: a count, or the peers' architectures (checked with the rest of the settings)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.lstrip("+-").isdigit():
+        return int(text)
+    return [name.strip() for name in text.split(",") if name.strip()] or text
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -59,22 +81,27 @@ def _floats(text: str) -> list[float]:
 
 @click.command()
 @click.option("--store", required=True, type=click.Path(), help="The teacher cache written by `meal-cache extract`.")
-@click.option("--student", required=True, help="Student architecture (see `meal-cache models`).")
+@click.option(
+    "--student",
+    default=None,
+    help="Student architecture (see `meal-cache models`); with --peers ARCH,... the first one where not given.",
+)
 @click.option(
     "--method",
     default="meal",
     show_default=True,
-    type=MethodChoice(),
+    type=RegistryChoice(_method_names),
     help="The distillation method, built in or a plug-in's: `meal-cache methods` lists each with what it reads "
     "from a store and its options.",
 )
 @click.option(
     "--peers",
-    type=int,
     default=None,
-    help="With --method afd: train N students of --student together (default 1), each initialised from its own "
-    "seed; student i's discriminator learns from student i-1 (mod N), all learn from each other's logits and "
-    "from the teachers' maps and soft labels. Writes peer0.pt .. peerN-1.pt (student.pt is peer0).",
+    callback=lambda ctx, param, value: _peers(value),
+    metavar="N|ARCH,ARCH,...",
+    help="With --method afd or acn: train N students of --student together (default 1), each initialised from its "
+    "own seed, or one student of each architecture listed (peer 0, the student, first; e.g. resnet8_w4,resnet20). "
+    "Writes peer0.pt .. peerN-1.pt (student.pt is peer0).",
 )
 @click.option(
     "--method-option",
@@ -153,9 +180,12 @@ def _floats(text: str) -> list[float]:
 @click.option(
     "--preset",
     default=None,
-    type=click.Choice(["reference"]),
-    help="reference: MEAL's reference code (T=1 soft-ce, random teacher, joint discriminators, adversarial "
-    "weight 1, discriminators at --lr / 100, no divergent batches); options you set yourself win.",
+    type=RegistryChoice(_preset_names),
+    help="A paper's own settings; options you set yourself win. reference: MEAL's reference code (T=1 soft-ce, "
+    "random teacher, one joint discriminator per layer shared by the teachers, its 1x1-conv shape, raw logits, "
+    "adversarial weight 1, discriminators at --lr / 100, no divergent batches); afd-paper: AFD's paper (--method "
+    "afd: peers only, no teacher terms, CE 1, least-squares GAN, KL from the predecessor, separate adversarial "
+    "step).",
 )
 @click.option("--data", default=None, help="Override the store's dataset (must match its fingerprint).")
 @click.option("--data-root", default=None, help="Where the store's dataset lives (default: as recorded).")
@@ -223,6 +253,10 @@ def distill(block_weights: str, teachers: str, out: str, resume: bool, overwrite
     from meal_cache.distill import distill as run_distill
     from meal_cache.distributed import is_main_process
 
+    if settings["student"] is None:
+        if not isinstance(settings["peers"], list):
+            raise click.UsageError("Missing option '--student' (the student's architecture).")
+        settings["student"] = settings["peers"][0]
     config = DistillConfig(block_weights=_floats(block_weights),
                            teachers=[t.strip() for t in teachers.split(",") if t.strip()], **settings)  # fmt: skip
     summary = run_distill(config, out, resume=resume, overwrite=overwrite, progress=not quiet)

@@ -77,16 +77,18 @@ class DistillConfig:
     # Divergent views (extract --divergent-views): this many of their batches per natural batch, interleaved
     # through each epoch; None: DIVERGENT_RATIO where the store has them, else 0.
     divergent_ratio: float | None = None
-    # AFD's peers: students trained together (None: one, and the only value a method without peers takes).
-    peers: int | None = None
+    # Students trained together (AFD, ACN): how many of --student, or each one's architecture, peer 0 (--student)
+    # first. None: one, and the only value a method without peers takes.
+    peers: int | list[str] | None = None
     # The method's own options (its ``Options`` dataclass), ``--method-option NAME=VALUE``; recorded only when set.
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self, stored: tuple[str, ...] | None = None) -> DistillConfig:
         """The config with a preset's and the method's defaults filled in and every choice and number checked;
         ``stored``: the store's feature kinds, which choose the representation left unset."""
+        self = self._with_preset()
         method = method_class(self.method)
-        self = self._with_preset()._with_defaults(method.settings)
+        self = self._with_defaults(method.settings)
         if self.representation is None:
             only_maps = stored is not None and "maps" in stored and "blocks" not in stored
             self = dataclasses.replace(self, representation="maps" if only_maps else "blocks")
@@ -116,7 +118,11 @@ class DistillConfig:
             return self
         if self.preset not in PRESETS:
             raise unknown_choice("preset", self.preset, list(PRESETS))
-        return self._with_defaults(PRESETS[self.preset].settings)
+        settings = PRESETS[self.preset].settings
+        own = settings.get("method", self.method)
+        if self.method not in (own, DistillConfig.method):
+            raise UserError(f"--preset {self.preset} is --method {own}'s settings; got --method {self.method}")
+        return self._with_defaults(settings)
 
     def _with_defaults(self, settings: dict[str, Any]) -> DistillConfig:
         """The config with ``settings`` wherever this config leaves them at the dataclass defaults; a setting may
@@ -126,6 +132,8 @@ class DistillConfig:
                     for f in dataclasses.fields(self) if (f.default, f.default_factory) != (unset, unset)}  # fmt: skip
         chosen = {k: v(self) if callable(v) else v for k, v in settings.items()
                   if getattr(self, k) == defaults[k]}  # fmt: skip
+        if "method_options" in settings:  # option by option: the ones the command names win
+            chosen["method_options"] = {**settings["method_options"], **self.method_options}
         return dataclasses.replace(self, **chosen)
 
 
@@ -150,6 +158,15 @@ PRESETS: dict[str, Preset] = {
                          # The reference trains on natural images only: divergent views only where asked for.
                          "divergent_ratio": 0.0},
                         "MEAL's reference code: T=1 soft-ce, random teacher, joint discriminators, eta 1"),
+    # AFD's own setting (Chung et al., ICML 2020): peers that learn from each other only (no teacher terms),
+    # cross-entropy at weight 1, the least-squares GAN loss, mutual KL from the cyclic predecessor in the paper's
+    # direction, and the adversarial update taken apart from the logit update, at its own rate.
+    "afd-paper": Preset({"method": "afd", "soft_weight": 0.0, "hard_weight": 1.0, "adv_loss": "ls",
+                         "adv_weight": 1.0, "divergent_ratio": 0.0,
+                         "method_options": {"mutual": 1.0, "mutual_from": "predecessor", "teacher_adv": 0.0,
+                                            "adv_update": "separate"}},
+                        "AFD's paper: peers only (no teacher terms), CE 1, LS GAN, KL from the predecessor, "
+                        "separate adversarial step"),
 }  # fmt: skip
 
 
@@ -236,12 +253,22 @@ def _check_crops(config: DistillConfig) -> None:
 
 
 def _check_peers(config: DistillConfig, method: type[Method]) -> DistillConfig:
-    """``--peers``: a whole number >= 1, taken only by a method that trains peers."""
+    """``--peers``: a whole number >= 1, or every peer's architecture (peer 0, ``--student``, first); taken only by
+    a method that trains peers."""
     peers = config.peers
-    if peers is not None and (isinstance(peers, bool) or not isinstance(peers, int) or peers < 1):
+    if isinstance(peers, str):
+        peers = [name.strip() for name in peers.split(",") if name.strip()]
+    if isinstance(peers, list | tuple):
+        if not peers or not all(isinstance(name, str) and name for name in peers):
+            raise UserError(f"--peers takes a number of students or their architectures (ARCH,ARCH,...), got {peers!r}")
+        peers = list(peers)
+        if peers[0] != config.student:
+            raise UserError(f"--peers lists every peer's architecture, peer 0 (the student) first: it starts with "
+                            f"{peers[0]}, but --student is {config.student}")  # fmt: skip
+    elif peers is not None and (isinstance(peers, bool) or not isinstance(peers, int) or peers < 1):
         raise UserError(f"--peers must be a whole number of students, at least 1, got {peers!r}")
     if peers is not None and not method.trains_peers:
         takers = ", ".join(name for name, m in available_methods().items() if m.trains_peers)
         raise UserError(f"--peers trains several students together, which only --method {takers} does "
                         f"(got --method {config.method})")  # fmt: skip
-    return config
+    return dataclasses.replace(config, peers=peers)

@@ -19,6 +19,7 @@ from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.distill.config import DistillConfig
 from meal_cache.distill.feed import DivergentBatches, OnlineTeachers, divergent_batches, make_batch_source
 from meal_cache.distill.methods.base import Method
+from meal_cache.distill.methods.peers import peer_architectures
 from meal_cache.distill.registry import method_class
 from meal_cache.distill.step import DistillEpochs
 from meal_cache.distributed import World, init_world
@@ -127,6 +128,7 @@ class DistillRun:
     source: object
     sizes: torch.Tensor  # each row's source (H, W), for fresh views
     divergent: DivergentBatches | None = None
+    own_optimizers: dict[str, torch.optim.Optimizer] = dataclasses.field(default_factory=dict)
 
     def restore(self, state: dict | None) -> tuple[int, list[dict]]:
         """Load a saved state (see :meth:`save_state`); the epoch to start from and the history so far."""
@@ -142,6 +144,8 @@ class DistillRun:
         self.optimisation.load_state_dict({"optimizer": state["student_optimizer"], "scaler": state.get("scaler")})
         if self.disc_optimizer is not None:
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        for name, optimizer in self.own_optimizers.items():
+            optimizer.load_state_dict(state["own_optimizers"][name])
         return int(state["epoch"]), list(state["history"])
 
     def start_output(self, out: Path, fresh: bool) -> None:
@@ -167,14 +171,16 @@ class DistillRun:
             "student_optimizer": optimisation["optimizer"],
             "scaler": optimisation["scaler"],
             "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer is not None else {},
+            "own_optimizers": {name: optimizer.state_dict() for name, optimizer in self.own_optimizers.items()},
         })  # fmt: skip
 
-    def save_student(self, path: Path, history: list[dict], test: dict, model: nn.Module | None = None) -> None:
-        """``student.pt``: the trained student (or ``model``, an AFD peer) as ``train`` writes networks, plus where
-        it was distilled from."""
+    def save_student(self, path: Path, history: list[dict], test: dict, model: nn.Module | None = None,
+                     arch: str | None = None) -> None:  # fmt: skip
+        """``student.pt``: the trained student (or ``model`` of architecture ``arch``, a peer) as ``train`` writes
+        networks, plus where it was distilled from."""
         config = self.config
-        payload = model_payload(model or self.distiller.student, config.student, self.dataset, _config_json(config),
-                                config.epochs, history, test)  # fmt: skip
+        payload = model_payload(model or self.distiller.student, arch or config.student, self.dataset,
+                                _config_json(config), config.epochs, history, test)  # fmt: skip
         payload["distillation"] = {"store": str(config.store), "teachers": self.distiller.teachers,
                                    "method": config.method}  # fmt: skip
         save_checkpoint(path, payload)
@@ -240,6 +246,7 @@ def build_run(
         sizes=recorded_sizes if recorded_sizes is not None else split.source_sizes(config.workers),
         online=OnlineTeachers(config, store, dataset, precision) if config.online else None,
         source=make_batch_source(config, store, distiller.needed_keys(), device),
+        own_optimizers=distiller.own_optimizers(),
     )  # fmt: skip
 
 
@@ -282,8 +289,9 @@ def save_peers(run: DistillRun, out: Path, history: list[dict]) -> list[dict]:
     """``peerI.pt`` for every network a method trains as a student (``student.pt`` is peer 0's), each evaluated on
     the test split; returns their test metrics in order."""
     results = []
-    for index, peer in enumerate(run.distiller.trained_networks()):
+    networks = run.distiller.trained_networks()
+    for index, (peer, arch) in enumerate(zip(networks, peer_architectures(run.config), strict=True)):
         test = evaluate(peer, run.dataset, "test", run.device, workers=run.config.workers)
-        run.save_student(Path(out) / f"peer{index}.pt", history, test, model=peer)
+        run.save_student(Path(out) / f"peer{index}.pt", history, test, model=peer, arch=arch)
         results.append(test)
     return results

@@ -115,8 +115,10 @@ class DistillEpochs:
         if mixed is not None:
             partners = run.labels[mixed.mix_partner.to(run.device, non_blocking=True).long()]
             hard_targets = mixed_labels(labels, mixed, run.dataset.num_classes, partners)
+        own_stats = distiller.own_step(inputs, targets, hard_targets, selected, run.own_optimizers)
         with run.precision.autocast():
             out = distiller(inputs, targets, hard_targets, selected, run.run_student)
+        out.stats.update(own_stats)
         if run.config.adv_game == "joint":
             with run.precision.autocast():
                 joint, stats = distiller.joint_losses(out.adversarial)

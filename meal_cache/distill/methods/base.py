@@ -168,6 +168,23 @@ class Method(nn.Module):
         """The networks a run writes as students (``student.pt``, then ``peerI.pt`` for the others)."""
         return [self.student]
 
+    def own_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Optimisers of the updates the method takes itself (ACN's generator, AFD's separate adversarial update),
+        built once the method is on its device; their states go into ``last.pt``. None by default."""
+        return {}
+
+    def own_step(
+        self,
+        images: torch.Tensor,
+        targets: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        selected: list[str],
+        optimizers: dict[str, torch.optim.Optimizer],
+    ) -> dict[str, torch.Tensor]:
+        """The method's own updates on a batch, taken before the student's step, in float32 (outside autocast:
+        the loop's gradient scaler serves the student's optimiser only); returns values that are only logged."""
+        return {}
+
     def teacher_soft_targets(self, targets: dict[str, torch.Tensor], selected: list[str]) -> list[torch.Tensor]:
         """The selected teachers' soft targets at ``--temperature`` (see :func:`soft_target_sets`)."""
         return soft_target_sets(self.config, [targets[logits_key(t)].float() for t in selected])
