@@ -20,6 +20,7 @@ from meal_cache.errors import UserError
 from meal_cache.evaluate import evaluate_payload
 from meal_cache.losses import ConvMapDiscriminator
 from meal_cache.pipeline import load_pipeline, run_pipeline
+from meal_cache.store_keys import logits_key
 
 CPU = torch.device("cpu")
 
@@ -261,3 +262,114 @@ def test_an_afd_pipeline_reports_each_peer_against_alone_and_meal(tmp_path):
     assert "meal" not in against_meal
     report = (run_dir / "report.md").read_text()
     assert "| afd/peer1 |" in report and "## Against `meal`" in report
+
+
+def test_the_afd_paper_preset_has_no_teacher_terms_and_the_papers_losses(small_store):
+    config = DistillConfig(store=str(small_store[0]), student="resnet8_w4", preset="afd-paper", peers=2,
+                           method_options={"mutual": 0.5}).resolved(("blocks", "maps"))  # fmt: skip
+    assert (config.method, config.soft_weight, config.hard_weight, config.adv_loss) == ("afd", 0.0, 1.0, "ls")
+    # The preset's options fill in around the ones the command names.
+    assert config.method_options == {"mutual": 0.5, "mutual_from": "predecessor", "teacher_adv": 0.0,
+                                     "adv_update": "separate"}  # fmt: skip
+    with pytest.raises(UserError, match="--preset afd-paper is --method afd's settings; got --method kd"):
+        DistillConfig(store="", student="resnet8_w4", preset="afd-paper", method="kd").resolved()
+    with pytest.raises(UserError, match="adv_update of --method afd takes summed or separate"):
+        DistillConfig(store="", student="resnet8_w4", method="afd", method_options={"adv_update": "x"}).resolved()
+
+
+@pytest.fixture
+def paper_run(small_store, digits):
+    """A built three-peer run with the paper's settings (--preset afd-paper) and its first batch."""
+    config = DistillConfig(store=str(small_store[0]), student="resnet8_w4", preset="afd-paper", peers=3, epochs=1,
+                           batch_size=64, device="cpu", workers=0).resolved(("blocks", "maps"))  # fmt: skip
+    run = build_run(config, World(), CPU, digits, progress=False)
+    epochs = DistillEpochs(run)
+    yield run, epochs, next(iter(epochs.batches(0)))
+    run.source.close()
+    run.images.close()
+
+
+def test_the_papers_setting_learns_from_the_predecessor_only_and_never_from_the_teachers(paper_run):
+    run, _, batch = paper_run
+    (rows, targets, _), pixels = batch
+    from meal_cache import augment
+
+    distiller = run.distiller
+    assert set(distiller.discriminators) == {"peer0", "peer1", "peer2"}  # no teacher discriminators
+    assert distiller.needed_keys() == [logits_key(t) for t in distiller.teachers]  # no teacher maps are read
+    inputs = augment.normalise(pixels, run.dataset.mean, run.dataset.std, False)
+    labels = run.labels[rows]
+    out = distiller(inputs, targets, labels, distiller.teachers)
+    assert out.adversarial == []  # the adversarial update is the method's own step
+    assert not any(name.startswith("soft") for name in out.losses)
+    temperature = run.config.temperature
+    with torch.no_grad():
+        logits = [peer(inputs).double() for peer in distiller.peers]
+    for i, own in enumerate(logits):
+        previous = logits[(i - 1) % 3]
+        log_own = torch.log_softmax(own / temperature, 1)
+        log_prev = torch.log_softmax(previous / temperature, 1)
+        kl = (log_prev.exp() * (log_prev - log_own)).sum(1).mean() * temperature**2
+        assert float(out.losses[f"mutual/peer{i}"].detach()) == pytest.approx(float(kl), rel=1e-4), i
+        ce = torch.nn.functional.cross_entropy(own, labels)
+        assert float(out.losses[f"hard/peer{i}"].detach()) == pytest.approx(float(ce), rel=1e-4), i
+
+
+def test_the_separate_adversarial_step_moves_discriminators_and_peers_before_the_logit_step(paper_run):
+    run, epochs, batch = paper_run
+    distiller = run.distiller
+    assert set(run.own_optimizers) == {"discriminators", "adversarial"}
+    flat = lambda module: torch.cat([p.detach().flatten().clone() for p in module.parameters()])  # noqa: E731
+    peers_before, discs_before = flat(distiller.peers), flat(distiller.discriminators)
+    seen = []
+    distiller.discriminators["peer1"].register_forward_hook(lambda _m, inputs, out: seen.append((inputs[0], out)))
+    out = epochs.step(batch)
+    # Before the loop's step: the discriminators and the peers have already moved, on the adversarial losses alone.
+    assert not torch.equal(flat(distiller.discriminators), discs_before)
+    assert not torch.equal(flat(distiller.peers), peers_before)
+    assert {"adv/peer0", "disc/peer2"} <= set(out.stats) and not any(k.startswith("adv/") for k in out.losses)
+    # Least squares: the discriminator's loss is 0.5 ((D(real) - 1)^2 + D(fake)^2), logged before its step.
+    (real, real_scores), (fake, fake_scores) = seen[0], seen[1]
+    assert real.shape == fake.shape and not real.requires_grad
+    least_squares = 0.5 * (((real_scores - 1) ** 2).mean() + (fake_scores**2).mean())
+    assert float(out.stats["disc/peer1"]) == pytest.approx(float(least_squares), rel=1e-5)
+    state = run.own_optimizers["adversarial"].state_dict()["state"]
+    assert state and run.own_optimizers["adversarial"].param_groups[0]["lr"] == run.config.disc_lr
+
+
+def test_peers_of_different_architectures_meet_through_a_transfer_layer(small_store, digits, tmp_path):
+    config = _config(small_store[0], peers=["resnet8_w4", "resnet20"], student="resnet8_w4")
+    out = tmp_path / "mixed"
+    summary = distill(config, out, progress=False, dataset=digits)
+    payloads = [torch.load(out / f"peer{i}.pt", weights_only=True) for i in range(2)]
+    assert [p["arch"] for p in payloads] == ["resnet8_w4", "resnet20"]
+    again = evaluate_payload(load_checkpoint(out / "peer1.pt"), digits.test, CPU).metrics
+    assert again["top1"] == pytest.approx(summary["peers"][1]["top1"])
+    run = build_run(config, World(), CPU, digits, progress=False)
+    distiller = run.distiller
+    # resnet20's last map (64, 4, 4) meets resnet8_w4's (16, 4, 4) through resnet20's own transfer layer.
+    assert set(distiller.transfers) == {"peer1"} and distiller.discriminators["peer0"].channels == 16
+    trained = {id(p) for group in run.optimisation.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in trained for p in distiller.transfers.parameters())
+    run.source.close()
+    run.images.close()
+
+
+def test_a_transfer_layer_brings_a_map_to_the_smaller_shape():
+    from meal_cache.losses import TransferLayer
+
+    assert TransferLayer((8, 8, 8), (4, 4, 4))(torch.randn(2, 8, 8, 8)).shape == (2, 4, 4, 4)
+    odd = TransferLayer((6, 7, 7), (3, 3, 3))
+    assert odd.conv.stride == (2, 2) and odd(torch.randn(2, 6, 7, 7)).shape == (2, 3, 3, 3)
+    assert (odd(torch.randn(2, 6, 7, 7)) >= 0).all()
+
+
+def test_peer_architectures_through_the_console_script(tmp_path):
+    process = _run_cli("distill", "--store", str(tmp_path / "none.zarr"), "--method", "afd", "--peers",
+                       "resnet8_w4,resnet20", "--student", "resnet20", "--out", str(tmp_path / "out"))  # fmt: skip
+    lines = [line for line in process.stderr.splitlines() if line.strip()]
+    assert process.returncode == 2 and len(lines) == 1, process.stderr
+    assert "peer 0 (the student) first: it starts with resnet8_w4, but --student is resnet20" in lines[0]
+    process = _run_cli("distill", "--store", str(tmp_path / "none.zarr"), "--method", "afd", "--peers",
+                       "resnet8_w4,resnet2O", "--out", str(tmp_path / "out"))  # fmt: skip
+    assert process.returncode == 2 and "resnet2O" in process.stderr and "Traceback" not in process.stderr

@@ -14,6 +14,7 @@ from meal_cache.distill.methods.base import DISCRIMINATORS, REPRESENTATIONS, SEL
 from meal_cache.distill.registry import available_methods, method_class
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.loop import check_number, check_optimisation, check_workers
+from meal_cache.models import check_model_name
 
 # How the discriminators are trained. "adversarial": their own Adam step on detached student features, then the
 # student's loss for fooling them (a GAN game). "joint": MEAL's reference code, whose discriminator loss is added
@@ -262,6 +263,8 @@ def _check_peers(config: DistillConfig, method: type[Method]) -> DistillConfig:
         if not peers or not all(isinstance(name, str) and name for name in peers):
             raise UserError(f"--peers takes a number of students or their architectures (ARCH,ARCH,...), got {peers!r}")
         peers = list(peers)
+        for name in peers:
+            check_model_name(name)
         if peers[0] != config.student:
             raise UserError(f"--peers lists every peer's architecture, peer 0 (the student) first: it starts with "
                             f"{peers[0]}, but --student is {config.student}")  # fmt: skip
