@@ -149,6 +149,30 @@ class MLPDiscriminator(nn.Module):
         return self.net(_flat(x)).squeeze(1)
 
 
+class ReferenceDiscriminator(nn.Module):
+    """MEAL's reference discriminator on a flat vector (a block's pooled map, or logits): three 1x1 convs halving
+    the width, each followed by ReLU (the last too), to two outputs trained with BCE-with-logits against
+    ``[1, 0]`` for the student and ``[0, 1]`` for the teacher. It returns ``(N, 2)`` scores
+    ``(-out[:, 0], out[:, 1])``, so this module's ``bce_real``/``bce_fake`` on them are exactly those targets'
+    BCE (``bce_real`` on ``-out[:, 0]`` is BCE(out[:, 0], 0))."""
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        half, quarter = max(1, in_features // 2), max(1, in_features // 4)
+        self.net = nn.Sequential(
+            nn.Conv2d(in_features, half, 1),
+            nn.ReLU(),
+            nn.Conv2d(half, quarter, 1),
+            nn.ReLU(),
+            nn.Conv2d(quarter, 2, 1),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(_flat(x)[:, :, None, None]).flatten(1)
+        return torch.stack([-out[:, 0], out[:, 1]], dim=1)
+
+
 class ConvDiscriminator(nn.Module):
     """A small conv net on a ``(C, g, g)`` grid, as in feature-map-level adversarial distillation."""
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from meal_cache.distill import DistillConfig, distill
+from meal_cache.distill.config import drop_unset
 from meal_cache.errors import SettingsMismatch, UserError
 from meal_cache.extract import ExtractConfig, extract
 from meal_cache.pipeline_config import ALONE, Pipeline, fields_of, load_pipeline
@@ -202,7 +203,5 @@ def _student_step(steps: StepRunner, pipeline: Pipeline, run_dir: Path, name: st
     def run_distill(config=config, out=out) -> None:
         _retrying(lambda fresh: distill(config, out, resume=not fresh, overwrite=fresh, progress=progress))
 
-    settings = dataclasses.asdict(config) | {"device": None}
-    if settings["peers"] is None:  # the stamps of methods without peers stay those written before --peers existed
-        settings.pop("peers")
+    settings = drop_unset(dataclasses.asdict(config) | {"device": None})  # stamps stay those of earlier versions
     steps.run(f"{name}/seed-{seed}", settings, [store_step], [out / "student.pt"], run_distill)

@@ -7,12 +7,14 @@ import json
 
 import pytest
 import torch
+from by_hand import first_rows
 from test_distill import _config, _one_step
 from torch import nn
 
 from meal_cache import losses
 from meal_cache.distill import DistillConfig, distill, gradient_norms
 from meal_cache.errors import UserError
+from meal_cache.store_keys import logits_key
 
 
 def test_the_discriminators_switch_chooses_which_are_built(small_store, digits):
@@ -80,6 +82,7 @@ def test_the_reference_preset_fills_in_only_what_the_user_left_at_its_default(sm
             reference.adv_game, reference.adv_weight) == ("meal", "soft-ce", 1.0, "random", "joint", 1.0)  # fmt: skip
     assert reference.discriminators == ["blocks", "output"]
     assert (reference.representation, reference.block_loss) == ("maps", "soft-ce")  # the reference's own maps
+    assert reference.disc_form == "reference"
     assert reference.divergent_ratio == 0.0  # no divergent batches from a store that has them, unless asked
     assert _config(path, preset="reference", divergent_ratio=0.5).resolved().divergent_ratio == 0.5
     mine = _config(path, preset="reference", temperature=4.0, adv_weight=0.3).resolved()
@@ -88,6 +91,49 @@ def test_the_reference_preset_fills_in_only_what_the_user_left_at_its_default(sm
     assert _config(path, preset="reference", lr=0.1).resolved().disc_lr == pytest.approx(1e-3)
     with pytest.raises(UserError, match="unknown preset 'refernce'"):
         _config(path, preset="refernce").resolved()
+
+
+def test_the_reference_discriminator_is_a_relu_1x1_conv_stack_whose_scores_give_its_two_way_bce():
+    disc = losses.ReferenceDiscriminator(8)  # 8 -> 4 -> 2 -> 2
+    widths = [(m.in_channels, m.out_channels) for m in disc.net if isinstance(m, nn.Conv2d)]
+    assert widths == [(8, 4), (4, 2), (2, 2)] and sum(isinstance(m, nn.ReLU) for m in disc.net) == 3
+    with torch.no_grad():
+        for conv, weight in zip([m for m in disc.net if isinstance(m, nn.Conv2d)], (0.25, 0.5, 1.0), strict=True):
+            conv.weight.fill_(weight)
+            conv.bias.fill_(0.0)
+        disc.net[4].bias.copy_(torch.tensor([0.5, -3.0]))
+    # ones(8): 8 * 0.25 = 2 per unit; 4 * 2 * 0.5 = 4 per unit; 2 * 4 + (0.5, -3) = (8.5, 5.0), after ReLU.
+    with torch.no_grad():
+        scores = disc(torch.ones(3, 8))
+    assert scores.shape == (3, 2) and torch.allclose(scores[0], torch.tensor([-8.5, 5.0]))
+    raw = torch.tensor([[8.5, 5.0]]).expand(3, 2)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    # Teacher rows are [0, 1], student rows [1, 0] in the reference's loss.
+    assert float(losses.bce_real(scores)) == pytest.approx(float(bce(raw, torch.tensor([[0.0, 1.0]]).expand(3, 2))))
+    assert float(losses.bce_fake(scores)) == pytest.approx(float(bce(raw, torch.tensor([[1.0, 0.0]]).expand(3, 2))))
+    assert losses.ReferenceDiscriminator(3)(torch.randn(4, 3)).shape == (4, 2)  # widths never reach 0
+
+
+def test_the_reference_form_shares_one_discriminator_per_layer_and_feeds_raw_logits(small_store, digits):
+    path, _ = small_store
+    distiller, config, out = _one_step(path, digits, preset="reference", teacher_selection="all")
+    assert config.disc_form == "reference" and len(distiller.teachers) == 2
+    ranks = sorted({pair.rank for pair in distiller.pairs})
+    assert set(distiller.discriminators) == {f"rank{r}" for r in ranks} | {"logits"}
+    assert all(isinstance(d, losses.ReferenceDiscriminator) for d in distiller.discriminators.values())
+    by_key: dict[str, list] = {}
+    for item in out.adversarial:
+        by_key.setdefault(item.key, []).append(item)
+    for rank in ranks:  # both teachers' maps, pooled to one size, meet the same discriminator
+        items = by_key[f"rank{rank}"]
+        assert len(items) == 2 and items[0].real.shape == items[1].real.shape == items[0].fake.shape
+    _, images, targets, _ = first_rows(config, digits)
+    teacher_logits = [targets[logits_key(t)].float() for t in distiller.teachers]
+    logits_items = by_key["logits"]
+    assert len(logits_items) == 2 and all(torch.equal(i.real, t) for i, t in zip(logits_items, teacher_logits))
+    assert torch.equal(logits_items[0].fake, out.logits)  # raw, not softened
+    with pytest.raises(UserError, match="shares one discriminator per layer among the teachers"):
+        _one_step(path, digits, method="meal", disc_form="reference", representation="blocks")
 
 
 def test_gradient_norms_are_those_of_each_loss_family_alone():

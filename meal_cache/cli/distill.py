@@ -178,6 +178,15 @@ def _floats(text: str) -> list[float]:
     "MEAL's reference code, their loss added to the student's on one optimiser (at --disc-lr / --lr of its rate).",
 )
 @click.option(
+    "--disc-form",
+    default="meal-cache",
+    show_default=True,
+    type=click.Choice(["meal-cache", "reference"]),
+    help="meal-cache: one discriminator per teacher and block (conv or MLP, one score), softened probabilities to "
+    "the output one; reference: MEAL's reference code, one per layer shared by the teachers (1x1-conv stack, "
+    "2-way output), raw logits to the output one.",
+)
+@click.option(
     "--preset",
     default=None,
     type=RegistryChoice(_preset_names),

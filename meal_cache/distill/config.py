@@ -10,7 +10,7 @@ from typing import Any
 from dask.utils import parse_bytes
 
 from meal_cache import losses
-from meal_cache.distill.methods.base import DISCRIMINATORS, REPRESENTATIONS, SELECTIONS, Method
+from meal_cache.distill.methods.base import DISC_FORMS, DISCRIMINATORS, REPRESENTATIONS, SELECTIONS, Method
 from meal_cache.distill.registry import available_methods, method_class
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.loop import check_number, check_optimisation, check_workers
@@ -56,6 +56,7 @@ class DistillConfig:
     disc_lr: float = 2e-4
     discriminators: list[str] | None = None  # None: the method's own (DISCRIMINATORS); [] none
     adv_game: str = "adversarial"  # see ADV_GAMES
+    disc_form: str = "meal-cache"  # see DISC_FORMS; recorded only when it is not the default
     preset: str | None = None  # see PRESETS: settings a preset fills in where they are left at their defaults
     data: str | None = None
     data_root: str | None = None
@@ -97,6 +98,8 @@ class DistillConfig:
             raise unknown_choice("representation", self.representation, REPRESENTATIONS)
         if self.adv_game not in ADV_GAMES:
             raise unknown_choice("adversarial game", self.adv_game, ADV_GAMES)
+        if self.disc_form not in DISC_FORMS:
+            raise unknown_choice("discriminator form", self.disc_form, DISC_FORMS)
         config = dataclasses.replace(
             self,
             discriminators=_discriminators(self, method),
@@ -155,6 +158,7 @@ PRESETS: dict[str, Preset] = {
     # student's optimiser at a hundredth of its learning rate (d_lr 1e-3 against lr 0.1), no gradient reversal.
     "reference": Preset({"method": "meal", "representation": "maps", "soft_loss": "soft-ce", "temperature": 1.0,
                          "teacher_selection": "random", "adv_weight": 1.0, "adv_game": "joint",
+                         "disc_form": "reference",
                          "disc_lr": lambda config: config.lr / 100, "hard_weight": 0.0,
                          # The reference trains on natural images only: divergent views only where asked for.
                          "divergent_ratio": 0.0},
@@ -169,6 +173,16 @@ PRESETS: dict[str, Preset] = {
                         "AFD's paper: peers only (no teacher terms), CE 1, LS GAN, KL from the predecessor, "
                         "separate adversarial step"),
 }  # fmt: skip
+
+
+# Settings a record (config.json, a pipeline step's stamp) holds only when they are set, so the records of runs
+# made before they existed stay the same.
+RECORDED_WHEN_SET = {"peers": None, "disc_form": "meal-cache"}
+
+
+def drop_unset(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the :data:`RECORDED_WHEN_SET` ones left at their unset values."""
+    return {k: v for k, v in settings.items() if k not in RECORDED_WHEN_SET or v != RECORDED_WHEN_SET[k]}
 
 
 def parse_discriminators(value: object) -> list[str]:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from meal_cache import augment
 from meal_cache.checkpoint import model_payload, save_checkpoint, state_dict_cpu
 from meal_cache.data import ImageDataset, load_dataset
-from meal_cache.distill.config import DistillConfig
+from meal_cache.distill.config import DistillConfig, drop_unset
 from meal_cache.distill.feed import DivergentBatches, OnlineTeachers, divergent_batches, make_batch_source
 from meal_cache.distill.methods.base import Method
 from meal_cache.distill.methods.peers import peer_architectures
@@ -275,11 +275,9 @@ def _refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:
 
 def _config_json(config: DistillConfig) -> dict:
     """The recorded config: everything but how many processes decode, which changes no result."""
-    recorded = dataclasses.asdict(config)
+    recorded = drop_unset(dataclasses.asdict(config))
     recorded.pop("workers")
-    # Runs of methods without peers or options record what they recorded before those settings existed.
-    if recorded.get("peers") is None:
-        recorded.pop("peers", None)
+    # Runs of methods without options record what they recorded before options existed.
     if not recorded.get("method_options"):
         recorded.pop("method_options", None)
     return json.loads(json.dumps(recorded))

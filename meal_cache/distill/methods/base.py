@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 SELECTIONS = ("random", "mean", "all")
 REPRESENTATIONS = ("maps", "blocks")
 DISCRIMINATORS = ("blocks", "output")
+# meal-cache: one discriminator per (teacher, block), MLP or conv with one score, softened probabilities to the
+# output one; reference: MEAL's reference code, one per layer shared by the teachers, its 1x1-conv stack with a
+# 2-way output, raw logits to the output one (docs/design.md, "What MEAL's reference code does").
+DISC_FORMS = ("meal-cache", "reference")
 
 
 @dataclass(frozen=True)

@@ -98,21 +98,48 @@ class Distiller(Method):
         if self.pairs:
             refuse_missing_representation(config, store)
         self.similarity = losses.similarity(config.block_loss)
+        self.reference_form = config.disc_form == "reference"
         student_shapes = block_shapes(student, image_size) if self.pairs else {}
         self.target_shapes: dict[str, tuple[int, ...]] = {}
         for pair in self.pairs:
             channels, height, width = student_shapes[pair.student_block]
             tb = pair.teacher_block
-            if config.representation == "maps":
+            if config.representation == "maps" and self.reference_form:
+                # One discriminator per layer reads every teacher's map: all are pooled to one size per rank.
+                shape = self._shared_map_shape(pair.rank, height, width)
+            elif config.representation == "maps":
                 shape = (min(height, tb.height), min(width, tb.width))
             else:
                 self.adapters[pair.key] = losses.Adapter(channels, tb.channels)
                 shape = (tb.channels, tb.grid, tb.grid)
             self.target_shapes[pair.key] = shape
             if "blocks" in config.discriminators:
-                self.discriminators[pair.key] = losses.make_discriminator(shape)
+                self._add_block_discriminator(pair, shape)
         if "output" in config.discriminators:
-            self.discriminators["logits"] = losses.MLPDiscriminator(store.attrs["dataset"]["num_classes"])
+            classes = store.attrs["dataset"]["num_classes"]
+            form = losses.ReferenceDiscriminator if self.reference_form else losses.MLPDiscriminator
+            self.discriminators["logits"] = form(classes)
+
+    def disc_key(self, pair: BlockPair) -> str:
+        """The discriminator of ``pair``'s block: its own, or with the reference's form the one of its layer."""
+        return f"rank{pair.rank}" if self.reference_form else pair.key
+
+    def _shared_map_shape(self, rank: int, height: int, width: int) -> tuple[int, int]:
+        blocks = [p.teacher_block for p in self.pairs if p.rank == rank]
+        return (min([height, *(b.height for b in blocks)]), min([width, *(b.width for b in blocks)]))
+
+    def _add_block_discriminator(self, pair: BlockPair, shape: tuple[int, ...]) -> None:
+        key = self.disc_key(pair)
+        if not self.reference_form:
+            self.discriminators[key] = losses.make_discriminator(shape)
+            return
+        size = int(torch.tensor(shape).prod())
+        if key in self.discriminators and self.discriminators[key].net[0].in_channels != size:
+            raise UserError(f"--disc-form reference shares one discriminator per layer among the teachers, but their "
+                            f"blocks {pair.rank} from the end differ in size (pooled channels: {shape} for "
+                            f"'{pair.teacher}'); use --representation maps, whose maps are pooled to one size")  # fmt: skip
+        if key not in self.discriminators:
+            self.discriminators[key] = losses.ReferenceDiscriminator(size)
 
     @classmethod
     def has_a_loss(cls, config: DistillConfig) -> bool:
@@ -157,7 +184,10 @@ class Distiller(Method):
         out.losses.update(self.label_losses(logits, soft_sets, labels))
         self._block_terms(out, tap.outputs, targets, selected)
         self._teacher_agreement(out, targets, teacher_logits)
-        if "logits" in self.discriminators:
+        if "logits" in self.discriminators and self.reference_form:  # raw logits, each selected teacher's
+            weight = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
+            out.adversarial.extend(AdversarialInput("logits", t, logits, weight) for t in teacher_logits)
+        elif "logits" in self.discriminators:
             student_probs = F.softmax(logits / config.temperature, dim=1)
             for probs in soft_sets:
                 out.adversarial.append(AdversarialInput("logits", probs, student_probs, 1.0))
@@ -178,8 +208,8 @@ class Distiller(Method):
             if config.block_loss == "soft-ce":
                 # soft-ce includes the teacher map's entropy, which no student can lower: KL shows the movement.
                 out.stats[f"sim_kl/{pair.key}"] = similarity.detach() - losses.soft_entropy(teacher_rep)
-            if pair.key in self.discriminators:
-                out.adversarial.append(AdversarialInput(pair.key, teacher_rep, student_rep, block_weight))
+            if self.disc_key(pair) in self.discriminators:
+                out.adversarial.append(AdversarialInput(self.disc_key(pair), teacher_rep, student_rep, block_weight))
 
     def _teacher_agreement(self, out: DistillerOutput, targets: dict[str, torch.Tensor],
                            teacher_logits: list[torch.Tensor]) -> None:  # fmt: skip
