@@ -45,6 +45,7 @@ class Stream(IntEnum):
     TEACHER_CHOICE = 2  # distillation's random teacher per step
     FRESH_VIEWS = 3  # the online reference's fresh augmentation (``--fresh-views``)
     DIVERGENT_ORDER = 4  # which rows form each divergent batch (``distill --divergent-ratio``)
+    ACN_NOISE = 5  # the noise z of ACN's generator (``distill --method acn``)
 
 
 # ---------------------------------------------------------------------------------------------- settings
