@@ -45,7 +45,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from meal_cache.distill import DistillConfig, distill
-from meal_cache.distill.config import drop_unset
+from meal_cache.distill.config import drop_unset, fillable_settings
 from meal_cache.errors import SettingsMismatch, UserError
 from meal_cache.extract import ExtractConfig, extract
 from meal_cache.pipeline_config import ALONE, Pipeline, fields_of, load_pipeline
@@ -197,8 +197,10 @@ def _student_step(steps: StepRunner, pipeline: Pipeline, run_dir: Path, name: st
     store_name = pipeline.method_store(name)
     store_step = "extract" if store_name is None else f"extract/{store_name}"
     store_path = pipeline.store_path(run_dir, store_name)
+    named = {"method": name, **student, **overrides}
+    given = tuple(sorted(key for key in named if key in fillable_settings()))  # never replaced by a preset
     config = DistillConfig(store=str(store_path), student=pipeline.student["arch"], seed=seed, device=device,
-                           **{"method": name, **student, **overrides})  # fmt: skip
+                           given=given, **named)  # fmt: skip
 
     def run_distill(config=config, out=out) -> None:
         _retrying(lambda fresh: distill(config, out, resume=not fresh, overwrite=fresh, progress=progress))

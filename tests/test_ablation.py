@@ -130,7 +130,8 @@ def test_the_reference_form_shares_one_discriminator_per_layer_and_feeds_raw_log
     _, images, targets, _ = first_rows(config, digits)
     teacher_logits = [targets[logits_key(t)].float() for t in distiller.teachers]
     logits_items = by_key["logits"]
-    assert len(logits_items) == 2 and all(torch.equal(i.real, t) for i, t in zip(logits_items, teacher_logits))
+    assert len(logits_items) == 2
+    assert all(torch.equal(i.real, t) for i, t in zip(logits_items, teacher_logits, strict=True))
     assert torch.equal(logits_items[0].fake, out.logits)  # raw, not softened
     with pytest.raises(UserError, match="shares one discriminator per layer among the teachers"):
         _one_step(path, digits, method="meal", disc_form="reference", representation="blocks")
@@ -186,3 +187,26 @@ def test_the_gradient_norm_pass_changes_no_weight(small_store, digits, tmp_path,
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
+
+
+def test_a_setting_the_user_gives_is_never_filled_in_even_at_its_default_value(small_store, monkeypatch):
+    path, _ = small_store
+    assert _config(path, preset="reference", adv_weight=0.1).resolved().adv_weight == 1.0  # left: filled in
+    given = _config(path, preset="reference", adv_weight=0.1, given=("adv_weight",)).resolved()
+    assert given.adv_weight == 0.1 and given.temperature == 1.0
+    acn = DistillConfig(store="", student="resnet8_w4", method="acn", soft_weight=1.0, given=("soft_weight",))
+    assert acn.resolved().soft_weight == 1.0
+    assert DistillConfig(store="", student="resnet8_w4", method="acn").resolved().soft_weight == 0.0
+    # The command line names what it was given (click's parameter source), defaults excluded.
+    from click.testing import CliRunner
+
+    import meal_cache.distill as distill_package
+    from meal_cache.cli import main
+
+    seen = []
+    monkeypatch.setattr(distill_package, "distill", lambda config, *a, **k: seen.append(config) or {"test": {}})
+    CliRunner().invoke(main, ["distill", "--store", str(path), "--student", "resnet8_w4", "--preset", "reference",
+                              "--adv-weight", "0.1", "--out", "x", "--quiet"])  # fmt: skip
+    (config,) = seen
+    assert {"adv_weight", "preset", "student", "store"} <= set(config.given)
+    assert "temperature" not in config.given and config.resolved().adv_weight == 0.1

@@ -197,7 +197,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     [
         (["--method", "afd", "--peers", "0"], "--peers must be a whole number of students, at least 1, got 0"),
         (["--method", "afd", "--peers", "-3"], "at least 1, got -3"),
-        (["--method", "kd", "--peers", "2"], "only --method afd does (got --method kd)"),
+        (["--method", "kd", "--peers", "2"], "only --method acn, afd does (got --method kd)"),
     ],
 )
 def test_bad_peers_through_the_console_script(tmp_path, args, message):

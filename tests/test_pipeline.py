@@ -304,3 +304,23 @@ def test_the_cifar100_ablation_runs_the_digits_grid_unchanged():
     )
     assert cifar.methods == digits.methods and len(digits.methods) >= 15
     assert cifar.gpu and cifar.seeds == digits.seeds and cifar.data["spec"] == "cifar100"
+
+
+def test_a_method_entrys_settings_count_as_given_and_enter_the_stamp(tmp_path):
+    from meal_cache.pipeline import _student_step
+
+    file = tmp_path / "p.toml"
+    file.write_text(TINY.replace('meal = { method = "meal" }', 'acn = { method = "acn", soft_weight = 1.0 }\n'
+                                 'ref = { method = "meal", preset = "reference", adv_weight = 0.1 }'))  # fmt: skip
+    pipeline = load_pipeline(file)
+    stamps = {}
+
+    class Recorder:
+        def run(self, name, settings, _inputs, _outputs, _action):
+            stamps[name] = settings
+
+    for name in ("acn", "ref", "meal-online"):
+        _student_step(Recorder(), pipeline, tmp_path, name, 7, {}, "cpu", False)
+    assert stamps["acn/seed-7"]["given"] == ("soft_weight",)
+    assert stamps["ref/seed-7"]["given"] == ("adv_weight",)
+    assert "given" not in stamps["meal-online/seed-7"]  # nothing a preset fills in: the stamp of earlier versions

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 
 import click
+from click.core import ParameterSource
 
 from meal_cache.cli.options import DEVICE_HELP, WORKERS_OPTION, optimization_options
 
@@ -99,8 +100,9 @@ def _floats(text: str) -> list[float]:
     default=None,
     callback=lambda ctx, param, value: _peers(value),
     metavar="N|ARCH,ARCH,...",
-    help="With --method afd or acn: train N students of --student together (default 1), each initialised from its "
-    "own seed, or one student of each architecture listed (peer 0, the student, first; e.g. resnet8_w4,resnet20). "
+    help="With --method afd or acn: train N students of --student together (afd: 1 by default, acn: 2), each "
+    "initialised from its own seed, or one student of each architecture listed (peer 0, the student, first; e.g. "
+    "resnet8_w4,resnet20). "
     "Writes peer0.pt .. peerN-1.pt (student.pt is peer0).",
 )
 @click.option(
@@ -266,7 +268,9 @@ def distill(block_weights: str, teachers: str, out: str, resume: bool, overwrite
         if not isinstance(settings["peers"], list):
             raise click.UsageError("Missing option '--student' (the student's architecture).")
         settings["student"] = settings["peers"][0]
-    config = DistillConfig(block_weights=_floats(block_weights),
+    context = click.get_current_context()
+    given = tuple(name for name in settings if context.get_parameter_source(name) != ParameterSource.DEFAULT)
+    config = DistillConfig(given=given, block_weights=_floats(block_weights),
                            teachers=[t.strip() for t in teachers.split(",") if t.strip()], **settings)  # fmt: skip
     summary = run_distill(config, out, resume=resume, overwrite=overwrite, progress=not quiet)
     if not is_main_process():

@@ -84,6 +84,9 @@ class DistillConfig:
     peers: int | list[str] | None = None
     # The method's own options (its ``Options`` dataclass), ``--method-option NAME=VALUE``; recorded only when set.
     method_options: dict[str, Any] = field(default_factory=dict)
+    # Settings the user gave (on the command line or in a pipeline file), which a preset or a method's defaults
+    # never replace, even where their value is the default one; not recorded (the values are).
+    given: tuple[str, ...] = ()
 
     def resolved(self, stored: tuple[str, ...] | None = None) -> DistillConfig:
         """The config with a preset's and the method's defaults filled in and every choice and number checked;
@@ -135,7 +138,7 @@ class DistillConfig:
         defaults = {f.name: f.default if f.default is not unset else f.default_factory()
                     for f in dataclasses.fields(self) if (f.default, f.default_factory) != (unset, unset)}  # fmt: skip
         chosen = {k: v(self) if callable(v) else v for k, v in settings.items()
-                  if getattr(self, k) == defaults[k]}  # fmt: skip
+                  if getattr(self, k) == defaults[k] and k not in self.given}  # fmt: skip
         if "method_options" in settings:  # option by option: the ones the command names win
             chosen["method_options"] = {**settings["method_options"], **self.method_options}
         return dataclasses.replace(self, **chosen)
@@ -177,7 +180,15 @@ PRESETS: dict[str, Preset] = {
 
 # Settings a record (config.json, a pipeline step's stamp) holds only when they are set, so the records of runs
 # made before they existed stay the same.
-RECORDED_WHEN_SET = {"peers": None, "disc_form": "meal-cache"}
+RECORDED_WHEN_SET = {"peers": None, "disc_form": "meal-cache", "given": ()}
+
+
+def fillable_settings() -> set[str]:
+    """The settings a preset or a method's defaults may fill in (``method`` aside): the ones whose being given
+    matters (see :attr:`DistillConfig.given`)."""
+    names = {key for preset in PRESETS.values() for key in preset.settings}
+    names |= {key for method in available_methods().values() for key in method.settings}
+    return names - {"method"}
 
 
 def drop_unset(settings: dict[str, Any]) -> dict[str, Any]:

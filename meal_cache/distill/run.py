@@ -277,6 +277,7 @@ def _config_json(config: DistillConfig) -> dict:
     """The recorded config: everything but how many processes decode, which changes no result."""
     recorded = drop_unset(dataclasses.asdict(config))
     recorded.pop("workers")
+    recorded.pop("given", None)
     # Runs of methods without options record what they recorded before options existed.
     if not recorded.get("method_options"):
         recorded.pop("method_options", None)

@@ -99,8 +99,8 @@ class PeerDistiller(Method):
         shapes = [block_shapes(peer, image_size)[block] for peer, block in zip(self.peers, self.blocks, strict=True)]
         self.sources = cyclic_sources(len(self.peers))
         common = smallest_map(shapes)
-        self.transfers = nn.ModuleDict({f"peer{i}": losses.TransferLayer(shape, common)
-                                        for i, shape in enumerate(shapes) if self.sources and shape != common})  # fmt: skip
+        larger = [(i, shape) for i, shape in enumerate(shapes) if self.sources and shape != common]
+        self.transfers = nn.ModuleDict({f"peer{i}": losses.TransferLayer(shape, common) for i, shape in larger})
         for index in range(len(self.sources)):
             self.discriminators[f"peer{index}"] = losses.ConvMapDiscriminator(common[0])
         # The store keeps one channel-mean map per teacher block, so against a teacher the peer's map is reduced
@@ -109,7 +109,8 @@ class PeerDistiller(Method):
         if self.teacher_blocks:
             self.require_stored(store, "maps")
         self.teacher_shapes = {(i, t): (min(h, b.height), min(w, b.width))
-                               for i, (_, h, w) in enumerate(shapes) for t, b in self.teacher_blocks.items()}  # fmt: skip
+                               for i, (_, h, w) in enumerate(shapes)
+                               for t, b in self.teacher_blocks.items()}  # fmt: skip
         for index, teacher in self.teacher_shapes:
             self.discriminators[teacher_key(index, teacher)] = losses.ConvMapDiscriminator(1)
 
@@ -160,9 +161,9 @@ class PeerDistiller(Method):
         both at ``--disc-lr`` (the loop's optimiser then takes the logit losses only)."""
         if self.options.adv_update != "separate" or not len(self.discriminators):
             return {}
-        betas = (0.5, 0.999)
-        return {"discriminators": torch.optim.Adam(self.discriminators.parameters(), self.config.disc_lr, betas=betas),
-                "adversarial": torch.optim.Adam(self.student_parameters(), self.config.disc_lr, betas=betas)}  # fmt: skip
+        rate, betas = self.config.disc_lr, (0.5, 0.999)
+        return {"discriminators": torch.optim.Adam(self.discriminators.parameters(), rate, betas=betas),
+                "adversarial": torch.optim.Adam(self.student_parameters(), rate, betas=betas)}  # fmt: skip
 
     def own_step(self, images, targets, labels, selected, optimizers) -> dict[str, torch.Tensor]:
         """The paper's order: the discriminators' step, then the peers' step on their adversarial losses against

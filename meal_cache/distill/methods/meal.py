@@ -135,9 +135,10 @@ class Distiller(Method):
             return
         size = int(torch.tensor(shape).prod())
         if key in self.discriminators and self.discriminators[key].net[0].in_channels != size:
-            raise UserError(f"--disc-form reference shares one discriminator per layer among the teachers, but their "
-                            f"blocks {pair.rank} from the end differ in size (pooled channels: {shape} for "
-                            f"'{pair.teacher}'); use --representation maps, whose maps are pooled to one size")  # fmt: skip
+            raise UserError(f"--disc-form reference shares one discriminator per layer among the teachers, but "
+                            f"their blocks {pair.rank} from the end differ in size (pooled channels: {shape} for "
+                            f"'{pair.teacher}'); use --representation maps, whose maps are pooled to one "
+                            "size")  # fmt: skip
         if key not in self.discriminators:
             self.discriminators[key] = losses.ReferenceDiscriminator(size)
 
