@@ -51,9 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meal_cache import losses
 from meal_cache.distill.methods.base import DistillerOutput, Method, soft_target_sets
-from meal_cache.distill.methods.peers import build_peers
+from meal_cache.distill.methods.peers import build_peers, mutual_kl
 from meal_cache.errors import UserError
 from meal_cache.loop import Stream, epoch_generator
 from meal_cache.store_keys import logits_key
@@ -85,15 +84,6 @@ def disagreement(logits: list[torch.Tensor], temperature: float) -> torch.Tensor
     entropy_of_mean = -(log_mean.exp() * log_mean).sum(-1)
     mean_entropy = -(log_probs.exp() * log_probs).sum(-1).mean(0)
     return (entropy_of_mean - mean_entropy).mean()
-
-
-def mutual_kl(logits: list[torch.Tensor], index: int, temperature: float) -> torch.Tensor:
-    """DML's term of peer ``index``: the mean over the other peers of T^2 KL(other || own) at ``temperature``, the
-    others detached so it reaches peer ``index`` only."""
-    own = logits[index]
-    others = [other for j, other in enumerate(logits) if j != index]
-    total = sum(losses.kd_kl(own, F.softmax(o.detach() / temperature, dim=1), temperature) for o in others)
-    return total / len(others)
 
 
 class AcnGenerator(nn.Module):

@@ -35,7 +35,7 @@ from meal_cache.distill.methods.base import (
     StoreNeeds,
     soft_target_sets,
 )
-from meal_cache.distill.methods.peers import build_peers
+from meal_cache.distill.methods.peers import build_peers, mutual_kl
 from meal_cache.errors import UserError
 from meal_cache.store_keys import feature_key, logits_key
 from meal_cache.taps import BlockTap, block_shapes
@@ -237,14 +237,9 @@ class PeerDistiller(Method):
         for index, own_logits in enumerate(logits):
             name = f"peer{index}"
             out.losses.update(self.label_losses(own_logits, soft_sets, labels, suffix=f"/{name}"))
-            if options.mutual_from == "predecessor":
-                others = [logits[self.sources[index]]] if self.sources else []
-            else:
-                others = [other for j, other in enumerate(logits) if j != index]
-            if others and options.mutual:  # KL(peer || own) at T, to each (detached) peer's softened prediction
-                mutual = sum(losses.kd_kl(own_logits, F.softmax(o.detach() / config.temperature, dim=1),
-                                          config.temperature) for o in others) / len(others)  # fmt: skip
-                out.losses[f"mutual/{name}"] = options.mutual * mutual
+            if self.sources and options.mutual:  # KL(peer || own) at T, to each (detached) peer's prediction
+                sources = [self.sources[index]] if options.mutual_from == "predecessor" else None
+                out.losses[f"mutual/{name}"] = options.mutual * mutual_kl(logits, index, config.temperature, sources)
         if options.adv_update == "summed":
             out.adversarial = self._adversarial_inputs(maps, targets, selected)
         return out

@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from meal_cache.losses import kd_kl
 from meal_cache.models import create_model
 
 if TYPE_CHECKING:
@@ -42,3 +44,13 @@ def build_peers(student: nn.Module, config: DistillConfig, num_classes: int, ima
             torch.manual_seed(peer_seed(config.seed, index))
             networks.append(create_model(arch, num_classes, image_size))
     return nn.ModuleList(networks)
+
+
+def mutual_kl(logits: list[torch.Tensor], index: int, temperature: float,
+              sources: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+    """DML's term of peer ``index``: the mean over its sources (``sources``, or every other peer) of
+    T^2 KL(source || own) at ``temperature``, the sources detached so it reaches peer ``index`` only."""
+    own = logits[index]
+    others = [logits[j] for j in sources] if sources is not None else [o for j, o in enumerate(logits) if j != index]
+    total = sum(kd_kl(own, F.softmax(o.detach() / temperature, dim=1), temperature) for o in others)
+    return total / len(others)
