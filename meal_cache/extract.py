@@ -45,7 +45,7 @@ from meal_cache.store import (
     open_store,
     store_exists,
 )
-from meal_cache.teachers import Teacher, resolve_teacher, teacher_outputs
+from meal_cache.teachers import Teacher, keep_projections, projected_teachers, resolve_teacher, teacher_outputs
 
 # What a store records of its dataset's description (the decoder only for image files: another decoder build may
 # differ by a few levels per pixel).
@@ -101,6 +101,7 @@ class ExtractConfig:
     keep_bits: int | None = None
     quantize: int | None = None  # None: the --for preset's encoding (lossless without one); 0: lossless
     logits_topk: int | None = None  # lossy: only each row's K largest logits (and their log-sum-exp)
+    project: int | None = None  # pooled blocks wider than this many channels are stored projected to it
     preset: str | None = None  # ``--for METHOD``: store only what that method reads (see store_presets)
     batch_size: int = 256
     rows_per_chunk: int = 512
@@ -167,6 +168,13 @@ class ExtractConfig:
         check_workers(self.workers)
         if self.logits_topk is not None and (isinstance(self.logits_topk, bool) or self.logits_topk < 1):
             raise UserError(f"--logits-topk must be at least 1, got {self.logits_topk}")
+        if self.project is not None:
+            if isinstance(self.project, bool) or not isinstance(self.project, int) or self.project < 1:
+                raise UserError(f"--project must be a whole number of channels, at least 1, got {self.project!r}")
+            if "blocks" not in self.features:
+                raise UserError(f"--project reduces the pooled blocks' channels; this store keeps no blocks "
+                                f"(--features {','.join(self.features)}): add blocks, or leave --project "
+                                "out")  # fmt: skip
 
 
 def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teacher]) -> dict:
@@ -182,6 +190,8 @@ def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teach
     if not config.divergent_views:  # ... and before --divergent-views
         for name in DIVERGENT_FIELDS:
             recorded.pop(name)
+    if config.project is None:  # ... and before --project
+        recorded.pop("project")
     recorded["fingerprint"] = dataset.fingerprint(config.split)
     recorded["teacher_checkpoints"] = {t.spec.key: t.spec.checkpoint_sha256 for t in teachers}
     return recorded
@@ -206,10 +216,13 @@ def extract(
     teachers = [
         resolve_teacher(name, config.teacher_dir, dataset, config.blocks, config.grid) for name in config.teachers
     ]
+    if config.project is not None:
+        teachers = projected_teachers(teachers, config.project, config.seed)
     settings = _settings(config, dataset, teachers)
     try:
         world.run_on_main(lambda: _open_or_create(config, out, dataset, teachers, settings, overwrite))
         store = open_store(out, mode="r+")
+        world.run_on_main(lambda: keep_projections(store, teachers))
         if store.complete:
             if progress:
                 tqdm.write(f"{out} is complete; nothing to do")

@@ -7,19 +7,24 @@ store and a reference store of the same teachers, rows and views chunk by chunk 
 - for the logits, the mean KL(reference soft targets at T || the lossy store's at T) for T = 1 and T = 4 (the
   temperatures of MEAL's reference and of meal-cache's default soft labels), and the top-1 agreement;
 - for every block array (pooled ``blocks`` and channel-mean ``maps``), the relative L2 error
-  ``||lossy - reference|| / ||reference||`` over all values, and for ``maps`` the change in the soft-ce block loss
-  per row: the mean absolute difference between the soft cross-entropy of the reference map (standing in for a
-  student that matches the teacher) against the lossy map and against the reference map, i.e. how much the block
-  loss moves when its target is the lossy map.
+  ``||lossy - reference|| / ||reference||`` over all values (where the store projected a block and the reference
+  did not, against the reference projected the same way, with what the projection keeps of the reference's rows:
+  the share of their variance and the relative error of distances between them), and for ``maps`` the change in
+  the soft-ce block loss per row: the mean absolute difference between the soft cross-entropy of the reference map
+  (standing in for a student that matches the teacher) against the lossy map and against the reference map, i.e.
+  how much the block loss moves when its target is the lossy map.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from meal_cache.errors import UserError
+from meal_cache.projection import ProjectionSums, project, stored_projections
 from meal_cache.store import TeacherStore, feature_key, feature_name, logits_key, open_store
 
 TEMPERATURES = (1.0, 4.0)
@@ -56,6 +61,7 @@ class _Sums:
         self.squared_error: dict[str, float] = {}
         self.squared_norm: dict[str, float] = {}
         self.loss_change: dict[str, float] = {}
+        self.projection: dict[str, tuple[ProjectionSums, float]] = {}  # the projection's sums and column norm
 
     def add_logits(self, lossy: np.ndarray, reference: np.ndarray) -> None:
         lossy_t, reference_t = torch.from_numpy(lossy).double(), torch.from_numpy(reference).double()
@@ -77,6 +83,16 @@ class _Sums:
             moved = -(F.softmax(lossy_t.flatten(1), dim=1) * student).sum(1)
             self.loss_change[key] = self.loss_change.get(key, 0.0) + float((moved - exact).abs().sum())
 
+    def add_projection(self, key: str, reference: np.ndarray, matrix: torch.Tensor) -> np.ndarray:
+        """The reference's block rows projected as the store's were (returned, to compare the store's with), and
+        what the projection keeps of them added to the sums."""
+        channels, dim = matrix.shape
+        scale = math.sqrt(channels / dim)
+        projected = project(torch.from_numpy(reference).double(), matrix.double()).numpy()
+        sums, _ = self.projection.setdefault(key, (ProjectionSums(), scale))
+        sums.add(reference, projected, scale)
+        return projected
+
     def summary(self, rows_per_block: dict[str, int]) -> dict:
         return {
             "rows": self.rows,
@@ -88,6 +104,8 @@ class _Sums:
                     if self.squared_norm[key] > 0 else 0.0,
                     **({"soft_ce_change": self.loss_change[key] / max(1, rows_per_block[key])}
                        if key in self.loss_change else {}),
+                    **({"projection": self.projection[key][0].summary(self.projection[key][1])}
+                       if key in self.projection else {}),
                 }
                 for key in sorted(self.squared_error)
             },
@@ -104,6 +122,10 @@ def store_fidelity(path: str, reference_path: str) -> dict:
     for teacher in store.teacher_names:
         sums = _Sums()
         blocks = [b.key for b in store.blocks(teacher)]
+        # Blocks this store projected and the reference did not: the reference's rows are projected the same way,
+        # and what the projection keeps of them is measured beside the coding's error.
+        unprojected = {b.key for b in reference.blocks(teacher) if b.projected_from is None}
+        projections = {b: m for b, m in stored_projections(store, teacher).items() if b in unprojected}
         block_rows: dict[str, int] = {}
         for view in range(store.num_views):
             for chunk in range(store.n_chunks):
@@ -113,7 +135,10 @@ def store_fidelity(path: str, reference_path: str) -> dict:
                 for kind in kinds:
                     for block in blocks:
                         key, name = feature_key(teacher, kind, block), feature_name(kind, block)
-                        sums.add_block(name, store.read(key, view, rows), reference.read(key, view, rows))
+                        theirs = reference.read(key, view, rows)
+                        if kind == "blocks" and block in projections:
+                            theirs = sums.add_projection(name, theirs, projections[block])
+                        sums.add_block(name, store.read(key, view, rows), theirs)
                         block_rows[name] = block_rows.get(name, 0) + rows.stop - rows.start
         result["teachers"][teacher] = sums.summary(block_rows)
     return result
@@ -127,5 +152,9 @@ def describe_fidelity(result: dict) -> str:
         lines.append(f"  {teacher}: logits  {kl}  top-1 agreement {summary['top1_agreement']:.2f}%")
         for block, values in summary["blocks"].items():
             change = f"  soft-ce change {values['soft_ce_change']:.2e}" if "soft_ce_change" in values else ""
+            if "projection" in values:
+                kept = values["projection"]
+                change += (f"  projection keeps {100 * kept['variance_kept']:.1f}% of the variance, distances "
+                           f"within {100 * kept['distance_error']:.1f}%")  # fmt: skip
             lines.append(f"    {block}: relative L2 error {values['relative_l2']:.2e}{change}")
     return "\n".join(lines)

@@ -30,21 +30,25 @@ class BlockSpec:
     """One teacher block as stored: its module name, array key, channels, pooled grid and map size."""
 
     name: str
-    channels: int
+    channels: int  # as stored: the projection's D where the block is projected
     grid: int
     height: int
     width: int
+    projected_from: int | None = None  # the block's own channels, where extract --project reduced them
 
     @property
     def key(self) -> str:
         return self.name
 
     def to_json(self) -> dict:
-        return {"name": self.name, "channels": self.channels, "grid": self.grid, "map": [self.height, self.width]}
+        data = {"name": self.name, "channels": self.channels, "grid": self.grid, "map": [self.height, self.width]}
+        return data if self.projected_from is None else {**data, "projected_from": self.projected_from}
 
     @classmethod
     def from_json(cls, data: dict) -> BlockSpec:
-        return cls(data["name"], int(data["channels"]), int(data["grid"]), *map(int, data["map"]))
+        projected = data.get("projected_from")
+        return cls(data["name"], int(data["channels"]), int(data["grid"]), *map(int, data["map"]),
+                   projected_from=None if projected is None else int(projected))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ reference of distillation both run teachers through :func:`teacher_outputs`, so 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +25,13 @@ from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
 from meal_cache.data import ImageDataset
 from meal_cache.errors import UserError
 from meal_cache.models import create_model, split_weights
+from meal_cache.projection import orthogonal_projection, project, stored_projections, write_projection
 from meal_cache.runtime import Precision
 from meal_cache.store import BlockSpec, TeacherSpec
 from meal_cache.taps import BlockTap, block_shapes
+
+if TYPE_CHECKING:
+    from meal_cache.store import TeacherStore
 
 
 @dataclass
@@ -36,6 +42,8 @@ class Teacher:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     spec: TeacherSpec
+    # ``extract --project``: the (C, D) matrix each projected block's pooled channels are multiplied by.
+    projections: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def file_sha256(path: Path) -> str:
@@ -133,6 +141,39 @@ def _pretrained_input(
     return categories, tuple(transform.mean), tuple(transform.std), {}
 
 
+def projected_teachers(teachers: list[Teacher], dim: int, seed: int) -> list[Teacher]:
+    """``extract --project D``: each teacher with its blocks wider than ``dim`` channels projected to ``dim``
+    (seeded, see :mod:`meal_cache.projection`); refused where no block of any teacher is wider."""
+    widest = max(b.channels for t in teachers for b in t.spec.blocks)
+    if dim >= widest:
+        raise UserError(f"--project {dim} is not below any block's channels (the widest has {widest}): choose D "
+                        "below the channels it should reduce")  # fmt: skip
+    projected = []
+    for teacher in teachers:
+        blocks, matrices = [], {}
+        for block in teacher.spec.blocks:
+            if block.channels > dim:
+                name = f"{teacher.spec.key}/{block.name}"
+                matrices[block.name] = orthogonal_projection(block.channels, dim, seed, name)
+                block = dataclasses.replace(block, channels=dim, projected_from=block.channels)
+            blocks.append(block)
+        spec = dataclasses.replace(teacher.spec, blocks=blocks)
+        projected.append(dataclasses.replace(teacher, spec=spec, projections=matrices))
+    return projected
+
+
+def keep_projections(store: TeacherStore, teachers: list[Teacher]) -> None:
+    """Write each projected block's matrix into a new store, or take a resumed store's own (so a store is never
+    written with two matrices, whatever the machine's linear algebra)."""
+    for teacher in teachers:
+        stored = stored_projections(store, teacher.spec.key)
+        for block, matrix in teacher.projections.items():
+            if block in stored:
+                teacher.projections[block] = stored[block]
+            else:
+                write_projection(store, teacher.spec.key, block, matrix)
+
+
 # no_grad, not inference_mode: the online reference feeds these outputs to losses that save tensors for backward.
 @torch.no_grad()
 def teacher_outputs(
@@ -151,7 +192,9 @@ def teacher_outputs(
     for block in teacher.spec.blocks:
         value = tap.outputs[block.name].float()
         if "blocks" in features:
-            outputs[f"blocks/{block.key}"] = F.adaptive_avg_pool2d(value, block.grid)
+            pooled = F.adaptive_avg_pool2d(value, block.grid)
+            matrix = teacher.projections.get(block.name)
+            outputs[f"blocks/{block.key}"] = pooled if matrix is None else project(pooled, matrix)
         if "maps" in features:
             outputs[f"maps/{block.key}"] = value.mean(1)
     return outputs

@@ -156,6 +156,16 @@ from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, data_options
     "read back with the rest of the probability spread evenly over the other classes (FKD, TinyViT). "
     "Default: every logit.",
 )
+@click.option(
+    "--project",
+    type=int,
+    default=None,
+    metavar="D",
+    help="Lossy: store each pooled block wider than D channels as D numbers, its channels times a seeded random "
+    "matrix with orthogonal columns (distances kept in expectation; the matrix is stored with the blocks). "
+    "distill's adapters map the student to D; `info --fidelity` reports the share of variance kept. "
+    "Default: every channel.",
+)
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option(
     "--rows-per-chunk",

@@ -17,6 +17,7 @@ from meal_cache.distill.config import DIVERGENT_RATIO, DistillConfig
 from meal_cache.divergent import stored_pixels
 from meal_cache.errors import UserError
 from meal_cache.loop import Stream, epoch_batches, epoch_generator, shuffled_batches
+from meal_cache.projection import stored_projections
 from meal_cache.runtime import Precision
 from meal_cache.store import TeacherStore, teacher_key
 from meal_cache.teachers import resolve_teacher, teacher_outputs
@@ -208,6 +209,7 @@ class OnlineTeachers:
             if teacher.spec.checkpoint_sha256 != recorded:
                 raise UserError(f"teacher '{name}' is not the checkpoint the store was extracted from (sha256 differs)")
             teacher.model = precision.prepare(teacher.model).eval()
+            teacher.projections = stored_projections(store, key)  # the store's blocks are these projections
             self.teachers[key] = teacher
         self.features = store.layout.features
         self.precision = precision
