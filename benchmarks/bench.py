@@ -269,6 +269,9 @@ TOPK_CURVE = (1, 2, 3, 5, 8, 10, 20, 50)  # issue 16's k, where the classes allo
 MAP_ENCODINGS = {"keep 6 bits": dict(keep_bits=6), "keep 4 bits": dict(keep_bits=4), "8-bit": dict(quantize=8)}
 
 
+PROJECT_DEFAULT = 128  # the D the bench reports --project at (not yet --for meal's default)
+
+
 def meal_bytes_224(arch: str) -> dict:
     """Raw bytes a row and view for one 1,000-class teacher at 224 px, from the network's own block shapes
     (untrained: bytes do not need weights): ``--for meal`` keeps the logits and the last 3 blocks' pooled
@@ -291,6 +294,8 @@ def meal_bytes_224(arch: str) -> dict:
         "meal": logits.nbytes + quantized(channels),
         "meal_float16": logits.nbytes + 2 * sum(channels),
         "meal_top5": topk + quantized(channels),
+        # extract --project 128: blocks wider than 128 channels stored as 128 numbers (issue 28's first part)
+        "meal_project128_top5": topk + quantized([min(c, PROJECT_DEFAULT) for c in channels]),
         "meal_maps": logits.nbytes + quantized(maps),
         "meal_maps_top5": topk + quantized(maps),
         "kd": logits.nbytes,
@@ -347,6 +352,7 @@ def bench_compact(work: Path, digits: ImageDataset) -> dict:
         "store_bytes_meal_224": max(v["meal"] for v in sizes.values()),
         "store_bytes_meal_224_float16": max(v["meal_float16"] for v in sizes.values()),
         "store_bytes_meal_224_top5": max(v["meal_top5"] for v in sizes.values()),
+        "store_bytes_meal_224_project128_top5": max(v["meal_project128_top5"] for v in sizes.values()),
         "store_bytes_meal_maps_224": max(v["meal_maps"] for v in sizes.values()),
         "store_bytes_meal_maps_224_top5": max(v["meal_maps_top5"] for v in sizes.values()),
         "store_bytes_kd_224_top5": max(v["kd_top5"] for v in sizes.values()),
@@ -649,6 +655,7 @@ def targets(results: dict) -> dict:
     if "compact" in results:
         for key in (
             "store_bytes_meal_224_top5",
+            "store_bytes_meal_224_project128_top5",
             "store_bytes_meal_224_float16",
             "store_bytes_meal_maps_224",
             "store_bytes_meal_maps_224_top5",
