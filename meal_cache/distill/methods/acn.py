@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meal_cache.distill.methods.base import DistillerOutput, Method, soft_target_sets
-from meal_cache.distill.methods.peers import build_peers, mutual_kl
+from meal_cache.distill.methods.peers import build_peers, mutual_kl, peer_architectures
 from meal_cache.errors import UserError
 from meal_cache.loop import Stream, epoch_generator
 from meal_cache.store_keys import logits_key
@@ -155,10 +155,10 @@ class Acn(Method):
         if config.discriminators:
             raise UserError(f"--method {config.method} trains a generator against its peers, not discriminators; "
                             "--discriminators is not read")  # fmt: skip
-        peers = 2 if config.peers is None else config.peers
-        if (peers if isinstance(peers, int) else len(peers)) < 2:
+        config = dataclasses.replace(config, peers=2 if config.peers is None else config.peers)
+        if len(peer_architectures(config)) < 2:
             raise UserError(f"--method {config.method} co-distills at least two classifiers: --peers 2 or more")
-        return dataclasses.replace(config, peers=peers)
+        return config
 
     @classmethod
     def has_a_loss(cls, config: DistillConfig) -> bool:

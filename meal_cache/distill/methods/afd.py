@@ -35,7 +35,7 @@ from meal_cache.distill.methods.base import (
     StoreNeeds,
     soft_target_sets,
 )
-from meal_cache.distill.methods.peers import build_peers, mutual_kl
+from meal_cache.distill.methods.peers import build_peers, mutual_kl, peer_architectures
 from meal_cache.errors import UserError
 from meal_cache.store_keys import feature_key, logits_key
 from meal_cache.taps import BlockTap, block_shapes
@@ -137,8 +137,7 @@ class PeerDistiller(Method):
 
     @classmethod
     def has_a_loss(cls, config: DistillConfig) -> bool:
-        peers = config.peers if isinstance(config.peers, int) else len(config.peers or [None])
-        mutual = peers > 1 and cls.options_of(config).mutual > 0
+        mutual = len(peer_architectures(config)) > 1 and cls.options_of(config).mutual > 0
         return super().has_a_loss(config) or config.adv_weight > 0 or mutual
 
     @property
