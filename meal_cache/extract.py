@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,22 +30,25 @@ from tqdm.auto import tqdm
 
 from meal_cache import augment
 from meal_cache.data import ImageDataset, load_dataset
-from meal_cache.distill.methods.base import StoreNeeds
+from meal_cache.distill.methods.base import Method, StoreNeeds
 from meal_cache.distill.registry import available_methods
 from meal_cache.distributed import World, init_world
 from meal_cache.divergent import DivergentSearch, DivergentSource, check_search, search_from_json
 from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
 from meal_cache.loop import check_workers
 from meal_cache.mixing import Mixing
+from meal_cache.projection import PCA_ROWS_PER_DIM, PROJECTIONS, pca_projection, pooled_rows, stored_projections
 from meal_cache.runtime import Precision
 from meal_cache.store import (
     FEATURE_KINDS,
+    BlockSpec,
     StoreLayout,
     TeacherStore,
     create_store,
     open_store,
     store_exists,
 )
+from meal_cache.store_logits import check_logits_options
 from meal_cache.teachers import Teacher, keep_projections, projected_teachers, resolve_teacher, teacher_outputs
 
 # What a store records of its dataset's description (the decoder only for image files: another decoder build may
@@ -53,6 +57,8 @@ STORE_DATASET_KEYS = ("spec", "kind", "options", "num_classes", "classes", "imag
                       "source", "decoder")  # fmt: skip
 # Chunks written but not yet durable; bounds the memory the background writer may hold.
 MAX_PENDING_WRITES = 4
+# Top-k logits are made exact, and sampled ones drawn, at distill's default soft-label temperature.
+DEFAULT_LOGITS_TEMPERATURE = Method.temperature
 MIXING_FIELDS = ("mixup", "cutmix", "mix_prob", "mix_switch_prob")
 DIVERGENT_FIELDS = ("divergent_views", "divergent_eps", "divergent_steps")
 
@@ -60,7 +66,7 @@ DIVERGENT_FIELDS = ("divergent_views", "divergent_eps", "divergent_steps")
 # ``--for all``: everything, as without --for; ``--for METHOD``: what the method declares it reads
 # (:attr:`meal_cache.distill.Method.store_needs`).
 STORE_EVERYTHING = StoreNeeds(
-    tuple(FEATURE_KINDS), "all", "logits, and every block's pooled output and map (the default)"
+    tuple(FEATURE_KINDS), "all", "logits, and every block's pooled output and map (the default)", logits_topk=None
 )
 
 
@@ -101,7 +107,10 @@ class ExtractConfig:
     keep_bits: int | None = None
     quantize: int | None = None  # None: the --for preset's encoding (lossless without one); 0: lossless
     logits_topk: int | None = None  # lossy: only each row's K largest logits (and their log-sum-exp)
+    logits_sample: int | None = None  # lossy: K classes drawn from each row's softmax, with their counts
+    logits_temperature: float | None = None  # the T of top-k and sampled logits (None: DEFAULT_LOGITS_TEMPERATURE)
     project: int | None = None  # pooled blocks wider than this many channels are stored projected to it
+    projection: str = "pca"  # how: the top principal directions (fitted on the first rows) or a random matrix
     preset: str | None = None  # ``--for METHOD``: store only what that method reads (see store_presets)
     batch_size: int = 256
     rows_per_chunk: int = 512
@@ -135,8 +144,17 @@ class ExtractConfig:
             config = dataclasses.replace(self, features=list(preset.features), blocks=preset.blocks)
             if self.quantize is None and self.keep_bits is None:
                 config = dataclasses.replace(config, quantize=preset.quantize)
+            if self.logits_topk is None and self.logits_sample is None:
+                config = dataclasses.replace(config, logits_topk=preset.logits_topk)
+            if self.project is None:
+                config = dataclasses.replace(config, project=preset.project)
+        if config.project == 0:
+            config = dataclasses.replace(config, project=None)
         if config.quantize == 0:
             config = dataclasses.replace(config, quantize=None)
+        lossy_logits = config.logits_topk is not None or config.logits_sample is not None
+        if lossy_logits and config.logits_temperature is None:
+            config = dataclasses.replace(config, logits_temperature=DEFAULT_LOGITS_TEMPERATURE)
         config.validate()
         return config
 
@@ -166,15 +184,26 @@ class ExtractConfig:
         if self.batch_size < 1 or self.rows_per_chunk < 1:
             raise UserError("--batch-size and --rows-per-chunk must be at least 1")
         check_workers(self.workers)
-        if self.logits_topk is not None and (isinstance(self.logits_topk, bool) or self.logits_topk < 1):
-            raise UserError(f"--logits-topk must be at least 1, got {self.logits_topk}")
+        check_logits_options(self.logits_topk, self.logits_sample, self.logits_temperature)
         if self.project is not None:
-            if isinstance(self.project, bool) or not isinstance(self.project, int) or self.project < 1:
-                raise UserError(f"--project must be a whole number of channels, at least 1, got {self.project!r}")
+            if isinstance(self.project, bool) or not isinstance(self.project, int) or self.project < 0:
+                raise UserError(f"--project must be a whole number of channels, at least 1 (0: every channel), "
+                                f"got {self.project!r}")  # fmt: skip
+            if self.projection not in PROJECTIONS:
+                raise unknown_choice("--projection", self.projection, list(PROJECTIONS))
             if "blocks" not in self.features:
                 raise UserError(f"--project reduces the pooled blocks' channels; this store keeps no blocks "
                                 f"(--features {','.join(self.features)}): add blocks, or leave --project "
                                 "out")  # fmt: skip
+
+
+def fitted_to_data(config: ExtractConfig, asked: ExtractConfig, num_classes: int) -> ExtractConfig:
+    """A ``--for`` preset's top-k logits dropped where the data has no more classes than k (every logit is then
+    both exact and smaller); what the user asked for is kept as asked."""
+    filled = asked.logits_topk is None and asked.logits_sample is None
+    if filled and config.logits_topk is not None and config.logits_topk >= num_classes:
+        return dataclasses.replace(config, logits_topk=None, logits_temperature=asked.logits_temperature)
+    return config
 
 
 def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teacher]) -> dict:
@@ -190,8 +219,11 @@ def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teach
     if not config.divergent_views:  # ... and before --divergent-views
         for name in DIVERGENT_FIELDS:
             recorded.pop(name)
-    if config.project is None:  # ... and before --project
-        recorded.pop("project")
+    for name in ("project", "logits_sample", "logits_temperature"):  # ... and before these options
+        if recorded[name] is None:
+            recorded.pop(name)
+    if config.project is None:
+        recorded.pop("projection")
     recorded["fingerprint"] = dataset.fingerprint(config.split)
     recorded["teacher_checkpoints"] = {t.spec.key: t.spec.checkpoint_sha256 for t in teachers}
     return recorded
@@ -208,21 +240,27 @@ def extract(
 
     A failed write (disk full, no permission) raises a :class:`UserError` and leaves the store resumable: the
     chunks whose progress mark was set are kept, and the store is never marked complete."""
-    config = config.resolved()
+    asked, config = config, config.resolved()
     world, device = init_world(config.device)
     progress = progress and world.is_main
     precision = Precision(device)
     dataset = dataset or load_dataset(config.data, config.data_root, config.download, config.image_size)
+    config = fitted_to_data(config, asked, dataset.num_classes)
     teachers = [
         resolve_teacher(name, config.teacher_dir, dataset, config.blocks, config.grid) for name in config.teachers
     ]
     if config.project is not None:
-        teachers = projected_teachers(teachers, config.project, config.seed)
+        teachers = projected_teachers(teachers, config.project, config.seed, config.projection,
+                                      required=asked.project is not None)  # fmt: skip
     settings = _settings(config, dataset, teachers)
     try:
         world.run_on_main(lambda: _open_or_create(config, out, dataset, teachers, settings, overwrite))
         store = open_store(out, mode="r+")
-        world.run_on_main(lambda: keep_projections(store, teachers))
+        fit = partial(_fit_pca, store=store, dataset=dataset, config=config, precision=precision, device=device)
+        world.run_on_main(lambda: keep_projections(store, teachers, fit))
+        world.barrier()
+        for teacher in teachers:  # every rank writes with the main rank's fitted matrices
+            teacher.projections.update(stored_projections(store, teacher.spec.key))
         if store.complete:
             if progress:
                 tqdm.write(f"{out} is complete; nothing to do")
@@ -236,6 +274,31 @@ def extract(
             "the store is not marked complete: fix the cause and run the same command to resume"
         ) from err
     return open_store(out)
+
+
+@torch.inference_mode()
+def _fit_pca(teacher: Teacher, blocks: list[BlockSpec], *, store: TeacherStore, dataset: ImageDataset,
+             config: ExtractConfig, precision: Precision, device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``--projection pca``: each of ``blocks``' top ``--project`` principal directions, fitted on the teacher's
+    unprojected pooled outputs over the first rows of view 0 (whole chunks, at least PCA_ROWS_PER_DIM rows per
+    dimension), before any chunk is written."""
+    wanted = max(config.rows_per_chunk, PCA_ROWS_PER_DIM * config.project)
+    stop = min(store.n, math.ceil(wanted / config.rows_per_chunk) * config.rows_per_chunk)
+    params = store.view_params(0)
+    unprojected = dataclasses.replace(teacher, model=precision.prepare(teacher.model), projections={})
+    rows: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
+    requests = ((torch.arange(start, min(stop, start + config.batch_size)),
+                 params[start : min(stop, start + config.batch_size)], None)
+                for start in range(0, stop, config.batch_size))  # fmt: skip
+    source = dataset.split(config.split).open(device, config.workers)
+    try:
+        for _, pixels in source.pixels(requests):
+            outputs = teacher_outputs(unprojected, pixels, ("blocks",), precision)
+            for block in blocks:
+                rows[block.name].append(pooled_rows(outputs[f"blocks/{block.key}"]).double().cpu())
+    finally:
+        source.close()
+    return {name: pca_projection(torch.cat(parts), config.project) for name, parts in rows.items()}
 
 
 def _run_teachers(
@@ -407,6 +470,22 @@ def _view_name(store: TeacherStore, view: int) -> str:
     return f"{name} (the identity view)" if view == store.identity_view else name
 
 
+class DrawnViews(Sequence):
+    """A store's views, each drawn (from its own seeded generator) when asked for, so creating a store of many
+    views holds one view's parameters at a time."""
+
+    def __init__(self, count: int, draw: Callable[[int], augment.ViewParams]) -> None:
+        self.count, self.draw = count, draw
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, view: int) -> augment.ViewParams:
+        if not 0 <= view < self.count:
+            raise IndexError(view)
+        return self.draw(view)
+
+
 def _open_or_create(
     config: ExtractConfig,
     out: str | Path,
@@ -433,13 +512,17 @@ def _open_or_create(
     sizes = split.source_sizes(config.workers)
     policy = augment.policy_for(config.recipe, recipe.name)
     mixing = config.mixing()
-    views = [augment.draw(recipe, sizes, augment.view_generator(config.seed, v), policy, mixing, dataset.image_size)
-             for v in range(config.views)]  # fmt: skip
-    if config.identity_view:
-        views.append(augment.identity(sizes, recipe, policy, mixing))
+
+    def draw(view: int) -> augment.ViewParams:
+        # Past the augmented views: the identity view, then the divergent views, which start from the
+        # un-augmented image (their crops say so, their pixels are stored).
+        if view >= config.views:
+            return augment.identity(sizes, recipe, policy, mixing)
+        generator = augment.view_generator(config.seed, view)
+        return augment.draw(recipe, sizes, generator, policy, mixing, dataset.image_size)
+
     search = config.divergent_search()
-    # Divergent views start from the un-augmented image; their crops say so, their pixels are stored.
-    views += [augment.identity(sizes, recipe, policy, mixing) for _ in range(config.divergent_views)]
+    views = DrawnViews(config.views + int(config.identity_view) + config.divergent_views, draw)
     description = dataset.describe()
     dataset_attrs = {
         **{key: description[key] for key in STORE_DATASET_KEYS if key in description},
@@ -461,7 +544,8 @@ def _open_or_create(
     if search is not None:
         views_info["divergent"] = search.to_json()
     layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
-                         config.quantize, config.logits_topk)  # fmt: skip
+                         config.quantize, config.logits_topk, config.logits_sample,
+                         config.logits_temperature)  # fmt: skip
     return create_store(
         out,
         dataset=dataset_attrs,

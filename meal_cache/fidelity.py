@@ -5,7 +5,12 @@ spread about a point), while the targets themselves can be compared exactly. :fu
 store and a reference store of the same teachers, rows and views chunk by chunk and reports, per teacher:
 
 - for the logits, the mean KL(reference soft targets at T || the lossy store's at T) for T = 1 and T = 4 (the
-  temperatures of MEAL's reference and of meal-cache's default soft labels), and the top-1 agreement;
+  temperatures of MEAL's reference and of meal-cache's default soft labels), and the top-1 agreement; and what
+  the lossy targets do to the soft-label loss's gradient with respect to the student's logits, which is
+  proportional to (student - target) at T: per row the error e = lossy target - reference target, reported as
+  its mean L1 norm (``error``: bias and noise together) and as the L1 norm of its mean over rows with classes in
+  each row's reference rank order (``bias``: what averaging over rows and epochs does not remove; top-k's flat
+  tail is a bias, sampled classes' counts are noise around zero);
 - for every block array (pooled ``blocks`` and channel-mean ``maps``), the relative L2 error
   ``||lossy - reference|| / ||reference||`` over all values (where the store projected a block and the reference
   did not, against the reference projected the same way, with what the projection keeps of the reference's rows:
@@ -17,14 +22,12 @@ store and a reference store of the same teachers, rows and views chunk by chunk 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from meal_cache.errors import UserError
-from meal_cache.projection import ProjectionSums, project, stored_projections
+from meal_cache.projection import ProjectionSums, column_norm, project, stored_projections
 from meal_cache.store import TeacherStore, feature_key, feature_name, logits_key, open_store
 
 TEMPERATURES = (1.0, 4.0)
@@ -57,6 +60,8 @@ class _Sums:
     def __init__(self) -> None:
         self.rows = 0
         self.kl = dict.fromkeys(TEMPERATURES, 0.0)
+        self.gradient_error = dict.fromkeys(TEMPERATURES, 0.0)
+        self.ranked_error: dict[float, torch.Tensor] = {}  # the sum over rows of e, classes in reference rank order
         self.agree = 0
         self.squared_error: dict[str, float] = {}
         self.squared_norm: dict[str, float] = {}
@@ -70,6 +75,10 @@ class _Sums:
             log_reference = F.log_softmax(reference_t / temperature, dim=1)
             kl = (log_reference.exp() * (log_reference - log_lossy)).sum(1)
             self.kl[temperature] += float(kl.sum())
+            error = log_lossy.exp() - log_reference.exp()
+            self.gradient_error[temperature] += float(error.abs().sum())
+            ranked = error.gather(1, reference_t.argsort(1, descending=True)).sum(0)
+            self.ranked_error[temperature] = self.ranked_error.get(temperature, 0) + ranked
         self.agree += int((lossy_t.argmax(1) == reference_t.argmax(1)).sum())
         self.rows += len(lossy)
 
@@ -86,8 +95,7 @@ class _Sums:
     def add_projection(self, key: str, reference: np.ndarray, matrix: torch.Tensor) -> np.ndarray:
         """The reference's block rows projected as the store's were (returned, to compare the store's with), and
         what the projection keeps of them added to the sums."""
-        channels, dim = matrix.shape
-        scale = math.sqrt(channels / dim)
+        scale = column_norm(matrix)
         projected = project(torch.from_numpy(reference).double(), matrix.double()).numpy()
         sums, _ = self.projection.setdefault(key, (ProjectionSums(), scale))
         sums.add(reference, projected, scale)
@@ -98,6 +106,11 @@ class _Sums:
             "rows": self.rows,
             "kl": {f"T={t:g}": self.kl[t] / max(1, self.rows) for t in TEMPERATURES},
             "top1_agreement": 100.0 * self.agree / max(1, self.rows),
+            "gradient": {
+                f"T={t:g}": {"bias": float(self.ranked_error[t].abs().sum()) / max(1, self.rows),
+                             "error": self.gradient_error[t] / max(1, self.rows)}
+                for t in TEMPERATURES if t in self.ranked_error
+            },
             "blocks": {
                 key: {
                     "relative_l2": (self.squared_error[key] / self.squared_norm[key]) ** 0.5
@@ -150,6 +163,9 @@ def describe_fidelity(result: dict) -> str:
     for teacher, summary in result["teachers"].items():
         kl = "  ".join(f"KL at {t} {value:.2e}" for t, value in summary["kl"].items())
         lines.append(f"  {teacher}: logits  {kl}  top-1 agreement {summary['top1_agreement']:.2f}%")
+        gradient = "  ".join(f"at {t} bias {v['bias']:.2e} error {v['error']:.2e}"
+                             for t, v in summary["gradient"].items())  # fmt: skip
+        lines.append(f"    soft-label gradient (L1 of target - reference): {gradient}")
         for block, values in summary["blocks"].items():
             change = f"  soft-ce change {values['soft_ce_change']:.2e}" if "soft_ce_change" in values else ""
             if "projection" in values:

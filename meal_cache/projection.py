@@ -1,6 +1,12 @@
 """Fixed projections of pooled block channels (``extract --project D``): each block wider than D channels is stored
-as its pooled channels times a seeded random matrix with orthonormal columns, scaled by sqrt(C / D) so squared
-distances between rows are kept in expectation (Johnson-Lindenstrauss). The matrix is stored in the store
+as its pooled channels times a ``(C, D)`` matrix with orthogonal columns, one of two kinds (``--projection``):
+
+- ``pca``: the block's top D principal directions (orthonormal columns), fitted on the first rows of the first
+  view before any chunk is written: the D-dimensional subspace that keeps the most of the rows' variance;
+- ``random``: a seeded random matrix with orthonormal columns scaled by sqrt(C / D), so squared distances between
+  rows are kept in expectation (Johnson-Lindenstrauss), whatever the data.
+
+The matrix is stored in the store
 (``teachers/NAME/projection/BLOCK``), so the store alone describes what its blocks are; distill's adapters map the
 student's block to D channels, as to any teacher block. Blocks of D channels or fewer are stored as they are.
 
@@ -23,6 +29,10 @@ if TYPE_CHECKING:
     from meal_cache.store import TeacherStore
 
 PROJECTION = "projection"
+PROJECTIONS = ("pca", "random")
+# PCA is fitted on at least this many rows per projected dimension (and at least one chunk), each pooled position a
+# row: enough for the top D directions of a covariance without fitting every one of the C.
+PCA_ROWS_PER_DIM = 8
 
 
 def projection_key(teacher: str, block: str) -> str:
@@ -40,6 +50,30 @@ def orthogonal_projection(channels: int, dim: int, seed: int, name: str) -> torc
     q, r = torch.linalg.qr(gaussian)
     q = q * torch.sign(torch.diagonal(r))  # QR's signs are the LAPACK's choice; fix them so Q is Haar-random
     return (q * math.sqrt(channels / dim)).float()
+
+
+def pca_projection(rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """The ``(C, dim)`` float32 matrix of the top ``dim`` principal directions of ``rows`` (``(M, C)``), largest
+    first, each column's sign fixed so its largest entry is positive (the eigensolver's sign is arbitrary)."""
+    channels = rows.shape[1]
+    if not 1 <= dim <= channels:
+        raise ValueError(f"a projection takes 1 <= dim <= channels, got dim {dim} for {channels} channels")
+    centred = rows.double() - rows.double().mean(0)
+    covariance = centred.T @ centred / max(1, len(rows) - 1)
+    _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+    top = vectors[:, -dim:].flip(1)
+    signs = torch.sign(top.gather(0, top.abs().argmax(0, keepdim=True)))
+    return (top * torch.where(signs == 0, 1.0, signs)).float()
+
+
+def column_norm(matrix: torch.Tensor) -> float:
+    """The norm of a projection's columns (all equal): sqrt(C / D) for ``random``, 1 for ``pca``."""
+    return float(matrix.double()[:, 0].norm())
+
+
+def pooled_rows(pooled: torch.Tensor) -> torch.Tensor:
+    """``(N, C, g, g)`` pooled channels as ``(N g g, C)``: each pooled position one row of channels."""
+    return pooled.permute(0, 2, 3, 1).reshape(-1, pooled.shape[1])
 
 
 def project(pooled: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -105,7 +139,7 @@ def projection_quality(features: np.ndarray, matrix: np.ndarray) -> dict:
     features = np.asarray(features, dtype=np.float64)
     grid = features if features.ndim == 4 else features[:, :, None, None]
     projected = project(torch.from_numpy(grid), torch.from_numpy(np.asarray(matrix, dtype=np.float64))).numpy()
-    channels, dim = np.asarray(matrix).shape
+    scale = column_norm(torch.from_numpy(np.asarray(matrix, dtype=np.float64)))
     sums = ProjectionSums()
-    sums.add(grid, projected, math.sqrt(channels / dim))
-    return sums.summary(math.sqrt(channels / dim))
+    sums.add(grid, projected, scale)
+    return sums.summary(scale)

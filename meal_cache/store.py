@@ -25,7 +25,11 @@ Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
     teachers/NAME/logits           (V, N, C)          float16  or, with --logits-topk K, instead:
     teachers/NAME/logits_topk/index (V, N, K)         int16    the K largest logits' classes, largest first
     teachers/NAME/logits_topk/value (V, N, K)         float16  their logits
-    teachers/NAME/logits_topk/lse  (V, N)             float32  log-sum-exp of all C logits (see read_topk)
+    teachers/NAME/logits_topk/lse  (V, N)             float32  log-sum-exp of all C logits / T (layout's
+                                                               logits_temperature T, 1 when absent)
+                                   or, with --logits-sample K (format /6), instead:
+    teachers/NAME/logits_sample/index (V, N, K')      int16    K' = min(K, C) distinct classes drawn, most first
+    teachers/NAME/logits_sample/count (V, N, K')      uint8    how often each was drawn (summing to K)
     teachers/NAME/blocks/B         (V, N, C_B, g, g)  float16  block output average-pooled to a g x g grid
     teachers/NAME/maps/B           (V, N, H_B, W_B)   float16  channel mean of the block output (MEAL's form)
     teachers/NAME/ranges/KIND/B    (V, N, 2)          float32  with --quantize 8 only: each row's (low, step), the
@@ -46,6 +50,7 @@ import json
 import math
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,15 +65,7 @@ from meal_cache.mixing import Mixing, mixing_from_json
 
 # The schema, codecs, array names, verify and describe live in sibling modules (none imports this one at import time);
 # their public names are re-exported here, where readers, writers and tests have always found them.
-from meal_cache.store_codecs import (
-    QUANTIZE_BITS,
-    decode_topk,
-    dequantize_rows,
-    encode_topk,
-    lossy_filters,
-    parse_codec,
-    quantize_rows,
-)
+from meal_cache.store_codecs import QUANTIZE_BITS, dequantize_rows, lossy_filters, parse_codec, quantize_rows
 from meal_cache.store_describe import describe_store
 from meal_cache.store_keys import (
     DIVERGENT_PIXELS,
@@ -80,7 +77,6 @@ from meal_cache.store_keys import (
     PROGRESS,
     SOURCE_SIZE,
     TEACHERS,
-    TOPK_PARTS,
     VIEW_CROP,
     VIEW_FLIP,
     feature_key,
@@ -94,13 +90,21 @@ from meal_cache.store_keys import (
     split_teacher_key,
     teacher_key,
     teacher_of,
-    topk_keys,
     view_field,
+)
+from meal_cache.store_logits import (
+    LOGITS_ENCODINGS,
+    LogitsEncoding,
+    check_logits_options,
+    decode_topk,
+    encode_topk,
+    sample_rng,
 )
 from meal_cache.store_schema import (
     DIVERGENT_FORMAT,
     DTYPES,
     FORMAT,
+    LOGITS_FORMAT,
     MIX_FORMAT,
     OPS_FORMAT,
     READABLE_FORMATS,
@@ -114,13 +118,14 @@ from meal_cache.store_verify import VERIFY_CHUNKS_AT_ONCE, ChunkProblem, VerifyR
 
 __all__ = [
     "ARRAY_CONFIG", "DIVERGENT_FORMAT", "DIVERGENT_PIXELS", "DTYPES", "FEATURE_KINDS", "FORMAT", "LABELS", "LOGITS",
-    "MIX_FORMAT", "MIX_KEYS", "OPS_FORMAT", "OPS_KEYS", "PROGRESS", "QUANTIZE_BITS", "READABLE_FORMATS",
-    "SOURCE_SIZE", "TEACHERS", "TOPK_PARTS", "VERIFY_CHUNKS_AT_ONCE", "VERSION", "VIEW_CROP", "VIEW_FLIP",
+    "LOGITS_ENCODINGS", "LOGITS_FORMAT", "MIX_FORMAT", "MIX_KEYS", "OPS_FORMAT", "OPS_KEYS", "PROGRESS",
+    "QUANTIZE_BITS", "READABLE_FORMATS",
+    "SOURCE_SIZE", "TEACHERS", "VERIFY_CHUNKS_AT_ONCE", "VERSION", "VIEW_CROP", "VIEW_FLIP",
     "BlockSpec", "ChunkProblem", "StoreLayout", "TeacherSpec", "TeacherStore", "VerifyReport", "create_store",
     "decode_topk", "dequantize_rows", "describe_store", "encode_topk", "feature_key", "feature_name", "format_of",
     "is_feature_key", "is_logits_key", "is_teacher_key", "is_url", "logits_key", "lossy_filters", "open_store",
     "parse_codec", "progress_key", "quantize_rows", "range_key", "remove_store", "repair_store", "split_teacher_key",
-    "store_exists", "teacher_key", "teacher_of", "topk_keys", "verify_store", "view_field",
+    "store_exists", "teacher_key", "teacher_of", "verify_store", "view_field",
 ]  # fmt: skip
 
 
@@ -180,9 +185,8 @@ def _checked_compressors(layout: StoreLayout, teachers: list[TeacherSpec]) -> li
         raise UserError(f"--quantize takes {', '.join(map(str, QUANTIZE_BITS))}, got {layout.quantize}")
     if layout.quantize is not None and layout.keep_bits is not None:
         raise UserError("--quantize and --keep-bits are two lossy encodings; choose one")
+    check_logits_options(layout.logits_topk, layout.logits_sample, layout.logits_temperature)
     k = layout.logits_topk
-    if k is not None and k < 1:
-        raise UserError(f"--logits-topk must be at least 1, got {k}")
     for teacher in teachers:
         if k is not None and k > len(teacher.classes):
             raise UserError(f"--logits-topk {k} is more than teacher {teacher.key}'s {len(teacher.classes)} classes")
@@ -206,22 +210,21 @@ class _NewArrays:
         return self.create(key, shape=shape, chunks=(1, self.rows, *shape[2:]), dtype=dtype, **options)
 
 
-def _write_views(arrays: _NewArrays, views: list[ViewParams], n: int) -> None:
-    """Every view's parameters: crops and flips, and the policy's ops or the mixing where the views have them."""
-    count = len(views)
-    crop = arrays.per_view(VIEW_CROP, (count, n, 4), "int16")
-    flip = arrays.per_view(VIEW_FLIP, (count, n), "bool")
-    crop[:] = torch.stack([v.crop for v in views]).numpy()
-    flip[:] = torch.stack([v.flip for v in views]).numpy()
-    if views[0].ops is not None:
-        k = views[0].ops.shape[1]
-        for key in OPS_KEYS:
-            values = torch.stack([getattr(v, view_field(key)) for v in views]).numpy()
-            arrays.per_view(key, (count, n, k), "int8")[:] = values
-    if views[0].mix_partner is not None:
-        for key, dtype in zip(MIX_KEYS, ("int32", "float32", "int16"), strict=True):
-            values = torch.stack([getattr(v, view_field(key)) for v in views]).numpy()
-            arrays.per_view(key, values.shape, dtype)[:] = values
+def _write_views(arrays: _NewArrays, views: Sequence[ViewParams], n: int) -> None:
+    """Every view's parameters (crops and flips, and the policy's ops or the mixing where the views have them),
+    written one view at a time, so a store of many views is created in the memory of one."""
+    count, first = len(views), views[0]
+    fields = [(VIEW_CROP, "int16"), (VIEW_FLIP, "bool")]
+    if first.ops is not None:
+        fields += [(key, "int8") for key in OPS_KEYS]
+    if first.mix_partner is not None:
+        fields += list(zip(MIX_KEYS, ("int32", "float32", "int16"), strict=True))
+    created = {key: arrays.per_view(key, (count, *getattr(first, view_field(key)).shape), dtype)
+               for key, dtype in fields}  # fmt: skip
+    for index in range(count):
+        view = first if index == 0 else views[index]
+        for key, array in created.items():
+            array[index] = getattr(view, view_field(key)).numpy()
 
 
 def _create_divergent_pixels(arrays: _NewArrays, shape: tuple[int, ...]) -> None:
@@ -243,14 +246,14 @@ def _create_teacher_arrays(
             return
         arrays.per_view(key, shape, layout.dtype, filters=filters, fill_value=0)
 
-    k = layout.logits_topk
-    if k is None:
-        output_array(logits_key(teacher.key), (count, n, len(teacher.classes)))
+    encoding, classes = layout.logits_encoding, len(teacher.classes)
+    if encoding is None:
+        output_array(logits_key(teacher.key), (count, n, classes))
     else:
-        index, value, lse = topk_keys(logits_key(teacher.key))
-        for key, dtype in ((index, "int16"), (value, layout.dtype)):
-            arrays.per_view(key, (count, n, k), dtype, fill_value=0)
-        arrays.per_view(lse, (count, n), "float32", fill_value=0)
+        slots = encoding.slots(layout.logits_k, classes)
+        for key, (_, dtype, per_slot) in zip(encoding.keys(logits_key(teacher.key)), encoding.parts, strict=True):
+            shape = (count, n, slots) if per_slot else (count, n)
+            arrays.per_view(key, shape, dtype or layout.dtype, fill_value=0)
     for block in teacher.blocks:
         if "blocks" in layout.features:
             grid = (block.channels, block.grid, block.grid)
@@ -266,7 +269,7 @@ def create_store(
     *,
     dataset: dict,
     labels: torch.Tensor,
-    views: list[ViewParams],
+    views: Sequence[ViewParams],
     views_info: dict,
     teachers: list[TeacherSpec],
     layout: StoreLayout,
@@ -291,7 +294,7 @@ def create_store(
     group.attrs.update(
         _json_safe(
             {
-                "format": format_of(views[0], divergent_pixels is not None),
+                "format": format_of(views[0], divergent_pixels is not None, layout),
                 "version": VERSION,
                 "dataset": dataset,
                 "views": views_info,
@@ -385,9 +388,7 @@ class TeacherStore:
 
     @property
     def layout(self) -> StoreLayout:
-        data = self.attrs["layout"]
-        return StoreLayout(int(data["rows_per_chunk"]), data["dtype"], data["codec"], tuple(data["features"]),
-                           data.get("keep_bits"), data.get("quantize"), data.get("logits_topk"))  # fmt: skip
+        return StoreLayout.from_json(self.attrs["layout"])
 
     @property
     def teacher_names(self) -> list[str]:
@@ -460,7 +461,7 @@ class TeacherStore:
         import dask
         import dask.array as da
 
-        if not (self.layout.logits_topk is not None and is_logits_key(key)):
+        if self._encoding(key) is None:
             return da.from_zarr(self.group[key])
         dtype = np.dtype(self.layout.dtype)
         views = []
@@ -477,20 +478,26 @@ class TeacherStore:
         return int(self.dataset["num_classes"])
 
     def logical_shape(self, key: str) -> tuple[int, ...]:
-        """The shape of an array as :meth:`read` gives it (a top-k store's logits are rebuilt dense)."""
-        if self.layout.logits_topk is not None and is_logits_key(key):
+        """The shape of an array as :meth:`read` gives it (top-k and sampled logits are rebuilt dense)."""
+        if self._encoding(key) is not None:
             return (self.num_views, self.n, self.num_classes())
         return tuple(self.group[key].shape)
+
+    def _encoding(self, key: str) -> LogitsEncoding | None:
+        """How ``key`` is kept when it is logits stored top-k or sampled, else None."""
+        return self.layout.logits_encoding if is_logits_key(key) else None
 
     def feature(self, teacher: str, kind: str, block: str, view: int) -> np.ndarray:
         return self.read(feature_key(teacher, kind, block), view)
 
     def read(self, key: str, view: int, rows: slice = slice(None)) -> np.ndarray:
-        """Rows of one view of a teacher array as values (8-bit codes decoded with their ranges, top-k logits
-        rebuilt dense by :func:`decode_topk`)."""
-        if self.layout.logits_topk is not None and is_logits_key(key):
-            index, value, lse = (self.group[part][view, rows] for part in topk_keys(key))
-            return decode_topk(index, value, lse, self.num_classes(), self.layout.dtype)
+        """Rows of one view of a teacher array as values (8-bit codes decoded with their ranges, top-k and
+        sampled logits rebuilt dense: see :mod:`meal_cache.store_logits`)."""
+        encoding = self._encoding(key)
+        if encoding is not None:
+            parts = {part: self.group[array][view, rows] for (part, _, _), array in
+                     zip(encoding.parts, encoding.keys(key), strict=True)}  # fmt: skip
+            return encoding.decode(parts, self.num_classes(), self.layout.dtype, self.layout.temperature)
         values = self.group[key][view, rows]
         if self.layout.quantize is not None and is_feature_key(key):
             return dequantize_rows(values, self.group[range_key(key)][view, rows], self.layout.dtype)
@@ -498,20 +505,18 @@ class TeacherStore:
 
     def value_itemsize(self, key: str) -> int:
         """Bytes per value as :meth:`read` returns it."""
-        if (self.layout.quantize is not None and is_feature_key(key)) or (
-            self.layout.logits_topk is not None and is_logits_key(key)
-        ):
+        if (self.layout.quantize is not None and is_feature_key(key)) or self._encoding(key) is not None:
             return np.dtype(self.layout.dtype).itemsize
         return self.group[key].dtype.itemsize
 
     def with_companions(self, keys: list[str]) -> list[str]:
         """The arrays that hold ``keys``: the keys themselves and the ranges of quantised features, or for top-k
-        logits their three arrays."""
-        quantized, topk = self.layout.quantize is not None, self.layout.logits_topk is not None
+        and sampled logits their arrays."""
+        quantized, encoding = self.layout.quantize is not None, self.layout.logits_encoding
         out = []
         for key in keys:
-            if topk and is_logits_key(key):
-                out += topk_keys(key)
+            if encoding is not None and is_logits_key(key):
+                out += encoding.keys(key)
             else:
                 out += [key, range_key(key)] if quantized and is_feature_key(key) else [key]
         return out
@@ -530,15 +535,17 @@ class TeacherStore:
     def write_rows(self, teacher: str, view: int, chunk: int, arrays: dict[str, np.ndarray]) -> None:
         """Write one chunk's rows of every array of a teacher (quantised where the layout says), then mark the
         chunk done."""
-        rows = self.chunk_rows(chunk)
+        rows, layout = self.chunk_rows(chunk), self.layout
         for key, values in arrays.items():
             full = teacher_key(teacher, key)
-            if self.layout.logits_topk is not None and is_logits_key(full):
-                encoded = encode_topk(values, self.layout.logits_topk, self.layout.dtype)
-                for part, array_key in zip(TOPK_PARTS, topk_keys(full), strict=True):
+            encoding = self._encoding(full)
+            if encoding is not None:
+                rng = sample_rng(int(self.attrs["views"]["seed"]), teacher, view, chunk)
+                encoded = encoding.encode(values, layout.logits_k, layout.dtype, layout.temperature, rng)
+                for (part, _, _), array_key in zip(encoding.parts, encoding.keys(full), strict=True):
                     self.group[array_key][view, rows] = encoded[part]
                 continue
-            if self.layout.quantize is not None and is_feature_key(full):
+            if layout.quantize is not None and is_feature_key(full):
                 values, ranges = quantize_rows(values)
                 self.group[range_key(full)][view, rows] = ranges
             self.group[full][view, rows] = values

@@ -15,8 +15,11 @@ if TYPE_CHECKING:  # the store module imports this one
 
 def _array_label(store: TeacherStore, key: str) -> str:
     label = split_teacher_key(key)[1]
-    k = store.layout.logits_topk
-    return f"{label} (top {k}, read back dense)" if k is not None and is_logits_key(key) else label
+    layout = store.layout
+    if layout.logits_encoding is None or not is_logits_key(key):
+        return label
+    kept = f"top {layout.logits_k}" if layout.logits_sample is None else f"{layout.logits_k} drawn"
+    return f"{label} ({kept} at T={layout.temperature:g}, read back dense)"
 
 
 def _lossy_description(layout: StoreLayout) -> str:
@@ -25,8 +28,8 @@ def _lossy_description(layout: StoreLayout) -> str:
         lossy.append(f"{layout.keep_bits} mantissa bits kept")
     if layout.quantize is not None:
         lossy.append(f"blocks and maps as {layout.quantize}-bit codes")
-    if layout.logits_topk is not None:
-        lossy.append(f"the top {layout.logits_topk} logits")
+    if layout.logits_encoding is not None:
+        lossy.append(layout.logits_encoding.description.format(k=layout.logits_k, temperature=layout.temperature))
     return "lossy: " + ", ".join(lossy) if lossy else "lossless"
 
 
@@ -68,7 +71,9 @@ def describe_store(store: TeacherStore) -> str:
         accuracy = teacher.get("accuracy")
         if accuracy:
             augmented = accuracy[: views["augmented"]] or accuracy[:1]
-            acc_text = f"top-1 {np.mean(augmented):.2f}% on augmented views"
+            # A sampled store keeps draws, not the logits: its top-1 is the most-drawn class's.
+            top1 = "top-1" if layout.logits_sample is None else "most-drawn class right"
+            acc_text = f"{top1} {np.mean(augmented):.2f}% on augmented views"
             if views["identity"]:
                 acc_text += f", {accuracy[store.identity_view]:.2f}% on the identity view"
             if store.divergent_views:

@@ -1,8 +1,9 @@
 """The names of a store's arrays, built and taken apart in one place (the layout is in :mod:`meal_cache.store`).
 
 A teacher's arrays live under ``teachers/NAME/``; below it an array has a *name* relative to the teacher
-(``logits``, ``blocks/B``, ``maps/B``, ``progress``, ``ranges/KIND/B``, ``logits_topk/PART``), which is what
-:func:`meal_cache.teachers.teacher_outputs` returns and :meth:`~meal_cache.store.TeacherStore.write_rows` takes.
+(``logits``, ``blocks/B``, ``maps/B``, ``progress``, ``ranges/KIND/B``, ``logits_topk/PART``,
+``logits_sample/PART``), which is what :func:`meal_cache.teachers.teacher_outputs` returns and
+:meth:`~meal_cache.store.TeacherStore.write_rows` takes.
 This module imports nothing heavy (no zarr), so reports and plots can name arrays without opening a store.
 """
 
@@ -21,7 +22,6 @@ MIX_KEYS = ("views/mix_partner", "views/mix_lambda", "views/mix_box")
 SOURCE_SIZE = "views/source_size"
 DIVERGENT_PIXELS = "divergent/pixels"
 FEATURE_KINDS = ("blocks", "maps")
-TOPK_PARTS = ("index", "value", "lse")
 
 
 def teacher_key(teacher: str, name: str) -> str:
@@ -83,11 +83,6 @@ def range_key(key: str) -> str:
     """Where a quantised feature array keeps its rows' ranges: ``teachers/NAME/ranges/KIND/B``."""
     teacher, name = split_teacher_key(key)
     return teacher_key(teacher, f"ranges/{name}")
-
-
-def topk_keys(key: str) -> list[str]:
-    """The arrays that hold ``teachers/NAME/logits`` in a top-k store, in the order of :data:`TOPK_PARTS`."""
-    return [f"{key}_topk/{part}" for part in TOPK_PARTS]
 
 
 def view_field(key: str) -> str:

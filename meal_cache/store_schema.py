@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from meal_cache.store_logits import LOGITS_ENCODINGS, LogitsEncoding
+
 if TYPE_CHECKING:
     from meal_cache.augment import ViewParams
 
@@ -18,9 +20,12 @@ MIX_FORMAT = "meal-cache/4"
 # A store with divergent views (extract --divergent-views): their pixels are stored, not replayed, so a /4 reader
 # would take them for views to render from their (identity) crops.
 DIVERGENT_FORMAT = "meal-cache/5"
+# A store whose logits are sampled, or top-k made exact at a temperature other than 1 (extract --logits-sample,
+# --logits-temperature): a /5 reader would rebuild them as top-k at temperature 1, silently wrong.
+LOGITS_FORMAT = "meal-cache/6"
 # Formats this version reads: /2 added top-k logits (a layout /1 readers would not know), /3 views' ops, /4 mixing,
-# /5 divergent views.
-READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT, DIVERGENT_FORMAT)
+# /5 divergent views, /6 sampled logits and the logits' temperature.
+READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT, DIVERGENT_FORMAT, LOGITS_FORMAT)
 VERSION = 1
 DTYPES = ("float16", "float32")
 
@@ -83,15 +88,44 @@ class StoreLayout:
     keep_bits: int | None = None  # lossy: mantissa bits kept by bit rounding (None: lossless)
     quantize: int | None = None  # lossy: blocks and maps as 8-bit codes with a per-row range (None: as dtype)
     logits_topk: int | None = None  # lossy: the K largest logits and the log-sum-exp (None: every logit)
+    logits_sample: int | None = None  # lossy: K classes drawn from the teacher's softmax, with their counts
+    logits_temperature: float | None = None  # the T top-k and sampled logits are made at (None: 1, older stores)
+
+    @property
+    def logits_encoding(self) -> LogitsEncoding | None:
+        """How the logits are kept when not every one is (see :mod:`meal_cache.store_logits`)."""
+        if self.logits_sample is not None:
+            return LOGITS_ENCODINGS["sample"]
+        return None if self.logits_topk is None else LOGITS_ENCODINGS["topk"]
+
+    @property
+    def logits_k(self) -> int | None:
+        return self.logits_sample if self.logits_sample is not None else self.logits_topk
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 if self.logits_temperature is None else float(self.logits_temperature)
 
     def to_json(self) -> dict:
-        return {"rows_per_chunk": self.rows_per_chunk, "dtype": self.dtype, "codec": self.codec,
+        data = {"rows_per_chunk": self.rows_per_chunk, "dtype": self.dtype, "codec": self.codec,
                 "features": list(self.features), "keep_bits": self.keep_bits, "quantize": self.quantize,
                 "logits_topk": self.logits_topk}  # fmt: skip
+        for name in ("logits_sample", "logits_temperature"):  # recorded only when set: older layouts unchanged
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> StoreLayout:
+        return cls(int(data["rows_per_chunk"]), data["dtype"], data["codec"], tuple(data["features"]),
+                   data.get("keep_bits"), data.get("quantize"), data.get("logits_topk"), data.get("logits_sample"),
+                   data.get("logits_temperature"))  # fmt: skip
 
 
-def format_of(view: ViewParams, divergent: bool = False) -> str:
-    """The oldest format whose readers replay ``view`` right (and know divergent views)."""
+def format_of(view: ViewParams, divergent: bool = False, layout: StoreLayout | None = None) -> str:
+    """The oldest format whose readers replay ``view`` right (and know divergent views and the layout's logits)."""
+    if layout is not None and (layout.logits_sample is not None or layout.temperature != 1.0):
+        return LOGITS_FORMAT
     if divergent:
         return DIVERGENT_FORMAT
     if view.mix_partner is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -141,11 +142,15 @@ def _pretrained_input(
     return categories, tuple(transform.mean), tuple(transform.std), {}
 
 
-def projected_teachers(teachers: list[Teacher], dim: int, seed: int) -> list[Teacher]:
-    """``extract --project D``: each teacher with its blocks wider than ``dim`` channels projected to ``dim``
-    (seeded, see :mod:`meal_cache.projection`); refused where no block of any teacher is wider."""
+def projected_teachers(
+    teachers: list[Teacher], dim: int, seed: int, kind: str = "random", required: bool = True
+) -> list[Teacher]:
+    """``extract --project D``: each teacher with its blocks wider than ``dim`` channels recorded as projected to
+    ``dim`` (see :mod:`meal_cache.projection`), with their seeded matrices for ``kind`` random; a ``pca`` matrix
+    is fitted on the data later (:func:`keep_projections`). Where no block of any teacher is wider, refused when
+    ``required`` (the user asked for D), else the teachers are left as they are (a preset's D)."""
     widest = max(b.channels for t in teachers for b in t.spec.blocks)
-    if dim >= widest:
+    if dim >= widest and required:
         raise UserError(f"--project {dim} is not below any block's channels (the widest has {widest}): choose D "
                         "below the channels it should reduce")  # fmt: skip
     projected = []
@@ -153,8 +158,9 @@ def projected_teachers(teachers: list[Teacher], dim: int, seed: int) -> list[Tea
         blocks, matrices = [], {}
         for block in teacher.spec.blocks:
             if block.channels > dim:
-                name = f"{teacher.spec.key}/{block.name}"
-                matrices[block.name] = orthogonal_projection(block.channels, dim, seed, name)
+                if kind == "random":
+                    name = f"{teacher.spec.key}/{block.name}"
+                    matrices[block.name] = orthogonal_projection(block.channels, dim, seed, name)
                 block = dataclasses.replace(block, channels=dim, projected_from=block.channels)
             blocks.append(block)
         spec = dataclasses.replace(teacher.spec, blocks=blocks)
@@ -162,16 +168,26 @@ def projected_teachers(teachers: list[Teacher], dim: int, seed: int) -> list[Tea
     return projected
 
 
-def keep_projections(store: TeacherStore, teachers: list[Teacher]) -> None:
+def keep_projections(
+    store: TeacherStore, teachers: list[Teacher], fit: Callable[[Teacher, list[BlockSpec]], dict] | None = None
+) -> None:
     """Write each projected block's matrix into a new store, or take a resumed store's own (so a store is never
-    written with two matrices, whatever the machine's linear algebra)."""
+    written with two matrices, whatever the machine's linear algebra). Blocks without a matrix yet (``pca``) get
+    ``fit(teacher, blocks)``'s, fitted on the teacher's unprojected outputs before any chunk is written."""
     for teacher in teachers:
         stored = stored_projections(store, teacher.spec.key)
-        for block, matrix in teacher.projections.items():
-            if block in stored:
-                teacher.projections[block] = stored[block]
-            else:
-                write_projection(store, teacher.spec.key, block, matrix)
+        projected = [b for b in teacher.spec.blocks if b.projected_from is not None]
+        unfitted = [b for b in projected if b.name not in stored and b.name not in teacher.projections]
+        fitted = fit(teacher, unfitted) if unfitted and fit is not None else {}
+        for block in projected:
+            if block.name in stored:
+                teacher.projections[block.name] = stored[block.name]
+                continue
+            matrix = teacher.projections.get(block.name, fitted.get(block.name))
+            if matrix is None:
+                raise RuntimeError(f"no projection for {teacher.spec.key}/{block.name}: pass fit for pca")
+            write_projection(store, teacher.spec.key, block.name, matrix)
+            teacher.projections[block.name] = matrix
 
 
 # no_grad, not inference_mode: the online reference feeds these outputs to losses that save tensors for backward.

@@ -26,14 +26,16 @@ def first_rows(config: DistillConfig, digits, rows: int = 64):
     return method, images, targets, digits.train.labels[index]
 
 
-def topk_rebuilt(index: np.ndarray, value: np.ndarray, lse: np.ndarray, classes: int) -> np.ndarray:
-    """docs/design.md's top-k rule, written out: a stored class keeps its logit (so its probability at T = 1 is
-    exp(value - lse)), every other class gets log((1 - stored mass) / (classes - k)) + lse (the rest spread evenly,
-    at least a millionth of the mass each); read back in the store's dtype, as every reader of a store gets it."""
+def topk_rebuilt(index: np.ndarray, value: np.ndarray, lse: np.ndarray, classes: int,
+                 temperature: float = 1.0) -> np.ndarray:  # fmt: skip
+    """docs/design.md's top-k rule, written out: a stored class keeps its logit (so its probability at the store's
+    temperature T is exp(value / T - lse)), every other class gets T * (log((1 - stored mass) / (classes - k)) +
+    lse) (the rest spread evenly, at least a millionth of the mass each); read back in the store's dtype, as every
+    reader of a store gets it."""
     k = index.shape[-1]
-    kept = np.exp(value.astype(np.float64) - lse[..., None].astype(np.float64)).sum(-1)
+    kept = np.exp(value.astype(np.float64) / temperature - lse[..., None].astype(np.float64)).sum(-1)
     rest = np.maximum(1.0 - kept, 1e-6 * (classes - k)) / (classes - k)
-    dense = np.repeat((lse.astype(np.float64) + np.log(rest))[..., None], classes, axis=-1)
+    dense = np.repeat((temperature * (lse.astype(np.float64) + np.log(rest)))[..., None], classes, axis=-1)
     for j in range(k):
         np.put_along_axis(dense, index[..., j : j + 1].astype(np.int64), value[..., j : j + 1].astype(np.float64), -1)
     return dense.astype(value.dtype)

@@ -95,7 +95,8 @@ def test_top_k_logits_kl_at_1_and_4_match_a_hand_computation(small_store, top3_s
     for teacher, summary in result["teachers"].items():
         full = np.asarray(full_group[f"teachers/{teacher}/logits"][:])  # (V, N, C)
         parts = [np.asarray(top_group[f"teachers/{teacher}/logits_topk/{p}"][:]) for p in ("index", "value", "lse")]
-        rebuilt = topk_rebuilt(*parts, classes=full.shape[-1])
+        made_at = top_group.attrs["layout"]["logits_temperature"]
+        rebuilt = topk_rebuilt(*parts, classes=full.shape[-1], temperature=made_at)
         flat_full, flat_rebuilt = full.reshape(-1, full.shape[-1]), rebuilt.reshape(-1, full.shape[-1])
         expected = {t: _kl(flat_full, flat_rebuilt, t) for t in (1.0, 4.0)}
         # The two temperatures give clearly different values, so one computed at the other's temperature shows.

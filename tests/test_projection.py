@@ -1,8 +1,10 @@
-"""``extract --project D`` (issue 28): pooled blocks stored through a seeded orthogonal projection, the matrix in
-the store, distill's adapters to D, what `info --fidelity` says the projection keeps, and the bad inputs."""
+"""``extract --project D`` (issue 28): pooled blocks stored through a projection (PCA fitted on the first rows, or a
+seeded random orthogonal matrix), the matrix in the store, distill's adapters to D, what `info --fidelity` says
+the projection keeps, ``--for meal``'s default, and the bad inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -12,21 +14,24 @@ import pytest
 import torch
 
 from meal_cache.distill import DistillConfig
+from meal_cache.errors import UserError
 from meal_cache.extract import ExtractConfig, extract
 from meal_cache.fidelity import store_fidelity
-from meal_cache.projection import orthogonal_projection, projection_quality, stored_projections
+from meal_cache.projection import orthogonal_projection, pca_projection, projection_quality, stored_projections
 from meal_cache.store import feature_key, open_store
 
 
 @pytest.fixture(scope="module")
 def projected(tmp_path_factory, teacher_dir, digits):
-    """A lossless store of both teachers' pooled blocks projected to 8 channels, and one without projection."""
+    """Lossless stores of both teachers' pooled blocks projected to 8 channels (PCA, the default, and random), and
+    one without projection."""
     folder = tmp_path_factory.mktemp("projected")
     base = dict(teachers=["resnet8_w4", "densenet_k12"], views=1, identity_view=True, teacher_dir=str(teacher_dir),
                 features=["blocks"], device="cpu", rows_per_chunk=512)  # fmt: skip
     extract(ExtractConfig(**base, project=8), folder / "p8.zarr", progress=False, dataset=digits)
     extract(ExtractConfig(**base), folder / "full.zarr", progress=False, dataset=digits)
-    return folder / "p8.zarr", folder / "full.zarr"
+    extract(ExtractConfig(**base, project=8, projection="random"), folder / "r8.zarr", progress=False, dataset=digits)
+    return folder / "p8.zarr", folder / "full.zarr", folder / "r8.zarr"
 
 
 def test_an_orthogonal_projection_is_seeded_and_keeps_distances_in_expectation():
@@ -54,8 +59,69 @@ def test_what_a_projection_keeps_by_hand():
     assert quality["distance_error"] == pytest.approx(expected)
 
 
+def test_pca_finds_the_principal_directions_largest_first_with_fixed_signs():
+    # Rows spread 3 along e0 + e1, 1 along e2 and nothing along e3, e4 (about a mean far from zero).
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(500, 1, generator=generator), torch.randn(500, 1, generator=generator)
+    axis = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]]) / math.sqrt(2.0)
+    rows = 3 * a * axis + b * torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0]]) + 5.0
+    matrix = pca_projection(rows, 2)
+    assert matrix.shape == (5, 2) and matrix.dtype == torch.float32
+    assert torch.allclose(matrix.T @ matrix, torch.eye(2), atol=1e-5)  # orthonormal: distances only shrink
+    assert torch.allclose(matrix[:, 0], axis[0], atol=5e-2)  # the widest direction first, its largest entry > 0
+    assert torch.allclose(matrix[:, 1], torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]), atol=5e-2)
+    assert torch.equal(pca_projection(-rows, 2), matrix)  # signs fixed by the data's axes, not the solver
+    assert projection_quality(rows.numpy(), matrix.numpy())["variance_kept"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_pca_store_fits_its_matrix_on_the_first_chunk_of_view_0_and_keeps_more_than_random(projected):
+    """The stored matrix is the PCA of the unprojected store's first 512 rows of view 0 (at least 8 rows per
+    dimension, whole chunks), as the same subspace; and it keeps more of every projected block's variance than a
+    random projection of the same width does."""
+    store, full, _ = (open_store(path) for path in projected)
+    last = store.blocks("densenet_k12")[-1]
+    key = feature_key("densenet_k12", "blocks", last.key)
+    first_chunk = torch.from_numpy(full.read(key, 0)[:512].astype(np.float64)).flatten(1)
+    hand = pca_projection(first_chunk, 8).double()
+    stored = stored_projections(store, "densenet_k12")[last.name].double()
+    # The same 8-dimensional subspace (float16 inputs against float32 ones move it a little, not across).
+    assert float(torch.linalg.norm(hand @ hand.T - stored @ stored.T)) < 0.1
+    pca = store_fidelity(str(projected[0]), str(projected[1]))["teachers"]
+    random = store_fidelity(str(projected[2]), str(projected[1]))["teachers"]
+    for teacher, summary in pca.items():
+        for name, values in summary["blocks"].items():
+            if "projection" in values:
+                kept, chance = values["projection"], random[teacher]["blocks"][name]["projection"]
+                assert kept["variance_kept"] > chance["variance_kept"] + 0.1, (teacher, name)
+                assert kept["distance_error"] < chance["distance_error"], (teacher, name)
+
+
+def test_meal_preset_projects_only_blocks_wider_than_its_d_and_keeps_few_classes_whole(tmp_path, teacher_dir,
+                                                                                       digits):  # fmt: skip
+    """``--for meal`` means PCA to 128 and top-10 logits: on digits' teachers (no block wider than 90 channels, 10
+    classes) nothing is projected and every logit is kept, where an explicit --project 128 is refused; with 1,000
+    classes the preset keeps the top 10, and --project 0 or another encoding overrides it."""
+    from meal_cache.extract import fitted_to_data
+
+    config = ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], views=1, teacher_dir=str(teacher_dir),
+                           device="cpu", preset="meal")  # fmt: skip
+    store = extract(config, tmp_path / "meal.zarr", progress=False, dataset=digits)
+    assert store.layout.logits_topk is None and store.layout.logits_temperature is None
+    assert store.attrs["format"] == "meal-cache/2" and "teachers/resnet8_w4/logits" in store.group
+    assert all(b.projected_from is None for t in store.teacher_names for b in store.blocks(t))
+    resolved = config.resolved()
+    assert (resolved.project, resolved.projection, resolved.logits_topk) == (128, "pca", 10)
+    assert fitted_to_data(resolved, config, 1000).logits_topk == 10
+    assert fitted_to_data(resolved, config, 10).logits_topk is None
+    chosen = dataclasses.replace(config, logits_sample=8)
+    assert fitted_to_data(chosen.resolved(), chosen, 10).logits_sample == 8
+    assert dataclasses.replace(config, project=0).resolved().project is None
+    with pytest.raises(UserError, match="--project 128 is not below any block's channels"):
+        extract(dataclasses.replace(config, project=128), tmp_path / "p.zarr", progress=False, dataset=digits)
+
+
 def test_the_store_holds_its_projection_and_its_blocks_are_the_teachers_times_it(projected):
-    store, full = (open_store(path) for path in projected)
+    store, full, _ = (open_store(path) for path in projected)
     for teacher in store.teacher_names:
         whole = {b.key: b for b in full.blocks(teacher)}
         matrices = stored_projections(store, teacher)
@@ -92,7 +158,7 @@ def test_distills_adapters_map_the_student_to_the_projected_width(projected, dig
 
 def test_fidelity_reports_what_the_projection_keeps(projected):
     result = store_fidelity(str(projected[0]), str(projected[1]))
-    store, full = (open_store(path) for path in projected)
+    store, full, _ = (open_store(path) for path in projected)
     last = store.blocks("densenet_k12")[-1]
     values = result["teachers"]["densenet_k12"]["blocks"][f"blocks/{last.key}"]
     # Against a hand computation from the raw arrays of the unprojected store, over every view and row.
@@ -114,7 +180,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--project", "0"], "--project must be a whole number of channels, at least 1, got 0"),
+        (["--project", "-1"], "--project must be a whole number of channels, at least 1 (0: every channel), got -1"),
         (["--project", "1000"], "--project 1000 is not below any block's channels (the widest has 90)"),
         (["--project", "8", "--features", "maps"], "this store keeps no blocks (--features maps)"),
     ],

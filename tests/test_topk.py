@@ -44,6 +44,20 @@ def test_rebuilt_top_k_keeps_each_stored_probability_and_spreads_the_rest_evenly
         np.testing.assert_allclose(_softmax(dense, temperature), _softmax(logits, temperature), rtol=1e-5)
 
 
+def test_top_k_made_at_a_temperature_keeps_the_stored_probabilities_and_the_rest_at_that_temperature():
+    """At T = 4 (the store's logits temperature) the stored classes get their exact probabilities at T = 4 and the
+    rest of the T = 4 mass is spread evenly; the T = 1 rule would give the tail too much mass at T = 4."""
+    logits = np.array([[6.0, 3.0, 1.0, -2.0, -4.0, 0.0]], dtype=np.float32)
+    reference = _softmax(logits, 4.0)
+    encoded = encode_topk(logits, 2, "float32", temperature=4.0)
+    rebuilt = _softmax(decode_topk(encoded["index"], encoded["value"], encoded["lse"], 6, "float64", 4.0), 4.0)
+    np.testing.assert_allclose(rebuilt[0, [0, 1]], reference[0, [0, 1]], rtol=1e-6)
+    np.testing.assert_allclose(rebuilt[0, 2:], reference[0, 2:].sum() / 4, rtol=1e-6)
+    at_one = encode_topk(logits, 2, "float32")
+    flat = _softmax(decode_topk(at_one["index"], at_one["value"], at_one["lse"], 6, "float64"), 4.0)
+    assert flat[0, 2:].sum() > 1.05 * reference[0, 2:].sum()
+
+
 def test_a_remainder_rounded_to_nothing_never_gives_minus_infinity():
     logits = np.array([[30.0, -30.0, -30.0]], dtype=np.float16)
     encoded = encode_topk(logits, 1, "float16")
@@ -62,7 +76,9 @@ def topk_stores(small_store, teacher_dir, digits, tmp_path_factory):
 def test_a_top_k_store_holds_k_logits_a_row_and_reads_back_dense(topk_stores):
     dense_path, topk_path = topk_stores
     dense, topk = open_store(dense_path), open_store(topk_path)
-    assert topk.attrs["format"] == "meal-cache/2" and topk.layout.logits_topk == 3 and topk.complete
+    # Made exact at distill's default temperature, which /5 readers would not know: format /6.
+    assert topk.attrs["format"] == "meal-cache/6" and topk.layout.logits_topk == 3 and topk.complete
+    assert topk.layout.temperature == 4.0
     assert "teachers/resnet8_w4/logits" not in topk.group
     index = topk.group["teachers/resnet8_w4/logits_topk/index"]
     assert index.shape == (2, dense.n, 3)
@@ -73,7 +89,7 @@ def test_a_top_k_store_holds_k_logits_a_row_and_reads_back_dense(topk_stores):
         assert rebuilt.shape == reference.shape
         stored = index[view].astype(np.int64)
         assert (stored[:, 0] == reference.argmax(1)).all() and (rebuilt.argmax(1) == stored[:, 0]).all()
-        p, q = _softmax(reference), _softmax(rebuilt)
+        p, q = _softmax(reference, 4.0), _softmax(rebuilt, 4.0)
         np.testing.assert_allclose(np.take_along_axis(q, stored, 1), np.take_along_axis(p, stored, 1), atol=1e-3)
         np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-3)
     # The teachers' recorded accuracy comes from the rebuilt logits: the same top-1.
@@ -81,8 +97,8 @@ def test_a_top_k_store_holds_k_logits_a_row_and_reads_back_dense(topk_stores):
     assert accuracy == [dense_accuracy[0], dense_accuracy[-1]]
     # What `extract` and `info` print: the logits' dense shape, marked as top-k.
     text = describe_store(topk)
-    row = next(line for line in text.splitlines() if line.strip().startswith("logits (top 3, read back dense)"))
-    assert row.split("dense)")[1].split()[0] == f"2x{dense.n}x10" and "lossy: the top 3 logits" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("logits (top 3 at T=4, read back"))
+    assert row.split("dense)")[1].split()[0] == f"2x{dense.n}x10" and "lossy: the top 3 logits, exact at T=4" in text
     sizes = topk.sizes()["teachers/resnet8_w4/logits"]
     assert sizes["raw"] == 2 * dense.n * (3 * 2 + 3 * 2 + 4)  # index int16, value float16, lse float32
 
@@ -104,7 +120,8 @@ def test_distill_and_inspect_read_a_top_k_store(topk_stores, digits, tmp_path, m
     labels = np.asarray(topk_group["labels"][:])
     full = {t: np.asarray(dense_group[f"teachers/{t}/logits"][:]) for t in teachers}  # (3, N, 10)
     rebuilt = {t: topk_rebuilt(*(np.asarray(topk_group[f"teachers/{t}/logits_topk/{p}"][:])
-                                     for p in ("index", "value", "lse")), classes=10) for t in teachers}  # fmt: skip
+                                     for p in ("index", "value", "lse")), classes=10, temperature=4.0)
+               for t in teachers}  # fmt: skip
 
     # Distill: every step's soft targets (kd, T = 4, the mean of both teachers) are the rebuilt logits' of its rows
     # in view 0, the one augmented view the top-k store holds (epoch 0 replays it).
@@ -150,7 +167,7 @@ def test_distill_and_inspect_read_a_top_k_store(topk_stores, digits, tmp_path, m
 
 def test_bad_top_k_settings_are_refused(small_store, digits, tmp_path):
     _, config = small_store
-    with pytest.raises(UserError, match="--logits-topk must be at least 1, got 0"):
+    with pytest.raises(UserError, match="--logits-topk must be a whole number, at least 1, got 0"):
         extract(dataclasses.replace(config, logits_topk=0), tmp_path / "a.zarr", progress=False, dataset=digits)
     with pytest.raises(UserError, match="--logits-topk 11 is more than teacher resnet8_w4's 10 classes"):
         extract(dataclasses.replace(config, logits_topk=11), tmp_path / "b.zarr", progress=False, dataset=digits)

@@ -152,19 +152,46 @@ from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, data_options
     "--logits-topk",
     type=int,
     default=None,
-    help="Lossy: keep each row's K largest logits (int16 classes, --dtype values) and the log-sum-exp of all; "
-    "read back with the rest of the probability spread evenly over the other classes (FKD, TinyViT). "
-    "Default: every logit.",
+    metavar="K",
+    help="Lossy: keep each row's K largest logits (int16 classes, --dtype values) and the log-sum-exp of all at "
+    "--logits-temperature; read back exact at that temperature, the rest of the probability spread evenly over "
+    "the other classes (FKD, TinyViT). 4K+4 bytes a row. Default: every logit.",
+)
+@click.option(
+    "--logits-sample",
+    type=int,
+    default=None,
+    metavar="K",
+    help="Lossy: keep K classes drawn (seeded) from each row's softmax at --logits-temperature, with their counts; "
+    "read back as count/K, an unbiased estimate of the teacher's soft labels (random-sampling KD). 3K bytes a "
+    "row, so K = 8 costs what --logits-topk 5 does. Default: every logit.",
+)
+@click.option(
+    "--logits-temperature",
+    type=float,
+    default=None,
+    metavar="T",
+    help="The temperature --logits-topk is exact at and --logits-sample draws at: distill's --temperature "
+    "(sampled stores refuse another one). Default: 4, the soft labels' default.",
 )
 @click.option(
     "--project",
     type=int,
     default=None,
     metavar="D",
-    help="Lossy: store each pooled block wider than D channels as D numbers, its channels times a seeded random "
-    "matrix with orthogonal columns (distances kept in expectation; the matrix is stored with the blocks). "
-    "distill's adapters map the student to D; `info --fidelity` reports the share of variance kept. "
+    help="Lossy: store each pooled block wider than D channels as D numbers, its channels times a matrix with "
+    "orthogonal columns (--projection; the matrix is stored with the blocks). distill's adapters map the "
+    "student to D; `info --fidelity` reports the share of variance kept and the distance error. "
     "Default: every channel.",
+)
+@click.option(
+    "--projection",
+    type=click.Choice(["pca", "random"]),
+    default="pca",
+    show_default=True,
+    help="--project's matrix: pca, each block's top D principal directions fitted on the first rows of view 1 "
+    "(keeps the most variance); random, a seeded random orthogonal matrix scaled to keep distances in "
+    "expectation, whatever the data.",
 )
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,23 @@ def distill(
     return summary
 
 
+class ReplayedViews:
+    """The cached views' parameters (crops, flips, ops, mixing), read from the store when an epoch first replays
+    a view and only the last ``keep`` of them held, so memory stays flat however many views the store has."""
+
+    def __init__(self, store: TeacherStore, keep: int) -> None:
+        self.store, self.keep = store, max(1, keep)
+        self.held: OrderedDict[int, augment.ViewParams] = OrderedDict()
+
+    def __call__(self, view: int) -> augment.ViewParams:
+        if view not in self.held:
+            self.held[view] = self.store.view_params(view)
+            while len(self.held) > self.keep:
+                self.held.popitem(last=False)
+        self.held.move_to_end(view)
+        return self.held[view]
+
+
 @dataclass
 class DistillRun:
     """Everything a distillation run trains with, built once: the store and its dataset, the distiller and its
@@ -122,7 +140,7 @@ class DistillRun:
     images: ImageSource
     labels: torch.Tensor
     views: list[int]
-    view_params: dict[int, augment.ViewParams]
+    view_params: ReplayedViews
     recipe: augment.Recipe
     online: OnlineTeachers | None
     source: object
@@ -196,6 +214,7 @@ def build_run(
         dataset = load_store_dataset(config, store)
     else:
         store.check_matches(dataset.describe(), store.dataset["split"])
+    _check_logits_temperature(config, store)
     precision = Precision(device)
     seed_everything(config.seed)
     student = create_model(config.student, dataset.num_classes, dataset.image_size)
@@ -241,7 +260,7 @@ def build_run(
         config=config, world=world, device=device, precision=precision, store=store, dataset=dataset,
         distiller=distiller, run_student=run_student, optimisation=optimisation, disc_optimizer=d_opt,
         schedule=schedule, images=images, labels=labels, views=views, divergent=divergent,
-        view_params={v: store.view_params(v) for v in set(views)},
+        view_params=ReplayedViews(store, keep=2 * config.crops_per_image),
         recipe=augment.recipe_for(store.dataset["recipe"], dataset.image_size),
         sizes=recorded_sizes if recorded_sizes is not None else split.source_sizes(config.workers),
         online=OnlineTeachers(config, store, dataset, precision) if config.online else None,
@@ -262,6 +281,17 @@ def _refined_labels(config: DistillConfig, labels: torch.Tensor, device: torch.d
     if progress:
         tqdm.write(f"--refine-labels: {len(refined)} suspect label(s) replaced by the teachers' ensemble")
     return labels
+
+
+def _check_logits_temperature(config: DistillConfig, store: TeacherStore) -> None:
+    """Refuse soft labels at another temperature than a sampled store's draws: counts drawn at T estimate the
+    teacher's softmax at T only (top-k logits, exact at their temperature, stay close at others)."""
+    layout = store.layout
+    if layout.logits_sample is None or not config.soft_weight or config.temperature == layout.temperature:
+        return
+    raise UserError(f"'{config.store}' holds classes drawn at temperature {layout.temperature:g}, an estimate of the "
+                    f"soft labels at that temperature only; distill with --temperature {layout.temperature:g}, or "
+                    f"extract again with --logits-temperature {config.temperature:g}")  # fmt: skip
 
 
 def _refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:

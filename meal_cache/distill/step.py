@@ -74,7 +74,7 @@ class DistillEpochs:
             params = [augment.draw(run.recipe, run.sizes, generator, run.store.policy, run.store.mixing,
                                    run.dataset.image_size)]  # fmt: skip
         else:
-            params = [run.view_params[view] for view in views]
+            params = [run.view_params(view) for view in views]
         last = epoch + 1 >= config.epochs
         if config.crops_per_image > 1:
             batches = run.source.epoch(epoch, views, None if last else self.epoch_views(epoch + 1))

@@ -233,9 +233,12 @@ class Distiller(Method):
 class Meal(Distiller):
     name: ClassVar[str] = "meal"
     help: ClassVar[str] = "MEAL: block similarity + per-block and output discriminators, one random teacher a step"
+    # 128 PCA dimensions: 3 blocks x (128 + 8 range bytes) + top-10 logits = 452 bytes a row at 224 px and 1,000
+    # classes (docs/design.md, "Projected blocks"), where every channel of resnet50's was 3,608 plus the logits.
     store_needs: ClassVar[StoreNeeds] = StoreNeeds(
-        ("blocks",), "3", "logits and the pooled channels of the last 3 blocks, 8-bit", quantize=8
-    )
+        ("blocks",), "3", "the top-10 logits and the pooled channels of the last 3 blocks (PCA to 128 where wider), "
+        "8-bit", quantize=8, project=128,
+    )  # fmt: skip
     selection: ClassVar[str] = "random"
     own_discriminators: ClassVar[tuple[str, ...]] = ("blocks", "output")
     block_terms: ClassVar[bool] = True

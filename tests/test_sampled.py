@@ -1,0 +1,147 @@
+"""Sampled logits (issue 28): K classes drawn from the teacher's softmax at the store's temperature, kept as
+distinct classes with their counts and read back as count / K, an unbiased estimate of the soft labels."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import zarr
+
+from meal_cache.extract import extract
+from meal_cache.fidelity import store_fidelity
+from meal_cache.store import open_store
+from meal_cache.store_logits import SAMPLE_FLOOR, decode_sample, encode_sample, softmax_rows
+
+LOGITS = np.array([[5.0, 3.0, 2.5, 0.0, -1.0, -3.0, 1.0, 0.5], [0.0, 0.2, -0.3, 4.0, 3.8, 0.0, -2.0, 1.0]])
+
+
+def test_drawn_classes_are_distinct_with_counts_summing_to_k_most_drawn_first():
+    rng = np.random.default_rng(0)
+    for k in (1, 5, 8, 20):
+        encoded = encode_sample(np.repeat(LOGITS, 50, 0), k, 4.0, rng)
+        index, count = encoded["index"], encoded["count"]
+        assert index.dtype == np.int16 and count.dtype == np.uint8
+        assert index.shape == (100, min(k, 8))  # never more slots than classes
+        assert (count.astype(int).sum(1) == k).all()
+        assert all(len(set(row)) == len(row) for row in index.tolist())
+        assert (np.diff(count.astype(int), axis=1) <= 0).all()
+
+
+def test_the_mean_of_many_draws_is_the_dense_soft_label_loss_and_its_gradient():
+    """The soft-label cross-entropy at T = 4 of a fixed student against the read-back targets, averaged over 4,000
+    draws of K = 8, equals the loss against the teacher's dense softmax within four standard errors of that mean
+    (plus the floor's millionth); so does its gradient with respect to the student's logits. Draws made at T = 1
+    instead, read at 4, miss by far more: the check sees the temperature."""
+    temperature, k, draws = 4.0, 8, 4000
+    student = torch.tensor([[1.0, 0.5, 0.0, 0.2, -0.5, 0.1, 0.3, -1.0], [0.3, 0.0, 0.1, 1.0, 0.5, 0.2, 0.0, 0.4]],
+                           dtype=torch.float64, requires_grad=True)  # fmt: skip
+    log_student = F.log_softmax(student / temperature, dim=1)
+    dense_target = torch.from_numpy(softmax_rows(LOGITS, temperature))
+    dense_loss = -(dense_target * log_student).sum(1)
+    dense_grad = torch.autograd.grad(dense_loss.sum(), student, retain_graph=True)[0]
+
+    def draw_losses(drawn_at: float) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng(1)
+        rows = np.tile(LOGITS, (draws, 1))
+        encoded = encode_sample(rows, k, drawn_at, rng)
+        read_back = decode_sample(encoded["index"], encoded["count"], LOGITS.shape[1], "float64", temperature)
+        target = F.softmax(torch.from_numpy(read_back) / temperature, dim=1).view(draws, 2, -1)
+        losses = -(target * log_student).sum(2)  # (draws, 2)
+        # The gradient of each draw's loss: (softmax(student / T) - target) / T, row by row.
+        grads = (F.softmax(student / temperature, dim=1).detach() - target) / temperature
+        return losses.detach(), grads
+
+    losses, grads = draw_losses(temperature)
+    stderr = losses.std(0) / draws**0.5
+    assert (stderr > 0).all()
+    assert ((losses.mean(0) - dense_loss.detach()).abs() <= 4 * stderr + SAMPLE_FLOOR).all()
+    grad_stderr = grads.std(0) / draws**0.5
+    assert ((grads.mean(0) - dense_grad).abs() <= 4 * grad_stderr + SAMPLE_FLOOR).all()
+    wrong, _ = draw_losses(1.0)
+    assert ((wrong.mean(0) - dense_loss.detach()).abs() > 10 * stderr).any()
+
+
+@pytest.fixture(scope="module")
+def sampled_store(small_store, digits, tmp_path_factory):
+    """The small store's rows and views for one teacher, logits only, as 8 classes drawn at T = 4."""
+    path, config = small_store
+    out = tmp_path_factory.mktemp("sampled") / "sampled.zarr"
+    sampled = dataclasses.replace(config, teachers=["resnet8_w4"], preset="kd", logits_sample=8)
+    extract(sampled, out, progress=False, dataset=digits)
+    return out, sampled
+
+
+def test_a_sampled_store_holds_counts_reads_back_their_shares_and_draws_the_same_at_any_batch_size(
+    small_store, sampled_store, digits, tmp_path
+):
+    dense_path, _ = small_store
+    path, config = sampled_store
+    store, dense = open_store(path), open_store(dense_path)
+    assert store.attrs["format"] == "meal-cache/6" and store.layout.logits_sample == 8
+    assert store.layout.temperature == 4.0 and store.complete
+    group = zarr.open_group(str(path), mode="r")
+    index = np.asarray(group["teachers/resnet8_w4/logits_sample/index"][:])
+    count = np.asarray(group["teachers/resnet8_w4/logits_sample/count"][:])
+    assert index.shape == count.shape == (3, store.n, 8) and (count.astype(int).sum(2) == 8).all()
+    for view in range(3):
+        shares = np.zeros((store.n, 10))
+        np.put_along_axis(shares, index[view].astype(np.int64), count[view] / 8.0, axis=1)
+        read_back = F.softmax(torch.from_numpy(store.logits("resnet8_w4", view).astype(np.float64)) / 4.0, dim=1)
+        np.testing.assert_allclose(read_back.numpy(), shares, atol=2e-3)  # float16 logits
+        # Each class is drawn as often as the teacher's softmax at 4 says: the teacher's top class, over all rows,
+        # within four standard errors (a sampler at another temperature is off by tens of them).
+        teacher = softmax_rows(dense.logits("resnet8_w4", view).astype(np.float64), 4.0)
+        top = teacher.argmax(1)[:, None]
+        drawn, expected = np.take_along_axis(shares, top, 1)[:, 0], np.take_along_axis(teacher, top, 1)[:, 0]
+        stderr = np.sqrt((expected * (1 - expected) / 8).sum()) / store.n
+        assert abs(drawn.mean() - expected.mean()) <= 4 * stderr, (drawn.mean(), expected.mean(), stderr)
+    assert not np.array_equal(count[0], count[1])  # each view its own draws
+    # Draws are seeded per chunk: another batch size writes the very same ones.
+    again = tmp_path / "again.zarr"
+    extract(dataclasses.replace(config, batch_size=100), again, progress=False, dataset=digits)
+    other = zarr.open_group(str(again), mode="r")
+    assert np.array_equal(np.asarray(other["teachers/resnet8_w4/logits_sample/count"][:]), count)
+    assert np.array_equal(np.asarray(other["teachers/resnet8_w4/logits_sample/index"][:]), index)
+
+
+def test_fidelity_of_sampled_logits_is_noise_around_an_unbiased_mean(small_store, sampled_store):
+    """info --fidelity's gradient figures for the sampled store, against a computation from the raw arrays: the
+    per-row L1 error of the read-back targets at T = 4 and the L1 norm of its mean over rows in rank order; the
+    draws are unbiased, so the mean error is a small part of the per-row one."""
+    dense_path, _ = small_store
+    path, _ = sampled_store
+    summary = store_fidelity(str(path), str(dense_path))["teachers"]["resnet8_w4"]
+    dense = zarr.open_group(str(dense_path), mode="r")
+    full = np.asarray(dense["teachers/resnet8_w4/logits"][:]).reshape(-1, 10).astype(np.float64)
+    store = open_store(path)
+    read_back = np.concatenate([store.logits("resnet8_w4", v) for v in range(3)]).astype(np.float64)
+    error = softmax_rows(read_back, 4.0) - softmax_rows(full, 4.0)
+    ranked = np.take_along_axis(error, np.argsort(-full, axis=1, kind="stable"), axis=1)
+    gradient = summary["gradient"]["T=4"]
+    assert gradient["error"] == pytest.approx(np.abs(error).sum(1).mean(), rel=1e-6)
+    assert gradient["bias"] == pytest.approx(np.abs(ranked.mean(0)).sum(), rel=1e-3)
+    assert gradient["bias"] < 0.1 * gradient["error"]
+
+
+def test_distill_reads_a_sampled_store_at_its_temperature_and_refuses_another(sampled_store, digits, tmp_path):
+    from meal_cache.distill import DistillConfig, distill
+
+    path, _ = sampled_store
+    config = DistillConfig(store=str(path), student="resnet8_w4", method="kd", epochs=1, device="cpu")
+    summary = distill(config, tmp_path / "run", progress=False, dataset=digits)
+    assert summary["test"]["n"] == 360 and np.isfinite(summary["history"][0]["loss"])
+    command = [sys.executable, "-m", "meal_cache", "distill", "--store", str(path), "--student", "resnet8_w4",
+               "--method", "kd", "--temperature", "2", "--epochs", "1", "--device", "cpu", "--quiet",
+               "--out", str(tmp_path / "refused")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert lines[0].startswith("Error: ") and "holds classes drawn at temperature 4" in lines[0]
+    assert "distill with --temperature 4" in lines[0]
+    assert not (tmp_path / "refused").exists()
