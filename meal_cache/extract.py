@@ -150,6 +150,8 @@ class ExtractConfig:
                 config = dataclasses.replace(config, project=preset.project)
         if config.project == 0:
             config = dataclasses.replace(config, project=None)
+        if config.logits_topk == 0:
+            config = dataclasses.replace(config, logits_topk=None)
         if config.quantize == 0:
             config = dataclasses.replace(config, quantize=None)
         lossy_logits = config.logits_topk is not None or config.logits_sample is not None

@@ -138,9 +138,10 @@ def check_logits_options(topk: int | None, sample: int | None, temperature: floa
     """Refuse lossy-logits settings that make no sense, naming the option."""
     if topk is not None and sample is not None:
         raise UserError("--logits-topk and --logits-sample are two ways of keeping the logits; choose one")
-    for option, k in (("--logits-topk", topk), ("--logits-sample", sample)):
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise UserError(f"{option} must be a whole number, at least 1, got {k!r}")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 0):
+        raise UserError(f"--logits-topk must be a whole number, at least 1 (0: every logit), got {topk!r}")
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
+        raise UserError(f"--logits-sample must be a whole number, at least 1, got {sample!r}")
     if sample is not None and sample > MAX_SAMPLE:
         raise UserError(f"--logits-sample draws at most {MAX_SAMPLE} classes a row (counts are one byte), got {sample}")
     if temperature is not None:

@@ -116,6 +116,7 @@ def test_meal_preset_projects_only_blocks_wider_than_its_d_and_keeps_few_classes
     chosen = dataclasses.replace(config, logits_sample=8)
     assert fitted_to_data(chosen.resolved(), chosen, 10).logits_sample == 8
     assert dataclasses.replace(config, project=0).resolved().project is None
+    assert dataclasses.replace(config, logits_topk=0).resolved().logits_topk is None  # every logit
     with pytest.raises(UserError, match="--project 128 is not below any block's channels"):
         extract(dataclasses.replace(config, project=128), tmp_path / "p.zarr", progress=False, dataset=digits)
 

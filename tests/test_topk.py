@@ -167,8 +167,8 @@ def test_distill_and_inspect_read_a_top_k_store(topk_stores, digits, tmp_path, m
 
 def test_bad_top_k_settings_are_refused(small_store, digits, tmp_path):
     _, config = small_store
-    with pytest.raises(UserError, match="--logits-topk must be a whole number, at least 1, got 0"):
-        extract(dataclasses.replace(config, logits_topk=0), tmp_path / "a.zarr", progress=False, dataset=digits)
+    with pytest.raises(UserError, match=r"--logits-topk must be a whole number, at least 1 \(0: every logit\), got -1"):
+        extract(dataclasses.replace(config, logits_topk=-1), tmp_path / "a.zarr", progress=False, dataset=digits)
     with pytest.raises(UserError, match="--logits-topk 11 is more than teacher resnet8_w4's 10 classes"):
         extract(dataclasses.replace(config, logits_topk=11), tmp_path / "b.zarr", progress=False, dataset=digits)
 

@@ -155,7 +155,8 @@ from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, data_options
     metavar="K",
     help="Lossy: keep each row's K largest logits (int16 classes, --dtype values) and the log-sum-exp of all at "
     "--logits-temperature; read back exact at that temperature, the rest of the probability spread evenly over "
-    "the other classes (FKD, TinyViT). 4K+4 bytes a row. Default: every logit.",
+    "the other classes (FKD, TinyViT). 4K+4 bytes a row. Default: every logit (top-10 with --for METHOD; 0 keeps "
+    "every logit there).",
 )
 @click.option(
     "--logits-sample",
