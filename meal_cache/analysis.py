@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,9 +19,31 @@ import dask.array as da
 import numpy as np
 
 from meal_cache.errors import UserError
-from meal_cache.store import LABELS, logits_key, open_store
+from meal_cache.store import LABELS, TeacherStore, logits_key, open_store
 
 DEFAULT_CONFIDENCE = 0.5
+SHOWN_SUSPECTS = 10  # listed by describe_inspection; --csv writes them all
+
+
+def row_files(store: TeacherStore) -> list[str] | None:
+    """Each row's image file (root joined), where the store was extracted from files that are still there and
+    unchanged (the dataset's fingerprint matches); None for data in memory, or files moved or changed."""
+    from meal_cache.data import load_dataset
+
+    recorded = store.dataset
+    if recorded.get("kind") != "imagefolder":
+        return None
+    try:
+        dataset = load_dataset(recorded["spec"], recorded["options"].get("root", "data"), False,
+                               recorded["options"].get("image_size"))  # fmt: skip
+        store.check_matches(dataset.describe(), recorded["split"])
+    except UserError:
+        return None
+    split = dataset.split(recorded["split"])
+    files = getattr(split, "files", None)
+    if files is None:  # ?in_memory=1: decoded up front, no file per row kept
+        return None
+    return [str(Path(split.root) / os.fsdecode(name)) for name in files]
 
 
 def _softmax(block: np.ndarray) -> np.ndarray:
@@ -91,6 +114,8 @@ def inspect_store(
     predicted_np = computed["ensemble_prediction"]
     confidence_np = computed["ensemble_confidence"]
     suspect = (predicted_np != labels_np) & (confidence_np >= confidence)
+    classes = [str(c) for c in store.dataset.get("classes") or range(num_classes)]
+    files = row_files(store) if suspect.any() else None
     agreement = np.eye(len(teachers)) * 100
     for (i, a), (j, b) in itertools.combinations(enumerate(teachers), 2):
         agreement[i, j] = agreement[j, i] = float(computed[f"agree/{a}/{b}"])
@@ -112,11 +137,15 @@ def inspect_store(
         },  # fmt: skip
         "agreement": agreement.round(4).tolist(),
         "confidence": confidence,
+        "classes": classes,
         "suspects": [
             {
                 "row": int(r),
+                **({"file": files[r]} if files is not None else {}),
                 "label": int(labels_np[r]),
+                "label_name": classes[int(labels_np[r])],
                 "ensemble": int(predicted_np[r]),
+                "ensemble_name": classes[int(predicted_np[r])],
                 "confidence": round(float(confidence_np[r]), 4),
             }
             for r in np.flatnonzero(suspect)
@@ -129,9 +158,15 @@ def suspect_rows(path: str | Path, confidence: float = DEFAULT_CONFIDENCE) -> di
     return {s["row"]: s["ensemble"] for s in inspect_store(path, confidence)["suspects"]}
 
 
+SUSPECT_FIELDS = ("row", "file", "label", "label_name", "ensemble", "ensemble_name", "confidence")
+
+
 def write_suspects_csv(result: dict, path: str | Path) -> None:
+    """Every suspect label as a CSV row (with its file where the data has files)."""
+    present = {key for suspect in result["suspects"] for key in suspect}
+    fields = [key for key in SUSPECT_FIELDS if key in present or key != "file"]
     with Path(path).open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["row", "label", "ensemble", "confidence"])
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(result["suspects"])
 
@@ -154,9 +189,11 @@ def describe_inspection(result: dict) -> str:
     lines = [f"store {result['store']}: {result['rows']} rows, {result['views']} views", ""]
     width = max(len(n) for n in result["accuracy_per_view"])
     num_classes = len(next(iter(result["accuracy_per_class"].values())))
-    for title, key, prefix, count in (("top-1 % per view", "accuracy_per_view", "view ", result["views"]),
-                                      ("top-1 % per class", "accuracy_per_class", "class ", num_classes)):  # fmt: skip
-        lines += [title, " " * (width + 3) + " ".join(f"{prefix[0] + str(i):>7s}" for i in range(count))]
+    classes = result.get("classes") or [f"c{i}" for i in range(num_classes)]
+    headers = {"accuracy_per_view": [f"v{i}" for i in range(result["views"])],
+               "accuracy_per_class": [str(name)[:7] for name in classes]}  # fmt: skip
+    for title, key in (("top-1 % per view", "accuracy_per_view"), ("top-1 % per class", "accuracy_per_class")):
+        lines += [title, " " * (width + 3) + " ".join(f"{name:>7s}" for name in headers[key])]
         for name, values in result[key].items():
             lines.append(f"  {name:{width}s} " + " ".join(f"{v:7.2f}" for v in values))
         lines.append("")
@@ -171,4 +208,10 @@ def describe_inspection(result: dict) -> str:
     lines += ["", "suspect labels (ensemble over the natural views disagrees with confidence >= "
               f"{result['confidence']}): "
               f"{len(result['suspects'])}"]  # fmt: skip
+    for suspect in result["suspects"][:SHOWN_SUSPECTS]:
+        where = suspect.get("file", f"row {suspect['row']}")
+        lines.append(f"  {where}: labelled {suspect['label_name']}, the teachers say {suspect['ensemble_name']} "
+                     f"({100 * suspect['confidence']:.0f} %)")  # fmt: skip
+    if len(result["suspects"]) > SHOWN_SUSPECTS:
+        lines.append(f"  ... and {len(result['suspects']) - SHOWN_SUSPECTS} more (all of them: --csv PATH)")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from meal_cache import augment
 from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
@@ -33,9 +34,12 @@ def predict_logits(
     device: torch.device,
     batch_size: int = 512,
     workers: int | None = None,
+    progress: bool = False,
+    desc: str = "evaluate",
 ) -> torch.Tensor:
     """Logits (float32, on the CPU) of the evaluation view of every row of ``part``: the whole image in memory,
-    the central 224/256 of a file's shorter side resized to the output size (torchvision's resize / centre crop)."""
+    the central 224/256 of a file's shorter side resized to the output size (torchvision's resize / centre crop).
+    With ``progress``, a bar counts the images."""
     precision = Precision(device)
     was_training = model.training
     model.eval()
@@ -43,12 +47,15 @@ def predict_logits(
     params = part.eval_view(workers)
     source = part.open(device, workers)
     requests = ((rows, params[rows], None) for rows in torch.arange(len(part)).split(batch_size))
+    bar = tqdm(total=len(part), desc=desc, unit="img", leave=False, disable=not progress)
     try:
         for _, pixels in source.pixels(requests):
             batch = augment.normalise(pixels, mean, std, precision.channels_last)
             with precision.autocast():
                 outputs.append(model(batch).float().cpu())
+            bar.update(len(batch))
     finally:
+        bar.close()
         source.close()
         model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
@@ -108,11 +115,13 @@ def evaluate(
     device: torch.device | None = None,
     batch_size: int = 512,
     workers: int | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on a split of ``dataset``, seen without augmentation."""
+    """Metrics of ``model`` on a split of ``dataset``, seen without augmentation (a bar with ``progress``)."""
     device = device or next(model.parameters()).device
     part = dataset.split(split)
-    logits = predict_logits(model, part, dataset.mean, dataset.std, device, batch_size, workers)
+    logits = predict_logits(model, part, dataset.mean, dataset.std, device, batch_size, workers, progress,
+                            f"evaluate on {split}")  # fmt: skip
     return classification_metrics(logits, part.labels)
 
 
@@ -131,13 +140,14 @@ def evaluate_payload(
     device: torch.device,
     ensemble: torch.Tensor | None = None,
     workers: int | None = None,
+    progress: bool = False,
 ) -> CheckpointResult:
     """The network a checkpoint records, on the un-augmented images of ``part``: top-1, top-5, NLL and ECE, and
     given the teachers' ensemble probabilities on the same images, the fidelity to it and the KL from it. The one
     way from a checkpoint to its metrics, for ``meal-cache evaluate`` and the pipeline's report alike."""
     model = model_from_checkpoint(payload, device)
     logits = predict_logits(model, part, tuple(payload["input"]["mean"]), tuple(payload["input"]["std"]), device,
-                            workers=workers)  # fmt: skip
+                            workers=workers, progress=progress, desc=f"evaluate {payload['arch']}")  # fmt: skip
     metrics = classification_metrics(logits, part.labels)
     metrics["ece"] = expected_calibration_error(logits, part.labels)
     if ensemble is not None:
@@ -153,6 +163,7 @@ def _teacher_logits_from_checkpoints(
     num_classes: int,
     checkpoint: str,
     workers: int | None = None,
+    progress: bool = False,
 ) -> list[torch.Tensor]:
     outputs = []
     for teacher in teachers:
@@ -163,7 +174,7 @@ def _teacher_logits_from_checkpoints(
         teacher_input = teacher_payload["input"]
         model = model_from_checkpoint(teacher_payload, target)
         outputs.append(predict_logits(model, part, tuple(teacher_input["mean"]), tuple(teacher_input["std"]), target,
-                                      workers=workers))  # fmt: skip
+                                      workers=workers, progress=progress, desc=f"teacher {teacher}"))  # fmt: skip
     return outputs
 
 
@@ -196,6 +207,7 @@ def evaluate_checkpoint(
     teachers: list[str] | None = None,
     store: str | None = None,
     workers: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Evaluate a checkpoint on ``data`` (default: the dataset it was trained on, as it recorded it): top-1,
     top-5, NLL and ECE, and with teacher checkpoints (``teachers``) or a store of the same split with an identity
@@ -225,9 +237,9 @@ def evaluate_checkpoint(
         teacher_logits, teacher_names = _teacher_logits_from_store(store, dataset, split)
     if teachers:
         teacher_logits = _teacher_logits_from_checkpoints(teachers, part, target, payload["num_classes"], checkpoint,
-                                                          workers)  # fmt: skip
+                                                          workers, progress)  # fmt: skip
     ensemble = ensemble_probabilities(teacher_logits) if teacher_logits is not None else None
-    metrics = evaluate_payload(payload, part, target, ensemble, workers).metrics
+    metrics = evaluate_payload(payload, part, target, ensemble, workers, progress).metrics
     same_data = dataset.fingerprint(split) == recorded["fingerprint"].get(split)
     return {
         "checkpoint": str(checkpoint),

@@ -332,13 +332,13 @@ def _run_teachers(
                     view_source = DivergentSource(source, teachers, store, search_from_json(store.attrs["views"]
                                                   ["divergent"]), store.divergent_views.index(view),
                                                   precision.channels_last)  # fmt: skip
-                chunks = _chunk_outputs(view_source, teachers, params, store, todo, done, view, config, precision)
+                chunks = _chunk_outputs(view_source, teachers, params, store, todo, done, view, config, precision,
+                                        bar.update)  # fmt: skip
                 for chunk, outputs in chunks:
                     for key, arrays in outputs.items():
                         pending.append(writer.submit(store.write_rows, key, view, chunk, arrays))
                     while len(pending) > MAX_PENDING_WRITES:
                         pending.popleft().result()
-                    bar.update(_chunk_len(store, chunk))
                 bar.close()
         finally:
             source.close()
@@ -351,11 +351,12 @@ def _run_teachers(
 
 @torch.inference_mode()
 def _chunk_outputs(source, teachers: list[Teacher], params: augment.ViewParams, store: TeacherStore, chunks: list[int],
-                   done: dict[str, np.ndarray], view: int, config: ExtractConfig,
-                   precision: Precision) -> Iterator[tuple[int, dict[str, dict]]]:  # fmt: skip
+                   done: dict[str, np.ndarray], view: int, config: ExtractConfig, precision: Precision,
+                   advance: Callable[[int], object]) -> Iterator[tuple[int, dict[str, dict]]]:  # fmt: skip
     """Per chunk, the store arrays of every teacher that has not done it, from mini-batches of ``batch_size`` rows
-    (a fixed split, so a resumed chunk is bit-equal). A chunk whose outputs are not finite raises a UserError
-    before it reaches the writer, so it is never marked done."""
+    (a fixed split, so a resumed chunk is bit-equal), calling ``advance(rows)`` after each mini-batch (the bar). A
+    chunk whose outputs are not finite raises a UserError before it reaches the writer, so it is never marked
+    done."""
 
     def requests() -> Iterator[tuple[torch.Tensor, augment.ViewParams, tuple[int, slice, bool]]]:
         for chunk in chunks:
@@ -373,6 +374,7 @@ def _chunk_outputs(source, teachers: list[Teacher], params: augment.ViewParams, 
                 outputs = teacher_outputs(teacher, pixels, features, precision)
                 for name, value in outputs.items():
                     parts.setdefault(key, {}).setdefault(name, []).append(value.to(torch.float32).cpu())
+        advance(len(pixels))
         if last:
             arrays, refused = {}, None
             for key, teacher_parts in parts.items():

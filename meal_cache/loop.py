@@ -304,7 +304,7 @@ def fit(
         desc = f"{prefix}epoch {epoch + 1}/{schedule.epochs}"
         record.update(run_epoch(stage.step, stage.batches(epoch), optimisation, schedule, epoch, world, desc,
                                 progress and world.is_main))  # fmt: skip
-        test = evaluate(stage.model, dataset, "test", device, workers=workers)
+        test = evaluate(stage.model, dataset, "test", device, workers=workers, progress=progress and world.is_main)
         record.update({"test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"]})
         record["seconds"] = time.perf_counter() - started
         history.append(record)

@@ -87,7 +87,9 @@ def test_cli_inspect_writes_csv(small_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert "teacher agreement" in result.output and "ensemble" in result.output
     rows = list(csv.DictReader(out.open()))
-    assert all(set(r) == {"row", "label", "ensemble", "confidence"} for r in rows)
+    # digits is in memory: no file column; class names are the digits' own.
+    assert all(set(r) == {"row", "label", "label_name", "ensemble", "ensemble_name", "confidence"} for r in rows)
+    assert all(r["label_name"] == r["label"] and r["ensemble_name"] == r["ensemble"] for r in rows)
     bad = CliRunner().invoke(main, ["inspect", str(path), "--confidence", "2"])
     assert bad.exit_code == 2 and "--confidence" in bad.stderr
 

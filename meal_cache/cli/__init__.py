@@ -13,25 +13,61 @@ import click
 
 from meal_cache.errors import UserError
 
+# What a command interrupted by Ctrl-C says about picking up where it stopped.
+RESUME_HINTS = {
+    "extract": "run the same command again to resume: the chunks already written are kept",
+    "train": "run the same command with --resume to continue from the last finished epoch",
+    "distill": "run the same command with --resume to continue from the last finished epoch",
+    "run": "run the same command again: the steps already done are skipped",
+}
+INTERRUPTED_STATUS = 130  # the shell's status for a process ended by SIGINT
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command, carrying the command's name so the hint can name how to resume it."""
+
+    def __init__(self, command: str | None) -> None:
+        super().__init__(command)
+        self.command = command
+
+
+def close_progress_bars() -> None:
+    """Close the progress bars a failure left open, so the message that follows starts a line of its own instead
+    of being glued to a half-drawn bar: a terminal sees the bar erased; a log file, where the bar's carriage
+    returns do not erase anything, gets a line break after it."""
+    from tqdm import tqdm
+
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
+        bar.close()
+    if bars and not sys.stderr.isatty():
+        sys.stderr.write("\n")
+
 
 class MealCacheGroup(click.Group):
     """Turns a user's mistake into one ``Error:`` line and exit status 2, never a traceback: the library's
-    UserError, and click's own usage errors (which click would print under a usage banner)."""
+    UserError, and click's own usage errors (which click would print under a usage banner). Ctrl-C ends with one
+    line saying how to resume the interrupted command."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except UserError as err:
             raise click.UsageError(str(err)) from err
+        except KeyboardInterrupt:
+            raise Interrupted(ctx.invoked_subcommand) from None
 
     def main(self, *args, **kwargs):
         kwargs.pop("standalone_mode", None)
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(1)
+        except (Interrupted, click.exceptions.Abort) as err:
+            close_progress_bars()
+            hint = RESUME_HINTS.get(getattr(err, "command", None) or "")
+            click.echo("Interrupted." + (f" {hint[0].upper()}{hint[1:]}." if hint else ""), err=True)
+            sys.exit(INTERRUPTED_STATUS)
         except click.ClickException as err:
+            close_progress_bars()
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 # Under torchrun: one line from rank 0, not one per rank, and the same exit status on every rank.
                 from meal_cache.distributed import exit_with_user_error

@@ -80,7 +80,8 @@ def verify(store: str, repair: bool, quiet: bool) -> None:
     "csv_out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Where to write the suspect labels (default: STORE's folder, suspects.csv).",
+    help="Write every suspect label to this CSV file (row, file where the data has files, label and the "
+    "teachers' class with their names, confidence). Default: nothing is written.",
 )
 @click.option(
     "--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write everything as JSON."
@@ -93,9 +94,10 @@ def inspect(store: str, confidence: float, csv_out: str | None, json_out: str | 
     from meal_cache.analysis import describe_inspection, inspect_store, write_suspects_csv
 
     result = inspect_store(store, confidence, scheduler, address)
-    target = Path(csv_out) if csv_out else Path(store).resolve().parent / "suspects.csv"
-    write_suspects_csv(result, target)
+    if csv_out:
+        write_suspects_csv(result, csv_out)
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     click.echo(describe_inspection(result))
-    click.echo(f"suspects -> {target}")
+    if csv_out:
+        click.echo(f"suspects -> {csv_out}")

@@ -74,6 +74,7 @@ def train(out: str, resume: bool, overwrite: bool, quiet: bool, **settings) -> N
     help="Instead of --teachers: a teacher cache of the evaluated split with an identity view (extract --split "
     "test --views 0 --identity-view) whose cached logits give the ensemble.",
 )
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 def evaluate(
     checkpoint: str,
     data: str | None,
@@ -86,6 +87,7 @@ def evaluate(
     json_out: str | None,
     teachers: str,
     store: str | None,
+    quiet: bool,
 ) -> None:
     """Top-1, top-5, negative log-likelihood and calibration error (ECE) of a checkpoint, and with --teachers (or
     --store) its fidelity to the teachers' ensemble and KL divergence from it; printed and written as JSON."""
@@ -94,6 +96,7 @@ def evaluate(
     result = evaluate_checkpoint(
         checkpoint, data=data, data_root=data_root, download=download, image_size=image_size, split=split,
         device=device, teachers=[t.strip() for t in teachers.split(",") if t.strip()], store=store, workers=workers,
+        progress=not quiet,
     )  # fmt: skip
     path = Path(json_out) if json_out else Path(checkpoint).with_suffix(".eval.json")
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,141 @@
+"""A user's first hour (issue 29), the progress and inspect half: bars on evaluate and on extract's batches, Ctrl-C
+that says how to resume, an error after a bar on a line of its own, and inspect's class names, files and --csv.
+Each behaviour is checked on the real console script where a user would see it."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from imagefolder import make_image_folder
+
+from meal_cache import extract as extract_module
+from meal_cache.extract import ExtractConfig, extract
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meal_cache", *args]
+
+
+def test_evaluate_draws_a_bar_unless_quiet(teacher_dir, tmp_path):
+    checkpoint = str(teacher_dir / "resnet8_w4.pt")
+    shown = subprocess.run(_cli("evaluate", checkpoint, "--device", "cpu", "--json", str(tmp_path / "a.json")),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "evaluate resnet8_w4" in shown.stderr and "img" in shown.stderr  # the bar, counting images
+    quiet = subprocess.run(_cli("evaluate", checkpoint, "--device", "cpu", "--quiet", "--json",
+                                str(tmp_path / "b.json")), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr
+    assert "top-1" in quiet.stdout
+
+
+def test_the_evaluation_bar_counts_every_test_image_once_a_batch(teacher_dir, digits, monkeypatch):
+    from meal_cache import evaluate as evaluate_module
+    from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
+
+    steps: list[int] = []
+
+    class Recording(evaluate_module.tqdm):
+        def update(self, n=1):
+            steps.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(evaluate_module, "tqdm", Recording)
+    model = model_from_checkpoint(load_checkpoint(teacher_dir / "resnet8_w4.pt"), "cpu")
+    evaluate_module.evaluate(model, digits, "test", batch_size=100, progress=True)
+    assert steps == [100, 100, 100, 60]
+
+
+def test_extracts_bar_moves_once_a_batch_not_once_a_chunk(teacher_dir, digits, tmp_path, monkeypatch):
+    steps: list[int] = []
+    real = extract_module.tqdm
+
+    class Recording(real):
+        def update(self, n=1):
+            steps.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(extract_module, "tqdm", Recording)
+    config = ExtractConfig(teachers=["resnet8_w4"], views=1, teacher_dir=str(teacher_dir), device="cpu",
+                           preset="kd", rows_per_chunk=512, batch_size=100)  # fmt: skip
+    extract(config, tmp_path / "s.zarr", progress=True, dataset=digits)
+    # 1,437 rows: chunks of 512, 512 and 413, each read in batches of at most 100.
+    assert sum(steps) == 1437 and max(steps) == 100 and len(steps) == 6 + 6 + 5
+
+
+def test_ctrl_c_says_how_to_resume_and_the_same_command_does(teacher_dir, tmp_path):
+    out = tmp_path / "feats.zarr"
+    command = _cli("extract", "--teachers", "resnet8_w4,densenet_k12", "--views", "40", "--teacher-dir",
+                   str(teacher_dir), "--device", "cpu", "--out", str(out))  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "teachers").exists() and time.monotonic() < deadline:  # the store exists: extracting
+        time.sleep(0.2)
+    time.sleep(2.0)
+    assert process.poll() is None, "the extract ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.rstrip("\n").split("\n")[-1]
+    assert last == ("Interrupted. Run the same command again to resume: the chunks already written are kept."), last
+    from meal_cache.store import open_store
+
+    store = open_store(out)
+    done = store.progress("resnet8_w4")
+    assert not store.complete and 0 < done.sum() < done.size  # some chunks kept, others still to do
+
+
+@pytest.fixture(scope="module")
+def folder_store(tmp_path_factory, teacher_dir):
+    """A store of a JPEG folder of 10 classes named c00-c09, read at 16 px by the digits teachers (which do not
+    know these colours, so their ensemble disagrees with many labels)."""
+    root = make_image_folder(tmp_path_factory.mktemp("jpegs") / "folder", train=3, val=1, sizes=(20, 40))
+    out = root.parent / "folder.zarr"
+    extract(ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], data=f"imagefolder:{root}", image_size=16,
+                          views=1, teacher_dir=str(teacher_dir), device="cpu", workers=0), out,
+            progress=False)  # fmt: skip
+    return root, out
+
+
+def test_inspect_names_classes_and_files_and_writes_a_csv_only_when_asked(folder_store, tmp_path):
+    root, store = folder_store
+    before = sorted(p.name for p in store.parent.iterdir())
+    shown = subprocess.run(_cli("inspect", str(store), "--confidence", "0.05"), capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert sorted(p.name for p in store.parent.iterdir()) == before  # nothing written beside the store
+    header = next(line for line in shown.stdout.splitlines() if line.strip().startswith("c00"))
+    assert header.split() == [f"c{i:02d}" for i in range(10)]
+    listed = [line for line in shown.stdout.splitlines() if "labelled" in line]
+    assert listed and all(line.strip().startswith(str(root / "train")) for line in listed)
+    out = tmp_path / "suspects.csv"
+    written = subprocess.run(_cli("inspect", str(store), "--confidence", "0.05", "--csv", str(out)),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert written.returncode == 0 and f"suspects -> {out}" in written.stdout
+    rows = list(csv.DictReader(out.open()))
+    assert rows and list(rows[0]) == ["row", "file", "label", "label_name", "ensemble", "ensemble_name", "confidence"]
+    for row in rows:
+        path = Path(row["file"])
+        assert path.is_file() and path.parent.name == row["label_name"] == f"c{int(row['label']):02d}"
+        assert row["ensemble_name"] == f"c{int(row['ensemble']):02d}" and row["label"] != row["ensemble"]
+
+
+def test_an_error_after_a_progress_bar_starts_a_line_of_its_own(teacher_dir, tmp_path):
+    root = make_image_folder(tmp_path / "jpegs", train=3, val=1, sizes=(60, 90))  # the header stays whole
+    victim = root / "train" / "c05" / "1.jpg"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size * 3 // 4])
+    result = subprocess.run(_cli("extract", "--teachers", "resnet8_w4", "--data", f"imagefolder:{root}",
+                                 "--image-size", "16", "--views", "1", "--batch-size", "8", "--workers", "1",
+                                 "--teacher-dir", str(teacher_dir), "--device", "cpu", "--out",
+                                 str(tmp_path / "s.zarr")), capture_output=True, timeout=300)  # fmt: skip
+    stderr = result.stderr.decode()  # bytes: text mode would turn the bar's carriage returns into newlines
+    assert result.returncode == 2, stderr[-2000:]
+    assert "\rview 1/1:" in stderr  # a bar was drawn, and redrawn in place, before the failure
+    line = stderr.rstrip("\n").split("\n")[-1]
+    assert line.startswith("Error: ") and "c05/1.jpg" in line, repr(stderr[-500:])
