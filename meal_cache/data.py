@@ -276,11 +276,19 @@ def _torchvision_loader(name: str) -> Loader:
     return load
 
 
+def _local_path(kind: str, arg: str) -> Path:
+    """A dataset's path on this machine; a URL is refused by name (Path would fold ``s3://b`` into ``s3:/b``)."""
+    if "://" in arg:
+        raise UserError(f"{kind} '{arg}': data from object storage is not supported; copy it locally or mount it "
+                        "(stores, not datasets, may be URLs)")  # fmt: skip
+    return Path(arg)
+
+
 def _load_npz(arg: str | None, options: LoadOptions) -> _Raw:
     """``images`` uint8 (N,H,W) or (N,H,W,3), ``labels`` int (N,) in 0..C-1, optional ``split`` (0 train,
     1 test; without it a seeded stratified 80/20 split) and optional ``classes`` (C names). Grey-scale images
     are treated as digit-like (crop, never flip)."""
-    path = Path(arg)
+    path = _local_path("npz", arg)
     if not path.is_file():
         raise UserError(f"npz file not found: '{path}'")
     try:
@@ -344,7 +352,11 @@ def _load_imagefolder(arg: str | None, options: LoadOptions) -> _Raw:
     With ``?in_memory=1``: decoded once, the shorter side resized to --image-size (default 32), centre-cropped
     square and held in memory. ``?skip_bad=1`` decodes every file first and leaves out (and counts) the ones
     that do not decode."""
-    root = Path(arg)
+    root = _local_path("imagefolder", arg)
+    if not root.is_dir():
+        raise UserError(
+            f"imagefolder '{root}': " + ("is a file, not a folder" if root.exists() else "folder does not exist")
+        )
     held_out = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or held_out is None:
         raise UserError(f"imagefolder '{root}' needs a train/ and a val/ (or test/) folder of class subfolders")

@@ -34,7 +34,7 @@ from meal_cache.distill.methods.base import Method, StoreNeeds
 from meal_cache.distill.registry import available_methods
 from meal_cache.distributed import World, init_world
 from meal_cache.divergent import DivergentSearch, DivergentSource, check_search, search_from_json
-from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
+from meal_cache.errors import SettingsMismatch, UserError, settings_difference, unknown_choice
 from meal_cache.loop import check_workers
 from meal_cache.mixing import Mixing
 from meal_cache.projection import PCA_ROWS_PER_DIM, PROJECTIONS, pca_projection, pooled_rows, stored_projections
@@ -505,7 +505,7 @@ def _open_or_create(
             raise UserError(f"'{out}' exists and is not a meal-cache store; pass --overwrite to replace it") from err
         if existing.attrs.get("settings") == settings:
             return existing
-        difference = _first_difference(existing.attrs.get("settings"), settings)
+        difference = settings_difference(existing.attrs.get("settings"), settings)
         raise SettingsMismatch(
             f"'{out}' was extracted with other settings ({difference}); "
             "pass --overwrite to replace it, or choose another --out"
@@ -562,15 +562,6 @@ def _open_or_create(
         layout=layout,
         settings=settings,
     )
-
-
-def _first_difference(old: dict | None, new: dict) -> str:
-    if not isinstance(old, dict):
-        return "no settings recorded"
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            return f"{key}: {old.get(key)!r} there, {new.get(key)!r} now"
-    return "none"
 
 
 def _finalise(store: TeacherStore, teachers: list[Teacher]) -> None:

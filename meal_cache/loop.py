@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from meal_cache.checkpoint import load_checkpoint
 from meal_cache.data import ImageDataset
 from meal_cache.distributed import World
-from meal_cache.errors import SettingsMismatch, UserError, unknown_choice
+from meal_cache.errors import SettingsMismatch, UserError, settings_difference, unknown_choice
 from meal_cache.evaluate import evaluate
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -332,8 +332,9 @@ def resume_state(
     if resume and checkpoint.is_file():
         state = load_checkpoint(checkpoint)
         if state["config"] != config:
-            raise SettingsMismatch(f"'{output}' was written with other settings; --resume needs the same ones "
-                                   "(or pass --overwrite to start again)")  # fmt: skip
+            raise SettingsMismatch(f"'{output}' was written with other settings "
+                                   f"({settings_difference(state['config'], config)}); --resume needs the same "
+                                   "ones (or pass --overwrite to start again)")  # fmt: skip
         return state
     if not resume and not overwrite:
         raise UserError(occupied_message)

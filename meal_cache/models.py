@@ -11,7 +11,9 @@ Names:
   ``wrn16_2`` ... ``wrn28_10``, and ``densenet_k12`` (torchvision DenseNet, growth 12, blocks 4-4-4);
 - every torchvision classification model by name (``resnet18``, ``densenet121``, ``vgg16_bn``, ...), with a
   small-input stem for images of 64 px or less (3x3 stride-1 stem, no max-pool);
-- ``ARCH:WEIGHTS`` loads torchvision's pretrained weights (``resnet50:IMAGENET1K_V2``; needs internet once);
+- ``ARCH:WEIGHTS`` loads torchvision's pretrained weights (``resnet50:IMAGENET1K_V2``; needs internet once, or the
+  file copied into torch.hub's cache), ``ARCH:/path/to/weights.pth`` a local state dict
+  (:mod:`meal_cache.torchvision_weights`);
 - a family prefix hands the name to another library's registry (:data:`FAMILIES`): ``timm:NAME`` is any timm
   model, ViTs included, with blocks from its ``forward_intermediates`` (:mod:`meal_cache.timm_models`).
 """
@@ -30,6 +32,7 @@ from torchvision.models.resnet import BasicBlock
 from meal_cache import timm_models
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.taps import infer_blocks
+from meal_cache.torchvision_weights import load_weights
 
 SMALL_INPUT_MAX = 64
 
@@ -254,12 +257,9 @@ def create_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module
         blocks = entry.blocks
     elif arch in torchvision_model_names():
         if weights:
-            try:
-                weight_enum = torchvision.models.get_model_weights(arch)[weights]
-            except KeyError as err:
-                choices = [w.name for w in torchvision.models.get_model_weights(arch)]
-                raise unknown_choice(f"weights for {arch}", weights, choices) from err
-            model = torchvision.models.get_model(arch, weights=weight_enum)
+            model, info = load_weights(arch, weights)
+            # The head's own classes and normalisation, which a teacher used as it is needs (teachers.py).
+            model.torchvision_weights = info
             _replace_head(model, num_classes)
         else:
             model = torchvision.models.get_model(arch, num_classes=num_classes)

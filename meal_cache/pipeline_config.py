@@ -16,6 +16,7 @@ from meal_cache.distill import DistillConfig, available_methods
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.extract import ExtractConfig
 from meal_cache.models import MODELS, check_model_name, family_of, split_weights
+from meal_cache.torchvision_weights import is_weights_file
 from meal_cache.train import TrainConfig
 
 ALONE = "alone"
@@ -112,6 +113,8 @@ def _check_pretrained(where: str, teacher: dict) -> None:
         return  # timm's weights are found (or not) by timm itself when the teacher is built
     if arch in MODELS:
         raise UserError(f"{where}: '{arch}' is a meal-cache network and has no pretrained weights ('{weights}')")
+    if is_weights_file(weights):
+        return  # a local state dict is read (and checked) when the teacher is built
     choices = [w.name for w in torchvision.models.get_model_weights(arch)]
     if weights not in choices:
         raise unknown_choice(f"weights for {arch}", weights, choices)

@@ -336,6 +336,11 @@ def open_store(path: str | Path, mode: str = "r") -> TeacherStore:
                         "upgrade meal-cache or extract it again")  # fmt: skip
     if found not in READABLE_FORMATS:
         raise UserError(f"'{path}' is not a meal-cache store (format '{found}', want '{FORMAT}')")
+    # The version counts changes within a format that older readers would misread, as the format does.
+    version = group.attrs.get("version")
+    if isinstance(version, int) and version > VERSION:
+        raise UserError(f"'{path}' is a store of version {version}, which this meal-cache (version {VERSION}) "
+                        "cannot read; upgrade meal-cache or extract it again")  # fmt: skip
     return TeacherStore(group)
 
 

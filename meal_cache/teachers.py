@@ -1,10 +1,11 @@
 """Teachers: resolving a teacher by name and running it with its block taps.
 
 A name is a checkpoint written by ``meal-cache train`` (``TEACHER_DIR/NAME.pt`` or a path to a ``.pt`` file), or
-``ARCH:WEIGHTS`` for torchvision's pretrained weights, or timm's (``timm:NAME:pretrained``, ``timm:NAME.TAG``,
-``timm:hf-hub:ORG/NAME``). A :class:`Teacher` carries the network, its input
-normalisation and the :class:`~meal_cache.store.TeacherSpec` a store records about it. Extraction and the online
-reference of distillation both run teachers through :func:`teacher_outputs`, so the two compute the same targets.
+``ARCH:WEIGHTS`` for torchvision's pretrained weights (or ``ARCH:/path/to/weights.pth``, a local state dict), or
+timm's (``timm:NAME:pretrained``, ``timm:NAME.TAG``, ``timm:hf-hub:ORG/NAME``, ``timm:NAME:file=PATH``). A
+:class:`Teacher` carries the network, its input normalisation and the :class:`~meal_cache.store.TeacherSpec` a
+store records about it. Extraction and the online reference of distillation both run teachers through
+:func:`teacher_outputs`, so the two compute the same targets.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from meal_cache import augment
@@ -99,14 +99,16 @@ def resolve_teacher(
     elif split_weights(name)[1] is not None:
         arch, weights = split_weights(name)
         model = create_model(name, dataset.num_classes, dataset.image_size)
-        categories, mean, std, pretrained = _pretrained_input(model, arch, weights)
+        categories, mean, std, pretrained = _pretrained_input(model)
         if len(categories) != dataset.num_classes:
             raise UserError(
                 f"pretrained teacher '{name}' predicts {len(categories)} classes; {dataset.spec} has "
                 f"{dataset.num_classes}: fine-tune it first (meal-cache train --arch {name} ...)"
             )
         # The key names the store's group: no ':' and no '/' (a hub name's), which Zarr would nest.
-        key, sha, classes = name.replace(":", "-").replace("/", "-"), None, list(categories)
+        key, classes = name.replace(":", "-").replace("/", "-"), list(categories)
+        # A local weights file's digest, so a store extracted again from another file is told apart.
+        sha = getattr(getattr(model, "torchvision_weights", None), "sha256", None)
     else:
         raise UserError(
             f"teacher '{name}' not found: no '{path}' and not ARCH:WEIGHTS (or timm:NAME:pretrained); "
@@ -128,18 +130,15 @@ def resolve_teacher(
     return Teacher(model.eval(), mean, std, spec)
 
 
-def _pretrained_input(
-    model: nn.Module, arch: str, weights: str
-) -> tuple[list[str], tuple[float, ...], tuple[float, ...], dict]:
+def _pretrained_input(model: nn.Module) -> tuple[list[str], tuple[float, ...], tuple[float, ...], dict]:
     """A pretrained teacher's classes and normalisation: timm's from the model's pretrained config (also
-    recorded whole, as ``pretrained``, with its native input size), torchvision's from the weights' enum."""
+    recorded whole, as ``pretrained``, with its native input size), torchvision's from its weights
+    (:class:`~meal_cache.torchvision_weights.WeightsInfo`: the enum's, or a local file's)."""
     if hasattr(model, "pretrained_input"):
         info = model.pretrained_input
         return list(model.pretrained_classes), tuple(info["mean"]), tuple(info["std"]), {"pretrained": info}
-    weight_enum = torchvision.models.get_model_weights(arch)[weights]
-    transform = weight_enum.transforms()
-    categories = list(weight_enum.meta.get("categories") or [])
-    return categories, tuple(transform.mean), tuple(transform.std), {}
+    info = model.torchvision_weights
+    return list(info.classes), info.mean, info.std, {}
 
 
 def projected_teachers(

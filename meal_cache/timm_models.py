@@ -1,5 +1,7 @@
 """timm models as meal-cache architectures: ``timm:NAME`` (untrained), ``timm:NAME:pretrained``, ``timm:NAME.TAG``
-and ``timm:hf-hub:ORG/NAME`` (timm's pretrained weights; need internet once, then timm's cache).
+and ``timm:hf-hub:ORG/NAME`` (timm's pretrained weights; need internet once, then the Hugging Face cache; offline,
+HF_HUB_OFFLINE=1 makes a miss fail at once), and ``timm:NAME:file=PATH`` (a local timm checkpoint, read with
+``weights_only=True``).
 
 A timm network is wrapped in :class:`TimmNet`, whose forward is the model's own API: ``forward_intermediates``
 (NCHW maps of the chosen stages, a ViT's token maps included) and then ``forward_head`` on its final features, so
@@ -13,6 +15,7 @@ give NCHW maps. timm is imported only when a timm name is used (it adds about ha
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +27,7 @@ from meal_cache.taps import block_shapes
 PREFIX = "timm:"
 PRETRAINED = ":pretrained"
 HF_HUB = "hf-hub:"
+FILE = ":file="
 LISTING = "meal-cache models 'timm:PATTERN'"
 # A model whose stages all share one resolution (a ViT's blocks) gives this many evenly spaced blocks, the last
 # one included: as many as a ResNet has stages.
@@ -34,11 +38,19 @@ def is_timm_name(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
-def parse_name(name: str) -> tuple[str, bool]:
-    """``timm:...`` -> (the name timm's create_model takes, whether pretrained weights are loaded).
+def weights_file(name: str) -> str | None:
+    """The PATH of ``timm:NAME:file=PATH``, else None."""
+    return name.partition(FILE)[2] or None
 
-    ``NAME.TAG`` and ``hf-hub:...`` name weights, so they are pretrained without the ``:pretrained`` suffix."""
-    rest = name[len(PREFIX) :]
+
+def parse_name(name: str) -> tuple[str, bool]:
+    """``timm:...`` -> (the name timm's create_model takes, whether timm's pretrained weights are fetched).
+
+    ``NAME.TAG`` and ``hf-hub:...`` name weights, so they are pretrained without the ``:pretrained`` suffix; a
+    ``:file=PATH`` (:func:`weights_file`) is not part of the name, and its weights are never fetched."""
+    rest, _, path = name[len(PREFIX) :].partition(FILE)
+    if path:
+        return rest, False
     pretrained = rest.endswith(PRETRAINED)
     if pretrained:
         rest = rest[: -len(PRETRAINED)]
@@ -48,9 +60,10 @@ def parse_name(name: str) -> tuple[str, bool]:
 
 def split_name(name: str) -> tuple[str, str | None]:
     """What :func:`~meal_cache.models.split_weights` gives for a timm name: the architecture without
-    ``:pretrained``, and ``"pretrained"`` or None."""
+    ``:pretrained`` or ``:file=PATH``, and ``"pretrained"``, ``"file=PATH"`` or None."""
     model_name, pretrained = parse_name(name)
-    return PREFIX + model_name, ("pretrained" if pretrained else None)
+    path = weights_file(name)
+    return PREFIX + model_name, (f"file={path}" if path else "pretrained" if pretrained else None)
 
 
 def _timm():
@@ -101,11 +114,11 @@ def _is_download_error(err: BaseException) -> bool:
     return isinstance(err, OSError) or type(err).__module__.split(".")[0] in {"httpx", "httpx2", "huggingface_hub"}
 
 
-def _build(model_name: str, pretrained: bool, num_classes: int | None, image_size: int) -> nn.Module:
+def _build(model_name: str, pretrained: bool, num_classes: int | None, image_size: int, **extra: Any) -> nn.Module:
     """timm's create_model for ``num_classes`` (None: the pretrained head's) and, where the model takes one (ViTs,
-    Swin), ``img_size``."""
+    Swin), ``img_size``; ``extra`` goes to create_model as it is."""
     timm = _timm()
-    kwargs: dict[str, Any] = {"pretrained": pretrained}
+    kwargs: dict[str, Any] = {"pretrained": pretrained, **extra}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
@@ -119,11 +132,50 @@ def _build(model_name: str, pretrained: bool, num_classes: int | None, image_siz
     except Exception as err:
         if not _is_download_error(err):
             raise
+        raise UserError(_unreachable(model_name, err)) from err
+
+
+def _unreachable(model_name: str, err: BaseException) -> str:
+    """The line for weights the hub cannot give: where they are looked for, and the two ways round a network."""
+    from huggingface_hub import constants
+
+    # The hub's messages are paragraphs; their first sentence says what went wrong.
+    reason = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+    cache = f"the Hugging Face cache '{constants.HF_HUB_CACHE}' (HF_HOME/hub)"
+    if constants.HF_HUB_OFFLINE:
+        where = f"HF_HUB_OFFLINE is set, so they are read only from {cache}, which lacks them"
+    else:
+        where = f"they need internet once, then {cache} serves them (offline, set HF_HUB_OFFLINE=1 to fail at once)"
+    arch = "ARCH" if model_name.startswith(HF_HUB) else model_name.partition(".")[0]
+    return (f"could not download timm's weights or config for '{PREFIX}{model_name}' ({type(err).__name__}: "
+            f"{reason}); {where}: copy them there from a machine that has them, or pass "
+            f"{PREFIX}{arch}:file=/path/to/weights (a .pth or .safetensors timm checkpoint)")  # fmt: skip
+
+
+def _build_from_file(model_name: str, path: Path, image_size: int) -> nn.Module:
+    """timm's ``model_name`` with the weights of a local checkpoint (``weights_only=True``, or safetensors), its
+    head as the checkpoint has it; timm's own loading adapts them (a ViT's position embedding to ``image_size``)."""
+    if not path.is_file():
+        raise UserError(f"weights file '{path}' for {PREFIX}{model_name} does not exist ({PREFIX}NAME:file=PATH "
+                        "reads a timm checkpoint: a state dict in a .pth or .safetensors file)")  # fmt: skip
+    timm = _timm()
+    try:
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+    except Exception as err:  # torch and safetensors raise several types for foreign or corrupt files
         reason = (str(err).strip().splitlines() or [""])[0]
-        raise UserError(
-            f"could not download timm's weights or config for '{PREFIX}{model_name}' ({type(err).__name__}: "
-            f"{reason}); they need internet once, then timm's cache serves them (HF_HUB_OFFLINE=1)"
-        ) from err
+        raise UserError(f"weights file '{path}' is not a readable timm checkpoint ({type(err).__name__}: "
+                        f"{reason})") from err  # fmt: skip
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    heads = (cfg.classifier,) if isinstance(cfg.classifier, str) else tuple(cfg.classifier or ())
+    sizes = [int(state[f"{h}.weight"].shape[0]) for h in heads if f"{h}.weight" in state]
+    num_classes = sizes[0] if sizes else cfg.num_classes
+    overlay = {"state_dict": state, "num_classes": num_classes}
+    try:
+        return _build(model_name, True, num_classes, image_size, pretrained_cfg_overlay=overlay)
+    except RuntimeError as err:  # torch's load_state_dict: names or shapes of another model
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise UserError(f"weights file '{path}' is not a checkpoint of {PREFIX}{model_name} "
+                        f"({' '.join(lines[:2])[:300]})") from err  # fmt: skip
 
 
 def _check_patch_size(net: nn.Module, name: str, image_size: int) -> None:
@@ -260,15 +312,20 @@ def create_timm_model(name: str, num_classes: int, image_size: int) -> nn.Module
     """Build ``timm:...`` for ``num_classes`` and ``image_size`` px inputs, with ``block_names`` and, when
     pretrained, ``pretrained_input`` (:func:`pretrained_input`) and ``pretrained_classes`` (its head's classes)."""
     model_name, pretrained = parse_name(name)
+    path = weights_file(name)
     if not model_name:
         raise UserError(f"'{name}' names no timm model; `{LISTING}` lists them")
     _check_known(model_name)
-    if pretrained:
+    weighted = pretrained or path is not None
+    if weighted:
+        net = (_build_from_file(model_name, Path(path).expanduser(), image_size) if path is not None
+               else _build(model_name, True, None, image_size))  # fmt: skip
         # The pretrained head as it is, so its classes are known (a teacher used unchanged must have the
         # dataset's); replaced by a new head for the dataset's classes if they differ, as torchvision's are.
-        net = _build(model_name, True, None, image_size)
         head_classes = int(getattr(net, "num_classes", num_classes))
         info = pretrained_input(net)
+        if path is not None:  # the weights are the file's, not those the config's hub id names
+            info = {**{k: v for k, v in info.items() if k not in ("hf_hub_id", "tag")}, "file": path}
         classes = pretrained_classes(net, head_classes)
         if head_classes != num_classes:
             net.reset_classifier(num_classes)
@@ -276,7 +333,7 @@ def create_timm_model(name: str, num_classes: int, image_size: int) -> nn.Module
         net = _build(model_name, False, num_classes, image_size)
     _check_patch_size(net, name, image_size)
     model = _wrap(net, name, image_size)
-    if pretrained:
+    if weighted:
         model.pretrained_input = info
         model.pretrained_classes = classes
     return model

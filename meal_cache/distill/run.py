@@ -24,7 +24,7 @@ from meal_cache.distill.methods.peers import peer_architectures
 from meal_cache.distill.registry import method_class
 from meal_cache.distill.step import DistillEpochs
 from meal_cache.distributed import World, init_world
-from meal_cache.errors import SettingsMismatch, UserError
+from meal_cache.errors import SettingsMismatch, UserError, settings_difference
 from meal_cache.evaluate import evaluate
 from meal_cache.loop import Optimisation, Schedule, Stage, fit, make_optimizer, resume_state
 from meal_cache.models import create_model
@@ -154,10 +154,12 @@ class DistillRun:
             return 0, []
         # A run is resumable only on the targets it trained on: a store re-extracted at the same path with other
         # settings or retrained teachers would otherwise finish (or pass as finished) on stale weights.
-        if "store_settings" in state and state["store_settings"] != self.store.attrs.get("settings"):
+        settings = self.store.attrs.get("settings")
+        if "store_settings" in state and state["store_settings"] != settings:
+            difference = settings_difference(state["store_settings"], settings)
             raise SettingsMismatch(f"the run in progress was distilled from '{self.config.store}' as it was extracted "
-                                   "with other settings or teachers; --resume needs the same store (or pass "
-                                   "--overwrite to start again)")  # fmt: skip
+                                   f"with other settings or teachers ({difference}); --resume needs the same store "
+                                   "(or pass --overwrite to start again)")  # fmt: skip
         self.distiller.load_state_dict(state["distiller"])
         self.optimisation.load_state_dict({"optimizer": state["student_optimizer"], "scaler": state.get("scaler")})
         if self.disc_optimizer is not None:

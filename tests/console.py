@@ -1,0 +1,46 @@
+"""Running the real `meal-cache` command in a test: this tree's code, no network, and its one `Error:` line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# A closed local port: every download goes through it and is refused at once, with or without a network.
+NO_NETWORK = "http://127.0.0.1:9"
+
+
+def console_script() -> list[str]:
+    """The installed `meal-cache` command (what a user runs), or the module where the project is not installed."""
+    script = Path(sys.executable).with_name("meal-cache")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "meal_cache"]
+
+
+def run_console(args: list[str], home: Path, **env: str) -> subprocess.CompletedProcess:
+    """``meal-cache ARGS`` with torch's and Hugging Face's caches under ``home`` (empty unless a test fills them),
+    HF_HUB_OFFLINE=1, every proxy a closed port, and PYTHONPATH at this tree (the installed command may be an
+    editable install of another checkout)."""
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_HOME": str(home / "torch"),
+        "HF_HOME": str(home / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        **{name: NO_NETWORK for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")},
+        "no_proxy": "",
+        "NO_PROXY": "",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **env,
+    }
+    return subprocess.run([*console_script(), *args], capture_output=True, text=True, timeout=300, env=environment)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The refusal's single line, after checking exit status 2, one `Error: ` line on stderr and no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr[-3000:]
+    return lines[0]
