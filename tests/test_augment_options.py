@@ -19,7 +19,7 @@ from meal_cache.cli import main
 from meal_cache.data import load_dataset
 from meal_cache.errors import UserError
 from meal_cache.source import decode_rgb
-from meal_cache.store import VFLIP_FORMAT, VIEW_FLIP, VIEW_VFLIP, open_store
+from meal_cache.store import VFLIP_FORMAT, VIEW_FLIP, VIEW_VFLIP, describe_store, open_store
 
 TEACHERS = "resnet8_w4,densenet_k12"  # conftest's teacher_dir: 10 digit classes at 16 px
 SIZE = 16
@@ -55,6 +55,7 @@ def test_scale_and_ratio_bound_every_stored_crop(folder, teacher_dir, tmp_path):
     record = store.attrs["views"]["augmentation"]
     assert record["scale"] == [0.5, 1.0] and record["ratio"] == [1.0, 1.0] and record["hflip"] == 0.5
     assert store.view_recipe.resized_crop_scale == (0.5, 1.0) and store.view_recipe.ratio == (1.0, 1.0)
+    assert "(full [scale 0.5-1, ratio 1-1, hflip 0.5, vflip 0]" in describe_store(store)  # what `info` shows
 
 
 def test_hflip_0_stores_no_flips(folder, teacher_dir, tmp_path):
