@@ -13,6 +13,12 @@ torchvision's resize-256 / centre-crop-224).
 
 Boxes are drawn for each row's source size ``(H, W)``: for in-memory data every row has the dataset's square size.
 
+timm's train.py knobs (``--scale``, ``--ratio``, ``--hflip``, ``--vflip``; :class:`AugmentOptions`) change a recipe
+(:meth:`Recipe.with_options`): the random-resized crop's area share and aspect ratio bounds (a padded-crop recipe
+given either becomes a random-resized crop, as timm's always is) and each flip's chance. A vertical flip is a
+per-row boolean of its own (``ViewParams.vflip``), present only when the recipe draws it, so views without it
+have the fields they always had.
+
 On top of the crop, a view may take a *policy* (``extract --recipe randaugment|trivialaugment``):
 torchvision.transforms.v2's RandAugment (2 ops a row at magnitude bin 9 of 31) or TrivialAugmentWide (1 op a row,
 a uniform bin), with torchvision's op list and magnitude ranges (:data:`SPACES`, checked against torchvision's
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +42,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from meal_cache.errors import unknown_choice
+from meal_cache.errors import UserError, unknown_choice
 from meal_cache.mixing import Mixing, draw_mixing, unmixed_mixing
 
 SMALL_IMAGE_MAX = 64
@@ -55,7 +62,11 @@ class ViewParams:
     view (the same view, unmixed) is mixed in, ``mix_lambda`` float32 ``(N,)``: the row's own share (1: not
     mixed), and ``mix_box`` int16 ``(N, 4)``: y0, x0, h, w in output pixels of the partner's patch pasted in
     (CutMix), all zero for a blend (Mixup). A view of a whole split finds each partner's parameters in itself;
-    a view of some rows (``view[rows]``) carries them in ``partner``, resolved when it was taken."""
+    a view of some rows (``view[rows]``) carries them in ``partner``, resolved when it was taken.
+
+    With vertical flips (``--vflip`` above 0), also ``vflip`` bool ``(N,)``: the row mirrored top to bottom after
+    cropping (with ``flip``, before any op); None where the view never flips vertically, as every store before
+    the option holds."""
 
     crop: torch.Tensor
     flip: torch.Tensor
@@ -66,19 +77,21 @@ class ViewParams:
     mix_lambda: torch.Tensor | None = None
     mix_box: torch.Tensor | None = None
     partner: ViewParams | None = None
+    vflip: torch.Tensor | None = None  # last, so positional constructions of the fields above are unchanged
 
     def __len__(self) -> int:
         return int(self.flip.shape[0])
 
     def unmixed(self) -> ViewParams:
         """The same crops, flips and ops without mixing (what a partner contributes)."""
-        return ViewParams(self.crop, self.flip, self.ops, self.magnitude, self.space)
+        return ViewParams(self.crop, self.flip, self.ops, self.magnitude, self.space, vflip=self.vflip)
 
     def _rows(self, rows: torch.Tensor | slice) -> ViewParams:
         def take(value: torch.Tensor | None) -> torch.Tensor | None:
             return None if value is None else value[rows]
 
-        return ViewParams(self.crop[rows], self.flip[rows], take(self.ops), take(self.magnitude), self.space)
+        return ViewParams(self.crop[rows], self.flip[rows], take(self.ops), take(self.magnitude), self.space,
+                          vflip=take(self.vflip))  # fmt: skip
 
     def __getitem__(self, rows: torch.Tensor | slice) -> ViewParams:
         taken = self._rows(rows)
@@ -94,7 +107,7 @@ class ViewParams:
 
         return ViewParams(move(self.crop), move(self.flip), move(self.ops), move(self.magnitude), self.space,
                           move(self.mix_partner), move(self.mix_lambda), move(self.mix_box),
-                          None if self.partner is None else self.partner.to(device))  # fmt: skip
+                          None if self.partner is None else self.partner.to(device), move(self.vflip))  # fmt: skip
 
 
 def stack_views(views: list[ViewParams], view: torch.Tensor, rows: torch.Tensor) -> ViewParams:
@@ -106,7 +119,8 @@ def stack_views(views: list[ViewParams], view: torch.Tensor, rows: torch.Tensor)
 
     first = views[0]
     taken = ViewParams(pick([v.crop for v in views]), pick([v.flip for v in views]), pick([v.ops for v in views]),
-                       pick([v.magnitude for v in views]), first.space)  # fmt: skip
+                       pick([v.magnitude for v in views]), first.space,
+                       vflip=pick([v.vflip for v in views]))  # fmt: skip
     if first.mix_partner is None:
         return taken
     partners = pick([v.mix_partner for v in views])
@@ -122,27 +136,72 @@ def concat_views(parts: list[ViewParams]) -> ViewParams:
         return None if values[0] is None else torch.cat(values)
 
     return ViewParams(cat([p.crop for p in parts]), cat([p.flip for p in parts]), cat([p.ops for p in parts]),
-                      cat([p.magnitude for p in parts]), parts[0].space)  # fmt: skip
+                      cat([p.magnitude for p in parts]), parts[0].space,
+                      vflip=cat([p.vflip for p in parts]))  # fmt: skip
+
+
+# torchvision's RandomResizedCrop defaults (and timm's train.py's): the area share and the aspect ratio (w / h).
+DEFAULT_SCALE = (0.08, 1.0)
+DEFAULT_RATIO = (3 / 4, 4 / 3)
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    flip: bool
+    hflip: float  # the chance a row is mirrored left-right; 0: never, and nothing is drawn for it
     resized_crop_scale: tuple[float, float] | None  # None: crop with padding instead
     # The un-augmented (evaluation) view: the central square of this fraction of the shorter side.
     eval_crop: float = 1.0
+    ratio: tuple[float, float] = DEFAULT_RATIO  # the random-resized crop's aspect ratio (w / h) bounds
+    vflip: float = 0.0  # the chance a row is mirrored top to bottom; 0: never, and no vflip array at all
 
     def pad(self, image_size: int) -> int:
         # 4 px at 32 px (the CIFAR convention), 2 px at 16 px.
         return max(1, image_size // 8)
 
+    def with_options(self, options: AugmentOptions, glyphs: bool = False) -> Recipe:
+        """This recipe as ``options`` change it. ``glyphs`` (the dataset option ``?glyphs=1``) makes both flips'
+        default 0: a mirrored glyph is another glyph. A padded-crop recipe given ``scale`` or ``ratio`` draws
+        random-resized crops instead (the other bound at torchvision's default), since only those have either."""
+        scale, ratio = self.resized_crop_scale, self.ratio
+        if options.scale is not None or options.ratio is not None:
+            scale = options.scale or scale or DEFAULT_SCALE
+            ratio = options.ratio or ratio
+
+        def chance(asked: float | None, own: float) -> float:
+            return asked if asked is not None else (0.0 if glyphs else own)
+
+        return dataclasses.replace(self, hflip=chance(options.hflip, self.hflip), resized_crop_scale=scale,
+                                   ratio=ratio, vflip=chance(options.vflip, self.vflip))  # fmt: skip
+
+    def to_json(self) -> dict:
+        """How the views are drawn, as a store records it where it differs from the data's own recipe."""
+        resized = self.resized_crop_scale is not None
+        return {"crop": "resized" if resized else "padded",
+                "scale": list(self.resized_crop_scale) if resized else None,
+                "ratio": list(self.ratio) if resized else None, "hflip": self.hflip, "vflip": self.vflip}  # fmt: skip
+
+    def recorded(self, record: dict | None) -> Recipe:
+        """This (the data's own) recipe as a store's record of :meth:`to_json` says it was drawn; None (every
+        store written before the options, and any without them) leaves it as it is."""
+        if not record:
+            return self
+        resized = record["crop"] == "resized"
+        return dataclasses.replace(self, hflip=float(record["hflip"]), vflip=float(record["vflip"]),
+                                   resized_crop_scale=_pair(record["scale"]) if resized else None,
+                                   ratio=_pair(record["ratio"]) if resized else self.ratio)  # fmt: skip
+
+
+def _pair(values) -> tuple[float, float]:
+    low, high = values
+    return float(low), float(high)
+
 
 RECIPES: dict[str, Recipe] = {
-    "digits": Recipe("digits", flip=False, resized_crop_scale=None),
-    "natural": Recipe("natural", flip=True, resized_crop_scale=None),
-    "natural-large": Recipe("natural-large", flip=True, resized_crop_scale=(0.25, 1.0)),
-    "full": Recipe("full", flip=True, resized_crop_scale=(0.08, 1.0), eval_crop=224 / 256),
+    "digits": Recipe("digits", hflip=0.0, resized_crop_scale=None),
+    "natural": Recipe("natural", hflip=0.5, resized_crop_scale=None),
+    "natural-large": Recipe("natural-large", hflip=0.5, resized_crop_scale=(0.25, 1.0)),
+    "full": Recipe("full", hflip=0.5, resized_crop_scale=DEFAULT_SCALE, eval_crop=224 / 256),
 }
 FULL_RECIPE = "full"
 
@@ -154,6 +213,68 @@ def recipe_for(data_recipe: str, image_size: int) -> Recipe:
     if data_recipe not in RECIPES:
         raise unknown_choice("augmentation recipe", data_recipe, list(RECIPES))
     return RECIPES[data_recipe]
+
+
+# ---------------------------------------------------------------------------------------- timm's knobs
+AUGMENT_FIELDS = ("scale", "ratio", "hflip", "vflip")
+# Each pair option's rule and how an error states it; the flips are probabilities in [0, 1].
+PAIR_RULES: dict[str, tuple[Callable[[float, float], bool], str]] = {
+    "scale": (lambda low, high: 0 < low <= high <= 1, "MIN MAX, shares of the image's area with 0 < MIN <= MAX <= 1"),
+    "ratio": (lambda low, high: 0 < low <= high, "MIN MAX, aspect ratios (width / height) with 0 < MIN <= MAX"),
+}
+PROBABILITY_FIELDS = ("hflip", "vflip")
+
+
+@dataclass(frozen=True)
+class AugmentOptions:
+    """``--scale MIN MAX``, ``--ratio MIN MAX``, ``--hflip P``, ``--vflip P`` as given, each None where the data's
+    recipe keeps its own (see :meth:`Recipe.with_options`)."""
+
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] | None = None
+    hflip: float | None = None
+    vflip: float | None = None
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def augment_options(settings: object) -> AugmentOptions:
+    """The :data:`AUGMENT_FIELDS` of ``settings`` (a TrainConfig, an ExtractConfig), checked: a bad value is a
+    UserError naming the option and its rule."""
+    values: dict = {}
+    for name, (rule, wanted) in PAIR_RULES.items():
+        given = getattr(settings, name, None)
+        if given is None:
+            continue
+        pair = [_number(v) for v in given] if isinstance(given, list | tuple) else []
+        if len(pair) != 2 or None in pair or not rule(*pair):
+            shown = " ".join(map(str, given)) if isinstance(given, list | tuple) else repr(given)
+            raise UserError(f"--{name} takes {wanted}, got {shown}")
+        values[name] = (pair[0], pair[1])
+    for name in PROBABILITY_FIELDS:
+        given = getattr(settings, name, None)
+        if given is None:
+            continue
+        chance = _number(given)
+        if chance is None or not 0 <= chance <= 1:
+            raise UserError(f"--{name} is a probability in [0, 1] (0: never flip), got {given!r}")
+        values[name] = chance
+    return AugmentOptions(**values)
+
+
+def recorded_options(settings: dict) -> dict:
+    """``settings`` (a config's fields) as checkpoints, store settings and pipeline stamps record them: the
+    augmentation options left unset are left out, so records made before the options existed still match, and
+    pairs are lists, as they read back from JSON."""
+    recorded = {k: v for k, v in settings.items() if k not in AUGMENT_FIELDS or v is not None}
+    for name in PAIR_RULES:
+        if recorded.get(name) is not None:
+            recorded[name] = list(recorded[name])
+    return recorded
 
 
 # ------------------------------------------------------------------------------------------- policies
@@ -361,7 +482,8 @@ def square_sizes(n: int, image_size: int) -> torch.Tensor:
 def identity(sizes: torch.Tensor, recipe: Recipe | None = None, policy: Policy | None = None,
              mixing: Mixing | None = None) -> ViewParams:  # fmt: skip
     """The un-augmented view of rows of source ``sizes`` (N, 2): the central square of ``recipe.eval_crop`` of the
-    shorter side (the whole image for in-memory data), not mirrored; under a ``policy``, with no ops; under
+    shorter side (the whole image for in-memory data), not mirrored (with a ``vflip`` array of False where the
+    recipe flips vertically, so every view of a store has the same fields); under a ``policy``, with no ops; under
     ``mixing``, not mixed."""
     fraction = recipe.eval_crop if recipe is not None else 1.0
     height, width = sizes[:, 0].long(), sizes[:, 1].long()
@@ -374,18 +496,21 @@ def identity(sizes: torch.Tensor, recipe: Recipe | None = None, policy: Policy |
     if policy is not None:
         none = torch.full((len(sizes), policy.num_ops), NO_OP, dtype=torch.int8)
         view = ViewParams(view.crop, flip, none, torch.zeros_like(none), policy.space)
+    if recipe is not None and recipe.vflip > 0:
+        view = dataclasses.replace(view, vflip=torch.zeros(len(sizes), dtype=torch.bool))
     if mixing is not None and mixing.enabled:
         view = dataclasses.replace(view, **unmixed_mixing(len(sizes)))
     return view
 
 
-def _random_resized_boxes(sizes: torch.Tensor, scale: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+def _random_resized_boxes(sizes: torch.Tensor, scale: tuple[float, float], gen: torch.Generator,
+                          ratios: tuple[float, float] = DEFAULT_RATIO) -> torch.Tensor:  # fmt: skip
     # Ten tries per sample as torchvision's RandomResizedCrop, vectorised; where all fail, its fallback: the
-    # largest centred box whose aspect ratio is within 3/4-4/3.
+    # largest centred box whose aspect ratio is within ``ratios`` (3/4-4/3 by default).
     n, tries = len(sizes), 10
     height, width = sizes[:, 0].to(torch.float32), sizes[:, 1].to(torch.float32)
     area = (height * width)[:, None] * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=gen)
-    log_ratio = torch.empty(n, tries).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
+    log_ratio = torch.empty(n, tries).uniform_(math.log(ratios[0]), math.log(ratios[1]), generator=gen)
     ratio = torch.exp(log_ratio)
     w = torch.sqrt(area * ratio).round()
     h = torch.sqrt(area / ratio).round()
@@ -394,8 +519,8 @@ def _random_resized_boxes(sizes: torch.Tensor, scale: tuple[float, float], gen: 
     first = ok.float().argmax(1)
     rows = torch.arange(n)
     aspect = width / height
-    fallback_w = torch.where(aspect > 4 / 3, (height * 4 / 3).round(), width)
-    fallback_h = torch.where(aspect < 3 / 4, (width / (3 / 4)).round(), height)
+    fallback_w = torch.where(aspect > ratios[1], (height * ratios[1]).round(), width)
+    fallback_h = torch.where(aspect < ratios[0], (width / ratios[0]).round(), height)
     h = torch.where(found, h[rows, first], fallback_h)
     w = torch.where(found, w[rows, first], fallback_w)
     y0 = (torch.rand(n, generator=gen) * (height - h + 1)).floor()
@@ -410,16 +535,17 @@ def draw(recipe: Recipe, sizes: torch.Tensor, generator: torch.Generator, policy
     """Draw one view's parameters for rows of source ``sizes`` (int ``(N, 2)`` as H, W; see
     :func:`square_sizes`). Padded crops keep the source size, so they take square in-memory images only. The
     crop and flip are drawn first, then the policy's ops, then the mixing (CutMix boxes in ``out_size`` px
-    output), so each addition keeps the draws before it: a policy's view has the crops of the policy-less view
-    of the same seed."""
+    output), then the vertical flips, so each addition keeps the draws before it: a policy's view has the crops
+    of the policy-less view of the same seed, a ``--vflip`` view the crops, flips, ops and mixing of the view
+    without it. A flip whose chance is 0 draws nothing (the ``digits`` recipe never has)."""
     n = len(sizes)
     if recipe.resized_crop_scale is not None:
-        boxes = _random_resized_boxes(sizes, recipe.resized_crop_scale, generator)
+        boxes = _random_resized_boxes(sizes, recipe.resized_crop_scale, generator, recipe.ratio)
     else:
         pad = recipe.pad(int(sizes[0, 0]) if n else 0)
         offsets = torch.randint(-pad, pad + 1, (n, 2), generator=generator)
         boxes = torch.cat([offsets, sizes.to(offsets.dtype)], 1)
-    flips = torch.rand(n, generator=generator) < 0.5 if recipe.flip else torch.zeros(n, dtype=torch.bool)
+    flips = torch.rand(n, generator=generator) < recipe.hflip if recipe.hflip > 0 else torch.zeros(n, dtype=torch.bool)
     view = ViewParams(boxes.to(torch.int16), flips)
     if policy is not None:
         ops, magnitude = _draw_ops(policy, n, generator)
@@ -428,6 +554,8 @@ def draw(recipe: Recipe, sizes: torch.Tensor, generator: torch.Generator, policy
         if out_size is None:
             raise ValueError("mixing needs the output size (for CutMix's boxes)")
         view = dataclasses.replace(view, **draw_mixing(mixing, n, out_size, generator))
+    if recipe.vflip > 0:
+        view = dataclasses.replace(view, vflip=torch.rand(n, generator=generator) < recipe.vflip)
     return view
 
 
@@ -457,7 +585,7 @@ def render(images: torch.Tensor, params: ViewParams, out_size: int | None = None
     """The view's pixels of uint8 ``(B, 3, H, W)`` images: float32 ``(B, 3, out_size, out_size)`` in 0-255, on the
     images' device. Each row's pixels depend on that row alone: a box of the output size is an exact gather, any
     other box is resampled bilinearly, whatever the other rows of the batch are; then the view's ops, if it has
-    any (:func:`apply_ops`)."""
+    any (:func:`apply_ops`). Flips come after the crop: left-right where ``flip``, top to bottom where ``vflip``."""
     size = out_size or images.shape[-1]
     params = params.to(images.device)
     crop = params.crop
@@ -471,7 +599,17 @@ def render(images: torch.Tensor, params: ViewParams, out_size: int | None = None
         exact, resampled = same_size.nonzero()[:, 0], (~same_size).nonzero()[:, 0]
         pixels[exact] = _crop_same_size(images[exact], crop[exact], size).float()
         pixels[resampled] = _crop_resized(images[resampled], crop[resampled], size)
-    return apply_ops(torch.where(params.flip[:, None, None, None], pixels.flip(-1), pixels), params)
+    pixels = torch.where(params.flip[:, None, None, None], pixels.flip(-1), pixels)
+    return apply_ops(vertical_flips(pixels, params), params)
+
+
+def vertical_flips(pixels: torch.Tensor, params: ViewParams) -> torch.Tensor:
+    """``pixels`` (B, C, H, W) with the rows whose ``vflip`` is set mirrored top to bottom (a pure permutation:
+    exact on every device and dtype); unchanged where the view has no vertical flips."""
+    if params.vflip is None:
+        return pixels
+    flips = params.vflip.to(pixels.device)
+    return torch.where(flips[:, None, None, None], pixels.flip(-2), pixels)
 
 
 def apply(

@@ -2,12 +2,13 @@
 
 A dataset spec is ``NAME`` or ``NAME:ARG`` (``digits``, ``cifar10``, ``npz:/path/data.npz``,
 ``imagefolder:/path/root``, ``fake:256``), optionally followed by ``?OPTION=VALUE&...`` (label noise, a training
-fraction, a k-fold re-split such as ``digits?folds=5&fold=0``, and for image folders ``in_memory`` and
-``skip_bad``: see :class:`~meal_cache.data_spec.Modifiers`). :func:`load_dataset` resolves it to an
-:class:`ImageDataset`: a train and a test split with ``int64`` labels, the number of classes, the normalisation,
-the augmentation recipe and a stable fingerprint of each split's rows. A split is either a :class:`Split` of
-``uint8`` images shaped ``(N, 3, H, W)`` in memory or a :class:`~meal_cache.source.FileSplit` of image files
-decoded on demand; both are read through the source their ``open()`` returns (see :mod:`meal_cache.source`).
+fraction, a k-fold re-split such as ``digits?folds=5&fold=0``, ``glyphs`` for images a mirror would turn into
+other glyphs, and for image folders ``in_memory`` and ``skip_bad``: see :class:`~meal_cache.data_spec.Modifiers`).
+:func:`load_dataset` resolves it to an :class:`ImageDataset`: a train and a test split with ``int64`` labels, the
+number of classes, the normalisation, the augmentation recipe and a stable fingerprint of each split's rows. A
+split is either a :class:`Split` of ``uint8`` images shaped ``(N, 3, H, W)`` in memory or a
+:class:`~meal_cache.source.FileSplit` of image files decoded on demand; both are read through the source their
+``open()`` returns (see :mod:`meal_cache.source`).
 
 Grey-scale sources are replicated to three channels so every architecture takes every dataset unchanged.
 """
@@ -107,6 +108,13 @@ class ImageDataset:
     options: dict = field(default_factory=dict)
     # The training labels before label noise was applied (None without noise): for measuring label inspection.
     clean_train_labels: torch.Tensor | None = None
+    glyphs: bool = False  # ?glyphs=1: glyph-like images, never mirrored unless --hflip/--vflip say so
+
+    def view_recipe(self, options: augment.AugmentOptions | None = None) -> augment.Recipe:
+        """How this data's views are drawn: its recipe at its size, changed by ``options`` (``--scale``,
+        ``--ratio``, ``--hflip``, ``--vflip``) and by ``?glyphs=1``."""
+        recipe = augment.recipe_for(self.recipe, self.image_size)
+        return recipe.with_options(options or augment.AugmentOptions(), glyphs=self.glyphs)
 
     @property
     def num_classes(self) -> int:
@@ -528,4 +536,5 @@ def load_dataset(
     else:
         mean, std = _channel_stats(train.images)
     recorded = {"root": str(root), "image_size": image_size, "seed": seed}
-    return ImageDataset(spec, kind, train, test, raw.classes, mean, std, raw.recipe, recorded, clean_labels)
+    return ImageDataset(spec, kind, train, test, raw.classes, mean, std, raw.recipe, recorded, clean_labels,
+                        glyphs=bool(modifiers.glyphs))  # fmt: skip

@@ -33,7 +33,10 @@ class Modifiers:
     - ``in_memory`` 1 (``imagefolder`` only): decode once into memory at --image-size (default 32) instead of
       streaming the files at full resolution (default 224);
     - ``skip_bad`` 1 (``imagefolder`` only): decode every file first and leave out, counted and reported, those
-      that do not decode, instead of refusing them.
+      that do not decode, instead of refusing them;
+    - ``glyphs`` 1 (any dataset): the images are glyphs (digits, letters, text), which a mirror turns into other
+      glyphs: the views' horizontal and vertical flips default to 0 (``--hflip``/``--vflip`` still set them).
+      The built-in digits, SVHN and grey-scale npz data never flip anyway.
 
     They apply in this order: the fold split, then ``train_fraction`` on its train part, then label noise on what
     is left of the train part; the test split is never subsampled or corrupted.
@@ -49,10 +52,13 @@ class Modifiers:
     fold_seed: int = 0
     in_memory: int = 0
     skip_bad: int = 0
+    glyphs: int = 0
 
 
 # Options of how a source is read rather than of which rows it has.
 LOADER_OPTIONS = ("in_memory", "skip_bad")
+# Options that are switched on with 1 (off with 0, their default).
+FLAG_OPTIONS = (*LOADER_OPTIONS, "glyphs")
 NOISE_KINDS = ("symmetric", "pairflip")
 
 
@@ -85,7 +91,7 @@ def parse_modifiers(text: str) -> Modifiers:
         raise UserError(
             f"dataset option fold={modifiers.fold} needs folds=K, the number of folds (e.g. folds=5&fold=0)"
         )
-    for flag in LOADER_OPTIONS:
+    for flag in FLAG_OPTIONS:
         if getattr(modifiers, flag) not in (0, 1):
             raise UserError(f"dataset option {flag} takes 0 or 1, got {getattr(modifiers, flag)}")
     if modifiers.folds is not None:  # and so fold, checked above

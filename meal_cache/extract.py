@@ -91,6 +91,12 @@ class ExtractConfig:
     views: int = 4  # the views curve (docs/design.md): no gain measured beyond
     identity_view: bool = False
     recipe: str = "crop"  # the views' policy after the crop: crop (none), randaugment, trivialaugment
+    # timm's train.py knobs (None: the data's recipe's own; see augment.AugmentOptions): the random-resized crop's
+    # area share and aspect ratio bounds, and each flip's chance.
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] | None = None
+    hflip: float | None = None
+    vflip: float | None = None
     mixup: float = 0.0  # Mixup's Beta alpha (0: none); the teachers see the mixed images
     cutmix: float = 0.0  # CutMix's Beta alpha (0: none)
     mix_prob: float = 1.0  # the share of (view, row)s mixed
@@ -122,6 +128,10 @@ class ExtractConfig:
         """The views' Mixup/CutMix, None when neither is asked for."""
         mixing = Mixing(float(self.mixup), float(self.cutmix), float(self.mix_prob), float(self.mix_switch_prob))
         return mixing if mixing.enabled else None
+
+    def augment_options(self) -> augment.AugmentOptions:
+        """``--scale``, ``--ratio``, ``--hflip``, ``--vflip``, checked."""
+        return augment.augment_options(self)
 
     def divergent_search(self) -> DivergentSearch | None:
         """How the divergent views are searched, None without ``--divergent-views``."""
@@ -167,6 +177,7 @@ class ExtractConfig:
             raise UserError(f"a teacher is named twice in {','.join(self.teachers)}")
         if self.recipe not in augment.POLICY_NAMES:
             raise unknown_choice("--recipe", self.recipe, list(augment.POLICY_NAMES))
+        self.augment_options()
         for name in ("mixup", "cutmix"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or math.isnan(value):
@@ -210,7 +221,7 @@ def fitted_to_data(config: ExtractConfig, asked: ExtractConfig, num_classes: int
 
 def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teacher]) -> dict:
     """What must be equal for an existing store to be resumed rather than refused."""
-    recorded = asdict(config)
+    recorded = augment.recorded_options(asdict(config))  # ... and before --scale, --ratio, --hflip, --vflip
     for transient in ("device", "batch_size", "data_root", "download", "teacher_dir", "workers"):
         recorded.pop(transient)
     if recorded["recipe"] == "crop":  # the settings of stores extracted before --recipe existed
@@ -510,7 +521,7 @@ def _open_or_create(
             f"'{out}' was extracted with other settings ({difference}); "
             "pass --overwrite to replace it, or choose another --out"
         )
-    recipe = augment.recipe_for(dataset.recipe, dataset.image_size)
+    recipe = dataset.view_recipe(config.augment_options())
     split = dataset.split(config.split)
     n = len(split)
     sizes = split.source_sizes(config.workers)
@@ -541,6 +552,10 @@ def _open_or_create(
         "recipe": recipe.name,
         "seed": config.seed,
     }
+    if recipe != augment.recipe_for(dataset.recipe, dataset.image_size):
+        # Only where the options (or ?glyphs=1) changed the data's recipe, so other stores' attributes stay as
+        # they were; a store without it was drawn with its recipe's own values (TeacherStore.view_recipe).
+        views_info["augmentation"] = recipe.to_json()
     if policy is not None:
         views_info["policy"] = policy.to_json()
     if mixing is not None:

@@ -50,7 +50,9 @@ def _check_comparable(store: TeacherStore, reference: TeacherStore) -> None:
             raise UserError(f"teacher {teacher} is another checkpoint in the reference store (sha256 differs)")
     for view in range(store.num_views):
         mine, theirs = store.view_params(view), reference.view_params(view)
-        if not (mine.crop.equal(theirs.crop) and mine.flip.equal(theirs.flip)):
+        same_vflip = (mine.vflip is None) == (theirs.vflip is None) and (mine.vflip is None or
+                                                                       mine.vflip.equal(theirs.vflip))  # fmt: skip
+        if not (mine.crop.equal(theirs.crop) and mine.flip.equal(theirs.flip) and same_vflip):
             raise UserError(f"view {view} has other crops or flips in the two stores (another --seed?)")
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from meal_cache import augment
 from meal_cache.distill import DistillConfig, distill
 from meal_cache.distill.config import drop_unset, fillable_settings
 from meal_cache.errors import SettingsMismatch, UserError
@@ -90,6 +91,12 @@ class StepRunner:
         record = {"digest": digest, "settings": settings, "seconds": round(time.perf_counter() - started, 2)}
         (self.stamps / f"{name.replace('/', '__')}.json").write_text(json.dumps(record, indent=2, default=str))
         self.ran.append(name)
+
+
+def _stamped(config: TrainConfig | ExtractConfig) -> dict:
+    """A train or extract step's settings as its stamp records them: no device, and the augmentation options left
+    unset left out, so runs stamped before those options existed stay up to date."""
+    return augment.recorded_options(dataclasses.asdict(config)) | {"device": None}
 
 
 def _retrying(run: Callable[[bool], object]) -> None:
@@ -141,7 +148,7 @@ def run_pipeline(pipeline: Pipeline, runs_root: str | Path = "runs", device: str
         def train_teacher(config=config, out=out) -> None:
             _retrying(lambda fresh: train_supervised(config, out, resume=not fresh, overwrite=fresh, progress=progress))
 
-        steps.run(f"teacher/{teacher['name']}", dataclasses.asdict(config) | {"device": None}, [], [out], train_teacher)
+        steps.run(f"teacher/{teacher['name']}", _stamped(config), [], [out], train_teacher)
 
     # Pretrained teachers have no step: extract resolves them by ARCH:WEIGHTS.
     teacher_names = pipeline.teacher_sources()
@@ -157,8 +164,8 @@ def run_pipeline(pipeline: Pipeline, runs_root: str | Path = "runs", device: str
         def run_extract(config=extract_config, out=store_path) -> None:
             _retrying(lambda fresh: extract(config, out, overwrite=fresh, progress=progress))
 
-        steps.run(step, dataclasses.asdict(extract_config) | {"device": None, "teacher_dir": None}, teacher_steps,
-                  [store_path], run_extract)  # fmt: skip
+        steps.run(step, _stamped(extract_config) | {"teacher_dir": None}, teacher_steps, [store_path],
+                  run_extract)  # fmt: skip
 
     for seed in pipeline.seeds:
         for name in pipeline.methods:
@@ -186,8 +193,7 @@ def _student_step(steps: StepRunner, pipeline: Pipeline, run_dir: Path, name: st
             _retrying(lambda fresh: train_supervised(config, target, resume=not fresh, overwrite=fresh,
                                                      progress=progress))  # fmt: skip
 
-        steps.run(f"{name}/seed-{seed}", dataclasses.asdict(config) | {"device": None}, [], [target],
-                  train_alone)  # fmt: skip
+        steps.run(f"{name}/seed-{seed}", _stamped(config), [], [target], train_alone)
         return
     student = {k: v for k, v in pipeline.student.items() if k in fields_of(DistillConfig) and k != "arch"}
     if overrides.get("online"):

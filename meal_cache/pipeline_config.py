@@ -10,7 +10,9 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
+from meal_cache.augment import augment_options
 from meal_cache.data import parse_spec
 from meal_cache.distill import DistillConfig, available_methods
 from meal_cache.errors import UserError, unknown_choice
@@ -128,6 +130,14 @@ def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
         )
 
 
+def _check_augmentation(where: str, settings: dict) -> None:
+    """``scale``, ``ratio``, ``hflip`` and ``vflip`` of a teacher or store section, checked before anything runs."""
+    try:
+        augment_options(SimpleNamespace(**settings))
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from err
+
+
 def fields_of(cls) -> set[str]:
     """The field names of a config dataclass."""
     return {f.name for f in dataclasses.fields(cls)}
@@ -155,6 +165,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         if "name" not in teacher or "arch" not in teacher:
             raise UserError(f"{path}: every [[teachers]] entry needs a name and an arch")
         _check_keys(f"{path} teacher {teacher['name']}", teacher, train_fields | {"name"})
+        _check_augmentation(f"{path} teacher {teacher['name']}", teacher)
         check_model_name(split_weights(teacher["arch"])[0])
         if is_pretrained(teacher):
             _check_pretrained(f"{path} teacher {teacher['name']}", teacher)
@@ -165,6 +176,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     store_fields = fields_of(ExtractConfig) - {"teachers", "data", "data_root", "download", "image_size", "teacher_dir",
                                              "device"}  # fmt: skip
     _check_keys(f"{path} [store]", store, store_fields)
+    _check_augmentation(f"{path} [store]", store)
     stores_raw = raw.get("stores", {})
     if not isinstance(stores_raw, dict) or not all(isinstance(v, dict) for v in stores_raw.values()):
         raise UserError(f"{path}: [stores] holds named tables such as [stores.v1] (views = 1)")
@@ -173,6 +185,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         if not STORE_NAME.fullmatch(name):
             raise UserError(f"{path}: store name '{name}' may hold only letters, digits, '_', '.' and '-'")
         _check_keys(f"{path} [stores.{name}]", overrides, store_fields)
+        _check_augmentation(f"{path} [stores.{name}]", overrides)
     student = dict(raw["student"])
     _check_keys(
         f"{path} [student]", student, (fields_of(TrainConfig) | fields_of(DistillConfig)) - {"student", "store"}

@@ -10,7 +10,8 @@ normalises them with its network's statistics.
 - :class:`FileSource`: image files read and decoded in ``torch.utils.data.DataLoader`` worker processes
   (torchvision.io's ``decode_image``, measured 1.4-1.7x faster than PIL on this machine's JPEGs). A worker
   decodes each file once per request, however many of the request's rows name it (FKD's multi-crop), crops each
-  box in the source image's own coordinates, resizes it to ``S`` with antialiasing, mirrors it, and hands back
+  box in the source image's own coordinates, resizes it to ``S`` with antialiasing, mirrors it (left-right, and
+  top to bottom where the view draws vertical flips), and hands back
   uint8; memory does not grow with the dataset. A view's policy ops (RandAugment, TrivialAugment) then run on
   the device (:func:`~meal_cache.augment.apply_ops`). Same decoder, same box: the same pixels, bit for bit, on one
   machine, whatever the number of workers or the other rows of a request.
@@ -134,7 +135,8 @@ def decode_rgb(path: str) -> torch.Tensor:
 
 
 class _Decoder(Dataset):
-    """What a worker runs: one request of (rows, boxes, flips) in, uint8 pixels of its rows out."""
+    """What a worker runs: one request of (rows, boxes, flips, vertical flips or None) in, uint8 pixels of its
+    rows out."""
 
     def __init__(self, root: str, files: np.ndarray, sizes: torch.Tensor | None, out_size: int) -> None:
         self.root, self.files, self.sizes, self.out_size = root, files, sizes, out_size
@@ -145,8 +147,8 @@ class _Decoder(Dataset):
     def path(self, row: int) -> str:
         return os.path.join(self.root, os.fsdecode(self.files[row]))
 
-    def __getitem__(self, item: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-        rows, crops, flips = item
+    def __getitem__(self, item: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]):
+        rows, crops, flips, vflips = item
         size = self.out_size
         out = torch.empty((len(rows), 3, size, size), dtype=torch.uint8)
         decoded: dict[int, torch.Tensor | BadImage] = {}
@@ -163,6 +165,8 @@ class _Decoder(Dataset):
                                      f"box (it changed since the view was drawn)")  # fmt: skip
             pixels = TF.resize(image[:, y0 : y0 + h, x0 : x0 + w], [size, size], antialias=True)
             out[index] = pixels.flip(-1) if flip else pixels
+        if vflips is not None:  # the same function as in memory, so both sources mirror alike
+            out = augment.vertical_flips(out, augment.ViewParams(crops, flips, vflip=vflips))
         return out, None
 
     def _decode(self, row: int) -> torch.Tensor | BadImage:
@@ -211,10 +215,10 @@ class FileSource:
     def _decoded(self, requests: Iterable[Request]) -> Iterator[tuple[Any, torch.Tensor]]:
         payloads: deque = deque()
 
-        def items() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        def items() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
             for rows, params, payload in requests:
                 payloads.append((payload, params))
-                yield rows, params.crop, params.flip
+                yield rows, params.crop, params.flip, params.vflip
 
         self._plan.items = items()
         for pixels, bad in self.loader:

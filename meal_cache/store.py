@@ -1,15 +1,18 @@
 """The teacher cache: a Zarr (v3) store in format ``meal-cache/2``, ``meal-cache/3`` when its views carry a
-policy's ops, ``meal-cache/4`` when they mix rows (Mixup, CutMix); ``meal-cache/1`` stores, which cannot hold
-top-k logits, are read as they are.
+policy's ops, ``meal-cache/4`` when they mix rows (Mixup, CutMix), up to ``meal-cache/7`` when they flip rows
+vertically (:mod:`meal_cache.store_schema` says which feature needs which); ``meal-cache/1`` stores, which cannot
+hold top-k logits, are read as they are.
 
 Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
 
     attrs    format, version, dataset{...describe(), split, n, fingerprint}, views{count, augmented, identity,
-             recipe, seed}, teachers{NAME: {source, arch, checkpoint_sha256, classes, input, blocks[...],
-             accuracy[per view]}}, layout{rows_per_chunk, dtype, codec, grid, features}, settings, complete
+             recipe, seed[, augmentation]}, teachers{NAME: {source, arch, checkpoint_sha256, classes, input,
+             blocks[...], accuracy[per view]}}, layout{rows_per_chunk, dtype, codec, grid, features}, settings, complete
     labels                         (N,)               int64
     views/crop                     (V, N, 4)          int16   y0, x0, h, w
     views/flip                     (V, N)             bool
+    views/vflip                    (V, N)             bool    with --vflip above 0 only (format /7): mirrored top
+                                                               to bottom (attrs views.augmentation)
     views/ops                      (V, N, K)          int8    with a policy only (format /3): each row's K ops as
                                                                indices into augment.OP_NAMES, -1 none
     views/magnitude                (V, N, K)          int8    their signed magnitude bins (attrs views.policy)
@@ -59,7 +62,7 @@ import numpy as np
 import torch
 import zarr
 
-from meal_cache.augment import Policy, ViewParams, policy_from_json
+from meal_cache.augment import Policy, Recipe, ViewParams, policy_from_json, recipe_for
 from meal_cache.errors import UserError
 from meal_cache.mixing import Mixing, mixing_from_json
 
@@ -79,6 +82,7 @@ from meal_cache.store_keys import (
     TEACHERS,
     VIEW_CROP,
     VIEW_FLIP,
+    VIEW_VFLIP,
     feature_key,
     feature_name,
     is_feature_key,
@@ -109,6 +113,7 @@ from meal_cache.store_schema import (
     OPS_FORMAT,
     READABLE_FORMATS,
     VERSION,
+    VFLIP_FORMAT,
     BlockSpec,
     StoreLayout,
     TeacherSpec,
@@ -119,8 +124,8 @@ from meal_cache.store_verify import VERIFY_CHUNKS_AT_ONCE, ChunkProblem, VerifyR
 __all__ = [
     "ARRAY_CONFIG", "DIVERGENT_FORMAT", "DIVERGENT_PIXELS", "DTYPES", "FEATURE_KINDS", "FORMAT", "LABELS", "LOGITS",
     "LOGITS_ENCODINGS", "LOGITS_FORMAT", "MIX_FORMAT", "MIX_KEYS", "OPS_FORMAT", "OPS_KEYS", "PROGRESS",
-    "QUANTIZE_BITS", "READABLE_FORMATS",
-    "SOURCE_SIZE", "TEACHERS", "VERIFY_CHUNKS_AT_ONCE", "VERSION", "VIEW_CROP", "VIEW_FLIP",
+    "QUANTIZE_BITS", "READABLE_FORMATS", "SOURCE_SIZE", "TEACHERS", "VERIFY_CHUNKS_AT_ONCE", "VERSION", "VFLIP_FORMAT",
+    "VIEW_CROP", "VIEW_FLIP", "VIEW_VFLIP",
     "BlockSpec", "ChunkProblem", "StoreLayout", "TeacherSpec", "TeacherStore", "VerifyReport", "create_store",
     "decode_topk", "dequantize_rows", "describe_store", "encode_topk", "feature_key", "feature_name", "format_of",
     "is_feature_key", "is_logits_key", "is_teacher_key", "is_url", "logits_key", "lossy_filters", "open_store",
@@ -211,7 +216,8 @@ class _NewArrays:
 
 
 def _write_views(arrays: _NewArrays, views: Sequence[ViewParams], n: int) -> None:
-    """Every view's parameters (crops and flips, and the policy's ops or the mixing where the views have them),
+    """Every view's parameters (crops and flips, and the vertical flips, the policy's ops or the mixing where the
+    views have them),
     written one view at a time, so a store of many views is created in the memory of one."""
     count, first = len(views), views[0]
     fields = [(VIEW_CROP, "int16"), (VIEW_FLIP, "bool")]
@@ -219,6 +225,8 @@ def _write_views(arrays: _NewArrays, views: Sequence[ViewParams], n: int) -> Non
         fields += [(key, "int8") for key in OPS_KEYS]
     if first.mix_partner is not None:
         fields += list(zip(MIX_KEYS, ("int32", "float32", "int16"), strict=True))
+    if first.vflip is not None:
+        fields.append((VIEW_VFLIP, "bool"))
     created = {key: arrays.per_view(key, (count, *getattr(first, view_field(key)).shape), dtype)
                for key, dtype in fields}  # fmt: skip
     for index in range(count):
@@ -436,7 +444,7 @@ class TeacherStore:
     @property
     def view_keys(self) -> list[str]:
         """The arrays that define the views' pixels."""
-        present = [key for key in (*OPS_KEYS, *MIX_KEYS) if key in self.group]
+        present = [key for key in (*OPS_KEYS, *MIX_KEYS, VIEW_VFLIP) if key in self.group]
         return [VIEW_CROP, VIEW_FLIP, *present]
 
     def view_params(self, view: int) -> ViewParams:
@@ -450,7 +458,17 @@ class TeacherStore:
         if MIX_KEYS[0] in self.group:
             mixed = {view_field(key): torch.from_numpy(self.group[key][view]) for key in MIX_KEYS}
             params = dataclasses.replace(params, **mixed)
+        if VIEW_VFLIP in self.group:
+            params = dataclasses.replace(params, vflip=torch.from_numpy(self.group[VIEW_VFLIP][view]))
         return params
+
+    @property
+    def view_recipe(self) -> Recipe:
+        """How the views were drawn (what ``distill --fresh-views`` draws): the data's recipe as the store's
+        ``views.augmentation`` record changes it (``--scale``, ``--ratio``, ``--hflip``, ``--vflip``); stores
+        without the record were drawn with the recipe's own values."""
+        base = recipe_for(self.dataset["recipe"], int(self.dataset["image_size"]))
+        return base.recorded(self.attrs["views"].get("augmentation"))
 
     def source_sizes(self) -> torch.Tensor | None:
         """Each row's source (H, W) when the store was extracted from image files, else None."""

@@ -41,6 +41,15 @@ def _mixing_description(mixing: dict | None) -> str:
     return f" + {' / '.join(kinds)} (p {mixing['prob']:g}{switch})"
 
 
+def _augmentation_description(record: dict | None) -> str:
+    """The store's --scale/--ratio/--hflip/--vflip record (absent: the recipe's own values, nothing to add)."""
+    if not record:
+        return ""
+    crop = ("padded crop" if record["crop"] == "padded" else
+            "scale {:g}-{:g}, ratio {:g}-{:g}".format(*record["scale"], *record["ratio"]))  # fmt: skip
+    return f" [{crop}, hflip {record['hflip']:g}, vflip {record['vflip']:g}]"
+
+
 def describe_store(store: TeacherStore) -> str:
     """A readable summary: dataset, views, and per teacher its accuracy, blocks, shapes and stored bytes."""
     attrs = store.attrs
@@ -50,6 +59,7 @@ def describe_store(store: TeacherStore) -> str:
         f"dataset   {data['spec']} [{data['split']}]  {data['n']} rows, {data['num_classes']} classes, "
         f"{data['image_size']} px, fingerprint {data['fingerprint'][:12]}",
         f"views     {views['augmented']} augmented ({views['recipe']}"
+        + _augmentation_description(views.get("augmentation"))
         + (f" + {views['policy']['name']}" if views.get("policy") else "")
         + _mixing_description(views.get("mixing"))
         + f", seed {views['seed']})"

@@ -15,6 +15,8 @@ LOGITS = "logits"
 PROGRESS = "progress"
 VIEW_CROP = "views/crop"
 VIEW_FLIP = "views/flip"
+# Present only where the views flip rows vertically (extract --vflip above 0; format /7).
+VIEW_VFLIP = "views/vflip"
 # Present only with a policy (format /3); each array's last part is its ViewParams field.
 OPS_KEYS = ("views/ops", "views/magnitude")
 # Present only with mixing (format /4); each array's last part is its ViewParams field.

@@ -23,9 +23,13 @@ DIVERGENT_FORMAT = "meal-cache/5"
 # A store whose logits are sampled, or top-k made exact at a temperature other than 1 (extract --logits-sample,
 # --logits-temperature): a /5 reader would rebuild them as top-k at temperature 1, silently wrong.
 LOGITS_FORMAT = "meal-cache/6"
+# A store whose views flip rows top to bottom (extract --vflip, the views/vflip array): a /6 reader would replay
+# them unflipped. The other augmentation options (--scale, --ratio, --hflip) only change what is drawn into the
+# arrays every reader replays, so they need no new format.
+VFLIP_FORMAT = "meal-cache/7"
 # Formats this version reads: /2 added top-k logits (a layout /1 readers would not know), /3 views' ops, /4 mixing,
-# /5 divergent views, /6 sampled logits and the logits' temperature.
-READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT, DIVERGENT_FORMAT, LOGITS_FORMAT)
+# /5 divergent views, /6 sampled logits and the logits' temperature, /7 vertical flips.
+READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT, DIVERGENT_FORMAT, LOGITS_FORMAT, VFLIP_FORMAT)
 VERSION = 1
 DTYPES = ("float16", "float32")
 
@@ -124,6 +128,8 @@ class StoreLayout:
 
 def format_of(view: ViewParams, divergent: bool = False, layout: StoreLayout | None = None) -> str:
     """The oldest format whose readers replay ``view`` right (and know divergent views and the layout's logits)."""
+    if view.vflip is not None:
+        return VFLIP_FORMAT
     if layout is not None and (layout.logits_sample is not None or layout.temperature != 1.0):
         return LOGITS_FORMAT
     if divergent:

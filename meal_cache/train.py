@@ -53,6 +53,11 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
+    # timm's train.py knobs (None: the data's recipe's own; see augment.AugmentOptions).
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] | None = None
+    hflip: float | None = None
+    vflip: float | None = None
     seed: int = 0
     device: str = "auto"
     workers: int | None = None  # decoding processes for image files (None: from the core count); not recorded
@@ -62,10 +67,16 @@ class TrainConfig:
         check_optimisation(self)
         check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
         check_workers(self.workers)
+        self.augment_options()
+
+    def augment_options(self) -> augment.AugmentOptions:
+        """``--scale``, ``--ratio``, ``--hflip``, ``--vflip``, checked."""
+        return augment.augment_options(self)
 
     def recorded(self) -> dict:
-        """The config as checkpoints record it: everything but how many processes decode."""
-        recorded = dataclasses.asdict(self)
+        """The config as checkpoints record it: everything but how many processes decode, and the augmentation
+        options left unset (so checkpoints written before them still resume)."""
+        recorded = augment.recorded_options(dataclasses.asdict(self))
         recorded.pop("workers")
         return recorded
 
@@ -103,7 +114,7 @@ def train_supervised(
     source = dataset.train.open(device, config.workers)
     labels = dataset.train.labels.to(device, non_blocking=True)
     sizes = dataset.train.source_sizes(config.workers)
-    recipe = augment.recipe_for(dataset.recipe, dataset.image_size)
+    recipe = dataset.view_recipe(config.augment_options())
     saved_payload = state
 
     def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

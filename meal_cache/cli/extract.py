@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, data_options
+from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, augmentation_options, data_options
 
 
 @click.command()
@@ -39,6 +39,7 @@ from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, data_options
 )
 @click.option("--identity-view", is_flag=True, help="Also cache the un-augmented view (for evaluation and inspect).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the views' augmentation parameters.")
+@augmentation_options
 @click.option(
     "--recipe",
     default="crop",

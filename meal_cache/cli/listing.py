@@ -49,6 +49,8 @@ def datasets() -> None:
         "  label_noise=R       change a fraction R of the training labels (seeded) ...\n"
         "  noise=symmetric     ... to a uniformly drawn other class, or noise=pairflip: class c to c+1\n"
         "  noise_seed=S, fraction_seed=S   the seeds of those draws (default 0)\n"
+        "  glyphs=1            glyph-like images (digits, letters, text): views never flip unless --hflip/--vflip "
+        "say so\n"
         "e.g. --data 'digits?label_noise=0.4&noise=symmetric'"
     )
 

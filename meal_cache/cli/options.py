@@ -8,7 +8,8 @@ DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
 DATA_HELP = (
     "Dataset: digits, cifar10, cifar100, svhn, imagefolder:PATH, npz:PATH or fake[:N], optionally with "
     "?label_noise=R&noise=symmetric|pairflip&train_fraction=F&folds=K&fold=I (folds: test on fold I of a "
-    "stratified K-fold re-split of all rows; see `meal-cache datasets`)."
+    "stratified K-fold re-split of all rows), glyphs=1 (never mirror: digits, letters, text; see "
+    "`meal-cache datasets`)."
 )
 
 
@@ -48,6 +49,25 @@ def data_options(func):
         ),
         WORKERS_OPTION,
     ]
+    return _with_options(func, options)
+
+
+def augmentation_options(func):
+    """timm's train.py augmentation knobs, shared by train and extract; unset, each keeps the data's recipe's own
+    value. Values are checked by the library (one Error: line for a bad one), so the types here are plain."""
+    options = [
+        click.option("--scale", type=float, nargs=2, default=None, metavar="MIN MAX",
+                     help="Random-resized crop's share of the image's area, 0 < MIN <= MAX <= 1. Default: the "
+                     "data's (image folders 0.08 1, in-memory images above 64 px 0.25 1; smaller in-memory images "
+                     "crop with padding, and --scale or --ratio turns that into a random-resized crop)."),
+        click.option("--ratio", type=float, nargs=2, default=None, metavar="MIN MAX",
+                     help="Random-resized crop's aspect ratio (width / height), 0 < MIN <= MAX. Default: 0.75 1.333."),
+        click.option("--hflip", type=float, default=None, metavar="P",
+                     help="Chance a view is mirrored left-right, 0 to 1 (0: never). Default: 0.5, or 0 for digits, "
+                     "SVHN, grey-scale npz and ?glyphs=1 data."),
+        click.option("--vflip", type=float, default=None, metavar="P",
+                     help="Chance a view is mirrored top to bottom, 0 to 1. Default: 0 (never)."),
+    ]  # fmt: skip
     return _with_options(func, options)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, data_options, optimization_options
+from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, augmentation_options, data_options, optimization_options
 
 
 @click.command()
@@ -26,6 +26,7 @@ from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, data_options, optimiz
 @data_options
 @optimization_options
 @click.option("--label-smoothing", default=0.0, show_default=True, type=float)
+@augmentation_options
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option(
@@ -37,8 +38,9 @@ from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, data_options, optimiz
 def train(out: str, resume: bool, overwrite: bool, quiet: bool, **settings) -> None:
     """Train a network with cross-entropy: a teacher, or the student-alone baseline.
 
-    Random crop with padding (and flip for natural images), SGD with Nesterov momentum, warm-up then the
-    schedule, evaluation on the test split after every epoch. The checkpoint records the architecture,
+    Random crop with padding (and flip for natural images; random-resized crops for image folders; --scale,
+    --ratio, --hflip and --vflip change them, as timm's train.py names them), SGD with Nesterov momentum, warm-up
+    then the schedule, evaluation on the test split after every epoch. The checkpoint records the architecture,
     classes, input size and normalisation, the data's fingerprint, the test accuracy and the full config;
     it loads with torch.load(weights_only=True).
     """

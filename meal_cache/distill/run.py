@@ -263,7 +263,7 @@ def build_run(
         distiller=distiller, run_student=run_student, optimisation=optimisation, disc_optimizer=d_opt,
         schedule=schedule, images=images, labels=labels, views=views, divergent=divergent,
         view_params=ReplayedViews(store, keep=2 * config.crops_per_image),
-        recipe=augment.recipe_for(store.dataset["recipe"], dataset.image_size),
+        recipe=store.view_recipe,  # fresh views are drawn as the store's were (its --scale, --hflip, ...)
         sizes=recorded_sizes if recorded_sizes is not None else split.source_sizes(config.workers),
         online=OnlineTeachers(config, store, dataset, precision) if config.online else None,
         source=make_batch_source(config, store, distiller.needed_keys(), device),
