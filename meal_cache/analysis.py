@@ -115,7 +115,6 @@ def inspect_store(
     confidence_np = computed["ensemble_confidence"]
     suspect = (predicted_np != labels_np) & (confidence_np >= confidence)
     classes = [str(c) for c in store.dataset.get("classes") or range(num_classes)]
-    files = row_files(store) if suspect.any() else None
     agreement = np.eye(len(teachers)) * 100
     for (i, a), (j, b) in itertools.combinations(enumerate(teachers), 2):
         agreement[i, j] = agreement[j, i] = float(computed[f"agree/{a}/{b}"])
@@ -138,19 +137,27 @@ def inspect_store(
         "agreement": agreement.round(4).tolist(),
         "confidence": confidence,
         "classes": classes,
-        "suspects": [
-            {
-                "row": int(r),
-                **({"file": files[r]} if files is not None else {}),
-                "label": int(labels_np[r]),
-                "label_name": classes[int(labels_np[r])],
-                "ensemble": int(predicted_np[r]),
-                "ensemble_name": classes[int(predicted_np[r])],
-                "confidence": round(float(confidence_np[r]), 4),
-            }
-            for r in np.flatnonzero(suspect)
-        ],  # fmt: skip
+        "suspects": _suspects(store, np.flatnonzero(suspect), labels_np, predicted_np, confidence_np, classes),
     }
+
+
+def _suspects(store: TeacherStore, rows: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
+              confidence: np.ndarray, classes: list[str]) -> list[dict]:  # fmt: skip
+    """The suspect ``rows``, each with its label and the ensemble's class (and their names), the ensemble's
+    confidence, and its image file where the data has files."""
+    files = row_files(store) if len(rows) else None
+    return [
+        {
+            "row": int(r),
+            **({"file": files[r]} if files is not None else {}),
+            "label": int(labels[r]),
+            "label_name": classes[int(labels[r])],
+            "ensemble": int(predicted[r]),
+            "ensemble_name": classes[int(predicted[r])],
+            "confidence": round(float(confidence[r]), 4),
+        }
+        for r in rows
+    ]
 
 
 def suspect_rows(path: str | Path, confidence: float = DEFAULT_CONFIDENCE) -> dict[int, int]:

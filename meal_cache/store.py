@@ -49,12 +49,8 @@ JSON; nothing is pickled. ``path`` may be a local directory or an fsspec URL (``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import shutil
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +65,7 @@ from meal_cache.mixing import Mixing, mixing_from_json
 # The schema, codecs, array names, verify and describe live in sibling modules (none imports this one at import time);
 # their public names are re-exported here, where readers, writers and tests have always found them.
 from meal_cache.store_codecs import QUANTIZE_BITS, dequantize_rows, lossy_filters, parse_codec, quantize_rows
+from meal_cache.store_create import ARRAY_CONFIG, create_group, is_url, json_safe, remove_store, store_exists
 from meal_cache.store_describe import describe_store
 from meal_cache.store_keys import (
     DIVERGENT_PIXELS,
@@ -99,7 +96,6 @@ from meal_cache.store_keys import (
 from meal_cache.store_logits import (
     LOGITS_ENCODINGS,
     LogitsEncoding,
-    check_logits_options,
     decode_topk,
     encode_topk,
     sample_rng,
@@ -138,196 +134,11 @@ __all__ = [
 # the Zarr v3 specification; meal-cache documents that and installs numcodecs, so the warning says nothing new.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
-# Every array is created with it: all chunks written, so a missing chunk means a lost one.
-ARRAY_CONFIG = {"write_empty_chunks": True}
 
-
-def is_url(path: str | Path) -> bool:
-    """An fsspec URL (``memory://``, ``s3://``, ``gs://``, ...) rather than a local path."""
-    return "://" in str(path)
-
-
-def _filesystem(url: str | Path):
-    """The fsspec filesystem of a URL; a protocol whose package is missing or unknown is a user error."""
-    import fsspec
-
-    try:
-        return fsspec.core.url_to_fs(str(url))
-    except ImportError as err:
-        raise UserError(f"'{url}' needs a package that is not installed ({err}); for s3:// install "
-                        "'meal-cache[s3]'") from err  # fmt: skip
-    except ValueError as err:
-        raise UserError(f"'{url}': {err} (fsspec URLs such as memory://, s3://, gs://)") from err
-
-
-def store_exists(path: str | Path) -> bool:
-    if not is_url(path):
-        return Path(path).exists()
-    filesystem, root = _filesystem(path)
-    return bool(filesystem.exists(root))
-
-
-def remove_store(path: str | Path) -> None:
-    if not is_url(path):
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    filesystem, root = _filesystem(path)
-    if filesystem.exists(root):
-        filesystem.rm(root, recursive=True)
-
-
-def _json_safe(value: Any) -> Any:
-    """Round-trip through JSON so attributes compare equal to what a reader gets back."""
-    return json.loads(json.dumps(value))
-
-
-def _checked_compressors(layout: StoreLayout, teachers: list[TeacherSpec]) -> list:
-    """The layout's compressors, once its dtype, codec and lossy options are known to make sense together."""
-    if layout.dtype not in DTYPES:
-        raise UserError(f"unknown dtype '{layout.dtype}'; choose one of: {', '.join(DTYPES)}")
-    compressors = parse_codec(layout.codec)
-    if layout.quantize is not None and layout.quantize not in QUANTIZE_BITS:
-        raise UserError(f"--quantize takes {', '.join(map(str, QUANTIZE_BITS))}, got {layout.quantize}")
-    if layout.quantize is not None and layout.keep_bits is not None:
-        raise UserError("--quantize and --keep-bits are two lossy encodings; choose one")
-    check_logits_options(layout.logits_topk, layout.logits_sample, layout.logits_temperature)
-    k = layout.logits_topk
-    for teacher in teachers:
-        if k is not None and k > len(teacher.classes):
-            raise UserError(f"--logits-topk {k} is more than teacher {teacher.key}'s {len(teacher.classes)} classes")
-    return compressors
-
-
-@dataclass(frozen=True)
-class _NewArrays:
-    """What every array of a store being created shares: its group, its rows a chunk, its compressors (the
-    checksum last) and config (every chunk written, so a missing one is a lost one)."""
-
-    group: zarr.Group
-    rows: int
-    compressors: list
-
-    def create(self, key: str, **options: Any) -> zarr.Array:
-        return self.group.create_array(key, compressors=self.compressors, config=ARRAY_CONFIG, **options)
-
-    def per_view(self, key: str, shape: tuple[int, ...], dtype: str, **options: Any) -> zarr.Array:
-        """An array of ``(view, row, ...)``, one chunk per view and ``rows`` rows."""
-        return self.create(key, shape=shape, chunks=(1, self.rows, *shape[2:]), dtype=dtype, **options)
-
-
-def _write_views(arrays: _NewArrays, views: Sequence[ViewParams], n: int) -> None:
-    """Every view's parameters (crops and flips, and the vertical flips, the policy's ops or the mixing where the
-    views have them),
-    written one view at a time, so a store of many views is created in the memory of one."""
-    count, first = len(views), views[0]
-    fields = [(VIEW_CROP, "int16"), (VIEW_FLIP, "bool")]
-    if first.ops is not None:
-        fields += [(key, "int8") for key in OPS_KEYS]
-    if first.mix_partner is not None:
-        fields += list(zip(MIX_KEYS, ("int32", "float32", "int16"), strict=True))
-    if first.vflip is not None:
-        fields.append((VIEW_VFLIP, "bool"))
-    created = {key: arrays.per_view(key, (count, *getattr(first, view_field(key)).shape), dtype)
-               for key, dtype in fields}  # fmt: skip
-    for index in range(count):
-        view = first if index == 0 else views[index]
-        for key, array in created.items():
-            array[index] = getattr(view, view_field(key)).numpy()
-
-
-def _create_divergent_pixels(arrays: _NewArrays, shape: tuple[int, ...]) -> None:
-    """``divergent/pixels`` (K, N, 3, S, S): left to extract, which writes each chunk as its search finds it
-    (before any teacher marks the chunk done; verify and repair count on that order)."""
-    arrays.per_view(DIVERGENT_PIXELS, shape, "uint8", fill_value=0)
-
-
-def _create_teacher_arrays(
-    arrays: _NewArrays, teacher: TeacherSpec, layout: StoreLayout, filters: list, count: int, n: int
-) -> None:
-    """A teacher's outputs (as the layout encodes them, ``filters`` their lossy ones), unwritten, and its progress
-    marks, all unset."""
-
-    def output_array(key: str, shape: tuple[int, ...]) -> None:
-        if layout.quantize is not None and is_feature_key(key):
-            arrays.per_view(key, shape, "uint8", fill_value=0)
-            arrays.per_view(range_key(key), (count, n, 2), "float32", fill_value=0)
-            return
-        arrays.per_view(key, shape, layout.dtype, filters=filters, fill_value=0)
-
-    encoding, classes = layout.logits_encoding, len(teacher.classes)
-    if encoding is None:
-        output_array(logits_key(teacher.key), (count, n, classes))
-    else:
-        slots = encoding.slots(layout.logits_k, classes)
-        for key, (_, dtype, per_slot) in zip(encoding.keys(logits_key(teacher.key)), encoding.parts, strict=True):
-            shape = (count, n, slots) if per_slot else (count, n)
-            arrays.per_view(key, shape, dtype or layout.dtype, fill_value=0)
-    for block in teacher.blocks:
-        if "blocks" in layout.features:
-            grid = (block.channels, block.grid, block.grid)
-            output_array(feature_key(teacher.key, "blocks", block.key), (count, n, *grid))
-        if "maps" in layout.features:
-            output_array(feature_key(teacher.key, "maps", block.key), (count, n, block.height, block.width))
-    arrays.create(progress_key(teacher.key), shape=(count, math.ceil(n / arrays.rows)), chunks=(1, 1), dtype="bool",
-                  fill_value=False)  # fmt: skip
-
-
-def create_store(
-    path: str | Path,
-    *,
-    dataset: dict,
-    labels: torch.Tensor,
-    views: Sequence[ViewParams],
-    views_info: dict,
-    teachers: list[TeacherSpec],
-    layout: StoreLayout,
-    settings: dict,
-    source_sizes: torch.Tensor | None = None,
-    divergent_pixels: tuple[int, ...] | None = None,
-) -> TeacherStore:
-    """Create every array and attribute of a new store (replacing ``path``), with labels and views written.
-
-    ``divergent_pixels`` is the shape of the divergent views' pixels, which extract writes as it finds them.
-    A local store is built beside ``path`` and renamed into place, so a process killed while creating it leaves
-    no half-made store behind, only a ``.creating`` folder the next attempt removes."""
-    compressors = _checked_compressors(layout, teachers)
-    filters = lossy_filters(layout)  # teacher outputs only: labels, views and progress stay exact
-    n = int(labels.shape[0])
-    target = path
-    if not is_url(path):
-        path = Path(path)
-        path = path.with_name(f".{path.name}.creating")
-        remove_store(path)
-    group = zarr.open_group(str(path), mode="w")
-    group.attrs.update(
-        _json_safe(
-            {
-                "format": format_of(views[0], divergent_pixels is not None, layout),
-                "version": VERSION,
-                "dataset": dataset,
-                "views": views_info,
-                "teachers": {t.key: t.to_json() for t in teachers},
-                "layout": layout.to_json(),
-                "settings": settings,
-                "complete": False,
-            }
-        )
-    )
-    arrays = _NewArrays(group, layout.rows_per_chunk, compressors)
-    arrays.create(LABELS, shape=(n,), chunks=(max(n, 1),), dtype="int64")[:] = labels.numpy()
-    _write_views(arrays, views, n)
-    if divergent_pixels is not None:
-        _create_divergent_pixels(arrays, divergent_pixels)
-    if source_sizes is not None:
-        sizes = arrays.create(SOURCE_SIZE, shape=(n, 2), chunks=(layout.rows_per_chunk, 2), dtype="int32")
-        sizes[:] = source_sizes.numpy()
-    for teacher in teachers:
-        _create_teacher_arrays(arrays, teacher, layout, filters, len(views), n)
-    if str(target) != str(path):
-        remove_store(target)
-        Path(path).rename(target)
-        group = zarr.open_group(str(target), mode="r+")
-    return TeacherStore(group)
+def create_store(path: str | Path, **contents: Any) -> TeacherStore:
+    """A new store at ``path`` (replacing it) holding ``contents``, opened: see
+    :func:`meal_cache.store_create.create_group` for what it takes (dataset, labels, views, teachers, layout, ...)."""
+    return TeacherStore(create_group(path, **contents))
 
 
 def open_store(path: str | Path, mode: str = "r") -> TeacherStore:
@@ -575,7 +386,7 @@ class TeacherStore:
         self.group[progress_key(teacher)][view, chunk] = True
 
     def set_attrs(self, **values: Any) -> None:
-        self.group.attrs.update(_json_safe(values))
+        self.group.attrs.update(json_safe(values))
 
     # ------------------------------------------------------------------ checks and sizes
     def check_matches(self, dataset_description: dict, split: str) -> None:

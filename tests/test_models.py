@@ -124,7 +124,10 @@ def test_pretrained_head_is_replaced_for_new_classes(monkeypatch):
         seen["weights"] = weights
         return real_get_model(name, weights=None, **kwargs)
 
+    from meal_cache import torchvision_weights
+
     monkeypatch.setattr(torchvision.models, "get_model", offline_get_model)
+    monkeypatch.setattr(torchvision_weights, "_download", lambda *args: None)  # the cache is filled elsewhere
     model = create_model("resnet18:IMAGENET1K_V1", num_classes=10, image_size=32)
     assert seen["weights"] == torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     assert model.fc.out_features == 10
