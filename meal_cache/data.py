@@ -16,6 +16,7 @@ Grey-scale sources are replicated to three channels so every architecture takes 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -268,6 +269,12 @@ def _torchvision_loader(name: str) -> Loader:
             except RuntimeError as err:
                 hint = "" if options.download else "; pass --download to fetch it (needs internet)"
                 raise UserError(f"{name} {split} split not found under '{options.root}' ({err}){hint}") from err
+            except (OSError, http.client.HTTPException) as err:  # urllib's URLError is an OSError
+                raise UserError(
+                    f"could not download {name} into '{options.root}' ({type(err).__name__}: {err}); "
+                    f"on a machine without network, copy torchvision's {name} files into "
+                    f"'{options.root}' from one that has it, and leave --download out"
+                ) from err
             if name == "svhn":
                 images = torch.from_numpy(np.ascontiguousarray(ds.data))  # already (N, 3, H, W)
                 labels = np.asarray(ds.labels, dtype=np.int64)

@@ -73,10 +73,13 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_does(teacher_dir, tmp_pa
     command = _cli("extract", "--teachers", "resnet8_w4,densenet_k12", "--views", "40", "--teacher-dir",
                    str(teacher_dir), "--device", "cpu", "--out", str(out))  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "teachers").exists() and time.monotonic() < deadline:  # the store exists: extracting
+    from meal_cache.store import open_store
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:  # until the first chunk is written
+        if (out / "zarr.json").exists() and open_store(out).progress("resnet8_w4").any():
+            break
         time.sleep(0.2)
-    time.sleep(2.0)
     assert process.poll() is None, "the extract ended before it could be interrupted"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -84,8 +87,6 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_does(teacher_dir, tmp_pa
     assert "Traceback" not in stderr, stderr[-3000:]
     last = stderr.rstrip("\n").split("\n")[-1]
     assert last == ("Interrupted. Run the same command again to resume: the chunks already written are kept."), last
-    from meal_cache.store import open_store
-
     store = open_store(out)
     done = store.progress("resnet8_w4")
     assert not store.complete and 0 < done.sum() < done.size  # some chunks kept, others still to do
@@ -139,3 +140,49 @@ def test_an_error_after_a_progress_bar_starts_a_line_of_its_own(teacher_dir, tmp
     assert "\rview 1/1:" in stderr  # a bar was drawn, and redrawn in place, before the failure
     line = stderr.rstrip("\n").split("\n")[-1]
     assert line.startswith("Error: ") and "c05/1.jpg" in line, repr(stderr[-500:])
+
+
+@pytest.mark.parametrize(
+    ("module", "function", "args", "hint"),
+    [
+        ("meal_cache.train", "train_supervised", ["train", "--arch", "resnet8", "--out", "{tmp}/t.pt"],
+         "Interrupted. Run the same command with --resume to continue from the last finished epoch."),
+        ("meal_cache.distill", "distill", ["distill", "--store", "{store}", "--student", "resnet8_w4", "--out",
+                                           "{tmp}/d"],
+         "Interrupted. Run the same command with --resume to continue from the last finished epoch."),
+        ("meal_cache.pipeline", "run_pipeline", ["run", "pipelines/digits.toml", "--runs", "{tmp}/runs"],
+         "Interrupted. Run the same command again: the steps already done are skipped."),
+        ("meal_cache.store", "describe_store", ["info", "{store}"], "Interrupted."),
+    ],
+)  # fmt: skip
+def test_each_long_command_names_its_own_way_to_resume(small_store, tmp_path, monkeypatch, module, function, args,
+                                                       hint):  # fmt: skip
+    """Ctrl-C (a KeyboardInterrupt from deep inside the command) ends train, distill and run with their own resume
+    line and status 130; a command with nothing to resume says only that it was interrupted."""
+    import importlib
+
+    from click.testing import CliRunner
+
+    from meal_cache.cli import main
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), function, interrupted)
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    filled = [a.format(tmp=tmp_path, store=small_store[0]) for a in args]
+    result = CliRunner().invoke(main, filled)
+    assert result.exit_code == 130, (result.output, result.exception)
+    assert result.stderr.strip().split("\n")[-1] == hint
+
+
+def test_a_torchvision_dataset_that_cannot_be_downloaded_is_one_line(tmp_path):
+    """README's `train --data cifar10 --download` on a machine without network: one Error line saying where the
+    files go, instead of urllib's traceback."""
+    from console import one_error_line, run_console
+
+    result = run_console(["train", "--arch", "resnet8", "--data", "cifar10", "--data-root", str(tmp_path / "data"),
+                          "--download", "--out", str(tmp_path / "t.pt")], tmp_path)  # fmt: skip
+    line = one_error_line(result)
+    assert f"could not download cifar10 into '{tmp_path / 'data'}'" in line
+    assert "copy torchvision's cifar10 files" in line and "leave --download out" in line
