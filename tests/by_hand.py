@@ -39,3 +39,20 @@ def topk_rebuilt(index: np.ndarray, value: np.ndarray, lse: np.ndarray, classes:
     for j in range(k):
         np.put_along_axis(dense, index[..., j : j + 1].astype(np.int64), value[..., j : j + 1].astype(np.float64), -1)
     return dense.astype(value.dtype)
+
+
+def record_teacher_pixels(monkeypatch, key: str) -> list[torch.Tensor]:
+    """The pixels extract feeds teacher ``key``, batch by batch, appended to the returned list as extract runs
+    (its ``teacher_outputs`` wrapped for the test)."""
+    from meal_cache import extract as extract_module
+
+    seen: list[torch.Tensor] = []
+    real = extract_module.teacher_outputs
+
+    def recording(teacher, pixels, *args):
+        if teacher.spec.key == key:
+            seen.append(pixels.clone())
+        return real(teacher, pixels, *args)
+
+    monkeypatch.setattr(extract_module, "teacher_outputs", recording)
+    return seen

@@ -68,18 +68,11 @@ def test_hflip_0_stores_no_flips(folder, teacher_dir, tmp_path):
 
 def test_vflip_1_flips_every_row_and_replays_the_vertically_flipped_image(folder, teacher_dir, tmp_path,
                                                                             monkeypatch):  # fmt: skip
-    from meal_cache import extract as extract_module
+    from by_hand import record_teacher_pixels
+
     from meal_cache import store as store_module
 
-    seen: list[torch.Tensor] = []
-    real = extract_module.teacher_outputs
-
-    def recording(teacher, pixels, *args):
-        if teacher.spec.key == "resnet8_w4":
-            seen.append(pixels.clone())
-        return real(teacher, pixels, *args)
-
-    monkeypatch.setattr(extract_module, "teacher_outputs", recording)
+    seen = record_teacher_pixels(monkeypatch, "resnet8_w4")
     out = tmp_path / "s.zarr"
     _extract(f"imagefolder:{folder}", teacher_dir, out, "--vflip", "1", "--hflip", "0")
     monkeypatch.undo()

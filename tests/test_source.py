@@ -180,18 +180,11 @@ def streamed_run(folder, tmp_path_factory):
 def _extract_recording(spec, teachers, out, monkeypatch, workers):
     """Extract 3 views + the identity view of ``spec``; returns, per view, the pixels the first teacher was fed
     for every row (captured at the teacher's forward)."""
-    from meal_cache import extract as extract_module
+    from by_hand import record_teacher_pixels
+
     from meal_cache.extract import ExtractConfig, extract
 
-    fed: list[torch.Tensor] = []
-    real = extract_module.teacher_outputs
-
-    def recording(teacher, pixels, *args):
-        if teacher.spec.key == "resnet8_w4":
-            fed.append(pixels.clone())
-        return real(teacher, pixels, *args)
-
-    monkeypatch.setattr(extract_module, "teacher_outputs", recording)
+    fed = record_teacher_pixels(monkeypatch, "resnet8_w4")
     config = ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], data=spec, image_size=32, views=3,
                            identity_view=True, teacher_dir=str(teachers), rows_per_chunk=8, batch_size=4,
                            device="cpu", workers=workers)  # fmt: skip
