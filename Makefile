@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install all test lint bench clean
+.PHONY: install all test lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ lint: install
 # `make bench BENCH_DEVICE=cuda` measures extraction on the GPU and prints its images per second.
 bench: install
 	$(BIN)/python benchmarks/bench.py --out bench/results.json $(if $(BENCH_DEVICE),--device $(BENCH_DEVICE))
+
+# On a lent GPU, one prepared command: the cuda-marked tests (tests/test_cuda.py), then 224 px extract, distill and
+# plain torchvision images/s and peak GPU memory; writes gpu/results.json. Without CUDA it says so and exits 0.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --out gpu/results.json
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info

@@ -435,6 +435,31 @@ STREAM_BATCH = 64  # extract and distill alike: CIFAR-style networks keep full r
 STREAM_WORKERS = 1  # one decoding process beside the training process: the 2-core machine's split
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamSettings:
+    """What the streaming measures run: the 2-core CPU's networks and split by default; benchmarks/gpu_check.py
+    passes 224 px ImageNet networks, more workers and ``cuda``. On CUDA the plain torchvision pipeline runs under
+    the same autocast, channels_last and pinned memory as meal-cache, so the two compare like with like."""
+
+    teachers: tuple[str, ...] = STREAM_TEACHERS
+    student: str = STREAM_STUDENT
+    batch: int = STREAM_BATCH
+    workers: int = STREAM_WORKERS
+    device: str = "cpu"
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(resolve_device(self.device))
+
+    def synchronize(self) -> None:
+        # CUDA runs asynchronously: a timing must wait for the queued kernels.
+        if self.precision.on_cuda:
+            torch.cuda.synchronize()
+
+
+CPU_STREAM = StreamSettings()
+
+
 def image_folder(root: Path, classes: int, train: int, val: int, seed: int) -> Path:
     """A generated ImageFolder of JPEGs, 150-500 px a side (the tests' helper, tests/imagefolder.py)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -454,7 +479,8 @@ def decoded_mb(root: Path) -> float:
     return total / 1e6
 
 
-def plain_loader(folder: Path, train: bool, mean, std, shuffle: bool) -> torch.utils.data.DataLoader:
+def plain_loader(folder: Path, train: bool, mean, std, shuffle: bool,
+                 settings: StreamSettings = CPU_STREAM) -> torch.utils.data.DataLoader:  # fmt: skip
     """What a user writes with torchvision: ImageFolder (PIL decoding), v2 transforms, a DataLoader."""
     from torchvision import datasets
     from torchvision.transforms import v2
@@ -462,35 +488,52 @@ def plain_loader(folder: Path, train: bool, mean, std, shuffle: bool) -> torch.u
     crop = ([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()] if train
             else [v2.Resize(256, antialias=True), v2.CenterCrop(224)])  # fmt: skip
     transform = v2.Compose([v2.PILToTensor(), *crop, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-    return torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform=transform), batch_size=STREAM_BATCH,
-                                       shuffle=shuffle, num_workers=STREAM_WORKERS)  # fmt: skip
+    return torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform=transform),
+                                       batch_size=settings.batch, shuffle=shuffle, num_workers=settings.workers,
+                                       pin_memory=settings.precision.on_cuda)  # fmt: skip
 
 
-def plain_extract(root: Path, teachers: list[torch.nn.Module], mean, std) -> None:
-    """The teachers' forward (eval, inference mode, no store) over one augmented pass of the training images."""
-    with torch.inference_mode():
-        for images, _ in plain_loader(root / "train", True, mean, std, shuffle=False):
+def _on_device(images: torch.Tensor, precision: Precision) -> torch.Tensor:
+    images = images.to(precision.device, non_blocking=True)
+    return images.to(memory_format=torch.channels_last) if precision.channels_last else images
+
+
+def plain_extract(root: Path, teachers: list[torch.nn.Module], mean, std,
+                  settings: StreamSettings = CPU_STREAM) -> None:  # fmt: skip
+    """The teachers' forward (eval, inference mode, no store) over one augmented pass of the training images;
+    ``teachers`` already prepared for ``settings.device`` (Precision.prepare)."""
+    precision = settings.precision
+    with torch.inference_mode(), precision.autocast():
+        for images, _ in plain_loader(root / "train", True, mean, std, shuffle=False, settings=settings):
+            images = _on_device(images, precision)
             for model in teachers:
                 model(images)
+    settings.synchronize()
 
 
-def plain_epoch(root: Path, mean, std, seed: int = 0) -> float:
+def plain_epoch(root: Path, mean, std, seed: int = 0, settings: StreamSettings = CPU_STREAM) -> float:
     """One epoch of the student trained alone (SGD, cross-entropy, distill's optimiser settings), then its test
     accuracy as distill's epoch ends: the seconds of both, as distill's history records them."""
     started = time.perf_counter()
+    precision = settings.precision
     torch.manual_seed(seed)
-    model = create_model(STREAM_STUDENT, 10, 224)
+    model = precision.prepare(create_model(settings.student, 10, 224))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    scaler = precision.grad_scaler()  # disabled on the CPU and under bf16: then a plain backward and step
     model.train()
-    for images, labels in plain_loader(root / "train", True, mean, std, shuffle=True):
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
+    for images, labels in plain_loader(root / "train", True, mean, std, shuffle=True, settings=settings):
+        with precision.autocast():
+            loss = torch.nn.functional.cross_entropy(model(_on_device(images, precision)),
+                                                     labels.to(precision.device, non_blocking=True))  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     model.eval()
-    with torch.inference_mode():
-        for images, _ in plain_loader(root / "val", False, mean, std, shuffle=False):
-            model(images)
+    with torch.inference_mode(), precision.autocast():
+        for images, _ in plain_loader(root / "val", False, mean, std, shuffle=False, settings=settings):
+            model(_on_device(images, precision))
+    settings.synchronize()
     return time.perf_counter() - started
 
 
@@ -501,20 +544,20 @@ def stream_teachers(folder: Path, dataset: ImageDataset, archs=STREAM_TEACHERS) 
     return list(archs)
 
 
-def bench_stream_extract(work: Path, root: Path, repeats: int) -> dict:
+def bench_stream_extract(work: Path, root: Path, repeats: int, settings: StreamSettings = CPU_STREAM) -> dict:
     """extract over a streamed 224 px ImageFolder (one view, both teachers) against the torchvision pipeline with
     the same teachers' bare forward; each timing loads the folder afresh, as each run of either would."""
     spec = f"imagefolder:{root}"
     teacher_dir = work / "stream-teachers"
-    names = stream_teachers(teacher_dir, load_dataset(spec, image_size=224))
-    config = ExtractConfig(teachers=names, data=spec, image_size=224, views=1, batch_size=STREAM_BATCH,
-                           teacher_dir=str(teacher_dir), device="cpu", workers=STREAM_WORKERS)  # fmt: skip
+    names = stream_teachers(teacher_dir, load_dataset(spec, image_size=224), settings.teachers)
+    config = ExtractConfig(teachers=names, data=spec, image_size=224, views=1, batch_size=settings.batch,
+                           teacher_dir=str(teacher_dir), device=settings.device, workers=settings.workers)  # fmt: skip
     data = load_dataset(spec, image_size=224)
-    models = [resolve_teacher(n, teacher_dir, data).model for n in names]
+    models = [settings.precision.prepare(resolve_teacher(n, teacher_dir, data).model) for n in names]
     store = work / "stream.zarr"
     plain_times, full_times = [], []
     for _ in range(repeats):  # alternating, so drift in the machine's speed hits both alike
-        plain_times.append(median_time(lambda: plain_extract(root, models, data.mean, data.std), 1))
+        plain_times.append(median_time(lambda: plain_extract(root, models, data.mean, data.std, settings), 1))
         full_times.append(median_time(lambda: extract(config, store, overwrite=True, progress=False,
                                                       dataset=load_dataset(spec, image_size=224)), 1))  # fmt: skip
     plain_s, full_s = statistics.median(plain_times), statistics.median(full_times)
@@ -524,18 +567,19 @@ def bench_stream_extract(work: Path, root: Path, repeats: int) -> dict:
             "plain_extract_images_per_s": images / plain_s}  # fmt: skip
 
 
-def bench_stream_cache_tax(work: Path, root: Path, store: Path, repeats: int) -> dict:
+def bench_stream_cache_tax(work: Path, root: Path, store: Path, repeats: int,
+                           settings: StreamSettings = CPU_STREAM) -> dict:  # fmt: skip
     """One distill epoch (kd, meal) from the streamed store against one epoch of the same student trained alone
     with the torchvision pipeline (same workers, batch size, test pass at the end); alternating rounds."""
     data = load_dataset(f"imagefolder:{root}", image_size=224)
     seconds: dict[str, list[float]] = {"alone": [], "kd": [], "meal": []}
     for _ in range(repeats):
-        seconds["alone"].append(plain_epoch(root, data.mean, data.std))
+        seconds["alone"].append(plain_epoch(root, data.mean, data.std, settings=settings))
         for method in ("kd", "meal"):
             # meal matches the last 2 blocks: the student's first map is 224x224 at 224 px, and its MLP
             # discriminator (50,176 -> 25,088 -> ...) would hold 1.26 G parameters (20 GB with Adam's state).
-            config = DistillConfig(store=str(store), student=STREAM_STUDENT, method=method, epochs=1,
-                                   batch_size=STREAM_BATCH, device="cpu", workers=STREAM_WORKERS,
+            config = DistillConfig(store=str(store), student=settings.student, method=method, epochs=1,
+                                   batch_size=settings.batch, device=settings.device, workers=settings.workers,
                                    match_blocks=2 if method == "meal" else None)  # fmt: skip
             run = distill(config, work / f"stream-{method}", overwrite=True, progress=False, dataset=data)
             seconds[method].append(run["history"][0]["seconds"])

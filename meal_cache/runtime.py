@@ -1,18 +1,30 @@
 """Where and how tensors run: device choice, mixed precision, memory layout, seeding.
 
 CPU and CUDA take the same code path; AMP (bf16 where supported, else fp16 with loss scaling),
-channels_last and pinned host memory switch on only where they help, on CUDA.
+channels_last and pinned host memory switch on only where they help, on CUDA. ``MEAL_CACHE_AMP=fp16`` (or
+``bf16``) forces one half precision on CUDA; ``auto`` (the default, or unset) keeps the choice above. The
+switch exists so that fp16 with its GradScaler can be exercised on a GPU that supports bf16 (`make gpu-check`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from meal_cache.errors import UserError
+
+AMP_ENV = "MEAL_CACHE_AMP"
+AMP_CHOICES = ("auto", "bf16", "fp16")
+
+
+def amp_from_env() -> str:
+    """The half precision asked for in ``MEAL_CACHE_AMP`` (auto when unset); read when a Precision is made, so a
+    run's subprocesses and torchrun's ranks inherit it with the environment."""
+    return os.environ.get(AMP_ENV, "auto").strip().lower() or "auto"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -32,6 +44,12 @@ class Precision:
     """Mixed precision and memory layout for a device: bf16/fp16 autocast and channels_last on CUDA only."""
 
     device: torch.device
+    amp: str = field(default_factory=amp_from_env)  # auto, bf16 or fp16: see the module's docstring
+
+    def __post_init__(self) -> None:
+        # Checked on every device, so a typo fails on the CPU too instead of waiting for a GPU.
+        if self.amp not in AMP_CHOICES:
+            raise UserError(f"{AMP_ENV}={self.amp} is not one of {', '.join(AMP_CHOICES)}")
 
     @property
     def on_cuda(self) -> bool:
@@ -43,6 +61,12 @@ class Precision:
 
     @property
     def dtype(self) -> torch.dtype:
+        if self.amp == "fp16":
+            return torch.float16
+        if self.amp == "bf16":
+            if self.on_cuda and not torch.cuda.is_bf16_supported():
+                raise UserError(f"{AMP_ENV}=bf16, but {self.device} does not support bf16 (use fp16 or auto)")
+            return torch.bfloat16
         return torch.bfloat16 if self.on_cuda and torch.cuda.is_bf16_supported() else torch.float16
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -9,6 +9,17 @@ import torch
 from meal_cache.data import load_dataset
 
 
+def pytest_collection_modifyitems(config, items):
+    # The cuda tests are collected everywhere, so a CPU run counts them as skipped (and says why) instead of
+    # hiding them; `make gpu-check` runs them where a GPU is lent.
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(no_cuda)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     # The suite is sized for a 2-core machine: two threads in one process, or one in each of `make test`'s two
