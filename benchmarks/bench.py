@@ -740,11 +740,15 @@ def main() -> None:
             results["stream"] = bench_stream(work, args.stream_repeats)
     results["targets"] = targets(results)
     results["seconds"] = time.perf_counter() - started
-    out = Path(args.out)
+    write_results(results, Path(args.out), render_table(results))
+
+
+def write_results(results: dict, out: Path, table: str) -> None:
+    """The results as JSON at ``out`` (its folder made), then the table and where they went."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(render_table(results))
-    print(f"-> {out}")
+    print(table)
+    print(f"-> {out} ({results['seconds']:.0f} s)")
 
 
 def targets(results: dict) -> dict:

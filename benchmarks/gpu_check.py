@@ -17,7 +17,6 @@ Writes gpu/results.json and prints a table. Without CUDA it prints "no CUDA devi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -29,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from bench import StreamSettings, bench_stream_cache_tax, bench_stream_extract, image_folder
+from bench import StreamSettings, bench_stream_cache_tax, bench_stream_extract, image_folder, write_results
 
 from meal_cache.runtime import Precision
 
@@ -131,11 +130,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         results["throughput"] = measure_throughput(Path(folder), args.images)
     results["seconds"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(render(results))
-    print(f"-> {out} ({results['seconds']:.0f} s)")
+    write_results(results, Path(args.out), render(results))
     # The measures are written either way; a failed cuda test still fails the command.
     return results.get("tests", {}).get("exit_status", 0)
 

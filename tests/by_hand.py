@@ -56,3 +56,16 @@ def record_teacher_pixels(monkeypatch, key: str) -> list[torch.Tensor]:
 
     monkeypatch.setattr(extract_module, "teacher_outputs", recording)
     return seen
+
+
+def store_arrays(group, prefix: str = "") -> dict[str, np.ndarray]:
+    """Every array of a Zarr group and its subgroups, read whole, by its path below ``group``."""
+    import zarr
+
+    out = {}
+    for key, member in group.members():
+        if isinstance(member, zarr.Array):
+            out[prefix + key] = member[:]
+        else:
+            out.update(store_arrays(member, f"{prefix}{key}/"))
+    return out

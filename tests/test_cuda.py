@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from by_hand import store_arrays
 
 from meal_cache.checkpoint import load_checkpoint, load_model
 from meal_cache.distill import DistillConfig, distill
@@ -108,22 +109,12 @@ def test_train_under_amp(amp, digits, tmp_path):
     _matches_cpu(tmp_path / "t.pt", payload["metrics"]["test"], digits)
 
 
-def _arrays(group: zarr.Group, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for key, member in group.members():
-        if isinstance(member, zarr.Array):
-            out[prefix + key] = member[:]
-        else:
-            out.update(_arrays(member, f"{prefix}{key}/"))
-    return out
-
-
 def test_store_extracted_on_the_gpu_matches_the_cpu_one(amp, small_store, teacher_dir, digits, tmp_path):
     cpu_path, cpu_config = small_store
     config = dataclasses.replace(cpu_config, device="cuda")
     extract(config, tmp_path / "gpu.zarr", progress=False, dataset=digits)
-    on_cpu = _arrays(zarr.open_group(str(cpu_path), mode="r"))
-    on_gpu = _arrays(zarr.open_group(str(tmp_path / "gpu.zarr"), mode="r"))
+    on_cpu = store_arrays(zarr.open_group(str(cpu_path), mode="r"))
+    on_gpu = store_arrays(zarr.open_group(str(tmp_path / "gpu.zarr"), mode="r"))
     assert on_cpu.keys() == on_gpu.keys()
     for key, reference in on_cpu.items():
         got = on_gpu[key]

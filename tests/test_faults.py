@@ -18,6 +18,7 @@ import pytest
 import torch
 import zarr
 import zarr.storage._local as zarr_local
+from by_hand import store_arrays
 
 from meal_cache.checkpoint import load_checkpoint
 from meal_cache.distill import DistillConfig, distill
@@ -28,20 +29,10 @@ from meal_cache.store import open_store, repair_store, verify_store
 TEACHERS = ["resnet8_w4", "densenet_k12"]
 
 
-def _arrays(group: zarr.Group, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for key, member in group.members():
-        if isinstance(member, zarr.Array):
-            out[prefix + key] = member[:]
-        else:
-            out.update(_arrays(member, f"{prefix}{key}/"))
-    return out
-
-
 def assert_same_store(a: str | Path, b: str | Path) -> None:
     first, second = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
     assert dict(first.attrs) == dict(second.attrs)
-    arrays_a, arrays_b = _arrays(first), _arrays(second)
+    arrays_a, arrays_b = store_arrays(first), store_arrays(second)
     assert arrays_a.keys() == arrays_b.keys()
     for key in arrays_a:
         np.testing.assert_array_equal(arrays_a[key], arrays_b[key], err_msg=key)
