@@ -77,3 +77,23 @@ def test_distill_replays_the_64_views_one_per_epoch_and_multi_crop_takes_four_a_
     summary = distill(crops, tmp_path / "four", progress=False, dataset=small_digits)
     assert [row["view"] for row in summary["history"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert all(np.isfinite(row["loss"]) for row in summary["history"])
+
+
+def test_distill_notes_when_each_view_is_replayed_more_than_the_long_schedule_allows(many_views, small_digits,
+                                                                                     capsys):  # fmt: skip
+    """64 views: 960 epochs replay each 15 times (no note), 1,000 epochs 16 times (a note naming the views that
+    would do)."""
+    from meal_cache.distill import build_run
+    from meal_cache.distributed import World
+
+    def note(epochs: int, **options) -> str:
+        config = DistillConfig(store=str(many_views[0]), student="resnet8_w4", method="kd", epochs=epochs,
+                               device="cpu", workers=0, **options).resolved(("blocks",))  # fmt: skip
+        run = build_run(config, World(), torch.device("cpu"), small_digits, progress=True)
+        run.source.close()
+        run.images.close()
+        return capsys.readouterr().out
+
+    assert "note:" not in note(960)
+    text = note(1000)
+    assert "1000 epochs replay each of the store's 64 views 16 times" in text and "--views 67 or more" in text

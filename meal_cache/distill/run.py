@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,6 +251,8 @@ def build_run(
     if config.refine_labels:
         labels = _refined_labels(config, labels, device, progress)
     views = store.augmented_views or [store.identity_view]
+    if progress and not config.online:
+        _note_replays(config, len(views))
     recorded_sizes = store.source_sizes()  # image files: each row's size, so fresh views need no header scan
     if config.crops_per_image > len(views):
         raise UserError(f"--crops-per-image {config.crops_per_image} needs as many cached views; '{config.store}' has "
@@ -269,6 +272,22 @@ def build_run(
         source=make_batch_source(config, store, distiller.needed_keys(), device),
         own_optimizers=distiller.own_optimizers(),
     )  # fmt: skip
+
+
+# Replays of one cached view beyond which students overfit it (pipelines/digits-views-long.toml: 60 replays of
+# 4 views cost NLL against fresh views, 15 of 16 did not; docs/design.md, "Many views").
+MAX_REPLAYS = 15
+
+
+def _note_replays(config: DistillConfig, views: int) -> None:
+    """Say so when the run replays each cached view more than MAX_REPLAYS times: a note, since on short data or
+    with strong regularisation it may be what the user wants."""
+    replays = config.epochs * config.crops_per_image / views
+    if replays > MAX_REPLAYS:
+        wanted = math.ceil(config.epochs * config.crops_per_image / MAX_REPLAYS)
+        tqdm.write(f"note: {config.epochs} epochs replay each of the store's {views} views {replays:.0f} times; "
+                   f"students overfit views replayed more than about {MAX_REPLAYS} times (docs/design.md, \"Many "
+                   f"views\"): extract with --views {wanted} or more")  # fmt: skip
 
 
 def _refined_labels(config: DistillConfig, labels: torch.Tensor, device: torch.device, progress: bool) -> torch.Tensor:
