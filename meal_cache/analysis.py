@@ -28,14 +28,13 @@ SHOWN_SUSPECTS = 10  # listed by describe_inspection; --csv writes them all
 def row_files(store: TeacherStore) -> list[str] | None:
     """Each row's image file (root joined), where the store was extracted from files that are still there and
     unchanged (the dataset's fingerprint matches); None for data in memory, or files moved or changed."""
-    from meal_cache.data import load_dataset
+    from meal_cache.data import load_recorded
 
     recorded = store.dataset
     if recorded.get("kind") != "imagefolder":
         return None
     try:
-        dataset = load_dataset(recorded["spec"], recorded["options"].get("root", "data"), False,
-                               recorded["options"].get("image_size"))  # fmt: skip
+        dataset = load_recorded(recorded)
         store.check_matches(dataset.describe(), recorded["split"])
     except UserError:
         return None

@@ -512,6 +512,15 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     return tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in std)
 
 
+def load_recorded(recorded: dict, spec: str | None = None, root: str | None = None,
+                  download: bool = False) -> ImageDataset:  # fmt: skip
+    """The dataset a recorded description names (``ImageDataset.describe()``, as stores and checkpoints keep it):
+    its spec, root and image size, with ``spec`` and ``root`` overriding the recorded ones where given."""
+    options = recorded.get("options", {})
+    return load_dataset(spec or recorded["spec"], root or options.get("root", "data"), download,
+                        options.get("image_size"))  # fmt: skip
+
+
 def load_dataset(
     spec: str,
     root: str | Path = "data",

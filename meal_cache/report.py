@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from meal_cache.checkpoint import load_checkpoint
-from meal_cache.data import Split, load_dataset
+from meal_cache.data import Split, load_dataset, load_recorded
 from meal_cache.errors import UserError
 from meal_cache.evaluate import (
     CheckpointResult,
@@ -272,8 +272,7 @@ def collect_results(run_dir: Path, pipeline) -> dict:
     if payloads:
         # The data as the trained teachers recorded it.
         recorded = next(iter(payloads.values()))["data"]
-        dataset = load_dataset(recorded["spec"], recorded["options"].get("root", "data"), False,
-                               recorded["options"].get("image_size"))  # fmt: skip
+        dataset = load_recorded(recorded)
     else:
         # Only pretrained teachers: the data as the pipeline gave it to every step.
         dataset = load_dataset(pipeline.data.get("spec", "digits"), pipeline.data.get("root", "data"), False,

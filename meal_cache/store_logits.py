@@ -101,13 +101,14 @@ class LogitsEncoding:
     encode: Callable[..., dict[str, np.ndarray]]  # (logits, k, dtype, temperature, rng)
     decode: Callable[..., np.ndarray]  # (parts dict, classes, dtype, temperature)
     description: str  # of a layout, formatted with k and temperature
+    distinct: bool = False  # one slot a distinct class, so never more slots than classes
 
     def keys(self, key: str) -> list[str]:
         """The arrays that hold ``teachers/NAME/logits``, in the order of :attr:`parts`."""
         return [f"{key}_{self.name}/{part}" for part, _, _ in self.parts]
 
     def slots(self, k: int, classes: int) -> int:
-        return min(k, classes) if self.name == "sample" else k
+        return min(k, classes) if self.distinct else k
 
 
 LOGITS_ENCODINGS = {
@@ -124,6 +125,7 @@ LOGITS_ENCODINGS = {
         lambda parts, classes, dtype, temperature: decode_sample(parts["index"], parts["count"], classes, dtype,
                                                                  temperature),
         "{k} classes drawn at T={temperature:g}",
+        distinct=True,
     ),
 }  # fmt: skip
 

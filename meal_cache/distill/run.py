@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from meal_cache import augment
 from meal_cache.checkpoint import model_payload, save_checkpoint, state_dict_cpu
-from meal_cache.data import ImageDataset, load_dataset
+from meal_cache.data import ImageDataset, load_recorded
 from meal_cache.distill.config import DistillConfig, drop_unset
 from meal_cache.distill.feed import DivergentBatches, OnlineTeachers, divergent_batches, make_batch_source
 from meal_cache.distill.methods.base import Method
@@ -37,10 +37,7 @@ from meal_cache.store import TeacherStore, open_store, verify_store
 def load_store_dataset(config: DistillConfig, store: TeacherStore) -> ImageDataset:
     """The dataset the store records (or ``config.data``), refused unless it matches the store."""
     recorded = store.dataset
-    spec = config.data or recorded["spec"]
-    root = config.data_root or recorded["options"].get("root", "data")
-    image_size = recorded["options"].get("image_size")
-    dataset = load_dataset(spec, root, config.download, image_size)
+    dataset = load_recorded(recorded, config.data, config.data_root, config.download)
     store.check_matches(dataset.describe(), recorded["split"])
     return dataset
 
