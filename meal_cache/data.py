@@ -81,11 +81,12 @@ class Split:
         """The un-augmented view: the whole image."""
         return augment.identity(self.source_sizes())
 
-    def open(self, device: torch.device, workers: int | None = None):
-        """A :class:`~meal_cache.source.MemorySource` of these images on ``device`` (``workers`` is unused)."""
+    def open(self, device: torch.device, workers: int | None = None, out_size: int | None = None):
+        """A :class:`~meal_cache.source.MemorySource` of these images on ``device``, rendered at ``out_size`` px
+        (default: the data's size; ``workers`` is unused)."""
         from meal_cache.source import MemorySource
 
-        return MemorySource(self.images, device, self.image_size)
+        return MemorySource(self.images, device, out_size or self.image_size)
 
     def sample_pixels(self, count: int) -> torch.Tensor:
         return self.images[:count]

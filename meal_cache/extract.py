@@ -30,11 +30,21 @@ from tqdm.auto import tqdm
 
 from meal_cache import augment
 from meal_cache.data import ImageDataset, load_dataset
+from meal_cache.dense import (
+    DEFAULT_GRID,
+    DenseSettings,
+    check_settings,
+    default_size,
+    dense_outputs,
+    dense_teacher,
+    whole_image,
+)
 from meal_cache.distill.methods.base import Method, StoreNeeds
 from meal_cache.distill.registry import available_methods
 from meal_cache.distributed import World, init_world
 from meal_cache.divergent import DivergentSearch, DivergentSource, check_search, search_from_json
 from meal_cache.errors import SettingsMismatch, UserError, settings_difference, unknown_choice
+from meal_cache.extract_finite import NonFiniteOutput, store_arrays
 from meal_cache.loop import check_workers
 from meal_cache.mixing import Mixing
 from meal_cache.projection import PCA_ROWS_PER_DIM, PROJECTIONS, pca_projection, pooled_rows, stored_projections
@@ -104,6 +114,9 @@ class ExtractConfig:
     divergent_views: int = 0  # divergent views: a PGD search for the fixed teachers' disagreement, stored
     divergent_eps: float = 0.03  # their L-infinity bound around the un-augmented image, a fraction of 0-255
     divergent_steps: int = 5  # signed-gradient ascent steps of 2.5 eps / steps each
+    dense: bool = False  # one whole-image pass per teacher, maps from which distill derives any crop's targets
+    dense_sizes: list[int] | None = None  # the whole image's sizes for the teacher (None: dense.default_size)
+    dense_grid: int = DEFAULT_GRID  # the blocks' stored grid in a dense store
     seed: int = 0
     grid: int = 1
     blocks: str = "all"
@@ -133,6 +146,12 @@ class ExtractConfig:
         """``--scale``, ``--ratio``, ``--hflip``, ``--vflip``, checked."""
         return augment.augment_options(self)
 
+    def dense_settings(self, image_size: int, streamed: bool) -> DenseSettings | None:
+        """A dense store's sizes and grid, None for a store of views."""
+        if not self.dense:
+            return None
+        return DenseSettings(tuple(self.dense_sizes or (default_size(image_size, streamed),)), self.dense_grid)
+
     def divergent_search(self) -> DivergentSearch | None:
         """How the divergent views are searched, None without ``--divergent-views``."""
         if not self.divergent_views:
@@ -158,6 +177,9 @@ class ExtractConfig:
                 config = dataclasses.replace(config, logits_topk=preset.logits_topk)
             if self.project is None:
                 config = dataclasses.replace(config, project=preset.project)
+        if config.dense and config.preset is None and tuple(config.features) == tuple(FEATURE_KINDS):
+            # A dense store's default: what it can derive per crop (channel-mean maps are per view).
+            config = dataclasses.replace(config, features=["blocks"])
         if config.project == 0:
             config = dataclasses.replace(config, project=None)
         if config.logits_topk == 0:
@@ -198,6 +220,8 @@ class ExtractConfig:
             raise UserError("--batch-size and --rows-per-chunk must be at least 1")
         check_workers(self.workers)
         check_logits_options(self.logits_topk, self.logits_sample, self.logits_temperature)
+        if self.dense:
+            self._validate_dense()
         if self.project is not None:
             if isinstance(self.project, bool) or not isinstance(self.project, int) or self.project < 0:
                 raise UserError(f"--project must be a whole number of channels, at least 1 (0: every channel), "
@@ -208,6 +232,26 @@ class ExtractConfig:
                 raise UserError(f"--project reduces the pooled blocks' channels; this store keeps no blocks "
                                 f"(--features {','.join(self.features)}): add blocks, or leave --project "
                                 "out")  # fmt: skip
+
+
+    def _validate_dense(self) -> None:
+        """Refuse what a dense store cannot hold: anything but a crop and flips of the image (distill draws those
+        per epoch), and per-view maps."""
+        check_settings(self.dense_sizes, self.dense_grid)
+        conflicts = {"--mixup/--cutmix": self.mixing() is not None,
+                     f"--recipe {self.recipe}": self.recipe != "crop",
+                     "--divergent-views": bool(self.divergent_views),
+                     "--identity-view": self.identity_view}  # fmt: skip
+        for option, conflict in conflicts.items():
+            if conflict:
+                raise UserError(f"--dense derives a crop's targets from the whole image's maps, so distill draws only "
+                                f"crops and flips; {option} makes views a dense store cannot derive: extract a store "
+                                "of views for it, or leave it out")  # fmt: skip
+        if "maps" in self.features:
+            chosen = f"--for {self.preset}" if self.preset else "--features maps"
+            raise UserError(f"--dense keeps logits and pooled blocks, from which any crop's are derived; {chosen} "
+                            "asks for channel-mean maps of each view, which it cannot derive: pass --features blocks "
+                            "(or --for kd, meal, fitnet), or extract a store of views")  # fmt: skip
 
 
 def fitted_to_data(config: ExtractConfig, asked: ExtractConfig, num_classes: int) -> ExtractConfig:
@@ -237,6 +281,9 @@ def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teach
             recorded.pop(name)
     if config.project is None:
         recorded.pop("projection")
+    if not config.dense:  # ... and before --dense
+        for name in ("dense", "dense_sizes", "dense_grid"):
+            recorded.pop(name)
     recorded["fingerprint"] = dataset.fingerprint(config.split)
     recorded["teacher_checkpoints"] = {t.spec.key: t.spec.checkpoint_sha256 for t in teachers}
     return recorded
@@ -265,11 +312,15 @@ def extract(
     if config.project is not None:
         teachers = projected_teachers(teachers, config.project, config.seed, config.projection,
                                       required=asked.project is not None)  # fmt: skip
+    dense = config.dense_settings(dataset.image_size, dataset.streamed)
+    if dense is not None:
+        teachers = [dense_teacher(t, dense) for t in teachers]
     settings = _settings(config, dataset, teachers)
     try:
         world.run_on_main(lambda: _open_or_create(config, out, dataset, teachers, settings, overwrite))
         store = open_store(out, mode="r+")
-        fit = partial(_fit_pca, store=store, dataset=dataset, config=config, precision=precision, device=device)
+        fit = partial(_fit_pca, store=store, dataset=dataset, config=config, precision=precision, device=device,
+                      outputs=_outputs(dense))  # fmt: skip
         world.run_on_main(lambda: keep_projections(store, teachers, fit))
         world.barrier()
         for teacher in teachers:  # every rank writes with the main rank's fitted matrices
@@ -278,7 +329,7 @@ def extract(
             if progress:
                 tqdm.write(f"{out} is complete; nothing to do")
             return store
-        _run_teachers(store, teachers, dataset, config, precision, device, world, progress)
+        _run_teachers(store, teachers, dataset, config, precision, device, world, progress, dense)
         world.barrier()
         world.run_on_main(lambda: _finalise(store, teachers))
     except OSError as err:
@@ -289,9 +340,21 @@ def extract(
     return open_store(out)
 
 
+def _outputs(dense: DenseSettings | None) -> Callable[..., dict[str, torch.Tensor]]:
+    """What a teacher's forward writes: a view's outputs, or a dense store's maps of the whole image."""
+    return teacher_outputs if dense is None else partial(dense_outputs, settings=dense)
+
+
+def _open_source(dataset: ImageDataset, config: ExtractConfig, device: torch.device):
+    """The split's image source, at the whole image's first size for a dense store."""
+    dense = config.dense_settings(dataset.image_size, dataset.streamed)
+    return dataset.split(config.split).open(device, config.workers, None if dense is None else dense.sizes[0])
+
+
 @torch.inference_mode()
 def _fit_pca(teacher: Teacher, blocks: list[BlockSpec], *, store: TeacherStore, dataset: ImageDataset,
-             config: ExtractConfig, precision: Precision, device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+             config: ExtractConfig, precision: Precision, device: torch.device,
+             outputs: Callable[..., dict[str, torch.Tensor]] = teacher_outputs) -> dict[str, torch.Tensor]:  # fmt: skip
     """``--projection pca``: each of ``blocks``' top ``--project`` principal directions, fitted on the teacher's
     unprojected pooled outputs over the first rows of view 0 (whole chunks, at least PCA_ROWS_PER_DIM rows per
     dimension), before any chunk is written."""
@@ -303,12 +366,12 @@ def _fit_pca(teacher: Teacher, blocks: list[BlockSpec], *, store: TeacherStore, 
     requests = ((torch.arange(start, min(stop, start + config.batch_size)),
                  params[start : min(stop, start + config.batch_size)], None)
                 for start in range(0, stop, config.batch_size))  # fmt: skip
-    source = dataset.split(config.split).open(device, config.workers)
+    source = _open_source(dataset, config, device)
     try:
         for _, pixels in source.pixels(requests):
-            outputs = teacher_outputs(unprojected, pixels, ("blocks",), precision)
+            pooled = outputs(unprojected, pixels, ("blocks",), precision)
             for block in blocks:
-                rows[block.name].append(pooled_rows(outputs[f"blocks/{block.key}"]).double().cpu())
+                rows[block.name].append(pooled_rows(pooled[f"blocks/{block.key}"]).double().cpu())
     finally:
         source.close()
     return {name: pca_projection(torch.cat(parts), config.project) for name, parts in rows.items()}
@@ -323,12 +386,13 @@ def _run_teachers(
     device: torch.device,
     world: World,
     progress: bool,
+    dense: DenseSettings | None = None,
 ) -> None:
     """This rank's share of every (view, chunk) some teacher has not done, written by a background writer."""
     for teacher in teachers:
         teacher.model = precision.prepare(teacher.model)
     done = {t.spec.key: _progress_marks(store, t.spec.key) for t in teachers}
-    source = dataset.split(config.split).open(device, config.workers)
+    source = _open_source(dataset, config, device)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-writer") as writer:
         pending: deque[Future] = deque()
         try:
@@ -344,7 +408,7 @@ def _run_teachers(
                                                   ["divergent"]), store.divergent_views.index(view),
                                                   precision.channels_last)  # fmt: skip
                 chunks = _chunk_outputs(view_source, teachers, params, store, todo, done, view, config, precision,
-                                        bar.update)  # fmt: skip
+                                        bar.update, _outputs(dense))  # fmt: skip
                 for chunk, outputs in chunks:
                     for key, arrays in outputs.items():
                         pending.append(writer.submit(store.write_rows, key, view, chunk, arrays))
@@ -363,7 +427,8 @@ def _run_teachers(
 @torch.inference_mode()
 def _chunk_outputs(source, teachers: list[Teacher], params: augment.ViewParams, store: TeacherStore, chunks: list[int],
                    done: dict[str, np.ndarray], view: int, config: ExtractConfig, precision: Precision,
-                   advance: Callable[[int], object]) -> Iterator[tuple[int, dict[str, dict]]]:  # fmt: skip
+                   advance: Callable[[int], object],
+                   teacher_outputs=teacher_outputs) -> Iterator[tuple[int, dict[str, dict]]]:  # fmt: skip
     """Per chunk, the store arrays of every teacher that has not done it, from mini-batches of ``batch_size`` rows
     (a fixed split, so a resumed chunk is bit-equal), calling ``advance(rows)`` after each mini-batch (the bar). A
     chunk whose outputs are not finite raises a UserError before it reaches the writer, so it is never marked
@@ -390,23 +455,13 @@ def _chunk_outputs(source, teachers: list[Teacher], params: augment.ViewParams, 
             arrays, refused = {}, None
             for key, teacher_parts in parts.items():
                 try:
-                    arrays[key] = _store_arrays(teacher_parts, config)
+                    arrays[key] = store_arrays(teacher_parts, config)
                 except NonFiniteOutput as err:
                     refused = refused or err.explain(key, _view_name(store, view), rows, config, precision)
             parts = {}
             yield chunk, arrays  # the other teachers' arrays of the chunk are written before the refusal
             if refused:
                 raise UserError(refused)
-
-
-def _store_arrays(parts: dict[str, list[torch.Tensor]], config: ExtractConfig) -> dict[str, np.ndarray]:
-    """A chunk's outputs cast to the store's dtype, refused (:class:`NonFiniteOutput`) when not finite."""
-    raw = {key: torch.cat(values).numpy() for key, values in parts.items()}
-    dtype = np.dtype(config.dtype)
-    with np.errstate(over="ignore"):  # an overflow is reported below, by name, not as a numpy warning
-        arrays = {key: value.astype(dtype) for key, value in raw.items()}
-    _check_finite(raw, arrays, config)
-    return arrays
 
 
 def _progress_marks(store: TeacherStore, teacher: str) -> np.ndarray:
@@ -421,62 +476,6 @@ def _progress_marks(store: TeacherStore, teacher: str) -> np.ndarray:
 def _chunk_len(store: TeacherStore, chunk: int) -> int:
     rows = store.chunk_rows(chunk)
     return rows.stop - rows.start
-
-
-class NonFiniteOutput(Exception):
-    """A chunk's teacher outputs hold inf or NaN: already in float32 (``stage`` "float32"), after the cast to the
-    store's dtype ("cast") or after its bit rounding ("keep_bits"). Turned into a UserError naming the teacher
-    and view by :func:`_run_teachers`."""
-
-    def __init__(self, stage: str, keys: list[str], largest: float) -> None:
-        super().__init__(stage, keys)
-        self.stage, self.keys, self.largest = stage, keys, largest
-
-    def explain(self, teacher: str, view: str, rows: slice, config: ExtractConfig, precision: Precision) -> str:
-        others = f" (and {len(self.keys) - 1} more of its arrays)" if len(self.keys) > 1 else ""
-        where = f"in its {self.keys[0]}{others} on {view}, rows {rows.start}-{rows.stop - 1}"
-        overwrite = "(with --overwrite, to replace this unfinished store)"
-        if self.stage == "float32":
-            amp = (f"; it ran under {precision.dtype} autocast on CUDA: run with --device cpu to see whether it does"
-                   " so in float32 too" if precision.on_cuda else "")  # fmt: skip
-            return (f"teacher '{teacher}' gives non-finite values (inf or NaN) {where}, already in float32, before "
-                    f"any cast to the store's {config.dtype}: the teacher itself is broken (check its checkpoint "
-                    f"with `meal-cache evaluate`, or retrain it){amp}")  # fmt: skip
-        largest = f"largest |value| {self.largest:.3g}"
-        if self.stage == "cast":
-            limit = float(np.finfo(config.dtype).max)
-            return (f"teacher '{teacher}' gives values beyond {config.dtype}'s range ({largest}; {config.dtype} holds "
-                    f"up to {limit:.6g}) {where}, which the store would hold as inf: extract with --dtype float32 "
-                    f"{overwrite}")  # fmt: skip
-        return (f"teacher '{teacher}' gives values that --keep-bits {config.keep_bits} rounds up to inf ({largest}, "
-                f"near {config.dtype}'s largest) {where}: extract without --keep-bits, or with --dtype float32 "
-                f"{overwrite}")  # fmt: skip
-
-
-def _check_finite(raw: dict[str, np.ndarray], stored: dict[str, np.ndarray], config: ExtractConfig) -> None:
-    """Raise :class:`NonFiniteOutput` when a teacher output is not finite as computed (float32), as cast to the
-    store's dtype, or as the store's bit rounding (``keep_bits``) would write it; a quantised feature is coded
-    from the cast values, so the cast covers it."""
-    # A value not finite in float32 stays so after the cast, so one pass over the cast values finds every chunk
-    # at fault; the float32 values are read only to tell a broken teacher from an overflowing cast.
-    bad = [key for key, value in stored.items() if not np.isfinite(value).all()]
-    if bad:
-        broken = [key for key in bad if not np.isfinite(raw[key]).all()]
-        stage, keys = ("float32", broken) if broken else ("cast", bad)
-        raise NonFiniteOutput(stage, keys, _largest(raw, keys))
-    if config.keep_bits is not None:
-        from numcodecs import BitRound
-
-        rounding = BitRound(keepbits=config.keep_bits)
-        bad = [key for key, value in stored.items()
-               if not np.isfinite(np.asarray(rounding.encode(value)).view(value.dtype)).all()]  # fmt: skip
-        if bad:
-            raise NonFiniteOutput("keep_bits", bad, _largest(raw, bad))
-
-
-def _largest(raw: dict[str, np.ndarray], keys: list[str]) -> float:
-    finite = [np.abs(raw[key][np.isfinite(raw[key])]) for key in keys]
-    return max((float(values.max()) for values in finite if values.size), default=float("nan"))
 
 
 def _view_name(store: TeacherStore, view: int) -> str:
@@ -537,7 +536,11 @@ def _open_or_create(
         return augment.draw(recipe, sizes, generator, policy, mixing, dataset.image_size)
 
     search = config.divergent_search()
-    views = DrawnViews(config.views + int(config.identity_view) + config.divergent_views, draw)
+    dense = config.dense_settings(dataset.image_size, dataset.streamed)
+    if dense is not None:  # one view: the whole image, which the teachers see at the dense size
+        views = DrawnViews(1, lambda view: whole_image(sizes))
+    else:
+        views = DrawnViews(config.views + int(config.identity_view) + config.divergent_views, draw)
     description = dataset.describe()
     dataset_attrs = {
         **{key: description[key] for key in STORE_DATASET_KEYS if key in description},
@@ -547,7 +550,7 @@ def _open_or_create(
     }
     views_info = {
         "count": len(views),
-        "augmented": config.views,
+        "augmented": 0 if dense is not None else config.views,
         "identity": config.identity_view,
         "recipe": recipe.name,
         "seed": config.seed,
@@ -563,8 +566,8 @@ def _open_or_create(
     if search is not None:
         views_info["divergent"] = search.to_json()
     layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
-                         config.quantize, config.logits_topk, config.logits_sample,
-                         config.logits_temperature)  # fmt: skip
+                         config.quantize, config.logits_topk, config.logits_sample, config.logits_temperature,
+                         None if dense is None else dense.to_json())  # fmt: skip
     return create_store(
         out,
         dataset=dataset_attrs,

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from meal_cache.augment import square_sizes
+from meal_cache.dense import DenseTargets
 from meal_cache.errors import UserError
 from meal_cache.projection import ProjectionSums, column_norm, project, stored_projections
 from meal_cache.store import TeacherStore, feature_key, feature_name, logits_key, open_store
@@ -39,6 +41,11 @@ def _check_comparable(store: TeacherStore, reference: TeacherStore) -> None:
     for key in ("fingerprint", "split", "n", "num_classes"):
         if mine.get(key) != theirs.get(key):
             raise UserError(f"the stores hold other rows ({key}: {mine.get(key)!r} against {theirs.get(key)!r})")
+    if reference.dense:
+        raise UserError("the reference is a dense store; compare against a lossless store of views (a dense store's "
+                        "targets are judged against the teachers run on the reference's crops)")  # fmt: skip
+    if store.dense:  # its targets are derived for the reference's own crops: any views will do
+        return
     if store.attrs["views"] != reference.attrs["views"]:  # count, seed, recipe and identity view
         raise UserError(f"the stores hold other views ({store.attrs['views']} against {reference.attrs['views']})")
     missing = [t for t in store.teacher_names if t not in reference.teacher_names]
@@ -133,7 +140,9 @@ def store_fidelity(path: str, reference_path: str) -> dict:
     store, reference = open_store(path), open_store(reference_path)
     _check_comparable(store, reference)
     kinds = [k for k in store.layout.features if k in reference.layout.features]
-    result = {"store": str(path), "reference": str(reference_path), "views": store.num_views, "teachers": {}}
+    views = reference.num_views if store.dense else store.num_views
+    result = {"store": str(path), "reference": str(reference_path), "views": views, "teachers": {}}
+    read = _DenseReader(store, reference) if store.dense else store.read
     for teacher in store.teacher_names:
         sums = _Sums()
         blocks = [b.key for b in store.blocks(teacher)]
@@ -142,21 +151,41 @@ def store_fidelity(path: str, reference_path: str) -> dict:
         unprojected = {b.key for b in reference.blocks(teacher) if b.projected_from is None}
         projections = {b: m for b, m in stored_projections(store, teacher).items() if b in unprojected}
         block_rows: dict[str, int] = {}
-        for view in range(store.num_views):
+        for view in range(views):
             for chunk in range(store.n_chunks):
                 rows = store.chunk_rows(chunk)
                 logits = logits_key(teacher)
-                sums.add_logits(store.read(logits, view, rows), reference.read(logits, view, rows))
+                sums.add_logits(read(logits, view, rows), reference.read(logits, view, rows))
                 for kind in kinds:
                     for block in blocks:
                         key, name = feature_key(teacher, kind, block), feature_name(kind, block)
                         theirs = reference.read(key, view, rows)
                         if kind == "blocks" and block in projections:
                             theirs = sums.add_projection(name, theirs, projections[block])
-                        sums.add_block(name, store.read(key, view, rows), theirs)
+                        sums.add_block(name, read(key, view, rows), theirs)
                         block_rows[name] = block_rows.get(name, 0) + rows.stop - rows.start
         result["teachers"][teacher] = sums.summary(block_rows)
     return result
+
+
+class _DenseReader:
+    """A dense store's targets of the reference's crops, read as a store of views reads its own (one view and some
+    rows at a time): what distill would derive for exactly the images the reference's teachers saw."""
+
+    def __init__(self, store: TeacherStore, reference: TeacherStore) -> None:
+        self.store, self.reference = store, reference
+        self.sizes = reference.source_sizes()
+        if self.sizes is None:
+            self.sizes = square_sizes(reference.n, int(reference.dataset["image_size"]))
+        self.params: tuple[int, object] | None = None
+
+    def __call__(self, key: str, view: int, rows: slice) -> np.ndarray:
+        if self.params is None or self.params[0] != view:
+            self.params = (view, self.reference.view_params(view))
+        params = self.params[1][torch.arange(rows.start, rows.stop)]
+        stored = {key: torch.from_numpy(self.store.read(key, 0, rows).astype(np.float32))}
+        derived = DenseTargets(self.store, [key])(stored, params, self.sizes[rows])
+        return derived[key].numpy()
 
 
 def describe_fidelity(result: dict) -> str:

@@ -287,8 +287,9 @@ class FileSplit:
         """The evaluation view: the central 224/256 of each image's shorter side (resized to the output size)."""
         return augment.identity(self.source_sizes(workers), augment.RECIPES[augment.FULL_RECIPE])
 
-    def open(self, device: torch.device, workers: int | None = None) -> FileSource:
-        return FileSource(self, device, worker_count(workers), self.image_size)
+    def open(self, device: torch.device, workers: int | None = None, out_size: int | None = None) -> FileSource:
+        """Decoding workers for these files, rendering at ``out_size`` px (default: the data's size)."""
+        return FileSource(self, device, worker_count(workers), out_size or self.image_size)
 
     def sample_pixels(self, count: int) -> torch.Tensor:
         """uint8 pixels of the first ``count`` rows' evaluation views, decoded here (for timing networks)."""

@@ -101,6 +101,7 @@ from meal_cache.store_logits import (
     sample_rng,
 )
 from meal_cache.store_schema import (
+    DENSE_FORMAT,
     DIVERGENT_FORMAT,
     DTYPES,
     FORMAT,
@@ -118,10 +119,10 @@ from meal_cache.store_schema import (
 from meal_cache.store_verify import VERIFY_CHUNKS_AT_ONCE, ChunkProblem, VerifyReport, repair_store, verify_store
 
 __all__ = [
-    "ARRAY_CONFIG", "DIVERGENT_FORMAT", "DIVERGENT_PIXELS", "DTYPES", "FEATURE_KINDS", "FORMAT", "LABELS", "LOGITS",
-    "LOGITS_ENCODINGS", "LOGITS_FORMAT", "MIX_FORMAT", "MIX_KEYS", "OPS_FORMAT", "OPS_KEYS", "PROGRESS",
-    "QUANTIZE_BITS", "READABLE_FORMATS", "SOURCE_SIZE", "TEACHERS", "VERIFY_CHUNKS_AT_ONCE", "VERSION", "VFLIP_FORMAT",
-    "VIEW_CROP", "VIEW_FLIP", "VIEW_VFLIP",
+    "ARRAY_CONFIG", "DENSE_FORMAT", "DIVERGENT_FORMAT", "DIVERGENT_PIXELS", "DTYPES", "FEATURE_KINDS", "FORMAT",
+    "LABELS", "LOGITS", "LOGITS_ENCODINGS", "LOGITS_FORMAT", "MIX_FORMAT", "MIX_KEYS", "OPS_FORMAT", "OPS_KEYS",
+    "PROGRESS", "QUANTIZE_BITS", "READABLE_FORMATS", "SOURCE_SIZE", "TEACHERS", "VERIFY_CHUNKS_AT_ONCE", "VERSION",
+    "VFLIP_FORMAT", "VIEW_CROP", "VIEW_FLIP", "VIEW_VFLIP",
     "BlockSpec", "ChunkProblem", "StoreLayout", "TeacherSpec", "TeacherStore", "VerifyReport", "create_store",
     "decode_topk", "dequantize_rows", "describe_store", "encode_topk", "feature_key", "feature_name", "format_of",
     "is_feature_key", "is_logits_key", "is_teacher_key", "is_url", "logits_key", "lossy_filters", "open_store",
@@ -288,15 +289,34 @@ class TeacherStore:
         return torch.from_numpy(self.group[SOURCE_SIZE][:])
 
     def logits(self, teacher: str, view: int) -> np.ndarray:
-        return self.read(logits_key(teacher), view)
+        """A teacher's logits of a view's rows, ``(N, C)``; a dense store's are its logit maps' means, the teacher's
+        logits of the whole image (exactly, for a classifier after global average pooling)."""
+        return self._whole_logits(logits_key(teacher), view)
+
+    def _whole_logits(self, key: str, view: int, rows: slice = slice(None)) -> np.ndarray:
+        logits = self.read(key, view, rows)
+        return logits if logits.ndim == 2 else logits.astype(np.float32).mean(1).astype(logits.dtype)
+
+    @property
+    def dense(self) -> bool:
+        """Whether this is a dense store (``extract --dense``): targets of any crop derived from whole-image maps."""
+        return self.layout.dense is not None
+
+    def positions(self, teacher: str) -> tuple[int, ...]:
+        """The logits' position axes of a row: ``(h w,)`` in a dense store, none in a store of views."""
+        dense_map = self.teacher(teacher).get("dense_map")
+        return () if dense_map is None else (math.prod(dense_map),)
 
     def dask_array(self, key: str):
-        """A lazy dask array of ``key`` as :meth:`read` gives it, chunk by chunk (top-k logits rebuilt per chunk)."""
+        """A lazy dask array of ``key`` as :meth:`read` gives it, chunk by chunk (top-k logits rebuilt per chunk; a
+        dense store's logits as the whole image's, :meth:`logits`)."""
         import dask
         import dask.array as da
 
-        if self._encoding(key) is None:
+        dense_logits = is_logits_key(key) and self.dense
+        if self._encoding(key) is None and not dense_logits:
             return da.from_zarr(self.group[key])
+        read = self._whole_logits if dense_logits else self.read
         dtype = np.dtype(self.layout.dtype)
         views = []
         for view in range(self.num_views):
@@ -304,7 +324,7 @@ class TeacherStore:
             for chunk in range(self.n_chunks):
                 rows = self.chunk_rows(chunk)
                 shape = (rows.stop - rows.start, self.num_classes())
-                chunks.append(da.from_delayed(dask.delayed(self.read)(key, view, rows), shape=shape, dtype=dtype))
+                chunks.append(da.from_delayed(dask.delayed(read)(key, view, rows), shape=shape, dtype=dtype))
             views.append(da.concatenate(chunks))
         return da.stack(views)
 
@@ -314,7 +334,7 @@ class TeacherStore:
     def logical_shape(self, key: str) -> tuple[int, ...]:
         """The shape of an array as :meth:`read` gives it (top-k and sampled logits are rebuilt dense)."""
         if self._encoding(key) is not None:
-            return (self.num_views, self.n, self.num_classes())
+            return (self.num_views, self.n, *self.positions(teacher_of(key)), self.num_classes())
         return tuple(self.group[key].shape)
 
     def _encoding(self, key: str) -> LogitsEncoding | None:
@@ -331,7 +351,11 @@ class TeacherStore:
         if encoding is not None:
             parts = {part: self.group[array][view, rows] for (part, _, _), array in
                      zip(encoding.parts, encoding.keys(key), strict=True)}  # fmt: skip
-            return encoding.decode(parts, self.num_classes(), self.layout.dtype, self.layout.temperature)
+            # Rows (and a dense store's positions) are decoded as one list of rows.
+            lead = parts[encoding.parts[0][0]].shape[:-1]
+            flat = {part: value.reshape(-1, *value.shape[len(lead):]) for part, value in parts.items()}
+            dense = encoding.decode(flat, self.num_classes(), self.layout.dtype, self.layout.temperature)
+            return dense.reshape(*lead, self.num_classes())
         values = self.group[key][view, rows]
         if self.layout.quantize is not None and is_feature_key(key):
             return dequantize_rows(values, self.group[range_key(key)][view, rows], self.layout.dtype)
@@ -375,9 +399,12 @@ class TeacherStore:
             encoding = self._encoding(full)
             if encoding is not None:
                 rng = sample_rng(int(self.attrs["views"]["seed"]), teacher, view, chunk)
-                encoded = encoding.encode(values, layout.logits_k, layout.dtype, layout.temperature, rng)
-                for (part, _, _), array_key in zip(encoding.parts, encoding.keys(full), strict=True):
-                    self.group[array_key][view, rows] = encoded[part]
+                lead = values.shape[:-1]  # rows, and a dense store's positions: encoded as one list of rows
+                encoded = encoding.encode(values.reshape(-1, values.shape[-1]), layout.logits_k, layout.dtype,
+                                          layout.temperature, rng)  # fmt: skip
+                for (part, _, per_slot), array_key in zip(encoding.parts, encoding.keys(full), strict=True):
+                    shape = (*lead, -1) if per_slot else lead
+                    self.group[array_key][view, rows] = encoded[part].reshape(shape)
                 continue
             if layout.quantize is not None and is_feature_key(full):
                 values, ranges = quantize_rows(values)

@@ -154,17 +154,18 @@ def _create_teacher_arrays(
         arrays.per_view(key, shape, layout.dtype, filters=filters, fill_value=0)
 
     encoding, classes = layout.logits_encoding, len(teacher.classes)
+    # A dense store's logits are a map: one row of logits per position of it.
+    positions = () if teacher.dense_map is None else (math.prod(teacher.dense_map),)
     if encoding is None:
-        output_array(logits_key(teacher.key), (count, n, classes))
+        output_array(logits_key(teacher.key), (count, n, *positions, classes))
     else:
         slots = encoding.slots(layout.logits_k, classes)
         for key, (_, dtype, per_slot) in zip(encoding.keys(logits_key(teacher.key)), encoding.parts, strict=True):
-            shape = (count, n, slots) if per_slot else (count, n)
+            shape = (count, n, *positions, slots) if per_slot else (count, n, *positions)
             arrays.per_view(key, shape, dtype or layout.dtype, fill_value=0)
     for block in teacher.blocks:
         if "blocks" in layout.features:
-            grid = (block.channels, block.grid, block.grid)
-            output_array(feature_key(teacher.key, "blocks", block.key), (count, n, *grid))
+            output_array(feature_key(teacher.key, "blocks", block.key), (count, n, *block.stored_shape))
         if "maps" in layout.features:
             output_array(feature_key(teacher.key, "maps", block.key), (count, n, block.height, block.width))
     arrays.create(progress_key(teacher.key), shape=(count, math.ceil(n / arrays.rows)), chunks=(1, 1), dtype="bool",

@@ -50,14 +50,8 @@ def _augmentation_description(record: dict | None) -> str:
     return f" [{crop}, hflip {record['hflip']:g}, vflip {record['vflip']:g}]"
 
 
-def describe_store(store: TeacherStore) -> str:
-    """A readable summary: dataset, views, and per teacher its accuracy, blocks, shapes and stored bytes."""
-    attrs = store.attrs
-    data, views, layout = attrs["dataset"], attrs["views"], store.layout
-    lines = [
-        f"store     {store.group.store}  ({'complete' if store.complete else 'INCOMPLETE: run the extract again'})",
-        f"dataset   {data['spec']} [{data['split']}]  {data['n']} rows, {data['num_classes']} classes, "
-        f"{data['image_size']} px, fingerprint {data['fingerprint'][:12]}",
+def _views_description(views: dict) -> str:
+    return (
         f"views     {views['augmented']} augmented ({views['recipe']}"
         + _augmentation_description(views.get("augmentation"))
         + (f" + {views['policy']['name']}" if views.get("policy") else "")
@@ -69,7 +63,30 @@ def describe_store(store: TeacherStore) -> str:
             f"{views['divergent']['steps']} steps)"
             if views.get("divergent")
             else ""
-        ),
+        )
+    )
+
+
+def _sizes(sizes: list[int]) -> str:
+    return " and ".join(f"{s} px" for s in sizes)
+
+
+def describe_store(store: TeacherStore) -> str:
+    """A readable summary: dataset, views, and per teacher its accuracy, blocks, shapes and stored bytes."""
+    attrs = store.attrs
+    data, views, layout = attrs["dataset"], attrs["views"], store.layout
+    views_line = _views_description(views)
+    if layout.dense is not None:
+        grid = layout.dense["grid"]
+        views_line = (f"views     dense: any {views['recipe']} crop"
+                      + _augmentation_description(views.get("augmentation"))
+                      + f", drawn by distill; teachers saw each whole image at {_sizes(layout.dense['sizes'])}, "
+                      f"blocks kept at up to {grid}x{grid}")  # fmt: skip
+    lines = [
+        f"store     {store.group.store}  ({'complete' if store.complete else 'INCOMPLETE: run the extract again'})",
+        f"dataset   {data['spec']} [{data['split']}]  {data['n']} rows, {data['num_classes']} classes, "
+        f"{data['image_size']} px, fingerprint {data['fingerprint'][:12]}",
+        views_line,
         f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk, "
         f"features {', '.join(layout.features) or 'none (logits only)'}, {_lossy_description(layout)}",
         "",
@@ -84,6 +101,8 @@ def describe_store(store: TeacherStore) -> str:
             # A sampled store keeps draws, not the logits: its top-1 is the most-drawn class's.
             top1 = "top-1" if layout.logits_sample is None else "most-drawn class right"
             acc_text = f"{top1} {np.mean(augmented):.2f}% on augmented views"
+            if layout.dense is not None:
+                acc_text = f"{top1} {accuracy[0]:.2f}% on whole images (the logit maps' means)"
             if views["identity"]:
                 acc_text += f", {accuracy[store.identity_view]:.2f}% on the identity view"
             if store.divergent_views:
@@ -106,9 +125,10 @@ def describe_store(store: TeacherStore) -> str:
             )
         lines.append("")
     per_row = total_stored / max(1, store.n * store.num_views)
+    unit = "per image, every crop" if layout.dense is not None else "per sample per view"
     lines.append(
         f"total     {_human(total_stored)} stored, {_human(total_raw32)} as float32 "
-        f"({total_raw32 / max(1, total_stored):.1f}x smaller); {per_row:.0f} bytes per sample per view"
+        f"({total_raw32 / max(1, total_stored):.1f}x smaller); {per_row:.0f} bytes {unit}"
     )
     if DIVERGENT_PIXELS in store.group:  # beside the teachers' outputs: the divergent views' own pixels
         pixels = store.group[DIVERGENT_PIXELS]

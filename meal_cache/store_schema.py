@@ -27,9 +27,13 @@ LOGITS_FORMAT = "meal-cache/6"
 # them unflipped. The other augmentation options (--scale, --ratio, --hflip) only change what is drawn into the
 # arrays every reader replays, so they need no new format.
 VFLIP_FORMAT = "meal-cache/7"
+# A dense store (extract --dense): one whole-image pass per teacher, its logits a map of positions and its blocks a
+# grid, from which distill derives any crop's targets. A /7 reader would take the maps for one view's targets.
+DENSE_FORMAT = "meal-cache/8"
 # Formats this version reads: /2 added top-k logits (a layout /1 readers would not know), /3 views' ops, /4 mixing,
-# /5 divergent views, /6 sampled logits and the logits' temperature, /7 vertical flips.
-READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT, DIVERGENT_FORMAT, LOGITS_FORMAT, VFLIP_FORMAT)
+# /5 divergent views, /6 sampled logits and the logits' temperature, /7 vertical flips, /8 dense stores.
+READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT, DIVERGENT_FORMAT, LOGITS_FORMAT, VFLIP_FORMAT,
+                    DENSE_FORMAT)  # fmt: skip
 VERSION = 1
 DTYPES = ("float16", "float32")
 
@@ -44,20 +48,32 @@ class BlockSpec:
     height: int
     width: int
     projected_from: int | None = None  # the block's own channels, where extract --project reduced them
+    # A dense store's: the grid the whole image's block output is stored at (``grid`` is then what distill pools
+    # each crop's box of it to).
+    stored_grid: int | None = None
 
     @property
     def key(self) -> str:
         return self.name
 
+    @property
+    def stored_shape(self) -> tuple[int, int, int]:
+        """A row's pooled output as stored: (channels, g, g), g the dense grid in a dense store."""
+        side = self.grid if self.stored_grid is None else self.stored_grid
+        return self.channels, side, side
+
     def to_json(self) -> dict:
         data = {"name": self.name, "channels": self.channels, "grid": self.grid, "map": [self.height, self.width]}
-        return data if self.projected_from is None else {**data, "projected_from": self.projected_from}
+        for name in ("projected_from", "stored_grid"):  # recorded only when set: older specs unchanged
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> BlockSpec:
-        projected = data.get("projected_from")
-        return cls(data["name"], int(data["channels"]), int(data["grid"]), *map(int, data["map"]),
-                   projected_from=None if projected is None else int(projected))  # fmt: skip
+        optional = {name: None if data.get(name) is None else int(data[name])
+                    for name in ("projected_from", "stored_grid")}  # fmt: skip
+        return cls(data["name"], int(data["channels"]), int(data["grid"]), *map(int, data["map"]), **optional)
 
 
 @dataclass(frozen=True)
@@ -71,9 +87,11 @@ class TeacherSpec:
     classes: list[str]
     input: dict
     blocks: list[BlockSpec]
+    # A dense store's: (h, w) of the logit map, the classifier at each position of the last block's output.
+    dense_map: tuple[int, int] | None = None
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "source": self.source,
             "arch": self.arch,
             "checkpoint_sha256": self.checkpoint_sha256,
@@ -81,6 +99,7 @@ class TeacherSpec:
             "input": self.input,
             "blocks": [b.to_json() for b in self.blocks],
         }
+        return data if self.dense_map is None else {**data, "dense_map": list(self.dense_map)}
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,9 @@ class StoreLayout:
     logits_topk: int | None = None  # lossy: the K largest logits and the log-sum-exp (None: every logit)
     logits_sample: int | None = None  # lossy: K classes drawn from the teacher's softmax, with their counts
     logits_temperature: float | None = None  # the T top-k and sampled logits are made at (None: 1, older stores)
+    # extract --dense: {"sizes": [px, ...], "grid": G}, the teacher's input sizes of the whole image and the
+    # blocks' stored grid (see meal_cache.dense); None: a store of views.
+    dense: dict | None = None
 
     @property
     def logits_encoding(self) -> LogitsEncoding | None:
@@ -114,7 +136,7 @@ class StoreLayout:
         data = {"rows_per_chunk": self.rows_per_chunk, "dtype": self.dtype, "codec": self.codec,
                 "features": list(self.features), "keep_bits": self.keep_bits, "quantize": self.quantize,
                 "logits_topk": self.logits_topk}  # fmt: skip
-        for name in ("logits_sample", "logits_temperature"):  # recorded only when set: older layouts unchanged
+        for name in ("logits_sample", "logits_temperature", "dense"):  # recorded only when set: older layouts unchanged
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
         return data
@@ -123,11 +145,13 @@ class StoreLayout:
     def from_json(cls, data: dict) -> StoreLayout:
         return cls(int(data["rows_per_chunk"]), data["dtype"], data["codec"], tuple(data["features"]),
                    data.get("keep_bits"), data.get("quantize"), data.get("logits_topk"), data.get("logits_sample"),
-                   data.get("logits_temperature"))  # fmt: skip
+                   data.get("logits_temperature"), data.get("dense"))  # fmt: skip
 
 
 def format_of(view: ViewParams, divergent: bool = False, layout: StoreLayout | None = None) -> str:
     """The oldest format whose readers replay ``view`` right (and know divergent views and the layout's logits)."""
+    if layout is not None and layout.dense is not None:
+        return DENSE_FORMAT
     if view.vflip is not None:
         return VFLIP_FORMAT
     if layout is not None and (layout.logits_sample is not None or layout.temperature != 1.0):

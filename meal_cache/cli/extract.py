@@ -5,6 +5,15 @@ from __future__ import annotations
 import click
 
 from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, augmentation_options, data_options
+from meal_cache.errors import UserError
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``--dense-sizes 256`` or ``256,448`` as whole numbers of pixels."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError as err:
+        raise UserError(f"--dense-sizes takes pixels as PX or PX,PX (for example 256,448), got {text!r}") from err
 
 
 @click.command()
@@ -103,6 +112,32 @@ from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, augmentation_options,
     show_default=True,
     type=int,
     help="Signed-gradient steps of the search, each 2.5 x eps / steps (PGD's rule), from a seeded random start.",
+)
+@click.option(
+    "--dense",
+    is_flag=True,
+    help="A dense store: each teacher runs once per image, on the whole image, and the store keeps its logit map "
+    "(the classifier at each position of its last block, ReLabel's rule) and its blocks on a --dense-grid grid; "
+    "distill then draws a fresh crop and flip per row and epoch and derives that crop's targets by RoIAlign over "
+    "the maps: unlimited views for one teacher pass. Logits and pooled blocks only (kd, meal, meal-v2, fitnet, "
+    "dkd); no --mixup/--cutmix, --recipe or divergent views. --views is not used. docs/design.md, 'Dense stores'.",
+)
+@click.option(
+    "--dense-sizes",
+    default=None,
+    metavar="PX[,PX]",
+    help="With --dense: the size(s) the teacher sees the whole image at, squashed to a square; a second size runs "
+    "the same pixels resampled and averages the maps (a second scale). Default: the data's own size for in-memory "
+    "data, 256 for image folders at 224 px.",
+)
+@click.option(
+    "--dense-grid",
+    default=4,
+    show_default=True,
+    type=int,
+    metavar="G",
+    help="With --dense: each block's whole-image output is stored average-pooled to G x G (or its own size where "
+    "smaller); a crop's block target is its box of that grid.",
 )
 @click.option(
     "--grid",
@@ -208,7 +243,8 @@ from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, augmentation_options,
 @click.option("--out", required=True, type=click.Path(), help="The store to write, e.g. feats.zarr.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store extracted with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, quiet: bool, **settings) -> None:
+def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, quiet: bool, dense_sizes: str | None,
+            **settings) -> None:  # fmt: skip
     """Run every teacher once over V replayable views and write the Zarr teacher cache.
 
     Each teacher sees exactly the images distill will replay (the views' crop and flip parameters are stored),
@@ -224,6 +260,7 @@ def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, 
         teachers=[t.strip() for t in teachers.split(",") if t.strip()],
         grid=int(grid),
         features=[f.strip() for f in features.split(",") if f.strip()],
+        dense_sizes=None if dense_sizes is None else parse_sizes(dense_sizes),
         **settings,
     )
     store = run_extract(config, out, overwrite=overwrite, progress=not quiet)

@@ -38,6 +38,9 @@ class ViewFeed:
         self.device = device
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="view-prefetch")
         self._pending: dict[int, Future] = {}
+        # The last view handed out, kept: a dense store's one view (and a multi-crop batch's repeated one) is
+        # read once, not once an epoch.
+        self._last: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def _read(self, view: int) -> dict[str, torch.Tensor]:
         arrays = {}
@@ -49,12 +52,15 @@ class ViewFeed:
         return arrays
 
     def prefetch(self, view: int) -> None:
-        if view not in self._pending:
+        if view not in self._pending and (self._last is None or self._last[0] != view):
             self._pending[view] = self._pool.submit(self._read, view)
 
     def get(self, view: int) -> dict[str, torch.Tensor]:
+        if self._last is not None and self._last[0] == view:
+            return self._last[1]
         self.prefetch(view)
-        return self._pending.pop(view).result()
+        self._last = (view, self._pending.pop(view).result())
+        return self._last[1]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from meal_cache import augment
 from meal_cache.checkpoint import model_payload, save_checkpoint, state_dict_cpu
 from meal_cache.data import ImageDataset, load_recorded
+from meal_cache.dense import DenseTargets
 from meal_cache.distill.config import DistillConfig, drop_unset
 from meal_cache.distill.feed import DivergentBatches, OnlineTeachers, divergent_batches, make_batch_source
 from meal_cache.distill.methods.base import Method
@@ -144,6 +145,7 @@ class DistillRun:
     source: object
     sizes: torch.Tensor  # each row's source (H, W), for fresh views
     divergent: DivergentBatches | None = None
+    dense: DenseTargets | None = None  # a dense store's maps, turned into each batch's crops' targets
     own_optimizers: dict[str, torch.optim.Optimizer] = dataclasses.field(default_factory=dict)
 
     def restore(self, state: dict | None) -> tuple[int, list[dict]]:
@@ -247,11 +249,12 @@ def build_run(
     labels = split.labels.to(device, non_blocking=True)
     if config.refine_labels:
         labels = _refined_labels(config, labels, device, progress)
-    views = store.augmented_views or [store.identity_view]
-    if progress and not config.online:
+    views = [0] if store.dense else store.augmented_views or [store.identity_view]
+    dense = DenseTargets(store, distiller.needed_keys()) if store.dense else None
+    if progress and not config.online and dense is None:
         _note_replays(config, len(views))
     recorded_sizes = store.source_sizes()  # image files: each row's size, so fresh views need no header scan
-    if config.crops_per_image > len(views):
+    if config.crops_per_image > len(views) and dense is None:
         raise UserError(f"--crops-per-image {config.crops_per_image} needs as many cached views; '{config.store}' has "
                         f"{len(views)} (extract with --views {config.crops_per_image} or more)")  # fmt: skip
     schedule = Schedule.of(config, len(labels) * config.crops_per_image)
@@ -261,7 +264,7 @@ def build_run(
     return DistillRun(
         config=config, world=world, device=device, precision=precision, store=store, dataset=dataset,
         distiller=distiller, run_student=run_student, optimisation=optimisation, disc_optimizer=d_opt,
-        schedule=schedule, images=images, labels=labels, views=views, divergent=divergent,
+        schedule=schedule, images=images, labels=labels, views=views, divergent=divergent, dense=dense,
         view_params=ReplayedViews(store, keep=2 * config.crops_per_image),
         recipe=store.view_recipe,  # fresh views are drawn as the store's were (its --scale, --hflip, ...)
         sizes=recorded_sizes if recorded_sizes is not None else split.source_sizes(config.workers),

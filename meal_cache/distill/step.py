@@ -54,6 +54,8 @@ class DistillEpochs:
         divergent = self.run.divergent
         extra = {} if divergent is None else {"divergent_view": divergent.views[epoch % len(divergent.views)],
                                               "divergent_batches": divergent.per_epoch}  # fmt: skip
+        if self.run.dense is not None:
+            return {"view": "dense", **extra}
         if self.run.config.fresh_views:
             return {"view": "fresh", **extra}
         views = self.epoch_views(epoch)
@@ -69,10 +71,12 @@ class DistillEpochs:
         self.chooser = epoch_generator(config.seed, epoch, Stream.TEACHER_CHOICE)
         run.distiller.set_epoch(epoch)
         views = self.epoch_views(epoch)
-        if config.fresh_views:
+        if config.fresh_views or run.dense is not None:
+            # A dense store's crops are drawn like fresh views, one draw per crop of an image.
             generator = epoch_generator(config.seed, epoch, Stream.FRESH_VIEWS)
+            draws = config.crops_per_image if run.dense is not None else 1
             params = [augment.draw(run.recipe, run.sizes, generator, run.store.policy, run.store.mixing,
-                                   run.dataset.image_size)]  # fmt: skip
+                                   run.dataset.image_size) for _ in range(draws)]  # fmt: skip
         else:
             params = [run.view_params(view) for view in views]
         last = epoch + 1 >= config.epochs
@@ -86,6 +90,8 @@ class DistillEpochs:
             for rows, targets, crop in batches:
                 rows, targets, crop = _rank_share(world, rows, targets, crop)
                 rows_params = _crop_params(params, rows, crop)
+                if run.dense is not None and targets is not None:  # the maps' boxes of these crops
+                    targets = run.dense(targets, rows_params, run.sizes[rows])
                 # Mixed rows' hard labels are mixed with the same lambda (the pixels are mixed by the source).
                 yield rows, rows_params, (rows, targets, rows_params if rows_params.mix_partner is not None else None)
 

@@ -159,6 +159,11 @@ class Method(nn.Module):
     def require_stored(self, store: TeacherStore, *kinds: str) -> None:
         """Refuse a store without the feature kinds this method reads, naming the extract flags that store them."""
         missing = [kind for kind in kinds if kind not in store.layout.features]
+        if missing and store.dense:
+            raise UserError(f"--method {self.name} reads the teachers' channel-mean {' and '.join(missing)} of each "
+                            "view, which a dense store cannot derive (it keeps logits and pooled blocks for any "
+                            "crop): distill with a method that reads those (kd, meal, meal-v2, fitnet, ...), or "
+                            f"extract a store of views with --for {self.name}")  # fmt: skip
         if missing:
             raise UserError(f"--method {self.name} reads the teachers' block {' and '.join(missing)}, which this store "
                             f"lacks (it holds {', '.join(store.layout.features) or 'logits only'}): extract with "

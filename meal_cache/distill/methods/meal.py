@@ -68,6 +68,10 @@ def refuse_missing_representation(config: DistillConfig, store: TeacherStore) ->
     stored = store.layout.features
     if config.representation in stored:
         return
+    if store.dense:
+        raise UserError(f"--representation {config.representation} reads channel-mean maps of each view, which a "
+                        "dense store cannot derive (it keeps logits and pooled blocks for any crop): distill with "
+                        "--representation blocks, or extract a store of views")  # fmt: skip
     other = next((kind for kind in REPRESENTATIONS if kind in stored), None)
     instead = f", or distill with --representation {other}" if other else ""
     if config.preset is not None:
