@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_dense import DENSE_REPORTED, DENSE_TARGETS, bench_dense
 
 from meal_cache import augment
 from meal_cache.checkpoint import model_payload, save_checkpoint
@@ -696,8 +697,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stream-repeats", type=int, default=1, help="Rounds of the streaming section's timings.")
-    parser.add_argument("--only", choices=["digits", "stream", "compact", "views"],
-                        help="Run one section: digits (1-6), compact (6b), views (6c) or stream (7).")  # fmt: skip
+    parser.add_argument("--only", choices=["digits", "stream", "compact", "views", "dense"],
+                        help="Run one section: digits (1-6), compact (6b), views (6c), dense (6d) or stream "
+                        "(7).")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="Where extraction overhead is measured (cuda: also img/s).")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -715,6 +717,9 @@ def main() -> None:
         if args.only == "views":
             print("6c/7 many views: extract seconds and distill memory with 64 views against 4 ...", flush=True)
             results["views"] = bench_views(work, load_dataset("digits"))
+        if args.only == "dense":
+            print("6d/7 dense stores: bytes at 224 px, fidelity to true crops, distill epoch ...", flush=True)
+            results["dense"] = bench_dense(work, load_dataset("digits"))
         if args.only in (None, "digits"):
             digits = load_dataset("digits")
             print("1/7 extraction overhead ...", flush=True)
@@ -735,7 +740,9 @@ def main() -> None:
             results["compact"] = bench_compact(work, digits)
             print("6c/7 many views: extract seconds and distill memory with 64 views against 4 ...", flush=True)
             results["views"] = bench_views(work, digits)
-        if args.only not in ("digits", "compact", "views"):
+            print("6d/7 dense stores: bytes at 224 px, fidelity to true crops, distill epoch ...", flush=True)
+            results["dense"] = bench_dense(work, digits)
+        if args.only not in ("digits", "compact", "views", "dense"):
             print("7/7 streamed image folders ...", flush=True)
             results["stream"] = bench_stream(work, args.stream_repeats)
     results["targets"] = targets(results)
@@ -754,11 +761,12 @@ def write_results(results: dict, out: Path, table: str) -> None:
 def targets(results: dict) -> dict:
     """Each targeted figure with its target and whether it is met; the streaming section's untargeted figures
     with target "(reported)" and met null. A figure that could not be measured (null) is not met."""
-    sections = [results[k] for k in ("extract", "cache_tax", "offline", "loader", "stream", "compact", "views")
-                if k in results]  # fmt: skip
+    sections = [results[k] for k in ("extract", "cache_tax", "offline", "loader", "stream", "compact", "views",
+                                     "dense") if k in results]  # fmt: skip
     flat = {k: v for section in sections for k, v in section.items()}
     rows = {}
-    for name, (op, limit) in {**TARGETS, **STREAM_TARGETS, **COMPACT_TARGETS, **VIEWS_TARGETS}.items():
+    every_target = {**TARGETS, **STREAM_TARGETS, **COMPACT_TARGETS, **VIEWS_TARGETS, **DENSE_TARGETS}
+    for name, (op, limit) in every_target.items():
         if name not in flat:
             continue
         value = flat[name]
@@ -779,6 +787,9 @@ def targets(results: dict) -> dict:
             "sampled_gradient_error_T4",
         ):
             rows[key] = {"value": results["compact"][key], "target": "(reported)", "met": None}
+    if "dense" in results:
+        for key in DENSE_REPORTED:
+            rows[key] = {"value": results["dense"][key], "target": "(reported)", "met": None}
     if "stream" in results:
         stream = results["stream"]
         rows["stream_cache_tax_meal"] = {"value": stream["stream_cache_tax_meal"], "target": "(reported)", "met": None}

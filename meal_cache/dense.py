@@ -213,20 +213,28 @@ class DenseTargets:
     def __call__(self, stored: dict[str, torch.Tensor], params: augment.ViewParams,
                  sizes: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
         """The targets of rows whose crops and flips are ``params`` and source sizes ``sizes`` (B, 2), from their
-        stored maps ``stored``."""
-        targets = {}
+        stored maps ``stored``. Maps of one size pooled to one grid (every teacher's logits and blocks, often)
+        go through one RoIAlign, their channels side by side."""
         params = params.to(next(iter(stored.values())).device)
+        groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
         for key, value in stored.items():
             teacher, name = split_teacher_key(key)
             if name == LOGITS:
                 h, w = self.map_size[teacher]
-                grid = value.reshape(len(value), h, w, -1).permute(0, 3, 1, 2)
-                targets[key] = pool_boxes(grid, crop_rois(params.crop, sizes, (h, w)), 1).flatten(1)
-                continue
-            rois = crop_rois(params.crop, sizes, tuple(value.shape[-2:]))
-            pooled = pool_boxes(value, rois, self.out_grid[name])
-            pooled = torch.where(params.flip[:, None, None, None], pooled.flip(-1), pooled)
-            targets[key] = augment.vertical_flips(pooled, params)
+                grid, out = value.reshape(len(value), h, w, -1).permute(0, 3, 1, 2), 1
+            else:
+                grid, out = value, self.out_grid[name]
+            groups.setdefault((tuple(grid.shape[-2:]), out), []).append((key, grid.float()))
+        targets = {}
+        for (map_size, out), members in groups.items():
+            pooled = pool_boxes(torch.cat([grid for _, grid in members], 1), crop_rois(params.crop, sizes, map_size),
+                                out)  # fmt: skip
+            if out > 1:  # mirrored with the crop (one position is its own mirror)
+                pooled = torch.where(params.flip[:, None, None, None], pooled.flip(-1), pooled)
+                pooled = augment.vertical_flips(pooled, params)
+            parts = pooled.split([grid.shape[1] for _, grid in members], dim=1)
+            for (key, _), part in zip(members, parts, strict=True):
+                targets[key] = part.flatten(1) if split_teacher_key(key)[1] == LOGITS else part
         return targets
 
 

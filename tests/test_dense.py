@@ -287,3 +287,9 @@ def test_a_teacher_whose_head_is_not_per_position_and_a_method_reading_maps_are_
                                        "--student", "resnet8_w4", "--epochs", "1", "--out", str(tmp_path / "at")],
                                       tmp_path))  # fmt: skip
     assert "channel-mean maps" in line and "dense store" in line, line
+
+
+def test_a_dense_store_is_refused_as_the_fidelity_reference_in_one_line(stores, tmp_path):
+    dense, views = stores
+    line = one_error_line(run_console(["info", str(views), "--fidelity", str(dense)], tmp_path))
+    assert "the reference is a dense store" in line, line

@@ -216,7 +216,7 @@ def build_run(
         dataset = load_store_dataset(config, store)
     else:
         store.check_matches(dataset.describe(), store.dataset["split"])
-    _check_logits_temperature(config, store)
+    check_logits_temperature(config, store)
     precision = Precision(device)
     seed_everything(config.seed)
     student = create_model(config.student, dataset.num_classes, dataset.image_size)
@@ -224,7 +224,7 @@ def build_run(
     if method.trains_peers and world.enabled:
         raise UserError(f"--method {config.method} trains its peers in one process; run it without torchrun")
     distiller = method(student, config, store, dataset.image_size)
-    _refuse_damaged(store, config.store, distiller.needed_keys())
+    refuse_damaged(store, config.store, distiller.needed_keys())
     distiller = distiller.to(device)
     if precision.channels_last:
         for network in distiller.trained_networks():
@@ -304,7 +304,7 @@ def _refined_labels(config: DistillConfig, labels: torch.Tensor, device: torch.d
     return labels
 
 
-def _check_logits_temperature(config: DistillConfig, store: TeacherStore) -> None:
+def check_logits_temperature(config: DistillConfig, store: TeacherStore) -> None:
     """Refuse soft labels at another temperature than a sampled store's draws: counts drawn at T estimate the
     teacher's softmax at T only (top-k logits, exact at their temperature, stay close at others)."""
     layout = store.layout
@@ -315,7 +315,7 @@ def _check_logits_temperature(config: DistillConfig, store: TeacherStore) -> Non
                     f"extract again with --logits-temperature {config.temperature:g}")  # fmt: skip
 
 
-def _refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:
+def refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:
     """Refuse a store whose needed chunks are missing or fail their checksums, before any training."""
     report = verify_store(store, keys=["labels", *store.view_keys, *store.with_companions(keys)])
     if not report.ok:

@@ -45,10 +45,7 @@ class DistillEpochs:
         return self.run.views[epoch % len(self.run.views)]
 
     def epoch_views(self, epoch: int) -> list[int]:
-        """The views epoch ``epoch`` replays: view ``e mod V``, or with K crops per image views ``eK .. eK+K-1``
-        (mod V)."""
-        crops = self.run.config.crops_per_image
-        return [self.run.views[(epoch * crops + j) % len(self.run.views)] for j in range(crops)]
+        return epoch_views(self.run, epoch)
 
     def record_fields(self, epoch: int) -> dict:
         divergent = self.run.divergent
@@ -63,49 +60,11 @@ class DistillEpochs:
 
     def batches(self, epoch: int) -> Iterator[tuple[tuple[torch.Tensor, dict | None, augment.ViewParams | None],
                                                     torch.Tensor]]:  # fmt: skip
-        """The epoch's ``((rows, targets, mixed), pixels)``: rows and targets from the store's batch source, the
-        pixels of those rows in this epoch's view from the image source, and the rows' view parameters when the
-        view mixes rows (None otherwise). Under torchrun each rank asks only for its
-        share of every batch, so it decodes only its own rows."""
-        run, config, world = self.run, self.run.config, self.run.world
-        self.chooser = epoch_generator(config.seed, epoch, Stream.TEACHER_CHOICE)
-        run.distiller.set_epoch(epoch)
-        views = self.epoch_views(epoch)
-        if config.fresh_views or run.dense is not None:
-            # A dense store's crops are drawn like fresh views, one draw per crop of an image.
-            generator = epoch_generator(config.seed, epoch, Stream.FRESH_VIEWS)
-            draws = config.crops_per_image if run.dense is not None else 1
-            params = [augment.draw(run.recipe, run.sizes, generator, run.store.policy, run.store.mixing,
-                                   run.dataset.image_size) for _ in range(draws)]  # fmt: skip
-        else:
-            params = [run.view_params(view) for view in views]
-        last = epoch + 1 >= config.epochs
-        if config.crops_per_image > 1:
-            batches = run.source.epoch(epoch, views, None if last else self.epoch_views(epoch + 1))
-        else:
-            one_view = run.source.epoch(epoch, views[0], None if last else self.view(epoch + 1))
-            batches = ((rows, targets, None) for rows, targets in one_view)
-
-        def requests() -> Iterator[tuple[torch.Tensor, augment.ViewParams, tuple]]:
-            for rows, targets, crop in batches:
-                rows, targets, crop = _rank_share(world, rows, targets, crop)
-                rows_params = _crop_params(params, rows, crop)
-                if run.dense is not None and targets is not None:  # the maps' boxes of these crops
-                    targets = run.dense(targets, rows_params, run.sizes[rows])
-                # Mixed rows' hard labels are mixed with the same lambda (the pixels are mixed by the source).
-                yield rows, rows_params, (rows, targets, rows_params if rows_params.mix_partner is not None else None)
-
-        natural = run.images.pixels(requests())
-        if run.divergent is None:
-            return natural
-
-        def divergent() -> Iterator:
-            for rows, targets, pixels in run.divergent.epoch(epoch):
-                rows, targets, pixels = _rank_share(world, rows, targets, pixels)
-                yield (rows, targets, None), pixels
-
-        natural_steps = run.schedule.steps - run.divergent.per_epoch
-        return interleaved(natural, divergent(), natural_steps, run.divergent.per_epoch)
+        """The epoch's batches (:func:`replay_batches`), with the epoch's teacher choice and the method told
+        the epoch first."""
+        self.chooser = epoch_generator(self.run.config.seed, epoch, Stream.TEACHER_CHOICE)
+        self.run.distiller.set_epoch(epoch)
+        return replay_batches(self.run, epoch)
 
     def step(self, batch: tuple[tuple, torch.Tensor]) -> StepOutput:
         """One step on a batch of :meth:`batches`."""
@@ -139,6 +98,61 @@ class DistillEpochs:
             out.stats.update(gradient_norms(out.losses, distiller.student_parameters()))
         self.steps += 1
         return StepOutput(out.logits, labels, out.losses, out.stats)
+
+
+def epoch_views(replay, epoch: int) -> list[int]:
+    """The views epoch ``epoch`` replays: view ``e mod V``, or with K crops per image views ``eK .. eK+K-1``
+    (mod V); ``replay`` is a :class:`~meal_cache.distill.run.DistillRun` or anything with its replay fields."""
+    crops = replay.config.crops_per_image
+    return [replay.views[(epoch * crops + j) % len(replay.views)] for j in range(crops)]
+
+
+def replay_batches(replay, epoch: int) -> Iterator[tuple[tuple[torch.Tensor, dict | None,
+                                                               augment.ViewParams | None], torch.Tensor]]:  # fmt: skip
+    """Epoch ``epoch``'s ``((rows, targets, mixed), pixels)``: rows and targets from the store's batch source
+    (a dense store's derived for the epoch's fresh crops), the pixels of those rows in this epoch's view from the
+    image source, and the rows' view parameters when the view mixes rows (None otherwise). Under torchrun each
+    rank asks only for its share of every batch, so it decodes only its own rows. ``replay`` is a
+    :class:`~meal_cache.distill.run.DistillRun`, or anything with its replay fields (config, world, store,
+    dataset, images, source, views, view_params, recipe, sizes, dense, divergent, schedule): the public
+    :class:`~meal_cache.cached_views.CachedViews` is one."""
+    config, world = replay.config, replay.world
+    views = epoch_views(replay, epoch)
+    if config.fresh_views or replay.dense is not None:
+        # A dense store's crops are drawn like fresh views, one draw per crop of an image.
+        generator = epoch_generator(config.seed, epoch, Stream.FRESH_VIEWS)
+        draws = config.crops_per_image if replay.dense is not None else 1
+        params = [augment.draw(replay.recipe, replay.sizes, generator, replay.store.policy, replay.store.mixing,
+                               replay.dataset.image_size) for _ in range(draws)]  # fmt: skip
+    else:
+        params = [replay.view_params(view) for view in views]
+    last = epoch + 1 >= config.epochs
+    if config.crops_per_image > 1:
+        batches = replay.source.epoch(epoch, views, None if last else epoch_views(replay, epoch + 1))
+    else:
+        following = None if last else epoch_views(replay, epoch + 1)[0]
+        batches = ((rows, targets, None) for rows, targets in replay.source.epoch(epoch, views[0], following))
+
+    def requests() -> Iterator[tuple[torch.Tensor, augment.ViewParams, tuple]]:
+        for rows, targets, crop in batches:
+            rows, targets, crop = _rank_share(world, rows, targets, crop)
+            rows_params = _crop_params(params, rows, crop)
+            if replay.dense is not None and targets is not None:  # the maps' boxes of these crops
+                targets = replay.dense(targets, rows_params, replay.sizes[rows])
+            # Mixed rows' hard labels are mixed with the same lambda (the pixels are mixed by the source).
+            yield rows, rows_params, (rows, targets, rows_params if rows_params.mix_partner is not None else None)
+
+    natural = replay.images.pixels(requests())
+    if replay.divergent is None:
+        return natural
+
+    def divergent() -> Iterator:
+        for rows, targets, pixels in replay.divergent.epoch(epoch):
+            rows, targets, pixels = _rank_share(world, rows, targets, pixels)
+            yield (rows, targets, None), pixels
+
+    natural_steps = replay.schedule.steps - replay.divergent.per_epoch
+    return interleaved(natural, divergent(), natural_steps, replay.divergent.per_epoch)
 
 
 def _rank_share(world: World, rows: torch.Tensor, targets: dict | None, extra: torch.Tensor | None):

@@ -1,0 +1,122 @@
+"""The public loader for your own training loop (issue 31): it serves distill's pixels and targets in distill's
+order, the plain-PyTorch example reproduces `meal-cache distill --method kd`, the timm example trains, and bad
+requests are refused by name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from console import ROOT, run_console
+
+from meal_cache import CachedViews, kd_loss
+from meal_cache.data import load_dataset
+from meal_cache.distill import DistillConfig, DistillEpochs, build_run
+from meal_cache.distributed import init_world
+from meal_cache.errors import UserError
+from meal_cache.extract import ExtractConfig, extract
+from meal_cache.losses import kd_kl
+from meal_cache.store import logits_key, open_store
+
+SPEC = "digits?train_fraction=0.1"  # 143 training rows
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, teacher_dir):
+    """3 views of 143 rows, both teachers' logits and last block's pooled channels."""
+    path = tmp_path_factory.mktemp("loader") / "feats.zarr"
+    config = ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], data=SPEC, views=3, teacher_dir=str(teacher_dir),
+                           features=["blocks"], blocks="1", device="cpu")  # fmt: skip
+    extract(config, path, progress=False)
+    return path
+
+
+def run_example(script: str, *args: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,
+                            timeout=600, env=environment)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("crops", [1, 2])
+def test_the_loader_serves_distills_pixels_and_targets_in_distills_order(small, crops):
+    digits = load_dataset(SPEC)
+    config = DistillConfig(store=str(small), student="resnet8_w4", method="kd", epochs=3, batch_size=32, seed=5,
+                           crops_per_image=crops, device="cpu", workers=0).resolved(("blocks",))  # fmt: skip
+    world, device = init_world("cpu")
+    run = build_run(config, world, device, digits, progress=False)
+    epochs, store = DistillEpochs(run), open_store(small)
+    views = CachedViews(small, batch_size=32, seed=5, epochs=3, crops_per_image=crops, features=("blocks",),
+                        device="cpu", workers=0, dataset=digits)  # fmt: skip
+    try:
+        assert len(views) == run.schedule.steps
+        for epoch in (0, 2):
+            served = list(views.epoch(epoch))
+            distilled = list(epochs.batches(epoch))
+            assert len(served) == len(distilled) == len(views)
+            for batch, ((rows, targets, _), pixels) in zip(served, distilled, strict=True):
+                assert torch.equal(batch["rows"], rows)
+                inputs = (pixels / 255 - torch.tensor(digits.mean).view(1, -1, 1, 1)) / torch.tensor(
+                    digits.std).view(1, -1, 1, 1)  # fmt: skip
+                assert torch.allclose(batch["pixels"], inputs, atol=1e-6)
+                assert torch.equal(batch["labels"], run.labels[rows])
+                for teacher in ("resnet8_w4", "densenet_k12"):
+                    assert torch.equal(batch["logits"][teacher], targets[logits_key(teacher)].float())
+                expected_views = torch.tensor(epochs.epoch_views(epoch)).repeat_interleave(len(rows) // crops)
+                assert torch.equal(batch["view"], expected_views)
+                # The blocks asked for (kd itself reads none): each sample's own view's stored row.
+                served_blocks = batch["features"]["resnet8_w4"]["blocks/layer3"]
+                for view in expected_views.unique().tolist():
+                    chosen = batch["view"] == view
+                    stored = torch.from_numpy(store.read("teachers/resnet8_w4/blocks/layer3", view))
+                    assert torch.equal(served_blocks[chosen], stored[rows[chosen]])
+                mean = (torch.softmax(batch["logits"]["resnet8_w4"] / 4, 1) +
+                        torch.softmax(batch["logits"]["densenet_k12"] / 4, 1)) / 2  # fmt: skip
+                assert torch.allclose(batch["soft_targets"]["mean"], mean, atol=1e-6)
+    finally:
+        views.close()
+        run.source.close()
+        run.images.close()
+
+
+def test_the_plain_loop_example_reproduces_distill_kd(small, tmp_path):
+    distilled = run_console(["distill", "--store", str(small), "--student", "resnet8_w4", "--method", "kd",
+                             "--epochs", "2", "--batch-size", "32", "--seed", "3", "--device", "cpu", "--quiet",
+                             "--out", str(tmp_path / "kd")], tmp_path)  # fmt: skip
+    assert distilled.returncode == 0, distilled.stderr[-3000:]
+    run_example("kd_loop.py", str(small), "resnet8_w4", str(tmp_path / "mine.pt"), "2", "32", "3")
+    theirs = torch.load(tmp_path / "kd" / "student.pt", weights_only=True)["model"]
+    mine = torch.load(tmp_path / "mine.pt", weights_only=True)
+    assert set(mine) == set(theirs)
+    # The same pixels, targets, order, initialisation and updates: equal to float32 rounding.
+    for name, value in mine.items():
+        assert torch.allclose(value.float(), theirs[name].float(), atol=1e-5, rtol=1e-5), name
+
+
+def test_the_timm_example_trains_a_timm_student_with_timms_factories(small, tmp_path):
+    result = run_example("timm_student.py", str(small), "resnet10t", str(tmp_path / "timm.pt"), "3")
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
+    assert len(epochs) == 3
+    first, last = (float(line.split("top-1 ")[1].rstrip("%")) for line in (epochs[0], epochs[-1]))
+    assert last > max(first, 20.0), result.stdout  # it learns (chance is 10 %)
+    assert (tmp_path / "timm.pt").is_file()
+
+
+def test_kd_loss_is_distills_soft_label_loss():
+    student, teacher = torch.randn(8, 10), torch.softmax(torch.randn(8, 10), 1)
+    assert torch.equal(kd_loss(student, teacher, 4.0), kd_kl(student, teacher, 4.0))
+
+
+def test_a_request_the_store_cannot_serve_is_refused_by_name(small, tmp_path):
+    with pytest.raises(UserError, match="holds no block maps .*--features maps"):
+        CachedViews(small, features=("maps",), device="cpu", workers=0)
+    with pytest.raises(UserError, match="features takes blocks, maps"):
+        CachedViews(small, features=("pixels",), device="cpu", workers=0)
+    with pytest.raises(UserError, match="does not match this data: its dataset fingerprint differs"):
+        CachedViews(small, data="digits?train_fraction=0.1&fraction_seed=9", device="cpu", workers=0)
+    with pytest.raises(UserError, match="crops_per_image 4 needs as many cached views"):
+        CachedViews(small, crops_per_image=4, device="cpu", workers=0)
