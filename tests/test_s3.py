@@ -134,9 +134,11 @@ def _extract_args(teacher_dir: Path, rows: int, views: int = 2) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bucket_store(s3, tiny_teacher, tmp_path_factory) -> str:
-    """A complete store extracted by the console script into the bucket."""
+    """A complete store extracted by the console script into the bucket: logits only (--for kd), 2 views of 6
+    chunks (the killed extract below writes every kind of array)."""
     url = f"s3://{BUCKET}/feats.zarr"
-    done = run_console([*_extract_args(tiny_teacher, 256), "--out", url], tmp_path_factory.mktemp("home"), **s3)
+    args = [*_extract_args(tiny_teacher, 256), "--for", "kd", "--out", url]
+    done = run_console(args, tmp_path_factory.mktemp("home"), **s3)
     assert done.returncode == 0, done.stderr[-3000:]
     return url
 
@@ -156,11 +158,9 @@ def test_a_store_extracted_into_a_bucket_is_verified_described_and_inspected(s3,
     assert f"store {bucket_store}: 1437 rows, 2 views" in inspected.stdout, inspected.stdout
 
 
-def _progress_marks(environment: dict[str, str], url: str) -> int:
+def _progress_marks(filesystem, url: str) -> int:
     """A teacher's chunks marked done in the bucket: a mark is written once its chunk is."""
-    marks = f"{url.removeprefix('s3://')}/teachers/{TEACHER}/progress/c"
-    filesystem = _bucket(environment)
-    return len(filesystem.find(marks)) if filesystem.exists(marks) else 0
+    return len(filesystem.find(f"{url.removeprefix('s3://')}/teachers/{TEACHER}/progress/c"))
 
 
 def test_an_extract_into_a_bucket_killed_partway_resumes_to_the_same_store(s3, tiny_teacher, digits, tmp_path):
@@ -168,13 +168,13 @@ def test_an_extract_into_a_bucket_killed_partway_resumes_to_the_same_store(s3, t
     args = [*_extract_args(tiny_teacher, 64, views=1), "--out", url]
     process = subprocess.Popen([*console_script(), *args], env=console_environment(tmp_path, **s3),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline and _progress_marks(s3, url) == 0:
+    filesystem, deadline = _bucket(s3), time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and _progress_marks(filesystem, url) == 0:
         time.sleep(0.05)
     assert process.poll() is None, "the extract ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_at = _progress_marks(s3, url)
+    killed_at = _progress_marks(filesystem, url)
     assert 0 < killed_at < -(-1437 // 64) and not _open_group(s3, url).attrs["complete"]
     resumed = run_console(args, tmp_path, **s3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -218,18 +218,21 @@ def _bad_inputs(s3: dict[str, str], teacher_dir: Path) -> dict[str, tuple[list[s
     extract_to = [*_extract_args(teacher_dir, 256), "--out"]
     return {
         # botocore retries a refused connection 4 times, backing off up to 15 s in all; one retry says the same.
-        "wrong endpoint": (["info", f"s3://{BUCKET}/feats.zarr"], {**s3, "AWS_ENDPOINT_URL": closed,
+        "S3 endpoint where nothing answers": (["info", f"s3://{BUCKET}/feats.zarr"], {**s3, "AWS_ENDPOINT_URL": closed,
                                                                    "AWS_MAX_ATTEMPTS": "2"},
                            [f"nothing answers at {closed}", "set AWS_ENDPOINT_URL"]),
-        "missing credentials": ([*extract_to, f"s3://{BUCKET}/no-keys.zarr"], no_keys,
+        "S3 without credentials": ([*extract_to, f"s3://{BUCKET}/no-keys.zarr"], no_keys,
                                 ["no AWS credentials", "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"]),
-        "missing bucket": ([*extract_to, "s3://no-such-bucket/feats.zarr"], s3,
+        "S3 bucket that does not exist": ([*extract_to, "s3://no-such-bucket/feats.zarr"], s3,
                            ["S3 bucket 'no-such-bucket'", "does not exist", "aws s3 mb s3://no-such-bucket",
                             "AWS_ENDPOINT_URL"]),
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", ["wrong endpoint", "missing credentials", "missing bucket"])
+BAD_INPUTS = ["S3 endpoint where nothing answers", "S3 without credentials", "S3 bucket that does not exist"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
 def test_a_bad_s3_setting_is_one_line_naming_what_to_set(s3, tiny_teacher, tmp_path, case):
     args, environment, says = _bad_inputs(s3, tiny_teacher)[case]
     before = sorted(_bucket(s3).find(BUCKET))
@@ -237,3 +240,9 @@ def test_a_bad_s3_setting_is_one_line_naming_what_to_set(s3, tiny_teacher, tmp_p
     for words in says:
         assert words in line, line
     assert sorted(_bucket(s3).find(BUCKET)) == before, "a refused command wrote to the bucket"
+
+
+def test_errors_doc_lists_the_s3_rows():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
+    for case in BAD_INPUTS:
+        assert f"| {case} |" in text, case

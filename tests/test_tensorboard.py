@@ -106,3 +106,8 @@ def test_tensorboard_without_its_package_is_one_line(tmp_path):
     line = one_error_line(refused)
     assert "--tensorboard needs the tensorboard package" in line and "pip install 'meal-cache[tensorboard]'" in line
     assert not out.exists()
+
+
+def test_errors_doc_lists_the_tensorboard_row():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
+    assert "| --tensorboard without its package |" in text and "pip install 'meal-cache[tensorboard]'" in text
