@@ -4,7 +4,8 @@ A stage supplies an iterable of batches per epoch and a step function that turns
 of named losses (as mdistiller's distillers do); the loop owns the rest, in the manner of torchvision's
 classification reference and timm's train loop: epochs, the learning-rate schedule, the optimiser step with loss
 scaling, running means kept on the device (read once per logging interval, not after every step), evaluation on
-the test split, the history, ``metrics.jsonl``, checkpoints after every epoch and resume from them.
+the test split, the history, ``metrics.jsonl`` (and, where asked, the same records as TensorBoard scalars),
+checkpoints after every epoch and resume from them.
 
 Randomness is derived from the run's seed, the epoch and a named :class:`Stream`, so a resumed run replays exactly
 the epochs an uninterrupted one would have run.
@@ -276,6 +277,43 @@ class Stage:
     desc: str = ""
 
 
+# The folder of the TensorBoard event files: in a distill run directory, and beside a train checkpoint (one run
+# folder per checkpoint in it); docs/design.md, "The run directory".
+TENSORBOARD_DIR = "tensorboard"
+
+
+def check_tensorboard() -> None:
+    """``--tensorboard`` needs the tensorboard package, an extra: refused before anything runs or is written."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"--tensorboard needs the tensorboard package, which is not installed ({err}): pip install "
+                        "'meal-cache[tensorboard]'") from err  # fmt: skip
+
+
+class ScalarLog:
+    """Each epoch's record as TensorBoard scalars in ``log_dir``: every number in it under its own name (as in
+    ``metrics.jsonl``), at step = the record's epoch (from 1)."""
+
+    def __init__(self, log_dir: Path, start_epoch: int) -> None:
+        check_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step hides the events at and after the first epoch this run writes: a run killed after logging an
+        # epoch but before its checkpoint runs that epoch again on --resume, and TensorBoard shows it once; a
+        # fresh run (start 0) hides what an overwritten run left.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_epoch + 1)
+
+    def add(self, record: dict) -> None:
+        for name, value in record.items():
+            if name != "epoch" and isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(name, value, record["epoch"])
+        self.writer.flush()  # an epoch's scalars are on disk with its metrics.jsonl line
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def fit(
     stage: Stage,
     optimisation: Optimisation,
@@ -289,12 +327,16 @@ def fit(
     metrics_path: Path | None = None,
     progress: bool = True,
     workers: int | None = None,
+    tensorboard: Path | None = None,
 ) -> tuple[list[dict], dict | None]:
     """Epochs ``start_epoch`` to ``schedule.epochs``: train, evaluate on the test split, record, save (on rank 0
-    only under ``torchrun``). Returns the history and the last epoch's test metrics (None when none ran)."""
+    only under ``torchrun``); with ``tensorboard``, each record also as scalars in that folder (rank 0). Returns
+    the history and the last epoch's test metrics (None when none ran)."""
     world = world or World()
     history = list(history or [])
     test = None
+    # Flushed after each epoch, so a run that stops on an exception loses nothing by not closing it.
+    scalars = ScalarLog(tensorboard, start_epoch) if tensorboard is not None and world.is_main else None
     for epoch in range(start_epoch, schedule.epochs):
         seed_epoch(seed, epoch)
         started = time.perf_counter()
@@ -313,10 +355,14 @@ def fit(
         if metrics_path is not None:
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+        if scalars is not None:
+            scalars.add(record)
         if progress:
             tqdm.write(f"{desc}  loss {record['loss']:.4f}  train {record['train_top1']:.1f}%  "
                        f"test {test['top1']:.2f}%  lr {record['lr']:.4f}  {record['seconds']:.1f}s")  # fmt: skip
         stage.save(epoch + 1, history, test)
+    if scalars is not None:
+        scalars.close()
     return history, test
 
 

@@ -18,6 +18,7 @@ from meal_cache import augment
 from meal_cache.checkpoint import model_payload, save_checkpoint
 from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.loop import (
+    TENSORBOARD_DIR,
     Optimisation,
     Schedule,
     Stage,
@@ -81,6 +82,13 @@ class TrainConfig:
         return recorded
 
 
+def tensorboard_dir(out: str | Path) -> Path:
+    """Where ``train --tensorboard`` writes a checkpoint's events: ``tensorboard/STEM/`` beside it, so the
+    teachers of one folder are runs side by side under ``tensorboard --logdir FOLDER/tensorboard``."""
+    out = Path(out)
+    return out.parent / TENSORBOARD_DIR / out.stem
+
+
 def train_supervised(
     config: TrainConfig,
     out: str | Path,
@@ -88,10 +96,12 @@ def train_supervised(
     overwrite: bool = False,
     progress: bool = True,
     dataset: ImageDataset | None = None,
+    tensorboard: bool = False,
 ) -> dict:
     """Train ``config.arch`` on ``config.data`` with cross-entropy and write the checkpoint to ``out``.
 
-    The checkpoint is rewritten after every epoch; ``resume`` continues an interrupted run from it.
+    The checkpoint is rewritten after every epoch; ``resume`` continues an interrupted run from it. With
+    ``tensorboard``, each epoch's record is also written as TensorBoard scalars to :func:`tensorboard_dir`.
     Returns the final checkpoint payload (without tensors' copies: the same dict that was saved).
     """
     config.validate()
@@ -141,7 +151,8 @@ def train_supervised(
     stage = Stage(model=model, train_mode=model.train, step=step, batches=batches, save=save)
     try:
         fit(stage, optimisation, Schedule.of(config, len(labels)), dataset, device, config.seed, start_epoch, history,
-            progress=progress, workers=config.workers)  # fmt: skip
+            progress=progress, workers=config.workers,
+            tensorboard=tensorboard_dir(out) if tensorboard else None)  # fmt: skip
     finally:
         source.close()
     return saved_payload

@@ -22,7 +22,13 @@ def run_console(args: list[str], home: Path, **env: str) -> subprocess.Completed
     """``meal-cache ARGS`` with torch's and Hugging Face's caches under ``home`` (empty unless a test fills them),
     HF_HUB_OFFLINE=1, every proxy a closed port, and PYTHONPATH at this tree (the installed command may be an
     editable install of another checkout)."""
-    environment = {
+    environment = console_environment(home, **env)
+    return subprocess.run([*console_script(), *args], capture_output=True, text=True, timeout=300, env=environment)
+
+
+def console_environment(home: Path, **env: str) -> dict[str, str]:
+    """:func:`run_console`'s environment, for a test that starts the command itself (to interrupt it)."""
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "TORCH_HOME": str(home / "torch"),
@@ -34,7 +40,6 @@ def run_console(args: list[str], home: Path, **env: str) -> subprocess.Completed
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         **env,
     }
-    return subprocess.run([*console_script(), *args], capture_output=True, text=True, timeout=300, env=environment)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

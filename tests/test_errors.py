@@ -5,6 +5,7 @@ write, a store URL fsspec cannot open (torchrun's row is in tests/test_distribut
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -270,8 +271,18 @@ def _with_file_size_limit(command: list[str], limit: int) -> list[str]:
     return [sys.executable, "-c", code, str(limit), *command]
 
 
+def _without_s3fs(folder: Path) -> dict[str, str]:
+    """An environment in which ``import s3fs`` fails, as where the s3 extra is not installed (the dev extra
+    installs it for tests/test_s3.py): a module of that name first on PYTHONPATH that raises ImportError."""
+    hidden = folder / "without-s3fs"
+    hidden.mkdir(exist_ok=True)
+    (hidden / "s3fs.py").write_text("raise ImportError('s3fs is hidden by the test')\n")
+    path = os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH", "")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
 @pytest.mark.parametrize("case", CONSOLE_CASE_NAMES)
-def test_bad_input_through_the_console_script_gives_one_line_and_exit_2(world, case):
+def test_bad_input_through_the_console_script_gives_one_line_and_exit_2(world, case, tmp_path):
     root, store = world
     _, args, message = next(c for c in _console_cases(root, store) if c[0] == case)
     if case == "damaged store" and not (root / "damaged.zarr").exists():
@@ -280,8 +291,9 @@ def test_bad_input_through_the_console_script_gives_one_line_and_exit_2(world, c
     command = [*_console_script(), *args]
     if case == "failed write":
         command = _with_file_size_limit(command, FILE_SIZE_LIMIT)
+    environment = _without_s3fs(tmp_path) if case == "store URL without its filesystem package" else None
     before = _snapshot(root) | _snapshot(store)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]

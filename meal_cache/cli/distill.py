@@ -8,7 +8,7 @@ from collections.abc import Callable
 import click
 from click.core import ParameterSource
 
-from meal_cache.cli.options import DEVICE_HELP, WORKERS_OPTION, optimization_options
+from meal_cache.cli.options import DEVICE_HELP, TENSORBOARD_OPTION, WORKERS_OPTION, optimization_options
 
 
 def _discriminator_names(value: str) -> list[str]:
@@ -251,18 +251,20 @@ def _floats(text: str) -> list[float]:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@TENSORBOARD_OPTION
 def distill(block_weights: str, teachers: str, out: str, resume: bool, overwrite: bool, quiet: bool,
-            **settings) -> None:  # fmt: skip
+            tensorboard: bool, **settings) -> None:  # fmt: skip
     """Train a student (and MEAL's discriminators) from a teacher cache alone.
 
     The images come from the dataset the store records, replayed with the stored augmentation of view
     e mod V in epoch e; the teachers' outputs come from the store, never from their checkpoints. Writes
     config.json, metrics.jsonl (every named loss per epoch), last.pt (for --resume) and student.pt
-    (for `meal-cache evaluate`) under --out.
+    (for `meal-cache evaluate`) under --out; with --tensorboard, metrics.jsonl's numbers also in tensorboard/.
     """
     from meal_cache.distill import DistillConfig
     from meal_cache.distill import distill as run_distill
     from meal_cache.distributed import is_main_process
+    from meal_cache.loop import check_tensorboard
 
     if settings["student"] is None:
         if not isinstance(settings["peers"], list):
@@ -272,7 +274,10 @@ def distill(block_weights: str, teachers: str, out: str, resume: bool, overwrite
     given = tuple(name for name in settings if context.get_parameter_source(name) != ParameterSource.DEFAULT)
     config = DistillConfig(given=given, block_weights=_floats(block_weights),
                            teachers=[t.strip() for t in teachers.split(",") if t.strip()], **settings)  # fmt: skip
-    summary = run_distill(config, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    if tensorboard:
+        check_tensorboard()  # before anything is written
+    summary = run_distill(config, out, resume=resume, overwrite=overwrite, progress=not quiet,
+                          tensorboard=tensorboard)  # fmt: skip
     if not is_main_process():
         return
     test = summary["test"]

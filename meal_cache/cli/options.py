@@ -28,6 +28,14 @@ WORKERS_OPTION = click.option(
     "at most 8. In-memory datasets do not use them.",
 )
 
+TENSORBOARD_OPTION = click.option(
+    "--tensorboard",
+    is_flag=True,
+    help="Also write each epoch's record (every loss, accuracy, discriminator accuracy, learning rate) as "
+    "TensorBoard scalars: distill into OUT/tensorboard/, train into tensorboard/NAME/ beside the checkpoint. "
+    "Needs pip install 'meal-cache[tensorboard]'. Not a setting of the run: --resume works with or without it.",
+)
+
 
 def data_options(func):
     """The options that name and locate a dataset, shared by every command that loads one."""

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, augmentation_options, data_options, optimization_options
+from meal_cache.cli.options import (
+    DATA_HELP,
+    DEVICE_HELP,
+    TENSORBOARD_OPTION,
+    augmentation_options,
+    data_options,
+    optimization_options,
+)
 
 
 @click.command()
@@ -35,7 +42,8 @@ from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, augmentation_options,
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from --out; a finished one is left as it is.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(out: str, resume: bool, overwrite: bool, quiet: bool, **settings) -> None:
+@TENSORBOARD_OPTION
+def train(out: str, resume: bool, overwrite: bool, quiet: bool, tensorboard: bool, **settings) -> None:
     """Train a network with cross-entropy: a teacher, or the student-alone baseline.
 
     Random crop with padding (and flip for natural images; random-resized crops for image folders; --scale,
@@ -44,9 +52,13 @@ def train(out: str, resume: bool, overwrite: bool, quiet: bool, **settings) -> N
     classes, input size and normalisation, the data's fingerprint, the test accuracy and the full config;
     it loads with torch.load(weights_only=True).
     """
+    from meal_cache.loop import check_tensorboard
     from meal_cache.train import TrainConfig, train_supervised
 
-    payload = train_supervised(TrainConfig(**settings), out, resume=resume, overwrite=overwrite, progress=not quiet)
+    if tensorboard:
+        check_tensorboard()  # before anything is written
+    payload = train_supervised(TrainConfig(**settings), out, resume=resume, overwrite=overwrite, progress=not quiet,
+                               tensorboard=tensorboard)  # fmt: skip
     test = payload["metrics"]["test"]
     click.echo(
         f"{settings['arch']} on {settings['data']}: test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}%  -> {out}"

@@ -28,7 +28,7 @@ from meal_cache.distill.step import DistillEpochs
 from meal_cache.distributed import World, init_world
 from meal_cache.errors import SettingsMismatch, UserError, settings_difference
 from meal_cache.evaluate import evaluate
-from meal_cache.loop import Optimisation, Schedule, Stage, fit, make_optimizer, resume_state
+from meal_cache.loop import TENSORBOARD_DIR, Optimisation, Schedule, Stage, fit, make_optimizer, resume_state
 from meal_cache.models import create_model
 from meal_cache.runtime import Precision, seed_everything
 from meal_cache.source import ImageSource
@@ -59,8 +59,10 @@ def distill(
     overwrite: bool = False,
     progress: bool = True,
     dataset: ImageDataset | None = None,
+    tensorboard: bool = False,
 ) -> dict:
     """Train a student from a store; writes ``config.json``, ``metrics.jsonl``, ``last.pt`` and ``student.pt``
+    (and with ``tensorboard`` the records as TensorBoard scalars in ``tensorboard/``, not a setting of the run)
     under ``out`` and returns the final summary (test metrics, history).
 
     Under ``torchrun`` each rank takes its share of every batch (the global batch is ``batch_size``, so the
@@ -86,7 +88,8 @@ def distill(
                   record_fields=epochs.record_fields, desc=config.method)  # fmt: skip
     try:
         history, test = fit(stage, run.optimisation, run.schedule, run.dataset, device, config.seed, start_epoch,
-                            history, world, out / "metrics.jsonl", progress, config.workers)  # fmt: skip
+                            history, world, out / "metrics.jsonl", progress, config.workers,
+                            tensorboard=out / TENSORBOARD_DIR if tensorboard else None)  # fmt: skip
     finally:
         run.source.close()
         run.images.close()
