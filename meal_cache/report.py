@@ -94,6 +94,7 @@ def _store_summary(path: Path) -> dict:
         "float32_bytes": sum(v["raw_float32"] for v in sizes.values()),
         "views": store.num_views,
         "augmented_views": int(store.attrs["views"]["augmented"]),
+        "dense": store.dense,
         "rows": store.n,
         "by_array": sizes,
     }
@@ -136,8 +137,8 @@ def views_curve(pipeline, per_method: dict[str, dict[int, dict]], stores: dict[s
         rows = []
         for method, store in entries:
             row = {"method": method, "store": store, "views": stores[store]["augmented_views"],
-                   "stored_bytes": stores[store]["stored_bytes"], **summaries(method),
-                   "vs_reference": None}  # fmt: skip
+                   "dense": bool(stores[store].get("dense")), "stored_bytes": stores[store]["stored_bytes"],
+                   **summaries(method), "vs_reference": None}  # fmt: skip
             if reference is not None:
                 row["vs_reference"] = {
                     m: paired_difference(
@@ -146,7 +147,7 @@ def views_curve(pipeline, per_method: dict[str, dict[int, dict]], stores: dict[s
                     for m in CURVE_METRICS
                 }
             rows.append(row)
-        rows.sort(key=lambda r: (r["views"], r["method"]))
+        rows.sort(key=lambda r: (r["dense"], r["views"], r["method"]))  # a dense store's after the views
         curve["families"][family] = {
             "points": rows,
             "reference": None if reference is None else {"method": reference, **summaries(reference)},

@@ -54,7 +54,8 @@ def render_views_curve(curve: dict, plot: str | None) -> list[str]:
             diff = point["vs_reference"]
             top1 = _difference_text("top1", diff["top1"], 2) if diff else "no reference"
             nll = _difference_text("nll", diff["nll"], 4) if diff else "no reference"
-            lines.append(f"| {point['method']} | {family} | {point['views']} | {point['stored_bytes'] / 2**20:.2f} | "
+            views = "dense" if point.get("dense") else point["views"]
+            lines.append(f"| {point['method']} | {family} | {views} | {point['stored_bytes'] / 2**20:.2f} | "
                          f"{cells(point)} | {top1} | {nll} |")  # fmt: skip
         if data["reference"] is not None:
             lines.append(f"| {data['reference']['method']} | {family} | fresh | - | {cells(data['reference'])} | "

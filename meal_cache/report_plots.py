@@ -133,15 +133,21 @@ def plot_views_curve(curve: dict, path: Path) -> None:
     families = len(curve["families"])
     for index, (family, data) in enumerate(curve["families"].items()):
         colour = colours[index % 10]
-        for point in data["points"]:
+        # A dense store has no V: its students are a horizontal line, as the references are.
+        cached = [p for p in data["points"] if not p.get("dense")]
+        for point in cached:
             ticks.setdefault(point["views"], point["stored_bytes"] / 2**20)
         # Families side by side around each V, so their error bars do not hide each other.
         shift = 2 ** (0.06 * (index - (families - 1) / 2))
         for ax, metric in zip(axes, CURVE_METRICS, strict=True):
-            if data["points"]:
-                ax.errorbar([p["views"] * shift for p in data["points"]], [p[metric]["mean"] for p in data["points"]],
-                            yerr=[p[metric]["std"] for p in data["points"]], color=colour, marker="o", capsize=3,
+            if cached:
+                ax.errorbar([p["views"] * shift for p in cached], [p[metric]["mean"] for p in cached],
+                            yerr=[p[metric]["std"] for p in cached], color=colour, marker="o", capsize=3,
                             label=f"{family}, cached views")  # fmt: skip
+            for point in data["points"]:
+                if point.get("dense"):
+                    ax.axhline(point[metric]["mean"], color=colour, linestyle="-.", linewidth=1.2,
+                               label=f"{point['method']} (dense store, {point['stored_bytes'] / 2**20:.1f} MiB)")
             reference = data["reference"]
             if reference is not None:
                 mean, std = reference[metric]["mean"], reference[metric]["std"]

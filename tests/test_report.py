@@ -113,3 +113,21 @@ def test_methods_are_paired_against_kd_with_wins_and_their_diagnostics_are_table
     report = render_markdown(results, {})
     assert "## Pairs the pipeline names" in report
     assert "| meal | alone | +19.00 | [" in report and "| 2/2 | better |" in report
+
+
+def test_a_dense_stores_students_are_a_row_named_dense_after_the_views_and_a_line_in_the_plot(tmp_path):
+    pipeline = SimpleNamespace(methods={
+        "kd-dense": {"method": "kd", "store": "d"},
+        "kd-v4": {"method": "kd", "store": "v4"},
+        "kd-online": {"method": "kd", "online": True, "fresh_views": True, "store": "v4"},
+    })  # fmt: skip
+    per_method = {name: _runs({1: 95.0, 2: 96.0}) for name in pipeline.methods}
+    stores = {"d": {"augmented_views": 0, "dense": True, "stored_bytes": 3 << 20},
+              "v4": {"augmented_views": 4, "stored_bytes": 1 << 20}}  # fmt: skip
+    curve = views_curve(pipeline, per_method, stores)
+    assert [(p["method"], p["dense"]) for p in curve["families"]["kd"]["points"]] == [("kd-v4", False),
+                                                                                      ("kd-dense", True)]
+    lines = "\n".join(render_views_curve(curve, "views_curve.png"))
+    assert "| kd-dense | kd | dense | 3.00 |" in lines and "| kd-v4 | kd | 4 | 1.00 |" in lines
+    plot_views_curve(curve, tmp_path / "views_curve.png")  # no V of 0 on the log axis
+    assert (tmp_path / "views_curve.png").stat().st_size > 0
