@@ -99,13 +99,19 @@ def _per_position(model: torch.nn.Module, block: str) -> Iterator[dict]:
         handle.remove()
 
 
+def head_input(model: torch.nn.Module) -> str:
+    """The module whose output the head reads: a timm network's ``dense_tap`` (the final map before
+    ``forward_head``), else the last block."""
+    return getattr(model, "dense_tap", None) or model.block_names[-1]
+
+
 def _logit_map(model: torch.nn.Module, batch: torch.Tensor, precision: Precision) -> torch.Tensor:
     """(B, h, w, C): the model's classifier at each position of its last block's output."""
-    with _per_position(model, model.block_names[-1]) as found, precision.autocast():
+    with _per_position(model, head_input(model)) as found, precision.autocast():
         rows = model(batch)
     if "shape" not in found or rows.shape[0] != math.prod(found["shape"]):
-        # The head did not take the spread output (a ViT's class token, a wrapper that pools elsewhere).
-        raise RuntimeError(f"the logits are not one row per position of block '{model.block_names[-1]}'")
+        # The head did not take the spread output (a wrapper that pools elsewhere).
+        raise RuntimeError(f"the logits are not one row per position of '{head_input(model)}'")
     b, h, w = found["shape"]
     return rows.float().reshape(b, h, w, -1)
 
@@ -114,12 +120,12 @@ def _logit_map(model: torch.nn.Module, batch: torch.Tensor, precision: Precision
 def check_position_head(teacher, size: int, precision: Precision, device: torch.device) -> tuple[int, int]:
     """The (h, w) of ``teacher``'s logit map at ``size`` px, refused (UserError) unless the map's mean gives back
     the teacher's own logits: only then is "the classifier at each position" what the teacher computes."""
-    model, last = teacher.model, teacher.model.block_names[-1]
+    model, last = teacher.model, head_input(teacher.model)
     generator = torch.Generator().manual_seed(0)
     pixels = (torch.rand(2, 3, size, size, generator=generator) * 255).to(device)
     batch = augment.normalise(pixels, teacher.mean, teacher.std, channels_last=precision.channels_last)
     refusal = (f"--dense needs teacher '{teacher.spec.key}' ({teacher.spec.arch}) to classify the global average "
-               f"of its last block '{last}' with layers that act on each position alone (ReLabel's label-map "
+               f"of its final map ('{last}') with layers that act on each position alone (ReLabel's label-map "
                "rule)")  # fmt: skip
     try:
         with precision.autocast():

@@ -226,6 +226,9 @@ class TimmNet(nn.Module):
         self.net = net
         self.indices = indices
         self.taps = nn.ModuleDict({key: nn.Identity() for key in tap_names})
+        # What the head reads, through an identity a dense store's hook can spread into one map per position.
+        self.head_input = nn.Identity()
+        self.dense_tap = "head_input" if indices is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.indices is None:
@@ -234,7 +237,7 @@ class TimmNet(nn.Module):
         final, intermediates = self.net.forward_intermediates(x, indices=self.indices, output_fmt="NCHW")
         for tap, value in zip(self.taps.values(), intermediates, strict=True):
             tap(value)  # the identity's forward hook is the block tap
-        return self.net.forward_head(final)
+        return self.net.forward_head(self.head_input(final))
 
 
 def _all_intermediates(net: nn.Module, name: str, image_size: int) -> list[torch.Tensor]:

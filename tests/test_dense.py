@@ -248,8 +248,9 @@ def made(tmp_path_factory):
     spec = "digits?folds=20&fold=0&train_fraction=0.05"
     train_supervised(TrainConfig(arch="resnet8_w4", data=spec, epochs=1, device="cpu"),
                      root / "teachers" / "resnet8_w4.pt", progress=False)  # fmt: skip
-    train_supervised(TrainConfig(arch="timm:vit_tiny_patch16_224", data=spec, image_size=32, epochs=1, device="cpu"),
-                     root / "teachers" / "vit.pt", progress=False)  # fmt: skip
+    for name, arch in (("vit", "timm:vit_tiny_patch16_224"), ("timm_resnet", "timm:resnet10t")):
+        train_supervised(TrainConfig(arch=arch, data=spec, image_size=32, epochs=1, device="cpu"),
+                         root / "teachers" / f"{name}.pt", progress=False)  # fmt: skip
     config = ExtractConfig(teachers=["resnet8_w4"], data=spec, dense=True, teacher_dir=str(root / "teachers"),
                            features=["blocks"], blocks="1", device="cpu")  # fmt: skip
     extract(config, root / "dense.zarr", progress=False)
@@ -281,7 +282,8 @@ def test_a_teacher_whose_head_is_not_per_position_and_a_method_reading_maps_are_
     line = one_error_line(run_console(["extract", "--teachers", "vit", "--teacher-dir", str(root / "teachers"),
                                        "--data", spec, "--image-size", "32", "--dense", "--out",
                                        str(tmp_path / "m.zarr")], tmp_path))  # fmt: skip
-    assert "teacher 'vit'" in line and "not one row per position" in line and "store of views" in line, line
+    # Its final features are tokens, not a (B, C, H, W) map: no position has a classifier of its own.
+    assert "teacher 'vit'" in line and "per position failed" in line and "store of views" in line, line
     assert not (tmp_path / "m.zarr").exists()
     line = one_error_line(run_console(["distill", "--store", str(root / "dense.zarr"), "--method", "at",
                                        "--student", "resnet8_w4", "--epochs", "1", "--out", str(tmp_path / "at")],
@@ -293,3 +295,15 @@ def test_a_dense_store_is_refused_as_the_fidelity_reference_in_one_line(stores, 
     dense, views = stores
     line = one_error_line(run_console(["info", str(views), "--fidelity", str(dense)], tmp_path))
     assert "the reference is a dense store" in line, line
+
+
+def test_a_timm_convnet_teacher_gets_its_logit_map_from_the_map_its_head_reads(made, tmp_path):
+    root, spec = made
+    config = ExtractConfig(teachers=["timm_resnet"], data=spec, image_size=32, dense=True, dense_sizes=[64],
+                           teacher_dir=str(root / "teachers"), features=["blocks"], blocks="1",
+                           device="cpu")  # fmt: skip
+    extract(config, tmp_path / "timm.zarr", progress=False)
+    store = open_store(tmp_path / "timm.zarr")
+    assert store.teacher("timm_resnet")["dense_map"] == [2, 2]  # stride 32 at 64 px
+    logits = store.read(logits_key("timm_resnet"), 0)
+    assert logits.shape == (store.n, 4, 10) and np.isfinite(logits).all()
