@@ -139,7 +139,7 @@ warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr 
 def create_store(path: str | Path, **contents: Any) -> TeacherStore:
     """A new store at ``path`` (replacing it) holding ``contents``, opened: see
     :func:`meal_cache.store_create.create_group` for what it takes (dataset, labels, views, teachers, layout, ...)."""
-    return TeacherStore(create_group(path, **contents))
+    return TeacherStore(create_group(path, **contents), str(path))
 
 
 def open_store(path: str | Path, mode: str = "r") -> TeacherStore:
@@ -161,14 +161,16 @@ def open_store(path: str | Path, mode: str = "r") -> TeacherStore:
     if isinstance(version, int) and version > VERSION:
         raise UserError(f"'{path}' is a store of version {version}, which this meal-cache (version {VERSION}) "
                         "cannot read; upgrade meal-cache or extract it again")  # fmt: skip
-    return TeacherStore(group)
+    return TeacherStore(group, str(path))
 
 
 class TeacherStore:
     """Read access to a store (and the few writes extract makes), with its attributes parsed."""
 
-    def __init__(self, group: zarr.Group) -> None:
+    def __init__(self, group: zarr.Group, location: str | None = None) -> None:
         self.group = group
+        # Where the store was opened from, as the user named it (a path or a URL such as s3://bucket/feats.zarr).
+        self.location = location if location is not None else str(group.store)
 
     # ------------------------------------------------------------------ attributes
     @property

@@ -83,7 +83,7 @@ def describe_store(store: TeacherStore) -> str:
                       + f", drawn by distill; teachers saw each whole image at {_sizes(layout.dense['sizes'])}, "
                       f"blocks kept at up to {grid}x{grid}")  # fmt: skip
     lines = [
-        f"store     {store.group.store}  ({'complete' if store.complete else 'INCOMPLETE: run the extract again'})",
+        f"store     {store.location}  ({'complete' if store.complete else 'INCOMPLETE: run the extract again'})",
         f"dataset   {data['spec']} [{data['split']}]  {data['n']} rows, {data['num_classes']} classes, "
         f"{data['image_size']} px, fingerprint {data['fingerprint'][:12]}",
         views_line,

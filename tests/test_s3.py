@@ -153,6 +153,7 @@ def test_a_store_extracted_into_a_bucket_is_verified_described_and_inspected(s3,
     described = run_console(["info", bucket_store], tmp_path, **by_fsspec)
     assert described.returncode == 0, described.stderr[-3000:]
     assert "(complete)" in described.stdout and f"teacher {TEACHER}" in described.stdout, described.stdout
+    assert f"store     {bucket_store}  (complete)" in described.stdout  # the URL as given, not the store's repr
     inspected = run_console(["inspect", bucket_store], tmp_path, **s3)
     assert inspected.returncode == 0, inspected.stderr[-3000:]
     assert f"store {bucket_store}: 1437 rows, 2 views" in inspected.stdout, inspected.stdout
