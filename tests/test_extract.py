@@ -11,6 +11,7 @@ import zarr
 from click.testing import CliRunner
 
 import meal_cache.extract as extract_module
+import meal_cache.extract_finite as extract_finite
 from meal_cache import augment
 from meal_cache.checkpoint import load_model
 from meal_cache.cli import main
@@ -119,10 +120,10 @@ def test_same_seed_gives_identical_stores(small_store, tmp_path, digits):
 def test_killed_extract_resumes_to_the_same_store(small_store, tmp_path, digits, monkeypatch, interrupt_on_call):
     path, config = small_store
     target = tmp_path / "killed.zarr"
-    real = extract_module._store_arrays
+    real = extract_module.store_arrays
     # Each chunk is decoded once for both teachers and written when both are done: the 8th teacher-chunk is the
     # second teacher's of chunk 4, after three whole chunks.
-    undo = interrupt_on_call(extract_module, "_store_arrays", 8)
+    undo = interrupt_on_call(extract_module, "store_arrays", 8)
     with pytest.raises(KeyboardInterrupt):
         extract(config, target, progress=False, dataset=digits)
     partial = open_store(target)
@@ -138,7 +139,7 @@ def test_killed_extract_resumes_to_the_same_store(small_store, tmp_path, digits,
         counted["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(extract_module, "_store_arrays", counting)
+    monkeypatch.setattr(extract_module, "store_arrays", counting)
     extract(config, target, progress=False, dataset=digits)
     total_chunks = 2 * 3 * 6  # teachers x views x chunks
     assert counted["n"] == total_chunks - 6
@@ -343,8 +344,8 @@ def test_bit_rounding_up_to_inf_is_caught_before_the_write():
     raw = {"logits": np.array([[1.0, 65504.0]], np.float32), "maps/layer1": np.ones((1, 2, 2), np.float32)}
     stored = {key: value.astype(np.float16) for key, value in raw.items()}
     config = ExtractConfig(teachers=["t"], keep_bits=4)
-    extract_module._check_finite(raw, stored, ExtractConfig(teachers=["t"]))  # finite in float16
-    with pytest.raises(extract_module.NonFiniteOutput) as caught:
-        extract_module._check_finite(raw, stored, config)
+    extract_finite._check_finite(raw, stored, ExtractConfig(teachers=["t"]))  # finite in float16
+    with pytest.raises(extract_finite.NonFiniteOutput) as caught:
+        extract_finite._check_finite(raw, stored, config)
     assert caught.value.stage == "keep_bits" and caught.value.keys == ["logits"]
     assert "--keep-bits 4 rounds" in caught.value.explain("t", "view 1 of 1", slice(0, 1), config, None)

@@ -116,6 +116,7 @@ def parse_sizes(text: str) -> list[int]:
 @click.option(
     "--dense",
     is_flag=True,
+    default=False,
     help="A dense store: each teacher runs once per image, on the whole image, and the store keeps its logit map "
     "(the classifier at each position of its last block, ReLabel's rule) and its blocks on a --dense-grid grid; "
     "distill then draws a fresh crop and flip per row and epoch and derives that crop's targets by RoIAlign over "
