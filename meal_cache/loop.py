@@ -289,6 +289,7 @@ def fit(
     metrics_path: Path | None = None,
     progress: bool = True,
     workers: int | None = None,
+    decode: str = "auto",
 ) -> tuple[list[dict], dict | None]:
     """Epochs ``start_epoch`` to ``schedule.epochs``: train, evaluate on the test split, record, save (on rank 0
     only under ``torchrun``). Returns the history and the last epoch's test metrics (None when none ran)."""
@@ -304,7 +305,8 @@ def fit(
         desc = f"{prefix}epoch {epoch + 1}/{schedule.epochs}"
         record.update(run_epoch(stage.step, stage.batches(epoch), optimisation, schedule, epoch, world, desc,
                                 progress and world.is_main))  # fmt: skip
-        test = evaluate(stage.model, dataset, "test", device, workers=workers, progress=progress and world.is_main)
+        test = evaluate(stage.model, dataset, "test", device, workers=workers, progress=progress and world.is_main,
+                        decode=decode)  # fmt: skip
         record.update({"test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"]})
         record["seconds"] = time.perf_counter() - started
         history.append(record)

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, augmentation_options, data_options, optimization_options
+from meal_cache.cli.options import (
+    DATA_HELP,
+    DECODE_OPTION,
+    DEVICE_HELP,
+    augmentation_options,
+    data_options,
+    optimization_options,
+)
 
 
 @click.command()
@@ -24,6 +31,7 @@ from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, augmentation_options,
     help=DATA_HELP,
 )
 @data_options
+@DECODE_OPTION
 @optimization_options
 @click.option("--label-smoothing", default=0.0, show_default=True, type=float)
 @augmentation_options

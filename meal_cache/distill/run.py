@@ -86,14 +86,15 @@ def distill(
                   record_fields=epochs.record_fields, desc=config.method)  # fmt: skip
     try:
         history, test = fit(stage, run.optimisation, run.schedule, run.dataset, device, config.seed, start_epoch,
-                            history, world, out / "metrics.jsonl", progress, config.workers)  # fmt: skip
+                            history, world, out / "metrics.jsonl", progress, config.workers, config.decode)  # fmt: skip
     finally:
         run.source.close()
         run.images.close()
         if run.divergent is not None:
             run.divergent.close()
     if test is None:  # resumed a run that had already finished
-        test = evaluate(run.distiller.student, run.dataset, "test", device, workers=config.workers)
+        test = evaluate(run.distiller.student, run.dataset, "test", device, workers=config.workers,
+                        decode=config.decode)  # fmt: skip
     world.check_identical(run.distiller, "the student, adapters and discriminators")
     summary = {"test": test, "history": history}
     if world.is_main:
@@ -245,7 +246,7 @@ def build_run(
     shared = list(distiller.adapters.parameters()) + (d_params if d_opt is None else [])
     optimisation = Optimisation(s_opt, precision.grad_scaler(), lambda: world.average_gradients(shared))
     split = dataset.split(store.dataset["split"])
-    images = split.open(device, config.workers)
+    images = split.open(device, config.workers, decode=config.decode)
     labels = split.labels.to(device, non_blocking=True)
     if config.refine_labels:
         labels = _refined_labels(config, labels, device, progress)
@@ -328,6 +329,7 @@ def _config_json(config: DistillConfig) -> dict:
     """The recorded config: everything but how many processes decode, which changes no result."""
     recorded = drop_unset(dataclasses.asdict(config))
     recorded.pop("workers")
+    recorded.pop("decode")
     recorded.pop("given", None)
     # Runs of methods without options record what they recorded before options existed.
     if not recorded.get("method_options"):
@@ -341,7 +343,7 @@ def save_peers(run: DistillRun, out: Path, history: list[dict]) -> list[dict]:
     results = []
     networks = run.distiller.trained_networks()
     for index, (peer, arch) in enumerate(zip(networks, peer_architectures(run.config), strict=True)):
-        test = evaluate(peer, run.dataset, "test", run.device, workers=run.config.workers)
+        test = evaluate(peer, run.dataset, "test", run.device, workers=run.config.workers, decode=run.config.decode)
         run.save_student(Path(out) / f"peer{index}.pt", history, test, model=peer, arch=arch)
         results.append(test)
     return results
