@@ -206,7 +206,9 @@ class _Decoder(Dataset):
             position[row] = len(items)
             path = self.path(row)
             try:
-                data = torchvision.io.read_file(path)
+                # A copy: read_file's tensor is backed by the file itself, and sending it to the main process
+                # hangs the DataLoader (seen with torch 2.14 / torchvision 0.29).
+                data = torchvision.io.read_file(path).clone()
             except DECODE_ERRORS as err:
                 return torch.empty(0), [], [], BadImage(path, f"cannot be decoded ({first_line(err)})")
             if not is_jpeg(data):  # PNG, BMP, ...: decoded on the CPU here, as without GPU decoding
