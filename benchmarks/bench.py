@@ -447,6 +447,7 @@ class StreamSettings:
     batch: int = STREAM_BATCH
     workers: int = STREAM_WORKERS
     device: str = "cpu"
+    decode: str = "auto"  # where meal-cache decodes the JPEGs (--decode); the plain pipeline always on the CPU
 
     @property
     def precision(self) -> Precision:
@@ -552,7 +553,8 @@ def bench_stream_extract(work: Path, root: Path, repeats: int, settings: StreamS
     teacher_dir = work / "stream-teachers"
     names = stream_teachers(teacher_dir, load_dataset(spec, image_size=224), settings.teachers)
     config = ExtractConfig(teachers=names, data=spec, image_size=224, views=1, batch_size=settings.batch,
-                           teacher_dir=str(teacher_dir), device=settings.device, workers=settings.workers)  # fmt: skip
+                           teacher_dir=str(teacher_dir), device=settings.device, workers=settings.workers,
+                           decode=settings.decode)  # fmt: skip
     data = load_dataset(spec, image_size=224)
     models = [settings.precision.prepare(resolve_teacher(n, teacher_dir, data).model) for n in names]
     store = work / "stream.zarr"
@@ -581,6 +583,7 @@ def bench_stream_cache_tax(work: Path, root: Path, store: Path, repeats: int,
             # discriminator (50,176 -> 25,088 -> ...) would hold 1.26 G parameters (20 GB with Adam's state).
             config = DistillConfig(store=str(store), student=settings.student, method=method, epochs=1,
                                    batch_size=settings.batch, device=settings.device, workers=settings.workers,
+                                   decode=settings.decode,
                                    match_blocks=2 if method == "meal" else None)  # fmt: skip
             run = distill(config, work / f"stream-{method}", overwrite=True, progress=False, dataset=data)
             seconds[method].append(run["history"][0]["seconds"])

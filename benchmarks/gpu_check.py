@@ -3,10 +3,12 @@
 A GPU is lent rarely and for minutes, so everything is in one prepared run, sized to finish in a few minutes on
 an H100:
 
-1. `pytest -m cuda tests/test_cuda.py`: train, extract and distill under fp16 (with its GradScaler) and bf16,
-   channels_last, a GPU store against the CPU one, a resume after SIGTERM;
-2. 224 px throughput on a generated JPEG folder: extract (random-weight resnet50 and densenet121 teachers) and
-   a distill epoch (resnet18 student, kd and meal) in images/s, against a plain torchvision ImageFolder +
+1. `pytest -m cuda tests/test_cuda.py tests/test_decode.py tests/test_distributed.py`: train, extract and
+   distill under fp16 (with its GradScaler) and bf16, channels_last, a GPU store against the CPU one, a resume
+   after SIGTERM; GPU JPEG decoding (--decode cuda) against the CPU's pixels and its replay; 2 DDP ranks on the GPU;
+2. 224 px throughput on a generated JPEG folder: extract (random-weight resnet50 and densenet121 teachers) with
+   the JPEGs decoded on the GPU (--decode cuda) and again on the CPU workers (--decode cpu), and a distill epoch
+   (resnet18 student, kd and meal, --decode cuda) in images/s, against a plain torchvision ImageFolder +
    DataLoader pipeline in the same run, with the peak GPU memory of each.
 
 Writes gpu/results.json and prints a table. Without CUDA it prints "no CUDA device: nothing measured" and exits 0.
@@ -17,6 +19,7 @@ Writes gpu/results.json and prints a table. Without CUDA it prints "no CUDA devi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import subprocess
@@ -36,15 +39,16 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTHING = "no CUDA device: nothing measured"
 # 224 px ImageNet networks, as pipelines/imagenet.toml runs them; batch and decoding workers for a GPU host.
 GPU_STREAM = StreamSettings(teachers=("resnet50", "densenet121"), student="resnet18", batch=128,
-                            workers=min(8, os.cpu_count() or 1), device="cuda")  # fmt: skip
+                            workers=min(8, os.cpu_count() or 1), device="cuda", decode="cuda")  # fmt: skip
 CLASSES = 8
+CUDA_TEST_FILES = ["tests/test_cuda.py", "tests/test_decode.py", "tests/test_distributed.py"]
 REPEATS = 3  # the median of three drops the first, cold round (CUDA context, cuDNN's algorithm search)
 
 
 def run_cuda_tests() -> dict:
     """The cuda-marked tests in a child pytest (their output shown as it comes); its exit status and last line."""
     started = time.perf_counter()
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in child.stdout:
@@ -69,6 +73,8 @@ def measure_throughput(work: Path, images: int) -> dict:
     root = image_folder(work / "folder", CLASSES, images // CLASSES, 2, seed=0)
     train = CLASSES * (images // CLASSES)
     extracted, extract_gib = peak_gib(lambda: bench_stream_extract(work, root, REPEATS, GPU_STREAM))
+    # The same extract with the JPEGs decoded by the CPU workers: what GPU decoding buys on this host.
+    cpu_decoded = bench_stream_extract(work, root, REPEATS, dataclasses.replace(GPU_STREAM, decode="cpu"))
     epochs, distill_gib = peak_gib(lambda: bench_stream_cache_tax(work, root, work / "stream.zarr", REPEATS,
                                                                   GPU_STREAM))  # fmt: skip
     return {
@@ -78,17 +84,20 @@ def measure_throughput(work: Path, images: int) -> dict:
             "student": GPU_STREAM.student,
             "batch": GPU_STREAM.batch,
             "workers": GPU_STREAM.workers,
+            "decode": GPU_STREAM.decode,
             "image_size": 224,
         },  # fmt: skip
         # extract's rates count each image once per teacher, as bench.py does.
-        "extract_images_per_s": extracted["stream_extract_images_per_s"],
+        "extract_images_per_s": extracted["stream_extract_images_per_s"],  # --decode cuda
+        "extract_decode_cuda_images_per_s": extracted["stream_extract_images_per_s"],
+        "extract_decode_cpu_images_per_s": cpu_decoded["stream_extract_images_per_s"],
         "plain_extract_images_per_s": extracted["plain_extract_images_per_s"],
         # An epoch's seconds include its test pass (the folder's val split), for distill and the plain one alike.
         "distill_kd_images_per_s": train / epochs["stream_kd_epoch_s"],
         "distill_meal_images_per_s": train / epochs["stream_meal_epoch_s"],
         "plain_train_images_per_s": train / epochs["stream_alone_epoch_s"],
         "peak_gpu_gib": {"extract_and_plain_forward": extract_gib, "distill_and_plain_train": distill_gib},
-        "raw": {**extracted, **epochs},
+        "raw": {**extracted, **epochs, "decode_cpu": cpu_decoded},
     }
 
 
@@ -99,8 +108,9 @@ def render(results: dict) -> str:
         lines.append(f"cuda tests: exit {tests['exit_status']}, {tests['summary']} ({tests['seconds']:.0f} s)")
     speed = results["throughput"]
     lines += ["", f"| 224 px, {speed['images']} JPEGs | meal-cache img/s | plain torchvision img/s |", "|---|---|---|",
-              f"| extract ({' + '.join(speed['settings']['teachers'])}) | {speed['extract_images_per_s']:,.0f} | "
-              f"{speed['plain_extract_images_per_s']:,.0f} |",
+              f"| extract ({' + '.join(speed['settings']['teachers'])}), --decode cuda | "
+              f"{speed['extract_decode_cuda_images_per_s']:,.0f} | {speed['plain_extract_images_per_s']:,.0f} |",
+              f"| extract, --decode cpu | {speed['extract_decode_cpu_images_per_s']:,.0f} | |",
               f"| distill kd ({speed['settings']['student']}) | {speed['distill_kd_images_per_s']:,.0f} | "
               f"{speed['plain_train_images_per_s']:,.0f} |",
               f"| distill meal | {speed['distill_meal_images_per_s']:,.0f} | |", ""]  # fmt: skip

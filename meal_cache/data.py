@@ -81,9 +81,10 @@ class Split:
         """The un-augmented view: the whole image."""
         return augment.identity(self.source_sizes())
 
-    def open(self, device: torch.device, workers: int | None = None, out_size: int | None = None):
+    def open(self, device: torch.device, workers: int | None = None, out_size: int | None = None,
+             decode: str = "auto"):  # fmt: skip
         """A :class:`~meal_cache.source.MemorySource` of these images on ``device``, rendered at ``out_size`` px
-        (default: the data's size; ``workers`` is unused)."""
+        (default: the data's size; ``workers`` and ``decode`` are unused: nothing is decoded)."""
         from meal_cache.source import MemorySource
 
         return MemorySource(self.images, device, out_size or self.image_size)

@@ -116,19 +116,45 @@ class World:
             raise RuntimeError(f"{what} diverged between ranks: {[float(g) for g in gathered]}")
 
 
+BACKEND_ENV = "MEAL_CACHE_DIST_BACKEND"
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def backend_from_env() -> str:
+    """``MEAL_CACHE_DIST_BACKEND``: auto (unset; gloo on CPU, NCCL on CUDA), nccl or gloo. Set, it also lets
+    several ranks share one GPU (rank i on GPU i mod count), which is how a one-GPU machine tests DDP on CUDA:
+    some NCCL versions refuse two ranks on one GPU, gloo takes CUDA tensors too (tests/test_decode.py)."""
+    backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise UserError(f"{BACKEND_ENV}={backend} is not one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def init_world(device_name: str = "auto") -> tuple[World, torch.device]:
-    """Join the process group ``torchrun`` set up (gloo on CPU, NCCL on CUDA) and pick this rank's device."""
+    """Join the process group ``torchrun`` set up (gloo on CPU, NCCL on CUDA, or as ``MEAL_CACHE_DIST_BACKEND``
+    says) and pick this rank's device."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World(), resolve_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
+    backend = backend_from_env()
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if local_rank >= count and backend == "auto":
+            raise UserError(f"torchrun started rank {local_rank} on a node with {count} visible GPU(s); start at most "
+                            f"{count} per node (--nproc-per-node), or set {BACKEND_ENV} to share them")  # fmt: skip
+        device = torch.device("cuda", local_rank % count)
         torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError(f"{BACKEND_ENV}=nccl needs CUDA devices, but this run's device is {device}")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(rank, size, local_rank, device if device.type == "cuda" else torch.device("cpu")), device
+        dist.init_process_group(backend)
+    # meal-cache's own collectives run on CPU tensors under gloo (which takes every collective there); DDP's
+    # gradients stay CUDA tensors, which gloo reduces too.
+    return World(rank, size, local_rank, device if backend == "nccl" else torch.device("cpu")), device
 
 
 def is_main_process() -> bool:

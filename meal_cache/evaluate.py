@@ -36,6 +36,7 @@ def predict_logits(
     workers: int | None = None,
     progress: bool = False,
     desc: str = "evaluate",
+    decode: str = "auto",
 ) -> torch.Tensor:
     """Logits (float32, on the CPU) of the evaluation view of every row of ``part``: the whole image in memory,
     the central 224/256 of a file's shorter side resized to the output size (torchvision's resize / centre crop).
@@ -45,7 +46,7 @@ def predict_logits(
     model.eval()
     outputs = []
     params = part.eval_view(workers)
-    source = part.open(device, workers)
+    source = part.open(device, workers, decode=decode)
     requests = ((rows, params[rows], None) for rows in torch.arange(len(part)).split(batch_size))
     bar = tqdm(total=len(part), desc=desc, unit="img", leave=False, disable=not progress)
     try:
@@ -116,12 +117,14 @@ def evaluate(
     batch_size: int = 512,
     workers: int | None = None,
     progress: bool = False,
+    decode: str = "auto",
 ) -> dict[str, float]:
-    """Metrics of ``model`` on a split of ``dataset``, seen without augmentation (a bar with ``progress``)."""
+    """Metrics of ``model`` on a split of ``dataset``, seen without augmentation (a bar with ``progress``;
+    ``decode`` as ``--decode`` says, see source.decode_device)."""
     device = device or next(model.parameters()).device
     part = dataset.split(split)
     logits = predict_logits(model, part, dataset.mean, dataset.std, device, batch_size, workers, progress,
-                            f"evaluate on {split}")  # fmt: skip
+                            f"evaluate on {split}", decode)  # fmt: skip
     return classification_metrics(logits, part.labels)
 
 

@@ -49,6 +49,7 @@ from meal_cache.loop import check_workers
 from meal_cache.mixing import Mixing
 from meal_cache.projection import PCA_ROWS_PER_DIM, PROJECTIONS, pca_projection, pooled_rows, stored_projections
 from meal_cache.runtime import Precision
+from meal_cache.source import check_decode
 from meal_cache.store import (
     FEATURE_KINDS,
     BlockSpec,
@@ -136,6 +137,7 @@ class ExtractConfig:
     teacher_dir: str = "teachers"
     device: str = "auto"
     workers: int | None = None  # decoding processes for image files (None: from the core count)
+    decode: str = "auto"  # where image files' JPEGs are decoded: cpu, cuda or auto (source.decode_device)
 
     def mixing(self) -> Mixing | None:
         """The views' Mixup/CutMix, None when neither is asked for."""
@@ -219,6 +221,7 @@ class ExtractConfig:
         if self.batch_size < 1 or self.rows_per_chunk < 1:
             raise UserError("--batch-size and --rows-per-chunk must be at least 1")
         check_workers(self.workers)
+        check_decode(self.decode)
         check_logits_options(self.logits_topk, self.logits_sample, self.logits_temperature)
         if self.dense:
             self._validate_dense()
@@ -266,7 +269,7 @@ def fitted_to_data(config: ExtractConfig, asked: ExtractConfig, num_classes: int
 def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teacher]) -> dict:
     """What must be equal for an existing store to be resumed rather than refused."""
     recorded = augment.recorded_options(asdict(config))  # ... and before --scale, --ratio, --hflip, --vflip
-    for transient in ("device", "batch_size", "data_root", "download", "teacher_dir", "workers"):
+    for transient in ("device", "batch_size", "data_root", "download", "teacher_dir", "workers", "decode"):
         recorded.pop(transient)
     if recorded["recipe"] == "crop":  # the settings of stores extracted before --recipe existed
         recorded.pop("recipe")
@@ -348,7 +351,8 @@ def _outputs(dense: DenseSettings | None) -> Callable[..., dict[str, torch.Tenso
 def _open_source(dataset: ImageDataset, config: ExtractConfig, device: torch.device):
     """The split's image source, at the whole image's first size for a dense store."""
     dense = config.dense_settings(dataset.image_size, dataset.streamed)
-    return dataset.split(config.split).open(device, config.workers, None if dense is None else dense.sizes[0])
+    return dataset.split(config.split).open(device, config.workers, None if dense is None else dense.sizes[0],
+                                            decode=config.decode)  # fmt: skip
 
 
 @torch.inference_mode()

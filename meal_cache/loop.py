@@ -327,6 +327,7 @@ def fit(
     metrics_path: Path | None = None,
     progress: bool = True,
     workers: int | None = None,
+    decode: str = "auto",
     tensorboard: Path | None = None,
 ) -> tuple[list[dict], dict | None]:
     """Epochs ``start_epoch`` to ``schedule.epochs``: train, evaluate on the test split, record, save (on rank 0
@@ -346,7 +347,8 @@ def fit(
         desc = f"{prefix}epoch {epoch + 1}/{schedule.epochs}"
         record.update(run_epoch(stage.step, stage.batches(epoch), optimisation, schedule, epoch, world, desc,
                                 progress and world.is_main))  # fmt: skip
-        test = evaluate(stage.model, dataset, "test", device, workers=workers, progress=progress and world.is_main)
+        test = evaluate(stage.model, dataset, "test", device, workers=workers, progress=progress and world.is_main,
+                        decode=decode)  # fmt: skip
         record.update({"test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"]})
         record["seconds"] = time.perf_counter() - started
         history.append(record)

@@ -96,7 +96,13 @@ class StepRunner:
 def _stamped(config: TrainConfig | ExtractConfig) -> dict:
     """A train or extract step's settings as its stamp records them: no device, and the augmentation options left
     unset left out, so runs stamped before those options existed stay up to date."""
-    return augment.recorded_options(dataclasses.asdict(config)) | {"device": None}
+    return _transient_out(augment.recorded_options(dataclasses.asdict(config)) | {"device": None})
+
+
+def _transient_out(settings: dict) -> dict:
+    """Stamps leave out where JPEGs are decoded (--decode changes no result), so steps stay up to date."""
+    settings.pop("decode", None)
+    return settings
 
 
 def _retrying(run: Callable[[bool], object]) -> None:
@@ -211,5 +217,5 @@ def _student_step(steps: StepRunner, pipeline: Pipeline, run_dir: Path, name: st
     def run_distill(config=config, out=out) -> None:
         _retrying(lambda fresh: distill(config, out, resume=not fresh, overwrite=fresh, progress=progress))
 
-    settings = drop_unset(dataclasses.asdict(config) | {"device": None})  # stamps stay those of earlier versions
+    settings = _transient_out(drop_unset(dataclasses.asdict(config) | {"device": None}))  # as earlier versions
     steps.run(f"{name}/seed-{seed}", settings, [store_step], [out / "student.pt"], run_distill)

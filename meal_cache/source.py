@@ -16,6 +16,12 @@ normalises them with its network's statistics.
   the device (:func:`~meal_cache.augment.apply_ops`). Same decoder, same box: the same pixels, bit for bit, on one
   machine, whatever the number of workers or the other rows of a request.
 
+  With GPU decoding (``--decode cuda``, or ``auto`` on a GPU for a folder of .jpg/.jpeg files) the workers only
+  read each request's file bytes, and the training process decodes the request's JPEGs in one batched nvjpeg
+  call (``torchvision.io.decode_jpeg(list, device="cuda")``), then crops, resizes and mirrors each row there with
+  the same box and the same functions (:func:`render_decoded`); a file that is not a JPEG is decoded by the
+  worker on the CPU, as without it. nvjpeg's pixels differ from libjpeg's by a few levels (docs/design.md).
+
 A file that cannot be decoded, or no longer has the size recorded for it, comes back from the worker as a
 :class:`BadImage` and is raised as a :class:`~meal_cache.errors.UserError` naming it.
 """
@@ -134,12 +140,36 @@ def decode_rgb(path: str) -> torch.Tensor:
         return TF.pil_to_tensor(image.convert("RGB"))
 
 
+def render_decoded(images: list[torch.Tensor], crops: torch.Tensor, flips: torch.Tensor, vflips: torch.Tensor | None,
+                   size: int) -> torch.Tensor:  # fmt: skip
+    """uint8 ``(B, 3, size, size)`` on the images' device: row ``i``'s box ``crops[i]`` (y0, x0, h, w, in its
+    source image's pixels) of ``images[i]`` (uint8 ``(3, H, W)``; K crops of one image may pass the same tensor),
+    resized with antialiasing and mirrored as ``flips`` and ``vflips`` say. The CPU workers and the GPU decoding
+    path both render through here, so a row's pixels differ between them only by what the decoder gives."""
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=images[0].device if images else "cpu")
+    for index, (image, crop, flip) in enumerate(zip(images, crops.tolist(), flips.tolist(), strict=True)):
+        y0, x0, h, w = crop
+        pixels = TF.resize(image[:, y0 : y0 + h, x0 : x0 + w], [size, size], antialias=True)
+        out[index] = pixels.flip(-1) if flip else pixels
+    if vflips is not None:  # the same function as in memory, so both sources mirror alike
+        out = augment.vertical_flips(out, augment.ViewParams(crops.to(out.device), flips.to(out.device),
+                                                             vflip=vflips.to(out.device)))  # fmt: skip
+    return out
+
+
+def is_jpeg(data: torch.Tensor) -> bool:
+    """Whether encoded bytes start as a JPEG does (its SOI marker), whatever the file's name says."""
+    return len(data) >= 3 and data[:3].tolist() == [0xFF, 0xD8, 0xFF]
+
+
 class _Decoder(Dataset):
     """What a worker runs: one request of (rows, boxes, flips, vertical flips or None) in, uint8 pixels of its
-    rows out."""
+    rows out; or, with ``encoded`` (GPU decoding), each distinct row's file bytes for the main process to decode
+    (a file that is not a JPEG is decoded here, so nvjpeg only ever sees JPEGs)."""
 
-    def __init__(self, root: str, files: np.ndarray, sizes: torch.Tensor | None, out_size: int) -> None:
-        self.root, self.files, self.sizes, self.out_size = root, files, sizes, out_size
+    def __init__(self, root: str, files: np.ndarray, sizes: torch.Tensor | None, out_size: int,
+                 encoded: bool = False) -> None:  # fmt: skip
+        self.root, self.files, self.sizes, self.out_size, self.encoded = root, files, sizes, out_size, encoded
 
     def __len__(self) -> int:
         return len(self.files)
@@ -149,25 +179,64 @@ class _Decoder(Dataset):
 
     def __getitem__(self, item: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]):
         rows, crops, flips, vflips = item
-        size = self.out_size
-        out = torch.empty((len(rows), 3, size, size), dtype=torch.uint8)
-        decoded: dict[int, torch.Tensor | BadImage] = {}
-        for index, (row, crop, flip) in enumerate(zip(rows.tolist(), crops.tolist(), flips.tolist(), strict=True)):
+        if self.encoded:
+            return self.read(rows)
+        decoded: dict[int, torch.Tensor] = {}
+        for row in rows.tolist():
             if row not in decoded:  # K crops of one image: one decode
-                decoded[row] = self._decode(row)
-            image = decoded[row]
-            if isinstance(image, BadImage):
-                return out, image
-            y0, x0, h, w = crop
+                image = self._decode(row)
+                if isinstance(image, BadImage):
+                    return None, image
+                decoded[row] = image
+        images = [decoded[row] for row in rows.tolist()]
+        bad = self.box_problem(rows, images, crops)
+        if bad is not None:
+            return None, bad
+        return render_decoded(images, crops, flips, vflips, self.out_size), None
+
+    def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[bool], BadImage | None]:
+        """Each distinct row's file bytes once (``encoded`` True) or, for a file that is not a JPEG, its decoded
+        image (False); ``index`` maps each row of the request to its entry."""
+        position: dict[int, int] = {}
+        items: list[torch.Tensor] = []
+        encoded: list[bool] = []
+        for row in rows.tolist():
+            if row in position:
+                continue
+            position[row] = len(items)
+            path = self.path(row)
+            try:
+                # A copy: read_file's tensor is backed by the file itself, and sending it to the main process
+                # hangs the DataLoader (seen with torch 2.14 / torchvision 0.29).
+                data = torchvision.io.read_file(path).clone()
+            except DECODE_ERRORS as err:
+                return torch.empty(0), [], [], BadImage(path, f"cannot be decoded ({first_line(err)})")
+            if not is_jpeg(data):  # PNG, BMP, ...: decoded on the CPU here, as without GPU decoding
+                image = self._decode(row)
+                if isinstance(image, BadImage):
+                    return torch.empty(0), [], [], image
+                data = image
+            items.append(data)
+            encoded.append(data.dim() == 1)
+        index = torch.tensor([position[row] for row in rows.tolist()], dtype=torch.int64)
+        return index, items, encoded, None
+
+    def size_problem(self, row: int, image: torch.Tensor) -> BadImage | None:
+        if self.sizes is None:
+            return None
+        expected = tuple(int(v) for v in self.sizes[row])
+        if tuple(image.shape[-2:]) == expected:
+            return None
+        found = f"{image.shape[-1]}x{image.shape[-2]}"
+        return BadImage(self.path(row), f"is {found} px, not the {expected[1]}x{expected[0]} recorded for it")
+
+    def box_problem(self, rows: torch.Tensor, images: list[torch.Tensor], crops: torch.Tensor) -> BadImage | None:
+        for row, image, (y0, x0, h, w) in zip(rows.tolist(), images, crops.tolist(), strict=True):
             height, width = image.shape[-2:]
             if y0 < 0 or x0 < 0 or y0 + h > height or x0 + w > width:
-                return out, BadImage(self.path(row), f"is {width}x{height} px, too small for its recorded crop "
-                                     f"box (it changed since the view was drawn)")  # fmt: skip
-            pixels = TF.resize(image[:, y0 : y0 + h, x0 : x0 + w], [size, size], antialias=True)
-            out[index] = pixels.flip(-1) if flip else pixels
-        if vflips is not None:  # the same function as in memory, so both sources mirror alike
-            out = augment.vertical_flips(out, augment.ViewParams(crops, flips, vflip=vflips))
-        return out, None
+                return BadImage(self.path(row), f"is {width}x{height} px, too small for its recorded crop box (it "
+                                "changed since the view was drawn)")  # fmt: skip
+        return None
 
     def _decode(self, row: int) -> torch.Tensor | BadImage:
         path = self.path(row)
@@ -175,12 +244,7 @@ class _Decoder(Dataset):
             image = decode_rgb(path)
         except DECODE_ERRORS as err:
             return BadImage(path, f"cannot be decoded ({first_line(err)})")
-        if self.sizes is not None:
-            expected = tuple(int(v) for v in self.sizes[row])
-            if tuple(image.shape[-2:]) != expected:
-                found = f"{image.shape[-1]}x{image.shape[-2]}"
-                return BadImage(path, f"is {found} px, not the {expected[1]}x{expected[0]} recorded for it")
-        return image
+        return self.size_problem(row, image) or image
 
 
 def first_line(err: BaseException) -> str:
@@ -199,13 +263,16 @@ class _Plan(Sampler):
 
 
 class FileSource:
-    """Rows of a :class:`FileSplit`, decoded in ``workers`` DataLoader processes (0: in this process)."""
+    """Rows of a :class:`FileSplit`, decoded in ``workers`` DataLoader processes (0: in this process); with
+    ``jpeg_device`` (GPU decoding, :func:`decode_device`), the workers only read the files' bytes and this
+    process decodes each request's JPEGs there in one batched call (:func:`decode_jpegs`)."""
 
-    def __init__(self, split: FileSplit, device: torch.device, workers: int, out_size: int) -> None:
-        self.device = device
+    def __init__(self, split: FileSplit, device: torch.device, workers: int, out_size: int,
+                 jpeg_device: torch.device | None = None) -> None:  # fmt: skip
+        self.device, self.jpeg_device, self.out_size = device, jpeg_device, out_size
         self._plan = _Plan()
-        decoder = _Decoder(split.root, split.files, split.known_sizes, out_size)
-        self.loader = DataLoader(decoder, sampler=self._plan, batch_size=None, num_workers=workers,
+        self.decoder = _Decoder(split.root, split.files, split.known_sizes, out_size, encoded=jpeg_device is not None)
+        self.loader = DataLoader(self.decoder, sampler=self._plan, batch_size=None, num_workers=workers,
                                  persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                                  prefetch_factor=2 if workers > 0 else None)  # fmt: skip
 
@@ -217,22 +284,111 @@ class FileSource:
 
         def items() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
             for rows, params, payload in requests:
-                payloads.append((payload, params))
+                payloads.append((payload, params, rows))
                 yield rows, params.crop, params.flip, params.vflip
 
         self._plan.items = items()
-        for pixels, bad in self.loader:
-            payload, params = payloads.popleft()
+        for item in self.loader:
+            payload, params, rows = payloads.popleft()
+            if self.jpeg_device is None:
+                pixels, bad = item
+            else:
+                pixels, bad = self._render_encoded(rows, params, *item)
             if bad is not None:
                 raise UserError(f"image '{bad.path}' {bad.reason}; remove or replace it (the dataset's fingerprint "
                                 "then changes: extract again), or load the data with ?skip_bad=1 to leave "
                                 "unreadable files out")  # fmt: skip
-            # A policy's ops run on the device, on the workers' uint8 (as in memory, after the crop and flip).
+            # A policy's ops run on the device, on the uint8 crops (as in memory, after the crop and flip).
             yield payload, augment.apply_ops(pixels.to(self.device, non_blocking=True), params).float()
+
+    def _render_encoded(self, rows: torch.Tensor, params: augment.ViewParams, index: torch.Tensor,
+                        items: list[torch.Tensor], encoded: list[bool],
+                        bad: BadImage | None) -> tuple[torch.Tensor | None, BadImage | None]:  # fmt: skip
+        """A worker's bytes of one request turned into its rows' uint8 pixels on ``jpeg_device``."""
+        if bad is not None:
+            return None, bad
+        firsts = {}  # each entry's first row, for its path and recorded size
+        for row, entry in zip(rows.tolist(), index.tolist(), strict=True):
+            firsts.setdefault(entry, row)
+        jpegs = [entry for entry, is_encoded in enumerate(encoded) if is_encoded]
+        paths = [self.decoder.path(firsts[entry]) for entry in jpegs]
+        decoded = decode_jpegs([items[entry] for entry in jpegs], paths, self.jpeg_device)
+        images = [item.to(self.jpeg_device, non_blocking=True) for item in items]
+        for entry, image in zip(jpegs, decoded, strict=True):
+            if isinstance(image, BadImage):
+                return None, image
+            images[entry] = image
+            problem = self.decoder.size_problem(firsts[entry], image)
+            if problem is not None:
+                return None, problem
+        per_row = [images[entry] for entry in index.tolist()]
+        problem = self.decoder.box_problem(rows, per_row, params.crop)
+        if problem is not None:
+            return None, problem
+        return render_decoded(per_row, params.crop, params.flip, params.vflip, self.out_size), None
 
     def close(self) -> None:
         # Persistent workers end with the loader's iterator.
         self.loader = None
+
+
+def decode_jpegs(datas: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor | BadImage]:
+    """JPEG bytes decoded to uint8 RGB ``(3, H, W)`` on ``device`` in one batched call (nvjpeg on a GPU). When the
+    batch fails, each file is decoded alone to find which; one nvjpeg refuses (CMYK, say) is decoded by libjpeg on
+    the CPU instead, and one neither reads comes back as a :class:`BadImage` naming it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not datas:
+        return []
+    try:
+        return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+    except DECODE_ERRORS:  # one bad file fails the whole batch ("no partial results")
+        pass
+    out: list[torch.Tensor | BadImage] = []
+    for data, path in zip(datas, paths, strict=True):
+        try:
+            out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            continue
+        except DECODE_ERRORS:
+            pass
+        try:
+            out.append(decode_rgb(path).to(device))
+        except DECODE_ERRORS as err:
+            out.append(BadImage(path, f"cannot be decoded ({first_line(err)})"))
+    return out
+
+
+DECODE_CHOICES = ("auto", "cpu", "cuda")
+JPEG_SUFFIXES = (b".jpg", b".jpeg")
+
+
+def check_decode(decode: str) -> None:
+    """``--decode``: one of :data:`DECODE_CHOICES`, and ``cuda`` only where a CUDA GPU is (checked with the
+    other settings, before any work)."""
+    if decode not in DECODE_CHOICES:
+        raise UserError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
+    if decode == "cuda" and not torch.cuda.is_available():
+        raise UserError("--decode cuda was asked for, but no CUDA GPU is available (use --decode cpu or auto)")
+
+
+def all_jpeg_names(files: np.ndarray) -> bool:
+    """Whether every file is named as a JPEG (.jpg, .jpeg, any case): the names, not the bytes, so deciding
+    costs nothing on a million-file folder."""
+    names = np.char.lower(files.astype(bytes))
+    return bool(np.all(np.char.endswith(names, JPEG_SUFFIXES[0]) | np.char.endswith(names, JPEG_SUFFIXES[1])))
+
+
+def decode_device(decode: str, device: torch.device, files: np.ndarray) -> torch.device | None:
+    """Where a FileSource decodes JPEGs: None for the CPU workers, else the GPU. ``auto`` takes the GPU when the
+    run's device is one and every file is named as a JPEG (a folder with PNGs or other formats stays on the
+    CPU); ``cuda`` takes it whatever the names, decoding the files that are not JPEGs on the CPU."""
+    check_decode(decode)
+    if decode == "cpu" or (decode == "auto" and (device.type != "cuda" or not all_jpeg_names(files))):
+        return None
+    if device.type != "cuda":
+        raise UserError(f"--decode cuda decodes on the run's GPU, but its device is {device} (use --device cuda, "
+                        "or --decode cpu or auto)")  # fmt: skip
+    return device
 
 
 # ---------------------------------------------------------------------------------------------- file split
@@ -287,9 +443,12 @@ class FileSplit:
         """The evaluation view: the central 224/256 of each image's shorter side (resized to the output size)."""
         return augment.identity(self.source_sizes(workers), augment.RECIPES[augment.FULL_RECIPE])
 
-    def open(self, device: torch.device, workers: int | None = None, out_size: int | None = None) -> FileSource:
-        """Decoding workers for these files, rendering at ``out_size`` px (default: the data's size)."""
-        return FileSource(self, device, worker_count(workers), out_size or self.image_size)
+    def open(self, device: torch.device, workers: int | None = None, out_size: int | None = None,
+             decode: str = "auto") -> FileSource:  # fmt: skip
+        """Decoding workers for these files, rendering at ``out_size`` px (default: the data's size); ``decode``
+        says where JPEGs are decoded (:func:`decode_device`)."""
+        return FileSource(self, device, worker_count(workers), out_size or self.image_size,
+                          decode_device(decode, device, self.files))  # fmt: skip
 
     def sample_pixels(self, count: int) -> torch.Tensor:
         """uint8 pixels of the first ``count`` rows' evaluation views, decoded here (for timing networks)."""

@@ -35,6 +35,7 @@ from meal_cache.loop import (
 )
 from meal_cache.models import create_model
 from meal_cache.runtime import Precision, resolve_device, seed_everything
+from meal_cache.source import check_decode
 
 
 @dataclass
@@ -62,12 +63,14 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int | None = None  # decoding processes for image files (None: from the core count); not recorded
+    decode: str = "auto"  # where image files' JPEGs are decoded: cpu, cuda or auto; not recorded
 
     def validate(self) -> None:
         """Refuse every choice and number outside what training accepts, before anything runs."""
         check_optimisation(self)
         check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
         check_workers(self.workers)
+        check_decode(self.decode)
         self.augment_options()
 
     def augment_options(self) -> augment.AugmentOptions:
@@ -79,6 +82,7 @@ class TrainConfig:
         options left unset (so checkpoints written before them still resume)."""
         recorded = augment.recorded_options(dataclasses.asdict(self))
         recorded.pop("workers")
+        recorded.pop("decode")
         return recorded
 
 
@@ -121,7 +125,7 @@ def train_supervised(
         model.load_state_dict(state["model"])
         optimisation.load_state_dict(state)
         history, start_epoch = list(state["history"]), int(state["epoch"])
-    source = dataset.train.open(device, config.workers)
+    source = dataset.train.open(device, config.workers, decode=config.decode)
     labels = dataset.train.labels.to(device, non_blocking=True)
     sizes = dataset.train.source_sizes(config.workers)
     recipe = dataset.view_recipe(config.augment_options())
@@ -151,7 +155,7 @@ def train_supervised(
     stage = Stage(model=model, train_mode=model.train, step=step, batches=batches, save=save)
     try:
         fit(stage, optimisation, Schedule.of(config, len(labels)), dataset, device, config.seed, start_epoch, history,
-            progress=progress, workers=config.workers,
+            progress=progress, workers=config.workers, decode=config.decode,
             tensorboard=tensorboard_dir(out) if tensorboard else None)  # fmt: skip
     finally:
         source.close()

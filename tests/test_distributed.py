@@ -4,6 +4,7 @@ one-rank student (up to per-rank BatchNorm statistics), resumes exactly, and a m
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -230,3 +231,52 @@ def test_rank_0_prints_the_mistake_and_another_rank_only_what_rank_0_did_not(mon
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.cuda
+def test_two_ranks_on_one_gpu_train_the_one_rank_student(small_store, digits, tmp_path, monkeypatch):
+    """DDP on CUDA: 2 ranks sharing the one GPU (MEAL_CACHE_DIST_BACKEND lets them), NCCL where it takes two
+    ranks on one device and gloo with CUDA tensors where NCCL refuses ("Duplicate GPU detected"), against one
+    process on the same GPU, fp16 in both, with the CPU test's tolerances. Not yet run on a GPU."""
+    from meal_cache.runtime import AMP_ENV
+
+    path, _ = small_store
+    args = [arg if arg != "cpu" else "cuda" for arg in _distill_args(path)]
+    refused = ""
+    for backend in ("nccl", "gloo"):
+        out = tmp_path / backend
+        env = {**os.environ, distributed.BACKEND_ENV: backend, AMP_ENV: "fp16"}
+        result = subprocess.run(_torchrun_command(*args, "--out", str(out)), capture_output=True, text=True,
+                                timeout=600, env=env)  # fmt: skip
+        if result.returncode == 0:
+            break
+        assert backend == "nccl", f"gloo failed too: {result.stderr[-3000:]}\n(nccl: {refused})"
+        refused = result.stderr[-1500:]
+    print(f"two ranks on one GPU ran with {backend}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in records] == [1437 // 64] * EPOCHS
+    monkeypatch.setenv(AMP_ENV, "fp16")
+    reference = tmp_path / "one"
+    config = DistillConfig(store=str(path), student="resnet8_w4", method="meal", epochs=EPOCHS, device="cuda")
+    distill(config, reference, progress=False, dataset=digits)
+    two, one = _student_weights(out), _student_weights(reference)
+    assert two.keys() == one.keys() and len(two) > 10
+    for key in one:
+        tolerance = TOLERANCES.get(key.rsplit(".", 1)[-1], TOLERANCES["parameter"])
+        if not one[key].is_floating_point():
+            tolerance = dict(rtol=0, atol=0)
+        torch.testing.assert_close(two[key], one[key], **tolerance, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_the_backend_override_is_checked_before_joining(monkeypatch):
+    from meal_cache.errors import UserError
+
+    monkeypatch.setenv(distributed.BACKEND_ENV, " GLOO ")
+    assert distributed.backend_from_env() == "gloo"
+    monkeypatch.setenv(distributed.BACKEND_ENV, "mpi")
+    with pytest.raises(UserError, match="MEAL_CACHE_DIST_BACKEND=mpi is not one of auto, nccl, gloo"):
+        distributed.backend_from_env()
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", distributed.BACKEND_ENV: "nccl"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match="MEAL_CACHE_DIST_BACKEND=nccl needs CUDA devices"):
+        distributed.init_world("cpu")

@@ -66,3 +66,15 @@ def test_bf16_asked_of_a_device_without_it_is_a_user_error(monkeypatch):
     monkeypatch.setenv(AMP_ENV, "bf16")
     with pytest.raises(UserError, match="cuda does not support bf16"):
         Precision(torch.device("cuda")).dtype  # noqa: B018
+
+
+@needs_no_gpu
+def test_gpu_check_runs_the_decode_and_ddp_cuda_tests_too():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import CUDA_TEST_FILES
+
+    collected = _run("-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p", "no:cacheprovider", *CUDA_TEST_FILES)
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert "tests/test_decode.py::test_gpu_decoded_pixels_match_the_cpu_ones_within_a_few_levels[0]" in collected.stdout
+    assert "tests/test_decode.py::test_a_store_extracted_with_gpu_decoding_replays" in collected.stdout
+    assert "tests/test_distributed.py::test_two_ranks_on_one_gpu_train_the_one_rank_student" in collected.stdout

@@ -8,7 +8,13 @@ from collections.abc import Callable
 import click
 from click.core import ParameterSource
 
-from meal_cache.cli.options import DEVICE_HELP, TENSORBOARD_OPTION, WORKERS_OPTION, optimization_options
+from meal_cache.cli.options import (
+    DECODE_OPTION,
+    DEVICE_HELP,
+    TENSORBOARD_OPTION,
+    WORKERS_OPTION,
+    optimization_options,
+)
 
 
 def _discriminator_names(value: str) -> list[str]:
@@ -202,6 +208,7 @@ def _floats(text: str) -> list[float]:
 @click.option("--data-root", default=None, help="Where the store's dataset lives (default: as recorded).")
 @click.option("--download", is_flag=True)
 @WORKERS_OPTION
+@DECODE_OPTION
 @click.option("--online", is_flag=True, help="Reference: run the teachers in the loop on the same replayed images.")
 @click.option(
     "--fresh-views",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from meal_cache.cli.options import DATA_HELP, DEVICE_HELP, augmentation_options, data_options
+from meal_cache.cli.options import DATA_HELP, DECODE_OPTION, DEVICE_HELP, augmentation_options, data_options
 from meal_cache.errors import UserError
 
 
@@ -30,6 +30,7 @@ def parse_sizes(text: str) -> list[int]:
     help=DATA_HELP,
 )
 @data_options
+@DECODE_OPTION
 @click.option(
     "--split",
     default="train",

@@ -36,6 +36,16 @@ TENSORBOARD_OPTION = click.option(
     "Needs pip install 'meal-cache[tensorboard]'. Not a setting of the run: --resume works with or without it.",
 )
 
+DECODE_OPTION = click.option(
+    "--decode",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where image files' JPEGs are decoded: cpu (in the --workers processes), cuda (the workers read the "
+    "bytes, the GPU decodes each batch with nvjpeg; other formats stay on the CPU) or auto (cuda on a GPU when "
+    "every file is a .jpg/.jpeg, else cpu). Not recorded: it changes pixels by a few levels at most.",
+)
+
 
 def data_options(func):
     """The options that name and locate a dataset, shared by every command that loads one."""

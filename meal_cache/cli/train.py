@@ -9,6 +9,7 @@ import click
 
 from meal_cache.cli.options import (
     DATA_HELP,
+    DECODE_OPTION,
     DEVICE_HELP,
     TENSORBOARD_OPTION,
     augmentation_options,
@@ -31,6 +32,7 @@ from meal_cache.cli.options import (
     help=DATA_HELP,
 )
 @data_options
+@DECODE_OPTION
 @optimization_options
 @click.option("--label-smoothing", default=0.0, show_default=True, type=float)
 @augmentation_options

@@ -15,6 +15,7 @@ from meal_cache.distill.registry import available_methods, method_class
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.loop import check_number, check_optimisation, check_workers
 from meal_cache.models import check_model_name
+from meal_cache.source import check_decode
 
 # How the discriminators are trained. "adversarial": their own Adam step on detached student features, then the
 # student's loss for fooling them (a GAN game). "joint": MEAL's reference code, whose discriminator loss is added
@@ -74,6 +75,7 @@ class DistillConfig:
     max_memory: str | None = None  # e.g. "2GB": stream chunks when two views of the targets do not fit
     device: str = "auto"
     workers: int | None = None  # decoding processes for image files (None: from the core count); not recorded
+    decode: str = "auto"  # where image files' JPEGs are decoded: cpu, cuda or auto; not recorded
     # FKD's multi-crop: each batch holds K cached views of batch_size / K images, decoded once for the K crops.
     crops_per_image: int = 1
     # Divergent views (extract --divergent-views): this many of their batches per natural batch, interleaved
@@ -236,6 +238,7 @@ def _check_choices_and_numbers(config: DistillConfig) -> None:
         check_number(name, getattr(config, name), low=0.0)
     check_number("disc_lr", config.disc_lr, low=0.0, low_open=True)
     check_workers(config.workers)
+    check_decode(config.decode)
     _check_crops(config)
     if config.divergent_ratio is not None:
         check_number("divergent_ratio", config.divergent_ratio, low=0.0)

@@ -88,7 +88,7 @@ def distill(
                   record_fields=epochs.record_fields, desc=config.method)  # fmt: skip
     try:
         history, test = fit(stage, run.optimisation, run.schedule, run.dataset, device, config.seed, start_epoch,
-                            history, world, out / "metrics.jsonl", progress, config.workers,
+                            history, world, out / "metrics.jsonl", progress, config.workers, config.decode,
                             tensorboard=out / TENSORBOARD_DIR if tensorboard else None)  # fmt: skip
     finally:
         run.source.close()
@@ -96,7 +96,8 @@ def distill(
         if run.divergent is not None:
             run.divergent.close()
     if test is None:  # resumed a run that had already finished
-        test = evaluate(run.distiller.student, run.dataset, "test", device, workers=config.workers)
+        test = evaluate(run.distiller.student, run.dataset, "test", device, workers=config.workers,
+                        decode=config.decode)  # fmt: skip
     world.check_identical(run.distiller, "the student, adapters and discriminators")
     summary = {"test": test, "history": history}
     if world.is_main:
@@ -248,7 +249,7 @@ def build_run(
     shared = list(distiller.adapters.parameters()) + (d_params if d_opt is None else [])
     optimisation = Optimisation(s_opt, precision.grad_scaler(), lambda: world.average_gradients(shared))
     split = dataset.split(store.dataset["split"])
-    images = split.open(device, config.workers)
+    images = split.open(device, config.workers, decode=config.decode)
     labels = split.labels.to(device, non_blocking=True)
     if config.refine_labels:
         labels = _refined_labels(config, labels, device, progress)
@@ -331,6 +332,7 @@ def _config_json(config: DistillConfig) -> dict:
     """The recorded config: everything but how many processes decode, which changes no result."""
     recorded = drop_unset(dataclasses.asdict(config))
     recorded.pop("workers")
+    recorded.pop("decode")
     recorded.pop("given", None)
     # Runs of methods without options record what they recorded before options existed.
     if not recorded.get("method_options"):
@@ -344,7 +346,7 @@ def save_peers(run: DistillRun, out: Path, history: list[dict]) -> list[dict]:
     results = []
     networks = run.distiller.trained_networks()
     for index, (peer, arch) in enumerate(zip(networks, peer_architectures(run.config), strict=True)):
-        test = evaluate(peer, run.dataset, "test", run.device, workers=run.config.workers)
+        test = evaluate(peer, run.dataset, "test", run.device, workers=run.config.workers, decode=run.config.decode)
         run.save_student(Path(out) / f"peer{index}.pt", history, test, model=peer, arch=arch)
         results.append(test)
     return results
