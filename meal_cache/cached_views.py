@@ -41,6 +41,7 @@ from meal_cache.loop import Schedule
 from meal_cache.losses import kd_kl, soft_targets
 from meal_cache.mixing import mixed_labels
 from meal_cache.runtime import Precision
+from meal_cache.source import replay_decode
 from meal_cache.store import FEATURE_KINDS, TeacherStore, feature_key, logits_key, open_store
 
 __all__ = ["CachedViews", "kd_loss"]
@@ -128,7 +129,8 @@ class CachedViews:
                             f"{len(views)}")  # fmt: skip
         recorded_sizes = store_.source_sizes()
         self.replay = _Replay(
-            config=config, world=world, store=store_, dataset=dataset, images=split.open(self.device, workers),
+            config=config, world=world, store=store_, dataset=dataset,
+            images=split.open(self.device, workers, decode=replay_decode("auto", store_.dataset.get("decode"))),
             source=make_batch_source(config, store_, keys, self.device), views=views,
             view_params=ReplayedViews(store_, keep=2 * crops_per_image), recipe=store_.view_recipe,
             sizes=recorded_sizes if recorded_sizes is not None else split.source_sizes(workers),

@@ -49,7 +49,7 @@ from meal_cache.loop import check_workers
 from meal_cache.mixing import Mixing
 from meal_cache.projection import PCA_ROWS_PER_DIM, PROJECTIONS, pca_projection, pooled_rows, stored_projections
 from meal_cache.runtime import Precision
-from meal_cache.source import check_decode
+from meal_cache.source import check_decode, replay_decode, used_decode
 from meal_cache.store import (
     FEATURE_KINDS,
     BlockSpec,
@@ -320,7 +320,7 @@ def extract(
         teachers = [dense_teacher(t, dense) for t in teachers]
     settings = _settings(config, dataset, teachers)
     try:
-        world.run_on_main(lambda: _open_or_create(config, out, dataset, teachers, settings, overwrite))
+        world.run_on_main(lambda: _open_or_create(config, out, dataset, teachers, settings, overwrite, device))
         store = open_store(out, mode="r+")
         fit = partial(_fit_pca, store=store, dataset=dataset, config=config, precision=precision, device=device,
                       outputs=_outputs(dense))  # fmt: skip
@@ -348,11 +348,13 @@ def _outputs(dense: DenseSettings | None) -> Callable[..., dict[str, torch.Tenso
     return teacher_outputs if dense is None else partial(dense_outputs, settings=dense)
 
 
-def _open_source(dataset: ImageDataset, config: ExtractConfig, device: torch.device):
-    """The split's image source, at the whole image's first size for a dense store."""
+def _open_source(dataset: ImageDataset, config: ExtractConfig, device: torch.device, store: TeacherStore):
+    """The split's image source, at the whole image's first size for a dense store; a resumed store's files
+    decoded where its first chunks were (``auto``)."""
     dense = config.dense_settings(dataset.image_size, dataset.streamed)
+    decode = replay_decode(config.decode, store.dataset.get("decode"))
     return dataset.split(config.split).open(device, config.workers, None if dense is None else dense.sizes[0],
-                                            decode=config.decode)  # fmt: skip
+                                            decode=decode)  # fmt: skip
 
 
 @torch.inference_mode()
@@ -370,7 +372,7 @@ def _fit_pca(teacher: Teacher, blocks: list[BlockSpec], *, store: TeacherStore, 
     requests = ((torch.arange(start, min(stop, start + config.batch_size)),
                  params[start : min(stop, start + config.batch_size)], None)
                 for start in range(0, stop, config.batch_size))  # fmt: skip
-    source = _open_source(dataset, config, device)
+    source = _open_source(dataset, config, device, store)
     try:
         for _, pixels in source.pixels(requests):
             pooled = outputs(unprojected, pixels, ("blocks",), precision)
@@ -396,7 +398,7 @@ def _run_teachers(
     for teacher in teachers:
         teacher.model = precision.prepare(teacher.model)
     done = {t.spec.key: _progress_marks(store, t.spec.key) for t in teachers}
-    source = _open_source(dataset, config, device)
+    source = _open_source(dataset, config, device, store)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-writer") as writer:
         pending: deque[Future] = deque()
         try:
@@ -511,6 +513,7 @@ def _open_or_create(
     teachers: list[Teacher],
     settings: dict,
     overwrite: bool,
+    device: torch.device,
 ) -> TeacherStore:
     if store_exists(out) and not overwrite:
         try:
@@ -552,6 +555,8 @@ def _open_or_create(
         "n": n,
         "fingerprint": description["fingerprint"][config.split],
     }
+    if dataset.streamed:  # which decoder made the teachers' pixels: distill's --decode auto follows it
+        dataset_attrs["decode"] = used_decode(config.decode, device, split.files)
     views_info = {
         "count": len(views),
         "augmented": 0 if dense is not None else config.views,

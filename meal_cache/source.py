@@ -371,6 +371,21 @@ def check_decode(decode: str) -> None:
         raise UserError("--decode cuda was asked for, but no CUDA GPU is available (use --decode cpu or auto)")
 
 
+def replay_decode(decode: str, recorded: str | None) -> str:
+    """Where a run that replays a store's views decodes its image files: as asked, or with ``auto`` where the
+    store's own views were decoded (its dataset's recorded ``decode``; stores made before the option were decoded
+    on the CPU), so the student sees pixels of the decoder the teachers saw (libjpeg and nvjpeg differ by a few
+    levels)."""
+    if decode != "auto":
+        return decode
+    return "auto" if recorded == "cuda" else "cpu"
+
+
+def used_decode(decode: str, device: torch.device, files: np.ndarray) -> str:
+    """``cpu`` or ``cuda``: what :func:`decode_device` chooses, as a store records it."""
+    return "cpu" if decode_device(decode, device, files) is None else "cuda"
+
+
 def all_jpeg_names(files: np.ndarray) -> bool:
     """Whether every file is named as a JPEG (.jpg, .jpeg, any case): the names, not the bytes, so deciding
     costs nothing on a million-file folder."""

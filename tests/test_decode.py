@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 from meal_cache import augment
 from meal_cache.data import load_dataset
 from meal_cache.errors import UserError
-from meal_cache.source import FileSource, decode_device, render_decoded
+from meal_cache.source import FileSource, decode_device, render_decoded, replay_decode
 
 CPU = torch.device("cpu")
 SIZE = 32
@@ -277,9 +277,26 @@ def test_a_store_extracted_with_gpu_decoding_replays_its_pixels_and_matches_cpu_
 
     monkeypatch.setattr(distill_module.DistillEpochs, "step", record)
     config = DistillConfig(store=str(tmp_path / "cuda.zarr"), student="resnet8_w4", method="kd", epochs=2,
-                           batch_size=8, device="cuda", workers=0, decode="cuda")  # fmt: skip
+                           batch_size=8, device="cuda", workers=0)  # fmt: skip (auto: the store's own decoder)
     distill(config, tmp_path / "run", progress=False)
     per_epoch = store.n // 8
     assert len(seen) == 2 * per_epoch
     for index, (rows, pixels) in enumerate(seen):
         assert torch.equal(pixels, fed[index // per_epoch][rows.to(fed.device)]), index
+
+
+def test_a_store_records_its_decoder_and_a_replay_decodes_as_it_did(folder, tmp_path):
+    from meal_cache.extract import ExtractConfig, extract
+    from meal_cache.train import TrainConfig, train_supervised
+
+    spec = f"imagefolder:{folder}"
+    train_supervised(TrainConfig(arch="resnet8_w4", data=spec, image_size=SIZE, epochs=1, device="cpu", workers=0),
+                     tmp_path / "t" / "resnet8_w4.pt", progress=False)  # fmt: skip
+    store = extract(ExtractConfig(teachers=["resnet8_w4"], data=spec, image_size=SIZE, views=1, device="cpu",
+                                  teacher_dir=str(tmp_path / "t"), workers=0), tmp_path / "s.zarr",
+                    progress=False)  # fmt: skip
+    assert store.dataset["decode"] == "cpu"  # auto on a CPU
+    # auto replays with the store's decoder: a GPU-decoded store on a GPU, anything else (older stores too) on the
+    # CPU workers; an explicit choice stands.
+    assert [replay_decode("auto", recorded) for recorded in ("cpu", None, "cuda")] == ["cpu", "cpu", "auto"]
+    assert replay_decode("cuda", "cpu") == "cuda" and replay_decode("cpu", "cuda") == "cpu"

@@ -31,7 +31,7 @@ from meal_cache.evaluate import evaluate
 from meal_cache.loop import TENSORBOARD_DIR, Optimisation, Schedule, Stage, fit, make_optimizer, resume_state
 from meal_cache.models import create_model
 from meal_cache.runtime import Precision, seed_everything
-from meal_cache.source import ImageSource
+from meal_cache.source import ImageSource, replay_decode
 from meal_cache.store import TeacherStore, open_store, verify_store
 
 
@@ -249,7 +249,7 @@ def build_run(
     shared = list(distiller.adapters.parameters()) + (d_params if d_opt is None else [])
     optimisation = Optimisation(s_opt, precision.grad_scaler(), lambda: world.average_gradients(shared))
     split = dataset.split(store.dataset["split"])
-    images = split.open(device, config.workers, decode=config.decode)
+    images = split.open(device, config.workers, decode=replay_decode(config.decode, store.dataset.get("decode")))
     labels = split.labels.to(device, non_blocking=True)
     if config.refine_labels:
         labels = _refined_labels(config, labels, device, progress)
