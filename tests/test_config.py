@@ -13,6 +13,7 @@ from meal_cache.cli import main
 from meal_cache.distill import REPRESENTATIONS, SELECTIONS, DistillConfig, available_methods
 from meal_cache.extract import ExtractConfig
 from meal_cache.loop import SCHEDULES
+from meal_cache.source import DECODE_CHOICES
 from meal_cache.store import DTYPES
 from meal_cache.train import TrainConfig
 
@@ -37,6 +38,7 @@ CHOICES = {
     "soft_loss": tuple(losses.SOFT_LABEL),
     "adv_loss": tuple(losses.ADVERSARIAL),
     "dtype": DTYPES,
+    "decode": DECODE_CHOICES,
 }
 
 
