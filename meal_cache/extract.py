@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -37,35 +37,28 @@ from meal_cache.dense import (
     default_size,
     dense_outputs,
     dense_teacher,
-    whole_image,
 )
 from meal_cache.distill.methods.base import Method, StoreNeeds
 from meal_cache.distill.registry import available_methods
 from meal_cache.distributed import World, init_world
 from meal_cache.divergent import DivergentSearch, DivergentSource, check_search, search_from_json
-from meal_cache.errors import SettingsMismatch, UserError, settings_difference, unknown_choice
+from meal_cache.errors import UserError, unknown_choice
 from meal_cache.extract_finite import NonFiniteOutput, store_arrays
+from meal_cache.extract_store import open_or_create
 from meal_cache.loop import check_workers
 from meal_cache.mixing import Mixing
 from meal_cache.projection import PCA_ROWS_PER_DIM, PROJECTIONS, pca_projection, pooled_rows, stored_projections
 from meal_cache.runtime import Precision
-from meal_cache.source import check_decode, replay_decode, used_decode
+from meal_cache.source import check_decode, replay_decode
 from meal_cache.store import (
     FEATURE_KINDS,
     BlockSpec,
-    StoreLayout,
     TeacherStore,
-    create_store,
     open_store,
-    store_exists,
 )
 from meal_cache.store_logits import check_logits_options
 from meal_cache.teachers import Teacher, keep_projections, projected_teachers, resolve_teacher, teacher_outputs
 
-# What a store records of its dataset's description (the decoder only for image files: another decoder build may
-# differ by a few levels per pixel).
-STORE_DATASET_KEYS = ("spec", "kind", "options", "num_classes", "classes", "image_size", "mean", "std", "recipe",
-                      "source", "decoder")  # fmt: skip
 # Chunks written but not yet durable; bounds the memory the background writer may hold.
 MAX_PENDING_WRITES = 4
 # Top-k logits are made exact, and sampled ones drawn, at distill's default soft-label temperature.
@@ -320,7 +313,7 @@ def extract(
         teachers = [dense_teacher(t, dense) for t in teachers]
     settings = _settings(config, dataset, teachers)
     try:
-        world.run_on_main(lambda: _open_or_create(config, out, dataset, teachers, settings, overwrite, device))
+        world.run_on_main(lambda: open_or_create(config, out, dataset, teachers, settings, overwrite, device))
         store = open_store(out, mode="r+")
         fit = partial(_fit_pca, store=store, dataset=dataset, config=config, precision=precision, device=device,
                       outputs=_outputs(dense))  # fmt: skip
@@ -488,107 +481,6 @@ def _view_name(store: TeacherStore, view: int) -> str:
     """A view as the progress bars count them (from 1), saying which is the un-augmented one."""
     name = f"view {view + 1} of {store.num_views}"
     return f"{name} (the identity view)" if view == store.identity_view else name
-
-
-class DrawnViews(Sequence):
-    """A store's views, each drawn (from its own seeded generator) when asked for, so creating a store of many
-    views holds one view's parameters at a time."""
-
-    def __init__(self, count: int, draw: Callable[[int], augment.ViewParams]) -> None:
-        self.count, self.draw = count, draw
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, view: int) -> augment.ViewParams:
-        if not 0 <= view < self.count:
-            raise IndexError(view)
-        return self.draw(view)
-
-
-def _open_or_create(
-    config: ExtractConfig,
-    out: str | Path,
-    dataset: ImageDataset,
-    teachers: list[Teacher],
-    settings: dict,
-    overwrite: bool,
-    device: torch.device,
-) -> TeacherStore:
-    if store_exists(out) and not overwrite:
-        try:
-            existing = open_store(out, mode="r+")
-        except UserError as err:
-            raise UserError(f"'{out}' exists and is not a meal-cache store; pass --overwrite to replace it") from err
-        if existing.attrs.get("settings") == settings:
-            return existing
-        difference = settings_difference(existing.attrs.get("settings"), settings)
-        raise SettingsMismatch(
-            f"'{out}' was extracted with other settings ({difference}); "
-            "pass --overwrite to replace it, or choose another --out"
-        )
-    recipe = dataset.view_recipe(config.augment_options())
-    split = dataset.split(config.split)
-    n = len(split)
-    sizes = split.source_sizes(config.workers)
-    policy = augment.policy_for(config.recipe, recipe.name)
-    mixing = config.mixing()
-
-    def draw(view: int) -> augment.ViewParams:
-        # Past the augmented views: the identity view, then the divergent views, which start from the
-        # un-augmented image (their crops say so, their pixels are stored).
-        if view >= config.views:
-            return augment.identity(sizes, recipe, policy, mixing)
-        generator = augment.view_generator(config.seed, view)
-        return augment.draw(recipe, sizes, generator, policy, mixing, dataset.image_size)
-
-    search = config.divergent_search()
-    dense = config.dense_settings(dataset.image_size, dataset.streamed)
-    if dense is not None:  # one view: the whole image, which the teachers see at the dense size
-        views = DrawnViews(1, lambda view: whole_image(sizes))
-    else:
-        views = DrawnViews(config.views + int(config.identity_view) + config.divergent_views, draw)
-    description = dataset.describe()
-    dataset_attrs = {
-        **{key: description[key] for key in STORE_DATASET_KEYS if key in description},
-        "split": config.split,
-        "n": n,
-        "fingerprint": description["fingerprint"][config.split],
-    }
-    if dataset.streamed:  # which decoder made the teachers' pixels: distill's --decode auto follows it
-        dataset_attrs["decode"] = used_decode(config.decode, device, split.files)
-    views_info = {
-        "count": len(views),
-        "augmented": 0 if dense is not None else config.views,
-        "identity": config.identity_view,
-        "recipe": recipe.name,
-        "seed": config.seed,
-    }
-    if recipe != augment.recipe_for(dataset.recipe, dataset.image_size):
-        # Only where the options (or ?glyphs=1) changed the data's recipe, so other stores' attributes stay as
-        # they were; a store without it was drawn with its recipe's own values (TeacherStore.view_recipe).
-        views_info["augmentation"] = recipe.to_json()
-    if policy is not None:
-        views_info["policy"] = policy.to_json()
-    if mixing is not None:
-        views_info["mixing"] = mixing.to_json()
-    if search is not None:
-        views_info["divergent"] = search.to_json()
-    layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
-                         config.quantize, config.logits_topk, config.logits_sample, config.logits_temperature,
-                         None if dense is None else dense.to_json())  # fmt: skip
-    return create_store(
-        out,
-        dataset=dataset_attrs,
-        labels=split.labels,
-        views=views,
-        views_info=views_info,
-        source_sizes=sizes if dataset.streamed else None,
-        divergent_pixels=None if search is None else (search.views, n, 3, dataset.image_size, dataset.image_size),
-        teachers=[t.spec for t in teachers],
-        layout=layout,
-        settings=settings,
-    )
 
 
 def _finalise(store: TeacherStore, teachers: list[Teacher]) -> None:

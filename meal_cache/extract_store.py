@@ -1,0 +1,147 @@
+"""The store an extract writes, created or taken up again: its views drawn one at a time, its dataset and views
+described, its layout; an existing store of other settings refused by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from meal_cache import augment
+from meal_cache.data import ImageDataset
+from meal_cache.dense import whole_image
+from meal_cache.errors import SettingsMismatch, UserError, settings_difference
+from meal_cache.source import used_decode
+from meal_cache.store import StoreLayout, TeacherStore, create_store, open_store, store_exists
+
+if TYPE_CHECKING:
+    from meal_cache.extract import ExtractConfig
+    from meal_cache.teachers import Teacher
+
+# What a store records of its dataset's description (the decoder only for image files: another decoder build may
+# differ by a few levels per pixel).
+STORE_DATASET_KEYS = ("spec", "kind", "options", "num_classes", "classes", "image_size", "mean", "std", "recipe",
+                      "source", "decoder")  # fmt: skip
+class DrawnViews(Sequence):
+    """A store's views, each drawn (from its own seeded generator) when asked for, so creating a store of many
+    views holds one view's parameters at a time."""
+
+    def __init__(self, count: int, draw: Callable[[int], augment.ViewParams]) -> None:
+        self.count, self.draw = count, draw
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, view: int) -> augment.ViewParams:
+        if not 0 <= view < self.count:
+            raise IndexError(view)
+        return self.draw(view)
+
+
+def open_or_create(
+    config: ExtractConfig,
+    out: str | Path,
+    dataset: ImageDataset,
+    teachers: list[Teacher],
+    settings: dict,
+    overwrite: bool,
+    device: torch.device,
+) -> TeacherStore:
+    """The store at ``out``: an existing one of the same settings (to resume), else a new one with its views
+    drawn and its dataset and views described; an existing one of other settings is refused unless
+    ``overwrite``."""
+    if store_exists(out) and not overwrite:
+        return _existing(out, settings)
+    recipe = dataset.view_recipe(config.augment_options())
+    split = dataset.split(config.split)
+    n = len(split)
+    sizes = split.source_sizes(config.workers)
+    policy = augment.policy_for(config.recipe, recipe.name)
+    mixing = config.mixing()
+
+    def draw(view: int) -> augment.ViewParams:
+        # Past the augmented views: the identity view, then the divergent views, which start from the
+        # un-augmented image (their crops say so, their pixels are stored).
+        if view >= config.views:
+            return augment.identity(sizes, recipe, policy, mixing)
+        generator = augment.view_generator(config.seed, view)
+        return augment.draw(recipe, sizes, generator, policy, mixing, dataset.image_size)
+
+    search = config.divergent_search()
+    dense = config.dense_settings(dataset.image_size, dataset.streamed)
+    if dense is not None:  # one view: the whole image, which the teachers see at the dense size
+        views = DrawnViews(1, lambda view: whole_image(sizes))
+    else:
+        views = DrawnViews(config.views + int(config.identity_view) + config.divergent_views, draw)
+    dataset_attrs = _dataset_attrs(config, dataset, split, device)
+    views_info = _views_info(config, dataset, recipe, len(views), dense is not None)
+    layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
+                         config.quantize, config.logits_topk, config.logits_sample, config.logits_temperature,
+                         None if dense is None else dense.to_json())  # fmt: skip
+    return create_store(
+        out,
+        dataset=dataset_attrs,
+        labels=split.labels,
+        views=views,
+        views_info=views_info,
+        source_sizes=sizes if dataset.streamed else None,
+        divergent_pixels=None if search is None else (search.views, n, 3, dataset.image_size, dataset.image_size),
+        teachers=[t.spec for t in teachers],
+        layout=layout,
+        settings=settings,
+    )
+
+
+def _existing(out: str | Path, settings: dict) -> TeacherStore:
+    try:
+        existing = open_store(out, mode="r+")
+    except UserError as err:
+        raise UserError(f"'{out}' exists and is not a meal-cache store; pass --overwrite to replace it") from err
+    if existing.attrs.get("settings") == settings:
+        return existing
+    difference = settings_difference(existing.attrs.get("settings"), settings)
+    raise SettingsMismatch(
+        f"'{out}' was extracted with other settings ({difference}); "
+        "pass --overwrite to replace it, or choose another --out"
+    )
+
+
+def _dataset_attrs(config: ExtractConfig, dataset: ImageDataset, split, device: torch.device) -> dict:
+    """What the store records of its dataset: the description's keys, the split, its rows and fingerprint, and
+    for image files which decoder made the teachers' pixels (distill's ``--decode auto`` follows it)."""
+    description = dataset.describe()
+    attrs = {
+        **{key: description[key] for key in STORE_DATASET_KEYS if key in description},
+        "split": config.split,
+        "n": len(split),
+        "fingerprint": description["fingerprint"][config.split],
+    }
+    if dataset.streamed:
+        attrs["decode"] = used_decode(config.decode, device, split.files)
+    return attrs
+
+
+def _views_info(config: ExtractConfig, dataset: ImageDataset, recipe: augment.Recipe, count: int,
+                dense: bool) -> dict:  # fmt: skip
+    """What the store records of its views: how many, which, drawn how and from which seed."""
+    policy, mixing, search = augment.policy_for(config.recipe, recipe.name), config.mixing(), config.divergent_search()
+    info = {
+        "count": count,
+        "augmented": 0 if dense else config.views,
+        "identity": config.identity_view,
+        "recipe": recipe.name,
+        "seed": config.seed,
+    }
+    if recipe != augment.recipe_for(dataset.recipe, dataset.image_size):
+        # Only where the options (or ?glyphs=1) changed the data's recipe, so other stores' attributes stay as
+        # they were; a store without it was drawn with its recipe's own values (TeacherStore.view_recipe).
+        info["augmentation"] = recipe.to_json()
+    if policy is not None:
+        info["policy"] = policy.to_json()
+    if mixing is not None:
+        info["mixing"] = mixing.to_json()
+    if search is not None:
+        info["divergent"] = search.to_json()
+    return info
