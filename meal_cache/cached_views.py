@@ -184,8 +184,9 @@ class CachedViews:
                 "labels": labels,
                 "logits": logits,
                 "soft_targets": soft,
-                "features": {t: {name: targets[key] for teacher, name, key in features if teacher == t}
-                             for t in self.teachers},  # fmt: skip
+                "features": {
+                    t: {name: targets[key] for teacher, name, key in features if teacher == t} for t in self.teachers
+                },  # fmt: skip
                 "rows": rows,
                 "view": view,
             }
@@ -200,4 +201,3 @@ class CachedViews:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

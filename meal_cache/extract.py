@@ -229,7 +229,6 @@ class ExtractConfig:
                                 f"(--features {','.join(self.features)}): add blocks, or leave --project "
                                 "out")  # fmt: skip
 
-
     def _validate_dense(self) -> None:
         """Refuse what a dense store cannot hold: anything but a crop and flips of the image (distill draws those
         per epoch), and per-view maps."""

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 # differ by a few levels per pixel).
 STORE_DATASET_KEYS = ("spec", "kind", "options", "num_classes", "classes", "image_size", "mean", "std", "recipe",
                       "source", "decoder")  # fmt: skip
+
+
 class DrawnViews(Sequence):
     """A store's views, each drawn (from its own seeded generator) when asked for, so creating a store of many
     views holds one view's parameters at a time."""

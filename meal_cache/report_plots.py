@@ -146,8 +146,13 @@ def plot_views_curve(curve: dict, path: Path) -> None:
                             label=f"{family}, cached views")  # fmt: skip
             for point in data["points"]:
                 if point.get("dense"):
-                    ax.axhline(point[metric]["mean"], color=colour, linestyle="-.", linewidth=1.2,
-                               label=f"{point['method']} (dense store, {point['stored_bytes'] / 2**20:.1f} MiB)")
+                    ax.axhline(
+                        point[metric]["mean"],
+                        color=colour,
+                        linestyle="-.",
+                        linewidth=1.2,
+                        label=f"{point['method']} (dense store, {point['stored_bytes'] / 2**20:.1f} MiB)",
+                    )
             reference = data["reference"]
             if reference is not None:
                 mean, std = reference[metric]["mean"], reference[metric]["std"]

@@ -355,7 +355,7 @@ class TeacherStore:
                      zip(encoding.parts, encoding.keys(key), strict=True)}  # fmt: skip
             # Rows (and a dense store's positions) are decoded as one list of rows.
             lead = parts[encoding.parts[0][0]].shape[:-1]
-            flat = {part: value.reshape(-1, *value.shape[len(lead):]) for part, value in parts.items()}
+            flat = {part: value.reshape(-1, *value.shape[len(lead) :]) for part, value in parts.items()}
             dense = encoding.decode(flat, self.num_classes(), self.layout.dtype, self.layout.temperature)
             return dense.reshape(*lead, self.num_classes())
         values = self.group[key][view, rows]

@@ -276,8 +276,15 @@ def test_a_store_extracted_with_gpu_decoding_replays_its_pixels_and_matches_cpu_
         return real_step(self, batch)
 
     monkeypatch.setattr(distill_module.DistillEpochs, "step", record)
-    config = DistillConfig(store=str(tmp_path / "cuda.zarr"), student="resnet8_w4", method="kd", epochs=2,
-                           batch_size=8, device="cuda", workers=0)  # fmt: skip (auto: the store's own decoder)
+    config = DistillConfig(
+        store=str(tmp_path / "cuda.zarr"),
+        student="resnet8_w4",
+        method="kd",
+        epochs=2,
+        batch_size=8,
+        device="cuda",
+        workers=0,
+    )  # fmt: skip (auto: the store's own decoder)
     distill(config, tmp_path / "run", progress=False)
     per_epoch = store.n // 8
     assert len(seen) == 2 * per_epoch

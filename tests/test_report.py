@@ -125,8 +125,10 @@ def test_a_dense_stores_students_are_a_row_named_dense_after_the_views_and_a_lin
     stores = {"d": {"augmented_views": 0, "dense": True, "stored_bytes": 3 << 20},
               "v4": {"augmented_views": 4, "stored_bytes": 1 << 20}}  # fmt: skip
     curve = views_curve(pipeline, per_method, stores)
-    assert [(p["method"], p["dense"]) for p in curve["families"]["kd"]["points"]] == [("kd-v4", False),
-                                                                                      ("kd-dense", True)]
+    assert [(p["method"], p["dense"]) for p in curve["families"]["kd"]["points"]] == [
+        ("kd-v4", False),
+        ("kd-dense", True),
+    ]
     lines = "\n".join(render_views_curve(curve, "views_curve.png"))
     assert "| kd-dense | kd | dense | 3.00 |" in lines and "| kd-v4 | kd | 4 | 1.00 |" in lines
     plot_views_curve(curve, tmp_path / "views_curve.png")  # no V of 0 on the log axis
