@@ -307,3 +307,42 @@ def test_a_timm_convnet_teacher_gets_its_logit_map_from_the_map_its_head_reads(m
     assert store.teacher("timm_resnet")["dense_map"] == [2, 2]  # stride 32 at 64 px
     logits = store.read(logits_key("timm_resnet"), 0)
     assert logits.shape == (store.n, 4, 10) and np.isfinite(logits).all()
+
+
+def test_a_dense_store_of_a_streamed_jpeg_folder_sees_each_whole_image_and_distills_from_its_crops(tmp_path):
+    from imagefolder import make_image_folder
+
+    root = make_image_folder(tmp_path / "jpegs", classes=3, train=4, val=1, sizes=(40, 90))
+    spec = f"imagefolder:{root}"
+    train_supervised(TrainConfig(arch="resnet8_w4", data=spec, image_size=32, epochs=1, device="cpu", workers=0),
+                     tmp_path / "t" / "resnet8_w4.pt", progress=False)  # fmt: skip
+    config = ExtractConfig(teachers=["resnet8_w4"], data=spec, image_size=32, dense=True, features=["blocks"],
+                           blocks="1", teacher_dir=str(tmp_path / "t"), device="cpu", workers=0)  # fmt: skip
+    store = extract(config, tmp_path / "dense.zarr", progress=False)
+    # The whole image, squashed to a square of 37 px (256/224 of 32): boxes of each file's own size map onto it.
+    assert store.layout.dense == {"sizes": [37], "grid": 4}
+    sizes = store.source_sizes()
+    assert not torch.equal(sizes[:, 0], sizes[:, 1])  # images of other shapes than squares
+    assert torch.equal(store.view_params(0).crop, whole_image(sizes).crop)
+    kd = DistillConfig(store=str(tmp_path / "dense.zarr"), student="resnet8_w4", method="kd", epochs=2, batch_size=4,
+                       device="cpu", workers=0)  # fmt: skip
+    distilled = distill(kd, tmp_path / "run", progress=False)
+    assert [row["view"] for row in distilled["history"]] == ["dense", "dense"]
+    assert all(np.isfinite(row["loss"]) for row in distilled["history"])
+
+
+def test_a_dense_store_projects_its_grids_through_pca_fitted_on_whole_images(stores, teacher_dir, small_digits,
+                                                                             tmp_path):  # fmt: skip
+    config = ExtractConfig(teachers=TEACHERS, teacher_dir=str(teacher_dir), device="cpu", features=["blocks"],
+                           blocks="2", grid=2, dense=True, project=8, quantize=8, **CROPS)  # fmt: skip
+    extract(config, tmp_path / "pca.zarr", progress=False, dataset=small_digits)
+    projected = open_store(tmp_path / "pca.zarr")
+    layer2, layer3 = projected.blocks("resnet8_w4")  # 8 and 16 channels: only layer3 is wider than 8
+    assert (layer2.projected_from, layer3.projected_from) == (None, 16)
+    for block in (layer2, layer3):
+        assert block.channels == 8 and block.stored_grid == 4
+        assert projected.array(feature_key("resnet8_w4", "blocks", block.key)).shape == (1, projected.n, 8, 4, 4)
+    # Against the views store's crops (unprojected): its rows projected by the stored matrix keep most variance.
+    result = store_fidelity(str(tmp_path / "pca.zarr"), str(stores[1]))["teachers"]["resnet8_w4"]
+    assert result["blocks"]["blocks/layer3"]["projection"]["variance_kept"] > 0.7
+    assert "projection" not in result["blocks"]["blocks/layer2"]
