@@ -27,8 +27,8 @@ test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install
-	$(BIN)/ruff check meal_cache tests benchmarks
-	$(BIN)/ruff format --check meal_cache tests benchmarks
+	$(BIN)/ruff check meal_cache tests benchmarks examples
+	$(BIN)/ruff format --check meal_cache tests benchmarks examples
 
 # Speed and size as ratios measured in one run; writes bench/results.json and prints the table.
 # `make bench BENCH_DEVICE=cuda` measures extraction on the GPU and prints its images per second.
