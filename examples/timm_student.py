@@ -1,6 +1,6 @@
 """A timm student trained from a meal-cache store with timm's own optimizer and scheduler factories.
 
-    python examples/timm_student.py STORE TIMM_MODEL OUT.pt [EPOCHS]      (e.g. resnet10t)
+python examples/timm_student.py STORE TIMM_MODEL OUT.pt [EPOCHS]      (e.g. resnet10t)
 """
 
 import sys
@@ -20,8 +20,9 @@ temperature = 4.0
 views = CachedViews(store, batch_size=64, seed=0, epochs=epochs, temperature=temperature, device="cpu")
 model = timm.create_model(name, pretrained=False, num_classes=views.num_classes)
 optimizer = create_optimizer_v2(model, opt="adamw", lr=2e-3, weight_decay=0.05)
-scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=1,
-                                   step_on_epochs=False, updates_per_epoch=len(views))
+scheduler, _ = create_scheduler_v2(
+    optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=1, step_on_epochs=False, updates_per_epoch=len(views)
+)
 step = 0
 for epoch in range(epochs):
     model.train()
@@ -30,7 +31,8 @@ for epoch in range(epochs):
         logits = model(batch["pixels"])
         # Soft labels of the teachers' ensemble, plus the hard labels at a small weight (DeiT-style mix).
         loss = kd_loss(logits, batch["soft_targets"]["mean"], temperature) + 0.1 * F.cross_entropy(
-            logits, batch["labels"])
+            logits, batch["labels"]
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
