@@ -190,6 +190,11 @@ def _teacher_logits_from_store(path: str, dataset: ImageDataset, split: str) -> 
     store = open_store(path)
     store.check_matches(dataset.describe(), split)
     view = store.identity_view
+    if store.dense:  # its logits are of the whole image at the dense size, not the evaluation view
+        raise UserError(
+            f"store '{path}' is a dense store (maps of whole images for deriving crops), not the evaluation view; "
+            f"extract a store of it with --split {split} --views 0 --identity-view"
+        )
     if view is None:
         raise UserError(
             f"store '{path}' has no identity view (un-augmented images); extract it with --identity-view "

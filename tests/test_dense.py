@@ -346,3 +346,13 @@ def test_a_dense_store_projects_its_grids_through_pca_fitted_on_whole_images(sto
     result = store_fidelity(str(tmp_path / "pca.zarr"), str(stores[1]))["teachers"]["resnet8_w4"]
     assert result["blocks"]["blocks/layer3"]["projection"]["variance_kept"] > 0.7
     assert "projection" not in result["blocks"]["blocks/layer2"]
+
+
+def test_evaluate_refuses_a_dense_store_as_the_teachers_evaluation_view_in_one_line(made, tmp_path):
+    root, spec = made
+    config = ExtractConfig(teachers=["resnet8_w4"], data=spec, split="test", dense=True, features=["blocks"],
+                           blocks="1", teacher_dir=str(root / "teachers"), device="cpu")  # fmt: skip
+    extract(config, tmp_path / "test-dense.zarr", progress=False)
+    line = one_error_line(run_console(["evaluate", str(root / "teachers" / "resnet8_w4.pt"), "--store",
+                                       str(tmp_path / "test-dense.zarr")], tmp_path))  # fmt: skip
+    assert "is a dense store" in line and "--identity-view" in line, line
