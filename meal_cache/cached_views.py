@@ -33,8 +33,15 @@ from meal_cache.data import ImageDataset
 from meal_cache.dense import DenseTargets
 from meal_cache.distill.config import DistillConfig
 from meal_cache.distill.feed import make_batch_source
-from meal_cache.distill.run import ReplayedViews, check_logits_temperature, load_store_dataset, refuse_damaged
-from meal_cache.distill.step import replay_batches
+from meal_cache.distill.run import (
+    ReplayedViews,
+    check_logits_temperature,
+    load_store_dataset,
+    refuse_damaged,
+    replayed_views,
+    source_sizes,
+)
+from meal_cache.distill.step import epoch_views, replay_batches
 from meal_cache.distributed import World, init_world
 from meal_cache.errors import UserError
 from meal_cache.loop import Schedule
@@ -123,17 +130,13 @@ class CachedViews:
         keys = [logits_key(t) for t in self.teachers] + [key for _, _, key in self._feature_keys()]
         refuse_damaged(store_, str(store), keys)
         split = dataset.split(store_.dataset["split"])
-        views = [0] if store_.dense else store_.augmented_views or [store_.identity_view]
-        if crops_per_image > len(views) and not store_.dense:
-            raise UserError(f"crops_per_image {crops_per_image} needs as many cached views; '{store}' has "
-                            f"{len(views)}")  # fmt: skip
-        recorded_sizes = store_.source_sizes()
         self.replay = _Replay(
             config=config, world=world, store=store_, dataset=dataset,
             images=split.open(self.device, workers, decode=replay_decode("auto", store_.dataset.get("decode"))),
-            source=make_batch_source(config, store_, keys, self.device), views=views,
+            source=make_batch_source(config, store_, keys, self.device),
+            views=replayed_views(store_, crops_per_image, str(store), option="crops_per_image"),
             view_params=ReplayedViews(store_, keep=2 * crops_per_image), recipe=store_.view_recipe,
-            sizes=recorded_sizes if recorded_sizes is not None else split.source_sizes(workers),
+            sizes=source_sizes(store_, split, workers),
             dense=DenseTargets(store_, keys) if store_.dense else None,
             schedule=Schedule.of(config, len(split.labels) * crops_per_image),
         )  # fmt: skip
@@ -161,9 +164,8 @@ class CachedViews:
     def epoch(self, epoch: int) -> Iterator[dict]:
         """Epoch ``epoch``'s batches, as dicts (see the class's docstring)."""
         replay = self.replay
-        views = replay.views
         crops = replay.config.crops_per_image
-        epoch_views = [views[(epoch * crops + j) % len(views)] for j in range(crops)]
+        views = epoch_views(replay, epoch)
         features = self._feature_keys()
         for (rows, targets, mixed), pixels in replay_batches(replay, epoch):
             rows_dev = rows.to(self.device, non_blocking=True)
@@ -177,7 +179,7 @@ class CachedViews:
             # Multi-crop batches hold their views one after the other; under torchrun this rank has every
             # world-size-th sample of the whole batch.
             world = replay.world
-            whole = torch.tensor(epoch_views).repeat_interleave(len(rows) * world.size // crops)
+            whole = torch.tensor(views).repeat_interleave(len(rows) * world.size // crops)
             view = torch.full((len(rows),), -1) if replay.dense is not None else whole[world.rank :: world.size]
             yield {
                 "pixels": augment.normalise(pixels, replay.dataset.mean, replay.dataset.std, self.channels_last),

@@ -78,7 +78,7 @@ def open_or_create(
     else:
         views = DrawnViews(config.views + int(config.identity_view) + config.divergent_views, draw)
     dataset_attrs = _dataset_attrs(config, dataset, split, device)
-    views_info = _views_info(config, dataset, recipe, len(views), dense is not None)
+    views_info = _views_info(config, dataset, recipe, len(views), dense is not None, policy, mixing, search)
     layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
                          config.quantize, config.logits_topk, config.logits_sample, config.logits_temperature,
                          None if dense is None else dense.to_json())  # fmt: skip
@@ -125,10 +125,10 @@ def _dataset_attrs(config: ExtractConfig, dataset: ImageDataset, split, device: 
     return attrs
 
 
-def _views_info(config: ExtractConfig, dataset: ImageDataset, recipe: augment.Recipe, count: int,
-                dense: bool) -> dict:  # fmt: skip
-    """What the store records of its views: how many, which, drawn how and from which seed."""
-    policy, mixing, search = augment.policy_for(config.recipe, recipe.name), config.mixing(), config.divergent_search()
+def _views_info(config: ExtractConfig, dataset: ImageDataset, recipe: augment.Recipe, count: int, dense: bool,
+                policy: augment.Policy | None, mixing, search) -> dict:  # fmt: skip
+    """What the store records of its views: how many, which, drawn how (recipe, policy, mixing, divergent search)
+    and from which seed."""
     info = {
         "count": count,
         "augmented": 0 if dense else config.views,

@@ -178,13 +178,14 @@ class _DenseReader:
         if self.sizes is None:
             self.sizes = square_sizes(reference.n, int(reference.dataset["image_size"]))
         self.params: tuple[int, object] | None = None
+        self.derive = DenseTargets(store, [])  # blocks and logits only: maps are never compared with a dense store
 
     def __call__(self, key: str, view: int, rows: slice) -> np.ndarray:
         if self.params is None or self.params[0] != view:
             self.params = (view, self.reference.view_params(view))
         params = self.params[1][torch.arange(rows.start, rows.stop)]
         stored = {key: torch.from_numpy(self.store.read(key, 0, rows).astype(np.float32))}
-        derived = DenseTargets(self.store, [key])(stored, params, self.sizes[rows])
+        derived = self.derive(stored, params, self.sizes[rows])
         return derived[key].numpy()
 
 

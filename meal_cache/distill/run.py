@@ -253,14 +253,10 @@ def build_run(
     labels = split.labels.to(device, non_blocking=True)
     if config.refine_labels:
         labels = _refined_labels(config, labels, device, progress)
-    views = [0] if store.dense else store.augmented_views or [store.identity_view]
+    views = replayed_views(store, config.crops_per_image, config.store)
     dense = DenseTargets(store, distiller.needed_keys()) if store.dense else None
     if progress and not config.online and dense is None:
         _note_replays(config, len(views))
-    recorded_sizes = store.source_sizes()  # image files: each row's size, so fresh views need no header scan
-    if config.crops_per_image > len(views) and dense is None:
-        raise UserError(f"--crops-per-image {config.crops_per_image} needs as many cached views; '{config.store}' has "
-                        f"{len(views)} (extract with --views {config.crops_per_image} or more)")  # fmt: skip
     schedule = Schedule.of(config, len(labels) * config.crops_per_image)
     divergent = divergent_batches(config, store, distiller.needed_keys(), device, schedule.steps)
     if divergent is not None:
@@ -271,11 +267,31 @@ def build_run(
         schedule=schedule, images=images, labels=labels, views=views, divergent=divergent, dense=dense,
         view_params=ReplayedViews(store, keep=2 * config.crops_per_image),
         recipe=store.view_recipe,  # fresh views are drawn as the store's were (its --scale, --hflip, ...)
-        sizes=recorded_sizes if recorded_sizes is not None else split.source_sizes(config.workers),
+        sizes=source_sizes(store, split, config.workers),
         online=OnlineTeachers(config, store, dataset, precision) if config.online else None,
         source=make_batch_source(config, store, distiller.needed_keys(), device),
         own_optimizers=distiller.own_optimizers(),
     )  # fmt: skip
+
+
+def replayed_views(store: TeacherStore, crops: int, path: str, option: str = "--crops-per-image") -> list[int]:
+    """The views a run cycles through: the augmented ones (or the identity view alone), a dense store's one view
+    of whole images; refused where ``crops`` per image (the setting ``option``) need more views than a store of
+    views has."""
+    if store.dense:  # any number of crops are drawn from its one view
+        return [0]
+    views = store.augmented_views or [store.identity_view]
+    if crops > len(views):
+        raise UserError(f"{option} {crops} needs as many cached views; '{path}' has {len(views)} (extract "
+                        f"with --views {crops} or more)")  # fmt: skip
+    return views
+
+
+def source_sizes(store: TeacherStore, split, workers: int | None) -> torch.Tensor:
+    """Each row's source (H, W), for drawing fresh crops: as the store recorded them for image files, so no
+    header is read again, else the split's."""
+    recorded = store.source_sizes()
+    return recorded if recorded is not None else split.source_sizes(workers)
 
 
 # Replays of one cached view beyond which students overfit it (pipelines/digits-views-long.toml: 60 replays of
