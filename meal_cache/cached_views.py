@@ -41,12 +41,11 @@ from meal_cache.distill.run import (
     replayed_views,
     source_sizes,
 )
-from meal_cache.distill.step import epoch_views, replay_batches
+from meal_cache.distill.step import epoch_views, hard_labels, replay_batches
 from meal_cache.distributed import World, init_world
 from meal_cache.errors import UserError
 from meal_cache.loop import Schedule
 from meal_cache.losses import kd_kl, soft_targets
-from meal_cache.mixing import mixed_labels
 from meal_cache.runtime import Precision
 from meal_cache.source import replay_decode
 from meal_cache.store import FEATURE_KINDS, TeacherStore, feature_key, logits_key, open_store
@@ -169,10 +168,7 @@ class CachedViews:
         features = self._feature_keys()
         for (rows, targets, mixed), pixels in replay_batches(replay, epoch):
             rows_dev = rows.to(self.device, non_blocking=True)
-            labels = self.labels[rows_dev]
-            if mixed is not None:
-                partners = self.labels[mixed.mix_partner.to(self.device, non_blocking=True).long()]
-                labels = mixed_labels(labels, mixed, self.num_classes, partners)
+            labels = hard_labels(self.labels, self.labels[rows_dev], mixed, self.num_classes)
             logits = {t: targets[logits_key(t)].float() for t in self.teachers}
             soft = {t: F.softmax(value / self.temperature, dim=1) for t, value in logits.items()}
             soft["mean"] = soft_targets(list(logits.values()), self.temperature)

@@ -76,10 +76,7 @@ class DistillEpochs:
         if run.online is not None:
             targets = run.online.targets(pixels, selected)
         labels = run.labels[rows_dev]
-        hard_targets = labels
-        if mixed is not None:
-            partners = run.labels[mixed.mix_partner.to(run.device, non_blocking=True).long()]
-            hard_targets = mixed_labels(labels, mixed, run.dataset.num_classes, partners)
+        hard_targets = hard_labels(run.labels, labels, mixed, run.dataset.num_classes)
         own_stats = distiller.own_step(inputs, targets, hard_targets, selected, run.own_optimizers)
         with run.precision.autocast():
             out = distiller(inputs, targets, hard_targets, selected, run.run_student)
@@ -153,6 +150,16 @@ def replay_batches(replay, epoch: int) -> Iterator[tuple[tuple[torch.Tensor, dic
 
     natural_steps = replay.schedule.steps - replay.divergent.per_epoch
     return interleaved(natural, divergent(), natural_steps, replay.divergent.per_epoch)
+
+
+def hard_labels(every_label: torch.Tensor, labels: torch.Tensor, mixed: augment.ViewParams | None,
+                num_classes: int) -> torch.Tensor:  # fmt: skip
+    """A batch's hard targets: its ``labels`` (class indices), or where its view mixes rows (``mixed``, the rows'
+    parameters) class shares mixed with each partner's label (from ``every_label``) by the row's lambda."""
+    if mixed is None:
+        return labels
+    partners = every_label[mixed.mix_partner.to(every_label.device, non_blocking=True).long()]
+    return mixed_labels(labels, mixed, num_classes, partners)
 
 
 def _rank_share(world: World, rows: torch.Tensor, targets: dict | None, extra: torch.Tensor | None):
