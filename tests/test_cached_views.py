@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import zarr
 from console import ROOT, run_console
 
 from meal_cache import CachedViews, kd_loss
@@ -120,3 +122,83 @@ def test_a_request_the_store_cannot_serve_is_refused_by_name(small, tmp_path):
         CachedViews(small, data="digits?train_fraction=0.1&fraction_seed=9", device="cpu", workers=0)
     with pytest.raises(UserError, match="crops_per_image 4 needs as many cached views"):
         CachedViews(small, crops_per_image=4, device="cpu", workers=0)
+
+
+def _softmax64(logits: torch.Tensor, temperature: float) -> np.ndarray:
+    """softmax(logits / T) in float64 numpy, written out."""
+    wide = logits.double().numpy() / temperature
+    wide = np.exp(wide - wide.max(1, keepdims=True))
+    return wide / wide.sum(1, keepdims=True)
+
+
+def test_each_teachers_soft_targets_are_softened_at_the_loaders_temperature(small):
+    """At T = 3 (neither 1 nor the default 4): every teacher's soft targets and their mean are softmax(logits / 3)
+    of distill's own targets for the same rows, computed here in float64."""
+    digits = load_dataset(SPEC)
+    config = DistillConfig(store=str(small), student="resnet8_w4", method="kd", epochs=2, batch_size=32, seed=5,
+                           temperature=3.0, device="cpu", workers=0).resolved(("blocks",))  # fmt: skip
+    world, device = init_world("cpu")
+    run = build_run(config, world, device, digits, progress=False)
+    views = CachedViews(small, batch_size=32, seed=5, epochs=2, temperature=3.0, device="cpu", workers=0,
+                        dataset=digits)  # fmt: skip
+    try:
+        served, distilled = list(views.epoch(1)), list(DistillEpochs(run).batches(1))
+        assert len(served) == len(distilled) > 1
+        for batch, ((rows, targets, _), _pixels) in zip(served, distilled, strict=True):
+            assert torch.equal(batch["rows"], rows)
+            expected = {t: _softmax64(targets[logits_key(t)], 3.0) for t in ("resnet8_w4", "densenet_k12")}
+            for teacher, probabilities in expected.items():
+                np.testing.assert_allclose(batch["soft_targets"][teacher].numpy(), probabilities, atol=1e-6)
+            mean = (expected["resnet8_w4"] + expected["densenet_k12"]) / 2
+            np.testing.assert_allclose(batch["soft_targets"]["mean"].numpy(), mean, atol=1e-6)
+            # The temperature shows: at T = 1 the targets would be far sharper.
+            sharper = _softmax64(targets[logits_key("resnet8_w4")], 1.0)
+            assert np.abs(sharper - expected["resnet8_w4"]).max() > 0.05
+    finally:
+        views.close()
+        run.source.close()
+        run.images.close()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, teacher_dir):
+    """2 views of 143 rows mixed by Mixup and CutMix (every row, timm's switch), one teacher's logits."""
+    path = tmp_path_factory.mktemp("mixed") / "mixed.zarr"
+    config = ExtractConfig(teachers=["resnet8_w4"], data=SPEC, views=2, mixup=0.8, cutmix=1.0, preset="kd",
+                           teacher_dir=str(teacher_dir), device="cpu")  # fmt: skip
+    extract(config, path, progress=False)
+    return path
+
+
+def test_mixed_rows_labels_are_their_own_and_their_partners_shares(mixed):
+    """On a mixed store, each row's label is lambda * one-hot(own label) + (1 - lambda) * one-hot(partner's label),
+    from the store's raw arrays (zarr alone); the pixels are distill's, the rows in distill's order."""
+    digits = load_dataset(SPEC)
+    config = DistillConfig(store=str(mixed), student="resnet8_w4", method="kd", epochs=2, batch_size=32, seed=2,
+                           device="cpu", workers=0).resolved(())  # fmt: skip
+    world, device = init_world("cpu")
+    run = build_run(config, world, device, digits, progress=False)
+    views = CachedViews(mixed, batch_size=32, seed=2, epochs=2, device="cpu", workers=0, dataset=digits)
+    group = zarr.open_group(str(mixed), mode="r")
+    labels = np.asarray(group["labels"][:])
+    partners, lambdas = np.asarray(group["views/mix_partner"][:]), np.asarray(group["views/mix_lambda"][:])
+    try:
+        for epoch in (0, 1):
+            served, distilled = list(views.epoch(epoch)), list(DistillEpochs(run).batches(epoch))
+            assert len(served) == len(distilled) > 1
+            for batch, ((rows, _, _), pixels) in zip(served, distilled, strict=True):
+                assert torch.equal(batch["rows"], rows)
+                inputs = (pixels / 255 - torch.tensor(digits.mean).view(1, -1, 1, 1)) / torch.tensor(
+                    digits.std).view(1, -1, 1, 1)  # fmt: skip
+                assert torch.allclose(batch["pixels"], inputs, atol=1e-6)
+                view, index = epoch % 2, rows.numpy()
+                lam = lambdas[view, index].astype(np.float64)[:, None]
+                shares = lam * np.eye(10)[labels[index]] + (1 - lam) * np.eye(10)[labels[partners[view, index]]]
+                assert batch["labels"].shape == (len(rows), 10)
+                np.testing.assert_allclose(batch["labels"].numpy(), shares, atol=1e-6)
+        # Mixed for real: most rows keep well under all of their own label, and some partners are of another class.
+        assert (lambdas < 0.9).mean() > 0.5 and (labels[partners[0]] != labels).mean() > 0.5
+    finally:
+        views.close()
+        run.source.close()
+        run.images.close()

@@ -100,9 +100,9 @@ class PatchLinear(torch.nn.Module):
     pooling: its logits of a crop are the average of its per-position logits over that crop, up to resampling, so
     a dense store's derived targets must track it wherever the crop is, however zoomed or mirrored."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, patch: int = 4) -> None:
         super().__init__()
-        self.patch = torch.nn.Conv2d(3, 24, 4, stride=4)
+        self.patch = torch.nn.Conv2d(3, 24, patch, stride=patch)
         self.pool = torch.nn.AdaptiveAvgPool2d(1)
         self.fc = torch.nn.Linear(24, num_classes)
 
@@ -356,3 +356,136 @@ def test_evaluate_refuses_a_dense_store_as_the_teachers_evaluation_view_in_one_l
     line = one_error_line(run_console(["evaluate", str(root / "teachers" / "resnet8_w4.pt"), "--store",
                                        str(tmp_path / "test-dense.zarr")], tmp_path))  # fmt: skip
     assert "is a dense store" in line and "--identity-view" in line, line
+
+
+
+@pytest.fixture(scope="module")
+def patch_views(patch_stores, small_digits):
+    """One more lossless store of 3 views of the local teacher (while its architecture is registered): random-resized
+    crops mirrored top to bottom only."""
+    root = patch_stores[0].parent
+    config = ExtractConfig(teachers=["patch_linear"], teacher_dir=str(root / "teachers"), device="cpu",
+                           features=["blocks"], grid=2, views=3, seed=11, scale=(0.3, 1.0), hflip=0.0,
+                           vflip=0.5)  # fmt: skip
+    extract(config, root / "vflip.zarr", progress=False, dataset=small_digits)
+    return root / "vflip.zarr"
+
+
+def _relative_error(values: torch.Tensor, truth: torch.Tensor) -> float:
+    return float(((values - truth) ** 2).sum() / (truth**2).sum()) ** 0.5
+
+
+def test_vertically_mirrored_crops_get_vertically_mirrored_block_targets(patch_stores, patch_views):
+    """Against the local teacher run on each true (resized, mirrored top to bottom) crop: the derived 2 x 2 blocks
+    of the mirrored rows are far closer than the same box left unmirrored (0.45 against 0.84 relative L2 here; the
+    unmirrored rows' own error is 0.34). A mirrored crop's patches are other patches to a convolution, so the
+    mirrored grid only approximates them: the bound is against the unmirrored box, as for left-right flips."""
+    dense, views = open_store(patch_stores[0]), open_store(patch_views)
+    key = feature_key("patch_linear", "blocks", "patch")
+    stored = {key: torch.from_numpy(dense.read(key, 0).astype(np.float32))}
+    derive, sizes = DenseTargets(dense, [key]), small_sizes(dense.n)
+    for view in range(3):
+        params = views.view_params(view)
+        assert params.vflip is not None and not params.flip.any()
+        mirrored = params.vflip
+        assert 40 < int(mirrored.sum()) < 100  # about half of the 143 rows
+        truth = torch.from_numpy(views.read(key, view).astype(np.float32))
+        derived = derive(stored, params, sizes)[key]
+        unmirrored = derive(stored, dataclasses.replace(params, vflip=mirrored & False), sizes)[key]
+        assert _relative_error(derived[mirrored], truth[mirrored]) < 0.7 * _relative_error(
+            unmirrored[mirrored], truth[mirrored])  # fmt: skip
+        assert torch.equal(derived[~mirrored], unmirrored[~mirrored])
+
+
+@pytest.fixture(scope="module")
+def pixel_store(tmp_path_factory, small_digits):
+    """A teacher that classifies each pixel alone, linearly, then averages (a 1 x 1 convolution before the global
+    pooling): its logits of any region of an image are exactly the mean of its per-pixel logits there. One epoch,
+    and a lossless float32 dense store of it, whose logit map has a position per pixel."""
+    from meal_cache import models
+
+    entry = models.ModelEntry(lambda classes: PatchLinear(classes, patch=1), ("patch",), "a per-pixel classifier")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(models.MODELS, "pixel_linear", entry)
+        root = tmp_path_factory.mktemp("pixel")
+        train_supervised(TrainConfig(arch="pixel_linear", data=SPEC, epochs=1, device="cpu"),
+                         root / "teachers" / "pixel_linear.pt", progress=False, dataset=small_digits)  # fmt: skip
+        config = ExtractConfig(teachers=["pixel_linear"], teacher_dir=str(root / "teachers"), device="cpu",
+                               features=["blocks"], dense=True, dtype="float32")  # fmt: skip
+        extract(config, root / "dense.zarr", progress=False, dataset=small_digits)
+        teacher = resolve_teacher("pixel_linear", root / "teachers", small_digits, "1", 1)
+        yield root / "dense.zarr", teacher
+
+
+def test_crops_reaching_past_any_edge_get_the_teachers_logits_of_the_part_inside_the_image(pixel_store, small_digits):
+    """digits' padded crops (shifts of up to 2 px each way: two thirds of them reach past the bottom or right edge)
+    against the per-pixel teacher run on exactly the part of each crop inside the image: the dense rule cuts the
+    box to the image (the teacher never saw a padded border), and for this teacher the cut box's average is that
+    region's logits, up to float32 rounding. A box left reaching past the map samples cells that do not exist."""
+    path, teacher = pixel_store
+    dense = open_store(path)
+    assert dense.teacher("pixel_linear")["dense_map"] == [16, 16]
+    key = logits_key("pixel_linear")
+    stored = {key: torch.from_numpy(dense.read(key, 0))}
+    images = small_digits.split("train").images
+    recipe = augment.recipe_for("digits", 16)
+    params = augment.draw(recipe, small_sizes(dense.n), torch.Generator().manual_seed(3))
+    derived = DenseTargets(dense, [key])(stored, params, small_sizes(dense.n))[key].double()
+    y0, x0, h, w = params.crop.long().unbind(1)
+    past = (y0 + h > 16) | (x0 + w > 16)
+    before = (y0 < 0) | (x0 < 0)
+    assert int(past.sum()) > 30 and int(before.sum()) > 30
+    mean = torch.tensor(teacher.mean).view(1, -1, 1, 1)
+    std = torch.tensor(teacher.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        for row in range(dense.n):
+            top, left = max(int(y0[row]), 0), max(int(x0[row]), 0)
+            bottom, right = min(int(y0[row] + h[row]), 16), min(int(x0[row] + w[row]), 16)
+            region = images[row : row + 1, :, top:bottom, left:right].float()
+            truth = teacher.model((region / 255 - mean) / std).double()[0]
+            assert torch.allclose(derived[row], truth, atol=1e-4, rtol=1e-4), (row, params.crop[row].tolist())
+
+
+def test_a_second_scale_averages_both_scales_blocks_and_logit_maps_as_computed_by_hand(teacher_dir, small_digits,
+                                                                                        tmp_path):  # fmt: skip
+    """``--dense-sizes 16,24``: the stored block grid is the mean of the last block at 16 px (4 x 4) and at 24 px
+    (6 x 6, average-pooled to 4 x 4); the logit map is the classifier at each position of the 24-px map, averaged
+    with the 16-px one resampled bilinearly to 6 x 6. Written out here with the teacher's own modules: the image
+    resampled (bilinear, antialiased), normalised, the block's output taken by a hook, the classifier applied to
+    each position's channels."""
+    config = ExtractConfig(teachers=["resnet8_w4"], teacher_dir=str(teacher_dir), device="cpu", features=["blocks"],
+                           blocks="1", dense=True, dense_sizes=[16, 24], dtype="float32")  # fmt: skip
+    extract(config, tmp_path / "two.zarr", progress=False, dataset=small_digits)
+    store = open_store(tmp_path / "two.zarr")
+    teacher = resolve_teacher("resnet8_w4", teacher_dir, small_digits, "1", 1)
+    model = teacher.model.eval()
+    mean = torch.tensor(teacher.mean).view(1, -1, 1, 1)
+    std = torch.tensor(teacher.std).view(1, -1, 1, 1)
+    images = small_digits.split("train").images.float()
+    outputs: list[torch.Tensor] = []
+    hook = model.layer3.register_forward_hook(lambda _m, _i, output: outputs.append(output.double()))
+    try:
+        with torch.no_grad():
+            for size in (16, 24):
+                pixels = images if size == 16 else F.interpolate(images, size=(size, size), mode="bilinear",
+                                                                 antialias=True, align_corners=False)  # fmt: skip
+                model((pixels / 255 - mean) / std)
+    finally:
+        hook.remove()
+    small, large = outputs
+    assert small.shape[-2:] == (4, 4) and large.shape[-2:] == (6, 6)
+    blocks = (F.adaptive_avg_pool2d(small, 4) + F.adaptive_avg_pool2d(large, 4)) / 2
+    stored = torch.from_numpy(store.read(feature_key("resnet8_w4", "blocks", "layer3"), 0)).double()
+    assert stored.shape == blocks.shape == (store.n, 16, 4, 4)
+    assert torch.allclose(stored, blocks, atol=1e-4, rtol=1e-4)
+    fc = model.fc.double()
+    with torch.no_grad():
+        per_position = [fc(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for grid in (small, large)]
+    resampled = F.interpolate(per_position[0], size=(6, 6), mode="bilinear", align_corners=False)
+    logit_map = ((resampled + per_position[1]) / 2).flatten(2).transpose(1, 2)
+    stored_map = torch.from_numpy(store.read(logits_key("resnet8_w4"), 0)).double()
+    assert stored_map.shape == logit_map.shape == (store.n, 36, 10)
+    assert torch.allclose(stored_map, logit_map, atol=1e-4, rtol=1e-4)
+    # Neither scale alone is the average: each is far from it next to the tolerance.
+    for one in (F.adaptive_avg_pool2d(small, 4), F.adaptive_avg_pool2d(large, 4)):
+        assert (one - blocks).abs().max() > 1e-2

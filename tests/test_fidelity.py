@@ -120,3 +120,30 @@ def test_stores_of_other_views_are_refused(small_store, lossy_stores):
     shown = subprocess.run([sys.executable, "-m", "meal_cache", "info", str(lossy_stores / "q8.zarr"), "--fidelity",
                             str(path)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert shown.returncode == 0 and "top-1 agreement 100.00%" in shown.stdout and "relative L2" in shown.stdout
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(1, keepdims=True)
+    return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+
+def test_the_soft_ce_change_of_8bit_maps_is_the_mean_absolute_change_of_both_signs(small_store, lossy_stores):
+    """Per maps array, the soft-ce change is the mean over rows of |CE(lossy map, reference) - CE(reference,
+    reference)|, the reference map standing in for the student, written out here in float64 from both stores' maps.
+    8-bit rounding moves some rows' loss up and others' down, so a signed sum would cancel to a fraction of it."""
+    path, _ = small_store
+    reference, lossy = open_store(path), open_store(lossy_stores / "q8.zarr")
+    result = store_fidelity(str(lossy_stores / "q8.zarr"), str(path))
+    for teacher, summary in result["teachers"].items():
+        maps = [key for key in summary["blocks"] if key.startswith("maps/")]
+        assert maps, teacher
+        for key in maps:
+            array = f"teachers/{teacher}/{key}"
+            ref = np.concatenate([reference.read(array, v) for v in range(3)]).astype(np.float64)
+            low = np.concatenate([lossy.read(array, v) for v in range(3)]).astype(np.float64)
+            ref, low = ref.reshape(len(ref), -1), low.reshape(len(low), -1)
+            student = _log_softmax(ref)
+            change = -(np.exp(_log_softmax(low)) * student).sum(1) + (np.exp(student) * student).sum(1)
+            assert (change > 0).mean() > 0.1 and (change < 0).mean() > 0.1, key  # both signs, often
+            assert abs(change.mean()) < 0.5 * np.abs(change).mean(), key
+            assert summary["blocks"][key]["soft_ce_change"] == pytest.approx(np.abs(change).mean(), rel=1e-6), key

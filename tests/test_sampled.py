@@ -4,6 +4,7 @@ distinct classes with their counts and read back as count / K, an unbiased estim
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from meal_cache.extract import extract
+from meal_cache.extract import ExtractConfig, extract
 from meal_cache.fidelity import store_fidelity
 from meal_cache.store import open_store
 from meal_cache.store_logits import SAMPLE_FLOOR, decode_sample, encode_sample, softmax_rows
@@ -145,3 +146,89 @@ def test_distill_reads_a_sampled_store_at_its_temperature_and_refuses_another(sa
     assert lines[0].startswith("Error: ") and "holds classes drawn at temperature 4" in lines[0]
     assert "distill with --temperature 4" in lines[0]
     assert not (tmp_path / "refused").exists()
+
+
+# The false-alarm rate of each independence check below: the chance that draws which are independent fail it.
+ALPHA = 1e-6
+
+
+def _dense_counts(index: np.ndarray, count: np.ndarray, classes: int) -> np.ndarray:
+    """(..., slots) distinct classes and their counts as (..., classes) counts, zero where never drawn."""
+    dense = np.zeros((*index.shape[:-1], classes))
+    np.put_along_axis(dense, index.astype(np.int64), count.astype(np.float64), axis=-1)
+    return dense
+
+
+def independence_check(counts_a: np.ndarray, counts_b: np.ndarray, p_a: np.ndarray, p_b: np.ndarray,
+                       k: int) -> tuple[float, float]:  # fmt: skip
+    """``(S, bound)`` for two sets of K draws a row, ``counts_a`` of the softmax ``p_a`` and ``counts_b`` of
+    ``p_b`` (each (N, C)): S is the sum over rows of Z = (n_a - K p_a) . (n_b - K p_b), the cross-covariance of
+    the two rows' counts. Independent draws have E[Z] = 0, Var[Z] = K^2 <A, B> with A = diag(p_a) - p_a p_a^T
+    (B likewise), and |Z| <= 2 K^2 (each ||n - K p||^2 <= 2 K^2); rows are independent, so Bernstein's
+    inequality P(S >= t) <= exp(-t^2 / (2 (sum Var + M t / 3))) gives the ``bound`` t that independent draws
+    exceed with probability at most ALPHA. Draws from one random stream (the same counts wherever p_a = p_b) have
+    E[Z] = K (1 - ||p||^2) a row, far above it."""
+    z = ((counts_a - k * p_a) * (counts_b - k * p_b)).sum(1)
+    ab = (p_a * p_b).sum(1)
+    inner = ab - (p_a * p_b**2).sum(1) - (p_a**2 * p_b).sum(1) + ab**2
+    variance, largest, log_alarm = float(k**2 * inner.sum()), 2.0 * k**2, np.log(1 / ALPHA)
+    bound = largest * log_alarm / 3 + np.sqrt((largest * log_alarm / 3) ** 2 + 2 * variance * log_alarm)
+    return float(z.sum()), float(bound)
+
+
+@pytest.fixture(scope="module", params=["digits", "digit-pairs:1000"])
+def twin_stores(request, teacher_dir, tmp_path_factory):
+    """A teacher and its twin (the same checkpoint under a second name, so the same logits), 2 views that are
+    both the whole image (so the same logits again), 8 classes drawn a row at T = 4, and the same teachers' float32
+    logits as the reference. On digits (10 classes, the 3-epoch teacher, 1,437 rows) and on digit pairs (100
+    classes, a one-epoch teacher, 1,000 rows)."""
+    from meal_cache.train import TrainConfig, train_supervised
+
+    data = request.param
+    root = tmp_path_factory.mktemp("twins")
+    teachers = root / "teachers"
+    teachers.mkdir()
+    if data == "digits":
+        checkpoint = teacher_dir / "resnet8_w4.pt"
+    else:
+        checkpoint = teachers / "trained.pt"
+        train_supervised(TrainConfig(arch="resnet8_w4", data=data, epochs=1, device="cpu"), checkpoint,
+                         progress=False)  # fmt: skip
+    for name in ("teacher", "twin"):
+        shutil.copyfile(checkpoint, teachers / f"{name}.pt")
+    common = dict(teachers=["teacher", "twin"], data=data, views=2, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0,
+                  teacher_dir=str(teachers), preset="kd", device="cpu")  # fmt: skip
+    extract(ExtractConfig(logits_sample=8, **common), root / "sampled.zarr", progress=False)
+    extract(ExtractConfig(logits_topk=0, dtype="float32", **common), root / "exact.zarr", progress=False)
+    return root / "sampled.zarr", root / "exact.zarr"
+
+
+def test_draws_of_two_views_and_of_two_teachers_with_the_same_logits_are_independent(twin_stores):
+    """Each pair of (teacher, view) draw sets whose softmax is the same (two views of the same pixels; two teachers
+    with the same weights) passes :func:`independence_check` at ALPHA = 1e-6; a set against itself, what one
+    stream reused gives, fails it by far (the check has the power to see it on these rows)."""
+    sampled_path, exact_path = twin_stores
+    group, exact = zarr.open_group(str(sampled_path), mode="r"), open_store(exact_path)
+    classes, k = exact.num_classes(), 8
+    temperature = open_store(sampled_path).layout.temperature
+    assert temperature == 4.0
+    counts, probabilities = {}, {}
+    for teacher in ("teacher", "twin"):
+        index = np.asarray(group[f"teachers/{teacher}/logits_sample/index"][:])
+        count = np.asarray(group[f"teachers/{teacher}/logits_sample/count"][:])
+        for view in (0, 1):
+            counts[teacher, view] = _dense_counts(index[view], count[view], classes)
+            probabilities[teacher, view] = softmax_rows(exact.logits(teacher, view).astype(np.float64), temperature)
+    # The four sets share one softmax: whatever their draws differ by is the random stream alone.
+    reference = exact.logits("teacher", 0)
+    assert reference.shape == (exact.n, classes) and exact.n >= 1000
+    for key in probabilities:
+        assert np.array_equal(exact.logits(*key), reference), key
+    pairs = [(("teacher", 0), ("teacher", 1)), (("twin", 0), ("twin", 1)), (("teacher", 0), ("twin", 0)),
+             (("teacher", 1), ("twin", 1)), (("teacher", 0), ("twin", 1))]  # fmt: skip
+    for a, b in pairs:
+        statistic, bound = independence_check(counts[a], counts[b], probabilities[a], probabilities[b], k)
+        assert statistic < bound, (a, b, statistic, bound)
+    statistic, bound = independence_check(counts[pairs[0][0]], counts[pairs[0][0]], probabilities[pairs[0][0]],
+                                          probabilities[pairs[0][0]], k)  # fmt: skip
+    assert statistic > 3 * bound, (statistic, bound)
