@@ -200,3 +200,14 @@ def test_extract_refuses_attention_settings_it_cannot_honour(teacher_dir, tmp_pa
                                        SPEC, "--device", "cpu", *extra, "--out", str(out)], tmp_path))  # fmt: skip
     assert named in line, line
     assert not out.exists()
+
+
+def test_a_dense_stores_targets_refuse_attention_keys(teacher_dir, small_digits, tmp_path):
+    from meal_cache.dense import DenseTargets
+    from meal_cache.errors import UserError
+
+    store = _extract(teacher_dir, small_digits, tmp_path / "dense.zarr", dense=True, features=["blocks"], blocks="1")
+    block = store.blocks(TEACHER)[0].key
+    DenseTargets(store, [feature_key(TEACHER, "blocks", block)])  # what a dense store derives
+    with pytest.raises(UserError, match=r"not channel-mean or attention maps \(teachers/densenet_k12/attention/"):
+        DenseTargets(store, [feature_key(TEACHER, "attention", block)])
