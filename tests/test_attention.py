@@ -168,7 +168,8 @@ def test_at_refuses_a_store_of_signed_maps_only_naming_for_at(maps_store, tmp_pa
     line = one_error_line(run_console(["distill", "--store", str(maps_store), "--student", "resnet8_w4", "--method",
                                        "at", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "r")],
                                       tmp_path))  # fmt: skip
-    assert "only the signed channel-mean maps" in line and "extract with --for at again" in line, line
+    assert "holds the signed channel-mean maps (maps) and no attention maps" in line, line
+    assert "extract with --for at again" in line, line
 
 
 @pytest.mark.parametrize(

@@ -121,9 +121,9 @@ def _stored_p(store: TeacherStore, asked: float | None) -> float:
                         "with a method that reads those (kd, meal, meal-v2, fitnet, ...), or extract a store of views "
                         "with --for at")  # fmt: skip
     if "attention" not in features and "maps" in features:
-        raise UserError("--method at compares attention maps, the channel mean of |A|^p; this store holds only the "
-                        "signed channel-mean maps (maps), which differ wherever a block's output is signed: extract "
-                        "with --for at again (or --features attention)")  # fmt: skip
+        raise UserError("--method at compares attention maps, the channel mean of |A|^p; this store holds the signed "
+                        "channel-mean maps (maps) and no attention maps, and the two differ wherever a block's output "
+                        "is signed: extract with --for at again (or --features attention)")  # fmt: skip
     if "attention" not in features:
         raise UserError(f"--method at reads the teachers' attention maps, which this store lacks (it holds "
                         f"{', '.join(features) or 'logits only'}): extract with --for at (or --features "
