@@ -203,6 +203,11 @@ def pool_boxes(maps: torch.Tensor, rois: torch.Tensor, out: int) -> torch.Tensor
                      aligned=True)  # fmt: skip
 
 
+# Feature kinds a view's own pixels make (a channel mean, of A or of |A|^p), which no box of the whole image's
+# stored maps gives.
+PER_VIEW_KINDS = ("maps", "attention")
+
+
 class DenseTargets:
     """A dense store's maps turned into the targets of a batch's crops, keyed as a store of views keys them."""
 
@@ -210,11 +215,11 @@ class DenseTargets:
         self.map_size = {t: tuple(store.teacher(t)["dense_map"]) for t in store.teacher_names}
         self.out_grid = {f"blocks/{b.key}": b.grid for t in store.teacher_names for b in store.blocks(t)}
         self.keys = keys
-        refused = [key for key in keys if split_teacher_key(key)[1].startswith("maps/")]
+        refused = [key for key in keys if split_teacher_key(key)[1].split("/")[0] in PER_VIEW_KINDS]
         if refused:
-            raise UserError(f"a dense store derives logits and pooled blocks for any crop, not channel-mean maps "
-                            f"({refused[0]}); distill with a method that reads logits or blocks (kd, meal, "
-                            "meal-v2, fitnet, ...), or extract a store of views for this one")  # fmt: skip
+            raise UserError(f"a dense store derives logits and pooled blocks for any crop, not channel-mean or "
+                            f"attention maps ({refused[0]}); distill with a method that reads logits or blocks (kd, "
+                            "meal, meal-v2, fitnet, ...), or extract a store of views for this one")  # fmt: skip
 
     def __call__(self, stored: dict[str, torch.Tensor], params: augment.ViewParams,
                  sizes: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip

@@ -56,7 +56,9 @@ from meal_cache.store import (
     TeacherStore,
     open_store,
 )
+from meal_cache.store_keys import DEFAULT_FEATURES
 from meal_cache.store_logits import check_logits_options
+from meal_cache.store_schema import DEFAULT_ATTENTION_P
 from meal_cache.teachers import Teacher, keep_projections, projected_teachers, resolve_teacher, teacher_outputs
 
 # Chunks written but not yet durable; bounds the memory the background writer may hold.
@@ -67,10 +69,10 @@ MIXING_FIELDS = ("mixup", "cutmix", "mix_prob", "mix_switch_prob")
 DIVERGENT_FIELDS = ("divergent_views", "divergent_eps", "divergent_steps")
 
 
-# ``--for all``: everything, as without --for; ``--for METHOD``: what the method declares it reads
+# ``--for all``: the default layout, as without --for; ``--for METHOD``: what the method declares it reads
 # (:attr:`meal_cache.distill.Method.store_needs`).
 STORE_EVERYTHING = StoreNeeds(
-    tuple(FEATURE_KINDS), "all", "logits, and every block's pooled output and map (the default)", logits_topk=None
+    DEFAULT_FEATURES, "all", "logits, and every block's pooled output and map (the default)", logits_topk=None
 )
 
 
@@ -114,7 +116,9 @@ class ExtractConfig:
     seed: int = 0
     grid: int = 1
     blocks: str = "all"
-    features: list[str] = field(default_factory=lambda: list(FEATURE_KINDS))
+    features: list[str] = field(default_factory=lambda: list(DEFAULT_FEATURES))
+    # The p of the attention maps, the channel mean of |A|^p (None: DEFAULT_ATTENTION_P where they are stored).
+    attention_p: float | None = None
     dtype: str = "float16"
     codec: str = "zstd:3"
     keep_bits: int | None = None
@@ -162,7 +166,7 @@ class ExtractConfig:
                 raise unknown_choice("--for method", self.preset, list(presets))
             preset = presets[self.preset]
             chosen = (tuple(self.features), self.blocks)
-            if chosen not in ((tuple(FEATURE_KINDS), DEFAULT_BLOCKS), (preset.features, preset.blocks)):
+            if chosen not in ((DEFAULT_FEATURES, DEFAULT_BLOCKS), (preset.features, preset.blocks)):
                 raise UserError(f"--for {self.preset} chooses the features and blocks itself; pass --for or "
                                 "--features/--blocks, not both")  # fmt: skip
             config = dataclasses.replace(self, features=list(preset.features), blocks=preset.blocks)
@@ -172,7 +176,7 @@ class ExtractConfig:
                 config = dataclasses.replace(config, logits_topk=preset.logits_topk)
             if self.project is None:
                 config = dataclasses.replace(config, project=preset.project)
-        if config.dense and config.preset is None and tuple(config.features) == tuple(FEATURE_KINDS):
+        if config.dense and config.preset is None and tuple(config.features) == DEFAULT_FEATURES:
             # A dense store's default: what it can derive per crop (channel-mean maps are per view).
             config = dataclasses.replace(config, features=["blocks"])
         if config.project == 0:
@@ -184,6 +188,8 @@ class ExtractConfig:
         lossy_logits = config.logits_topk is not None or config.logits_sample is not None
         if lossy_logits and config.logits_temperature is None:
             config = dataclasses.replace(config, logits_temperature=DEFAULT_LOGITS_TEMPERATURE)
+        if "attention" in config.features and config.attention_p is None:
+            config = dataclasses.replace(config, attention_p=DEFAULT_ATTENTION_P)
         config.validate()
         return config
 
@@ -211,6 +217,7 @@ class ExtractConfig:
         unknown = set(self.features) - set(FEATURE_KINDS)
         if unknown or (not self.features and self.preset is None):
             raise UserError(f"--features takes {', '.join(FEATURE_KINDS)}, got {','.join(self.features)}")
+        self._validate_attention()
         if self.batch_size < 1 or self.rows_per_chunk < 1:
             raise UserError("--batch-size and --rows-per-chunk must be at least 1")
         check_workers(self.workers)
@@ -228,6 +235,23 @@ class ExtractConfig:
                 raise UserError(f"--project reduces the pooled blocks' channels; this store keeps no blocks "
                                 f"(--features {','.join(self.features)}): add blocks, or leave --project "
                                 "out")  # fmt: skip
+
+    def _validate_attention(self) -> None:
+        """Refuse an attention power that is not a positive number, one given without attention maps to apply it
+        to, and attention maps in a dense store (they are per view, as channel-mean maps are)."""
+        chosen = f"--for {self.preset}" if self.preset else f"--features {','.join(self.features)}"
+        if self.attention_p is not None:
+            p = self.attention_p
+            if isinstance(p, bool) or not isinstance(p, int | float) or not math.isfinite(p) or p <= 0:
+                raise UserError(f"--attention-p is the power of |A| in the stored attention maps, a number above 0 "
+                                f"(the paper's default 2), got {p!r}")  # fmt: skip
+            if "attention" not in self.features:
+                raise UserError(f"--attention-p sets the power of the stored attention maps; {chosen} stores none: "
+                                "add --features attention (or --for at), or leave --attention-p out")  # fmt: skip
+        if self.dense and "attention" in self.features:
+            raise UserError(f"--dense keeps logits and pooled blocks, from which any crop's are derived; {chosen} "
+                            "asks for attention maps of each view, which it cannot derive: pass --features blocks "
+                            "(or --for kd, meal, fitnet), or extract a store of views")  # fmt: skip
 
     def _validate_dense(self) -> None:
         """Refuse what a dense store cannot hold: anything but a crop and flips of the image (distill draws those
@@ -271,7 +295,7 @@ def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teach
     if not config.divergent_views:  # ... and before --divergent-views
         for name in DIVERGENT_FIELDS:
             recorded.pop(name)
-    for name in ("project", "logits_sample", "logits_temperature"):  # ... and before these options
+    for name in ("project", "logits_sample", "logits_temperature", "attention_p"):  # ... and before these options
         if recorded[name] is None:
             recorded.pop(name)
     if config.project is None:
@@ -315,7 +339,7 @@ def extract(
         world.run_on_main(lambda: open_or_create(config, out, dataset, teachers, settings, overwrite, device))
         store = open_store(out, mode="r+")
         fit = partial(_fit_pca, store=store, dataset=dataset, config=config, precision=precision, device=device,
-                      outputs=_outputs(dense))  # fmt: skip
+                      outputs=_outputs(dense, config.attention_p))  # fmt: skip
         world.run_on_main(lambda: keep_projections(store, teachers, fit))
         world.barrier()
         for teacher in teachers:  # every rank writes with the main rank's fitted matrices
@@ -335,9 +359,12 @@ def extract(
     return open_store(out)
 
 
-def _outputs(dense: DenseSettings | None) -> Callable[..., dict[str, torch.Tensor]]:
-    """What a teacher's forward writes: a view's outputs, or a dense store's maps of the whole image."""
-    return teacher_outputs if dense is None else partial(dense_outputs, settings=dense)
+def _outputs(dense: DenseSettings | None, attention_p: float | None) -> Callable[..., dict[str, torch.Tensor]]:
+    """What a teacher's forward writes: a view's outputs (attention maps at the store's p), or a dense store's maps
+    of the whole image."""
+    if dense is not None:
+        return partial(dense_outputs, settings=dense)
+    return teacher_outputs if attention_p is None else partial(teacher_outputs, attention_p=attention_p)
 
 
 def _open_source(dataset: ImageDataset, config: ExtractConfig, device: torch.device, store: TeacherStore):
@@ -406,7 +433,7 @@ def _run_teachers(
                                                   ["divergent"]), store.divergent_views.index(view),
                                                   precision.channels_last)  # fmt: skip
                 chunks = _chunk_outputs(view_source, teachers, params, store, todo, done, view, config, precision,
-                                        bar.update, _outputs(dense))  # fmt: skip
+                                        bar.update, _outputs(dense, config.attention_p))  # fmt: skip
                 for chunk, outputs in chunks:
                     for key, arrays in outputs.items():
                         pending.append(writer.submit(store.write_rows, key, view, chunk, arrays))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,7 @@ from meal_cache.store_keys import (
     view_field,
 )
 from meal_cache.store_logits import check_logits_options
-from meal_cache.store_schema import DTYPES, VERSION, StoreLayout, TeacherSpec, format_of
+from meal_cache.store_schema import DTYPES, VERSION, BlockSpec, StoreLayout, TeacherSpec, format_of
 
 # Every array is created with it: all chunks written, so a missing chunk means a lost one.
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -202,6 +202,14 @@ def _create_divergent_pixels(arrays: _NewArrays, shape: tuple[int, ...]) -> None
     arrays.per_view(DIVERGENT_PIXELS, shape, "uint8", fill_value=0)
 
 
+# A row's shape of each feature kind: pooled channels (C, g, g); a map over the block's positions (H, W).
+FEATURE_SHAPES: dict[str, Callable[[BlockSpec], tuple[int, ...]]] = {
+    "blocks": lambda block: block.stored_shape,
+    "maps": lambda block: (block.height, block.width),
+    "attention": lambda block: (block.height, block.width),
+}
+
+
 def _create_teacher_arrays(
     arrays: _NewArrays, teacher: TeacherSpec, layout: StoreLayout, filters: list, count: int, n: int
 ) -> None:
@@ -226,10 +234,8 @@ def _create_teacher_arrays(
             shape = (count, n, *positions, slots) if per_slot else (count, n, *positions)
             arrays.per_view(key, shape, dtype or layout.dtype, fill_value=0)
     for block in teacher.blocks:
-        if "blocks" in layout.features:
-            output_array(feature_key(teacher.key, "blocks", block.key), (count, n, *block.stored_shape))
-        if "maps" in layout.features:
-            output_array(feature_key(teacher.key, "maps", block.key), (count, n, block.height, block.width))
+        for kind in layout.features:
+            output_array(feature_key(teacher.key, kind, block.key), (count, n, *FEATURE_SHAPES[kind](block)))
     arrays.create(progress_key(teacher.key), shape=(count, math.ceil(n / arrays.rows)), chunks=(1, 1), dtype="bool",
                   fill_value=False)  # fmt: skip
 

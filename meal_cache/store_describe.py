@@ -27,10 +27,17 @@ def _lossy_description(layout: StoreLayout) -> str:
     if layout.keep_bits is not None:
         lossy.append(f"{layout.keep_bits} mantissa bits kept")
     if layout.quantize is not None:
-        lossy.append(f"blocks and maps as {layout.quantize}-bit codes")
+        lossy.append(f"{' and '.join(layout.features) or 'features'} as {layout.quantize}-bit codes")
     if layout.logits_encoding is not None:
         lossy.append(layout.logits_encoding.description.format(k=layout.logits_k, temperature=layout.temperature))
     return "lossy: " + ", ".join(lossy) if lossy else "lossless"
+
+
+def _features_description(layout: StoreLayout) -> str:
+    """The feature kinds, the attention maps' power said (the channel mean of |A|^p)."""
+    kinds = [f"attention (mean |A|^{layout.attention_p:g} over channels)" if kind == "attention" else kind
+             for kind in layout.features]  # fmt: skip
+    return ", ".join(kinds) or "none (logits only)"
 
 
 def _mixing_description(mixing: dict | None) -> str:
@@ -88,7 +95,7 @@ def describe_store(store: TeacherStore) -> str:
         f"{data['image_size']} px, fingerprint {data['fingerprint'][:12]}",
         views_line,
         f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk, "
-        f"features {', '.join(layout.features) or 'none (logits only)'}, {_lossy_description(layout)}",
+        f"features {_features_description(layout)}, {_lossy_description(layout)}",
         "",
     ]
     sizes = store.sizes()

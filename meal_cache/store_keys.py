@@ -1,7 +1,7 @@
 """The names of a store's arrays, built and taken apart in one place (the layout is in :mod:`meal_cache.store`).
 
 A teacher's arrays live under ``teachers/NAME/``; below it an array has a *name* relative to the teacher
-(``logits``, ``blocks/B``, ``maps/B``, ``progress``, ``ranges/KIND/B``, ``logits_topk/PART``,
+(``logits``, ``blocks/B``, ``maps/B``, ``attention/B``, ``progress``, ``ranges/KIND/B``, ``logits_topk/PART``,
 ``logits_sample/PART``), which is what :func:`meal_cache.teachers.teacher_outputs` returns and
 :meth:`~meal_cache.store.TeacherStore.write_rows` takes.
 This module imports nothing heavy (no zarr), so reports and plots can name arrays without opening a store.
@@ -23,7 +23,11 @@ OPS_KEYS = ("views/ops", "views/magnitude")
 MIX_KEYS = ("views/mix_partner", "views/mix_lambda", "views/mix_box")
 SOURCE_SIZE = "views/source_size"
 DIVERGENT_PIXELS = "divergent/pixels"
-FEATURE_KINDS = ("blocks", "maps")
+# A block's stored forms: its pooled output (``blocks``), its signed channel mean (``maps``, MEAL's reference
+# representation, AFD's input) and its attention, the channel mean of |A|^p (``attention``, AT's F_sum, format /9).
+FEATURE_KINDS = ("blocks", "maps", "attention")
+# What a store holds without --features or --for (and with --for all).
+DEFAULT_FEATURES = ("blocks", "maps")
 
 
 def teacher_key(teacher: str, name: str) -> str:
@@ -42,7 +46,8 @@ def feature_name(kind: str, block: str) -> str:
 
 
 def feature_key(teacher: str, kind: str, block: str) -> str:
-    """``teachers/NAME/KIND/B``: a teacher's pooled block output (``blocks``) or channel-mean map (``maps``)."""
+    """``teachers/NAME/KIND/B``: a teacher's pooled block output (``blocks``), channel-mean map (``maps``) or
+    attention map (``attention``)."""
     return teacher_key(teacher, feature_name(kind, block))
 
 
@@ -76,7 +81,7 @@ def is_logits_key(key: str) -> bool:
 
 
 def is_feature_key(key: str) -> bool:
-    """``teachers/NAME/blocks/B`` or ``teachers/NAME/maps/B`` (not logits, progress or ranges)."""
+    """``teachers/NAME/KIND/B`` for a kind of :data:`FEATURE_KINDS` (not logits, progress or ranges)."""
     parts = key.split("/")
     return len(parts) >= 4 and parts[0] == TEACHERS and parts[2] in FEATURE_KINDS
 

@@ -30,11 +30,19 @@ VFLIP_FORMAT = "meal-cache/7"
 # A dense store (extract --dense): one whole-image pass per teacher, its logits a map of positions and its blocks a
 # grid, from which distill derives any crop's targets. A /7 reader would take the maps for one view's targets.
 DENSE_FORMAT = "meal-cache/8"
+# A store holding attention maps (extract --features attention, --for at): a /8 reader does not know the kind, so
+# it would read 8-bit attention codes as values (TeacherStore.read decodes only the kinds it knows), verify them
+# without their ranges and compare them as such in info --fidelity. Stores without attention keep their format.
+ATTENTION_FORMAT = "meal-cache/9"
 # Formats this version reads: /2 added top-k logits (a layout /1 readers would not know), /3 views' ops, /4 mixing,
-# /5 divergent views, /6 sampled logits and the logits' temperature, /7 vertical flips, /8 dense stores.
+# /5 divergent views, /6 sampled logits and the logits' temperature, /7 vertical flips, /8 dense stores, /9
+# attention maps.
 READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT, DIVERGENT_FORMAT, LOGITS_FORMAT, VFLIP_FORMAT,
-                    DENSE_FORMAT)  # fmt: skip
+                    DENSE_FORMAT, ATTENTION_FORMAT)  # fmt: skip
 VERSION = 1
+# The power p of a stored attention map, the channel mean of |A|^p, unless extract --attention-p says: the
+# paper's default (Zagoruyko and Komodakis, ICLR 2017), as in mdistiller.
+DEFAULT_ATTENTION_P = 2.0
 DTYPES = ("float16", "float32")
 
 
@@ -116,6 +124,8 @@ class StoreLayout:
     # extract --dense: {"sizes": [px, ...], "grid": G}, the teacher's input sizes of the whole image and the
     # blocks' stored grid (see meal_cache.dense); None: a store of views.
     dense: dict | None = None
+    # The p of the attention maps (the channel mean of |A|^p) where the store holds them; None without them.
+    attention_p: float | None = None
 
     @property
     def logits_encoding(self) -> LogitsEncoding | None:
@@ -136,7 +146,8 @@ class StoreLayout:
         data = {"rows_per_chunk": self.rows_per_chunk, "dtype": self.dtype, "codec": self.codec,
                 "features": list(self.features), "keep_bits": self.keep_bits, "quantize": self.quantize,
                 "logits_topk": self.logits_topk}  # fmt: skip
-        for name in ("logits_sample", "logits_temperature", "dense"):  # recorded only when set: older layouts unchanged
+        # Recorded only when set: older layouts unchanged.
+        for name in ("logits_sample", "logits_temperature", "dense", "attention_p"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
         return data
@@ -145,11 +156,14 @@ class StoreLayout:
     def from_json(cls, data: dict) -> StoreLayout:
         return cls(int(data["rows_per_chunk"]), data["dtype"], data["codec"], tuple(data["features"]),
                    data.get("keep_bits"), data.get("quantize"), data.get("logits_topk"), data.get("logits_sample"),
-                   data.get("logits_temperature"), data.get("dense"))  # fmt: skip
+                   data.get("logits_temperature"), data.get("dense"), data.get("attention_p"))  # fmt: skip
 
 
 def format_of(view: ViewParams, divergent: bool = False, layout: StoreLayout | None = None) -> str:
-    """The oldest format whose readers replay ``view`` right (and know divergent views and the layout's logits)."""
+    """The oldest format whose readers replay ``view`` right (and know divergent views, the layout's logits and
+    its feature kinds)."""
+    if layout is not None and "attention" in layout.features:
+        return ATTENTION_FORMAT
     if layout is not None and layout.dense is not None:
         return DENSE_FORMAT
     if view.vflip is not None:

@@ -29,6 +29,7 @@ from meal_cache.models import create_model, split_weights
 from meal_cache.projection import orthogonal_projection, project, stored_projections, write_projection
 from meal_cache.runtime import Precision
 from meal_cache.store import BlockSpec, TeacherSpec
+from meal_cache.store_schema import DEFAULT_ATTENTION_P
 from meal_cache.taps import BlockTap, block_shapes
 
 if TYPE_CHECKING:
@@ -189,6 +190,14 @@ def keep_projections(
             teacher.projections[block.name] = matrix
 
 
+def channel_attention(activation: torch.Tensor, p: float) -> torch.Tensor:
+    """AT's attention map of a block output ``(B, C, H, W)``: the mean over channels of ``|A|^p``, ``(B, H, W)``
+    (Zagoruyko and Komodakis's F_sum^p, divided by C, which the loss's normalisation removes). The absolute
+    value matters: many blocks' outputs are signed (DenseNet's raw conv features, linear bottlenecks, ViT
+    tokens), where the signed channel mean (``maps``) is another map altogether."""
+    return activation.float().abs().pow(p).mean(1)
+
+
 # no_grad, not inference_mode: the online reference feeds these outputs to losses that save tensors for backward.
 @torch.no_grad()
 def teacher_outputs(
@@ -196,9 +205,11 @@ def teacher_outputs(
     pixels: torch.Tensor,
     features: tuple[str, ...],
     precision: Precision,
+    attention_p: float = DEFAULT_ATTENTION_P,
 ) -> dict[str, torch.Tensor]:
     """One forward of the teacher over a replayed view's ``pixels`` (float 0-255 from a source, see
-    :mod:`meal_cache.source`): logits and, per block, the pooled output and the map."""
+    :mod:`meal_cache.source`): logits and, per block, the pooled output, the map and the attention map (its
+    power ``attention_p``, the store's), as ``features`` ask."""
     batch = augment.normalise(pixels, teacher.mean, teacher.std, channels_last=precision.channels_last)
     names = [b.name for b in teacher.spec.blocks]
     with BlockTap(teacher.model, names) as tap, precision.autocast():
@@ -212,4 +223,6 @@ def teacher_outputs(
             outputs[f"blocks/{block.key}"] = pooled if matrix is None else project(pooled, matrix)
         if "maps" in features:
             outputs[f"maps/{block.key}"] = value.mean(1)
+        if "attention" in features:
+            outputs[f"attention/{block.key}"] = channel_attention(value, attention_p)
     return outputs

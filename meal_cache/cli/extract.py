@@ -158,16 +158,25 @@ def parse_sizes(text: str) -> list[int]:
     "--features",
     default="blocks,maps",
     show_default=True,
-    help="What to store per block: blocks (pooled channels, what meal reads by default), maps (channel-mean "
-    "map, MEAL's reference representation), or both.",
+    help="What to store per block, comma-separated: blocks (pooled channels, what meal reads by default), maps "
+    "(the signed channel-mean map, MEAL's reference representation, what afd reads), attention (the channel mean "
+    "of |A|^p, AT's attention map, what at reads).",
+)
+@click.option(
+    "--attention-p",
+    type=float,
+    default=None,
+    metavar="P",
+    help="The power p of the stored attention maps, the mean over channels of |A|^p (with --features attention "
+    "or --for at). Default: 2, the paper's.",
 )
 @click.option(
     "--for",
     "preset",
     default=None,
     help="Store only what one method reads (`meal-cache methods` says what each reads; meal: logits + the last 3 "
-    "blocks' pooled channels, 8-bit unless --quantize none), or all (everything, as without --for). Replaces "
-    "--features and --blocks.",
+    "blocks' pooled channels, 8-bit unless --quantize none; at: logits + the last 3 blocks' attention maps, "
+    "8-bit), or all (the default layout, as without --for). Replaces --features and --blocks.",
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--codec", default="zstd:3", show_default=True, help="zstd[:LEVEL], blosc[:LEVEL] or none.")
@@ -183,8 +192,8 @@ def parse_sizes(text: str) -> list[int]:
     type=click.Choice(["8", "none"]),
     default=None,
     callback=lambda ctx, param, value: None if value is None else 0 if value == "none" else int(value),
-    help="Lossy: store blocks and maps as 8-bit codes, each row scaled to its own range (logits stay as "
-    "--dtype). Default: lossless, except 8 with --for meal; 'none' keeps meal's blocks lossless.",
+    help="Lossy: store blocks, maps and attention maps as 8-bit codes, each row scaled to its own range (logits "
+    "stay as --dtype). Default: lossless, except 8 with --for meal, fitnet and at; 'none' keeps them lossless.",
 )
 @click.option(
     "--logits-topk",
