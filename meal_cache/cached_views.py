@@ -86,7 +86,7 @@ class CachedViews:
     - ``soft_targets``: per teacher, softmax(logits / ``temperature``), and ``"mean"``, the teachers' mean of
       those (distill's ``--teacher-selection mean``);
     - ``features``: per teacher, per ``KIND/BLOCK`` asked for with ``features`` (``blocks``: pooled channels
-      (B, C, g, g); ``maps``: channel-mean maps);
+      (B, C, g, g); ``maps``: channel-mean maps; ``attention``: attention maps, mean |A|^p over channels);
     - ``rows``: int64 (B,) the split's rows; ``view``: int64 (B,) the cached view of each sample (-1: a dense
       store's fresh crop).
     """

@@ -35,8 +35,10 @@ Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
     teachers/NAME/logits_sample/count (V, N, K')      uint8    how often each was drawn (summing to K)
     teachers/NAME/blocks/B         (V, N, C_B, g, g)  float16  block output average-pooled to a g x g grid
     teachers/NAME/maps/B           (V, N, H_B, W_B)   float16  channel mean of the block output (MEAL's form)
+    teachers/NAME/attention/B      (V, N, H_B, W_B)   float16  channel mean of |A|^p, AT's (layout attention_p;
+                                                               format /9)
     teachers/NAME/ranges/KIND/B    (V, N, 2)          float32  with --quantize 8 only: each row's (low, step), the
-                                                               blocks/maps arrays then holding uint8 codes
+                                                               blocks/maps/attention arrays then holding uint8 codes
     teachers/NAME/progress         (V, N_chunks)      bool     set only after that chunk's arrays are written
 
 Chunks are ``(1, rows_per_chunk, ...)``; every write covers whole chunks, so no two writers share one, and the

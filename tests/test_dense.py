@@ -358,7 +358,6 @@ def test_evaluate_refuses_a_dense_store_as_the_teachers_evaluation_view_in_one_l
     assert "is a dense store" in line and "--identity-view" in line, line
 
 
-
 @pytest.fixture(scope="module")
 def patch_views(patch_stores, small_digits):
     """One more lossless store of 3 views of the local teacher (while its architecture is registered): random-resized

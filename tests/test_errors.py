@@ -39,7 +39,7 @@ def world(tmp_path_factory, teacher_dir, small_store):
     (teachers / "truncated.pt").write_bytes((teachers / "resnet8_w4.pt").read_bytes()[:5000])
     torch.save({"format": "meal-cache-checkpoint/1", "payload": Pickled()}, teachers / "pickled.pt")
     store, _ = small_store
-    for name, attrs in {"newer.zarr": {"format": "meal-cache/9"}, "incomplete.zarr": {"complete": False}}.items():
+    for name, attrs in {"newer.zarr": {"format": "meal-cache/99"}, "incomplete.zarr": {"complete": False}}.items():
         shutil.copytree(store, root / name)
         zarr.open_group(str(root / name), mode="r+").attrs.update(attrs)
     shutil.copytree(store, root / "resized.zarr")
@@ -115,7 +115,7 @@ def _cases(root: Path, store: Path) -> list[tuple[str, list[str], str]]:
                                          "--out", str(root / "d2"), *d], "16 px, the data's 12"),
         ("incomplete store", ["distill", "--store", str(root / "incomplete.zarr"), "--student", "resnet8",
                               "--out", str(root / "d3"), *d], "store is incomplete"),
-        ("store of a newer format", ["info", str(root / "newer.zarr")], "format 'meal-cache/9'"),
+        ("store of a newer format", ["info", str(root / "newer.zarr")], "format 'meal-cache/99'"),
         ("missing store", ["inspect", str(root / "none.zarr")], "store not found"),
         ("no views", ["extract", "--teachers", "resnet8_w4", "--views", "0", "--out", str(root / "s.zarr"), *t],
          "--views must be at least 1"),

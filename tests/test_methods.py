@@ -120,7 +120,7 @@ def test_fitnet_hint_by_hand(method_stores, digits):
     assert float(out.losses["hint"]) == pytest.approx(10.0 * expected / 2, rel=1e-4)
 
 
-def test_at_on_stored_maps_by_hand(method_stores, digits):
+def test_at_on_stored_attention_by_hand(method_stores, digits):
     distiller, _, images, targets, labels = _first_batch(method_stores / "at.zarr", digits, "at")
     seen = {}
     for name in distiller.student.block_names:
@@ -131,8 +131,8 @@ def test_at_on_stored_maps_by_hand(method_stores, digits):
     for teacher in distiller.teachers:
         blocks = open_store(method_stores / "at.zarr").blocks(teacher)
         for rank in range(3):
-            student = seen[distiller.student.block_names[-1 - rank]].mean(1)
-            stored = targets[f"teachers/{teacher}/maps/{blocks[-1 - rank].key}"].float()
+            student = seen[distiller.student.block_names[-1 - rank]].abs().pow(2).mean(1)
+            stored = targets[f"teachers/{teacher}/attention/{blocks[-1 - rank].key}"].float()
             total += float(attention_loss(student, stored))
     assert float(out.losses["attention"]) == pytest.approx(1000.0 * total / 2, rel=1e-4)
 
@@ -267,7 +267,10 @@ def test_a_method_installed_by_entry_point_runs_end_to_end(tmp_path, teacher_dir
     assert unknown.returncode == 2 and "'cosine' is not one of" in unknown.stderr
 
 
-REFUSALS = [("at", "fitnet", "--for at (or --features maps)"), ("fitnet", "at", "--for fitnet (or --features blocks)")]
+REFUSALS = [
+    ("at", "fitnet", "--for at (or --features attention)"),
+    ("fitnet", "at", "--for fitnet (or --features blocks)"),
+]
 
 
 @pytest.mark.parametrize(("method", "store", "flags"), REFUSALS)
