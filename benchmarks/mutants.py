@@ -326,7 +326,7 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureR
 
 
 @pytest.hookimpl(wrapper=True, specname="pytest_fixture_setup")
-def remember_fixture(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest) -> object:
+def pytest_fixture_setup_remember(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest) -> object:
     value = yield
     name = fixturedef.argname
     if name == "tmp_path_factory":
