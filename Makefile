@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install all test lint bench gpu-check clean
+.PHONY: install all test lint bench gpu-check mutants clean
 
 install: $(STAMP)
 
@@ -39,6 +39,12 @@ bench: install
 # plain torchvision images/s and peak GPU memory; writes gpu/results.json. Without CUDA it says so and exits 0.
 gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py --out gpu/results.json
+
+# Mutation testing of one module with mutmut (benchmarks/mutants.py): `make mutants MODULE=meal_cache/dense.py`;
+# TESTS="tests/test_a.py tests/test_b.py" replaces the tests that cover it, JOBS=2 tests two mutants at once.
+# Works in mutants/ (git-ignored) and prints the survivors as file:line with the change.
+mutants: install
+	$(BIN)/python benchmarks/mutants.py $(MODULE) $(if $(TESTS),--tests $(TESTS)) $(if $(JOBS),--jobs $(JOBS))
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
