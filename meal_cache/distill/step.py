@@ -20,8 +20,8 @@ from meal_cache.mixing import mixed_labels
 if TYPE_CHECKING:
     from meal_cache.distill.run import DistillRun
 
-# Every this many steps, the gradient norm each loss family sends into the student's parameters is logged (one
-# extra backward pass per family on that step).
+# Every this many steps of the run, the gradient norm each loss family sends into the student's parameters is
+# logged (one extra backward pass per family on that step).
 GRAD_NORM_EVERY = 20
 
 
@@ -39,7 +39,9 @@ class DistillEpochs:
     def __init__(self, run: DistillRun) -> None:
         self.run = run
         self.chooser: torch.Generator | None = None
-        self.steps = 0  # steps taken in this process (paces the gradient-norm diagnostics)
+        # The run's step (epochs before this one included, so a resumed run counts as the uninterrupted one did):
+        # it paces the gradient-norm diagnostics.
+        self.steps = 0
 
     def view(self, epoch: int) -> int:
         return self.run.views[epoch % len(self.run.views)]
@@ -63,6 +65,7 @@ class DistillEpochs:
         """The epoch's batches (:func:`replay_batches`), with the epoch's teacher choice and the method told
         the epoch first."""
         self.chooser = epoch_generator(self.run.config.seed, epoch, Stream.TEACHER_CHOICE)
+        self.steps = epoch * self.run.schedule.steps
         self.run.distiller.set_epoch(epoch)
         return replay_batches(self.run, epoch)
 
