@@ -212,3 +212,23 @@ def test_a_dense_stores_targets_refuse_attention_keys(teacher_dir, small_digits,
     DenseTargets(store, [feature_key(TEACHER, "blocks", block)])  # what a dense store derives
     with pytest.raises(UserError, match=r"not channel-mean or attention maps \(teachers/densenet_k12/attention/"):
         DenseTargets(store, [feature_key(TEACHER, "attention", block)])
+
+
+def test_online_teachers_compute_attention_at_the_stores_p(at_store_p3, teacher_dir, small_digits):
+    """`--online` runs the teachers in the loop: their attention maps must be the cached ones, at the store's p."""
+    from meal_cache import augment
+    from meal_cache.distill.feed import OnlineTeachers
+    from meal_cache.runtime import Precision
+
+    store = open_store(at_store_p3)
+    config = DistillConfig(store=str(at_store_p3), student="resnet8_w4", method="at", teachers=[TEACHER],
+                           teacher_dir=str(teacher_dir), device="cpu")  # fmt: skip
+    online = OnlineTeachers(config, store, small_digits, Precision(torch.device("cpu")))
+    rows = torch.arange(32)
+    computed = online.targets(augment.render(small_digits.train.images[rows], store.view_params(0)[rows]))
+    for block in store.blocks(TEACHER):
+        key = feature_key(TEACHER, "attention", block.key)
+        cached = store.read(key, 0)[: len(rows)].astype(np.float64)
+        scale = np.abs(cached).max()
+        # 8-bit codes: within a step of the row's range; p = 2 would be off by far more.
+        assert np.abs(computed[key].double().numpy() - cached).max() < 0.02 * scale, block.key

@@ -20,6 +20,7 @@ from meal_cache.loop import Stream, epoch_batches, epoch_generator, shuffled_bat
 from meal_cache.projection import stored_projections
 from meal_cache.runtime import Precision
 from meal_cache.store import TeacherStore, teacher_key
+from meal_cache.store_schema import DEFAULT_ATTENTION_P
 from meal_cache.teachers import resolve_teacher, teacher_outputs
 
 if TYPE_CHECKING:
@@ -218,6 +219,8 @@ class OnlineTeachers:
             teacher.projections = stored_projections(store, key)  # the store's blocks are these projections
             self.teachers[key] = teacher
         self.features = store.layout.features
+        # The store's p, so online attention maps are the ones the cache holds.
+        self.attention_p = store.layout.attention_p or DEFAULT_ATTENTION_P
         self.precision = precision
 
     def targets(self, pixels: torch.Tensor, selected: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -227,7 +230,9 @@ class OnlineTeachers:
         for key, teacher in self.teachers.items():
             if selected is not None and key not in selected:
                 continue
-            for name, value in teacher_outputs(teacher, pixels, self.features, self.precision).items():
+            for name, value in teacher_outputs(
+                teacher, pixels, self.features, self.precision, self.attention_p
+            ).items():
                 out[teacher_key(key, name)] = value
         return out
 
