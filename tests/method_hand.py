@@ -4,11 +4,15 @@ block outputs as its forward left them)."""
 
 from __future__ import annotations
 
-import torch
-from by_hand import first_rows
+from dataclasses import dataclass
 
-from meal_cache.distill import DistillConfig
-from meal_cache.store_keys import logits_key
+import torch
+
+from meal_cache import augment
+from meal_cache.distill import DistillConfig, ViewFeed, method_class
+from meal_cache.models import create_model
+from meal_cache.store import open_store
+from meal_cache.store_keys import feature_key, logits_key
 
 TEACHERS = ("resnet8_w4", "densenet_k12")
 # What each test runs: (--teacher-selection, the teachers a step hands the method). `random` is run with each
@@ -17,14 +21,37 @@ SELECTIONS = [("random", [TEACHERS[0]]), ("random", [TEACHERS[1]]), ("all", list
 SELECTION_IDS = ["random-resnet", "random-densenet", "all", "mean"]
 
 
-def built(store, digits, method: str, **overrides):
-    """``method`` on a resnet8_w4 student, resolved as distill resolves it, on the first 64 rows of view 0, with
-    the two teachers' logits replaced by far-apart ones and the hard labels mixed: ``(method, config, images,
-    targets, labels)``."""
-    settings = {"store": str(store), "student": "resnet8_w4", "method": method, "device": "cpu", "workers": 0}
-    config = DistillConfig(**{**settings, **overrides}).resolved(("blocks", "maps"))
-    distiller, images, targets, labels = first_rows(config, digits)
-    return distiller, config, images, disagreeing_logits(targets), mixed_labels(labels)
+@dataclass
+class Batch:
+    """The first 64 rows of a store's view 0, every array of them read once: the normalised images, the two
+    teachers' targets with their logits drawn apart, and mixed hard labels."""
+
+    store: str
+    images: torch.Tensor
+    targets: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def method(self, name: str, **overrides):
+        """``name`` resolved as distill resolves it and built on a resnet8_w4 student from seed 0 (the same
+        student every call): ``(method, config)``."""
+        settings = {"store": self.store, "student": "resnet8_w4", "method": name, "device": "cpu", "workers": 0}
+        config = DistillConfig(**{**settings, **overrides}).resolved(("blocks", "maps"))
+        torch.manual_seed(0)
+        student = create_model("resnet8_w4", 10, 16)
+        return method_class(name)(student, config, open_store(self.store), 16), config
+
+
+def first_batch(store_path, digits, rows: int = 64) -> Batch:
+    store = open_store(store_path)
+    keys = [logits_key(t) for t in store.teacher_names]
+    keys += [feature_key(t, kind, b.key) for t in store.teacher_names for b in store.blocks(t)
+             for kind in store.layout.features]  # fmt: skip
+    index = torch.arange(rows)
+    feed = ViewFeed(store, keys, torch.device("cpu"))
+    targets = {key: value[index] for key, value in feed.get(0).items()}
+    feed.close()
+    images = augment.apply(digits.train.images[index], store.view_params(0)[index], digits.mean, digits.std)
+    return Batch(str(store_path), images, disagreeing_logits(targets), mixed_labels(digits.train.labels[index]))
 
 
 def disagreeing_logits(targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
