@@ -209,7 +209,8 @@ def _only(targets: dict[str, torch.Tensor], teacher: str, values_of: str | None 
     given: a method that reads any other teacher's key fails, and one teacher's terms must follow its values."""
     source = values_of or teacher
     out = {logits_key(teacher): targets[logits_key(source)]}
-    for kind in ("blocks", "maps"):
+    kinds = sorted({key.split("/")[2] for key in targets if key.count("/") == 3})  # blocks, maps, attention
+    for kind in kinds:
         own = [k for k in targets if k.startswith(f"teachers/{teacher}/{kind}/")]
         theirs = [k for k in targets if k.startswith(f"teachers/{source}/{kind}/")]
         if source != teacher and kind == "blocks":
