@@ -76,14 +76,16 @@ class FitNet(Method):
         with BlockTap(self.student, [self.student_block]) as tap:
             logits = (run_student or self.student)(images).float()
         out = DistillerOutput(logits, {}, [], {})
-        # One hint per selected teacher, averaged over them (the ensemble's share of the hint).
+        # One hint per selected teacher: averaged over them under `mean`, summed under `all` (every teacher's
+        # terms at weight 1, as every method's), the drawn one's under `random`.
+        share = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
         hint = 0.0
         for teacher in selected:
             stored = targets[feature_key(teacher, "blocks", self.hints[teacher].key)].float()
             pooled = F.adaptive_avg_pool2d(tap.outputs[self.student_block].float(), stored.shape[-1])
             hint = hint + F.mse_loss(self.adapters[teacher.replace(".", "_")](pooled).float(), stored)
         if self.options.weight:
-            out.losses["hint"] = self.options.weight * hint / len(selected)
+            out.losses["hint"] = self.options.weight * share * hint
         soft_sets = self.teacher_soft_targets(targets, selected) if config.soft_weight else []
         out.losses.update(self.label_losses(logits, soft_sets, labels))
         return out
