@@ -6,6 +6,8 @@ changed, are pinned through their own losses with one teacher against two (sums,
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from method_hand import (
@@ -31,8 +33,15 @@ from meal_cache.store_keys import feature_key, logits_key
 
 
 @pytest.fixture(scope="module")
-def batch(small_store, digits):
-    return first_batch(small_store[0], digits)
+def batch(small_store, digits, tmp_path_factory):
+    """The conftest store's rows with every feature kind, AT's attention maps included."""
+    from meal_cache.extract import extract
+
+    _, config = small_store
+    path = tmp_path_factory.mktemp("settings") / "every-kind.zarr"
+    extract(dataclasses.replace(config, features=["blocks", "maps", "attention"]), path, progress=False,
+            dataset=digits)  # fmt: skip
+    return first_batch(path, digits)
 
 
 # Weights no default has, so a weight that is never applied (or applied twice) changes a loss.

@@ -100,12 +100,13 @@ class AT(Method):
             logits = (run_student or self.student)(images).float()
         out = DistillerOutput(logits, {}, [], {})
         if self.options.weight:
-            # The student's attention maps once, whatever the teachers; summed over the blocks, averaged over the
-            # selected teachers.
+            # The student's attention maps once, whatever the teachers; summed over the blocks, and over the selected
+            # teachers as every method's per-teacher terms are (averaged under mean).
             maps = {block: channel_attention(tap.outputs[block], self.p) for block in blocks}
             total = sum(attention_loss(maps[s], targets[feature_key(t, "attention", b.key)])
                         for t in selected for s, b in self.pairs[t])  # fmt: skip
-            out.losses["attention"] = self.options.weight * total / len(selected)
+            share = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
+            out.losses["attention"] = self.options.weight * share * total
         soft_sets = self.teacher_soft_targets(targets, selected) if config.soft_weight else []
         out.losses.update(self.label_losses(logits, soft_sets, labels))
         return out
