@@ -64,9 +64,10 @@ def test_the_refusal_is_each_configs_own(sampled_store):
     assert "output discriminator" in refusal("meal") and "output discriminator" in refusal("meal-v2")
 
 
-def test_extract_refuses_a_dense_store_of_sampled_logits_before_creating_it(teacher_dir, tmp_path):
+def test_extract_refuses_a_dense_store_of_sampled_logits_before_creating_it(tmp_path):
     out = tmp_path / "dense.zarr"
-    line = one_error_line(run_console(["extract", "--teachers", "resnet8_w4", "--teacher-dir", str(teacher_dir),
+    # Refused with the other settings' checks, before a teacher is looked for.
+    line = one_error_line(run_console(["extract", "--teachers", "resnet8_w4", "--teacher-dir", str(tmp_path),
                                        "--dense", "--logits-sample", "8", "--device", "cpu", "--out", str(out)],
                                       tmp_path))  # fmt: skip
     assert "--dense derives a crop's logits by averaging" in line and "--logits-sample 8 stores counts" in line
