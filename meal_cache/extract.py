@@ -266,6 +266,13 @@ class ExtractConfig:
                 raise UserError(f"--dense derives a crop's targets from the whole image's maps, so distill draws only "
                                 f"crops and flips; {option} makes views a dense store cannot derive: extract a store "
                                 "of views for it, or leave it out")  # fmt: skip
+        if self.logits_sample is not None:
+            # RoIAlign averages the stored map's logits, T log(count / K), over a crop's box: a geometric mean of
+            # draws, no estimate of the teacher's softmax on the crop.
+            raise UserError(f"--dense derives a crop's logits by averaging the whole image's logit map over the box; "
+                            f"--logits-sample {self.logits_sample} stores counts, whose averaged logs estimate "
+                            "nothing: pass --logits-topk K (or every logit) with --dense, or extract a store of "
+                            "views with --logits-sample")  # fmt: skip
         if "maps" in self.features:
             chosen = f"--for {self.preset}" if self.preset else "--features maps"
             raise UserError(f"--dense keeps logits and pooled blocks, from which any crop's are derived; {chosen} "

@@ -100,8 +100,16 @@ def learning_rate(step: int, total_steps: int, base_lr: float, schedule: str, wa
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+def make_optimizer(params, lr: float, momentum: float, weight_decay: float, nesterov: bool = True) -> torch.optim.SGD:
+    """SGD with momentum, Nesterov's unless ``nesterov`` is False (torch refuses Nesterov without momentum)."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov and momentum > 0)  # fmt: skip
+
+
+def check_nesterov(nesterov: object) -> None:
+    """``--nesterov/--no-nesterov`` (a pipeline file's ``nesterov = true|false``): a boolean."""
+    if not isinstance(nesterov, bool):
+        raise UserError(f"nesterov takes true or false, got {nesterov!r}")
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -9,6 +9,7 @@ Every loss is a plain function of tensors with a value a test can compute by han
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -87,6 +88,50 @@ SOFT_LABEL: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor
 def soft_targets(teacher_logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """The mean of the teachers' softened probabilities (one teacher: its own)."""
     return torch.stack([F.softmax(t.float() / temperature, dim=1) for t in teacher_logits]).mean(0)
+
+
+def log_soft_targets(teacher_logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """The log of :func:`soft_targets`, formed in log space (log-sum-exp over the teachers less log n), so a
+    confident teacher's small probabilities keep their digits where ``1 - p`` of a float32 probability has none."""
+    stacked = torch.stack([F.log_softmax(t.float() / temperature, dim=1) for t in teacher_logits])
+    return torch.logsumexp(stacked, dim=0) - math.log(len(teacher_logits))
+
+
+def decoupled_kl(
+    student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, target: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DKD's parts (Zhao et al., CVPR 2022), ``(TCKD, NCKD)``, each T^2 times a KL from the teacher's distribution,
+    averaged over the batch. TCKD compares the binary [p(target), 1 - p(target)] distributions, NCKD the
+    distributions over the other classes, each renormalised over them (the paper's masked softmax).
+
+    ``teacher_log_probs`` are the teacher's log-probabilities at T (:func:`log_soft_targets`). Every quantity is
+    taken in log space: ``1 - p(target)`` is the log-sum-exp of the other classes, and the other classes'
+    distribution a log-softmax with the target masked out, so both stay exact in float32 however confident the
+    teacher (its target probability rounds to 1 at a logit gap of about 17 T)."""
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    teacher = teacher_log_probs.float()
+    is_target = F.one_hot(target, log_student.shape[1]).bool()
+    student_rest = torch.logsumexp(log_student.masked_fill(is_target, float("-inf")), dim=1)
+    teacher_rest = torch.logsumexp(teacher.masked_fill(is_target, float("-inf")), dim=1)
+    binary_teacher = torch.stack([teacher[is_target], teacher_rest], dim=1)
+    binary_student = torch.stack([log_student[is_target], student_rest], dim=1)
+    tckd = _kl_from_logs(binary_teacher, binary_student)
+    # The other classes' log-distributions; the target's entry is set to 0 (a log-probability whose weight is 0),
+    # never left at -inf, whose products would turn the gradient into NaN.
+    off_teacher = (teacher - teacher_rest[:, None]).masked_fill(is_target, 0.0)
+    off_student = (log_student - student_rest[:, None]).masked_fill(is_target, 0.0)
+    nckd = _kl_from_logs(off_teacher, off_student, ignore=is_target)
+    return tckd * temperature**2, nckd * temperature**2
+
+
+def _kl_from_logs(
+    log_target: torch.Tensor, log_input: torch.Tensor, ignore: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(target || input) per row from both sides' log-probabilities, averaged; entries in ``ignore`` count 0."""
+    weight = log_target.exp()
+    if ignore is not None:
+        weight = weight.masked_fill(ignore, 0.0)
+    return (weight * (log_target - log_input)).sum(1).mean()
 
 
 # ----------------------------------------------------------------------------------------------- adversarial

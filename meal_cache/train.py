@@ -24,6 +24,7 @@ from meal_cache.loop import (
     Stage,
     StepOutput,
     Stream,
+    check_nesterov,
     check_number,
     check_optimisation,
     check_workers,
@@ -51,6 +52,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
+    nesterov: bool = True  # Nesterov momentum; recorded only when off, so older checkpoints still resume
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
@@ -68,6 +70,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Refuse every choice and number outside what training accepts, before anything runs."""
         check_optimisation(self)
+        check_nesterov(self.nesterov)
         check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
         check_workers(self.workers)
         check_decode(self.decode)
@@ -83,6 +86,8 @@ class TrainConfig:
         recorded = augment.recorded_options(dataclasses.asdict(self))
         recorded.pop("workers")
         recorded.pop("decode")
+        if recorded["nesterov"]:
+            recorded.pop("nesterov")
         return recorded
 
 
@@ -117,8 +122,8 @@ def train_supervised(
     dataset = dataset or load_dataset(config.data, config.data_root, config.download, config.image_size)
     seed_everything(config.seed)
     model = precision.prepare(create_model(config.arch, dataset.num_classes, dataset.image_size))
-    optimisation = Optimisation(make_optimizer(model.parameters(), config.lr, config.momentum, config.weight_decay),
-                                precision.grad_scaler())  # fmt: skip
+    optimizer = make_optimizer(model.parameters(), config.lr, config.momentum, config.weight_decay, config.nesterov)
+    optimisation = Optimisation(optimizer, precision.grad_scaler())
     history: list[dict] = []
     start_epoch = 0
     if state is not None:

@@ -11,6 +11,7 @@ import pytest
 from meal_cache import losses
 from meal_cache.cli import main
 from meal_cache.distill import REPRESENTATIONS, SELECTIONS, DistillConfig, available_methods
+from meal_cache.distill.methods.base import SOFT_TERMS
 from meal_cache.extract import ExtractConfig
 from meal_cache.loop import SCHEDULES
 from meal_cache.source import DECODE_CHOICES
@@ -35,7 +36,7 @@ CHOICES = {
     "teacher_selection": SELECTIONS,
     "representation": REPRESENTATIONS,
     "block_loss": tuple(losses.SIMILARITY),
-    "soft_loss": tuple(losses.SOFT_LABEL),
+    "soft_loss": tuple(SOFT_TERMS),
     "adv_loss": tuple(losses.ADVERSARIAL),
     "dtype": DTYPES,
     "decode": DECODE_CHOICES,

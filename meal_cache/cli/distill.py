@@ -149,7 +149,13 @@ def _floats(text: str) -> list[float]:
     help="Weights of the matched blocks from the last backwards; their count caps the blocks matched.",
 )
 @click.option("--match-blocks", type=int, default=None, help="Match at most this many blocks from the end.")
-@click.option("--soft-loss", type=click.Choice(["kl", "soft-ce"]), default=None, help="Soft-label loss on logits.")
+@click.option(
+    "--soft-loss",
+    type=click.Choice(["kl", "soft-ce", "dkd"]),
+    default=None,
+    help="Soft-label loss on logits: kl, soft-ce, or dkd (DKD's target and non-target parts, weighted by "
+    "--method-option alpha, beta and warmup; kd, meal, meal-v2 and dkd take it). Default: the method's.",
+)
 @click.option("--temperature", type=float, default=None, help="Softening temperature (default: the method's).")
 @click.option("--soft-weight", default=1.0, show_default=True, type=float)
 @click.option(

@@ -97,6 +97,9 @@ def optimization_options(func):
         click.option("--batch-size", default=64, show_default=True, type=int),
         click.option("--lr", default=0.05, show_default=True, type=float, help="Peak learning rate of SGD."),
         click.option("--momentum", default=0.9, show_default=True, type=float),
+        click.option("--nesterov/--no-nesterov", default=True, show_default=True,
+                     help="Nesterov momentum (MEAL's reference code uses plain momentum: --preset reference turns "
+                     "it off)."),
         click.option("--weight-decay", default=5e-4, show_default=True, type=float),
         click.option("--schedule", default="cosine", show_default=True,
                      type=click.Choice(["cosine", "step", "constant"]),

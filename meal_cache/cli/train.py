@@ -49,10 +49,10 @@ def train(out: str, resume: bool, overwrite: bool, quiet: bool, tensorboard: boo
     """Train a network with cross-entropy: a teacher, or the student-alone baseline.
 
     Random crop with padding (and flip for natural images; random-resized crops for image folders; --scale,
-    --ratio, --hflip and --vflip change them, as timm's train.py names them), SGD with Nesterov momentum, warm-up
-    then the schedule, evaluation on the test split after every epoch. The checkpoint records the architecture,
-    classes, input size and normalisation, the data's fingerprint, the test accuracy and the full config;
-    it loads with torch.load(weights_only=True).
+    --ratio, --hflip and --vflip change them, as timm's train.py names them), SGD with Nesterov momentum
+    (--no-nesterov: plain), warm-up then the schedule, evaluation on the test split after every epoch. The
+    checkpoint records the architecture, classes, input size and normalisation, the data's fingerprint, the test
+    accuracy and the full config; it loads with torch.load(weights_only=True).
     """
     from meal_cache.loop import check_tensorboard
     from meal_cache.train import TrainConfig, train_supervised

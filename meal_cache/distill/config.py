@@ -10,10 +10,10 @@ from typing import Any
 from dask.utils import parse_bytes
 
 from meal_cache import losses
-from meal_cache.distill.methods.base import DISC_FORMS, DISCRIMINATORS, REPRESENTATIONS, SELECTIONS, Method
+from meal_cache.distill.methods.base import DISC_FORMS, DISCRIMINATORS, REPRESENTATIONS, SELECTIONS, SOFT_TERMS, Method
 from meal_cache.distill.registry import available_methods, method_class
 from meal_cache.errors import UserError, unknown_choice
-from meal_cache.loop import check_number, check_optimisation, check_workers
+from meal_cache.loop import check_nesterov, check_number, check_optimisation, check_workers
 from meal_cache.models import check_model_name
 from meal_cache.source import check_decode
 
@@ -37,6 +37,7 @@ class DistillConfig:
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
+    nesterov: bool = True  # Nesterov momentum (MEAL's reference: plain); recorded only when off
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
@@ -114,6 +115,10 @@ class DistillConfig:
             temperature=method.temperature if self.temperature is None else self.temperature,
         )
         _check_choices_and_numbers(config)
+        if config.soft_loss not in method.soft_losses:
+            takers = ", ".join(name for name, m in available_methods().items() if config.soft_loss in m.soft_losses)
+            raise UserError(f"--soft-loss {config.soft_loss} is taken by --method {takers}, not --method "
+                            f"{config.method}")  # fmt: skip
         config = method.check(_check_peers(config, method))
         method.options_of(config)
         if not method.has_a_loss(config):
@@ -160,11 +165,12 @@ PRESETS: dict[str, Preset] = {
     # soft cross-entropy at T = 1 on the outputs, a
     # random teacher each step, block weights from its README's single-teacher command (the last blocks weigh
     # most; the same as meal-cache's default), eta = 1 on every discriminator, and the discriminators on the
-    # student's optimiser at a hundredth of its learning rate (d_lr 1e-3 against lr 0.1), no gradient reversal.
+    # student's optimiser at a hundredth of its learning rate (d_lr 1e-3 against lr 0.1), no gradient reversal, and
+    # plain momentum (Nesterov only for its DenseNet student).
     "reference": Preset({"method": "meal", "representation": "maps", "soft_loss": "soft-ce", "temperature": 1.0,
                          "teacher_selection": "random", "adv_weight": 1.0, "adv_game": "joint",
                          "disc_form": "reference",
-                         "disc_lr": lambda config: config.lr / 100, "hard_weight": 0.0,
+                         "disc_lr": lambda config: config.lr / 100, "hard_weight": 0.0, "nesterov": False,
                          # The reference trains on natural images only: divergent views only where asked for.
                          "divergent_ratio": 0.0},
                         "MEAL's reference code: T=1 soft-ce, random teacher, joint discriminators, eta 1"),
@@ -182,7 +188,7 @@ PRESETS: dict[str, Preset] = {
 
 # Settings a record (config.json, a pipeline step's stamp) holds only when they are set, so the records of runs
 # made before they existed stay the same.
-RECORDED_WHEN_SET = {"peers": None, "disc_form": "meal-cache", "given": ()}
+RECORDED_WHEN_SET = {"peers": None, "disc_form": "meal-cache", "given": (), "nesterov": True}
 
 
 def fillable_settings() -> set[str]:
@@ -228,11 +234,12 @@ def _check_choices_and_numbers(config: DistillConfig) -> None:
     if config.teacher_selection not in SELECTIONS:
         raise unknown_choice("teacher selection", config.teacher_selection, SELECTIONS)
     losses.similarity(config.block_loss)
-    if config.soft_loss not in losses.SOFT_LABEL:
-        raise unknown_choice("soft-label loss", config.soft_loss, list(losses.SOFT_LABEL))
+    if config.soft_loss not in SOFT_TERMS:
+        raise unknown_choice("soft-label loss", config.soft_loss, list(SOFT_TERMS))
     if config.adv_loss not in losses.ADVERSARIAL:
         raise unknown_choice("adversarial loss", config.adv_loss, list(losses.ADVERSARIAL))
     check_optimisation(config)
+    check_nesterov(config.nesterov)
     check_number("temperature", config.temperature, low=0.0, low_open=True)
     for name in ("soft_weight", "hard_weight", "adv_weight"):
         check_number(name, getattr(config, name), low=0.0)

@@ -221,6 +221,7 @@ def build_run(
     else:
         store.check_matches(dataset.describe(), store.dataset["split"])
     check_logits_temperature(config, store)
+    check_sampled_logits(config, store)
     precision = Precision(device)
     seed_everything(config.seed)
     student = create_model(config.student, dataset.num_classes, dataset.image_size)
@@ -238,7 +239,8 @@ def build_run(
         from torch.nn.parallel import DistributedDataParallel
 
         run_student = DistributedDataParallel(distiller.student, device_ids=[device] if device.type == "cuda" else None)
-    s_opt = make_optimizer(distiller.student_parameters(), config.lr, config.momentum, config.weight_decay)
+    s_opt = make_optimizer(distiller.student_parameters(), config.lr, config.momentum, config.weight_decay,
+                           config.nesterov)  # fmt: skip
     d_params = list(distiller.discriminators.parameters())
     d_opt = None
     if d_params and config.adv_game == "joint":  # the reference's one optimiser, at disc_lr / lr of its rate
@@ -333,6 +335,19 @@ def check_logits_temperature(config: DistillConfig, store: TeacherStore) -> None
     raise UserError(f"'{config.store}' holds classes drawn at temperature {layout.temperature:g}, an estimate of the "
                     f"soft labels at that temperature only; distill with --temperature {layout.temperature:g}, or "
                     f"extract again with --logits-temperature {config.temperature:g}")  # fmt: skip
+
+
+def check_sampled_logits(config: DistillConfig, store: TeacherStore) -> None:
+    """Refuse a sampled store where the method's config reads the soft labels otherwise than linearly (the
+    method says why: :meth:`Method.sampled_logits_refusal`): count / K estimates only such losses without bias."""
+    k = store.layout.logits_sample
+    if k is None:
+        return
+    reason = method_class(config.method).sampled_logits_refusal(config)
+    if reason is not None:
+        raise UserError(f"'{config.store}' holds {k} classes drawn a row, read back as count / {k}: unbiased only for "
+                        f"a loss linear in the soft labels, and {reason}; extract with --logits-topk K (or every "
+                        "logit) for it")  # fmt: skip
 
 
 def refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from meal_cache import losses
 from meal_cache.errors import UserError
@@ -88,12 +89,69 @@ class NoOptions:
     """A method without options of its own."""
 
 
+@dataclass(frozen=True)
+class DecoupledOptions:
+    """The weights of DKD's decoupled KL (``--soft-loss dkd``; the paper's CIFAR setting by default)."""
+
+    alpha: float = 1.0  # weight of the target-class part (TCKD)
+    beta: float = 8.0  # weight of the non-target part (NCKD)
+    warmup: float = 20.0  # epochs over which both parts ramp in linearly (0: at full weight from the start)
+
+
+def decoupled_ramp(warmup: float, epoch: int) -> float:
+    """DKD's weight of both parts in 0-based ``epoch``: (epoch + 1) / warmup, at most 1."""
+    return 1.0 if warmup <= 0 else min((epoch + 1) / warmup, 1.0)
+
+
 def soft_target_sets(config: DistillConfig, teacher_logits: list[torch.Tensor]) -> list[torch.Tensor]:
     """The soft targets a step learns from: the ensemble mean of the selected teachers' (``--teacher-selection
     mean``), or each selected teacher's own."""
     if config.teacher_selection == "mean":
         return [losses.soft_targets(teacher_logits, config.temperature)]
     return [losses.soft_targets([t], config.temperature) for t in teacher_logits]
+
+
+def soft_target_log_sets(config: DistillConfig, teacher_logits: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`soft_target_sets` as log-probabilities, formed in log space (what DKD's parts read)."""
+    if config.teacher_selection == "mean":
+        return [losses.log_soft_targets(teacher_logits, config.temperature)]
+    return [losses.log_soft_targets([t], config.temperature) for t in teacher_logits]
+
+
+def _probability_terms(loss: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> Callable[..., dict]:
+    """A soft-label term of the softened teacher probabilities (``losses.SOFT_LABEL``), summed over the sets."""
+
+    def terms(method: Method, logits: torch.Tensor, soft_sets: list[torch.Tensor],
+              teacher_logits: list[torch.Tensor] | None, labels: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+        config = method.config
+        return {"": config.soft_weight * sum(loss(logits, p, config.temperature) for p in soft_sets)}
+
+    return terms
+
+
+def _decoupled_terms(method: Method, logits: torch.Tensor, soft_sets: list[torch.Tensor],
+                     teacher_logits: list[torch.Tensor] | None, labels: torch.Tensor) -> dict[str, Tensor]:  # fmt: skip
+    """``--soft-loss dkd``: alpha TCKD and beta NCKD from the teachers' logits in log space, ramped in over the
+    warm-up; a mixed row's target is its larger share's class."""
+    if teacher_logits is None:
+        raise TypeError("--soft-loss dkd reads the teachers' logits: pass teacher_logits to label_losses")
+    config, options = method.config, method.options
+    target = labels if labels.dim() == 1 else labels.argmax(1)
+    weight = config.soft_weight * decoupled_ramp(options.warmup, method.epoch)
+    parts = [losses.decoupled_kl(logits, log_probs, target, config.temperature)
+             for log_probs in soft_target_log_sets(config, teacher_logits)]  # fmt: skip
+    return {"/tckd": weight * options.alpha * sum(tckd for tckd, _ in parts),
+            "/nckd": weight * options.beta * sum(nckd for _, nckd in parts)}  # fmt: skip
+
+
+# --soft-loss: each choice's named terms (suffixes of ``soft``). kl and soft-ce are functions of the softened teacher
+# probabilities whose gradient is linear in them, so a sampled store's count / K estimates it without bias; dkd's
+# parts renormalise the teacher's distribution (a ratio of estimates) and need the target class.
+SOFT_TERMS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
+    **{name: _probability_terms(loss) for name, loss in losses.SOFT_LABEL.items()},
+    "dkd": _decoupled_terms,
+}
+LINEAR_SOFT_LOSSES = frozenset(losses.SOFT_LABEL)
 
 
 class Method(nn.Module):
@@ -107,6 +165,8 @@ class Method(nn.Module):
     store_needs: ClassVar[StoreNeeds] = StoreNeeds()
     # Defaults of the shared settings that are None until the method fills them in.
     soft_loss: ClassVar[str] = "kl"
+    # The --soft-loss choices the method takes; dkd needs DecoupledOptions and the teachers' logits in label_losses.
+    soft_losses: ClassVar[tuple[str, ...]] = tuple(losses.SOFT_LABEL)
     temperature: ClassVar[float] = 4.0
     selection: ClassVar[str] = "mean"
     own_discriminators: ClassVar[tuple[str, ...]] = ()  # of DISCRIMINATORS, where --discriminators is not given
@@ -122,6 +182,10 @@ class Method(nn.Module):
         self.config = config
         self.options = self.options_of(config)
         self.teachers = list(store.teacher_names)
+        # A sampled store's soft targets are count / K: the cross-entropy against them is an unbiased estimate of
+        # the dense one, their entropy is not (a few draws look far more certain), so KL's logged value would be
+        # biased where its gradient is not.
+        self.sampled_logits = store.layout.logits_sample is not None
         self.adapters = nn.ModuleDict()  # trained with the student (averaged over ranks under torchrun)
         self.discriminators = nn.ModuleDict()
         self.epoch = 0
@@ -149,6 +213,19 @@ class Method(nn.Module):
     def check(cls, config: DistillConfig) -> DistillConfig:
         """The method's own checks of the shared settings; may fill in values (AFD's peer count)."""
         return config
+
+    @classmethod
+    def sampled_logits_refusal(cls, config: DistillConfig) -> str | None:
+        """Why a store of sampled logits (``extract --logits-sample K``, read back as count / K) cannot serve this
+        config, or None where it can: count / K is unbiased only for a loss linear in the soft target. A method
+        that reads the logits otherwise adds its own reason."""
+        if config.soft_weight > 0 and config.soft_loss not in LINEAR_SOFT_LOSSES:
+            return (f"--soft-loss {config.soft_loss} renormalises the teacher's non-target probabilities, which a "
+                    "few draws make a histogram (most rows' non-target part uniform), not an estimate")  # fmt: skip
+        if "output" in config.discriminators and config.adv_weight > 0:
+            return ("the output discriminator would learn count histograms as the teachers' outputs (--discriminators "
+                    "without output, or --adv-weight 0, leaves it out)")  # fmt: skip
+        return None
 
     @classmethod
     def has_a_loss(cls, config: DistillConfig) -> bool:
@@ -207,13 +284,17 @@ class Method(nn.Module):
         return soft_target_sets(self.config, [targets[logits_key(t)].float() for t in selected])
 
     def label_losses(self, logits: torch.Tensor, soft_sets: list[torch.Tensor], labels: torch.Tensor,
-                     suffix: str = "") -> dict[str, torch.Tensor]:  # fmt: skip
-        """The shared terms: ``soft`` (``--soft-loss`` against each soft target set, at ``--soft-weight``) and
-        ``hard`` (cross-entropy at ``--hard-weight``), each left out at weight 0."""
+                     suffix: str = "", teacher_logits: list[Tensor] | None = None) -> dict[str, Tensor]:  # fmt: skip
+        """The shared terms: ``soft`` (``--soft-loss`` against each soft target set, at ``--soft-weight``; DKD's
+        ``soft/tckd`` and ``soft/nckd``, which read ``teacher_logits``, the selected teachers' logits) and ``hard``
+        (cross-entropy at ``--hard-weight``), each left out at weight 0. From a sampled store, kl is logged as
+        ``soft_ce``, its cross-entropy part: the same gradient, and a value that estimates the dense one."""
         config, named = self.config, {}
         if config.soft_weight:
-            soft = losses.SOFT_LABEL[config.soft_loss]
-            named[f"soft{suffix}"] = config.soft_weight * sum(soft(logits, p, config.temperature) for p in soft_sets)
+            soft_loss = "soft-ce" if self.sampled_logits and config.soft_loss == "kl" else config.soft_loss
+            name = "soft_ce" if self.sampled_logits and soft_loss == "soft-ce" else "soft"
+            for part, value in SOFT_TERMS[soft_loss](self, logits, soft_sets, teacher_logits, labels).items():
+                named[f"{name}{part}{suffix}"] = value
         if config.hard_weight:
             named[f"hard{suffix}"] = config.hard_weight * F.cross_entropy(logits, labels)
         return named

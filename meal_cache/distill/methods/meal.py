@@ -15,7 +15,9 @@ from torch import nn
 from meal_cache import losses
 from meal_cache.distill.methods.base import (
     REPRESENTATIONS,
+    SOFT_TERMS,
     AdversarialInput,
+    DecoupledOptions,
     DistillerOutput,
     Method,
     StoreNeeds,
@@ -89,7 +91,11 @@ def refuse_missing_representation(config: DistillConfig, store: TeacherStore) ->
 
 class Distiller(Method):
     """The MEAL family's student plus the adapters and discriminators it trains beside it; which terms a member
-    has is its :attr:`block_terms` and :attr:`own_discriminators`."""
+    has is its :attr:`block_terms` and :attr:`own_discriminators`. Its soft labels may be DKD's decoupled KL
+    (``--soft-loss dkd``), whose weights are the family's options (alpha, beta, warmup, as DKD's)."""
+
+    soft_losses: ClassVar[tuple[str, ...]] = tuple(SOFT_TERMS)
+    Options: ClassVar[type] = DecoupledOptions
 
     def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
         if not self.name:  # the family's terms are its members' (meal, kd, meal-v2), so build one of them
@@ -147,6 +153,18 @@ class Distiller(Method):
             self.discriminators[key] = losses.ReferenceDiscriminator(size)
 
     @classmethod
+    def check(cls, config: DistillConfig) -> DistillConfig:
+        """The decoupled KL's options weigh only ``--soft-loss dkd``: given with another soft loss they would be
+        recorded and do nothing."""
+        cls.options_of(config)  # an unknown option's name first
+        if config.method_options and config.soft_loss != "dkd":
+            given = ", ".join(sorted(config.method_options))
+            raise UserError(f"--method {config.method} has no option {given} with --soft-loss {config.soft_loss}: "
+                            "alpha, beta and warmup weigh --soft-loss dkd's parts (add --soft-loss dkd, or leave the "
+                            "option out)")  # fmt: skip
+        return config
+
+    @classmethod
     def has_a_loss(cls, config: DistillConfig) -> bool:
         blocks = cls.block_terms and config.match_blocks != 0 and any(w > 0 for w in config.block_weights)
         block_adversarial = "blocks" in config.discriminators and blocks and config.adv_weight > 0
@@ -186,7 +204,7 @@ class Distiller(Method):
         out = DistillerOutput(logits, {}, [], {})
         teacher_logits = [targets[logits_key(t)].float() for t in selected]
         soft_sets = soft_target_sets(config, teacher_logits)
-        out.losses.update(self.label_losses(logits, soft_sets, labels))
+        out.losses.update(self.label_losses(logits, soft_sets, labels, teacher_logits=teacher_logits))
         self._block_terms(out, tap.outputs, targets, selected)
         self._teacher_agreement(out, targets, teacher_logits)
         if "logits" in self.discriminators and self.reference_form:  # raw logits, each selected teacher's
