@@ -96,7 +96,10 @@ class StepRunner:
 def _stamped(config: TrainConfig | ExtractConfig) -> dict:
     """A train or extract step's settings as its stamp records them: no device, and the augmentation options left
     unset left out, so runs stamped before those options existed stay up to date."""
-    return _transient_out(augment.recorded_options(dataclasses.asdict(config)) | {"device": None})
+    settings = augment.recorded_options(dataclasses.asdict(config)) | {"device": None}
+    if settings.get("nesterov") is True:  # the default, left out as checkpoints leave it out
+        settings.pop("nesterov")
+    return _transient_out(settings)
 
 
 def _transient_out(settings: dict) -> dict:

@@ -56,7 +56,8 @@ def plot_meal_losses(run_dir: Path, method: str, seed: int, path: Path) -> bool:
     epochs = [r["epoch"] for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     groups = {
-        "soft labels": ["soft"],
+        # kl and soft-ce log as soft, a sampled store's kl as soft_ce, DKD's parts as soft/tckd and soft/nckd.
+        "soft labels": sorted({k for r in records for k in r if k in ("soft", "soft_ce") or k.startswith("soft/")}),
         "block similarity (sum)": sorted({k for r in records for k in r if k.startswith("sim/")}),
         # soft-ce carries the teacher maps' entropy, which no student lowers: the KL part shows the maps moving.
         "block KL to the teacher (sum, unweighted)": sorted({k for r in records for k in r if k.startswith("sim_kl/")}),
