@@ -13,8 +13,8 @@ temperature; 1 in stores made before it existed):
   so a loss whose gradient is linear in the soft target (cross-entropy, KL) has an unbiased gradient, and
   cross-entropy an unbiased value (KL's is not: the draws' entropy is biased low, so distill logs a sampled store's
   soft term as ``soft_ce``); each draw is noisy. Losses not linear in the target (DKD's renormalised parts, a
-  discriminator fed the targets, RoIAlign over their logarithms) are refused. The draws are seeded per (store seed, teacher, view, chunk), so a resumed or repeated extract writes
-  the same ones.
+  discriminator fed the targets, RoIAlign over their logarithms) are refused. The draws are seeded per (store
+  seed, teacher, view, chunk), so a resumed or repeated extract writes the same ones.
 """
 
 from __future__ import annotations
