@@ -136,7 +136,7 @@ def test_cifar_loader_converts_torchvision_arrays(monkeypatch, tmp_path):
 
 
 def test_unknown_dataset_lists_choices():
-    with pytest.raises(UserError, match="choose one of: cifar10, cifar100, digits"):
+    with pytest.raises(UserError, match="choose one of: cifar10, cifar100, digit-pairs, digits"):
         load_dataset("mnist")
     with pytest.raises(UserError, match="needs a path"):
         load_dataset("npz")

@@ -330,8 +330,8 @@ def test_two_ranks_train_the_adapters_and_discriminators_one_process_trains(game
     assert two.keys() == one.keys()
     for kind in ("student.", "adapters.", "discriminators."):
         assert sum(key.startswith(kind) for key in one) >= 4, kind
-    # Measured: at most 1.2e-7 apart in any weight (float rounding: two halves' means averaged against one mean).
-    # With the ranks' gradients summed instead, the adapters end 0.016 apart, the discriminators 3.2e-4
-    # (adversarial game) and 4.0e-5 (joint game), the student 2.4e-4.
+    # Measured: 1.2e-7 to 1.5e-6 apart in any weight (float rounding: two halves' means averaged against one mean,
+    # grown over two epochs of Adam). With the ranks' gradients summed instead, the adapters end 0.016 apart, the
+    # discriminators 3.2e-4 (adversarial game) and 4.0e-5 (joint game), the student 2.4e-4.
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")

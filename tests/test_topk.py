@@ -223,3 +223,41 @@ def test_presets_store_only_what_their_method_reads(small_store, digits, tmp_pat
     with pytest.raises(UserError, match="pass --for or --features/--blocks, not both"):
         extract(dataclasses.replace(base, preset="kd", blocks="2"), tmp_path / "y.zarr", progress=False,
                 dataset=digits)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def top5_store(tmp_path_factory, teacher_dir, digits):
+    """One teacher's top-5 of 10 logits and its blocks' channel-mean maps (what the reference reads), one view."""
+    from meal_cache.extract import ExtractConfig
+
+    out = tmp_path_factory.mktemp("top5") / "top5.zarr"
+    config = ExtractConfig(teachers=["resnet8_w4"], views=1, features=["maps"], logits_topk=5,
+                           teacher_dir=str(teacher_dir), batch_size=512, device="cpu")  # fmt: skip
+    extract(config, out, progress=False, dataset=digits)
+    return out
+
+
+def test_the_reference_output_discriminator_refuses_raw_top_k_logits(top5_store, tmp_path):
+    """Raw logits rebuilt from a top-k store share one value in the tail, which tells a teacher from any student:
+    `--preset reference` (raw logits to the output discriminator) is refused on one, in one line; the default form
+    (softened probabilities) and the reference without its output discriminator take it."""
+    from console import one_error_line, run_console
+
+    from meal_cache.distill import DistillConfig, method_class
+    from meal_cache.models import create_model
+
+    out = tmp_path / "refused"
+    line = one_error_line(run_console(["distill", "--store", str(top5_store), "--student", "resnet8_w4", "--preset",
+                                       "reference", "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(out)],
+                                      tmp_path))  # fmt: skip
+    assert "--disc-form reference's output discriminator reads raw logits" in line, line
+    assert "keeps only the top 5 of 10" in line and "--logits-topk 0" in line, line
+    assert not out.exists()
+    store = open_store(top5_store)
+    for settings in (
+        {"preset": "reference", "discriminators": ["blocks"]},
+        {"discriminators": ["output"], "representation": "maps"},
+    ):
+        config = DistillConfig(store=str(top5_store), student="resnet8_w4", method="meal", **settings).resolved()
+        method = method_class("meal")(create_model("resnet8_w4", 10, 16), config, store, 16)
+        assert ("logits" in method.discriminators) == ("output" in config.discriminators)

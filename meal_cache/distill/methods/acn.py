@@ -17,7 +17,7 @@ natural images (``mutual/peerI``: DML's KL from each other peer, detached, avera
 generated images (``divergent/peerI``: the same KL on ``x_g`` from the just-updated generator, fresh noise).
 Peer ``i``'s losses reach only peer ``i``, so the one step over every peer's parameters is N independent steps.
 
-Defaults and why (the paper's own values were not read; see docs/acn-section.md):
+Defaults and why (the paper's own values were not read; docs/design.md, "ACN", says more):
 
 - ``alpha = 0.1``: a tenth of a standard deviation of the data, 0.032 of the 0-255 range on digits (std 0.32) and
   0.023 on ImageNet's statistics, about ``extract --divergent-eps``' default (0.03), so the images stay near the

@@ -127,6 +127,13 @@ class Distiller(Method):
                 self._add_block_discriminator(pair, shape)
         if "output" in config.discriminators:
             classes = store.attrs["dataset"]["num_classes"]
+            topk = store.layout.logits_topk
+            if self.reference_form and config.adv_weight > 0 and topk is not None and topk < classes:
+                # Raw logits of a top-k store share one value in the tail: a teacher is told from any student by it.
+                raise UserError(f"--disc-form reference's output discriminator reads raw logits, and '{config.store}' "
+                                f"keeps only the top {topk} of {classes} (the rest share one value, which tells a "
+                                "teacher from any student): extract with --logits-topk 0, or pass --discriminators "
+                                "blocks")  # fmt: skip
             form = losses.ReferenceDiscriminator if self.reference_form else losses.MLPDiscriminator
             self.discriminators["logits"] = form(classes)
 
