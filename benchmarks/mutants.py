@@ -75,8 +75,13 @@ COVERING_TESTS: dict[str, Cover] = {
     "meal_cache/dense.py": Cover(("tests/test_dense.py",), DEFAULT_FROZEN + ("made",)),
     "meal_cache/store_logits.py": Cover(("tests/test_sampled.py", "tests/test_topk.py"), STORE_FROZEN),
     "meal_cache/cached_views.py": Cover(("tests/test_cached_views.py",), DEFAULT_FROZEN + ("small",)),
-    "meal_cache/distill/methods/dkd.py": Cover(("tests/test_methods.py",), DEFAULT_FROZEN + ("method_stores",)),
-    "meal_cache/distill/methods/fitnet.py": Cover(("tests/test_methods.py",), DEFAULT_FROZEN + ("method_stores",)),
+    "meal_cache/distill/methods/dkd.py": Cover(
+        ("tests/test_methods.py", "tests/test_method_settings.py", "tests/test_dkd_numerics.py"),
+        DEFAULT_FROZEN + ("method_stores", "batch"),
+    ),
+    "meal_cache/distill/methods/fitnet.py": Cover(
+        ("tests/test_methods.py", "tests/test_method_settings.py"), DEFAULT_FROZEN + ("method_stores", "batch")
+    ),
 }
 
 
