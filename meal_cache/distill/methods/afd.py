@@ -207,7 +207,7 @@ class PeerDistiller(Method):
         each selected teacher's stored map against its channel mean."""
         inputs = []
         compared = [self.compared_map(i, m) for i, m in enumerate(maps)] if self.sources else []
-        teacher_weight = self.options.teacher_adv / (len(selected) if self.config.teacher_selection == "mean" else 1)
+        teacher_weight = self.options.teacher_adv * self.teacher_share(selected)
         for index, own_map in enumerate(maps):
             if self.sources:
                 inputs.append(AdversarialInput(f"peer{index}", compared[self.sources[index]].detach(),

@@ -105,7 +105,7 @@ class AT(Method):
             maps = {block: channel_attention(tap.outputs[block], self.p) for block in blocks}
             total = sum(attention_loss(maps[s], targets[feature_key(t, "attention", b.key)])
                         for t in selected for s, b in self.pairs[t])  # fmt: skip
-            share = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
+            share = self.teacher_share(selected)
             out.losses["attention"] = self.options.weight * share * total
         soft_sets = self.teacher_soft_targets(targets, selected) if config.soft_weight else []
         out.losses.update(self.label_losses(logits, soft_sets, labels))

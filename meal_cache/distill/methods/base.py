@@ -250,6 +250,11 @@ class Method(nn.Module):
         """Called before each epoch's steps (0-based), for losses with a schedule of their own."""
         self.epoch = epoch
 
+    def teacher_share(self, selected: list[str]) -> float:
+        """The weight of each selected teacher's own terms: 1/n under ``--teacher-selection mean`` (the ensemble
+        counts once), 1 under ``random`` and ``all`` (every teacher's terms summed)."""
+        return 1.0 / len(selected) if self.config.teacher_selection == "mean" else 1.0
+
     def needed_keys(self) -> list[str]:
         """The store arrays training reads: every teacher's logits."""
         return [logits_key(t) for t in self.teachers]

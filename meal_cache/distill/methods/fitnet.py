@@ -78,7 +78,7 @@ class FitNet(Method):
         out = DistillerOutput(logits, {}, [], {})
         # One hint per selected teacher: averaged over them under `mean`, summed under `all` (every teacher's
         # terms at weight 1, as every method's), the drawn one's under `random`.
-        share = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
+        share = self.teacher_share(selected)
         hint = 0.0
         for teacher in selected:
             stored = targets[feature_key(teacher, "blocks", self.hints[teacher].key)].float()

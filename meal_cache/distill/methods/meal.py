@@ -215,7 +215,7 @@ class Distiller(Method):
         self._block_terms(out, tap.outputs, targets, selected)
         self._teacher_agreement(out, targets, teacher_logits)
         if "logits" in self.discriminators and self.reference_form:  # raw logits, each selected teacher's
-            weight = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
+            weight = self.teacher_share(selected)
             out.adversarial.extend(AdversarialInput("logits", t, logits, weight) for t in teacher_logits)
         elif "logits" in self.discriminators:
             student_probs = F.softmax(logits / config.temperature, dim=1)
@@ -227,7 +227,7 @@ class Distiller(Method):
                      targets: dict[str, torch.Tensor], selected: list[str]) -> None:  # fmt: skip
         """Each matched block's similarity loss and discriminator input, for the selected teachers."""
         config = self.config
-        block_weight = 1.0 / len(selected) if config.teacher_selection == "mean" else 1.0
+        block_weight = self.teacher_share(selected)
         for pair in self.pairs:
             if pair.teacher not in selected:
                 continue
