@@ -31,11 +31,12 @@ from meal_cache import augment
 from meal_cache.checkpoint import model_payload, save_checkpoint
 from meal_cache.data import ImageDataset, load_dataset
 from meal_cache.distill import DistillConfig, InMemoryBatches, StreamingBatches, ViewFeed, distill
-from meal_cache.extract import ExtractConfig, extract, store_presets
+from meal_cache.extract import ExtractConfig, extract, fitted_to_data, store_presets
 from meal_cache.fidelity import store_fidelity
 from meal_cache.models import create_model
 from meal_cache.runtime import Precision, resolve_device
 from meal_cache.store import encode_topk, open_store, quantize_rows
+from meal_cache.store_logits import LOGITS_ENCODINGS
 from meal_cache.taps import block_shapes
 from meal_cache.teachers import resolve_teacher
 from meal_cache.train import TrainConfig, train_supervised
@@ -256,7 +257,10 @@ def bench_lossy_accuracy(work: Path, digits: ImageDataset, seeds: tuple[int, ...
 # ---------------------------------------------------------------------------------------------- compact stores
 
 COMPACT_TARGETS = {
-    "store_bytes_meal_224": ("<=", 600),
+    # The blocks' budget, what --for meal's PCA to 128 is sized for; its logits are every float16 one (2,000 B at
+    # 1,000 classes), since top-10 at T = 4 lost 18 points of top-1 at 100 classes (docs/design.md, "At the class
+    # counts users have"): store_bytes_meal_224 and the top-10 row are reported beside it.
+    "store_bytes_meal_224_blocks": ("<=", 600),
     "store_bytes_kd_224_top5": ("<=", 60),
     "topk_kl_T4": ("<=", 0.01),
     # The bar for meal's 8-bit blocks and maps (docs/design.md, "Lossy stores"): the maps' soft-ce block loss
@@ -278,11 +282,19 @@ def sample_at_bytes_of(k: int) -> int:
 PROJECT_DEFAULT = 128  # the D the bench reports --project at (not yet --for meal's default)
 
 
+def preset_logits_bytes(config: ExtractConfig, classes: int) -> int:
+    """Raw bytes of one row's logits under ``config``'s encoding (every float16 logit where it keeps no other)."""
+    for name, k in (("topk", config.logits_topk), ("sample", config.logits_sample)):
+        if k is not None:
+            return LOGITS_ENCODINGS[name].row_bytes(k, classes, config.dtype)
+    return classes * np.dtype(config.dtype).itemsize
+
+
 def meal_bytes_224(arch: str) -> dict:
     """Raw bytes a row and view for one 1,000-class teacher at 224 px, from the network's own block shapes
-    (untrained: bytes do not need weights): ``--for meal`` keeps its preset's top-k logits and the last 3 blocks'
-    pooled channels (grid 1), 8-bit, projected to the preset's D where wider; beside it every channel, float16
-    logits, and MEAL's reference maps of the same blocks."""
+    (untrained: bytes do not need weights): ``--for meal`` keeps its preset's logits (every one at 1,000 classes)
+    and the last 3 blocks' pooled channels (grid 1), 8-bit, projected to the preset's D where wider; beside it the
+    blocks alone, with top-10 logits, every channel, and MEAL's reference maps of the same blocks."""
     model = create_model(arch, 1000, 224)
     shapes = block_shapes(model, 224)
     last = model.block_names[-3:]
@@ -292,7 +304,10 @@ def meal_bytes_224(arch: str) -> dict:
     logits = np.zeros((1, 1000), dtype=np.float16)
     topk = sum(a.nbytes for a in encode_topk(logits, TOPK_DEFAULT, "float16").values())
     preset = store_presets()["meal"]
-    preset_logits = sum(a.nbytes for a in encode_topk(logits, preset.logits_topk, "float16").values())
+    asked = ExtractConfig(teachers=[arch], preset="meal")
+    fitted = fitted_to_data(asked.resolved(), asked, 1000)
+    preset_logits = preset_logits_bytes(fitted, 1000)
+    top10 = sum(a.nbytes for a in encode_topk(logits, 10, "float16").values())
 
     def quantized(sizes: list[int]) -> int:
         return sum(sum(a.nbytes for a in quantize_rows(np.zeros((1, m), np.float16))) for m in sizes)
@@ -301,6 +316,8 @@ def meal_bytes_224(arch: str) -> dict:
         "channels": dict(zip(last, channels, strict=True)),
         "maps": dict(zip(last, maps, strict=True)),
         "meal": preset_logits + quantized([min(c, preset.project) for c in channels]),
+        "meal_blocks": quantized([min(c, preset.project) for c in channels]),
+        "meal_top10": top10 + quantized([min(c, preset.project) for c in channels]),
         "meal_every_channel": logits.nbytes + quantized(channels),
         "meal_float16": logits.nbytes + 2 * sum(channels),
         "meal_top5": topk + quantized(channels),
@@ -364,6 +381,8 @@ def bench_compact(work: Path, digits: ImageDataset) -> dict:
     return {
         "sizes_224": sizes,
         "store_bytes_meal_224": max(v["meal"] for v in sizes.values()),
+        "store_bytes_meal_224_blocks": max(v["meal_blocks"] for v in sizes.values()),
+        "store_bytes_meal_224_top10": max(v["meal_top10"] for v in sizes.values()),
         "store_bytes_meal_224_float16": max(v["meal_float16"] for v in sizes.values()),
         "store_bytes_meal_224_every_channel": max(v["meal_every_channel"] for v in sizes.values()),
         "store_bytes_meal_224_top5": max(v["meal_top5"] for v in sizes.values()),
@@ -777,6 +796,8 @@ def targets(results: dict) -> dict:
         rows[name] = {"value": value, "target": f"{op} {limit}", "met": met}
     if "compact" in results:
         for key in (
+            "store_bytes_meal_224",
+            "store_bytes_meal_224_top10",
             "store_bytes_meal_224_top5",
             "store_bytes_meal_224_project128_top5",
             "store_bytes_meal_224_float16",

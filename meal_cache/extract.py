@@ -57,7 +57,7 @@ from meal_cache.store import (
     open_store,
 )
 from meal_cache.store_keys import DEFAULT_FEATURES
-from meal_cache.store_logits import check_logits_options
+from meal_cache.store_logits import LOGITS_ENCODINGS, check_logits_options
 from meal_cache.store_schema import DEFAULT_ATTENTION_P
 from meal_cache.teachers import Teacher, keep_projections, projected_teachers, resolve_teacher, teacher_outputs
 
@@ -71,9 +71,7 @@ DIVERGENT_FIELDS = ("divergent_views", "divergent_eps", "divergent_steps")
 
 # ``--for all``: the default layout, as without --for; ``--for METHOD``: what the method declares it reads
 # (:attr:`meal_cache.distill.Method.store_needs`).
-STORE_EVERYTHING = StoreNeeds(
-    DEFAULT_FEATURES, "all", "logits, and every block's pooled output and map (the default)", logits_topk=None
-)
+STORE_EVERYTHING = StoreNeeds(DEFAULT_FEATURES, "all", "logits, and every block's pooled output and map (the default)")
 
 
 def store_presets() -> dict[str, StoreNeeds]:
@@ -173,7 +171,8 @@ class ExtractConfig:
             if self.quantize is None and self.keep_bits is None:
                 config = dataclasses.replace(config, quantize=preset.quantize)
             if self.logits_topk is None and self.logits_sample is None:
-                config = dataclasses.replace(config, logits_topk=preset.logits_topk)
+                config = dataclasses.replace(config, logits_topk=preset.logits_topk,
+                                             logits_sample=preset.logits_sample)  # fmt: skip
             if self.project is None:
                 config = dataclasses.replace(config, project=preset.project)
         if config.dense and config.preset is None and tuple(config.features) == DEFAULT_FEATURES:
@@ -281,11 +280,18 @@ class ExtractConfig:
 
 
 def fitted_to_data(config: ExtractConfig, asked: ExtractConfig, num_classes: int) -> ExtractConfig:
-    """A ``--for`` preset's top-k logits dropped where the data has no more classes than k (every logit is then
-    both exact and smaller); what the user asked for is kept as asked."""
+    """A ``--for`` preset's compact logits dropped where the data has no more classes than it keeps, or every logit
+    takes no more bytes a row (every logit is then exact and about as small: 10 float16 logits are 20 bytes, the top
+    10 are 44); what the user asked for is kept as asked."""
     filled = asked.logits_topk is None and asked.logits_sample is None
-    if filled and config.logits_topk is not None and config.logits_topk >= num_classes:
-        return dataclasses.replace(config, logits_topk=None, logits_temperature=asked.logits_temperature)
+    encoding = LOGITS_ENCODINGS["sample"] if config.logits_sample is not None else LOGITS_ENCODINGS["topk"]
+    k = config.logits_sample if config.logits_sample is not None else config.logits_topk
+    if not filled or k is None:
+        return config
+    every_logit = num_classes * np.dtype(config.dtype).itemsize
+    if k >= num_classes or encoding.row_bytes(k, num_classes, config.dtype) >= every_logit:
+        return dataclasses.replace(config, logits_topk=None, logits_sample=None,
+                                   logits_temperature=asked.logits_temperature)  # fmt: skip
     return config
 
 

@@ -112,6 +112,12 @@ class LogitsEncoding:
     def slots(self, k: int, classes: int) -> int:
         return min(k, classes) if self.distinct else k
 
+    def row_bytes(self, k: int, classes: int, dtype: str) -> int:
+        """Bytes one row's parts take before compression, at ``k`` and the layout's ``dtype``."""
+        slots = self.slots(k, classes)
+        return sum(np.dtype(part_dtype or dtype).itemsize * (slots if slotted else 1)
+                   for _, part_dtype, slotted in self.parts)  # fmt: skip
+
 
 LOGITS_ENCODINGS = {
     "topk": LogitsEncoding(

@@ -98,9 +98,9 @@ def test_a_pca_store_fits_its_matrix_on_the_first_chunk_of_view_0_and_keeps_more
 
 def test_meal_preset_projects_only_blocks_wider_than_its_d_and_keeps_few_classes_whole(tmp_path, teacher_dir,
                                                                                        digits):  # fmt: skip
-    """``--for meal`` means PCA to 128 and top-10 logits: on digits' teachers (no block wider than 90 channels, 10
-    classes) nothing is projected and every logit is kept, where an explicit --project 128 is refused; with 1,000
-    classes the preset keeps the top 10, and --project 0 or another encoding overrides it."""
+    """``--for meal`` means PCA to 128 and every logit: on digits' teachers (no block wider than 90 channels)
+    nothing is projected, where an explicit --project 128 is refused; --project 0 or a logits encoding the user
+    chooses overrides the preset."""
     from meal_cache.extract import fitted_to_data
 
     config = ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], views=1, teacher_dir=str(teacher_dir),
@@ -110,9 +110,9 @@ def test_meal_preset_projects_only_blocks_wider_than_its_d_and_keeps_few_classes
     assert store.attrs["format"] == "meal-cache/2" and "teachers/resnet8_w4/logits" in store.group
     assert all(b.projected_from is None for t in store.teacher_names for b in store.blocks(t))
     resolved = config.resolved()
-    assert (resolved.project, resolved.projection, resolved.logits_topk) == (128, "pca", 10)
-    assert fitted_to_data(resolved, config, 1000).logits_topk == 10
-    assert fitted_to_data(resolved, config, 10).logits_topk is None
+    assert (resolved.project, resolved.projection, resolved.logits_topk, resolved.logits_sample) == (128, "pca",
+                                                                                                     None, None)  # fmt: skip
+    assert fitted_to_data(resolved, config, 1000).logits_topk is None
     chosen = dataclasses.replace(config, logits_sample=8)
     assert fitted_to_data(chosen.resolved(), chosen, 10).logits_sample == 8
     assert dataclasses.replace(config, project=0).resolved().project is None

@@ -6,7 +6,8 @@ import click
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
 DATA_HELP = (
-    "Dataset: digits, cifar10, cifar100, svhn, imagefolder:PATH, npz:PATH or fake[:N], optionally with "
+    "Dataset: digits, digit-pairs[:N] (100 classes), cifar10, cifar100, svhn, imagefolder:PATH, npz:PATH or "
+    "fake[:N], optionally with "
     "?label_noise=R&noise=symmetric|pairflip&train_fraction=F&folds=K&fold=I (folds: test on fold I of a "
     "stratified K-fold re-split of all rows), glyphs=1 (never mirror: digits, letters, text; see "
     "`meal-cache datasets`)."

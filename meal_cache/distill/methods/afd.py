@@ -29,6 +29,7 @@ from torch import nn
 
 from meal_cache import losses
 from meal_cache.distill.methods.base import (
+    PRESET_LOGITS_SAMPLE,
     AdversarialInput,
     DistillerOutput,
     Method,
@@ -86,7 +87,9 @@ class PeerDistiller(Method):
     name: ClassVar[str] = "afd"
     help: ClassVar[str] = ("AFD: --peers students, each with a conv discriminator on its last feature map against its "
                            "cyclic peer's (and the teachers' maps), plus mutual KL")  # fmt: skip
-    store_needs: ClassVar[StoreNeeds] = StoreNeeds(("maps",), "all", "logits and every block's channel-mean map")
+    store_needs: ClassVar[StoreNeeds] = StoreNeeds(("maps",), "all", "logits (16 sampled classes above 24 classes) "
+                                                   "and every block's channel-mean map",
+                                                   logits_sample=PRESET_LOGITS_SAMPLE)  # fmt: skip
     trains_peers: ClassVar[bool] = True
     Options: ClassVar[type] = AfdOptions
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meal_cache.distill.methods.base import DistillerOutput, Method, StoreNeeds
+from meal_cache.distill.methods.base import PRESET_LOGITS_SAMPLE, DistillerOutput, Method, StoreNeeds
 from meal_cache.errors import UserError
 from meal_cache.store_keys import feature_key
 from meal_cache.store_schema import DEFAULT_ATTENTION_P
@@ -58,8 +58,10 @@ class AT(Method):
     store_needs: ClassVar[StoreNeeds] = StoreNeeds(
         ("attention",),
         "3",
-        "logits and the attention maps (channel mean of |A|^p) of the last 3 blocks, 8-bit",
+        "logits (16 sampled classes above 24 classes) and the attention maps (channel mean of |A|^p) of the last 3 "
+        "blocks, 8-bit",
         quantize=8,
+        logits_sample=PRESET_LOGITS_SAMPLE,
     )
     settings: ClassVar[dict] = {"hard_weight": 1.0, "soft_weight": 0.0}
     Options: ClassVar[type] = ATOptions

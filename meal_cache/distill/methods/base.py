@@ -43,24 +43,34 @@ DISCRIMINATORS = ("blocks", "output")
 DISC_FORMS = ("meal-cache", "reference")
 
 
-# ImageNet+'s and FKD's scale: top-10 of 1,000 classes is 44 bytes a row against 2,000 for every float16 logit.
-PRESET_LOGITS_TOPK = 10
+# The compact logits of the presets whose every logits consumer is linear in the soft target (KL and cross-entropy),
+# for which count / K is unbiased: 16 draws a row are 48 bytes against 2,000 for every float16 logit of 1,000
+# classes. At 100 classes and T = 4 they matched every logit where top-10 lost 18 points of top-1 (docs/design.md,
+# "At the class counts users have").
+PRESET_LOGITS_SAMPLE = 16
 
 
 @dataclass(frozen=True)
 class StoreNeeds:
     """What ``extract --for METHOD`` stores: the feature kinds besides the logits (``blocks``: pooled channels,
-    ``maps``: channel-mean maps), which blocks (``extract --blocks``), and the lossy encoding of blocks and maps it
-    uses unless ``--quantize``/``--keep-bits`` choose one."""
+    ``maps``: channel-mean maps), which blocks (``extract --blocks``), the lossy encoding of blocks and maps it
+    uses unless ``--quantize``/``--keep-bits`` choose one, and the compact encoding of the logits it tolerates."""
 
     features: tuple[str, ...] = ()
     blocks: str = "all"
-    help: str = "logits only"
+    help: str = "every logit"
     quantize: int | None = None
-    # Unless --logits-topk/--logits-sample choose: at most this many logits a row (top-k at distill's default
-    # temperature), every one where the teachers have this many classes or fewer. None: every logit.
-    logits_topk: int | None = PRESET_LOGITS_TOPK
+    # Unless --logits-topk/--logits-sample choose: the logits kept as their top k (logits_topk) or as k classes drawn
+    # from the teacher's softmax (logits_sample), made at distill's default temperature, wherever that takes fewer
+    # bytes a row than every float16 logit of the data's classes. Neither: every logit, the safe default for a
+    # method that has not been measured on a compact encoding.
+    logits_topk: int | None = None
+    logits_sample: int | None = None
     project: int | None = None  # unless --project: pooled blocks wider than this stored through PCA to it
+
+    def __post_init__(self) -> None:
+        if self.logits_topk is not None and self.logits_sample is not None:
+            raise ValueError("a store preset keeps its logits as top-k or as sampled classes, not both")
 
 
 class AdversarialInput(NamedTuple):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meal_cache import losses
-from meal_cache.distill.methods.base import DistillerOutput, Method, StoreNeeds
+from meal_cache.distill.methods.base import PRESET_LOGITS_SAMPLE, DistillerOutput, Method, StoreNeeds
 from meal_cache.errors import UserError
 from meal_cache.store_keys import feature_key
 from meal_cache.taps import BlockTap, block_shapes
@@ -34,8 +34,9 @@ class FitNet(Method):
     name: ClassVar[str] = "fitnet"
     help: ClassVar[str] = ("FitNet: a hint loss between a learned adapter of a student block and the teacher's "
                            "stored pooled block (options block, weight), beside cross-entropy")  # fmt: skip
-    store_needs: ClassVar[StoreNeeds] = StoreNeeds(("blocks",), "2", "logits and the pooled channels of the last "
-                                                   "2 blocks, 8-bit", quantize=8)  # fmt: skip
+    store_needs: ClassVar[StoreNeeds] = StoreNeeds(("blocks",), "2", "logits (16 sampled classes above 24 classes) "
+                                                   "and the pooled channels of the last 2 blocks, 8-bit", quantize=8,
+                                                   logits_sample=PRESET_LOGITS_SAMPLE)  # fmt: skip
     settings: ClassVar[dict] = {"hard_weight": 1.0, "soft_weight": 0.0}
     Options: ClassVar[type] = FitNetOptions
 
