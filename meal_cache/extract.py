@@ -175,6 +175,10 @@ class ExtractConfig:
                                              logits_sample=preset.logits_sample)  # fmt: skip
             if self.project is None:
                 config = dataclasses.replace(config, project=preset.project)
+        if config.dense and self.logits_sample is None and config.logits_sample is not None:
+            # A preset's draws serve views only: a dense store averages logits over each crop's box, so it keeps
+            # every logit unless --logits-topk chooses fewer.
+            config = dataclasses.replace(config, logits_sample=None)
         if config.dense and config.preset is None and tuple(config.features) == DEFAULT_FEATURES:
             # A dense store's default: what it can derive per crop (channel-mean maps are per view).
             config = dataclasses.replace(config, features=["blocks"])

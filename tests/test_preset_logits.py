@@ -14,6 +14,7 @@ import torch
 from console import run_console
 
 from meal_cache.distill import DistillConfig, available_methods, method_class
+from meal_cache.errors import UserError
 from meal_cache.extract import ExtractConfig, fitted_to_data
 
 # By hand, from the store's parts (docs/store-format): a drawn class is an int16 index and a uint8 count, 3 bytes;
@@ -69,6 +70,18 @@ def test_a_preset_keeps_compact_logits_only_above_the_class_count_where_they_sav
         fitted = fitted_to_data(config, asked, classes)
         assert (fitted.logits_topk, fitted.logits_sample) == (layout["logits_topk"], layout["logits_sample"])
         assert fitted.logits_temperature == 4.0
+
+
+def test_a_dense_store_keeps_every_logit_where_its_preset_draws_classes_for_views():
+    """RoIAlign averages a dense store's logits over a crop's box, which draws cannot serve (and a user's
+    --logits-sample with --dense is refused); the preset falls back to every logit, a user's top-k is kept."""
+    for method in ("kd", "fitnet"):  # (afd reads per-view maps, which a dense store refuses)
+        resolved = ExtractConfig(teachers=["t"], preset=method, dense=True).resolved()
+        assert (resolved.logits_topk, resolved.logits_sample) == (None, None), method
+    chosen = ExtractConfig(teachers=["t"], preset="kd", dense=True, logits_topk=10).resolved()
+    assert (chosen.logits_topk, chosen.logits_sample, chosen.logits_temperature) == (10, None, 4.0)
+    with pytest.raises(UserError, match="--logits-sample 16 stores counts"):
+        ExtractConfig(teachers=["t"], preset="kd", dense=True, logits_sample=16).resolved()
 
 
 def test_what_the_user_asks_for_is_kept_at_any_class_count():
