@@ -97,7 +97,7 @@ def _meal_block_reps(distiller, blocks, targets, selected, representation):
 @pytest.mark.parametrize(("selection", "selected"), SELECTIONS, ids=SELECTION_IDS)
 def test_meal_terms_by_hand(batch, selection, selected, representation):
     distiller, config = batch.method("meal", teacher_selection=selection, block_weights=BLOCK_WEIGHTS,
-                                     representation=representation, **WEIGHTS)  # fmt: skip
+                                     representation=representation, soft_loss="kl", **WEIGHTS)  # fmt: skip
     images, targets, labels = batch.images, batch.targets, batch.labels
     blocks = recording_blocks(distiller.student, distiller.student.block_names)
     out = distiller(images, targets, labels, selected)

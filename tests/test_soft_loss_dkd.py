@@ -1,5 +1,6 @@
 """``--soft-loss dkd`` (issue 44): the MEAL family (kd, meal, meal-v2) learns from DKD's decoupled parts, weighted by
-its options alpha, beta and warmup, against the paper's formula in float64 numpy (tests/test_dkd_numerics.py)."""
+its options alpha, beta and warmup, against the paper's formula in float64 numpy (tests/test_dkd_numerics.py);
+meal by default."""
 
 from __future__ import annotations
 
@@ -82,6 +83,28 @@ def test_a_distill_run_with_dkd_parts_learns_the_float64_formulas_values(kd_stor
         assert named["soft/nckd"] == pytest.approx(nckd, rel=1e-4)
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["soft_loss"] == "dkd" and recorded["method_options"] == OPTIONS
+
+
+def test_meal_learns_from_dkd_parts_by_default_at_full_weight_from_its_first_epoch(small_store, digits):
+    """meal's soft loss is DKD's decoupled KL unless --soft-loss says otherwise (it beat KL on 5 of 5 seeds at 100
+    classes), with DKD's alpha 1 and beta 8 and a warm-up of 1 epoch: the parts weigh fully at epoch 0."""
+    path, _ = small_store
+    config = DistillConfig(store=str(path), student="resnet8_w4", method="meal", device="cpu").resolved(
+        open_store(path).layout.features)  # fmt: skip
+    assert config.soft_loss == "dkd" and config.soft_weight == 1.0 and config.temperature == 4.0
+    distiller, images, targets, labels = first_rows(config, digits)
+    assert (distiller.options.alpha, distiller.options.beta, distiller.options.warmup) == (1.0, 8.0, 1.0)
+    selected = distiller.teachers[1:]
+    out = distiller(images, targets, labels, selected)
+    assert "soft" not in out.losses
+    student = out.logits.detach().double().numpy()
+    teacher_logits = [targets[f"teachers/{t}/logits"].double().numpy() for t in selected]
+    tckd, nckd = reference_parts(student, teacher_logits, labels.numpy(), 4.0)[:2]
+    assert float(out.losses["soft/tckd"].detach()) == pytest.approx(tckd, rel=1e-4)
+    assert float(out.losses["soft/nckd"].detach()) == pytest.approx(8.0 * nckd, rel=1e-4)
+    kl = DistillConfig(store=str(path), student="resnet8_w4", method="meal", device="cpu", soft_loss="kl")
+    kl_distiller = first_rows(kl.resolved(open_store(path).layout.features), digits)[0]
+    assert "soft" in kl_distiller(images, targets, labels, selected).losses
 
 
 @pytest.mark.parametrize(("options", "message"), [
