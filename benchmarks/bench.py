@@ -35,7 +35,9 @@ from meal_cache.extract import ExtractConfig, extract, store_presets
 from meal_cache.fidelity import store_fidelity
 from meal_cache.models import create_model
 from meal_cache.runtime import Precision, resolve_device
-from meal_cache.store import encode_topk, open_store, quantize_rows
+from meal_cache.store.codecs import quantize_rows
+from meal_cache.store.logits import encode_topk
+from meal_cache.store.teacher_store import open_store
 from meal_cache.taps import block_shapes
 from meal_cache.teachers import resolve_teacher
 from meal_cache.train import TrainConfig, train_supervised
