@@ -41,6 +41,9 @@ def lazy_table(tree: ast.Module, package: str) -> dict[str, str]:
             continue
         if target.id == "_EXPORTS":
             for submodule, names in ast.literal_eval(node.value).items():
+                twice = sorted(set(names) & set(table))
+                if twice:
+                    raise ValueError(f"{package}'s _EXPORTS names {twice} under two modules")
                 table |= {name: f"{package}.{submodule}" for name in names}
         elif target.id == "_LAZY":
             table |= ast.literal_eval(node.value)
@@ -182,3 +185,22 @@ def test_importing_the_logits_module_loads_no_other_store_module():
                             cwd=PACKAGE_ROOT.parent).stdout.split("\n")[0]  # fmt: skip
     store_modules = {m for m in ast.literal_eval(loaded) if m == STORE or m.startswith(f"{STORE}.")}
     assert store_modules == {STORE, f"{STORE}.logits"}
+
+
+def defined_names(tree: ast.Module) -> set[str]:
+    """The names a module defines at its top level (classes, functions, assignments), not those it imports."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {target.id for target in targets if isinstance(target, ast.Name)}
+    return names
+
+
+def test_every_name_the_store_offers_is_defined_in_the_module_its_table_names():
+    trees = parse_package(PACKAGE_ROOT)
+    table = lazy_table(trees[STORE][1], STORE)
+    misplaced = sorted(name for name, module in table.items() if name not in defined_names(trees[module][1]))
+    assert not misplaced, f"not defined where meal_cache.store's table says: {misplaced}"
