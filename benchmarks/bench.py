@@ -35,8 +35,9 @@ from meal_cache.extract import ExtractConfig, extract, fitted_to_data, store_pre
 from meal_cache.fidelity import store_fidelity
 from meal_cache.models import create_model
 from meal_cache.runtime import Precision, resolve_device
-from meal_cache.store import encode_topk, open_store, quantize_rows
-from meal_cache.store_logits import LOGITS_ENCODINGS
+from meal_cache.store.codecs import quantize_rows
+from meal_cache.store.logits import LOGITS_ENCODINGS, encode_topk
+from meal_cache.store.teacher_store import open_store
 from meal_cache.taps import block_shapes
 from meal_cache.teachers import resolve_teacher
 from meal_cache.train import TrainConfig, train_supervised

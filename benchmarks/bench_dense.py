@@ -27,7 +27,8 @@ from meal_cache.distill import DistillConfig, distill
 from meal_cache.extract import ExtractConfig, extract
 from meal_cache.fidelity import store_fidelity
 from meal_cache.models import create_model
-from meal_cache.store import logits_key, open_store
+from meal_cache.store.keys import logits_key
+from meal_cache.store.teacher_store import open_store
 from meal_cache.taps import block_shapes
 from meal_cache.train import TrainConfig, train_supervised
 

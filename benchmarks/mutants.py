@@ -73,7 +73,9 @@ class Cover:
 STORE_FROZEN = DEFAULT_FROZEN + ("small_store",)
 COVERING_TESTS: dict[str, Cover] = {
     "meal_cache/dense.py": Cover(("tests/test_dense.py",), DEFAULT_FROZEN + ("made",)),
-    "meal_cache/store_logits.py": Cover(("tests/test_sampled.py", "tests/test_topk.py"), STORE_FROZEN),
+    "meal_cache/store/logits.py": Cover(
+        ("tests/test_sampled.py", "tests/test_topk.py", "tests/test_preset_logits.py"), STORE_FROZEN
+    ),
     "meal_cache/cached_views.py": Cover(("tests/test_cached_views.py",), DEFAULT_FROZEN + ("small",)),
     "meal_cache/distill/methods/dkd.py": Cover(
         ("tests/test_methods.py", "tests/test_method_settings.py", "tests/test_dkd_numerics.py"),

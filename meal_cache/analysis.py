@@ -19,7 +19,8 @@ import dask.array as da
 import numpy as np
 
 from meal_cache.errors import UserError
-from meal_cache.store import LABELS, TeacherStore, logits_key, open_store
+from meal_cache.store.keys import LABELS, logits_key
+from meal_cache.store.teacher_store import TeacherStore, open_store
 
 DEFAULT_CONFIDENCE = 0.5
 SHOWN_SUSPECTS = 10  # listed by describe_inspection; --csv writes them all

@@ -48,7 +48,8 @@ from meal_cache.loop import Schedule
 from meal_cache.losses import kd_kl, soft_targets
 from meal_cache.runtime import Precision
 from meal_cache.source import replay_decode
-from meal_cache.store import FEATURE_KINDS, TeacherStore, feature_key, logits_key, open_store
+from meal_cache.store.keys import FEATURE_KINDS, feature_key, logits_key
+from meal_cache.store.teacher_store import TeacherStore, open_store
 
 __all__ = ["CachedViews", "kd_loss"]
 

@@ -35,7 +35,7 @@ from meal_cache import augment
 from meal_cache.errors import UserError
 from meal_cache.projection import project
 from meal_cache.runtime import Precision
-from meal_cache.store_keys import LOGITS, split_teacher_key
+from meal_cache.store.keys import LOGITS, split_teacher_key
 from meal_cache.taps import BlockTap, block_shapes
 
 DEFAULT_GRID = 4  # at 224 px: 3 blocks of 128 PCA dims, 8-bit, and top-10 logits on 8x8 fit 10 KB a teacher

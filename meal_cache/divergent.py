@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from meal_cache import augment
 from meal_cache.errors import UserError
-from meal_cache.store import DIVERGENT_PIXELS
+from meal_cache.store.keys import DIVERGENT_PIXELS
 
 # PGD's usual step: 2.5 eps / steps lets a search reach the ball's boundary and move along it.
 STEP_FACTOR = 2.5

@@ -185,7 +185,7 @@ def _teacher_logits_from_store(path: str, dataset: ImageDataset, split: str) -> 
     """Every teacher's stored logits on the identity view of ``split``, after checking the store holds exactly
     those rows: the same split, fingerprint, classes and image size, complete, with an identity view."""
     # Imported here: zarr adds a quarter of a second to every import of this module (train, report) otherwise.
-    from meal_cache.store import open_store
+    from meal_cache.store.teacher_store import open_store
 
     store = open_store(path)
     store.check_matches(dataset.describe(), split)

@@ -50,15 +50,10 @@ from meal_cache.mixing import Mixing
 from meal_cache.projection import PCA_ROWS_PER_DIM, PROJECTIONS, pca_projection, pooled_rows, stored_projections
 from meal_cache.runtime import Precision
 from meal_cache.source import check_decode, replay_decode
-from meal_cache.store import (
-    FEATURE_KINDS,
-    BlockSpec,
-    TeacherStore,
-    open_store,
-)
-from meal_cache.store_keys import DEFAULT_FEATURES
-from meal_cache.store_logits import LOGITS_ENCODINGS, check_logits_options
-from meal_cache.store_schema import DEFAULT_ATTENTION_P
+from meal_cache.store.keys import DEFAULT_FEATURES, FEATURE_KINDS
+from meal_cache.store.logits import LOGITS_ENCODINGS, check_logits_options
+from meal_cache.store.schema import DEFAULT_ATTENTION_P, BlockSpec
+from meal_cache.store.teacher_store import TeacherStore, open_store
 from meal_cache.teachers import Teacher, keep_projections, projected_teachers, resolve_teacher, teacher_outputs
 
 # Chunks written but not yet durable; bounds the memory the background writer may hold.

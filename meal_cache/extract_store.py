@@ -14,7 +14,9 @@ from meal_cache.data import ImageDataset
 from meal_cache.dense import whole_image
 from meal_cache.errors import SettingsMismatch, UserError, settings_difference
 from meal_cache.source import used_decode
-from meal_cache.store import StoreLayout, TeacherStore, create_store, open_store, store_exists
+from meal_cache.store.create import store_exists
+from meal_cache.store.schema import StoreLayout
+from meal_cache.store.teacher_store import TeacherStore, create_store, open_store
 
 if TYPE_CHECKING:
     from meal_cache.extract import ExtractConfig

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from meal_cache.store_keys import teacher_key
+from meal_cache.store.keys import teacher_key
 
 if TYPE_CHECKING:
-    from meal_cache.store import TeacherStore
+    from meal_cache.store.teacher_store import TeacherStore
 
 PROJECTION = "projection"
 PROJECTIONS = ("pca", "random")

@@ -45,7 +45,7 @@ from meal_cache.report_stats import (
     paired_difference,
     run_diagnostics,
 )
-from meal_cache.store import open_store
+from meal_cache.store.teacher_store import open_store
 
 # The statistics, the plots and report.md live in report_stats, report_plots and report_markdown; their names are
 # importable from here too, as before the split.

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from meal_cache.report_stats import CURVE_METRICS  # noqa: E402
-from meal_cache.store_keys import LOGITS, split_teacher_key, teacher_key  # noqa: E402
+from meal_cache.store.keys import LOGITS, split_teacher_key, teacher_key  # noqa: E402
 
 
 def plot_accuracy(results: dict, path: Path) -> None:

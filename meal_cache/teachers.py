@@ -28,12 +28,11 @@ from meal_cache.errors import UserError
 from meal_cache.models import create_model, split_weights
 from meal_cache.projection import orthogonal_projection, project, stored_projections, write_projection
 from meal_cache.runtime import Precision
-from meal_cache.store import BlockSpec, TeacherSpec
-from meal_cache.store_schema import DEFAULT_ATTENTION_P
+from meal_cache.store.schema import DEFAULT_ATTENTION_P, BlockSpec, TeacherSpec
 from meal_cache.taps import BlockTap, block_shapes
 
 if TYPE_CHECKING:
-    from meal_cache.store import TeacherStore
+    from meal_cache.store.teacher_store import TeacherStore
 
 
 @dataclass

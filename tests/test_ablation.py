@@ -14,7 +14,7 @@ from torch import nn
 from meal_cache import losses
 from meal_cache.distill import DistillConfig, distill, gradient_norms
 from meal_cache.errors import UserError
-from meal_cache.store_keys import logits_key
+from meal_cache.store.keys import logits_key
 
 
 def test_the_discriminators_switch_chooses_which_are_built(small_store, digits):

@@ -20,7 +20,7 @@ from meal_cache.distill.methods.peers import mutual_kl
 from meal_cache.distributed import World
 from meal_cache.errors import UserError
 from meal_cache.loop import Stream, epoch_generator
-from meal_cache.store_keys import logits_key
+from meal_cache.store.keys import logits_key
 
 CPU = torch.device("cpu")
 

@@ -20,7 +20,7 @@ from meal_cache.errors import UserError
 from meal_cache.evaluate import evaluate_payload
 from meal_cache.losses import ConvMapDiscriminator
 from meal_cache.pipeline import load_pipeline, run_pipeline
-from meal_cache.store_keys import logits_key
+from meal_cache.store.keys import logits_key
 
 CPU = torch.device("cpu")
 

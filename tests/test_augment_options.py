@@ -70,7 +70,7 @@ def test_vflip_1_flips_every_row_and_replays_the_vertically_flipped_image(folder
                                                                             monkeypatch):  # fmt: skip
     from by_hand import record_teacher_pixels
 
-    from meal_cache import store as store_module
+    from meal_cache.store import teacher_store as store_module
 
     seen = record_teacher_pixels(monkeypatch, "resnet8_w4")
     out = tmp_path / "s.zarr"

@@ -152,7 +152,7 @@ def test_an_error_after_a_progress_bar_starts_a_line_of_its_own(teacher_dir, tmp
          "Interrupted. Run the same command with --resume to continue from the last finished epoch."),
         ("meal_cache.pipeline", "run_pipeline", ["run", "pipelines/digits.toml", "--runs", "{tmp}/runs"],
          "Interrupted. Run the same command again: the steps already done are skipped."),
-        ("meal_cache.store", "describe_store", ["info", "{store}"], "Interrupted."),
+        ("meal_cache.store.describe", "describe_store", ["info", "{store}"], "Interrupted."),
     ],
 )  # fmt: skip
 def test_each_long_command_names_its_own_way_to_resume(small_store, tmp_path, monkeypatch, module, function, args,

@@ -29,7 +29,7 @@ from method_hand import (
 )
 
 from meal_cache.store import open_store
-from meal_cache.store_keys import feature_key, logits_key
+from meal_cache.store.keys import feature_key, logits_key
 
 
 @pytest.fixture(scope="module")

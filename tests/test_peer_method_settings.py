@@ -29,7 +29,7 @@ from meal_cache.distill.methods.afd import teacher_key
 from meal_cache.distributed import World
 from meal_cache.loop import Stream, epoch_generator
 from meal_cache.store import open_store
-from meal_cache.store_keys import feature_key, logits_key
+from meal_cache.store.keys import feature_key, logits_key
 
 PEERS = ["resnet8_w4", "densenet_k12"]
 

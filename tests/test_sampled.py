@@ -17,7 +17,7 @@ import zarr
 from meal_cache.extract import ExtractConfig, extract
 from meal_cache.fidelity import store_fidelity
 from meal_cache.store import open_store
-from meal_cache.store_logits import SAMPLE_FLOOR, decode_sample, encode_sample, softmax_rows
+from meal_cache.store.logits import SAMPLE_FLOOR, decode_sample, encode_sample, softmax_rows
 
 LOGITS = np.array([[5.0, 3.0, 2.5, 0.0, -1.0, -3.0, 1.0, 0.5], [0.0, 0.2, -0.3, 4.0, 3.8, 0.0, -2.0, 1.0]])
 

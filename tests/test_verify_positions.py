@@ -12,7 +12,7 @@ from console import run_console
 from meal_cache.data import load_dataset
 from meal_cache.extract import ExtractConfig, extract
 from meal_cache.store import open_store, verify_store
-from meal_cache.store_verify import VERIFY_CHUNKS_AT_ONCE
+from meal_cache.store.verify import VERIFY_CHUNKS_AT_ONCE
 from meal_cache.train import TrainConfig, train_supervised
 
 SPEC = "digits?train_fraction=0.1"  # 143 training rows

@@ -265,7 +265,7 @@ def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, 
     from meal_cache.distributed import is_main_process
     from meal_cache.extract import ExtractConfig
     from meal_cache.extract import extract as run_extract
-    from meal_cache.store import describe_store
+    from meal_cache.store.describe import describe_store
 
     config = ExtractConfig(
         teachers=[t.strip() for t in teachers.split(",") if t.strip()],

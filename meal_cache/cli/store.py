@@ -26,7 +26,8 @@ def info(store: str, reference: str | None) -> None:
     With --fidelity REFERENCE_STORE, also how faithfully it reproduces the reference store's targets (e.g. a
     --keep-bits 4 or --quantize 8 store against a float16 one extracted with the same teachers and --seed).
     """
-    from meal_cache.store import describe_store, open_store
+    from meal_cache.store.describe import describe_store
+    from meal_cache.store.teacher_store import open_store
 
     click.echo(describe_store(open_store(store)))
     if reference is not None:
@@ -51,7 +52,8 @@ def verify(store: str, repair: bool, quiet: bool) -> None:
     1 when something is damaged (with or without --repair: a repaired store still needs the extract run).
     `meal-cache distill` makes the same check on the arrays it reads and refuses a damaged store.
     """
-    from meal_cache.store import open_store, repair_store, verify_store
+    from meal_cache.store.teacher_store import open_store
+    from meal_cache.store.verify import repair_store, verify_store
 
     report = verify_store(open_store(store), progress=not quiet)
     for problem in report.problems:

@@ -19,8 +19,9 @@ from meal_cache.errors import UserError
 from meal_cache.loop import Stream, epoch_batches, epoch_generator, shuffled_batches
 from meal_cache.projection import stored_projections
 from meal_cache.runtime import Precision
-from meal_cache.store import TeacherStore, teacher_key
-from meal_cache.store_schema import DEFAULT_ATTENTION_P
+from meal_cache.store.keys import teacher_key
+from meal_cache.store.schema import DEFAULT_ATTENTION_P
+from meal_cache.store.teacher_store import TeacherStore
 from meal_cache.teachers import resolve_teacher, teacher_outputs
 
 if TYPE_CHECKING:

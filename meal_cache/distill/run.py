@@ -32,7 +32,8 @@ from meal_cache.loop import TENSORBOARD_DIR, Optimisation, Schedule, Stage, fit,
 from meal_cache.models import create_model
 from meal_cache.runtime import Precision, seed_everything
 from meal_cache.source import ImageSource, replay_decode
-from meal_cache.store import TeacherStore, open_store, verify_store
+from meal_cache.store.teacher_store import TeacherStore, open_store
+from meal_cache.store.verify import verify_store
 
 
 def load_store_dataset(config: DistillConfig, store: TeacherStore) -> ImageDataset:

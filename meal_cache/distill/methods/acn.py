@@ -55,11 +55,11 @@ from meal_cache.distill.methods.base import DistillerOutput, Method, soft_target
 from meal_cache.distill.methods.peers import build_peers, mutual_kl, peer_architectures
 from meal_cache.errors import UserError
 from meal_cache.loop import Stream, epoch_generator
-from meal_cache.store_keys import logits_key
+from meal_cache.store.keys import logits_key
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig
-    from meal_cache.store import TeacherStore
+    from meal_cache.store.teacher_store import TeacherStore
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,12 @@ from meal_cache.distill.methods.base import (
 )
 from meal_cache.distill.methods.peers import build_peers, mutual_kl, peer_architectures
 from meal_cache.errors import UserError
-from meal_cache.store_keys import feature_key, logits_key
+from meal_cache.store.keys import feature_key, logits_key
 from meal_cache.taps import BlockTap, block_shapes
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig
-    from meal_cache.store import TeacherStore
+    from meal_cache.store.teacher_store import TeacherStore
 
 KL_SOURCES = ("all", "predecessor")
 ADV_UPDATES = ("summed", "separate")

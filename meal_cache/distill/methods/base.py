@@ -27,12 +27,12 @@ from torch import Tensor, nn
 
 from meal_cache import losses
 from meal_cache.errors import UserError
-from meal_cache.store_keys import logits_key
+from meal_cache.store.keys import logits_key
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig
     from meal_cache.distributed import World
-    from meal_cache.store import TeacherStore
+    from meal_cache.store.teacher_store import TeacherStore
 
 SELECTIONS = ("random", "mean", "all")
 REPRESENTATIONS = ("maps", "blocks")

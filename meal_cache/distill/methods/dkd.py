@@ -20,7 +20,7 @@ from torch import nn
 
 from meal_cache.distill.methods.base import DecoupledOptions, DistillerOutput, Method, StoreNeeds
 from meal_cache.losses import decoupled_kl
-from meal_cache.store_keys import logits_key
+from meal_cache.store.keys import logits_key
 
 __all__ = ["DKD", "DKDOptions", "decoupled_kl"]
 

@@ -1,58 +1,11 @@
-"""The teacher cache: a Zarr (v3) store in format ``meal-cache/2``, ``meal-cache/3`` when its views carry a
-policy's ops, ``meal-cache/4`` when they mix rows (Mixup, CutMix), up to ``meal-cache/7`` when they flip rows
-vertically (:mod:`meal_cache.store_schema` says which feature needs which); ``meal-cache/1`` stores, which cannot
-hold top-k logits, are read as they are.
-
-Layout (``V`` views, ``N`` rows of one dataset split, ``C`` classes)::
-
-    attrs    format, version, dataset{...describe(), split, n, fingerprint}, views{count, augmented, identity,
-             recipe, seed[, augmentation]}, teachers{NAME: {source, arch, checkpoint_sha256, classes, input,
-             blocks[...], accuracy[per view]}}, layout{rows_per_chunk, dtype, codec, grid, features}, settings, complete
-    labels                         (N,)               int64
-    views/crop                     (V, N, 4)          int16   y0, x0, h, w
-    views/flip                     (V, N)             bool
-    views/vflip                    (V, N)             bool    with --vflip above 0 only (format /7): mirrored top
-                                                               to bottom (attrs views.augmentation)
-    views/ops                      (V, N, K)          int8    with a policy only (format /3): each row's K ops as
-                                                               indices into augment.OP_NAMES, -1 none
-    views/magnitude                (V, N, K)          int8    their signed magnitude bins (attrs views.policy)
-    views/mix_partner              (V, N)             int32   with mixing only (format /4): the row mixed in
-    views/mix_lambda               (V, N)             float32 the row's own share (1: not mixed)
-    views/mix_box                  (V, N, 4)          int16   y0, x0, h, w of the partner's patch (CutMix), in
-                                                               output pixels; all zero for a blend (Mixup)
-    divergent/pixels               (K, N, 3, S, S)    uint8   with --divergent-views only (format /5): the stored
-                                                               pixels of the K divergent views, which are the
-                                                               store's last K views (attrs views.divergent)
-    views/source_size              (N, 2)             int32   H, W of each source image (image files only: the
-                                                               boxes are in each image's own coordinates)
-    teachers/NAME/logits           (V, N, C)          float16  or, with --logits-topk K, instead:
-    teachers/NAME/logits_topk/index (V, N, K)         int16    the K largest logits' classes, largest first
-    teachers/NAME/logits_topk/value (V, N, K)         float16  their logits
-    teachers/NAME/logits_topk/lse  (V, N)             float32  log-sum-exp of all C logits / T (layout's
-                                                               logits_temperature T, 1 when absent)
-                                   or, with --logits-sample K (format /6), instead:
-    teachers/NAME/logits_sample/index (V, N, K')      int16    K' = min(K, C) distinct classes drawn, most first
-    teachers/NAME/logits_sample/count (V, N, K')      uint8    how often each was drawn (summing to K)
-    teachers/NAME/blocks/B         (V, N, C_B, g, g)  float16  block output average-pooled to a g x g grid
-    teachers/NAME/maps/B           (V, N, H_B, W_B)   float16  channel mean of the block output (MEAL's form)
-    teachers/NAME/attention/B      (V, N, H_B, W_B)   float16  channel mean of |A|^p, AT's (layout attention_p;
-                                                               format /9)
-    teachers/NAME/ranges/KIND/B    (V, N, 2)          float32  with --quantize 8 only: each row's (low, step), the
-                                                               blocks/maps/attention arrays then holding uint8 codes
-    teachers/NAME/progress         (V, N_chunks)      bool     set only after that chunk's arrays are written
-
-Chunks are ``(1, rows_per_chunk, ...)``; every write covers whole chunks, so no two writers share one, and the
-progress array has one chunk per element for the same reason. Every chunk carries a CRC-32C checksum (the Zarr
-v3 ``crc32c`` codec, after compression) and is written even when it holds only the fill value, so a corrupt
-chunk fails to decode and a lost one is missing from the store: :func:`verify_store` finds both. Metadata is
-JSON; nothing is pickled. ``path`` may be a local directory or an fsspec URL (``memory://``, ``s3://``, ...).
-"""
+"""A store opened: :class:`TeacherStore` reads its attributes, views and teacher outputs as values, and makes the
+few writes extract makes; :func:`create_store` and :func:`open_store` give one (the layout is in
+:mod:`meal_cache.store`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,84 +16,33 @@ import zarr
 from meal_cache.augment import Policy, Recipe, ViewParams, policy_from_json, recipe_for
 from meal_cache.errors import UserError
 from meal_cache.mixing import Mixing, mixing_from_json
-
-# The schema, codecs, array names, verify and describe live in sibling modules (none imports this one at import time);
-# their public names are re-exported here, where readers, writers and tests have always found them.
-from meal_cache.store_codecs import QUANTIZE_BITS, dequantize_rows, lossy_filters, parse_codec, quantize_rows
-from meal_cache.store_create import ARRAY_CONFIG, create_group, is_url, json_safe, remove_store, store_exists
-from meal_cache.store_describe import describe_store
-from meal_cache.store_keys import (
-    DIVERGENT_PIXELS,
-    FEATURE_KINDS,
+from meal_cache.store.codecs import dequantize_rows, quantize_rows
+from meal_cache.store.create import create_group, json_safe, store_exists
+from meal_cache.store.keys import (
     LABELS,
-    LOGITS,
     MIX_KEYS,
     OPS_KEYS,
-    PROGRESS,
     SOURCE_SIZE,
-    TEACHERS,
     VIEW_CROP,
     VIEW_FLIP,
     VIEW_VFLIP,
     feature_key,
-    feature_name,
     is_feature_key,
     is_logits_key,
-    is_teacher_key,
     logits_key,
     progress_key,
     range_key,
-    split_teacher_key,
     teacher_key,
     teacher_of,
     view_field,
 )
-from meal_cache.store_logits import (
-    LOGITS_ENCODINGS,
-    LogitsEncoding,
-    decode_topk,
-    encode_topk,
-    sample_rng,
-)
-from meal_cache.store_schema import (
-    DENSE_FORMAT,
-    DIVERGENT_FORMAT,
-    DTYPES,
-    FORMAT,
-    LOGITS_FORMAT,
-    MIX_FORMAT,
-    OPS_FORMAT,
-    READABLE_FORMATS,
-    VERSION,
-    VFLIP_FORMAT,
-    BlockSpec,
-    StoreLayout,
-    TeacherSpec,
-    format_of,
-)
-from meal_cache.store_verify import VERIFY_CHUNKS_AT_ONCE, ChunkProblem, VerifyReport, repair_store, verify_store
-
-__all__ = [
-    "ARRAY_CONFIG", "DENSE_FORMAT", "DIVERGENT_FORMAT", "DIVERGENT_PIXELS", "DTYPES", "FEATURE_KINDS", "FORMAT",
-    "LABELS", "LOGITS", "LOGITS_ENCODINGS", "LOGITS_FORMAT", "MIX_FORMAT", "MIX_KEYS", "OPS_FORMAT", "OPS_KEYS",
-    "PROGRESS", "QUANTIZE_BITS", "READABLE_FORMATS", "SOURCE_SIZE", "TEACHERS", "VERIFY_CHUNKS_AT_ONCE", "VERSION",
-    "VFLIP_FORMAT", "VIEW_CROP", "VIEW_FLIP", "VIEW_VFLIP",
-    "BlockSpec", "ChunkProblem", "StoreLayout", "TeacherSpec", "TeacherStore", "VerifyReport", "create_store",
-    "decode_topk", "dequantize_rows", "describe_store", "encode_topk", "feature_key", "feature_name", "format_of",
-    "is_feature_key", "is_logits_key", "is_teacher_key", "is_url", "logits_key", "lossy_filters", "open_store",
-    "parse_codec", "progress_key", "quantize_rows", "range_key", "remove_store", "repair_store", "split_teacher_key",
-    "store_exists", "teacher_key", "teacher_of", "verify_store", "view_field",
-]  # fmt: skip
-
-
-# zarr warns, each time such an array is opened, that numcodecs' codecs (BitRound, for --keep-bits) are outside
-# the Zarr v3 specification; meal-cache documents that and installs numcodecs, so the warning says nothing new.
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+from meal_cache.store.logits import LogitsEncoding, sample_rng
+from meal_cache.store.schema import FORMAT, READABLE_FORMATS, VERSION, BlockSpec, StoreLayout
 
 
 def create_store(path: str | Path, **contents: Any) -> TeacherStore:
     """A new store at ``path`` (replacing it) holding ``contents``, opened: see
-    :func:`meal_cache.store_create.create_group` for what it takes (dataset, labels, views, teachers, layout, ...)."""
+    :func:`meal_cache.store.create.create_group` for what it takes (dataset, labels, views, teachers, layout, ...)."""
     return TeacherStore(create_group(path, **contents), str(path))
 
 
@@ -350,7 +252,7 @@ class TeacherStore:
 
     def read(self, key: str, view: int, rows: slice = slice(None)) -> np.ndarray:
         """Rows of one view of a teacher array as values (8-bit codes decoded with their ranges, top-k and
-        sampled logits rebuilt dense: see :mod:`meal_cache.store_logits`)."""
+        sampled logits rebuilt dense: see :mod:`meal_cache.store.logits`)."""
         encoding = self._encoding(key)
         if encoding is not None:
             parts = {part: self.group[array][view, rows] for (part, _, _), array in

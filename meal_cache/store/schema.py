@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from meal_cache.store_logits import LOGITS_ENCODINGS, LogitsEncoding
+from meal_cache.store.logits import LOGITS_ENCODINGS, LogitsEncoding
 
 if TYPE_CHECKING:
     from meal_cache.augment import ViewParams
@@ -129,7 +129,7 @@ class StoreLayout:
 
     @property
     def logits_encoding(self) -> LogitsEncoding | None:
-        """How the logits are kept when not every one is (see :mod:`meal_cache.store_logits`)."""
+        """How the logits are kept when not every one is (see :mod:`meal_cache.store.logits`)."""
         if self.logits_sample is not None:
             return LOGITS_ENCODINGS["sample"]
         return None if self.logits_topk is None else LOGITS_ENCODINGS["topk"]

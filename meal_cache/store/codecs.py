@@ -1,16 +1,23 @@
 """The store's value codecs: the compressors (with their CRC-32C checksum), bit rounding, 8-bit quantisation of
 blocks and maps with a per-row range (see :mod:`meal_cache.store`; top-k and sampled logits are in
-:mod:`meal_cache.store_logits`)."""
+:mod:`meal_cache.store.logits`)."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from meal_cache.errors import UserError
-from meal_cache.store_schema import StoreLayout
+from meal_cache.store.schema import StoreLayout
 
 QUANTIZE_BITS = (8,)
+
+# zarr warns, each time such an array is opened, that numcodecs' codecs (BitRound, for --keep-bits) are outside
+# the Zarr v3 specification; meal-cache documents that and installs numcodecs, so the warning says nothing new.
+# Installed here because every module that creates or opens a store's arrays imports this one.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 
 def parse_codec(spec: str) -> list:

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from meal_cache.store_keys import DIVERGENT_PIXELS, is_logits_key, split_teacher_key
-from meal_cache.store_schema import StoreLayout
+from meal_cache.store.keys import DIVERGENT_PIXELS, is_logits_key, split_teacher_key
+from meal_cache.store.schema import StoreLayout
 
-if TYPE_CHECKING:  # the store module imports this one
-    from meal_cache.store import TeacherStore
+if TYPE_CHECKING:
+    from meal_cache.store.teacher_store import TeacherStore
 
 
 def _array_label(store: TeacherStore, key: str) -> str:

@@ -3,7 +3,7 @@
 A teacher's arrays live under ``teachers/NAME/``; below it an array has a *name* relative to the teacher
 (``logits``, ``blocks/B``, ``maps/B``, ``attention/B``, ``progress``, ``ranges/KIND/B``, ``logits_topk/PART``,
 ``logits_sample/PART``), which is what :func:`meal_cache.teachers.teacher_outputs` returns and
-:meth:`~meal_cache.store.TeacherStore.write_rows` takes.
+:meth:`~meal_cache.store.teacher_store.TeacherStore.write_rows` takes.
 This module imports nothing heavy (no zarr), so reports and plots can name arrays without opening a store.
 """
 

@@ -1,6 +1,5 @@
 """Creating a store: where it lives (a local folder, built beside its path and renamed into place, or an fsspec
-URL), its compressors, and every array and attribute of a new store (see :mod:`meal_cache.store` for the layout,
-which re-exports these names)."""
+URL), its compressors, and every array and attribute of a new store (see :mod:`meal_cache.store` for the layout)."""
 
 from __future__ import annotations
 
@@ -19,8 +18,8 @@ import zarr
 
 from meal_cache.augment import ViewParams
 from meal_cache.errors import UserError
-from meal_cache.store_codecs import QUANTIZE_BITS, lossy_filters, parse_codec
-from meal_cache.store_keys import (
+from meal_cache.store.codecs import QUANTIZE_BITS, lossy_filters, parse_codec
+from meal_cache.store.keys import (
     DIVERGENT_PIXELS,
     LABELS,
     MIX_KEYS,
@@ -36,8 +35,8 @@ from meal_cache.store_keys import (
     range_key,
     view_field,
 )
-from meal_cache.store_logits import check_logits_options
-from meal_cache.store_schema import DTYPES, VERSION, BlockSpec, StoreLayout, TeacherSpec, format_of
+from meal_cache.store.logits import check_logits_options
+from meal_cache.store.schema import DTYPES, VERSION, BlockSpec, StoreLayout, TeacherSpec, format_of
 
 # Every array is created with it: all chunks written, so a missing chunk means a lost one.
 ARRAY_CONFIG = {"write_empty_chunks": True}

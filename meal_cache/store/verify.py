@@ -14,10 +14,10 @@ import zarr
 from zarr.core.sync import sync
 
 from meal_cache.errors import UserError
-from meal_cache.store_keys import DIVERGENT_PIXELS, LABELS, is_teacher_key, progress_key, teacher_of
+from meal_cache.store.keys import DIVERGENT_PIXELS, LABELS, is_teacher_key, progress_key, teacher_of
 
-if TYPE_CHECKING:  # the store module imports this one
-    from meal_cache.store import TeacherStore
+if TYPE_CHECKING:
+    from meal_cache.store.teacher_store import TeacherStore
 
 
 @dataclass(frozen=True)

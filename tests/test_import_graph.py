@@ -1,0 +1,206 @@
+"""The import graph of ``meal_cache/``, read from the source with ``ast`` (nothing imported): every
+``meal_cache.*`` import counts, type-only (``TYPE_CHECKING``) and function-local ones included, since a circle
+of any of them is two modules that cannot be understood, moved or tested apart."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "meal_cache"
+STORE = "meal_cache.store"
+# The stages that build on the store, which it must never import (a prefix: extract_store, pipeline_config too).
+STORE_MAY_NOT_IMPORT = ("meal_cache.distill", "meal_cache.extract", "meal_cache.pipeline", "meal_cache.cli")
+
+# Today's circles elsewhere in the package, each a strongly connected set of modules. Issue 38 removes them: the
+# list may only shrink (the test fails when one is broken, until it is deleted here), and once it is empty every
+# module of meal_cache/ is in no circle.
+KNOWN_CIRCLES: set[frozenset[str]] = {
+    frozenset({"meal_cache.augment", "meal_cache.augment_ops"}),
+    frozenset({"meal_cache.extract", "meal_cache.extract_finite", "meal_cache.extract_store"}),
+    frozenset({"meal_cache.distill.run", "meal_cache.distill.step"}),
+    frozenset({"meal_cache.distill.config", "meal_cache.distill.methods.base", "meal_cache.distill.registry"}),
+}
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def lazy_table(tree: ast.Module, package: str) -> dict[str, str]:
+    """A package ``__init__``'s lazily re-exported names and the module that defines each: its ``_EXPORTS``
+    (submodule -> names, as :mod:`meal_cache.store` keeps it) or ``_LAZY`` (name -> module, as :mod:`meal_cache`)."""
+    table: dict[str, str] = {}
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
+                                                                       else None)  # fmt: skip
+        if not isinstance(target, ast.Name) or node.value is None:
+            continue
+        if target.id == "_EXPORTS":
+            for submodule, names in ast.literal_eval(node.value).items():
+                twice = sorted(set(names) & set(table))
+                if twice:
+                    raise ValueError(f"{package}'s _EXPORTS names {twice} under two modules")
+                table |= {name: f"{package}.{submodule}" for name in names}
+        elif target.id == "_LAZY":
+            table |= ast.literal_eval(node.value)
+    return table
+
+
+def parse_package(root: Path) -> dict[str, tuple[Path, ast.Module]]:
+    return {
+        module_name(path, root): (path, ast.parse(path.read_text(), str(path))) for path in sorted(root.rglob("*.py"))
+    }
+
+
+def raw_imports(module: str, path: Path, tree: ast.Module) -> list[tuple[str, str | None]]:
+    """Every ``(module, name)`` a module imports (name None for ``import module``), relative ones resolved."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: list[tuple[str, str | None]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([node.module] if node.module else [])])
+            found += [(base, alias.name) for alias in node.names]
+    return found
+
+
+def import_graph(root: Path = PACKAGE_ROOT) -> dict[str, set[str]]:
+    """Each module of the package and the package modules it imports. ``from P import X`` is an edge to the
+    submodule ``P.X`` when there is one, else to the module ``P``'s lazy table names for X, else to ``P`` itself.
+    A submodule's implicit import of its parent package is not counted."""
+    trees = parse_package(root)
+    tables = {name: lazy_table(tree, name) for name, (path, tree) in trees.items() if path.name == "__init__.py"}
+
+    def target(module: str, name: str | None) -> str | None:
+        if name is not None and f"{module}.{name}" in trees:
+            return f"{module}.{name}"
+        if name is not None and name in tables.get(module, {}):
+            return tables[module][name]
+        return module if module in trees else None
+
+    graph: dict[str, set[str]] = {}
+    for module, (path, tree) in trees.items():
+        edges = {target(base, name) for base, name in raw_imports(module, path, tree)}
+        graph[module] = {edge for edge in edges if edge is not None and edge != module}
+    return graph
+
+
+def imports_through_init(package: str, root: Path = PACKAGE_ROOT) -> dict[str, list[str]]:
+    """The package's own modules that import a name from its ``__init__`` (not a submodule of it), and the names."""
+    trees = parse_package(root)
+    found: dict[str, list[str]] = {}
+    for module, (path, tree) in trees.items():
+        if module.startswith(f"{package}."):
+            names = [str(name) for base, name in raw_imports(module, path, tree)
+                     if base == package and f"{package}.{name}" not in trees]  # fmt: skip
+            if names:
+                found[module] = names
+    return found
+
+
+def circles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
+    """The strongly connected sets of two or more modules (Tarjan's algorithm): every circle lies in one."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: set[frozenset[str]] = set()
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for successor in sorted(graph.get(node, ())):
+            if successor not in index:
+                visit(successor)
+                low[node] = min(low[node], low[successor])
+            elif successor in on_stack:
+                low[node] = min(low[node], index[successor])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.add(frozenset(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_a_tiny_graph_finds_its_circle_through_a_relative_import_and_a_lazy_name(tmp_path):
+    """The graph code itself on a made-up package: ``b`` reaches ``a`` through the package's lazy table (an
+    import through the package's ``__init__``) and ``a`` reaches ``b`` by a relative, type-only import; ``c`` only
+    imports."""
+    package = tmp_path / "meal_cache"
+    (package / "pkg").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "pkg" / "__init__.py").write_text('_EXPORTS = {"a": ("A",)}\n')
+    (package / "pkg" / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B\n")
+    (package / "pkg" / "b.py").write_text("from meal_cache.pkg import A\n")
+    (package / "pkg" / "c.py").write_text("import meal_cache.pkg.a\nfrom meal_cache import pkg\n")
+    graph = import_graph(package)
+    assert graph["meal_cache.pkg.b"] == {"meal_cache.pkg.a"}
+    assert graph["meal_cache.pkg.c"] == {"meal_cache.pkg.a", "meal_cache.pkg"}
+    assert circles(graph) == {frozenset({"meal_cache.pkg.a", "meal_cache.pkg.b"})}
+    assert imports_through_init("meal_cache.pkg", package) == {"meal_cache.pkg.b": ["A"]}
+
+
+def test_no_circle_runs_through_the_store_and_the_others_are_the_known_ones():
+    graph = import_graph()
+    assert {m for m in graph if m.startswith(f"{STORE}.")} >= {f"{STORE}.teacher_store", f"{STORE}.verify"}
+    found = circles(graph)
+    through_store = [sorted(c) for c in found if any(m == STORE or m.startswith(f"{STORE}.") for m in c)]
+    assert not through_store, f"circles through the store package: {through_store}"
+    new, gone = [sorted(c) for c in found - KNOWN_CIRCLES], [sorted(c) for c in KNOWN_CIRCLES - found]
+    assert found == KNOWN_CIRCLES, f"new circles: {new}; gone (delete them from KNOWN_CIRCLES): {gone}"
+
+
+def test_the_store_package_imports_no_later_stage_and_never_itself():
+    graph = import_graph()
+    store_modules = {m: edges for m, edges in graph.items() if m.startswith(f"{STORE}.")}
+    later = {m: sorted(e for e in edges if e.startswith(STORE_MAY_NOT_IMPORT)) for m, edges in store_modules.items()}
+    assert not any(later.values()), later
+    assert imports_through_init(STORE) == {}
+
+
+def test_importing_the_logits_module_loads_no_other_store_module():
+    """The package ``__init__`` re-exports lazily: one module imported, in a fresh interpreter, loads only what
+    it imports itself (logits imports no other store module)."""
+    code = "import sys, meal_cache.store.logits; print(sorted(m for m in sys.modules if m.startswith('meal_cache.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=PACKAGE_ROOT.parent).stdout.split("\n")[0]  # fmt: skip
+    store_modules = {m for m in ast.literal_eval(loaded) if m == STORE or m.startswith(f"{STORE}.")}
+    assert store_modules == {STORE, f"{STORE}.logits"}
+
+
+def defined_names(tree: ast.Module) -> set[str]:
+    """The names a module defines at its top level (classes, functions, assignments), not those it imports."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {target.id for target in targets if isinstance(target, ast.Name)}
+    return names
+
+
+def test_every_name_the_store_offers_is_defined_in_the_module_its_table_names():
+    trees = parse_package(PACKAGE_ROOT)
+    table = lazy_table(trees[STORE][1], STORE)
+    misplaced = sorted(name for name, module in table.items() if name not in defined_names(trees[module][1]))
+    assert not misplaced, f"not defined where meal_cache.store's table says: {misplaced}"
