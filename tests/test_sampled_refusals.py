@@ -58,10 +58,12 @@ def test_the_refusal_is_each_configs_own(sampled_store):
         return method_class(method).sampled_logits_refusal(config)
 
     assert refusal("kd") is None and refusal("kd", hard_weight=1.0, soft_loss="soft-ce") is None
-    assert refusal("meal-v2", adv_weight=0.0) is None and refusal("meal", discriminators="blocks") is None
+    assert refusal("meal-v2", adv_weight=0.0) is None
+    assert refusal("meal", discriminators="blocks", soft_loss="kl") is None
+    assert "renormalises" in refusal("meal", discriminators="blocks")  # meal's default soft loss is DKD's
     assert refusal("dkd", soft_weight=0.0) is None  # cross-entropy alone reads no soft labels
     assert "renormalises" in refusal("dkd") and "renormalises" in refusal("meal", soft_loss="dkd", adv_weight=0.0)
-    assert "output discriminator" in refusal("meal") and "output discriminator" in refusal("meal-v2")
+    assert "output discriminator" in refusal("meal", soft_loss="kl") and "output discriminator" in refusal("meal-v2")
 
 
 def test_extract_refuses_a_dense_store_of_sampled_logits_before_creating_it(tmp_path):
