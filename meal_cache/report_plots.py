@@ -89,10 +89,10 @@ def plot_paired_differences(comparisons: list[dict], baseline: str, path: Path) 
     rows = [r for r in comparisons if r["metric"] == "top1"]
     fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * len(rows)))
     for index, row in enumerate(rows):
-        low, high = row["ci95"]
-        color = "grey" if row["within_noise"] else ("tab:green" if row["mean"] > 0 else "tab:red")
-        if math.isfinite(low):
-            ax.plot([low, high], [index, index], color=color, linewidth=2)
+        # Grey: within noise, or one seed (no interval, no verdict).
+        color = "grey" if row["within_noise"] is not False else ("tab:green" if row["mean"] > 0 else "tab:red")
+        if row["ci95"] is not None:
+            ax.plot(row["ci95"], [index, index], color=color, linewidth=2)
         ax.plot([row["mean"]], [index], "o", color=color)
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_yticks(range(len(rows)), [r["method"] for r in rows], fontsize=8)
