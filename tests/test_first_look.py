@@ -140,28 +140,37 @@ def test_the_top_level_help_shows_a_typical_run_in_order(tmp_path):
     assert list(dict.fromkeys(commands)) == ["train", "extract", "distill", "evaluate"], help_text
 
 
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (
-            ["distill", "--store", "feats.zarr"],
-            "Error: Missing option '--student': the student's architecture, e.g. --student resnet8_w4 "
-            "(`meal-cache models` lists them)",
-        ),
-        (["distill", "--store", "feats.zarr", "--student", "resnet8_w4", "--method", "mael"], "did you mean 'meal'?"),
-        (
-            ["train", "--arch", "resnet8_w4", "--scale", "0.5", "--out", "t.pt"],
-            "Error: --scale takes two numbers, MIN MAX, got '0.5 --out'",
-        ),
-        (["extract", "--teachers", "resnet8_w4", "--ratio", "0.75"], "Error: --ratio takes two numbers, MIN MAX"),
-        (
-            ["train", "--arch", "resnet8_w4", "--data", "digits?glyphs=yes", "--out", "t.pt"],
-            "Error: dataset option glyphs takes 0 or 1, got 'yes'",
-        ),
-    ],
-    ids=["no student", "method typo", "scale of one number", "ratio cut short", "glyphs yes"],
-)
-def test_a_first_users_slips_give_one_line_that_says_what_to_pass(tmp_path, args, expected):
+# (case as docs/errors.md names it, the command, what its one Error: line contains)
+SLIPS = [
+    ("distill without a student", ["distill", "--store", "feats.zarr"],
+     "Error: Missing option '--student': the student's architecture, e.g. --student resnet8_w4 (`meal-cache models` "
+     "lists them)"),
+    ("a method's name mistyped", ["distill", "--store", "feats.zarr", "--student", "resnet8_w4", "--method", "mael"],
+     "did you mean 'meal'?"),
+    ("--scale of one number", ["train", "--arch", "resnet8_w4", "--scale", "0.5", "--out", "t.pt"],
+     "Error: --scale takes two numbers, MIN MAX, got '0.5 --out'"),
+    ("--ratio cut short", ["extract", "--teachers", "resnet8_w4", "--ratio", "0.75"],
+     "Error: --ratio takes two numbers, MIN MAX"),
+    ("a flag option not 0 or 1", ["train", "--arch", "resnet8_w4", "--data", "digits?glyphs=yes", "--out", "t.pt"],
+     "Error: dataset option glyphs takes 0 or 1, got 'yes'"),
+]  # fmt: skip
+# The refusals the tests above run on the card's folder, by the same names.
+CARD_REFUSALS = [
+    ("online teachers other than the store's", "--online runs the store's own teachers in the loop"),
+    ("the default run folder taken", "is not empty; pass --resume"),
+]
+
+
+@pytest.mark.parametrize(("case", "args", "expected"), SLIPS, ids=[case for case, _, _ in SLIPS])
+def test_a_first_users_slips_give_one_line_that_says_what_to_pass(tmp_path, case, args, expected):
     line = one_error_line(meal_cache(args, tmp_path))
     assert expected in line
     assert [p.name for p in tmp_path.iterdir() if p.name != ".home"] == []
+
+
+def test_errors_doc_lists_the_first_looks_refusals():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
+    for case, _, expected in SLIPS:
+        assert f"| {case} |" in text and expected.removeprefix("Error: ").split(", got")[0] in text, case
+    for case, expected in CARD_REFUSALS:
+        assert f"| {case} |" in text and expected in text, case
