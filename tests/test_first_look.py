@@ -142,6 +142,9 @@ def test_the_top_level_help_shows_a_typical_run_in_order(tmp_path):
 
 # (case as docs/errors.md names it, the command, what its one Error: line contains)
 SLIPS = [
+    ("a short list's name mistyped", ["extract", "--teachers", "resnet8_w4", "--for", "mael"],
+     "Error: unknown --for method 'mael'; choose one of: acn, afd, all, at, dkd, fitnet, kd, meal, meal-v2; did you "
+     "mean meal?"),
     ("distill without a student", ["distill", "--store", "feats.zarr"],
      "Error: Missing option '--student': the student's architecture, e.g. --student resnet8_w4 (`meal-cache models` "
      "lists them)"),
