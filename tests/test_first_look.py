@@ -177,3 +177,22 @@ def test_errors_doc_lists_the_first_looks_refusals():
         assert f"| {case} |" in text and expected.removeprefix("Error: ").split(", got")[0] in text, case
     for case, expected in CARD_REFUSALS:
         assert f"| {case} |" in text and expected in text, case
+
+
+def test_the_accuracy_plot_draws_the_epochs_a_run_evaluated_and_skips_the_others(tmp_path, monkeypatch):
+    """A run evaluated every few epochs (--eval-every, to come) logs the other epochs without test metrics."""
+    from meal_cache import report_plots
+
+    monkeypatch.setattr(report_plots.plt, "close", lambda fig: None)  # keep the figure to read its lines
+
+    def history(top1: float) -> list[dict]:
+        return [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.0, "test_top1": top1}, {"epoch": 3, "loss": 0.5},
+                {"epoch": 4, "loss": 0.4, "test_top1": top1 + 1}]  # fmt: skip
+
+    results = {"histories": {"kd": {"0": history(90.0), "1": history(92.0)}, "alone": {"0": []}},
+               "rows": [{"kind": "ensemble", "top1": {"mean": 95.0}}]}  # fmt: skip
+    report_plots.plot_accuracy(results, tmp_path / "accuracy.png")
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    kd = next(line for line in report_plots.plt.gcf().axes[0].lines if line.get_label() == "kd (n=2)")
+    assert list(kd.get_xdata()) == [2, 4] and list(kd.get_ydata()) == [91.0, 92.0]
+    report_plots.plt.close("all")
