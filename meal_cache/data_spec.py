@@ -62,6 +62,14 @@ FLAG_OPTIONS = (*LOADER_OPTIONS, "glyphs")
 NOISE_KINDS = ("symmetric", "pairflip")
 
 
+def _what_it_takes(key: str, kind: str) -> str:
+    """How a refusal names an option's values: a flag's ``0 or 1`` (the words its range check uses), else the
+    kind of number."""
+    if key in FLAG_OPTIONS:
+        return "0 or 1"
+    return "a whole number" if kind.startswith("int") else "a number"
+
+
 def parse_modifiers(text: str) -> Modifiers:
     """The text after a spec's ``?`` (``label_noise=0.4&noise=pairflip``) -> :class:`Modifiers`, every value
     checked."""
@@ -76,8 +84,7 @@ def parse_modifiers(text: str) -> Modifiers:
         try:
             values[key] = value if kind == "str" else (int(value) if kind.startswith("int") else float(value))
         except ValueError as err:
-            number = "a whole number" if kind.startswith("int") else "a number"
-            raise UserError(f"dataset option {key} takes {number}, got '{value}'") from err
+            raise UserError(f"dataset option {key} takes {_what_it_takes(key, kind)}, got '{value}'") from err
     modifiers = Modifiers(**values)
     if not 0.0 < modifiers.train_fraction <= 1.0:
         raise UserError(f"train_fraction must be in (0, 1], got {modifiers.train_fraction}")

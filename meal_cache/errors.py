@@ -20,12 +20,24 @@ class SettingsMismatch(UserError):
 
 # Above this many choices, an error names the closest ones and where the full list is, not all of them.
 MAX_LISTED_CHOICES = 20
+# How alike (difflib's ratio) a choice must be to a bad value to be offered as the one meant: 'mael' and 'meal'
+# are 0.75 alike, 'cosine' and 'fitnet' 0.5 (a guess, not a typo).
+LIKELY_MEANT_CUTOFF = 0.6
+
+
+def closest_choice(name: str, choices: list[str] | tuple[str, ...]) -> str | None:
+    """The choice most like ``name`` (a typo's likely intent: ``meal`` for ``mael``), or None where none is close."""
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=LIKELY_MEANT_CUTOFF)
+    return close[0] if close else None
 
 
 def unknown_choice(kind: str, name: str, choices: list[str] | tuple[str, ...], listing: str = "") -> UserError:
-    """An error naming the bad value and the valid choices (the closest ones, when there are many)."""
+    """An error naming the bad value and the valid choices (the closest ones, when there are many), and the closest
+    choice as what was likely meant."""
     if len(choices) <= MAX_LISTED_CHOICES:
-        return UserError(f"unknown {kind} '{name}'; choose one of: {', '.join(sorted(choices))}")
+        close = closest_choice(name, choices)
+        hint = f"; did you mean {close}?" if close else ""
+        return UserError(f"unknown {kind} '{name}'; choose one of: {', '.join(sorted(choices))}{hint}")
     close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     where = f"`{listing}` lists all {len(choices)}" if listing else f"there are {len(choices)} choices"

@@ -7,6 +7,9 @@ from meal_cache.report_stats import DIAGNOSTICS, KD_BASELINE, LOWER_IS_BETTER, M
 
 # Its plot is shown beside its table rather than with the other plots.
 VIEWS_CURVE_PLOT = "Views curve"
+# A paired difference over one seed has no interval, so no verdict either (report_stats.paired_difference).
+NO_INTERVAL = "1 seed: no interval"
+NO_VERDICT = "-"
 
 
 def _fmt(summary: dict, digits: int = 2) -> str:
@@ -16,18 +19,25 @@ def _fmt(summary: dict, digits: int = 2) -> str:
 
 
 def _verdict(metric: str, difference: dict) -> str:
+    if difference["within_noise"] is None:
+        return NO_VERDICT
     if difference["within_noise"]:
         return "within noise"
     better = difference["mean"] < 0 if metric in LOWER_IS_BETTER else difference["mean"] > 0
     return "better" if better else "worse"
 
 
-def _difference_text(metric: str, difference: dict, digits: int) -> str:
+def _interval(difference: dict, digits: int) -> str:
+    if difference["ci95"] is None:
+        return NO_INTERVAL
     low, high = difference["ci95"]
-    if difference["n"] < 2:
-        return f"{difference['mean']:+.{digits}f} (one seed: no interval)"
-    return (f"{difference['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] "
-            f"{_verdict(metric, difference)}")  # fmt: skip
+    return f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def _difference_text(metric: str, difference: dict, digits: int) -> str:
+    if difference["ci95"] is None:
+        return f"{difference['mean']:+.{digits}f} ({NO_INTERVAL})"
+    return f"{difference['mean']:+.{digits}f} {_interval(difference, digits)} {_verdict(metric, difference)}"
 
 
 def render_views_curve(curve: dict, plot: str | None) -> list[str]:
@@ -129,10 +139,8 @@ def _alone_section(comparisons: list[dict]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for row in comparisons:
-        verdict = _verdict(row["metric"], row)
-        low, high = row["ci95"]
-        lines.append(f"| {row['method']} | {row['metric']} | {row['mean']:+.3f} | [{low:+.3f}, {high:+.3f}] | "
-                     f"{verdict} |")  # fmt: skip
+        lines.append(f"| {row['method']} | {row['metric']} | {row['mean']:+.3f} | {_interval(row, 3)} | "
+                     f"{_verdict(row['metric'], row)} |")  # fmt: skip
     lines.append("")
     return lines
 
@@ -150,8 +158,7 @@ def _baseline_section(baseline: str, comparisons: list[dict] | None) -> list[str
     by_metric = {(r["method"], r["metric"]): r for r in comparisons}
     for method in dict.fromkeys(r["method"] for r in comparisons):
         top1, nll = by_metric[method, "top1"], by_metric[method, "nll"]
-        low, high = top1["ci95"]
-        lines.append(f"| {method} | {top1['mean']:+.2f} | [{low:+.2f}, {high:+.2f}] | {top1['wins']}/{top1['n']} | "
+        lines.append(f"| {method} | {top1['mean']:+.2f} | {_interval(top1, 2)} | {top1['wins']}/{top1['n']} | "
                      f"{_verdict('top1', top1)} | {nll['mean']:+.4f} | {_verdict('nll', nll)} |")  # fmt: skip
     lines.append("")
     return lines
@@ -168,8 +175,7 @@ def _pairs_section(rows: list[dict] | None) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for top1, nll in zip(rows[::2], rows[1::2], strict=True):
-        low, high = top1["ci95"]
-        lines.append(f"| {top1['method']} | {top1['baseline']} | {top1['mean']:+.2f} | [{low:+.2f}, {high:+.2f}] "
+        lines.append(f"| {top1['method']} | {top1['baseline']} | {top1['mean']:+.2f} | {_interval(top1, 2)} "
                      f"| {top1['wins']}/{top1['n']} | {_verdict('top1', top1)} | {nll['mean']:+.4f} | "
                      f"{_verdict('nll', nll)} |")  # fmt: skip
     lines.append("")

@@ -17,18 +17,24 @@ from meal_cache.report_stats import CURVE_METRICS  # noqa: E402
 from meal_cache.store.keys import LOGITS, split_teacher_key, teacher_key  # noqa: E402
 
 
+def _tested(history: list[dict]) -> list[dict]:
+    """The epochs of a history that were evaluated on the test split (a run evaluating every few epochs logs the
+    others without test metrics)."""
+    return [record for record in history if "test_top1" in record]
+
+
 def plot_accuracy(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method, by_seed in results["histories"].items():
-        curves = [[h["test_top1"] for h in history] for history in by_seed.values() if history]
-        if not curves:
+        tested = [_tested(history) for history in by_seed.values() if _tested(history)]
+        if not tested:
             continue
-        length = min(len(c) for c in curves)
-        data = np.array([c[:length] for c in curves])
-        epochs = np.arange(1, length + 1)
-        mean = data.mean(0)
-        ax.plot(epochs, mean, label=f"{method} (n={len(curves)})")
-        if len(curves) > 1:
+        length = min(len(records) for records in tested)
+        data = np.array([[r["test_top1"] for r in records[:length]] for records in tested])
+        # Epochs as recorded (from 1), or counted where a record lacks its number.
+        epochs = np.array([r.get("epoch", i + 1) for i, r in enumerate(tested[0][:length])])
+        ax.plot(epochs, data.mean(0), label=f"{method} (n={len(tested)})")
+        if len(tested) > 1:
             ax.fill_between(epochs, data.min(0), data.max(0), alpha=0.15)
     for row in results["rows"]:
         if row["kind"] == "ensemble":
@@ -36,8 +42,8 @@ def plot_accuracy(results: dict, path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("Test accuracy per epoch (mean over seeds, band: min-max)")
-    low = min(90.0, *(min(h["test_top1"] for h in hs[-3:]) for by in results["histories"].values()
-                       for hs in by.values() if hs))  # fmt: skip
+    low = min(90.0, *(min(h["test_top1"] for h in _tested(hs)[-3:]) for by in results["histories"].values()
+                       for hs in by.values() if _tested(hs)))  # fmt: skip
     ax.set_ylim(max(0.0, low - 2), 100.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -89,10 +95,10 @@ def plot_paired_differences(comparisons: list[dict], baseline: str, path: Path) 
     rows = [r for r in comparisons if r["metric"] == "top1"]
     fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * len(rows)))
     for index, row in enumerate(rows):
-        low, high = row["ci95"]
-        color = "grey" if row["within_noise"] else ("tab:green" if row["mean"] > 0 else "tab:red")
-        if math.isfinite(low):
-            ax.plot([low, high], [index, index], color=color, linewidth=2)
+        # Grey: within noise, or one seed (no interval, no verdict).
+        color = "grey" if row["within_noise"] is not False else ("tab:green" if row["mean"] > 0 else "tab:red")
+        if row["ci95"] is not None:
+            ax.plot(row["ci95"], [index, index], color=color, linewidth=2)
         ax.plot([row["mean"]], [index], "o", color=color)
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_yticks(range(len(rows)), [r["method"] for r in rows], fontsize=8)

@@ -20,11 +20,12 @@ LOWER_IS_BETTER = {"nll", "kl", "ece"}
 
 
 def paired_difference(values: list[float], baseline: list[float]) -> dict:
-    """Mean paired difference over seeds with a 95% t interval; 'within noise' when it contains zero."""
+    """Mean paired difference over seeds with a 95% t interval; 'within noise' when it contains zero. One seed has
+    no interval and so no verdict: ``ci95`` and ``within_noise`` are None."""
     diffs = [a - b for a, b in zip(values, baseline, strict=True)]
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
-        return {"mean": mean, "ci95": [math.nan, math.nan], "within_noise": True, "n": len(diffs)}
+        return {"mean": mean, "ci95": None, "within_noise": None, "n": len(diffs)}
     sem = statistics.stdev(diffs) / math.sqrt(len(diffs))
     if sem == 0:
         low = high = mean

@@ -44,6 +44,15 @@ def close_progress_bars() -> None:
         sys.stderr.write("\n")
 
 
+def _in_the_options_words(command: click.Command | None, err: click.BadOptionUsage) -> click.UsageError:
+    """click's "Option '--scale' requires 2 arguments." in the words of the option's type where it has some
+    (:class:`~meal_cache.cli.options.NumberPair`: "--scale takes two numbers, MIN MAX"), else as click put it."""
+    for param in getattr(command, "params", ()):
+        if err.option_name in param.opts and hasattr(param.type, "usage"):
+            return click.UsageError(param.type.usage(err.option_name))
+    return err
+
+
 class MealCacheGroup(click.Group):
     """Turns a user's mistake into one ``Error:`` line and exit status 2, never a traceback: the library's
     UserError, and click's own usage errors (which click would print under a usage banner). Ctrl-C ends with one
@@ -54,6 +63,8 @@ class MealCacheGroup(click.Group):
             return super().invoke(ctx)
         except UserError as err:
             raise click.UsageError(str(err)) from err
+        except click.BadOptionUsage as err:
+            raise _in_the_options_words(self.get_command(ctx, ctx.invoked_subcommand or ""), err) from None
         except KeyboardInterrupt:
             raise Interrupted(ctx.invoked_subcommand) from None
 
@@ -86,7 +97,9 @@ def main() -> None:
     A typical run, offline on the built-in digits data:
       meal-cache train --arch resnet20 --data digits --epochs 15 --out teachers/resnet.pt
       meal-cache train --arch densenet_k12 --data digits --epochs 15 --out teachers/densenet.pt
-      meal-cache evaluate teachers/resnet.pt
+      meal-cache extract --teachers resnet,densenet --data digits          (writes feats.zarr)
+      meal-cache distill --store feats.zarr --student resnet8_w4 --method kd   (writes runs/feats-kd/)
+      meal-cache evaluate runs/feats-kd/student.pt
 
     `meal-cache models` and `meal-cache datasets` list the names these commands accept.
     """

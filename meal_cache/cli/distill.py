@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -13,6 +14,7 @@ from meal_cache.cli.options import (
     DEVICE_HELP,
     TENSORBOARD_OPTION,
     WORKERS_OPTION,
+    SuggestingChoice,
     optimization_options,
 )
 
@@ -25,7 +27,7 @@ def _discriminator_names(value: str) -> list[str]:
     return parse_discriminators(value)
 
 
-class RegistryChoice(click.Choice):
+class RegistryChoice(SuggestingChoice):
     """A choice among a registry's names (``--method``: the methods, plug-ins included; ``--preset``: the presets),
     read when first asked for, so that commands which never look at them do not import torch to start."""
 
@@ -77,6 +79,19 @@ def _peers(value: str | None) -> int | list[str] | None:
     if text.lstrip("+-").isdigit():
         return int(text)
     return [name.strip() for name in text.split(",") if name.strip()] or text
+
+
+# Where a run goes when --out is not given: RUNS_FOLDER/STORE-METHOD, e.g. runs/feats-kd for feats.zarr and kd.
+RUNS_FOLDER = "runs"
+STORE_SUFFIX = ".zarr"
+
+
+def default_run_folder(store: str, method: str) -> Path:
+    """The run folder of ``distill`` without ``--out``: ``runs/STORE-METHOD``, STORE the store's last path component
+    less ``.zarr`` (``feats.zarr`` and ``s3://bucket/feats.zarr`` both give ``runs/feats-METHOD``). Never reused
+    silently: a folder that holds a run is refused unless --resume or --overwrite is given."""
+    name = store.rstrip("/").rsplit("/", 1)[-1].removesuffix(STORE_SUFFIX) or "store"
+    return Path(RUNS_FOLDER) / f"{name}-{method}"
 
 
 def _floats(text: str) -> list[float]:
@@ -260,35 +275,46 @@ def _floats(text: str) -> list[float]:
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/meal.")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Run directory. Default: runs/STORE-METHOD (runs/feats-meal for feats.zarr and --method meal).",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @TENSORBOARD_OPTION
-def distill(block_weights: str, teachers: str, out: str, resume: bool, overwrite: bool, quiet: bool,
+def distill(block_weights: str, teachers: str, out: str | None, resume: bool, overwrite: bool, quiet: bool,
             tensorboard: bool, **settings) -> None:  # fmt: skip
     """Train a student (and MEAL's discriminators) from a teacher cache alone.
 
     The images come from the dataset the store records, replayed with the stored augmentation of view
     e mod V in epoch e; the teachers' outputs come from the store, never from their checkpoints. Writes
     config.json, metrics.jsonl (every named loss per epoch), last.pt (for --resume) and student.pt
-    (for `meal-cache evaluate`) under --out; with --tensorboard, metrics.jsonl's numbers also in tensorboard/.
+    (for `meal-cache evaluate`) under --out (default runs/STORE-METHOD); with --tensorboard, metrics.jsonl's
+    numbers also in tensorboard/.
     """
+    if settings["student"] is None:
+        if not isinstance(settings["peers"], list):
+            raise click.UsageError("Missing option '--student': the student's architecture, e.g. --student "
+                                   "resnet8_w4 (`meal-cache models` lists them)")  # fmt: skip
+        settings["student"] = settings["peers"][0]
     from meal_cache.distill import DistillConfig
     from meal_cache.distill import distill as run_distill
     from meal_cache.distributed import is_main_process
     from meal_cache.loop import check_tensorboard
 
-    if settings["student"] is None:
-        if not isinstance(settings["peers"], list):
-            raise click.UsageError("Missing option '--student' (the student's architecture).")
-        settings["student"] = settings["peers"][0]
     context = click.get_current_context()
     given = tuple(name for name in settings if context.get_parameter_source(name) != ParameterSource.DEFAULT)
     config = DistillConfig(given=given, block_weights=_floats(block_weights),
                            teachers=[t.strip() for t in teachers.split(",") if t.strip()], **settings)  # fmt: skip
     if tensorboard:
         check_tensorboard()  # before anything is written
+    if out is None:
+        out = str(default_run_folder(settings["store"], settings["method"]))
+        if is_main_process():
+            click.echo(f"run folder: {out} (no --out given)")
     summary = run_distill(config, out, resume=resume, overwrite=overwrite, progress=not quiet,
                           tensorboard=tensorboard)  # fmt: skip
     if not is_main_process():

@@ -251,7 +251,13 @@ def parse_sizes(text: str) -> list[int]:
 )
 @click.option("--teacher-dir", default="teachers", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--out", required=True, type=click.Path(), help="The store to write, e.g. feats.zarr.")
+@click.option(
+    "--out",
+    default="feats.zarr",
+    show_default=True,
+    type=click.Path(),
+    help="The store to write (a store of other settings there is refused unless --overwrite).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store extracted with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, quiet: bool, dense_sizes: str | None,

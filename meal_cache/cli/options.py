@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from meal_cache.errors import closest_choice
+
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
 DATA_HELP = (
     "Dataset: digits, digit-pairs[:N] (100 classes), cifar10, cifar100, svhn, imagefolder:PATH, npz:PATH or "
@@ -12,6 +14,40 @@ DATA_HELP = (
     "stratified K-fold re-split of all rows), glyphs=1 (never mirror: digits, letters, text; see "
     "`meal-cache datasets`)."
 )
+
+
+class SuggestingChoice(click.Choice):
+    """click's Choice, whose refusal also names the closest choice: "'mael' is not one of 'acn', ...; did you mean
+    'meal'?"."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as err:
+            close = closest_choice(str(value), [str(choice) for choice in self.choices])
+            if close is not None:
+                err.message = f"{err.message.rstrip('.')}; did you mean '{close}'?"
+            raise
+
+
+class NumberPair(click.ParamType):
+    """Two numbers, MIN MAX (``--scale 0.08 1``). click reads the two words after the option whatever they are, so
+    ``--scale 0.5 --out x`` would take ``--out`` as MAX: refused saying what the option takes, as is a pair cut
+    short at the end of the line (:meth:`usage`, which the group's error handling asks for)."""
+
+    name = "MIN MAX"
+    is_composite = True
+    arity = 2
+
+    def usage(self, option: str) -> str:
+        return f"{option} takes two numbers, MIN MAX"
+
+    def convert(self, value, param, ctx):
+        try:
+            return tuple(float(number) for number in value)
+        except (TypeError, ValueError):
+            option = param.opts[0] if param is not None else "the option"
+            raise click.UsageError(f"{self.usage(option)}, got '{' '.join(map(str, value))}'", ctx) from None
 
 
 def _with_options(func, options: list):
@@ -75,11 +111,11 @@ def augmentation_options(func):
     """timm's train.py augmentation knobs, shared by train and extract; unset, each keeps the data's recipe's own
     value. Values are checked by the library (one Error: line for a bad one), so the types here are plain."""
     options = [
-        click.option("--scale", type=float, nargs=2, default=None, metavar="MIN MAX",
+        click.option("--scale", type=NumberPair(), nargs=2, default=None, metavar="MIN MAX",
                      help="Random-resized crop's share of the image's area, 0 < MIN <= MAX <= 1. Default: the "
                      "data's (image folders 0.08 1, in-memory images above 64 px 0.25 1; smaller in-memory images "
                      "crop with padding, and --scale or --ratio turns that into a random-resized crop)."),
-        click.option("--ratio", type=float, nargs=2, default=None, metavar="MIN MAX",
+        click.option("--ratio", type=NumberPair(), nargs=2, default=None, metavar="MIN MAX",
                      help="Random-resized crop's aspect ratio (width / height), 0 < MIN <= MAX. Default: 0.75 1.333."),
         click.option("--hflip", type=float, default=None, metavar="P",
                      help="Chance a view is mirrored left-right, 0 to 1 (0: never). Default: 0.5, or 0 for digits, "

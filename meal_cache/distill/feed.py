@@ -200,16 +200,26 @@ def make_batch_source(config: DistillConfig, store: TeacherStore, keys: list[str
     return StreamingBatches(store, keys, device, config.batch_size, config.seed, limit // (2 * per_chunk))
 
 
+def online_teacher_keys(config: DistillConfig, store: TeacherStore) -> dict[str, str]:
+    """``--online``'s teachers (as given to extract, or by their store keys) -> their keys in the store, refused
+    unless they are exactly the store's teachers: the method trains on every teacher the store holds, so one left
+    out would have no targets, and one the store lacks has no recorded blocks to match."""
+    by_source = {store.teacher(key)["source"]: key for key in store.teacher_names}
+    keys = {name: by_source.get(name, name) for name in config.teachers}
+    if set(keys.values()) != set(store.teacher_names):
+        given = ", ".join(config.teachers) or "none"
+        raise UserError(f"--online runs the store's own teachers in the loop: '{config.store}' holds "
+                        f"{', '.join(by_source)}, --teachers gave {given}; pass --teachers "
+                        f"{','.join(by_source)}")  # fmt: skip
+    return keys
+
+
 class OnlineTeachers:
     """The reference: the same targets as the cache, computed by running the teachers in the loop."""
 
     def __init__(self, config: DistillConfig, store: TeacherStore, dataset: ImageDataset, precision: Precision):
-        by_source = {store.teacher(key)["source"]: key for key in store.teacher_names}
         self.teachers = {}
-        for name in config.teachers:
-            key = by_source.get(name, name)
-            if key not in store.teacher_names:
-                raise UserError(f"online teacher '{name}' is not in the store (it has {', '.join(by_source)})")
+        for name, key in online_teacher_keys(config, store).items():
             blocks = store.blocks(key)
             teacher = resolve_teacher(name, config.teacher_dir, dataset, ",".join(b.name for b in blocks),
                                       max(b.grid for b in blocks))  # fmt: skip

@@ -20,7 +20,13 @@ from meal_cache.checkpoint import model_payload, save_checkpoint, state_dict_cpu
 from meal_cache.data import ImageDataset, load_recorded
 from meal_cache.dense import DenseTargets
 from meal_cache.distill.config import DistillConfig, drop_unset
-from meal_cache.distill.feed import DivergentBatches, OnlineTeachers, divergent_batches, make_batch_source
+from meal_cache.distill.feed import (
+    DivergentBatches,
+    OnlineTeachers,
+    divergent_batches,
+    make_batch_source,
+    online_teacher_keys,
+)
 from meal_cache.distill.methods.base import Method
 from meal_cache.distill.methods.peers import peer_architectures
 from meal_cache.distill.registry import method_class
@@ -217,6 +223,8 @@ def build_run(
     """Open the store, load (or check) its dataset, and build the distiller, its optimisers and the batch source.
     The student and the discriminators are initialised from ``config.seed``."""
     store = open_store(config.store)
+    if config.online:  # by name, before the dataset is loaded and any teacher is
+        online_teacher_keys(config, store)
     if dataset is None:
         dataset = load_store_dataset(config, store)
     else:
