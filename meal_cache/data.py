@@ -244,6 +244,9 @@ def _load_digits(arg: str | None, options: LoadOptions) -> _Raw:
     """scikit-learn's 8x8 digits (1,797 images, ships offline): intensities 0-16 scaled to 0-255, upsampled
     bilinearly to 16x16 (or --image-size), replicated to 3 channels; a fixed stratified 80/20 split
     (seed 0: 1,437 train, 360 test)."""
+    if arg is not None:
+        raise UserError(f"digits takes no ':{arg}' (its 1,437 training rows are fixed); digits?train_fraction=F "
+                        "keeps a stratified share of them, digit-pairs:N makes N 100-class pairs")  # fmt: skip
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

@@ -92,3 +92,13 @@ def test_datasets_lists_the_sizes(tmp_path):
     result = run_console(["datasets"], tmp_path)
     line = next(line for line in result.stdout.splitlines() if line.strip().startswith("digit-pairs"))
     assert "100 classes" in line and "20,000 training" in line and "3,600 test" in line
+
+
+def test_digits_with_a_count_is_one_error_line_not_silently_every_row(tmp_path):
+    """`digits:300` is refused, naming what keeps fewer rows, rather than loading all 1,437 training rows."""
+    result = run_console(["train", "--arch", "resnet8_w4", "--data", "digits:300", "--out", str(tmp_path / "t.pt")],
+                         tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: digits takes no ':300'") and "train_fraction" in lines[0]
+    assert not (tmp_path / "t.pt").exists()
