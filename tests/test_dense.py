@@ -488,3 +488,19 @@ def test_a_second_scale_averages_both_scales_blocks_and_logit_maps_as_computed_b
     # Neither scale alone is the average: each is far from it next to the tolerance.
     for one in (F.adaptive_avg_pool2d(small, 4), F.adaptive_avg_pool2d(large, 4)):
         assert (one - blocks).abs().max() > 1e-2
+
+
+def test_dense_settings_take_sizes_of_at_least_8_pixels_and_a_grid_of_at_least_1():
+    """The bounds themselves, in process (the console rows above check one bad value each through the CLI)."""
+    from meal_cache.dense import check_settings
+    from meal_cache.errors import UserError
+
+    check_settings([8], 1)
+    check_settings(None, 4)
+    check_settings([16, 24], 2)
+    for sizes in ([7], [], [16, 7], [True], [8.0]):
+        with pytest.raises(UserError, match=r"--dense-sizes takes whole numbers of pixels, at least 8, got "):
+            check_settings(sizes, 1)
+    for grid in (0, -1, True, 1.0):
+        with pytest.raises(UserError, match=r"--dense-grid must be a whole number, at least 1, got "):
+            check_settings([16], grid)
