@@ -4,6 +4,7 @@ requests are refused by name."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -202,3 +203,54 @@ def test_mixed_rows_labels_are_their_own_and_their_partners_shares(mixed):
         views.close()
         run.source.close()
         run.images.close()
+
+
+@pytest.fixture(scope="module")
+def dense_and_sampled(tmp_path_factory, teacher_dir):
+    """A dense store (whole-image maps, any crop's targets derived) and a sampled one (8 draws at T = 4), both of
+    one teacher on the 143 rows."""
+    root = tmp_path_factory.mktemp("loader-kinds")
+    base = ExtractConfig(teachers=["resnet8_w4"], data=SPEC, teacher_dir=str(teacher_dir), features=["blocks"],
+                         blocks="1", device="cpu")  # fmt: skip
+    extract(dataclasses.replace(base, dense=True), root / "dense.zarr", progress=False)
+    extract(dataclasses.replace(base, views=2, logits_sample=8), root / "sampled.zarr", progress=False)
+    return root / "dense.zarr", root / "sampled.zarr"
+
+
+def test_the_loader_serves_a_dense_stores_crops_as_distill_derives_them(dense_and_sampled):
+    """From a dense store every epoch draws fresh crops and derives their targets from the whole image's maps:
+    the loader's pixels and logits are distill's, and no sample names a stored view (-1)."""
+    dense, _ = dense_and_sampled
+    digits = load_dataset(SPEC)
+    config = DistillConfig(store=str(dense), student="resnet8_w4", method="kd", epochs=2, batch_size=32, seed=7,
+                           device="cpu", workers=0).resolved(("blocks",))  # fmt: skip
+    world, device = init_world("cpu")
+    run = build_run(config, world, device, digits, progress=False)
+    epochs = DistillEpochs(run)
+    views = CachedViews(dense, batch_size=32, seed=7, epochs=2, features=("blocks",), device="cpu", workers=0,
+                        dataset=digits)  # fmt: skip
+    try:
+        for epoch in (0, 1):
+            served, distilled = list(views.epoch(epoch)), list(epochs.batches(epoch))
+            assert len(served) == len(distilled) > 1
+            for batch, ((rows, targets, _), pixels) in zip(served, distilled, strict=True):
+                assert torch.equal(batch["rows"], rows)
+                inputs = (pixels / 255 - torch.tensor(digits.mean).view(1, -1, 1, 1)) / torch.tensor(
+                    digits.std).view(1, -1, 1, 1)  # fmt: skip
+                assert torch.allclose(batch["pixels"], inputs, atol=1e-6)
+                assert torch.equal(batch["logits"]["resnet8_w4"], targets[logits_key("resnet8_w4")].float())
+                assert torch.equal(batch["view"], torch.full((len(rows),), -1))
+        first, again = next(iter(views.epoch(0)))["pixels"], next(iter(views.epoch(1)))["pixels"]
+        assert not torch.allclose(first, again)  # a fresh crop each epoch, not one stored view
+    finally:
+        views.close()
+        run.source.close()
+        run.images.close()
+
+
+def test_a_sampled_store_at_another_temperature_is_refused_by_the_loader(dense_and_sampled):
+    _, sampled = dense_and_sampled
+    with pytest.raises(UserError, match="holds classes drawn at temperature 4, an estimate of the soft labels at "
+                                        "that temperature only; distill with --temperature 4"):  # fmt: skip
+        CachedViews(sampled, temperature=2.0, device="cpu", workers=0)
+    CachedViews(sampled, temperature=4.0, device="cpu", workers=0).close()
