@@ -28,6 +28,8 @@ from method_hand import (
     teacher_share,
 )
 
+from meal_cache.distill import DistillConfig, method_class
+from meal_cache.errors import UserError
 from meal_cache.store import open_store
 from meal_cache.store.keys import feature_key, logits_key
 
@@ -317,3 +319,20 @@ def test_ats_term_reaches_the_students_own_layers(batch):
     torch.manual_seed(0)
     out = distiller(batch.images, batch.targets, batch.labels, list(TEACHERS))
     assert student_grad_norm(out.losses["attention"], distiller.student) > 0
+
+
+def test_fitnet_hints_any_block_both_networks_have_and_refuses_one_beyond(batch):
+    """``block`` counts from the last block (0): resnet8_w4's 3 blocks take 0-2, the first of them included."""
+    distiller, _ = batch.method("fitnet", method_options={"block": 2})
+    assert distiller.student_block == distiller.student.block_names[0]
+    with pytest.raises(UserError, match=r"--method-option block 3: the student has 3 blocks"):
+        batch.method("fitnet", method_options={"block": 3})
+
+
+def test_fitnet_trains_on_its_hint_alone_at_any_weight_above_0():
+    """With cross-entropy off the hint is the whole loss: any weight above 0 is a run, 0 is refused in one line."""
+    base = dict(store="", student="s", method="fitnet", hard_weight=0.0, given=("hard_weight",))
+    for weight in (0.5, 1.0, 100.0):
+        assert method_class("fitnet").has_a_loss(DistillConfig(**base, method_options={"weight": weight}).resolved())
+    with pytest.raises(UserError, match="--method fitnet with these weights trains on nothing"):
+        DistillConfig(**base, method_options={"weight": 0.0}).resolved()
