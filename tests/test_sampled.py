@@ -4,6 +4,7 @@ distinct classes with their counts and read back as count / K, an unbiased estim
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
 import sys
@@ -14,10 +15,11 @@ import torch
 import torch.nn.functional as F
 import zarr
 
+from meal_cache.errors import UserError
 from meal_cache.extract import ExtractConfig, extract
 from meal_cache.fidelity import store_fidelity
 from meal_cache.store import open_store
-from meal_cache.store.logits import SAMPLE_FLOOR, decode_sample, encode_sample, softmax_rows
+from meal_cache.store.logits import SAMPLE_FLOOR, check_logits_options, decode_sample, encode_sample, softmax_rows
 
 LOGITS = np.array([[5.0, 3.0, 2.5, 0.0, -1.0, -3.0, 1.0, 0.5], [0.0, 0.2, -0.3, 4.0, 3.8, 0.0, -2.0, 1.0]])
 
@@ -232,3 +234,40 @@ def test_draws_of_two_views_and_of_two_teachers_with_the_same_logits_are_indepen
     statistic, bound = independence_check(counts[pairs[0][0]], counts[pairs[0][0]], probabilities[pairs[0][0]],
                                           probabilities[pairs[0][0]], k)  # fmt: skip
     assert statistic > 3 * bound, (statistic, bound)
+
+
+def test_classes_never_drawn_share_at_most_the_floor_between_them():
+    """Read back, the undrawn classes keep SAMPLE_FLOOR of the mass in all (finite float16 logits), at 10 and
+    1,000 classes; the drawn ones keep count / K of the rest."""
+    for classes in (10, 1000):
+        index = np.array([[3, 7, 0, 0]], dtype=np.int16)
+        count = np.array([[5, 3, 0, 0]], dtype=np.uint8)
+        logits = decode_sample(index, count, classes, "float16", 4.0).astype(np.float64)
+        assert np.isfinite(logits).all()
+        p = softmax_rows(logits, 4.0)[0]
+        undrawn = np.delete(p, [3, 7]).sum()
+        assert 0 < undrawn <= SAMPLE_FLOOR * 1.01, classes  # float16 logits round the floor by under 1 %
+        np.testing.assert_allclose(p[[3, 7]], np.array([5, 3]) / 8 * (1 - undrawn), rtol=2e-3)
+
+
+@pytest.mark.parametrize(("topk", "sample", "temperature", "message"), [
+    (5, 8, None, "--logits-topk and --logits-sample are two ways of keeping the logits; choose one"),
+    (-1, None, None, "--logits-topk must be a whole number, at least 1 (0: every logit), got -1"),
+    (True, None, None, "--logits-topk must be a whole number"),
+    (2.5, None, None, "--logits-topk must be a whole number"),
+    (None, 0, None, "--logits-sample must be a whole number, at least 1, got 0"),
+    (None, True, None, "--logits-sample must be a whole number"),
+    (None, 8.0, None, "--logits-sample must be a whole number"),
+    (None, 256, None, "--logits-sample draws at most 255 classes a row (counts are one byte), got 256"),
+    (None, None, 0, "--logits-temperature must be a positive number, got 0"),
+    (None, None, -1.0, "--logits-temperature must be a positive number"),
+    (None, None, True, "--logits-temperature must be a positive number"),
+])  # fmt: skip
+def test_lossy_logits_options_are_refused_at_their_bounds_by_name(topk, sample, temperature, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_logits_options(topk, sample, temperature)
+
+
+def test_lossy_logits_options_accept_their_bounds():
+    for topk, sample, temperature in ((0, None, None), (1, None, 0.5), (None, 1, 1), (None, 255, 4.0)):
+        check_logits_options(topk, sample, temperature)
