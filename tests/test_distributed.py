@@ -91,8 +91,10 @@ EPOCHS = 2
 
 
 def _distill_args(store) -> list[str]:
-    return ["distill", "--store", str(store), "--student", "resnet8_w4", "--method", "meal", "--epochs", str(EPOCHS),
-            "--device", "cpu", "--quiet"]  # fmt: skip
+    # Hinton's KL, at which the tolerances below were measured: DKD's term (meal's default, NCKD at beta 8) amplifies
+    # the ranks' per-half BatchNorm statistics (conv1.weight then differs by 0.108 where KL gives 0.032).
+    return ["distill", "--store", str(store), "--student", "resnet8_w4", "--method", "meal", "--soft-loss", "kl",
+            "--epochs", str(EPOCHS), "--device", "cpu", "--quiet"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +134,9 @@ def test_two_rank_distillation_trains_the_one_rank_student(two_rank_run, small_s
     threads = _one_thread()
     try:
         reference = tmp_path / "one"
-        config = DistillConfig(store=str(path), student="resnet8_w4", method="meal", epochs=EPOCHS, device="cpu")
+        config = DistillConfig(
+            store=str(path), student="resnet8_w4", method="meal", soft_loss="kl", epochs=EPOCHS, device="cpu"
+        )
         distill(config, reference, progress=False, dataset=digits)
     finally:
         torch.set_num_threads(threads)
@@ -259,7 +263,9 @@ def test_two_ranks_on_one_gpu_train_the_one_rank_student(small_store, digits, tm
     assert [r["steps"] for r in records] == [1437 // 64] * EPOCHS
     monkeypatch.setenv(AMP_ENV, "fp16")
     reference = tmp_path / "one"
-    config = DistillConfig(store=str(path), student="resnet8_w4", method="meal", epochs=EPOCHS, device="cuda")
+    config = DistillConfig(
+        store=str(path), student="resnet8_w4", method="meal", soft_loss="kl", epochs=EPOCHS, device="cuda"
+    )
     distill(config, reference, progress=False, dataset=digits)
     two, one = _student_weights(out), _student_weights(reference)
     assert two.keys() == one.keys() and len(two) > 10

@@ -200,7 +200,7 @@ def test_online_teachers_project_their_blocks_with_the_stores_matrices(projected
     from meal_cache.distributed import World
 
     config = DistillConfig(store=str(projected[0]), student="resnet8_w4", method="meal", device="cpu", workers=0,
-                           online=True, teachers=["densenet_k12"], teacher_dir=str(teacher_dir),
+                           online=True, teachers=["resnet8_w4", "densenet_k12"], teacher_dir=str(teacher_dir),
                            batch_size=64).resolved(("blocks",))  # fmt: skip
     run = build_run(config, World(), torch.device("cpu"), digits, progress=False)
     try:
