@@ -72,7 +72,10 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_does(teacher_dir, tmp_pa
     out = tmp_path / "feats.zarr"
     command = _cli("extract", "--teachers", "resnet8_w4,densenet_k12", "--views", "40", "--teacher-dir",
                    str(teacher_dir), "--device", "cpu", "--out", str(out))  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A user's shell starts the command with Ctrl-C at its default; a test process may have inherited SIGINT ignored
+    # (an ignored signal stays ignored across exec, and Python then installs no KeyboardInterrupt handler).
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     from meal_cache.store import open_store
 
     deadline = time.monotonic() + 300
