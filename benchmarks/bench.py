@@ -36,7 +36,7 @@ from meal_cache.fidelity import store_fidelity
 from meal_cache.models import create_model
 from meal_cache.runtime import Precision, resolve_device
 from meal_cache.store.codecs import quantize_rows
-from meal_cache.store.logits import LOGITS_ENCODINGS, encode_topk
+from meal_cache.store.logits import chosen_encoding, encode_topk
 from meal_cache.store.teacher_store import open_store
 from meal_cache.taps import block_shapes
 from meal_cache.teachers import resolve_teacher
@@ -285,10 +285,11 @@ PROJECT_DEFAULT = 128  # the D the bench reports --project at (not yet --for mea
 
 def preset_logits_bytes(config: ExtractConfig, classes: int) -> int:
     """Raw bytes of one row's logits under ``config``'s encoding (every float16 logit where it keeps no other)."""
-    for name, k in (("topk", config.logits_topk), ("sample", config.logits_sample)):
-        if k is not None:
-            return LOGITS_ENCODINGS[name].row_bytes(k, classes, config.dtype)
-    return classes * np.dtype(config.dtype).itemsize
+    chosen = chosen_encoding(config.logits_topk, config.logits_sample)
+    if chosen is None:
+        return classes * np.dtype(config.dtype).itemsize
+    encoding, k = chosen
+    return encoding.row_bytes(k, classes, config.dtype)
 
 
 def meal_bytes_224(arch: str) -> dict:

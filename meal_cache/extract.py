@@ -51,7 +51,7 @@ from meal_cache.projection import PCA_ROWS_PER_DIM, PROJECTIONS, pca_projection,
 from meal_cache.runtime import Precision
 from meal_cache.source import check_decode, replay_decode
 from meal_cache.store.keys import DEFAULT_FEATURES, FEATURE_KINDS
-from meal_cache.store.logits import LOGITS_ENCODINGS, check_logits_options
+from meal_cache.store.logits import check_logits_options, chosen_encoding
 from meal_cache.store.schema import DEFAULT_ATTENTION_P, BlockSpec
 from meal_cache.store.teacher_store import TeacherStore, open_store
 from meal_cache.teachers import Teacher, keep_projections, projected_teachers, resolve_teacher, teacher_outputs
@@ -283,10 +283,10 @@ def fitted_to_data(config: ExtractConfig, asked: ExtractConfig, num_classes: int
     takes no more bytes a row (every logit is then exact and about as small: 10 float16 logits are 20 bytes, the top
     10 are 44); what the user asked for is kept as asked."""
     filled = asked.logits_topk is None and asked.logits_sample is None
-    encoding = LOGITS_ENCODINGS["sample"] if config.logits_sample is not None else LOGITS_ENCODINGS["topk"]
-    k = config.logits_sample if config.logits_sample is not None else config.logits_topk
-    if not filled or k is None:
+    chosen = chosen_encoding(config.logits_topk, config.logits_sample)
+    if not filled or chosen is None:
         return config
+    encoding, k = chosen
     every_logit = num_classes * np.dtype(config.dtype).itemsize
     if k >= num_classes or encoding.row_bytes(k, num_classes, config.dtype) >= every_logit:
         return dataclasses.replace(config, logits_topk=None, logits_sample=None,

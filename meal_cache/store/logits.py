@@ -138,6 +138,13 @@ LOGITS_ENCODINGS = {
 }  # fmt: skip
 
 
+def chosen_encoding(topk: int | None, sample: int | None) -> tuple[LogitsEncoding, int] | None:
+    """The compact encoding ``--logits-sample K`` or ``--logits-topk K`` chooses, with its K; None: every logit."""
+    if sample is not None:
+        return LOGITS_ENCODINGS["sample"], sample
+    return None if topk is None else (LOGITS_ENCODINGS["topk"], topk)
+
+
 def sample_rng(seed: int, teacher: str, view: int, chunk: int) -> np.random.Generator:
     """The generator of one chunk's draws: fixed by the store's seed, the teacher, the view and the chunk, so a
     chunk written again (resume, repair) gets the same draws whatever the batch size."""

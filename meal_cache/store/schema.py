@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from meal_cache.store.logits import LOGITS_ENCODINGS, LogitsEncoding
+from meal_cache.store.logits import LogitsEncoding, chosen_encoding
 
 if TYPE_CHECKING:
     from meal_cache.augment import ViewParams
@@ -130,13 +130,13 @@ class StoreLayout:
     @property
     def logits_encoding(self) -> LogitsEncoding | None:
         """How the logits are kept when not every one is (see :mod:`meal_cache.store.logits`)."""
-        if self.logits_sample is not None:
-            return LOGITS_ENCODINGS["sample"]
-        return None if self.logits_topk is None else LOGITS_ENCODINGS["topk"]
+        chosen = chosen_encoding(self.logits_topk, self.logits_sample)
+        return None if chosen is None else chosen[0]
 
     @property
     def logits_k(self) -> int | None:
-        return self.logits_sample if self.logits_sample is not None else self.logits_topk
+        chosen = chosen_encoding(self.logits_topk, self.logits_sample)
+        return None if chosen is None else chosen[1]
 
     @property
     def temperature(self) -> float:
