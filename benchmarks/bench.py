@@ -27,20 +27,21 @@ import numpy as np
 import torch
 from bench_dense import DENSE_REPORTED, DENSE_TARGETS, bench_dense
 
-from meal_cache import augment
-from meal_cache.checkpoint import model_payload, save_checkpoint
-from meal_cache.data import ImageDataset, load_dataset
+from meal_cache.data.datasets import ImageDataset, load_dataset
 from meal_cache.distill import DistillConfig, InMemoryBatches, StreamingBatches, ViewFeed, distill
-from meal_cache.extract import ExtractConfig, extract, fitted_to_data, store_presets
+from meal_cache.engine.train import TrainConfig, train_supervised
+from meal_cache.extract.config import ExtractConfig, fitted_to_data, store_presets
+from meal_cache.extract.run import extract
 from meal_cache.fidelity import store_fidelity
-from meal_cache.models import create_model
+from meal_cache.nets.checkpoint import model_payload, save_checkpoint
+from meal_cache.nets.models import create_model
+from meal_cache.nets.taps import block_shapes
+from meal_cache.nets.teachers import resolve_teacher
 from meal_cache.runtime import Precision, resolve_device
 from meal_cache.store.codecs import quantize_rows
 from meal_cache.store.logits import chosen_encoding, encode_topk
 from meal_cache.store.teacher_store import open_store
-from meal_cache.taps import block_shapes
-from meal_cache.teachers import resolve_teacher
-from meal_cache.train import TrainConfig, train_supervised
+from meal_cache.views import augment
 
 TARGETS = {
     "extract_overhead": ("<=", 1.10),

@@ -21,16 +21,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from meal_cache.data import ImageDataset, load_dataset
+from meal_cache.data.datasets import ImageDataset, load_dataset
 from meal_cache.dense import stored_bytes_per_image
 from meal_cache.distill import DistillConfig, distill
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.engine.train import TrainConfig, train_supervised
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 from meal_cache.fidelity import store_fidelity
-from meal_cache.models import create_model
+from meal_cache.nets.models import create_model
+from meal_cache.nets.taps import block_shapes
 from meal_cache.store.keys import logits_key
 from meal_cache.store.teacher_store import open_store
-from meal_cache.taps import block_shapes
-from meal_cache.train import TrainConfig, train_supervised
 
 DENSE_TARGETS = {
     "dense_top1_agreement": (">=", 0.95),

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from meal_cache import CachedViews, kd_loss
-from meal_cache.models import create_model
+from meal_cache.nets.models import create_model
 
 store, arch, out = sys.argv[1:4]
 epochs, batch_size, seed = (int(v) for v in (sys.argv[4:7] + ["30", "64", "0"][len(sys.argv[4:7]) :]))

@@ -29,7 +29,7 @@ SHOWN_SUSPECTS = 10  # listed by describe_inspection; --csv writes them all
 def row_files(store: TeacherStore) -> list[str] | None:
     """Each row's image file (root joined), where the store was extracted from files that are still there and
     unchanged (the dataset's fingerprint matches); None for data in memory, or files moved or changed."""
-    from meal_cache.data import load_recorded
+    from meal_cache.data.datasets import load_recorded
 
     recorded = store.dataset
     if recorded.get("kind") != "imagefolder":

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from meal_cache import augment
-from meal_cache.data import ImageDataset
+from meal_cache.data.datasets import ImageDataset
+from meal_cache.data.source import replay_decode
 from meal_cache.dense import DenseTargets
 from meal_cache.distill.config import DistillConfig
 from meal_cache.distill.feed import make_batch_source
@@ -42,14 +42,14 @@ from meal_cache.distill.run import (
     source_sizes,
 )
 from meal_cache.distill.step import epoch_views, hard_labels, replay_batches
-from meal_cache.distributed import World, init_world
+from meal_cache.engine.distributed import World, init_world
+from meal_cache.engine.loop import Schedule
 from meal_cache.errors import UserError
-from meal_cache.loop import Schedule
 from meal_cache.losses import kd_kl, soft_targets
 from meal_cache.runtime import Precision
-from meal_cache.source import replay_decode
 from meal_cache.store.keys import FEATURE_KINDS, feature_key, logits_key
 from meal_cache.store.teacher_store import TeacherStore, open_store
+from meal_cache.views import augment
 
 __all__ = ["CachedViews", "kd_loss"]
 

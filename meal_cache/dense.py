@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from meal_cache import augment
 from meal_cache.errors import UserError
+from meal_cache.nets.taps import BlockTap, block_shapes
 from meal_cache.projection import project
 from meal_cache.runtime import Precision
 from meal_cache.store.keys import LOGITS, split_teacher_key
-from meal_cache.taps import BlockTap, block_shapes
+from meal_cache.views import augment
 
 DEFAULT_GRID = 4  # at 224 px: 3 blocks of 128 PCA dims, 8-bit, and top-10 logits on 8x8 fit 10 KB a teacher
 # Image files are seen whole at this size (torchvision's resize before its 224 crop), scaled with the data's size.

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from meal_cache.augment import square_sizes
 from meal_cache.dense import DenseTargets
 from meal_cache.errors import UserError
 from meal_cache.projection import ProjectionSums, column_norm, project, stored_projections
 from meal_cache.store.keys import feature_key, feature_name, logits_key
 from meal_cache.store.teacher_store import TeacherStore, open_store
+from meal_cache.views.augment import square_sizes
 
 TEMPERATURES = (1.0, 4.0)
 

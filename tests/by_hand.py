@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from meal_cache import augment
 from meal_cache.distill import DistillConfig, ViewFeed, method_class
-from meal_cache.models import create_model
+from meal_cache.nets.models import create_model
 from meal_cache.store import open_store
+from meal_cache.views import augment
 
 
 def first_rows(config: DistillConfig, digits, rows: int = 64):
@@ -44,7 +44,7 @@ def topk_rebuilt(index: np.ndarray, value: np.ndarray, lse: np.ndarray, classes:
 def record_teacher_pixels(monkeypatch, key: str) -> list[torch.Tensor]:
     """The pixels extract feeds teacher ``key``, batch by batch, appended to the returned list as extract runs
     (its ``teacher_outputs`` wrapped for the test)."""
-    from meal_cache import extract as extract_module
+    from meal_cache.extract import run as extract_module
 
     seen: list[torch.Tensor] = []
     real = extract_module.teacher_outputs

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
 
 
 def pytest_collection_modifyitems(config, items):
@@ -46,7 +46,7 @@ def npz_path(tmp_path):
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, digits):
     """Two small teachers of different families, trained for three epochs on digits."""
-    from meal_cache.train import TrainConfig, train_supervised
+    from meal_cache.engine.train import TrainConfig, train_supervised
 
     folder = tmp_path_factory.mktemp("teachers")
     for arch in ("resnet8_w4", "densenet_k12"):
@@ -58,7 +58,8 @@ def teacher_dir(tmp_path_factory, digits):
 @pytest.fixture(scope="session")
 def small_store(tmp_path_factory, teacher_dir, digits):
     """A complete store: both teachers, 2 augmented views plus the identity view, 256-row chunks."""
-    from meal_cache.extract import ExtractConfig, extract
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
 
     config = ExtractConfig(
         teachers=["resnet8_w4", "densenet_k12"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from meal_cache import models
+from meal_cache.nets import models
 
 NAME = "resnet8_w4_gn"
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from meal_cache import augment
 from meal_cache.distill import DistillConfig, ViewFeed, method_class
-from meal_cache.models import create_model
+from meal_cache.nets.models import create_model
 from meal_cache.store import open_store
 from meal_cache.store.keys import feature_key, logits_key
+from meal_cache.views import augment
 
 TEACHERS = ("resnet8_w4", "densenet_k12")
 # What each test runs: (--teacher-selection, the teachers a step hands the method). `random` is run with each

@@ -17,9 +17,9 @@ from torch.nn import functional as F
 from meal_cache.distill import DistillConfig, DistillEpochs, build_run, distill
 from meal_cache.distill.methods.acn import Acn, disagreement
 from meal_cache.distill.methods.peers import mutual_kl
-from meal_cache.distributed import World
+from meal_cache.engine.distributed import World
+from meal_cache.engine.loop import Stream, epoch_generator
 from meal_cache.errors import UserError
-from meal_cache.loop import Stream, epoch_generator
 from meal_cache.store.keys import logits_key
 
 CPU = torch.device("cpu")

@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from meal_cache.checkpoint import load_checkpoint
 from meal_cache.distill import DistillConfig, DistillEpochs, build_run, distill
 from meal_cache.distill.methods.afd import PeerDistiller, cyclic_sources, teacher_key
 from meal_cache.distill.methods.peers import peer_seed
-from meal_cache.distributed import World
+from meal_cache.engine.distributed import World
+from meal_cache.engine.evaluate import evaluate_payload
 from meal_cache.errors import UserError
-from meal_cache.evaluate import evaluate_payload
 from meal_cache.losses import ConvMapDiscriminator
-from meal_cache.pipeline import load_pipeline, run_pipeline
+from meal_cache.nets.checkpoint import load_checkpoint
+from meal_cache.pipeline.run import load_pipeline, run_pipeline
 from meal_cache.store.keys import logits_key
 
 CPU = torch.device("cpu")
@@ -99,7 +99,7 @@ def test_each_discriminator_sees_its_cyclic_peers_maps(peer_run):
 def test_mutual_kl_is_each_peers_kl_from_its_peers_by_hand(peer_run):
     run, _, batch = peer_run
     (rows, targets, _), pixels = batch
-    from meal_cache import augment
+    from meal_cache.views import augment
 
     inputs = augment.normalise(pixels, run.dataset.mean, run.dataset.std, False)
     distiller, temperature, weight = run.distiller, run.config.temperature, run.distiller.options.mutual
@@ -139,7 +139,7 @@ def test_peers_have_their_own_weights_and_stay_apart(peer_run):
 def test_a_step_under_cpu_bf16_autocast_is_finite(peer_run):
     run, epochs, batch = peer_run
     (rows, targets, _), pixels = batch
-    from meal_cache import augment
+    from meal_cache.views import augment
 
     inputs = augment.normalise(pixels, run.dataset.mean, run.dataset.std, False)
     labels = run.labels[rows]
@@ -178,7 +178,8 @@ def test_peer_checkpoints_are_written_loadable_and_evaluated(small_store, digits
 
 
 def test_a_store_without_maps_is_refused_naming_the_flag(tmp_path, teacher_dir, digits):
-    from meal_cache.extract import ExtractConfig, extract
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
 
     store = tmp_path / "blocks.zarr"
     extract(ExtractConfig(teachers=["resnet8_w4"], views=1, teacher_dir=str(teacher_dir), features=["blocks"],
@@ -292,7 +293,7 @@ def paper_run(small_store, digits):
 def test_the_papers_setting_learns_from_the_predecessor_only_and_never_from_the_teachers(paper_run):
     run, _, batch = paper_run
     (rows, targets, _), pixels = batch
-    from meal_cache import augment
+    from meal_cache.views import augment
 
     distiller = run.distiller
     assert set(distiller.discriminators) == {"peer0", "peer1", "peer2"}  # no teacher discriminators

@@ -43,8 +43,9 @@ def test_inspect_matches_numpy_on_the_stored_logits(small_store):
 def test_noisy_labels_are_found_and_refined(teacher_dir, tmp_path, monkeypatch):
     """Teachers trained on clean digits, a store of digits with 20% of its labels changed: the suspects are the
     changed rows, and distill --refine-labels trains its hard-label loss on the ensemble's labels there."""
-    from meal_cache.data import load_dataset
-    from meal_cache.extract import ExtractConfig, extract
+    from meal_cache.data.datasets import load_dataset
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
 
     noisy = load_dataset("digits?label_noise=0.2")
     config = ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], views=2, teacher_dir=str(teacher_dir), device="cpu")

@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from by_hand import first_rows
 from console import one_error_line, run_console
 
-from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
 from meal_cache.distill import DistillConfig
 from meal_cache.distill.methods.at import attention_loss
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
+from meal_cache.nets.checkpoint import load_checkpoint, model_from_checkpoint
+from meal_cache.nets.teachers import channel_attention
 from meal_cache.store import feature_key, open_store
-from meal_cache.teachers import channel_attention
 
 SPEC = "digits?train_fraction=0.1"  # 143 training rows
 TEACHER = "densenet_k12"  # its dense blocks output raw conv features: signed
@@ -34,7 +35,7 @@ def small_digits():
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, small_digits):
     """A densenet_k12 teacher trained two epochs on the 143 rows."""
-    from meal_cache.train import TrainConfig, train_supervised
+    from meal_cache.engine.train import TrainConfig, train_supervised
 
     folder = tmp_path_factory.mktemp("attention-teachers")
     config = TrainConfig(arch=TEACHER, data=SPEC, epochs=2, batch_size=32, seed=0, device="cpu")
@@ -216,9 +217,9 @@ def test_a_dense_stores_targets_refuse_attention_keys(teacher_dir, small_digits,
 
 def test_online_teachers_compute_attention_at_the_stores_p(at_store_p3, teacher_dir, small_digits):
     """`--online` runs the teachers in the loop: their attention maps must be the cached ones, at the store's p."""
-    from meal_cache import augment
     from meal_cache.distill.feed import OnlineTeachers
     from meal_cache.runtime import Precision
+    from meal_cache.views import augment
 
     store = open_store(at_store_p3)
     config = DistillConfig(store=str(at_store_p3), student="resnet8_w4", method="at", teachers=[TEACHER],

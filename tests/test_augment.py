@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from meal_cache import augment
+from meal_cache.views import augment
 
 
 def _reference_crop(image: torch.Tensor, box, flip: bool, pad: int) -> torch.Tensor:

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from imagefolder import make_image_folder
 from torchvision.transforms.v2 import functional as TF
 
-from meal_cache import augment
 from meal_cache.cli import main
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
+from meal_cache.data.source import decode_rgb
 from meal_cache.errors import UserError
-from meal_cache.source import decode_rgb
 from meal_cache.store import VFLIP_FORMAT, VIEW_FLIP, VIEW_VFLIP, describe_store, open_store
+from meal_cache.views import augment
 
 TEACHERS = "resnet8_w4,densenet_k12"  # conftest's teacher_dir: 10 digit classes at 16 px
 SIZE = 16
@@ -175,7 +175,7 @@ def test_bad_value_through_the_console_script_gives_one_line_and_exit_2(tmp_path
 
 
 def test_pipeline_refuses_a_bad_value_before_running(tmp_path):
-    from meal_cache.pipeline_config import load_pipeline
+    from meal_cache.pipeline.config import load_pipeline
 
     path = tmp_path / "p.toml"
     path.write_text('[data]\nspec = "digits"\n[[teachers]]\nname = "a"\narch = "resnet8_w4"\nhflip = 0\n'

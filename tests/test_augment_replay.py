@@ -13,9 +13,9 @@ from imagefolder import make_image_folder
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from meal_cache import augment
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
 from meal_cache.errors import UserError
+from meal_cache.views import augment
 
 FAMILIES = {
     "geometric": ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"),
@@ -169,8 +169,8 @@ def test_the_stored_arrays_alone_determine_the_pixels():
 
 def _extract_recording(config, out, monkeypatch, dataset=None):
     """Extract with ``config``; returns the store and, per view, the pixels its one teacher was fed per row."""
-    from meal_cache import extract as extract_module
-    from meal_cache.extract import extract
+    from meal_cache.extract import run as extract_module
+    from meal_cache.extract.run import extract
 
     fed: list[torch.Tensor] = []
     real = extract_module.teacher_outputs
@@ -215,7 +215,7 @@ def _replayed_from_the_arrays(path, view: int, images: torch.Tensor) -> torch.Te
 
 @pytest.mark.parametrize("recipe", ["randaugment", "trivialaugment"])
 def test_distill_replays_the_augmented_pixels_the_teacher_saw_in_memory(teacher_dir, tmp_path, monkeypatch, recipe):
-    from meal_cache.extract import ExtractConfig
+    from meal_cache.extract.config import ExtractConfig
     from meal_cache.store import OPS_FORMAT
 
     spec = "digits?train_fraction=0.1"  # 143 rows
@@ -243,7 +243,7 @@ def test_distill_replays_the_augmented_pixels_the_teacher_saw_in_memory(teacher_
 
 
 def test_distill_replays_the_augmented_pixels_the_teacher_saw_from_files(teacher_dir, tmp_path, monkeypatch):
-    from meal_cache.extract import ExtractConfig
+    from meal_cache.extract.config import ExtractConfig
 
     folder = make_image_folder(tmp_path / "jpegs", classes=10, train=2, val=1, sizes=(40, 90))
     config = ExtractConfig(teachers=["resnet8_w4"], data=f"imagefolder:{folder}", image_size=16, views=2,

@@ -16,11 +16,12 @@ import zarr
 from console import ROOT, run_console
 
 from meal_cache import CachedViews, kd_loss
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
 from meal_cache.distill import DistillConfig, DistillEpochs, build_run
-from meal_cache.distributed import init_world
+from meal_cache.engine.distributed import init_world
 from meal_cache.errors import UserError
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 from meal_cache.losses import kd_kl
 from meal_cache.store import logits_key, open_store
 

@@ -10,13 +10,13 @@ import pytest
 
 from meal_cache import losses
 from meal_cache.cli import main
+from meal_cache.data.source import DECODE_CHOICES
 from meal_cache.distill import REPRESENTATIONS, SELECTIONS, DistillConfig, available_methods
 from meal_cache.distill.methods.base import SOFT_TERMS
-from meal_cache.extract import ExtractConfig
-from meal_cache.loop import SCHEDULES
-from meal_cache.source import DECODE_CHOICES
+from meal_cache.engine.loop import SCHEDULES
+from meal_cache.engine.train import TrainConfig
+from meal_cache.extract.config import ExtractConfig
 from meal_cache.store import DTYPES
-from meal_cache.train import TrainConfig
 
 CONFIGS = {"train": TrainConfig, "extract": ExtractConfig, "distill": DistillConfig}
 # Options the CLI takes as text that the config holds parsed.

@@ -30,13 +30,13 @@ import torch
 import zarr
 from by_hand import store_arrays
 
-from meal_cache.checkpoint import load_checkpoint, load_model
 from meal_cache.distill import DistillConfig, distill
-from meal_cache.evaluate import evaluate
-from meal_cache.extract import extract
-from meal_cache.models import create_model
+from meal_cache.engine.evaluate import evaluate
+from meal_cache.engine.train import TrainConfig, train_supervised
+from meal_cache.extract.run import extract
+from meal_cache.nets.checkpoint import load_checkpoint, load_model
+from meal_cache.nets.models import create_model
 from meal_cache.runtime import AMP_ENV, Precision
-from meal_cache.train import TrainConfig, train_supervised
 
 pytestmark = pytest.mark.cuda
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from meal_cache.data import DATASETS, load_dataset
+from meal_cache.data.datasets import DATASETS, load_dataset
 from meal_cache.errors import UserError
 
 
@@ -38,7 +38,7 @@ def test_digits_fingerprint_stable_and_sensitive(digits):
 
 
 def test_fingerprint_changes_with_one_label_or_one_pixel(digits):
-    from meal_cache.data import fingerprint_rows
+    from meal_cache.data.datasets import fingerprint_rows
 
     images, labels = digits.train.images.clone(), digits.train.labels.clone()
     base = fingerprint_rows("digits", "train", images, labels)

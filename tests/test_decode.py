@@ -26,10 +26,10 @@ from console import one_error_line, run_console
 from imagefolder import make_image_folder, write_image
 from torchvision.transforms.v2 import functional as TF
 
-from meal_cache import augment
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
+from meal_cache.data.source import FileSource, decode_device, render_decoded, replay_decode
 from meal_cache.errors import UserError
-from meal_cache.source import FileSource, decode_device, render_decoded, replay_decode
+from meal_cache.views import augment
 
 CPU = torch.device("cpu")
 SIZE = 32
@@ -172,10 +172,11 @@ def test_bad_files_give_the_same_one_line_error_naming_the_file(tmp_path):
 
 def test_decode_is_not_recorded_in_store_settings_checkpoints_run_configs_or_stamps():
     from meal_cache.distill import DistillConfig
-    from meal_cache.distill.run import _config_json
-    from meal_cache.extract import ExtractConfig, _settings
-    from meal_cache.pipeline import _stamped
-    from meal_cache.train import TrainConfig
+    from meal_cache.distill.built_run import config_json
+    from meal_cache.engine.train import TrainConfig
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import _settings
+    from meal_cache.pipeline.run import _stamped
 
     data = SimpleNamespace(fingerprint=lambda split: "f")
     extract = [ExtractConfig(teachers=["t"], decode=decode) for decode in ("auto", "cpu", "cuda")]
@@ -185,8 +186,8 @@ def test_decode_is_not_recorded_in_store_settings_checkpoints_run_configs_or_sta
     assert "decode" not in TrainConfig("resnet8_w4").recorded()
     assert "decode" not in _stamped(TrainConfig("resnet8_w4", decode="cpu"))
     distill = DistillConfig(store="s.zarr", student="resnet8_w4")
-    assert _config_json(dataclasses.replace(distill, decode="cpu")) == _config_json(distill)
-    assert "decode" not in _config_json(distill)
+    assert config_json(dataclasses.replace(distill, decode="cpu")) == config_json(distill)
+    assert "decode" not in config_json(distill)
 
 
 @pytest.mark.parametrize("command", ["extract --teachers resnet8_w4 --out {out}/s.zarr",
@@ -222,7 +223,7 @@ def test_gpu_decoded_pixels_match_the_cpu_ones_within_a_few_levels(folder, worke
 
 @pytest.fixture(scope="module")
 def folder_teachers(folder, tmp_path_factory):
-    from meal_cache.train import TrainConfig, train_supervised
+    from meal_cache.engine.train import TrainConfig, train_supervised
 
     teachers = tmp_path_factory.mktemp("decode-teachers")
     for arch in ("resnet8_w4", "densenet_k12"):
@@ -241,7 +242,8 @@ def test_a_store_extracted_with_gpu_decoding_replays_its_pixels_and_matches_cpu_
 
     from meal_cache import distill as distill_module
     from meal_cache.distill import DistillConfig, distill
-    from meal_cache.extract import ExtractConfig, extract
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
     from meal_cache.runtime import AMP_ENV
 
     spec = f"imagefolder:{folder}"
@@ -293,8 +295,9 @@ def test_a_store_extracted_with_gpu_decoding_replays_its_pixels_and_matches_cpu_
 
 
 def test_a_store_records_its_decoder_and_a_replay_decodes_as_it_did(folder, tmp_path):
-    from meal_cache.extract import ExtractConfig, extract
-    from meal_cache.train import TrainConfig, train_supervised
+    from meal_cache.engine.train import TrainConfig, train_supervised
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
 
     spec = f"imagefolder:{folder}"
     train_supervised(TrainConfig(arch="resnet8_w4", data=spec, image_size=SIZE, epochs=1, device="cpu", workers=0),

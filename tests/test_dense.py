@@ -13,20 +13,21 @@ import torch
 import torch.nn.functional as F
 from console import one_error_line, run_console
 
-from meal_cache import augment
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
 from meal_cache.dense import DenseTargets, crop_rois, pool_boxes, whole_image
 from meal_cache.distill import DistillConfig, distill
 from meal_cache.distill.run import build_run
 from meal_cache.distill.step import DistillEpochs
-from meal_cache.distributed import init_world
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.engine.distributed import init_world
+from meal_cache.engine.loop import Stream, epoch_generator
+from meal_cache.engine.train import TrainConfig, train_supervised
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 from meal_cache.fidelity import store_fidelity
-from meal_cache.loop import Stream, epoch_generator
+from meal_cache.nets.teachers import resolve_teacher, teacher_outputs
 from meal_cache.runtime import Precision
 from meal_cache.store import DENSE_FORMAT, FORMAT, feature_key, logits_key, open_store
-from meal_cache.teachers import resolve_teacher, teacher_outputs
-from meal_cache.train import TrainConfig, train_supervised
+from meal_cache.views import augment
 
 SPEC = "digits?train_fraction=0.1"  # 143 training rows at 16 px
 # Random-resized crops and mirrors, so boxes, scales and flips all matter (digits' own recipe only shifts).
@@ -114,7 +115,7 @@ class PatchLinear(torch.nn.Module):
 def patch_stores(tmp_path_factory, small_digits):
     """A PatchLinear teacher trained 2 epochs (registered as an architecture while the module runs), a lossless
     dense store of it and a store of 3 views of random-resized, mirrored crops."""
-    from meal_cache import models
+    from meal_cache.nets import models
 
     entry = models.ModelEntry(PatchLinear, ("patch",), "a linear classifier of 4 x 4 patches")
     with pytest.MonkeyPatch.context() as patch:
@@ -401,7 +402,7 @@ def pixel_store(tmp_path_factory, small_digits):
     """A teacher that classifies each pixel alone, linearly, then averages (a 1 x 1 convolution before the global
     pooling): its logits of any region of an image are exactly the mean of its per-pixel logits there. One epoch,
     and a lossless float32 dense store of it, whose logit map has a position per pixel."""
-    from meal_cache import models
+    from meal_cache.nets import models
 
     entry = models.ModelEntry(lambda classes: PatchLinear(classes, patch=1), ("patch",), "a per-pixel classifier")
     with pytest.MonkeyPatch.context() as patch:

@@ -12,7 +12,7 @@ from console import run_console
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,21 @@ import torch
 from by_hand import first_rows
 from click.testing import CliRunner
 
-import meal_cache.augment as augment_module
 import meal_cache.distill as distill_module
-import meal_cache.loop as loop_module
-from meal_cache.checkpoint import load_model
+import meal_cache.engine.loop as loop_module
+import meal_cache.views.augment as augment_module
 from meal_cache.cli import main
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
 from meal_cache.distill import DistillConfig, OnlineTeachers, ViewFeed, distill, match_blocks, method_class
+from meal_cache.engine.evaluate import evaluate
 from meal_cache.errors import SettingsMismatch, UserError
-from meal_cache.evaluate import evaluate
-from meal_cache.extract import ExtractConfig, extract
-from meal_cache.models import create_model
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
+from meal_cache.nets.checkpoint import load_model
+from meal_cache.nets.models import create_model
+from meal_cache.nets.taps import block_shapes
 from meal_cache.runtime import Precision
 from meal_cache.store import BlockSpec, open_store
-from meal_cache.taps import block_shapes
 
 
 def _config(store, **overrides) -> DistillConfig:
@@ -121,7 +122,7 @@ def test_online_and_cached_first_step_agree(small_store, teacher_dir, digits):
     rows = torch.arange(64)
     params = store.view_params(0)[rows]
     images = digits.train.images[rows]
-    from meal_cache import augment
+    from meal_cache.views import augment
 
     batch = augment.apply(images, params, digits.mean, digits.std)
     results = []

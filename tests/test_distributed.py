@@ -18,10 +18,11 @@ import torch.distributed as dist
 from test_faults import TEACHERS, assert_same_store
 from test_run_exact import extract_low_data
 
-from meal_cache import distributed
-from meal_cache.checkpoint import load_checkpoint, load_model
 from meal_cache.distill import DistillConfig, distill
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.engine import distributed
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
+from meal_cache.nets.checkpoint import load_checkpoint, load_model
 from meal_cache.store import open_store, verify_store
 
 
@@ -315,7 +316,7 @@ def test_two_ranks_train_the_adapters_and_discriminators_one_process_trains(game
     discriminators drift through the features of a student whose adapters moved too far."""
     from groupnorm_student import ENTRY, NAME
 
-    from meal_cache import models
+    from meal_cache.nets import models
 
     path, digits = low_data
     args = ["distill", "--store", str(path), "--student", NAME, "--method", "meal", "--adv-game", game, "--epochs",

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from meal_cache.data import load_dataset
-from meal_cache.divergent import DivergentSearch, disagreement, divergent_pixels, stored_pixels
+from meal_cache.data.datasets import load_dataset
 from meal_cache.errors import UserError
-from meal_cache.teachers import resolve_teacher, teacher_outputs
+from meal_cache.extract.divergent import DivergentSearch, disagreement, divergent_pixels
+from meal_cache.nets.teachers import resolve_teacher, teacher_outputs
 
 SPEC = "digits?train_fraction=0.1"  # 143 rows
 TEACHERS = ["resnet8_w4", "densenet_k12"]
@@ -88,8 +88,9 @@ def test_a_teacher_without_a_gradient_to_its_input_is_named(teachers):
 
 
 def _extract(teacher_dir, out, monkeypatch=None, **options):
-    from meal_cache import extract as extract_module
-    from meal_cache.extract import ExtractConfig, extract
+    from meal_cache.extract import run as extract_module
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
 
     fed = []
     if monkeypatch is not None:
@@ -134,32 +135,32 @@ def test_extract_stores_the_divergent_pixels_and_the_teachers_outputs_on_exactly
     assert "divergent pixels" in describe_store(store) and "(2x143x3x16x16 uint8" in describe_store(store)
     images = load_dataset(SPEC).split("train").images
     for k, view in enumerate(store.divergent_views):
-        pixels = stored_pixels(store, k)
+        pixels = store.divergent_pixels(k)
         assert pixels.dtype == torch.uint8 and (pixels.float() - images.float()).abs().max() <= 8
         # What each teacher was fed for this view is the stored uint8, and its stored logits are its outputs on it.
         for teacher in TEACHERS:
             seen = torch.cat([p for key, p in fed if key == teacher][view * 3 : view * 3 + 3])
             assert torch.equal(seen, pixels.float()), (teacher, view)
-        assert torch.equal(stored_pixels(store, k, torch.tensor([5, 70])), pixels[[5, 70]])
-    assert not torch.equal(stored_pixels(store, 0), stored_pixels(store, 1))
+        assert torch.equal(store.divergent_pixels(k, torch.tensor([5, 70])), pixels[[5, 70]])
+    assert not torch.equal(store.divergent_pixels(0), store.divergent_pixels(1))
     models = [resolve_teacher(name, str(teacher_dir), load_dataset(SPEC), "all", 1) for name in TEACHERS]
     for teacher in models:
-        logits = teacher_outputs(teacher, stored_pixels(store, 1).float(), (), _cpu_precision())["logits"]
+        logits = teacher_outputs(teacher, store.divergent_pixels(1).float(), (), _cpu_precision())["logits"]
         np.testing.assert_array_equal(store.logits(teacher.spec.key, 3), logits.numpy().astype(np.float16))
     # Another batch split (chunks of 64 rows in batches of 16, not 64): the same pixels for every row.
     other, _ = _extract(teacher_dir, tmp_path / "other.zarr", batch_size=16)
-    assert torch.equal(stored_pixels(other, 0), stored_pixels(store, 0))
+    assert torch.equal(other.divergent_pixels(0), store.divergent_pixels(0))
     # A lost pixel chunk: verify finds it, repair has every teacher redo that (view, chunk), extract restores it.
     from meal_cache.store import open_store, repair_store, verify_store
 
-    before = stored_pixels(other, 1)
+    before = other.divergent_pixels(1)
     lost = tmp_path / "other.zarr" / "divergent" / "pixels" / "c" / "1" / "1" / "0" / "0" / "0"
     lost.unlink()
     report = verify_store(open_store(tmp_path / "other.zarr"))
     assert [(p.array, p.chunk, p.kind) for p in report.problems] == [("divergent/pixels", (1, 1, 0, 0, 0), "missing")]
     assert repair_store(open_store(tmp_path / "other.zarr", mode="r+"), report) == 2
     repaired, _ = _extract(teacher_dir, tmp_path / "other.zarr", batch_size=16)
-    assert verify_store(repaired).ok and torch.equal(stored_pixels(repaired, 1), before)
+    assert verify_store(repaired).ok and torch.equal(repaired.divergent_pixels(1), before)
     # inspect: the teachers disagree on the divergent views, hardly on the natural ones.
     result = inspect_store(tmp_path / "s.zarr")
     natural, divergent = result["disagreement"]["natural"], result["disagreement"]["divergent"]
@@ -169,7 +170,7 @@ def test_extract_stores_the_divergent_pixels_and_the_teachers_outputs_on_exactly
 
 
 def test_divergent_settings_are_checked_and_kept_out_of_other_stores(small_store):
-    from meal_cache.extract import ExtractConfig
+    from meal_cache.extract.config import ExtractConfig
     from meal_cache.store import open_store
 
     for bad, message in (({"divergent_eps": 1.5}, r"--divergent-eps is a fraction of the pixel range in \[0, 1\]"),
@@ -231,4 +232,4 @@ def test_distill_interleaves_batches_of_the_stored_divergent_pixels(teacher_dir,
 
 
 def _is_divergent(store, k, rows, pixels) -> bool:
-    return torch.equal(pixels, stored_pixels(store, k, rows).float())
+    return torch.equal(pixels, store.divergent_pixels(k, rows).float())

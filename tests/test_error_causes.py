@@ -11,10 +11,11 @@ import pytest
 import zarr
 from console import one_error_line, run_console
 
-from meal_cache.checkpoint import load_checkpoint, save_checkpoint
+from meal_cache.engine.train import TrainConfig, train_supervised
 from meal_cache.errors import settings_difference
-from meal_cache.extract import ExtractConfig, extract
-from meal_cache.train import TrainConfig, train_supervised
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
+from meal_cache.nets.checkpoint import load_checkpoint, save_checkpoint
 
 SPEC = "digits?folds=20&fold=0&train_fraction=0.05"  # 85 training rows at 16 px
 

@@ -69,7 +69,8 @@ def world(tmp_path_factory, teacher_dir, small_store):
     shutil.copytree(streamed, root / "extra")
     shutil.copytree(streamed / "val" / "c09", root / "extra" / "val" / "c10")
     shutil.copytree(streamed, root / "changed")
-    from meal_cache.extract import ExtractConfig, extract
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
 
     extract(
         ExtractConfig(

@@ -13,9 +13,10 @@ import zarr
 from click.testing import CliRunner
 
 from meal_cache.cli import main
+from meal_cache.engine.evaluate import ensemble_probabilities, evaluate_checkpoint, fidelity, kl_to_ensemble
 from meal_cache.errors import UserError
-from meal_cache.evaluate import ensemble_probabilities, evaluate_checkpoint, fidelity, kl_to_ensemble
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 
 TEACHERS = ["resnet8_w4", "densenet_k12"]
 

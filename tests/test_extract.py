@@ -10,15 +10,16 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-import meal_cache.extract as extract_module
-import meal_cache.extract_finite as extract_finite
-from meal_cache import augment
-from meal_cache.checkpoint import load_model
+import meal_cache.extract.finite as extract_finite
+import meal_cache.extract.run as extract_module
 from meal_cache.cli import main
 from meal_cache.errors import UserError
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
+from meal_cache.nets.checkpoint import load_model
+from meal_cache.nets.taps import BlockTap
 from meal_cache.store import describe_store, open_store, verify_store
-from meal_cache.taps import BlockTap
+from meal_cache.views import augment
 
 
 def _arrays(path) -> dict[str, np.ndarray]:
@@ -159,7 +160,7 @@ def test_other_settings_are_refused_unless_overwrite(small_store, tmp_path, digi
 
 
 def test_fingerprint_follows_the_dataset(teacher_dir, tmp_path, digits):
-    from meal_cache.data import ImageDataset, Split
+    from meal_cache.data.datasets import ImageDataset, Split
 
     labels = digits.train.labels.clone()
     labels[0] = (labels[0] + 1) % 10
@@ -274,7 +275,7 @@ def test_distill_reads_a_quantized_store(small_store, digits, tmp_path):
 
 def _edited_teacher(teacher_dir, folder, name: str, edit) -> str:
     """A copy of the resnet8_w4 teacher saved as ``folder/name.pt`` with ``edit`` applied to its weights."""
-    from meal_cache.checkpoint import load_checkpoint, save_checkpoint
+    from meal_cache.nets.checkpoint import load_checkpoint, save_checkpoint
 
     payload = load_checkpoint(teacher_dir / "resnet8_w4.pt")
     weights = {k: v.clone() for k, v in payload["model"].items()}

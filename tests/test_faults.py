@@ -21,10 +21,11 @@ import zarr
 import zarr.storage._local as zarr_local
 from by_hand import store_arrays
 
-from meal_cache.checkpoint import load_checkpoint
 from meal_cache.distill import DistillConfig, distill
 from meal_cache.errors import UserError
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
+from meal_cache.nets.checkpoint import load_checkpoint
 from meal_cache.store import open_store, repair_store, verify_store
 
 TEACHERS = ["resnet8_w4", "densenet_k12"]

@@ -12,7 +12,7 @@ import zarr
 from by_hand import topk_rebuilt
 
 from meal_cache.errors import UserError
-from meal_cache.extract import extract
+from meal_cache.extract.run import extract
 from meal_cache.fidelity import store_fidelity
 from meal_cache.store import open_store
 

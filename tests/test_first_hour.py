@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from imagefolder import make_image_folder
 
-from meal_cache import extract as extract_module
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.extract import run as extract_module
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 
 
 def _cli(*args: str) -> list[str]:
@@ -35,8 +36,8 @@ def test_evaluate_draws_a_bar_unless_quiet(teacher_dir, tmp_path):
 
 
 def test_the_evaluation_bar_counts_every_test_image_once_a_batch(teacher_dir, digits, monkeypatch):
-    from meal_cache import evaluate as evaluate_module
-    from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
+    from meal_cache.engine import evaluate as evaluate_module
+    from meal_cache.nets.checkpoint import load_checkpoint, model_from_checkpoint
 
     steps: list[int] = []
 
@@ -148,12 +149,12 @@ def test_an_error_after_a_progress_bar_starts_a_line_of_its_own(teacher_dir, tmp
 @pytest.mark.parametrize(
     ("module", "function", "args", "hint"),
     [
-        ("meal_cache.train", "train_supervised", ["train", "--arch", "resnet8", "--out", "{tmp}/t.pt"],
+        ("meal_cache.engine.train", "train_supervised", ["train", "--arch", "resnet8", "--out", "{tmp}/t.pt"],
          "Interrupted. Run the same command with --resume to continue from the last finished epoch."),
         ("meal_cache.distill", "distill", ["distill", "--store", "{store}", "--student", "resnet8_w4", "--out",
                                            "{tmp}/d"],
          "Interrupted. Run the same command with --resume to continue from the last finished epoch."),
-        ("meal_cache.pipeline", "run_pipeline", ["run", "pipelines/digits.toml", "--runs", "{tmp}/runs"],
+        ("meal_cache.pipeline.run", "run_pipeline", ["run", "pipelines/digits.toml", "--runs", "{tmp}/runs"],
          "Interrupted. Run the same command again: the steps already done are skipped."),
         ("meal_cache.store.describe", "describe_store", ["info", "{store}"], "Interrupted."),
     ],

@@ -181,7 +181,7 @@ def test_errors_doc_lists_the_first_looks_refusals():
 
 def test_the_accuracy_plot_draws_the_epochs_a_run_evaluated_and_skips_the_others(tmp_path, monkeypatch):
     """A run evaluated every few epochs (--eval-every, to come) logs the other epochs without test metrics."""
-    from meal_cache import report_plots
+    from meal_cache.pipeline import plots as report_plots
 
     monkeypatch.setattr(report_plots.plt, "close", lambda fig: None)  # keep the figure to read its lines
 

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from meal_cache import augment
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
 from meal_cache.distill import DistillConfig, distill
-from meal_cache.distill.run import ReplayedViews
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.distill.built_run import ReplayedViews
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 from meal_cache.store import open_store, verify_store
+from meal_cache.views import augment
 
 VIEWS = 64
 
@@ -84,7 +85,7 @@ def test_distill_notes_when_each_view_is_replayed_more_than_the_long_schedule_al
     """64 views: 960 epochs replay each 15 times (no note), 1,000 epochs 16 times (a note naming the views that
     would do)."""
     from meal_cache.distill import build_run
-    from meal_cache.distributed import World
+    from meal_cache.engine.distributed import World
 
     def note(epochs: int, **options) -> str:
         config = DistillConfig(store=str(many_views[0]), student="resnet8_w4", method="kd", epochs=epochs,

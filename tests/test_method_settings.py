@@ -37,7 +37,7 @@ from meal_cache.store.keys import feature_key, logits_key
 @pytest.fixture(scope="module")
 def batch(small_store, digits, tmp_path_factory):
     """The conftest store's rows with every feature kind, AT's attention maps included."""
-    from meal_cache.extract import extract
+    from meal_cache.extract.run import extract
 
     _, config = small_store
     path = tmp_path_factory.mktemp("settings") / "every-kind.zarr"

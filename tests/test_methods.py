@@ -20,7 +20,8 @@ from meal_cache.distill import DistillConfig, available_methods, distill
 from meal_cache.distill.methods.at import attention_loss
 from meal_cache.distill.methods.dkd import decoupled_kl
 from meal_cache.errors import UserError
-from meal_cache.extract import ExtractConfig, extract, store_presets
+from meal_cache.extract.config import ExtractConfig, store_presets
+from meal_cache.extract.run import extract
 from meal_cache.store import open_store
 
 
@@ -193,7 +194,7 @@ import torch.nn.functional as F
 from meal_cache.distill import DistillerOutput, Method, StoreNeeds
 from meal_cache.losses import Adapter
 from meal_cache.store import feature_key
-from meal_cache.taps import BlockTap, block_shapes
+from meal_cache.nets.taps import BlockTap, block_shapes
 
 
 class Cosine(Method):

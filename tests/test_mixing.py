@@ -12,11 +12,11 @@ import zarr
 from imagefolder import make_image_folder
 from test_augment_replay import _extract_recording
 
-from meal_cache import augment
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
+from meal_cache.data.source import MemorySource
 from meal_cache.errors import SettingsMismatch, UserError
-from meal_cache.mixing import Mixing, mix, mixed_labels, mixed_rows
-from meal_cache.source import MemorySource
+from meal_cache.views import augment
+from meal_cache.views.mixing import Mixing, mix, mixed_labels, mixed_rows
 
 SPEC = "digits?train_fraction=0.1"  # 143 rows
 
@@ -125,7 +125,7 @@ def _distill_recording(path, monkeypatch, **options):
 
 def test_distill_replays_the_mixed_pixels_the_teacher_saw_and_mixes_the_hard_labels(teacher_dir, tmp_path,
                                                                                      monkeypatch):  # fmt: skip
-    from meal_cache.extract import ExtractConfig
+    from meal_cache.extract.config import ExtractConfig
     from meal_cache.store import MIX_FORMAT, describe_store
 
     config = ExtractConfig(teachers=["resnet8_w4"], data=SPEC, views=2, identity_view=True, recipe="randaugment",
@@ -173,7 +173,7 @@ def test_distill_replays_the_mixed_pixels_the_teacher_saw_and_mixes_the_hard_lab
 
 
 def test_distill_replays_cutmix_from_image_files(teacher_dir, tmp_path, monkeypatch):
-    from meal_cache.extract import ExtractConfig
+    from meal_cache.extract.config import ExtractConfig
 
     folder = make_image_folder(tmp_path / "jpegs", classes=10, train=2, val=1, sizes=(40, 90))
     config = ExtractConfig(teachers=["resnet8_w4"], data=f"imagefolder:{folder}", image_size=16, views=2,
@@ -190,7 +190,8 @@ def test_distill_replays_cutmix_from_image_files(teacher_dir, tmp_path, monkeypa
 
 
 def test_mixing_settings_are_checked_recorded_and_kept_out_of_unmixed_stores(teacher_dir, small_store, tmp_path):
-    from meal_cache.extract import ExtractConfig, extract
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
     from meal_cache.store import FORMAT, open_store
 
     for bad, message in (({"mixup": -0.5}, "--mixup takes a Beta alpha >= 0"),

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from meal_cache.errors import UserError
-from meal_cache.models import create_model, model_names
-from meal_cache.taps import BlockTap, block_shapes
+from meal_cache.nets.models import create_model, model_names
+from meal_cache.nets.taps import BlockTap, block_shapes
 
 # (name, image size, expected blocks and their channels)
 CASES = [
@@ -124,7 +124,7 @@ def test_pretrained_head_is_replaced_for_new_classes(monkeypatch):
         seen["weights"] = weights
         return real_get_model(name, weights=None, **kwargs)
 
-    from meal_cache import torchvision_weights
+    from meal_cache.nets import torchvision_weights
 
     monkeypatch.setattr(torchvision.models, "get_model", offline_get_model)
     monkeypatch.setattr(torchvision_weights, "_download", lambda *args: None)  # the cache is filled elsewhere

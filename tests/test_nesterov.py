@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from meal_cache.distill import DistillConfig
-from meal_cache.distill.run import _config_json
+from meal_cache.distill.built_run import config_json
+from meal_cache.engine.loop import make_optimizer
+from meal_cache.engine.train import TrainConfig, train_supervised
 from meal_cache.errors import UserError
-from meal_cache.loop import make_optimizer
-from meal_cache.train import TrainConfig, train_supervised
 
 
 def _nesterov(optimizer: torch.optim.Optimizer) -> bool:
@@ -32,8 +32,8 @@ def test_the_reference_preset_turns_nesterov_off_unless_given():
 
 
 def test_records_hold_nesterov_only_when_off():
-    assert "nesterov" not in _config_json(DistillConfig(store="", student="s").resolved())
-    assert _config_json(DistillConfig(store="", student="s", nesterov=False).resolved())["nesterov"] is False
+    assert "nesterov" not in config_json(DistillConfig(store="", student="s").resolved())
+    assert config_json(DistillConfig(store="", student="s", nesterov=False).resolved())["nesterov"] is False
     assert "nesterov" not in TrainConfig(arch="resnet8_w4").recorded()
     assert TrainConfig(arch="resnet8_w4", nesterov=False).recorded()["nesterov"] is False
 

@@ -15,10 +15,10 @@ import torch
 import torchvision
 from console import one_error_line, run_console
 
-from meal_cache import augment
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
+from meal_cache.nets.torchvision_weights import IMAGENET_MEAN, IMAGENET_STD
 from meal_cache.store import open_store
-from meal_cache.torchvision_weights import IMAGENET_MEAN, IMAGENET_STD
+from meal_cache.views import augment
 
 SPEC = "digits?folds=20&fold=0&train_fraction=0.05"  # 85 training rows at 16 px
 DATA = ["--data", SPEC, "--device", "cpu", "--quiet"]

@@ -26,8 +26,8 @@ from method_hand import (
 
 from meal_cache.distill import DistillConfig, DistillEpochs, build_run
 from meal_cache.distill.methods.afd import teacher_key
-from meal_cache.distributed import World
-from meal_cache.loop import Stream, epoch_generator
+from meal_cache.engine.distributed import World
+from meal_cache.engine.loop import Stream, epoch_generator
 from meal_cache.store import open_store
 from meal_cache.store.keys import feature_key, logits_key
 

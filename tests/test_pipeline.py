@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from meal_cache.engine.evaluate import expected_calibration_error, fidelity, kl_to_ensemble
 from meal_cache.errors import UserError
-from meal_cache.evaluate import expected_calibration_error, fidelity, kl_to_ensemble
-from meal_cache.pipeline import check_device, load_pipeline, run_pipeline
-from meal_cache.report import paired_difference
+from meal_cache.pipeline.report import paired_difference
+from meal_cache.pipeline.run import check_device, load_pipeline, run_pipeline
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -61,7 +61,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_results_json_equals_an_independent_evaluate_of_each_checkpoint(tiny_run):
-    from meal_cache.evaluate import evaluate_checkpoint
+    from meal_cache.engine.evaluate import evaluate_checkpoint
 
     _, _, run_dir = tiny_run
     results = json.loads((run_dir / "results.json").read_text())
@@ -307,7 +307,7 @@ def test_the_cifar100_ablation_runs_the_digits_grid_unchanged():
 
 
 def test_a_method_entrys_settings_count_as_given_and_enter_the_stamp(tmp_path):
-    from meal_cache.pipeline import _student_step
+    from meal_cache.pipeline.run import _student_step
 
     file = tmp_path / "p.toml"
     file.write_text(TINY.replace('meal = { method = "meal" }', 'acn = { method = "acn", soft_weight = 1.0 }\n'

@@ -23,7 +23,7 @@ import torchvision
 from imagefolder import make_image_folder
 
 from meal_cache.errors import UserError
-from meal_cache.pipeline import load_pipeline, run_pipeline
+from meal_cache.pipeline.run import load_pipeline, run_pipeline
 
 RECIPE = Path(__file__).resolve().parent.parent / "pipelines" / "imagenet.toml"
 IMAGE_SIZE = 72
@@ -117,9 +117,9 @@ def test_the_recipe_is_pretrained_teachers_into_a_resnet18_at_224_px():
 
 
 def test_pretrained_teachers_are_not_trained_and_the_report_evaluates_them(imagenet_run):
-    from meal_cache.data import load_dataset
-    from meal_cache.evaluate import classification_metrics, predict_logits
-    from meal_cache.models import create_model
+    from meal_cache.data.datasets import load_dataset
+    from meal_cache.engine.evaluate import classification_metrics, predict_logits
+    from meal_cache.nets.models import create_model
     from meal_cache.store import open_store
 
     pipeline, run_dir, seconds = imagenet_run

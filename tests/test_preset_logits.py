@@ -15,7 +15,7 @@ from console import run_console
 
 from meal_cache.distill import DistillConfig, available_methods, method_class
 from meal_cache.errors import UserError
-from meal_cache.extract import ExtractConfig, fitted_to_data
+from meal_cache.extract.config import ExtractConfig, fitted_to_data
 
 # By hand, from the store's parts (docs/store-format): a drawn class is an int16 index and a uint8 count, 3 bytes;
 # a top-k slot an int16 index and a value of the logits' dtype, plus one float32 log-sum-exp a row.

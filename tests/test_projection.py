@@ -15,7 +15,8 @@ import torch
 
 from meal_cache.distill import DistillConfig
 from meal_cache.errors import UserError
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 from meal_cache.fidelity import store_fidelity
 from meal_cache.projection import orthogonal_projection, pca_projection, projection_quality, stored_projections
 from meal_cache.store import feature_key, open_store
@@ -101,7 +102,7 @@ def test_meal_preset_projects_only_blocks_wider_than_its_d_and_keeps_few_classes
     """``--for meal`` means PCA to 128 and every logit: on digits' teachers (no block wider than 90 channels)
     nothing is projected, where an explicit --project 128 is refused; --project 0 or a logits encoding the user
     chooses overrides the preset."""
-    from meal_cache.extract import fitted_to_data
+    from meal_cache.extract.config import fitted_to_data
 
     config = ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], views=1, teacher_dir=str(teacher_dir),
                            device="cpu", preset="meal")  # fmt: skip
@@ -197,7 +198,7 @@ def test_bad_projections_through_the_console_script(tmp_path, teacher_dir, args,
 
 def test_online_teachers_project_their_blocks_with_the_stores_matrices(projected, teacher_dir, digits):
     from meal_cache.distill import DistillEpochs, build_run
-    from meal_cache.distributed import World
+    from meal_cache.engine.distributed import World
 
     config = DistillConfig(store=str(projected[0]), student="resnet8_w4", method="meal", device="cpu", workers=0,
                            online=True, teachers=["resnet8_w4", "densenet_k12"], teacher_dir=str(teacher_dir),

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from meal_cache.report import paired_difference, plot_views_curve, render_views_curve, views_curve
+from meal_cache.pipeline.report import paired_difference, plot_views_curve, render_views_curve, views_curve
 
 
 def _runs(top1: dict[int, float]) -> dict[int, dict]:
@@ -70,7 +70,7 @@ def test_views_curve_needs_named_store_points():
 
 
 def test_methods_are_paired_against_kd_with_wins_and_their_diagnostics_are_tabled(tmp_path):
-    from meal_cache.report import _comparisons_with, plot_paired_differences, render_markdown, run_diagnostics
+    from meal_cache.pipeline.report import _comparisons_with, plot_paired_differences, render_markdown, run_diagnostics
 
     def run(top1: float, nll: float, history: list[dict]) -> dict:
         return {"top1": top1, "nll": nll, "history": history}

@@ -12,11 +12,12 @@ from typing import ClassVar
 import pytest
 import torch
 
-from meal_cache import loop as loop_module
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
 from meal_cache.distill import DistillConfig, distill, registry
 from meal_cache.distill.methods.meal import KD
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.engine import loop as loop_module
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 
 SPEC = "digits?train_fraction=0.1"  # 143 training rows: 4 steps an epoch at batch 32
 

@@ -21,7 +21,8 @@ import zarr
 from by_hand import store_arrays
 from console import console_environment, console_script, one_error_line, run_console
 
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 
 pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
 pytest.importorskip("moto.server", reason="moto[server] (the dev extra) is not installed")
@@ -118,7 +119,7 @@ def _open_group(environment: dict[str, str], url: str) -> zarr.Group:
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory, digits) -> Path:
     """The teacher folder: one resnet8_w4 trained one epoch (what it predicts does not matter here)."""
-    from meal_cache.train import TrainConfig, train_supervised
+    from meal_cache.engine.train import TrainConfig, train_supervised
 
     folder = tmp_path_factory.mktemp("s3-teacher")
     config = TrainConfig(arch=TEACHER, data="digits", epochs=1, seed=0, device="cpu")

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import zarr
 
 from meal_cache.errors import UserError
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 from meal_cache.fidelity import store_fidelity
 from meal_cache.store import open_store
 from meal_cache.store.logits import SAMPLE_FLOOR, check_logits_options, decode_sample, encode_sample, softmax_rows
@@ -184,7 +185,7 @@ def twin_stores(request, teacher_dir, tmp_path_factory):
     both the whole image (so the same logits again), 8 classes drawn a row at T = 4, and the same teachers' float32
     logits as the reference. On digits (10 classes, the 3-epoch teacher, 1,437 rows) and on digit pairs (100
     classes, a one-epoch teacher, 1,000 rows)."""
-    from meal_cache.train import TrainConfig, train_supervised
+    from meal_cache.engine.train import TrainConfig, train_supervised
 
     data = request.param
     root = tmp_path_factory.mktemp("twins")

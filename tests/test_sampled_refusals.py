@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from console import one_error_line, run_console
 
 from meal_cache.distill import DistillConfig, distill, method_class, soft_target_sets
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 from meal_cache.losses import kd_kl
-from meal_cache.models import create_model
+from meal_cache.nets.models import create_model
 from meal_cache.store import open_store
 from meal_cache.store.logits import decode_sample, encode_sample, softmax_rows
 

@@ -15,7 +15,8 @@ from test_dkd_numerics import reference_parts
 
 from meal_cache.distill import DistillConfig, distill
 from meal_cache.distill.methods import meal as meal_module
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 from meal_cache.store import open_store
 
 OPTIONS = {"alpha": 2.0, "beta": 3.0, "warmup": 4.0}

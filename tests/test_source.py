@@ -11,10 +11,10 @@ import torch
 from imagefolder import make_image_folder, write_image
 from torchvision.transforms.v2 import functional as TF
 
-from meal_cache import augment
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
+from meal_cache.data.source import decode_rgb
 from meal_cache.errors import UserError
-from meal_cache.source import decode_rgb
+from meal_cache.views import augment
 
 CPU = torch.device("cpu")
 
@@ -167,7 +167,7 @@ def test_sizes_are_read_from_the_headers_by_workers(folder):
 @pytest.fixture(scope="module")
 def streamed_run(folder, tmp_path_factory):
     """Two teachers trained one epoch on the streamed folder at 32 px, for the replay tests."""
-    from meal_cache.train import TrainConfig, train_supervised
+    from meal_cache.engine.train import TrainConfig, train_supervised
 
     teachers = tmp_path_factory.mktemp("stream-teachers")
     for arch in ("resnet8_w4", "densenet_k12"):
@@ -182,7 +182,8 @@ def _extract_recording(spec, teachers, out, monkeypatch, workers):
     for every row (captured at the teacher's forward)."""
     from by_hand import record_teacher_pixels
 
-    from meal_cache.extract import ExtractConfig, extract
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
 
     fed = record_teacher_pixels(monkeypatch, "resnet8_w4")
     config = ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], data=spec, image_size=32, views=3,
@@ -229,7 +230,7 @@ def test_distill_replays_the_pixels_and_targets_the_teachers_saw(streamed_run, t
 
 def test_multi_crop_batches_hold_k_cached_views_of_each_image_from_one_decode(streamed_run, tmp_path, monkeypatch):
     from meal_cache import distill as distill_module
-    from meal_cache import source as source_module
+    from meal_cache.data import source as source_module
     from meal_cache.distill import DistillConfig, distill
 
     folder, teachers = streamed_run

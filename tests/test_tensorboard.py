@@ -11,10 +11,11 @@ import pytest
 import torch
 from console import one_error_line, run_console
 
-from meal_cache.checkpoint import load_checkpoint
 from meal_cache.distill import DistillConfig, distill
 from meal_cache.distill import run as distill_run
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
+from meal_cache.nets.checkpoint import load_checkpoint
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
 
@@ -43,7 +44,7 @@ def _assert_scalars_are_the_records(scalars: dict[str, list[tuple[int, float]]],
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory, digits) -> Path:
     """A store of one resnet8_w4 teacher trained one epoch: 2 views, blocks and maps (what meal reads)."""
-    from meal_cache.train import TrainConfig, train_supervised
+    from meal_cache.engine.train import TrainConfig, train_supervised
 
     folder = tmp_path_factory.mktemp("tb-store")
     train_supervised(TrainConfig(arch="resnet8_w4", epochs=1, device="cpu"), folder / "resnet8_w4.pt",

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from meal_cache.cli import main
 from meal_cache.errors import UserError
-from meal_cache.models import create_model, is_model_name, split_weights
-from meal_cache.taps import BlockTap, block_shapes
-from meal_cache.timm_models import choose_stages
+from meal_cache.nets.models import create_model, is_model_name, split_weights
+from meal_cache.nets.taps import BlockTap, block_shapes
+from meal_cache.nets.timm_models import choose_stages
 
 timm = pytest.importorskip("timm")
 
@@ -111,7 +111,7 @@ def test_pretrained_records_timms_input_and_gets_a_new_head(monkeypatch, digits)
     assert asked == {"name": "vit_tiny_patch16_224", "pretrained": True, "img_size": 32}
     assert model.net.num_classes == 10 and len(model.pretrained_classes) == 1000
     assert model.pretrained_input["mean"] == [0.5, 0.5, 0.5] and model.pretrained_input["input_size"] == [3, 224, 224]
-    from meal_cache.teachers import resolve_teacher
+    from meal_cache.nets.teachers import resolve_teacher
 
     # Used as it is, a 1000-class teacher does not fit digits' 10 classes: the torchvision rule.
     with pytest.raises(UserError, match="predicts 1000 classes.*fine-tune it first"):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from by_hand import topk_rebuilt
 
-from meal_cache.data import load_dataset
+from meal_cache.data.datasets import load_dataset
 from meal_cache.errors import UserError
-from meal_cache.extract import extract
+from meal_cache.extract.run import extract
 from meal_cache.store import decode_topk, describe_store, encode_topk, open_store
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -228,7 +228,7 @@ def test_presets_store_only_what_their_method_reads(small_store, digits, tmp_pat
 @pytest.fixture(scope="module")
 def top5_store(tmp_path_factory, teacher_dir, digits):
     """One teacher's top-5 of 10 logits and its blocks' channel-mean maps (what the reference reads), one view."""
-    from meal_cache.extract import ExtractConfig
+    from meal_cache.extract.config import ExtractConfig
 
     out = tmp_path_factory.mktemp("top5") / "top5.zarr"
     config = ExtractConfig(teachers=["resnet8_w4"], views=1, features=["maps"], logits_topk=5,
@@ -244,7 +244,7 @@ def test_the_reference_output_discriminator_refuses_raw_top_k_logits(top5_store,
     from console import one_error_line, run_console
 
     from meal_cache.distill import DistillConfig, method_class
-    from meal_cache.models import create_model
+    from meal_cache.nets.models import create_model
 
     out = tmp_path / "refused"
     line = one_error_line(run_console(["distill", "--store", str(top5_store), "--student", "resnet8_w4", "--preset",

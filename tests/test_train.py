@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from meal_cache.checkpoint import load_checkpoint, load_model
+from meal_cache.engine.evaluate import classification_metrics, evaluate
+from meal_cache.engine.loop import epoch_batches, learning_rate, steps_per_epoch
+from meal_cache.engine.train import TrainConfig, train_supervised
 from meal_cache.errors import UserError
-from meal_cache.evaluate import classification_metrics, evaluate
-from meal_cache.loop import epoch_batches, learning_rate, steps_per_epoch
-from meal_cache.train import TrainConfig, train_supervised
+from meal_cache.nets.checkpoint import load_checkpoint, load_model
 
 
 def test_short_training_on_digits_learns_far_above_chance(tmp_path, digits):
@@ -37,7 +37,7 @@ def test_same_seed_gives_the_same_weights(tmp_path, digits):
 
 
 def test_resume_continues_an_interrupted_run(tmp_path, digits, interrupt_on_call):
-    import meal_cache.loop as loop_module
+    import meal_cache.engine.loop as loop_module
 
     config = TrainConfig(arch="resnet8_w4", data="digits", epochs=2, seed=1, device="cpu")
     reference = train_supervised(config, tmp_path / "ref.pt", progress=False, dataset=digits)
@@ -98,7 +98,7 @@ def test_steps_per_epoch_counts_what_epoch_batches_cuts():
 
 
 def test_checkpoints_carry_the_loss_scaler_state(tmp_path, digits):
-    from meal_cache.loop import Optimisation
+    from meal_cache.engine.loop import Optimisation
 
     config = TrainConfig(arch="resnet8_w4", data="digits", epochs=1, seed=0, device="cpu")
     payload = train_supervised(config, tmp_path / "a.pt", progress=False, dataset=digits)

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from console import run_console
 
-from meal_cache.data import load_dataset
-from meal_cache.extract import ExtractConfig, extract
+from meal_cache.data.datasets import load_dataset
+from meal_cache.engine.train import TrainConfig, train_supervised
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
 from meal_cache.store import open_store, verify_store
 from meal_cache.store.verify import VERIFY_CHUNKS_AT_ONCE
-from meal_cache.train import TrainConfig, train_supervised
 
 SPEC = "digits?train_fraction=0.1"  # 143 training rows
 ROWS_PER_CHUNK = 8  # 18 chunks a view: a group of 16 and a last group of 2

@@ -81,7 +81,7 @@ class MealCacheGroup(click.Group):
             close_progress_bars()
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 # Under torchrun: one line from rank 0, not one per rank, and the same exit status on every rank.
-                from meal_cache.distributed import exit_with_user_error
+                from meal_cache.engine.distributed import exit_with_user_error
 
                 exit_with_user_error(err.format_message(), err.exit_code)
             click.echo(f"Error: {err.format_message()}", err=True)

@@ -302,8 +302,8 @@ def distill(block_weights: str, teachers: str, out: str | None, resume: bool, ov
         settings["student"] = settings["peers"][0]
     from meal_cache.distill import DistillConfig
     from meal_cache.distill import distill as run_distill
-    from meal_cache.distributed import is_main_process
-    from meal_cache.loop import check_tensorboard
+    from meal_cache.engine.distributed import is_main_process
+    from meal_cache.engine.loop import check_tensorboard
 
     context = click.get_current_context()
     given = tuple(name for name in settings if context.get_parameter_source(name) != ParameterSource.DEFAULT)

@@ -268,9 +268,9 @@ def extract(teachers: str, grid: str, features: str, out: str, overwrite: bool, 
     in eval mode. Per teacher, view and chunk of rows the store keeps the logits, every block's pooled output
     and its channel-mean map. An interrupted extract, run again with the same arguments, resumes.
     """
-    from meal_cache.distributed import is_main_process
-    from meal_cache.extract import ExtractConfig
-    from meal_cache.extract import extract as run_extract
+    from meal_cache.engine.distributed import is_main_process
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract as run_extract
     from meal_cache.store.describe import describe_store
 
     config = ExtractConfig(

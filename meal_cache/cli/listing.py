@@ -15,8 +15,8 @@ def models(pattern: str | None, image_size: int) -> None:
     --image-size."""
     import fnmatch
 
-    from meal_cache.models import FAMILIES, MODELS, model_names, torchvision_model_names
-    from meal_cache.timm_models import PREFIX, describe
+    from meal_cache.nets.models import FAMILIES, MODELS, model_names, torchvision_model_names
+    from meal_cache.nets.timm_models import PREFIX, describe
 
     if pattern:
         if not pattern.startswith(PREFIX):
@@ -38,7 +38,7 @@ def models(pattern: str | None, image_size: int) -> None:
 @click.command()
 def datasets() -> None:
     """List the datasets `--data` accepts."""
-    from meal_cache.data import DATASETS
+    from meal_cache.data.datasets import DATASETS
 
     for name, entry in sorted(DATASETS.items()):
         click.echo(f"  {name:12s} {entry.help}")

@@ -30,7 +30,7 @@ def run(pipeline_file: str, runs: str, device: str, allow_cpu: bool, quiet: bool
     same file again only rebuilds the report. A pipeline marked `gpu = true` is refused without a CUDA GPU
     unless --allow-cpu is given.
     """
-    from meal_cache.pipeline import load_pipeline, run_pipeline
+    from meal_cache.pipeline.run import load_pipeline, run_pipeline
 
     run_dir = run_pipeline(load_pipeline(pipeline_file), runs, device=device, progress=not quiet,
                            allow_cpu=allow_cpu)  # fmt: skip
@@ -41,6 +41,6 @@ def run(pipeline_file: str, runs: str, device: str, allow_cpu: bool, quiet: bool
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def report(run_dir: str) -> None:
     """Evaluate a pipeline run and write results.json, report.md and the PNG plots into it."""
-    from meal_cache.report import write_report
+    from meal_cache.pipeline.report import write_report
 
     click.echo(f"report: {write_report(run_dir)}")

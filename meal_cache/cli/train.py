@@ -54,8 +54,8 @@ def train(out: str, resume: bool, overwrite: bool, quiet: bool, tensorboard: boo
     checkpoint records the architecture, classes, input size and normalisation, the data's fingerprint, the test
     accuracy and the full config; it loads with torch.load(weights_only=True).
     """
-    from meal_cache.loop import check_tensorboard
-    from meal_cache.train import TrainConfig, train_supervised
+    from meal_cache.engine.loop import check_tensorboard
+    from meal_cache.engine.train import TrainConfig, train_supervised
 
     if tensorboard:
         check_tensorboard()  # before anything is written
@@ -107,7 +107,7 @@ def evaluate(
 ) -> None:
     """Top-1, top-5, negative log-likelihood and calibration error (ECE) of a checkpoint, and with --teachers (or
     --store) its fidelity to the teachers' ensemble and KL divergence from it; printed and written as JSON."""
-    from meal_cache.evaluate import evaluate_checkpoint
+    from meal_cache.engine.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         checkpoint, data=data, data_root=data_root, download=download, image_size=image_size, split=split,

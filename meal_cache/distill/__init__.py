@@ -10,43 +10,38 @@ gets), :mod:`.step` (the epoch plan and one step), :mod:`.run` (build, train, re
 :mod:`.methods`, one file a method, found by :mod:`.registry` (plug-ins too, by entry point).
 """
 
-from meal_cache.distill.config import (
-    ADV_GAMES,
-    DIVERGENT_RATIO,
-    PRESETS,
-    DistillConfig,
-    Preset,
-    parse_discriminators,
-)
-from meal_cache.distill.feed import (
-    InMemoryBatches,
-    MultiCropBatches,
-    OnlineTeachers,
-    StreamingBatches,
-    ViewFeed,
-    make_batch_source,
-    view_bytes,
-)
-from meal_cache.distill.methods.base import (
-    DISCRIMINATORS,
-    REPRESENTATIONS,
-    SELECTIONS,
-    AdversarialInput,
-    DistillerOutput,
-    Method,
-    StoreNeeds,
-    soft_target_sets,
-)
-from meal_cache.distill.methods.meal import BlockPair, Distiller, match_blocks
-from meal_cache.distill.registry import ENTRY_POINT_GROUP, available_methods, method_class
-from meal_cache.distill.run import DistillRun, build_run, distill, load_store_dataset, stored_features
-from meal_cache.distill.step import DistillEpochs, gradient_norms
+from __future__ import annotations
 
-__all__ = [
-    "ADV_GAMES", "DISCRIMINATORS", "DIVERGENT_RATIO", "ENTRY_POINT_GROUP", "PRESETS", "REPRESENTATIONS",
-    "SELECTIONS", "AdversarialInput", "BlockPair", "DistillConfig", "DistillEpochs", "DistillRun", "Distiller",
-    "DistillerOutput", "InMemoryBatches", "Method", "MultiCropBatches", "OnlineTeachers", "Preset", "StoreNeeds",
-    "StreamingBatches", "ViewFeed", "available_methods", "build_run", "distill", "gradient_norms",
-    "load_store_dataset", "make_batch_source", "match_blocks", "method_class", "parse_discriminators",
-    "soft_target_sets", "stored_features", "view_bytes",
-]  # fmt: skip
+import importlib
+
+# Each module's names that ``meal_cache.distill`` offers, loaded on first use: ``from meal_cache.distill import
+# Method`` loads the method base and not the run, its feed or the loop (tests/test_import_graph.py reads this table).
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "config": ("ADV_GAMES", "DIVERGENT_RATIO", "PRESETS", "DistillConfig", "Preset", "parse_discriminators"),
+    "feed": (
+        "InMemoryBatches", "MultiCropBatches", "OnlineTeachers", "StreamingBatches", "ViewFeed", "make_batch_source",
+        "view_bytes",
+    ),
+    "methods.base": (
+        "DISCRIMINATORS", "REPRESENTATIONS", "SELECTIONS", "AdversarialInput", "DistillerOutput", "Method",
+        "StoreNeeds", "soft_target_sets",
+    ),
+    "methods.meal": ("BlockPair", "Distiller", "match_blocks"),
+    "registry": ("ENTRY_POINT_GROUP", "available_methods", "method_class"),
+    "run": ("DistillRun", "build_run", "distill", "load_store_dataset", "stored_features"),
+    "step": ("DistillEpochs", "gradient_norms"),
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> object:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

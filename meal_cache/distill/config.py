@@ -10,12 +10,12 @@ from typing import Any
 from dask.utils import parse_bytes
 
 from meal_cache import losses
+from meal_cache.data.source import check_decode
 from meal_cache.distill.methods.base import DISC_FORMS, DISCRIMINATORS, REPRESENTATIONS, SELECTIONS, SOFT_TERMS, Method
 from meal_cache.distill.registry import available_methods, method_class
+from meal_cache.engine.loop import check_nesterov, check_number, check_optimisation, check_workers
 from meal_cache.errors import UserError, unknown_choice
-from meal_cache.loop import check_nesterov, check_number, check_optimisation, check_workers
-from meal_cache.models import check_model_name
-from meal_cache.source import check_decode
+from meal_cache.nets.models import check_model_name
 
 # How the discriminators are trained. "adversarial": their own Adam step on detached student features, then the
 # student's loss for fooling them (a GAN game). "joint": MEAL's reference code, whose discriminator loss is added

@@ -14,18 +14,17 @@ import torch
 from dask.utils import parse_bytes
 
 from meal_cache.distill.config import DIVERGENT_RATIO, DistillConfig
-from meal_cache.divergent import stored_pixels
+from meal_cache.engine.loop import Stream, epoch_batches, epoch_generator, shuffled_batches
 from meal_cache.errors import UserError
-from meal_cache.loop import Stream, epoch_batches, epoch_generator, shuffled_batches
+from meal_cache.nets.teachers import resolve_teacher, teacher_outputs
 from meal_cache.projection import stored_projections
 from meal_cache.runtime import Precision
 from meal_cache.store.keys import teacher_key
 from meal_cache.store.schema import DEFAULT_ATTENTION_P
 from meal_cache.store.teacher_store import TeacherStore
-from meal_cache.teachers import resolve_teacher, teacher_outputs
 
 if TYPE_CHECKING:
-    from meal_cache.data import ImageDataset
+    from meal_cache.data.datasets import ImageDataset
 
 
 class ViewFeed:
@@ -257,7 +256,7 @@ class DivergentBatches:
                  per_epoch: int) -> None:  # fmt: skip
         self.views, self.per_epoch = store.divergent_views, per_epoch
         self.feed = ViewFeed(store, keys, device)
-        self.pixels = [stored_pixels(store, k).to(device) for k in range(len(self.views))]
+        self.pixels = [store.divergent_pixels(k).to(device) for k in range(len(self.views))]
         self.n, self.batch_size, self.seed = store.n, batch_size, seed
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, dict, torch.Tensor]]:

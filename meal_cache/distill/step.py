@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from meal_cache import augment
 from meal_cache.distill.config import DistillConfig
 from meal_cache.distill.feed import interleaved
-from meal_cache.distributed import World
-from meal_cache.loop import StepOutput, Stream, epoch_generator
-from meal_cache.mixing import mixed_labels
+from meal_cache.engine.distributed import World
+from meal_cache.engine.loop import StepOutput, Stream, epoch_generator
+from meal_cache.views import augment
+from meal_cache.views.mixing import mixed_labels
 
 if TYPE_CHECKING:
-    from meal_cache.distill.run import DistillRun
+    from meal_cache.distill.built_run import DistillRun
 
 # Every this many steps of the run, the gradient norm each loss family sends into the student's parameters is
 # logged (one extra backward pass per family on that step).

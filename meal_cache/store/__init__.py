@@ -60,11 +60,11 @@ The modules, each importing only those listed before it:
 - :mod:`.verify`         verify (every due chunk exists and passes its checksum) and repair
 - :mod:`.describe`       ``meal-cache info``'s text summary of a store
 
-Beyond them the package imports numpy, zarr, torch (dask, tqdm, fsspec and botocore inside the functions that use them),
-:mod:`meal_cache.errors`, and :mod:`meal_cache.augment` and :mod:`meal_cache.mixing` for the views' parameters;
-never distill, extract, pipeline or cli, which build on it. Its modules import each other by their own names,
-never through this package, which re-exports their public names lazily: ``from meal_cache.store import
-TeacherStore`` loads :mod:`.teacher_store` (and what it imports) and nothing else.
+Beyond them the package imports numpy, zarr, torch (dask, tqdm, fsspec and botocore inside the functions that use
+them), :mod:`meal_cache.errors`, and :mod:`meal_cache.views.augment` and :mod:`meal_cache.views.mixing` for the
+views' parameters; never nets, extract, distill, engine, pipeline or cli, which build on it. Its modules import
+each other by their own names, never through this package, which re-exports their public names lazily: ``from
+meal_cache.store import TeacherStore`` loads :mod:`.teacher_store` (and what it imports) and nothing else.
 """
 
 from __future__ import annotations

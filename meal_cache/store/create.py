@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 import torch
 import zarr
 
-from meal_cache.augment import ViewParams
 from meal_cache.errors import UserError
 from meal_cache.store.codecs import QUANTIZE_BITS, lossy_filters, parse_codec
 from meal_cache.store.keys import (
@@ -37,6 +36,7 @@ from meal_cache.store.keys import (
 )
 from meal_cache.store.logits import check_logits_options
 from meal_cache.store.schema import DTYPES, VERSION, BlockSpec, StoreLayout, TeacherSpec, format_of
+from meal_cache.views.augment import ViewParams
 
 # Every array is created with it: all chunks written, so a missing chunk means a lost one.
 ARRAY_CONFIG = {"write_empty_chunks": True}

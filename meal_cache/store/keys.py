@@ -2,7 +2,7 @@
 
 A teacher's arrays live under ``teachers/NAME/``; below it an array has a *name* relative to the teacher
 (``logits``, ``blocks/B``, ``maps/B``, ``attention/B``, ``progress``, ``ranges/KIND/B``, ``logits_topk/PART``,
-``logits_sample/PART``), which is what :func:`meal_cache.teachers.teacher_outputs` returns and
+``logits_sample/PART``), which is what :func:`meal_cache.nets.teachers.teacher_outputs` returns and
 :meth:`~meal_cache.store.teacher_store.TeacherStore.write_rows` takes.
 This module imports nothing heavy (no zarr), so reports and plots can name arrays without opening a store.
 """
@@ -93,5 +93,5 @@ def range_key(key: str) -> str:
 
 
 def view_field(key: str) -> str:
-    """The :class:`~meal_cache.augment.ViewParams` field a ``views/...`` array holds (``views/ops``: ``ops``)."""
+    """The :class:`~meal_cache.views.augment.ViewParams` field a ``views/...`` array holds (``views/ops``: ``ops``)."""
     return key.split("/")[1]

@@ -33,6 +33,11 @@ MAX_SAMPLE = 255  # counts are stored as uint8
 SAMPLE_FLOOR = 1e-6
 
 
+# The temperature top-k and sampled logits are made at unless --logits-temperature says: distill's default (every
+# method's, unless it sets its own), so a store made for a method serves it without a temperature mismatch.
+DEFAULT_LOGITS_TEMPERATURE = 4.0
+
+
 def encode_topk(logits: np.ndarray, k: int, dtype: str, temperature: float = 1.0) -> dict[str, np.ndarray]:
     """Each row's ``k`` largest logits (classes as int16, largest first; values as ``dtype``) and the log-sum-exp
     of all its logits divided by ``temperature`` (float32, computed from the ``dtype`` values so the rebuilt

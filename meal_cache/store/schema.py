@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from meal_cache.store.logits import LogitsEncoding, chosen_encoding
 
 if TYPE_CHECKING:
-    from meal_cache.augment import ViewParams
+    from meal_cache.views.augment import ViewParams
 
 FORMAT = "meal-cache/2"
 # A store whose views carry a policy's ops (extract --recipe randaugment|trivialaugment): a /2 reader would
@@ -175,3 +175,26 @@ def format_of(view: ViewParams, divergent: bool = False, layout: StoreLayout | N
     if view.mix_partner is not None:
         return MIX_FORMAT
     return FORMAT if view.ops is None else OPS_FORMAT
+
+
+@dataclass(frozen=True)
+class StoreNeeds:
+    """What ``extract --for METHOD`` stores: the feature kinds besides the logits (``blocks``: pooled channels,
+    ``maps``: channel-mean maps), which blocks (``extract --blocks``), the lossy encoding of blocks and maps it
+    uses unless ``--quantize``/``--keep-bits`` choose one, and the compact encoding of the logits it tolerates."""
+
+    features: tuple[str, ...] = ()
+    blocks: str = "all"
+    help: str = "every logit"
+    quantize: int | None = None
+    # Unless --logits-topk/--logits-sample choose: the logits kept as their top k (logits_topk) or as k classes drawn
+    # from the teacher's softmax (logits_sample), made at distill's default temperature, wherever that takes fewer
+    # bytes a row than every float16 logit of the data's classes. Neither: every logit, the safe default for a
+    # method that has not been measured on a compact encoding.
+    logits_topk: int | None = None
+    logits_sample: int | None = None
+    project: int | None = None  # unless --project: pooled blocks wider than this stored through PCA to it
+
+    def __post_init__(self) -> None:
+        if self.logits_topk is not None and self.logits_sample is not None:
+            raise ValueError("a store preset keeps its logits as top-k or as sampled classes, not both")

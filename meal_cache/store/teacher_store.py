@@ -13,12 +13,11 @@ import numpy as np
 import torch
 import zarr
 
-from meal_cache.augment import Policy, Recipe, ViewParams, policy_from_json, recipe_for
 from meal_cache.errors import UserError
-from meal_cache.mixing import Mixing, mixing_from_json
 from meal_cache.store.codecs import dequantize_rows, quantize_rows
 from meal_cache.store.create import create_group, json_safe, store_exists
 from meal_cache.store.keys import (
+    DIVERGENT_PIXELS,
     LABELS,
     MIX_KEYS,
     OPS_KEYS,
@@ -38,6 +37,8 @@ from meal_cache.store.keys import (
 )
 from meal_cache.store.logits import LogitsEncoding, sample_rng
 from meal_cache.store.schema import FORMAT, READABLE_FORMATS, VERSION, BlockSpec, StoreLayout
+from meal_cache.views.augment import Policy, Recipe, ViewParams, policy_from_json, recipe_for
+from meal_cache.views.mixing import Mixing, mixing_from_json
 
 
 def create_store(path: str | Path, **contents: Any) -> TeacherStore:
@@ -116,6 +117,14 @@ class TeacherStore:
             return []
         first = int(self.attrs["views"]["augmented"]) + bool(self.attrs["views"]["identity"])
         return list(range(first, first + int(info["views"])))
+
+    def divergent_pixels(self, view: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 ``(N, 3, S, S)`` pixels of divergent view ``view`` (its index among :attr:`divergent_views`), or
+        of the given rows only."""
+        array = self.array(DIVERGENT_PIXELS)
+        if rows is None:
+            return torch.from_numpy(array[view])
+        return torch.from_numpy(array.oindex[view, rows.numpy()])
 
     @property
     def layout(self) -> StoreLayout:

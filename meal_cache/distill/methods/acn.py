@@ -53,8 +53,8 @@ from torch import nn
 
 from meal_cache.distill.methods.base import DistillerOutput, Method, soft_target_sets
 from meal_cache.distill.methods.peers import build_peers, mutual_kl, peer_architectures
+from meal_cache.engine.loop import Stream, epoch_generator
 from meal_cache.errors import UserError
-from meal_cache.loop import Stream, epoch_generator
 from meal_cache.store.keys import logits_key
 
 if TYPE_CHECKING:

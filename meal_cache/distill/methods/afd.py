@@ -38,8 +38,8 @@ from meal_cache.distill.methods.base import (
 )
 from meal_cache.distill.methods.peers import build_peers, mutual_kl, peer_architectures
 from meal_cache.errors import UserError
+from meal_cache.nets.taps import BlockTap, block_shapes
 from meal_cache.store.keys import feature_key, logits_key
-from meal_cache.taps import BlockTap, block_shapes
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig

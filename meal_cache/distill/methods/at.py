@@ -21,10 +21,10 @@ from torch import nn
 
 from meal_cache.distill.methods.base import PRESET_LOGITS_SAMPLE, DistillerOutput, Method, StoreNeeds
 from meal_cache.errors import UserError
+from meal_cache.nets.taps import BlockTap
+from meal_cache.nets.teachers import channel_attention
 from meal_cache.store.keys import feature_key
 from meal_cache.store.schema import DEFAULT_ATTENTION_P
-from meal_cache.taps import BlockTap
-from meal_cache.teachers import channel_attention
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig

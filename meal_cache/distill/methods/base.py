@@ -28,10 +28,12 @@ from torch import Tensor, nn
 from meal_cache import losses
 from meal_cache.errors import UserError
 from meal_cache.store.keys import logits_key
+from meal_cache.store.logits import DEFAULT_LOGITS_TEMPERATURE
+from meal_cache.store.schema import StoreNeeds
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig
-    from meal_cache.distributed import World
+    from meal_cache.engine.distributed import World
     from meal_cache.store.teacher_store import TeacherStore
 
 SELECTIONS = ("random", "mean", "all")
@@ -48,29 +50,6 @@ DISC_FORMS = ("meal-cache", "reference")
 # classes. At 100 classes and T = 4 they matched every logit where top-10 lost 18 points of top-1 (docs/design.md,
 # "At the class counts users have").
 PRESET_LOGITS_SAMPLE = 16
-
-
-@dataclass(frozen=True)
-class StoreNeeds:
-    """What ``extract --for METHOD`` stores: the feature kinds besides the logits (``blocks``: pooled channels,
-    ``maps``: channel-mean maps), which blocks (``extract --blocks``), the lossy encoding of blocks and maps it
-    uses unless ``--quantize``/``--keep-bits`` choose one, and the compact encoding of the logits it tolerates."""
-
-    features: tuple[str, ...] = ()
-    blocks: str = "all"
-    help: str = "every logit"
-    quantize: int | None = None
-    # Unless --logits-topk/--logits-sample choose: the logits kept as their top k (logits_topk) or as k classes drawn
-    # from the teacher's softmax (logits_sample), made at distill's default temperature, wherever that takes fewer
-    # bytes a row than every float16 logit of the data's classes. Neither: every logit, the safe default for a
-    # method that has not been measured on a compact encoding.
-    logits_topk: int | None = None
-    logits_sample: int | None = None
-    project: int | None = None  # unless --project: pooled blocks wider than this stored through PCA to it
-
-    def __post_init__(self) -> None:
-        if self.logits_topk is not None and self.logits_sample is not None:
-            raise ValueError("a store preset keeps its logits as top-k or as sampled classes, not both")
 
 
 class AdversarialInput(NamedTuple):
@@ -177,7 +156,7 @@ class Method(nn.Module):
     soft_loss: ClassVar[str] = "kl"
     # The --soft-loss choices the method takes; dkd needs DecoupledOptions and the teachers' logits in label_losses.
     soft_losses: ClassVar[tuple[str, ...]] = tuple(losses.SOFT_LABEL)
-    temperature: ClassVar[float] = 4.0
+    temperature: ClassVar[float] = DEFAULT_LOGITS_TEMPERATURE
     selection: ClassVar[str] = "mean"
     own_discriminators: ClassVar[tuple[str, ...]] = ()  # of DISCRIMINATORS, where --discriminators is not given
     block_terms: ClassVar[bool] = False  # whether --block-weights, --match-blocks and --representation apply

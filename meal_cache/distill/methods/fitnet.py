@@ -16,8 +16,8 @@ from torch import nn
 from meal_cache import losses
 from meal_cache.distill.methods.base import PRESET_LOGITS_SAMPLE, DistillerOutput, Method, StoreNeeds
 from meal_cache.errors import UserError
+from meal_cache.nets.taps import BlockTap, block_shapes
 from meal_cache.store.keys import feature_key
-from meal_cache.taps import BlockTap, block_shapes
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig

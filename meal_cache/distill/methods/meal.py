@@ -25,9 +25,9 @@ from meal_cache.distill.methods.base import (
     soft_target_sets,
 )
 from meal_cache.errors import UserError
+from meal_cache.nets.taps import BlockTap, block_shapes
 from meal_cache.store.keys import feature_key, logits_key
 from meal_cache.store.schema import BlockSpec
-from meal_cache.taps import BlockTap, block_shapes
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meal_cache.losses import kd_kl
-from meal_cache.models import create_model
+from meal_cache.nets.models import create_model
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig

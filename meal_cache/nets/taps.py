@@ -1,9 +1,9 @@
 """Block taps: the outputs of a model's named modules, collected with forward hooks during an ordinary forward.
 
-A model's *blocks* are the modules named in ``model.block_names`` (set by :func:`~meal_cache.models.create_model`):
+A model's *blocks* are the modules named in ``model.block_names`` (set by :func:`~meal_cache.nets.models.create_model`):
 the stage outputs MEAL compares between student and teacher. :class:`BlockTap` records them; :func:`block_shapes`
 gives their shapes for one input size; :func:`infer_blocks` chooses them for a network that names none. Kept apart
-from the registries (:mod:`meal_cache.models`, :mod:`meal_cache.timm_models`) so both can tap blocks without
+from the registries (:mod:`meal_cache.nets.models`, :mod:`meal_cache.nets.timm_models`) so both can tap blocks without
 importing each other.
 """
 

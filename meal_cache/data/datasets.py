@@ -3,12 +3,12 @@
 A dataset spec is ``NAME`` or ``NAME:ARG`` (``digits``, ``cifar10``, ``npz:/path/data.npz``,
 ``imagefolder:/path/root``, ``fake:256``), optionally followed by ``?OPTION=VALUE&...`` (label noise, a training
 fraction, a k-fold re-split such as ``digits?folds=5&fold=0``, ``glyphs`` for images a mirror would turn into
-other glyphs, and for image folders ``in_memory`` and ``skip_bad``: see :class:`~meal_cache.data_spec.Modifiers`).
+other glyphs, and for image folders ``in_memory`` and ``skip_bad``: see :class:`~meal_cache.data.spec.Modifiers`).
 :func:`load_dataset` resolves it to an :class:`ImageDataset`: a train and a test split with ``int64`` labels, the
 number of classes, the normalisation, the augmentation recipe and a stable fingerprint of each split's rows. A
 split is either a :class:`Split` of ``uint8`` images shaped ``(N, 3, H, W)`` in memory or a
-:class:`~meal_cache.source.FileSplit` of image files decoded on demand; both are read through the source their
-``open()`` returns (see :mod:`meal_cache.source`).
+:class:`~meal_cache.data.source.FileSplit` of image files decoded on demand; both are read through the source their
+``open()`` returns (see :mod:`meal_cache.data.source`).
 
 Grey-scale sources are replicated to three channels so every architecture takes every dataset unchanged.
 """
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from meal_cache import augment
-from meal_cache.data_spec import LOADER_OPTIONS, Modifiers, corrupt_labels, fold_split, parse_modifiers
+from meal_cache.views import augment
+from meal_cache.data.spec import LOADER_OPTIONS, Modifiers, corrupt_labels, fold_split, parse_modifiers
 from meal_cache.errors import UserError, unknown_choice
-from meal_cache.source import DECODER, FileSplit, find_unreadable, list_image_folder
+from meal_cache.data.source import DECODER, FileSplit, find_unreadable, list_image_folder
 
 SPLITS = ("train", "test")
 # Augmentation recipes (see augment.py): digit-like images are never mirrored, since a mirrored glyph is
@@ -83,9 +83,9 @@ class Split:
 
     def open(self, device: torch.device, workers: int | None = None, out_size: int | None = None,
              decode: str = "auto"):  # fmt: skip
-        """A :class:`~meal_cache.source.MemorySource` of these images on ``device``, rendered at ``out_size`` px
+        """A :class:`~meal_cache.data.source.MemorySource` of these images on ``device``, rendered at ``out_size`` px
         (default: the data's size; ``workers`` and ``decode`` are unused: nothing is decoded)."""
-        from meal_cache.source import MemorySource
+        from meal_cache.data.source import MemorySource
 
         return MemorySource(self.images, device, out_size or self.image_size)
 
@@ -481,7 +481,7 @@ def _without_unreadable(
 
 
 def _decode_all(root: Path, files: list[str], size: int) -> torch.Tensor:
-    from meal_cache.source import DECODE_ERRORS, decode_rgb, first_line
+    from meal_cache.data.source import DECODE_ERRORS, decode_rgb, first_line
 
     images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     for row, name in enumerate(files):

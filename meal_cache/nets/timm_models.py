@@ -6,7 +6,7 @@ HF_HUB_OFFLINE=1 makes a miss fail at once), and ``timm:NAME:file=PATH`` (a loca
 A timm network is wrapped in :class:`TimmNet`, whose forward is the model's own API: ``forward_intermediates``
 (NCHW maps of the chosen stages, a ViT's token maps included) and then ``forward_head`` on its final features, so
 the logits are the model's own forward's. Each chosen intermediate passes through an identity module
-(``taps.NAME``), which is where :class:`~meal_cache.taps.BlockTap`'s forward hooks find it: to the rest of
+(``taps.NAME``), which is where :class:`~meal_cache.nets.taps.BlockTap`'s forward hooks find it: to the rest of
 meal-cache a ViT's token map or a ConvNeXt's stage is a block like a ResNet's layer. A model without
 ``forward_intermediates`` is hooked on the modules its ``feature_info`` names instead (``net.MODULE``), if those
 give NCHW maps. timm is imported only when a timm name is used (it adds about half a second).
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from meal_cache.errors import UserError, unknown_choice
-from meal_cache.taps import block_shapes
+from meal_cache.nets.taps import block_shapes
 
 PREFIX = "timm:"
 PRETRAINED = ":pretrained"
@@ -59,7 +59,7 @@ def parse_name(name: str) -> tuple[str, bool]:
 
 
 def split_name(name: str) -> tuple[str, str | None]:
-    """What :func:`~meal_cache.models.split_weights` gives for a timm name: the architecture without
+    """What :func:`~meal_cache.nets.models.split_weights` gives for a timm name: the architecture without
     ``:pretrained`` or ``:file=PATH``, and ``"pretrained"``, ``"file=PATH"`` or None."""
     model_name, pretrained = parse_name(name)
     path = weights_file(name)

@@ -1,6 +1,6 @@
 """Plain supervised training: the teachers and the student-alone baseline, with cross-entropy on freshly drawn
-augmentation each epoch. The epochs, schedule, checkpoints and resume are :mod:`meal_cache.loop`'s; this module
-supplies the step. The checkpoint ``out`` is the trained network (:func:`~meal_cache.checkpoint.model_payload`)
+augmentation each epoch. The epochs, schedule, checkpoints and resume are :mod:`meal_cache.engine.loop`'s; this module
+supplies the step. The checkpoint ``out`` is the trained network (:func:`~meal_cache.nets.checkpoint.model_payload`)
 plus the optimiser's state, rewritten after every epoch.
 """
 
@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from meal_cache import augment
-from meal_cache.checkpoint import model_payload, save_checkpoint
-from meal_cache.data import ImageDataset, load_dataset
-from meal_cache.loop import (
+from meal_cache.data.datasets import ImageDataset, load_dataset
+from meal_cache.data.source import check_decode
+from meal_cache.engine.loop import (
     TENSORBOARD_DIR,
     Optimisation,
     Schedule,
@@ -34,9 +33,10 @@ from meal_cache.loop import (
     resume_state,
     shuffled_batches,
 )
-from meal_cache.models import create_model
+from meal_cache.nets.checkpoint import model_payload, save_checkpoint
+from meal_cache.nets.models import create_model
 from meal_cache.runtime import Precision, resolve_device, seed_everything
-from meal_cache.source import check_decode
+from meal_cache.views import augment
 
 
 @dataclass

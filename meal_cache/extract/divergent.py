@@ -27,9 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from meal_cache import augment
 from meal_cache.errors import UserError
 from meal_cache.store.keys import DIVERGENT_PIXELS
+from meal_cache.views import augment
 
 # PGD's usual step: 2.5 eps / steps lets a search reach the ball's boundary and move along it.
 STEP_FACTOR = 2.5
@@ -141,11 +141,3 @@ class DivergentSource:
 
     def close(self) -> None:
         self.source.close()
-
-
-def stored_pixels(store, view: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 ``(N, 3, S, S)`` pixels of divergent view ``view`` (its index among the divergent views)."""
-    array = store.array(DIVERGENT_PIXELS)
-    if rows is None:
-        return torch.from_numpy(array[view])
-    return torch.from_numpy(array.oindex[view, rows.numpy()])

@@ -1,8 +1,8 @@
 """Mixup and CutMix in replayable views: a view's partners, shares and boxes drawn from its seed
-(:func:`draw_mixing`, called by :func:`~meal_cache.augment.draw`), and the mixed pixels and labels rebuilt from
+(:func:`draw_mixing`, called by :func:`~meal_cache.views.augment.draw`), and the mixed pixels and labels rebuilt from
 them (:func:`mix`, :func:`mixed_labels`).
 
-The drawn fields live on :class:`~meal_cache.augment.ViewParams` (``mix_partner``, ``mix_lambda``, ``mix_box``),
+The drawn fields live on :class:`~meal_cache.views.augment.ViewParams` (``mix_partner``, ``mix_lambda``, ``mix_box``),
 which imports this module; what is read back of a view is described by :class:`MixedView`, so no import, not even
 a type checker's, goes back to augment.
 """
@@ -84,7 +84,8 @@ def unmixed_mixing(n: int) -> dict[str, torch.Tensor]:
 
 
 class MixedView(Protocol):
-    """The mixing fields of a view's rows, as :class:`~meal_cache.augment.ViewParams` holds them (None: no mixing)."""
+    """The mixing fields of a view's rows, as :class:`~meal_cache.views.augment.ViewParams` holds them (None: no
+    mixing)."""
 
     @property
     def mix_lambda(self) -> torch.Tensor | None: ...

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from meal_cache.checkpoint import load_checkpoint
-from meal_cache.data import ImageDataset
-from meal_cache.distributed import World
+from meal_cache.data.datasets import ImageDataset
+from meal_cache.engine.distributed import World
+from meal_cache.engine.evaluate import evaluate
 from meal_cache.errors import SettingsMismatch, UserError, settings_difference, unknown_choice
-from meal_cache.evaluate import evaluate
+from meal_cache.nets.checkpoint import load_checkpoint
 
 SCHEDULES = ("cosine", "step", "constant")
 # Seeds of successive epochs are this far apart, so (seed, epoch) pairs of nearby runs never collide.

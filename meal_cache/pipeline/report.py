@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meal_cache.checkpoint import load_checkpoint
-from meal_cache.data import Split, load_dataset, load_recorded
-from meal_cache.errors import UserError
-from meal_cache.evaluate import (
+from meal_cache.data.datasets import Split, load_dataset, load_recorded
+from meal_cache.engine.evaluate import (
     CheckpointResult,
     classification_metrics,
     ensemble_probabilities,
@@ -24,17 +22,19 @@ from meal_cache.evaluate import (
     expected_calibration_error,
     predict_logits,
 )
-from meal_cache.models import count_parameters
-from meal_cache.pipeline_config import ALONE, is_pretrained, load_pipeline
-from meal_cache.report_markdown import VIEWS_CURVE_PLOT, render_markdown, render_views_curve
-from meal_cache.report_plots import (
+from meal_cache.errors import UserError
+from meal_cache.nets.checkpoint import load_checkpoint
+from meal_cache.nets.models import count_parameters
+from meal_cache.pipeline.config import ALONE, is_pretrained, load_pipeline
+from meal_cache.pipeline.markdown import VIEWS_CURVE_PLOT, render_markdown, render_views_curve
+from meal_cache.pipeline.plots import (
     plot_accuracy,
     plot_meal_losses,
     plot_paired_differences,
     plot_store_bytes,
     plot_views_curve,
 )
-from meal_cache.report_stats import (
+from meal_cache.pipeline.stats import (
     CURVE_METRICS,
     DIAGNOSTICS,
     KD_BASELINE,
@@ -171,9 +171,9 @@ class _Timer:
 
 def _evaluate_pretrained(source: str, teacher_dir: Path, dataset, device: torch.device) -> CheckpointResult:
     """A pretrained teacher (``ARCH:WEIGHTS``) on the test split, as extract ran it: built by
-    :func:`~meal_cache.teachers.resolve_teacher` (``create_model`` with the weights; a class count other than the
+    :func:`~meal_cache.nets.teachers.resolve_teacher` (``create_model`` with the weights; a class count other than the
     data's is refused), with its weights' own normalisation."""
-    from meal_cache.teachers import resolve_teacher
+    from meal_cache.nets.teachers import resolve_teacher
 
     teacher = resolve_teacher(source, teacher_dir, dataset)
     model = teacher.model.to(device)

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from meal_cache.data import ImageDataset
+from meal_cache.data.datasets import ImageDataset
 from meal_cache.errors import UserError
-from meal_cache.models import create_model
+from meal_cache.nets.models import create_model
 
 CHECKPOINT_FORMAT = "meal-cache-checkpoint/1"
 

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from meal_cache import augment
-from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
-from meal_cache.data import AnySplit, ImageDataset, load_dataset
+from meal_cache.data.datasets import AnySplit, ImageDataset, load_dataset
 from meal_cache.errors import UserError
 from meal_cache.losses import soft_targets
+from meal_cache.nets.checkpoint import load_checkpoint, model_from_checkpoint
 from meal_cache.runtime import Precision, resolve_device
+from meal_cache.views import augment
 
 ECE_BINS = 15
 

@@ -2,7 +2,7 @@
 
 Every model :func:`create_model` returns carries ``model.block_names``: the dotted names of the modules whose
 outputs are its *blocks*, the stage outputs MEAL compares between student and teacher (the ResNet layers, the
-DenseNet dense blocks, the last module at each resolution elsewhere). :class:`~meal_cache.taps.BlockTap` collects
+DenseNet dense blocks, the last module at each resolution elsewhere). :class:`~meal_cache.nets.taps.BlockTap` collects
 those outputs during an ordinary forward pass; no forward is ever rewritten.
 
 Names:
@@ -13,9 +13,9 @@ Names:
   small-input stem for images of 64 px or less (3x3 stride-1 stem, no max-pool);
 - ``ARCH:WEIGHTS`` loads torchvision's pretrained weights (``resnet50:IMAGENET1K_V2``; needs internet once, or the
   file copied into torch.hub's cache), ``ARCH:/path/to/weights.pth`` a local state dict
-  (:mod:`meal_cache.torchvision_weights`);
+  (:mod:`meal_cache.nets.torchvision_weights`);
 - a family prefix hands the name to another library's registry (:data:`FAMILIES`): ``timm:NAME`` is any timm
-  model, ViTs included, with blocks from its ``forward_intermediates`` (:mod:`meal_cache.timm_models`).
+  model, ViTs included, with blocks from its ``forward_intermediates`` (:mod:`meal_cache.nets.timm_models`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from meal_cache import timm_models
 from meal_cache.errors import UserError, unknown_choice
-from meal_cache.taps import infer_blocks
-from meal_cache.torchvision_weights import load_weights
+from meal_cache.nets import timm_models
+from meal_cache.nets.taps import infer_blocks
+from meal_cache.nets.torchvision_weights import load_weights
 
 SMALL_INPUT_MAX = 64
 

@@ -44,15 +44,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from meal_cache import augment
 from meal_cache.distill import DistillConfig, distill
 from meal_cache.distill.config import drop_unset, fillable_settings
+from meal_cache.engine.train import TrainConfig, train_supervised
 from meal_cache.errors import SettingsMismatch, UserError
-from meal_cache.extract import ExtractConfig, extract
-from meal_cache.pipeline_config import ALONE, Pipeline, fields_of, load_pipeline
-from meal_cache.report import write_report
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
+from meal_cache.pipeline.config import ALONE, Pipeline, fields_of, load_pipeline
+from meal_cache.pipeline.report import write_report
 from meal_cache.runtime import resolve_device
-from meal_cache.train import TrainConfig, train_supervised
+from meal_cache.views import augment
 
 __all__ = ["Pipeline", "check_device", "load_pipeline", "run_pipeline"]
 

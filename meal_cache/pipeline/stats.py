@@ -8,7 +8,7 @@ import statistics
 
 from scipy import stats
 
-from meal_cache.pipeline_config import ALONE
+from meal_cache.pipeline.config import ALONE
 
 CURVE_METRICS = ("top1", "nll", "fidelity")
 # The method every other distilled student is also paired against, where a pipeline has it.

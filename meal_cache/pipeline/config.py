@@ -1,6 +1,6 @@
 """A pipeline file's data model: :class:`Pipeline` and :func:`load_pipeline`, which parses a TOML file and checks
 every section, setting, dataset, architecture and method name before anything runs. Running a pipeline is
-:mod:`meal_cache.pipeline`'s; reporting on a run is :mod:`meal_cache.report`'s; both read this module.
+:mod:`meal_cache.pipeline.run`'s; reporting on a run is :mod:`meal_cache.pipeline.report`'s; both read this module.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from meal_cache.augment import augment_options
-from meal_cache.data import parse_spec
+from meal_cache.data.datasets import parse_spec
 from meal_cache.distill import DistillConfig, available_methods
+from meal_cache.engine.train import TrainConfig
 from meal_cache.errors import UserError, unknown_choice
-from meal_cache.extract import ExtractConfig
-from meal_cache.models import MODELS, check_model_name, family_of, split_weights
-from meal_cache.torchvision_weights import is_weights_file
-from meal_cache.train import TrainConfig
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.nets.models import MODELS, check_model_name, family_of, split_weights
+from meal_cache.nets.torchvision_weights import is_weights_file
+from meal_cache.views.augment import augment_options
 
 ALONE = "alone"
 SECTIONS = {"name", "description", "seeds", "data", "teachers", "store", "stores", "student", "methods", "gpu",

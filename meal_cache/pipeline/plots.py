@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from meal_cache.report_stats import CURVE_METRICS  # noqa: E402
+from meal_cache.pipeline.stats import CURVE_METRICS  # noqa: E402
 from meal_cache.store.keys import LOGITS, split_teacher_key, teacher_key  # noqa: E402
 
 

@@ -9,18 +9,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from meal_cache import augment
-from meal_cache.data import ImageDataset
+from meal_cache.data.datasets import ImageDataset
+from meal_cache.data.source import used_decode
 from meal_cache.dense import whole_image
 from meal_cache.errors import SettingsMismatch, UserError, settings_difference
-from meal_cache.source import used_decode
 from meal_cache.store.create import store_exists
 from meal_cache.store.schema import StoreLayout
 from meal_cache.store.teacher_store import TeacherStore, create_store, open_store
+from meal_cache.views import augment
 
 if TYPE_CHECKING:
-    from meal_cache.extract import ExtractConfig
-    from meal_cache.teachers import Teacher
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.nets.teachers import Teacher
 
 # What a store records of its dataset's description (the decoder only for image files: another decoder build may
 # differ by a few levels per pixel).

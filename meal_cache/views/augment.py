@@ -20,7 +20,7 @@ per-row boolean of its own (``ViewParams.vflip``), present only when the recipe 
 have the fields they always had.
 
 On top of the crop, a view may take a *policy* (``extract --recipe randaugment|trivialaugment``): its ops are
-drawn after the crop and flip and applied after them (:mod:`meal_cache.augment_ops`, whose names this module
+drawn after the crop and flip and applied after them (:mod:`meal_cache.views.policies`, whose names this module
 re-exports).
 """
 
@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from meal_cache.augment_ops import (  # noqa: F401  (re-exported: augment is where views' names have lived)
+from meal_cache.errors import UserError, unknown_choice
+from meal_cache.views.mixing import Mixing, draw_mixing, unmixed_mixing
+from meal_cache.views.policies import (  # noqa: F401  (re-exported: augment is where views' names have lived)
     GLYPH_OPS,
     NO_OP,
     NUM_BINS,
@@ -51,8 +53,6 @@ from meal_cache.augment_ops import (  # noqa: F401  (re-exported: augment is whe
     policy_for,
     policy_from_json,
 )
-from meal_cache.errors import UserError, unknown_choice
-from meal_cache.mixing import Mixing, draw_mixing, unmixed_mixing
 
 SMALL_IMAGE_MAX = 64
 

@@ -3,7 +3,7 @@ run's results, one helper per section."""
 
 from __future__ import annotations
 
-from meal_cache.report_stats import DIAGNOSTICS, KD_BASELINE, LOWER_IS_BETTER, MEAL_BASELINE
+from meal_cache.pipeline.stats import DIAGNOSTICS, KD_BASELINE, LOWER_IS_BETTER, MEAL_BASELINE
 
 # Its plot is shown beside its table rather than with the other plots.
 VIEWS_CURVE_PLOT = "Views curve"
@@ -211,7 +211,8 @@ def _plot_sections(plots: dict[str, str]) -> list[str]:
 
 
 def render_markdown(results: dict, plots: dict[str, str]) -> str:
-    """``report.md`` of a results dict (:func:`~meal_cache.report.collect_results`); ``plots``: title -> file."""
+    """``report.md`` of a results dict (:func:`~meal_cache.pipeline.report.collect_results`); ``plots``: title ->
+    file."""
     lines = _results_table(results)
     lines += _store_lines(results["store"])
     lines += _inspection_lines(results.get("label_inspection"))

@@ -1,8 +1,8 @@
 """A dataset spec's modifiers: the ``?OPTION=VALUE&...`` after ``NAME[:ARG]``, parsed and checked, and the seeded
 draws they call for (label noise, a k-fold re-split).
 
-Nothing here knows the registry or the splits' storage: :func:`~meal_cache.data.parse_spec` checks the name
-against the registry and :func:`~meal_cache.data.load_dataset` applies the modifiers to whichever splits a
+Nothing here knows the registry or the splits' storage: :func:`~meal_cache.data.datasets.parse_spec` checks the name
+against the registry and :func:`~meal_cache.data.datasets.load_dataset` applies the modifiers to whichever splits a
 loader returns, in the order :class:`Modifiers` documents.
 """
 

@@ -4,7 +4,7 @@ into torch.hub's cache, or a local state dict (``resnet50:/path/to/weights.pth``
 Either way a failure is one :class:`~meal_cache.errors.UserError` that says what to do: a name that cannot be
 fetched names the file torchvision looks for, the directory it looks in and the local-file form; a local file that
 is missing, unreadable or of another architecture says so. The classes and normalisation a weights' head expects
-come back as :class:`WeightsInfo`, which a teacher used as it is needs (:mod:`meal_cache.teachers`).
+come back as :class:`WeightsInfo`, which a teacher used as it is needs (:mod:`meal_cache.nets.teachers`).
 """
 
 from __future__ import annotations

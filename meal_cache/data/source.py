@@ -2,18 +2,18 @@
 
 Every stage asks a source, never a tensor of the whole dataset, so the same code serves digits and ImageNet:
 ``source.pixels(requests)`` takes ``(rows, params, payload)`` requests (rows of the split, their
-:class:`~meal_cache.augment.ViewParams`, and anything the caller wants back with the pixels) and yields
+:class:`~meal_cache.views.augment.ViewParams`, and anything the caller wants back with the pixels) and yields
 ``(payload, pixels)``, the pixels float32 ``(B, 3, S, S)`` in 0-255 on the device, in request order; the caller
 normalises them with its network's statistics.
 
-- :class:`MemorySource`: uint8 images held on the device, cropped there (:func:`~meal_cache.augment.render`).
+- :class:`MemorySource`: uint8 images held on the device, cropped there (:func:`~meal_cache.views.augment.render`).
 - :class:`FileSource`: image files read and decoded in ``torch.utils.data.DataLoader`` worker processes
   (torchvision.io's ``decode_image``, measured 1.4-1.7x faster than PIL on this machine's JPEGs). A worker
   decodes each file once per request, however many of the request's rows name it (FKD's multi-crop), crops each
   box in the source image's own coordinates, resizes it to ``S`` with antialiasing, mirrors it (left-right, and
   top to bottom where the view draws vertical flips), and hands back
   uint8; memory does not grow with the dataset. A view's policy ops (RandAugment, TrivialAugment) then run on
-  the device (:func:`~meal_cache.augment.apply_ops`). Same decoder, same box: the same pixels, bit for bit, on one
+  the device (:func:`~meal_cache.views.augment.apply_ops`). Same decoder, same box: the same pixels, bit for bit, on one
   machine, whatever the number of workers or the other rows of a request.
 
   With GPU decoding (``--decode cuda``, or ``auto`` on a GPU for a folder of .jpg/.jpeg files) the workers only
@@ -42,7 +42,9 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
-from meal_cache import augment, mixing
+from meal_cache.views import augment
+
+from meal_cache.views import mixing
 from meal_cache.errors import UserError
 
 DECODER = f"torchvision.io.decode_image {torchvision.__version__}"

@@ -21,15 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meal_cache import augment
-from meal_cache.checkpoint import load_checkpoint, model_from_checkpoint
-from meal_cache.data import ImageDataset
+from meal_cache.data.datasets import ImageDataset
 from meal_cache.errors import UserError
-from meal_cache.models import create_model, split_weights
+from meal_cache.nets.checkpoint import load_checkpoint, model_from_checkpoint
+from meal_cache.nets.models import create_model, split_weights
+from meal_cache.nets.taps import BlockTap, block_shapes
 from meal_cache.projection import orthogonal_projection, project, stored_projections, write_projection
 from meal_cache.runtime import Precision
 from meal_cache.store.schema import DEFAULT_ATTENTION_P, BlockSpec, TeacherSpec
-from meal_cache.taps import BlockTap, block_shapes
+from meal_cache.views import augment
 
 if TYPE_CHECKING:
     from meal_cache.store.teacher_store import TeacherStore
@@ -133,7 +133,7 @@ def resolve_teacher(
 def _pretrained_input(model: nn.Module) -> tuple[list[str], tuple[float, ...], tuple[float, ...], dict]:
     """A pretrained teacher's classes and normalisation: timm's from the model's pretrained config (also
     recorded whole, as ``pretrained``, with its native input size), torchvision's from its weights
-    (:class:`~meal_cache.torchvision_weights.WeightsInfo`: the enum's, or a local file's)."""
+    (:class:`~meal_cache.nets.torchvision_weights.WeightsInfo`: the enum's, or a local file's)."""
     if hasattr(model, "pretrained_input"):
         info = model.pretrained_input
         return list(model.pretrained_classes), tuple(info["mean"]), tuple(info["std"]), {"pretrained": info}
@@ -207,7 +207,7 @@ def teacher_outputs(
     attention_p: float = DEFAULT_ATTENTION_P,
 ) -> dict[str, torch.Tensor]:
     """One forward of the teacher over a replayed view's ``pixels`` (float 0-255 from a source, see
-    :mod:`meal_cache.source`): logits and, per block, the pooled output, the map and the attention map (its
+    :mod:`meal_cache.data.source`): logits and, per block, the pooled output, the map and the attention map (its
     power ``attention_p``, the store's), as ``features`` ask."""
     batch = augment.normalise(pixels, teacher.mean, teacher.std, channels_last=precision.channels_last)
     names = [b.name for b in teacher.spec.blocks]

@@ -5,23 +5,20 @@ Each row's ops are drawn as indices into :data:`OP_NAMES` (int8, -1 none) with s
 :func:`apply_ops` applies them on uint8 with torchvision.transforms.v2.functional, once per (op, magnitude) present
 in the batch on the rows that drew it, so a row's pixels never depend on the other rows. Glyphs (the ``digits``
 recipe) draw from :data:`GLYPH_OPS` over RandAugment's narrower ranges (:func:`policy_for`). The rest of a view
-(crop, flips, mixing) is :mod:`meal_cache.augment`'s, which re-exports these names.
+(crop, flips, mixing) is :mod:`meal_cache.views.augment`'s, which re-exports these names.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from meal_cache.errors import unknown_choice
-
-if TYPE_CHECKING:
-    from meal_cache.augment import ViewParams
 
 # torchvision.transforms.v2's RandAugment and TrivialAugmentWide (torchvision 0.29, _auto_augment.py): both draw
 # from these 14 ops in this order; a stored op is an index into this tuple, so the order never changes.
@@ -181,7 +178,24 @@ def _apply_op(images: torch.Tensor, name: str, magnitude: float) -> torch.Tensor
     raise ValueError(f"no op {name}")
 
 
-def apply_ops(images: torch.Tensor, params: ViewParams) -> torch.Tensor:
+class ViewOps(Protocol):
+    """The ops of a view's rows, as :class:`~meal_cache.views.augment.ViewParams` holds them (None: no policy)."""
+
+    @property
+    def ops(self) -> torch.Tensor | None: ...
+
+    @property
+    def magnitude(self) -> torch.Tensor | None: ...
+
+    @property
+    def space(self) -> str | None: ...
+
+    def __len__(self) -> int: ...
+
+    def to(self, device: torch.device | str) -> ViewOps: ...
+
+
+def apply_ops(images: torch.Tensor, params: ViewOps) -> torch.Tensor:
     """The view's ops on its rows' pixels (uint8, or float 0-255 from :func:`render`), in order, after the crop
     and flip; same dtype and device out. A row with any op (Identity too) is taken as uint8, as torchvision's
     ops take it (float pixels are rounded first: exact for every crop of the output size); rows without ops are

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from meal_cache.extract import ExtractConfig
+    from meal_cache.extract.config import ExtractConfig
     from meal_cache.runtime import Precision
 
 

@@ -1,0 +1,295 @@
+"""Stage 1: run every teacher exactly once over V replayable views of a dataset split and fill the store.
+
+For each view and chunk of rows: the source renders the chunk's images as the view's stored parameters say (on
+the device for in-memory data, in decoding workers for image files: each image is decoded once per view for all
+teachers), every teacher that has not yet done the chunk runs once in eval mode under ``torch.inference_mode``
+(AMP and channels_last on CUDA) with forward hooks on its blocks, and the logits, pooled blocks and channel-mean
+maps go to a background writer that compresses and writes the whole chunk, then marks it done. A killed extract,
+run again with the same settings, skips the chunks marked done and ends with the same store as an uninterrupted
+run.
+
+Under ``torchrun`` every rank runs this function: rank 0 creates the store, every rank takes the chunks whose
+index ``c`` has ``c % world_size == rank`` (whole chunks, so no two ranks write one), and after a barrier rank 0
+records the teachers' accuracy and marks the store complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from meal_cache.data.datasets import ImageDataset, load_dataset
+from meal_cache.data.source import replay_decode
+from meal_cache.dense import (
+    DenseSettings,
+    dense_outputs,
+    dense_teacher,
+)
+from meal_cache.engine.distributed import World, init_world
+from meal_cache.errors import UserError
+from meal_cache.extract.config import DIVERGENT_FIELDS, MIXING_FIELDS, ExtractConfig, fitted_to_data
+from meal_cache.extract.divergent import DivergentSource, search_from_json
+from meal_cache.extract.finite import NonFiniteOutput, store_arrays
+from meal_cache.extract.target import open_or_create
+from meal_cache.nets.teachers import Teacher, keep_projections, projected_teachers, resolve_teacher, teacher_outputs
+from meal_cache.projection import PCA_ROWS_PER_DIM, pca_projection, pooled_rows, stored_projections
+from meal_cache.runtime import Precision
+from meal_cache.store.schema import BlockSpec
+from meal_cache.store.teacher_store import TeacherStore, open_store
+from meal_cache.views import augment
+
+# Chunks written but not yet durable; bounds the memory the background writer may hold.
+MAX_PENDING_WRITES = 4
+
+
+def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teacher]) -> dict:
+    """What must be equal for an existing store to be resumed rather than refused."""
+    recorded = augment.recorded_options(asdict(config))  # ... and before --scale, --ratio, --hflip, --vflip
+    for transient in ("device", "batch_size", "data_root", "download", "teacher_dir", "workers", "decode"):
+        recorded.pop(transient)
+    if recorded["recipe"] == "crop":  # the settings of stores extracted before --recipe existed
+        recorded.pop("recipe")
+    if config.mixing() is None:  # ... and before --mixup/--cutmix
+        for name in MIXING_FIELDS:
+            recorded.pop(name)
+    if not config.divergent_views:  # ... and before --divergent-views
+        for name in DIVERGENT_FIELDS:
+            recorded.pop(name)
+    for name in ("project", "logits_sample", "logits_temperature", "attention_p"):  # ... and before these options
+        if recorded[name] is None:
+            recorded.pop(name)
+    if config.project is None:
+        recorded.pop("projection")
+    if not config.dense:  # ... and before --dense
+        for name in ("dense", "dense_sizes", "dense_grid"):
+            recorded.pop(name)
+    recorded["fingerprint"] = dataset.fingerprint(config.split)
+    recorded["teacher_checkpoints"] = {t.spec.key: t.spec.checkpoint_sha256 for t in teachers}
+    return recorded
+
+
+def extract(
+    config: ExtractConfig,
+    out: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    dataset: ImageDataset | None = None,
+) -> TeacherStore:
+    """Build (or resume) the teacher cache at ``out`` (a folder or an fsspec URL) and return it opened.
+
+    A failed write (disk full, no permission) raises a :class:`UserError` and leaves the store resumable: the
+    chunks whose progress mark was set are kept, and the store is never marked complete."""
+    asked, config = config, config.resolved()
+    world, device = init_world(config.device)
+    progress = progress and world.is_main
+    precision = Precision(device)
+    dataset = dataset or load_dataset(config.data, config.data_root, config.download, config.image_size)
+    config = fitted_to_data(config, asked, dataset.num_classes)
+    teachers = [
+        resolve_teacher(name, config.teacher_dir, dataset, config.blocks, config.grid) for name in config.teachers
+    ]
+    if config.project is not None:
+        teachers = projected_teachers(teachers, config.project, config.seed, config.projection,
+                                      required=asked.project is not None)  # fmt: skip
+    dense = config.dense_settings(dataset.image_size, dataset.streamed)
+    if dense is not None:
+        teachers = [dense_teacher(t, dense) for t in teachers]
+    settings = _settings(config, dataset, teachers)
+    try:
+        world.run_on_main(lambda: open_or_create(config, out, dataset, teachers, settings, overwrite, device))
+        store = open_store(out, mode="r+")
+        fit = partial(_fit_pca, store=store, dataset=dataset, config=config, precision=precision, device=device,
+                      outputs=_outputs(dense, config.attention_p))  # fmt: skip
+        world.run_on_main(lambda: keep_projections(store, teachers, fit))
+        world.barrier()
+        for teacher in teachers:  # every rank writes with the main rank's fitted matrices
+            teacher.projections.update(stored_projections(store, teacher.spec.key))
+        if store.complete:
+            if progress:
+                tqdm.write(f"{out} is complete; nothing to do")
+            return store
+        _run_teachers(store, teachers, dataset, config, precision, device, world, progress, dense)
+        world.barrier()
+        world.run_on_main(lambda: _finalise(store, teachers))
+    except OSError as err:
+        raise UserError(
+            f"writing the store '{out}' failed: {err.strerror or err}; the chunks already written are kept and "
+            "the store is not marked complete: fix the cause and run the same command to resume"
+        ) from err
+    return open_store(out)
+
+
+def _outputs(dense: DenseSettings | None, attention_p: float | None) -> Callable[..., dict[str, torch.Tensor]]:
+    """What a teacher's forward writes: a view's outputs (attention maps at the store's p), or a dense store's maps
+    of the whole image."""
+    if dense is not None:
+        return partial(dense_outputs, settings=dense)
+    return teacher_outputs if attention_p is None else partial(teacher_outputs, attention_p=attention_p)
+
+
+def _open_source(dataset: ImageDataset, config: ExtractConfig, device: torch.device, store: TeacherStore):
+    """The split's image source, at the whole image's first size for a dense store; a resumed store's files
+    decoded where its first chunks were (``auto``)."""
+    dense = config.dense_settings(dataset.image_size, dataset.streamed)
+    decode = replay_decode(config.decode, store.dataset.get("decode"))
+    return dataset.split(config.split).open(device, config.workers, None if dense is None else dense.sizes[0],
+                                            decode=decode)  # fmt: skip
+
+
+@torch.inference_mode()
+def _fit_pca(teacher: Teacher, blocks: list[BlockSpec], *, store: TeacherStore, dataset: ImageDataset,
+             config: ExtractConfig, precision: Precision, device: torch.device,
+             outputs: Callable[..., dict[str, torch.Tensor]] = teacher_outputs) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``--projection pca``: each of ``blocks``' top ``--project`` principal directions, fitted on the teacher's
+    unprojected pooled outputs over the first rows of view 0 (whole chunks, at least PCA_ROWS_PER_DIM rows per
+    dimension), before any chunk is written."""
+    wanted = max(config.rows_per_chunk, PCA_ROWS_PER_DIM * config.project)
+    stop = min(store.n, math.ceil(wanted / config.rows_per_chunk) * config.rows_per_chunk)
+    params = store.view_params(0)
+    unprojected = dataclasses.replace(teacher, model=precision.prepare(teacher.model), projections={})
+    rows: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
+    requests = ((torch.arange(start, min(stop, start + config.batch_size)),
+                 params[start : min(stop, start + config.batch_size)], None)
+                for start in range(0, stop, config.batch_size))  # fmt: skip
+    source = _open_source(dataset, config, device, store)
+    try:
+        for _, pixels in source.pixels(requests):
+            pooled = outputs(unprojected, pixels, ("blocks",), precision)
+            for block in blocks:
+                rows[block.name].append(pooled_rows(pooled[f"blocks/{block.key}"]).double().cpu())
+    finally:
+        source.close()
+    return {name: pca_projection(torch.cat(parts), config.project) for name, parts in rows.items()}
+
+
+def _run_teachers(
+    store: TeacherStore,
+    teachers: list[Teacher],
+    dataset: ImageDataset,
+    config: ExtractConfig,
+    precision: Precision,
+    device: torch.device,
+    world: World,
+    progress: bool,
+    dense: DenseSettings | None = None,
+) -> None:
+    """This rank's share of every (view, chunk) some teacher has not done, written by a background writer."""
+    for teacher in teachers:
+        teacher.model = precision.prepare(teacher.model)
+    done = {t.spec.key: _progress_marks(store, t.spec.key) for t in teachers}
+    source = _open_source(dataset, config, device, store)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-writer") as writer:
+        pending: deque[Future] = deque()
+        try:
+            for view in range(store.num_views):
+                todo = [c for c in range(world.rank, store.n_chunks, world.size)
+                        if not all(marks[view, c] for marks in done.values())]  # fmt: skip
+                bar = tqdm(total=sum(_chunk_len(store, c) for c in todo), desc=f"view {view + 1}/{store.num_views}",
+                           unit="img", leave=False, disable=not progress)  # fmt: skip
+                params = store.view_params(view)
+                view_source = source
+                if view in store.divergent_views:
+                    view_source = DivergentSource(source, teachers, store, search_from_json(store.attrs["views"]
+                                                  ["divergent"]), store.divergent_views.index(view),
+                                                  precision.channels_last)  # fmt: skip
+                chunks = _chunk_outputs(view_source, teachers, params, store, todo, done, view, config, precision,
+                                        bar.update, _outputs(dense, config.attention_p))  # fmt: skip
+                for chunk, outputs in chunks:
+                    for key, arrays in outputs.items():
+                        pending.append(writer.submit(store.write_rows, key, view, chunk, arrays))
+                    while len(pending) > MAX_PENDING_WRITES:
+                        pending.popleft().result()
+                bar.close()
+        finally:
+            source.close()
+            # Whatever happens, chunks already handed to the writer are finished (or their error raised).
+            while pending:
+                pending.popleft().result()
+    for teacher in teachers:
+        teacher.model = teacher.model.cpu()
+
+
+@torch.inference_mode()
+def _chunk_outputs(source, teachers: list[Teacher], params: augment.ViewParams, store: TeacherStore, chunks: list[int],
+                   done: dict[str, np.ndarray], view: int, config: ExtractConfig, precision: Precision,
+                   advance: Callable[[int], object],
+                   teacher_outputs=teacher_outputs) -> Iterator[tuple[int, dict[str, dict]]]:  # fmt: skip
+    """Per chunk, the store arrays of every teacher that has not done it, from mini-batches of ``batch_size`` rows
+    (a fixed split, so a resumed chunk is bit-equal), calling ``advance(rows)`` after each mini-batch (the bar). A
+    chunk whose outputs are not finite raises a UserError before it reaches the writer, so it is never marked
+    done."""
+
+    def requests() -> Iterator[tuple[torch.Tensor, augment.ViewParams, tuple[int, slice, bool]]]:
+        for chunk in chunks:
+            rows = store.chunk_rows(chunk)
+            for start in range(rows.start, rows.stop, config.batch_size):
+                stop = min(rows.stop, start + config.batch_size)
+                yield torch.arange(start, stop), params[start:stop], (chunk, rows, stop == rows.stop)
+
+    features = tuple(config.features)
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for (chunk, rows, last), pixels in source.pixels(requests()):
+        for teacher in teachers:
+            key = teacher.spec.key
+            if not done[key][view, chunk]:
+                outputs = teacher_outputs(teacher, pixels, features, precision)
+                for name, value in outputs.items():
+                    parts.setdefault(key, {}).setdefault(name, []).append(value.to(torch.float32).cpu())
+        advance(len(pixels))
+        if last:
+            arrays, refused = {}, None
+            for key, teacher_parts in parts.items():
+                try:
+                    arrays[key] = store_arrays(teacher_parts, config)
+                except NonFiniteOutput as err:
+                    refused = refused or err.explain(key, _view_name(store, view), rows, config, precision)
+            parts = {}
+            yield chunk, arrays  # the other teachers' arrays of the chunk are written before the refusal
+            if refused:
+                raise UserError(refused)
+
+
+def _progress_marks(store: TeacherStore, teacher: str) -> np.ndarray:
+    try:
+        return store.progress(teacher)
+    except ValueError as err:  # a progress chunk fails its checksum
+        raise UserError(
+            f"the store's progress marks for {teacher} are corrupt ({err}); run `meal-cache verify --repair` on it"
+        ) from err
+
+
+def _chunk_len(store: TeacherStore, chunk: int) -> int:
+    rows = store.chunk_rows(chunk)
+    return rows.stop - rows.start
+
+
+def _view_name(store: TeacherStore, view: int) -> str:
+    """A view as the progress bars count them (from 1), saying which is the un-augmented one."""
+    name = f"view {view + 1} of {store.num_views}"
+    return f"{name} (the identity view)" if view == store.identity_view else name
+
+
+def _finalise(store: TeacherStore, teachers: list[Teacher]) -> None:
+    """Record each teacher's top-1 per view (from the stored logits) and mark the store complete."""
+    labels = store.labels()
+    recorded = store.attrs["teachers"]
+    for teacher in teachers:
+        key = teacher.spec.key
+        if not store.progress(key).all():
+            raise RuntimeError(f"teacher {key} has chunks not written; the store is left incomplete")
+        accuracy = []
+        for view in range(store.num_views):
+            predicted = store.logits(key, view).astype(np.float32).argmax(1)
+            accuracy.append(round(100.0 * float((predicted == labels).mean()), 4))
+        recorded[key]["accuracy"] = accuracy
+    store.set_attrs(teachers=recorded, complete=True)
