@@ -41,10 +41,11 @@ gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py --out gpu/results.json
 
 # Mutation testing of one module with mutmut (benchmarks/mutants.py): `make mutants MODULE=meal_cache/dense.py`;
-# TESTS="tests/test_a.py tests/test_b.py" replaces the tests that cover it, JOBS=2 tests two mutants at once.
+# TESTS="tests/test_a.py tests/test_b.py" replaces the tests that cover it, JOBS=2 tests two mutants at once,
+# ONLY="decode_topk TeacherStore.read" mutates only those functions.
 # Works in mutants/ (git-ignored) and prints the survivors as file:line with the change.
 mutants: install
-	$(BIN)/python benchmarks/mutants.py $(MODULE) $(if $(TESTS),--tests $(TESTS)) $(if $(JOBS),--jobs $(JOBS))
+	$(BIN)/python benchmarks/mutants.py $(MODULE) $(if $(TESTS),--tests $(TESTS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(ONLY),--only $(ONLY))
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info

@@ -154,7 +154,18 @@ def prepare(work: Path, module: str, cover: Cover) -> None:
     (work / "mutants").mkdir()
 
 
-def run_mutmut(work: Path, cover: Cover, jobs: int, log: Path) -> int:
+def mutant_patterns(module: str, functions: list[str] | None) -> list[str]:
+    """mutmut's names for the mutants of the given functions of MODULE (a method as ``Class.method``); all: []."""
+    dotted = module.removesuffix(".py").replace("/", ".")
+    names = []
+    for function in functions or []:
+        owner, _, method = function.rpartition(".")
+        mangled = f"x\u01c1{owner}\u01c1{method}" if owner else f"x_{function}"
+        names.append(f"{dotted}.{mangled}__mutmut_*")
+    return names
+
+
+def run_mutmut(work: Path, cover: Cover, jobs: int, log: Path, only: list[str] | None = None) -> int:
     environment = {
         **os.environ,
         "PYTHONPATH": str(work / "mutants"),
@@ -166,7 +177,7 @@ def run_mutmut(work: Path, cover: Cover, jobs: int, log: Path) -> int:
         FROZEN_ENV: ",".join(cover.frozen),
     }
     (work / "tmp").mkdir()
-    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)]
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *(only or [])]
     with log.open("w") as out:
         return subprocess.run(command, cwd=work, env=environment, stdout=out, stderr=subprocess.STDOUT).returncode
 
@@ -254,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests", nargs="+", help="the test files (or node ids) that cover it, instead of the table")
     parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (default 1: a shared 2-core box)")
     parser.add_argument("--fresh", action="store_true", help="freeze no fixture: every mutant builds its own")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="FUNCTION",
+        help="mutate only these functions of the module (a method as Class.method)",
+    )
     parser.add_argument("--report", action="store_true", help="print the last run's survivors again; run nothing")
     arguments = parser.parse_args(argv)
 
@@ -283,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mutating {module} against {' '.join(cover.tests)}; frozen fixtures: {frozen}")
         print(f"log: {log.relative_to(ROOT)}", flush=True)
         started = time.monotonic()
-        code = run_mutmut(work, cover, arguments.jobs, log)
+        code = run_mutmut(work, cover, arguments.jobs, log, mutant_patterns(module, arguments.only))
         seconds = time.monotonic() - started
         if code != 0:
             print(log.read_text()[-3000:])
@@ -321,6 +338,18 @@ _frozen = FrozenFixtures(frozenset(name for name in os.environ.get(FROZEN_ENV, "
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _frozen.produced, _frozen.temporary = False, None
+    forget_inherited_thread_pools()
+
+
+def forget_inherited_thread_pools() -> None:
+    """A forked session inherits dask's default thread pool without its threads (fork copies only the calling
+    thread), so its first dask compute (inspect, --refine-labels) would wait forever for workers that no longer
+    exist. dask makes a new pool where it finds none. The pool's lock is left alone: taking a lock copied in
+    whatever state the parent held it could itself wait forever."""
+    threaded = sys.modules.get("dask.threaded")
+    if threaded is not None:
+        threaded.default_pool = None
+        threaded.pools.clear()
 
 
 @pytest.hookimpl(tryfirst=True)
