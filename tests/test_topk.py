@@ -65,6 +65,19 @@ def test_a_remainder_rounded_to_nothing_never_gives_minus_infinity():
     assert np.isfinite(dense.astype(np.float32)).all() and dense.argmax() == 0
 
 
+@pytest.mark.parametrize("classes", [3, 100])
+def test_a_remainder_rounded_to_nothing_leaves_each_other_class_a_millionth(classes):
+    """When the stored top-k carry all the mass (their log-sum-exp is the row's), each other class keeps the floor,
+    a millionth of the mass (in float64: each gets 1e-6 / (1 + 1e-6 * (C - k)) after the softmax)."""
+    top = np.array([[2.0, 1.0]])
+    lse = np.log(np.exp(top).sum(1)).astype(np.float32)
+    index = np.array([[0, 1]], dtype=np.int16)
+    dense = decode_topk(index, top.astype(np.float16), lse, classes, "float64")
+    probs = np.exp(dense - dense.max()) / np.exp(dense - dense.max()).sum()
+    others = probs[0, 2:]
+    assert others == pytest.approx(np.full(classes - 2, 1e-6 / (1 + 1e-6 * (classes - 2))), rel=1e-3)
+
+
 @pytest.fixture(scope="module")
 def topk_stores(small_store, teacher_dir, digits, tmp_path_factory):
     path, config = small_store
