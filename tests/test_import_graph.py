@@ -30,15 +30,6 @@ MAY_IMPORT: dict[str, set[str]] = {
 # The flat modules the top level may hold beside the stage packages (issue 38: at most 12).
 MOST_FLAT_MODULES = 12
 
-# Today's circles elsewhere in the package, each a strongly connected set of modules. The
-# list may only shrink (the test fails when one is broken, until it is deleted here), and once it is empty every
-# module of meal_cache/ is in no circle.
-KNOWN_CIRCLES: set[frozenset[str]] = {
-    # The methods take a DistillConfig, and DistillConfig.resolved() asks each method to check it; the method contract
-    # of issue 38 (its options on the method, not on the shared config) breaks it.
-    frozenset({"meal_cache.distill.config", "meal_cache.distill.methods.base", "meal_cache.distill.registry"}),
-}
-
 
 def module_name(path: Path, root: Path) -> str:
     parts = path.relative_to(root.parent).with_suffix("").parts
@@ -174,14 +165,11 @@ def test_a_tiny_graph_finds_its_circle_through_a_relative_import_and_a_lazy_name
     assert imports_through_init("meal_cache.pkg", package) == {"meal_cache.pkg.b": ["A"]}
 
 
-def test_no_circle_runs_through_the_store_and_the_others_are_the_known_ones():
+def test_no_module_of_the_package_is_in_a_circle():
     graph = import_graph()
     assert {m for m in graph if m.startswith(f"{STORE}.")} >= {f"{STORE}.teacher_store", f"{STORE}.verify"}
-    found = circles(graph)
-    through_store = [sorted(c) for c in found if any(m == STORE or m.startswith(f"{STORE}.") for m in c)]
-    assert not through_store, f"circles through the store package: {through_store}"
-    new, gone = [sorted(c) for c in found - KNOWN_CIRCLES], [sorted(c) for c in KNOWN_CIRCLES - found]
-    assert found == KNOWN_CIRCLES, f"new circles: {new}; gone (delete them from KNOWN_CIRCLES): {gone}"
+    found = sorted(sorted(circle) for circle in circles(graph))
+    assert not found, f"circles of imports (type-only and function-local ones count): {found}"
 
 
 def test_the_store_package_imports_no_later_stage_and_never_itself():

@@ -19,7 +19,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,25 @@ from meal_cache.store.logits import DEFAULT_LOGITS_TEMPERATURE
 from meal_cache.store.schema import StoreNeeds
 
 if TYPE_CHECKING:
-    from meal_cache.distill.config import DistillConfig
     from meal_cache.engine.distributed import World
     from meal_cache.store.teacher_store import TeacherStore
+
+class MethodSettings(Protocol):
+    """The settings of a run that this base reads, resolved (every default filled in): a
+    :class:`~meal_cache.distill.config.DistillConfig` is one. A method's own file reads the rest of its config."""
+
+    temperature: float
+    soft_loss: str
+    soft_weight: float
+    hard_weight: float
+    adv_weight: float
+    adv_loss: str
+    teacher_selection: str
+    discriminators: list[str]
+    method_options: dict[str, Any]
+
+
+Settings = TypeVar("Settings", bound=MethodSettings)
 
 SELECTIONS = ("random", "mean", "all")
 REPRESENTATIONS = ("maps", "blocks")
@@ -92,7 +108,7 @@ def decoupled_ramp(warmup: float, epoch: int) -> float:
     return 1.0 if warmup <= 0 else min((epoch + 1) / warmup, 1.0)
 
 
-def soft_target_sets(config: DistillConfig, teacher_logits: list[torch.Tensor]) -> list[torch.Tensor]:
+def soft_target_sets(config: MethodSettings, teacher_logits: list[torch.Tensor]) -> list[torch.Tensor]:
     """The soft targets a step learns from: the ensemble mean of the selected teachers' (``--teacher-selection
     mean``), or each selected teacher's own."""
     if config.teacher_selection == "mean":
@@ -100,7 +116,7 @@ def soft_target_sets(config: DistillConfig, teacher_logits: list[torch.Tensor]) 
     return [losses.soft_targets([t], config.temperature) for t in teacher_logits]
 
 
-def soft_target_log_sets(config: DistillConfig, teacher_logits: list[torch.Tensor]) -> list[torch.Tensor]:
+def soft_target_log_sets(config: MethodSettings, teacher_logits: list[torch.Tensor]) -> list[torch.Tensor]:
     """:func:`soft_target_sets` as log-probabilities, formed in log space (what DKD's parts read)."""
     if config.teacher_selection == "mean":
         return [losses.log_soft_targets(teacher_logits, config.temperature)]
@@ -165,7 +181,7 @@ class Method(nn.Module):
     settings: ClassVar[dict[str, Any]] = {}
     Options: ClassVar[type] = NoOptions
 
-    def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
+    def __init__(self, student: nn.Module, config: MethodSettings, store: TeacherStore, image_size: int) -> None:
         super().__init__()
         self.student = student
         self.config = config
@@ -182,7 +198,7 @@ class Method(nn.Module):
     # ------------------------------------------------------------------------------------------ declarations
 
     @classmethod
-    def options_of(cls, config: DistillConfig) -> Any:
+    def options_of(cls, config: MethodSettings) -> Any:
         """The method's own options from ``config.method_options``, checked; unknown names are one clear error."""
         given = dict(config.method_options or {})
         known = {f.name: f for f in dataclasses.fields(cls.Options)}
@@ -199,12 +215,12 @@ class Method(nn.Module):
         """Further checks of the options together (each number is already checked against its field's ``low``)."""
 
     @classmethod
-    def check(cls, config: DistillConfig) -> DistillConfig:
+    def check(cls, config: Settings) -> Settings:
         """The method's own checks of the shared settings; may fill in values (AFD's peer count)."""
         return config
 
     @classmethod
-    def sampled_logits_refusal(cls, config: DistillConfig) -> str | None:
+    def sampled_logits_refusal(cls, config: MethodSettings) -> str | None:
         """Why a store of sampled logits (``extract --logits-sample K``, read back as count / K) cannot serve this
         config, or None where it can: count / K is unbiased only for a loss linear in the soft target. A method
         that reads the logits otherwise adds its own reason."""
@@ -217,7 +233,7 @@ class Method(nn.Module):
         return None
 
     @classmethod
-    def has_a_loss(cls, config: DistillConfig) -> bool:
+    def has_a_loss(cls, config: MethodSettings) -> bool:
         """Whether some term of the student's loss has a weight above 0."""
         adversarial = "output" in config.discriminators and config.adv_weight > 0
         return config.soft_weight > 0 or config.hard_weight > 0 or adversarial
