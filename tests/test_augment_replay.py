@@ -216,7 +216,7 @@ def _replayed_from_the_arrays(path, view: int, images: torch.Tensor) -> torch.Te
 @pytest.mark.parametrize("recipe", ["randaugment", "trivialaugment"])
 def test_distill_replays_the_augmented_pixels_the_teacher_saw_in_memory(teacher_dir, tmp_path, monkeypatch, recipe):
     from meal_cache.extract.config import ExtractConfig
-    from meal_cache.store import OPS_FORMAT
+    from meal_cache.store import FORMAT
 
     spec = "digits?train_fraction=0.1"  # 143 rows
     config = ExtractConfig(teachers=["resnet8_w4"], data=spec, views=2, identity_view=True, recipe=recipe,
@@ -225,7 +225,7 @@ def test_distill_replays_the_augmented_pixels_the_teacher_saw_in_memory(teacher_
     path = tmp_path / "s.zarr"
     store, fed = _extract_recording(config, path, monkeypatch)
     attrs = store.attrs
-    assert attrs["format"] == OPS_FORMAT and attrs["views"]["policy"]["name"] == recipe
+    assert attrs["format"] == FORMAT and attrs["views"]["policy"]["name"] == recipe
     assert attrs["settings"]["recipe"] == recipe and store.policy == augment.policy_for(recipe, "digits")
     k = 2 if recipe == "randaugment" else 1
     assert store.array("views/ops").shape == (3, store.n, k) and store.array("views/magnitude").dtype == np.int8

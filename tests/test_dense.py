@@ -26,7 +26,7 @@ from meal_cache.extract.run import extract
 from meal_cache.fidelity import store_fidelity
 from meal_cache.nets.teachers import resolve_teacher, teacher_outputs
 from meal_cache.runtime import Precision
-from meal_cache.store import DENSE_FORMAT, FORMAT, feature_key, logits_key, open_store
+from meal_cache.store import FORMAT, feature_key, logits_key, open_store
 from meal_cache.views import augment
 
 SPEC = "digits?train_fraction=0.1"  # 143 training rows at 16 px
@@ -192,7 +192,7 @@ def test_the_student_sees_exactly_the_crop_whose_targets_were_derived(stores, sm
 
 def test_dense_stores_are_format_8_hold_maps_and_views_stores_keep_their_format(stores):
     dense, views = open_store(stores[0]), open_store(stores[1])
-    assert dense.attrs["format"] == DENSE_FORMAT == "meal-cache/8" and views.attrs["format"] == FORMAT
+    assert dense.attrs["format"] == views.attrs["format"] == FORMAT == "meal-cache/10"
     assert dense.num_views == 1 and dense.dense and not views.dense
     spec = dense.teacher("resnet8_w4")
     assert spec["dense_map"] == [4, 4]  # resnet8's last block at 16 px

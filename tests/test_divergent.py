@@ -124,10 +124,10 @@ def _extract(teacher_dir, out, monkeypatch=None, **options):
 def test_extract_stores_the_divergent_pixels_and_the_teachers_outputs_on_exactly_them(teacher_dir, tmp_path,
                                                                                      monkeypatch):  # fmt: skip
     from meal_cache.analysis import describe_inspection, inspect_store
-    from meal_cache.store import DIVERGENT_FORMAT, describe_store
+    from meal_cache.store import FORMAT, describe_store
 
     store, fed = _extract(teacher_dir, tmp_path / "s.zarr", monkeypatch)
-    assert store.attrs["format"] == DIVERGENT_FORMAT and store.divergent_views == [2, 3]
+    assert store.attrs["format"] == FORMAT and store.divergent_views == [2, 3]
     info = store.attrs["views"]["divergent"]
     assert info["eps"] == 0.03 and info["steps"] == 3 and info["step_size"] == pytest.approx(0.025)
     assert store.attrs["settings"]["divergent_views"] == 2

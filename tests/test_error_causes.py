@@ -83,10 +83,10 @@ def test_the_difference_of_nested_settings_is_their_leaves_and_counts_the_rest()
     assert settings_difference(None, new) == "no settings recorded"
 
 
-def test_a_store_of_a_newer_version_is_refused(made, tmp_path):
+def test_a_store_of_a_newer_format_is_refused(made, tmp_path):
     store = tmp_path / "newer.zarr"
     shutil.copytree(made / "feats.zarr", store)
-    zarr.open_group(str(store), mode="r+").attrs["version"] = 2
+    zarr.open_group(str(store), mode="r+").attrs["format"] = "meal-cache/11"
     line = one_error_line(run_console(["info", str(store)], tmp_path))
-    assert (f"'{store}' is a store of version 2, which this meal-cache (version 1) cannot read; upgrade meal-cache "
-            "or extract it again") in line  # fmt: skip
+    assert (f"'{store}' is a store of format 'meal-cache/11', which this meal-cache (meal-cache/10) cannot read; "
+            "upgrade meal-cache or extract it again") in line  # fmt: skip

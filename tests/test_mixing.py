@@ -126,14 +126,14 @@ def _distill_recording(path, monkeypatch, **options):
 def test_distill_replays_the_mixed_pixels_the_teacher_saw_and_mixes_the_hard_labels(teacher_dir, tmp_path,
                                                                                      monkeypatch):  # fmt: skip
     from meal_cache.extract.config import ExtractConfig
-    from meal_cache.store import MIX_FORMAT, describe_store
+    from meal_cache.store import FORMAT, describe_store
 
     config = ExtractConfig(teachers=["resnet8_w4"], data=SPEC, views=2, identity_view=True, recipe="randaugment",
                            mixup=0.8, cutmix=1.0, preset="kd", teacher_dir=str(teacher_dir), rows_per_chunk=64,
                            batch_size=50, device="cpu")  # fmt: skip
     path = tmp_path / "s.zarr"
     store, fed = _extract_recording(config, path, monkeypatch)
-    assert store.attrs["format"] == MIX_FORMAT and store.mixing == Mixing(0.8, 1.0, 1.0, 0.5)
+    assert store.attrs["format"] == FORMAT and store.mixing == Mixing(0.8, 1.0, 1.0, 0.5)
     assert store.attrs["settings"]["cutmix"] == 1.0
     assert "mixup 0.8 / cutmix 1 (p 1, switch 0.5)" in describe_store(store)
     # The stored arrays, read with zarr alone, rebuild what the teacher saw: the row's own view, then its

@@ -108,7 +108,7 @@ def test_meal_preset_projects_only_blocks_wider_than_its_d_and_keeps_few_classes
                            device="cpu", preset="meal")  # fmt: skip
     store = extract(config, tmp_path / "meal.zarr", progress=False, dataset=digits)
     assert store.layout.logits_topk is None and store.layout.logits_temperature is None
-    assert store.attrs["format"] == "meal-cache/2" and "teachers/resnet8_w4/logits" in store.group
+    assert store.attrs["format"] == "meal-cache/10" and "teachers/resnet8_w4/logits" in store.group
     assert all(b.projected_from is None for t in store.teacher_names for b in store.blocks(t))
     resolved = config.resolved()
     assert (resolved.project, resolved.projection) == (128, "pca")

@@ -87,7 +87,7 @@ def test_a_sampled_store_holds_counts_reads_back_their_shares_and_draws_the_same
     dense_path, _ = small_store
     path, config = sampled_store
     store, dense = open_store(path), open_store(dense_path)
-    assert store.attrs["format"] == "meal-cache/6" and store.layout.logits_sample == 8
+    assert store.attrs["format"] == "meal-cache/10" and store.layout.logits_sample == 8
     assert store.layout.temperature == 4.0 and store.complete
     group = zarr.open_group(str(path), mode="r")
     index = np.asarray(group["teachers/resnet8_w4/logits_sample/index"][:])

@@ -11,7 +11,6 @@ import pytest
 import torch
 from by_hand import topk_rebuilt
 
-from meal_cache.data.datasets import load_dataset
 from meal_cache.errors import UserError
 from meal_cache.extract.run import extract
 from meal_cache.store import decode_topk, describe_store, encode_topk, open_store
@@ -89,8 +88,8 @@ def topk_stores(small_store, teacher_dir, digits, tmp_path_factory):
 def test_a_top_k_store_holds_k_logits_a_row_and_reads_back_dense(topk_stores):
     dense_path, topk_path = topk_stores
     dense, topk = open_store(dense_path), open_store(topk_path)
-    # Made exact at distill's default temperature, which /5 readers would not know: format /6.
-    assert topk.attrs["format"] == "meal-cache/6" and topk.layout.logits_topk == 3 and topk.complete
+    # Made exact at distill's default temperature.
+    assert topk.attrs["format"] == "meal-cache/10" and topk.layout.logits_topk == 3 and topk.complete
     assert topk.layout.temperature == 4.0
     assert "teachers/resnet8_w4/logits" not in topk.group
     index = topk.group["teachers/resnet8_w4/logits_topk/index"]
@@ -186,21 +185,18 @@ def test_bad_top_k_settings_are_refused(small_store, digits, tmp_path):
         extract(dataclasses.replace(config, logits_topk=11), tmp_path / "b.zarr", progress=False, dataset=digits)
 
 
-def test_a_store_written_in_format_1_is_still_read_and_distilled_from(tmp_path):
-    """tests/fixtures/format1_store was written by meal-cache as of format meal-cache/1 (make_format1.py)."""
-    from meal_cache.distill import DistillConfig, distill
+def test_a_store_of_a_development_format_is_refused_with_the_fix(tmp_path):
+    """tests/fixtures/format1_store was written by meal-cache as of format meal-cache/1 (make_format1.py), one of
+    the development formats before the 0.x line's: every command that opens it says to extract it again."""
+    from console import one_error_line, run_console
 
     path = tmp_path / "format1.zarr"
     shutil.copytree(FIXTURES / "format1_store", path)
-    store = open_store(path)
-    assert store.attrs["format"] == "meal-cache/1" and store.layout.logits_topk is None and store.complete
-    assert store.logits("resnet8_w4", 0).shape == (48, 3)
-    dataset = load_dataset(f"npz:{FIXTURES / 'format1.npz'}", image_size=16)
-    config = DistillConfig(store=str(path), student="resnet8_w4", method="meal", epochs=1, batch_size=16,
-                           device="cpu")  # fmt: skip
-    summary = distill(config, tmp_path / "run", progress=False, dataset=dataset)
-    assert summary["test"]["n"] == 12 and np.isfinite(summary["history"][0]["loss"])
-    assert torch.load(tmp_path / "run" / "student.pt", weights_only=True)["arch"] == "resnet8_w4"
+    expected = (f"'{path}' was written by a development version of meal-cache (format 'meal-cache/1'), which this one "
+                "(meal-cache/10) does not read; extract it again (--overwrite replaces it)")  # fmt: skip
+    assert expected in one_error_line(run_console(["info", str(path)], tmp_path))
+    distilled = run_console(["distill", "--store", str(path), "--student", "resnet8_w4", "--out", "r"], tmp_path)
+    assert expected in one_error_line(distilled) and not (tmp_path / "r").exists()
 
 
 def test_presets_store_only_what_their_method_reads(small_store, digits, tmp_path):

@@ -35,7 +35,7 @@ from meal_cache.store.keys import (
     view_field,
 )
 from meal_cache.store.logits import check_logits_options
-from meal_cache.store.schema import DTYPES, VERSION, BlockSpec, StoreLayout, TeacherSpec, format_of
+from meal_cache.store.schema import DTYPES, FORMAT, BlockSpec, StoreLayout, TeacherSpec
 from meal_cache.views.augment import ViewParams
 
 # Every array is created with it: all chunks written, so a missing chunk means a lost one.
@@ -270,8 +270,7 @@ def create_group(
     group.attrs.update(
         json_safe(
             {
-                "format": format_of(views[0], divergent_pixels is not None, layout),
-                "version": VERSION,
+                "format": FORMAT,
                 "dataset": dataset,
                 "views": views_info,
                 "teachers": {t.key: t.to_json() for t in teachers},

@@ -15,16 +15,16 @@ LOGITS = "logits"
 PROGRESS = "progress"
 VIEW_CROP = "views/crop"
 VIEW_FLIP = "views/flip"
-# Present only where the views flip rows vertically (extract --vflip above 0; format /7).
+# Present only where the views flip rows vertically (extract --vflip above 0).
 VIEW_VFLIP = "views/vflip"
-# Present only with a policy (format /3); each array's last part is its ViewParams field.
+# Present only with a policy; each array's last part is its ViewParams field.
 OPS_KEYS = ("views/ops", "views/magnitude")
-# Present only with mixing (format /4); each array's last part is its ViewParams field.
+# Present only with mixing; each array's last part is its ViewParams field.
 MIX_KEYS = ("views/mix_partner", "views/mix_lambda", "views/mix_box")
 SOURCE_SIZE = "views/source_size"
 DIVERGENT_PIXELS = "divergent/pixels"
 # A block's stored forms: its pooled output (``blocks``), its signed channel mean (``maps``, MEAL's reference
-# representation, AFD's input) and its attention, the channel mean of |A|^p (``attention``, AT's F_sum, format /9).
+# representation, AFD's input) and its attention, the channel mean of |A|^p (``attention``, AT's F_sum).
 FEATURE_KINDS = ("blocks", "maps", "attention")
 # What a store holds without --features or --for (and with --for all).
 DEFAULT_FEATURES = ("blocks", "maps")

@@ -1,45 +1,18 @@
-"""What a store records about itself: its format (and which formats this version reads), the teachers and
-their blocks, and the layout of their outputs (see :mod:`meal_cache.store` for the arrays)."""
+"""What a store records about itself: its format, the teachers and their blocks, and the layout of their
+outputs (see :mod:`meal_cache.store` for the arrays)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from meal_cache.store.logits import LogitsEncoding, chosen_encoding
 
-if TYPE_CHECKING:
-    from meal_cache.views.augment import ViewParams
-
-FORMAT = "meal-cache/2"
-# A store whose views carry a policy's ops (extract --recipe randaugment|trivialaugment): a /2 reader would
-# replay its views without the ops, so such a store says /3 and /2 readers refuse it. Crop-only stores stay /2.
-OPS_FORMAT = "meal-cache/3"
-# A store whose views mix rows (extract --mixup/--cutmix): /2 and /3 readers would replay unmixed pixels.
-MIX_FORMAT = "meal-cache/4"
-# A store with divergent views (extract --divergent-views): their pixels are stored, not replayed, so a /4 reader
-# would take them for views to render from their (identity) crops.
-DIVERGENT_FORMAT = "meal-cache/5"
-# A store whose logits are sampled, or top-k made exact at a temperature other than 1 (extract --logits-sample,
-# --logits-temperature): a /5 reader would rebuild them as top-k at temperature 1, silently wrong.
-LOGITS_FORMAT = "meal-cache/6"
-# A store whose views flip rows top to bottom (extract --vflip, the views/vflip array): a /6 reader would replay
-# them unflipped. The other augmentation options (--scale, --ratio, --hflip) only change what is drawn into the
-# arrays every reader replays, so they need no new format.
-VFLIP_FORMAT = "meal-cache/7"
-# A dense store (extract --dense): one whole-image pass per teacher, its logits a map of positions and its blocks a
-# grid, from which distill derives any crop's targets. A /7 reader would take the maps for one view's targets.
-DENSE_FORMAT = "meal-cache/8"
-# A store holding attention maps (extract --features attention, --for at): a /8 reader does not know the kind, so
-# it would read 8-bit attention codes as values (TeacherStore.read decodes only the kinds it knows), verify them
-# without their ranges and compare them as such in info --fidelity. Stores without attention keep their format.
-ATTENTION_FORMAT = "meal-cache/9"
-# Formats this version reads: /2 added top-k logits (a layout /1 readers would not know), /3 views' ops, /4 mixing,
-# /5 divergent views, /6 sampled logits and the logits' temperature, /7 vertical flips, /8 dense stores, /9
-# attention maps.
-READABLE_FORMATS = ("meal-cache/1", FORMAT, OPS_FORMAT, MIX_FORMAT, DIVERGENT_FORMAT, LOGITS_FORMAT, VFLIP_FORMAT,
-                    DENSE_FORMAT, ATTENTION_FORMAT)  # fmt: skip
-VERSION = 1
+# The format of the 0.x line: every store is written in it, whatever it holds (docs/store-format.md). A change a
+# reader of this format would misread gets the next number, which this reader then refuses by name.
+FORMAT = "meal-cache/10"
+# The development formats before it (one per feature: /3 views' ops, /4 mixing, ... /9 attention maps), never
+# released: refused with the one fix, extract it again.
+DEVELOPMENT_FORMATS = tuple(f"meal-cache/{n}" for n in range(1, 10))
 # The power p of a stored attention map, the channel mean of |A|^p, unless extract --attention-p says: the
 # paper's default (Zagoruyko and Komodakis, ICLR 2017), as in mdistiller.
 DEFAULT_ATTENTION_P = 2.0
@@ -120,7 +93,7 @@ class StoreLayout:
     quantize: int | None = None  # lossy: blocks and maps as 8-bit codes with a per-row range (None: as dtype)
     logits_topk: int | None = None  # lossy: the K largest logits and the log-sum-exp (None: every logit)
     logits_sample: int | None = None  # lossy: K classes drawn from the teacher's softmax, with their counts
-    logits_temperature: float | None = None  # the T top-k and sampled logits are made at (None: 1, older stores)
+    logits_temperature: float | None = None  # the T top-k and sampled logits are made at (None: every logit kept)
     # extract --dense: {"sizes": [px, ...], "grid": G}, the teacher's input sizes of the whole image and the
     # blocks' stored grid (see meal_cache.dense); None: a store of views.
     dense: dict | None = None
@@ -146,7 +119,7 @@ class StoreLayout:
         data = {"rows_per_chunk": self.rows_per_chunk, "dtype": self.dtype, "codec": self.codec,
                 "features": list(self.features), "keep_bits": self.keep_bits, "quantize": self.quantize,
                 "logits_topk": self.logits_topk}  # fmt: skip
-        # Recorded only when set: older layouts unchanged.
+        # Recorded only when set, so a layout without them reads as it is written.
         for name in ("logits_sample", "logits_temperature", "dense", "attention_p"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
@@ -157,24 +130,6 @@ class StoreLayout:
         return cls(int(data["rows_per_chunk"]), data["dtype"], data["codec"], tuple(data["features"]),
                    data.get("keep_bits"), data.get("quantize"), data.get("logits_topk"), data.get("logits_sample"),
                    data.get("logits_temperature"), data.get("dense"), data.get("attention_p"))  # fmt: skip
-
-
-def format_of(view: ViewParams, divergent: bool = False, layout: StoreLayout | None = None) -> str:
-    """The oldest format whose readers replay ``view`` right (and know divergent views, the layout's logits and
-    its feature kinds)."""
-    if layout is not None and "attention" in layout.features:
-        return ATTENTION_FORMAT
-    if layout is not None and layout.dense is not None:
-        return DENSE_FORMAT
-    if view.vflip is not None:
-        return VFLIP_FORMAT
-    if layout is not None and (layout.logits_sample is not None or layout.temperature != 1.0):
-        return LOGITS_FORMAT
-    if divergent:
-        return DIVERGENT_FORMAT
-    if view.mix_partner is not None:
-        return MIX_FORMAT
-    return FORMAT if view.ops is None else OPS_FORMAT
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from meal_cache.store.keys import (
     view_field,
 )
 from meal_cache.store.logits import LogitsEncoding, sample_rng
-from meal_cache.store.schema import FORMAT, READABLE_FORMATS, VERSION, BlockSpec, StoreLayout
+from meal_cache.store.schema import DEVELOPMENT_FORMATS, FORMAT, BlockSpec, StoreLayout
 from meal_cache.views.augment import Policy, Recipe, ViewParams, policy_from_json, recipe_for
 from meal_cache.views.mixing import Mixing, mixing_from_json
 
@@ -56,16 +56,14 @@ def open_store(path: str | Path, mode: str = "r") -> TeacherStore:
     except (FileNotFoundError, ValueError, zarr.errors.ContainsArrayError) as err:
         raise UserError(f"'{path}' is not a Zarr store ({err})") from err
     found = group.attrs.get("format")
-    if isinstance(found, str) and found.startswith("meal-cache/") and found not in READABLE_FORMATS:
+    if found in DEVELOPMENT_FORMATS:
+        raise UserError(f"'{path}' was written by a development version of meal-cache (format '{found}'), which "
+                        f"this one ({FORMAT}) does not read; extract it again (--overwrite replaces it)")  # fmt: skip
+    if isinstance(found, str) and found.startswith("meal-cache/") and found != FORMAT:
         raise UserError(f"'{path}' is a store of format '{found}', which this meal-cache ({FORMAT}) cannot read; "
                         "upgrade meal-cache or extract it again")  # fmt: skip
-    if found not in READABLE_FORMATS:
+    if found != FORMAT:
         raise UserError(f"'{path}' is not a meal-cache store (format '{found}', want '{FORMAT}')")
-    # The version counts changes within a format that older readers would misread, as the format does.
-    version = group.attrs.get("version")
-    if isinstance(version, int) and version > VERSION:
-        raise UserError(f"'{path}' is a store of version {version}, which this meal-cache (version {VERSION}) "
-                        "cannot read; upgrade meal-cache or extract it again")  # fmt: skip
     return TeacherStore(group, str(path))
 
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from meal_cache.engine.distributed import World
     from meal_cache.store.teacher_store import TeacherStore
 
+
 class MethodSettings(Protocol):
     """The settings of a run that this base reads, resolved (every default filled in): a
     :class:`~meal_cache.distill.config.DistillConfig` is one. A method's own file reads the rest of its config."""
