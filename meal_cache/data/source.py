@@ -22,6 +22,9 @@ normalises them with its network's statistics.
   the same box and the same functions (:func:`render_decoded`); a file that is not a JPEG is decoded by the
   worker on the CPU, as without it. nvjpeg's pixels differ from libjpeg's by a few levels (docs/design.md).
 
+:func:`views_pixels` asks for several views of the same rows in one request (extract's views of a chunk, as
+distill's multi-crop asks for K crops of a row), so each image is decoded once for all of them.
+
 A file that cannot be decoded, or no longer has the size recorded for it, comes back from the worker as a
 :class:`BadImage` and is raised as a :class:`~meal_cache.errors.UserError` naming it.
 """

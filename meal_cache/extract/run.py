@@ -1,12 +1,12 @@
 """Stage 1: run every teacher exactly once over V replayable views of a dataset split and fill the store.
 
-For each view and chunk of rows: the source renders the chunk's images as the view's stored parameters say (on
-the device for in-memory data, in decoding workers for image files: each image is decoded once per view for all
-teachers), every teacher that has not yet done the chunk runs once in eval mode under ``torch.inference_mode``
-(AMP and channels_last on CUDA) with forward hooks on its blocks, and the logits, pooled blocks and channel-mean
-maps go to a background writer that compresses and writes the whole chunk, then marks it done. A killed extract,
-run again with the same settings, skips the chunks marked done and ends with the same store as an uninterrupted
-run.
+For each chunk of rows: the source renders every view the chunk still needs of its images as the views' stored
+parameters say (on the device for in-memory data, in decoding workers for image files: each image is decoded
+once for all its views and all teachers), every teacher that has not yet done a (view, chunk) runs on it once in
+eval mode under ``torch.inference_mode`` (AMP and channels_last on CUDA), one view's mini-batch at a time, with
+forward hooks on its blocks, and the logits, pooled blocks and channel-mean maps go to a background writer that
+compresses and writes the whole (view, chunk), then marks it done. A killed extract, run again with the same
+settings, skips the (view, chunk)s marked done and ends with the same store as an uninterrupted run.
 
 Under ``torchrun`` every rank runs this function: rank 0 creates the store, every rank takes the chunks whose
 index ``c`` has ``c % world_size == rank`` (whole chunks, so no two ranks write one), and after a barrier rank 0
