@@ -239,6 +239,7 @@ def test_a_store_extracted_with_gpu_decoding_replays_its_pixels_and_matches_cpu_
 ):
     import zarr
     from by_hand import record_teacher_pixels, store_arrays
+    from extract_order import fed_per_view
 
     from meal_cache import distill as distill_module
     from meal_cache.distill import DistillConfig, distill
@@ -256,7 +257,7 @@ def test_a_store_extracted_with_gpu_decoding_replays_its_pixels_and_matches_cpu_
         fed = record_teacher_pixels(monkeypatch, "resnet8_w4")
         store = extract(dataclasses.replace(base, decode=decode), tmp_path / f"{decode}.zarr", progress=False)
         monkeypatch.undo()
-        stores[decode] = (store, torch.cat(fed).view(store.num_views, store.n, 3, SIZE, SIZE))
+        stores[decode] = (store, fed_per_view(fed, store.n, store.num_views, base.rows_per_chunk, base.batch_size))
     on_cpu = store_arrays(zarr.open_group(str(tmp_path / "cpu.zarr"), mode="r"))
     on_gpu = store_arrays(zarr.open_group(str(tmp_path / "cuda.zarr"), mode="r"))
     assert on_cpu.keys() == on_gpu.keys()
@@ -310,3 +311,54 @@ def test_a_store_records_its_decoder_and_a_replay_decodes_as_it_did(folder, tmp_
     # CPU workers; an explicit choice stands.
     assert [replay_decode("auto", recorded) for recorded in ("cpu", None, "cuda")] == ["cpu", "cpu", "auto"]
     assert replay_decode("cuda", "cpu") == "cuda" and replay_decode("cpu", "cuda") == "cpu"
+
+
+# ------------------------------------------------------------------------- every view of a row from one decode
+
+
+def test_extract_decodes_each_image_once_for_all_its_views(folder, tmp_path, monkeypatch):
+    from meal_cache.data import source as source_module
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
+    from meal_cache.nets.checkpoint import model_payload, save_checkpoint
+    from meal_cache.nets.models import create_model
+
+    spec = f"imagefolder:{folder}"
+    dataset = load_dataset(spec, image_size=SIZE)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "resnet8_w4.pt", model_payload(create_model("resnet8_w4", dataset.num_classes, SIZE),
+                                                              "resnet8_w4", dataset, {}, 0, [], {}))  # fmt: skip
+    decoded = []
+    real_decode = source_module.decode_rgb
+    monkeypatch.setattr(source_module, "decode_rgb", lambda path: decoded.append(path) or real_decode(path))
+    config = ExtractConfig(teachers=["resnet8_w4"], data=spec, image_size=SIZE, views=3, identity_view=True,
+                           preset="kd", teacher_dir=str(tmp_path), rows_per_chunk=8, batch_size=5, device="cpu",
+                           workers=0, decode="cpu")  # fmt: skip
+    store = extract(config, tmp_path / "s.zarr", progress=False, dataset=dataset)
+    assert store.complete and store.num_views == 4
+    # Chunks of 8 rows in mini-batches of 5: every row is decoded once, for its 4 views, not once a view.
+    split = dataset.train
+    assert sorted(decoded) == sorted(f"{split.root}/{name.decode()}" for name in split.files)
+
+
+def test_the_bytes_path_reads_each_file_once_for_all_the_views_of_a_request(folder, monkeypatch):
+    """The --decode cuda path run here (decode_jpeg on the CPU): several views of some rows in one request read
+    each file once and decode the request's JPEGs in one batched call, with each view's pixels as a request of
+    that view alone gives them."""
+    from meal_cache.data.source import views_pixels
+
+    split = load_dataset(f"imagefolder:{folder}", image_size=SIZE).train
+    sizes = split.source_sizes(0)
+    views = [augment.draw(augment.RECIPES["full"], sizes, augment.view_generator(seed, 0)) for seed in (1, 2, 3)]
+    rows = torch.tensor([3, 0, 7, 12])
+    alone = [_pixels(FileSource(split, CPU, 0, SIZE, jpeg_device=CPU), rows, view[rows]) for view in views]
+    reads, batches = [], []
+    real_read, real_decode = torchvision.io.read_file, torchvision.io.decode_jpeg
+    monkeypatch.setattr(torchvision.io, "read_file", lambda path: reads.append(path) or real_read(path))
+    monkeypatch.setattr(torchvision.io, "decode_jpeg",
+                        lambda datas, **kw: batches.append(len(datas)) or real_decode(datas, **kw))  # fmt: skip
+    source = FileSource(split, CPU, 0, SIZE, jpeg_device=CPU)
+    ((payload, together),) = views_pixels(source, [(rows, [view[rows] for view in views], "p")])
+    source.close()
+    assert payload == "p" and len(reads) == 4 and batches == [4]
+    assert len(together) == 3 and all(torch.equal(got, want) for got, want in zip(together, alone, strict=True))

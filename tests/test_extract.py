@@ -122,14 +122,17 @@ def test_killed_extract_resumes_to_the_same_store(small_store, tmp_path, digits,
     path, config = small_store
     target = tmp_path / "killed.zarr"
     real = extract_module.store_arrays
-    # Each chunk is decoded once for both teachers and written when both are done: the 8th teacher-chunk is the
-    # second teacher's of chunk 4, after three whole chunks.
-    undo = interrupt_on_call(extract_module, "store_arrays", 8)
+    # Chunk by chunk, every view of a chunk from one render, each (view, chunk) written when both teachers are
+    # done with it: the 9th teacher-(view, chunk) is the first teacher's of view 1 of chunk 1, after chunk 0's
+    # three views and chunk 1's view 0, so the resumed chunk 1 is asked for its two other views only.
+    undo = interrupt_on_call(extract_module, "store_arrays", 9)
     with pytest.raises(KeyboardInterrupt):
         extract(config, target, progress=False, dataset=digits)
     partial = open_store(target)
     assert not partial.complete
-    assert partial.progress("resnet8_w4").sum() == 3 and partial.progress("densenet_k12").sum() == 3
+    for teacher in ("resnet8_w4", "densenet_k12"):
+        marks = partial.progress(teacher)
+        assert marks.sum() == 4 and marks[:, 0].all() and marks[0, 1] and not marks[1:, 1].any()
     with pytest.raises(UserError, match="incomplete"):
         partial.check_matches(digits.describe(), "train")
 
@@ -143,7 +146,7 @@ def test_killed_extract_resumes_to_the_same_store(small_store, tmp_path, digits,
     monkeypatch.setattr(extract_module, "store_arrays", counting)
     extract(config, target, progress=False, dataset=digits)
     total_chunks = 2 * 3 * 6  # teachers x views x chunks
-    assert counted["n"] == total_chunks - 6
+    assert counted["n"] == total_chunks - 8
     _assert_same_store(path, target)
 
 
@@ -350,3 +353,78 @@ def test_bit_rounding_up_to_inf_is_caught_before_the_write():
         extract_finite._check_finite(raw, stored, config)
     assert caught.value.stage == "keep_bits" and caught.value.keys == ["logits"]
     assert "--keep-bits 4 rounds" in caught.value.explain("t", "view 1 of 1", slice(0, 1), config, None)
+
+
+# ------------------------------------------------------------------------- every view of a chunk, one decode
+
+
+def _untrained_teachers(folder, spec: str, size: int, archs=("resnet8_w4", "densenet_k12")) -> list[str]:
+    """Teacher checkpoints with initial weights (what they output does not matter here, only that it is theirs)."""
+    from meal_cache.data.datasets import load_dataset
+    from meal_cache.nets.checkpoint import model_payload, save_checkpoint
+    from meal_cache.nets.models import create_model
+
+    dataset = load_dataset(spec, image_size=size)
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, arch in enumerate(archs):
+        torch.manual_seed(seed)
+        model = create_model(arch, dataset.num_classes, size)
+        save_checkpoint(folder / f"{arch}.pt", model_payload(model, arch, dataset, {}, 0, [], {}))
+    return list(archs)
+
+
+def _per_view_outputs(config: ExtractConfig, store, dataset) -> dict[str, np.ndarray]:
+    """Every teacher array of ``store`` as a view-by-view extract makes it: each view's rows asked of the source
+    one mini-batch of that view at a time (one decode per view), each teacher run on those pixels, cast to the
+    store's dtype; keyed by the store's array paths."""
+    from meal_cache.extract.config import fitted_to_data
+    from meal_cache.nets.teachers import resolve_teacher, teacher_outputs
+    from meal_cache.runtime import Precision
+    from meal_cache.store.keys import teacher_key
+
+    resolved = fitted_to_data(config.resolved(), config, dataset.num_classes)
+    precision = Precision(torch.device("cpu"))
+    teachers = [resolve_teacher(n, resolved.teacher_dir, dataset, resolved.blocks, resolved.grid) for n in
+                resolved.teachers]  # fmt: skip
+    source = dataset.split("train").open(torch.device("cpu"), 0, decode="cpu")
+    parts: dict[str, list[np.ndarray]] = {}
+    for view in range(store.num_views):
+        params = store.view_params(view)
+        for start in range(0, store.n, config.rows_per_chunk):
+            chunk_stop = min(store.n, start + config.rows_per_chunk)
+            for first in range(start, chunk_stop, config.batch_size):
+                stop = min(chunk_stop, first + config.batch_size)
+                ((_, pixels),) = source.pixels([(torch.arange(first, stop), params[first:stop], None)])
+                for teacher in teachers:
+                    with torch.inference_mode():
+                        outputs = teacher_outputs(teacher, pixels, tuple(resolved.features), precision)
+                    for name, value in outputs.items():
+                        key = f"{teacher_key(teacher.spec.key, name)}@{view}"
+                        parts.setdefault(key, []).append(value.float().numpy().astype(resolved.dtype))
+    source.close()
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def test_every_view_of_a_chunk_from_one_decode_stores_what_view_by_view_extraction_stores(tmp_path):
+    """Views with a policy's ops and CutMix partners, mini-batches that do not divide the chunks, two decoding
+    workers: each teacher array of each view equals the one made from per-view requests, bit for bit."""
+    from by_hand import store_arrays
+    from imagefolder import make_image_folder
+
+    from meal_cache.data.datasets import load_dataset
+
+    folder = make_image_folder(tmp_path / "jpegs", classes=4, train=5, val=1, sizes=(40, 90))
+    spec = f"imagefolder:{folder}"
+    teachers = _untrained_teachers(tmp_path / "teachers", spec, 16)
+    config = ExtractConfig(teachers=teachers, data=spec, image_size=16, views=3, identity_view=True,
+                           recipe="trivialaugment", cutmix=1.0, teacher_dir=str(tmp_path / "teachers"),
+                           rows_per_chunk=8, batch_size=5, device="cpu", workers=2)  # fmt: skip
+    store = extract(config, tmp_path / "s.zarr", progress=False)
+    assert store.complete and store.mixing is not None and store.policy is not None
+    expected = _per_view_outputs(config, store, load_dataset(spec, image_size=16))
+    stored = store_arrays(zarr.open_group(str(tmp_path / "s.zarr"), mode="r"))
+    outputs = {key for key in stored if key.startswith("teachers/") and not key.endswith("/progress")}
+    assert {key.rsplit("@", 1)[0] for key in expected} == outputs  # logits, blocks and maps of both teachers
+    for key, values in expected.items():
+        path, view = key.rsplit("@", 1)
+        assert stored[path].dtype == values.dtype and np.array_equal(stored[path][int(view)], values), key

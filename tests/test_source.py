@@ -181,6 +181,7 @@ def _extract_recording(spec, teachers, out, monkeypatch, workers):
     """Extract 3 views + the identity view of ``spec``; returns, per view, the pixels the first teacher was fed
     for every row (captured at the teacher's forward)."""
     from by_hand import record_teacher_pixels
+    from extract_order import fed_per_view
 
     from meal_cache.extract.config import ExtractConfig
     from meal_cache.extract.run import extract
@@ -191,7 +192,7 @@ def _extract_recording(spec, teachers, out, monkeypatch, workers):
                            device="cpu", workers=workers)  # fmt: skip
     store = extract(config, out, progress=False)
     monkeypatch.undo()
-    return store, torch.cat(fed).view(store.num_views, store.n, 3, 32, 32)
+    return store, fed_per_view(fed, store.n, store.num_views, config.rows_per_chunk, config.batch_size)
 
 
 @pytest.mark.parametrize(("option", "workers"), [("?in_memory=1", 0), ("", 0), ("", 2)])

@@ -22,12 +22,16 @@ normalises them with its network's statistics.
   the same box and the same functions (:func:`render_decoded`); a file that is not a JPEG is decoded by the
   worker on the CPU, as without it. nvjpeg's pixels differ from libjpeg's by a few levels (docs/design.md).
 
+:func:`views_pixels` asks for several views of the same rows in one request (extract's views of a chunk, as
+distill's multi-crop asks for K crops of a row), so each image is decoded once for all of them.
+
 A file that cannot be decoded, or no longer has the size recorded for it, comes back from the worker as a
 :class:`BadImage` and is raised as a :class:`~meal_cache.errors.UserError` naming it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections import deque
@@ -42,10 +46,8 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
-from meal_cache.views import augment
-
-from meal_cache.views import mixing
 from meal_cache.errors import UserError
+from meal_cache.views import augment, mixing
 
 DECODER = f"torchvision.io.decode_image {torchvision.__version__}"
 # Boxes are int16: no source side may exceed this.
@@ -116,6 +118,36 @@ def with_partners(render, requests: Iterable[Request]) -> Iterator[tuple[Any, to
             continue
         own = len(params)
         yield payload, mixing.mix(pixels[:own], pixels[own:], params, mixed)
+
+
+ViewsRequest = tuple[torch.Tensor, list[augment.ViewParams], Any]
+
+
+def concat_rows(parts: list[augment.ViewParams]) -> augment.ViewParams:
+    """Parameters of some rows of several views one after the other, their mixing kept (each part's partners
+    already resolved, as ``view[rows]`` resolves them)."""
+    joined = augment.concat_views(parts)
+    if parts[0].mix_partner is None:
+        return joined
+    return dataclasses.replace(joined, mix_partner=torch.cat([p.mix_partner for p in parts]),
+                               mix_lambda=torch.cat([p.mix_lambda for p in parts]),
+                               mix_box=torch.cat([p.mix_box for p in parts]),
+                               partner=augment.concat_views([p.partner for p in parts]))  # fmt: skip
+
+
+def views_pixels(source: ImageSource, requests: Iterable[ViewsRequest]) -> Iterator[tuple[Any, list[torch.Tensor]]]:
+    """Several views of the same rows, one request each: ``(rows, [params of view 1, ...], payload)`` in,
+    ``(payload, [pixels of view 1, ...])`` out. Each request goes to ``source`` as one request of every view's
+    rows, so a file source decodes each of its images once for all the views (it decodes a request's image once
+    however many of its samples name it), and each row's pixels are the ones a request of that view alone gives
+    (a row's pixels depend on its own parameters and its partner's alone)."""
+
+    def joined() -> Iterator[Request]:
+        for rows, views, payload in requests:
+            yield rows.repeat(len(views)), concat_rows(views), (payload, len(rows))
+
+    for (payload, count), pixels in source.pixels(joined()):
+        yield payload, list(pixels.split(count))
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
 """Stage 1: run every teacher exactly once over V replayable views of a dataset split and fill the store.
 
-For each view and chunk of rows: the source renders the chunk's images as the view's stored parameters say (on
-the device for in-memory data, in decoding workers for image files: each image is decoded once per view for all
-teachers), every teacher that has not yet done the chunk runs once in eval mode under ``torch.inference_mode``
-(AMP and channels_last on CUDA) with forward hooks on its blocks, and the logits, pooled blocks and channel-mean
-maps go to a background writer that compresses and writes the whole chunk, then marks it done. A killed extract,
-run again with the same settings, skips the chunks marked done and ends with the same store as an uninterrupted
-run.
+For each chunk of rows: the source renders every view the chunk still needs of its images as the views' stored
+parameters say (on the device for in-memory data, in decoding workers for image files: each image is decoded
+once for all its views and all teachers), every teacher that has not yet done a (view, chunk) runs on it once in
+eval mode under ``torch.inference_mode`` (AMP and channels_last on CUDA), one view's mini-batch at a time, with
+forward hooks on its blocks, and the logits, pooled blocks and channel-mean maps go to a background writer that
+compresses and writes the whole (view, chunk), then marks it done. A killed extract, run again with the same
+settings, skips the (view, chunk)s marked done and ends with the same store as an uninterrupted run.
 
 Under ``torchrun`` every rank runs this function: rank 0 creates the store, every rank takes the chunks whose
 index ``c`` has ``c % world_size == rank`` (whole chunks, so no two ranks write one), and after a barrier rank 0
@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from functools import partial
@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from meal_cache.data.datasets import ImageDataset, load_dataset
-from meal_cache.data.source import replay_decode
+from meal_cache.data.source import replay_decode, views_pixels
 from meal_cache.dense import (
     DenseSettings,
     dense_outputs,
@@ -183,32 +183,42 @@ def _run_teachers(
     progress: bool,
     dense: DenseSettings | None = None,
 ) -> None:
-    """This rank's share of every (view, chunk) some teacher has not done, written by a background writer."""
+    """This rank's share of every (view, chunk) some teacher has not done, written by a background writer: the
+    replayed views chunk by chunk, every view of a chunk's rows from one decode of each image, then each
+    divergent view (a search of its own) chunk by chunk."""
     for teacher in teachers:
         teacher.model = precision.prepare(teacher.model)
     done = {t.spec.key: _progress_marks(store, t.spec.key) for t in teachers}
+    outputs = _outputs(dense, config.attention_p)
+    chunks = range(world.rank, store.n_chunks, world.size)
     source = _open_source(dataset, config, device, store)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-writer") as writer:
         pending: deque[Future] = deque()
+
+        def write(written: Iterator[tuple[int, int, dict[str, dict]]]) -> None:
+            for view, chunk, arrays in written:
+                for key, teacher_arrays in arrays.items():
+                    pending.append(writer.submit(store.write_rows, key, view, chunk, teacher_arrays))
+                while len(pending) > MAX_PENDING_WRITES:
+                    pending.popleft().result()
+
         try:
-            for view in range(store.num_views):
-                todo = [c for c in range(world.rank, store.n_chunks, world.size)
-                        if not all(marks[view, c] for marks in done.values())]  # fmt: skip
-                bar = tqdm(total=sum(_chunk_len(store, c) for c in todo), desc=f"view {view + 1}/{store.num_views}",
-                           unit="img", leave=False, disable=not progress)  # fmt: skip
-                params = store.view_params(view)
-                view_source = source
-                if view in store.divergent_views:
-                    view_source = DivergentSource(source, teachers, store, search_from_json(store.attrs["views"]
-                                                  ["divergent"]), store.divergent_views.index(view),
-                                                  precision.channels_last)  # fmt: skip
-                chunks = _chunk_outputs(view_source, teachers, params, store, todo, done, view, config, precision,
-                                        bar.update, _outputs(dense, config.attention_p))  # fmt: skip
-                for chunk, outputs in chunks:
-                    for key, arrays in outputs.items():
-                        pending.append(writer.submit(store.write_rows, key, view, chunk, arrays))
-                    while len(pending) > MAX_PENDING_WRITES:
-                        pending.popleft().result()
+            replayed = [v for v in range(store.num_views) if v not in store.divergent_views]
+            todo = _todo(done, replayed, chunks)
+            # A bar is closed once its work is done; one a failure leaves open, the command line closes
+            # before its message (cli.close_progress_bars), so the message starts a line of its own.
+            bar = _bar(store, todo, replayed, progress)
+            write(_chunk_outputs(source, teachers, {v: store.view_params(v) for v in replayed}, store, todo, done,
+                                 config, precision, bar.update, outputs))  # fmt: skip
+            bar.close()
+            for view in store.divergent_views:
+                todo = _todo(done, [view], chunks)
+                view_source = DivergentSource(source, teachers, store, search_from_json(store.attrs["views"]
+                                              ["divergent"]), store.divergent_views.index(view),
+                                              precision.channels_last)  # fmt: skip
+                bar = _bar(store, todo, [view], progress)
+                write(_chunk_outputs(view_source, teachers, {view: store.view_params(view)}, store, todo, done,
+                                     config, precision, bar.update, outputs))  # fmt: skip
                 bar.close()
         finally:
             source.close()
@@ -219,42 +229,73 @@ def _run_teachers(
         teacher.model = teacher.model.cpu()
 
 
-@torch.inference_mode()
-def _chunk_outputs(source, teachers: list[Teacher], params: augment.ViewParams, store: TeacherStore, chunks: list[int],
-                   done: dict[str, np.ndarray], view: int, config: ExtractConfig, precision: Precision,
-                   advance: Callable[[int], object],
-                   teacher_outputs=teacher_outputs) -> Iterator[tuple[int, dict[str, dict]]]:  # fmt: skip
-    """Per chunk, the store arrays of every teacher that has not done it, from mini-batches of ``batch_size`` rows
-    (a fixed split, so a resumed chunk is bit-equal), calling ``advance(rows)`` after each mini-batch (the bar). A
-    chunk whose outputs are not finite raises a UserError before it reaches the writer, so it is never marked
-    done."""
+def _todo(done: dict[str, np.ndarray], views: list[int], chunks: Iterable[int]) -> dict[int, list[int]]:
+    """Chunk -> the ``views`` some teacher has not done for it, for the chunks with any."""
+    todo = {c: [v for v in views if not all(marks[v, c] for marks in done.values())] for c in chunks}
+    return {c: views for c, views in todo.items() if views}
 
-    def requests() -> Iterator[tuple[torch.Tensor, augment.ViewParams, tuple[int, slice, bool]]]:
-        for chunk in chunks:
+
+def _bar(store: TeacherStore, todo: dict[int, list[int]], views: list[int], progress: bool) -> tqdm:
+    """A bar over the images of the (view, chunk)s to do, named by its view or the range of its views."""
+    name = f"view {views[0] + 1}" if len(views) == 1 else f"views {views[0] + 1}-{views[-1] + 1}"
+    return tqdm(total=sum(_chunk_len(store, c) * len(v) for c, v in todo.items()), unit="img", leave=False,
+                desc=f"{name}/{store.num_views}", disable=not progress)  # fmt: skip
+
+
+@torch.inference_mode()
+def _chunk_outputs(source, teachers: list[Teacher], params: dict[int, augment.ViewParams], store: TeacherStore,
+                   todo: dict[int, list[int]], done: dict[str, np.ndarray], config: ExtractConfig,
+                   precision: Precision, advance: Callable[[int], object],
+                   teacher_outputs=teacher_outputs) -> Iterator[tuple[int, int, dict[str, dict]]]:  # fmt: skip
+    """Per (view, chunk) of ``todo`` (chunk -> its views), the store arrays of every teacher that has not done
+    it. A teacher runs on mini-batches of ``batch_size`` rows of one view (a fixed split, so a resumed chunk is
+    bit-equal); the source is asked for every view of a mini-batch's rows at once, in requests of about
+    ``batch_size`` samples (a slice of the rows, all its views), so each image is decoded once for all its views
+    while a request stays as large as one view's mini-batch. ``advance(images)`` is called after each mini-batch
+    (the bar). A chunk whose outputs are not finite raises a UserError after the chunk's other arrays reach the
+    writer, so it is never marked done."""
+
+    def requests() -> Iterator[tuple[torch.Tensor, list[augment.ViewParams], tuple[int, slice, slice, bool]]]:
+        for chunk, views in todo.items():
             rows = store.chunk_rows(chunk)
             for start in range(rows.start, rows.stop, config.batch_size):
                 stop = min(rows.stop, start + config.batch_size)
-                yield torch.arange(start, stop), params[start:stop], (chunk, rows, stop == rows.stop)
+                piece = math.ceil((stop - start) / len(views))
+                for first in range(start, stop, piece):
+                    last = min(stop, first + piece)
+                    yield (torch.arange(first, last), [params[v][first:last] for v in views],
+                           (chunk, rows, slice(start, stop), last == stop))  # fmt: skip
 
     features = tuple(config.features)
-    parts: dict[str, dict[str, list[torch.Tensor]]] = {}
-    for (chunk, rows, last), pixels in source.pixels(requests()):
-        for teacher in teachers:
-            key = teacher.spec.key
-            if not done[key][view, chunk]:
-                outputs = teacher_outputs(teacher, pixels, features, precision)
-                for name, value in outputs.items():
-                    parts.setdefault(key, {}).setdefault(name, []).append(value.to(torch.float32).cpu())
-        advance(len(pixels))
-        if last:
-            arrays, refused = {}, None
-            for key, teacher_parts in parts.items():
-                try:
-                    arrays[key] = store_arrays(teacher_parts, config)
-                except NonFiniteOutput as err:
-                    refused = refused or err.explain(key, _view_name(store, view), rows, config, precision)
-            parts = {}
-            yield chunk, arrays  # the other teachers' arrays of the chunk are written before the refusal
+    pieces: list[list[torch.Tensor]] = []
+    parts: dict[tuple[int, str], dict[str, list[torch.Tensor]]] = {}
+    for (chunk, rows, batch, batch_done), pixels in views_pixels(source, requests()):
+        pieces.append(pixels)
+        if not batch_done:
+            continue
+        views = todo[chunk]
+        for view, view_pixels in zip(views, (torch.cat(p) for p in zip(*pieces, strict=True)), strict=True):
+            for teacher in teachers:
+                key = teacher.spec.key
+                if not done[key][view, chunk]:
+                    outputs = teacher_outputs(teacher, view_pixels, features, precision)
+                    for name, value in outputs.items():
+                        parts.setdefault((view, key), {}).setdefault(name, []).append(value.to(torch.float32).cpu())
+        pieces = []
+        advance((batch.stop - batch.start) * len(views))
+        if batch.stop == rows.stop:
+            refused = None
+            for view in views:
+                arrays = {}
+                for teacher in teachers:
+                    key = teacher.spec.key
+                    if (view, key) not in parts:
+                        continue
+                    try:
+                        arrays[key] = store_arrays(parts.pop((view, key)), config)
+                    except NonFiniteOutput as err:
+                        refused = refused or err.explain(key, _view_name(store, view), rows, config, precision)
+                yield view, chunk, arrays  # the chunk's other arrays are written before the refusal
             if refused:
                 raise UserError(refused)
 

@@ -1,0 +1,210 @@
+"""The host side's ceiling (issue 39): how many images a second the loader path (decode, crop, render, collate
+and the store's reads) feeds when the networks cost nothing.
+
+Teachers and student are :class:`FreeNet`: a module that returns logits and blocks of the right shapes from a
+global average of its input, so nearly all of a timing is the host's own work. Every figure is a ratio of two
+timings of the same run, or a rate beside its baseline (the plain torchvision ImageFolder + DataLoader decode of
+the same files); the repeats alternate and the median is taken (see bench.py).
+
+    python benchmarks/bench_host.py [--out bench/host.json] [--repeats 3] [--images 300] [--size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import meal_cache.extract.run as extract_run
+from meal_cache.cached_views import CachedViews
+from meal_cache.data.datasets import load_dataset
+from meal_cache.extract.config import ExtractConfig
+from meal_cache.extract.run import extract
+from meal_cache.nets.checkpoint import model_payload, save_checkpoint
+from meal_cache.nets.models import create_model
+from meal_cache.store.schema import BlockSpec
+
+HOST_WORKERS = 0  # decoding in the timed process: one core, whatever the machine's load
+HOST_BATCH = 64
+HOST_TEACHER = "resnet8_w4"
+HOST_TARGETS = {
+    "host_extract_views8_per_decode_ratio": ("<=", 1.5),
+    "host_extract_vs_plain_decode": (">=", 0.9),
+    "host_distill_vs_plain_decode": (">=", 0.9),
+}
+
+
+class FreeNet(nn.Module):
+    """A stand-in for a network that costs next to nothing: logits and one output per block of the real network's
+    shapes (``blocks``, named as its block modules, so extract's forward hooks find them), taken from the input's
+    pixels without arithmetic, so the store gets values that are not constant (and compress as data, not as
+    zeros)."""
+
+    def __init__(self, blocks: list[BlockSpec], num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.names = [b.name for b in blocks]  # top-level children: BlockTap finds them by these names
+        for block in blocks:
+            self.add_module(block.name, _Shaped(block.channels, block.height, block.width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.names:
+            self.get_submodule(name)(x)
+        return x.flatten(1)[:, : self.num_classes]
+
+
+class _Shaped(nn.Module):
+    def __init__(self, channels: int, height: int, width: int) -> None:
+        super().__init__()
+        self.channels, self.height, self.width = channels, height, width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Every s-th pixel of the first channel, broadcast to the channels: a view, no arithmetic.
+        step = max(1, x.shape[-1] // self.width)
+        picked = x[:, :1, ::step, ::step][:, :, : self.height, : self.width]
+        if picked.shape[-2:] != (self.height, self.width):  # a map larger than the input
+            picked = F.interpolate(picked, (self.height, self.width))
+        return picked.expand(-1, self.channels, -1, -1)
+
+
+@contextlib.contextmanager
+def free_teachers() -> Iterator[None]:
+    """extract's teachers resolved as usual (checkpoint, blocks, what the store records), their networks swapped
+    for :class:`FreeNet` of the same block shapes: what extract then spends is its own work."""
+    real = extract_run.resolve_teacher
+
+    def resolved(*args, **kwargs):
+        teacher = real(*args, **kwargs)
+        blocks = [dataclasses.replace(b, name=b.name.replace(".", "_")) for b in teacher.spec.blocks]
+        spec = dataclasses.replace(teacher.spec, blocks=blocks)
+        return dataclasses.replace(teacher, model=FreeNet(blocks, len(spec.classes)).eval(), spec=spec)
+
+    extract_run.resolve_teacher = resolved
+    try:
+        yield
+    finally:
+        extract_run.resolve_teacher = real
+
+
+def host_folder(root: Path, images: int, size: int, seed: int = 0) -> Path:
+    """A generated ImageFolder of ``images`` training JPEGs of ``size`` px a side, 10 classes (tests/imagefolder.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from imagefolder import make_image_folder
+
+    return make_image_folder(root, 10, images // 10, 1, sizes=(size, size), seed=seed)
+
+
+def host_teacher(folder: Path, spec: str, size: int, arch: str = HOST_TEACHER) -> str:
+    """An untrained checkpoint of ``arch`` for ``spec`` (speed does not depend on what a network learnt)."""
+    dataset = load_dataset(spec, image_size=size)
+    torch.manual_seed(0)
+    model = create_model(arch, dataset.num_classes, dataset.image_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(folder / f"{arch}.pt", model_payload(model, arch, dataset, {}, 0, [], {}))
+    return arch
+
+
+def extract_seconds(root: Path, teacher_dir: Path, teacher: str, size: int, views: int, out: Path,
+                    preset: str = "kd") -> float:  # fmt: skip
+    """Wall seconds of one extract of ``views`` views at the ``--for`` preset (a fresh store, the dataset loaded
+    afresh)."""
+    spec = f"imagefolder:{root}"
+    config = ExtractConfig(teachers=[teacher], data=spec, image_size=size, views=views, batch_size=HOST_BATCH,
+                           teacher_dir=str(teacher_dir), device="cpu", workers=HOST_WORKERS,
+                           preset=preset)  # fmt: skip
+    started = time.perf_counter()
+    extract(config, out, overwrite=True, progress=False, dataset=load_dataset(spec, image_size=size))
+    return time.perf_counter() - started
+
+
+def plain_decode_seconds(root: Path, size: int) -> tuple[float, int]:
+    """One pass of what a user writes with torchvision over the same files: ImageFolder (PIL), RandomResizedCrop
+    to ``size`` and a flip, float conversion and normalisation, a DataLoader of batches, in this process."""
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
+                            v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])  # fmt: skip
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(root / "train"), transform=transform),
+                                         batch_size=HOST_BATCH, shuffle=True, num_workers=HOST_WORKERS)  # fmt: skip
+    started, images = time.perf_counter(), 0
+    for batch, _ in loader:
+        images += len(batch)
+    return time.perf_counter() - started, images
+
+
+def batch_source_seconds(store: Path, epoch: int) -> tuple[float, int]:
+    """One epoch of distill's batch source (:class:`CachedViews`: the store's targets of a view read whole, the
+    rows' pixels decoded and rendered, normalised, batched) with no student: its seconds and images."""
+    started, images = time.perf_counter(), 0
+    with CachedViews(store, batch_size=HOST_BATCH, seed=0, device="cpu", workers=HOST_WORKERS,
+                     features=()) as views:  # fmt: skip
+        for batch in views.epoch(epoch):
+            images += len(batch["pixels"])
+    return time.perf_counter() - started, images
+
+
+def bench_host(work: Path, repeats: int, images: int = 300, size: int = 64, views: int = 8) -> dict:
+    """The host's ceiling on a generated folder of ``images`` JPEGs of ``size`` px: extract with free teachers at
+    1 and ``views`` views, distill's batch source over the ``views``-view store, and the plain torchvision decode
+    of the same files; the rounds alternate, and each figure is the median of its ``repeats``."""
+    root = host_folder(work / "host-folder", images, size)
+    teacher_dir = work / "host-teachers"
+    teacher = host_teacher(teacher_dir, f"imagefolder:{root}", size)
+    store = work / "host-views.zarr"
+    seconds: dict[str, list[float]] = {"plain": [], "extract1": [], f"extract{views}": [], "batch_source": []}
+    with free_teachers():
+        extract_seconds(root, teacher_dir, teacher, size, 1, work / "host-warm.zarr")  # imports, page cache
+        for round_ in range(repeats):
+            plain_s, plain_images = plain_decode_seconds(root, size)
+            seconds["plain"].append(plain_s / plain_images)
+            seconds["extract1"].append(extract_seconds(root, teacher_dir, teacher, size, 1,
+                                                       work / "host-1.zarr") / images)  # fmt: skip
+            seconds[f"extract{views}"].append(extract_seconds(root, teacher_dir, teacher, size, views, store) / images)
+            source_s, source_images = batch_source_seconds(store, round_)
+            seconds["batch_source"].append(source_s / source_images)
+    per_image = {key: statistics.median(values) for key, values in seconds.items()}
+    return {
+        "host_images": images, "host_size": size, "host_views": views, "host_workers": HOST_WORKERS,
+        "host_seconds_per_image": seconds,
+        "host_plain_decode_images_per_s": 1 / per_image["plain"],
+        "host_extract_views1_images_per_s": 1 / per_image["extract1"],
+        f"host_extract_views{views}_images_per_s": 1 / per_image[f"extract{views}"],
+        "host_distill_batch_source_images_per_s": 1 / per_image["batch_source"],
+        f"host_extract_views{views}_per_decode_ratio": per_image[f"extract{views}"] / per_image["extract1"],
+        "host_extract_vs_plain_decode": per_image["plain"] / per_image["extract1"],
+        "host_distill_vs_plain_decode": per_image["plain"] / per_image["batch_source"],
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/host.json")
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--views", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as work:
+        results = bench_host(Path(work), args.repeats, args.images, args.size, args.views)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
