@@ -182,8 +182,9 @@ def _extract_recording(config, out, monkeypatch, dataset=None):
     monkeypatch.setattr(extract_module, "teacher_outputs", recording)
     store = extract(config, out, progress=False, dataset=dataset)
     monkeypatch.undo()
-    pixels = torch.cat(fed)
-    return store, pixels.view(store.num_views, store.n, *pixels.shape[1:])
+    from extract_order import fed_per_view
+
+    return store, fed_per_view(fed, store.n, store.num_views, config.rows_per_chunk, config.batch_size)
 
 
 def _distill_recording(path, monkeypatch, dataset=None, **options):
