@@ -18,6 +18,10 @@ class SettingsMismatch(UserError):
     """An existing output was made with other settings than asked for (resume refused, overwrite needed)."""
 
 
+class UnreadableFormat(UserError):
+    """A meal-cache store of a format this version does not read (a development one, or a newer one)."""
+
+
 # Above this many choices, an error names the closest ones and where the full list is, not all of them.
 MAX_LISTED_CHOICES = 20
 # How alike (difflib's ratio) a choice must be to a bad value to be offered as the one meant: 'mael' and 'meal'

@@ -199,6 +199,18 @@ def test_a_store_of_a_development_format_is_refused_with_the_fix(tmp_path):
     assert expected in one_error_line(distilled) and not (tmp_path / "r").exists()
 
 
+def test_extract_onto_a_store_of_a_development_format_says_to_replace_it(teacher_dir, tmp_path):
+    from console import one_error_line, run_console
+
+    path = tmp_path / "format1.zarr"
+    shutil.copytree(FIXTURES / "format1_store", path)
+    line = one_error_line(run_console(["extract", "--teachers", "resnet8_w4", "--teacher-dir", str(teacher_dir),
+                                       "--views", "1", "--out", str(path)], tmp_path))  # fmt: skip
+    assert f"'{path}' was written by a development version of meal-cache (format 'meal-cache/1')" in line
+    assert "extract it again (--overwrite replaces it)" in line
+    assert '"format": "meal-cache/1"' in (path / "zarr.json").read_text()  # left as it was
+
+
 def test_presets_store_only_what_their_method_reads(small_store, digits, tmp_path):
     from meal_cache.distill import DistillConfig, distill
 

@@ -12,7 +12,7 @@ import torch
 from meal_cache.data.datasets import ImageDataset
 from meal_cache.data.source import used_decode
 from meal_cache.dense import whole_image
-from meal_cache.errors import SettingsMismatch, UserError, settings_difference
+from meal_cache.errors import SettingsMismatch, UnreadableFormat, UserError, settings_difference
 from meal_cache.store.create import store_exists
 from meal_cache.store.schema import StoreLayout
 from meal_cache.store.teacher_store import TeacherStore, create_store, open_store
@@ -101,6 +101,8 @@ def open_or_create(
 def _existing(out: str | Path, settings: dict) -> TeacherStore:
     try:
         existing = open_store(out, mode="r+")
+    except UnreadableFormat:
+        raise
     except UserError as err:
         raise UserError(f"'{out}' exists and is not a meal-cache store; pass --overwrite to replace it") from err
     if existing.attrs.get("settings") == settings:

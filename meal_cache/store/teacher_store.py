@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import zarr
 
-from meal_cache.errors import UserError
+from meal_cache.errors import UnreadableFormat, UserError
 from meal_cache.store.codecs import dequantize_rows, quantize_rows
 from meal_cache.store.create import create_group, json_safe, store_exists
 from meal_cache.store.keys import (
@@ -57,11 +57,12 @@ def open_store(path: str | Path, mode: str = "r") -> TeacherStore:
         raise UserError(f"'{path}' is not a Zarr store ({err})") from err
     found = group.attrs.get("format")
     if found in DEVELOPMENT_FORMATS:
-        raise UserError(f"'{path}' was written by a development version of meal-cache (format '{found}'), which "
-                        f"this one ({FORMAT}) does not read; extract it again (--overwrite replaces it)")  # fmt: skip
+        raise UnreadableFormat(f"'{path}' was written by a development version of meal-cache (format '{found}'), "
+                               f"which this one ({FORMAT}) does not read; extract it again (--overwrite replaces "
+                               "it)")  # fmt: skip
     if isinstance(found, str) and found.startswith("meal-cache/") and found != FORMAT:
-        raise UserError(f"'{path}' is a store of format '{found}', which this meal-cache ({FORMAT}) cannot read; "
-                        "upgrade meal-cache or extract it again")  # fmt: skip
+        raise UnreadableFormat(f"'{path}' is a store of format '{found}', which this meal-cache ({FORMAT}) cannot "
+                               "read; upgrade meal-cache or extract it again")  # fmt: skip
     if found != FORMAT:
         raise UserError(f"'{path}' is not a meal-cache store (format '{found}', want '{FORMAT}')")
     return TeacherStore(group, str(path))
