@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from meal_cache.data.datasets import DATASETS, load_dataset
+from meal_cache.data.datasets import load_dataset
+from meal_cache.data.registry import dataset_sources
 from meal_cache.errors import UserError
 
 
@@ -38,7 +39,7 @@ def test_digits_fingerprint_stable_and_sensitive(digits):
 
 
 def test_fingerprint_changes_with_one_label_or_one_pixel(digits):
-    from meal_cache.data.datasets import fingerprint_rows
+    from meal_cache.data.loader import fingerprint_rows
 
     images, labels = digits.train.images.clone(), digits.train.labels.clone()
     base = fingerprint_rows("digits", "train", images, labels)
@@ -140,7 +141,7 @@ def test_unknown_dataset_lists_choices():
         load_dataset("mnist")
     with pytest.raises(UserError, match="needs a path"):
         load_dataset("npz")
-    assert set(DATASETS) >= {"digits", "cifar10", "cifar100", "svhn", "imagefolder", "npz", "fake"}
+    assert set(dataset_sources()) >= {"digits", "cifar10", "cifar100", "svhn", "imagefolder", "npz", "fake"}
 
 
 def test_label_noise_is_seeded_exact_and_spares_the_test_split(digits):

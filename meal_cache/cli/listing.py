@@ -38,10 +38,10 @@ def models(pattern: str | None, image_size: int) -> None:
 @click.command()
 def datasets() -> None:
     """List the datasets `--data` accepts."""
-    from meal_cache.data.datasets import DATASETS
+    from meal_cache.data.registry import dataset_sources
 
-    for name, entry in sorted(DATASETS.items()):
-        click.echo(f"  {name:12s} {entry.help}")
+    for name, source in sorted(dataset_sources().items()):
+        click.echo(f"  {name:12s} {source.help}")
     click.echo(
         "Options after '?', joined by '&' (applied in this order; test labels always stay clean):\n"
         "  folds=K&fold=I      pool train and test, test on stratified fold I of K (fold_seed=S, default 0)\n"
