@@ -169,6 +169,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
         check_model_name(split_weights(teacher["arch"])[0])
         if is_pretrained(teacher):
             _check_pretrained(f"{path} teacher {teacher['name']}", teacher)
+        else:
+            _check_training(f"{path} teacher {teacher['name']}", {k: v for k, v in teacher.items() if k != "name"})
     names = [t["name"] for t in teachers]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: teacher names must be unique, got {', '.join(names)}")
@@ -193,7 +195,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     check_model_name(split_weights(student.get("arch", ""))[0])
     methods = {name: dict(overrides) for name, overrides in raw["methods"].items()}
     seeds = [int(s) for s in raw.get("seeds", [0])]
-    _check_methods(path, methods, seeds, stores)
+    _check_methods(path, methods, seeds, stores, student)
     pairs = _check_pairs(path, raw.get("pairs", []), methods)
     return Pipeline(
         name=str(raw.get("name", path.stem)),
@@ -231,14 +233,28 @@ def _check_pairs(path: Path, pairs: object, methods: dict[str, dict]) -> list[tu
     return checked
 
 
-def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], stores: dict[str, dict]) -> None:
-    """Each method's settings, seeds (a subset of the pipeline's), store name and method name."""
+def _check_training(where: str, settings: dict) -> None:
+    """A trained network's settings (a teacher's, or the student's trained alone): every number and choice of
+    :class:`TrainConfig`, when the file is read rather than when its step starts."""
+    try:
+        TrainConfig(**settings).validate()
+    except (UserError, TypeError, ValueError) as err:
+        raise UserError(f"{where}: {err}") from err
+
+
+def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], stores: dict[str, dict],
+                   student: dict) -> None:  # fmt: skip
+    """Each method's settings (over the [student] section's, as its step takes them), seeds (a subset of the
+    pipeline's), store name and method name."""
     for name, overrides in methods.items():
         extra = set(overrides.get("seeds", seeds)) - set(seeds)
         if extra:
             raise UserError(f"{path} method {name}: seeds {sorted(extra)} are not among the pipeline's {seeds}")
         if name == ALONE:
             _check_keys(f"{path} method {name}", overrides, fields_of(TrainConfig) - {"arch", "data"} | {"seeds"})
+            trained = {k: v for k, v in student.items() if k in fields_of(TrainConfig)}
+            _check_training(f"{path} method {name}", {**trained, **{k: v for k, v in overrides.items()
+                                                                    if k != "seeds"}})  # fmt: skip
             continue
         # ``store`` names a [stores] table here (the DistillConfig field of that name is the store's path).
         _check_keys(f"{path} method {name}", overrides, fields_of(DistillConfig) - {"student"} | {"seeds"})
@@ -253,7 +269,8 @@ def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], store
         if method not in available_methods():
             raise unknown_choice(f"method of '{name}'", method, list(available_methods()))
         # Every choice and number of the method's settings, now rather than after the teachers and the store.
-        settings = {k: v for k, v in overrides.items() if k not in ("seeds", "store")}
+        shared = {k: v for k, v in student.items() if k in fields_of(DistillConfig) and k != "arch"}
+        settings = {**shared, **{k: v for k, v in overrides.items() if k not in ("seeds", "store")}}
         try:
             DistillConfig(store="", student="", **{"method": method, "teachers": ["t"], **settings}).resolved()
         except (UserError, TypeError, ValueError) as err:
