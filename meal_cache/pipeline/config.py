@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from meal_cache.data.datasets import parse_spec
 from meal_cache.distill import DistillConfig, available_methods
 from meal_cache.engine.train import TrainConfig
-from meal_cache.errors import UserError, unknown_choice
+from meal_cache.errors import UserError, closest_choice, unknown_choice
 from meal_cache.extract.config import ExtractConfig
 from meal_cache.nets.models import MODELS, check_model_name, family_of, split_weights
 from meal_cache.nets.torchvision_weights import is_weights_file
@@ -141,6 +141,31 @@ def _check_augmentation(where: str, settings: dict) -> None:
 def fields_of(cls) -> set[str]:
     """The field names of a config dataclass."""
     return {f.name for f in dataclasses.fields(cls)}
+
+
+# The pipelines that ship with the package (in the wheel too): the repository's pipelines/ is this folder.
+SHIPPED_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+def shipped_pipelines() -> dict[str, Path]:
+    """The shipped pipelines by name (a file's stem: ``digits`` for ``digits.toml``), sorted."""
+    return {path.stem: path for path in sorted(SHIPPED_PIPELINES.glob("*.toml"), key=lambda path: path.stem)}
+
+
+def resolve_pipeline(name_or_path: str | Path) -> Path:
+    """A pipeline file: ``name_or_path`` where that file exists, else the shipped pipeline of that name
+    (``digits``, or ``digits.toml``); neither is refused, listing the shipped ones."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_pipelines()
+    name = path.stem if path.suffix == ".toml" and path.parent == Path(".") else str(name_or_path)
+    if name in shipped:
+        return shipped[name]
+    close = closest_choice(name, list(shipped))
+    hint = f"; did you mean {close}?" if close is not None else ""
+    raise UserError(f"pipeline file not found: '{path}', and no shipped pipeline is named '{name}'; shipped: "
+                    f"{', '.join(shipped)}{hint}")  # fmt: skip
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
