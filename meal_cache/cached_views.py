@@ -161,6 +161,12 @@ class CachedViews:
     def num_classes(self) -> int:
         return self.store.num_classes()
 
+    @property
+    def dataset(self) -> ImageDataset:
+        """The dataset the store was extracted from: its image size for your student, and what
+        :func:`meal_cache.save_student` records."""
+        return self.replay.dataset
+
     def epoch(self, epoch: int) -> Iterator[dict]:
         """Epoch ``epoch``'s batches, as dicts (see the class's docstring)."""
         replay = self.replay

@@ -5,6 +5,7 @@ requests are refused by name."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -94,11 +95,58 @@ def test_the_plain_loop_example_reproduces_distill_kd(small, tmp_path):
     assert distilled.returncode == 0, distilled.stderr[-3000:]
     run_example("kd_loop.py", str(small), "resnet8_w4", str(tmp_path / "mine.pt"), "2", "32", "3")
     theirs = torch.load(tmp_path / "kd" / "student.pt", weights_only=True)["model"]
-    mine = torch.load(tmp_path / "mine.pt", weights_only=True)
+    mine = torch.load(tmp_path / "mine.pt", weights_only=True)["model"]
     assert set(mine) == set(theirs)
     # The same pixels, targets, order, initialisation and updates: equal to float32 rounding.
     for name, value in mine.items():
         assert torch.allclose(value.float(), theirs[name].float(), atol=1e-5, rtol=1e-5), name
+    # The example writes its student with save_student: `meal-cache evaluate` reads it as it reads distill's.
+    for checkpoint in (tmp_path / "mine.pt", tmp_path / "kd" / "student.pt"):
+        evaluated = run_console(["evaluate", str(checkpoint), "--device", "cpu", "--quiet"], tmp_path)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        assert f"resnet8_w4 on {SPEC} (test, 360 images)" in evaluated.stdout
+    mine_top1, theirs_top1 = (json.loads(path.with_suffix(".eval.json").read_text())["metrics"]["top1"]
+                              for path in (tmp_path / "mine.pt", tmp_path / "kd" / "student.pt"))  # fmt: skip
+    assert mine_top1 == theirs_top1
+
+
+def _readme_block(heading: str) -> str:
+    """The first python code block after ``heading`` in README.md, as a user copies it."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(heading) :]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start : after.index("```", start)]
+
+
+def test_the_readmes_own_loop_snippet_runs_as_written_and_its_student_evaluates(small, tmp_path):
+    """README's snippet, unchanged, beside a feats.zarr (here a 143-row store: its 30 epochs take seconds)."""
+    (tmp_path / "feats.zarr").symlink_to(small)
+    snippet = _readme_block("### Your own training loop")
+    assert 'save_student(student, "student.pt"' in snippet
+    ran = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    evaluated = run_console(["evaluate", str(tmp_path / "student.pt"), "--device", "cpu", "--quiet"], tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"resnet8_w4 on {SPEC} (test, 360 images)" in evaluated.stdout
+    payload = torch.load(tmp_path / "student.pt", weights_only=True)
+    assert payload["data"]["fingerprint"] == load_dataset(SPEC).describe()["fingerprint"]
+
+
+def test_save_student_refuses_a_model_of_another_architecture_and_writes_nothing(tmp_path):
+    from meal_cache import save_student
+    from meal_cache.nets.models import create_model
+
+    dataset = load_dataset(SPEC)
+    model = create_model("resnet8_w4", dataset.num_classes, dataset.image_size)
+    with pytest.raises(UserError, match="not meal-cache's resnet20 for 10 classes at 16 px"):
+        save_student(model, tmp_path / "s.pt", arch="resnet20", dataset=dataset)
+    assert not (tmp_path / "s.pt").exists()
+    save_student(model, tmp_path / "s.pt", arch="resnet8_w4", dataset=dataset, history=[{"epoch": 1}])
+    payload = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert payload["arch"] == "resnet8_w4" and payload["epoch"] == 1 and payload["classes"] == list(dataset.classes)
+    for name, value in model.state_dict().items():
+        assert torch.equal(payload["model"][name], value), name
 
 
 def test_the_timm_example_trains_a_timm_student_with_timms_factories(small, tmp_path):

@@ -107,6 +107,14 @@ def test_a_one_seed_report_says_it_has_no_interval_and_gives_no_verdict(card):
                            ("runs/feats-kd/student.pt", "students/kd/seed-0/student.pt")]:  # fmt: skip
         (run / target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(folder / source, run / target)
+    # A student of the user's own loop, written by save_student with a history of its own (no seconds).
+    from meal_cache import save_student
+    from meal_cache.data.datasets import load_dataset
+    from meal_cache.nets.checkpoint import load_model
+
+    own, _ = load_model(folder / "runs/feats-kd/student.pt")
+    save_student(own, run / "students/mine/seed-0/student.pt", arch="resnet8_w4", dataset=load_dataset(DATA),
+                 history=[{"epoch": 1, "loss": 0.5}])  # fmt: skip
     shutil.copytree(folder / "feats.zarr", run / "feats.zarr")
     (run / "pipeline.toml").write_text(f"""name = "one-seed"
 seeds = [0]
@@ -124,13 +132,18 @@ epochs = 1
 [methods]
 alone = {{}}
 kd = {{ method = "kd" }}
+mine = {{ method = "kd" }}
 """)
     succeeded(meal_cache(["report", str(run)], folder))
     report = (run / "report.md").read_text()
     alone = [line for line in report.splitlines() if line.startswith("| kd | top1 |")]
     assert len(alone) == 1 and alone[0].endswith("| 1 seed: no interval | - |"), report
     assert not re.search(r"\bnan\b", report) and "within noise" not in report
-    comparison = json.loads((run / "results.json").read_text())["comparisons"][0]
+    # save_student's checkpoint is read as distill's: the same weights give the same top-1.
+    results = json.loads((run / "results.json").read_text())
+    rows = {row["name"]: row for row in results["rows"]}
+    assert rows["mine"]["top1"] == rows["kd"]["top1"], rows
+    comparison = results["comparisons"][0]
     assert comparison["ci95"] is None and comparison["within_noise"] is None and comparison["n"] == 1
 
 

@@ -266,27 +266,28 @@ def test_a_gpu_pipeline_is_refused_off_cuda_before_anything_is_written(tmp_path,
     import torch
 
     file = tmp_path / "big.toml"
-    # Its first teacher's zero epochs fail at once: a run that gets past the device check stops there, cheaply.
-    file.write_text("gpu = true\n" + TINY.replace("epochs = 2", "epochs = 0"))
+    # Its data folder is missing, which only loading the data finds: a run that gets past the device check stops
+    # there, cheaply (a setting out of range would be refused when the file is read).
+    file.write_text("gpu = true\n" + TINY.replace('spec = "digits"', f'spec = "imagefolder:{tmp_path / "none"}"'))
     pipeline = load_pipeline(file)
     runs = tmp_path / "runs"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device, why in (("cpu", "--device cpu"), ("auto", "no CUDA GPU was found")):
         with pytest.raises(UserError, match=f"'tiny' is sized for a GPU.*{why}.*--allow-cpu") as caught:
             run_pipeline(pipeline, runs, device=device, progress=False)
-        # 2 teachers (0 and 1 epochs), students of 1 epoch: alone and meal on 2 seeds, meal-online on 1.
-        assert "trains 7 networks for 6 epochs in all" in str(caught.value)
+        # 2 teachers (2 and 1 epochs), students of 1 epoch: alone and meal on 2 seeds, meal-online on 1.
+        assert "trains 7 networks for 8 epochs in all" in str(caught.value)
         assert not runs.exists()
     check_device(pipeline, "cpu", allow_cpu=True)
     check_device(dataclasses.replace(pipeline, gpu=False), "cpu")
-    with pytest.raises(UserError, match="epochs") as caught:
+    with pytest.raises(UserError, match="folder does not exist") as caught:
         run_pipeline(pipeline, runs, device="cpu", progress=False, allow_cpu=True)
     assert "GPU" not in str(caught.value)
 
 
 def test_the_run_command_passes_allow_cpu_through(tmp_path):
     file = tmp_path / "big.toml"
-    file.write_text("gpu = true\n" + TINY.replace("epochs = 2", "epochs = 0"))
+    file.write_text("gpu = true\n" + TINY.replace('spec = "digits"', f'spec = "imagefolder:{tmp_path / "none"}"'))
     command = [sys.executable, "-m", "meal_cache", "run", str(file), "--runs", str(tmp_path / "runs"), "--device",
                "cpu", "--quiet"]  # fmt: skip
     refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -294,7 +295,8 @@ def test_the_run_command_passes_allow_cpu_through(tmp_path):
     assert refused.returncode == 2 and len(errors) == 1 and "is sized for a GPU" in errors[0], refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "runs").exists()
     allowed = subprocess.run([*command, "--allow-cpu"], capture_output=True, text=True, timeout=300)
-    assert allowed.returncode == 2 and "GPU" not in allowed.stderr and "--epochs" in allowed.stderr, allowed.stderr
+    assert allowed.returncode == 2 and "GPU" not in allowed.stderr, allowed.stderr
+    assert "folder does not exist" in allowed.stderr, allowed.stderr
 
 
 def test_the_cifar100_ablation_runs_the_digits_grid_unchanged():

@@ -112,6 +112,8 @@ def test_the_recipe_is_pretrained_teachers_into_a_resnet18_at_224_px():
     assert pipeline.gpu and pipeline.data == {"spec": "imagefolder:/data/imagenet", "image_size": 224}
     assert pipeline.teacher_sources() == ["resnet50:IMAGENET1K_V2", "densenet121:IMAGENET1K_V1"]
     assert pipeline.trained_teachers() == [] and pipeline.student["arch"] == "resnet18"
+    # meal's current default store: `extract --for meal` (pooled blocks, no channel-mean maps).
+    assert pipeline.store["preset"] == "meal" and "features" not in pipeline.store and "blocks" not in pipeline.store
     # Only the students train: 3 methods on one seed.
     assert pipeline.training_epochs() == (3, 3 * pipeline.student["epochs"])
 
@@ -131,6 +133,7 @@ def test_pretrained_teachers_are_not_trained_and_the_report_evaluates_them(image
     store = open_store(run_dir / "feats.zarr")
     assert store.teacher_names == ["resnet50-IMAGENET1K_V2", "densenet121-IMAGENET1K_V1"]
     assert store.n == TRAIN_ROWS and store.num_views == 2  # one augmented view and the identity view
+    assert store.layout.features == ("blocks",)  # --for meal: no maps stored
     # Extracted from the streamed folder (an in-memory one has the "natural" recipe).
     assert store.dataset["spec"] == pipeline.data["spec"] and store.dataset["recipe"] == "full"
 

@@ -142,5 +142,8 @@ def optimization_options(func):
                      type=click.Choice(["cosine", "step", "constant"]),
                      help="After the warm-up: cosine to zero, steps of 10x at 50% and 75%, or constant."),
         click.option("--warmup-epochs", default=1.0, show_default=True, type=float),
+        click.option("--eval-every", default=1, show_default=True, type=int, metavar="N",
+                     help="Evaluate on the test split after every N-th epoch and after the last; the other epochs' "
+                     "records carry no test metrics. Recorded: --resume needs the same N."),
     ]  # fmt: skip
     return _with_options(func, options)

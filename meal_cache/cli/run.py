@@ -8,7 +8,7 @@ from meal_cache.cli.options import DEVICE_HELP
 
 
 @click.command()
-@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.argument("pipeline_file", metavar="PIPELINE", type=click.Path(dir_okay=False))
 @click.option(
     "--runs",
     default="runs",
@@ -26,13 +26,17 @@ from meal_cache.cli.options import DEVICE_HELP
 def run(pipeline_file: str, runs: str, device: str, allow_cpu: bool, quiet: bool) -> None:
     """Run a whole pipeline (teachers, store, students over seeds, report), skipping up-to-date steps.
 
+    PIPELINE is a pipeline file, or the name of one that ships with meal-cache (`meal-cache run digits`; an
+    unknown name lists them).
+
     A step is skipped when its outputs exist and neither its settings nor its inputs changed, so running the
     same file again only rebuilds the report. A pipeline marked `gpu = true` is refused without a CUDA GPU
     unless --allow-cpu is given.
     """
+    from meal_cache.pipeline.config import resolve_pipeline
     from meal_cache.pipeline.run import load_pipeline, run_pipeline
 
-    run_dir = run_pipeline(load_pipeline(pipeline_file), runs, device=device, progress=not quiet,
+    run_dir = run_pipeline(load_pipeline(resolve_pipeline(pipeline_file)), runs, device=device, progress=not quiet,
                            allow_cpu=allow_cpu)  # fmt: skip
     click.echo(f"report: {run_dir / 'report.md'}")
 

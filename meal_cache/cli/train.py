@@ -81,8 +81,12 @@ def train(out: str, resume: bool, overwrite: bool, quiet: bool, tensorboard: boo
     help="Where to write the metrics (default: CHECKPOINT with .eval.json).",
 )
 @click.option(
-    "--teachers", default="", help="Comma-separated teacher checkpoints: adds fidelity and KL to their ensemble."
+    "--teachers",
+    default="",
+    help="Comma-separated teachers, named as extract names them (a .pt path, NAME for TEACHER_DIR/NAME.pt, or "
+    "ARCH:WEIGHTS): adds fidelity and KL to their ensemble.",
 )
+@click.option("--teacher-dir", default="teachers", show_default=True, help="Where --teachers' NAMEs are.")
 @click.option(
     "--store",
     default=None,
@@ -102,6 +106,7 @@ def evaluate(
     device: str,
     json_out: str | None,
     teachers: str,
+    teacher_dir: str,
     store: str | None,
     quiet: bool,
 ) -> None:
@@ -112,7 +117,7 @@ def evaluate(
     result = evaluate_checkpoint(
         checkpoint, data=data, data_root=data_root, download=download, image_size=image_size, split=split,
         device=device, teachers=[t.strip() for t in teachers.split(",") if t.strip()], store=store, workers=workers,
-        progress=not quiet,
+        progress=not quiet, teacher_dir=teacher_dir,
     )  # fmt: skip
     path = Path(json_out) if json_out else Path(checkpoint).with_suffix(".eval.json")
     path.write_text(json.dumps(result, indent=2) + "\n")

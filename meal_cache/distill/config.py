@@ -41,6 +41,8 @@ class DistillConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
+    # The test split is evaluated after every eval_every-th epoch and the last; recorded only when not 1.
+    eval_every: int = 1
     teacher_selection: str | None = None  # None: the method's own
     # None: pooled block channels through learned adapters, the ablation's choice over MEAL's channel-mean maps
     # (docs/design.md, "MEAL's ablation"), or maps where the store holds maps and no blocks (stores extracted
@@ -188,7 +190,7 @@ PRESETS: dict[str, Preset] = {
 
 # Settings a record (config.json, a pipeline step's stamp) holds only when they are set, so the records of runs
 # made before they existed stay the same.
-RECORDED_WHEN_SET = {"peers": None, "disc_form": "meal-cache", "given": (), "nesterov": True}
+RECORDED_WHEN_SET = {"peers": None, "disc_form": "meal-cache", "given": (), "nesterov": True, "eval_every": 1}
 
 
 def fillable_settings() -> set[str]:

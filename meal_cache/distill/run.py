@@ -89,7 +89,8 @@ def distill(
     try:
         history, test = fit(stage, run.optimisation, run.schedule, run.dataset, device, config.seed, start_epoch,
                             history, world, out / "metrics.jsonl", progress, config.workers, config.decode,
-                            tensorboard=out / TENSORBOARD_DIR if tensorboard else None)  # fmt: skip
+                            tensorboard=out / TENSORBOARD_DIR if tensorboard else None,
+                            eval_every=config.eval_every)  # fmt: skip
     finally:
         run.source.close()
         run.images.close()

@@ -9,6 +9,7 @@ un-augmented images, float16, so the metrics agree with the checkpoints' to abou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -161,23 +162,34 @@ def evaluate_payload(
 
 def _teacher_logits_from_checkpoints(
     teachers: list[str],
+    dataset: ImageDataset,
     part: AnySplit,
     target: torch.device,
     num_classes: int,
     checkpoint: str,
     workers: int | None = None,
     progress: bool = False,
+    teacher_dir: str | Path = "teachers",
 ) -> list[torch.Tensor]:
+    """Each teacher's logits on ``part``: a checkpoint file as it is, any other name resolved as extract resolves
+    it (``teacher_dir``/NAME.pt, ``ARCH:WEIGHTS``), with that teacher's own normalisation."""
     outputs = []
     for teacher in teachers:
-        teacher_payload = load_checkpoint(teacher)
-        if teacher_payload["num_classes"] != num_classes:
-            raise UserError(f"teacher '{teacher}' predicts {teacher_payload['num_classes']} classes, "
-                            f"'{checkpoint}' {num_classes}")  # fmt: skip
-        teacher_input = teacher_payload["input"]
-        model = model_from_checkpoint(teacher_payload, target)
-        outputs.append(predict_logits(model, part, tuple(teacher_input["mean"]), tuple(teacher_input["std"]), target,
-                                      workers=workers, progress=progress, desc=f"teacher {teacher}"))  # fmt: skip
+        if Path(teacher).is_file():
+            teacher_payload = load_checkpoint(teacher)
+            if teacher_payload["num_classes"] != num_classes:
+                raise UserError(f"teacher '{teacher}' predicts {teacher_payload['num_classes']} classes, "
+                                f"'{checkpoint}' {num_classes}")  # fmt: skip
+            model = model_from_checkpoint(teacher_payload, target)
+            mean, std = tuple(teacher_payload["input"]["mean"]), tuple(teacher_payload["input"]["std"])
+        else:
+            # Imported here: the teachers' module loads the pretrained families, which train and report never need.
+            from meal_cache.nets.teachers import resolve_teacher
+
+            resolved = resolve_teacher(teacher, teacher_dir, dataset)
+            model, mean, std = resolved.model.to(target), resolved.mean, resolved.std
+        outputs.append(predict_logits(model, part, mean, std, target, workers=workers, progress=progress,
+                                      desc=f"teacher {teacher}"))  # fmt: skip
     return outputs
 
 
@@ -216,10 +228,12 @@ def evaluate_checkpoint(
     store: str | None = None,
     workers: int | None = None,
     progress: bool = False,
+    teacher_dir: str | Path = "teachers",
 ) -> dict:
     """Evaluate a checkpoint on ``data`` (default: the dataset it was trained on, as it recorded it): top-1,
-    top-5, NLL and ECE, and with teacher checkpoints (``teachers``) or a store of the same split with an identity
-    view (``store``) the fidelity to the teachers' ensemble and the KL from it."""
+    top-5, NLL and ECE, and with ``teachers`` (named as extract names them: a checkpoint path, NAME for
+    ``teacher_dir``/NAME.pt, or ``ARCH:WEIGHTS``) or a store of the same split with an identity view (``store``)
+    the fidelity to the teachers' ensemble and the KL from it."""
     if teachers and store:
         raise UserError("--teachers and --store both give the teachers' ensemble; pass only one of them")
     target = resolve_device(device)
@@ -244,8 +258,8 @@ def evaluate_checkpoint(
     if store:
         teacher_logits, teacher_names = _teacher_logits_from_store(store, dataset, split)
     if teachers:
-        teacher_logits = _teacher_logits_from_checkpoints(teachers, part, target, payload["num_classes"], checkpoint,
-                                                          workers, progress)  # fmt: skip
+        teacher_logits = _teacher_logits_from_checkpoints(teachers, dataset, part, target, payload["num_classes"],
+                                                          checkpoint, workers, progress, teacher_dir)  # fmt: skip
     ensemble = ensemble_probabilities(teacher_logits) if teacher_logits is not None else None
     metrics = evaluate_payload(payload, part, target, ensemble, workers, progress).metrics
     same_data = dataset.fingerprint(split) == recorded["fingerprint"].get(split)

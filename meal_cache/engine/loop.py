@@ -75,7 +75,7 @@ def check_optimisation(config) -> None:
     """The settings every training stage shares: epochs, batch size, SGD and its schedule."""
     if config.schedule not in SCHEDULES:
         raise unknown_choice("schedule", config.schedule, SCHEDULES)
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "eval_every"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value!r}")
@@ -83,6 +83,13 @@ def check_optimisation(config) -> None:
     check_number("momentum", config.momentum, low=0.0, high=1.0, high_open=True)
     check_number("weight_decay", config.weight_decay, low=0.0)
     check_number("warmup_epochs", config.warmup_epochs, low=0.0)
+
+
+def evaluated_epoch(epoch: int, eval_every: int, epochs: int) -> bool:
+    """Whether epoch ``epoch`` (from 1) of ``epochs`` is evaluated on the test split: every ``eval_every``-th one,
+    and the last, so a run always ends with its test metrics. A function of the epoch's number alone, so a resumed
+    run evaluates the epochs an uninterrupted one would."""
+    return epoch % eval_every == 0 or epoch == epochs
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -337,10 +344,13 @@ def fit(
     workers: int | None = None,
     decode: str = "auto",
     tensorboard: Path | None = None,
+    eval_every: int = 1,
 ) -> tuple[list[dict], dict | None]:
-    """Epochs ``start_epoch`` to ``schedule.epochs``: train, evaluate on the test split, record, save (on rank 0
-    only under ``torchrun``); with ``tensorboard``, each record also as scalars in that folder (rank 0). Returns
-    the history and the last epoch's test metrics (None when none ran)."""
+    """Epochs ``start_epoch`` to ``schedule.epochs``: train, evaluate on the test split after the epochs
+    :func:`evaluated_epoch` names (every ``eval_every``-th and the last), record, save (on rank 0 only under
+    ``torchrun``); with ``tensorboard``, each record also as scalars in that folder (rank 0). The record of an
+    epoch not evaluated has no ``test_*`` fields, and ``stage.save`` gets None as its test metrics. Returns the
+    history and the last epoch's test metrics (None when none ran)."""
     world = world or World()
     history = list(history or [])
     test = None
@@ -355,9 +365,11 @@ def fit(
         desc = f"{prefix}epoch {epoch + 1}/{schedule.epochs}"
         record.update(run_epoch(stage.step, stage.batches(epoch), optimisation, schedule, epoch, world, desc,
                                 progress and world.is_main))  # fmt: skip
-        test = evaluate(stage.model, dataset, "test", device, workers=workers, progress=progress and world.is_main,
-                        decode=decode)  # fmt: skip
-        record.update({"test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"]})
+        test = None
+        if evaluated_epoch(epoch + 1, eval_every, schedule.epochs):
+            test = evaluate(stage.model, dataset, "test", device, workers=workers,
+                            progress=progress and world.is_main, decode=decode)  # fmt: skip
+            record.update({"test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"]})
         record["seconds"] = time.perf_counter() - started
         history.append(record)
         if not world.is_main:
@@ -368,8 +380,9 @@ def fit(
         if scalars is not None:
             scalars.add(record)
         if progress:
-            tqdm.write(f"{desc}  loss {record['loss']:.4f}  train {record['train_top1']:.1f}%  "
-                       f"test {test['top1']:.2f}%  lr {record['lr']:.4f}  {record['seconds']:.1f}s")  # fmt: skip
+            tested = f"test {test['top1']:.2f}%  " if test is not None else ""
+            tqdm.write(f"{desc}  loss {record['loss']:.4f}  train {record['train_top1']:.1f}%  {tested}"
+                       f"lr {record['lr']:.4f}  {record['seconds']:.1f}s")  # fmt: skip
         stage.save(epoch + 1, history, test)
     if scalars is not None:
         scalars.close()

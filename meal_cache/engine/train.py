@@ -56,6 +56,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
+    # The test split is evaluated after every eval_every-th epoch and the last; recorded only when not 1.
+    eval_every: int = 1
     label_smoothing: float = 0.0
     # timm's train.py knobs (None: the data's recipe's own; see augment.AugmentOptions).
     scale: tuple[float, float] | None = None
@@ -82,13 +84,20 @@ class TrainConfig:
 
     def recorded(self) -> dict:
         """The config as checkpoints record it: everything but how many processes decode, and the augmentation
-        options left unset (so checkpoints written before them still resume)."""
+        options, Nesterov and the evaluation interval left at their unset values (so checkpoints written before
+        them still resume)."""
         recorded = augment.recorded_options(dataclasses.asdict(self))
         recorded.pop("workers")
         recorded.pop("decode")
-        if recorded["nesterov"]:
-            recorded.pop("nesterov")
+        for name, unset in RECORDED_WHEN_SET.items():
+            if recorded[name] == unset:
+                recorded.pop(name)
         return recorded
+
+
+# Settings a checkpoint's config holds only when they differ from these values, so the records of runs made before
+# they existed stay the same.
+RECORDED_WHEN_SET = {"nesterov": True, "eval_every": 1}
 
 
 def tensorboard_dir(out: str | Path) -> Path:
@@ -161,7 +170,7 @@ def train_supervised(
     try:
         fit(stage, optimisation, Schedule.of(config, len(labels)), dataset, device, config.seed, start_epoch, history,
             progress=progress, workers=config.workers, decode=config.decode,
-            tensorboard=tensorboard_dir(out) if tensorboard else None)  # fmt: skip
+            tensorboard=tensorboard_dir(out) if tensorboard else None, eval_every=config.eval_every)  # fmt: skip
     finally:
         source.close()
     return saved_payload

@@ -84,6 +84,36 @@ def model_payload(
     }
 
 
+def save_student(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    arch: str,
+    dataset: ImageDataset,
+    history: list[dict] | None = None,
+    test: dict | None = None,
+    config: dict | None = None,
+) -> Path:
+    """Write ``model``, a student trained in your own loop (with :class:`~meal_cache.CachedViews`, say), as the
+    checkpoint ``meal-cache evaluate`` and the pipeline's report read: ``arch`` is its name in meal-cache's
+    registry (``meal-cache models``) and ``dataset`` the data it was trained on (``views.dataset``), which record
+    its classes, input size, normalisation and fingerprint. ``history`` (one dict an epoch), ``test`` (its test
+    metrics) and ``config`` (your settings, JSON-able) are recorded as given. Refused, before anything is written,
+    where ``model`` is not that architecture for the data's classes and size: evaluate rebuilds it from ``arch``.
+    Returns the path written."""
+    rebuilt = create_model(arch, dataset.num_classes, dataset.image_size)
+    try:
+        rebuilt.load_state_dict(model.state_dict())
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0].rstrip(":. ")
+        raise UserError(f"the model is not meal-cache's {arch} for {dataset.num_classes} classes at "
+                        f"{dataset.image_size} px ({reason}); pass the arch it was created as") from err  # fmt: skip
+    history = list(history or [])
+    payload = model_payload(rebuilt, arch, dataset, dict(config or {}), len(history), history, test)
+    save_checkpoint(path, payload)
+    return Path(path)
+
+
 def state_dict_cpu(module: nn.Module) -> dict:
     """A module's state as contiguous CPU tensors (channels_last weights saved in the default layout)."""
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

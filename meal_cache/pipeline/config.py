@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from meal_cache.data.datasets import parse_spec
 from meal_cache.distill import DistillConfig, available_methods
 from meal_cache.engine.train import TrainConfig
-from meal_cache.errors import UserError, unknown_choice
+from meal_cache.errors import UserError, closest_choice, unknown_choice
 from meal_cache.extract.config import ExtractConfig
 from meal_cache.nets.models import MODELS, check_model_name, family_of, split_weights
 from meal_cache.nets.torchvision_weights import is_weights_file
@@ -143,6 +143,31 @@ def fields_of(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+# The pipelines that ship with the package (in the wheel too): the repository's pipelines/ is this folder.
+SHIPPED_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+def shipped_pipelines() -> dict[str, Path]:
+    """The shipped pipelines by name (a file's stem: ``digits`` for ``digits.toml``), sorted."""
+    return {path.stem: path for path in sorted(SHIPPED_PIPELINES.glob("*.toml"), key=lambda path: path.stem)}
+
+
+def resolve_pipeline(name_or_path: str | Path) -> Path:
+    """A pipeline file: ``name_or_path`` where that file exists, else the shipped pipeline of that name
+    (``digits``, or ``digits.toml``); neither is refused, listing the shipped ones."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_pipelines()
+    name = path.stem if path.suffix == ".toml" and path.parent == Path(".") else str(name_or_path)
+    if name in shipped:
+        return shipped[name]
+    close = closest_choice(name, list(shipped))
+    hint = f"; did you mean {close}?" if close is not None else ""
+    raise UserError(f"pipeline file not found: '{path}', and no shipped pipeline is named '{name}'; shipped: "
+                    f"{', '.join(shipped)}{hint}")  # fmt: skip
+
+
 def load_pipeline(path: str | Path) -> Pipeline:
     """Parse and check a pipeline file: every section, setting, dataset, architecture and method name."""
     path = Path(path)
@@ -169,6 +194,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
         check_model_name(split_weights(teacher["arch"])[0])
         if is_pretrained(teacher):
             _check_pretrained(f"{path} teacher {teacher['name']}", teacher)
+        else:
+            _check_training(f"{path} teacher {teacher['name']}", {k: v for k, v in teacher.items() if k != "name"})
     names = [t["name"] for t in teachers]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: teacher names must be unique, got {', '.join(names)}")
@@ -193,7 +220,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     check_model_name(split_weights(student.get("arch", ""))[0])
     methods = {name: dict(overrides) for name, overrides in raw["methods"].items()}
     seeds = [int(s) for s in raw.get("seeds", [0])]
-    _check_methods(path, methods, seeds, stores)
+    _check_methods(path, methods, seeds, stores, student)
     pairs = _check_pairs(path, raw.get("pairs", []), methods)
     return Pipeline(
         name=str(raw.get("name", path.stem)),
@@ -231,14 +258,28 @@ def _check_pairs(path: Path, pairs: object, methods: dict[str, dict]) -> list[tu
     return checked
 
 
-def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], stores: dict[str, dict]) -> None:
-    """Each method's settings, seeds (a subset of the pipeline's), store name and method name."""
+def _check_training(where: str, settings: dict) -> None:
+    """A trained network's settings (a teacher's, or the student's trained alone): every number and choice of
+    :class:`TrainConfig`, when the file is read rather than when its step starts."""
+    try:
+        TrainConfig(**settings).validate()
+    except (UserError, TypeError, ValueError) as err:
+        raise UserError(f"{where}: {err}") from err
+
+
+def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], stores: dict[str, dict],
+                   student: dict) -> None:  # fmt: skip
+    """Each method's settings (over the [student] section's, as its step takes them), seeds (a subset of the
+    pipeline's), store name and method name."""
     for name, overrides in methods.items():
         extra = set(overrides.get("seeds", seeds)) - set(seeds)
         if extra:
             raise UserError(f"{path} method {name}: seeds {sorted(extra)} are not among the pipeline's {seeds}")
         if name == ALONE:
             _check_keys(f"{path} method {name}", overrides, fields_of(TrainConfig) - {"arch", "data"} | {"seeds"})
+            trained = {k: v for k, v in student.items() if k in fields_of(TrainConfig)}
+            _check_training(f"{path} method {name}", {**trained, **{k: v for k, v in overrides.items()
+                                                                    if k != "seeds"}})  # fmt: skip
             continue
         # ``store`` names a [stores] table here (the DistillConfig field of that name is the store's path).
         _check_keys(f"{path} method {name}", overrides, fields_of(DistillConfig) - {"student"} | {"seeds"})
@@ -253,7 +294,8 @@ def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], store
         if method not in available_methods():
             raise unknown_choice(f"method of '{name}'", method, list(available_methods()))
         # Every choice and number of the method's settings, now rather than after the teachers and the store.
-        settings = {k: v for k, v in overrides.items() if k not in ("seeds", "store")}
+        shared = {k: v for k, v in student.items() if k in fields_of(DistillConfig) and k != "arch"}
+        settings = {**shared, **{k: v for k, v in overrides.items() if k not in ("seeds", "store")}}
         try:
             DistillConfig(store="", student="", **{"method": method, "teachers": ["t"], **settings}).resolved()
         except (UserError, TypeError, ValueError) as err:

@@ -3,6 +3,8 @@ run's results, one helper per section."""
 
 from __future__ import annotations
 
+import math
+
 from meal_cache.pipeline.stats import DIAGNOSTICS, KD_BASELINE, LOWER_IS_BETTER, MEAL_BASELINE
 
 # Its plot is shown beside its table rather than with the other plots.
@@ -95,7 +97,8 @@ def _results_table(results: dict) -> list[str]:
     for row in results["rows"]:
         fidelity_text = _fmt(row["fidelity"]) if "fidelity" in row else "-"
         kl_text = _fmt(row["kl"], 4) if "kl" in row else "-"
-        epoch_text = f"{row['epoch_seconds']['mean']:.2f}" if "epoch_seconds" in row else "-"
+        seconds = row.get("epoch_seconds", {}).get("mean", math.nan)  # NaN: no epoch recorded its seconds
+        epoch_text = f"{seconds:.2f}" if math.isfinite(seconds) else "-"
         lines.append(
             f"| {row['name']} | {row['arch']} | {_fmt(row['top1'])} | {_fmt(row['nll'], 4)} | {fidelity_text} | "
             f"{kl_text} | {_fmt(row['ece'])} | {row['params']:,} | {row['ms_per_image']:.3f} | {epoch_text} |"

@@ -227,6 +227,13 @@ def _student_results(run_dir: Path, pipeline, test, ensemble: torch.Tensor, time
     return per_method
 
 
+def _median_epoch_seconds(history: list[dict]) -> float:
+    """The median of the epochs' recorded seconds; NaN where none recorded any (a student of your own loop,
+    written by save_student, has whatever history you gave it)."""
+    seconds = [record["seconds"] for record in history if "seconds" in record]
+    return statistics.median(seconds) if seconds else math.nan
+
+
 def _checkpoint_result(path: Path, test, ensemble: torch.Tensor, timer: _Timer) -> dict:
     """A student checkpoint's metrics on the test split."""
     payload = load_checkpoint(path)
@@ -237,8 +244,7 @@ def _checkpoint_result(path: Path, test, ensemble: torch.Tensor, timer: _Timer) 
         "kl": metrics["kl_to_ensemble"], "ece": metrics["ece"],
         "params": count_parameters(result.model), "arch": payload["arch"],
         "history": payload.get("history", []), "ms_per_image": timer(payload["arch"], result.model),
-        "epoch_seconds": statistics.median(h["seconds"] for h in payload["history"])
-        if payload.get("history") else math.nan,
+        "epoch_seconds": _median_epoch_seconds(payload.get("history", [])),
     }  # fmt: skip
 
 

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from meal_cache.distill import DistillConfig, distill
 from meal_cache.distill.config import drop_unset, fillable_settings
+from meal_cache.engine.train import RECORDED_WHEN_SET as TRAIN_RECORDED_WHEN_SET
 from meal_cache.engine.train import TrainConfig, train_supervised
 from meal_cache.errors import SettingsMismatch, UserError
 from meal_cache.extract.config import ExtractConfig
@@ -95,11 +96,13 @@ class StepRunner:
 
 
 def _stamped(config: TrainConfig | ExtractConfig) -> dict:
-    """A train or extract step's settings as its stamp records them: no device, and the augmentation options left
-    unset left out, so runs stamped before those options existed stay up to date."""
+    """A train or extract step's settings as its stamp records them: no device, and the augmentation options,
+    Nesterov and the evaluation interval left at their unset values left out (as checkpoints leave them out), so
+    runs stamped before those options existed stay up to date."""
     settings = augment.recorded_options(dataclasses.asdict(config)) | {"device": None}
-    if settings.get("nesterov") is True:  # the default, left out as checkpoints leave it out
-        settings.pop("nesterov")
+    for name, unset in TRAIN_RECORDED_WHEN_SET.items():
+        if name in settings and settings[name] == unset:
+            settings.pop(name)
     return _transient_out(settings)
 
 

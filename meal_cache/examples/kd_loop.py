@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from meal_cache import CachedViews, kd_loss
+from meal_cache import CachedViews, kd_loss, save_student
 from meal_cache.nets.models import create_model
 
 store, arch, out = sys.argv[1:4]
@@ -18,7 +18,7 @@ lr, temperature, warmup_epochs = 0.05, 4.0, 1  # distill's defaults
 
 views = CachedViews(store, batch_size=batch_size, seed=seed, epochs=epochs, temperature=temperature, device="cpu")
 torch.manual_seed(seed)
-student = create_model(arch, views.num_classes, views.replay.dataset.image_size)
+student = create_model(arch, views.num_classes, views.dataset.image_size)
 optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
 steps, warmup = len(views) * epochs, len(views) * warmup_epochs
 
@@ -42,4 +42,4 @@ for epoch in range(epochs):
         schedule.step()
     print(f"epoch {epoch + 1}: loss {loss.item():.4f}")
 views.close()
-torch.save(student.state_dict(), out)
+save_student(student, out, arch=arch, dataset=views.dataset)  # a checkpoint `meal-cache evaluate OUT.pt` reads
