@@ -154,7 +154,8 @@ def test_gradient_norms_are_those_of_each_loss_family_alone():
 
 def test_a_meal_run_logs_what_each_part_does(small_store, digits, tmp_path):
     path, _ = small_store
-    config = DistillConfig(store=str(path), student="resnet8_w4", epochs=1, batch_size=64, device="cpu")
+    config = DistillConfig(store=str(path), student="resnet8_w4", epochs=1, batch_size=64, device="cpu",
+                           grad_norm_every=20)  # fmt: skip
     distill(config, tmp_path / "meal", progress=False, dataset=digits)
     (record,) = [json.loads(line) for line in (tmp_path / "meal" / "metrics.jsonl").read_text().splitlines()]
     for family in ("soft", "sim", "adv"):
@@ -174,16 +175,15 @@ def test_the_representation_left_unset_follows_what_the_store_holds(small_store)
     assert maps.block_loss == "soft-ce"  # the maps' own default loss follows
 
 
-def test_the_gradient_norm_pass_changes_no_weight(small_store, digits, tmp_path, monkeypatch):
-    import meal_cache.distill.step as step_module
-
+def test_the_gradient_norm_pass_changes_no_weight(small_store, digits, tmp_path):
     path, _ = small_store
     weights = []
-    for every in (1, 10**9):  # a diagnostic pass on every step, and on none but the first
-        monkeypatch.setattr(step_module, "GRAD_NORM_EVERY", every)
-        config = _config(path, epochs=1, batch_size=256)
+    for every in (1, 0):  # a diagnostic pass on every step, and on none (the default)
+        config = _config(path, epochs=1, batch_size=256, grad_norm_every=every)
         distill(config, tmp_path / f"every-{every}", progress=False, dataset=digits)
         weights.append(torch.load(tmp_path / f"every-{every}" / "last.pt", weights_only=True)["distiller"])
+        (record,) = [json.loads(line) for line in (tmp_path / f"every-{every}" / "metrics.jsonl").open()]
+        assert ("grad/soft" in record) == bool(every)
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
@@ -210,3 +210,13 @@ def test_a_setting_the_user_gives_is_never_filled_in_even_at_its_default_value(s
     (config,) = seen
     assert {"adv_weight", "preset", "student", "store"} <= set(config.given)
     assert "temperature" not in config.given and config.resolved().adv_weight == 0.1
+
+
+def test_a_negative_gradient_norm_interval_is_one_error_line(small_store, tmp_path):
+    from console import one_error_line, run_console
+
+    path, _ = small_store
+    result = run_console(["distill", "--store", str(path), "--student", "resnet8_w4", "--grad-norm-every", "-1",
+                          "--out", str(tmp_path / "run")], tmp_path)  # fmt: skip
+    assert "--grad-norm-every takes 0 (never) or a number of steps, got -1" in one_error_line(result)
+    assert not (tmp_path / "run").exists()

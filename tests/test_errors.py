@@ -16,6 +16,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from console import ROOT
 from imagefolder import make_image_folder, write_image
 from PIL import Image
 
@@ -278,8 +279,14 @@ def _without_s3fs(folder: Path) -> dict[str, str]:
     hidden = folder / "without-s3fs"
     hidden.mkdir(exist_ok=True)
     (hidden / "s3fs.py").write_text("raise ImportError('s3fs is hidden by the test')\n")
-    path = os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join(filter(None, [str(hidden), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return {**os.environ, "PYTHONPATH": path}
+
+
+def _this_tree() -> dict[str, str]:
+    """The environment with this tree first on PYTHONPATH: the installed command may be an editable install of
+    another checkout (a worktree's tests would otherwise run main's code)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
 
 
 @pytest.mark.parametrize("case", CONSOLE_CASE_NAMES)
@@ -292,7 +299,7 @@ def test_bad_input_through_the_console_script_gives_one_line_and_exit_2(world, c
     command = [*_console_script(), *args]
     if case == "failed write":
         command = _with_file_size_limit(command, FILE_SIZE_LIMIT)
-    environment = _without_s3fs(tmp_path) if case == "store URL without its filesystem package" else None
+    environment = _without_s3fs(tmp_path) if case == "store URL without its filesystem package" else _this_tree()
     before = _snapshot(root) | _snapshot(store)
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])

@@ -123,7 +123,7 @@ def test_a_resumed_run_with_optimisers_of_its_own_ends_where_an_uninterrupted_on
     for peer in ("peer0.pt", "peer1.pt"):
         _assert_same_state(*(torch.load(run / peer, weights_only=True)["model"] for run in (whole, out)), peer)
     assert len(summary["peers"]) == 2
-    # And the same records: the resumed epoch's losses, diagnostics (the gradient norms logged every
-    # GRAD_NORM_EVERY steps of the run among them) and test metrics; only the wall time differs.
+    # And the same records: the resumed epoch's losses, diagnostics and test metrics; only the wall time
+    # differs.
     timeless = [[{k: v for k, v in r.items() if k != "seconds"} for r in _records(run)] for run in (whole, out)]
     assert timeless[1] == timeless[0] and [r["epoch"] for r in timeless[0]] == [1, 2]

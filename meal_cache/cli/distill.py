@@ -261,6 +261,14 @@ def _floats(text: str) -> list[float]:
     "once for K crops (an epoch is then K views of every image). Needs K <= the store's views.",
 )
 @click.option(
+    "--grad-norm-every",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Every N steps, log the gradient norm each loss family (soft, hard, sim, adv, a method's own) sends "
+    "into the student (grad/FAMILY in metrics.jsonl); one extra backward pass per family on those steps. 0: never.",
+)
+@click.option(
     "--divergent-ratio",
     default=None,
     type=float,

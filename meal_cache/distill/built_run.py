@@ -136,6 +136,7 @@ def config_json(config: DistillConfig) -> dict:
     recorded = drop_unset(dataclasses.asdict(config))
     recorded.pop("workers")
     recorded.pop("decode")
+    recorded.pop("grad_norm_every")  # diagnostics only: the weights are the same with or without them
     recorded.pop("given", None)
     # Runs of methods without options record what they recorded before options existed.
     if not recorded.get("method_options"):

@@ -81,6 +81,9 @@ class DistillConfig:
     decode: str = "auto"  # where image files' JPEGs are decoded: cpu, cuda or auto; not recorded
     # FKD's multi-crop: each batch holds K cached views of batch_size / K images, decoded once for the K crops.
     crops_per_image: int = 1
+    # Every this many steps, the gradient norm each loss family sends into the student (grad/FAMILY in
+    # metrics.jsonl): one extra backward pass per family on that step, so 0 (never) unless asked; not recorded.
+    grad_norm_every: int = 0
     # Divergent views (extract --divergent-views): this many of their batches per natural batch, interleaved
     # through each epoch; None: DIVERGENT_RATIO where the store has them, else 0.
     divergent_ratio: float | None = None
@@ -249,6 +252,9 @@ def _check_choices_and_numbers(config: DistillConfig) -> None:
     check_workers(config.workers)
     check_decode(config.decode)
     _check_crops(config)
+    every = config.grad_norm_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise UserError(f"--grad-norm-every takes 0 (never) or a number of steps, got {every!r}")
     if config.divergent_ratio is not None:
         check_number("divergent_ratio", config.divergent_ratio, low=0.0)
         if config.divergent_ratio > 0 and config.crops_per_image > 1:

@@ -20,10 +20,6 @@ from meal_cache.views.mixing import mixed_labels
 if TYPE_CHECKING:
     from meal_cache.distill.built_run import DistillRun
 
-# Every this many steps of the run, the gradient norm each loss family sends into the student's parameters is
-# logged (one extra backward pass per family on that step).
-GRAD_NORM_EVERY = 20
-
 
 def _selection(config: DistillConfig, teachers: list[str], generator: torch.Generator) -> list[str]:
     if config.teacher_selection == "random":
@@ -94,7 +90,10 @@ class DistillEpochs:
                 out.stats.update(distiller.discriminator_step(out.adversarial, run.disc_optimizer, world))
             with run.precision.autocast():
                 out.losses.update(distiller.adversarial_losses(out.adversarial))
-        if self.steps % GRAD_NORM_EVERY == 0 and not world.enabled:
+        # The families' norms need a backward pass each (the step's own backward sums them), so they are taken
+        # only every --grad-norm-every steps, and never by default.
+        every = run.config.grad_norm_every
+        if every and self.steps % every == 0 and not world.enabled:
             out.stats.update(gradient_norms(out.losses, distiller.student_parameters()))
         self.steps += 1
         return StepOutput(out.logits, labels, out.losses, out.stats)
