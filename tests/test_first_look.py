@@ -5,13 +5,15 @@ behind."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from console import console_environment, console_script, one_error_line
+from console import ROOT, console_environment, console_script, one_error_line
 
 # A fifth of the digits' training rows: the whole card (train, extract, distill, report) in seconds.
 DATA = "digits?train_fraction=0.2"
@@ -209,3 +211,15 @@ def test_the_accuracy_plot_draws_the_epochs_a_run_evaluated_and_skips_the_others
     kd = next(line for line in report_plots.plt.gcf().axes[0].lines if line.get_label() == "kd (n=2)")
     assert list(kd.get_xdata()) == [2, 4] and list(kd.get_ydata()) == [91.0, 92.0]
     report_plots.plt.close("all")
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["extract"], ["distill"], ["evaluate"], ["run"]])
+def test_help_imports_no_torch(command):
+    """`--help` of every stage prints without importing torch (seconds on a busy machine): the method and preset
+    names, which only the methods' modules know, are shown as NAME (`meal-cache methods` lists them)."""
+    code = ("import sys\nfrom meal_cache.cli import main\ntry:\n    main(sys.argv[1:], standalone_mode=False)\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)")  # fmt: skip
+    ran = subprocess.run([sys.executable, "-c", code, *command, "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert "Usage:" in ran.stdout and ran.stderr.strip().splitlines()[-1] == "False"

@@ -43,6 +43,10 @@ class RegistryChoice(SuggestingChoice):
     def choices(self, _value) -> None:
         pass
 
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        # Shown in --help instead of the names, which only importing the methods (and torch) could list.
+        return "NAME"
+
 
 def _method_names() -> list[str]:
     from meal_cache.distill import available_methods
