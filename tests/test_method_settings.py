@@ -336,3 +336,25 @@ def test_fitnet_trains_on_its_hint_alone_at_any_weight_above_0():
         assert method_class("fitnet").has_a_loss(DistillConfig(**base, method_options={"weight": weight}).resolved())
     with pytest.raises(UserError, match="--method fitnet with these weights trains on nothing"):
         DistillConfig(**base, method_options={"weight": 0.0}).resolved()
+
+
+def test_fitnet_trains_from_a_teacher_whose_name_has_a_dot(teacher_dir, digits, tmp_path):
+    """A teacher named with a dot (a file res.net8.pt; timm:resnet18.a1_in1k would be one) keys its adapter
+    without it, since a module's name cannot hold one; the hint reaches that adapter."""
+    import shutil
+
+    from meal_cache.distill import distill
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
+
+    folder = tmp_path / "teachers"
+    folder.mkdir()
+    shutil.copy(teacher_dir / "resnet8_w4.pt", folder / "res.net8.pt")
+    store = tmp_path / "dot.zarr"
+    extract(ExtractConfig(teachers=["res.net8"], views=1, teacher_dir=str(folder), preset="fitnet", device="cpu"),
+            store, progress=False, dataset=digits)  # fmt: skip
+    config = DistillConfig(store=str(store), student="resnet8_w4", method="fitnet", epochs=1, batch_size=128,
+                           device="cpu")  # fmt: skip
+    distill(config, tmp_path / "run", progress=False, dataset=digits)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["distiller"]
+    assert any(key.startswith("adapters.res_net8.") for key in state), sorted(state)[:5]
