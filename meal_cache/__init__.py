@@ -6,17 +6,9 @@ For your own training loop: ``from meal_cache import CachedViews, kd_loss, save_
 
 __version__ = "0.1.0"
 
+from meal_cache.registry import lazy_exports
+
 # Imported on first use, so ``import meal_cache`` stays light (no torch) for the command line's start.
-_LAZY = {
-    "CachedViews": "meal_cache.cached_views",
-    "kd_loss": "meal_cache.cached_views",
-    "save_student": "meal_cache.nets.checkpoint",
-}
+_EXPORTS = {"cached_views": ("CachedViews", "kd_loss"), "nets.checkpoint": ("save_student",)}
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'meal_cache' has no attribute {name!r}")
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

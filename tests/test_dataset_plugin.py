@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import torch
 from console import ROOT, run_console
+from plugin_package import install_plugin
 
 PLUGIN = '''
 import torch
@@ -37,26 +35,7 @@ STRIPES = DatasetSource("stripes", _load, False, "a vertical stripe at one of fo
 
 
 def test_a_dataset_installed_by_entry_point_trains_and_is_listed(tmp_path):
-    package = tmp_path / "plugin"
-    (package / "stripes_data").mkdir(parents=True)
-    (package / "stripes_data" / "__init__.py").write_text(PLUGIN)
-    (package / "pyproject.toml").write_text(
-        textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "stripes-data"
-        version = "0.1"
-        [project.entry-points."meal_cache.datasets"]
-        stripes = "stripes_data:STRIPES"
-    """)
-    )
-    site = tmp_path / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                              "--no-build-isolation", "--target", str(site), str(package)],
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert install.returncode == 0, install.stderr
+    site = install_plugin(tmp_path, "stripes_data", PLUGIN, "meal_cache.datasets", 'stripes = "stripes_data:STRIPES"')
     with_plugin = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
     listed = run_console(["datasets"], tmp_path, **with_plugin)
     assert "stripes      a vertical stripe at one of four places (a plug-in)" in listed.stdout

@@ -17,15 +17,17 @@ STORE_MAY_NOT_IMPORT = ("meal_cache.nets", "meal_cache.extract", "meal_cache.dis
 # What each stage package may import of the others (its docstring says the same): the packages build on each other
 # in this order, so no circle can run between two of them. Top-level modules are named as they are.
 MAY_IMPORT: dict[str, set[str]] = {
-    "views": {"errors"},
-    "data": {"errors", "views"},
-    "store": {"errors", "views"},
-    "nets": {"errors", "runtime", "projection", "data", "views", "store"},
-    "engine": {"errors", "runtime", "losses", "data", "views", "nets", "store"},
-    "extract": {"errors", "runtime", "dense", "projection", "data", "views", "nets", "store", "engine", "distill"},
-    "distill": {"meal_cache", "errors", "runtime", "losses", "dense", "projection", "analysis", "data", "views",
-                "nets", "store", "engine"},
-    "pipeline": {"errors", "runtime", "analysis", "data", "views", "nets", "store", "engine", "extract", "distill"},
+    "views": {"errors", "registry"},
+    "data": {"errors", "registry", "views"},
+    "store": {"errors", "registry", "views"},
+    "nets": {"errors", "registry", "runtime", "projection", "data", "views", "store"},
+    "engine": {"errors", "registry", "runtime", "losses", "data", "views", "nets", "store"},
+    "extract": {"errors", "registry", "runtime", "dense", "projection", "data", "views", "nets", "store", "engine",
+                "distill"},
+    "distill": {"meal_cache", "errors", "registry", "runtime", "losses", "dense", "projection", "analysis", "data",
+                "views", "nets", "store", "engine"},
+    "pipeline": {"errors", "registry", "runtime", "analysis", "data", "views", "nets", "store", "engine", "extract",
+                 "distill"},
 }  # fmt: skip
 # The flat modules the top level may hold beside the stage packages (issue 38: at most 12).
 MOST_FLAT_MODULES = 12
@@ -38,7 +40,7 @@ def module_name(path: Path, root: Path) -> str:
 
 def lazy_table(tree: ast.Module, package: str) -> dict[str, str]:
     """A package ``__init__``'s lazily re-exported names and the module that defines each: its ``_EXPORTS``
-    (submodule -> names, as :mod:`meal_cache.store` keeps it) or ``_LAZY`` (name -> module, as :mod:`meal_cache`)."""
+    (submodule -> names, as :mod:`meal_cache.registry.lazy_exports` takes them)."""
     table: dict[str, str] = {}
     for node in tree.body:
         target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
@@ -51,8 +53,6 @@ def lazy_table(tree: ast.Module, package: str) -> dict[str, str]:
                 if twice:
                     raise ValueError(f"{package}'s _EXPORTS names {twice} under two modules")
                 table |= {name: f"{package}.{submodule}" for name in names}
-        elif target.id == "_LAZY":
-            table |= ast.literal_eval(node.value)
     return table
 
 

@@ -9,12 +9,12 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 from by_hand import first_rows
+from plugin_package import install_plugin
 
 from meal_cache.distill import DistillConfig, available_methods, distill
 from meal_cache.distill.methods.at import attention_loss
@@ -228,26 +228,7 @@ class Cosine(Method):
 
 
 def test_a_method_installed_by_entry_point_runs_end_to_end(tmp_path, teacher_dir):
-    package = tmp_path / "plugin"
-    (package / "cosine_method").mkdir(parents=True)
-    (package / "cosine_method" / "__init__.py").write_text(PLUGIN)
-    (package / "pyproject.toml").write_text(
-        textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "cosine-method"
-        version = "0.1"
-        [project.entry-points."meal_cache.methods"]
-        cosine = "cosine_method:Cosine"
-    """)
-    )
-    site = tmp_path / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                              "--no-build-isolation", "--target", str(site), str(package)],
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert install.returncode == 0, install.stderr
+    site = install_plugin(tmp_path, "cosine_method", PLUGIN, "meal_cache.methods", 'cosine = "cosine_method:Cosine"')
     env = {**os.environ, "PYTHONPATH": str(site)}
     listed = _console("methods", env=env)
     assert "cosine: cosine similarity on pooled last blocks" in listed.stdout and "(plug-in)" in listed.stdout

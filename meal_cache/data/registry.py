@@ -7,11 +7,10 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-from importlib.metadata import entry_points
 
 import meal_cache.data.sources as sources_package
 from meal_cache.data.loader import DatasetSource
-from meal_cache.errors import UserError
+from meal_cache.registry import by_name, plugins
 
 ENTRY_POINT_GROUP = "meal_cache.datasets"
 
@@ -23,28 +22,11 @@ def _builtin() -> list[DatasetSource]:
     return found
 
 
-def _plugins() -> list[DatasetSource]:
-    found = []
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            source = point.load()
-        except Exception as err:  # a broken plug-in is named, not a traceback from deep inside importlib
-            raise UserError(f"the dataset plug-in '{point.name}' ({point.value}) does not load: {err}") from err
-        if not isinstance(source, DatasetSource):
-            raise UserError(f"the dataset plug-in '{point.name}' ({point.value}) is not a meal_cache DatasetSource")
-        if source.name != point.name:
-            raise UserError(f"the dataset plug-in '{point.name}' ({point.value}) calls itself '{source.name}'")
-        found.append(source)
-    return found
-
-
 @functools.cache
 def dataset_sources() -> dict[str, DatasetSource]:
     """Every dataset source by name: the built-in ones, then the plug-ins'."""
-    sources: dict[str, DatasetSource] = {}
-    for source in [*_builtin(), *_plugins()]:
-        if source.name in sources and sources[source.name] is not source:
-            raise UserError(f"two dataset sources are called '{source.name}': {sources[source.name].loader.__module__} "
-                            f"and {source.loader.__module__}")  # fmt: skip
-        sources[source.name] = source
-    return sources
+    builtin = _builtin()
+    found = plugins(ENTRY_POINT_GROUP, "dataset", "a meal_cache DatasetSource",
+                    lambda loaded: isinstance(loaded, DatasetSource), lambda source: source.name)  # fmt: skip
+    return by_name([*builtin, *found], "dataset sources", lambda source: source.name,
+                   lambda source: source.loader.__module__)  # fmt: skip

@@ -12,7 +12,7 @@ gets), :mod:`.step` (the epoch plan and one step), :mod:`.run` (build, train, re
 
 from __future__ import annotations
 
-import importlib
+from meal_cache.registry import lazy_exports
 
 # Each module's names that ``meal_cache.distill`` offers, loaded on first use: ``from meal_cache.distill import
 # Method`` loads the method base and not the run, its feed or the loop (tests/test_import_graph.py reads this table).
@@ -31,17 +31,4 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "run": ("DistillRun", "build_run", "distill", "load_store_dataset", "stored_features"),
     "step": ("DistillEpochs", "gradient_norms"),
 }  # fmt: skip
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

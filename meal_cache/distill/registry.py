@@ -8,11 +8,11 @@ import functools
 import importlib
 import inspect
 import pkgutil
-from importlib.metadata import entry_points
 
 import meal_cache.distill.methods as methods_package
 from meal_cache.distill.methods.base import Method
-from meal_cache.errors import UserError, unknown_choice
+from meal_cache.errors import unknown_choice
+from meal_cache.registry import by_name, plugins
 
 ENTRY_POINT_GROUP = "meal_cache.methods"
 
@@ -27,30 +27,16 @@ def _builtin() -> list[type[Method]]:
     return found
 
 
-def _plugins() -> list[type[Method]]:
-    found = []
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = point.load()
-        except Exception as err:  # a broken plug-in is named, not a traceback from deep inside importlib
-            raise UserError(f"the method plug-in '{point.name}' ({point.value}) does not load: {err}") from err
-        if not (inspect.isclass(cls) and issubclass(cls, Method)):
-            raise UserError(f"the method plug-in '{point.name}' ({point.value}) is not a meal_cache Method class")
-        if cls.name != point.name:
-            raise UserError(f"the method plug-in '{point.name}' ({point.value}) calls itself '{cls.name}'")
-        found.append(cls)
-    return found
+def _is_method(loaded: object) -> bool:
+    return inspect.isclass(loaded) and issubclass(loaded, Method)
 
 
 @functools.cache
 def available_methods() -> dict[str, type[Method]]:
     """Every method by name: the built-in ones in the order of their modules, then the plug-ins'."""
-    methods: dict[str, type[Method]] = {}
-    for cls in [*_builtin(), *_plugins()]:
-        if cls.name in methods and methods[cls.name] is not cls:
-            raise UserError(f"two methods are called '{cls.name}': {methods[cls.name].__module__} and {cls.__module__}")
-        methods[cls.name] = cls
-    return methods
+    builtin = _builtin()
+    found = plugins(ENTRY_POINT_GROUP, "method", "a meal_cache Method class", _is_method, lambda cls: cls.name)
+    return by_name([*builtin, *found], "methods", lambda cls: cls.name, lambda cls: cls.__module__)
 
 
 def method_class(name: str) -> type[Method]:

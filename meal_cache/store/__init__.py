@@ -27,7 +27,7 @@ meal_cache.store import TeacherStore`` loads :mod:`.teacher_store` (and what it 
 
 from __future__ import annotations
 
-import importlib
+from meal_cache.registry import lazy_exports
 
 # Each module's names that ``meal_cache.store`` offers (tests/test_import_graph.py reads this table too).
 _EXPORTS: dict[str, tuple[str, ...]] = {
@@ -47,17 +47,4 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "verify": ("VERIFY_CHUNKS_AT_ONCE", "ChunkProblem", "VerifyReport", "repair_store", "verify_store"),
     "describe": ("describe_store",),
 }  # fmt: skip
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
