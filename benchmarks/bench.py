@@ -41,7 +41,7 @@ from meal_cache.nets.taps import block_shapes
 from meal_cache.nets.teachers import resolve_teacher
 from meal_cache.runtime import Precision, resolve_device
 from meal_cache.store.codecs import quantize_rows
-from meal_cache.store.logits import chosen_encoding, encode_topk
+from meal_cache.store.encodings.topk import encode_topk
 from meal_cache.store.teacher_store import open_store
 from meal_cache.views import augment
 
@@ -288,11 +288,10 @@ PROJECT_DEFAULT = 128  # the D the bench reports --project at (not yet --for mea
 
 def preset_logits_bytes(config: ExtractConfig, classes: int) -> int:
     """Raw bytes of one row's logits under ``config``'s encoding (every float16 logit where it keeps no other)."""
-    chosen = chosen_encoding(config.logits_topk, config.logits_sample)
+    chosen = config.logits_choice()
     if chosen is None:
         return classes * np.dtype(config.dtype).itemsize
-    encoding, k = chosen
-    return encoding.row_bytes(k, classes, config.dtype)
+    return chosen.encoding.row_bytes(chosen.k, classes, config.dtype)
 
 
 def meal_bytes_224(arch: str) -> dict:
@@ -376,9 +375,9 @@ def bench_compact(work: Path, digits: ImageDataset) -> dict:
     base = ExtractConfig(teachers=["resnet20", "densenet_k12"], views=2, teacher_dir=str(work / "trained"),
                          device="cpu")  # fmt: skip
     kd = dataclasses.replace(base, preset="kd")
-    curve = {k: fidelity(f"topk-{k}", kd, logits_topk=k) for k in TOPK_CURVE if k <= digits.num_classes}
+    curve = {k: fidelity(f"topk-{k}", kd, logits=f"topk:{k}") for k in TOPK_CURVE if k <= digits.num_classes}
     # Sampled classes in the bytes of each top-k: 3 bytes a draw against 4k + 4 (k = 5: 8 draws in 24 bytes).
-    sampled = {k: fidelity(f"sample-{k}", kd, logits_sample=sample_at_bytes_of(k)) for k in curve}
+    sampled = {k: fidelity(f"sample-{k}", kd, logits=f"sample:{sample_at_bytes_of(k)}") for k in curve}
     # What --for meal stores (pooled blocks) and the reference's maps of the same blocks, lossless.
     lossless_meal = dataclasses.replace(base, features=["blocks", "maps"], blocks="3")
     maps = {label: fidelity(f"maps-{label.replace(' ', '-')}", lossless_meal, **encoding)

@@ -77,7 +77,7 @@ def test_stored_attention_is_the_channel_mean_of_abs_a_to_the_p(teacher_dir, sma
     # The identity view: the teacher saw the images as they are, so the hooks below see what extract's did.
     store = _extract(teacher_dir, small_digits, tmp_path / "a.zarr", views=0, identity_view=True,
                      features=["attention"], attention_p=float(p))  # fmt: skip
-    assert store.attrs["format"] == "meal-cache/10" and store.layout.attention_p == p
+    assert store.attrs["format"] == "meal-cache/11" and store.layout.attention_p == p
     outputs = _block_outputs(teacher_dir / f"{TEACHER}.pt", small_digits.train.images)
     blocks = store.blocks(TEACHER)
     assert [b.name for b in blocks] == list(outputs)  # every block

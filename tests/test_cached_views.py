@@ -262,7 +262,7 @@ def dense_and_sampled(tmp_path_factory, teacher_dir):
     base = ExtractConfig(teachers=["resnet8_w4"], data=SPEC, teacher_dir=str(teacher_dir), features=["blocks"],
                          blocks="1", device="cpu")  # fmt: skip
     extract(dataclasses.replace(base, dense=True), root / "dense.zarr", progress=False)
-    extract(dataclasses.replace(base, views=2, logits_sample=8), root / "sampled.zarr", progress=False)
+    extract(dataclasses.replace(base, views=2, logits="sample:8"), root / "sampled.zarr", progress=False)
     return root / "dense.zarr", root / "sampled.zarr"
 
 

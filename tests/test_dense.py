@@ -192,7 +192,7 @@ def test_the_student_sees_exactly_the_crop_whose_targets_were_derived(stores, sm
 
 def test_dense_stores_are_format_8_hold_maps_and_views_stores_keep_their_format(stores):
     dense, views = open_store(stores[0]), open_store(stores[1])
-    assert dense.attrs["format"] == views.attrs["format"] == FORMAT == "meal-cache/10"
+    assert dense.attrs["format"] == views.attrs["format"] == FORMAT == "meal-cache/11"
     assert dense.num_views == 1 and dense.dense and not views.dense
     spec = dense.teacher("resnet8_w4")
     assert spec["dense_map"] == [4, 4]  # resnet8's last block at 16 px
@@ -206,7 +206,7 @@ def test_top_k_maps_keep_each_positions_classes_and_a_second_scale_widens_the_ma
                                                                                   tmp_path):  # fmt: skip
     common = dict(teachers=["resnet8_w4"], teacher_dir=str(teacher_dir), device="cpu", features=["blocks"],
                   blocks="1", dense=True, **CROPS)  # fmt: skip
-    extract(ExtractConfig(logits_topk=3, **common), tmp_path / "top3.zarr", progress=False, dataset=small_digits)
+    extract(ExtractConfig(logits="topk:3", **common), tmp_path / "top3.zarr", progress=False, dataset=small_digits)
     top3, lossless = open_store(tmp_path / "top3.zarr"), open_store(stores[0])
     key = logits_key("resnet8_w4")
     assert top3.array(f"{key}_topk/index").shape == (1, top3.n, 16, 3)

@@ -78,5 +78,5 @@ def test_extract_for_dkd_keeps_every_logit_where_kd_draws_16_classes():
     T = 4 top-20 still moves its gradient by 16-26 %), so --for dkd stores every logit at any class count."""
     from meal_cache.extract.config import ExtractConfig
 
-    assert ExtractConfig(teachers=["t"], preset="dkd").resolved().logits_topk is None
-    assert ExtractConfig(teachers=["t"], preset="kd").resolved().logits_sample == 16
+    assert ExtractConfig(teachers=["t"], preset="dkd").resolved().logits is None
+    assert ExtractConfig(teachers=["t"], preset="kd").resolved().logits == "sample:16"

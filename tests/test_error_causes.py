@@ -86,7 +86,7 @@ def test_the_difference_of_nested_settings_is_their_leaves_and_counts_the_rest()
 def test_a_store_of_a_newer_format_is_refused(made, tmp_path):
     store = tmp_path / "newer.zarr"
     shutil.copytree(made / "feats.zarr", store)
-    zarr.open_group(str(store), mode="r+").attrs["format"] = "meal-cache/11"
+    zarr.open_group(str(store), mode="r+").attrs["format"] = "meal-cache/12"
     line = one_error_line(run_console(["info", str(store)], tmp_path))
-    assert (f"'{store}' is a store of format 'meal-cache/11', which this meal-cache (meal-cache/10) cannot read; "
+    assert (f"'{store}' is a store of format 'meal-cache/12', which this meal-cache (meal-cache/11) cannot read; "
             "upgrade meal-cache or extract it again") in line  # fmt: skip

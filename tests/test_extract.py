@@ -81,7 +81,7 @@ def test_store_layout_opens_with_plain_zarr_and_dask(small_store, digits):
     path, _ = small_store
     group = zarr.open_group(str(path), mode="r")
     attrs = dict(group.attrs)
-    assert attrs["format"] == "meal-cache/10" and attrs["complete"] is True
+    assert attrs["format"] == "meal-cache/11" and attrs["complete"] is True
     assert attrs["dataset"]["fingerprint"] == digits.fingerprint("train") and attrs["dataset"]["n"] == 1437
     assert attrs["views"] == {"count": 3, "augmented": 2, "identity": True, "recipe": "digits", "seed": 0}
     resnet = attrs["teachers"]["resnet8_w4"]

@@ -79,7 +79,7 @@ def top3_store(small_store, digits, tmp_path_factory):
     kept (of 10 classes): what the fidelity of top-k logits is measured on, at the least extraction cost."""
     path, config = small_store
     out = tmp_path_factory.mktemp("top3") / "top3.zarr"
-    top3 = dataclasses.replace(config, teachers=["resnet8_w4"], preset="kd", logits_topk=3)
+    top3 = dataclasses.replace(config, teachers=["resnet8_w4"], preset="kd", logits="topk:3")
     extract(top3, out, progress=False, dataset=digits)
     return out
 

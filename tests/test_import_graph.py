@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "meal_cache"
 STORE = "meal_cache.store"
 # The stages that build on the store, which it must never import (prefixes of module names).
@@ -180,14 +182,18 @@ def test_the_store_package_imports_no_later_stage_and_never_itself():
     assert imports_through_init(STORE) == {}
 
 
-def test_importing_the_logits_module_loads_no_other_store_module():
+@pytest.mark.parametrize(("module", "loads"), [
+    ("logits", {"encodings", "logits"}),  # the encodings' modules only once one is asked for by name
+    ("encodings.topk", {"encodings", "encodings.topk"}),
+])  # fmt: skip
+def test_importing_one_store_module_loads_only_what_it_imports(module, loads):
     """The package ``__init__`` re-exports lazily: one module imported, in a fresh interpreter, loads only what
-    it imports itself (logits imports no other store module)."""
-    code = "import sys, meal_cache.store.logits; print(sorted(m for m in sys.modules if m.startswith('meal_cache.')))"
+    it imports itself (an encoding imports only the encodings' contract)."""
+    code = f"import sys, {STORE}.{module}; print(sorted(m for m in sys.modules if m.startswith('meal_cache.')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=PACKAGE_ROOT.parent).stdout.split("\n")[0]  # fmt: skip
     store_modules = {m for m in ast.literal_eval(loaded) if m == STORE or m.startswith(f"{STORE}.")}
-    assert store_modules == {STORE, f"{STORE}.logits"}
+    assert store_modules == {STORE, *(f"{STORE}.{name}" for name in loads)}
 
 
 def defined_names(tree: ast.Module) -> set[str]:

@@ -29,14 +29,18 @@ SHIPPED = {"kd": 16, "fitnet": 16, "at": 16, "afd": 16, "dkd": None, "meal": Non
 @pytest.mark.parametrize("method", sorted(SHIPPED))
 def test_each_shipped_preset_keeps_the_logits_the_table_chose(method):
     resolved = ExtractConfig(teachers=["t"], preset=method).resolved()
-    assert (resolved.logits_topk, resolved.logits_sample) == (None, SHIPPED[method])
+    assert resolved.logits == (None if SHIPPED[method] is None else f"sample:{SHIPPED[method]}")
     assert resolved.logits_temperature == (4.0 if SHIPPED[method] else None)
 
 
 def test_every_registered_preset_that_draws_classes_is_accepted_by_its_method():
     """A preset may only choose draws its own method accepts at its defaults: one whose output discriminator or DKD
     term refuses them would make `extract --for M` then `distill --method M` an error."""
-    drawing = [name for name, cls in available_methods().items() if cls.store_needs.logits_sample]
+    drawing = [
+        name
+        for name, cls in available_methods().items()
+        if cls.store_needs.logits and cls.store_needs.logits.encoding.estimate
+    ]
     assert {"kd", "fitnet", "at", "afd"} <= set(drawing)
     for name in drawing:
         config = DistillConfig(store="", student="s", method=name).resolved()
@@ -52,11 +56,11 @@ def _filled(preset: str, **layout) -> tuple[ExtractConfig, ExtractConfig]:
 @pytest.mark.parametrize(
     ("layout", "last_whole"),
     [
-        (dict(logits_sample=16, logits_topk=None), SAMPLED_16_BYTES // 2),  # 24
-        (dict(logits_topk=10, logits_sample=None), TOP_10_FLOAT16_BYTES // 2),  # 22
-        (dict(logits_topk=10, logits_sample=None, dtype="float32"), TOP_10_FLOAT32_BYTES // 4),  # 16
+        (dict(logits="sample:16"), SAMPLED_16_BYTES // 2),  # 24
+        (dict(logits="topk:10"), TOP_10_FLOAT16_BYTES // 2),  # 22
+        (dict(logits="topk:10", dtype="float32"), TOP_10_FLOAT32_BYTES // 4),  # 16
         # 48 bytes are 12 float32 logits, but 16 draws from 16 classes or fewer are noise at no saving: k decides.
-        (dict(logits_sample=16, logits_topk=None, dtype="float32"), 16),
+        (dict(logits="sample:16", dtype="float32"), 16),
     ],
 )
 def test_a_preset_keeps_compact_logits_only_above_the_class_count_where_they_save_bytes(layout, last_whole):
@@ -65,30 +69,30 @@ def test_a_preset_keeps_compact_logits_only_above_the_class_count_where_they_sav
     config, asked = _filled("kd", **layout)
     for classes in (2, 10, last_whole - 1, last_whole):
         fitted = fitted_to_data(config, asked, classes)
-        assert (fitted.logits_topk, fitted.logits_sample, fitted.logits_temperature) == (None, None, None), classes
+        assert (fitted.logits, fitted.logits_temperature) == (None, None), classes
     for classes in (last_whole + 1, 100, 1000):
         fitted = fitted_to_data(config, asked, classes)
-        assert (fitted.logits_topk, fitted.logits_sample) == (layout["logits_topk"], layout["logits_sample"])
+        assert fitted.logits == layout["logits"]
         assert fitted.logits_temperature == 4.0
 
 
 def test_a_dense_store_keeps_every_logit_where_its_preset_draws_classes_for_views():
     """RoIAlign averages a dense store's logits over a crop's box, which draws cannot serve (and a user's
-    --logits-sample with --dense is refused); the preset falls back to every logit, a user's top-k is kept."""
+    --logits sample:K with --dense is refused); the preset falls back to every logit, a user's top-k is kept."""
     for method in ("kd", "fitnet"):  # (afd reads per-view maps, which a dense store refuses)
         resolved = ExtractConfig(teachers=["t"], preset=method, dense=True).resolved()
-        assert (resolved.logits_topk, resolved.logits_sample) == (None, None), method
-    chosen = ExtractConfig(teachers=["t"], preset="kd", dense=True, logits_topk=10).resolved()
-    assert (chosen.logits_topk, chosen.logits_sample, chosen.logits_temperature) == (10, None, 4.0)
-    with pytest.raises(UserError, match="--logits-sample 16 stores counts"):
-        ExtractConfig(teachers=["t"], preset="kd", dense=True, logits_sample=16).resolved()
+        assert resolved.logits is None, method
+    chosen = ExtractConfig(teachers=["t"], preset="kd", dense=True, logits="topk:10").resolved()
+    assert (chosen.logits, chosen.logits_temperature) == ("topk:10", 4.0)
+    with pytest.raises(UserError, match="--logits sample:16 stores an estimate"):
+        ExtractConfig(teachers=["t"], preset="kd", dense=True, logits="sample:16").resolved()
 
 
 def test_what_the_user_asks_for_is_kept_at_any_class_count():
-    for asked in (ExtractConfig(teachers=["t"], preset="kd", logits_sample=16),
-                  ExtractConfig(teachers=["t"], preset="meal", logits_topk=10)):  # fmt: skip
+    for asked in (ExtractConfig(teachers=["t"], preset="kd", logits="sample:16"),
+                  ExtractConfig(teachers=["t"], preset="meal", logits="topk:10")):  # fmt: skip
         fitted = fitted_to_data(asked.resolved(), asked, 10)
-        assert (fitted.logits_topk, fitted.logits_sample) == (asked.logits_topk, asked.logits_sample)
+        assert fitted.logits == asked.logits
 
 
 def test_extract_for_kd_at_100_classes_draws_16_and_distill_reads_them_where_meal_v2_is_refused(tmp_path):

@@ -107,17 +107,17 @@ def test_meal_preset_projects_only_blocks_wider_than_its_d_and_keeps_few_classes
     config = ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], views=1, teacher_dir=str(teacher_dir),
                            device="cpu", preset="meal")  # fmt: skip
     store = extract(config, tmp_path / "meal.zarr", progress=False, dataset=digits)
-    assert store.layout.logits_topk is None and store.layout.logits_temperature is None
-    assert store.attrs["format"] == "meal-cache/10" and "teachers/resnet8_w4/logits" in store.group
+    assert store.layout.logits is None and store.layout.logits_temperature is None
+    assert store.attrs["format"] == "meal-cache/11" and "teachers/resnet8_w4/logits" in store.group
     assert all(b.projected_from is None for t in store.teacher_names for b in store.blocks(t))
     resolved = config.resolved()
     assert (resolved.project, resolved.projection) == (128, "pca")
-    assert (resolved.logits_topk, resolved.logits_sample) == (None, None)
-    assert fitted_to_data(resolved, config, 1000).logits_topk is None
-    chosen = dataclasses.replace(config, logits_sample=8)
-    assert fitted_to_data(chosen.resolved(), chosen, 10).logits_sample == 8
+    assert resolved.logits is None
+    assert fitted_to_data(resolved, config, 1000).logits is None
+    chosen = dataclasses.replace(config, logits="sample:8")
+    assert fitted_to_data(chosen.resolved(), chosen, 10).logits == "sample:8"
     assert dataclasses.replace(config, project=0).resolved().project is None
-    assert dataclasses.replace(config, logits_topk=0).resolved().logits_topk is None  # every logit
+    assert dataclasses.replace(config, logits="all").resolved().logits is None  # every logit
     with pytest.raises(UserError, match="--project 128 is not below any block's channels"):
         extract(dataclasses.replace(config, project=128), tmp_path / "p.zarr", progress=False, dataset=digits)
 

@@ -20,7 +20,8 @@ from meal_cache.extract.config import ExtractConfig
 from meal_cache.extract.run import extract
 from meal_cache.fidelity import store_fidelity
 from meal_cache.store import open_store
-from meal_cache.store.logits import SAMPLE_FLOOR, check_logits_options, decode_sample, encode_sample, softmax_rows
+from meal_cache.store.encodings.sample import SAMPLE_FLOOR, decode_sample, encode_sample, softmax_rows
+from meal_cache.store.logits import LogitsChoice, check_logits_choice, parse_logits
 
 LOGITS = np.array([[5.0, 3.0, 2.5, 0.0, -1.0, -3.0, 1.0, 0.5], [0.0, 0.2, -0.3, 4.0, 3.8, 0.0, -2.0, 1.0]])
 
@@ -76,7 +77,7 @@ def sampled_store(small_store, digits, tmp_path_factory):
     """The small store's rows and views for one teacher, logits only, as 8 classes drawn at T = 4."""
     path, config = small_store
     out = tmp_path_factory.mktemp("sampled") / "sampled.zarr"
-    sampled = dataclasses.replace(config, teachers=["resnet8_w4"], preset="kd", logits_sample=8)
+    sampled = dataclasses.replace(config, teachers=["resnet8_w4"], preset="kd", logits="sample:8")
     extract(sampled, out, progress=False, dataset=digits)
     return out, sampled
 
@@ -87,7 +88,7 @@ def test_a_sampled_store_holds_counts_reads_back_their_shares_and_draws_the_same
     dense_path, _ = small_store
     path, config = sampled_store
     store, dense = open_store(path), open_store(dense_path)
-    assert store.attrs["format"] == "meal-cache/10" and store.layout.logits_sample == 8
+    assert store.attrs["format"] == "meal-cache/11" and str(store.layout.logits) == "sample:8"
     assert store.layout.temperature == 4.0 and store.complete
     group = zarr.open_group(str(path), mode="r")
     index = np.asarray(group["teachers/resnet8_w4/logits_sample/index"][:])
@@ -201,8 +202,8 @@ def twin_stores(request, teacher_dir, tmp_path_factory):
         shutil.copyfile(checkpoint, teachers / f"{name}.pt")
     common = dict(teachers=["teacher", "twin"], data=data, views=2, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0,
                   teacher_dir=str(teachers), preset="kd", device="cpu")  # fmt: skip
-    extract(ExtractConfig(logits_sample=8, **common), root / "sampled.zarr", progress=False)
-    extract(ExtractConfig(logits_topk=0, dtype="float32", **common), root / "exact.zarr", progress=False)
+    extract(ExtractConfig(logits="sample:8", **common), root / "sampled.zarr", progress=False)
+    extract(ExtractConfig(logits="all", dtype="float32", **common), root / "exact.zarr", progress=False)
     return root / "sampled.zarr", root / "exact.zarr"
 
 
@@ -251,24 +252,25 @@ def test_classes_never_drawn_share_at_most_the_floor_between_them():
         np.testing.assert_allclose(p[[3, 7]], np.array([5, 3]) / 8 * (1 - undrawn), rtol=2e-3)
 
 
-@pytest.mark.parametrize(("topk", "sample", "temperature", "message"), [
-    (5, 8, None, "--logits-topk and --logits-sample are two ways of keeping the logits; choose one"),
-    (-1, None, None, "--logits-topk must be a whole number, at least 1 (0: every logit), got -1"),
-    (True, None, None, "--logits-topk must be a whole number"),
-    (2.5, None, None, "--logits-topk must be a whole number"),
-    (None, 0, None, "--logits-sample must be a whole number, at least 1, got 0"),
-    (None, True, None, "--logits-sample must be a whole number"),
-    (None, 8.0, None, "--logits-sample must be a whole number"),
-    (None, 256, None, "--logits-sample draws at most 255 classes a row (counts are one byte), got 256"),
-    (None, None, 0, "--logits-temperature must be a positive number, got 0"),
-    (None, None, -1.0, "--logits-temperature must be a positive number"),
-    (None, None, True, "--logits-temperature must be a positive number"),
+@pytest.mark.parametrize(("logits", "temperature", "message"), [
+    ("topk:-1", None, "--logits topk:K needs K, a whole number of classes a row, got 'topk:-1'"),
+    ("topk:0", None, "--logits topk:K needs K of at least 1 (all: every logit), got 0"),
+    ("topk:2.5", None, "--logits topk:K needs K, a whole number of classes a row, got 'topk:2.5'"),
+    ("topk", None, "--logits topk:K needs K, a whole number of classes a row, got 'topk'"),
+    ("sample:0", None, "--logits sample:K needs K of at least 1 (all: every logit), got 0"),
+    ("sample:256", None, "--logits sample:K keeps at most 255 a row (counts are one byte), got 256"),
+    ("smaple:8", None, "unknown --logits encoding 'smaple'; choose one of: sample, topk; did you mean sample?"),
+    ("16", None, "--logits takes all (every logit) or NAME:K (sample:K, topk:K), got '16'"),
+    ("sample:8", 0, "--logits-temperature must be a positive number, got 0"),
+    ("sample:8", -1.0, "--logits-temperature must be a positive number"),
+    ("topk:5", True, "--logits-temperature must be a positive number"),
 ])  # fmt: skip
-def test_lossy_logits_options_are_refused_at_their_bounds_by_name(topk, sample, temperature, message):
+def test_lossy_logits_options_are_refused_at_their_bounds_by_name(logits, temperature, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        check_logits_options(topk, sample, temperature)
+        check_logits_choice(parse_logits(logits), temperature)
 
 
 def test_lossy_logits_options_accept_their_bounds():
-    for topk, sample, temperature in ((0, None, None), (1, None, 0.5), (None, 1, 1), (None, 255, 4.0)):
-        check_logits_options(topk, sample, temperature)
+    for logits, temperature in (("all", None), (None, None), ("topk:1", 0.5), ("sample:1", 1), ("sample:255", 4.0)):
+        check_logits_choice(parse_logits(logits), temperature)
+    assert parse_logits("topk:10") == LogitsChoice("topk", 10) and parse_logits("all") is None

@@ -18,7 +18,7 @@ from meal_cache.extract.run import extract
 from meal_cache.losses import kd_kl
 from meal_cache.nets.models import create_model
 from meal_cache.store import open_store
-from meal_cache.store.logits import decode_sample, encode_sample, softmax_rows
+from meal_cache.store.encodings.sample import decode_sample, encode_sample, softmax_rows
 
 LOGITS = np.array([[5.0, 3.0, 2.5, 0.0, -1.0, -3.0, 1.0, 0.5, 0.2, -0.4],
                    [0.0, 0.2, -0.3, 4.0, 3.8, 0.0, -2.0, 1.0, 0.6, -1.2]])  # fmt: skip
@@ -28,7 +28,7 @@ LOGITS = np.array([[5.0, 3.0, 2.5, 0.0, -1.0, -3.0, 1.0, 0.5, 0.2, -0.4],
 def sampled_store(tmp_path_factory, teacher_dir, digits):
     """One teacher's logits as 8 classes drawn at T = 4, one view of digits."""
     out = tmp_path_factory.mktemp("sampled-refusals") / "sampled.zarr"
-    config = ExtractConfig(teachers=["resnet8_w4"], views=1, preset="kd", logits_sample=8,
+    config = ExtractConfig(teachers=["resnet8_w4"], views=1, preset="kd", logits="sample:8",
                            teacher_dir=str(teacher_dir), batch_size=512, device="cpu")  # fmt: skip
     extract(config, out, progress=False, dataset=digits)
     return out
@@ -46,7 +46,7 @@ def test_distill_refuses_what_counts_cannot_estimate_in_one_line(sampled_store, 
                                        "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(out), *options],
                                       tmp_path))  # fmt: skip
     assert "holds 8 classes drawn a row, read back as count / 8" in line and reason in line, line
-    assert "extract with --logits-topk K" in line, line
+    assert "extract with --logits topk:K (or all)" in line, line
     assert not out.exists()
 
 
@@ -71,10 +71,10 @@ def test_extract_refuses_a_dense_store_of_sampled_logits_before_creating_it(tmp_
     out = tmp_path / "dense.zarr"
     # Refused with the other settings' checks, before a teacher is looked for.
     line = one_error_line(run_console(["extract", "--teachers", "resnet8_w4", "--teacher-dir", str(tmp_path),
-                                       "--dense", "--logits-sample", "8", "--device", "cpu", "--out", str(out)],
+                                       "--dense", "--logits", "sample:8", "--device", "cpu", "--out", str(out)],
                                       tmp_path))  # fmt: skip
-    assert "--dense derives a crop's logits by averaging" in line and "--logits-sample 8 stores counts" in line
-    assert "pass --logits-topk K" in line, line
+    assert "--dense derives a crop's logits by averaging" in line and "--logits sample:8 stores an estimate" in line
+    assert "pass --logits topk:K or all" in line, line
     assert not out.exists()
 
 

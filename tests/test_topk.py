@@ -13,7 +13,8 @@ from by_hand import topk_rebuilt
 
 from meal_cache.errors import UserError
 from meal_cache.extract.run import extract
-from meal_cache.store import decode_topk, describe_store, encode_topk, open_store
+from meal_cache.store import describe_store, open_store
+from meal_cache.store.encodings.topk import decode_topk, encode_topk
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -81,7 +82,7 @@ def test_a_remainder_rounded_to_nothing_leaves_each_other_class_a_millionth(clas
 def topk_stores(small_store, teacher_dir, digits, tmp_path_factory):
     path, config = small_store
     out = tmp_path_factory.mktemp("topk") / "top3.zarr"
-    extract(dataclasses.replace(config, logits_topk=3, views=1), out, progress=False, dataset=digits)
+    extract(dataclasses.replace(config, logits="topk:3", views=1), out, progress=False, dataset=digits)
     return path, out
 
 
@@ -89,7 +90,7 @@ def test_a_top_k_store_holds_k_logits_a_row_and_reads_back_dense(topk_stores):
     dense_path, topk_path = topk_stores
     dense, topk = open_store(dense_path), open_store(topk_path)
     # Made exact at distill's default temperature.
-    assert topk.attrs["format"] == "meal-cache/10" and topk.layout.logits_topk == 3 and topk.complete
+    assert topk.attrs["format"] == "meal-cache/11" and str(topk.layout.logits) == "topk:3" and topk.complete
     assert topk.layout.temperature == 4.0
     assert "teachers/resnet8_w4/logits" not in topk.group
     index = topk.group["teachers/resnet8_w4/logits_topk/index"]
@@ -179,10 +180,10 @@ def test_distill_and_inspect_read_a_top_k_store(topk_stores, digits, tmp_path, m
 
 def test_bad_top_k_settings_are_refused(small_store, digits, tmp_path):
     _, config = small_store
-    with pytest.raises(UserError, match=r"--logits-topk must be a whole number, at least 1 \(0: every logit\), got -1"):
-        extract(dataclasses.replace(config, logits_topk=-1), tmp_path / "a.zarr", progress=False, dataset=digits)
-    with pytest.raises(UserError, match="--logits-topk 11 is more than teacher resnet8_w4's 10 classes"):
-        extract(dataclasses.replace(config, logits_topk=11), tmp_path / "b.zarr", progress=False, dataset=digits)
+    with pytest.raises(UserError, match=r"--logits topk:K needs K of at least 1 \(all: every logit\), got 0"):
+        extract(dataclasses.replace(config, logits="topk:0"), tmp_path / "a.zarr", progress=False, dataset=digits)
+    with pytest.raises(UserError, match="--logits topk:11 keeps more than teacher resnet8_w4's 10 classes"):
+        extract(dataclasses.replace(config, logits="topk:11"), tmp_path / "b.zarr", progress=False, dataset=digits)
 
 
 def test_a_store_of_a_development_format_is_refused_with_the_fix(tmp_path):
@@ -193,7 +194,7 @@ def test_a_store_of_a_development_format_is_refused_with_the_fix(tmp_path):
     path = tmp_path / "format1.zarr"
     shutil.copytree(FIXTURES / "format1_store", path)
     expected = (f"'{path}' was written by a development version of meal-cache (format 'meal-cache/1'), which this one "
-                "(meal-cache/10) does not read; extract it again (--overwrite replaces it)")  # fmt: skip
+                "(meal-cache/11) does not read; extract it again (--overwrite replaces it)")  # fmt: skip
     assert expected in one_error_line(run_console(["info", str(path)], tmp_path))
     distilled = run_console(["distill", "--store", str(path), "--student", "resnet8_w4", "--out", "r"], tmp_path)
     assert expected in one_error_line(distilled) and not (tmp_path / "r").exists()
@@ -217,7 +218,7 @@ def test_presets_store_only_what_their_method_reads(small_store, digits, tmp_pat
     _, config = small_store
     base = dataclasses.replace(config, views=1, identity_view=False, grid=1, features=["blocks", "maps"],
                                blocks="all")  # fmt: skip
-    kd = extract(dataclasses.replace(base, preset="kd", logits_topk=5), tmp_path / "kd.zarr", progress=False,
+    kd = extract(dataclasses.replace(base, preset="kd", logits="topk:5"), tmp_path / "kd.zarr", progress=False,
                  dataset=digits)  # fmt: skip
     assert sorted(kd.group["teachers/resnet8_w4"].keys()) == ["logits_topk", "progress"]
     meal = extract(dataclasses.replace(base, preset="meal"), tmp_path / "meal.zarr", progress=False, dataset=digits)
@@ -252,7 +253,7 @@ def top5_store(tmp_path_factory, teacher_dir, digits):
     from meal_cache.extract.config import ExtractConfig
 
     out = tmp_path_factory.mktemp("top5") / "top5.zarr"
-    config = ExtractConfig(teachers=["resnet8_w4"], views=1, features=["maps"], logits_topk=5,
+    config = ExtractConfig(teachers=["resnet8_w4"], views=1, features=["maps"], logits="topk:5",
                            teacher_dir=str(teacher_dir), batch_size=512, device="cpu")  # fmt: skip
     extract(config, out, progress=False, dataset=digits)
     return out
@@ -272,7 +273,7 @@ def test_the_reference_output_discriminator_refuses_raw_top_k_logits(top5_store,
                                        "reference", "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(out)],
                                       tmp_path))  # fmt: skip
     assert "--disc-form reference's output discriminator reads raw logits" in line, line
-    assert "keeps only the top 5 of 10" in line and "--logits-topk 0" in line, line
+    assert "keeps topk:5 of 10 classes" in line and "--logits all" in line, line
     assert not out.exists()
     store = open_store(top5_store)
     for settings in (

@@ -6,6 +6,7 @@ import click
 
 from meal_cache.cli.options import DATA_HELP, DECODE_OPTION, DEVICE_HELP, augmentation_options, data_options
 from meal_cache.errors import UserError
+from meal_cache.store.logits import logits_encodings
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -196,31 +197,21 @@ def parse_sizes(text: str) -> list[int]:
     "stay as --dtype). Default: lossless, except 8 with --for meal, fitnet and at; 'none' keeps them lossless.",
 )
 @click.option(
-    "--logits-topk",
-    type=int,
+    "--logits",
     default=None,
-    metavar="K",
-    help="Lossy: keep each row's K largest logits (int16 classes, --dtype values) and the log-sum-exp of all at "
-    "--logits-temperature; read back exact at that temperature, the rest of the probability spread evenly over "
-    "the other classes (FKD, TinyViT). 4K+4 bytes a row. Default: every logit (top-10 with --for METHOD; 0 keeps "
-    "every logit there).",
-)
-@click.option(
-    "--logits-sample",
-    type=int,
-    default=None,
-    metavar="K",
-    help="Lossy: keep K classes drawn (seeded) from each row's softmax at --logits-temperature, with their counts; "
-    "read back as count/K, an unbiased estimate of the teacher's soft labels (random-sampling KD). 3K bytes a "
-    "row, so K = 8 costs what --logits-topk 5 does. Default: every logit.",
+    metavar="all|NAME:K",
+    help="Lossy: the logits in a compact encoding, "
+    + "; ".join(f"{name}:K {encoding.help}" for name, encoding in logits_encodings().items())
+    + " (every float16 logit: 2 bytes a class). Default: all (every logit), or the --for method's encoding where "
+    "it takes fewer bytes (`meal-cache methods` says which); all keeps every logit there.",
 )
 @click.option(
     "--logits-temperature",
     type=float,
     default=None,
     metavar="T",
-    help="The temperature --logits-topk is exact at and --logits-sample draws at: distill's --temperature "
-    "(sampled stores refuse another one). Default: 4, the soft labels' default.",
+    help="The temperature compact --logits are made at (topk is exact at it, sample draws at it): distill's "
+    "--temperature (sampled stores refuse another one). Default: 4, the soft labels' default.",
 )
 @click.option(
     "--project",

@@ -230,7 +230,7 @@ def check_logits_temperature(config: DistillConfig, store: TeacherStore) -> None
     """Refuse soft labels at another temperature than a sampled store's draws: counts drawn at T estimate the
     teacher's softmax at T only (top-k logits, exact at their temperature, stay close at others)."""
     layout = store.layout
-    if layout.logits_sample is None or not config.soft_weight or config.temperature == layout.temperature:
+    if not layout.logits_estimated or not config.soft_weight or config.temperature == layout.temperature:
         return
     raise UserError(f"'{config.store}' holds classes drawn at temperature {layout.temperature:g}, an estimate of the "
                     f"soft labels at that temperature only; distill with --temperature {layout.temperature:g}, or "
@@ -240,14 +240,14 @@ def check_logits_temperature(config: DistillConfig, store: TeacherStore) -> None
 def check_sampled_logits(config: DistillConfig, store: TeacherStore) -> None:
     """Refuse a sampled store where the method's config reads the soft labels otherwise than linearly (the
     method says why: :meth:`Method.sampled_logits_refusal`): count / K estimates only such losses without bias."""
-    k = store.layout.logits_sample
-    if k is None:
+    if not store.layout.logits_estimated:
         return
+    k = store.layout.logits_k
     reason = method_class(config.method).sampled_logits_refusal(config)
     if reason is not None:
         raise UserError(f"'{config.store}' holds {k} classes drawn a row, read back as count / {k}: unbiased only for "
-                        f"a loss linear in the soft labels, and {reason}; extract with --logits-topk K (or every "
-                        "logit) for it")  # fmt: skip
+                        f"a loss linear in the soft labels, and {reason}; extract with --logits topk:K (or all) for "
+                        "it")  # fmt: skip
 
 
 def refuse_damaged(store: TeacherStore, path: str, keys: list[str]) -> None:

@@ -20,8 +20,9 @@ from meal_cache.engine.loop import check_workers
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.extract.divergent import DivergentSearch, check_search
 from meal_cache.projection import PROJECTIONS
+from meal_cache.store.encodings import DEFAULT_LOGITS_TEMPERATURE
 from meal_cache.store.keys import DEFAULT_FEATURES, FEATURE_KINDS
-from meal_cache.store.logits import DEFAULT_LOGITS_TEMPERATURE, check_logits_options, chosen_encoding
+from meal_cache.store.logits import EVERY_LOGIT, LogitsChoice, check_logits_choice, logits_encodings, parse_logits
 from meal_cache.store.schema import DEFAULT_ATTENTION_P, StoreNeeds
 from meal_cache.views import augment
 from meal_cache.views.mixing import Mixing
@@ -85,9 +86,10 @@ class ExtractConfig:
     codec: str = "zstd:3"
     keep_bits: int | None = None
     quantize: int | None = None  # None: the --for preset's encoding (lossless without one); 0: lossless
-    logits_topk: int | None = None  # lossy: only each row's K largest logits (and their log-sum-exp)
-    logits_sample: int | None = None  # lossy: K classes drawn from each row's softmax, with their counts
-    logits_temperature: float | None = None  # the T of top-k and sampled logits (None: DEFAULT_LOGITS_TEMPERATURE)
+    # lossy: "NAME:K", the logits in a compact encoding ("topk:10", "sample:16"); "all": every logit; None: the --for
+    # preset's encoding, every logit without one
+    logits: str | None = None
+    logits_temperature: float | None = None  # the T of compact logits (None: DEFAULT_LOGITS_TEMPERATURE)
     project: int | None = None  # pooled blocks wider than this many channels are stored projected to it
     projection: str = "pca"  # how: the top principal directions (fitted on the first rows) or a random matrix
     preset: str | None = None  # ``--for METHOD``: store only what that method reads (see store_presets)
@@ -119,6 +121,10 @@ class ExtractConfig:
             return None
         return DivergentSearch(self.divergent_views, float(self.divergent_eps), self.divergent_steps, self.seed)
 
+    def logits_choice(self) -> LogitsChoice | None:
+        """The compact encoding of the logits and its k (None: every logit), checked."""
+        return parse_logits(self.logits)
+
     def resolved(self) -> ExtractConfig:
         """The config with a ``--for`` preset's features and blocks filled in, every setting checked."""
         config = self
@@ -134,26 +140,27 @@ class ExtractConfig:
             config = dataclasses.replace(self, features=list(preset.features), blocks=preset.blocks)
             if self.quantize is None and self.keep_bits is None:
                 config = dataclasses.replace(config, quantize=preset.quantize)
-            if self.logits_topk is None and self.logits_sample is None:
-                config = dataclasses.replace(config, logits_topk=preset.logits_topk,
-                                             logits_sample=preset.logits_sample)  # fmt: skip
+            if self.logits is None:
+                config = dataclasses.replace(config, logits=None if preset.logits is None else str(preset.logits))
             if self.project is None:
                 config = dataclasses.replace(config, project=preset.project)
-        if config.dense and self.logits_sample is None and config.logits_sample is not None:
-            # A preset's draws serve views only: a dense store averages logits over each crop's box, so it keeps
-            # every logit unless --logits-topk chooses fewer.
-            config = dataclasses.replace(config, logits_sample=None)
+        chosen = config.logits_choice()
+        if config.dense and self.logits is None and chosen is not None and chosen.encoding.estimate:
+            # A preset's estimate serves views only: a dense store averages logits over each crop's box, so it
+            # keeps every logit unless --logits chooses an exact encoding.
+            config, chosen = dataclasses.replace(config, logits=None), None
         if config.dense and config.preset is None and tuple(config.features) == DEFAULT_FEATURES:
             # A dense store's default: what it can derive per crop (channel-mean maps are per view).
             config = dataclasses.replace(config, features=["blocks"])
         if config.project == 0:
             config = dataclasses.replace(config, project=None)
-        if config.logits_topk == 0:
-            config = dataclasses.replace(config, logits_topk=None)
+        if config.logits == EVERY_LOGIT:
+            config = dataclasses.replace(config, logits=None)
+        elif chosen is not None:
+            config = dataclasses.replace(config, logits=str(chosen))
         if config.quantize == 0:
             config = dataclasses.replace(config, quantize=None)
-        lossy_logits = config.logits_topk is not None or config.logits_sample is not None
-        if lossy_logits and config.logits_temperature is None:
+        if chosen is not None and config.logits_temperature is None:
             config = dataclasses.replace(config, logits_temperature=DEFAULT_LOGITS_TEMPERATURE)
         if "attention" in config.features and config.attention_p is None:
             config = dataclasses.replace(config, attention_p=DEFAULT_ATTENTION_P)
@@ -189,7 +196,7 @@ class ExtractConfig:
             raise UserError("--batch-size and --rows-per-chunk must be at least 1")
         check_workers(self.workers)
         check_decode(self.decode)
-        check_logits_options(self.logits_topk, self.logits_sample, self.logits_temperature)
+        check_logits_choice(self.logits_choice(), self.logits_temperature)
         if self.dense:
             self._validate_dense()
         if self.project is not None:
@@ -233,13 +240,15 @@ class ExtractConfig:
                 raise UserError(f"--dense derives a crop's targets from the whole image's maps, so distill draws only "
                                 f"crops and flips; {option} makes views a dense store cannot derive: extract a store "
                                 "of views for it, or leave it out")  # fmt: skip
-        if self.logits_sample is not None:
-            # RoIAlign averages the stored map's logits, T log(count / K), over a crop's box: a geometric mean of
-            # draws, no estimate of the teacher's softmax on the crop.
+        chosen = self.logits_choice()
+        if chosen is not None and chosen.encoding.estimate:
+            # RoIAlign averages the stored map's logits (for sampled classes T log(count / K)) over a crop's box: a
+            # geometric mean of an estimate, no estimate of the teacher's softmax on the crop.
+            exact = [f"{name}:K" for name, encoding in logits_encodings().items() if not encoding.estimate]
             raise UserError(f"--dense derives a crop's logits by averaging the whole image's logit map over the box; "
-                            f"--logits-sample {self.logits_sample} stores counts, whose averaged logs estimate "
-                            "nothing: pass --logits-topk K (or every logit) with --dense, or extract a store of "
-                            "views with --logits-sample")  # fmt: skip
+                            f"--logits {chosen} stores an estimate of the soft labels, whose averaged logs estimate "
+                            f"nothing: pass --logits {' or '.join([*exact, EVERY_LOGIT])} with --dense, or extract a "
+                            f"store of views with --logits {chosen}")  # fmt: skip
         if "maps" in self.features:
             chosen = f"--for {self.preset}" if self.preset else "--features maps"
             raise UserError(f"--dense keeps logits and pooled blocks, from which any crop's are derived; {chosen} "
@@ -251,13 +260,11 @@ def fitted_to_data(config: ExtractConfig, asked: ExtractConfig, num_classes: int
     """A ``--for`` preset's compact logits dropped where the data has no more classes than it keeps, or every logit
     takes no more bytes a row (every logit is then exact and about as small: 10 float16 logits are 20 bytes, the top
     10 are 44); what the user asked for is kept as asked."""
-    filled = asked.logits_topk is None and asked.logits_sample is None
-    chosen = chosen_encoding(config.logits_topk, config.logits_sample)
-    if not filled or chosen is None:
+    chosen = config.logits_choice()
+    if asked.logits is not None or chosen is None:
         return config
-    encoding, k = chosen
+    encoding, k = chosen.encoding, chosen.k
     every_logit = num_classes * np.dtype(config.dtype).itemsize
     if k >= num_classes or encoding.row_bytes(k, num_classes, config.dtype) >= every_logit:
-        return dataclasses.replace(config, logits_topk=None, logits_sample=None,
-                                   logits_temperature=asked.logits_temperature)  # fmt: skip
+        return dataclasses.replace(config, logits=None, logits_temperature=asked.logits_temperature)
     return config

@@ -53,25 +53,15 @@ MAX_PENDING_WRITES = 4
 
 
 def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teacher]) -> dict:
-    """What must be equal for an existing store to be resumed rather than refused."""
-    recorded = augment.recorded_options(asdict(config))  # ... and before --scale, --ratio, --hflip, --vflip
+    """What must be equal for an existing store to be resumed rather than refused: every setting that changes what
+    the store holds (not where or how fast it is computed, nor the options of a feature left off)."""
+    recorded = augment.recorded_options(asdict(config))
     for transient in ("device", "batch_size", "data_root", "download", "teacher_dir", "workers", "decode"):
         recorded.pop(transient)
-    if recorded["recipe"] == "crop":  # the settings of stores extracted before --recipe existed
-        recorded.pop("recipe")
-    if config.mixing() is None:  # ... and before --mixup/--cutmix
-        for name in MIXING_FIELDS:
-            recorded.pop(name)
-    if not config.divergent_views:  # ... and before --divergent-views
-        for name in DIVERGENT_FIELDS:
-            recorded.pop(name)
-    for name in ("project", "logits_sample", "logits_temperature", "attention_p"):  # ... and before these options
-        if recorded[name] is None:
-            recorded.pop(name)
-    if config.project is None:
-        recorded.pop("projection")
-    if not config.dense:  # ... and before --dense
-        for name in ("dense", "dense_sizes", "dense_grid"):
+    unused = {MIXING_FIELDS: config.mixing() is None, DIVERGENT_FIELDS: not config.divergent_views,
+              ("projection",): config.project is None, ("dense_sizes", "dense_grid"): not config.dense}  # fmt: skip
+    for names, off in unused.items():
+        for name in names if off else ():
             recorded.pop(name)
     recorded["fingerprint"] = dataset.fingerprint(config.split)
     recorded["teacher_checkpoints"] = {t.spec.key: t.spec.checkpoint_sha256 for t in teachers}

@@ -82,7 +82,7 @@ def open_or_create(
     dataset_attrs = _dataset_attrs(config, dataset, split, device)
     views_info = _views_info(config, dataset, recipe, len(views), dense is not None, policy, mixing, search)
     layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
-                         config.quantize, config.logits_topk, config.logits_sample, config.logits_temperature,
+                         config.quantize, config.logits_choice(), config.logits_temperature,
                          None if dense is None else dense.to_json(), config.attention_p)  # fmt: skip
     return create_store(
         out,

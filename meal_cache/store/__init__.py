@@ -1,7 +1,7 @@
 """The teacher cache: a Zarr (v3) store, its format, and everything that reads, writes, checks and describes one.
 
-Every store is written in one format, ``meal-cache/10``, the format of the 0.x line (docs/store-format.md, which
-also says what each array means); the development formats before it (/1 to /9) are refused with one fix: extract
+Every store is written in one format, ``meal-cache/11``, the format of the 0.x line (docs/store-format.md, which
+also says what each array means); the development formats before it (/1 to /10) are refused with one fix: extract
 the store again.
 
 The layout, array by array, and what a writer promises about chunks, checksums and metadata: docs/store-format.md.
@@ -9,7 +9,9 @@ The layout, array by array, and what a writer promises about chunks, checksums a
 The modules, each importing only those listed before it:
 
 - :mod:`.keys`           the arrays' names, built and split in one place (imports nothing)
-- :mod:`.logits`         logits in a few numbers a row: top-k and sampled classes, encoded and read back dense
+- :mod:`.encodings`      the compact encodings of the logits, one module each (top-k, sampled classes), encoded
+  and read back dense (imports nothing of the store)
+- :mod:`.logits`         which encoding a store keeps its logits in (``--logits NAME:K``), found by name, checked
 - :mod:`.schema`         what a store records: formats, teachers' and blocks' specs, the layout of their outputs
 - :mod:`.codecs`         compressors, bit rounding, 8-bit quantisation
 - :mod:`.create`         a new store's location, arrays and attributes
@@ -37,7 +39,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "is_logits_key", "is_teacher_key", "logits_key", "progress_key", "range_key", "split_teacher_key",
         "teacher_key", "teacher_of", "view_field",
     ),
-    "logits": ("LOGITS_ENCODINGS", "LogitsEncoding", "decode_topk", "encode_topk", "sample_rng"),
+    "encodings": ("DEFAULT_LOGITS_TEMPERATURE", "LogitsEncoding"),
+    "logits": ("EVERY_LOGIT", "LogitsChoice", "check_logits_choice", "chunk_rng", "logits_encodings", "parse_logits"),
     "schema": (
         "DEVELOPMENT_FORMATS", "DTYPES", "FORMAT", "BlockSpec", "StoreLayout", "TeacherSpec",
     ),

@@ -34,7 +34,7 @@ from meal_cache.store.keys import (
     range_key,
     view_field,
 )
-from meal_cache.store.logits import check_logits_options
+from meal_cache.store.logits import check_logits_choice
 from meal_cache.store.schema import DTYPES, FORMAT, BlockSpec, StoreLayout, TeacherSpec
 from meal_cache.views.augment import ViewParams
 
@@ -150,11 +150,12 @@ def _checked_compressors(layout: StoreLayout, teachers: list[TeacherSpec]) -> li
         raise UserError(f"--quantize takes {', '.join(map(str, QUANTIZE_BITS))}, got {layout.quantize}")
     if layout.quantize is not None and layout.keep_bits is not None:
         raise UserError("--quantize and --keep-bits are two lossy encodings; choose one")
-    check_logits_options(layout.logits_topk, layout.logits_sample, layout.logits_temperature)
-    k = layout.logits_topk
+    check_logits_choice(layout.logits, layout.logits_temperature)
+    encoding, k = layout.logits_encoding, layout.logits_k
     for teacher in teachers:
-        if k is not None and k > len(teacher.classes):
-            raise UserError(f"--logits-topk {k} is more than teacher {teacher.key}'s {len(teacher.classes)} classes")
+        if encoding is not None and not encoding.distinct and k > len(teacher.classes):
+            raise UserError(f"--logits {layout.logits} keeps more than teacher {teacher.key}'s "
+                            f"{len(teacher.classes)} classes")  # fmt: skip
     return compressors
 
 

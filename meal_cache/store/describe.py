@@ -18,7 +18,7 @@ def _array_label(store: TeacherStore, key: str) -> str:
     layout = store.layout
     if layout.logits_encoding is None or not is_logits_key(key):
         return label
-    kept = f"top {layout.logits_k}" if layout.logits_sample is None else f"{layout.logits_k} drawn"
+    kept = layout.logits_encoding.kept.format(k=layout.logits_k)
     return f"{label} ({kept} at T={layout.temperature:g}, read back dense)"
 
 
@@ -106,7 +106,7 @@ def describe_store(store: TeacherStore) -> str:
         if accuracy:
             augmented = accuracy[: views["augmented"]] or accuracy[:1]
             # A sampled store keeps draws, not the logits: its top-1 is the most-drawn class's.
-            top1 = "top-1" if layout.logits_sample is None else "most-drawn class right"
+            top1 = "top-1" if layout.logits_encoding is None else layout.logits_encoding.top1
             acc_text = f"{top1} {np.mean(augmented):.2f}% on augmented views"
             if layout.dense is not None:
                 acc_text = f"{top1} {accuracy[0]:.2f}% on whole images (the logit maps' means)"

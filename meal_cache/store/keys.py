@@ -1,8 +1,8 @@
 """The names of a store's arrays, built and taken apart in one place (the layout is in :mod:`meal_cache.store`).
 
 A teacher's arrays live under ``teachers/NAME/``; below it an array has a *name* relative to the teacher
-(``logits``, ``blocks/B``, ``maps/B``, ``attention/B``, ``progress``, ``ranges/KIND/B``, ``logits_topk/PART``,
-``logits_sample/PART``), which is what :func:`meal_cache.nets.teachers.teacher_outputs` returns and
+(``logits``, ``blocks/B``, ``maps/B``, ``attention/B``, ``progress``, ``ranges/KIND/B``, ``logits_ENCODING/PART``
+such as ``logits_topk/index``), which is what :func:`meal_cache.nets.teachers.teacher_outputs` returns and
 :meth:`~meal_cache.store.teacher_store.TeacherStore.write_rows` takes.
 This module imports nothing heavy (no zarr), so reports and plots can name arrays without opening a store.
 """

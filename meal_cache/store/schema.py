@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meal_cache.store.logits import LogitsEncoding, chosen_encoding
+from meal_cache.store.logits import LogitsChoice, LogitsEncoding
 
 # The format of the 0.x line: every store is written in it, whatever it holds (docs/store-format.md). A change a
 # reader of this format would misread gets the next number, which this reader then refuses by name.
-FORMAT = "meal-cache/10"
-# The development formats before it (one per feature: /3 views' ops, /4 mixing, ... /9 attention maps), never
-# released: refused with the one fix, extract it again.
-DEVELOPMENT_FORMATS = tuple(f"meal-cache/{n}" for n in range(1, 10))
+FORMAT = "meal-cache/11"
+# The development formats before it (one per feature: /3 views' ops, /4 mixing, ... /9 attention maps, /10 the
+# compact logits as two fields), never released: refused with the one fix, extract it again.
+DEVELOPMENT_FORMATS = tuple(f"meal-cache/{n}" for n in range(1, 11))
 # The power p of a stored attention map, the channel mean of |A|^p, unless extract --attention-p says: the
 # paper's default (Zagoruyko and Komodakis, ICLR 2017), as in mdistiller.
 DEFAULT_ATTENTION_P = 2.0
@@ -91,9 +91,8 @@ class StoreLayout:
     features: tuple[str, ...]
     keep_bits: int | None = None  # lossy: mantissa bits kept by bit rounding (None: lossless)
     quantize: int | None = None  # lossy: blocks and maps as 8-bit codes with a per-row range (None: as dtype)
-    logits_topk: int | None = None  # lossy: the K largest logits and the log-sum-exp (None: every logit)
-    logits_sample: int | None = None  # lossy: K classes drawn from the teacher's softmax, with their counts
-    logits_temperature: float | None = None  # the T top-k and sampled logits are made at (None: every logit kept)
+    logits: LogitsChoice | None = None  # lossy: a compact encoding of the logits and its k (None: every logit)
+    logits_temperature: float | None = None  # the T compact logits are made at (None: every logit kept)
     # extract --dense: {"sizes": [px, ...], "grid": G}, the teacher's input sizes of the whole image and the
     # blocks' stored grid (see meal_cache.dense); None: a store of views.
     dense: dict | None = None
@@ -102,14 +101,17 @@ class StoreLayout:
 
     @property
     def logits_encoding(self) -> LogitsEncoding | None:
-        """How the logits are kept when not every one is (see :mod:`meal_cache.store.logits`)."""
-        chosen = chosen_encoding(self.logits_topk, self.logits_sample)
-        return None if chosen is None else chosen[0]
+        """How the logits are kept when not every one is (see :mod:`meal_cache.store.encodings`)."""
+        return None if self.logits is None else self.logits.encoding
 
     @property
     def logits_k(self) -> int | None:
-        chosen = chosen_encoding(self.logits_topk, self.logits_sample)
-        return None if chosen is None else chosen[1]
+        return None if self.logits is None else self.logits.k
+
+    @property
+    def logits_estimated(self) -> bool:
+        """Whether the logits read back are an estimate at the store's temperature only (sampled classes)."""
+        return self.logits is not None and self.logits.encoding.estimate
 
     @property
     def temperature(self) -> float:
@@ -118,18 +120,19 @@ class StoreLayout:
     def to_json(self) -> dict:
         data = {"rows_per_chunk": self.rows_per_chunk, "dtype": self.dtype, "codec": self.codec,
                 "features": list(self.features), "keep_bits": self.keep_bits, "quantize": self.quantize,
-                "logits_topk": self.logits_topk}  # fmt: skip
+                "logits": None if self.logits is None else self.logits.to_json()}  # fmt: skip
         # Recorded only when set, so a layout without them reads as it is written.
-        for name in ("logits_sample", "logits_temperature", "dense", "attention_p"):
+        for name in ("logits_temperature", "dense", "attention_p"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> StoreLayout:
+        logits = None if data.get("logits") is None else LogitsChoice.from_json(data["logits"])
         return cls(int(data["rows_per_chunk"]), data["dtype"], data["codec"], tuple(data["features"]),
-                   data.get("keep_bits"), data.get("quantize"), data.get("logits_topk"), data.get("logits_sample"),
-                   data.get("logits_temperature"), data.get("dense"), data.get("attention_p"))  # fmt: skip
+                   data.get("keep_bits"), data.get("quantize"), logits, data.get("logits_temperature"),
+                   data.get("dense"), data.get("attention_p"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -142,14 +145,8 @@ class StoreNeeds:
     blocks: str = "all"
     help: str = "every logit"
     quantize: int | None = None
-    # Unless --logits-topk/--logits-sample choose: the logits kept as their top k (logits_topk) or as k classes drawn
-    # from the teacher's softmax (logits_sample), made at distill's default temperature, wherever that takes fewer
-    # bytes a row than every float16 logit of the data's classes. Neither: every logit, the safe default for a
-    # method that has not been measured on a compact encoding.
-    logits_topk: int | None = None
-    logits_sample: int | None = None
+    # Unless --logits chooses: the logits in this compact encoding, made at distill's default temperature, wherever
+    # that takes fewer bytes a row than every float16 logit of the data's classes. None: every logit, the safe
+    # default for a method that has not been measured on a compact encoding.
+    logits: LogitsChoice | None = None
     project: int | None = None  # unless --project: pooled blocks wider than this stored through PCA to it
-
-    def __post_init__(self) -> None:
-        if self.logits_topk is not None and self.logits_sample is not None:
-            raise ValueError("a store preset keeps its logits as top-k or as sampled classes, not both")

@@ -35,7 +35,7 @@ from meal_cache.store.keys import (
     teacher_of,
     view_field,
 )
-from meal_cache.store.logits import LogitsEncoding, sample_rng
+from meal_cache.store.logits import LogitsEncoding, chunk_rng
 from meal_cache.store.schema import DEVELOPMENT_FORMATS, FORMAT, BlockSpec, StoreLayout
 from meal_cache.views.augment import Policy, Recipe, ViewParams, policy_from_json, recipe_for
 from meal_cache.views.mixing import Mixing, mixing_from_json
@@ -260,7 +260,7 @@ class TeacherStore:
 
     def read(self, key: str, view: int, rows: slice = slice(None)) -> np.ndarray:
         """Rows of one view of a teacher array as values (8-bit codes decoded with their ranges, top-k and
-        sampled logits rebuilt dense: see :mod:`meal_cache.store.logits`)."""
+        sampled logits rebuilt dense: see :mod:`meal_cache.store.encodings`)."""
         encoding = self._encoding(key)
         if encoding is not None:
             parts = {part: self.group[array][view, rows] for (part, _, _), array in
@@ -312,7 +312,7 @@ class TeacherStore:
             full = teacher_key(teacher, key)
             encoding = self._encoding(full)
             if encoding is not None:
-                rng = sample_rng(int(self.attrs["views"]["seed"]), teacher, view, chunk)
+                rng = chunk_rng(int(self.attrs["views"]["seed"]), teacher, view, chunk)
                 lead = values.shape[:-1]  # rows, and a dense store's positions: encoded as one list of rows
                 encoded = encoding.encode(values.reshape(-1, values.shape[-1]), layout.logits_k, layout.dtype,
                                           layout.temperature, rng)  # fmt: skip

@@ -29,7 +29,7 @@ from torch import nn
 
 from meal_cache import losses
 from meal_cache.distill.methods.base import (
-    PRESET_LOGITS_SAMPLE,
+    PRESET_LOGITS,
     AdversarialInput,
     DistillerOutput,
     Method,
@@ -89,7 +89,7 @@ class PeerDistiller(Method):
                            "cyclic peer's (and the teachers' maps), plus mutual KL")  # fmt: skip
     store_needs: ClassVar[StoreNeeds] = StoreNeeds(("maps",), "all", "logits (16 sampled classes above 24 classes) "
                                                    "and every block's channel-mean map",
-                                                   logits_sample=PRESET_LOGITS_SAMPLE)  # fmt: skip
+                                                   logits=PRESET_LOGITS)  # fmt: skip
     trains_peers: ClassVar[bool] = True
     Options: ClassVar[type] = AfdOptions
 

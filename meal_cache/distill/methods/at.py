@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meal_cache.distill.methods.base import PRESET_LOGITS_SAMPLE, DistillerOutput, Method, StoreNeeds
+from meal_cache.distill.methods.base import PRESET_LOGITS, DistillerOutput, Method, StoreNeeds
 from meal_cache.errors import UserError
 from meal_cache.nets.taps import BlockTap
 from meal_cache.nets.teachers import channel_attention
@@ -61,7 +61,7 @@ class AT(Method):
         "logits (16 sampled classes above 24 classes) and the attention maps (channel mean of |A|^p) of the last 3 "
         "blocks, 8-bit",
         quantize=8,
-        logits_sample=PRESET_LOGITS_SAMPLE,
+        logits=PRESET_LOGITS,
     )
     settings: ClassVar[dict] = {"hard_weight": 1.0, "soft_weight": 0.0}
     Options: ClassVar[type] = ATOptions

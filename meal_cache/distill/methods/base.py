@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from meal_cache import losses
 from meal_cache.errors import UserError
+from meal_cache.store.encodings import DEFAULT_LOGITS_TEMPERATURE
 from meal_cache.store.keys import logits_key
-from meal_cache.store.logits import DEFAULT_LOGITS_TEMPERATURE
+from meal_cache.store.logits import LogitsChoice
 from meal_cache.store.schema import StoreNeeds
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ DISC_FORMS = ("meal-cache", "reference")
 # for which count / K is unbiased: 16 draws a row are 48 bytes against 2,000 for every float16 logit of 1,000
 # classes. At 100 classes and T = 4 they matched every logit where top-10 lost 18 points of top-1 (docs/design.md,
 # "At the class counts users have").
-PRESET_LOGITS_SAMPLE = 16
+PRESET_LOGITS = LogitsChoice("sample", 16)
 
 
 class AdversarialInput(NamedTuple):
@@ -191,7 +192,7 @@ class Method(nn.Module):
         # A sampled store's soft targets are count / K: the cross-entropy against them is an unbiased estimate of
         # the dense one, their entropy is not (a few draws look far more certain), so KL's logged value would be
         # biased where its gradient is not.
-        self.sampled_logits = store.layout.logits_sample is not None
+        self.sampled_logits = store.layout.logits_estimated
         self.adapters = nn.ModuleDict()  # trained with the student (averaged over ranks under torchrun)
         self.discriminators = nn.ModuleDict()
         self.epoch = 0
@@ -222,7 +223,7 @@ class Method(nn.Module):
 
     @classmethod
     def sampled_logits_refusal(cls, config: MethodSettings) -> str | None:
-        """Why a store of sampled logits (``extract --logits-sample K``, read back as count / K) cannot serve this
+        """Why a store of sampled logits (``extract --logits sample:K``, read back as count / K) cannot serve this
         config, or None where it can: count / K is unbiased only for a loss linear in the soft target. A method
         that reads the logits otherwise adds its own reason."""
         if config.soft_weight > 0 and config.soft_loss not in LINEAR_SOFT_LOSSES:

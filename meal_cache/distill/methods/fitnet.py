@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meal_cache import losses
-from meal_cache.distill.methods.base import PRESET_LOGITS_SAMPLE, DistillerOutput, Method, StoreNeeds
+from meal_cache.distill.methods.base import PRESET_LOGITS, DistillerOutput, Method, StoreNeeds
 from meal_cache.errors import UserError
 from meal_cache.nets.taps import BlockTap, block_shapes
 from meal_cache.store.keys import feature_key
@@ -36,7 +36,7 @@ class FitNet(Method):
                            "stored pooled block (options block, weight), beside cross-entropy")  # fmt: skip
     store_needs: ClassVar[StoreNeeds] = StoreNeeds(("blocks",), "2", "logits (16 sampled classes above 24 classes) "
                                                    "and the pooled channels of the last 2 blocks, 8-bit", quantize=8,
-                                                   logits_sample=PRESET_LOGITS_SAMPLE)  # fmt: skip
+                                                   logits=PRESET_LOGITS)  # fmt: skip
     settings: ClassVar[dict] = {"hard_weight": 1.0, "soft_weight": 0.0}
     Options: ClassVar[type] = FitNetOptions
 

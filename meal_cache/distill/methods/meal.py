@@ -14,7 +14,7 @@ from torch import nn
 
 from meal_cache import losses
 from meal_cache.distill.methods.base import (
-    PRESET_LOGITS_SAMPLE,
+    PRESET_LOGITS,
     REPRESENTATIONS,
     SOFT_TERMS,
     AdversarialInput,
@@ -128,12 +128,14 @@ class Distiller(Method):
                 self._add_block_discriminator(pair, shape)
         if "output" in config.discriminators:
             classes = store.attrs["dataset"]["num_classes"]
-            topk = store.layout.logits_topk
-            if self.reference_form and config.adv_weight > 0 and topk is not None and topk < classes:
-                # Raw logits of a top-k store share one value in the tail: a teacher is told from any student by it.
+            layout = store.layout
+            compact = layout.logits is not None and not layout.logits_encoding.keeps_every_logit(layout.logits_k,
+                                                                                                 classes)  # fmt: skip
+            if self.reference_form and config.adv_weight > 0 and compact:
+                # Raw logits of a compact store share one value in the tail: a teacher is told from any student by it.
                 raise UserError(f"--disc-form reference's output discriminator reads raw logits, and '{config.store}' "
-                                f"keeps only the top {topk} of {classes} (the rest share one value, which tells a "
-                                "teacher from any student): extract with --logits-topk 0, or pass --discriminators "
+                                f"keeps {layout.logits} of {classes} classes (the rest share one value, which tells a "
+                                "teacher from any student): extract with --logits all, or pass --discriminators "
                                 "blocks")  # fmt: skip
             form = losses.ReferenceDiscriminator if self.reference_form else losses.MLPDiscriminator
             self.discriminators["logits"] = form(classes)
@@ -291,7 +293,7 @@ class KD(Distiller):
     name: ClassVar[str] = "kd"
     help: ClassVar[str] = "Hinton KD from the ensemble mean of the cached logits"
     store_needs: ClassVar[StoreNeeds] = StoreNeeds(help="the logits (16 sampled classes above 24 classes)",
-                                                   logits_sample=PRESET_LOGITS_SAMPLE)  # fmt: skip
+                                                   logits=PRESET_LOGITS)  # fmt: skip
 
 
 class MealV2(Distiller):
