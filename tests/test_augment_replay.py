@@ -268,6 +268,6 @@ def test_crop_stores_keep_their_format_settings_and_views(small_store):
 
     path, _ = small_store
     store = open_store(path)
-    assert store.attrs["format"] == FORMAT and "recipe" not in store.attrs["settings"]
+    assert store.attrs["format"] == FORMAT and store.attrs["settings"]["recipe"] == "crop"
     assert store.policy is None and store.view_params(0).ops is None and "views/ops" not in store.group
     assert store.view_keys == ["views/crop", "views/flip"]
