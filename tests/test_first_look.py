@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from console import ROOT, console_environment, console_script, one_error_line
+from console import ROOT, console_environment, console_script, one_error_line, run_console
 
 # A fifth of the digits' training rows: the whole card (train, extract, distill, report) in seconds.
 DATA = "digits?train_fraction=0.2"
@@ -223,3 +223,16 @@ def test_help_imports_no_torch(command):
                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert "Usage:" in ran.stdout and ran.stderr.strip().splitlines()[-1] == "False"
+
+
+def test_starting_a_command_imports_no_numpy_and_extract_help_names_every_logits_encoding(tmp_path):
+    """The help that names the logits encodings is written when --help is shown: importing the command line, what
+    every command does to start, loads neither numpy nor the encodings."""
+    code = (
+        "import sys, meal_cache.cli; print(sorted(m for m in ('numpy', 'meal_cache.store.logits') if m in sys.modules))"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert ran.returncode == 0 and ran.stdout.strip() == "[]", ran.stdout + ran.stderr[-2000:]
+    shown = " ".join(run_console(["extract", "--help"], tmp_path).stdout.split())
+    assert "--logits all|NAME:K" in shown and "sample:K K classes drawn" in shown and "topk:K each row's K" in shown

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import click
 
-from meal_cache.cli.options import DATA_HELP, DECODE_OPTION, DEVICE_HELP, augmentation_options, data_options
+from meal_cache.cli.options import (
+    DATA_HELP,
+    DECODE_OPTION,
+    DEVICE_HELP,
+    HelpOnDemand,
+    augmentation_options,
+    data_options,
+)
 from meal_cache.errors import UserError
-from meal_cache.store.logits import logits_encodings
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -15,6 +21,17 @@ def parse_sizes(text: str) -> list[int]:
         return [int(part) for part in text.split(",")]
     except ValueError as err:
         raise UserError(f"--dense-sizes takes pixels as PX or PX,PX (for example 256,448), got {text!r}") from err
+
+
+def _logits_help() -> str:
+    from meal_cache.store.logits import logits_encodings
+
+    return (
+        "Lossy: the logits in a compact encoding, "
+        + "; ".join(f"{name}:K {encoding.help}" for name, encoding in logits_encodings().items())
+        + " (every float16 logit: 2 bytes a class). Default: all (every logit), or the --for method's encoding "
+        "where it takes fewer bytes (`meal-cache methods` says which); all keeps every logit there."
+    )
 
 
 @click.command()
@@ -196,15 +213,7 @@ def parse_sizes(text: str) -> list[int]:
     help="Lossy: store blocks, maps and attention maps as 8-bit codes, each row scaled to its own range (logits "
     "stay as --dtype). Default: lossless, except 8 with --for meal, fitnet and at; 'none' keeps them lossless.",
 )
-@click.option(
-    "--logits",
-    default=None,
-    metavar="all|NAME:K",
-    help="Lossy: the logits in a compact encoding, "
-    + "; ".join(f"{name}:K {encoding.help}" for name, encoding in logits_encodings().items())
-    + " (every float16 logit: 2 bytes a class). Default: all (every logit), or the --for method's encoding where "
-    "it takes fewer bytes (`meal-cache methods` says which); all keeps every logit there.",
-)
+@click.option("--logits", cls=HelpOnDemand, help_from=_logits_help, default=None, metavar="all|NAME:K")
 @click.option(
     "--logits-temperature",
     type=float,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
 
 from meal_cache.errors import closest_choice
@@ -28,6 +30,19 @@ class SuggestingChoice(click.Choice):
             if close is not None:
                 err.message = f"{err.message.rstrip('.')}; did you mean '{close}'?"
             raise
+
+
+class HelpOnDemand(click.Option):
+    """An option whose help is written by ``help_from`` when ``--help`` is shown, for help that names a registry's
+    entries: a command that only runs then imports nothing to start."""
+
+    def __init__(self, *args, help_from: Callable[[], str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.help_from = help_from
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        self.help = self.help_from()
+        return super().get_help_record(ctx)
 
 
 class NumberPair(click.ParamType):
