@@ -61,8 +61,8 @@ def test_an_encoding_of_ones_own_is_stored_read_described_and_distilled(with_ren
         np.testing.assert_array_equal(np.sort(read, axis=1)[:, -3:], top)
         np.testing.assert_array_equal(read.argmax(1), teacher.argmax(1))
         assert np.allclose(np.sort(read, axis=1)[:, :-3], top[:, :1] - GAP, atol=0.05)
-    assert "top 3 renormalised at T=4" in describe_store(store)
-    assert "the top 3 logits, renormalised" in describe_store(store)
+    described = describe_store(store)
+    assert "top 3 renormalised at T=4" in described and "the top 3 logits, renormalised" in described
     summary = distill(DistillConfig(store=str(out), student="resnet8_w4", method="kd", epochs=1, device="cpu"),
                       tmp_path / "run", progress=False, dataset=digits)  # fmt: skip
     assert (tmp_path / "run" / "student.pt").exists() and len(summary["history"]) == 1

@@ -61,8 +61,9 @@ def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teach
     unused = {MIXING_FIELDS: config.mixing() is None, DIVERGENT_FIELDS: not config.divergent_views,
               ("projection",): config.project is None, ("dense_sizes", "dense_grid"): not config.dense}  # fmt: skip
     for names, off in unused.items():
-        for name in names if off else ():
-            recorded.pop(name)
+        if off:
+            for name in names:
+                recorded.pop(name)
     recorded["fingerprint"] = dataset.fingerprint(config.split)
     recorded["teacher_checkpoints"] = {t.spec.key: t.spec.checkpoint_sha256 for t in teachers}
     return recorded
