@@ -81,7 +81,7 @@ def test_every_peers_terms_by_hand(acn_rows):
     with torch.no_grad():  # the generated images far enough from the natural ones that their terms differ
         method.generator.net[-1].weight.mul_(100)
     method.set_epoch(0)
-    out = method(images, targets, labels, method.teachers)
+    out = method(method.batch(images, targets, labels, method.teachers))
     temperature = config.temperature
     z = torch.randn((len(images), method.options.noise, *images.shape[-2:]),
                     generator=epoch_generator(config.seed, 0, Stream.ACN_NOISE))  # fmt: skip
@@ -130,7 +130,7 @@ def test_generated_images_stay_inside_the_bound(small_store, digits, alpha):
     generated = method.generator(images, method.noise_like(images))
     change = (generated - images).abs().max().detach()
     assert 0.5 * alpha < float(change) <= alpha + 1e-6
-    stats = method.own_step(images, targets, labels, method.teachers, method.own_optimizers())
+    stats = method.own_step(method.batch(images, targets, labels, method.teachers), method.own_optimizers())
     assert 0 < float(stats["acn/perturbation"]) <= alpha + 1e-6
 
 
@@ -147,8 +147,8 @@ def test_the_generator_raises_the_peers_disagreement(small_store, digits, seed):
         sum(F.cross_entropy(peer(images), labels) for peer in method.peers).backward()
         fit.step()
     optimizers = method.own_optimizers()
-    seen = [float(method.own_step(images, targets, labels, method.teachers, optimizers)["acn/disagreement"])
-            for _ in range(30)]  # fmt: skip
+    batch = method.batch(images, targets, labels, method.teachers)
+    seen = [float(method.own_step(batch, optimizers)["acn/disagreement"]) for _ in range(30)]
     assert seen[-1] > 1.4 * seen[0], seen
 
 
@@ -159,7 +159,7 @@ def _snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
 def test_a_generator_step_trains_the_generator_alone(acn_rows):
     method, _, images, targets, labels = acn_rows
     peers, generator = _snapshot(method.peers), _snapshot(method.generator)
-    method.own_step(images, targets, labels, method.teachers, method.own_optimizers())
+    method.own_step(method.batch(images, targets, labels, method.teachers), method.own_optimizers())
     # The peers' weights, running statistics and gradients are as they were; the generator moved.
     assert all(torch.equal(a, b) for a, b in zip(peers, _snapshot(method.peers), strict=True))
     assert all(p.grad is None for p in method.peers.parameters())
@@ -191,8 +191,8 @@ def test_a_full_step_trains_every_peer(small_store, digits):
 def test_a_step_under_cpu_bf16_autocast_is_finite(acn_rows):
     method, _, images, targets, labels = acn_rows
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        stats = method.own_step(images, targets, labels, method.teachers, method.own_optimizers())
-        out = method(images, targets, labels, method.teachers)
+        stats = method.own_step(method.batch(images, targets, labels, method.teachers), method.own_optimizers())
+        out = method(method.batch(images, targets, labels, method.teachers))
     assert all(torch.isfinite(v).all() for v in [*out.losses.values(), *stats.values()])
     sum(out.losses.values()).backward()
     assert all(torch.isfinite(p.grad).all() for p in method.student_parameters() if p.grad is not None)

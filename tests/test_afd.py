@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from meal_cache.distill import DistillConfig, DistillEpochs, build_run, distill
-from meal_cache.distill.methods.afd import PeerDistiller, cyclic_sources, teacher_key
+from meal_cache.distill.methods.afd import Afd, cyclic_sources, teacher_key
 from meal_cache.distill.methods.peers import peer_seed
 from meal_cache.engine.distributed import World
 from meal_cache.engine.evaluate import evaluate_payload
@@ -70,7 +70,7 @@ def test_conv_map_discriminator_golden_value_and_shapes():
 def test_each_discriminator_sees_its_cyclic_peers_maps(peer_run):
     run, epochs, batch = peer_run
     distiller = run.distiller
-    assert isinstance(distiller, PeerDistiller) and len(distiller.peers) == 3
+    assert isinstance(distiller, Afd) and len(distiller.peers) == 3
     teachers = distiller.teachers
     assert set(distiller.discriminators) == {f"peer{i}" for i in range(3)} | {
         teacher_key(i, t) for i in range(3) for t in teachers}  # fmt: skip
@@ -103,7 +103,7 @@ def test_mutual_kl_is_each_peers_kl_from_its_peers_by_hand(peer_run):
 
     inputs = augment.normalise(pixels, run.dataset.mean, run.dataset.std, False)
     distiller, temperature, weight = run.distiller, run.config.temperature, run.distiller.options.mutual
-    out = distiller(inputs, targets, run.labels[rows], distiller.teachers)
+    out = distiller(distiller.batch(inputs, targets, run.labels[rows], distiller.teachers))
     with torch.no_grad():
         logits = [peer(inputs).double() for peer in distiller.peers]
     for i, own in enumerate(logits):
@@ -145,7 +145,7 @@ def test_a_step_under_cpu_bf16_autocast_is_finite(peer_run):
     labels = run.labels[rows]
     distiller = run.distiller
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = distiller(inputs, targets, labels, distiller.teachers)
+        out = distiller(distiller.batch(inputs, targets, labels, distiller.teachers))
         stats = distiller.discriminator_step(out.adversarial, run.disc_optimizer)
         out.losses.update(distiller.adversarial_losses(out.adversarial))
     assert any(name.startswith("adv/peer") for name in out.losses)
@@ -300,7 +300,7 @@ def test_the_papers_setting_learns_from_the_predecessor_only_and_never_from_the_
     assert distiller.needed_keys() == [logits_key(t) for t in distiller.teachers]  # no teacher maps are read
     inputs = augment.normalise(pixels, run.dataset.mean, run.dataset.std, False)
     labels = run.labels[rows]
-    out = distiller(inputs, targets, labels, distiller.teachers)
+    out = distiller(distiller.batch(inputs, targets, labels, distiller.teachers))
     assert out.adversarial == []  # the adversarial update is the method's own step
     assert not any(name.startswith("soft") for name in out.losses)
     temperature = run.config.temperature

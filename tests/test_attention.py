@@ -103,7 +103,7 @@ def test_the_students_attention_and_the_loss_follow_the_stores_p(at_store_p3, sm
     for name in method.student.block_names:
         method.student.get_submodule(name).register_forward_hook(
             lambda _m, _i, output, name=name: seen.__setitem__(name, output.detach().double().numpy()))  # fmt: skip
-    out = method(images, targets, labels, method.teachers)
+    out = method(method.batch(images, targets, labels, method.teachers))
     total = 0.0
     for rank in range(3):
         student = seen[method.student.block_names[-1 - rank]]

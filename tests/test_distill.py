@@ -135,7 +135,7 @@ def test_online_and_cached_first_step_agree(small_store, teacher_dir, digits):
             feed.close()
         else:
             targets = OnlineTeachers(config, store, digits, precision).targets(augment.render(images, params))
-        out = distiller(batch, targets, digits.train.labels[rows], distiller.teachers)
+        out = distiller(distiller.batch(batch, targets, digits.train.labels[rows], distiller.teachers))
         named = {**out.losses, **distiller.adversarial_losses(out.adversarial)}
         results.append({k: float(v.detach()) for k, v in named.items()})
     cached, online = results
@@ -329,7 +329,7 @@ def _one_step(store_path, digits, **overrides):
     """A distiller's forward and adversarial losses on the first 64 rows of view 0 (discriminators untouched)."""
     config = _config(store_path, **overrides).resolved()
     distiller, images, targets, labels = first_rows(config, digits)
-    return distiller, config, distiller(images, targets, labels, distiller.teachers)
+    return distiller, config, distiller(distiller.batch(images, targets, labels, distiller.teachers))
 
 
 def test_the_output_adversarial_weight_does_not_depend_on_the_teacher_count(small_store, digits):

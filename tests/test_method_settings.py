@@ -102,7 +102,7 @@ def test_meal_terms_by_hand(batch, selection, selected, representation):
                                      representation=representation, soft_loss="kl", **WEIGHTS)  # fmt: skip
     images, targets, labels = batch.images, batch.targets, batch.labels
     blocks = recording_blocks(distiller.student, distiller.student.block_names)
-    out = distiller(images, targets, labels, selected)
+    out = distiller(distiller.batch(images, targets, labels, selected))
     logits = out.logits.detach()
     expected = _label_terms(logits, targets, labels, selection, selected, config)
     share = teacher_share(selection, selected)
@@ -142,7 +142,7 @@ def test_meal_terms_by_hand(batch, selection, selected, representation):
 def test_kd_and_meal_v2_terms_by_hand(batch, method, selection, selected):
     distiller, config = batch.method(method, teacher_selection=selection, **WEIGHTS)
     images, targets, labels = batch.images, batch.targets, batch.labels
-    out = distiller(images, targets, labels, selected)
+    out = distiller(distiller.batch(images, targets, labels, selected))
     logits = out.logits.detach()
     _assert_losses(_losses(out), _label_terms(logits, targets, labels, selection, selected, config))
     sets = soft_sets(_teacher_logits(targets), selected, selection, config.temperature)
@@ -162,7 +162,7 @@ def test_kd_and_meal_v2_terms_by_hand(batch, method, selection, selected):
 def test_the_output_discriminator_sees_the_student_at_the_runs_temperature(batch):
     distiller, _ = batch.method("meal", temperature=3.0)
     targets = batch.targets
-    out = distiller(batch.images, targets, batch.labels, [TEACHERS[0]])
+    out = distiller(distiller.batch(batch.images, targets, batch.labels, [TEACHERS[0]]))
     (item,) = [item for item in out.adversarial if item.key == "logits"]
     assert torch.allclose(item.fake.detach().double(), softmax(out.logits.detach(), 3.0), atol=1e-6)
     assert torch.allclose(item.real.double(), softmax(targets[logits_key(TEACHERS[0])], 3.0), atol=1e-6)
@@ -173,7 +173,7 @@ def test_the_output_discriminator_sees_the_student_at_the_runs_temperature(batch
 @pytest.mark.parametrize("representation", ["blocks", "maps"])
 def test_meal_block_terms_reach_the_students_own_layers(batch, representation):
     distiller, _ = batch.method("meal", representation=representation)
-    out = distiller(batch.images, batch.targets, batch.labels, list(TEACHERS))
+    out = distiller(distiller.batch(batch.images, batch.targets, batch.labels, list(TEACHERS)))
     similarity = sum(value for name, value in out.losses.items() if name.startswith("sim/"))
     assert student_grad_norm(similarity, distiller.student) > 0
     block_inputs = [item for item in out.adversarial if item.key != "logits"]
@@ -191,7 +191,7 @@ def test_fitnet_terms_by_hand(batch, selection, selected):
                                      temperature=2.5, method_options={"weight": 3.0, "block": 0})  # fmt: skip
     name = distiller.student.block_names[-1]
     blocks = recording_blocks(distiller.student, [name])
-    out = distiller(batch.images, batch.targets, batch.labels, selected)
+    out = distiller(distiller.batch(batch.images, batch.targets, batch.labels, selected))
     hint = 0.0
     for teacher in selected:
         spec = open_store(config.store).blocks(teacher)[-1]
@@ -205,7 +205,7 @@ def test_fitnet_terms_by_hand(batch, selection, selected):
 
 def test_fitnets_hint_reaches_the_students_own_layers(batch):
     distiller, _ = batch.method("fitnet")
-    out = distiller(batch.images, batch.targets, batch.labels, list(TEACHERS))
+    out = distiller(distiller.batch(batch.images, batch.targets, batch.labels, list(TEACHERS)))
     assert student_grad_norm(out.losses["hint"], distiller.student) > 0
 
 
@@ -238,8 +238,8 @@ def _block_order(key: str) -> int:
 
 def _terms(distiller, batch, selected, targets=None, labels=None) -> dict[str, float]:
     torch.manual_seed(0)
-    out = distiller(batch.images, batch.targets if targets is None else targets,
-                    batch.labels if labels is None else labels, selected)  # fmt: skip
+    out = distiller(distiller.batch(batch.images, batch.targets if targets is None else targets,
+                                    batch.labels if labels is None else labels, selected))  # fmt: skip
     return _losses(out)
 
 
@@ -317,7 +317,7 @@ def test_at_weight_scales_its_term_and_the_hard_labels_are_mixed(batch):
 def test_ats_term_reaches_the_students_own_layers(batch):
     distiller, _ = batch.method("at")
     torch.manual_seed(0)
-    out = distiller(batch.images, batch.targets, batch.labels, list(TEACHERS))
+    out = distiller(distiller.batch(batch.images, batch.targets, batch.labels, list(TEACHERS)))
     assert student_grad_norm(out.losses["attention"], distiller.student) > 0
 
 

@@ -87,14 +87,14 @@ def _first_batch(store_path, digits, method: str, **overrides):
 def test_dkd_ensemble_terms_and_warm_up(method_stores, digits):
     distiller, config, images, targets, labels = _first_batch(method_stores / "dkd.zarr", digits, "dkd")
     assert config.hard_weight == 1.0 and distiller.options.beta == 8.0  # the paper's, filled in
-    out = distiller(images, targets, labels, distiller.teachers)
+    out = distiller(distiller.batch(images, targets, labels, distiller.teachers))
     teacher = torch.stack([F.softmax(targets[f"teachers/{t}/logits"].float() / 4, 1) for t in distiller.teachers])
     tckd, nckd = decoupled_kl(out.logits, teacher.mean(0).log(), labels, 4.0)
     assert float(out.losses["soft/tckd"]) == pytest.approx(float(tckd) / 20)  # epoch 0 of a 20-epoch warm-up
     assert float(out.losses["soft/nckd"]) == pytest.approx(8 * float(nckd) / 20)
     assert float(out.losses["hard"]) == pytest.approx(float(F.cross_entropy(out.logits, labels)))
     distiller.set_epoch(30)
-    late = distiller(images, targets, labels, distiller.teachers)
+    late = distiller(distiller.batch(images, targets, labels, distiller.teachers))
     assert float(late.losses["soft/nckd"]) == pytest.approx(8 * float(nckd), rel=1e-5)
 
 
@@ -106,7 +106,7 @@ def test_fitnet_hint_by_hand(method_stores, digits):
     seen = {}
     block = distiller.student.get_submodule(distiller.student_block)
     block.register_forward_hook(lambda _m, _i, output: seen.__setitem__("out", output.detach()))
-    out = distiller(images, targets, labels, distiller.teachers)
+    out = distiller(distiller.batch(images, targets, labels, distiller.teachers))
     expected = 0.0
     for teacher in distiller.teachers:
         stored = targets[f"teachers/{teacher}/blocks/{distiller.hints[teacher].key}"].float()
@@ -127,7 +127,7 @@ def test_at_on_stored_attention_by_hand(method_stores, digits):
     for name in distiller.student.block_names:
         distiller.student.get_submodule(name).register_forward_hook(
             lambda _m, _i, output, name=name: seen.__setitem__(name, output.detach()))  # fmt: skip
-    out = distiller(images, targets, labels, distiller.teachers)
+    out = distiller(distiller.batch(images, targets, labels, distiller.teachers))
     total = 0.0
     for teacher in distiller.teachers:
         blocks = open_store(method_stores / "at.zarr").blocks(teacher)
@@ -191,7 +191,7 @@ from typing import ClassVar
 
 import torch.nn.functional as F
 
-from meal_cache.distill import DistillerOutput, Method, StoreNeeds
+from meal_cache.distill import Method, MethodOutput, StoreNeeds
 from meal_cache.losses import Adapter
 from meal_cache.store import feature_key
 from meal_cache.nets.taps import BlockTap, block_shapes
@@ -213,16 +213,16 @@ class Cosine(Method):
     def needed_keys(self):
         return super().needed_keys() + [feature_key(t, "blocks", b.key) for t, b in self.last.items()]
 
-    def forward(self, images, targets, labels, selected, run_student=None):
+    def forward(self, batch):
         with BlockTap(self.student, [self.block]) as tap:
-            logits = (run_student or self.student)(images).float()
-        out = DistillerOutput(logits, {}, [], {})
-        for t in selected:
-            stored = targets[feature_key(t, "blocks", self.last[t].key)].float().flatten(1)
+            logits = batch.student(batch.images).float()
+        out = MethodOutput(logits)
+        for t in batch.selected:
+            stored = batch.targets[feature_key(t, "blocks", self.last[t].key)].float().flatten(1)
             pooled = F.adaptive_avg_pool2d(tap.outputs[self.block].float(), 1)
             mine = self.adapters[t](pooled).flatten(1)
             out.losses[f"cos/{t}"] = (1 - F.cosine_similarity(mine, stored)).mean()
-        out.losses.update(self.label_losses(logits, self.teacher_soft_targets(targets, selected), labels))
+        out.losses.update(self.label_losses(logits, self.teacher_soft_targets(batch), batch.labels))
         return out
 '''
 

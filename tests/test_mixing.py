@@ -103,19 +103,19 @@ def _distill_recording(path, monkeypatch, **options):
     from meal_cache.distill import DistillConfig, distill
 
     seen = []
-    real_step, real_forward = distill_module.DistillEpochs.step, distill_module.Distiller.forward
+    real_step, real_forward = distill_module.DistillEpochs.step, distill_module.MealFamily.forward
 
     def record(self, batch):
         (rows, *_), pixels = batch
         seen.append({"rows": rows.clone(), "pixels": pixels.clone()})
         return real_step(self, batch)
 
-    def forward(self, images, targets, labels, *args, **kwargs):
-        seen[-1]["labels"] = labels.clone()
-        return real_forward(self, images, targets, labels, *args, **kwargs)
+    def forward(self, batch):
+        seen[-1]["labels"] = batch.labels.clone()
+        return real_forward(self, batch)
 
     monkeypatch.setattr(distill_module.DistillEpochs, "step", record)
-    monkeypatch.setattr(distill_module.Distiller, "forward", forward)
+    monkeypatch.setattr(distill_module.MealFamily, "forward", forward)
     config = DistillConfig(store=str(path), student="resnet8_w4", method="kd", device="cpu", workers=0,
                            **options)  # fmt: skip
     distill(config, path.parent / "run", progress=False)

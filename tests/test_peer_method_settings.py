@@ -69,7 +69,7 @@ def test_afd_terms_and_adversarial_inputs_by_hand(batch, selection, selected):
     distiller, config = batch.method("afd", teacher_selection=selection, **AFD_SETTINGS)
     outputs = _recording_outputs(distiller.peers)
     maps = [recording_blocks(peer, [block]) for peer, block in zip(distiller.peers, distiller.blocks, strict=True)]
-    out = distiller(batch.images, batch.targets, batch.labels, selected)
+    out = distiller(distiller.batch(batch.images, batch.targets, batch.labels, selected))
     logits = [record["out"].detach() for record in outputs]
     sets = soft_sets({t: batch.targets[logits_key(t)] for t in TEACHERS}, selected, selection, config.temperature)
     expected = {}
@@ -104,7 +104,7 @@ def test_afd_terms_and_adversarial_inputs_by_hand(batch, selection, selected):
 
 def test_afds_map_terms_reach_each_peers_own_layers(batch):
     distiller, _ = batch.method("afd", **AFD_SETTINGS)
-    out = distiller(batch.images, batch.targets, batch.labels, list(TEACHERS))
+    out = distiller(distiller.batch(batch.images, batch.targets, batch.labels, list(TEACHERS)))
     adversarial = distiller.adversarial_losses(out.adversarial)
     first, second = distiller.peers
     # Each peer's map discriminator reaches that peer (through its transfer layer where it has one), not the
@@ -183,7 +183,7 @@ def test_acn_terms_by_hand(batch, selection, selected):
     with torch.no_grad():  # generated images far enough from the natural ones that their terms differ
         method.generator.net[-1].weight.mul_(100)
     method.set_epoch(0)
-    out = method(batch.images, batch.targets, batch.labels, selected)
+    out = method(method.batch(batch.images, batch.targets, batch.labels, selected))
     with torch.no_grad():
         natural = [peer(batch.images) for peer in method.peers]
         generated_images = _generated(method, batch.images, _epoch_noise(method, batch.images))
@@ -223,7 +223,7 @@ def test_the_generator_maximises_the_peers_disagreement_at_their_temperature(bat
     at_three, after_three = adam_step(3.0)
     at_one, after_one = adam_step(1.0)
     method.set_epoch(0)
-    stats = method.own_step(images, batch.targets, batch.labels, list(TEACHERS), method.own_optimizers())
+    stats = method.own_step(method.batch(images, batch.targets, batch.labels, list(TEACHERS)), method.own_optimizers())
     assert float(stats["acn/disagreement"]) == pytest.approx(at_three, rel=1e-4)
     assert abs(at_three - at_one) > 0.1 * at_three  # the two temperatures are told apart
     moved = [p.detach() for p in params]

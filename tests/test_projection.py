@@ -154,7 +154,7 @@ def test_distills_adapters_map_the_student_to_the_projected_width(projected, dig
     assert any(pair.teacher_block.projected_from for pair in distiller.pairs)
     for pair in distiller.pairs:
         assert distiller.adapters[pair.key].proj.out_channels == pair.teacher_block.channels
-    out = distiller(images, targets, labels, distiller.teachers)
+    out = distiller(distiller.batch(images, targets, labels, distiller.teachers))
     assert all(torch.isfinite(v) for v in out.losses.values())
 
 

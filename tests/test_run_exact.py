@@ -47,8 +47,8 @@ class EpochsSeen(KD):
     name: ClassVar[str] = "epochs-seen"
     help: ClassVar[str] = "kd, logging the epoch set_epoch gave it"
 
-    def forward(self, images, targets, labels, selected, run_student=None):
-        out = super().forward(images, targets, labels, selected, run_student)
+    def forward(self, batch):
+        out = super().forward(batch)
         out.stats["seen_epoch"] = torch.tensor(float(self.epoch))
         return out
 

@@ -51,7 +51,7 @@ def test_kd_with_dkd_parts_by_the_float64_formula(kd_store, digits, selection):
     assert distiller.options.beta == 3.0 and config.hard_weight == 0.0
     selected = distiller.teachers[1:] if selection == "random" else distiller.teachers
     distiller.set_epoch(1)  # (1 + 1) / 4 of the parts' weight
-    out = distiller(images, targets, labels, selected)
+    out = distiller(distiller.batch(images, targets, labels, selected))
     assert set(out.losses) == {"soft/tckd", "soft/nckd"}
     teacher_logits = [targets[f"teachers/{t}/logits"].double().numpy() for t in selected]
     tckd, nckd = _expected(out.logits, teacher_logits, labels.numpy(), selection, ramp=0.5)
@@ -63,16 +63,16 @@ def test_a_distill_run_with_dkd_parts_learns_the_float64_formulas_values(kd_stor
     """Every step of a one-epoch kd run with --soft-loss dkd (the ensemble mean, epoch 0 of a 4-epoch warm-up)
     trains on the parts the float64 formula gives for that step's student logits, teachers' logits and labels."""
     steps = []
-    real_forward = meal_module.Distiller.forward
+    real_forward = meal_module.MealFamily.forward
 
-    def recording(self, images, targets, labels, selected, run_student=None):
-        out = real_forward(self, images, targets, labels, selected, run_student)
-        teacher_logits = [targets[f"teachers/{t}/logits"].double().numpy() for t in selected]
-        steps.append((out.logits.detach().clone(), teacher_logits, labels.numpy().copy(),
+    def recording(self, batch):
+        out = real_forward(self, batch)
+        teacher_logits = [batch.targets[f"teachers/{t}/logits"].double().numpy() for t in batch.selected]
+        steps.append((out.logits.detach().clone(), teacher_logits, batch.labels.numpy().copy(),
                       {k: float(v) for k, v in out.losses.items()}))  # fmt: skip
         return out
 
-    monkeypatch.setattr(meal_module.Distiller, "forward", recording)
+    monkeypatch.setattr(meal_module.MealFamily, "forward", recording)
     config = DistillConfig(store=str(kd_store), student="resnet8_w4", method="kd", epochs=1, device="cpu",
                            soft_loss="dkd", hard_weight=1.0, method_options=OPTIONS)  # fmt: skip
     summary = distill(config, tmp_path / "run", progress=False, dataset=digits)
@@ -96,7 +96,7 @@ def test_meal_learns_from_dkd_parts_by_default_at_full_weight_from_its_first_epo
     distiller, images, targets, labels = first_rows(config, digits)
     assert (distiller.options.alpha, distiller.options.beta, distiller.options.warmup) == (1.0, 8.0, 1.0)
     selected = distiller.teachers[1:]
-    out = distiller(images, targets, labels, selected)
+    out = distiller(distiller.batch(images, targets, labels, selected))
     assert "soft" not in out.losses
     student = out.logits.detach().double().numpy()
     teacher_logits = [targets[f"teachers/{t}/logits"].double().numpy() for t in selected]
@@ -105,7 +105,7 @@ def test_meal_learns_from_dkd_parts_by_default_at_full_weight_from_its_first_epo
     assert float(out.losses["soft/nckd"].detach()) == pytest.approx(8.0 * nckd, rel=1e-4)
     kl = DistillConfig(store=str(path), student="resnet8_w4", method="meal", device="cpu", soft_loss="kl")
     kl_distiller = first_rows(kl.resolved(open_store(path).layout.features), digits)[0]
-    assert "soft" in kl_distiller(images, targets, labels, selected).losses
+    assert "soft" in kl_distiller(kl_distiller.batch(images, targets, labels, selected)).losses
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -11,16 +11,13 @@ from dask.utils import parse_bytes
 
 from meal_cache import losses
 from meal_cache.data.source import check_decode
-from meal_cache.distill.methods.base import DISC_FORMS, DISCRIMINATORS, REPRESENTATIONS, SELECTIONS, SOFT_TERMS, Method
+from meal_cache.distill.methods.adversarial import ADV_GAMES, DISC_FORMS, DISCRIMINATORS, GAME_SETTINGS, plays_the_game
+from meal_cache.distill.methods.base import REPRESENTATIONS, SELECTIONS, SOFT_TERMS, Method
 from meal_cache.distill.registry import available_methods, method_class
 from meal_cache.engine.loop import check_nesterov, check_number, check_optimisation, check_workers
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.nets.models import check_model_name
 
-# How the discriminators are trained. "adversarial": their own Adam step on detached student features, then the
-# student's loss for fooling them (a GAN game). "joint": MEAL's reference code, whose discriminator loss is added
-# to the student's loss on one optimiser with gradient reversal off, so the student also lowers it.
-ADV_GAMES = ("adversarial", "joint")
 # One divergent batch for every four natural ones: natural and divergent examples train together; a quarter keeps
 # natural images the bulk of each epoch (docs/design.md, "Divergent views").
 DIVERGENT_RATIO = 0.25
@@ -224,7 +221,17 @@ def parse_discriminators(value: object) -> list[str]:
 
 
 def _discriminators(config: DistillConfig, method: type[Method]) -> list[str]:
-    """The discriminators a run trains: ``--discriminators`` where given, else the method's own."""
+    """The discriminators a run trains: ``--discriminators`` where given, else the method's own; a method without
+    discriminators refuses the settings of the adversarial game."""
+    if not plays_the_game(method):
+        given = [name for name in GAME_SETTINGS if name in config.given]
+        if config.discriminators:
+            given = sorted({*given, "discriminators"})
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UserError(f"--method {config.method} trains no discriminators: {flags} is not read (leave it out, "
+                            "or use a method with discriminators: meal, meal-v2, kd, afd)")  # fmt: skip
+        return []
     if config.discriminators is None:
         return [d for d in DISCRIMINATORS if d in method.own_discriminators]
     chosen = parse_discriminators(config.discriminators)

@@ -22,6 +22,7 @@ from meal_cache.distill.feed import (
     make_batch_source,
     online_teacher_keys,
 )
+from meal_cache.distill.methods.adversarial import AdversarialMethod
 from meal_cache.distill.methods.peers import peer_architectures
 from meal_cache.distill.registry import method_class
 from meal_cache.distill.step import DistillEpochs
@@ -141,7 +142,7 @@ def build_run(
         run_student = DistributedDataParallel(distiller.student, device_ids=[device] if device.type == "cuda" else None)
     s_opt = make_optimizer(distiller.student_parameters(), config.lr, config.momentum, config.weight_decay,
                            config.nesterov)  # fmt: skip
-    d_params = list(distiller.discriminators.parameters())
+    d_params = list(distiller.discriminators.parameters()) if isinstance(distiller, AdversarialMethod) else []
     d_opt = None
     if d_params and config.adv_game == "joint":  # the reference's one optimiser, at disc_lr / lr of its rate
         s_opt.add_param_group({"params": d_params, "lr": config.disc_lr, "lr_scale": config.disc_lr / config.lr})

@@ -12,6 +12,7 @@ from torch import nn
 
 from meal_cache.distill.config import DistillConfig
 from meal_cache.distill.feed import interleaved
+from meal_cache.distill.methods.adversarial import AdversarialMethod
 from meal_cache.engine.distributed import World
 from meal_cache.engine.loop import StepOutput, Stream, epoch_generator
 from meal_cache.views import augment
@@ -76,20 +77,13 @@ class DistillEpochs:
             targets = run.online.targets(pixels, selected)
         labels = run.labels[rows_dev]
         hard_targets = hard_labels(run.labels, labels, mixed, run.dataset.num_classes)
-        own_stats = distiller.own_step(inputs, targets, hard_targets, selected, run.own_optimizers)
+        method_batch = distiller.batch(inputs, targets, hard_targets, selected, run.run_student)
+        own_stats = distiller.own_step(method_batch, run.own_optimizers)
         with run.precision.autocast():
-            out = distiller(inputs, targets, hard_targets, selected, run.run_student)
+            out = distiller(method_batch)
         out.stats.update(own_stats)
-        if run.config.adv_game == "joint":
-            with run.precision.autocast():
-                joint, stats = distiller.joint_losses(out.adversarial)
-            out.losses.update(joint)
-            out.stats.update(stats)
-        else:
-            if run.disc_optimizer is not None:
-                out.stats.update(distiller.discriminator_step(out.adversarial, run.disc_optimizer, world))
-            with run.precision.autocast():
-                out.losses.update(distiller.adversarial_losses(out.adversarial))
+        if isinstance(distiller, AdversarialMethod):
+            distiller.play(out, run.disc_optimizer, world, run.precision.autocast)
         # The families' norms need a backward pass each (the step's own backward sums them), so they are taken
         # only every --grad-norm-every steps, and never by default.
         every = run.config.grad_norm_every

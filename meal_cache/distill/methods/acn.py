@@ -51,11 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meal_cache.distill.methods.base import DistillerOutput, Method, soft_target_sets
+from meal_cache.distill.methods.base import Batch, Method, MethodOutput
 from meal_cache.distill.methods.peers import build_peers, mutual_kl, peer_architectures
 from meal_cache.engine.loop import Stream, epoch_generator
 from meal_cache.errors import UserError
-from meal_cache.store.keys import logits_key
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig
@@ -150,11 +149,7 @@ class Acn(Method):
 
     @classmethod
     def check(cls, config: DistillConfig) -> DistillConfig:
-        """Two peers where ``--peers`` is not given, fewer refused; no discriminators (the generator is ACN's
-        adversary)."""
-        if config.discriminators:
-            raise UserError(f"--method {config.method} trains a generator against its peers, not discriminators; "
-                            "--discriminators is not read")  # fmt: skip
+        """Two peers where ``--peers`` is not given, fewer refused."""
         config = dataclasses.replace(config, peers=2 if config.peers is None else config.peers)
         if len(peer_architectures(config)) < 2:
             raise UserError(f"--method {config.method} co-distills at least two classifiers: --peers 2 or more")
@@ -189,11 +184,11 @@ class Acn(Method):
         z = torch.randn((batch, self.generator.noise, height, width), generator=self.noise_stream)
         return z.to(images.device, non_blocking=True)
 
-    def own_step(self, images, targets, labels, selected, optimizers) -> dict[str, torch.Tensor]:
+    def own_step(self, batch: Batch, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, torch.Tensor]:
         """One Adam step of the generator alone towards more disagreement of the peers on its images (the peers'
         weights, gradients and buffers are left as they were); logs the disagreement before the step and the
         largest change of a pixel."""
-        optimizer = optimizers["generator"]
+        optimizer, images = optimizers["generator"], batch.images
         with torch.autocast(images.device.type, enabled=False), kept_buffers(self.peers):
             generated = self.generator(images, self.noise_like(images))
             divergence = disagreement([peer(generated) for peer in self.peers], self.config.temperature)
@@ -203,22 +198,15 @@ class Acn(Method):
         return {"acn/disagreement": divergence.detach(),
                 "acn/perturbation": (generated.detach() - images.float()).abs().max()}  # fmt: skip
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        targets: dict[str, torch.Tensor],
-        labels: torch.Tensor,
-        selected: list[str],
-        run_student: nn.Module | None = None,
-    ) -> DistillerOutput:
+    def forward(self, batch: Batch) -> MethodOutput:
         """Every peer's named losses (``hard/peerI``, ``soft/peerI``, ``mutual/peerI``, ``divergent/peerI``); the
-        logits are peer 0's on the natural images. ``run_student`` is unused (ACN refuses torchrun)."""
-        config, options = self.config, self.options
+        logits are peer 0's on the natural images (ACN refuses torchrun, so ``batch.student`` is peer 0 itself)."""
+        config, options, images = self.config, self.options, batch.images
         logits = [peer(images).float() for peer in self.peers]
-        out = DistillerOutput(logits[0], {}, [], {})
+        out = MethodOutput(logits[0])
         soft_sets = []
         if config.soft_weight:
-            soft_sets = soft_target_sets(config, [targets[logits_key(t)].float() for t in selected])
+            soft_sets = self.teacher_soft_targets(batch)
         generated_logits = []
         if options.divergent_weight:
             with torch.no_grad():
@@ -226,7 +214,7 @@ class Acn(Method):
             generated_logits = [peer(generated).float() for peer in self.peers]
         for index, own_logits in enumerate(logits):
             name = f"peer{index}"
-            out.losses.update(self.label_losses(own_logits, soft_sets, labels, suffix=f"/{name}"))
+            out.losses.update(self.label_losses(own_logits, soft_sets, batch.labels, suffix=f"/{name}"))
             if options.mutual:
                 out.losses[f"mutual/{name}"] = options.mutual * mutual_kl(logits, index, config.temperature)
             if generated_logits:

@@ -28,18 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from meal_cache import losses
-from meal_cache.distill.methods.base import (
-    PRESET_LOGITS,
-    AdversarialInput,
-    DistillerOutput,
-    Method,
-    StoreNeeds,
-    soft_target_sets,
-)
+from meal_cache.distill.methods.adversarial import AdversarialInput, AdversarialMethod, AdversarialOutput
+from meal_cache.distill.methods.base import PRESET_LOGITS, Batch, StoreNeeds
 from meal_cache.distill.methods.peers import build_peers, mutual_kl, peer_architectures
 from meal_cache.errors import UserError
 from meal_cache.nets.taps import BlockTap, block_shapes
-from meal_cache.store.keys import feature_key, logits_key
+from meal_cache.store.keys import feature_key
 
 if TYPE_CHECKING:
     from meal_cache.distill.config import DistillConfig
@@ -80,7 +74,7 @@ class AfdOptions:
     adv_update: str = "summed"
 
 
-class PeerDistiller(Method):
+class Afd(AdversarialMethod):
     """AFD's peers, their transfer layers and discriminators; the distillation loop, its checkpoints and resume
     run unchanged (``student`` is peer 0)."""
 
@@ -167,13 +161,13 @@ class PeerDistiller(Method):
         return {"discriminators": torch.optim.Adam(self.discriminators.parameters(), rate, betas=betas),
                 "adversarial": torch.optim.Adam(self.student_parameters(), rate, betas=betas)}  # fmt: skip
 
-    def own_step(self, images, targets, labels, selected, optimizers) -> dict[str, torch.Tensor]:
+    def own_step(self, batch: Batch, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, torch.Tensor]:
         """The paper's order: the discriminators' step, then the peers' step on their adversarial losses against
         the updated discriminators (the logit step follows, in the loop)."""
         if "adversarial" not in optimizers:
             return {}
-        _, maps = self._run_peers(images)
-        inputs = self._adversarial_inputs(maps, targets, selected)
+        _, maps = self._run_peers(batch.images)
+        inputs = self._adversarial_inputs(maps, batch.targets, batch.selected)
         stats = self.discriminator_step(inputs, optimizers["discriminators"])
         named = self.adversarial_losses(inputs)
         optimizers["adversarial"].zero_grad(set_to_none=True)
@@ -221,27 +215,20 @@ class PeerDistiller(Method):
                 inputs.append(AdversarialInput(teacher_key(index, teacher), real, fake, teacher_weight))
         return inputs
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        targets: dict[str, torch.Tensor],
-        labels: torch.Tensor,
-        selected: list[str],
-        run_student: nn.Module | None = None,
-    ) -> DistillerOutput:
+    def forward(self, batch: Batch) -> AdversarialOutput:
         """Every peer's named losses (``soft/peerI``, ``hard/peerI``, ``mutual/peerI``) and, unless the
-        adversarial update is separate, the discriminators' inputs; the logits are peer 0's. ``run_student`` is
-        unused (AFD refuses torchrun)."""
+        adversarial update is separate, the discriminators' inputs; the logits are peer 0's (AFD refuses
+        torchrun, so ``batch.student`` is peer 0 itself)."""
         config, options = self.config, self.options
-        logits, maps = self._run_peers(images)
-        out = DistillerOutput(logits[0], {}, [], {})
-        soft_sets = soft_target_sets(config, [targets[logits_key(t)].float() for t in selected])
+        logits, maps = self._run_peers(batch.images)
+        out = AdversarialOutput(logits[0])
+        soft_sets = self.teacher_soft_targets(batch)
         for index, own_logits in enumerate(logits):
             name = f"peer{index}"
-            out.losses.update(self.label_losses(own_logits, soft_sets, labels, suffix=f"/{name}"))
+            out.losses.update(self.label_losses(own_logits, soft_sets, batch.labels, suffix=f"/{name}"))
             if self.sources and options.mutual:  # KL(peer || own) at T, to each (detached) peer's prediction
                 sources = [self.sources[index]] if options.mutual_from == "predecessor" else None
                 out.losses[f"mutual/{name}"] = options.mutual * mutual_kl(logits, index, config.temperature, sources)
         if options.adv_update == "summed":
-            out.adversarial = self._adversarial_inputs(maps, targets, selected)
+            out.adversarial = self._adversarial_inputs(maps, batch.targets, batch.selected)
         return out

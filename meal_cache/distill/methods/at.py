@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meal_cache.distill.methods.base import PRESET_LOGITS, DistillerOutput, Method, StoreNeeds
+from meal_cache.distill.methods.base import PRESET_LOGITS, Batch, Method, MethodOutput, StoreNeeds
 from meal_cache.errors import UserError
 from meal_cache.nets.taps import BlockTap
 from meal_cache.nets.teachers import channel_attention
@@ -88,29 +88,22 @@ class AT(Method):
         keys = {feature_key(t, "attention", b.key) for t, pairs in self.pairs.items() for _, b in pairs}
         return super().needed_keys() + sorted(keys)
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        targets: dict[str, torch.Tensor],
-        labels: torch.Tensor,
-        selected: list[str],
-        run_student: nn.Module | None = None,
-    ) -> DistillerOutput:
+    def forward(self, batch: Batch) -> MethodOutput:
         config = self.config
         blocks = sorted({s for pairs in self.pairs.values() for s, _ in pairs})
         with BlockTap(self.student, blocks) as tap:
-            logits = (run_student or self.student)(images).float()
-        out = DistillerOutput(logits, {}, [], {})
+            logits = batch.student(batch.images).float()
+        out = MethodOutput(logits)
         if self.options.weight:
             # The student's attention maps once, whatever the teachers; summed over the blocks, and over the selected
             # teachers as every method's per-teacher terms are (averaged under mean).
             maps = {block: channel_attention(tap.outputs[block], self.p) for block in blocks}
-            total = sum(attention_loss(maps[s], targets[feature_key(t, "attention", b.key)])
-                        for t in selected for s, b in self.pairs[t])  # fmt: skip
-            share = self.teacher_share(selected)
+            total = sum(attention_loss(maps[s], batch.targets[feature_key(t, "attention", b.key)])
+                        for t in batch.selected for s, b in self.pairs[t])  # fmt: skip
+            share = self.teacher_share(batch.selected)
             out.losses["attention"] = self.options.weight * share * total
-        soft_sets = self.teacher_soft_targets(targets, selected) if config.soft_weight else []
-        out.losses.update(self.label_losses(logits, soft_sets, labels))
+        soft_sets = self.teacher_soft_targets(batch) if config.soft_weight else []
+        out.losses.update(self.label_losses(logits, soft_sets, batch.labels))
         return out
 
 

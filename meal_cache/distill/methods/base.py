@@ -1,12 +1,15 @@
-"""The method interface: what every distillation method declares, and the adversarial game they share.
+"""The method interface: what every distillation method declares and returns.
 
 A method is one class in one file (mdistiller's distillers, timm's registered models). It declares:
 
 - what it reads from a store (:attr:`Method.store_needs`), which ``extract --for NAME`` follows;
 - its defaults for the shared settings (:attr:`Method.soft_loss`, :attr:`Method.settings`, ...) and its own
   options (:attr:`Method.Options`, a dataclass given as ``distill --method-option KEY=VALUE``) with their checks;
-- the networks it trains beside the student (``adapters``, ``discriminators``, or more, as AFD's peers);
-- :meth:`Method.forward`, which turns a batch into the student's logits and a dict of named losses.
+- the networks it trains beside the student (``adapters``, or more, as AFD's peers and ACN's generator);
+- :meth:`Method.forward`, which turns a :class:`Batch` into a :class:`MethodOutput`: the student's logits and
+  its named losses.
+
+Methods with discriminators (MEAL's family, AFD) build on :mod:`meal_cache.distill.methods.adversarial`.
 
 The feed (which rows, views and pixels a step gets), the loop (optimiser, AMP, DDP, resume) and the run directory
 are not a method's business. Methods are found by :mod:`meal_cache.distill.registry`: every module of this package
@@ -18,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +36,6 @@ from meal_cache.store.logits import LogitsChoice
 from meal_cache.store.schema import StoreNeeds
 
 if TYPE_CHECKING:
-    from meal_cache.engine.distributed import World
     from meal_cache.store.teacher_store import TeacherStore
 
 
@@ -45,10 +47,7 @@ class MethodSettings(Protocol):
     soft_loss: str
     soft_weight: float
     hard_weight: float
-    adv_weight: float
-    adv_loss: str
     teacher_selection: str
-    discriminators: list[str]
     method_options: dict[str, Any]
 
 
@@ -56,11 +55,6 @@ Settings = TypeVar("Settings", bound=MethodSettings)
 
 SELECTIONS = ("random", "mean", "all")
 REPRESENTATIONS = ("maps", "blocks")
-DISCRIMINATORS = ("blocks", "output")
-# meal-cache: one discriminator per (teacher, block), MLP or conv with one score, softened probabilities to the
-# output one; reference: MEAL's reference code, one per layer shared by the teachers, its 1x1-conv stack with a
-# 2-way output, raw logits to the output one (docs/design.md, "What MEAL's reference code does").
-DISC_FORMS = ("meal-cache", "reference")
 
 
 # The compact logits of the presets whose every logits consumer is linear in the soft target (KL and cross-entropy),
@@ -70,25 +64,25 @@ DISC_FORMS = ("meal-cache", "reference")
 PRESET_LOGITS = LogitsChoice("sample", 16)
 
 
-class AdversarialInput(NamedTuple):
-    """One discriminator's input of a step: teacher (real) and student (fake) representations, and the weight of
-    the student's adversarial loss on it."""
+@dataclass(frozen=True)
+class Batch:
+    """One step's input to a method (:meth:`Method.batch` builds one)."""
 
-    key: str
-    real: torch.Tensor
-    fake: torch.Tensor
-    weight: float
+    images: torch.Tensor  # the normalised pixels, (B, C, H, W)
+    targets: dict[str, torch.Tensor]  # the store's arrays of these rows, by key (``logits_key``, ``feature_key``)
+    labels: torch.Tensor  # class indices, or class shares (mixed rows' labels)
+    selected: list[str]  # the teachers of this step
+    student: nn.Module  # what runs the student: itself, or its DistributedDataParallel wrapper under torchrun
 
 
 @dataclass
-class DistillerOutput:
-    """What a method makes of a batch: the student's logits, its named losses (summed and backpropagated), the
-    discriminators' inputs, and values that are only logged."""
+class MethodOutput:
+    """What a method makes of a batch: the student's logits, its named losses (summed and backpropagated), and
+    values that are only logged."""
 
     logits: torch.Tensor
-    losses: dict[str, torch.Tensor]
-    adversarial: list[AdversarialInput]
-    stats: dict[str, torch.Tensor]
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -162,7 +156,7 @@ LINEAR_SOFT_LOSSES = frozenset(losses.SOFT_LABEL)
 
 
 class Method(nn.Module):
-    """The base of every method: the student, its adapters and discriminators, and the adversarial game.
+    """The base of every method: the student and the adapters trained with it.
 
     Subclasses set :attr:`name` and :attr:`help` and implement :meth:`forward` (and :meth:`needed_keys` where they
     read more than the logits)."""
@@ -176,7 +170,6 @@ class Method(nn.Module):
     soft_losses: ClassVar[tuple[str, ...]] = tuple(losses.SOFT_LABEL)
     temperature: ClassVar[float] = DEFAULT_LOGITS_TEMPERATURE
     selection: ClassVar[str] = "mean"
-    own_discriminators: ClassVar[tuple[str, ...]] = ()  # of DISCRIMINATORS, where --discriminators is not given
     block_terms: ClassVar[bool] = False  # whether --block-weights, --match-blocks and --representation apply
     trains_peers: ClassVar[bool] = False  # whether --peers applies (students trained together)
     # Shared settings the method fills in where the command leaves them at their defaults (as a preset does).
@@ -194,7 +187,6 @@ class Method(nn.Module):
         # biased where its gradient is not.
         self.sampled_logits = store.layout.logits_estimated
         self.adapters = nn.ModuleDict()  # trained with the student (averaged over ranks under torchrun)
-        self.discriminators = nn.ModuleDict()
         self.epoch = 0
 
     # ------------------------------------------------------------------------------------------ declarations
@@ -229,16 +221,12 @@ class Method(nn.Module):
         if config.soft_weight > 0 and config.soft_loss not in LINEAR_SOFT_LOSSES:
             return (f"--soft-loss {config.soft_loss} renormalises the teacher's non-target probabilities, which a "
                     "few draws make a histogram (most rows' non-target part uniform), not an estimate")  # fmt: skip
-        if "output" in config.discriminators and config.adv_weight > 0:
-            return ("the output discriminator would learn count histograms as the teachers' outputs (--discriminators "
-                    "without output, or --adv-weight 0, leaves it out)")  # fmt: skip
         return None
 
     @classmethod
     def has_a_loss(cls, config: MethodSettings) -> bool:
         """Whether some term of the student's loss has a weight above 0."""
-        adversarial = "output" in config.discriminators and config.adv_weight > 0
-        return config.soft_weight > 0 or config.hard_weight > 0 or adversarial
+        return config.soft_weight > 0 or config.hard_weight > 0
 
     def require_stored(self, store: TeacherStore, *kinds: str) -> None:
         """Refuse a store without the feature kinds this method reads, naming the extract flags that store them."""
@@ -279,21 +267,25 @@ class Method(nn.Module):
         built once the method is on its device; their states go into ``last.pt``. None by default."""
         return {}
 
-    def own_step(
-        self,
-        images: torch.Tensor,
-        targets: dict[str, torch.Tensor],
-        labels: torch.Tensor,
-        selected: list[str],
-        optimizers: dict[str, torch.optim.Optimizer],
-    ) -> dict[str, torch.Tensor]:
+    def own_step(self, batch: Batch, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, torch.Tensor]:
         """The method's own updates on a batch, taken before the student's step, in float32 (outside autocast:
         the loop's gradient scaler serves the student's optimiser only); returns values that are only logged."""
         return {}
 
-    def teacher_soft_targets(self, targets: dict[str, torch.Tensor], selected: list[str]) -> list[torch.Tensor]:
+    def batch(self, images: torch.Tensor, targets: dict[str, torch.Tensor], labels: torch.Tensor,
+              selected: list[str] | None = None, student: nn.Module | None = None) -> Batch:  # fmt: skip
+        """A :class:`Batch` for :meth:`forward`: ``selected`` defaults to every teacher, ``student`` to the
+        student itself."""
+        return Batch(images, targets, labels, list(self.teachers) if selected is None else selected,
+                     self.student if student is None else student)  # fmt: skip
+
+    def teacher_logits(self, batch: Batch) -> list[torch.Tensor]:
+        """The selected teachers' stored logits of ``batch``, in float32."""
+        return [batch.targets[logits_key(t)].float() for t in batch.selected]
+
+    def teacher_soft_targets(self, batch: Batch) -> list[torch.Tensor]:
         """The selected teachers' soft targets at ``--temperature`` (see :func:`soft_target_sets`)."""
-        return soft_target_sets(self.config, [targets[logits_key(t)].float() for t in selected])
+        return soft_target_sets(self.config, self.teacher_logits(batch))
 
     def label_losses(self, logits: torch.Tensor, soft_sets: list[torch.Tensor], labels: torch.Tensor,
                      suffix: str = "", teacher_logits: list[Tensor] | None = None) -> dict[str, Tensor]:  # fmt: skip
@@ -311,67 +303,9 @@ class Method(nn.Module):
             named[f"hard{suffix}"] = config.hard_weight * F.cross_entropy(logits, labels)
         return named
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        targets: dict[str, torch.Tensor],
-        labels: torch.Tensor,
-        selected: list[str],
-        run_student: nn.Module | None = None,
-    ) -> DistillerOutput:
-        """The student's logits, its named losses, the inputs of the discriminators' step and logged-only values.
-        ``labels`` are class indices, or class probabilities (mixed rows' labels); ``selected`` the teachers of
-        this step; ``run_student`` what runs the student (its DistributedDataParallel wrapper under torchrun)."""
+    def forward(self, batch: Batch) -> MethodOutput:
+        """The student's logits, its named losses and logged-only values on ``batch``."""
         raise NotImplementedError
-
-    # ------------------------------------------------------------------------------------------ the game
-
-    def adversarial_losses(self, inputs: list[AdversarialInput]) -> dict[str, torch.Tensor]:
-        """The student's losses for fooling each discriminator (called after the discriminators' step, so
-        the student plays against their updated weights)."""
-        named: dict[str, torch.Tensor] = {}
-        for item in inputs:
-            loss = losses.generator_loss(self.config.adv_loss, self.discriminators[item.key](item.fake))
-            _accumulate(named, f"adv/{item.key}", self.config.adv_weight * item.weight * loss)
-        return named
-
-    def joint_losses(self, inputs: list[AdversarialInput]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``--adv-game joint`` (MEAL's reference code): each discriminator's own loss on teacher (real) against
-        student (fake, not detached) features, weighted as :meth:`adversarial_losses` weighs the student's, and
-        added to the student's loss; one backward pass trains both. Returns the losses and the logged stats."""
-        named: dict[str, torch.Tensor] = {}
-        stats: dict[str, torch.Tensor] = {}
-        for item in inputs:
-            loss = self._discriminate(item.key, item.real, item.fake, stats)
-            _accumulate(named, f"joint/{item.key}", self.config.adv_weight * item.weight * loss)
-        return named, stats
-
-    def _discriminate(self, key: str, real: torch.Tensor, fake: torch.Tensor, stats: dict) -> torch.Tensor:
-        """Discriminator ``key``'s loss on teacher (real, detached) against student (fake, as given) features;
-        its loss and accuracy are logged into ``stats``."""
-        real_scores, fake_scores = self.discriminators[key](real.detach()), self.discriminators[key](fake)
-        loss = losses.discriminator_loss(self.config.adv_loss, real_scores, fake_scores)
-        stats[f"disc/{key}"] = loss.detach()
-        stats[f"disc_acc/{key}"] = losses.discriminator_accuracy(real_scores, fake_scores, self.config.adv_loss)
-        return loss
-
-    def discriminator_step(
-        self, inputs: list[AdversarialInput], optimizer: torch.optim.Optimizer, world: World | None = None
-    ) -> dict[str, torch.Tensor]:
-        """One step of every discriminator on teacher (real) against detached student (fake) features
-        (gradients averaged over ranks under ``torchrun``)."""
-        if not inputs:
-            return {}
-        total = 0.0
-        stats: dict[str, torch.Tensor] = {}
-        for disc_key, real, fake, _ in inputs:
-            total = total + self._discriminate(disc_key, real, fake.detach(), stats)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if world is not None:
-            world.average_gradients(self.discriminators.parameters())
-        optimizer.step()
-        return stats
 
 
 def _option_value(method: str, option: dataclasses.Field, value: Any) -> Any:
@@ -389,7 +323,3 @@ def _option_value(method: str, option: dataclasses.Field, value: Any) -> Any:
     if value < low:
         raise UserError(f"--method-option {option.name} of --method {method} must be >= {low}, got {value}")
     return int(value) if whole else float(value)
-
-
-def _accumulate(named: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    named[name] = named[name] + value if name in named else value

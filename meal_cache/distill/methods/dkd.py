@@ -15,12 +15,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-from torch import nn
-
-from meal_cache.distill.methods.base import DecoupledOptions, DistillerOutput, Method, StoreNeeds
+from meal_cache.distill.methods.base import Batch, DecoupledOptions, Method, MethodOutput, StoreNeeds
 from meal_cache.losses import decoupled_kl
-from meal_cache.store.keys import logits_key
 
 __all__ = ["DKD", "DKDOptions", "decoupled_kl"]
 
@@ -45,16 +41,8 @@ class DKD(Method):
         options = cls.options_of(config)
         return config.hard_weight > 0 or (config.soft_weight > 0 and options.alpha + options.beta > 0)
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        targets: dict[str, torch.Tensor],
-        labels: torch.Tensor,
-        selected: list[str],
-        run_student: nn.Module | None = None,
-    ) -> DistillerOutput:
-        logits = (run_student or self.student)(images).float()
-        teacher_logits = [targets[logits_key(t)].float() for t in selected]
+    def forward(self, batch: Batch) -> MethodOutput:
+        logits = batch.student(batch.images).float()
         # DKD's parts read the logits themselves (in log space), not the softened probabilities.
-        losses = self.label_losses(logits, [], labels, teacher_logits=teacher_logits)
-        return DistillerOutput(logits, losses, [], {})
+        losses = self.label_losses(logits, [], batch.labels, teacher_logits=self.teacher_logits(batch))
+        return MethodOutput(logits, losses)

@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from meal_cache import losses
-from meal_cache.distill.methods.base import PRESET_LOGITS, DistillerOutput, Method, StoreNeeds
+from meal_cache.distill.methods.base import PRESET_LOGITS, Batch, Method, MethodOutput, StoreNeeds
 from meal_cache.errors import UserError
 from meal_cache.nets.taps import BlockTap, block_shapes
 from meal_cache.store.keys import feature_key
@@ -65,28 +64,21 @@ class FitNet(Method):
     def needed_keys(self) -> list[str]:
         return super().needed_keys() + [feature_key(t, "blocks", b.key) for t, b in self.hints.items()]
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        targets: dict[str, torch.Tensor],
-        labels: torch.Tensor,
-        selected: list[str],
-        run_student: nn.Module | None = None,
-    ) -> DistillerOutput:
+    def forward(self, batch: Batch) -> MethodOutput:
         config = self.config
         with BlockTap(self.student, [self.student_block]) as tap:
-            logits = (run_student or self.student)(images).float()
-        out = DistillerOutput(logits, {}, [], {})
+            logits = batch.student(batch.images).float()
+        out = MethodOutput(logits)
         # One hint per selected teacher: averaged over them under `mean`, summed under `all` (every teacher's
         # terms at weight 1, as every method's), the drawn one's under `random`.
-        share = self.teacher_share(selected)
+        share = self.teacher_share(batch.selected)
         hint = 0.0
-        for teacher in selected:
-            stored = targets[feature_key(teacher, "blocks", self.hints[teacher].key)].float()
+        for teacher in batch.selected:
+            stored = batch.targets[feature_key(teacher, "blocks", self.hints[teacher].key)].float()
             pooled = F.adaptive_avg_pool2d(tap.outputs[self.student_block].float(), stored.shape[-1])
             hint = hint + F.mse_loss(self.adapters[teacher.replace(".", "_")](pooled).float(), stored)
         if self.options.weight:
             out.losses["hint"] = self.options.weight * share * hint
-        soft_sets = self.teacher_soft_targets(targets, selected) if config.soft_weight else []
-        out.losses.update(self.label_losses(logits, soft_sets, labels))
+        soft_sets = self.teacher_soft_targets(batch) if config.soft_weight else []
+        out.losses.update(self.label_losses(logits, soft_sets, batch.labels))
         return out

@@ -13,14 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from meal_cache import losses
+from meal_cache.distill.methods.adversarial import AdversarialInput, AdversarialMethod, AdversarialOutput
 from meal_cache.distill.methods.base import (
     PRESET_LOGITS,
     REPRESENTATIONS,
     SOFT_TERMS,
-    AdversarialInput,
+    Batch,
     DecoupledOptions,
-    DistillerOutput,
-    Method,
     StoreNeeds,
     soft_target_sets,
 )
@@ -90,7 +89,7 @@ def refuse_missing_representation(config: DistillConfig, store: TeacherStore) ->
                     f"(or blocks,maps){instead}")  # fmt: skip
 
 
-class Distiller(Method):
+class MealFamily(AdversarialMethod):
     """The MEAL family's student plus the adapters and discriminators it trains beside it; which terms a member
     has is its :attr:`block_terms` and :attr:`own_discriminators`. Its soft labels may be DKD's decoupled KL
     (``--soft-loss dkd``), whose weights are the family's options (alpha, beta, warmup, as DKD's)."""
@@ -196,29 +195,22 @@ class Distiller(Method):
         pooled = F.adaptive_avg_pool2d(student_out.float(), shape[-1])
         return self.adapters[pair.key](pooled).float(), teacher_value.float()
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        targets: dict[str, torch.Tensor],
-        labels: torch.Tensor,
-        selected: list[str],
-        run_student: nn.Module | None = None,
-    ) -> DistillerOutput:
+    def forward(self, batch: Batch) -> AdversarialOutput:
         """Weighting over teachers: ``mean`` has one soft-label term and one output-adversarial term (on the
         ensemble) and averages the block terms over the teachers; ``all`` sums every teacher's terms; ``random``
         has the one selected teacher's."""
         config = self.config
         with BlockTap(self.student, sorted({p.student_block for p in self.pairs})) as tap:
-            logits = (run_student or self.student)(images)
+            logits = batch.student(batch.images)
         logits = logits.float()
-        out = DistillerOutput(logits, {}, [], {})
-        teacher_logits = [targets[logits_key(t)].float() for t in selected]
+        out = AdversarialOutput(logits)
+        teacher_logits = self.teacher_logits(batch)
         soft_sets = soft_target_sets(config, teacher_logits)
-        out.losses.update(self.label_losses(logits, soft_sets, labels, teacher_logits=teacher_logits))
-        self._block_terms(out, tap.outputs, targets, selected)
-        self._teacher_agreement(out, targets, teacher_logits)
+        out.losses.update(self.label_losses(logits, soft_sets, batch.labels, teacher_logits=teacher_logits))
+        self._block_terms(out, tap.outputs, batch.targets, batch.selected)
+        self._teacher_agreement(out, batch.targets, teacher_logits)
         if "logits" in self.discriminators and self.reference_form:  # raw logits, each selected teacher's
-            weight = self.teacher_share(selected)
+            weight = self.teacher_share(batch.selected)
             out.adversarial.extend(AdversarialInput("logits", t, logits, weight) for t in teacher_logits)
         elif "logits" in self.discriminators:
             student_probs = F.softmax(logits / config.temperature, dim=1)
@@ -226,7 +218,7 @@ class Distiller(Method):
                 out.adversarial.append(AdversarialInput("logits", probs, student_probs, 1.0))
         return out
 
-    def _block_terms(self, out: DistillerOutput, student_blocks: dict[str, torch.Tensor],
+    def _block_terms(self, out: AdversarialOutput, student_blocks: dict[str, torch.Tensor],
                      targets: dict[str, torch.Tensor], selected: list[str]) -> None:  # fmt: skip
         """Each matched block's similarity loss and discriminator input, for the selected teachers."""
         config = self.config
@@ -244,7 +236,7 @@ class Distiller(Method):
             if self.disc_key(pair) in self.discriminators:
                 out.adversarial.append(AdversarialInput(self.disc_key(pair), teacher_rep, student_rep, block_weight))
 
-    def _teacher_agreement(self, out: DistillerOutput, targets: dict[str, torch.Tensor],
+    def _teacher_agreement(self, out: AdversarialOutput, targets: dict[str, torch.Tensor],
                            teacher_logits: list[torch.Tensor]) -> None:  # fmt: skip
         """How often the teacher drawn this step agrees with the whole ensemble (mean and all learn from the
         ensemble itself; the online reference runs only the drawn teacher, so it cannot say)."""
@@ -270,7 +262,7 @@ class MealDecoupledOptions(DecoupledOptions):
     warmup: float = 1.0
 
 
-class Meal(Distiller):
+class Meal(MealFamily):
     name: ClassVar[str] = "meal"
     help: ClassVar[str] = "MEAL: block similarity + per-block and output discriminators, one random teacher a step"
     # 128 PCA dimensions: 3 blocks x (128 + 8 range bytes) = 408 bytes a row at 224 px (docs/design.md, "Projected
@@ -289,14 +281,14 @@ class Meal(Distiller):
     Options: ClassVar[type] = MealDecoupledOptions
 
 
-class KD(Distiller):
+class KD(MealFamily):
     name: ClassVar[str] = "kd"
     help: ClassVar[str] = "Hinton KD from the ensemble mean of the cached logits"
     store_needs: ClassVar[StoreNeeds] = StoreNeeds(help="the logits (16 sampled classes above 24 classes)",
                                                    logits=PRESET_LOGITS)  # fmt: skip
 
 
-class MealV2(Distiller):
+class MealV2(MealFamily):
     name: ClassVar[str] = "meal-v2"
     help: ClassVar[str] = "MEAL V2: ensemble soft labels + one discriminator on the output"
     own_discriminators: ClassVar[tuple[str, ...]] = ("output",)
