@@ -108,14 +108,14 @@ def _index_shard(path: Path) -> tuple[list[str], list[_Sample], tarfile.TarFile]
     size = path.stat().st_size
     try:
         tar = tarfile.open(path, "r:")
-        members = tar.getmembers()
     except (tarfile.TarError, OSError) as err:
         raise UserError(f"wds shard '{path}' is not a readable tar file ({err}); rewrite or remove it") from err
-    truncated = next((m for m in members if m.isreg() and m.offset_data + m.size > size), None)
-    if truncated is not None:
+    try:
+        members = tar.getmembers()
+    except (tarfile.TarError, OSError) as err:  # tarfile checks that every header and member lies in the file
         tar.close()
-        raise UserError(f"wds shard '{path}' is truncated: member '{truncated.name}' runs past the file's end "
-                        f"({size} bytes); copy the shard again")  # fmt: skip
+        raise UserError(f"wds shard '{path}' is truncated or damaged ({err}, at {size} bytes); copy the shard "
+                        "again") from err  # fmt: skip
     keys: list[str] = []
     samples: dict[str, _Sample] = {}
     for member in members:
