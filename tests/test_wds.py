@@ -91,12 +91,14 @@ def pixels_of(split, params: augment.ViewParams, workers: int = 0) -> torch.Tens
     return next(source.pixels([(rows, params, None)]))[1]
 
 
-def assert_same_pixels_as_folder(dataset, folder_dataset, workers: int = 0) -> None:
-    """Every row of both splits renders the folder's pixels for its key, in the evaluation view and in drawn
-    random-resized crops with flips, boxes in each image's own coordinates."""
+def assert_same_pixels_as_folder(dataset, folder_dataset, workers: int = 0, keys: dict | None = None) -> None:
+    """Every row of both splits renders the folder's pixels for its key (``keys[split]``, each row's, or the
+    key in its name), in the evaluation view and in drawn random-resized crops with flips, boxes in each image's
+    own coordinates."""
     for name in ("train", "test"):
         split, files = dataset.split(name), folder_dataset.split(name)
-        order = torch.tensor([row_of_key(files)[key] for key in row_of_key(split)])
+        split_keys = keys[name] if keys is not None else list(row_of_key(split))
+        order = torch.tensor([row_of_key(files)[key] for key in split_keys])
         assert torch.equal(split.labels, files.labels[order])
         assert torch.equal(split.source_sizes(0), files.source_sizes(0)[order])
         recipe = augment.recipe_for(augment.FULL_RECIPE, 24)

@@ -21,6 +21,7 @@ import torch
 
 from meal_cache.data.encoded import EncodedSplit
 from meal_cache.data.loader import DatasetSource, LoadOptions, RawDataset, local_path
+from meal_cache.data.source import first_line
 from meal_cache.errors import UserError
 from meal_cache.views import augment
 
@@ -88,20 +89,26 @@ def _open_splits(location: str) -> tuple[dict, dict[str, list[tuple[str, int]]],
         import pyarrow.parquet as pq
 
         try:
+            parts = {k: [(f"data/{f.name}", pq.read_metadata(f).num_rows) for f in v] for k, v in parquet.items()}
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise UserError(f"hf '{location}': a parquet file cannot be read ({first_line(err)})") from err
+        for split, counts in parts.items():
+            if not sum(rows for _, rows in counts):  # datasets refuses such a split with a message about itself
+                raise UserError(f"hf '{location}': the {split} split has no rows")
+        try:
             loaded = datasets.load_dataset("parquet", data_files={k: [str(f) for f in v] for k, v in parquet.items()})
         except Exception as err:  # datasets and pyarrow raise many kinds for a file that is not parquet
             raise UserError(f"hf '{location}': its parquet files cannot be read ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''})") from err  # fmt: skip
+                            f"{first_line(err)})") from err  # fmt: skip
         files = {k: [(f"data/{f.name}", f.stat().st_size) for f in v] for k, v in parquet.items()}
-        parts = {k: [(f"data/{f.name}", pq.read_metadata(f).num_rows) for f in v] for k, v in parquet.items()}
         return dict(loaded), files, parts
     if not (root / "dataset_dict.json").is_file():
         raise UserError(f"hf '{location}' is neither a save_to_disk folder (dataset_dict.json) nor parquet files "
                         "under data/ (data/train-*.parquet, data/validation-*.parquet)")  # fmt: skip
     try:
         loaded = datasets.load_from_disk(str(root))
-    except (OSError, ValueError, FileNotFoundError) as err:
-        raise UserError(f"hf '{location}': cannot be loaded ({err})") from err
+    except Exception as err:  # datasets raises many kinds for a damaged folder (IndexError for an empty one)
+        raise UserError(f"hf '{location}': datasets cannot load it ({type(err).__name__}: {first_line(err)})") from err
     files, parts = {}, {}
     for split, dataset in loaded.items():
         arrows = [Path(c["filename"]) for c in dataset.cache_files]
