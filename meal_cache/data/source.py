@@ -209,7 +209,19 @@ class _Decoder(Dataset):
         return len(self.files)
 
     def path(self, row: int) -> str:
+        """How a refusal names the row's image (for a file, its path)."""
         return os.path.join(self.root, os.fsdecode(self.files[row]))
+
+    def encoded_bytes(self, row: int) -> torch.Tensor:
+        """The row's encoded image, uint8 ``(L,)``."""
+        # A copy: read_file's tensor is backed by the file itself, and sending it to the main process
+        # hangs the DataLoader (seen with torch 2.14 / torchvision 0.29).
+        return torchvision.io.read_file(self.path(row)).clone()
+
+    def refusal(self, bad: BadImage) -> str:
+        """The one line that refuses a row's image, with what to do about it."""
+        return (f"image '{bad.path}' {bad.reason}; remove or replace it (the dataset's fingerprint then changes: "
+                "extract again), or load the data with ?skip_bad=1 to leave unreadable files out")  # fmt: skip
 
     def __getitem__(self, item: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]):
         rows, crops, flips, vflips = item
@@ -238,13 +250,10 @@ class _Decoder(Dataset):
             if row in position:
                 continue
             position[row] = len(items)
-            path = self.path(row)
             try:
-                # A copy: read_file's tensor is backed by the file itself, and sending it to the main process
-                # hangs the DataLoader (seen with torch 2.14 / torchvision 0.29).
-                data = torchvision.io.read_file(path).clone()
+                data = self.encoded_bytes(row)
             except DECODE_ERRORS as err:
-                return torch.empty(0), [], [], BadImage(path, f"cannot be decoded ({first_line(err)})")
+                return torch.empty(0), [], [], BadImage(self.path(row), f"cannot be decoded ({first_line(err)})")
             if not is_jpeg(data):  # PNG, BMP, ...: decoded on the CPU here, as without GPU decoding
                 image = self._decode(row)
                 if isinstance(image, BadImage):
@@ -305,7 +314,7 @@ class FileSource:
                  jpeg_device: torch.device | None = None) -> None:  # fmt: skip
         self.device, self.jpeg_device, self.out_size = device, jpeg_device, out_size
         self._plan = _Plan()
-        self.decoder = _Decoder(split.root, split.files, split.known_sizes, out_size, encoded=jpeg_device is not None)
+        self.decoder = split.decoder(out_size, encoded=jpeg_device is not None)
         self.loader = DataLoader(self.decoder, sampler=self._plan, batch_size=None, num_workers=workers,
                                  persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                                  prefetch_factor=2 if workers > 0 else None)  # fmt: skip
@@ -329,9 +338,7 @@ class FileSource:
             else:
                 pixels, bad = self._render_encoded(rows, params, *item)
             if bad is not None:
-                raise UserError(f"image '{bad.path}' {bad.reason}; remove or replace it (the dataset's fingerprint "
-                                "then changes: extract again), or load the data with ?skip_bad=1 to leave "
-                                "unreadable files out")  # fmt: skip
+                raise UserError(self.decoder.refusal(bad))
             # A policy's ops run on the device, on the uint8 crops (as in memory, after the crop and flip).
             yield payload, augment.apply_ops(pixels.to(self.device, non_blocking=True), params).float()
 
@@ -481,6 +488,10 @@ class FileSplit:
         digest.update(self.file_bytes.astype(np.int64).tobytes())
         digest.update(self.labels.to(torch.int64).numpy().tobytes())
         return digest.hexdigest()
+
+    def decoder(self, out_size: int, encoded: bool = False) -> _Decoder:
+        """What a :class:`FileSource`'s workers run for these rows (``encoded``: read bytes for GPU decoding)."""
+        return _Decoder(self.root, self.files, self.known_sizes, out_size, encoded=encoded)
 
     def source_sizes(self, workers: int | None = None) -> torch.Tensor:
         """int32 ``(N, 2)``: each image's (H, W), read from the file headers (in parallel) and kept."""

@@ -1,0 +1,288 @@
+"""``wds:LOCATION``: WebDataset tar shards streamed as image folders are, the same pixels bit for bit, replayed
+through extract and distill, and refused in one line when a shard is bad (issue 40)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from console import one_error_line, run_console
+
+from meal_cache.data.datasets import load_dataset
+from meal_cache.errors import UserError
+from meal_cache.views import augment
+
+CPU = torch.device("cpu")
+CLASSES = ("a-zero", "b-one", "c-two")  # sorted, so an image folder numbers them alike
+
+
+def digit_samples(count: int = 60, seed: int = 0) -> list[tuple[str, int, str, bytes]]:
+    """``(key, label, suffix, encoded image)``: scikit-learn's digits 0-2 upscaled to 28-48 px a side (each its
+    own size), every fifth a PNG and the rest JPEGs, as shards and parquet files hold photographs."""
+    from sklearn.datasets import load_digits
+    from torchvision.io import encode_jpeg, encode_png
+    from torchvision.transforms.v2 import functional as TF
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    picked = np.flatnonzero(digits.target < len(CLASSES))[:count]
+    samples = []
+    for number, row in enumerate(picked.tolist()):
+        grey = torch.from_numpy((digits.images[row] * 15.9).astype(np.uint8))
+        tint = torch.tensor([1.0, 0.8, 0.6])[:, None, None]  # three channels that differ
+        image = (grey[None].float() * tint).to(torch.uint8)
+        height, width = (int(v) for v in rng.integers(28, 49, size=2))
+        image = TF.resize(image, [height, width], antialias=True).contiguous()
+        suffix = "png" if number % 5 == 4 else "jpg"
+        data = encode_png(image) if suffix == "png" else encode_jpeg(image, quality=90)
+        samples.append((f"{row:05d}", int(digits.target[row]), suffix, data.numpy().tobytes()))
+    return samples
+
+
+def write_shards(folder: Path, samples, per_shard: int = 16, held_out: int = 15, label_in: str = "cls") -> Path:
+    """``train-NNN.tar`` and ``val-NNN.tar`` of ``samples`` (the last ``held_out`` in val), ``per_shard`` a shard,
+    written with webdataset's TarWriter, and ``classes.txt``."""
+    import webdataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {"train": samples[:-held_out], "val": samples[-held_out:]}
+    for split, rows in parts.items():
+        for shard, start in enumerate(range(0, len(rows), per_shard)):
+            with webdataset.TarWriter(str(folder / f"{split}-{shard:03d}.tar")) as sink:
+                for key, label, suffix, data in rows[start : start + per_shard]:
+                    target = {"cls": str(label)} if label_in == "cls" else {"json": json.dumps({"label": label})}
+                    sink.write({"__key__": key, suffix: data, **target})
+    (folder / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return folder
+
+
+def write_folder(root: Path, samples, held_out: int = 15) -> Path:
+    """The same images as an image folder, ``root/{train,val}/<class>/KEY.<suffix>``."""
+    for split, rows in (("train", samples[:-held_out]), ("val", samples[-held_out:])):
+        for key, label, suffix, data in rows:
+            path = root / split / CLASSES[label] / f"{key}.{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return digit_samples()
+
+
+@pytest.fixture(scope="module")
+def shards(samples, tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("shards"), samples)
+
+
+def row_of_key(split) -> dict[str, int]:
+    """Each row's key (its file or member name without the folder or shard and suffix) -> its row."""
+    return {Path(name.decode()).stem: row for row, name in enumerate(split.files.tolist())}
+
+
+def pixels_of(split, params: augment.ViewParams, workers: int = 0) -> torch.Tensor:
+    source = split.open(CPU, workers, out_size=24, decode="cpu")
+    rows = torch.arange(len(split))
+    return next(source.pixels([(rows, params, None)]))[1]
+
+
+def assert_same_pixels_as_folder(dataset, folder_dataset, workers: int = 0, keys: dict | None = None) -> None:
+    """Every row of both splits renders the folder's pixels for its key (``keys[split]``, each row's, or the
+    key in its name), in the evaluation view and in drawn random-resized crops with flips, boxes in each image's
+    own coordinates."""
+    for name in ("train", "test"):
+        split, files = dataset.split(name), folder_dataset.split(name)
+        split_keys = keys[name] if keys is not None else list(row_of_key(split))
+        order = torch.tensor([row_of_key(files)[key] for key in split_keys])
+        assert torch.equal(split.labels, files.labels[order])
+        assert torch.equal(split.source_sizes(0), files.source_sizes(0)[order])
+        recipe = augment.recipe_for(augment.FULL_RECIPE, 24)
+        drawn = augment.draw(recipe, split.source_sizes(0), torch.Generator().manual_seed(3))
+        for params in (split.eval_view(0), drawn):
+            ours = pixels_of(split, params, workers)
+            theirs = pixels_of(files.take(order), params, 0)
+            assert torch.equal(ours, theirs), name
+        assert bool(drawn.flip.any()) and not bool(drawn.flip.all())
+
+
+def test_shards_serve_the_image_folders_pixels_bit_for_bit(samples, shards, tmp_path):
+    dataset = load_dataset(f"wds:{shards}")
+    folder = load_dataset(f"imagefolder:{write_folder(tmp_path / 'folder', samples)}")
+    assert dataset.classes == CLASSES and dataset.streamed
+    assert (len(dataset.train), len(dataset.test)) == (45, 15)
+    assert_same_pixels_as_folder(dataset, folder, workers=2)
+
+
+def test_a_brace_pattern_and_json_labels_give_the_same_rows(samples, shards, tmp_path):
+    by_json = write_shards(tmp_path / "json", samples, label_in="json")
+    pattern = load_dataset(f"wds:{by_json}/{{train-{{000..002}},val-000}}.tar")
+    folder = load_dataset(f"wds:{shards}")
+    assert len(pattern.train) == 45 and torch.equal(pattern.train.labels, folder.train.labels)
+    assert pattern.fingerprint("train") == folder.fingerprint("train")  # same shard names, sizes, keys, labels
+    assert (pattern.train.files == folder.train.files).all()
+
+
+def test_without_classes_txt_the_classes_are_the_label_numbers(samples, tmp_path):
+    folder = write_shards(tmp_path / "plain", samples)
+    (folder / "classes.txt").unlink()
+    assert load_dataset(f"wds:{folder}").classes == ("0", "1", "2")
+
+
+# ------------------------------------------------------------------------------- train, extract, distill, replay
+
+
+@pytest.fixture(scope="module")
+def teachers(shards, tmp_path_factory):
+    """Two teachers trained one epoch on the shards at 16 px."""
+    from meal_cache.engine.train import TrainConfig, train_supervised
+
+    out = tmp_path_factory.mktemp("wds-teachers")
+    for arch in ("resnet8_w4", "densenet_k12"):
+        config = TrainConfig(arch=arch, data=f"wds:{shards}", image_size=16, epochs=1, batch_size=16, device="cpu",
+                             workers=0)  # fmt: skip
+        train_supervised(config, out / f"{arch}.pt", progress=False)
+    return out
+
+
+def extract_and_distill_replay(spec: str, teachers: Path, tmp_path: Path, monkeypatch) -> Path:
+    """Extract 2 views + the identity view of ``spec``, distill 2 epochs from the store; checks that every
+    batch's pixels are the ones the teacher was fed for those rows in that view, with its logits. Returns the
+    store."""
+    from by_hand import record_teacher_pixels
+    from extract_order import fed_per_view
+
+    from meal_cache import distill as distill_module
+    from meal_cache.distill import DistillConfig, distill
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
+
+    fed_calls = record_teacher_pixels(monkeypatch, "resnet8_w4")
+    config = ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], data=spec, image_size=16, views=2,
+                           identity_view=True, teacher_dir=str(teachers), rows_per_chunk=16, batch_size=8,
+                           device="cpu", workers=2)  # fmt: skip
+    path = tmp_path / "s.zarr"
+    store = extract(config, path, progress=False)
+    monkeypatch.undo()
+    fed = fed_per_view(fed_calls, store.n, store.num_views, config.rows_per_chunk, config.batch_size)
+    seen = []
+    real_step = distill_module.DistillEpochs.step
+
+    def record(self, batch):
+        (rows, targets, _), pixels = batch
+        seen.append((rows.clone(), targets["teachers/resnet8_w4/logits"].clone(), pixels.clone()))
+        return real_step(self, batch)
+
+    monkeypatch.setattr(distill_module.DistillEpochs, "step", record)
+    distill(DistillConfig(store=str(path), student="resnet8_w4", method="kd", epochs=2, batch_size=9, device="cpu",
+                          workers=2), tmp_path / "run", progress=False)  # fmt: skip
+    steps = store.n // 9
+    assert len(seen) == 2 * steps
+    for index, (rows, logits, pixels) in enumerate(seen):
+        view = index // steps  # epoch e replays view e mod 2
+        assert torch.equal(pixels, fed[view][rows]), (index, view)
+        assert torch.equal(logits.half(), torch.from_numpy(store.logits("resnet8_w4", view))[rows])
+    assert not torch.equal(fed[0], fed[1])
+    epochs = [torch.cat([rows for rows, _, _ in seen[e * steps : (e + 1) * steps]]) for e in range(2)]
+    assert all(len(set(rows.tolist())) == len(rows) for rows in epochs)  # no row twice in an epoch
+    assert not torch.equal(epochs[0], epochs[1])  # shuffled anew each epoch
+    return path
+
+
+def test_extract_and_distill_replay_the_pixels_the_teachers_saw(shards, teachers, tmp_path, monkeypatch):
+    path = extract_and_distill_replay(f"wds:{shards}", teachers, tmp_path, monkeypatch)
+    from meal_cache.store import open_store
+
+    assert open_store(path).dataset["kind"] == "wds"
+
+
+def test_a_changed_shard_is_refused_by_its_fingerprint(samples, teachers, tmp_path):
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
+
+    folder = write_shards(tmp_path / "d", samples)
+    config = ExtractConfig(teachers=["resnet8_w4"], data=f"wds:{folder}", image_size=16, views=1,
+                           teacher_dir=str(teachers), device="cpu", workers=0)  # fmt: skip
+    extract(config, tmp_path / "s.zarr", progress=False)
+    changed = list(samples)
+    key, label, suffix, data = changed[3]
+    changed[3] = (key, label, suffix, changed[4][3])  # another image under the same key
+    write_shards(folder, changed)
+    result = run_console(["distill", "--store", str(tmp_path / "s.zarr"), "--student", "resnet8_w4", "--epochs", "1",
+                          "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet"], tmp_path)  # fmt: skip
+    assert "fingerprint differs" in one_error_line(result)
+
+
+# ---------------------------------------------------------------------------------------------- bad shards
+
+
+def _bad_locations(root: Path, samples) -> list[tuple[str, str, str]]:
+    """(case, LOCATION, what the one line says), each LOCATION made here."""
+    good = write_shards(root / "good", samples)
+    cases = []
+
+    def copy(name: str) -> Path:
+        folder = root / name
+        folder.mkdir()
+        for path in good.iterdir():
+            (folder / path.name).write_bytes(path.read_bytes())
+        return folder
+
+    folder = copy("nottar")
+    (folder / "train-001.tar").write_bytes(b"not a tar file at all, only text" * 40)
+    cases.append(("a shard that is not a tar", str(folder), "train-001.tar' is not a readable tar file"))
+    folder = copy("truncated")
+    shard = folder / "train-001.tar"
+    with tarfile.open(shard) as tar:
+        last = tar.getmembers()[-1]
+    shard.write_bytes(shard.read_bytes()[: last.offset_data + last.size // 2])  # inside the last member's data
+    cases.append(("a truncated shard", str(folder), "train-001.tar' is truncated or damaged (unexpected end of data"))
+    for case, dropped, said in (("a sample without an image", "jpg", "has no image"),
+                                ("a sample without a label", "cls", "has no label")):  # fmt: skip
+        folder = write_shards(root / dropped, samples)
+        import webdataset
+
+        key, label, suffix, data = samples[0]
+        with webdataset.TarWriter(str(folder / "train-000.tar")) as sink:
+            sink.write({"__key__": key, **({"jpg": data} if dropped == "cls" else {"cls": str(label)})})
+        cases.append((case, str(folder), f"sample '{key}' of wds shard '{folder / 'train-000.tar'}' {said}"))
+    corrupt = list(samples)
+    key, label, _, data = corrupt[2]
+    corrupt[2] = (key, label, "jpg", data[:40])
+    folder = write_shards(root / "corrupt", corrupt)
+    cases.append(("a corrupt image in a shard", str(folder), f"image '{folder}/train-000.tar/{key}.jpg' is not a "
+                  "readable image"))  # fmt: skip
+    folder = copy("noval")
+    for path in folder.glob("val-*.tar"):
+        path.unlink()
+    cases.append(("a split without shards", str(folder), "has no test shards: it needs val-*.tar"))
+    cases.append(("a missing location", str(root / "nowhere"), "folder does not exist"))
+    cases.append(("a brace pattern naming a missing shard", f"{good}/train-{{000..009}}.tar", "does not exist"))
+    return cases
+
+
+def test_bad_shards_give_one_line_naming_the_shard_and_exit_2(samples, tmp_path):
+    cases = _bad_locations(tmp_path, samples)
+    for case, location, said in cases:
+        result = run_console(["train", "--arch", "resnet8_w4", "--data", f"wds:{location}", "--image-size", "16",
+                              "--epochs", "1", "--device", "cpu", "--workers", "0", "--out",
+                              str(tmp_path / "t.pt")], tmp_path)  # fmt: skip
+        assert said in one_error_line(result), case
+
+
+def test_an_image_that_does_not_decode_is_named_by_shard_and_key(samples, tmp_path):
+    """In process, the header scan's refusal and the worker's (the console test above sees the first)."""
+    corrupt = list(samples)
+    key, label, _, data = corrupt[2]
+    corrupt[2] = (key, label, "jpg", data[:40])
+    dataset = load_dataset(f"wds:{write_shards(tmp_path, corrupt)}")
+    with pytest.raises(UserError, match=f"train-000.tar/{key}.jpg' is not a readable image"):
+        dataset.train.source_sizes(0)
+    # Sizes known (as a store records them), the worker's decode is what refuses it.
+    dataset.train.known_sizes = load_dataset(f"wds:{write_shards(tmp_path / 'good', samples)}").train.source_sizes(0)
+    with pytest.raises(UserError, match=f"train-000.tar/{key}.jpg' cannot be decoded .*replace that sample"):
+        pixels_of(dataset.train, dataset.train.eval_view(0))
