@@ -24,7 +24,7 @@ all: install
 # Two workers, one torch thread each (tests/conftest.py), whole modules to a worker so module fixtures run once:
 # the suite is sized for a 2-core machine.
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 lint: install
 	$(BIN)/ruff check meal_cache tests benchmarks examples

@@ -20,7 +20,7 @@ def first_rows(config: DistillConfig, digits, rows: int = 64):
     method = method_class(config.method)(create_model("resnet8_w4", 10, 16), config, store, 16)
     index = torch.arange(rows)
     feed = ViewFeed(store, method.needed_keys(), torch.device("cpu"))
-    targets = {k: v[index] for k, v in feed.get(0).items()}
+    targets = feed.get(0).decoded(index)
     feed.close()
     images = augment.apply(digits.train.images[index], store.view_params(0)[index], digits.mean, digits.std)
     return method, images, targets, digits.train.labels[index]

@@ -48,7 +48,7 @@ def first_batch(store_path, digits, rows: int = 64) -> Batch:
              for kind in store.layout.features]  # fmt: skip
     index = torch.arange(rows)
     feed = ViewFeed(store, keys, torch.device("cpu"))
-    targets = {key: value[index] for key, value in feed.get(0).items()}
+    targets = feed.get(0).decoded(index)
     feed.close()
     images = augment.apply(digits.train.images[index], store.view_params(0)[index], digits.mean, digits.std)
     return Batch(str(store_path), images, disagreeing_logits(targets), mixed_labels(digits.train.labels[index]))

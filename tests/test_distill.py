@@ -131,7 +131,7 @@ def test_online_and_cached_first_step_agree(small_store, teacher_dir, digits):
         distiller = method_class(config.method)(create_model("resnet8_w4", 10, 16), config, store, 16)
         if source == "cache":
             feed = ViewFeed(store, distiller.needed_keys(), torch.device("cpu"))
-            targets = {k: v[rows] for k, v in feed.get(0).items()}
+            targets = feed.get(0).decoded(rows)
             feed.close()
         else:
             targets = OnlineTeachers(config, store, digits, precision).targets(augment.render(images, params))

@@ -1,7 +1,10 @@
 """The feed: which rows a step trains on and their targets. Whole views of the needed store arrays are read into
 memory (the next one prefetched in a background thread), or streamed a few chunks at a time where they do not fit;
 the online reference computes the targets in the loop instead, and divergent views come as whole batches spread
-through each epoch. Zarr is only ever read a whole view, or whole chunks, at a time."""
+through each epoch. Zarr is only ever read a whole view, or whole chunks, at a time.
+
+Views are held as stored (:class:`StoredRows`): top-k and sampled logits as their parts, 8-bit blocks as codes and
+ranges, decoded per batch on the device, so memory follows the store's bytes, not classes x rows of floats."""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from dask.utils import parse_bytes
 
@@ -27,10 +29,60 @@ if TYPE_CHECKING:
     from meal_cache.data.datasets import ImageDataset
 
 
-class ViewFeed:
-    """Whole views of the needed store arrays in memory (pinned on CUDA), the next one read in the background.
+class StoredRows:
+    """Rows of the needed store arrays as stored (:meth:`TeacherStore.read_stored`'s parts, as tensors), decoded
+    only for a batch (:meth:`decoded`)."""
 
-    Batches are then plain tensor indexing; Zarr is only ever read a whole view at a time.
+    def __init__(self, store: TeacherStore, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.store, self.parts = store, parts
+
+    @classmethod
+    def read(cls, store: TeacherStore, keys: list[str], view: int, rows: slice = slice(None)) -> StoredRows:
+        return cls(store, {key: {part: torch.from_numpy(value) for part, value in store.read_stored(key, view,
+                                                                                                   rows).items()}
+                           for key in keys})  # fmt: skip
+
+    @classmethod
+    def cat(cls, pieces: list[StoredRows]) -> StoredRows:
+        first = pieces[0]
+        return cls(first.store, {key: {part: torch.cat([p.parts[key][part] for p in pieces]) for part in parts}
+                                 for key, parts in first.parts.items()})  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(next(iter(next(iter(self.parts.values())).values()))) if self.parts else 0
+
+    def to(self, device: torch.device) -> StoredRows:
+        """On ``device`` (through pinned memory on CUDA, so the copy overlaps)."""
+
+        def moved(tensor: torch.Tensor) -> torch.Tensor:
+            if device.type == "cuda" and tensor.device.type == "cpu":
+                tensor = tensor.pin_memory()
+            return tensor.to(device, non_blocking=True)
+
+        return StoredRows(self.store, {key: {part: moved(value) for part, value in parts.items()}
+                                       for key, parts in self.parts.items()})  # fmt: skip
+
+    def take(self, rows: torch.Tensor) -> StoredRows:
+        """The rows at positions ``rows`` (on the parts' device), still as stored."""
+        return StoredRows(self.store, {key: {part: value[rows] for part, value in parts.items()}
+                                       for key, parts in self.parts.items()})  # fmt: skip
+
+    def decoded(self, rows: torch.Tensor | None = None, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The values of the rows at positions ``rows`` (every row: None) by key, decoded on ``device`` (the
+        parts' own: None), as :meth:`TeacherStore.read` gives them."""
+        picked = self if rows is None else self.take(rows)
+        if device is not None:
+            picked = picked.to(device)
+        return {key: self.store.decode_stored(key, parts) for key, parts in picked.parts.items()}
+
+    def nbytes(self) -> int:
+        return sum(value.nbytes for parts in self.parts.values() for value in parts.values())
+
+
+class ViewFeed:
+    """Whole views of the needed store arrays in memory as stored (on the device), the next one read in the
+    background. A batch is then tensor indexing and a decode on the device; Zarr is only ever read a whole view at
+    a time.
     """
 
     def __init__(self, store: TeacherStore, keys: list[str], device: torch.device) -> None:
@@ -41,22 +93,16 @@ class ViewFeed:
         self._pending: dict[int, Future] = {}
         # The last view handed out, kept: a dense store's one view (and a multi-crop batch's repeated one) is
         # read once, not once an epoch.
-        self._last: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._last: tuple[int, StoredRows] | None = None
 
-    def _read(self, view: int) -> dict[str, torch.Tensor]:
-        arrays = {}
-        for key in self.keys:
-            tensor = torch.from_numpy(self.store.read(key, view))
-            if self.device.type == "cuda":
-                tensor = tensor.pin_memory()
-            arrays[key] = tensor.to(self.device, non_blocking=True)
-        return arrays
+    def _read(self, view: int) -> StoredRows:
+        return StoredRows.read(self.store, self.keys, view).to(self.device)
 
     def prefetch(self, view: int) -> None:
         if view not in self._pending and (self._last is None or self._last[0] != view):
             self._pending[view] = self._pool.submit(self._read, view)
 
-    def get(self, view: int) -> dict[str, torch.Tensor]:
+    def get(self, view: int) -> StoredRows:
         if self._last is not None and self._last[0] == view:
             return self._last[1]
         self.prefetch(view)
@@ -78,8 +124,7 @@ class InMemoryBatches:
         if next_view is not None:
             self.feed.prefetch(next_view)
         for rows in shuffled_batches(self.n, self.batch_size, self.seed, epoch):
-            rows_dev = rows.to(self.feed.device, non_blocking=True)
-            yield rows, {key: value[rows_dev] for key, value in cached.items()}
+            yield rows, cached.decoded(rows.to(self.feed.device, non_blocking=True))
 
     def close(self) -> None:
         self.feed.close()
@@ -101,7 +146,8 @@ class MultiCropBatches:
             self.feed.prefetch(view)
         for rows in shuffled_batches(self.n, self.batch_size // self.crops, self.seed, epoch):
             rows_dev = rows.to(self.feed.device, non_blocking=True)
-            targets = {key: torch.cat([arrays[key][rows_dev] for arrays in cached]) for key in cached[0]}
+            decoded = [view_rows.decoded(rows_dev) for view_rows in cached]
+            targets = {key: torch.cat([arrays[key] for arrays in decoded]) for key in decoded[0]}
             yield rows.repeat(self.crops), targets, torch.arange(self.crops).repeat_interleave(len(rows))
 
     def close(self) -> None:
@@ -119,38 +165,32 @@ class StreamingBatches:
         self.batch_size, self.seed, self.buffer_chunks = batch_size, seed, max(1, buffer_chunks)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-prefetch")
 
-    def _read(self, view: int, chunks: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _read(self, view: int, chunks: list[int]) -> tuple[torch.Tensor, StoredRows]:
         slices = [self.store.chunk_rows(c) for c in chunks]
         rows = torch.cat([torch.arange(r.start, r.stop) for r in slices])
-        arrays = {key: torch.cat([torch.from_numpy(self.store.read(key, view, r)) for r in slices])
-                  for key in self.keys}  # fmt: skip
-        return rows, arrays
+        return rows, StoredRows.cat([StoredRows.read(self.store, self.keys, view, r) for r in slices])
 
     def epoch(self, epoch: int, view: int, next_view: int | None) -> Iterator[tuple[torch.Tensor, dict]]:
         generator = epoch_generator(self.seed, epoch, Stream.BATCH_ORDER)
         groups = torch.randperm(self.store.n_chunks, generator=generator).split(self.buffer_chunks)
         pending = self._pool.submit(self._read, view, groups[0].tolist())
-        carry_rows, carry = torch.empty(0, dtype=torch.long), {}
+        carry_rows, carry = torch.empty(0, dtype=torch.long), None
         yielded = 0
         for index in range(len(groups)):
             rows, arrays = pending.result()
             if index + 1 < len(groups):
                 pending = self._pool.submit(self._read, view, groups[index + 1].tolist())
             if len(carry_rows):
-                rows = torch.cat([carry_rows, rows])
-                arrays = {key: torch.cat([carry[key], value]) for key, value in arrays.items()}
+                rows, arrays = torch.cat([carry_rows, rows]), StoredRows.cat([carry, arrays])
             order = torch.randperm(len(rows), generator=generator)
             full = len(order) // self.batch_size * self.batch_size
             for batch in order[:full].split(self.batch_size):
-                yield (
-                    rows[batch],
-                    {key: value[batch].to(self.device, non_blocking=True) for key, value in arrays.items()},
-                )
+                yield rows[batch], arrays.decoded(batch, self.device)
                 yielded += 1
             rest = order[full:]
-            carry_rows, carry = rows[rest], {key: value[rest] for key, value in arrays.items()}
+            carry_rows, carry = rows[rest], arrays.take(rest)
         if not yielded and len(carry_rows):  # fewer rows than one batch: one short batch, as in memory
-            yield carry_rows, {key: value.to(self.device) for key, value in carry.items()}
+            yield carry_rows, carry.decoded(device=self.device)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -171,11 +211,8 @@ class OnlineBatches:
 
 
 def view_bytes(store: TeacherStore, keys: list[str]) -> int:
-    """Bytes of one view of ``keys`` in memory."""
-    total = 0
-    for key in keys:
-        total += int(np.prod(store.logical_shape(key)[1:])) * store.value_itemsize(key)
-    return total
+    """Bytes of one view of ``keys`` in memory, as stored (see :class:`StoredRows`)."""
+    return store.n * store.stored_row_bytes(keys)
 
 
 def make_batch_source(config: DistillConfig, store: TeacherStore, keys: list[str], device: torch.device):
@@ -266,7 +303,7 @@ class DivergentBatches:
         order = epoch_batches(self.n, self.batch_size, epoch_generator(self.seed, epoch, Stream.DIVERGENT_ORDER))
         for rows in order[: self.per_epoch]:
             rows_dev = rows.to(self.feed.device, non_blocking=True)
-            yield rows, {key: value[rows_dev] for key, value in cached.items()}, self.pixels[k][rows_dev].float()
+            yield rows, cached.decoded(rows_dev), self.pixels[k][rows_dev].float()
 
     def close(self) -> None:
         self.feed.close()

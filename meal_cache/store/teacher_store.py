@@ -275,6 +275,49 @@ class TeacherStore:
             return dequantize_rows(values, self.group[range_key(key)][view, rows], self.layout.dtype)
         return values
 
+    def read_stored(self, key: str, view: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+        """Rows of one view of a teacher array as stored, which :meth:`decode_stored` turns into :meth:`read`'s
+        values: compact logits as their encoding's parts, 8-bit features as ``codes`` and ``ranges``, anything
+        else as ``values``. Kept so in memory, a view costs its stored bytes, not classes x rows of floats."""
+        encoding = self._encoding(key)
+        if encoding is not None:
+            return {part: self.group[array][view, rows] for (part, _, _), array in
+                    zip(encoding.parts, encoding.keys(key), strict=True)}  # fmt: skip
+        if self.layout.quantize is not None and is_feature_key(key):
+            return {"codes": self.group[key][view, rows], "ranges": self.group[range_key(key)][view, rows]}
+        return {"values": self.group[key][view, rows]}
+
+    def decode_stored(self, key: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`read`'s values of any rows from their :meth:`read_stored` parts as tensors, on the parts'
+        device, computed as :meth:`read` computes them (an encoding without a tensor decoder decodes on the CPU)."""
+        if "values" in parts:
+            return parts["values"]
+        dtype = getattr(torch, self.layout.dtype)
+        if "codes" in parts:
+            codes, ranges = parts["codes"], parts["ranges"]
+            shape = (len(codes),) + (1,) * (codes.dim() - 1)
+            low, step = ranges[:, 0].reshape(shape), ranges[:, 1].reshape(shape)
+            return (low + codes.float() * step).to(dtype)
+        encoding = self._encoding(key)
+        lead = parts[encoding.parts[0][0]].shape[:-1]  # rows, and a dense store's positions
+        flat = {part: value.reshape(-1, *value.shape[len(lead) :]) for part, value in parts.items()}
+        classes, temperature = self.num_classes(), self.layout.temperature
+        if encoding.decode_tensors is not None:
+            dense = encoding.decode_tensors(flat, classes, dtype, temperature)
+        else:
+            numpy_parts = {part: value.cpu().numpy() for part, value in flat.items()}
+            decoded = encoding.decode(numpy_parts, classes, self.layout.dtype, temperature)
+            dense = torch.from_numpy(decoded).to(next(iter(parts.values())).device)
+        return dense.reshape(*lead, classes)
+
+    def stored_row_bytes(self, keys: list[str]) -> int:
+        """Bytes one row of one view of ``keys`` takes as stored (:meth:`read_stored`), before compression."""
+        total = 0
+        for array in self.with_companions(keys):
+            shape = self.group[array].shape
+            total += math.prod(shape[2:]) * self.group[array].dtype.itemsize
+        return total
+
     def value_itemsize(self, key: str) -> int:
         """Bytes per value as :meth:`read` returns it."""
         if (self.layout.quantize is not None and is_feature_key(key)) or self._encoding(key) is not None:

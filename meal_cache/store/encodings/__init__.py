@@ -5,13 +5,15 @@ store creates its arrays, writes and reads them, checks K and refuses what it ca
 Every encoding is read back as dense logits, so every loss reads any store alike, and is built to be right at
 the store's *logits temperature* T (``--logits-temperature``, distill's soft-label temperature).
 
-Imports only numpy and :mod:`meal_cache.errors`; :mod:`meal_cache.store.logits` finds the modules.
+Imports only numpy and :mod:`meal_cache.errors` (an encoding's tensor decoder imports torch when it runs);
+:mod:`meal_cache.store.logits` finds the modules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +44,10 @@ class LogitsEncoding:
     distinct: bool = False  # one slot a distinct class, so never more slots than classes (else k <= classes)
     max_k: int | None = None  # the largest k its parts can hold
     max_k_reason: str = ""
+    # ``decode`` on torch tensors of any rows, on their device (distill keeps a view as stored and decodes each
+    # batch): (parts dict of tensors, classes, torch dtype, temperature) -> dense logits. None: ``decode`` runs on
+    # the batch's parts on the CPU.
+    decode_tensors: Callable[..., Any] | None = None
 
     def keys(self, key: str) -> list[str]:
         """The arrays that hold ``teachers/NAME/logits``, in the order of :attr:`parts`."""

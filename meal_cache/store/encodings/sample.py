@@ -48,11 +48,25 @@ def decode_sample(index: np.ndarray, count: np.ndarray, classes: int, dtype: str
     return (temperature * np.log(np.maximum(share, SAMPLE_FLOOR / classes))).astype(dtype)
 
 
+def decode_sample_tensors(index, count, classes: int, dtype, temperature: float):
+    """:func:`decode_sample` on torch tensors (any rows, on their device), in float64 as it computes, to
+    ``dtype``."""
+    import torch
+
+    draws = count.double().sum(1, keepdim=True)
+    share = torch.zeros((len(index), classes), dtype=torch.float64, device=count.device)
+    share.scatter_(1, index.long(), count.double() / torch.clamp(draws, min=1))
+    return (temperature * torch.log(torch.clamp(share, min=SAMPLE_FLOOR / classes))).to(dtype)
+
+
 ENCODING = LogitsEncoding(
     name="sample",
     parts=(("index", "int16", True), ("count", "uint8", True)),
     encode=lambda logits, k, dtype, temperature, rng: encode_sample(logits, k, temperature, rng),
     decode=lambda parts, classes, dtype, temperature: decode_sample(
+        parts["index"], parts["count"], classes, dtype, temperature
+    ),  # fmt: skip
+    decode_tensors=lambda parts, classes, dtype, temperature: decode_sample_tensors(
         parts["index"], parts["count"], classes, dtype, temperature
     ),  # fmt: skip
     description="{k} classes drawn at T={temperature:g}",

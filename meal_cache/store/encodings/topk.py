@@ -44,11 +44,29 @@ def decode_topk(
     return dense.astype(dtype)
 
 
+def decode_topk_tensors(index, value, lse, classes: int, dtype, temperature: float = 1.0):
+    """:func:`decode_topk` on torch tensors (any rows, on their device), in float64 as it computes, to ``dtype``."""
+    import torch
+
+    top = value.double()
+    norm = lse.double()[:, None]
+    kept = torch.exp(top / temperature - norm).sum(1)
+    rows, k = index.shape
+    dense = torch.empty((rows, classes), dtype=torch.float64, device=top.device)
+    if classes > k:
+        rest = torch.clamp(1.0 - kept, min=1e-6 * (classes - k)) / (classes - k)
+        dense[:] = (temperature * (norm[:, 0] + torch.log(rest)))[:, None]
+    return dense.scatter_(1, index.long(), top).to(dtype)
+
+
 ENCODING = LogitsEncoding(
     name="topk",
     parts=(("index", "int16", True), ("value", None, True), ("lse", "float32", False)),
     encode=lambda logits, k, dtype, temperature, rng: encode_topk(logits, k, dtype, temperature),
     decode=lambda parts, classes, dtype, temperature: decode_topk(
+        parts["index"], parts["value"], parts["lse"], classes, dtype, temperature
+    ),  # fmt: skip
+    decode_tensors=lambda parts, classes, dtype, temperature: decode_topk_tensors(
         parts["index"], parts["value"], parts["lse"], classes, dtype, temperature
     ),  # fmt: skip
     description="the top {k} logits, exact at T={temperature:g}",
