@@ -15,6 +15,7 @@ records the teachers' accuracy and marks the store complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections import deque
@@ -44,6 +45,7 @@ from meal_cache.extract.target import open_or_create
 from meal_cache.nets.teachers import Teacher, keep_projections, projected_teachers, resolve_teacher, teacher_outputs
 from meal_cache.projection import PCA_ROWS_PER_DIM, pca_projection, pooled_rows, stored_projections
 from meal_cache.runtime import Precision
+from meal_cache.store.create import sole_writer
 from meal_cache.store.schema import BlockSpec
 from meal_cache.store.teacher_store import TeacherStore, open_store
 from meal_cache.views import augment
@@ -96,6 +98,16 @@ def extract(
     if dense is not None:
         teachers = [dense_teacher(t, dense) for t in teachers]
     settings = _settings(config, dataset, teachers)
+    # The main rank holds the store for the whole run; torchrun's other ranks write under its hold.
+    with sole_writer(out) if world.is_main else contextlib.nullcontext():
+        return _extract_into(out, config, dataset, teachers, settings, overwrite, precision, device, world, progress,
+                             dense)  # fmt: skip
+
+
+def _extract_into(out: str | Path, config: ExtractConfig, dataset: ImageDataset, teachers: list[Teacher],
+                  settings: dict, overwrite: bool, precision: Precision, device: torch.device, world: World,
+                  progress: bool, dense: DenseSettings | None) -> TeacherStore:  # fmt: skip
+    """Open or create the store at ``out`` and write every unit it still lacks (see :func:`extract`)."""
     try:
         world.run_on_main(lambda: open_or_create(config, out, dataset, teachers, settings, overwrite, device))
         store = open_store(out, mode="r+")

@@ -136,6 +136,38 @@ def remove_store(path: str | Path) -> None:
             filesystem.rm(root, recursive=True)
 
 
+@contextmanager
+def sole_writer(path: str | Path) -> Iterator[None]:
+    """Hold the store at ``path`` for one extract: a second one started on it while the first runs (creating it,
+    or writing its chunks) is one error, not two writers removing each other's half-made store. A local store's
+    lock is ``.NAME.lock`` beside it (kept; the operating system releases it when its process ends, so a killed
+    extract never blocks the next). Object storage has no lock: there, one extract a store is the user's to keep."""
+    if is_url(path):
+        yield
+        return
+    import fcntl
+    import os
+
+    lock = Path(path).with_name(f".{Path(path).name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserError(f"another extract is writing '{path}' (process {holder}); wait for it to finish "
+                            "(then run this command again to resume or check it), or choose another "
+                            "--out") from None  # fmt: skip
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def json_safe(value: Any) -> Any:
     """Round-trip through JSON so attributes compare equal to what a reader gets back."""
     return json.loads(json.dumps(value))
