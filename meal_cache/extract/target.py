@@ -57,7 +57,7 @@ def open_or_create(
     drawn and its dataset and views described; an existing one of other settings is refused unless
     ``overwrite``."""
     if store_exists(out) and not overwrite:
-        return _existing(out, settings)
+        return _existing(out, settings, teachers)
     recipe = dataset.view_recipe(config.augment_options())
     split = dataset.split(config.split)
     n = len(split)
@@ -98,20 +98,45 @@ def open_or_create(
     )
 
 
-def _existing(out: str | Path, settings: dict) -> TeacherStore:
+def _existing(out: str | Path, settings: dict, teachers: list[Teacher]) -> TeacherStore:
+    """The store at ``out`` to resume, or grown by the teachers it lacks where that is the only difference;
+    anything else is refused by name."""
     try:
         existing = open_store(out, mode="r+")
     except UnreadableFormat:
         raise
     except UserError as err:
         raise UserError(f"'{out}' exists and is not a meal-cache store; pass --overwrite to replace it") from err
-    if existing.attrs.get("settings") == settings:
+    recorded = existing.attrs.get("settings")
+    if recorded == settings:
         return existing
-    difference = settings_difference(existing.attrs.get("settings"), settings)
+    added = [t.spec for t in teachers if t.spec.key not in existing.teacher_names]
+    if added and grows_by_teachers(recorded, settings):
+        if existing.divergent_views:
+            raise UserError(f"'{out}' holds divergent views, searched for on its teachers' disagreement, which "
+                            f"another teacher would change: extract the teachers together into a new --out (or "
+                            "--overwrite)")  # fmt: skip
+        existing.add_teachers(added, settings)
+        return existing
+    difference = settings_difference(recorded, settings)
     raise SettingsMismatch(
         f"'{out}' was extracted with other settings ({difference}); "
         "pass --overwrite to replace it, or choose another --out"
     )
+
+
+def grows_by_teachers(recorded: dict | None, settings: dict) -> bool:
+    """Whether ``settings`` are ``recorded`` with teachers added: every recorded teacher kept (its checkpoint
+    unchanged) and nothing else changed. A teacher's outputs depend on nothing but its checkpoint, the views and
+    the layout, so the new teachers' arrays are what one extract of them all would have written."""
+    if not isinstance(recorded, dict):
+        return False
+    had, has = recorded.get("teacher_checkpoints", {}), settings.get("teacher_checkpoints", {})
+    kept = all(has.get(key) == checkpoint for key, checkpoint in had.items())
+    others = ("teachers", "teacher_checkpoints")
+    same = {k: v for k, v in recorded.items() if k not in others} == {k: v for k, v in settings.items()
+                                                                        if k not in others}  # fmt: skip
+    return kept and same and len(has) > len(had)
 
 
 def _dataset_attrs(config: ExtractConfig, dataset: ImageDataset, split, device: torch.device) -> dict:

@@ -242,6 +242,15 @@ FEATURE_SHAPES: dict[str, Callable[[BlockSpec], tuple[int, ...]]] = {
 }
 
 
+def add_teacher_arrays(group: zarr.Group, teachers: list[TeacherSpec], layout: StoreLayout, count: int,
+                       n: int) -> None:  # fmt: skip
+    """Every array of ``teachers`` in an existing store's ``group`` of ``count`` views and ``n`` rows, as
+    :func:`create_group` makes them (unwritten, progress unset): growing a store by teachers."""
+    arrays = _NewArrays(group, layout.rows_per_chunk, _checked_compressors(layout, teachers))
+    for teacher in teachers:
+        _create_teacher_arrays(arrays, teacher, layout, lossy_filters(layout), count, n)
+
+
 def _create_teacher_arrays(
     arrays: _NewArrays, teacher: TeacherSpec, layout: StoreLayout, filters: list, count: int, n: int
 ) -> None:

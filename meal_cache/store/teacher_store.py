@@ -15,7 +15,7 @@ import zarr
 
 from meal_cache.errors import UnreadableFormat, UserError
 from meal_cache.store.codecs import dequantize_rows, quantize_rows
-from meal_cache.store.create import create_group, json_safe, store_exists
+from meal_cache.store.create import add_teacher_arrays, create_group, json_safe, store_exists
 from meal_cache.store.keys import (
     DIVERGENT_PIXELS,
     LABELS,
@@ -36,7 +36,7 @@ from meal_cache.store.keys import (
     view_field,
 )
 from meal_cache.store.logits import LogitsEncoding, chunk_rng
-from meal_cache.store.schema import DEVELOPMENT_FORMATS, FORMAT, BlockSpec, StoreLayout
+from meal_cache.store.schema import DEVELOPMENT_FORMATS, FORMAT, BlockSpec, StoreLayout, TeacherSpec
 from meal_cache.views.augment import Policy, Recipe, ViewParams, policy_from_json, recipe_for
 from meal_cache.views.mixing import Mixing, mixing_from_json
 
@@ -368,6 +368,13 @@ class TeacherStore:
                 self.group[range_key(full)][view, rows] = ranges
             self.group[full][view, rows] = values
         self.group[progress_key(teacher)][view, chunk] = True
+
+    def add_teachers(self, teachers: list[TeacherSpec], settings: dict) -> None:
+        """Grow the store by ``teachers`` (their arrays unwritten), recording the extract ``settings`` that include
+        them; the store is incomplete until their chunks are written. Nothing already stored changes."""
+        add_teacher_arrays(self.group, teachers, self.layout, self.num_views, self.n)
+        recorded = {**self.attrs["teachers"], **{t.key: t.to_json() for t in teachers}}
+        self.set_attrs(teachers=json_safe(recorded), settings=json_safe(settings), complete=False)
 
     def set_attrs(self, **values: Any) -> None:
         self.group.attrs.update(json_safe(values))

@@ -1,0 +1,83 @@
+"""Stores that grow (issue 41): extract with one more teacher onto a finished store writes only the new teacher's
+units, leaves what the store holds untouched, and ends as the store one extract of every teacher writes, array for
+array and attribute for attribute; the growth resumes after a kill; anything but added teachers is refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import zarr
+from by_hand import store_arrays
+
+import meal_cache.extract.run as extract_module
+from meal_cache.errors import UserError
+from meal_cache.extract.run import extract
+from meal_cache.store import open_store
+
+
+def _files(store) -> dict[str, int]:
+    """Each chunk file of the store with its modification time."""
+    return {str(p.relative_to(store)): p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+
+
+def _assert_same_store(a, b) -> None:
+    first, second = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    assert dict(first.attrs) == dict(second.attrs)
+    arrays_a, arrays_b = store_arrays(first), store_arrays(second)
+    assert arrays_a.keys() == arrays_b.keys()
+    for key in arrays_a:
+        assert (arrays_a[key] == arrays_b[key]).all(), key
+
+
+def test_a_teacher_added_to_a_store_gives_the_store_of_both(small_store, digits, tmp_path, interrupt_on_call):
+    together, config = small_store  # both teachers, 2 views and the identity view
+    grown = tmp_path / "grown.zarr"
+    extract(dataclasses.replace(config, teachers=["resnet8_w4"]), grown, progress=False, dataset=digits)
+    before = _files(grown / "teachers" / "resnet8_w4")
+    written = []
+    undo = interrupt_on_call(extract_module, "store_arrays", 4)  # killed in the new teacher's 4th unit
+    with pytest.raises(KeyboardInterrupt):
+        extract(config, grown, progress=False, dataset=digits)
+    undo()
+    partial = open_store(grown)
+    assert not partial.complete and 0 < partial.progress("densenet_k12").sum() < partial.progress("resnet8_w4").sum()
+    real = extract_module.store_arrays
+    extract_module.store_arrays = lambda *args, **kwargs: written.append(args) or real(*args, **kwargs)
+    try:
+        extract(config, grown, progress=False, dataset=digits)
+    finally:
+        extract_module.store_arrays = real
+    # Only the new teacher's missing (view, chunk) units ran on resume: 3 views x 6 chunks less the 3 done.
+    assert len(written) == 3 * 6 - 3
+    assert _files(grown / "teachers" / "resnet8_w4") == before  # the stored teacher's files untouched
+    _assert_same_store(together, grown)
+
+
+def test_only_added_teachers_grow_a_store(small_store, digits, tmp_path):
+    _, config = small_store
+    target = tmp_path / "s.zarr"
+    one = dataclasses.replace(config, teachers=["resnet8_w4"], views=1, identity_view=False)
+    extract(one, target, progress=False, dataset=digits)
+    with pytest.raises(UserError, match="other settings.*teacher_checkpoints.resnet8_w4.*there, absent now"):
+        extract(dataclasses.replace(one, teachers=["densenet_k12"]), target, progress=False, dataset=digits)
+    with pytest.raises(UserError, match="other settings.*views: 1 there, 2 now"):
+        extract(dataclasses.replace(one, teachers=config.teachers, views=2), target, progress=False, dataset=digits)
+    assert open_store(target).teacher_names == ["resnet8_w4"] and open_store(target).complete
+
+
+def test_a_store_with_divergent_views_is_not_grown(small_store, digits, teacher_dir, tmp_path):
+    """Divergent views are searched for on the teachers' disagreement: another teacher would change them."""
+    _, config = small_store
+    teachers = tmp_path / "teachers"
+    shutil.copytree(teacher_dir, teachers)
+    shutil.copy(teachers / "resnet8_w4.pt", teachers / "third.pt")
+    two = dataclasses.replace(config, views=1, identity_view=False, divergent_views=1, divergent_steps=1,
+                              teacher_dir=str(teachers))  # fmt: skip
+    target = tmp_path / "divergent.zarr"
+    extract(two, target, progress=False, dataset=digits)
+    with pytest.raises(UserError, match="holds divergent views, searched for on its teachers' disagreement"):
+        extract(dataclasses.replace(two, teachers=[*config.teachers, "third"]), target, progress=False,
+                dataset=digits)  # fmt: skip
+    assert open_store(target).teacher_names == config.teachers
