@@ -81,3 +81,22 @@ def test_a_store_with_divergent_views_is_not_grown(small_store, digits, teacher_
         extract(dataclasses.replace(two, teachers=[*config.teachers, "third"]), target, progress=False,
                 dataset=digits)  # fmt: skip
     assert open_store(target).teacher_names == config.teachers
+
+
+def test_more_views_grow_a_store_of_augmented_views(small_store, digits, tmp_path):
+    """A 1-view store asked for 2 views (RandAugment and CutMix drawn, so every kind of view array is grown)
+    gains view 1 and equals a 2-view store; its view 0 keeps its files."""
+    _, config = small_store
+    mixed = dataclasses.replace(config, teachers=["resnet8_w4"], identity_view=False, recipe="randaugment",
+                                cutmix=1.0)  # fmt: skip
+    at_once, grown = tmp_path / "two.zarr", tmp_path / "grown.zarr"
+    extract(dataclasses.replace(mixed, views=2), at_once, progress=False, dataset=digits)
+    extract(dataclasses.replace(mixed, views=1), grown, progress=False, dataset=digits)
+    first_views = {k: v for k, v in _files(grown).items() if "/c/0/" in k}
+    extract(dataclasses.replace(mixed, views=2), grown, progress=False, dataset=digits)
+    assert {k: v for k, v in _files(grown).items() if k in first_views} == first_views
+    _assert_same_store(at_once, grown)
+    with_identity = tmp_path / "identity.zarr"
+    shutil.copytree(small_store[0], with_identity)
+    with pytest.raises(UserError, match="holds an identity, divergent or dense view after its augmented ones"):
+        extract(dataclasses.replace(config, views=3), with_identity, progress=False, dataset=digits)

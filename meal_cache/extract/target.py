@@ -57,22 +57,14 @@ def open_or_create(
     drawn and its dataset and views described; an existing one of other settings is refused unless
     ``overwrite``."""
     if store_exists(out) and not overwrite:
-        return _existing(out, settings, teachers)
+        return _existing(config, out, dataset, teachers, settings)
     recipe = dataset.view_recipe(config.augment_options())
     split = dataset.split(config.split)
     n = len(split)
     sizes = split.source_sizes(config.workers)
     policy = augment.policy_for(config.recipe, recipe.name)
     mixing = config.mixing()
-
-    def draw(view: int) -> augment.ViewParams:
-        # Past the augmented views: the identity view, then the divergent views, which start from the
-        # un-augmented image (their crops say so, their pixels are stored).
-        if view >= config.views:
-            return augment.identity(sizes, recipe, policy, mixing)
-        generator = augment.view_generator(config.seed, view)
-        return augment.draw(recipe, sizes, generator, policy, mixing, dataset.image_size)
-
+    draw = _view_drawer(config, dataset, sizes)
     search = config.divergent_search()
     dense = config.dense_settings(dataset.image_size, dataset.streamed)
     if dense is not None:  # one view: the whole image, which the teachers see at the dense size
@@ -98,9 +90,29 @@ def open_or_create(
     )
 
 
-def _existing(out: str | Path, settings: dict, teachers: list[Teacher]) -> TeacherStore:
-    """The store at ``out`` to resume, or grown by the teachers it lacks where that is the only difference;
-    anything else is refused by name."""
+def _view_drawer(config: ExtractConfig, dataset: ImageDataset,
+                 sizes: torch.Tensor | None) -> Callable[[int], augment.ViewParams]:  # fmt: skip
+    """View ``view``'s parameters of every row, drawn from the seed and the view's index alone (so a view is the
+    same whichever extract draws it)."""
+    recipe = dataset.view_recipe(config.augment_options())
+    policy = augment.policy_for(config.recipe, recipe.name)
+    mixing = config.mixing()
+
+    def draw(view: int) -> augment.ViewParams:
+        # Past the augmented views: the identity view, then the divergent views, which start from the
+        # un-augmented image (their crops say so, their pixels are stored).
+        if view >= config.views:
+            return augment.identity(sizes, recipe, policy, mixing)
+        generator = augment.view_generator(config.seed, view)
+        return augment.draw(recipe, sizes, generator, policy, mixing, dataset.image_size)
+
+    return draw
+
+
+def _existing(config: ExtractConfig, out: str | Path, dataset: ImageDataset, teachers: list[Teacher],
+              settings: dict) -> TeacherStore:  # fmt: skip
+    """The store at ``out`` to resume, or grown by the teachers or augmented views it lacks where that is the only
+    difference; anything else is refused by name."""
     try:
         existing = open_store(out, mode="r+")
     except UnreadableFormat:
@@ -118,11 +130,32 @@ def _existing(out: str | Path, settings: dict, teachers: list[Teacher]) -> Teach
                             "--overwrite)")  # fmt: skip
         existing.add_teachers(added, settings)
         return existing
+    if grows_by_views(recorded, settings):
+        if existing.identity_view is not None or existing.divergent_views or existing.dense:
+            raise UserError(f"'{out}' holds an identity, divergent or dense view after its augmented ones, which more "
+                            "augmented views would move: extract the store again with every view (a new --out, or "
+                            "--overwrite)")  # fmt: skip
+        sizes = dataset.split(config.split).source_sizes(config.workers)
+        draw = _view_drawer(config, dataset, sizes)
+        recipe = dataset.view_recipe(config.augment_options())
+        views_info = _views_info(config, dataset, recipe, config.views, False,
+                                 augment.policy_for(config.recipe, recipe.name), config.mixing(), None)  # fmt: skip
+        existing.add_views([draw(view) for view in range(existing.num_views, config.views)], settings, views_info)
+        return existing
     difference = settings_difference(recorded, settings)
     raise SettingsMismatch(
         f"'{out}' was extracted with other settings ({difference}); "
         "pass --overwrite to replace it, or choose another --out"
     )
+
+
+def grows_by_views(recorded: dict | None, settings: dict) -> bool:
+    """Whether ``settings`` are ``recorded`` with more augmented views and nothing else changed: view ``v`` is
+    drawn from the seed and ``v`` alone, so the first views are the ones already stored."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("views"), int):
+        return False
+    same = {k: v for k, v in recorded.items() if k != "views"} == {k: v for k, v in settings.items() if k != "views"}
+    return same and settings.get("views", 0) > recorded["views"]
 
 
 def grows_by_teachers(recorded: dict | None, settings: dict) -> bool:

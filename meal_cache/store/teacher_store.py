@@ -376,6 +376,20 @@ class TeacherStore:
         recorded = {**self.attrs["teachers"], **{t.key: t.to_json() for t in teachers}}
         self.set_attrs(teachers=json_safe(recorded), settings=json_safe(settings), complete=False)
 
+    def add_views(self, views: list[ViewParams], settings: dict, views_info: dict) -> None:
+        """Grow the store by ``views`` after its last (their parameters written, every teacher's outputs of them
+        unwritten), recording the extract ``settings`` and ``views_info`` that include them; incomplete until their
+        chunks are written. Nothing already stored changes: a store of augmented views only, so no view moves."""
+        start, count = self.num_views, self.num_views + len(views)
+        outputs = [key for teacher in self.teacher_names for key in self.with_companions(self.feature_keys(teacher))]
+        for key in [*self.view_keys, *outputs, *(progress_key(t) for t in self.teacher_names)]:
+            array = self.group[key]
+            array.resize((count, *array.shape[1:]))
+        for offset, params in enumerate(views):
+            for key in self.view_keys:
+                self.group[key][start + offset] = getattr(params, view_field(key)).numpy()
+        self.set_attrs(views=views_info, settings=settings, complete=False)
+
     def set_attrs(self, **values: Any) -> None:
         self.group.attrs.update(json_safe(values))
 
