@@ -20,16 +20,16 @@ STORE_MAY_NOT_IMPORT = ("meal_cache.nets", "meal_cache.extract", "meal_cache.dis
 # in this order, so no circle can run between two of them. Top-level modules are named as they are.
 MAY_IMPORT: dict[str, set[str]] = {
     "views": {"errors", "registry"},
-    "data": {"errors", "registry", "views"},
-    "store": {"errors", "registry", "views"},
-    "nets": {"errors", "registry", "runtime", "projection", "data", "views", "store"},
-    "engine": {"errors", "registry", "runtime", "losses", "data", "views", "nets", "store"},
-    "extract": {"errors", "registry", "runtime", "dense", "projection", "data", "views", "nets", "store", "engine",
-                "distill"},
-    "distill": {"meal_cache", "errors", "registry", "runtime", "losses", "dense", "projection", "analysis", "data",
-                "views", "nets", "store", "engine"},
-    "pipeline": {"errors", "registry", "runtime", "analysis", "data", "views", "nets", "store", "engine", "extract",
-                 "distill"},
+    "data": {"errors", "registry", "remote", "views"},
+    "store": {"errors", "registry", "remote", "views"},
+    "nets": {"errors", "registry", "remote", "runtime", "projection", "data", "views", "store"},
+    "engine": {"errors", "registry", "remote", "runtime", "losses", "data", "views", "nets", "store"},
+    "extract": {"errors", "registry", "remote", "runtime", "dense", "projection", "data", "views", "nets", "store",
+                "engine", "distill"},
+    "distill": {"meal_cache", "errors", "registry", "remote", "runtime", "losses", "dense", "projection", "analysis",
+                "data", "views", "nets", "store", "engine"},
+    "pipeline": {"errors", "registry", "remote", "runtime", "analysis", "data", "views", "nets", "store", "engine",
+                 "extract", "distill"},
 }  # fmt: skip
 # The flat modules the top level may hold beside the stage packages (issue 38: at most 12).
 MOST_FLAT_MODULES = 12

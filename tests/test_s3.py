@@ -248,3 +248,38 @@ def test_errors_doc_lists_the_s3_rows():
     text = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
     for case in BAD_INPUTS:
         assert f"| {case} |" in text, case
+
+
+def test_shards_in_a_bucket_give_the_store_of_the_same_shards_on_disk(s3, tmp_path):
+    """``--data wds:s3://...`` (issue 40): tar shards uploaded with s3fs are listed, indexed (tar headers through
+    ranged reads) and read row by row from the bucket by the console script; the store equals one extracted from
+    the same shards on disk, array for array. A bucket that is not there is one line, as for stores."""
+    from test_wds import digit_samples, write_shards
+
+    from meal_cache.engine.train import TrainConfig, train_supervised
+
+    local = write_shards(tmp_path / "shards", digit_samples(count=40), held_out=10)
+    filesystem = _bucket(s3)
+    for path in local.iterdir():
+        filesystem.put_file(str(path), f"{BUCKET}/shards/{path.name}")
+    teachers = tmp_path / "teachers"
+    train_supervised(TrainConfig(arch=TEACHER, data=f"wds:{local}", image_size=16, epochs=1, batch_size=16,
+                                 device="cpu", workers=0), teachers / f"{TEACHER}.pt", progress=False)  # fmt: skip
+    args = ["extract", "--teachers", TEACHER, "--teacher-dir", str(teachers), "--views", "1", "--image-size", "16",
+            "--workers", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+    from_bucket = run_console([*args, "--data", f"wds:s3://{BUCKET}/shards", "--out", str(tmp_path / "s3.zarr")],
+                              tmp_path, **s3)  # fmt: skip
+    assert from_bucket.returncode == 0, from_bucket.stderr[-3000:]
+    torch.set_num_threads(1)
+    config = ExtractConfig(teachers=[TEACHER], data=f"wds:{local}", views=1, image_size=16, teacher_dir=str(teachers),
+                           device="cpu", workers=0)  # fmt: skip
+    extract(config, tmp_path / "disk.zarr", progress=False)
+    remote, disk = (zarr.open_group(str(tmp_path / name), mode="r") for name in ("s3.zarr", "disk.zarr"))
+    assert remote.attrs["dataset"]["fingerprint"] == disk.attrs["dataset"]["fingerprint"]
+    remote_arrays, disk_arrays = store_arrays(remote), store_arrays(disk)
+    assert remote_arrays.keys() == disk_arrays.keys()
+    for key, value in disk_arrays.items():
+        np.testing.assert_array_equal(remote_arrays[key], value, err_msg=key)
+    line = one_error_line(run_console([*args, "--data", "wds:s3://no-such-bucket/shards", "--out",
+                                       str(tmp_path / "none.zarr")], tmp_path, **s3))  # fmt: skip
+    assert "S3 bucket 'no-such-bucket'" in line and "does not exist" in line, line

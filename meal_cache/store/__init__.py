@@ -45,7 +45,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "DEVELOPMENT_FORMATS", "DTYPES", "FORMAT", "BlockSpec", "StoreLayout", "TeacherSpec",
     ),
     "codecs": ("QUANTIZE_BITS", "dequantize_rows", "lossy_filters", "parse_codec", "quantize_rows"),
-    "create": ("ARRAY_CONFIG", "create_group", "is_url", "json_safe", "remove_store", "store_exists"),
+    "create": ("ARRAY_CONFIG", "create_group", "json_safe", "remove_store", "store_exists"),
     "teacher_store": ("TeacherStore", "create_store", "open_store"),
     "verify": ("VERIFY_CHUNKS_AT_ONCE", "ChunkProblem", "VerifyReport", "repair_store", "verify_store"),
     "describe": ("describe_store",),

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ import torch
 from meal_cache.data.encoded import EncodedSplit
 from meal_cache.data.loader import DatasetSource, LoadOptions, RawDataset, local_path
 from meal_cache.errors import UserError
+from meal_cache.remote import check_bucket, filesystem_of, is_url, object_storage_errors
 from meal_cache.views import augment
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -53,9 +55,14 @@ class ShardReader:
 
     def read(self, index: int, limit: int | None = None) -> bytes:
         length = int(self.lengths[index]) if limit is None else min(limit, int(self.lengths[index]))
-        with open(self.shards[int(self.shard_of[index])], "rb") as shard:
-            shard.seek(int(self.offsets[index]))
-            return shard.read(length)
+        shard, start = self.shards[int(self.shard_of[index])], int(self.offsets[index])
+        if is_url(shard):  # one ranged GET
+            filesystem, path = filesystem_of(shard)
+            with object_storage_errors(shard):
+                return filesystem.cat_file(path, start=start, end=start + length)
+        with open(shard, "rb") as file:
+            file.seek(start)
+            return file.read(length)
 
     def identity(self) -> bytes:
         return json.dumps([[os.path.basename(s), n] for s, n in zip(self.shards, self.shard_bytes, strict=True)])\
@@ -65,27 +72,52 @@ class ShardReader:
         return "replace that sample in its shard (the dataset's fingerprint then changes: extract again)"
 
 
-def _shard_paths(location: str) -> list[Path]:
+@dataclass(frozen=True)
+class _Place:
+    """Where the shards are: a local folder or an fsspec URL's filesystem (``s3://bucket/imagenet-wds``)."""
+
+    filesystem: Any
+    url: bool
+
+    def full(self, path: str) -> str:
+        """``path`` as the reader names it: a URL keeps its protocol."""
+        return self.filesystem.unstrip_protocol(path) if self.url else path
+
+
+def _place(location: str) -> tuple[_Place, str]:
+    if not is_url(location):
+        from fsspec.implementations.local import LocalFileSystem
+
+        return _Place(LocalFileSystem(), False), str(local_path("wds", location))
+    filesystem, root = filesystem_of(location)
+    with object_storage_errors(location):
+        check_bucket(filesystem, root.split("{")[0], location)
+    return _Place(filesystem, True), root
+
+
+def _shard_paths(location: str) -> tuple[_Place, list[str]]:
     """The shards a folder holds (``*.tar``), or a brace pattern's, every one of which must exist."""
-    if "{" in location:
-        from webdataset.shardlists import expand_urls
+    place, root = _place(location)
+    filesystem = place.filesystem
+    with object_storage_errors(location):
+        if "{" in location:
+            from webdataset.shardlists import expand_urls
 
-        paths = [Path(p) for p in expand_urls(location)]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise UserError(f"wds '{location}': shard '{missing[0]}'{more} does not exist")
-        return paths
-    root = local_path("wds", location)
-    if not root.exists():
-        raise UserError(f"wds '{location}': folder does not exist")
-    if root.is_file():
-        raise UserError(f"wds '{location}' is a file; give the folder of its shards or a brace pattern")
-    return sorted(root.glob("*.tar"))
+            paths = list(expand_urls(root))
+            missing = [p for p in paths if not filesystem.isfile(p)]
+            if missing:
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                raise UserError(f"wds '{location}': shard '{place.full(missing[0])}'{more} does not exist")
+            return place, paths
+        if not filesystem.exists(root):
+            raise UserError(f"wds '{location}': folder does not exist")
+        if filesystem.isfile(root):
+            raise UserError(f"wds '{location}' is a file; give the folder of its shards or a brace pattern")
+        return place, sorted(filesystem.glob(root.rstrip("/") + "/*.tar"))
 
 
-def _split_of(shard: Path) -> str | None:
-    name = shard.name
+def _split_of(shard: str) -> str | None:
+    name = posixpath.basename(shard)
     if any(name.startswith(f"{p}-") or name.startswith(f"{p}_") for p in TRAIN_PREFIXES):
         return "train"
     if any(name.startswith(f"{p}-") or name.startswith(f"{p}_") for p in HELD_OUT_PREFIXES):
@@ -101,13 +133,14 @@ class _Sample:
     label_suffix: str = ""
 
 
-def _index_shard(path: Path) -> tuple[list[str], list[_Sample], tarfile.TarFile]:
+def _index_shard(place: _Place, path: str) -> tuple[list[str], list[_Sample], tarfile.TarFile]:
     """The shard's samples in order, their image and label members (an open tar, to read the labels)."""
     from webdataset.tariterators import base_plus_ext
 
-    size = path.stat().st_size
+    size = place.filesystem.size(path)
+    path = place.full(path)
     try:
-        tar = tarfile.open(path, "r:")
+        tar = tarfile.open(path, "r:") if not place.url else tarfile.open(fileobj=_opened(place, path), mode="r:")
     except (tarfile.TarError, OSError) as err:
         raise UserError(f"wds shard '{path}' is not a readable tar file ({err}); rewrite or remove it") from err
     try:
@@ -136,7 +169,12 @@ def _index_shard(path: Path) -> tuple[list[str], list[_Sample], tarfile.TarFile]
     return keys, [samples[k] for k in keys], tar
 
 
-def _label(tar: tarfile.TarFile, path: Path, key: str, sample: _Sample) -> int:
+def _opened(place: _Place, url: str):
+    """A seekable file of the shard at ``url`` (reads are ranged GETs through a read-ahead block cache)."""
+    return place.filesystem.open(filesystem_of(url)[1], "rb")
+
+
+def _label(tar: tarfile.TarFile, path: str, key: str, sample: _Sample) -> int:
     where = f"sample '{key}' of wds shard '{path}'"
     if sample.image is None:
         raise UserError(f"{where} has no image (a member {', '.join('.' + s for s in IMAGE_SUFFIXES)}); "
@@ -154,20 +192,21 @@ def _label(tar: tarfile.TarFile, path: Path, key: str, sample: _Sample) -> int:
     return label
 
 
-def _class_names(folder: Path, num_classes: int) -> tuple[str, ...]:
+def _class_names(place: _Place, folder: str, num_classes: int) -> tuple[str, ...]:
     """``classes.txt`` or ``_info.json``'s ``classes`` beside the shards, else the label numbers as text."""
-    listed = folder / "classes.txt"
-    info = folder / "_info.json"
+    filesystem = place.filesystem
+    listed, info = posixpath.join(folder, "classes.txt"), posixpath.join(folder, "_info.json")
     names: list[str] | None = None
-    if listed.is_file():
-        names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
-        origin = listed
-    elif info.is_file():
+    if filesystem.isfile(listed):
+        text = filesystem.cat_file(listed).decode()
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+        origin = place.full(listed)
+    elif filesystem.isfile(info):
+        origin = place.full(info)
         try:
-            names = list(json.loads(info.read_text())["classes"])
+            names = list(json.loads(filesystem.cat_file(info))["classes"])
         except (ValueError, KeyError, TypeError) as err:
-            raise UserError(f"wds '{info}' is not JSON with a list 'classes' ({err})") from err
-        origin = info
+            raise UserError(f"wds '{origin}' is not JSON with a list 'classes' ({err})") from err
     if names is None:
         return tuple(str(c) for c in range(num_classes))
     if len(names) < num_classes:
@@ -176,10 +215,10 @@ def _class_names(folder: Path, num_classes: int) -> tuple[str, ...]:
     return tuple(str(n) for n in names)
 
 
-def index_shards(location: str) -> tuple[ShardReader, dict[str, np.ndarray], np.ndarray, Path]:
+def index_shards(location: str) -> tuple[ShardReader, dict[str, np.ndarray], np.ndarray, _Place, str]:
     """The reader over every shard of ``location``, each split's reader rows, every row's label, and the shards'
-    folder."""
-    shards = _shard_paths(location)
+    place and folder."""
+    place, shards = _shard_paths(location)
     by_split = {"train": [s for s in shards if _split_of(s) == "train"],
                 "test": [s for s in shards if _split_of(s) == "test"]}  # fmt: skip
     for split, wanted in (("train", "train-*.tar"), ("test", "val-*.tar or validation-*.tar (or test-*.tar)")):
@@ -190,34 +229,36 @@ def index_shards(location: str) -> tuple[ShardReader, dict[str, np.ndarray], np.
     shard_of, offsets, lengths, names, labels = [], [], [], [], []
     split_rows: dict[str, list[int]] = {"train": [], "test": []}
     for number, path in enumerate(ordered):
-        keys, samples, tar = _index_shard(path)
+        keys, samples, tar = _index_shard(place, path)
         with tar:
             for key, sample in zip(keys, samples, strict=True):
-                labels.append(_label(tar, path, key, sample))
+                labels.append(_label(tar, place.full(path), key, sample))
                 split_rows[_split_of(path)].append(len(offsets))
                 shard_of.append(number)
                 offsets.append(sample.image.offset_data)
                 lengths.append(sample.image.size)
-                names.append(os.fsencode(f"{path.name}/{key}.{sample.image_suffix}"))
+                names.append(os.fsencode(f"{posixpath.basename(path)}/{key}.{sample.image_suffix}"))
     for split, rows in split_rows.items():
         if not rows:
             raise UserError(f"wds '{location}': the {split} shards hold no samples")
-    reader = ShardReader(str(location), tuple(str(p) for p in ordered), tuple(p.stat().st_size for p in ordered),
+    with object_storage_errors(location):
+        sizes = tuple(int(place.filesystem.size(p)) for p in ordered)
+    reader = ShardReader(str(location), tuple(place.full(p) for p in ordered), sizes,
                          np.asarray(shard_of, dtype=np.int32), np.asarray(offsets, dtype=np.int64),
                          np.asarray(lengths, dtype=np.int64), np.array(names, dtype=bytes))  # fmt: skip
     rows = {split: np.asarray(r, dtype=np.int64) for split, r in split_rows.items()}
-    return reader, rows, np.asarray(labels, dtype=np.int64), ordered[0].parent
+    return reader, rows, np.asarray(labels, dtype=np.int64), place, posixpath.dirname(ordered[0])
 
 
 def _load_wds(arg: str | None, options: LoadOptions) -> RawDataset:
     """Shards streamed at --image-size (default 224), as a streamed image folder is."""
-    reader, rows, labels, folder = index_shards(arg)
+    reader, rows, labels, place, folder = index_shards(arg)
     num_classes = int(labels[rows["train"]].max()) + 1
     unknown = labels[rows["test"]] >= num_classes
     if unknown.any():
         raise UserError(f"wds '{arg}': held-out label {int(labels[rows['test']][unknown][0])} is not a class of the "
                         f"train shards (0..{num_classes - 1})")  # fmt: skip
-    classes = _class_names(folder, num_classes)
+    classes = _class_names(place, folder, num_classes)
     size = options.image_size or STREAM_IMAGE_SIZE
     train, test = (EncodedSplit(reader, rows[s], torch.from_numpy(labels[rows[s]]), size) for s in ("train", "test"))
     return RawDataset(train, test, classes, augment.FULL_RECIPE, IMAGENET_MEAN, IMAGENET_STD)
