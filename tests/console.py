@@ -49,3 +49,18 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr[-3000:]
     return lines[0]
+
+
+def one_error_line_in_process(args: list[str]) -> str:
+    """:func:`one_error_line` of ``meal-cache ARGS`` run in this process through click (no interpreter start, so a
+    test of many refusals pays for one launch, not one each: run one case through :func:`run_console`)."""
+    from click.testing import CliRunner
+
+    from meal_cache.cli import main
+
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exc_info)
+    assert isinstance(result.exception, SystemExit), result.exc_info  # anything else would print a traceback
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr[-3000:]
+    return lines[0]

@@ -71,7 +71,7 @@ def test_extracts_bar_moves_once_a_batch_not_once_a_chunk(teacher_dir, digits, t
 
 def test_ctrl_c_says_how_to_resume_and_the_same_command_does(teacher_dir, tmp_path):
     out = tmp_path / "feats.zarr"
-    command = _cli("extract", "--teachers", "resnet8_w4,densenet_k12", "--views", "40", "--teacher-dir",
+    command = _cli("extract", "--teachers", "resnet8_w4,densenet_k12", "--views", "8", "--teacher-dir",
                    str(teacher_dir), "--device", "cpu", "--out", str(out))  # fmt: skip
     # A user's shell starts the command with Ctrl-C at its default; a test process may have inherited SIGINT ignored
     # (an ignored signal stays ignored across exec, and Python then installs no KeyboardInterrupt handler).

@@ -11,8 +11,10 @@ import dataclasses
 
 import pytest
 import torch
+from click.testing import CliRunner
 from console import run_console
 
+from meal_cache.cli import main
 from meal_cache.distill import DistillConfig, available_methods, method_class
 from meal_cache.errors import UserError
 from meal_cache.extract.config import ExtractConfig, fitted_to_data
@@ -100,16 +102,17 @@ def test_extract_for_kd_at_100_classes_draws_16_and_distill_reads_them_where_mea
     distill kd from it, and meal-v2 from it refused in one line that says what to extract instead."""
     data = "digit-pairs:100"
     teachers = tmp_path / "teachers"
-    trained = run_console(["train", "--arch", "resnet8_w4", "--data", data, "--epochs", "1", "--device", "cpu",
-                           "--out", str(teachers / "resnet8_w4.pt"), "--quiet"], tmp_path)  # fmt: skip
-    assert trained.returncode == 0, trained.stderr
+    from meal_cache.engine.train import TrainConfig, train_supervised
+
+    train_supervised(TrainConfig(arch="resnet8_w4", data=data, epochs=1, device="cpu"), teachers / "resnet8_w4.pt",
+                     progress=False)  # fmt: skip
     store = tmp_path / "kd.zarr"
     made = run_console(["extract", "--teachers", "resnet8_w4", "--teacher-dir", str(teachers), "--data", data,
                         "--for", "kd", "--views", "1", "--device", "cpu", "--out", str(store), "--quiet"],
                        tmp_path)  # fmt: skip
     assert made.returncode == 0, made.stderr
-    info = run_console(["info", str(store)], tmp_path)
-    assert info.returncode == 0 and "16 drawn" in info.stdout, info.stdout
+    info = CliRunner().invoke(main, ["info", str(store)])
+    assert info.exit_code == 0 and "16 drawn" in info.stdout, info.stdout
     kd = run_console(["distill", "--store", str(store), "--student", "resnet8_w4", "--method", "kd", "--epochs", "1",
                       "--device", "cpu", "--out", str(tmp_path / "kd"), "--quiet"], tmp_path)  # fmt: skip
     assert kd.returncode == 0, kd.stderr
