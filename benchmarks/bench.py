@@ -686,11 +686,10 @@ def bench_stream_memory(work: Path, counts: tuple[int, int], size: int = 32) -> 
     return result
 
 
-def bench_decode(root: Path, repeats: int) -> dict:
-    """Images per second of one decoding worker: the FileSource over the training split's evaluation views (after
-    a first pass that starts the worker and warms the page cache)."""
-    data = load_dataset(f"imagefolder:{root}", image_size=224)
-    split = data.train
+def bench_decode_spec(spec: str, repeats: int) -> float:
+    """Images per second of one decoding worker: the dataset's FileSource over its training split's evaluation
+    views at 224 px (after a first pass that starts the worker and warms the page cache)."""
+    split = load_dataset(spec, image_size=224).train
     view = split.eval_view(STREAM_WORKERS)
     source = split.open(torch.device("cpu"), STREAM_WORKERS)
 
@@ -701,7 +700,57 @@ def bench_decode(root: Path, repeats: int) -> dict:
     drain()
     seconds = median_time(drain, repeats)
     source.close()
-    return {"decode_images": len(split), "decode_images_per_s_per_worker": len(split) / seconds}
+    return len(split) / seconds
+
+
+def bench_decode(root: Path, repeats: int) -> dict:
+    """Images per second of one decoding worker over the image folder (:func:`bench_decode_spec`)."""
+    images = len(load_dataset(f"imagefolder:{root}", image_size=224).train)
+    return {"decode_images": images, "decode_images_per_s_per_worker": bench_decode_spec(f"imagefolder:{root}",
+                                                                                          repeats)}  # fmt: skip
+
+
+def folder_as_shards_and_parquet(root: Path, work: Path, per_shard: int = 64) -> tuple[Path, Path]:
+    """The image folder's files as WebDataset shards (``train-NNN.tar``, ``val-NNN.tar``, webdataset's TarWriter,
+    ``classes.txt``) and as hub-style parquet (``data/{train,validation}-*.parquet``, ``datasets``' Image and
+    ClassLabel features): the same encoded bytes in each, so a decode rate compares the readers alone."""
+    import datasets
+    import webdataset
+
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    shards, parquet = work / "shards", work / "parquet" / "data"
+    shards.mkdir(parents=True)
+    parquet.mkdir(parents=True)
+    (shards / "classes.txt").write_text("\n".join(classes) + "\n")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    for split, hub_split in (("train", "train"), ("val", "validation")):
+        files = sorted((root / split).glob("*/*"))
+        for number, start in enumerate(range(0, len(files), per_shard)):
+            with webdataset.TarWriter(str(shards / f"{split}-{number:03d}.tar")) as sink:
+                for index, path in enumerate(files[start : start + per_shard], start):
+                    sink.write({"__key__": f"{index:06d}", path.suffix[1:].lower(): path.read_bytes(),
+                                "cls": str(classes.index(path.parent.name))})  # fmt: skip
+        table = datasets.Dataset.from_dict(
+            {
+                "image": [{"bytes": p.read_bytes(), "path": p.name} for p in files],
+                "label": [classes.index(p.parent.name) for p in files],
+            },
+            features,
+        )
+        table.to_parquet(str(parquet / f"{hub_split}-00000-of-00001.parquet"))
+    return shards, parquet.parent
+
+
+def bench_decode_sources(work: Path, root: Path, repeats: int) -> dict:
+    """One decoding worker's images per second over the same JPEGs as an image folder, as WebDataset shards and as
+    parquet (issue 40), each at 224 px: the shard and parquet readers' cost beside the folder's."""
+    shards, parquet = folder_as_shards_and_parquet(root, work / "sources")
+    rates = {}
+    for name, spec in (("imagefolder", f"imagefolder:{root}"), ("wds", f"wds:{shards}"), ("hf", f"hf:{parquet}")):
+        rates[name] = bench_decode_spec(spec, repeats)
+    return {**{f"decode_{name}_images_per_s_per_worker": rate for name, rate in rates.items()},
+            "decode_wds_vs_imagefolder": rates["wds"] / rates["imagefolder"],
+            "decode_hf_vs_imagefolder": rates["hf"] / rates["imagefolder"]}  # fmt: skip
 
 
 def bench_stream(work: Path, repeats: int, train: int = 400, multicrop: int = 200,
@@ -713,6 +762,7 @@ def bench_stream(work: Path, repeats: int, train: int = 400, multicrop: int = 20
     results.update(bench_stream_multicrop(work, image_folder(work / "multicrop-folder", 10, multicrop // 10, 1, 1),
                                           repeats))  # fmt: skip
     results.update(bench_decode(root, repeats))
+    results.update(bench_decode_sources(work, root, repeats))
     results.update(bench_stream_memory(work, rss))
     results["workers"], results["batch_size"] = STREAM_WORKERS, STREAM_BATCH
     return results
