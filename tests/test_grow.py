@@ -8,6 +8,7 @@ import dataclasses
 import shutil
 
 import pytest
+import torch
 import zarr
 from by_hand import store_arrays
 
@@ -15,6 +16,8 @@ import meal_cache.extract.run as extract_module
 from meal_cache.errors import UserError
 from meal_cache.extract.run import extract
 from meal_cache.store import open_store
+
+TEACHERS = ["resnet8_w4", "densenet_k12"]
 
 
 def _files(store) -> dict[str, int]:
@@ -100,3 +103,39 @@ def test_more_views_grow_a_store_of_augmented_views(small_store, digits, tmp_pat
     shutil.copytree(small_store[0], with_identity)
     with pytest.raises(UserError, match="holds an identity, divergent or dense view after its augmented ones"):
         extract(dataclasses.replace(config, views=3), with_identity, progress=False, dataset=digits)
+
+
+def test_a_distill_run_started_before_the_store_grew_resumes_on_what_it_read(small_store, digits, tmp_path,
+                                                                              interrupt_on_call):  # fmt: skip
+    """Killed in its second epoch, the store then grown by a teacher, the run resumes on the first teacher's
+    targets alone and ends with the weights of a run on the store before it grew; a new run reads both."""
+    from meal_cache.distill import DistillConfig, distill
+    from meal_cache.engine import loop as loop_module
+    from meal_cache.nets.checkpoint import load_checkpoint
+
+    _, config = small_store
+    one = dataclasses.replace(config, teachers=["resnet8_w4"], views=1, identity_view=False)
+    before, grown = tmp_path / "before.zarr", tmp_path / "grown.zarr"
+    extract(one, before, progress=False, dataset=digits)
+    shutil.copytree(before, grown)
+
+    def distilled(store):
+        return DistillConfig(store=str(store), student="resnet8_w4", method="kd", epochs=2, batch_size=128,
+                             device="cpu", workers=0)  # fmt: skip
+
+    distill(distilled(before), tmp_path / "whole", progress=False, dataset=digits)
+    undo = interrupt_on_call(loop_module, "evaluate", 2)  # in the second epoch
+    with pytest.raises(KeyboardInterrupt):
+        distill(distilled(grown), tmp_path / "run", progress=False, dataset=digits)
+    undo()
+    extract(dataclasses.replace(one, teachers=config.teachers), grown, progress=False, dataset=digits)
+    assert open_store(grown).teacher_names == config.teachers
+    distill(distilled(grown), tmp_path / "run", resume=True, progress=False, dataset=digits)
+    whole, resumed = (load_checkpoint(tmp_path / run / "student.pt")["model"] for run in ("whole", "run"))
+    assert whole.keys() == resumed.keys()
+    for key, value in whole.items():
+        assert torch.equal(value, resumed[key]), key
+    recorded = load_checkpoint(tmp_path / "run" / "last.pt")["store_settings"]["teacher_checkpoints"]
+    assert list(recorded) == ["resnet8_w4"]  # the resumed run read, and records, the store as it began on it
+    distill(distilled(grown), tmp_path / "fresh", progress=False, dataset=digits)
+    assert list(load_checkpoint(tmp_path / "fresh" / "last.pt")["store_settings"]["teacher_checkpoints"]) == TEACHERS

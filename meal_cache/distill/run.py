@@ -32,6 +32,7 @@ from meal_cache.engine.loop import TENSORBOARD_DIR, Optimisation, Schedule, Stag
 from meal_cache.errors import UserError
 from meal_cache.nets.models import create_model
 from meal_cache.runtime import Precision, seed_everything
+from meal_cache.store.growth import as_recorded
 from meal_cache.store.teacher_store import TeacherStore, open_store
 from meal_cache.store.verify import verify_store
 
@@ -79,7 +80,8 @@ def distill(
     state = resume_state(out, out / "last.pt", config_json(config), resume, overwrite,
                          out.exists() and any(out.iterdir()), occupied)  # fmt: skip
     world.barrier()  # every rank has looked at ``out`` before rank 0 writes into it
-    run = build_run(config, world, device, dataset, progress)
+    # A run resumed on a store that has grown since (more teachers or views) reads it as it was.
+    run = build_run(config, world, device, dataset, progress, None if state is None else state.get("store_settings"))
     start_epoch, history = run.restore(state)
     if world.is_main:
         run.start_output(out, fresh=state is None)
@@ -110,11 +112,17 @@ def distill(
 
 
 def build_run(
-    config: DistillConfig, world: World, device: torch.device, dataset: ImageDataset | None, progress: bool
+    config: DistillConfig,
+    world: World,
+    device: torch.device,
+    dataset: ImageDataset | None,
+    progress: bool,
+    store_settings: dict | None = None,
 ) -> DistillRun:
     """Open the store, load (or check) its dataset, and build the distiller, its optimisers and the batch source.
-    The student and the discriminators are initialised from ``config.seed``."""
-    store = open_store(config.store)
+    The student and the discriminators are initialised from ``config.seed``. ``store_settings``: the store's
+    settings a resumed run started on, where it has grown since (its first teachers and views are then read)."""
+    store = as_recorded(open_store(config.store), store_settings)
     if config.online:  # by name, before the dataset is loaded and any teacher is
         online_teacher_keys(config, store)
     if dataset is None:

@@ -14,6 +14,7 @@ from meal_cache.data.source import used_decode
 from meal_cache.dense import whole_image
 from meal_cache.errors import SettingsMismatch, UnreadableFormat, UserError, settings_difference
 from meal_cache.store.create import store_exists
+from meal_cache.store.growth import grows_by_teachers, grows_by_views
 from meal_cache.store.schema import StoreLayout
 from meal_cache.store.teacher_store import TeacherStore, create_store, open_store
 from meal_cache.views import augment
@@ -147,29 +148,6 @@ def _existing(config: ExtractConfig, out: str | Path, dataset: ImageDataset, tea
         f"'{out}' was extracted with other settings ({difference}); "
         "pass --overwrite to replace it, or choose another --out"
     )
-
-
-def grows_by_views(recorded: dict | None, settings: dict) -> bool:
-    """Whether ``settings`` are ``recorded`` with more augmented views and nothing else changed: view ``v`` is
-    drawn from the seed and ``v`` alone, so the first views are the ones already stored."""
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("views"), int):
-        return False
-    same = {k: v for k, v in recorded.items() if k != "views"} == {k: v for k, v in settings.items() if k != "views"}
-    return same and settings.get("views", 0) > recorded["views"]
-
-
-def grows_by_teachers(recorded: dict | None, settings: dict) -> bool:
-    """Whether ``settings`` are ``recorded`` with teachers added: every recorded teacher kept (its checkpoint
-    unchanged) and nothing else changed. A teacher's outputs depend on nothing but its checkpoint, the views and
-    the layout, so the new teachers' arrays are what one extract of them all would have written."""
-    if not isinstance(recorded, dict):
-        return False
-    had, has = recorded.get("teacher_checkpoints", {}), settings.get("teacher_checkpoints", {})
-    kept = all(has.get(key) == checkpoint for key, checkpoint in had.items())
-    others = ("teachers", "teacher_checkpoints")
-    same = {k: v for k, v in recorded.items() if k not in others} == {k: v for k, v in settings.items()
-                                                                        if k not in others}  # fmt: skip
-    return kept and same and len(has) > len(had)
 
 
 def _dataset_attrs(config: ExtractConfig, dataset: ImageDataset, split, device: torch.device) -> dict:
