@@ -67,8 +67,9 @@ def remove_store(path: str | Path) -> None:
 def sole_writer(path: str | Path) -> Iterator[None]:
     """Hold the store at ``path`` for one extract: a second one started on it while the first runs (creating it,
     or writing its chunks) is one error, not two writers removing each other's half-made store. A local store's
-    lock is ``.NAME.lock`` beside it (kept; the operating system releases it when its process ends, so a killed
-    extract never blocks the next). Object storage has no lock: there, one extract a store is the user's to keep."""
+    lock is ``.NAME.lock`` beside it, removed when the extract ends; the operating system drops the hold of a killed
+    one, so its leftover file never blocks the next. Object storage has no lock: there, one extract a store is the
+    user's to keep."""
     if is_url(path):
         yield
         return
@@ -80,7 +81,12 @@ def sole_writer(path: str | Path) -> Iterator[None]:
     with open(lock, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Held, but perhaps on a file the previous holder removed as this one opened it: the lock is the
+            # file at the path now.
+            held = lock.exists() and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
         except BlockingIOError:
+            held = False
+        if not held:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise UserError(f"another extract is writing '{path}' (process {holder}); wait for it to finish "
@@ -92,6 +98,7 @@ def sole_writer(path: str | Path) -> Iterator[None]:
         try:
             yield
         finally:
+            lock.unlink(missing_ok=True)  # before the hold ends, so no one takes a file that is going away
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
