@@ -17,6 +17,7 @@ from meal_cache.cli.options import (
     SuggestingChoice,
     optimization_options,
 )
+from meal_cache.cli.paths import existing_store
 
 
 def _discriminator_names(value: str) -> list[str]:
@@ -106,7 +107,14 @@ def _floats(text: str) -> list[float]:
 
 
 @click.command()
-@click.option("--store", required=True, type=click.Path(), help="The teacher cache written by `meal-cache extract`.")
+@click.option(
+    "--store",
+    required=True,
+    type=click.Path(),
+    callback=existing_store,
+    is_eager=True,
+    help="The teacher cache written by `meal-cache extract`.",
+)
 @click.option(
     "--student",
     default=None,
