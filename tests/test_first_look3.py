@@ -191,3 +191,57 @@ def test_a_lossy_reference_is_named_and_given_no_verdict(lossy_pair):
     assert "  the reference is lossy (the top 3 logits, exact at T=4): these are differences" in "\n".join(lines)
     assert lines[-1].startswith("verdict: none, the reference is lossy (the top 3 logits, exact at T=4): extract")
     assert not any("within the bars" in line for line in lines)
+
+
+# ------------------------------------------------------------------------------- resume says what it kept
+
+FEW_DIGITS = "digits?train_fraction=0.2"
+
+
+def test_a_resumed_train_says_what_it_kept_and_which_epoch_comes_next(tmp_path, interrupt_on_call, capsys):
+    import meal_cache.engine.loop as loop_module
+    from meal_cache.engine.train import TrainConfig, train_supervised
+    from meal_cache.nets.checkpoint import load_checkpoint
+
+    config = TrainConfig(arch="resnet8_w4", data=FEW_DIGITS, epochs=3, seed=1, device="cpu", eval_every=3)
+    out = tmp_path / "t.pt"
+    undo = interrupt_on_call(loop_module, "run_epoch", 3)
+    with pytest.raises(KeyboardInterrupt):
+        train_supervised(config, out, progress=False)
+    undo()
+    saved = load_checkpoint(out)
+    assert saved["epoch"] == 2 and len(saved["history"]) == 2 and saved["optimizer"]["state"]
+    capsys.readouterr()
+    resumed = train_supervised(config, out, resume=True, progress=False)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"resuming '{out}' after epoch 2 of 3: kept the network's weights, its optimizer's state (momentum), the "
+        "metrics of epochs 1-2; continuing with epoch 3"
+    )
+    assert resumed["history"][:2] == saved["history"] and resumed["history"][2]["epoch"] == 3
+    train_supervised(config, out, resume=True, progress=False)
+    assert capsys.readouterr().out.startswith(f"'{out}' has finished all 3 epochs: nothing left to train; kept the")
+
+
+def test_a_resumed_distill_names_every_network_it_kept(teacher_dir, tmp_path, interrupt_on_call, capsys):
+    import meal_cache.engine.loop as loop_module
+    from meal_cache.distill import DistillConfig, distill
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
+
+    store = tmp_path / "few.zarr"
+    teachers = ExtractConfig(teachers=["resnet8_w4", "densenet_k12"], data=FEW_DIGITS, views=1, grid=2,
+                             teacher_dir=str(teacher_dir), device="cpu", preset="meal")  # fmt: skip
+    extract(teachers, store, progress=False)
+    config = DistillConfig(store=str(store), student="resnet8_w4", method="meal", epochs=2, batch_size=64,
+                           device="cpu", workers=0)  # fmt: skip
+    undo = interrupt_on_call(loop_module, "run_epoch", 2)
+    with pytest.raises(KeyboardInterrupt):
+        distill(config, tmp_path / "run", progress=False)
+    undo()
+    capsys.readouterr()
+    distill(config, tmp_path / "run", resume=True, progress=False)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"resuming '{tmp_path / 'run' / 'last.pt'}' after epoch 1 of 2: kept the weights of student, adapters, "
+        "discriminators, the student's optimizer state (momentum), the discriminators' optimizer state, the metrics "
+        "of epoch 1; continuing with epoch 2"
+    )
