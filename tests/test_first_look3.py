@@ -245,3 +245,39 @@ def test_a_resumed_distill_names_every_network_it_kept(teacher_dir, tmp_path, in
         "discriminators, the student's optimizer state (momentum), the discriminators' optimizer state, the metrics "
         "of epoch 1; continuing with epoch 2"
     )
+
+
+# ------------------------------------------------------------------------------- progress bars in a log
+
+
+def test_a_redirected_run_writes_no_bar_refreshes_and_keeps_its_epoch_lines(tmp_path):
+    from console import run_console
+
+    out = tmp_path / "t.pt"
+    ran = run_console(["train", "--arch", "resnet8_w4", "--data", "digits?train_fraction=0.5", "--epochs", "2",
+                       "--batch-size", "8", "--device", "cpu", "--out", str(out)], tmp_path)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    # 90 steps an epoch and a test pass, each under a second: on a terminal a dozen redraws, in a log none.
+    assert "%|" not in ran.stderr and "\r" not in ran.stderr, ran.stderr[-2000:]
+    assert [line.split("  ")[0] for line in ran.stdout.splitlines()[:2]] == ["epoch 1/2", "epoch 2/2"]
+
+
+def test_a_bar_on_a_terminal_refreshes_as_tqdm_does_and_in_a_file_every_half_minute():
+    import io
+
+    from meal_cache.engine.progress import REDIRECTED_REFRESH_S, progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    on_terminal, in_file = Terminal(), io.StringIO()
+    with progress_bar(range(3), file=on_terminal) as bar:
+        assert (bar.mininterval, bar.delay) == (0.1, 0)  # tqdm's defaults
+        list(bar)
+    with progress_bar(range(3), file=in_file) as bar:
+        assert bar.mininterval == bar.maxinterval == bar.delay == REDIRECTED_REFRESH_S == 30.0
+        list(bar)
+    with progress_bar(range(3), file=in_file, mininterval=1.0) as bar:
+        assert bar.mininterval == 1.0  # asked for: kept
+    assert "3/3" in on_terminal.getvalue() and in_file.getvalue() == ""

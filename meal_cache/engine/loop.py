@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from meal_cache.data.datasets import ImageDataset
 from meal_cache.engine.distributed import World, is_main_process
 from meal_cache.engine.evaluate import evaluate
+from meal_cache.engine.progress import progress_bar
 from meal_cache.errors import SettingsMismatch, UserError, settings_difference, unknown_choice
 from meal_cache.nets.checkpoint import load_checkpoint
 
@@ -256,7 +257,7 @@ def run_epoch(
     losses backpropagated; returns the epoch's learning rate, mean losses and stats, steps and train top-1."""
     means = RunningMeans()
     correct, seen, lr = None, 0, schedule(epoch * schedule.steps)
-    bar = tqdm(batches, total=schedule.steps, leave=False, desc=desc, disable=not progress, unit="batch")
+    bar = progress_bar(batches, total=schedule.steps, leave=False, desc=desc, disable=not progress, unit="batch")
     for index, batch in enumerate(bar):
         lr = schedule(epoch * schedule.steps + index)
         set_learning_rate(optimisation.optimizer, lr)
