@@ -281,3 +281,23 @@ def test_a_bar_on_a_terminal_refreshes_as_tqdm_does_and_in_a_file_every_half_min
     with progress_bar(range(3), file=in_file, mininterval=1.0) as bar:
         assert bar.mininterval == 1.0  # asked for: kept
     assert "3/3" in on_terminal.getvalue() and in_file.getvalue() == ""
+
+
+# ------------------------------------------------------------------------------- the small ones
+
+
+def test_models_shows_each_networks_blocks_at_the_image_size():
+    from click.testing import CliRunner
+
+    from meal_cache.cli import main
+
+    listed = CliRunner().invoke(main, ["models"])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    # By hand: resnet8_w4's stages are 4, 8 and 16 wide at strides 1, 2, 2; densenet_k12 starts with 24 features,
+    # adds 4 x 12 a block and halves them between blocks (24 + 48 = 72, 36 + 48 = 84, 42 + 48 = 90).
+    shown = lines[lines.index(next(line for line in lines if line.startswith("  resnet8_w4 "))) + 1].split()
+    assert shown == ["layer1", "4x32x32,", "layer2", "8x16x16,", "layer3", "16x8x8"]
+    assert "features.denseblock1 72x32x32, features.denseblock2 84x16x16, features.denseblock3 90x8x8" in listed.output
+    small = CliRunner().invoke(main, ["models", "resnet8_w*", "--image-size", "16"])
+    assert f"  {'resnet8_w4':16s} layer1 4x16x16, layer2 8x8x8, layer3 16x4x4" in small.output.splitlines()
