@@ -301,3 +301,22 @@ def test_models_shows_each_networks_blocks_at_the_image_size():
     assert "features.denseblock1 72x32x32, features.denseblock2 84x16x16, features.denseblock3 90x8x8" in listed.output
     small = CliRunner().invoke(main, ["models", "resnet8_w*", "--image-size", "16"])
     assert f"  {'resnet8_w4':16s} layer1 4x16x16, layer2 8x8x8, layer3 16x4x4" in small.output.splitlines()
+
+
+def test_inspect_marks_the_identity_view_and_heads_the_agreement_matrix(small_store):
+    from meal_cache.analysis import describe_inspection, inspect_store
+    from meal_cache.store import open_store
+
+    path, _ = small_store
+    lines = describe_inspection(inspect_store(path)).splitlines()
+    # The small store: 2 augmented views, then the identity view (index 2).
+    at = lines.index("top-1 % per view (id: the identity view, no augmentation)")
+    assert lines[at + 1].split() == ["v0", "v1", "v2", "id"]
+    at = lines.index("teacher agreement % (top-1, over every view and row)")
+    assert lines[at + 1].split() == ["resnet8", "densene"]  # the columns, in the rows' order
+    store = open_store(path)
+    top1 = {t: np.concatenate([store.read(f"teachers/{t}/logits", v) for v in range(3)]).argmax(1)
+            for t in ("resnet8_w4", "densenet_k12")}  # fmt: skip
+    agree = 100 * float((top1["resnet8_w4"] == top1["densenet_k12"]).mean())
+    assert lines[at + 2].split() == ["resnet8_w4", "100.00", f"{agree:.2f}"]
+    assert lines[at + 3].split() == ["densenet_k12", f"{agree:.2f}", "100.00"]
