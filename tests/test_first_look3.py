@@ -320,3 +320,37 @@ def test_inspect_marks_the_identity_view_and_heads_the_agreement_matrix(small_st
     agree = 100 * float((top1["resnet8_w4"] == top1["densenet_k12"]).mean())
     assert lines[at + 2].split() == ["resnet8_w4", "100.00", f"{agree:.2f}"]
     assert lines[at + 3].split() == ["densenet_k12", f"{agree:.2f}", "100.00"]
+
+
+def test_the_discriminator_legend_names_blocks_and_store_bytes_colours_differ(small_store, tmp_path, monkeypatch):
+    import itertools
+    import json
+
+    from meal_cache.pipeline import plots
+    from meal_cache.store import open_store
+
+    monkeypatch.setattr(plots.plt, "close", lambda fig: None)  # keep each figure to read it
+    path, _ = small_store
+    run = tmp_path / "students" / "meal" / "seed-0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"store": str(path), "method": "meal"}))
+    keys = ["disc/resnet8_w4__0", "disc/resnet8_w4__2", "disc/densenet_k12__1", "disc/logits"]
+    records = [{"epoch": e, "adv/logits": 0.1, **dict.fromkeys(keys, 0.69)} for e in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plots.plot_meal_losses(tmp_path, "meal", 0, tmp_path / "losses.png")
+    right = plots.plt.gcf().axes[1]
+    # Rank R counts from the teacher's last block (meal's BlockPair): resnet8_w4's blocks are layer1-3.
+    assert sorted(line.get_label() for line in right.lines) == sorted(
+        ["resnet8_w4 layer3", "resnet8_w4 layer1", "densenet_k12 features.denseblock2", "logits", "chance (log 2)"]
+    )
+    plots.plt.close("all")
+
+    store = open_store(path)
+    results = {"store": {"by_array": store.sizes(), "stored_bytes": 1, "views": store.num_views, "rows": store.n}}
+    plots.plot_store_bytes(results, tmp_path / "bytes.png")
+    bars = plots.plt.gcf().axes[0].containers
+    colours = [np.array(bar.patches[0].get_facecolor()[:3]) for bar in bars]
+    assert len(colours) == 13  # logits, and 3 blocks and 3 maps of each of the two architectures
+    # Evenly sampled tab20 put two shades of one hue 0.098 apart; every pair here is at least 0.26 apart.
+    assert min(np.linalg.norm(a - b) for a, b in itertools.combinations(colours, 2)) > 0.2
+    plots.plt.close("all")
