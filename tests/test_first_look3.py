@@ -334,14 +334,20 @@ def test_the_discriminator_legend_names_blocks_and_store_bytes_colours_differ(sm
     run = tmp_path / "students" / "meal" / "seed-0"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"store": str(path), "method": "meal"}))
-    keys = ["disc/resnet8_w4__0", "disc/resnet8_w4__2", "disc/densenet_k12__1", "disc/logits"]
+    keys = ["disc/resnet8_w4__0", "disc/densenet_k12__2", "disc/densenet_k12__1", "disc/logits"]
     records = [{"epoch": e, "adv/logits": 0.1, **dict.fromkeys(keys, 0.69)} for e in (1, 2)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert plots.plot_meal_losses(tmp_path, "meal", 0, tmp_path / "losses.png")
     right = plots.plt.gcf().axes[1]
     # Rank R counts from the teacher's last block (meal's BlockPair): resnet8_w4's blocks are layer1-3.
     assert sorted(line.get_label() for line in right.lines) == sorted(
-        ["resnet8_w4 layer3", "resnet8_w4 layer1", "densenet_k12 features.denseblock2", "logits", "chance (log 2)"]
+        [
+            "resnet8_w4 layer3",
+            "densenet_k12 features.denseblock1",
+            "densenet_k12 features.denseblock2",
+            "logits",
+            "chance (log 2)",
+        ]
     )
     plots.plt.close("all")
 
