@@ -360,3 +360,18 @@ def test_the_discriminator_legend_names_blocks_and_store_bytes_colours_differ(sm
     # Evenly sampled tab20 put two shades of one hue 0.098 apart; every pair here is at least 0.26 apart.
     assert min(np.linalg.norm(a - b) for a, b in itertools.combinations(colours, 2)) > 0.2
     plots.plt.close("all")
+
+
+def test_info_names_maps_only_for_a_store_that_holds_them(small_store, teacher_dir, tmp_path):
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
+    from meal_cache.store import open_store
+    from meal_cache.store.describe import describe_store
+
+    both = describe_store(open_store(small_store[0]))
+    assert "features blocks, maps, lossless" in both and "maps/layer1" in both
+    config = ExtractConfig(teachers=["resnet8_w4"], data=FEW_DIGITS, views=1, teacher_dir=str(teacher_dir),
+                           device="cpu", preset="meal")  # fmt: skip
+    blocks_only = describe_store(extract(config, tmp_path / "meal.zarr", progress=False))
+    after_path = blocks_only.split("\n", 1)[1]  # the first line holds the path, which names this test
+    assert "features blocks, lossy: blocks as 8-bit codes" in after_path and "maps" not in after_path
