@@ -1,4 +1,7 @@
-"""Issue 42, the first look, the items left: bad paths refused before torch is imported, ..."""
+"""Issue 42, the first look, the items left: bad paths refused before torch is imported, `info --fidelity`'s
+verdict and a lossy reference named, a resume that says what it kept, progress bars in a log, and the small
+ones (`models` with blocks, `inspect`'s headers, the plots' legends and colours, `info`'s maps). The decoder's
+tests are in test_decode.py."""
 
 from __future__ import annotations
 
