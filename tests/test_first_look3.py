@@ -304,6 +304,7 @@ def test_models_shows_each_networks_blocks_at_the_image_size():
     assert "features.denseblock1 72x32x32, features.denseblock2 84x16x16, features.denseblock3 90x8x8" in listed.output
     small = CliRunner().invoke(main, ["models", "resnet8_w*", "--image-size", "16"])
     assert f"  {'resnet8_w4':16s} layer1 4x16x16, layer2 8x8x8, layer3 16x4x4" in small.output.splitlines()
+    assert "timm" not in small.output  # matched here: no "no timm model matches" line
 
 
 def test_inspect_marks_the_identity_view_and_heads_the_agreement_matrix(small_store):

@@ -22,15 +22,18 @@ def models(pattern: str | None, image_size: int) -> None:
     from meal_cache.nets.timm_models import PREFIX, describe
 
     if pattern:
+        matches = [] if pattern.startswith(PREFIX) else fnmatch.filter(model_names(), pattern)
         if not pattern.startswith(PREFIX):
-            matches = fnmatch.filter(model_names(), pattern)
             click.echo(f"meal-cache and torchvision networks matching '{pattern}', blocks at {image_size} px:"
                        + ("" if matches else " none"))  # fmt: skip
             for name in matches[:MAX_DESCRIBED]:
                 click.echo(f"  {name:16s} {block_summary(name, image_size)}")
             if len(matches) > MAX_DESCRIBED:
                 click.echo(f"  (and {', '.join(matches[MAX_DESCRIBED:])}: narrow the pattern for their blocks)")
-        click.echo("\n".join(describe(pattern.removeprefix(PREFIX), image_size)))
+        timm_lines = describe(pattern.removeprefix(PREFIX), image_size)
+        # A plain pattern that named meal-cache or torchvision networks needs no "no timm model matches" line.
+        if pattern.startswith(PREFIX) or not matches or not timm_lines[0].startswith("no timm model matches"):
+            click.echo("\n".join(timm_lines))
         return
     click.echo(f"meal-cache networks (cheap on a CPU), blocks at {image_size} px:")
     for name, entry in sorted(MODELS.items()):
