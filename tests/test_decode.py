@@ -192,7 +192,7 @@ def test_decode_is_not_recorded_in_store_settings_checkpoints_run_configs_or_sta
 
 
 @pytest.mark.parametrize("command", ["extract --teachers resnet8_w4 --out {out}/s.zarr",
-                                     "distill --store {out}/s.zarr --student resnet8_w4 --out {out}/run",
+                                     "distill --store {out} --student resnet8_w4 --out {out}/run",  # a store path there
                                      "train --arch resnet8_w4 --out {out}/t.pt"])  # fmt: skip
 def test_decode_cuda_without_a_gpu_is_one_error_line(tmp_path, command):
     if torch.cuda.is_available():
