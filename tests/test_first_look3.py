@@ -16,8 +16,7 @@ from console import ROOT
 
 # ------------------------------------------------------------------------------- bad paths, before torch
 
-# Every command that names a store, checkpoint or dataset path, with one that is not there. --method is given
-# first in distill's: its names need torch, and the store must still be refused before it is looked at.
+# Every command that names a store, checkpoint or dataset path, with one that is not there.
 BAD_PATHS = {
     "extract --data imagefolder:": (
         ["extract", "--teachers", "t", "--data", "imagefolder:{missing}"],
@@ -32,7 +31,7 @@ BAD_PATHS = {
         "imagefolder '{file}': is a file, not a folder",
     ),
     "distill --store": (
-        ["distill", "--method", "meal", "--student", "resnet8_w4", "--store", "{missing}"],
+        ["distill", "--student", "resnet8_w4", "--store", "{missing}"],
         "store not found: '{missing}'",
     ),
     "evaluate CHECKPOINT": (["evaluate", "{missing}.pt"], "checkpoint not found: '{missing}.pt'"),

@@ -4,8 +4,9 @@ the library uses when it finds the same (``open_store``, ``load_checkpoint``, th
 
 Only paths on this machine are checked here; a URL (``s3://...``) is left to the library, whose filesystem
 packages know it. The options and arguments these callbacks check are eager: click processes them before every
-other one, wherever they stand on the command line, so a bad path is refused before an option that needs the
-heavy imports (``--method``'s names) is looked at; ``--help`` (eager too) given before them is still shown.
+other one, wherever they stand on the command line; ``--help`` (eager too) given before them is still shown.
+distill checks its ``--store`` in the command itself, after click's checks of its options (a missing
+``--student``, a mistyped ``--method``: those say what to pass, and come first) and before its imports.
 """
 
 from __future__ import annotations
