@@ -405,6 +405,16 @@ def test_torchcodec_decodes_every_colour_mode_to_torchvisions_rgb_pixels(tmp_pat
         assert torch.equal(codec, reference) and torch.equal(fallback, reference), path.name
     grey = by_torchcodec[0]
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    # An image's bytes (a shard's member) decode as its file does, by either decoder.
+    from meal_cache.data.decode import decode_data
+
+    for path, reference in zip(paths, by_fallback, strict=True):
+        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        assert torch.equal(decode_data(data), reference), path.name
+    monkeypatch.undo()
+    for path, reference in zip(paths, by_torchcodec, strict=True):
+        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        assert torch.equal(decode_data(data), reference), path.name
 
 
 def test_a_sixteen_bit_png_is_rounded_to_eight_bits_by_both_decoders(tmp_path, monkeypatch):

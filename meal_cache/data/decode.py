@@ -63,25 +63,35 @@ def without_source_location(message: str) -> str:
 def decode_file(path: str) -> torch.Tensor:
     """uint8 RGB ``(3, H, W)`` of the image file at ``path`` (grey, palette, RGBA and CMYK converted), decoded by
     TorchCodec, or torchvision.io where TorchCodec is absent or does not read the format (module doc)."""
+    return _decode(path)
+
+
+def decode_data(data: torch.Tensor) -> torch.Tensor:
+    """:func:`decode_file` of an image's encoded bytes (uint8 ``(L,)``: a tar shard's or parquet row's member)."""
+    return _decode(data)
+
+
+def _decode(source: str | torch.Tensor) -> torch.Tensor:
     if _TORCHCODEC_DECODE is not None:
         try:
-            image = _TORCHCODEC_DECODE(path, mode="RGB")
+            image = _TORCHCODEC_DECODE(source, mode="RGB")
         except (ValueError, ImportError):  # a format it does not read; HEIC without libheif
             pass
         except RuntimeError as err:
             raise RuntimeError(without_source_location(str(err))) from err
         else:
             return image[0] if image.ndim == 4 else image
-    return _decode_with_torchvision(path)
+    return _decode_with_torchvision(source)
 
 
-def _decode_with_torchvision(path: str) -> torch.Tensor:
+def _decode_with_torchvision(source: str | torch.Tensor) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     try:
         with warnings.catch_warnings():  # its deprecation, once a file, says what the module doc already does
             warnings.simplefilter("ignore", DeprecationWarning)
-            image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+            data = read_file(source) if isinstance(source, str) else source
+            image = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as err:
         raise RuntimeError(without_source_location(str(err))) from err
     image = image[0] if image.ndim == 4 else image
