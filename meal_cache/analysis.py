@@ -127,6 +127,8 @@ def inspect_store(
     return {
         "store": str(path),
         "views": store.num_views,
+        "identity_view": store.identity_view,
+        "divergent_views": store.divergent_views,
         "disagreement": disagreement,
         "rows": store.n,
         "teachers": teachers,
@@ -191,22 +193,41 @@ def label_noise_scores(suspects: list[int], noisy_rows: np.ndarray) -> dict[str,
     }
 
 
+def _view_header(result: dict, view: int) -> str:
+    """``v3``, ``v3 id`` for the identity view (no augmentation), ``v3 dv`` for a divergent one."""
+    if view == result.get("identity_view"):
+        return f"v{view} id"
+    return f"v{view} dv" if view in result.get("divergent_views", ()) else f"v{view}"
+
+
+def _view_legend(result: dict) -> str:
+    kinds = []
+    if result.get("identity_view") is not None:
+        kinds.append("id: the identity view, no augmentation")
+    if result.get("divergent_views"):
+        kinds.append("dv: a divergent view")
+    return f" ({'; '.join(kinds)})" if kinds else ""
+
+
 def describe_inspection(result: dict) -> str:
     teachers = result["teachers"]
     lines = [f"store {result['store']}: {result['rows']} rows, {result['views']} views", ""]
     width = max(len(n) for n in result["accuracy_per_view"])
     num_classes = len(next(iter(result["accuracy_per_class"].values())))
     classes = result.get("classes") or [f"c{i}" for i in range(num_classes)]
-    headers = {"accuracy_per_view": [f"v{i}" for i in range(result["views"])],
+    headers = {"accuracy_per_view": [_view_header(result, view) for view in range(result["views"])],
                "accuracy_per_class": [str(name)[:7] for name in classes]}  # fmt: skip
-    for title, key in (("top-1 % per view", "accuracy_per_view"), ("top-1 % per class", "accuracy_per_class")):
+    view_title = "top-1 % per view" + _view_legend(result)
+    for title, key in ((view_title, "accuracy_per_view"), ("top-1 % per class", "accuracy_per_class")):
         lines += [title, " " * (width + 3) + " ".join(f"{name:>7s}" for name in headers[key])]
         for name, values in result[key].items():
             lines.append(f"  {name:{width}s} " + " ".join(f"{v:7.2f}" for v in values))
         lines.append("")
-    lines += ["teacher agreement % (top-1, over every view and row)"]
+    # Rows and columns in the same teacher order; a column is headed by its teacher's first 7 characters.
+    lines += ["teacher agreement % (top-1, over every view and row)",
+              " " * (width + 3) + " ".join(f"{name[:7]:>7s}" for name in teachers)]  # fmt: skip
     for name, row in zip(teachers, result["agreement"], strict=True):
-        lines.append(f"  {name:{width}s}" + " ".join(f"{v:7.2f}" for v in row))
+        lines.append(f"  {name:{width}s} " + " ".join(f"{v:7.2f}" for v in row))
     if result.get("disagreement"):
         lines += ["", "teacher disagreement (Jensen-Shannon at T=1, nats; % of rows where top-1 differs)"]
         for kind, row in result["disagreement"].items():

@@ -18,6 +18,14 @@ store and a reference store of the same teachers, rows and views chunk by chunk 
   the soft-ce block loss per row: the mean absolute difference between the soft cross-entropy of the reference map
   (standing in for a student that matches the teacher) against the lossy map and against the reference map, i.e.
   how much the block loss moves when its target is the lossy map.
+
+:func:`fidelity_verdict` judges each target against the bars docs/design.md sets for a lossy option to become a
+default ("Lossy stores: what the presets choose"): the soft targets within :data:`KL_BAR` nats of KL at T = 1 and
+T = 4 with every top-1 kept, every block and map array within :data:`RELATIVE_L2_BAR` relative L2, and the maps'
+soft-ce block loss moved by at most :data:`SOFT_CE_BAR`. Sampled logits are not judged by the KL (a draw's KL is
+large by construction; their error is noise that averages over views and epochs: see the gradient bias), and a
+projection's variance kept has no bar. A reference that is itself lossy is named, and no verdict is given: the
+numbers are then differences between two lossy stores, not errors against the teachers' outputs.
 """
 
 from __future__ import annotations
@@ -29,11 +37,30 @@ import torch.nn.functional as F
 from meal_cache.dense import DenseTargets
 from meal_cache.errors import UserError
 from meal_cache.projection import ProjectionSums, column_norm, project, stored_projections
+from meal_cache.store.describe import lossy_parts
 from meal_cache.store.keys import feature_key, feature_name, logits_key
 from meal_cache.store.teacher_store import TeacherStore, open_store
 from meal_cache.views.augment import square_sizes
 
 TEMPERATURES = (1.0, 4.0)
+# docs/design.md's bars for a lossy default (module doc).
+KL_BAR = 0.01  # nats, at every one of TEMPERATURES
+TOP1_BAR = 100.0  # % of rows whose top-1 class is the reference's
+RELATIVE_L2_BAR = 0.01
+SOFT_CE_BAR = 0.01  # nats a row
+BARS_TEXT = (f"KL <= {KL_BAR:g} at T=1 and T=4, top-1 agreement {TOP1_BAR:g}%, relative L2 <= "
+             f"{100 * RELATIVE_L2_BAR:g}%, soft-ce change <= {SOFT_CE_BAR:g}")  # fmt: skip
+LOSSLESS_HINT = "extract the reference with --quantize none --logits all --project 0 and no --keep-bits"
+
+
+def reference_losses(reference: TeacherStore) -> list[str]:
+    """What makes a store unfit as a reference: its lossy layout, and blocks it stores projected."""
+    lossy = lossy_parts(reference.layout)
+    projected = sorted({b.key for t in reference.teacher_names for b in reference.blocks(t)
+                        if b.projected_from is not None})  # fmt: skip
+    if projected:
+        lossy.append(f"blocks {', '.join(projected)} projected")
+    return lossy
 
 
 def _check_comparable(store: TeacherStore, reference: TeacherStore) -> None:
@@ -142,7 +169,9 @@ def store_fidelity(path: str, reference_path: str) -> dict:
     _check_comparable(store, reference)
     kinds = [k for k in store.layout.features if k in reference.layout.features]
     views = reference.num_views if store.dense else store.num_views
-    result = {"store": str(path), "reference": str(reference_path), "views": views, "teachers": {}}
+    result = {"store": str(path), "reference": str(reference_path), "views": views, "teachers": {},
+              "reference_lossy": reference_losses(reference),
+              "logits_sampled": store.layout.logits_estimated}  # fmt: skip
     read = _DenseReader(store, reference) if store.dense else store.read
     for teacher in store.teacher_names:
         sums = _Sums()
@@ -190,9 +219,59 @@ class _DenseReader:
         return derived[key].numpy()
 
 
+def _judged(summary: dict, logits_sampled: bool) -> tuple[list[str], list[str]]:
+    """One teacher's targets within the bars (their names) and outside them (name and the number that misses)."""
+    within, outside = [], []
+    if not logits_sampled:
+        kl_over = {t: v for t, v in summary["kl"].items() if v > KL_BAR}
+        misses = [f"KL at {t} {v:.2e} > {KL_BAR:g}" for t, v in kl_over.items()]
+        if summary["top1_agreement"] < TOP1_BAR:
+            misses.append(f"top-1 agreement {summary['top1_agreement']:.2f}% < {TOP1_BAR:g}%")
+        (outside.append(f"logits ({', '.join(misses)})") if misses else within.append("logits"))
+    for block, values in summary["blocks"].items():
+        misses = []
+        if values["relative_l2"] > RELATIVE_L2_BAR:
+            misses.append(f"relative L2 {values['relative_l2']:.2e} > {RELATIVE_L2_BAR:g}")
+        if values.get("soft_ce_change", 0.0) > SOFT_CE_BAR:
+            misses.append(f"soft-ce change {values['soft_ce_change']:.2e} > {SOFT_CE_BAR:g}")
+        (outside.append(f"{block} ({', '.join(misses)})") if misses else within.append(block))
+    return within, outside
+
+
+def fidelity_verdict(result: dict) -> dict | None:
+    """Per teacher, which targets are within docs/design.md's bars and which are not (module doc); None where the
+    reference is lossy, so the numbers are no errors to judge."""
+    if result["reference_lossy"]:
+        return None
+    verdict = {}
+    for teacher, summary in result["teachers"].items():
+        within, outside = _judged(summary, result["logits_sampled"])
+        verdict[teacher] = {"within": within, "outside": outside}
+    return verdict
+
+
+def _verdict_lines(result: dict, verdict: dict | None) -> list[str]:
+    if verdict is None:
+        return [f"verdict: none, the reference is lossy ({', '.join(result['reference_lossy'])}): {LOSSLESS_HINT}"]
+    outside = [f"{teacher} {target}" for teacher, judged in verdict.items() for target in judged["outside"]]
+    judged_count = sum(len(j["within"]) + len(j["outside"]) for j in verdict.values())
+    sampled = ("; the logits (sampled classes) are not judged: a draw's KL is large by construction, and its "
+               "error is noise that averages over views and epochs (see the gradient bias)"
+               if result["logits_sampled"] else "")  # fmt: skip
+    if not outside:
+        return [f"verdict: fine, all {judged_count} judged targets within the bars ({BARS_TEXT}){sampled}"]
+    return [f"verdict: NOT FINE, {len(outside)} of {judged_count} judged targets outside the bars ({BARS_TEXT})"
+            f"{sampled}:",
+            *(f"  {line}" for line in outside)]  # fmt: skip
+
+
 def describe_fidelity(result: dict) -> str:
-    """The fidelity of a store as text, one teacher a paragraph."""
+    """The fidelity of a store as text, one teacher a paragraph, then the verdict against the bars."""
     lines = [f"fidelity of {result['store']} against {result['reference']} ({result['views']} views)"]
+    if result["reference_lossy"]:
+        lines.append(f"  the reference is lossy ({', '.join(result['reference_lossy'])}): these are differences "
+                     "between two lossy stores, not errors against the teachers' outputs")  # fmt: skip
+    verdict = fidelity_verdict(result)
     for teacher, summary in result["teachers"].items():
         kl = "  ".join(f"KL at {t} {value:.2e}" for t, value in summary["kl"].items())
         lines.append(f"  {teacher}: logits  {kl}  top-1 agreement {summary['top1_agreement']:.2f}%")
@@ -206,4 +285,8 @@ def describe_fidelity(result: dict) -> str:
                 change += (f"  projection keeps {100 * kept['variance_kept']:.1f}% of the variance, distances "
                            f"within {100 * kept['distance_error']:.1f}%")  # fmt: skip
             lines.append(f"    {block}: relative L2 error {values['relative_l2']:.2e}{change}")
+        if verdict is not None:
+            outside = [entry.split(" (")[0] for entry in verdict[teacher]["outside"]]
+            lines.append(f"    verdict: outside the bars: {', '.join(outside)}" if outside else "    verdict: fine")
+    lines.extend(_verdict_lines(result, verdict))
     return "\n".join(lines)

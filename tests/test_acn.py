@@ -239,7 +239,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_refusals_through_the_console_script(tmp_path, args, message):
-    process = _run_cli("distill", "--store", str(tmp_path / "none.zarr"), "--student", "resnet8_w4",
+    process = _run_cli("distill", "--store", str(tmp_path), "--student", "resnet8_w4",
                        "--out", str(tmp_path / "out"), "--method", "acn", *args)  # fmt: skip
     assert process.returncode == 2, process.stderr
     lines = [line for line in process.stderr.splitlines() if line.strip()]

@@ -202,7 +202,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_peers_through_the_console_script(tmp_path, args, message):
-    process = _run_cli("distill", "--store", str(tmp_path / "none.zarr"), "--student", "resnet8_w4",
+    process = _run_cli("distill", "--store", str(tmp_path), "--student", "resnet8_w4",
                        "--out", str(tmp_path / "out"), *args)  # fmt: skip
     assert process.returncode == 2, process.stderr
     lines = [line for line in process.stderr.splitlines() if line.strip()]
@@ -366,11 +366,11 @@ def test_a_transfer_layer_brings_a_map_to_the_smaller_shape():
 
 
 def test_peer_architectures_through_the_console_script(tmp_path):
-    process = _run_cli("distill", "--store", str(tmp_path / "none.zarr"), "--method", "afd", "--peers",
+    process = _run_cli("distill", "--store", str(tmp_path), "--method", "afd", "--peers",
                        "resnet8_w4,resnet20", "--student", "resnet20", "--out", str(tmp_path / "out"))  # fmt: skip
     lines = [line for line in process.stderr.splitlines() if line.strip()]
     assert process.returncode == 2 and len(lines) == 1, process.stderr
     assert "peer 0 (the student) first: it starts with resnet8_w4, but --student is resnet20" in lines[0]
-    process = _run_cli("distill", "--store", str(tmp_path / "none.zarr"), "--method", "afd", "--peers",
+    process = _run_cli("distill", "--store", str(tmp_path), "--method", "afd", "--peers",
                        "resnet8_w4,resnet2O", "--out", str(tmp_path / "out"))  # fmt: skip
     assert process.returncode == 2 and "resnet2O" in process.stderr and "Traceback" not in process.stderr

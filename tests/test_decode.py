@@ -1,5 +1,6 @@
 """GPU decoding of streamed image folders (--decode, issue 32): the workers read bytes, one batched decode_jpeg
-decodes a request's JPEGs, render_decoded crops and resizes each row as the CPU workers do.
+decodes a request's JPEGs, render_decoded crops and resizes each row as the CPU workers do. At the end, the CPU
+decoder (meal_cache/data/decode.py, issue 42): TorchCodec's pixels held to torchvision.io's, bit for bit.
 
 On the CPU the bytes path runs with ``decode_jpeg(..., device="cpu")``: the same libjpeg and the same resize as
 the CPU workers, so its pixels must be the workers' bit for bit (tolerance 0). On a GPU (the ``cuda`` tests,
@@ -191,7 +192,7 @@ def test_decode_is_not_recorded_in_store_settings_checkpoints_run_configs_or_sta
 
 
 @pytest.mark.parametrize("command", ["extract --teachers resnet8_w4 --out {out}/s.zarr",
-                                     "distill --store {out}/s.zarr --student resnet8_w4 --out {out}/run",
+                                     "distill --store {out} --student resnet8_w4 --out {out}/run",  # a store path there
                                      "train --arch resnet8_w4 --out {out}/t.pt"])  # fmt: skip
 def test_decode_cuda_without_a_gpu_is_one_error_line(tmp_path, command):
     if torch.cuda.is_available():
@@ -362,3 +363,136 @@ def test_the_bytes_path_reads_each_file_once_for_all_the_views_of_a_request(fold
     source.close()
     assert payload == "p" and len(reads) == 4 and batches == [4]
     assert len(together) == 3 and all(torch.equal(got, want) for got, want in zip(together, alone, strict=True))
+
+
+# ------------------------------------------------------ CPU decoding: TorchCodec, torchvision.io as the fallback
+
+# Every colour mode a folder of photographs or scans holds, in the formats both decoders read.
+MODES = [("L", ".jpg"), ("CMYK", ".jpg"), ("RGB", ".jpg"), ("L", ".png"), ("LA", ".png"), ("P", ".png"),
+         ("RGBA", ".png"), ("RGB", ".png"), ("RGB", ".webp")]  # fmt: skip
+
+
+def _torchvision_rgb(path) -> torch.Tensor:
+    """torchvision.io's own decode, the reference the TorchCodec pixels are held to (another library)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torchvision.io.decode_image(torchvision.io.read_file(str(path)), mode=torchvision.io.ImageReadMode.RGB)
+
+
+def _without_torchcodec(monkeypatch) -> None:
+    from meal_cache.data import decode
+
+    monkeypatch.setattr(decode, "_TORCHCODEC_DECODE", None)
+
+
+def test_torchcodec_decodes_every_colour_mode_to_torchvisions_rgb_pixels(tmp_path, monkeypatch):
+    from meal_cache.data.decode import DECODER, decode_file
+
+    assert DECODER.startswith("torchcodec.decoders.decode_image 0.16")  # pyproject pins it beside torch 2.14
+    rng = np.random.default_rng(3)
+    paths = []
+    for mode, suffix in MODES:
+        paths.append(tmp_path / f"{mode}{suffix}")
+        write_image(paths[-1], 45, 61, np.array([120.0, 60.0, 200.0]), rng, mode=mode)
+    by_torchcodec = [decode_file(str(path)) for path in paths]
+    _without_torchcodec(monkeypatch)
+    by_fallback = [decode_file(str(path)) for path in paths]
+    for path, codec, fallback in zip(paths, by_torchcodec, by_fallback, strict=True):
+        reference = _torchvision_rgb(path)
+        assert codec.dtype == torch.uint8 and codec.shape == (3, 45, 61), path.name
+        assert torch.equal(codec, reference) and torch.equal(fallback, reference), path.name
+    grey = by_torchcodec[0]
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    # An image's bytes (a shard's member) decode as its file does, by either decoder.
+    from meal_cache.data.decode import decode_data
+
+    for path, reference in zip(paths, by_fallback, strict=True):
+        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        assert torch.equal(decode_data(data), reference), path.name
+    monkeypatch.undo()
+    for path, reference in zip(paths, by_torchcodec, strict=True):
+        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        assert torch.equal(decode_data(data), reference), path.name
+
+
+def test_a_sixteen_bit_png_is_rounded_to_eight_bits_by_both_decoders(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from meal_cache.data.decode import decode_file
+
+    values = np.array([[0, 128, 129, 255, 256, 385, 32767, 32768, 40000, 65280, 65407, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    expected = torch.from_numpy(np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8)).expand(3, -1, -1)
+    by_torchcodec = decode_file(str(tmp_path / "deep.png"))
+    _without_torchcodec(monkeypatch)
+    by_fallback = decode_file(str(tmp_path / "deep.png"))
+    assert by_torchcodec.dtype == by_fallback.dtype == torch.uint8
+    assert torch.equal(by_torchcodec, expected) and torch.equal(by_fallback, expected)
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+def test_broken_and_foreign_files_keep_their_errors_without_a_source_location(tmp_path, monkeypatch, decoder):
+    from meal_cache.data.source import readable
+
+    if decoder == "torchvision":
+        _without_torchcodec(monkeypatch)
+    rng = np.random.default_rng(4)
+    for name in ("photo.jpg", "scan.png", "old.bmp", "page.tif"):
+        write_image(tmp_path / name, 40, 50, np.array([90.0, 140.0, 30.0]), rng)
+    for name in ("photo.jpg", "scan.png"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut-{name}").write_bytes(data[: len(data) // 2])
+    (tmp_path / "notes.jpg").write_text("not an image")
+    reasons = {path.name: readable(str(path)) for path in tmp_path.iterdir()}
+    # BMP and TIFF: neither decoder reads them, PIL does.
+    assert reasons["photo.jpg"] is reasons["scan.png"] is reasons["old.bmp"] is reasons["page.tif"] is None
+    assert reasons["cut-photo.jpg"].startswith("Image is incomplete or truncated")
+    assert "decode_png" in reasons["cut-scan.png"] and "corrupted" in reasons["cut-scan.png"]
+    assert reasons["notes.jpg"].startswith("cannot identify image file")
+    assert not any(".cpp" in reason or "/__w/" in reason for reason in reasons.values() if reason), reasons
+
+
+def test_without_torchcodec_torchvision_decodes_and_is_the_recorded_decoder(tmp_path):
+    import subprocess
+    import sys
+
+    write_image(tmp_path / "a.jpg", 30, 40, np.array([200.0, 40.0, 40.0]), np.random.default_rng(0))
+    code = ("import sys; sys.modules['torchcodec'] = None\n"  # as if it were not installed
+            "from meal_cache.data.decode import DECODER, decode_file\n"
+            f"print(DECODER); print(tuple(decode_file({str(tmp_path / 'a.jpg')!r}).shape))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[:2] == [f"torchvision.io.decode_image {torchvision.__version__}", "(3, 30, 40)"]
+
+
+def test_a_store_of_torchvision_pixels_records_it_and_distills_with_torchcodec(folder, tmp_path, monkeypatch):
+    from meal_cache.data import datasets
+    from meal_cache.distill import DistillConfig, distill
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
+    from meal_cache.nets.checkpoint import model_payload, save_checkpoint
+    from meal_cache.nets.models import create_model
+
+    spec = f"imagefolder:{folder}"
+    dataset = load_dataset(spec, image_size=SIZE)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "resnet8_w4.pt", model_payload(create_model("resnet8_w4", dataset.num_classes, SIZE),
+                                                              "resnet8_w4", dataset, {}, 0, [], {}))  # fmt: skip
+    with monkeypatch.context() as patched:  # the store of a machine without TorchCodec
+        _without_torchcodec(patched)
+        patched.setattr(datasets, "DECODER", f"torchvision.io.decode_image {torchvision.__version__}")
+        config = ExtractConfig(teachers=["resnet8_w4"], data=spec, image_size=SIZE, views=1, identity_view=True,
+                               preset="kd", teacher_dir=str(tmp_path), rows_per_chunk=8, batch_size=8,
+                               device="cpu", workers=0)  # fmt: skip
+        store = extract(config, tmp_path / "s.zarr", progress=False)
+        rows = torch.arange(store.n)
+        view = store.view_params(0)
+        fallback = _pixels(dataset.train.open(CPU, 0), rows, view)
+    assert store.dataset["decoder"].startswith("torchvision.io.decode_image")
+    assert torch.equal(_pixels(dataset.train.open(CPU, 0), rows, view), fallback)  # the teachers' pixels
+    run = DistillConfig(store=str(tmp_path / "s.zarr"), student="resnet8_w4", method="kd", epochs=1, batch_size=8,
+                        device="cpu", workers=0)  # fmt: skip
+    distill(run, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "student.pt").is_file()

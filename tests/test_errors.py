@@ -242,7 +242,8 @@ def _console_cases(root: Path, store: Path) -> list[tuple[str, list[str], str]]:
         ("store URL without its filesystem package", ["info", "s3://bucket/feats.zarr"], "install 'meal-cache[s3]'"),
         ("truncated JPEG", ["extract", "--teachers", "resnet8_w4", "--data", f"imagefolder:{root / 'truncated'}",
                             "--image-size", "16", "--views", "1", "--workers", "2", "--out",
-                            str(root / "truncated.zarr"), *t], "c03/1.jpg' cannot be decoded"),
+                            str(root / "truncated.zarr"), *t],
+         "c03/1.jpg' cannot be decoded (Image is incomplete or truncated.)"),  # the reason, no decoder source path
         ("image file changed since extract", ["distill", "--store", str(root / "changed.zarr"), "--student",
                                               "resnet8_w4", "--epochs", "1", "--device", "cpu", "--out",
                                               str(root / "d9"), "--quiet"], "its dataset fingerprint differs"),

@@ -109,7 +109,7 @@ def test_eval_every_one_leaves_the_records_of_before():
 @pytest.mark.parametrize(
     "args",
     [["train", "--arch", "resnet8_w4", "--eval-every", "0", "--out", "t.pt"],
-     ["distill", "--store", "feats.zarr", "--student", "resnet8_w4", "--eval-every", "-1", "--out", "run"]],
+     ["distill", "--store", ".", "--student", "resnet8_w4", "--eval-every", "-1", "--out", "run"]],
     ids=["train 0", "distill -1"],
 )  # fmt: skip
 def test_an_eval_every_below_one_is_one_error_line_and_writes_nothing(tmp_path, monkeypatch, args):

@@ -23,12 +23,38 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "meal_cache", *args]
 
 
+def _stderr_on_a_terminal(command: list[str]) -> tuple[int, str]:
+    """Exit status and stderr of ``command`` run with its stderr on a pseudo-terminal, as a user's shell has it
+    (a bar is drawn on a terminal; in a pipe or log only after half a minute: meal_cache/engine/progress.py)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the command closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    return process.wait(timeout=300), b"".join(chunks).decode(errors="replace")
+
+
 def test_evaluate_draws_a_bar_unless_quiet(teacher_dir, tmp_path):
     checkpoint = str(teacher_dir / "resnet8_w4.pt")
-    shown = subprocess.run(_cli("evaluate", checkpoint, "--device", "cpu", "--json", str(tmp_path / "a.json")),
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert shown.returncode == 0, shown.stderr
-    assert "evaluate resnet8_w4" in shown.stderr and "img" in shown.stderr  # the bar, counting images
+    status, stderr = _stderr_on_a_terminal(_cli("evaluate", checkpoint, "--device", "cpu", "--json",
+                                                str(tmp_path / "a.json")))  # fmt: skip
+    assert status == 0, stderr
+    assert "evaluate resnet8_w4" in stderr and "img" in stderr  # the bar, counting images
     quiet = subprocess.run(_cli("evaluate", checkpoint, "--device", "cpu", "--quiet", "--json",
                                 str(tmp_path / "b.json")), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr
@@ -41,12 +67,14 @@ def test_the_evaluation_bar_counts_every_test_image_once_a_batch(teacher_dir, di
 
     steps: list[int] = []
 
-    class Recording(evaluate_module.tqdm):
+    from meal_cache.engine import progress as progress_module
+
+    class Recording(progress_module.tqdm):
         def update(self, n=1):
             steps.append(n)
             return super().update(n)
 
-    monkeypatch.setattr(evaluate_module, "tqdm", Recording)
+    monkeypatch.setattr(progress_module, "tqdm", Recording)
     model = model_from_checkpoint(load_checkpoint(teacher_dir / "resnet8_w4.pt"), "cpu")
     evaluate_module.evaluate(model, digits, "test", batch_size=100, progress=True)
     assert steps == [100, 100, 100, 60]

@@ -179,7 +179,7 @@ def _console(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
     (["--method", "dkd", "--method-option", "beta"], "takes NAME=VALUE, got 'beta'"),
 ])  # fmt: skip
 def test_bad_method_options_through_the_console_script(tmp_path, options, message):
-    process = _console("distill", "--store", str(tmp_path / "none.zarr"), "--student", "resnet8_w4",
+    process = _console("distill", "--store", str(tmp_path), "--student", "resnet8_w4",
                        "--out", str(tmp_path / "out"), *options)  # fmt: skip
     assert process.returncode == 2 and "Traceback" not in process.stderr, process.stderr
     assert message in process.stderr, process.stderr

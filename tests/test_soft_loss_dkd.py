@@ -115,7 +115,7 @@ def test_meal_learns_from_dkd_parts_by_default_at_full_weight_from_its_first_epo
     (["--method", "dkd", "--soft-loss", "kl"], "--soft-loss kl is taken by --method acn, afd, at, fitnet, kd"),
 ])  # fmt: skip
 def test_dkd_parts_where_they_do_not_apply_are_refused_in_one_line(tmp_path, options, message):
-    line = one_error_line(run_console(["distill", "--store", str(tmp_path / "none.zarr"), "--student", "resnet8_w4",
+    line = one_error_line(run_console(["distill", "--store", str(tmp_path), "--student", "resnet8_w4",
                                        "--out", str(tmp_path / "out"), *options], tmp_path))  # fmt: skip
     assert message in line, line
     assert not (tmp_path / "out").exists()

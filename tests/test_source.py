@@ -100,7 +100,7 @@ def test_streamed_rows_follow_the_folder_and_are_fingerprinted_by_file(folder, t
     assert data.classes == ("c00", "c01", "c02", "c03")
     assert data.train.labels.tolist() == [label for label in range(4) for _ in range(5)]
     assert len(data.test) == 8 and data.mean == (0.485, 0.456, 0.406)
-    assert data.describe()["decoder"].startswith("torchvision.io.decode_image")
+    assert data.describe()["decoder"].startswith("torchcodec.decoders.decode_image 0.16")
     other = make_image_folder(tmp_path / "copy", classes=4, train=5, val=2)
     assert load_dataset(f"imagefolder:{other}", image_size=32).fingerprint("train") == data.fingerprint("train")
     first = other / "train" / "c00" / "0.jpg"

@@ -102,7 +102,7 @@ def test_tensorboard_without_its_package_is_one_line(tmp_path):
     (hidden / "tensorboard.py").write_text("raise ImportError('tensorboard is hidden by the test')\n")
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "run"
-    refused = run_console(["distill", "--store", "feats.zarr", "--student", "resnet8_w4", "--tensorboard", "--out",
+    refused = run_console(["distill", "--store", str(tmp_path), "--student", "resnet8_w4", "--tensorboard", "--out",
                            str(out)], tmp_path, PYTHONPATH=f"{hidden}:{root}")  # fmt: skip
     line = one_error_line(refused)
     assert "--tensorboard needs the tensorboard package" in line and "pip install 'meal-cache[tensorboard]'" in line

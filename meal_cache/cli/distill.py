@@ -17,6 +17,7 @@ from meal_cache.cli.options import (
     SuggestingChoice,
     optimization_options,
 )
+from meal_cache.cli.paths import check_store_exists
 
 
 def _discriminator_names(value: str) -> list[str]:
@@ -42,6 +43,13 @@ class RegistryChoice(SuggestingChoice):
     @choices.setter
     def choices(self, _value) -> None:
         pass
+
+    def convert(self, value, param, ctx):
+        # The option's own default is a built-in name: taken without reading the registry (which imports torch),
+        # so a command given no --method checks its paths and options first.
+        if param is not None and value == param.default:
+            return value
+        return super().convert(value, param, ctx)
 
     def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
         # Shown in --help instead of the names, which only importing the methods (and torch) could list.
@@ -106,7 +114,12 @@ def _floats(text: str) -> list[float]:
 
 
 @click.command()
-@click.option("--store", required=True, type=click.Path(), help="The teacher cache written by `meal-cache extract`.")
+@click.option(
+    "--store",
+    required=True,
+    type=click.Path(),
+    help="The teacher cache written by `meal-cache extract`.",
+)
 @click.option(
     "--student",
     default=None,
@@ -312,6 +325,8 @@ def distill(block_weights: str, teachers: str, out: str | None, resume: bool, ov
             raise click.UsageError("Missing option '--student': the student's architecture, e.g. --student "
                                    "resnet8_w4 (`meal-cache models` lists them)")  # fmt: skip
         settings["student"] = settings["peers"][0]
+    # After the options click checks (a missing --student, a mistyped --method), before torch is imported.
+    check_store_exists(settings["store"])
     from meal_cache.distill import DistillConfig
     from meal_cache.distill import distill as run_distill
     from meal_cache.engine.distributed import is_main_process

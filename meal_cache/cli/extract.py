@@ -12,6 +12,7 @@ from meal_cache.cli.options import (
     augmentation_options,
     data_options,
 )
+from meal_cache.cli.paths import existing_data
 from meal_cache.errors import UserError
 
 
@@ -45,6 +46,8 @@ def _logits_help() -> str:
     "--data",
     default="digits",
     show_default=True,
+    callback=existing_data,
+    is_eager=True,
     help=DATA_HELP,
 )
 @data_options

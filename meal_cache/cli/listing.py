@@ -4,30 +4,42 @@ from __future__ import annotations
 
 import click
 
+# Above this many matches, a pattern lists the rest by name (each listed network is built, on the meta device).
+MAX_DESCRIBED = 30
+
 
 @click.command()
 @click.argument("pattern", required=False)
 @click.option("--image-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="The input size at which timm models' blocks are shown.")  # fmt: skip
+              help="The input size at which the blocks are shown.")  # fmt: skip
 def models(pattern: str | None, image_size: int) -> None:
-    """List the architectures `--arch` accepts, with their blocks. PATTERN ('resnet1*', or 'timm:vit_tiny*' for
-    timm's only) lists the matching names, and timm's with their blocks (channels x height x width) at
-    --image-size."""
+    """List the architectures `--arch` accepts, meal-cache's with their blocks (channels x height x width at
+    --image-size: what extract stores and distill matches). PATTERN ('resnet1*', or 'timm:vit_tiny*' for timm's
+    only) lists the matching names with their blocks."""
     import fnmatch
 
-    from meal_cache.nets.models import FAMILIES, MODELS, model_names, torchvision_model_names
+    from meal_cache.nets.models import FAMILIES, MODELS, block_summary, model_names, torchvision_model_names
     from meal_cache.nets.timm_models import PREFIX, describe
 
     if pattern:
+        matches = [] if pattern.startswith(PREFIX) else fnmatch.filter(model_names(), pattern)
         if not pattern.startswith(PREFIX):
-            matches = fnmatch.filter(model_names(), pattern)
-            click.echo(f"meal-cache and torchvision networks matching '{pattern}': {', '.join(matches) or 'none'}")
-        click.echo("\n".join(describe(pattern.removeprefix(PREFIX), image_size)))
+            click.echo(f"meal-cache and torchvision networks matching '{pattern}', blocks at {image_size} px:"
+                       + ("" if matches else " none"))  # fmt: skip
+            for name in matches[:MAX_DESCRIBED]:
+                click.echo(f"  {name:16s} {block_summary(name, image_size)}")
+            if len(matches) > MAX_DESCRIBED:
+                click.echo(f"  (and {', '.join(matches[MAX_DESCRIBED:])}: narrow the pattern for their blocks)")
+        timm_lines = describe(pattern.removeprefix(PREFIX), image_size)
+        # A plain pattern that named meal-cache or torchvision networks needs no "no timm model matches" line.
+        if pattern.startswith(PREFIX) or not matches or not timm_lines[0].startswith("no timm model matches"):
+            click.echo("\n".join(timm_lines))
         return
-    click.echo("meal-cache networks (cheap on a CPU):")
+    click.echo(f"meal-cache networks (cheap on a CPU), blocks at {image_size} px:")
     for name, entry in sorted(MODELS.items()):
-        click.echo(f"  {name:16s} {entry.help}")
-    click.echo("torchvision classifiers (small-input stem at <= 64 px; ARCH:WEIGHTS for pretrained):")
+        click.echo(f"  {name:16s} {entry.help}\n  {'':16s}   {block_summary(name, image_size)}")
+    click.echo("torchvision classifiers (small-input stem at <= 64 px; ARCH:WEIGHTS for pretrained; "
+               "`meal-cache models 'PATTERN'` shows their blocks):")  # fmt: skip
     names = torchvision_model_names()
     for start in range(0, len(names), 6):
         click.echo("  " + "  ".join(names[start : start + 6]))

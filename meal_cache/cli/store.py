@@ -8,13 +8,17 @@ from pathlib import Path
 
 import click
 
+from meal_cache.cli.paths import existing_store
+
 
 @click.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=click.Path(), callback=existing_store, is_eager=True)
 @click.option(
     "--fidelity",
     "reference",
     default=None,
+    callback=existing_store,
+    is_eager=True,
     metavar="REFERENCE_STORE",
     help="Also compare this (lossy) store's targets with a lossless store of the same teachers, rows and views: "
     "KL of the soft targets at T=1 and T=4, top-1 agreement, relative L2 error of blocks and maps, change in the "
@@ -37,7 +41,7 @@ def info(store: str, reference: str | None) -> None:
 
 
 @click.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=click.Path(), callback=existing_store, is_eager=True)
 @click.option(
     "--repair",
     is_flag=True,
@@ -69,7 +73,7 @@ def verify(store: str, repair: bool, quiet: bool) -> None:
 
 
 @click.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=click.Path(), callback=existing_store, is_eager=True)
 @click.option(
     "--confidence",
     default=0.5,

@@ -16,6 +16,7 @@ from meal_cache.cli.options import (
     data_options,
     optimization_options,
 )
+from meal_cache.cli.paths import existing_checkpoint, existing_data, existing_store
 
 
 @click.command()
@@ -29,6 +30,8 @@ from meal_cache.cli.options import (
     "--data",
     default="digits",
     show_default=True,
+    callback=existing_data,
+    is_eager=True,
     help=DATA_HELP,
 )
 @data_options
@@ -68,8 +71,14 @@ def train(out: str, resume: bool, overwrite: bool, quiet: bool, tensorboard: boo
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--data", default=None, help="Dataset to evaluate on (default: the one the checkpoint was trained on).")
+@click.argument("checkpoint", type=click.Path(dir_okay=False), callback=existing_checkpoint, is_eager=True)
+@click.option(
+    "--data",
+    default=None,
+    callback=existing_data,
+    is_eager=True,
+    help="Dataset to evaluate on (default: the one the checkpoint was trained on).",
+)
 @data_options
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
@@ -91,6 +100,8 @@ def train(out: str, resume: bool, overwrite: bool, quiet: bool, tensorboard: boo
     "--store",
     default=None,
     type=click.Path(),
+    callback=existing_store,
+    is_eager=True,
     help="Instead of --teachers: a teacher cache of the evaluated split with an identity view (extract --split "
     "test --views 0 --identity-view) whose cached logits give the ensemble.",
 )

@@ -46,10 +46,11 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
+from meal_cache.data import decode
 from meal_cache.errors import UserError
 from meal_cache.views import augment, mixing
 
-DECODER = f"torchvision.io.decode_image {torchvision.__version__}"
+DECODER = decode.DECODER
 # Boxes are int16: no source side may exceed this.
 MAX_SIDE = 32767
 
@@ -161,10 +162,8 @@ class BadImage:
 def decode_rgb(path: str) -> torch.Tensor:
     """uint8 ``(3, H, W)``: grey, palette, CMYK and RGBA images converted to RGB. Formats torchvision.io does not
     read (BMP, TIFF, ...) go through PIL."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        return decode.decode_file(path)
     except RuntimeError as err:
         if "Unsupported image file" not in str(err):
             raise

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from meal_cache.data.datasets import AnySplit, ImageDataset, load_dataset
+from meal_cache.engine.progress import progress_bar
 from meal_cache.errors import UserError
 from meal_cache.losses import soft_targets
 from meal_cache.nets.checkpoint import load_checkpoint, model_from_checkpoint
@@ -49,7 +49,7 @@ def predict_logits(
     params = part.eval_view(workers)
     source = part.open(device, workers, decode=decode)
     requests = ((rows, params[rows], None) for rows in torch.arange(len(part)).split(batch_size))
-    bar = tqdm(total=len(part), desc=desc, unit="img", leave=False, disable=not progress)
+    bar = progress_bar(total=len(part), desc=desc, unit="img", leave=False, disable=not progress)
     try:
         for _, pixels in source.pixels(requests):
             batch = augment.normalise(pixels, mean, std, precision.channels_last)

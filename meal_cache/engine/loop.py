@@ -26,8 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from meal_cache.data.datasets import ImageDataset
-from meal_cache.engine.distributed import World
+from meal_cache.engine.distributed import World, is_main_process
 from meal_cache.engine.evaluate import evaluate
+from meal_cache.engine.progress import progress_bar
 from meal_cache.errors import SettingsMismatch, UserError, settings_difference, unknown_choice
 from meal_cache.nets.checkpoint import load_checkpoint
 
@@ -256,7 +257,7 @@ def run_epoch(
     losses backpropagated; returns the epoch's learning rate, mean losses and stats, steps and train top-1."""
     means = RunningMeans()
     correct, seen, lr = None, 0, schedule(epoch * schedule.steps)
-    bar = tqdm(batches, total=schedule.steps, leave=False, desc=desc, disable=not progress, unit="batch")
+    bar = progress_bar(batches, total=schedule.steps, leave=False, desc=desc, disable=not progress, unit="batch")
     for index, batch in enumerate(bar):
         lr = schedule(epoch * schedule.steps + index)
         set_learning_rate(optimisation.optimizer, lr)
@@ -389,13 +390,43 @@ def fit(
     return history, test
 
 
+# A saved state's entries, as a resume names what it kept (train's checkpoint; distill's last.pt, whose
+# "distiller" holds the student and every network a method trains beside it, named by its first key part).
+KEPT_STATE = {
+    "model": "the network's weights",
+    "optimizer": "its optimizer's state (momentum)",
+    "student_optimizer": "the student's optimizer state (momentum)",
+    "disc_optimizer": "the discriminators' optimizer state",
+    "own_optimizers": "the method's own optimizers ({names})",
+    "scaler": "the mixed-precision loss scale",
+}
+
+
+def resume_note(checkpoint: Path, state: dict) -> str:
+    """What a resume of ``state`` (read from ``checkpoint``) keeps and from which epoch it continues."""
+    done, epochs = int(state["epoch"]), state["config"].get("epochs")
+    kept = []
+    if state.get("distiller"):
+        networks = list(dict.fromkeys(key.split(".")[0] for key in state["distiller"]))
+        kept.append(f"the weights of {', '.join(networks)}")
+    for key, description in KEPT_STATE.items():
+        if state.get(key):  # an empty entry (no discriminators, AMP off) kept nothing
+            kept.append(description.format(names=", ".join(state[key]) if isinstance(state[key], dict) else ""))
+    kept.append(f"the metrics of epoch{'s 1-' if done > 1 else ' '}{done}")
+    if epochs is not None and done >= epochs:
+        return f"'{checkpoint}' has finished all {epochs} epochs: nothing left to train; kept {', '.join(kept)}"
+    return (f"resuming '{checkpoint}' after epoch {done} of {epochs}: kept {', '.join(kept)}; continuing with epoch "
+            f"{done + 1}")  # fmt: skip
+
+
 def resume_state(
     output: Path, checkpoint: Path, config: dict, resume: bool, overwrite: bool, occupied: bool, occupied_message: str
 ) -> dict | None:
     """The saved state to resume ``output`` from, or None to start afresh. ``occupied``: the output already holds
     something; without ``resume`` or ``overwrite`` that is refused with ``occupied_message``. A resumed state must
-    have been written with the same ``config``. Resuming an output with no ``checkpoint`` yet (a run killed in its
-    first epoch) starts it."""
+    have been written with the same ``config``; what it keeps and the epoch it continues from are printed (by
+    rank 0 under torchrun). Resuming an output with no ``checkpoint`` yet (a run killed in its first epoch) starts
+    it, and says so."""
     if not occupied:
         return None
     if resume and checkpoint.is_file():
@@ -404,7 +435,12 @@ def resume_state(
             raise SettingsMismatch(f"'{output}' was written with other settings "
                                    f"({settings_difference(state['config'], config)}); --resume needs the same "
                                    "ones (or pass --overwrite to start again)")  # fmt: skip
+        if is_main_process():
+            tqdm.write(resume_note(checkpoint, state))
         return state
+    if resume and is_main_process():
+        tqdm.write(f"nothing to resume in '{output}' (no {checkpoint.name} yet: the run stopped in its first epoch); "
+                   "starting it from epoch 1")  # fmt: skip
     if not resume and not overwrite:
         raise UserError(occupied_message)
     return None

@@ -31,7 +31,7 @@ from torchvision.models.resnet import BasicBlock
 
 from meal_cache.errors import UserError, unknown_choice
 from meal_cache.nets import timm_models
-from meal_cache.nets.taps import infer_blocks
+from meal_cache.nets.taps import block_shapes, infer_blocks
 from meal_cache.nets.torchvision_weights import load_weights
 
 SMALL_INPUT_MAX = 64
@@ -278,6 +278,22 @@ _TORCHVISION_BLOCKS = {
     "ResNet": ("layer1", "layer2", "layer3", "layer4"),
     "DenseNet": ("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.denseblock4"),
 }
+
+
+# What a listing reports for an architecture that cannot be built at the asked size (timm's listing catches the same).
+_LISTING_ERRORS = (UserError, RuntimeError, NotImplementedError, TypeError, ValueError, AssertionError)
+
+
+def block_summary(name: str, image_size: int) -> str:
+    """``layer1 16x32x32, layer2 32x16x16, ...``: each block of ``name`` and its output (channels x height x
+    width) for ``image_size`` px inputs, built on the meta device so no weights are allocated; or why not."""
+    try:
+        with torch.device("meta"):
+            model = create_model(name, 10, image_size)
+            shapes = block_shapes(model, image_size)
+    except _LISTING_ERRORS as err:
+        return f"(not at {image_size} px: {(str(err).strip().splitlines() or [''])[0][:100]})"
+    return ", ".join(f"{block} {'x'.join(map(str, shapes[block]))}" for block in model.block_names)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -16,6 +16,41 @@ import numpy as np  # noqa: E402
 from meal_cache.pipeline.stats import CURVE_METRICS  # noqa: E402
 from meal_cache.store.keys import LOGITS, split_teacher_key, teacher_key  # noqa: E402
 
+# tab20's ten dark hues, then their ten light ones: neighbouring bars of a store of up to ten arrays differ in
+# hue, and a light shade comes only after every dark one (tab20 sampled evenly mixed pairs of one hue).
+_DISTINCT_COLOURS = [plt.cm.tab20(index) for index in (*range(0, 20, 2), *range(1, 20, 2))]
+
+
+def distinct_colours(count: int) -> list[tuple[float, float, float, float]]:
+    """``count`` colours, all different up to 20 (then repeating)."""
+    return [_DISTINCT_COLOURS[index % len(_DISTINCT_COLOURS)] for index in range(count)]
+
+
+def discriminator_labels(keys: list[str], blocks: dict[str, list[str]]) -> dict[str, str]:
+    """Legend labels for MEAL's discriminator keys: ``TEACHER__R``, the discriminator of the teacher's block R from
+    the end (meal's :class:`BlockPair`), as ``TEACHER BLOCK`` from ``blocks`` (each teacher's stored block names,
+    in order); ``logits`` and a key of a teacher or rank not in ``blocks`` stay as they are."""
+    by_key = {teacher.replace(".", "_"): names for teacher, names in blocks.items()}
+    labels = {}
+    for key in keys:
+        teacher, sep, rank = key.rpartition("__")
+        names = by_key.get(teacher, [])
+        known = sep and rank.isdigit() and int(rank) < len(names)
+        labels[key] = f"{teacher} {names[-1 - int(rank)]}" if known else key
+    return labels
+
+
+def _stored_blocks(run_config: Path) -> dict[str, list[str]]:
+    """Each teacher's block names in the store a run was distilled from (none where it cannot be read)."""
+    from meal_cache.errors import UserError
+    from meal_cache.store.teacher_store import open_store
+
+    try:
+        store = open_store(json.loads(run_config.read_text())["store"])
+    except (OSError, KeyError, ValueError, UserError):  # UserError is a ValueError; named for the reader
+        return {}
+    return {teacher: [block.key for block in store.blocks(teacher)] for teacher in store.teacher_names}
+
 
 def _tested(history: list[dict]) -> list[dict]:
     """The epochs of a history that were evaluated on the test split (a run evaluating every few epochs logs the
@@ -77,8 +112,11 @@ def plot_meal_losses(run_dir: Path, method: str, seed: int, path: Path) -> bool:
     left.set_yscale("log")
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
-    for key in sorted({k for r in records for k in r if k.startswith("disc/")}):
-        right.plot(epochs, [r.get(key, math.nan) for r in records], label=key.removeprefix("disc/"))
+    keys = sorted({k for r in records for k in r if k.startswith("disc/")})
+    labels = discriminator_labels([k.removeprefix("disc/") for k in keys], _stored_blocks(metrics_path.parent /
+                                                                                          "config.json"))  # fmt: skip
+    for key in keys:
+        right.plot(epochs, [r.get(key, math.nan) for r in records], label=labels[key.removeprefix("disc/")])
     right.axhline(math.log(2), color="black", linestyle=":", linewidth=1, label="chance (log 2)")
     right.set_title("discriminator losses (teacher real vs student fake)")
     right.set_xlabel("epoch")
@@ -116,8 +154,7 @@ def plot_store_bytes(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.2))
     bottoms = np.zeros(len(teachers))
     parts = sorted({split_teacher_key(key)[1] for key in by_array}, key=lambda k: (k != LOGITS, k))
-    colours = plt.cm.tab20(np.linspace(0, 1, max(2, len(parts))))
-    for colour, part in zip(colours, parts, strict=False):
+    for colour, part in zip(distinct_colours(len(parts)), parts, strict=True):
         heights = np.array([by_array.get(teacher_key(t, part), {}).get("stored", 0) / 2**20 for t in teachers])
         if heights.any():
             ax.bar(teachers, heights, bottom=bottoms, label=part, color=colour)

@@ -22,7 +22,8 @@ def _array_label(store: TeacherStore, key: str) -> str:
     return f"{label} ({kept} at T={layout.temperature:g}, read back dense)"
 
 
-def _lossy_description(layout: StoreLayout) -> str:
+def lossy_parts(layout: StoreLayout) -> list[str]:
+    """What a store's layout keeps less of than every float: mantissa bits, 8-bit codes, compact logits."""
     lossy = []
     if layout.keep_bits is not None:
         lossy.append(f"{layout.keep_bits} mantissa bits kept")
@@ -30,6 +31,11 @@ def _lossy_description(layout: StoreLayout) -> str:
         lossy.append(f"{' and '.join(layout.features) or 'features'} as {layout.quantize}-bit codes")
     if layout.logits_encoding is not None:
         lossy.append(layout.logits_encoding.description.format(k=layout.logits_k, temperature=layout.temperature))
+    return lossy
+
+
+def _lossy_description(layout: StoreLayout) -> str:
+    lossy = lossy_parts(layout)
     return "lossy: " + ", ".join(lossy) if lossy else "lossless"
 
 
