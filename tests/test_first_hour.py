@@ -163,14 +163,16 @@ def test_an_error_after_a_progress_bar_starts_a_line_of_its_own(teacher_dir, tmp
     root = make_image_folder(tmp_path / "jpegs", train=3, val=1, sizes=(60, 90))  # the header stays whole
     victim = root / "train" / "c05" / "1.jpg"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size * 3 // 4])
-    result = subprocess.run(_cli("extract", "--teachers", "resnet8_w4", "--data", f"imagefolder:{root}",
-                                 "--image-size", "16", "--views", "1", "--batch-size", "8", "--workers", "1",
-                                 "--teacher-dir", str(teacher_dir), "--device", "cpu", "--out",
-                                 str(tmp_path / "s.zarr")), capture_output=True, timeout=300)  # fmt: skip
-    stderr = result.stderr.decode()  # bytes: text mode would turn the bar's carriage returns into newlines
-    assert result.returncode == 2, stderr[-2000:]
+    status, stderr = _stderr_on_a_terminal(_cli("extract", "--teachers", "resnet8_w4", "--data",
+                                                f"imagefolder:{root}", "--image-size", "16", "--views", "1",
+                                                "--batch-size", "8", "--workers", "1", "--teacher-dir",
+                                                str(teacher_dir), "--device", "cpu", "--out",
+                                                str(tmp_path / "s.zarr")))  # fmt: skip
+    assert status == 2, stderr[-2000:]
     assert "\rview 1/1:" in stderr  # a bar was drawn, and redrawn in place, before the failure
-    line = stderr.rstrip("\n").split("\n")[-1]
+    # What the terminal shows last: the text after the last carriage return or newline (the bar, left off, is
+    # cleared with spaces and a carriage return, so the error starts at the line's first column).
+    line = stderr.replace("\r\n", "\n").rstrip("\n").replace("\r", "\n").split("\n")[-1]
     assert line.startswith("Error: ") and "c05/1.jpg" in line, repr(stderr[-500:])
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from meal_cache.data import decode
 from meal_cache.data.source import (
     DECODE_ERRORS,
     MAX_SIDE,
@@ -62,11 +63,9 @@ class ByteReader(Protocol):
 
 def decode_bytes(data: torch.Tensor) -> torch.Tensor:
     """uint8 ``(3, H, W)`` from encoded bytes, as :func:`~meal_cache.data.source.decode_rgb` decodes a file:
-    torchvision.io's ``decode_image`` in RGB mode, PIL for the formats it does not read."""
-    from torchvision.io import ImageReadMode, decode_image
-
+    :func:`~meal_cache.data.decode.decode_data`, PIL for the formats it does not read."""
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
+        return decode.decode_data(data)
     except RuntimeError as err:
         if "Unsupported image file" not in str(err):
             raise

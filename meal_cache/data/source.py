@@ -8,7 +8,8 @@ normalises them with its network's statistics.
 
 - :class:`MemorySource`: uint8 images held on the device, cropped there (:func:`~meal_cache.views.augment.render`).
 - :class:`FileSource`: image files read and decoded in ``torch.utils.data.DataLoader`` worker processes
-  (torchvision.io's ``decode_image``, measured 1.4-1.7x faster than PIL on this machine's JPEGs). A worker
+  (:mod:`meal_cache.data.decode`: TorchCodec, torchvision.io where it is absent; both 1.4-1.7x faster than PIL
+  on this machine's JPEGs). A worker
   decodes each file once per request, however many of the request's rows name it (FKD's multi-crop), crops each
   box in the source image's own coordinates, resizes it to ``S`` with antialiasing, mirrors it (left-right, and
   top to bottom where the view draws vertical flips), and hands back
@@ -160,8 +161,8 @@ class BadImage:
 
 
 def decode_rgb(path: str) -> torch.Tensor:
-    """uint8 ``(3, H, W)``: grey, palette, CMYK and RGBA images converted to RGB. Formats torchvision.io does not
-    read (BMP, TIFF, ...) go through PIL."""
+    """uint8 ``(3, H, W)``: grey, palette, CMYK and RGBA images converted to RGB (:mod:`meal_cache.data.decode`:
+    TorchCodec, torchvision.io where it is absent or refuses the format). What neither reads goes through PIL."""
     try:
         return decode.decode_file(path)
     except RuntimeError as err:
@@ -291,7 +292,7 @@ class _Decoder(Dataset):
 
 def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
+    return decode.without_source_location(text[-1]) if text else type(err).__name__
 
 
 class _Plan(Sampler):
@@ -600,7 +601,8 @@ def list_image_folder(folder: Path, class_to_idx: dict[str, int] | None = None):
     try:
         samples = make_dataset(str(folder), found_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as err:
-        raise UserError(f"imagefolder '{folder}': {first_line(err)}") from err
+        raise UserError(f"imagefolder '{folder}': {first_line(err)}; every subfolder of {folder.name}/ is a class: "
+                        "put images in it or remove it") from err  # fmt: skip
     relative = [os.path.relpath(path, folder) for path, _ in samples]
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     return relative, labels, classes

@@ -37,6 +37,7 @@ from meal_cache.dense import (
     dense_teacher,
 )
 from meal_cache.engine.distributed import World, init_world
+from meal_cache.engine.progress import progress_bar
 from meal_cache.errors import UserError
 from meal_cache.extract.config import DIVERGENT_FIELDS, MIXING_FIELDS, ExtractConfig, fitted_to_data
 from meal_cache.extract.divergent import DivergentSource, search_from_json
@@ -241,7 +242,7 @@ def _todo(done: dict[str, np.ndarray], views: list[int], chunks: Iterable[int]) 
 def _bar(store: TeacherStore, todo: dict[int, list[int]], views: list[int], progress: bool) -> tqdm:
     """A bar over the images of the (view, chunk)s to do, named by its view or the range of its views."""
     name = f"view {views[0] + 1}" if len(views) == 1 else f"views {views[0] + 1}-{views[-1] + 1}"
-    return tqdm(total=sum(_chunk_len(store, c) * len(v) for c, v in todo.items()), unit="img", leave=False,
+    return progress_bar(total=sum(_chunk_len(store, c) * len(v) for c, v in todo.items()), unit="img", leave=False,
                 desc=f"{name}/{store.num_views}", disable=not progress)  # fmt: skip
 
 
