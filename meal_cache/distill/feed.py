@@ -38,18 +38,18 @@ class StoredRows:
 
     @classmethod
     def read(cls, store: TeacherStore, keys: list[str], view: int, rows: slice = slice(None)) -> StoredRows:
-        return cls(store, {key: {part: torch.from_numpy(value) for part, value in store.read_stored(key, view,
-                                                                                                   rows).items()}
-                           for key in keys})  # fmt: skip
+        """Rows ``rows`` of view ``view`` of ``keys``, as stored, on the CPU."""
+        parts = {}
+        for key in keys:
+            parts[key] = {part: torch.from_numpy(value) for part, value in store.read_stored(key, view, rows).items()}
+        return cls(store, parts)
 
     @classmethod
     def cat(cls, pieces: list[StoredRows]) -> StoredRows:
+        """The rows of ``pieces``, one after the other."""
         first = pieces[0]
         return cls(first.store, {key: {part: torch.cat([p.parts[key][part] for p in pieces]) for part in parts}
                                  for key, parts in first.parts.items()})  # fmt: skip
-
-    def __len__(self) -> int:
-        return len(next(iter(next(iter(self.parts.values())).values()))) if self.parts else 0
 
     def to(self, device: torch.device) -> StoredRows:
         """On ``device`` (through pinned memory on CUDA, so the copy overlaps)."""
