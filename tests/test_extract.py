@@ -207,7 +207,8 @@ def test_cli_extract_and_info(teacher_dir, tmp_path):
         assert text in info.output
     missing = runner.invoke(main, ["info", str(tmp_path / "nope.zarr")])
     assert missing.exit_code == 2 and "store not found" in missing.stderr
-    again = runner.invoke(main, [*args[:-3], "--views", "2", "--out", str(out), "--device", "cpu", "--quiet"])
+    # Another grid (more views alone would grow the store: tests/test_grow.py).
+    again = runner.invoke(main, [*args[:-3], "--grid", "2", "--out", str(out), "--device", "cpu", "--quiet"])
     assert again.exit_code == 2 and "--overwrite" in again.stderr
     assert json.loads(json.dumps(open_store(out).attrs))["complete"] is True
 

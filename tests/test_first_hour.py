@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from imagefolder import make_image_folder
 
-from meal_cache.extract import run as extract_module
 from meal_cache.extract.config import ExtractConfig
 from meal_cache.extract.run import extract
 
@@ -81,15 +80,17 @@ def test_the_evaluation_bar_counts_every_test_image_once_a_batch(teacher_dir, di
 
 
 def test_extracts_bar_moves_once_a_batch_not_once_a_chunk(teacher_dir, digits, tmp_path, monkeypatch):
+    from meal_cache.engine import progress as progress_module
+
     steps: list[int] = []
-    real = extract_module.tqdm
+    real = progress_module.tqdm
 
     class Recording(real):
         def update(self, n=1):
             steps.append(n)
             return super().update(n)
 
-    monkeypatch.setattr(extract_module, "tqdm", Recording)
+    monkeypatch.setattr(progress_module, "tqdm", Recording)
     config = ExtractConfig(teachers=["resnet8_w4"], views=1, teacher_dir=str(teacher_dir), device="cpu",
                            preset="kd", rows_per_chunk=512, batch_size=100)  # fmt: skip
     extract(config, tmp_path / "s.zarr", progress=True, dataset=digits)
