@@ -14,8 +14,9 @@ from meal_cache.store.create import sole_writer
 
 def test_a_second_extract_on_a_store_being_written_is_one_line(tmp_path, teacher_dir):
     out = tmp_path / "feats.zarr"
-    command = ["extract", "--teachers", "resnet8_w4", "--teacher-dir", str(teacher_dir), "--views", "1", "--out",
-               str(out), "--device", "cpu", "--workers", "0", "--quiet"]  # fmt: skip
+    command = ["extract", "--teachers", "resnet8_w4", "--teacher-dir", str(teacher_dir), "--data",
+               "digits?train_fraction=0.1", "--views", "1", "--out", str(out), "--device", "cpu", "--workers", "0",
+               "--quiet"]  # fmt: skip
     with sole_writer(out):  # this process plays the first extract
         refused = run_console(command, tmp_path)
     lines = refused.stderr.strip().splitlines()
