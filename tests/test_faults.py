@@ -58,7 +58,7 @@ def test_extract_killed_at_random_moments_resumes_to_the_same_store(teacher_dir,
     total = len(TEACHERS) * 3 * -(-1437 // 64)
     rng = random.Random(2026)
     kills = []
-    while len(kills) < 3:
+    while len(kills) < 2:
         done = _done_marks(out) if out.exists() else 0
         # A random point ahead: before the store exists (while it is created) in the first trial, then
         # somewhere in the next third of the remaining chunks.
