@@ -177,6 +177,14 @@ def split_by_mask(images: torch.Tensor, labels: np.ndarray, test_mask: np.ndarra
     )
 
 
+# What a streamed source (image files, tar shards, parquet) is normalised with and served at unless --image-size
+# says: ImageNet's statistics (such datasets are too large to measure, and pretrained teachers expect these) and
+# its usual 224 px.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STREAM_IMAGE_SIZE = 224
+
+
 def local_path(kind: str, arg: str) -> Path:
     """A dataset's path on this machine; a URL is refused by name (Path would fold ``s3://b`` into ``s3:/b``)."""
     if "://" in arg:

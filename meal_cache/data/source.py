@@ -481,9 +481,16 @@ class FileSplit:
     def relabel(self, labels: torch.Tensor) -> FileSplit:
         return FileSplit(self.root, self.files, labels, self.file_bytes, self.image_size, self.known_sizes)
 
+    def origin(self) -> tuple[str, bytes]:
+        """What the rows' names are relative to, for the fingerprint: files under the root (nothing more to add)."""
+        return "files", b""
+
     def fingerprint(self, kind: str, split: str) -> str:
+        """The rows' names, byte lengths and labels, and where they come from (:meth:`origin`)."""
+        tag, identity = self.origin()
         digest = hashlib.blake2b(digest_size=16)
-        digest.update(f"{kind}|{split}|files|{len(self)}".encode())
+        digest.update(f"{kind}|{split}|{tag}|{len(self)}".encode())
+        digest.update(identity)
         digest.update(b"\0".join(self.files.tolist()))
         digest.update(self.file_bytes.astype(np.int64).tobytes())
         digest.update(self.labels.to(torch.int64).numpy().tobytes())

@@ -20,15 +20,20 @@ import numpy as np
 import torch
 
 from meal_cache.data.encoded import EncodedSplit
-from meal_cache.data.loader import DatasetSource, LoadOptions, RawDataset, local_path
+from meal_cache.data.loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    STREAM_IMAGE_SIZE,
+    DatasetSource,
+    LoadOptions,
+    RawDataset,
+    local_path,
+)
 from meal_cache.data.source import first_line
 from meal_cache.errors import UserError
 from meal_cache.views import augment
 
 HELD_OUT_SPLITS = ("validation", "val", "test")
-STREAM_IMAGE_SIZE = 224
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from meal_cache.data.loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     NATURAL_RECIPE,
+    STREAM_IMAGE_SIZE,
     DatasetSource,
     LoadOptions,
     RawDataset,
@@ -20,16 +23,6 @@ from meal_cache.data.loader import (
 from meal_cache.data.source import FileSplit, find_unreadable, list_image_folder
 from meal_cache.errors import UserError
 from meal_cache.views import augment
-
-# ImageNet's statistics: streamed folders are too large to measure, and pretrained teachers expect these.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-STREAM_IMAGE_SIZE = 224
-
 
 IN_MEMORY_IMAGE_SIZE = 32
 

@@ -26,7 +26,15 @@ import numpy as np
 import torch
 
 from meal_cache.data.encoded import EncodedSplit
-from meal_cache.data.loader import DatasetSource, LoadOptions, RawDataset, local_path
+from meal_cache.data.loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    STREAM_IMAGE_SIZE,
+    DatasetSource,
+    LoadOptions,
+    RawDataset,
+    local_path,
+)
 from meal_cache.errors import UserError
 from meal_cache.remote import check_bucket, filesystem_of, is_url, object_storage_errors
 from meal_cache.views import augment
@@ -35,9 +43,6 @@ IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 LABEL_SUFFIXES = ("cls", "json")
 TRAIN_PREFIXES = ("train",)
 HELD_OUT_PREFIXES = ("val", "validation", "test")
-STREAM_IMAGE_SIZE = 224
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
