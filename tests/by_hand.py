@@ -58,6 +58,23 @@ def record_teacher_pixels(monkeypatch, key: str) -> list[torch.Tensor]:
     return seen
 
 
+def record_distill_steps(monkeypatch, key: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(rows, the targets' array key, pixels)`` of every distillation step, appended to the returned list as
+    distill runs (its ``DistillEpochs.step`` wrapped for the test)."""
+    from meal_cache import distill as distill_module
+
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    real_step = distill_module.DistillEpochs.step
+
+    def record(self, batch):
+        (rows, targets, _), pixels = batch
+        seen.append((rows.clone(), targets[key].clone(), pixels.clone()))
+        return real_step(self, batch)
+
+    monkeypatch.setattr(distill_module.DistillEpochs, "step", record)
+    return seen
+
+
 def store_arrays(group, prefix: str = "") -> dict[str, np.ndarray]:
     """Every array of a Zarr group and its subgroups, read whole, by its path below ``group``."""
     import zarr

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from by_hand import record_distill_steps
 
 from meal_cache.data.datasets import load_dataset
 from meal_cache.errors import UserError
@@ -187,21 +188,12 @@ def test_divergent_settings_are_checked_and_kept_out_of_other_stores(small_store
 def test_distill_interleaves_batches_of_the_stored_divergent_pixels(teacher_dir, tmp_path, monkeypatch, small_store):
     import json
 
-    from meal_cache import distill as distill_module
     from meal_cache.distill import DistillConfig, distill
 
     store, _ = _extract(teacher_dir, tmp_path / "s.zarr", views=2, divergent_views=2)
-    seen = []
-    real_step = distill_module.DistillEpochs.step
-
-    def record(self, batch):
-        (rows, targets, _), pixels = batch
-        seen.append((rows.clone(), targets["teachers/resnet8_w4/logits"].clone(), pixels.clone()))
-        return real_step(self, batch)
 
     def run(out, **options):
-        seen.clear()
-        monkeypatch.setattr(distill_module.DistillEpochs, "step", record)
+        seen = record_distill_steps(monkeypatch, "teachers/resnet8_w4/logits")
         config = DistillConfig(store=str(tmp_path / "s.zarr"), student="resnet8_w4", method="kd", epochs=2,
                                batch_size=16, device="cpu", workers=0, **options)  # fmt: skip
         distill(config, tmp_path / out, progress=False)

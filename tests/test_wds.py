@@ -153,10 +153,9 @@ def extract_and_distill_replay(spec: str, teachers: Path, tmp_path: Path, monkey
     """Extract 2 views + the identity view of ``spec``, distill 2 epochs from the store; checks that every
     batch's pixels are the ones the teacher was fed for those rows in that view, with its logits. Returns the
     store."""
-    from by_hand import record_teacher_pixels
+    from by_hand import record_distill_steps, record_teacher_pixels
     from extract_order import fed_per_view
 
-    from meal_cache import distill as distill_module
     from meal_cache.distill import DistillConfig, distill
     from meal_cache.extract.config import ExtractConfig
     from meal_cache.extract.run import extract
@@ -169,15 +168,7 @@ def extract_and_distill_replay(spec: str, teachers: Path, tmp_path: Path, monkey
     store = extract(config, path, progress=False)
     monkeypatch.undo()
     fed = fed_per_view(fed_calls, store.n, store.num_views, config.rows_per_chunk, config.batch_size)
-    seen = []
-    real_step = distill_module.DistillEpochs.step
-
-    def record(self, batch):
-        (rows, targets, _), pixels = batch
-        seen.append((rows.clone(), targets["teachers/resnet8_w4/logits"].clone(), pixels.clone()))
-        return real_step(self, batch)
-
-    monkeypatch.setattr(distill_module.DistillEpochs, "step", record)
+    seen = record_distill_steps(monkeypatch, "teachers/resnet8_w4/logits")
     distill(DistillConfig(store=str(path), student="resnet8_w4", method="kd", epochs=2, batch_size=9, device="cpu",
                           workers=2), tmp_path / "run", progress=False)  # fmt: skip
     steps = store.n // 9
