@@ -15,7 +15,7 @@ import zarr
 
 from meal_cache.errors import UnreadableFormat, UserError
 from meal_cache.store.codecs import dequantize_rows, quantize_rows
-from meal_cache.store.create import add_teacher_arrays, create_group, json_safe, store_exists
+from meal_cache.store.create import ARRAY_CONFIG, add_teacher_arrays, create_group, json_safe, store_exists
 from meal_cache.store.keys import (
     DIVERGENT_PIXELS,
     LABELS,
@@ -152,7 +152,9 @@ class TeacherStore:
 
     # ------------------------------------------------------------------ arrays
     def array(self, key: str) -> zarr.Array:
-        return self.group[key]
+        """The array at ``key``, writing every chunk it is given: a chunk that happens to equal the fill value (a
+        dead block's zeros) is stored, not left out, so verify can tell written from lost."""
+        return self.group[key].with_config(ARRAY_CONFIG)
 
     def labels(self) -> np.ndarray:
         return self.group[LABELS][:]
@@ -361,13 +363,13 @@ class TeacherStore:
                                           layout.temperature, rng)  # fmt: skip
                 for (part, _, per_slot), array_key in zip(encoding.parts, encoding.keys(full), strict=True):
                     shape = (*lead, -1) if per_slot else lead
-                    self.group[array_key][view, rows] = encoded[part].reshape(shape)
+                    self.array(array_key)[view, rows] = encoded[part].reshape(shape)
                 continue
             if layout.quantize is not None and is_feature_key(full):
                 values, ranges = quantize_rows(values)
-                self.group[range_key(full)][view, rows] = ranges
-            self.group[full][view, rows] = values
-        self.group[progress_key(teacher)][view, chunk] = True
+                self.array(range_key(full))[view, rows] = ranges
+            self.array(full)[view, rows] = values
+        self.array(progress_key(teacher))[view, chunk] = True
 
     def add_teachers(self, teachers: list[TeacherSpec], settings: dict) -> None:
         """Grow the store by ``teachers`` (their arrays unwritten), recording the extract ``settings`` that include
@@ -387,7 +389,7 @@ class TeacherStore:
             array.resize((count, *array.shape[1:]))
         for offset, params in enumerate(views):
             for key in self.view_keys:
-                self.group[key][start + offset] = getattr(params, view_field(key)).numpy()
+                self.array(key)[start + offset] = getattr(params, view_field(key)).numpy()
         self.set_attrs(views=views_info, settings=settings, complete=False)
 
     def set_attrs(self, **values: Any) -> None:
