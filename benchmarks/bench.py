@@ -666,25 +666,28 @@ def peak_rss_mb(command: list[str]) -> float:
 
 def bench_stream_memory(work: Path, counts: tuple[int, int], size: int = 32) -> dict:
     """Peak RSS of `meal-cache extract` (one teacher, one view) and `meal-cache distill` (kd, one epoch) over a
-    folder of ``counts[0]`` and of ``counts[1]`` training images, against the folder's decoded size. Served at
-    ``size`` px so the networks' own activations stay small beside the data."""
+    folder of ``counts[0]`` and of ``counts[1]`` training images, against the folder's decoded size, and over the
+    same images as WebDataset shards of 64 (so the shard count doubles with the images). Served at ``size`` px so
+    the networks' own activations stay small beside the data."""
     cli = str(Path(sys.executable).with_name("meal-cache"))
-    result: dict = {"images": list(counts), "image_size": size, "decoded_dataset_mb": [],
-                    "peak_rss_mb": {"extract": [], "distill": []}}  # fmt: skip
+    result: dict = {"images": list(counts), "image_size": size, "decoded_dataset_mb": [], "shards": [],
+                    "peak_rss_mb": {"extract": [], "distill": [], "extract_wds": [], "distill_wds": []}}  # fmt: skip
     for count in counts:
         root = image_folder(work / f"rss-{count}", 10, count // 10, 1, seed=count)
-        spec = f"imagefolder:{root}"
+        shards, _ = folder_as_shards_and_parquet(root, work / f"rss-sources-{count}")
         teacher_dir = work / f"rss-teachers-{count}"
-        stream_teachers(teacher_dir, load_dataset(spec, image_size=size), (STREAM_TEACHERS[0],))
-        store = work / f"rss-{count}.zarr"
+        stream_teachers(teacher_dir, load_dataset(f"imagefolder:{root}", image_size=size), (STREAM_TEACHERS[0],))
         common = ["--device", "cpu", "--workers", str(STREAM_WORKERS), "--quiet"]
-        result["peak_rss_mb"]["extract"].append(peak_rss_mb([
-            cli, "extract", "--teachers", STREAM_TEACHERS[0], "--data", spec, "--image-size", str(size),
-            "--views", "1", "--teacher-dir", str(teacher_dir), "--out", str(store), *common]))  # fmt: skip
-        result["peak_rss_mb"]["distill"].append(peak_rss_mb([
-            cli, "distill", "--store", str(store), "--student", STREAM_STUDENT, "--method", "kd", "--epochs", "1",
-            "--out", str(work / f"rss-run-{count}"), *common]))  # fmt: skip
+        for suffix, spec in (("", f"imagefolder:{root}"), ("_wds", f"wds:{shards}")):
+            store = work / f"rss-{count}{suffix}.zarr"
+            result["peak_rss_mb"][f"extract{suffix}"].append(peak_rss_mb([
+                cli, "extract", "--teachers", STREAM_TEACHERS[0], "--data", spec, "--image-size", str(size),
+                "--views", "1", "--teacher-dir", str(teacher_dir), "--out", str(store), *common]))  # fmt: skip
+            result["peak_rss_mb"][f"distill{suffix}"].append(peak_rss_mb([
+                cli, "distill", "--store", str(store), "--student", STREAM_STUDENT, "--method", "kd", "--epochs",
+                "1", "--out", str(work / f"rss-run-{count}{suffix}"), *common]))  # fmt: skip
         result["decoded_dataset_mb"].append(decoded_mb(root))
+        result["shards"].append(len(list(shards.glob("train-*.tar"))))
     return result
 
 
@@ -891,7 +894,7 @@ def targets(results: dict) -> dict:
         rows["stream_cache_tax_meal"] = {"value": stream["stream_cache_tax_meal"], "target": "(reported)", "met": None}
         rows["decode_images_per_s_per_worker"] = {"value": stream["decode_images_per_s_per_worker"],
                                                   "target": "(reported)", "met": None}  # fmt: skip
-        for key in ("peak_rss_mb", "decoded_dataset_mb", "images"):
+        for key in ("peak_rss_mb", "decoded_dataset_mb", "images", "shards"):
             rows[key] = {"value": stream[key], "target": "(reported)", "met": None}
     return rows
 
