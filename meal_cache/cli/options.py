@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import click
 
+from meal_cache.cli.paths import check_config_file_exists
 from meal_cache.errors import closest_choice
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
@@ -213,6 +214,7 @@ def _read_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     (the option is eager), checked as a pipeline's step is."""
     if value is None:
         return None
+    check_config_file_exists(value)
     from meal_cache.pipeline.config import load_step_file
 
     settings = load_step_file(value, ctx.command.name)
