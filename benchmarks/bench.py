@@ -264,7 +264,7 @@ def bench_lossy_accuracy(work: Path, digits: ImageDataset, seeds: tuple[int, ...
 
 COMPACT_TARGETS = {
     # The blocks' budget, what --for meal's PCA to 128 is sized for; its logits are every float16 one (2,000 B at
-    # 1,000 classes), since top-10 at T = 4 lost 18 points of top-1 at 100 classes (docs/design.md, "At the class
+    # 1,000 classes), since top-10 at T = 4 lost 18 points of top-1 at 100 classes (docs/results.md, "At the class
     # counts users have"): store_bytes_meal_224 and the top-10 row are reported beside it.
     "store_bytes_meal_224_blocks": ("<=", 600),
     "store_bytes_kd_224_top5": ("<=", 60),

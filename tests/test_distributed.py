@@ -189,7 +189,7 @@ def test_two_rank_distillation_trains_the_one_rank_student(two_rank_run, small_s
     two, one = _student_weights(out), _student_weights(reference)
     assert two.keys() == one.keys() and len(two) > 10
     # Not bit-identical: each rank normalises its BatchNorm layers with the statistics of its own 32 rows (no
-    # SyncBatchNorm on the CPU; docs/design.md), where the one process uses all 64, and the saved running
+    # SyncBatchNorm on the CPU; docs/decisions.md), where the one process uses all 64, and the saved running
     # statistics are rank 0's, from its halves. Measured on this 2-epoch run (2026-12-01): the trained parameters
     # differ by at most 0.032 (conv1.weight), the running means by 0.126, the running variances by 0.455, at most
     # 33% of the variance; two one-process runs differing only in --seed differ by 2.2 in each (variances by up

@@ -184,7 +184,7 @@ DISTILL_SECTIONS = {
     "--representation",
     default=None,
     type=click.Choice(["maps", "blocks"]),
-    help="blocks: pooled channels through learned adapters (the default, the ablation's choice: docs/design.md); "
+    help="blocks: pooled channels through learned adapters (the default, the ablation's choice: docs/results.md); "
     "maps: channel-mean maps (MEAL's reference, no adapters; the default for a store that holds only maps).",
 )
 @click.option(

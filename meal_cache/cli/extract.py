@@ -81,7 +81,7 @@ EXTRACT_SECTIONS = {
     show_default=True,
     type=int,
     help="Augmented views to cache; distill's epoch e replays view e mod V. On digits 1 to 16 views all matched "
-    "fresh augmentation every epoch (docs/design.md, the views curve); run pipelines/digits-views.toml's "
+    "fresh augmentation every epoch (docs/decisions.md, the views curve); run pipelines/digits-views.toml's "
     "protocol on your data before spending bytes on more.",
 )
 @click.option("--identity-view", is_flag=True, help="Also cache the un-augmented view (for evaluation and inspect).")

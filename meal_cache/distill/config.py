@@ -44,7 +44,7 @@ class DistillConfig:
     eval_every: int = 1
     teacher_selection: str | None = None  # None: the method's own
     # None: pooled block channels through learned adapters, the ablation's choice over MEAL's channel-mean maps
-    # (docs/design.md, "MEAL's ablation"), or maps where the store holds maps and no blocks (stores extracted
+    # (docs/decisions.md, "MEAL's ablation"), or maps where the store holds maps and no blocks (stores extracted
     # with --features maps, and --for meal before the ablation); "maps" is the reference's.
     representation: str | None = None
     block_loss: str | None = None  # None: soft-ce for maps (MEAL's reference), l2 for blocks

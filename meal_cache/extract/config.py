@@ -57,7 +57,7 @@ class ExtractConfig:
     download: bool = False
     image_size: int | None = None
     split: str = "train"
-    views: int = 4  # the views curve (docs/design.md): no gain measured beyond
+    views: int = 4  # the views curve (docs/decisions.md): no gain measured beyond
     identity_view: bool = False
     recipe: str = "crop"  # the views' policy after the crop: crop (none), randaugment, trivialaugment
     # timm's train.py knobs (None: the data's recipe's own; see augment.AugmentOptions): the random-resized crop's
