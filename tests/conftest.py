@@ -20,6 +20,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_cuda)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _datasets_cache(tmp_path_factory):
+    """datasets' Arrow cache (of parquet files and fetched object storage) in the session's own folder, never the
+    user's: set before anything imports datasets, which reads it once, and inherited by the console scripts."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     # The suite is sized for a 2-core machine: two threads in one process, or one in each of `make test`'s two

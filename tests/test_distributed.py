@@ -102,13 +102,11 @@ def _as_parquet(folder: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("source", ["imagefolder", "wds", "hf"])
-def test_two_rank_extraction_of_a_streamed_source_writes_the_one_rank_store(teacher_dir, tmp_path, source,
-                                                                            monkeypatch):  # fmt: skip
+def test_two_rank_extraction_of_a_streamed_source_writes_the_one_rank_store(teacher_dir, tmp_path, source):
     """Each rank decodes the images of its own chunks in its own workers, from files, tar shards or parquet files
     (the chunks' rows spread over several of them); together they write the one-rank store."""
     from imagefolder import make_image_folder
 
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))  # the ranks' too: never the user's
     folder = make_image_folder(tmp_path / "jpegs", classes=10, train=5, val=1, sizes=(40, 120))
     if source == "imagefolder":
         spec = f"imagefolder:{folder}"

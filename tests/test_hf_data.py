@@ -21,12 +21,6 @@ from meal_cache.data.datasets import load_dataset
 HELD_OUT = 15
 
 
-@pytest.fixture(autouse=True)
-def _datasets_cache(tmp_path_factory, monkeypatch):
-    """datasets' Arrow cache of parquet files in the test's own folder, never the user's."""
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-cache"))
-
-
 def hf_dataset(samples, image_feature: bool = True):
     import datasets
 

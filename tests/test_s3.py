@@ -283,3 +283,51 @@ def test_shards_in_a_bucket_give_the_store_of_the_same_shards_on_disk(s3, tmp_pa
     line = one_error_line(run_console([*args, "--data", "wds:s3://no-such-bucket/shards", "--out",
                                        str(tmp_path / "none.zarr")], tmp_path, **s3))  # fmt: skip
     assert "S3 bucket 'no-such-bucket'" in line and "does not exist" in line, line
+
+
+def test_parquet_in_a_bucket_gives_the_store_of_the_same_files_on_disk(s3, tmp_path):
+    """``--data hf:s3://...`` (issue 40): hub-style parquet uploaded with s3fs is fetched once into datasets' cache
+    by the console script and gives the store (fingerprint and every array) of the same files on disk; a second
+    run fetches nothing; a bucket that is not there, or a prefix without parquet files, is one line."""
+    from test_hf_data import write_parquet
+    from test_wds import digit_samples
+
+    from meal_cache.engine.train import TrainConfig, train_supervised
+
+    cache = tmp_path / "hf-cache"
+    environment = {**s3, "HF_DATASETS_CACHE": str(cache)}
+    local = write_parquet(tmp_path / "parquet", digit_samples(count=40))
+    filesystem = _bucket(s3)
+    for path in (local / "data").iterdir():
+        filesystem.put_file(str(path), f"{BUCKET}/parquet/data/{path.name}")
+    teachers = tmp_path / "teachers"
+    train_supervised(TrainConfig(arch=TEACHER, data=f"hf:{local}", image_size=16, epochs=1, batch_size=16,
+                                 device="cpu", workers=0), teachers / f"{TEACHER}.pt", progress=False)  # fmt: skip
+    args = ["extract", "--teachers", TEACHER, "--teacher-dir", str(teachers), "--views", "1", "--image-size", "16",
+            "--workers", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+    from_bucket = run_console([*args, "--data", f"hf:s3://{BUCKET}/parquet", "--out", str(tmp_path / "s3.zarr")],
+                              tmp_path, **environment)  # fmt: skip
+    assert from_bucket.returncode == 0, from_bucket.stderr[-3000:]
+    fetched = sorted(cache.glob("meal-cache-object-storage/*/data/*.parquet"))
+    assert [p.name for p in fetched] == sorted(p.name for p in (local / "data").iterdir())
+    assert all(p.read_bytes() == (local / "data" / p.name).read_bytes() for p in fetched)
+    torch.set_num_threads(1)
+    config = ExtractConfig(teachers=[TEACHER], data=f"hf:{local}", views=1, image_size=16, teacher_dir=str(teachers),
+                           device="cpu", workers=0)  # fmt: skip
+    extract(config, tmp_path / "disk.zarr", progress=False)
+    remote, disk = (zarr.open_group(str(tmp_path / name), mode="r") for name in ("s3.zarr", "disk.zarr"))
+    assert remote.attrs["dataset"]["fingerprint"] == disk.attrs["dataset"]["fingerprint"]
+    remote_arrays, disk_arrays = store_arrays(remote), store_arrays(disk)
+    assert remote_arrays.keys() == disk_arrays.keys()
+    for key, value in disk_arrays.items():
+        np.testing.assert_array_equal(remote_arrays[key], value, err_msg=key)
+    stamps = [p.stat().st_mtime_ns for p in fetched]
+    again = run_console([*args, "--data", f"hf:s3://{BUCKET}/parquet", "--out", str(tmp_path / "again.zarr")],
+                        tmp_path, **environment)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.stat().st_mtime_ns for p in fetched] == stamps  # nothing fetched again
+    for url, expected in (("hf:s3://no-such-bucket/parquet", "S3 bucket 'no-such-bucket'"),
+                          (f"hf:s3://{BUCKET}/nothing-here", "no parquet files under data/")):  # fmt: skip
+        line = one_error_line(run_console([*args, "--data", url, "--out", str(tmp_path / "none.zarr")], tmp_path,
+                                          **environment))  # fmt: skip
+        assert expected in line, line

@@ -189,5 +189,5 @@ def local_path(kind: str, arg: str) -> Path:
     """A dataset's path on this machine; a URL is refused by name (Path would fold ``s3://b`` into ``s3:/b``)."""
     if "://" in arg:
         raise UserError(f"{kind} '{arg}': data from object storage is not supported; copy it locally or mount it "
-                        "(stores may be URLs, and so may wds: shards)")  # fmt: skip
+                        "(stores may be URLs, and so may wds: shards and hf: parquet files)")  # fmt: skip
     return Path(arg)

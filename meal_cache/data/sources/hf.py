@@ -6,11 +6,14 @@ folders are.
 The image column is the one whose feature is an ``Image``, the label column the ``ClassLabel`` one, whose names
 are the classes. The image column is read as bytes (``Image(decode=False)``) and decoded by the image files'
 decoder, so the same JPEG gives the same pixels as in a folder. ``datasets`` keeps parquet files as an Arrow
-cache (under ``HF_DATASETS_CACHE``, made once), which is what gives each row random access.
+cache (under ``HF_DATASETS_CACHE``, made once), which is what gives each row random access. Parquet files in
+object storage (``hf:s3://bucket/imagenet``) are first copied into that cache, once; the dataset's fingerprint is
+the same as of the same files on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,10 +30,10 @@ from meal_cache.data.loader import (
     DatasetSource,
     LoadOptions,
     RawDataset,
-    local_path,
 )
 from meal_cache.data.source import first_line
 from meal_cache.errors import UserError
+from meal_cache.remote import check_bucket, filesystem_of, is_url, object_storage_errors
 from meal_cache.views import augment
 
 HELD_OUT_SPLITS = ("validation", "val", "test")
@@ -82,9 +85,38 @@ def _parquet_files(root: Path) -> dict[str, list[Path]]:
     return by_split
 
 
+def _fetched_from_object_storage(location: str) -> Path:
+    """Hub-style parquet files at an fsspec URL (``s3://bucket/imagenet``: ``data/train-*.parquet`` and the held-out
+    split's), copied once into a folder of datasets' cache, as datasets copies every parquet file it reads into an
+    Arrow file there: a row's random access needs a local file. A file is fetched again when its size changes; each
+    arrives under a temporary name and is renamed whole, so a killed fetch or two ranks fetching at once leave no
+    half file."""
+    filesystem, root = filesystem_of(location)
+    with object_storage_errors(location):
+        check_bucket(filesystem, root, location)
+        found = sorted(filesystem.glob(f"{root.rstrip('/')}/data/*.parquet"))
+        if not found:
+            raise UserError(f"hf '{location}': no parquet files under data/ (data/train-*.parquet, "
+                            "data/validation-*.parquet); save_to_disk folders are read from a local disk "
+                            "only")  # fmt: skip
+        sizes = {path: int(filesystem.info(path)["size"]) for path in found}
+        listed = sorted((Path(path).name, size) for path, size in sizes.items())
+        digest = hashlib.sha256(json.dumps([location, listed]).encode()).hexdigest()[:16]
+        folder = Path(_datasets_module().config.HF_DATASETS_CACHE) / "meal-cache-object-storage" / digest
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        for path, size in sizes.items():
+            target = folder / "data" / Path(path).name
+            if target.is_file() and target.stat().st_size == size:
+                continue
+            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+            filesystem.get_file(path, str(partial))
+            os.replace(partial, target)
+    return folder
+
+
 def _open_splits(location: str) -> tuple[dict, dict[str, list[tuple[str, int]]], dict[str, list[tuple[str, int]]]]:
     """Each split's Dataset, its files (name, bytes) and, per file, (name, rows) for naming rows."""
-    root = local_path("hf", location)
+    root = _fetched_from_object_storage(location) if is_url(location) else Path(location)
     if not root.is_dir():
         problem = "is a file, not a folder" if root.exists() else "folder does not exist"
         raise UserError(f"hf '{location}': {problem}")
@@ -187,6 +219,7 @@ SOURCES = (
         "hf",
         _load_hf,
         True,
-        "hf:FOLDER, a Hugging Face save_to_disk folder or hub-style parquet (data/train-*.parquet), streamed",
+        "hf:FOLDER, a Hugging Face save_to_disk folder or hub-style parquet (data/train-*.parquet, also at an "
+        "s3:// URL), streamed",
     ),
 )
