@@ -42,11 +42,25 @@ def _one_thread():
     return threads
 
 
-def test_two_rank_extraction_writes_the_one_rank_store(teacher_dir, digits, tmp_path):
-    # RandAugment and Mixup/CutMix too: a rank's rows take partners from the other rank's chunks.
+def _written(folder: Path) -> dict[Path, int]:
+    """Each file under ``folder`` with its modification time."""
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_two_ranks_grow_a_store_by_a_teacher_to_the_one_rank_store(teacher_dir, digits, tmp_path):
+    # RandAugment and Mixup/CutMix too: a rank's rows take partners from the other rank's chunks. The store holds
+    # the first teacher (one process); the two ranks add the second, dividing its units (issue 41). (The streamed
+    # sources' test below creates its store under torchrun.)
     settings = dict(teachers=TEACHERS, views=2, identity_view=True, rows_per_chunk=128, grid=2, recipe="randaugment",
                     mixup=0.8, cutmix=1.0)  # fmt: skip
     out = tmp_path / "two.zarr"
+    threads = _one_thread()
+    try:
+        extract(ExtractConfig(teacher_dir=str(teacher_dir), device="cpu", **{**settings, "teachers": TEACHERS[:1]}),
+                out, progress=False, dataset=digits)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    first_teacher = _written(out / "teachers" / TEACHERS[0])
     result = _torchrun("extract", "--teachers", ",".join(TEACHERS), "--teacher-dir", str(teacher_dir), "--views",
                        "2", "--identity-view", "--rows-per-chunk", "128", "--grid", "2", "--recipe", "randaugment",
                        "--mixup", "0.8", "--cutmix", "1", "--device", "cpu", "--out", str(out), "--quiet")  # fmt: skip
@@ -63,6 +77,7 @@ def test_two_rank_extraction_writes_the_one_rank_store(teacher_dir, digits, tmp_
     assert_same_store(out, reference)
     assert verify_store(open_store(out)).ok
     assert open_store(out).view_params(0).mix_box.any()  # the views really mix
+    assert _written(out / "teachers" / TEACHERS[0]) == first_teacher  # the stored teacher untouched
 
 
 def _as_shards(folder: Path, out: Path, per_shard: int = 16) -> Path:

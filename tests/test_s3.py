@@ -165,7 +165,8 @@ def _progress_marks(filesystem, url: str) -> int:
     return len(filesystem.find(f"{url.removeprefix('s3://')}/teachers/{TEACHER}/progress/c"))
 
 
-def test_an_extract_into_a_bucket_killed_partway_resumes_to_the_same_store(s3, tiny_teacher, digits, tmp_path):
+def test_an_extract_into_a_bucket_killed_partway_resumes_and_grows_to_the_same_store(s3, tiny_teacher, digits,
+                                                                                     tmp_path):  # fmt: skip
     url = f"s3://{BUCKET}/killed.zarr"
     args = [*_extract_args(tiny_teacher, 64, views=1), "--out", url]
     process = subprocess.Popen([*console_script(), *args], env=console_environment(tmp_path, **s3),
@@ -180,9 +181,17 @@ def test_an_extract_into_a_bucket_killed_partway_resumes_to_the_same_store(s3, t
     assert 0 < killed_at < -(-1437 // 64) and not _open_group(s3, url).attrs["complete"]
     resumed = run_console(args, tmp_path, **s3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # The same store as an uninterrupted local extract of the same settings, on one thread as the command runs.
+    assert _open_group(s3, url).attrs["complete"]
+    # Then grown by a view in the bucket (issue 41): only the new view's units are written.
+    first_view = {key: filesystem.info(key)["ETag"] for key in filesystem.find(f"{BUCKET}/killed.zarr/teachers")}
+    grown = run_console([*_extract_args(tiny_teacher, 64, views=2), "--out", url], tmp_path, **s3)
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    # The first view's chunks untouched (the arrays' zarr.json and the progress marks change: they grew).
+    chunks = {key: tag for key, tag in first_view.items() if "/c/" in key and "/progress/" not in key}
+    assert len(chunks) >= -(-1437 // 64) and all(filesystem.info(key)["ETag"] == tag for key, tag in chunks.items())
+    # The same store as an uninterrupted local extract of both views, on one thread as the command runs.
     torch.set_num_threads(1)
-    config = ExtractConfig(teachers=[TEACHER], views=1, teacher_dir=str(tiny_teacher), rows_per_chunk=64,
+    config = ExtractConfig(teachers=[TEACHER], views=2, teacher_dir=str(tiny_teacher), rows_per_chunk=64,
                            batch_size=64, device="cpu")  # fmt: skip
     extract(config, tmp_path / "local.zarr", progress=False, dataset=digits)
     remote, local = _open_group(s3, url), zarr.open_group(str(tmp_path / "local.zarr"), mode="r")
