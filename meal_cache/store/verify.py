@@ -89,6 +89,47 @@ def _read_objects(array: zarr.Array, first: tuple[int, ...], last: tuple[int, ..
     array[region]
 
 
+# A shard index entry of a chunk the shard does not hold: offset and length both 2**64 - 1 (Zarr v3 sharding spec).
+_EMPTY_ENTRY = np.uint64(2**64 - 1)
+# A shard index entry's bytes (offset, length: two little-endian uint64) and the index's CRC-32C after them.
+_ENTRY_BYTES, _INDEX_CHECKSUM_BYTES = 16, 4
+
+
+def _shard_holes(array: zarr.Array, coords: tuple[int, ...]) -> list[int]:
+    """The chunks of rows inside the array that shard ``coords`` lacks, by their index within the shard (read from
+    its index at the object's end; one ranged read). A shard written whole has none: a hole is a partial write,
+    which reads back as fill values, so it is damage a checksum alone does not show."""
+    from zarr.abc.store import SuffixByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+
+    per_shard = [s // c for s, c in zip(array.shards, array.chunks, strict=True)]
+    entries = math.prod(per_shard)
+    key = f"{array.store_path.path}/{array.metadata.encode_chunk_key(coords)}"
+    request = SuffixByteRequest(entries * _ENTRY_BYTES + _INDEX_CHECKSUM_BYTES)
+    found = sync(array.store_path.store.get(key, prototype=default_buffer_prototype(), byte_range=request))
+    if found is None:
+        return []  # missing altogether: reported as missing
+    index = np.frombuffer(found.to_bytes()[:-_INDEX_CHECKSUM_BYTES], dtype="<u8").reshape(*per_shard, 2)
+    holes = []
+    for inner in itertools.product(*(range(n) for n in per_shard)):
+        start = [(c * n + i) * side for c, n, i, side in zip(coords, per_shard, inner, array.chunks, strict=True)]
+        inside = all(first < size for first, size in zip(start, array.shape, strict=True))
+        if inside and (index[inner] == _EMPTY_ENTRY).all():
+            holes.append(int(np.ravel_multi_index(inner, per_shard)))
+    return holes
+
+
+def _hole_problems(array: zarr.Array, key: str, shards: list[tuple[int, ...]]) -> list[ChunkProblem]:
+    problems = []
+    for coords in shards:
+        holes = _shard_holes(array, coords)
+        if holes:
+            chunks = ", ".join(map(str, holes))
+            problems.append(ChunkProblem(key, coords, "missing", f"its chunk(s) {chunks} absent from its index",
+                                         shard=True))  # fmt: skip
+    return problems
+
+
 # Chunks decoded together by verify: bounds its memory whatever the size of a view.
 VERIFY_CHUNKS_AT_ONCE = 16
 
@@ -145,6 +186,9 @@ def verify_store(store: TeacherStore, keys: list[str] | None = None, progress: b
             by_first.setdefault(coords[0], []).append(coords)
         for chunks in by_first.values():
             report.problems += _decode_problems(array, key, chunks)
+        if sharded:
+            corrupt = {p.chunk for p in report.problems if p.array == key}
+            report.problems += _hole_problems(array, key, [c for c in present if c not in corrupt])
         report.chunks_checked += len(present)
     return report
 
