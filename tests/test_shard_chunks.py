@@ -202,3 +202,32 @@ def test_a_bad_shard_chunks_is_one_line(value, says, teacher_dir, tmp_path):
                           value, "--device", "cpu", "--quiet", "--out", str(out)], tmp_path)  # fmt: skip
     assert says in one_error_line(result)
     assert not out.exists()
+
+
+def test_two_ranks_under_torchrun_write_the_one_rank_sharded_store(teacher_dir, digits, tmp_path):
+    """Each rank takes whole shards (units u with u % 2 == rank), so no shard has two writers: the store is the one
+    an unsharded one-rank extract writes."""
+    import subprocess
+    import sys
+
+    out, reference = tmp_path / "two.zarr", tmp_path / "one.zarr"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "meal_cache", "extract", "--teachers", "resnet8_w4", "--teacher-dir", str(teacher_dir), "--views", "1",
+               "--rows-per-chunk", "128", "--batch-size", "128", "--shard-chunks", "3", "--device", "cpu", "--out",
+               str(out), "--quiet"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs, so the floats compare
+    try:
+        extract(ExtractConfig(teachers=["resnet8_w4"], views=1, teacher_dir=str(teacher_dir), rows_per_chunk=128,
+                              batch_size=128, device="cpu"), reference, progress=False, dataset=digits)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    store = open_store(out)
+    assert store.n_units == 4 and store.progress("resnet8_w4").all()  # 12 chunks of rows, 3 a shard
+    first, second = store_arrays(zarr.open_group(str(reference), mode="r")), store_arrays(store.group)
+    for key in first:
+        if not key.endswith("/progress"):
+            np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+    assert verify_store(store).ok
