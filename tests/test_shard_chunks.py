@@ -190,6 +190,24 @@ def test_a_sharded_store_grows_by_views_and_teachers_and_distills_as_the_plain_o
         assert torch.equal(value, from_sharded[key]), key
 
 
+def test_a_sharded_extract_runs_the_teachers_on_the_unsharded_mini_batches(teacher_dir, few, tmp_path, monkeypatch):
+    """Mini-batches are split within each chunk of rows, never across a shard's chunks, so kernels whose floats
+    depend on the batch size (cuDNN's, chosen per shape) give a sharded store an unsharded one's values."""
+    batches: list[int] = []
+    real = extract_module.teacher_outputs
+    monkeypatch.setattr(extract_module, "teacher_outputs",
+                        lambda teacher, pixels, *args, **kwargs: batches.append(len(pixels)) or real(
+                            teacher, pixels, *args, **kwargs))  # fmt: skip
+    seen = {}
+    for shard_chunks in (None, K):
+        batches.clear()
+        config = _config(teacher_dir, teachers=TEACHERS[:1], views=1, shard_chunks=shard_chunks)
+        extract(config, tmp_path / f"{shard_chunks}.zarr", progress=False, dataset=few)
+        seen[shard_chunks] = list(batches)
+    assert seen[None] == [24, 8] * (ROWS // CHUNK_ROWS)  # batch 24 in each 32-row chunk
+    assert seen[K] == seen[None]
+
+
 @pytest.mark.parametrize(("value", "says"), [
     ("0", "--shard-chunks K puts K chunks of rows of a view in one Zarr shard object, a whole number of at least 1 "
           "(1: no sharding), got 0"),
