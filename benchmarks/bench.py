@@ -6,7 +6,8 @@ repeats, so it holds on a noisy shared machine. Writes bench/results.json and pr
     python benchmarks/bench.py [--out bench/results.json] [--repeats 3] [--only digits|stream]
 
 `--only stream` runs only the streaming-image section (generated JPEG folders, about 6 minutes on 2 cores);
-`--only host` the host's ceiling (benchmarks/bench_host.py, about 1 minute).
+`--only host` the host's ceiling (benchmarks/bench_host.py, about 1 minute); `--only memory` distill's memory per
+view against the view's stored bytes (benchmarks/bench_memory.py, about 1 minute).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from bench_dense import DENSE_REPORTED, DENSE_TARGETS, bench_dense
 from bench_host import HOST_TARGETS, bench_host
+from bench_memory import MEMORY_REPORTED, MEMORY_TARGETS, bench_memory
 
 from meal_cache.data.datasets import ImageDataset, load_dataset
 from meal_cache.distill import DistillConfig, InMemoryBatches, StreamingBatches, ViewFeed, distill
@@ -262,7 +264,7 @@ def bench_lossy_accuracy(work: Path, digits: ImageDataset, seeds: tuple[int, ...
 
 COMPACT_TARGETS = {
     # The blocks' budget, what --for meal's PCA to 128 is sized for; its logits are every float16 one (2,000 B at
-    # 1,000 classes), since top-10 at T = 4 lost 18 points of top-1 at 100 classes (docs/design.md, "At the class
+    # 1,000 classes), since top-10 at T = 4 lost 18 points of top-1 at 100 classes (docs/results.md, "At the class
     # counts users have"): store_bytes_meal_224 and the top-10 row are reported beside it.
     "store_bytes_meal_224_blocks": ("<=", 600),
     "store_bytes_kd_224_top5": ("<=", 60),
@@ -664,25 +666,28 @@ def peak_rss_mb(command: list[str]) -> float:
 
 def bench_stream_memory(work: Path, counts: tuple[int, int], size: int = 32) -> dict:
     """Peak RSS of `meal-cache extract` (one teacher, one view) and `meal-cache distill` (kd, one epoch) over a
-    folder of ``counts[0]`` and of ``counts[1]`` training images, against the folder's decoded size. Served at
-    ``size`` px so the networks' own activations stay small beside the data."""
+    folder of ``counts[0]`` and of ``counts[1]`` training images, against the folder's decoded size, and over the
+    same images as WebDataset shards of 64 (so the shard count doubles with the images). Served at ``size`` px so
+    the networks' own activations stay small beside the data."""
     cli = str(Path(sys.executable).with_name("meal-cache"))
-    result: dict = {"images": list(counts), "image_size": size, "decoded_dataset_mb": [],
-                    "peak_rss_mb": {"extract": [], "distill": []}}  # fmt: skip
+    result: dict = {"images": list(counts), "image_size": size, "decoded_dataset_mb": [], "shards": [],
+                    "peak_rss_mb": {"extract": [], "distill": [], "extract_wds": [], "distill_wds": []}}  # fmt: skip
     for count in counts:
         root = image_folder(work / f"rss-{count}", 10, count // 10, 1, seed=count)
-        spec = f"imagefolder:{root}"
+        shards, _ = folder_as_shards_and_parquet(root, work / f"rss-sources-{count}")
         teacher_dir = work / f"rss-teachers-{count}"
-        stream_teachers(teacher_dir, load_dataset(spec, image_size=size), (STREAM_TEACHERS[0],))
-        store = work / f"rss-{count}.zarr"
+        stream_teachers(teacher_dir, load_dataset(f"imagefolder:{root}", image_size=size), (STREAM_TEACHERS[0],))
         common = ["--device", "cpu", "--workers", str(STREAM_WORKERS), "--quiet"]
-        result["peak_rss_mb"]["extract"].append(peak_rss_mb([
-            cli, "extract", "--teachers", STREAM_TEACHERS[0], "--data", spec, "--image-size", str(size),
-            "--views", "1", "--teacher-dir", str(teacher_dir), "--out", str(store), *common]))  # fmt: skip
-        result["peak_rss_mb"]["distill"].append(peak_rss_mb([
-            cli, "distill", "--store", str(store), "--student", STREAM_STUDENT, "--method", "kd", "--epochs", "1",
-            "--out", str(work / f"rss-run-{count}"), *common]))  # fmt: skip
+        for suffix, spec in (("", f"imagefolder:{root}"), ("_wds", f"wds:{shards}")):
+            store = work / f"rss-{count}{suffix}.zarr"
+            result["peak_rss_mb"][f"extract{suffix}"].append(peak_rss_mb([
+                cli, "extract", "--teachers", STREAM_TEACHERS[0], "--data", spec, "--image-size", str(size),
+                "--views", "1", "--teacher-dir", str(teacher_dir), "--out", str(store), *common]))  # fmt: skip
+            result["peak_rss_mb"][f"distill{suffix}"].append(peak_rss_mb([
+                cli, "distill", "--store", str(store), "--student", STREAM_STUDENT, "--method", "kd", "--epochs",
+                "1", "--out", str(work / f"rss-run-{count}{suffix}"), *common]))  # fmt: skip
         result["decoded_dataset_mb"].append(decoded_mb(root))
+        result["shards"].append(len(list(shards.glob("train-*.tar"))))
     return result
 
 
@@ -773,9 +778,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stream-repeats", type=int, default=1, help="Rounds of the streaming section's timings.")
-    parser.add_argument("--only", choices=["digits", "stream", "compact", "views", "dense", "host"],
-                        help="Run one section: digits (1-6), compact (6b), views (6c), dense (6d), stream (7) or "
-                        "host (8).")  # fmt: skip
+    parser.add_argument("--only", choices=["digits", "stream", "compact", "views", "dense", "host", "memory"],
+                        help="Run one section: digits (1-6), compact (6b), views (6c), dense (6d), stream (7), "
+                        "host (8) or memory (9).")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="Where extraction overhead is measured (cuda: also img/s).")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -818,13 +823,17 @@ def main() -> None:
             results["views"] = bench_views(work, digits)
             print("6d/7 dense stores: bytes at 224 px, fidelity to true crops, distill epoch ...", flush=True)
             results["dense"] = bench_dense(work, digits)
-        if args.only not in ("digits", "compact", "views", "dense", "host"):
+        if args.only not in ("digits", "compact", "views", "dense", "host", "memory"):
             print("7/7 streamed image folders ...", flush=True)
             results["stream"] = bench_stream(work, args.stream_repeats)
         if args.only in (None, "host"):
             print("8 the host's ceiling: extract and distill's batch source with networks that cost nothing ...",
                   flush=True)  # fmt: skip
             results["host"] = bench_host(work, args.repeats)
+        if args.only in (None, "memory"):
+            print("9 distill's memory per view against its stored bytes (1,000 classes, top-10, 8-bit blocks) ...",
+                  flush=True)  # fmt: skip
+            results["memory"] = bench_memory(work)
     results["targets"] = targets(results)
     results["seconds"] = time.perf_counter() - started
     write_results(results, Path(args.out), render_table(results))
@@ -842,10 +851,11 @@ def targets(results: dict) -> dict:
     """Each targeted figure with its target and whether it is met; the streaming section's untargeted figures
     with target "(reported)" and met null. A figure that could not be measured (null) is not met."""
     sections = [results[k] for k in ("extract", "cache_tax", "offline", "loader", "stream", "compact", "views",
-                                     "dense", "host") if k in results]  # fmt: skip
+                                     "dense", "host", "memory") if k in results]  # fmt: skip
     flat = {k: v for section in sections for k, v in section.items()}
     rows = {}
-    every_target = {**TARGETS, **STREAM_TARGETS, **COMPACT_TARGETS, **VIEWS_TARGETS, **DENSE_TARGETS, **HOST_TARGETS}
+    every_target = {**TARGETS, **STREAM_TARGETS, **COMPACT_TARGETS, **VIEWS_TARGETS, **DENSE_TARGETS, **HOST_TARGETS,
+                    **MEMORY_TARGETS}  # fmt: skip
     for name, (op, limit) in every_target.items():
         if name not in flat:
             continue
@@ -876,12 +886,15 @@ def targets(results: dict) -> dict:
         for key in ("host_plain_decode_images_per_s", "host_extract_views1_images_per_s",
                     "host_extract_views8_images_per_s", "host_distill_batch_source_images_per_s"):  # fmt: skip
             rows[key] = {"value": results["host"][key], "target": "(reported)", "met": None}
+    if "memory" in results:
+        for key in MEMORY_REPORTED:
+            rows[key] = {"value": results["memory"][key], "target": "(reported)", "met": None}
     if "stream" in results:
         stream = results["stream"]
         rows["stream_cache_tax_meal"] = {"value": stream["stream_cache_tax_meal"], "target": "(reported)", "met": None}
         rows["decode_images_per_s_per_worker"] = {"value": stream["decode_images_per_s_per_worker"],
                                                   "target": "(reported)", "met": None}  # fmt: skip
-        for key in ("peak_rss_mb", "decoded_dataset_mb", "images"):
+        for key in ("peak_rss_mb", "decoded_dataset_mb", "images", "shards"):
             rows[key] = {"value": stream[key], "target": "(reported)", "met": None}
     return rows
 

@@ -79,14 +79,16 @@ class _Shaped(nn.Module):
 
 
 @contextlib.contextmanager
-def free_teachers() -> Iterator[None]:
+def free_teachers(widen: int = 1) -> Iterator[None]:
     """extract's teachers resolved as usual (checkpoint, blocks, what the store records), their networks swapped
-    for :class:`FreeNet` of the same block shapes: what extract then spends is its own work."""
+    for :class:`FreeNet` of the same block shapes (``widen`` times the channels: a small checkpoint standing in for
+    a wide network's blocks): what extract then spends is its own work."""
     real = extract_run.resolve_teacher
 
     def resolved(*args, **kwargs):
         teacher = real(*args, **kwargs)
-        blocks = [dataclasses.replace(b, name=b.name.replace(".", "_")) for b in teacher.spec.blocks]
+        blocks = [dataclasses.replace(b, name=b.name.replace(".", "_"), channels=b.channels * widen)
+                  for b in teacher.spec.blocks]  # fmt: skip
         spec = dataclasses.replace(teacher.spec, blocks=blocks)
         return dataclasses.replace(teacher, model=FreeNet(blocks, len(spec.classes)).eval(), spec=spec)
 

@@ -65,12 +65,57 @@ def test_two_rank_extraction_writes_the_one_rank_store(teacher_dir, digits, tmp_
     assert open_store(out).view_params(0).mix_box.any()  # the views really mix
 
 
-def test_two_rank_extraction_of_a_streamed_folder_writes_the_one_rank_store(teacher_dir, tmp_path):
-    """Each rank decodes the files of its own chunks in its own workers; together they write the one-rank store."""
+def _as_shards(folder: Path, out: Path, per_shard: int = 16) -> Path:
+    """The image folder's files as WebDataset shards (``train-NNN.tar``, ``val-NNN.tar``, ``per_shard`` images a
+    shard, written with webdataset's TarWriter) and its class names in ``classes.txt``."""
+    import webdataset
+
+    classes = sorted(p.name for p in (folder / "train").iterdir())
+    out.mkdir(parents=True)
+    for split in ("train", "val"):
+        files = sorted((folder / split).glob("*/*"))
+        for shard, start in enumerate(range(0, len(files), per_shard)):
+            with webdataset.TarWriter(str(out / f"{split}-{shard:03d}.tar")) as sink:
+                for file in files[start : start + per_shard]:
+                    sink.write({"__key__": f"{file.parent.name}-{file.stem}", file.suffix[1:]: file.read_bytes(),
+                                "cls": str(classes.index(file.parent.name))})  # fmt: skip
+    (out / "classes.txt").write_text("\n".join(classes) + "\n")
+    return out
+
+
+def _as_parquet(folder: Path, out: Path) -> Path:
+    """The image folder's files as hub-style parquet (``data/{train,validation}-0000N-of-00002.parquet``,
+    ``datasets``' Image and ClassLabel features)."""
+    import datasets
+
+    classes = sorted(p.name for p in (folder / "train").iterdir())
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    (out / "data").mkdir(parents=True)
+    for split, hub_split in (("train", "train"), ("val", "validation")):
+        files = sorted((folder / split).glob("*/*"))
+        for number, part in enumerate((files[: len(files) // 2], files[len(files) // 2 :])):
+            columns = {"image": [{"bytes": f.read_bytes(), "path": f.name} for f in part],
+                       "label": [classes.index(f.parent.name) for f in part]}  # fmt: skip
+            table = datasets.Dataset.from_dict(columns, features)
+            table.to_parquet(str(out / "data" / f"{hub_split}-{number:05d}-of-00002.parquet"))
+    return out
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "wds", "hf"])
+def test_two_rank_extraction_of_a_streamed_source_writes_the_one_rank_store(teacher_dir, tmp_path, source,
+                                                                            monkeypatch):  # fmt: skip
+    """Each rank decodes the images of its own chunks in its own workers, from files, tar shards or parquet files
+    (the chunks' rows spread over several of them); together they write the one-rank store."""
     from imagefolder import make_image_folder
 
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))  # the ranks' too: never the user's
     folder = make_image_folder(tmp_path / "jpegs", classes=10, train=5, val=1, sizes=(40, 120))
-    spec = f"imagefolder:{folder}"
+    if source == "imagefolder":
+        spec = f"imagefolder:{folder}"
+    elif source == "wds":
+        spec = f"wds:{_as_shards(folder, tmp_path / 'shards')}"
+    else:
+        spec = f"hf:{_as_parquet(folder, tmp_path / 'parquet')}"
     args = ["--teachers", ",".join(TEACHERS), "--teacher-dir", str(teacher_dir), "--data", spec, "--image-size", "16",
             "--views", "2", "--rows-per-chunk", "8", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
     out = tmp_path / "two.zarr"
@@ -144,7 +189,7 @@ def test_two_rank_distillation_trains_the_one_rank_student(two_rank_run, small_s
     two, one = _student_weights(out), _student_weights(reference)
     assert two.keys() == one.keys() and len(two) > 10
     # Not bit-identical: each rank normalises its BatchNorm layers with the statistics of its own 32 rows (no
-    # SyncBatchNorm on the CPU; docs/design.md), where the one process uses all 64, and the saved running
+    # SyncBatchNorm on the CPU; docs/decisions.md), where the one process uses all 64, and the saved running
     # statistics are rank 0's, from its halves. Measured on this 2-epoch run (2026-12-01): the trained parameters
     # differ by at most 0.032 (conv1.weight), the running means by 0.126, the running variances by 0.455, at most
     # 33% of the variance; two one-process runs differing only in --seed differ by 2.2 in each (variances by up

@@ -74,8 +74,9 @@ def test_decoupled_parts_match_the_float64_formula_at_every_gap(teachers, classe
 
 
 def test_extract_for_dkd_keeps_every_logit_where_kd_draws_16_classes():
-    """NCKD is the tail's shape, which a top-k rebuild flattens (docs/design.md, "DKD's store": on 100 classes at
-    T = 4 top-20 still moves its gradient by 16-26 %), so --for dkd stores every logit at any class count."""
+    """NCKD is the tail's shape, which a top-k rebuild flattens (docs/design.md, "`--for dkd` keeps every logit":
+    on 100 classes at T = 4 top-20 still moves its gradient by 16-26 %), so --for dkd stores every logit at any
+    class count."""
     from meal_cache.extract.config import ExtractConfig
 
     assert ExtractConfig(teachers=["t"], preset="dkd").resolved().logits is None

@@ -9,6 +9,7 @@ import pytest
 from console import one_error_line, one_error_line_in_process, run_console
 from test_wds import (
     CLASSES,
+    assert_an_interrupted_extract_resumes_to_the_whole_store,
     assert_same_pixels_as_folder,
     digit_samples,
     extract_and_distill_replay,
@@ -92,6 +93,10 @@ def teachers(parquet, tmp_path_factory):
 
 def test_extract_and_distill_replay_the_pixels_the_teachers_saw(parquet, teachers, tmp_path, monkeypatch):
     extract_and_distill_replay(f"hf:{parquet}", teachers, tmp_path, monkeypatch)
+
+
+def test_an_interrupted_extract_of_parquet_resumes_to_the_whole_store(parquet, teachers, tmp_path, interrupt_on_call):
+    assert_an_interrupted_extract_resumes_to_the_whole_store(f"hf:{parquet}", teachers, tmp_path, interrupt_on_call)
 
 
 def test_a_changed_parquet_file_is_refused_by_its_fingerprint(samples, teachers, tmp_path):

@@ -1,6 +1,6 @@
 """Which logits each ``extract --for`` preset keeps, and at which class counts it keeps every one.
 
-The presets follow the 100-class table (docs/design.md, "At the class counts users have"): the methods whose every
+The presets follow the 100-class table (docs/results.md, "At the class counts users have"): the methods whose every
 reader of the logits is linear in the soft target (kd, fitnet, at, afd) store 16 classes drawn from each teacher's
 softmax, DKD and the MEAL pair (whose output discriminator refuses draws) every logit. A compact encoding is kept only
 where its row takes fewer bytes than every float16 logit of the data's classes; what the user asks for is kept."""

@@ -199,13 +199,13 @@ def test_a_sharded_extract_runs_the_teachers_on_the_unsharded_mini_batches(teach
                         lambda teacher, pixels, *args, **kwargs: batches.append(len(pixels)) or real(
                             teacher, pixels, *args, **kwargs))  # fmt: skip
     seen = {}
-    for shard_chunks in (None, K):
+    for shard_chunks in (1, K):
         batches.clear()
         config = _config(teacher_dir, teachers=TEACHERS[:1], views=1, shard_chunks=shard_chunks)
         extract(config, tmp_path / f"{shard_chunks}.zarr", progress=False, dataset=few)
         seen[shard_chunks] = list(batches)
-    assert seen[None] == [24, 8] * (ROWS // CHUNK_ROWS)  # batch 24 in each 32-row chunk
-    assert seen[K] == seen[None]
+    assert seen[1] == [24, 8] * (ROWS // CHUNK_ROWS)  # batch 24 in each 32-row chunk
+    assert seen[K] == seen[1]
 
 
 @pytest.mark.parametrize(("value", "says"), [

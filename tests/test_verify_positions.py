@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from console import run_console
 
 from meal_cache.data.datasets import load_dataset
@@ -71,3 +72,20 @@ def test_meal_cache_verify_lists_a_damaged_last_chunk_of_a_group_and_exits_1(sto
     assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
     assert result.stdout.startswith(f"{LOGITS} chunk (0, {last}, 0): corrupt"), result.stdout
     assert result.stdout.strip().endswith("1 damaged"), result.stdout
+
+
+def test_a_chunk_that_equals_the_fill_value_is_stored_and_verifies(store, tmp_path):
+    # A teacher whose every weight is zero gives zero logits and zero blocks, Zarr's fill value: such chunks must
+    # still be written, or verify reads them as lost and distill refuses the store.
+    teachers = store.parent / "teachers"
+    payload = torch.load(teachers / "resnet8_w4.pt", weights_only=True)
+    payload["model"] = {name: torch.zeros_like(value) for name, value in payload["model"].items()}
+    torch.save(payload, tmp_path / "resnet8_w4.pt")
+    config = ExtractConfig(teachers=["resnet8_w4"], data=SPEC, views=1, features=["blocks"], blocks="1",
+                           rows_per_chunk=ROWS_PER_CHUNK, teacher_dir=str(tmp_path), device="cpu")  # fmt: skip
+    extract(config, tmp_path / "zeros.zarr", progress=False)
+    opened = open_store(tmp_path / "zeros.zarr")
+    assert not opened.read(LOGITS, 0).any() and not opened.read(BLOCK, 0).any()
+    report = verify_store(opened)
+    assert report.ok, [str(problem) for problem in report.problems[:3]]
+    assert (tmp_path / "zeros.zarr" / LOGITS / "c" / "0" / "0" / "0").is_file()

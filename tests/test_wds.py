@@ -191,6 +191,35 @@ def test_extract_and_distill_replay_the_pixels_the_teachers_saw(shards, teachers
     assert open_store(path).dataset["kind"] == "wds"
 
 
+def assert_an_interrupted_extract_resumes_to_the_whole_store(spec: str, teachers: Path, tmp_path: Path,
+                                                              interrupt_on_call) -> None:  # fmt: skip
+    """An extract of ``spec`` stopped (Ctrl-C) at its third chunk's write, then run again, writes the store an
+    uninterrupted extract writes, array for array."""
+    from test_faults import assert_same_store
+
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
+    from meal_cache.store import open_store
+    from meal_cache.store.teacher_store import TeacherStore
+
+    config = ExtractConfig(teachers=["resnet8_w4"], data=spec, image_size=16, views=2, teacher_dir=str(teachers),
+                           rows_per_chunk=16, batch_size=8, device="cpu", workers=1)  # fmt: skip
+    undo = interrupt_on_call(TeacherStore, "write_rows", 3)
+    with pytest.raises(KeyboardInterrupt):
+        extract(config, tmp_path / "resumed.zarr", progress=False)
+    undo()
+    stopped = open_store(tmp_path / "resumed.zarr")
+    done = stopped.array("teachers/resnet8_w4/progress")[:]
+    assert not stopped.complete and 0 < done.sum() < done.size  # the writes run beside the teacher: not just 2
+    extract(config, tmp_path / "resumed.zarr", progress=False)
+    extract(config, tmp_path / "whole.zarr", progress=False)
+    assert_same_store(tmp_path / "resumed.zarr", tmp_path / "whole.zarr")
+
+
+def test_an_interrupted_extract_of_shards_resumes_to_the_whole_store(shards, teachers, tmp_path, interrupt_on_call):
+    assert_an_interrupted_extract_resumes_to_the_whole_store(f"wds:{shards}", teachers, tmp_path, interrupt_on_call)
+
+
 def test_a_changed_shard_is_refused_by_its_fingerprint(samples, teachers, tmp_path):
     from meal_cache.extract.config import ExtractConfig
     from meal_cache.extract.run import extract

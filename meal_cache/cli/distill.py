@@ -14,7 +14,9 @@ from meal_cache.cli.options import (
     DEVICE_HELP,
     TENSORBOARD_OPTION,
     WORKERS_OPTION,
+    SectionedCommand,
     SuggestingChoice,
+    config_option,
     optimization_options,
 )
 from meal_cache.cli.paths import check_store_exists
@@ -113,7 +115,24 @@ def _floats(text: str) -> list[float]:
         raise click.BadParameter(f"expected comma-separated numbers, got '{text}'") from err
 
 
-@click.command()
+# distill --help's sections: option names by heading, in the order shown (the last takes any option not named).
+DISTILL_SECTIONS = {
+    "Stage basics": ("config", "store", "student", "method", "preset", "out", "resume", "overwrite", "seed", "device"),
+    "Method": ("method_options", "peers", "teacher_selection", "soft_loss", "temperature", "soft_weight",
+               "hard_weight", "refine_labels", "refine_confidence"),
+    "MEAL (blocks and discriminators)": ("representation", "block_loss", "block_weights", "match_blocks",
+                                         "adv_weight", "adv_loss", "disc_lr", "discriminators", "adv_game",
+                                         "disc_form"),
+    "Schedule": ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs",
+                 "eval_every"),
+    "Data": ("data", "data_root", "download", "workers", "decode", "crops_per_image", "divergent_ratio",
+             "max_memory"),
+    "Advanced": ("online", "fresh_views", "teachers", "teacher_dir", "grad_norm_every", "quiet", "tensorboard"),
+}  # fmt: skip
+
+
+@click.command(cls=SectionedCommand, sections=DISTILL_SECTIONS)
+@config_option('store = "feats.zarr" and block_weights = [0.1, 0.05]')
 @click.option(
     "--store",
     required=True,
@@ -165,7 +184,7 @@ def _floats(text: str) -> list[float]:
     "--representation",
     default=None,
     type=click.Choice(["maps", "blocks"]),
-    help="blocks: pooled channels through learned adapters (the default, the ablation's choice: docs/design.md); "
+    help="blocks: pooled channels through learned adapters (the default, the ablation's choice: docs/results.md); "
     "maps: channel-mean maps (MEAL's reference, no adapters; the default for a store that holds only maps).",
 )
 @click.option(

@@ -9,7 +9,9 @@ from meal_cache.cli.options import (
     DECODE_OPTION,
     DEVICE_HELP,
     HelpOnDemand,
+    SectionedCommand,
     augmentation_options,
+    config_option,
     data_options,
 )
 from meal_cache.cli.paths import existing_data
@@ -35,7 +37,21 @@ def _logits_help() -> str:
     )
 
 
-@click.command()
+# extract --help's sections: option names by heading, in the order shown (the last takes any option not named).
+EXTRACT_SECTIONS = {
+    "Stage basics": ("config", "teachers", "teacher_dir", "out", "overwrite", "views", "identity_view", "seed",
+                     "device"),
+    "What is stored": ("preset", "features", "blocks", "grid", "attention_p", "logits", "logits_temperature"),
+    "Fewer bytes": ("dtype", "codec", "keep_bits", "quantize", "project", "projection"),
+    "Views": ("scale", "ratio", "hflip", "vflip", "recipe", "mixup", "cutmix", "mix_prob", "mix_switch_prob"),
+    "Data": ("data", "data_root", "download", "image_size", "workers", "decode", "split"),
+    "Advanced": ("divergent_views", "divergent_eps", "divergent_steps", "dense", "dense_sizes", "dense_grid",
+                 "batch_size", "rows_per_chunk", "quiet"),
+}  # fmt: skip
+
+
+@click.command(cls=SectionedCommand, sections=EXTRACT_SECTIONS)
+@config_option('teachers = ["resnet", "densenet"] and views = 8')
 @click.option(
     "--teachers",
     required=True,
@@ -65,7 +81,7 @@ def _logits_help() -> str:
     show_default=True,
     type=int,
     help="Augmented views to cache; distill's epoch e replays view e mod V. On digits 1 to 16 views all matched "
-    "fresh augmentation every epoch (docs/design.md, the views curve); run pipelines/digits-views.toml's "
+    "fresh augmentation every epoch (docs/decisions.md, the views curve); run pipelines/digits-views.toml's "
     "protocol on your data before spending bytes on more.",
 )
 @click.option("--identity-view", is_flag=True, help="Also cache the un-augmented view (for evaluation and inspect).")

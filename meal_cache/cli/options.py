@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import click
 
+from meal_cache.cli.paths import check_config_file_exists
 from meal_cache.errors import closest_choice
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
@@ -162,3 +164,76 @@ def optimization_options(func):
                      "records carry no test metrics. Recorded: --resume needs the same N."),
     ]  # fmt: skip
     return _with_options(func, options)
+
+
+class SectionedCommand(click.Command):
+    """A command whose ``--help`` lists its options in sections (``sections``: heading -> option names, in the
+    order shown); an option no section names, ``--help`` among them, is listed in the last one, so an option added
+    later is shown even before it is placed."""
+
+    def __init__(self, *args, sections: dict[str, tuple[str, ...]], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sections = sections
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        options = {param.name: param for param in self.get_params(ctx) if isinstance(param, click.Option)}
+        placed = {name for names in self.sections.values() for name in names}
+        headings = list(self.sections)
+        for heading in headings:
+            names = [name for name in self.sections[heading] if name in options]
+            if heading == headings[-1]:
+                names += [name for name in options if name not in placed]
+            records = [record for name in names if (record := options[name].get_help_record(ctx)) is not None]
+            if records:
+                with formatter.section(heading):
+                    formatter.write_dl(records)
+
+
+# A --config file's value in the form its option takes on the command line, where the two differ: a pipeline
+# step's tables and empty lists; any other list becomes comma-separated words, a number for a choice its word.
+_CLI_FORMS: dict[str, Callable[[object], object]] = {
+    "method_options": lambda table: tuple(f"{name}={json.dumps(value)}" for name, value in table.items()),
+    "quantize": lambda bits: "none" if bits == 0 else str(bits),
+    "discriminators": lambda names: ",".join(names) or "none",
+}
+
+
+def _cli_value(option: click.Parameter, value: object) -> object:
+    if option.name in _CLI_FORMS:
+        return _CLI_FORMS[option.name](value)
+    if isinstance(value, list) and option.nargs == 1 and not option.multiple:
+        return ",".join(str(item) for item in value)
+    if isinstance(value, int | float) and not isinstance(value, bool) and isinstance(option.type, click.Choice):
+        return str(value)
+    return value
+
+
+def _read_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--config FILE``: the file's settings become the command's defaults (click's ``default_map``), so an
+    option on the command line beats the file and the file beats the defaults; read before the other options
+    (the option is eager), checked as a pipeline's step is."""
+    if value is None:
+        return None
+    check_config_file_exists(value)
+    from meal_cache.pipeline.config import load_step_file
+
+    settings = load_step_file(value, ctx.command.name)
+    options = {option.name: option for option in ctx.command.params}
+    ctx.default_map = {**(ctx.default_map or {}),
+                       **{name: _cli_value(options[name], item) for name, item in settings.items()}}  # fmt: skip
+    return value
+
+
+def config_option(example: str) -> Callable:
+    """``--config FILE`` of a stage command; ``example``: two of its settings as a file writes them."""
+    return click.option(
+        "--config",
+        default=None,
+        metavar="FILE",
+        is_eager=True,
+        expose_value=False,
+        callback=_read_config_file,
+        help="A TOML file of this command's settings, named and typed as a pipeline's step takes them, at the top "
+        f"level (no header), e.g. {example}. Options on the command line win over the file, the file over the "
+        "defaults.",
+    )

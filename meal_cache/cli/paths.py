@@ -29,6 +29,12 @@ def check_store_exists(path: str) -> None:
         raise UserError(f"store not found: '{path}'")
 
 
+def check_config_file_exists(path: str) -> None:
+    """A ``--config`` file that is not a file: ``load_step_file``'s refusal, before torch is imported."""
+    if not Path(path).is_file():
+        raise UserError(f"--config file not found: '{path}'")
+
+
 def check_checkpoint_exists(path: str) -> None:
     """A checkpoint that is not a file: ``load_checkpoint``'s refusal, before torch is imported."""
     if not Path(path).is_file():

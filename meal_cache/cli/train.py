@@ -12,14 +12,27 @@ from meal_cache.cli.options import (
     DECODE_OPTION,
     DEVICE_HELP,
     TENSORBOARD_OPTION,
+    SectionedCommand,
     augmentation_options,
+    config_option,
     data_options,
     optimization_options,
 )
 from meal_cache.cli.paths import existing_checkpoint, existing_data, existing_store
 
+# train --help's sections: option names by heading, in the order shown (the last takes any option not named).
+TRAIN_SECTIONS = {
+    "Stage basics": ("config", "arch", "out", "resume", "overwrite", "seed", "device"),
+    "Schedule": ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs",
+                 "eval_every", "label_smoothing"),
+    "Augmentation": ("scale", "ratio", "hflip", "vflip"),
+    "Data": ("data", "data_root", "download", "image_size", "workers", "decode"),
+    "Advanced": ("quiet", "tensorboard"),
+}  # fmt: skip
 
-@click.command()
+
+@click.command(cls=SectionedCommand, sections=TRAIN_SECTIONS)
+@config_option('arch = "resnet20" and epochs = 15')
 @click.option(
     "--arch",
     required=True,

@@ -11,6 +11,7 @@
 - :mod:`.registry`  the sources by name, plug-ins' too (entry-point group ``meal_cache.datasets``)
 - :mod:`.datasets`  a spec resolved to an :class:`~.datasets.ImageDataset`: modifiers, normalisation, fingerprints
 
-Imports :mod:`meal_cache.errors` and :mod:`meal_cache.views`; nothing of nets, store, extract, distill or engine.
+Imports :mod:`meal_cache.errors`, :mod:`meal_cache.registry`, :mod:`meal_cache.remote` and
+:mod:`meal_cache.views`; nothing of nets, store, extract, distill or engine.
 This package re-exports nothing: import from its modules.
 """

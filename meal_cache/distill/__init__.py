@@ -8,6 +8,9 @@ and block features for those pixels come from the store. The teachers' checkpoin
 The house: :mod:`.config` (the run's settings and their checks), :mod:`.feed` (which rows, targets and views a step
 gets), :mod:`.step` (the epoch plan and one step), :mod:`.run` (build, train, resume, write), and
 :mod:`.methods`, one file a method, found by :mod:`.registry` (plug-ins too, by entry point).
+
+Imports the flat modules (errors, registry, remote, runtime, losses, dense, projection, analysis) and the data,
+views, nets, store and engine packages; nothing of extract or pipeline (tests/test_import_graph.py holds the layers).
 """
 
 from __future__ import annotations

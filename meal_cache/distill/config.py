@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dask.utils import parse_bytes
@@ -42,7 +44,7 @@ class DistillConfig:
     eval_every: int = 1
     teacher_selection: str | None = None  # None: the method's own
     # None: pooled block channels through learned adapters, the ablation's choice over MEAL's channel-mean maps
-    # (docs/design.md, "MEAL's ablation"), or maps where the store holds maps and no blocks (stores extracted
+    # (docs/decisions.md, "MEAL's ablation"), or maps where the store holds maps and no blocks (stores extracted
     # with --features maps, and --for meal before the ablation); "maps" is the reference's.
     representation: str | None = None
     block_loss: str | None = None  # None: soft-ce for maps (MEAL's reference), l2 for blocks
@@ -156,36 +158,39 @@ class DistillConfig:
 @dataclass(frozen=True)
 class Preset:
     """Settings ``distill --preset NAME`` fills in (each one only where the command leaves it at its default
-    value); a value may be a function of the config."""
+    value), read from ``presets/NAME.toml``; a value may be a function of the config."""
 
     settings: dict
-    help: str
+    path: Path
 
 
-PRESETS: dict[str, Preset] = {
-    # MEAL's reference code (AaronHeee/MEAL, main.py and loss.py): channel-mean maps with soft cross-entropy,
-    # soft cross-entropy at T = 1 on the outputs, a
-    # random teacher each step, block weights from its README's single-teacher command (the last blocks weigh
-    # most; the same as meal-cache's default), eta = 1 on every discriminator, and the discriminators on the
-    # student's optimiser at a hundredth of its learning rate (d_lr 1e-3 against lr 0.1), no gradient reversal, and
-    # plain momentum (Nesterov only for its DenseNet student).
-    "reference": Preset({"method": "meal", "representation": "maps", "soft_loss": "soft-ce", "temperature": 1.0,
-                         "teacher_selection": "random", "adv_weight": 1.0, "adv_game": "joint",
-                         "disc_form": "reference",
-                         "disc_lr": lambda config: config.lr / 100, "hard_weight": 0.0, "nesterov": False,
-                         # The reference trains on natural images only: divergent views only where asked for.
-                         "divergent_ratio": 0.0},
-                        "MEAL's reference code: T=1 soft-ce, random teacher, joint discriminators, eta 1"),
-    # AFD's own setting (Chung et al., ICML 2020): peers that learn from each other only (no teacher terms),
-    # cross-entropy at weight 1, the least-squares GAN loss, mutual KL from the cyclic predecessor in the paper's
-    # direction, and the adversarial update taken apart from the logit update, at its own rate.
-    "afd-paper": Preset({"method": "afd", "soft_weight": 0.0, "hard_weight": 1.0, "adv_loss": "ls",
-                         "adv_weight": 1.0, "divergent_ratio": 0.0,
-                         "method_options": {"mutual": 1.0, "mutual_from": "predecessor", "teacher_adv": 0.0,
-                                            "adv_update": "separate"}},
-                        "AFD's paper: peers only (no teacher terms), CE 1, LS GAN, KL from the predecessor, "
-                        "separate adversarial step"),
-}  # fmt: skip
+# The presets that ship with the package (in the wheel too), one file each: presets/NAME.toml holds one distill
+# step's settings, as `distill --config` and a pipeline's [methods] table take them.
+PRESET_FOLDER = Path(__file__).resolve().parent.parent / "presets"
+# A preset's value that is a share of another setting, ``{ of = "lr", divided_by = 100 }``: it follows the value
+# the run takes (MEAL's reference sets its discriminators' rate as a hundredth of the student's).
+SHARE_KEYS = {"of", "divided_by"}
+
+
+def _preset_value(path: Path, name: str, value: object) -> object:
+    """A preset file's value as :meth:`DistillConfig._with_defaults` takes it: a share of another setting becomes
+    a function of the config."""
+    if not isinstance(value, dict) or name == "method_options":
+        return value
+    if set(value) != SHARE_KEYS:
+        raise UserError(f"{path}: {name} takes a value or a share of another setting, "
+                        f"{{ of = \"lr\", divided_by = 100 }}; got {value!r}")  # fmt: skip
+    of, divisor = value["of"], value["divided_by"]
+    return lambda config: getattr(config, of) / divisor
+
+
+def read_preset(path: Path) -> Preset:
+    """One preset file: its settings, shares of other settings as functions of the config."""
+    settings = tomllib.loads(path.read_text())
+    return Preset({name: _preset_value(path, name, value) for name, value in settings.items()}, path)
+
+
+PRESETS: dict[str, Preset] = {path.stem: read_preset(path) for path in sorted(PRESET_FOLDER.glob("*.toml"))}
 
 
 # Settings a record (config.json, a pipeline step's stamp) holds only when they are set, so the records of runs

@@ -206,7 +206,7 @@ def source_sizes(store: TeacherStore, split, workers: int | None) -> torch.Tenso
 
 
 # Replays of one cached view beyond which students overfit it (pipelines/digits-views-long.toml: 60 replays of
-# 4 views cost NLL against fresh views, 15 of 16 did not; docs/design.md, "Many views").
+# 4 views cost NLL against fresh views, 15 of 16 did not; docs/results.md, "Few views on a long schedule").
 MAX_REPLAYS = 15
 
 
@@ -217,8 +217,8 @@ def _note_replays(config: DistillConfig, views: int) -> None:
     if replays > MAX_REPLAYS:
         wanted = math.ceil(config.epochs * config.crops_per_image / MAX_REPLAYS)
         tqdm.write(f"note: {config.epochs} epochs replay each of the store's {views} views {replays:.0f} times; "
-                   f"students overfit views replayed more than about {MAX_REPLAYS} times (docs/design.md, \"Many "
-                   f"views\"): extract with --views {wanted} or more")  # fmt: skip
+                   f"students overfit views replayed more than about {MAX_REPLAYS} times (docs/results.md, \"Few "
+                   f"views on a long schedule\"): extract with --views {wanted} or more")  # fmt: skip
 
 
 def _refined_labels(config: DistillConfig, labels: torch.Tensor, device: torch.device, progress: bool) -> torch.Tensor:

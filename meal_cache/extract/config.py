@@ -57,7 +57,7 @@ class ExtractConfig:
     download: bool = False
     image_size: int | None = None
     split: str = "train"
-    views: int = 4  # the views curve (docs/design.md): no gain measured beyond
+    views: int = 4  # the views curve (docs/decisions.md): no gain measured beyond
     identity_view: bool = False
     recipe: str = "crop"  # the views' policy after the crop: crop (none), randaugment, trivialaugment
     # timm's train.py knobs (None: the data's recipe's own; see augment.AugmentOptions): the random-resized crop's
@@ -95,8 +95,8 @@ class ExtractConfig:
     preset: str | None = None  # ``--for METHOD``: store only what that method reads (see store_presets)
     batch_size: int = 256
     rows_per_chunk: int = 512
-    # Zarr sharding: K chunks of rows of a view in one object, the unit of work (None or 1: a chunk an object)
-    shard_chunks: int | None = None
+    # Zarr sharding: K chunks of rows of a view in one object, the unit of work (1: a chunk an object)
+    shard_chunks: int = 1
     teacher_dir: str = "teachers"
     device: str = "auto"
     workers: int | None = None  # decoding processes for image files (None: from the core count)
@@ -162,8 +162,6 @@ class ExtractConfig:
             config = dataclasses.replace(config, logits=str(chosen))
         if config.quantize == 0:
             config = dataclasses.replace(config, quantize=None)
-        if config.shard_chunks == 1 and not isinstance(config.shard_chunks, bool):
-            config = dataclasses.replace(config, shard_chunks=None)
         if chosen is not None and config.logits_temperature is None:
             config = dataclasses.replace(config, logits_temperature=DEFAULT_LOGITS_TEMPERATURE)
         if "attention" in config.features and config.attention_p is None:
@@ -262,10 +260,8 @@ class ExtractConfig:
 
 
 def check_shard_chunks(shard_chunks: object) -> None:
-    """Refuse a ``--shard-chunks`` that is not a whole number of chunks, at least 1 (None: no sharding). Any such
-    K is allowed: a view's last shard holds what rows are left, as its last chunk does."""
-    if shard_chunks is None:
-        return
+    """Refuse a ``--shard-chunks`` that is not a whole number of chunks, at least 1 (1: no sharding). Any such K is
+    allowed: a view's last shard holds what rows are left, as its last chunk does."""
     if isinstance(shard_chunks, bool) or not isinstance(shard_chunks, int) or shard_chunks < 1:
         raise UserError(f"--shard-chunks K puts K chunks of rows of a view in one Zarr shard object, a whole number "
                         f"of at least 1 (1: no sharding), got {shard_chunks!r}")  # fmt: skip

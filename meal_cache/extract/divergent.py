@@ -137,7 +137,7 @@ class DivergentSource:
             parts.append(found.cpu())
             unit_rows = self.store.unit_rows(int(rows[0]) // self.store.layout.rows_per_unit)
             if int(rows[-1]) + 1 == unit_rows.stop:
-                self.store.writable(DIVERGENT_PIXELS)[self.view, unit_rows] = torch.cat(parts).numpy()
+                self.store.array(DIVERGENT_PIXELS)[self.view, unit_rows] = torch.cat(parts).numpy()
                 parts = []
             yield payload, found.float()
 

@@ -66,7 +66,7 @@ def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teach
         recorded.pop(transient)
     unused = {MIXING_FIELDS: config.mixing() is None, DIVERGENT_FIELDS: not config.divergent_views,
               ("projection",): config.project is None, ("dense_sizes", "dense_grid"): not config.dense,
-              ("shard_chunks",): config.shard_chunks is None}  # fmt: skip
+              ("shard_chunks",): config.shard_chunks == 1}  # fmt: skip
     for names, off in unused.items():
         if off:
             for name in names:

@@ -77,7 +77,7 @@ def open_or_create(
     layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
                          config.quantize, config.logits_choice(), config.logits_temperature,
                          None if dense is None else dense.to_json(), config.attention_p,
-                         config.shard_chunks)  # fmt: skip
+                         None if config.shard_chunks == 1 else config.shard_chunks)  # fmt: skip
     return create_store(
         out,
         dataset=dataset_attrs,

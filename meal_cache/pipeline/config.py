@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -122,12 +124,16 @@ def _check_pretrained(where: str, teacher: dict) -> None:
         raise unknown_choice(f"weights for {arch}", weights, choices)
 
 
-def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
-    unknown = set(given) - allowed
-    if unknown:
-        raise UserError(
-            f"{where}: unknown setting(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}"
-        )
+def _check_keys(where: str, given: dict, allowed: set[str], listing: str = "") -> None:
+    """Every key of ``given`` among ``allowed``; an unknown one is named, with the one likely meant, then the
+    allowed keys (or ``listing``: where they are listed)."""
+    unknown = sorted(set(given) - allowed)
+    if not unknown:
+        return
+    close = closest_choice(unknown[0], sorted(allowed)) if len(unknown) == 1 else None
+    hint = f"; did you mean {close}?" if close else ""
+    choices = listing or f"allowed: {', '.join(sorted(allowed))}"
+    raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)}; {choices}{hint}")
 
 
 def _check_augmentation(where: str, settings: dict) -> None:
@@ -168,15 +174,86 @@ def resolve_pipeline(name_or_path: str | Path) -> Path:
                     f"{', '.join(shipped)}{hint}")  # fmt: skip
 
 
+def _read_toml(path: Path) -> dict:
+    """A TOML file's tables; a syntax error is refused naming the file, and tomllib's line and column."""
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"'{path}' is not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"'{path}' is not valid TOML: it is not UTF-8 text ({err.reason})") from err
+
+
+# What a one-step file holds (``distill --config FILE``, ``extract --config``, ``train --config``): the fields of the
+# step's config, named and typed as a pipeline's step tables take them; ``given`` is the CLI's own record.
+STEP_CONFIGS = {"distill": DistillConfig, "extract": ExtractConfig, "train": TrainConfig}
+NOT_SETTINGS = {"given"}
+
+
+def step_setting_types(command: str) -> dict[str, object]:
+    """The settings a ``command --config FILE`` takes, each with its type (the config field's annotation)."""
+    hints = typing.get_type_hints(STEP_CONFIGS[command])
+    return {name: hints[name] for name in fields_of(STEP_CONFIGS[command]) - NOT_SETTINGS}
+
+
+def load_step_file(path: str | Path, command: str) -> dict:
+    """A one-step settings file: a bare TOML table of ``command``'s settings (``epochs = 30``), no ``[command]``
+    header; an unknown key (with the one likely meant) or a value of the wrong type is refused naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config file not found: '{path}'")
+    raw = _read_toml(path)
+    types = step_setting_types(command)
+    if isinstance(raw.get(command), dict) and command not in types:
+        raise UserError(f"{path}: write the settings at the top level of the file, without the [{command}] header")
+    _check_keys(str(path), raw, set(types), listing=f"`meal-cache {command} --help` lists them")
+    for name, value in raw.items():
+        if not _has_type(value, types[name]):
+            raise UserError(f"{path}: {name} takes {_type_name(types[name])}, got {value!r}")
+    return raw
+
+
+# A TOML value's check per scalar type: TOML's integers are numbers too, its booleans are not.
+_SCALARS = {
+    bool: lambda value: isinstance(value, bool),
+    int: lambda value: isinstance(value, int) and not isinstance(value, bool),
+    float: lambda value: isinstance(value, int | float) and not isinstance(value, bool),
+    str: lambda value: isinstance(value, str),
+    type(None): lambda value: value is None,
+}
+
+
+def _has_type(value: object, hint: object) -> bool:
+    """Whether a TOML value has a config field's type (a TOML array stands for a list or a tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in _SCALARS:
+        return _SCALARS[hint](value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            return False
+        if origin is tuple and Ellipsis not in args:
+            return len(value) == len(args) and all(_has_type(v, arg) for v, arg in zip(value, args, strict=True))
+        return all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_has_type(v, args[1]) for v in value.values())
+    return True  # Any, or a type a TOML value is never checked against
+
+
+def _type_name(hint: object) -> str:
+    """A field's type as a file's reader writes it: ``int`` for ``int | None`` (TOML has no None)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(hint) if arg is not type(None))
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
 def load_pipeline(path: str | Path) -> Pipeline:
     """Parse and check a pipeline file: every section, setting, dataset, architecture and method name."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"pipeline file not found: '{path}'")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"'{path}' is not valid TOML: {err}") from err
+    raw = _read_toml(path)
     _check_keys(str(path), raw, SECTIONS)
     for section in ("data", "teachers", "student", "methods"):
         if section not in raw:

@@ -132,7 +132,7 @@ def check_device(pipeline: Pipeline, device: str = "auto", allow_cpu: bool = Fal
     raise UserError(
         f"pipeline '{pipeline.name}' is sized for a GPU (gpu = true in {pipeline.path}), but it would run on the "
         f"{target.type.upper()}: {why}; it trains {networks} networks for {epochs:,} epochs in all, which on a CPU "
-        "takes far longer (docs/design.md gives CPU rates per architecture); pass --allow-cpu to run it anyway"
+        "takes far longer (docs/benchmarks.md gives CPU rates per architecture); pass --allow-cpu to run it anyway"
     )
 
 

@@ -167,7 +167,9 @@ class TeacherStore:
 
     # ------------------------------------------------------------------ arrays
     def array(self, key: str) -> zarr.Array:
-        return self.group[key]
+        """The array at ``key``, writing every chunk it is given: a chunk that happens to equal the fill value (a
+        dead block's zeros) is stored, not left out, so verify can tell written from lost."""
+        return self.group[key].with_config(ARRAY_CONFIG)
 
     def labels(self) -> np.ndarray:
         return self.group[LABELS][:]
@@ -362,11 +364,6 @@ class TeacherStore:
         return keys
 
     # ------------------------------------------------------------------ writes (extract)
-    def writable(self, key: str) -> zarr.Array:
-        """Array ``key`` to write to: every chunk written, the fill value's too (Zarr's default, for an array opened
-        rather than created, skips those), so a chunk missing from the store, or from a shard, is a lost one."""
-        return self.group[key].with_config(ARRAY_CONFIG)
-
     def write_rows(self, teacher: str, view: int, unit: int, arrays: dict[str, np.ndarray]) -> None:
         """Write one unit's rows (:meth:`unit_rows`) of every array of a teacher (quantised where the layout says),
         each array in one write, so a sharded store's shard object is written whole, never read, merged and written
@@ -377,13 +374,13 @@ class TeacherStore:
             encoding = self._encoding(full)
             if encoding is not None:
                 for array_key, encoded in self._encoded_parts(full, teacher, view, unit, values):
-                    self.writable(array_key)[view, rows] = encoded
+                    self.array(array_key)[view, rows] = encoded
                 continue
             if layout.quantize is not None and is_feature_key(full):
                 values, ranges = quantize_rows(values)
-                self.writable(range_key(full))[view, rows] = ranges
-            self.writable(full)[view, rows] = values
-        self.group[progress_key(teacher)][view, unit] = True
+                self.array(range_key(full))[view, rows] = ranges
+            self.array(full)[view, rows] = values
+        self.array(progress_key(teacher))[view, unit] = True
 
     def _encoded_parts(self, key: str, teacher: str, view: int, unit: int,
                        values: np.ndarray) -> list[tuple[str, np.ndarray]]:  # fmt: skip
@@ -423,7 +420,7 @@ class TeacherStore:
             array.resize((count, *array.shape[1:]))
         for offset, params in enumerate(views):
             for key in self.view_keys:
-                self.writable(key)[start + offset] = getattr(params, view_field(key)).numpy()
+                self.array(key)[start + offset] = getattr(params, view_field(key)).numpy()
         self.set_attrs(views=views_info, settings=settings, complete=False)
 
     def set_attrs(self, **values: Any) -> None:

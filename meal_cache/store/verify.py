@@ -253,7 +253,7 @@ def repair_store(store: TeacherStore, report: VerifyReport) -> int:
     redo = {(teacher_of(p.array), p.chunk[0], p.chunk[1]) for p in report.problems if p.array != DIVERGENT_PIXELS}
     redo |= _divergent_redo(store, report.problems)
     for teacher, view, chunk in sorted(redo):
-        store.group[progress_key(teacher)][view, chunk] = False
+        store.array(progress_key(teacher))[view, chunk] = False
     if redo:
         store.set_attrs(complete=False)
     return len(redo)

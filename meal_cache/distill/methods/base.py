@@ -59,7 +59,7 @@ REPRESENTATIONS = ("maps", "blocks")
 
 # The compact logits of the presets whose every logits consumer is linear in the soft target (KL and cross-entropy),
 # for which count / K is unbiased: 16 draws a row are 48 bytes against 2,000 for every float16 logit of 1,000
-# classes. At 100 classes and T = 4 they matched every logit where top-10 lost 18 points of top-1 (docs/design.md,
+# classes. At 100 classes and T = 4 they matched every logit where top-10 lost 18 points of top-1 (docs/results.md,
 # "At the class counts users have").
 PRESET_LOGITS = LogitsChoice("sample", 16)
 

@@ -29,7 +29,7 @@ class DKD(Method):
                            "beta, warmup) beside cross-entropy, from the cached logits")  # fmt: skip
     # Every logit: NCKD is the tail's shape, which top-k flattens. On digit-pairs' 100 classes at T = 4 the top-20
     # rebuild still moves NCKD's gradient by 16-26 % and top-50 by 4-6 %, where top-50 already costs as many bytes as
-    # every float16 logit (docs/design.md, "DKD's store").
+    # every float16 logit (docs/design.md, "`--for dkd` keeps every logit").
     store_needs: ClassVar[StoreNeeds] = StoreNeeds(help="every logit (NCKD reads the tail top-k flattens)")
     settings: ClassVar[dict] = {"hard_weight": 1.0}
     soft_loss: ClassVar[str] = "dkd"

@@ -248,10 +248,10 @@ class MealFamily(AdversarialMethod):
 
 
 # MEAL's default --block-weights match the last three blocks of each teacher, and its default representation is
-# their pooled channels (docs/design.md, "MEAL's ablation"); its blocks are 8-bit: `info --fidelity` measures 8-bit
+# their pooled channels (docs/decisions.md, "MEAL's ablation"); its blocks are 8-bit: `info --fidelity` measures 8-bit
 # blocks and maps within the bar where --keep-bits 4 is not (docs/design.md, "Lossy stores"). Soft labels: T=4 KL
 # for the three; the references' T=1 soft cross-entropy (MEAL, MEAL V2) was measured worse on digits
-# (docs/design.md); --soft-loss soft-ce --temperature 1 restores it.
+# (docs/results.md, "Does MEAL beat plain KD?"); --soft-loss soft-ce --temperature 1 restores it.
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,7 @@ class Meal(MealFamily):
     help: ClassVar[str] = "MEAL: block similarity + per-block and output discriminators, one random teacher a step"
     # 128 PCA dimensions: 3 blocks x (128 + 8 range bytes) = 408 bytes a row at 224 px (docs/design.md, "Projected
     # blocks"), where every channel of resnet50's was 3,608. Every logit: the output discriminator refuses sampled
-    # ones, and top-10 lost 18 points of top-1 at 100 classes (docs/design.md, "At the class counts users have").
+    # ones, and top-10 lost 18 points of top-1 at 100 classes (docs/results.md, "At the class counts users have").
     store_needs: ClassVar[StoreNeeds] = StoreNeeds(
         ("blocks",), "3", "every logit and the pooled channels of the last 3 blocks (PCA to 128 where wider), 8-bit",
         quantize=8, project=128,
@@ -276,7 +276,7 @@ class Meal(MealFamily):
     own_discriminators: ClassVar[tuple[str, ...]] = ("blocks", "output")
     block_terms: ClassVar[bool] = True
     # DKD's decoupled KL: +6.3 points of top-1 [+2.6, +10.1] over KL on every one of 5 seeds at 100 classes, within
-    # noise of dkd itself (docs/design.md, "At the class counts users have"); --soft-loss kl restores Hinton's KL.
+    # noise of dkd itself (docs/results.md, "At the class counts users have"); --soft-loss kl restores Hinton's KL.
     soft_loss: ClassVar[str] = "dkd"
     Options: ClassVar[type] = MealDecoupledOptions
 
