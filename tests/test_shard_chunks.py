@@ -208,6 +208,25 @@ def test_a_sharded_extract_runs_the_teachers_on_the_unsharded_mini_batches(teach
     assert seen[K] == seen[1]
 
 
+def test_a_dead_block_of_zeros_is_written_into_its_shards_and_verifies(teacher_dir, few, tmp_path, monkeypatch):
+    """Zeros are the fill value: a shard whose chunks are all zeros (a dead block's maps, their 8-bit codes and
+    ranges) is still written whole, so verify finds every chunk and no hole."""
+    real = extract_module.teacher_outputs
+
+    def dead_maps(teacher, pixels, *args, **kwargs):
+        outputs = real(teacher, pixels, *args, **kwargs)
+        return {name: value * 0 if name.startswith("maps/") else value for name, value in outputs.items()}
+
+    monkeypatch.setattr(extract_module, "teacher_outputs", dead_maps)
+    out = tmp_path / "dead.zarr"
+    extract(_config(teacher_dir, teachers=TEACHERS[:1], views=1, shard_chunks=K), out, progress=False, dataset=few)
+    store = open_store(out)
+    maps = [key for key in store.feature_keys(TEACHERS[0]) if "/maps/" in key]
+    assert maps and all(not store.read(key, 0).any() for key in maps)
+    assert all(_objects(out, key) == SHARDS for key in store.with_companions(maps))
+    assert verify_store(store).ok
+
+
 @pytest.mark.parametrize(("value", "says"), [
     ("0", "--shard-chunks K puts K chunks of rows of a view in one Zarr shard object, a whole number of at least 1 "
           "(1: no sharding), got 0"),
