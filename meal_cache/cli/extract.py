@@ -268,6 +268,15 @@ EXTRACT_SECTIONS = {
     type=int,
     help="Rows in one Zarr chunk (the unit of writing and of resuming).",
 )
+@click.option(
+    "--shard-chunks",
+    default=1,
+    show_default=True,
+    type=int,
+    metavar="K",
+    help="Zarr sharding: K chunks of rows of a view in one object (K times fewer objects for object storage); a "
+    "shard is then the unit of writing and of resuming. 1: one object a chunk.",
+)
 @click.option("--teacher-dir", default="teachers", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option(

@@ -95,6 +95,8 @@ class ExtractConfig:
     preset: str | None = None  # ``--for METHOD``: store only what that method reads (see store_presets)
     batch_size: int = 256
     rows_per_chunk: int = 512
+    # Zarr sharding: K chunks of rows of a view in one object, the unit of work (1: a chunk an object)
+    shard_chunks: int = 1
     teacher_dir: str = "teachers"
     device: str = "auto"
     workers: int | None = None  # decoding processes for image files (None: from the core count)
@@ -194,6 +196,7 @@ class ExtractConfig:
         self._validate_attention()
         if self.batch_size < 1 or self.rows_per_chunk < 1:
             raise UserError("--batch-size and --rows-per-chunk must be at least 1")
+        check_shard_chunks(self.shard_chunks)
         check_workers(self.workers)
         check_decode(self.decode)
         check_logits_choice(self.logits_choice(), self.logits_temperature)
@@ -254,6 +257,14 @@ class ExtractConfig:
             raise UserError(f"--dense keeps logits and pooled blocks, from which any crop's are derived; {chosen} "
                             "asks for channel-mean maps of each view, which it cannot derive: pass --features blocks "
                             "(or --for kd, meal, fitnet), or extract a store of views")  # fmt: skip
+
+
+def check_shard_chunks(shard_chunks: object) -> None:
+    """Refuse a ``--shard-chunks`` that is not a whole number of chunks, at least 1 (1: no sharding). Any such K is
+    allowed: a view's last shard holds what rows are left, as its last chunk does."""
+    if isinstance(shard_chunks, bool) or not isinstance(shard_chunks, int) or shard_chunks < 1:
+        raise UserError(f"--shard-chunks K puts K chunks of rows of a view in one Zarr shard object, a whole number "
+                        f"of at least 1 (1: no sharding), got {shard_chunks!r}")  # fmt: skip
 
 
 def fitted_to_data(config: ExtractConfig, asked: ExtractConfig, num_classes: int) -> ExtractConfig:

@@ -121,8 +121,8 @@ def divergent_pixels(teachers: list, start: torch.Tensor, rows: torch.Tensor, se
 class DivergentSource:
     """An image source for one divergent view during extraction: each request's rows are rendered un-augmented
     by ``source``, searched, rounded to uint8 and stored; the teachers are then fed those stored pixels. The
-    requests cover each chunk's rows in order (as extract asks), and a chunk's pixels are written with its last
-    row, whole chunks only, as every store write."""
+    requests cover each unit's rows in order (as extract asks), and a unit's pixels (a chunk's, or a shard's) are
+    written with its last row, whole units only, as every store write."""
 
     def __init__(self, source, teachers: list, store, search: DivergentSearch, view: int, channels_last: bool) -> None:
         self.source, self.teachers, self.store, self.search = source, teachers, store, search
@@ -135,9 +135,9 @@ class DivergentSource:
         for (rows, payload), pixels in self.source.pixels(asked):
             found = divergent_pixels(self.teachers, pixels, rows, self.search, self.view, self.channels_last)
             parts.append(found.cpu())
-            chunk_rows = self.store.chunk_rows(int(rows[0]) // self.store.layout.rows_per_chunk)
-            if int(rows[-1]) + 1 == chunk_rows.stop:
-                self.store.array(DIVERGENT_PIXELS)[self.view, chunk_rows] = torch.cat(parts).numpy()
+            unit_rows = self.store.unit_rows(int(rows[0]) // self.store.layout.rows_per_unit)
+            if int(rows[-1]) + 1 == unit_rows.stop:
+                self.store.array(DIVERGENT_PIXELS)[self.view, unit_rows] = torch.cat(parts).numpy()
                 parts = []
             yield payload, found.float()
 

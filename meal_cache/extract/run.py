@@ -1,16 +1,18 @@
 """Stage 1: run every teacher exactly once over V replayable views of a dataset split and fill the store.
 
-For each chunk of rows: the source renders every view the chunk still needs of its images as the views' stored
-parameters say (on the device for in-memory data, in decoding workers for image files: each image is decoded
-once for all its views and all teachers), every teacher that has not yet done a (view, chunk) runs on it once in
+For each unit of rows (a chunk of them, or with ``--shard-chunks K`` a shard's K chunks, which is written whole: see
+:meth:`TeacherStore.write_rows`): the source renders every view the unit still needs of its images as the views'
+stored parameters say (on the device for in-memory data, in decoding workers for image files: each image is decoded
+once for all its views and all teachers), every teacher that has not yet done a (view, unit) runs on it once in
 eval mode under ``torch.inference_mode`` (AMP and channels_last on CUDA), one view's mini-batch at a time, with
 forward hooks on its blocks, and the logits, pooled blocks and channel-mean maps go to a background writer that
-compresses and writes the whole (view, chunk), then marks it done. A killed extract, run again with the same
-settings, skips the (view, chunk)s marked done and ends with the same store as an uninterrupted run.
+compresses and writes the whole (view, unit), then marks it done. A killed extract, run again with the same
+settings, skips the (view, unit)s marked done and ends with the same store as an uninterrupted run; a unit killed
+mid-write is unmarked, so it is written again whole.
 
-Under ``torchrun`` every rank runs this function: rank 0 creates the store, every rank takes the chunks whose
-index ``c`` has ``c % world_size == rank`` (whole chunks, so no two ranks write one), and after a barrier rank 0
-records the teachers' accuracy and marks the store complete.
+Under ``torchrun`` every rank runs this function: rank 0 creates the store, every rank takes the units whose index
+``u`` has ``u % world_size == rank`` (whole units, so no two ranks write one chunk or shard), and after a barrier
+rank 0 records the teachers' accuracy and marks the store complete.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ from meal_cache.store.schema import BlockSpec
 from meal_cache.store.teacher_store import TeacherStore, open_store
 from meal_cache.views import augment
 
-# Chunks written but not yet durable; bounds the memory the background writer may hold.
+# Units (a chunk of rows, or a shard's K chunks) handed to the writer but not yet durable; bounds the memory the
+# background writer may hold.
 MAX_PENDING_WRITES = 4
 
 
@@ -62,7 +65,8 @@ def _settings(config: ExtractConfig, dataset: ImageDataset, teachers: list[Teach
     for transient in ("device", "batch_size", "data_root", "download", "teacher_dir", "workers", "decode"):
         recorded.pop(transient)
     unused = {MIXING_FIELDS: config.mixing() is None, DIVERGENT_FIELDS: not config.divergent_views,
-              ("projection",): config.project is None, ("dense_sizes", "dense_grid"): not config.dense}  # fmt: skip
+              ("projection",): config.project is None, ("dense_sizes", "dense_grid"): not config.dense,
+              ("shard_chunks",): config.shard_chunks == 1}  # fmt: skip
     for names, off in unused.items():
         if off:
             for name in names:
@@ -187,28 +191,28 @@ def _run_teachers(
     progress: bool,
     dense: DenseSettings | None = None,
 ) -> None:
-    """This rank's share of every (view, chunk) some teacher has not done, written by a background writer: the
-    replayed views chunk by chunk, every view of a chunk's rows from one decode of each image, then each
-    divergent view (a search of its own) chunk by chunk."""
+    """This rank's share of every (view, unit) some teacher has not done, written by a background writer: the
+    replayed views unit by unit, every view of a unit's rows from one decode of each image, then each
+    divergent view (a search of its own) unit by unit."""
     for teacher in teachers:
         teacher.model = precision.prepare(teacher.model)
     done = {t.spec.key: _progress_marks(store, t.spec.key) for t in teachers}
     outputs = _outputs(dense, config.attention_p)
-    chunks = range(world.rank, store.n_chunks, world.size)
+    units = range(world.rank, store.n_units, world.size)
     source = _open_source(dataset, config, device, store)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-writer") as writer:
         pending: deque[Future] = deque()
 
         def write(written: Iterator[tuple[int, int, dict[str, dict]]]) -> None:
-            for view, chunk, arrays in written:
+            for view, unit, arrays in written:
                 for key, teacher_arrays in arrays.items():
-                    pending.append(writer.submit(store.write_rows, key, view, chunk, teacher_arrays))
+                    pending.append(writer.submit(store.write_rows, key, view, unit, teacher_arrays))
                 while len(pending) > MAX_PENDING_WRITES:
                     pending.popleft().result()
 
         try:
             replayed = [v for v in range(store.num_views) if v not in store.divergent_views]
-            todo = _todo(done, replayed, chunks)
+            todo = _todo(done, replayed, units)
             # A bar is closed once its work is done; one a failure leaves open, the command line closes
             # before its message (cli.close_progress_bars), so the message starts a line of its own.
             bar = _bar(store, todo, replayed, progress)
@@ -216,7 +220,7 @@ def _run_teachers(
                                  config, precision, bar.update, outputs))  # fmt: skip
             bar.close()
             for view in store.divergent_views:
-                todo = _todo(done, [view], chunks)
+                todo = _todo(done, [view], units)
                 view_source = DivergentSource(source, teachers, store, search_from_json(store.attrs["views"]
                                               ["divergent"]), store.divergent_views.index(view),
                                               precision.channels_last)  # fmt: skip
@@ -233,16 +237,16 @@ def _run_teachers(
         teacher.model = teacher.model.cpu()
 
 
-def _todo(done: dict[str, np.ndarray], views: list[int], chunks: Iterable[int]) -> dict[int, list[int]]:
-    """Chunk -> the ``views`` some teacher has not done for it, for the chunks with any."""
-    todo = {c: [v for v in views if not all(marks[v, c] for marks in done.values())] for c in chunks}
+def _todo(done: dict[str, np.ndarray], views: list[int], units: Iterable[int]) -> dict[int, list[int]]:
+    """Unit -> the ``views`` some teacher has not done for it, for the units with any."""
+    todo = {u: [v for v in views if not all(marks[v, u] for marks in done.values())] for u in units}
     return {c: views for c, views in todo.items() if views}
 
 
 def _bar(store: TeacherStore, todo: dict[int, list[int]], views: list[int], progress: bool) -> tqdm:
-    """A bar over the images of the (view, chunk)s to do, named by its view or the range of its views."""
+    """A bar over the images of the (view, unit)s to do, named by its view or the range of its views."""
     name = f"view {views[0] + 1}" if len(views) == 1 else f"views {views[0] + 1}-{views[-1] + 1}"
-    return progress_bar(total=sum(_chunk_len(store, c) * len(v) for c, v in todo.items()), unit="img", leave=False,
+    return progress_bar(total=sum(_unit_len(store, u) * len(v) for u, v in todo.items()), unit="img", leave=False,
                 desc=f"{name}/{store.num_views}", disable=not progress)  # fmt: skip
 
 
@@ -251,37 +255,40 @@ def _chunk_outputs(source, teachers: list[Teacher], params: dict[int, augment.Vi
                    todo: dict[int, list[int]], done: dict[str, np.ndarray], config: ExtractConfig,
                    precision: Precision, advance: Callable[[int], object],
                    teacher_outputs=teacher_outputs) -> Iterator[tuple[int, int, dict[str, dict]]]:  # fmt: skip
-    """Per (view, chunk) of ``todo`` (chunk -> its views), the store arrays of every teacher that has not done
-    it. A teacher runs on mini-batches of ``batch_size`` rows of one view (a fixed split, so a resumed chunk is
-    bit-equal); the source is asked for every view of a mini-batch's rows at once, in requests of about
+    """Per (view, unit) of ``todo`` (unit -> its views), the store arrays of every teacher that has not done
+    it. A teacher runs on mini-batches of ``batch_size`` rows of one view, split within each chunk of rows (a fixed
+    split, so a resumed unit is bit-equal, and a sharded store's values are an unsharded one's); the source is
+    asked for every view of a mini-batch's rows at once, in requests of about
     ``batch_size`` samples (a slice of the rows, all its views), so each image is decoded once for all its views
     while a request stays as large as one view's mini-batch. ``advance(images)`` is called after each mini-batch
-    (the bar). A chunk whose outputs are not finite raises a UserError after the chunk's other arrays reach the
+    (the bar). A unit whose outputs are not finite raises a UserError after the unit's other arrays reach the
     writer, so it is never marked done."""
 
     def requests() -> Iterator[tuple[torch.Tensor, list[augment.ViewParams], tuple[int, slice, slice, bool]]]:
-        for chunk, views in todo.items():
-            rows = store.chunk_rows(chunk)
-            for start in range(rows.start, rows.stop, config.batch_size):
-                stop = min(rows.stop, start + config.batch_size)
-                piece = math.ceil((stop - start) / len(views))
-                for first in range(start, stop, piece):
-                    last = min(stop, first + piece)
-                    yield (torch.arange(first, last), [params[v][first:last] for v in views],
-                           (chunk, rows, slice(start, stop), last == stop))  # fmt: skip
+        for unit, views in todo.items():
+            rows = store.unit_rows(unit)
+            for chunk in store.unit_chunks(unit):
+                chunk_rows = store.chunk_rows(chunk)
+                for start in range(chunk_rows.start, chunk_rows.stop, config.batch_size):
+                    stop = min(chunk_rows.stop, start + config.batch_size)
+                    piece = math.ceil((stop - start) / len(views))
+                    for first in range(start, stop, piece):
+                        last = min(stop, first + piece)
+                        yield (torch.arange(first, last), [params[v][first:last] for v in views],
+                               (unit, rows, slice(start, stop), last == stop))  # fmt: skip
 
     features = tuple(config.features)
     pieces: list[list[torch.Tensor]] = []
     parts: dict[tuple[int, str], dict[str, list[torch.Tensor]]] = {}
-    for (chunk, rows, batch, batch_done), pixels in views_pixels(source, requests()):
+    for (unit, rows, batch, batch_done), pixels in views_pixels(source, requests()):
         pieces.append(pixels)
         if not batch_done:
             continue
-        views = todo[chunk]
+        views = todo[unit]
         for view, view_pixels in zip(views, (torch.cat(p) for p in zip(*pieces, strict=True)), strict=True):
             for teacher in teachers:
                 key = teacher.spec.key
-                if not done[key][view, chunk]:
+                if not done[key][view, unit]:
                     outputs = teacher_outputs(teacher, view_pixels, features, precision)
                     for name, value in outputs.items():
                         parts.setdefault((view, key), {}).setdefault(name, []).append(value.to(torch.float32).cpu())
@@ -299,7 +306,7 @@ def _chunk_outputs(source, teachers: list[Teacher], params: dict[int, augment.Vi
                         arrays[key] = store_arrays(parts.pop((view, key)), config)
                     except NonFiniteOutput as err:
                         refused = refused or err.explain(key, _view_name(store, view), rows, config, precision)
-                yield view, chunk, arrays  # the chunk's other arrays are written before the refusal
+                yield view, unit, arrays  # the unit's other arrays are written before the refusal
             if refused:
                 raise UserError(refused)
 
@@ -313,8 +320,8 @@ def _progress_marks(store: TeacherStore, teacher: str) -> np.ndarray:
         ) from err
 
 
-def _chunk_len(store: TeacherStore, chunk: int) -> int:
-    rows = store.chunk_rows(chunk)
+def _unit_len(store: TeacherStore, unit: int) -> int:
+    rows = store.unit_rows(unit)
     return rows.stop - rows.start
 
 

@@ -76,7 +76,8 @@ def open_or_create(
     views_info = _views_info(config, dataset, recipe, len(views), dense is not None, policy, mixing, search)
     layout = StoreLayout(config.rows_per_chunk, config.dtype, config.codec, tuple(config.features), config.keep_bits,
                          config.quantize, config.logits_choice(), config.logits_temperature,
-                         None if dense is None else dense.to_json(), config.attention_p)  # fmt: skip
+                         None if dense is None else dense.to_json(), config.attention_p,
+                         None if config.shard_chunks == 1 else config.shard_chunks)  # fmt: skip
     return create_store(
         out,
         dataset=dataset_attrs,

@@ -127,19 +127,29 @@ def _checked_compressors(layout: StoreLayout, teachers: list[TeacherSpec]) -> li
 
 @dataclass(frozen=True)
 class _NewArrays:
-    """What every array of a store being created shares: its group, its rows a chunk, its compressors (the
-    checksum last) and config (every chunk written, so a missing one is a lost one)."""
+    """What every array of a store being created shares: its group, its rows a chunk, its chunks a shard (1: no
+    sharding), its compressors (the checksum last) and config (every chunk written, so a missing one is a lost
+    one)."""
 
     group: zarr.Group
     rows: int
     compressors: list
+    shard_chunks: int = 1
 
     def create(self, key: str, **options: Any) -> zarr.Array:
         return self.group.create_array(key, compressors=self.compressors, config=ARRAY_CONFIG, **options)
 
     def per_view(self, key: str, shape: tuple[int, ...], dtype: str, **options: Any) -> zarr.Array:
-        """An array of ``(view, row, ...)``, one chunk per view and ``rows`` rows."""
-        return self.create(key, shape=shape, chunks=(1, self.rows, *shape[2:]), dtype=dtype, **options)
+        """An array of ``(view, row, ...)``, one chunk per view and ``rows`` rows; sharded, ``shard_chunks`` of
+        them (one view's) in one object, each chunk keeping its own checksum and the shard's index one more."""
+        row_shape = shape[2:]
+        if self.shard_chunks > 1:
+            options["shards"] = (1, self.rows * self.shard_chunks, *row_shape)
+        return self.create(key, shape=shape, chunks=(1, self.rows, *row_shape), dtype=dtype, **options)
+
+
+def _new_arrays(group: zarr.Group, layout: StoreLayout, compressors: list) -> _NewArrays:
+    return _NewArrays(group, layout.rows_per_chunk, compressors, layout.chunks_per_unit)
 
 
 def _write_views(arrays: _NewArrays, views: Sequence[ViewParams], n: int) -> None:
@@ -180,7 +190,7 @@ def add_teacher_arrays(group: zarr.Group, teachers: list[TeacherSpec], layout: S
                        n: int) -> None:  # fmt: skip
     """Every array of ``teachers`` in an existing store's ``group`` of ``count`` views and ``n`` rows, as
     :func:`create_group` makes them (unwritten, progress unset): growing a store by teachers."""
-    arrays = _NewArrays(group, layout.rows_per_chunk, _checked_compressors(layout, teachers))
+    arrays = _new_arrays(group, layout, _checked_compressors(layout, teachers))
     for teacher in teachers:
         _create_teacher_arrays(arrays, teacher, layout, lossy_filters(layout), count, n)
 
@@ -211,8 +221,9 @@ def _create_teacher_arrays(
     for block in teacher.blocks:
         for kind in layout.features:
             output_array(feature_key(teacher.key, kind, block.key), (count, n, *FEATURE_SHAPES[kind](block)))
-    arrays.create(progress_key(teacher.key), shape=(count, math.ceil(n / arrays.rows)), chunks=(1, 1), dtype="bool",
-                  fill_value=False)  # fmt: skip
+    # One mark a unit of work (a chunk of rows, or a shard of them), each its own object, so marks never collide.
+    arrays.create(progress_key(teacher.key), shape=(count, math.ceil(n / (arrays.rows * arrays.shard_chunks))),
+                  chunks=(1, 1), dtype="bool", fill_value=False)  # fmt: skip
 
 
 def create_group(
@@ -256,7 +267,7 @@ def create_group(
             }
         )
     )
-    arrays = _NewArrays(group, layout.rows_per_chunk, compressors)
+    arrays = _new_arrays(group, layout, compressors)
     arrays.create(LABELS, shape=(n,), chunks=(max(n, 1),), dtype="int64")[:] = labels.numpy()
     _write_views(arrays, views, n)
     if divergent_pixels is not None:

@@ -80,6 +80,13 @@ def _views_description(views: dict) -> str:
     )
 
 
+def _shards(layout: StoreLayout) -> str:
+    """``extract --shard-chunks K``: a view's K chunks of rows in one object, the unit of writing."""
+    if layout.shard_chunks is None:
+        return ""
+    return f", sharded: {layout.shard_chunks} chunks ({layout.rows_per_unit} rows) an object"
+
+
 def _sizes(sizes: list[int]) -> str:
     return " and ".join(f"{s} px" for s in sizes)
 
@@ -100,7 +107,7 @@ def describe_store(store: TeacherStore) -> str:
         f"dataset   {data['spec']} [{data['split']}]  {data['n']} rows, {data['num_classes']} classes, "
         f"{data['image_size']} px, fingerprint {data['fingerprint'][:12]}",
         views_line,
-        f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk, "
+        f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk{_shards(layout)}, "
         f"features {_features_description(layout)}, {_lossy_description(layout)}",
         "",
     ]
@@ -124,8 +131,9 @@ def describe_store(store: TeacherStore) -> str:
         else:
             acc_text = "accuracy not yet recorded"
         done = store.progress(key)
+        unit = "chunks" if layout.shard_chunks is None else "shards"
         lines.append(f"teacher {key}  ({teacher['arch']}, from {teacher['source']})  {acc_text}  "
-                     f"[{int(done.sum())}/{done.size} chunks]")  # fmt: skip
+                     f"[{int(done.sum())}/{done.size} {unit}]")  # fmt: skip
         lines.append(f"  {'array':40s} {'shape':>22s} {'stored':>10s} {'vs f32':>7s}")
         for array_key in store.feature_keys(key):
             size = sizes[array_key]

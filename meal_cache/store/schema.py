@@ -98,6 +98,19 @@ class StoreLayout:
     dense: dict | None = None
     # The p of the attention maps (the channel mean of |A|^p) where the store holds them; None without them.
     attention_p: float | None = None
+    # extract --shard-chunks K: K chunks of rows of one view in one Zarr shard object, and one unit of work (written
+    # whole, marked done once); None: one chunk an object and a unit.
+    shard_chunks: int | None = None
+
+    @property
+    def chunks_per_unit(self) -> int:
+        """Chunks of rows in one unit of work: one shard's, or one."""
+        return 1 if self.shard_chunks is None else int(self.shard_chunks)
+
+    @property
+    def rows_per_unit(self) -> int:
+        """Rows one writer writes whole and marks done at once: a shard's rows, or a chunk's."""
+        return self.rows_per_chunk * self.chunks_per_unit
 
     @property
     def logits_encoding(self) -> LogitsEncoding | None:
@@ -122,7 +135,7 @@ class StoreLayout:
                 "features": list(self.features), "keep_bits": self.keep_bits, "quantize": self.quantize,
                 "logits": None if self.logits is None else self.logits.to_json()}  # fmt: skip
         # Recorded only when set, so a layout without them reads as it is written.
-        for name in ("logits_temperature", "dense", "attention_p"):
+        for name in ("logits_temperature", "dense", "attention_p", "shard_chunks"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
         return data
@@ -132,7 +145,7 @@ class StoreLayout:
         logits = None if data.get("logits") is None else LogitsChoice.from_json(data["logits"])
         return cls(int(data["rows_per_chunk"]), data["dtype"], data["codec"], tuple(data["features"]),
                    data.get("keep_bits"), data.get("quantize"), logits, data.get("logits_temperature"),
-                   data.get("dense"), data.get("attention_p"))  # fmt: skip
+                   data.get("dense"), data.get("attention_p"), data.get("shard_chunks"))  # fmt: skip
 
 
 @dataclass(frozen=True)

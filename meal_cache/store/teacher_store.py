@@ -150,6 +150,21 @@ class TeacherStore:
         rows = self.layout.rows_per_chunk
         return slice(chunk * rows, min(self.n, (chunk + 1) * rows))
 
+    @property
+    def n_units(self) -> int:
+        """Units of work a view: what extract writes whole and marks done at once (a shard's rows where the store
+        is sharded, else a chunk's), what torchrun's ranks divide and what repair redoes."""
+        return math.ceil(self.n / self.layout.rows_per_unit)
+
+    def unit_rows(self, unit: int) -> slice:
+        rows = self.layout.rows_per_unit
+        return slice(unit * rows, min(self.n, (unit + 1) * rows))
+
+    def unit_chunks(self, unit: int) -> range:
+        """The chunks of rows of ``unit``."""
+        per_unit = self.layout.chunks_per_unit
+        return range(unit * per_unit, min(self.n_chunks, (unit + 1) * per_unit))
+
     # ------------------------------------------------------------------ arrays
     def array(self, key: str) -> zarr.Array:
         """The array at ``key``, writing every chunk it is given: a chunk that happens to equal the fill value (a
@@ -349,27 +364,43 @@ class TeacherStore:
         return keys
 
     # ------------------------------------------------------------------ writes (extract)
-    def write_rows(self, teacher: str, view: int, chunk: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write one chunk's rows of every array of a teacher (quantised where the layout says), then mark the
-        chunk done."""
-        rows, layout = self.chunk_rows(chunk), self.layout
+    def write_rows(self, teacher: str, view: int, unit: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write one unit's rows (:meth:`unit_rows`) of every array of a teacher (quantised where the layout says),
+        each array in one write, so a sharded store's shard object is written whole, never read, merged and written
+        back; then mark the unit done."""
+        rows, layout = self.unit_rows(unit), self.layout
         for key, values in arrays.items():
             full = teacher_key(teacher, key)
             encoding = self._encoding(full)
             if encoding is not None:
-                rng = chunk_rng(int(self.attrs["views"]["seed"]), teacher, view, chunk)
-                lead = values.shape[:-1]  # rows, and a dense store's positions: encoded as one list of rows
-                encoded = encoding.encode(values.reshape(-1, values.shape[-1]), layout.logits_k, layout.dtype,
-                                          layout.temperature, rng)  # fmt: skip
-                for (part, _, per_slot), array_key in zip(encoding.parts, encoding.keys(full), strict=True):
-                    shape = (*lead, -1) if per_slot else lead
-                    self.array(array_key)[view, rows] = encoded[part].reshape(shape)
+                for array_key, encoded in self._encoded_parts(full, teacher, view, unit, values):
+                    self.array(array_key)[view, rows] = encoded
                 continue
             if layout.quantize is not None and is_feature_key(full):
                 values, ranges = quantize_rows(values)
                 self.array(range_key(full))[view, rows] = ranges
             self.array(full)[view, rows] = values
-        self.array(progress_key(teacher))[view, chunk] = True
+        self.array(progress_key(teacher))[view, unit] = True
+
+    def _encoded_parts(self, key: str, teacher: str, view: int, unit: int,
+                       values: np.ndarray) -> list[tuple[str, np.ndarray]]:  # fmt: skip
+        """A unit's rows of logits ``values`` in the store's compact encoding: (array, its values) per part. The
+        draws are made chunk by chunk of rows, each with its own generator, so a sharded store holds the draws an
+        unsharded one does."""
+        layout, encoding = self.layout, self._encoding(key)
+        seed, start = int(self.attrs["views"]["seed"]), self.unit_rows(unit).start
+        pieces: dict[str, list[np.ndarray]] = {part: [] for part, _, _ in encoding.parts}
+        for chunk in self.unit_chunks(unit):
+            rows = self.chunk_rows(chunk)
+            chunk_values = values[rows.start - start : rows.stop - start]
+            lead = chunk_values.shape[:-1]  # rows, and a dense store's positions: encoded as one list of rows
+            rng = chunk_rng(seed, teacher, view, chunk)
+            encoded = encoding.encode(chunk_values.reshape(-1, chunk_values.shape[-1]), layout.logits_k,
+                                      layout.dtype, layout.temperature, rng)  # fmt: skip
+            for part, _, per_slot in encoding.parts:
+                pieces[part].append(encoded[part].reshape((*lead, -1) if per_slot else lead))
+        return [(array_key, np.concatenate(pieces[part]))
+                for (part, _, _), array_key in zip(encoding.parts, encoding.keys(key), strict=True)]  # fmt: skip
 
     def add_teachers(self, teachers: list[TeacherSpec], settings: dict) -> None:
         """Grow the store by ``teachers`` (their arrays unwritten), recording the extract ``settings`` that include

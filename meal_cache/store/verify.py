@@ -1,5 +1,11 @@
-"""Verify and repair a store: every chunk that should hold data exists and passes its CRC-32C checksum, and a
-damaged teacher chunk is cleared for the same extract command to redo (see :mod:`meal_cache.store`)."""
+"""Verify and repair a store: every object (a chunk, or a shard of chunks) that should hold data exists and every
+chunk in it passes its CRC-32C checksum, and a damaged teacher object is cleared for the same extract command to
+redo (see :mod:`meal_cache.store`).
+
+An object is named by its coordinates in the array's grid of objects: a chunk's in an unsharded array, a shard's
+in a sharded one, where ``(view, s)`` is the view's s-th shard, which is also the s-th unit of work (the teacher's
+progress mark ``(view, s)``). Damage anywhere in a shard (a chunk's bytes, the shard's index, a truncated object)
+fails a checksum on reading it, so the shard is reported whole, and repair redoes that unit."""
 
 from __future__ import annotations
 
@@ -22,15 +28,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ChunkProblem:
-    """A chunk that should hold data and does not: ``missing`` (lost) or ``corrupt`` (fails its checksum)."""
+    """An object (a chunk, or a shard: ``shard``) that should hold data and does not: ``missing`` (lost) or
+    ``corrupt`` (fails its checksum); ``chunk`` is its coordinates in the array's grid of objects."""
 
     array: str
     chunk: tuple[int, ...]
     kind: str
     detail: str = ""
+    shard: bool = False
 
     def __str__(self) -> str:
-        where = f"{self.array} chunk ({', '.join(map(str, self.chunk))})"
+        where = f"{self.array} {'shard' if self.shard else 'chunk'} ({', '.join(map(str, self.chunk))})"
         return f"{where}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
 
 
@@ -46,7 +54,7 @@ class VerifyReport:
 
 
 def _stored_chunks(array: zarr.Array) -> set[tuple[int, ...]]:
-    """Chunk indices present in the store (one listing, no reads)."""
+    """Object (chunk or shard) indices present in the store (one listing, no reads)."""
     store, prefix = array.store_path.store, f"{array.store_path.path}/c/"
 
     async def listing() -> list[str]:
@@ -60,9 +68,66 @@ def _stored_chunks(array: zarr.Array) -> set[tuple[int, ...]]:
     return found
 
 
+def _object_shape(array: zarr.Array) -> tuple[int, ...]:
+    """The shape one object of ``array`` covers: a shard's where it is sharded, else a chunk's."""
+    return array.shards if array.shards is not None else array.chunks
+
+
 def _chunk_grid(array: zarr.Array) -> Iterator[tuple[int, ...]]:
-    counts = [math.ceil(size / chunk) for size, chunk in zip(array.shape, array.chunks, strict=True)]
+    """The coordinates of every object of ``array`` (its chunks, or its shards)."""
+    counts = [math.ceil(size / side) for size, side in zip(array.shape, _object_shape(array), strict=True)]
     return itertools.product(*(range(count) for count in counts))
+
+
+def _read_objects(array: zarr.Array, first: tuple[int, ...], last: tuple[int, ...]) -> None:
+    """Decode the objects from ``first`` to ``last`` (sharing all but their second index; 1-d: every object)."""
+    if array.ndim == 1:
+        array[:]
+        return
+    side = _object_shape(array)
+    region = tuple(slice(a * s, (b + 1) * s) for a, b, s in zip(first, last, side, strict=True))
+    array[region]
+
+
+# A shard index entry of a chunk the shard does not hold: offset and length both 2**64 - 1 (Zarr v3 sharding spec).
+_EMPTY_ENTRY = np.uint64(2**64 - 1)
+# A shard index entry's bytes (offset, length: two little-endian uint64) and the index's CRC-32C after them.
+_ENTRY_BYTES, _INDEX_CHECKSUM_BYTES = 16, 4
+
+
+def _shard_holes(array: zarr.Array, coords: tuple[int, ...]) -> list[int]:
+    """The chunks of rows inside the array that shard ``coords`` lacks, by their index within the shard (read from
+    its index at the object's end; one ranged read). A shard written whole has none: a hole is a partial write,
+    which reads back as fill values, so it is damage a checksum alone does not show."""
+    from zarr.abc.store import SuffixByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+
+    per_shard = [s // c for s, c in zip(array.shards, array.chunks, strict=True)]
+    entries = math.prod(per_shard)
+    key = f"{array.store_path.path}/{array.metadata.encode_chunk_key(coords)}"
+    request = SuffixByteRequest(entries * _ENTRY_BYTES + _INDEX_CHECKSUM_BYTES)
+    found = sync(array.store_path.store.get(key, prototype=default_buffer_prototype(), byte_range=request))
+    if found is None:
+        return []  # missing altogether: reported as missing
+    index = np.frombuffer(found.to_bytes()[:-_INDEX_CHECKSUM_BYTES], dtype="<u8").reshape(*per_shard, 2)
+    holes = []
+    for inner in itertools.product(*(range(n) for n in per_shard)):
+        start = [(c * n + i) * side for c, n, i, side in zip(coords, per_shard, inner, array.chunks, strict=True)]
+        inside = all(first < size for first, size in zip(start, array.shape, strict=True))
+        if inside and (index[inner] == _EMPTY_ENTRY).all():
+            holes.append(int(np.ravel_multi_index(inner, per_shard)))
+    return holes
+
+
+def _hole_problems(array: zarr.Array, key: str, shards: list[tuple[int, ...]]) -> list[ChunkProblem]:
+    problems = []
+    for coords in shards:
+        holes = _shard_holes(array, coords)
+        if holes:
+            chunks = ", ".join(map(str, holes))
+            problems.append(ChunkProblem(key, coords, "missing", f"its chunk(s) {chunks} absent from its index",
+                                         shard=True))  # fmt: skip
+    return problems
 
 
 # Chunks decoded together by verify: bounds its memory whatever the size of a view.
@@ -70,28 +135,25 @@ VERIFY_CHUNKS_AT_ONCE = 16
 
 
 def _decode_problems(array: zarr.Array, key: str, chunks: list[tuple[int, ...]]) -> list[ChunkProblem]:
-    """Decode ``chunks`` (sharing their first index) a few at a time, one by one only where that fails."""
+    """Decode ``chunks`` (objects sharing their first index) a few at a time, one by one only where that
+    fails."""
     if array.ndim == 1:
         groups = [chunks]
     else:
         ordered = sorted(chunks)
         groups = [ordered[i : i + VERIFY_CHUNKS_AT_ONCE] for i in range(0, len(ordered), VERIFY_CHUNKS_AT_ONCE)]
-    problems = []
+    problems, sharded = [], array.shards is not None
     for group in groups:
         try:
-            if array.ndim == 1:
-                array[:]
-            else:
-                rows = slice(group[0][1], group[-1][1] + 1)
-                array.get_block_selection((group[0][0], rows))
+            _read_objects(array, group[0], group[-1])
             continue
-        except Exception:  # noqa: BLE001 - some chunk of the group does not decode: find which, below
+        except Exception:  # noqa: BLE001 - some object of the group does not decode: find which, below
             pass
         for coords in group:
             try:
-                array.get_block_selection(coords)
+                _read_objects(array, coords, coords)
             except Exception as err:  # noqa: BLE001
-                problems.append(ChunkProblem(key, coords, "corrupt", str(err).split(".")[0]))
+                problems.append(ChunkProblem(key, coords, "corrupt", str(err).split(".")[0], sharded))
     return problems
 
 
@@ -117,12 +179,16 @@ def verify_store(store: TeacherStore, keys: list[str] | None = None, progress: b
         else:
             expected = list(_chunk_grid(array))
         present = [c for c in expected if c in stored]
-        report.problems += [ChunkProblem(key, c, "missing") for c in expected if c not in stored]
+        sharded = array.shards is not None
+        report.problems += [ChunkProblem(key, c, "missing", shard=sharded) for c in expected if c not in stored]
         by_first: dict[int, list[tuple[int, ...]]] = {}
         for coords in present:
             by_first.setdefault(coords[0], []).append(coords)
         for chunks in by_first.values():
             report.problems += _decode_problems(array, key, chunks)
+        if sharded:
+            corrupt = {p.chunk for p in report.problems if p.array == key}
+            report.problems += _hole_problems(array, key, [c for c in present if c not in corrupt])
         report.chunks_checked += len(present)
     return report
 
