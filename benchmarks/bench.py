@@ -7,7 +7,8 @@ repeats, so it holds on a noisy shared machine. Writes bench/results.json and pr
 
 `--only stream` runs only the streaming-image section (generated JPEG folders, about 6 minutes on 2 cores);
 `--only host` the host's ceiling (benchmarks/bench_host.py, about 1 minute); `--only memory` distill's memory per
-view against the view's stored bytes (benchmarks/bench_memory.py, about 1 minute).
+view against the view's stored bytes (benchmarks/bench_memory.py, about 1 minute); `--only shards` a store's
+objects per view and its read rate with and without Zarr sharding (benchmarks/bench_shard_chunks.py, 12 s).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from bench_dense import DENSE_REPORTED, DENSE_TARGETS, bench_dense
 from bench_host import HOST_TARGETS, bench_host
 from bench_memory import MEMORY_REPORTED, MEMORY_TARGETS, bench_memory
+from bench_shard_chunks import bench_shard_chunks
 
 from meal_cache.data.datasets import ImageDataset, load_dataset
 from meal_cache.distill import DistillConfig, InMemoryBatches, StreamingBatches, ViewFeed, distill
@@ -778,9 +780,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stream-repeats", type=int, default=1, help="Rounds of the streaming section's timings.")
-    parser.add_argument("--only", choices=["digits", "stream", "compact", "views", "dense", "host", "memory"],
+    parser.add_argument("--only", choices=["digits", "stream", "compact", "views", "dense", "host", "memory", "shards"],
                         help="Run one section: digits (1-6), compact (6b), views (6c), dense (6d), stream (7), "
-                        "host (8) or memory (9).")  # fmt: skip
+                        "host (8), memory (9) or shards (10).")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="Where extraction overhead is measured (cuda: also img/s).")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -823,7 +825,7 @@ def main() -> None:
             results["views"] = bench_views(work, digits)
             print("6d/7 dense stores: bytes at 224 px, fidelity to true crops, distill epoch ...", flush=True)
             results["dense"] = bench_dense(work, digits)
-        if args.only not in ("digits", "compact", "views", "dense", "host", "memory"):
+        if args.only not in ("digits", "compact", "views", "dense", "host", "memory", "shards"):
             print("7/7 streamed image folders ...", flush=True)
             results["stream"] = bench_stream(work, args.stream_repeats)
         if args.only in (None, "host"):
@@ -834,6 +836,10 @@ def main() -> None:
             print("9 distill's memory per view against its stored bytes (1,000 classes, top-10, 8-bit blocks) ...",
                   flush=True)  # fmt: skip
             results["memory"] = bench_memory(work)
+        if args.only in (None, "shards"):
+            print("10 Zarr sharding: a store's objects per view and its read rate, --shard-chunks 8 against none ...",
+                  flush=True)  # fmt: skip
+            results["shards"] = bench_shard_chunks(work)
     results["targets"] = targets(results)
     results["seconds"] = time.perf_counter() - started
     write_results(results, Path(args.out), render_table(results))
@@ -886,6 +892,9 @@ def targets(results: dict) -> dict:
         for key in ("host_plain_decode_images_per_s", "host_extract_views1_images_per_s",
                     "host_extract_views8_images_per_s", "host_distill_batch_source_images_per_s"):  # fmt: skip
             rows[key] = {"value": results["host"][key], "target": "(reported)", "met": None}
+    if "shards" in results:
+        for key, value in results["shards"].items():
+            rows[key] = {"value": value, "target": "(reported)", "met": None}
     if "memory" in results:
         for key in MEMORY_REPORTED:
             rows[key] = {"value": results["memory"][key], "target": "(reported)", "met": None}

@@ -46,7 +46,7 @@ EXTRACT_SECTIONS = {
     "Views": ("scale", "ratio", "hflip", "vflip", "recipe", "mixup", "cutmix", "mix_prob", "mix_switch_prob"),
     "Data": ("data", "data_root", "download", "image_size", "workers", "decode", "split"),
     "Advanced": ("divergent_views", "divergent_eps", "divergent_steps", "dense", "dense_sizes", "dense_grid",
-                 "batch_size", "rows_per_chunk", "quiet"),
+                 "batch_size", "rows_per_chunk", "shard_chunks", "quiet"),
 }  # fmt: skip
 
 
