@@ -19,9 +19,11 @@ The modules, each importing only those listed before it:
   :func:`open_store`
 - :mod:`.verify`         verify (every due chunk exists and passes its checksum) and repair
 - :mod:`.describe`       ``meal-cache info``'s text summary of a store
+- :mod:`.growth`         stores that grow by teachers or views: what may grow, and a store read as it was before
 
 Beyond them the package imports numpy, zarr, torch (dask, tqdm, fsspec and botocore inside the functions that use
-them), :mod:`meal_cache.errors`, and :mod:`meal_cache.views.augment` and :mod:`meal_cache.views.mixing` for the
+them), :mod:`meal_cache.errors`, :mod:`meal_cache.registry` (the lazy re-exports), :mod:`meal_cache.remote` (stores
+at fsspec URLs), and :mod:`meal_cache.views.augment` and :mod:`meal_cache.views.mixing` for the
 views' parameters; never nets, extract, distill, engine, pipeline or cli, which build on it. Its modules import
 each other by their own names, never through this package, which re-exports their public names lazily: ``from
 meal_cache.store import TeacherStore`` loads :mod:`.teacher_store` (and what it imports) and nothing else.
