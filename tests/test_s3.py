@@ -21,6 +21,7 @@ import zarr
 from by_hand import store_arrays
 from console import console_environment, console_script, one_error_line, run_console
 
+from meal_cache.data.datasets import load_dataset
 from meal_cache.extract.config import ExtractConfig
 from meal_cache.extract.run import extract
 
@@ -165,10 +166,11 @@ def _progress_marks(filesystem, url: str) -> int:
     return len(filesystem.find(f"{url.removeprefix('s3://')}/teachers/{TEACHER}/progress/c"))
 
 
-def test_an_extract_into_a_bucket_killed_partway_resumes_and_grows_to_the_same_store(s3, tiny_teacher, digits,
-                                                                                     tmp_path):  # fmt: skip
+def test_an_extract_into_a_bucket_killed_partway_resumes_and_grows_to_the_same_store(s3, tiny_teacher, tmp_path):
     url = f"s3://{BUCKET}/killed.zarr"
-    args = [*_extract_args(tiny_teacher, 64, views=1), "--out", url]
+    spec = "digits?train_fraction=0.25"  # 359 rows: 12 chunks of 32
+    rows = len(load_dataset(spec).train)
+    args = [*_extract_args(tiny_teacher, 32, views=1), "--data", spec, "--out", url]
     process = subprocess.Popen([*console_script(), *args], env=console_environment(tmp_path, **s3),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     filesystem, deadline = _bucket(s3), time.monotonic() + 120
@@ -178,22 +180,20 @@ def test_an_extract_into_a_bucket_killed_partway_resumes_and_grows_to_the_same_s
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = _progress_marks(filesystem, url)
-    assert 0 < killed_at < -(-1437 // 64) and not _open_group(s3, url).attrs["complete"]
-    resumed = run_console(args, tmp_path, **s3)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _open_group(s3, url).attrs["complete"]
-    # Then grown by a view in the bucket (issue 41): only the new view's units are written.
+    assert 0 < killed_at < -(-rows // 32) and not _open_group(s3, url).attrs["complete"]
+    # Then grown by a view in the bucket (issue 41), which also resumes the first; the first view's stored chunks
+    # keep their bytes (their ETags).
     first_view = {key: filesystem.info(key)["ETag"] for key in filesystem.find(f"{BUCKET}/killed.zarr/teachers")}
-    grown = run_console([*_extract_args(tiny_teacher, 64, views=2), "--out", url], tmp_path, **s3)
+    grown = run_console([*_extract_args(tiny_teacher, 32, views=2), "--data", spec, "--out", url], tmp_path, **s3)
     assert grown.returncode == 0, grown.stderr[-3000:]
-    # The first view's chunks untouched (the arrays' zarr.json and the progress marks change: they grew).
+    # (The arrays' zarr.json and the progress marks change: they grew.)
     chunks = {key: tag for key, tag in first_view.items() if "/c/" in key and "/progress/" not in key}
-    assert len(chunks) >= -(-1437 // 64) and all(filesystem.info(key)["ETag"] == tag for key, tag in chunks.items())
+    assert chunks and all(filesystem.info(key)["ETag"] == tag for key, tag in chunks.items())
     # The same store as an uninterrupted local extract of both views, on one thread as the command runs.
     torch.set_num_threads(1)
-    config = ExtractConfig(teachers=[TEACHER], views=2, teacher_dir=str(tiny_teacher), rows_per_chunk=64,
-                           batch_size=64, device="cpu")  # fmt: skip
-    extract(config, tmp_path / "local.zarr", progress=False, dataset=digits)
+    config = ExtractConfig(teachers=[TEACHER], data=spec, views=2, teacher_dir=str(tiny_teacher), rows_per_chunk=32,
+                           batch_size=32, device="cpu")  # fmt: skip
+    extract(config, tmp_path / "local.zarr", progress=False)
     remote, local = _open_group(s3, url), zarr.open_group(str(tmp_path / "local.zarr"), mode="r")
     assert dict(remote.attrs) == dict(local.attrs) and remote.attrs["complete"]
     remote_arrays, local_arrays = store_arrays(remote), store_arrays(local)
@@ -296,8 +296,8 @@ def test_shards_in_a_bucket_give_the_store_of_the_same_shards_on_disk(s3, tmp_pa
 
 def test_parquet_in_a_bucket_gives_the_store_of_the_same_files_on_disk(s3, tmp_path):
     """``--data hf:s3://...`` (issue 40): hub-style parquet uploaded with s3fs is fetched once into datasets' cache
-    by the console script and gives the store (fingerprint and every array) of the same files on disk; a second
-    run fetches nothing; a bucket that is not there, or a prefix without parquet files, is one line."""
+    by the console script and gives the store (fingerprint and every array) of the same files on disk; a prefix
+    without parquet files is one line (a missing bucket is the stores' and shards' check, tested above)."""
     from test_hf_data import write_parquet
     from test_wds import digit_samples
 
@@ -330,13 +330,35 @@ def test_parquet_in_a_bucket_gives_the_store_of_the_same_files_on_disk(s3, tmp_p
     assert remote_arrays.keys() == disk_arrays.keys()
     for key, value in disk_arrays.items():
         np.testing.assert_array_equal(remote_arrays[key], value, err_msg=key)
-    stamps = [p.stat().st_mtime_ns for p in fetched]
-    again = run_console([*args, "--data", f"hf:s3://{BUCKET}/parquet", "--out", str(tmp_path / "again.zarr")],
-                        tmp_path, **environment)  # fmt: skip
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert [p.stat().st_mtime_ns for p in fetched] == stamps  # nothing fetched again
-    for url, expected in (("hf:s3://no-such-bucket/parquet", "S3 bucket 'no-such-bucket'"),
-                          (f"hf:s3://{BUCKET}/nothing-here", "no parquet files under data/")):  # fmt: skip
-        line = one_error_line(run_console([*args, "--data", url, "--out", str(tmp_path / "none.zarr")], tmp_path,
-                                          **environment))  # fmt: skip
-        assert expected in line, line
+    line = one_error_line(run_console([*args, "--data", f"hf:s3://{BUCKET}/nothing-here", "--out",
+                                       str(tmp_path / "none.zarr")], tmp_path, **environment))  # fmt: skip
+    assert "no parquet files under data/" in line, line
+
+
+def test_parquet_in_a_bucket_is_fetched_once_and_again_when_it_changes(s3, tmp_path, monkeypatch):
+    import datasets
+    from test_hf_data import write_parquet
+    from test_wds import digit_samples
+
+    for name, value in s3.items():
+        monkeypatch.setenv(name, value)
+    local = write_parquet(tmp_path / "parquet", digit_samples(count=30))
+    filesystem = _bucket(s3)
+    for path in (local / "data").iterdir():
+        filesystem.put_file(str(path), f"{BUCKET}/once/data/{path.name}")
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "meal-cache-object-storage"
+    before = set(cache.glob("*/data/*.parquet"))
+    first = load_dataset(f"hf:s3://{BUCKET}/once")
+    fetched = {p: p.stat().st_mtime_ns for p in set(cache.glob("*/data/*.parquet")) - before}
+    assert len(fetched) == 4 and len(first.train) == 15
+    again = load_dataset(f"hf:s3://{BUCKET}/once")
+    assert {p: p.stat().st_mtime_ns for p in fetched} == fetched  # nothing fetched again
+    assert again.fingerprint("train") == first.fingerprint("train")
+    # A file replaced by one of another size: fetched again, and the dataset's fingerprint changes with it.
+    changed = write_parquet(tmp_path / "changed", digit_samples(count=30, seed=1))
+    name = "train-00000-of-00002.parquet"
+    assert (changed / "data" / name).stat().st_size != (local / "data" / name).stat().st_size
+    filesystem.put_file(str(changed / "data" / name), f"{BUCKET}/once/data/{name}")
+    after = load_dataset(f"hf:s3://{BUCKET}/once")
+    assert len(set(cache.glob("*/data/*.parquet")) - before - set(fetched)) == 4
+    assert after.fingerprint("train") != first.fingerprint("train")

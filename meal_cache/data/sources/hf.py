@@ -94,6 +94,7 @@ def _fetched_from_object_storage(location: str) -> Path:
     filesystem, root = filesystem_of(location)
     with object_storage_errors(location):
         check_bucket(filesystem, root, location)
+        filesystem.invalidate_cache()  # fsspec keeps listings per process: a file replaced since must be seen
         found = sorted(filesystem.glob(f"{root.rstrip('/')}/data/*.parquet"))
         if not found:
             raise UserError(f"hf '{location}': no parquet files under data/ (data/train-*.parquet, "
