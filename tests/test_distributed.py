@@ -18,6 +18,7 @@ import torch.distributed as dist
 from test_faults import TEACHERS, assert_same_store
 from test_run_exact import extract_low_data
 
+from meal_cache.data.datasets import load_dataset
 from meal_cache.distill import DistillConfig, distill
 from meal_cache.engine import distributed
 from meal_cache.extract.config import ExtractConfig
@@ -47,13 +48,15 @@ def _written(folder: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
-def test_two_ranks_grow_a_store_by_a_teacher_to_the_one_rank_store(teacher_dir, digits, tmp_path):
+def test_two_ranks_grow_a_store_by_a_teacher_to_the_one_rank_store(teacher_dir, tmp_path):
     # RandAugment and Mixup/CutMix too: a rank's rows take partners from the other rank's chunks. The store holds
     # the first teacher (one process); the two ranks add the second, dividing its units (issue 41). (The streamed
     # sources' test below creates its store under torchrun.)
-    settings = dict(teachers=TEACHERS, views=2, identity_view=True, rows_per_chunk=128, grid=2, recipe="randaugment",
-                    mixup=0.8, cutmix=1.0)  # fmt: skip
+    spec = "digits?train_fraction=0.5"  # 718 rows: 6 chunks, 3 a rank
+    settings = dict(data=spec, teachers=TEACHERS, views=2, identity_view=True, rows_per_chunk=128, grid=2,
+                    recipe="randaugment", mixup=0.8, cutmix=1.0)  # fmt: skip
     out = tmp_path / "two.zarr"
+    digits = load_dataset(spec)
     threads = _one_thread()
     try:
         extract(ExtractConfig(teacher_dir=str(teacher_dir), device="cpu", **{**settings, "teachers": TEACHERS[:1]}),
@@ -61,7 +64,8 @@ def test_two_ranks_grow_a_store_by_a_teacher_to_the_one_rank_store(teacher_dir, 
     finally:
         torch.set_num_threads(threads)
     first_teacher = _written(out / "teachers" / TEACHERS[0])
-    result = _torchrun("extract", "--teachers", ",".join(TEACHERS), "--teacher-dir", str(teacher_dir), "--views",
+    result = _torchrun("extract", "--data", spec, "--teachers", ",".join(TEACHERS), "--teacher-dir", str(teacher_dir),
+                       "--views",
                        "2", "--identity-view", "--rows-per-chunk", "128", "--grid", "2", "--recipe", "randaugment",
                        "--mixup", "0.8", "--cutmix", "1", "--device", "cpu", "--out", str(out), "--quiet")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
