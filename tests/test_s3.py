@@ -259,10 +259,11 @@ def test_errors_doc_lists_the_s3_rows():
         assert f"| {case} |" in text, case
 
 
-def test_shards_in_a_bucket_give_the_store_of_the_same_shards_on_disk(s3, tmp_path):
+def test_shards_in_a_bucket_give_the_store_of_the_same_shards_on_disk(s3, tmp_path, monkeypatch):
     """``--data wds:s3://...`` (issue 40): tar shards uploaded with s3fs are listed, indexed (tar headers through
     ranged reads) and read row by row from the bucket by the console script; the store equals one extracted from
-    the same shards on disk, array for array. A bucket that is not there is one line, as for stores."""
+    the same shards on disk, array for array, and distill from it (pixels read from the bucket) trains the disk
+    store's student weight for weight. A bucket that is not there is one line, as for stores."""
     from test_wds import digit_samples, write_shards
 
     from meal_cache.engine.train import TrainConfig, train_supervised
@@ -292,6 +293,20 @@ def test_shards_in_a_bucket_give_the_store_of_the_same_shards_on_disk(s3, tmp_pa
     line = one_error_line(run_console([*args, "--data", "wds:s3://no-such-bucket/shards", "--out",
                                        str(tmp_path / "none.zarr")], tmp_path, **s3))  # fmt: skip
     assert "S3 bucket 'no-such-bucket'" in line and "does not exist" in line, line
+    # Distill replays the views from the bucket's shards: the student of the bucket's store is the disk store's.
+    from meal_cache.distill import DistillConfig, distill
+
+    for name, value in s3.items():
+        monkeypatch.setenv(name, value)
+    students = {}
+    for name in ("s3.zarr", "disk.zarr"):
+        config = DistillConfig(store=str(tmp_path / name), student="resnet8_w4", method="kd", epochs=1, batch_size=10,
+                               device="cpu", workers=0)  # fmt: skip
+        distill(config, tmp_path / f"run-{name}", progress=False)
+        students[name] = torch.load(tmp_path / f"run-{name}" / "student.pt", weights_only=True)["model"]
+    assert students["s3.zarr"].keys() == students["disk.zarr"].keys()
+    for key, value in students["disk.zarr"].items():
+        assert torch.equal(students["s3.zarr"][key], value), key
 
 
 def test_parquet_in_a_bucket_gives_the_store_of_the_same_files_on_disk(s3, tmp_path):
