@@ -19,3 +19,18 @@ def fed_per_view(fed: list[torch.Tensor], n: int, views: int, rows_per_chunk: in
                 out[view, start:stop] = next(calls)
     assert next(calls, None) is None, "more forward calls than (view, mini-batch)s"
     return out
+
+
+def extract_recording_units(config, out, **kwargs) -> list[tuple]:
+    """Run :func:`meal_cache.extract.run.extract` of ``config`` into ``out`` and return the arguments of each unit
+    it handed to ``store_arrays`` (one a teacher, view and chunk of rows, or shard): the units that ran."""
+    import meal_cache.extract.run as extract_module
+
+    written: list[tuple] = []
+    real = extract_module.store_arrays
+    extract_module.store_arrays = lambda *args, **options: written.append(args) or real(*args, **options)
+    try:
+        extract_module.extract(config, out, progress=False, **kwargs)
+    finally:
+        extract_module.store_arrays = real
+    return written

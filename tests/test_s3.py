@@ -259,6 +259,21 @@ def test_errors_doc_lists_the_s3_rows():
         assert f"| {case} |" in text, case
 
 
+def _assert_the_disk_store_of(data: str, teachers: Path, tmp_path: Path) -> None:
+    """``tmp_path/s3.zarr`` (extracted from the bucket's copy of ``data``, one view at 16 px) is the store one
+    extract of ``data`` on disk writes: the same fingerprint and every array (written to ``tmp_path/disk.zarr``)."""
+    torch.set_num_threads(1)
+    config = ExtractConfig(teachers=[TEACHER], data=data, views=1, image_size=16, teacher_dir=str(teachers),
+                           device="cpu", workers=0)  # fmt: skip
+    extract(config, tmp_path / "disk.zarr", progress=False)
+    remote, disk = (zarr.open_group(str(tmp_path / name), mode="r") for name in ("s3.zarr", "disk.zarr"))
+    assert remote.attrs["dataset"]["fingerprint"] == disk.attrs["dataset"]["fingerprint"]
+    remote_arrays, disk_arrays = store_arrays(remote), store_arrays(disk)
+    assert remote_arrays.keys() == disk_arrays.keys()
+    for key, value in disk_arrays.items():
+        np.testing.assert_array_equal(remote_arrays[key], value, err_msg=key)
+
+
 def test_shards_in_a_bucket_give_the_store_of_the_same_shards_on_disk(s3, tmp_path, monkeypatch):
     """``--data wds:s3://...`` (issue 40): tar shards uploaded with s3fs are listed, indexed (tar headers through
     ranged reads) and read row by row from the bucket by the console script; the store equals one extracted from
@@ -280,16 +295,7 @@ def test_shards_in_a_bucket_give_the_store_of_the_same_shards_on_disk(s3, tmp_pa
     from_bucket = run_console([*args, "--data", f"wds:s3://{BUCKET}/shards", "--out", str(tmp_path / "s3.zarr")],
                               tmp_path, **s3)  # fmt: skip
     assert from_bucket.returncode == 0, from_bucket.stderr[-3000:]
-    torch.set_num_threads(1)
-    config = ExtractConfig(teachers=[TEACHER], data=f"wds:{local}", views=1, image_size=16, teacher_dir=str(teachers),
-                           device="cpu", workers=0)  # fmt: skip
-    extract(config, tmp_path / "disk.zarr", progress=False)
-    remote, disk = (zarr.open_group(str(tmp_path / name), mode="r") for name in ("s3.zarr", "disk.zarr"))
-    assert remote.attrs["dataset"]["fingerprint"] == disk.attrs["dataset"]["fingerprint"]
-    remote_arrays, disk_arrays = store_arrays(remote), store_arrays(disk)
-    assert remote_arrays.keys() == disk_arrays.keys()
-    for key, value in disk_arrays.items():
-        np.testing.assert_array_equal(remote_arrays[key], value, err_msg=key)
+    _assert_the_disk_store_of(f"wds:{local}", teachers, tmp_path)
     line = one_error_line(run_console([*args, "--data", "wds:s3://no-such-bucket/shards", "--out",
                                        str(tmp_path / "none.zarr")], tmp_path, **s3))  # fmt: skip
     assert "S3 bucket 'no-such-bucket'" in line and "does not exist" in line, line
@@ -335,16 +341,7 @@ def test_parquet_in_a_bucket_gives_the_store_of_the_same_files_on_disk(s3, tmp_p
     fetched = sorted(cache.glob("meal-cache-object-storage/*/data/*.parquet"))
     assert [p.name for p in fetched] == sorted(p.name for p in (local / "data").iterdir())
     assert all(p.read_bytes() == (local / "data" / p.name).read_bytes() for p in fetched)
-    torch.set_num_threads(1)
-    config = ExtractConfig(teachers=[TEACHER], data=f"hf:{local}", views=1, image_size=16, teacher_dir=str(teachers),
-                           device="cpu", workers=0)  # fmt: skip
-    extract(config, tmp_path / "disk.zarr", progress=False)
-    remote, disk = (zarr.open_group(str(tmp_path / name), mode="r") for name in ("s3.zarr", "disk.zarr"))
-    assert remote.attrs["dataset"]["fingerprint"] == disk.attrs["dataset"]["fingerprint"]
-    remote_arrays, disk_arrays = store_arrays(remote), store_arrays(disk)
-    assert remote_arrays.keys() == disk_arrays.keys()
-    for key, value in disk_arrays.items():
-        np.testing.assert_array_equal(remote_arrays[key], value, err_msg=key)
+    _assert_the_disk_store_of(f"hf:{local}", teachers, tmp_path)
     line = one_error_line(run_console([*args, "--data", f"hf:s3://{BUCKET}/nothing-here", "--out",
                                        str(tmp_path / "none.zarr")], tmp_path, **environment))  # fmt: skip
     assert "no parquet files under data/" in line, line

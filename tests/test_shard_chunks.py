@@ -14,6 +14,7 @@ import torch
 import zarr
 from by_hand import store_arrays
 from console import one_error_line, run_console
+from extract_order import extract_recording_units
 
 import meal_cache.extract.run as extract_module
 import meal_cache.store.teacher_store as teacher_store_module
@@ -112,13 +113,7 @@ def test_a_writer_killed_inside_a_shard_leaves_it_unmarked_and_the_resume_writes
     unmarked_written = [(t, v, u) for t, m in marks.items() for v, u in zip(*np.nonzero(~m), strict=True)
                         if (out / f"teachers/{t}/logits_sample/index/c/{v}/{u}/0").is_file()]  # fmt: skip
     assert len(unmarked_written) >= 1
-    written = []
-    real = extract_module.store_arrays
-    extract_module.store_arrays = lambda *args, **kwargs: written.append(args) or real(*args, **kwargs)
-    try:
-        extract(_config(teacher_dir, shard_chunks=K), out, progress=False, dataset=few)
-    finally:
-        extract_module.store_arrays = real
+    written = extract_recording_units(_config(teacher_dir, shard_chunks=K), out, dataset=few)
     assert len(written) == 2 * 2 * SHARDS - done
     _assert_same_values(plain, out)
 
@@ -148,13 +143,7 @@ def test_verify_names_damaged_shards_and_repair_reextracts_exactly_them(plain_an
     assert (
         not open_store(damaged).progress("densenet_k12")[1, 2] and not open_store(damaged).progress("resnet8_w4")[0, 1]
     )
-    written = []
-    real = extract_module.store_arrays
-    extract_module.store_arrays = lambda *args, **kwargs: written.append(args) or real(*args, **kwargs)
-    try:
-        extract(_config(teacher_dir, shard_chunks=K), damaged, progress=False, dataset=few)
-    finally:
-        extract_module.store_arrays = real
+    written = extract_recording_units(_config(teacher_dir, shard_chunks=K), damaged, dataset=few)
     assert len(written) == 2 and all("logits" in parts for parts, *_ in written)  # those two units only
     assert verify_store(open_store(damaged)).ok
     _assert_same_values(plain, damaged)
