@@ -64,3 +64,17 @@ def one_error_line_in_process(args: list[str]) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr[-3000:]
     return lines[0]
+
+
+def run_in_process(args: list[str], home: Path, monkeypatch) -> object:
+    """``meal-cache ARGS`` through click in this process with :func:`run_console`'s caches and closed proxies (set
+    with ``monkeypatch``, undone after the test); torch reads TORCH_HOME and urllib the proxies when a download is
+    tried, so only settings read at import (Hugging Face's) need :func:`run_console`. Returns click's result."""
+    from click.testing import CliRunner
+
+    from meal_cache.cli import main
+
+    for name, value in console_environment(home).items():
+        if name not in ("PYTHONPATH", "OMP_NUM_THREADS"):
+            monkeypatch.setenv(name, value)
+    return CliRunner().invoke(main, args)

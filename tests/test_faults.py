@@ -21,6 +21,7 @@ import zarr
 import zarr.storage._local as zarr_local
 from by_hand import store_arrays
 
+from meal_cache.data.datasets import load_dataset
 from meal_cache.distill import DistillConfig, distill
 from meal_cache.errors import UserError
 from meal_cache.extract.config import ExtractConfig
@@ -29,6 +30,7 @@ from meal_cache.nets.checkpoint import load_checkpoint
 from meal_cache.store import open_store, repair_store, verify_store
 
 TEACHERS = ["resnet8_w4", "densenet_k12"]
+HALF_THE_DIGITS = "digits?train_fraction=0.5"  # 12 chunks of 64 rows a view: room for kills at random moments
 
 
 def assert_same_store(a: str | Path, b: str | Path) -> None:
@@ -49,13 +51,14 @@ def _done_marks(store: Path) -> int:
     return sum(1 for p in store.glob("teachers/*/progress/c/*/*") if p.is_file() and p.name.isdigit())
 
 
-def test_extract_killed_at_random_moments_resumes_to_the_same_store(teacher_dir, digits, tmp_path):
+def test_extract_killed_at_random_moments_resumes_to_the_same_store(teacher_dir, tmp_path):
+    half = load_dataset(HALF_THE_DIGITS)
     settings = dict(teachers=TEACHERS, views=2, identity_view=True, rows_per_chunk=64, batch_size=64, grid=2)
     args = ["extract", "--teachers", ",".join(TEACHERS), "--teacher-dir", str(teacher_dir), "--views", "2",
             "--identity-view", "--rows-per-chunk", "64", "--batch-size", "64", "--grid", "2", "--device", "cpu",
-            "--quiet"]  # fmt: skip
+            "--data", HALF_THE_DIGITS, "--quiet"]  # fmt: skip
     out = tmp_path / "killed.zarr"
-    total = len(TEACHERS) * 3 * -(-1437 // 64)
+    total = len(TEACHERS) * 3 * -(-len(half.train) // 64)
     rng = random.Random(2026)
     kills = []
     while len(kills) < 2:
@@ -78,8 +81,8 @@ def test_extract_killed_at_random_moments_resumes_to_the_same_store(teacher_dir,
     finished = subprocess.run(_cli(*args, "--out", str(out)), capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
     reference = tmp_path / "reference.zarr"
-    extract(ExtractConfig(teacher_dir=str(teacher_dir), device="cpu", **settings), reference, progress=False,
-            dataset=digits)  # fmt: skip
+    extract(ExtractConfig(teacher_dir=str(teacher_dir), device="cpu", data=HALF_THE_DIGITS, **settings), reference,
+            progress=False, dataset=half)  # fmt: skip
     assert_same_store(out, reference)
     assert verify_store(open_store(out)).ok
     print(f"{len(kills)} kills (target, chunks done when killed) of {total}: {kills}")  # shown with pytest -s
@@ -90,7 +93,7 @@ def test_extract_killed_at_random_moments_resumes_to_the_same_store(teacher_dir,
 
 def test_distill_killed_and_resumed_ends_with_the_same_weights(small_store, tmp_path):
     path, _ = small_store
-    args = ["distill", "--store", str(path), "--student", "resnet8_w4", "--method", "meal", "--epochs", "3",
+    args = ["distill", "--store", str(path), "--student", "resnet8_w4", "--method", "meal", "--epochs", "2",
             "--device", "cpu", "--quiet"]  # fmt: skip
     uninterrupted = subprocess.run(_cli(*args, "--out", str(tmp_path / "whole")), capture_output=True, text=True)
     assert uninterrupted.returncode == 0, uninterrupted.stderr
@@ -102,7 +105,7 @@ def test_distill_killed_and_resumed_ends_with_the_same_weights(small_store, tmp_
     process.wait()
     assert process.returncode == -signal.SIGKILL
     epochs_before = len((out / "metrics.jsonl").read_text().splitlines())
-    assert 1 <= epochs_before < 3 and not (out / "student.pt").exists()
+    assert epochs_before == 1 and not (out / "student.pt").exists()
     resumed = subprocess.run(_cli(*args, "--out", str(out), "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     # The student and everything trained beside it (adapters, discriminators) end bit-identical.
@@ -111,7 +114,7 @@ def test_distill_killed_and_resumed_ends_with_the_same_weights(small_store, tmp_
         assert whole.keys() == again.keys() and len(whole) > 10
         for key, value in whole.items():
             assert torch.equal(value, again[key]), f"{name}: {key}"
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def _chunk_file(store: Path, array: str, chunk: tuple[int, ...]) -> Path:
