@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from console import ROOT, console_environment, console_script, one_error_line, run_console
+from click.testing import CliRunner
+from console import ROOT, console_environment, console_script, one_error_line, one_error_line_in_process, run_console
+
+from meal_cache.cli import main
 
 # A fifth of the digits' training rows: the whole card (train, extract, distill, report) in seconds.
 DATA = "digits?train_fraction=0.2"
@@ -28,6 +31,18 @@ def meal_cache(args: list[str], folder: Path) -> subprocess.CompletedProcess:
 def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def in_folder(folder: Path, monkeypatch) -> Path:
+    """Run the next commands in this process from ``folder`` (a refusal's contract is not about the process: the
+    card's commands above start it)."""
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def ran_in_process(args: list[str]) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, (result.output[-3000:], result.exc_info)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -68,33 +83,47 @@ def test_the_cards_distill_writes_a_run_folder_named_from_store_and_method_and_s
     assert "resnet8_w4 on digits?train_fraction=0.2 (test, 360 images)" in evaluated.stdout
 
 
-def test_distill_into_its_default_run_folder_again_is_refused_and_keeps_the_run(card):
-    folder = card["folder"]
+def test_distill_into_its_default_run_folder_again_is_refused_and_keeps_the_run(card, monkeypatch):
+    folder = in_folder(card["folder"], monkeypatch)
     before = _snapshot(folder / "runs")
-    line = one_error_line(meal_cache(["distill", "--store", "feats.zarr", "--student", "resnet8_w4", "--method",
-                                      "kd", "--epochs", "1", "--quiet"], folder))  # fmt: skip
+    line = one_error_line_in_process(["distill", "--store", "feats.zarr", "--student", "resnet8_w4", "--method", "kd",
+                                      "--epochs", "1", "--quiet"])  # fmt: skip
     assert f"'{Path('runs', 'feats-kd')}' is not empty; pass --resume" in line
     assert _snapshot(folder / "runs") == before
 
 
-def test_extract_without_out_refuses_a_feats_zarr_of_other_settings(card):
-    folder = card["folder"]
+def test_extract_without_out_refuses_a_feats_zarr_of_other_settings(card, monkeypatch):
+    folder = in_folder(card["folder"], monkeypatch)
     before = _snapshot(folder / "feats.zarr")
     # Another grid (more views alone would grow the store: tests/test_grow.py).
-    line = one_error_line(meal_cache([*card["extract"], "--grid", "2", "--quiet"], folder))
+    line = one_error_line_in_process([*card["extract"], "--grid", "2", "--quiet"])
     assert "'feats.zarr'" in line and "pass --overwrite" in line
     assert _snapshot(folder / "feats.zarr") == before
 
 
-def test_online_teachers_other_than_the_stores_are_refused_before_anything_is_written(card):
-    folder = card["folder"]
-    succeeded(meal_cache(["train", "--arch", "resnet8_w4", "--data", DATA, "--epochs", "1", "--seed", "1",
-                          "--quiet", "--out", "teachers/other.pt"], folder))  # fmt: skip
-    succeeded(meal_cache(["extract", "--teachers", "resnet8_w4,other", "--data", DATA, "--views", "1",
-                          "--out", "two.zarr", "--quiet"], folder))  # fmt: skip
-    line = one_error_line(meal_cache(["distill", "--store", "two.zarr", "--student", "resnet8_w4", "--online",
-                                      "--teachers", "other", "--epochs", "1", "--out", "runs/online",
-                                      "--quiet"], folder))  # fmt: skip
+def test_online_teachers_other_than_the_stores_are_refused_before_anything_is_written(card, monkeypatch):
+    folder = in_folder(card["folder"], monkeypatch)
+    # A second teacher by another name (its weights the first's: the refusal is about names).
+    shutil.copy(folder / "teachers" / "resnet8_w4.pt", folder / "teachers" / "other.pt")
+    ran_in_process(["extract", "--teachers", "resnet8_w4,other", "--data", DATA, "--views", "1",
+                    "--out", "two.zarr", "--quiet"])  # fmt: skip
+    line = one_error_line_in_process(
+        [
+            "distill",
+            "--store",
+            "two.zarr",
+            "--student",
+            "resnet8_w4",
+            "--online",
+            "--teachers",
+            "other",
+            "--epochs",
+            "1",
+            "--out",
+            "runs/online",
+            "--quiet",
+        ]
+    )
     assert line == ("Error: --online runs the store's own teachers in the loop: 'two.zarr' holds resnet8_w4, other, "
                     "--teachers gave other; pass --teachers resnet8_w4,other")  # fmt: skip
     assert not (folder / "runs" / "online").exists()
@@ -137,7 +166,7 @@ alone = {{}}
 kd = {{ method = "kd" }}
 mine = {{ method = "kd" }}
 """)
-    succeeded(meal_cache(["report", str(run)], folder))
+    ran_in_process(["report", str(run)])
     report = (run / "report.md").read_text()
     alone = [line for line in report.splitlines() if line.startswith("| kd | top1 |")]
     assert len(alone) == 1 and alone[0].endswith("| 1 seed: no interval | - |"), report
