@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from by_hand import first_rows
-from console import one_error_line, run_console
+from console import one_error_line, one_error_line_in_process, run_console
 
 from meal_cache.data.datasets import load_dataset
 from meal_cache.distill import DistillConfig
@@ -181,9 +181,9 @@ def test_at_refuses_a_store_of_signed_maps_only_naming_for_at(maps_store, tmp_pa
     ],
 )
 def test_at_refuses_another_p_than_the_stores(at_store_p3, tmp_path, option, named):
-    line = one_error_line(run_console(["distill", "--store", str(at_store_p3), "--student", "resnet8_w4", "--method",
-                                       "at", "--method-option", option, "--epochs", "1", "--device", "cpu", "--out",
-                                       str(tmp_path / "r")], tmp_path))  # fmt: skip
+    line = one_error_line_in_process(["distill", "--store", str(at_store_p3), "--student", "resnet8_w4", "--method",
+                                      "at", "--method-option", option, "--epochs", "1", "--device", "cpu", "--out",
+                                      str(tmp_path / "r")])  # fmt: skip
     assert named in line, line
     assert not (tmp_path / "r" / "student.pt").exists()
 
@@ -198,8 +198,8 @@ def test_at_refuses_another_p_than_the_stores(at_store_p3, tmp_path, option, nam
 )
 def test_extract_refuses_attention_settings_it_cannot_honour(teacher_dir, tmp_path, extra, named):
     out = tmp_path / "s.zarr"
-    line = one_error_line(run_console(["extract", "--teachers", TEACHER, "--teacher-dir", str(teacher_dir), "--data",
-                                       SPEC, "--device", "cpu", *extra, "--out", str(out)], tmp_path))  # fmt: skip
+    line = one_error_line_in_process(["extract", "--teachers", TEACHER, "--teacher-dir", str(teacher_dir), "--data",
+                                      SPEC, "--device", "cpu", *extra, "--out", str(out)])  # fmt: skip
     assert named in line, line
     assert not out.exists()
 

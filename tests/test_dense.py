@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from console import one_error_line, run_console
+from console import one_error_line, one_error_line_in_process, run_console
 
 from meal_cache.data.datasets import load_dataset
 from meal_cache.dense import DenseTargets, crop_rois, pool_boxes, whole_image
@@ -271,9 +271,9 @@ def made(tmp_path_factory):
 )
 def test_dense_refuses_what_it_cannot_derive_in_one_line(made, tmp_path, extra, named):
     root, spec = made
-    line = one_error_line(run_console(["extract", "--teachers", "resnet8_w4", "--teacher-dir", str(root / "teachers"),
-                                       "--data", spec, "--dense", *extra, "--out", str(tmp_path / "s.zarr")],
-                                      tmp_path))  # fmt: skip
+    line = one_error_line_in_process(["extract", "--teachers", "resnet8_w4", "--teacher-dir", str(root / "teachers"),
+                                      "--data", spec, "--dense", *extra, "--out",
+                                      str(tmp_path / "s.zarr")])  # fmt: skip
     assert named in line, line
     assert not (tmp_path / "s.zarr").exists()
 
@@ -286,15 +286,14 @@ def test_a_teacher_whose_head_is_not_per_position_and_a_method_reading_maps_are_
     # Its final features are tokens, not a (B, C, H, W) map: no position has a classifier of its own.
     assert "teacher 'vit'" in line and "per position failed" in line and "store of views" in line, line
     assert not (tmp_path / "m.zarr").exists()
-    line = one_error_line(run_console(["distill", "--store", str(root / "dense.zarr"), "--method", "at",
-                                       "--student", "resnet8_w4", "--epochs", "1", "--out", str(tmp_path / "at")],
-                                      tmp_path))  # fmt: skip
+    line = one_error_line_in_process(["distill", "--store", str(root / "dense.zarr"), "--method", "at", "--student",
+                                      "resnet8_w4", "--epochs", "1", "--out", str(tmp_path / "at")])  # fmt: skip
     assert "channel-mean maps" in line and "dense store" in line, line
 
 
 def test_a_dense_store_is_refused_as_the_fidelity_reference_in_one_line(stores, tmp_path):
     dense, views = stores
-    line = one_error_line(run_console(["info", str(views), "--fidelity", str(dense)], tmp_path))
+    line = one_error_line_in_process(["info", str(views), "--fidelity", str(dense)])
     assert "the reference is a dense store" in line, line
 
 
@@ -354,8 +353,8 @@ def test_evaluate_refuses_a_dense_store_as_the_teachers_evaluation_view_in_one_l
     config = ExtractConfig(teachers=["resnet8_w4"], data=spec, split="test", dense=True, features=["blocks"],
                            blocks="1", teacher_dir=str(root / "teachers"), device="cpu")  # fmt: skip
     extract(config, tmp_path / "test-dense.zarr", progress=False)
-    line = one_error_line(run_console(["evaluate", str(root / "teachers" / "resnet8_w4.pt"), "--store",
-                                       str(tmp_path / "test-dense.zarr")], tmp_path))  # fmt: skip
+    line = one_error_line_in_process(["evaluate", str(root / "teachers" / "resnet8_w4.pt"), "--store",
+                                      str(tmp_path / "test-dense.zarr")])  # fmt: skip
     assert "is a dense store" in line and "--identity-view" in line, line
 
 

@@ -234,7 +234,8 @@ def test_a_method_installed_by_entry_point_runs_end_to_end(tmp_path, teacher_dir
     assert "cosine: cosine similarity on pooled last blocks" in listed.stdout and "(plug-in)" in listed.stdout
     store, out = tmp_path / "cos.zarr", tmp_path / "run"
     made = _console("extract", "--teachers", "resnet8_w4,densenet_k12", "--teacher-dir", str(teacher_dir), "--for",
-                    "cosine", "--views", "1", "--device", "cpu", "--out", str(store), "--quiet", env=env)  # fmt: skip
+                    "cosine", "--views", "1", "--data", "digits?train_fraction=0.25", "--device", "cpu", "--out",
+                    str(store), "--quiet", env=env)  # fmt: skip
     assert made.returncode == 0, made.stderr
     assert open_store(store).layout.features == ("blocks",)
     assert all(len(open_store(store).blocks(t)) == 1 for t in ("resnet8_w4", "densenet_k12"))
