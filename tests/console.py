@@ -78,3 +78,9 @@ def run_in_process(args: list[str], home: Path, monkeypatch) -> object:
         if name not in ("PYTHONPATH", "OMP_NUM_THREADS"):
             monkeypatch.setenv(name, value)
     return CliRunner().invoke(main, args)
+
+
+def one_error_line_of(args: list[str], home: Path, *, start_the_script: bool) -> str:
+    """The refusal's one line: through the console script for the one case of a table that checks the process's
+    contract (``start_the_script``), in this process for the rest."""
+    return one_error_line(run_console(args, home)) if start_the_script else one_error_line_in_process(args)

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from console import one_error_line, run_console
+from console import one_error_line, one_error_line_of, run_console
 
 from meal_cache.data.datasets import load_dataset
 from meal_cache.distill import DistillConfig
@@ -144,7 +144,7 @@ def test_a_pipelines_eval_every_below_one_is_refused_when_the_file_is_read(tmp_p
         text = text.replace("epochs = 1", "epochs = 1\neval_every = 0")
     (tmp_path / "p.toml").write_text(text)
     monkeypatch.chdir(tmp_path)
-    line = one_error_line(run_console(["run", "p.toml"], tmp_path / "home"))
+    line = one_error_line_of(["run", "p.toml"], tmp_path / "home", start_the_script=where == "[student]")
     assert line.endswith("--eval-every must be at least 1, got 0"), line
     assert ("teacher resnet" if where == "[[teachers]]" else "method alone") in line
     assert [p.name for p in tmp_path.iterdir() if p.name != "home"] == ["p.toml"]

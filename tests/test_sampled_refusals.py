@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from console import one_error_line, run_console
+from console import one_error_line, one_error_line_in_process, run_console
 
 from meal_cache.distill import DistillConfig, distill, method_class, soft_target_sets
 from meal_cache.extract.config import ExtractConfig
@@ -42,9 +42,9 @@ def sampled_store(tmp_path_factory, teacher_dir, digits):
 ])  # fmt: skip
 def test_distill_refuses_what_counts_cannot_estimate_in_one_line(sampled_store, tmp_path, options, reason):
     out = tmp_path / "refused"
-    line = one_error_line(run_console(["distill", "--store", str(sampled_store), "--student", "resnet8_w4",
-                                       "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(out), *options],
-                                      tmp_path))  # fmt: skip
+    # In this process: the extract refusal below starts the console script.
+    line = one_error_line_in_process(["distill", "--store", str(sampled_store), "--student", "resnet8_w4", "--epochs",
+                                      "1", "--device", "cpu", "--quiet", "--out", str(out), *options])  # fmt: skip
     assert "holds 8 classes drawn a row, read back as count / 8" in line and reason in line, line
     assert "extract with --logits topk:K (or all)" in line, line
     assert not out.exists()
