@@ -5,6 +5,7 @@ is README's own text."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -27,6 +28,13 @@ def quick_start_commands() -> list[list[str]]:
     section = text[text.index("## Quick start") :]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [shlex.split(line, comments=True) for line in block.splitlines() if line.startswith("meal-cache ")]
+
+
+def settings_file_snippet() -> tuple[str, str, list[str]]:
+    """README's settings-file example: the file's name, its text (the heredoc), and the command that reads it."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(cat > (\S+) <<'EOF'\n(.*?)EOF\n(meal-cache [^\n]*))\n```", readme, re.S)
+    return block.group(2), block.group(3), shlex.split(block.group(4), comments=True)
 
 
 def as_here(command: list[str], data: Path, weights: dict[str, Path]) -> list[str]:
@@ -73,3 +81,25 @@ def test_readmes_quick_start_runs_as_written_on_a_folder_of_ones_own(tmp_path, m
     assert (tmp_path / "runs" / "feats-meal" / "student.pt").is_file()
     evaluated = outputs[-1]
     assert "resnet18" in evaluated and "fidelity" in evaluated.lower(), evaluated
+
+
+def test_readmes_settings_file_runs_as_written_beside_the_quick_starts_store(tmp_path, monkeypatch):
+    """The kd.toml of README, on a store of the quick start's shape: the file's settings, the command line's --lr
+    over them (and this test's --epochs 1 over the file's 30)."""
+    from meal_cache.extract.config import ExtractConfig
+    from meal_cache.extract.run import extract
+
+    data = make_image_folder(tmp_path / "DATA", classes=3, train=4, val=2, sizes=(40, 64))
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.shufflenet_v2_x0_5(num_classes=3).state_dict(), tmp_path / "w.pth")
+    extract(ExtractConfig(teachers=[f"shufflenet_v2_x0_5:{tmp_path / 'w.pth'}"], data=f"imagefolder:{data}",
+                          image_size=32, views=1, device="cpu", workers=0), tmp_path / "feats.zarr",
+            progress=False)  # fmt: skip
+    name, text, command = settings_file_snippet()
+    (tmp_path / name).write_text(text)
+    result = CliRunner().invoke(main, [*command[1:], "--epochs", "1"])
+    assert result.exit_code == 0, (result.output[-3000:], result.exc_info)
+    config = json.loads((tmp_path / "runs" / "feats-kd" / "config.json").read_text())
+    assert (config["student"], config["method"], config["temperature"]) == ("resnet18", "kd", 4.0)
+    assert (config["lr"], config["epochs"]) == (0.1, 1)
