@@ -38,6 +38,9 @@ from meal_cache.store.schema import BlockSpec
 HOST_WORKERS = 0  # decoding in the timed process: one core, whatever the machine's load
 HOST_BATCH = 64
 HOST_TEACHER = "resnet8_w4"
+# The --for presets whose write rate the section reports: a logit-only method, MEAL's blocks, FitNet's hint, AT's
+# maps, and everything.
+HOST_WRITE_PRESETS = ("kd", "meal", "fitnet", "at", "all")
 HOST_TARGETS = {
     "host_extract_views8_per_decode_ratio": ("<=", 1.5),
     "host_extract_vs_plain_decode": (">=", 0.9),
@@ -158,15 +161,23 @@ def batch_source_seconds(store: Path, epoch: int) -> tuple[float, int]:
     return time.perf_counter() - started, images
 
 
+def stored_bytes(store: Path) -> int:
+    """The bytes of every file of a local store (what the disk or a bucket holds)."""
+    return sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+
+
 def bench_host(work: Path, repeats: int, images: int = 300, size: int = 64, views: int = 8) -> dict:
     """The host's ceiling on a generated folder of ``images`` JPEGs of ``size`` px: extract with free teachers at
-    1 and ``views`` views, distill's batch source over the ``views``-view store, and the plain torchvision decode
-    of the same files; the rounds alternate, and each figure is the median of its ``repeats``."""
+    1 and ``views`` views, distill's batch source over the ``views``-view store, the plain torchvision decode of
+    the same files, and the bytes a second extract writes at each of HOST_WRITE_PRESETS (one view); the rounds
+    alternate, and each figure is the median of its ``repeats``."""
     root = host_folder(work / "host-folder", images, size)
     teacher_dir = work / "host-teachers"
     teacher = host_teacher(teacher_dir, f"imagefolder:{root}", size)
     store = work / "host-views.zarr"
     seconds: dict[str, list[float]] = {"plain": [], "extract1": [], f"extract{views}": [], "batch_source": []}
+    written: dict[str, list[float]] = {preset: [] for preset in HOST_WRITE_PRESETS}
+    bytes_per_image: dict[str, float] = {}
     with free_teachers():
         extract_seconds(root, teacher_dir, teacher, size, 1, work / "host-warm.zarr")  # imports, page cache
         for round_ in range(repeats):
@@ -177,6 +188,11 @@ def bench_host(work: Path, repeats: int, images: int = 300, size: int = 64, view
             seconds[f"extract{views}"].append(extract_seconds(root, teacher_dir, teacher, size, views, store) / images)
             source_s, source_images = batch_source_seconds(store, round_)
             seconds["batch_source"].append(source_s / source_images)
+            for preset in HOST_WRITE_PRESETS:
+                out = work / f"host-{preset}.zarr"
+                preset_s = extract_seconds(root, teacher_dir, teacher, size, 1, out, preset=preset)
+                written[preset].append(stored_bytes(out) / preset_s)
+                bytes_per_image[preset] = stored_bytes(out) / images
     per_image = {key: statistics.median(values) for key, values in seconds.items()}
     return {
         "host_images": images, "host_size": size, "host_views": views, "host_workers": HOST_WORKERS,
@@ -185,6 +201,9 @@ def bench_host(work: Path, repeats: int, images: int = 300, size: int = 64, view
         "host_extract_views1_images_per_s": 1 / per_image["extract1"],
         f"host_extract_views{views}_images_per_s": 1 / per_image[f"extract{views}"],
         "host_distill_batch_source_images_per_s": 1 / per_image["batch_source"],
+        "host_distill_batch_source_batches_per_s": 1 / (per_image["batch_source"] * HOST_BATCH),
+        "host_extract_bytes_per_s": {preset: statistics.median(rates) for preset, rates in written.items()},
+        "host_extract_bytes_per_image": bytes_per_image,
         f"host_extract_views{views}_per_decode_ratio": per_image[f"extract{views}"] / per_image["extract1"],
         "host_extract_vs_plain_decode": per_image["plain"] / per_image["extract1"],
         "host_distill_vs_plain_decode": per_image["plain"] / per_image["batch_source"],
