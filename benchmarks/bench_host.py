@@ -191,8 +191,9 @@ def bench_host(work: Path, repeats: int, images: int = 300, size: int = 64, view
             for preset in HOST_WRITE_PRESETS:
                 out = work / f"host-{preset}.zarr"
                 preset_s = extract_seconds(root, teacher_dir, teacher, size, 1, out, preset=preset)
-                written[preset].append(stored_bytes(out) / preset_s)
-                bytes_per_image[preset] = stored_bytes(out) / images
+                stored = stored_bytes(out)  # the same bytes every round: one extract's settings, one seed
+                written[preset].append(stored / preset_s)
+                bytes_per_image[preset] = stored / images
     per_image = {key: statistics.median(values) for key, values in seconds.items()}
     return {
         "host_images": images, "host_size": size, "host_views": views, "host_workers": HOST_WORKERS,

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from click.testing import CliRunner, Result
+
 ROOT = Path(__file__).resolve().parent.parent
 # A closed local port: every download goes through it and is refused at once, with or without a network.
 NO_NETWORK = "http://127.0.0.1:9"
@@ -31,14 +33,21 @@ def console_environment(home: Path, **env: str) -> dict[str, str]:
     return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
+        **_offline_settings(home),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **env,
+    }
+
+
+def _offline_settings(home: Path) -> dict[str, str]:
+    """torch's and Hugging Face's caches under ``home``, HF_HUB_OFFLINE=1 and every proxy a closed port."""
+    return {
         "TORCH_HOME": str(home / "torch"),
         "HF_HOME": str(home / "hf"),
         "HF_HUB_OFFLINE": "1",
         **{name: NO_NETWORK for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")},
         "no_proxy": "",
         "NO_PROXY": "",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        **env,
     }
 
 
@@ -54,11 +63,23 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 def one_error_line_in_process(args: list[str]) -> str:
     """:func:`one_error_line` of ``meal-cache ARGS`` run in this process through click (no interpreter start, so a
     test of many refusals pays for one launch, not one each: run one case through :func:`run_console`)."""
-    from click.testing import CliRunner
+    return refusal_line(run_in_process(args))
 
+
+def run_in_process(args: list[str], home: Path | None = None, monkeypatch=None) -> Result:
+    """``meal-cache ARGS`` through click in this process; given ``home`` (and ``monkeypatch``, which undoes it after
+    the test), with :func:`run_console`'s caches and closed proxies: torch reads TORCH_HOME and urllib the proxies
+    when a download is tried, so only settings read at import (Hugging Face's) need :func:`run_console`."""
     from meal_cache.cli import main
 
-    result = CliRunner().invoke(main, args)
+    if home is not None:
+        for name, value in _offline_settings(home).items():
+            monkeypatch.setenv(name, value)
+    return CliRunner().invoke(main, args)
+
+
+def refusal_line(result: Result) -> str:
+    """:func:`one_error_line` of a command run in this process: exit 2, no exception but click's exit, one line."""
     assert result.exit_code == 2, (result.exit_code, result.output, result.exc_info)
     assert isinstance(result.exception, SystemExit), result.exc_info  # anything else would print a traceback
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -66,18 +87,10 @@ def one_error_line_in_process(args: list[str]) -> str:
     return lines[0]
 
 
-def run_in_process(args: list[str], home: Path, monkeypatch) -> object:
-    """``meal-cache ARGS`` through click in this process with :func:`run_console`'s caches and closed proxies (set
-    with ``monkeypatch``, undone after the test); torch reads TORCH_HOME and urllib the proxies when a download is
-    tried, so only settings read at import (Hugging Face's) need :func:`run_console`. Returns click's result."""
-    from click.testing import CliRunner
-
-    from meal_cache.cli import main
-
-    for name, value in console_environment(home).items():
-        if name not in ("PYTHONPATH", "OMP_NUM_THREADS"):
-            monkeypatch.setenv(name, value)
-    return CliRunner().invoke(main, args)
+def ran(result: Result) -> Result:
+    """A command run in this process that succeeded (else its output and exception)."""
+    assert result.exit_code == 0, (result.output[-3000:], result.exc_info)
+    return result
 
 
 def one_error_line_of(args: list[str], home: Path, *, start_the_script: bool) -> str:

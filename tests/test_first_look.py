@@ -13,10 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from console import ROOT, console_environment, console_script, one_error_line, one_error_line_in_process, run_console
-
-from meal_cache.cli import main
+from console import (
+    ROOT,
+    console_environment,
+    console_script,
+    one_error_line,
+    one_error_line_in_process,
+    ran,
+    run_console,
+    run_in_process,
+)
 
 # A fifth of the digits' training rows: the whole card (train, extract, distill, report) in seconds.
 DATA = "digits?train_fraction=0.2"
@@ -38,11 +44,6 @@ def in_folder(folder: Path, monkeypatch) -> Path:
     card's commands above start it)."""
     monkeypatch.chdir(folder)
     return folder
-
-
-def ran_in_process(args: list[str]) -> None:
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, (result.output[-3000:], result.exc_info)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -105,25 +106,11 @@ def test_online_teachers_other_than_the_stores_are_refused_before_anything_is_wr
     folder = in_folder(card["folder"], monkeypatch)
     # A second teacher by another name (its weights the first's: the refusal is about names).
     shutil.copy(folder / "teachers" / "resnet8_w4.pt", folder / "teachers" / "other.pt")
-    ran_in_process(["extract", "--teachers", "resnet8_w4,other", "--data", DATA, "--views", "1",
-                    "--out", "two.zarr", "--quiet"])  # fmt: skip
-    line = one_error_line_in_process(
-        [
-            "distill",
-            "--store",
-            "two.zarr",
-            "--student",
-            "resnet8_w4",
-            "--online",
-            "--teachers",
-            "other",
-            "--epochs",
-            "1",
-            "--out",
-            "runs/online",
-            "--quiet",
-        ]
-    )
+    ran(run_in_process(["extract", "--teachers", "resnet8_w4,other", "--data", DATA, "--views", "1", "--out",
+                        "two.zarr", "--quiet"]))  # fmt: skip
+    line = one_error_line_in_process(["distill", "--store", "two.zarr", "--student", "resnet8_w4", "--online",
+                                      "--teachers", "other", "--epochs", "1", "--out", "runs/online",
+                                      "--quiet"])  # fmt: skip
     assert line == ("Error: --online runs the store's own teachers in the loop: 'two.zarr' holds resnet8_w4, other, "
                     "--teachers gave other; pass --teachers resnet8_w4,other")  # fmt: skip
     assert not (folder / "runs" / "online").exists()
@@ -166,7 +153,7 @@ alone = {{}}
 kd = {{ method = "kd" }}
 mine = {{ method = "kd" }}
 """)
-    ran_in_process(["report", str(run)])
+    ran(run_in_process(["report", str(run)]))
     report = (run / "report.md").read_text()
     alone = [line for line in report.splitlines() if line.startswith("| kd | top1 |")]
     assert len(alone) == 1 and alone[0].endswith("| 1 seed: no interval | - |"), report

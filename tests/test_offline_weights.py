@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from console import one_error_line, run_console, run_in_process
+from console import one_error_line, ran, refusal_line, run_console, run_in_process
 
 from meal_cache.data.datasets import load_dataset
 from meal_cache.nets.torchvision_weights import IMAGENET_MEAN, IMAGENET_STD
@@ -27,18 +27,6 @@ DATA = ["--data", SPEC, "--device", "cpu", "--quiet"]
 # One epoch whose steps leave the weights as they were loaded (to 1e-8), so the checkpoint shows which they were.
 STILL = ["--epochs", "1", "--lr", "1e-9", "--momentum", "0", "--weight-decay", "0"]
 RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
-
-
-def _refusal(result) -> str:
-    """click's result of a refused command: exit 2 and its one `Error:` line (tests/console.py's contract)."""
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exc_info)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr[-3000:]
-    return lines[0]
-
-
-def _ran(result) -> None:
-    assert result.exit_code == 0, (result.output[-3000:], result.exc_info)
 
 
 def _saved(path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -58,7 +46,7 @@ def test_torchvision_weights_that_cannot_be_fetched_name_the_file_the_cache_and_
     if command == "train":
         line = one_error_line(run_console([*args, *DATA], tmp_path))
     else:
-        line = _refusal(run_in_process([*args, *DATA], tmp_path, monkeypatch))
+        line = refusal_line(run_in_process([*args, *DATA], tmp_path, monkeypatch))
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     assert "could not fetch torchvision's weights for 'resnet18:IMAGENET1K_V1'" in line, line
     assert f"torchvision looks for '{RESNET18_FILE}' in '{cache}'" in line, line
@@ -76,7 +64,7 @@ def test_torchvision_weights_copied_into_the_cache_are_read_without_a_network(tm
     # The enum's own file name; any 1000-class state dict stands in for it (a cached file's hash is not checked).
     state = _saved(cache / "shufflenetv2_x0.5-f707e7126e.pth", torchvision.models.shufflenet_v2_x0_5())
     out = tmp_path / "t.pt"
-    _ran(run_in_process(["train", "--arch", "shufflenet_v2_x0_5:IMAGENET1K_V1", *STILL, "--out", str(out), *DATA],
+    ran(run_in_process(["train", "--arch", "shufflenet_v2_x0_5:IMAGENET1K_V1", *STILL, "--out", str(out), *DATA],
                         tmp_path, monkeypatch))  # fmt: skip
     trained = torch.load(out, weights_only=True)["model"]
     torch.testing.assert_close(trained["conv1.0.weight"], state["conv1.0.weight"], atol=1e-6, rtol=0)
@@ -90,12 +78,12 @@ def test_a_local_torchvision_state_dict_is_what_train_and_extract_load(tmp_path,
     state = _saved(path, model)
     name = f"shufflenet_v2_x0_5:{path}"
     out = tmp_path / "t.pt"
-    _ran(run_in_process(["train", "--arch", name, *STILL, "--out", str(out), *DATA], tmp_path, monkeypatch))
+    ran(run_in_process(["train", "--arch", name, *STILL, "--out", str(out), *DATA], tmp_path, monkeypatch))
     trained = torch.load(out, weights_only=True)["model"]
     torch.testing.assert_close(trained["conv1.0.weight"], state["conv1.0.weight"], atol=1e-6, rtol=0)
     torch.testing.assert_close(trained["fc.weight"], state["fc.weight"], atol=1e-6, rtol=0)
 
-    _ran(run_in_process(["extract", "--teachers", name, "--views", "1", "--identity-view", "--out",
+    ran(run_in_process(["extract", "--teachers", name, "--views", "1", "--identity-view", "--out",
                          str(tmp_path / "s.zarr"), *DATA], tmp_path, monkeypatch))  # fmt: skip
     store = open_store(tmp_path / "s.zarr")
     (key,) = store.teacher_names
@@ -120,8 +108,8 @@ def test_a_local_torchvision_file_that_cannot_be_used_is_one_line(tmp_path, case
     if case == "another architecture":
         _saved(path, torchvision.models.shufflenet_v2_x0_5(num_classes=10))
     arch = "resnet18" if case == "another architecture" else "shufflenet_v2_x0_5"
-    line = _refusal(run_in_process(["extract", "--teachers", f"{arch}:{path}", "--views", "1", "--out",
-                                    str(tmp_path / "s"), *DATA], tmp_path, monkeypatch))  # fmt: skip
+    line = refusal_line(run_in_process(["extract", "--teachers", f"{arch}:{path}", "--views", "1", "--out",
+                                        str(tmp_path / "s"), *DATA], tmp_path, monkeypatch))  # fmt: skip
     expected = {
         "missing": f"weights file '{path}' for shufflenet_v2_x0_5 does not exist",
         "unreadable": f"weights file '{path}' is not a readable state dict (UnpicklingError",
@@ -150,7 +138,7 @@ def test_a_local_timm_checkpoint_is_what_train_loads(tmp_path, monkeypatch):
     path = tmp_path / "resnet10t.pth"
     state = _saved(path, timm.create_model("resnet10t", num_classes=10))
     out = tmp_path / "t.pt"
-    _ran(run_in_process(["train", "--arch", f"timm:resnet10t:file={path}", "--image-size", "32", *STILL, "--out",
+    ran(run_in_process(["train", "--arch", f"timm:resnet10t:file={path}", "--image-size", "32", *STILL, "--out",
                          str(out), *DATA], tmp_path, monkeypatch))  # fmt: skip
     payload = torch.load(out, weights_only=True)
     trained = payload["model"]
@@ -161,8 +149,9 @@ def test_a_local_timm_checkpoint_is_what_train_loads(tmp_path, monkeypatch):
 
 def test_a_missing_timm_checkpoint_is_one_line(tmp_path, monkeypatch):
     path = tmp_path / "none.pth"
-    line = _refusal(run_in_process(["train", "--arch", f"timm:resnet10t:file={path}", "--image-size", "32", "--epochs",
-                                    "1", "--out", str(tmp_path / "t.pt"), *DATA], tmp_path, monkeypatch))  # fmt: skip
+    line = refusal_line(run_in_process(["train", "--arch", f"timm:resnet10t:file={path}", "--image-size", "32",
+                                        "--epochs", "1", "--out", str(tmp_path / "t.pt"), *DATA], tmp_path,
+                                       monkeypatch))  # fmt: skip
     assert f"weights file '{path}' for timm:resnet10t does not exist" in line
 
 
@@ -170,6 +159,6 @@ def test_unreadable_torchvision_weights_in_the_cache_say_which_file_to_delete(tm
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     (cache / RESNET18_FILE).write_bytes(b"cut short")
-    line = _refusal(run_in_process(["extract", "--teachers", "resnet18:IMAGENET1K_V1", "--views", "1", "--out",
-                                    str(tmp_path / "s"), *DATA], tmp_path, monkeypatch))  # fmt: skip
+    line = refusal_line(run_in_process(["extract", "--teachers", "resnet18:IMAGENET1K_V1", "--views", "1", "--out",
+                                        str(tmp_path / "s"), *DATA], tmp_path, monkeypatch))  # fmt: skip
     assert f"in '{cache / RESNET18_FILE}' are not readable" in line and "delete the file so it is fetched again" in line

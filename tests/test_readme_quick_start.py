@@ -12,13 +12,10 @@ from pathlib import Path
 
 import torch
 import torchvision
-from click.testing import CliRunner
+from console import ROOT, ran, run_in_process
 from imagefolder import make_image_folder
 
-from meal_cache.cli import main
 from meal_cache.store import open_store
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def quick_start_commands() -> list[list[str]]:
@@ -70,7 +67,7 @@ def test_readmes_quick_start_runs_as_written_on_a_folder_of_ones_own(tmp_path, m
     monkeypatch.chdir(tmp_path)
     outputs = []
     for command in quick_start_commands():
-        result = CliRunner().invoke(main, as_here(command, data, weights))
+        result = run_in_process(as_here(command, data, weights))
         assert result.exit_code == 0, (command, result.output[-3000:], result.exc_info)
         outputs.append(result.output)
     assert {p.name for p in (tmp_path / "teachers").iterdir()} == {"resnet.pt", "densenet.pt"}
@@ -98,8 +95,7 @@ def test_readmes_settings_file_runs_as_written_beside_the_quick_starts_store(tmp
             progress=False)  # fmt: skip
     name, text, command = settings_file_snippet()
     (tmp_path / name).write_text(text)
-    result = CliRunner().invoke(main, [*command[1:], "--epochs", "1"])
-    assert result.exit_code == 0, (result.output[-3000:], result.exc_info)
+    ran(run_in_process([*command[1:], "--epochs", "1"]))
     config = json.loads((tmp_path / "runs" / "feats-kd" / "config.json").read_text())
     assert (config["student"], config["method"], config["temperature"]) == ("resnet18", "kd", 4.0)
     assert (config["lr"], config["epochs"]) == (0.1, 1)
