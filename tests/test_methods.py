@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,46 +186,17 @@ def test_bad_method_options_through_the_console_script(tmp_path, options, messag
     assert message in process.stderr, process.stderr
 
 
-PLUGIN = '''
-"""A method of one's own: cosine similarity of the student's and each teacher's pooled last block."""
-from typing import ClassVar
-
-import torch.nn.functional as F
-
-from meal_cache.distill import Method, MethodOutput, StoreNeeds
-from meal_cache.losses import Adapter
-from meal_cache.store import feature_key
-from meal_cache.nets.taps import BlockTap, block_shapes
+DESIGN = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 
 
-class Cosine(Method):
-    name: ClassVar[str] = "cosine"
-    help: ClassVar[str] = "cosine similarity on pooled last blocks"
-    store_needs: ClassVar[StoreNeeds] = StoreNeeds(("blocks",), "1", "logits and the last block's pooled channels")
+def _plugin_of_the_design_doc() -> str:
+    """The plug-in example of docs/design.md as written: the python block after "The shortest complete method"."""
+    text = DESIGN.read_text()
+    start = text.index("```python\n", text.index("The shortest complete method")) + len("```python\n")
+    return text[start : text.index("```\n", start)]
 
-    def __init__(self, student, config, store, image_size):
-        super().__init__(student, config, store, image_size)
-        self.block = student.block_names[-1]
-        channels = block_shapes(student, image_size)[self.block][0]
-        self.last = {t: store.blocks(t)[-1] for t in self.teachers}
-        for t, spec in self.last.items():
-            self.adapters[t] = Adapter(channels, spec.channels)
 
-    def needed_keys(self):
-        return super().needed_keys() + [feature_key(t, "blocks", b.key) for t, b in self.last.items()]
-
-    def forward(self, batch):
-        with BlockTap(self.student, [self.block]) as tap:
-            logits = batch.student(batch.images).float()
-        out = MethodOutput(logits)
-        for t in batch.selected:
-            stored = batch.targets[feature_key(t, "blocks", self.last[t].key)].float().flatten(1)
-            pooled = F.adaptive_avg_pool2d(tap.outputs[self.block].float(), 1)
-            mine = self.adapters[t](pooled).flatten(1)
-            out.losses[f"cos/{t}"] = (1 - F.cosine_similarity(mine, stored)).mean()
-        out.losses.update(self.label_losses(logits, self.teacher_soft_targets(batch), batch.labels))
-        return out
-'''
+PLUGIN = _plugin_of_the_design_doc()
 
 
 def test_a_method_installed_by_entry_point_runs_end_to_end(tmp_path, teacher_dir):
@@ -240,8 +212,10 @@ def test_a_method_installed_by_entry_point_runs_end_to_end(tmp_path, teacher_dir
     assert open_store(store).layout.features == ("blocks",)
     assert all(len(open_store(store).blocks(t)) == 1 for t in ("resnet8_w4", "densenet_k12"))
     run = _console("distill", "--store", str(store), "--student", "resnet8_w4", "--method", "cosine", "--epochs",
-                   "1", "--device", "cpu", "--out", str(out), "--quiet", env=env)  # fmt: skip
+                   "1", "--method-option", "weight=0.5", "--device", "cpu", "--out", str(out), "--quiet",
+                   env=env)  # fmt: skip
     assert run.returncode == 0, run.stderr
+    assert json.loads((out / "config.json").read_text())["method_options"] == {"weight": 0.5}
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert {"cos/resnet8_w4", "cos/densenet_k12", "soft"} <= set(record)
     # Without the plug-in on the path, the name is unknown (and said so in one line).
