@@ -16,7 +16,8 @@ from extract_order import extract_recording_units
 import meal_cache.extract.run as extract_module
 from meal_cache.errors import UserError
 from meal_cache.extract.run import extract
-from meal_cache.store import open_store
+from meal_cache.store import describe_store, open_store
+from meal_cache.store.origins import read_origins
 
 TEACHERS = ["resnet8_w4", "densenet_k12"]
 
@@ -59,6 +60,9 @@ def test_a_teacher_added_to_a_store_gives_the_store_of_both(small_store, digits,
     assert len(written) == 3 * 6 - 3
     assert _files(grown / "teachers" / "resnet8_w4") == before  # the stored teacher's files untouched
     _assert_same_store(together, grown)
+    extracts = read_origins(open_store(grown).group)  # the resume recorded no third extract
+    assert [(entry["teachers"], entry["views"]) for entry in extracts] == [(["resnet8_w4"], [0, 3]),
+                                                                          (["densenet_k12"], None)]  # fmt: skip
 
 
 def test_only_added_teachers_grow_a_store(small_store, digits, tmp_path):
@@ -143,3 +147,79 @@ def test_a_distill_run_started_before_the_store_grew_resumes_on_what_it_read(sma
     assert list(recorded) == ["resnet8_w4"]  # the resumed run read, and records, the store as it began on it
     distill(distilled(grown), tmp_path / "fresh", progress=False, dataset=digits)
     assert list(load_checkpoint(tmp_path / "fresh" / "last.pt")["store_settings"]["teacher_checkpoints"]) == TEACHERS
+
+
+def _origins_shown(store) -> list[str]:
+    """info's origins lines (through the command, in process): one an extract that added teachers or views."""
+    from click.testing import CliRunner
+
+    from meal_cache.cli import main
+
+    shown = CliRunner().invoke(main, ["info", str(store)])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("origins"))
+    return [line[10:] for line in lines[first:] if line.startswith(("origins ", " " * 10 + "extract "))]
+
+
+def test_info_names_the_extract_that_added_each_teacher_and_view(small_store, digits, tmp_path):
+    """Grown by a teacher, then by a view: three origins in order, each teacher and view range with its own;
+    the store extracted at once: one. The root attributes and arrays stay those of the store extracted at once."""
+    _, config = small_store
+    few = _first_rows(digits, 256)  # one chunk of rows: the record, not the extract, is under test
+    one = dataclasses.replace(config, teachers=["resnet8_w4"], views=1, identity_view=False)
+    both = dataclasses.replace(one, teachers=TEACHERS)
+    at_once, grown = tmp_path / "at_once.zarr", tmp_path / "grown.zarr"
+    extract(dataclasses.replace(both, views=2), at_once, progress=False, dataset=few)
+    for step in (one, both, dataclasses.replace(both, views=2)):
+        extract(step, grown, progress=False, dataset=few)
+    _assert_same_store(at_once, grown)  # root attributes and arrays: the origins group holds no array
+
+    added = [(entry["extract"], entry["teachers"], entry["views"]) for entry in read_origins(open_store(grown).group)]
+    assert added == [(1, ["resnet8_w4"], [0, 1]), (2, ["densenet_k12"], None), (3, [], [1, 2])]
+    shown = _origins_shown(grown)
+    assert [line.split(",")[0] for line in shown] == [f"extract {n} ({line[11:27]} UTC)" for n, line in
+                                                       zip((1, 2, 3), shown, strict=True)]  # fmt: skip
+    assert [line.split(": ", 1)[1] for line in shown] == ["teacher resnet8_w4; view 0", "teacher densenet_k12",
+                                                          "view 1"]  # fmt: skip
+    described = describe_store(open_store(grown))
+    teachers = [line for line in described.splitlines() if line.startswith("teacher ")]
+    assert [line.split()[1] + " " + line.split("added by ")[1][:11] for line in teachers] == [
+        "resnet8_w4 extract 1 (", "densenet_k12 extract 2 ("]  # fmt: skip
+    views = described.splitlines()[3]
+    assert views.startswith("          view 0 added by extract 1 (") and "; view 1 added by extract 3 (" in views
+    assert [line.split(": ", 1)[1] for line in _origins_shown(at_once)] == [
+        "teachers resnet8_w4, densenet_k12; views 0-1"
+    ]
+    # A store made before meal-cache kept the record (no shim): said so, and a growth does not start one.
+    shutil.rmtree(grown / "origins")
+    extract(dataclasses.replace(both, views=3), grown, progress=False, dataset=few)
+    assert _origins_shown(grown) == ["not recorded (a store extracted before meal-cache kept its origins)"]
+    assert "added by" not in describe_store(open_store(grown))
+
+
+def test_a_growth_killed_before_its_origin_is_recorded_is_recorded_by_the_resume(small_store, digits, tmp_path,
+                                                                                  monkeypatch):  # fmt: skip
+    """Killed after the store recorded the added teacher's settings and before its origin: the extract that
+    resumes it records it (once), and a finished store's rerun adds nothing."""
+    import meal_cache.extract.target as target_module
+
+    _, config = small_store
+    few = _first_rows(digits, 256)
+    one = dataclasses.replace(config, teachers=["resnet8_w4"], views=1, identity_view=False)
+    both = dataclasses.replace(one, teachers=TEACHERS)
+    grown = tmp_path / "grown.zarr"
+    extract(one, grown, progress=False, dataset=few)
+    real = target_module.record_origins
+
+    def killed(*args):
+        monkeypatch.setattr(target_module, "record_origins", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target_module, "record_origins", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract(both, grown, progress=False, dataset=few)
+    assert open_store(grown).teacher_names == TEACHERS and len(read_origins(open_store(grown).group)) == 1
+    extract(both, grown, progress=False, dataset=few)
+    extract(both, grown, progress=False, dataset=few)
+    assert [entry["teachers"] for entry in read_origins(open_store(grown).group)] == [["resnet8_w4"], ["densenet_k12"]]

@@ -15,6 +15,7 @@ from meal_cache.dense import whole_image
 from meal_cache.errors import SettingsMismatch, UnreadableFormat, UserError, settings_difference
 from meal_cache.store.create import store_exists
 from meal_cache.store.growth import grows_by_teachers, grows_by_views
+from meal_cache.store.origins import record_origins
 from meal_cache.store.schema import StoreLayout
 from meal_cache.store.teacher_store import TeacherStore, create_store, open_store
 from meal_cache.views import augment
@@ -122,7 +123,8 @@ def _existing(config: ExtractConfig, out: str | Path, dataset: ImageDataset, tea
     except UserError as err:
         raise UserError(f"'{out}' exists and is not a meal-cache store; pass --overwrite to replace it") from err
     recorded = existing.attrs.get("settings")
-    if recorded == settings:
+    if recorded == settings:  # a resume: of a growth too, which a kill may have left unrecorded in its origins
+        record_origins(existing.group, existing.teacher_names, existing.num_views)
         return existing
     added = [t.spec for t in teachers if t.spec.key not in existing.teacher_names]
     if added and grows_by_teachers(recorded, settings):
@@ -131,6 +133,7 @@ def _existing(config: ExtractConfig, out: str | Path, dataset: ImageDataset, tea
                             f"another teacher would change: extract the teachers together into a new --out (or "
                             "--overwrite)")  # fmt: skip
         existing.add_teachers(added, settings)
+        record_origins(existing.group, existing.teacher_names, existing.num_views)
         return existing
     if grows_by_views(recorded, settings):
         if existing.identity_view is not None or existing.divergent_views or existing.dense:
@@ -143,6 +146,7 @@ def _existing(config: ExtractConfig, out: str | Path, dataset: ImageDataset, tea
         views_info = _views_info(config, dataset, recipe, config.views, False,
                                  augment.policy_for(config.recipe, recipe.name), config.mixing(), None)  # fmt: skip
         existing.add_views([draw(view) for view in range(existing.num_views, config.views)], settings, views_info)
+        record_origins(existing.group, existing.teacher_names, existing.num_views)
         return existing
     difference = settings_difference(recorded, settings)
     raise SettingsMismatch(

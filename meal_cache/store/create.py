@@ -35,6 +35,7 @@ from meal_cache.store.keys import (
     view_field,
 )
 from meal_cache.store.logits import check_logits_choice
+from meal_cache.store.origins import create_origins
 from meal_cache.store.schema import DTYPES, FORMAT, BlockSpec, StoreLayout, TeacherSpec
 from meal_cache.views.augment import ViewParams
 
@@ -277,6 +278,7 @@ def create_group(
         sizes[:] = source_sizes.numpy()
     for teacher in teachers:
         _create_teacher_arrays(arrays, teacher, layout, filters, len(views), n)
+    create_origins(group, [t.key for t in teachers], len(views))  # inside the store renamed into place
     if str(target) != str(path):
         remove_store(target)
         Path(path).rename(target)

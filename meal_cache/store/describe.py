@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from meal_cache.store.keys import DIVERGENT_PIXELS, is_logits_key, split_teacher_key
+from meal_cache.store.origins import read_origins
 from meal_cache.store.schema import StoreLayout
 
 if TYPE_CHECKING:
@@ -87,6 +88,44 @@ def _shards(layout: StoreLayout) -> str:
     return f", sharded: {layout.shard_chunks} chunks ({layout.rows_per_unit} rows) an object"
 
 
+def _when(entry: dict) -> str:
+    """An extract of the origins record as info names it: ``extract N (2026-12-07 21:30 UTC)``."""
+    return f"extract {entry['extract']} ({entry['at'][:16].replace('T', ' ')} UTC)"
+
+
+def _view_range(views: list[int]) -> str:
+    start, stop = views
+    return f"{start}" if stop - start == 1 else f"{start}-{stop - 1}"
+
+
+def _views_named(views: list[int]) -> str:
+    return f"view{'s' if views[1] - views[0] > 1 else ''} {_view_range(views)}"
+
+
+def _origins_lines(extracts: list[dict] | None) -> list[str]:
+    """Each extract that added teachers or views, in order, with what it added; views as ranges of indexes."""
+    if extracts is None:
+        return ["origins   not recorded (a store extracted before meal-cache kept its origins)"]
+    lines = []
+    for entry in extracts:
+        added = []
+        if entry["teachers"]:
+            added.append(("teacher " if len(entry["teachers"]) == 1 else "teachers ") + ", ".join(entry["teachers"]))
+        if entry["views"] is not None:
+            added.append(
+                f"view{'s' if entry['views'][1] - entry['views'][0] > 1 else ''} {_view_range(entry['views'])}"
+            )
+        label = "origins" if not lines else ""
+        lines.append(f"{label:9s} {_when(entry)}, meal-cache {entry['version']}: {'; '.join(added)}")
+    return lines
+
+
+def _views_origins(extracts: list[dict] | None) -> list[str]:
+    """Below the views line: each range of views with the extract that added it."""
+    ranges = [f"{_views_named(e['views'])} added by {_when(e)}" for e in extracts or [] if e["views"] is not None]
+    return [f"          {'; '.join(ranges)}"] if ranges else []
+
+
 def _sizes(sizes: list[int]) -> str:
     return " and ".join(f"{s} px" for s in sizes)
 
@@ -96,6 +135,7 @@ def describe_store(store: TeacherStore) -> str:
     attrs = store.attrs
     data, views, layout = attrs["dataset"], attrs["views"], store.layout
     views_line = _views_description(views)
+    extracts = read_origins(store.group)
     if layout.dense is not None:
         grid = layout.dense["grid"]
         views_line = (f"views     dense: any {views['recipe']} crop"
@@ -107,10 +147,13 @@ def describe_store(store: TeacherStore) -> str:
         f"dataset   {data['spec']} [{data['split']}]  {data['n']} rows, {data['num_classes']} classes, "
         f"{data['image_size']} px, fingerprint {data['fingerprint'][:12]}",
         views_line,
+        *_views_origins(extracts),
         f"layout    {layout.dtype}, codec {layout.codec}, {layout.rows_per_chunk} rows a chunk{_shards(layout)}, "
         f"features {_features_description(layout)}, {_lossy_description(layout)}",
+        *_origins_lines(extracts),
         "",
     ]
+    added_by = {key: entry for entry in extracts or [] for key in entry["teachers"]}
     sizes = store.sizes()
     total_stored = total_raw32 = 0
     for key in store.teacher_names:
@@ -133,7 +176,8 @@ def describe_store(store: TeacherStore) -> str:
         done = store.progress(key)
         unit = "chunks" if layout.shard_chunks is None else "shards"
         lines.append(f"teacher {key}  ({teacher['arch']}, from {teacher['source']})  {acc_text}  "
-                     f"[{int(done.sum())}/{done.size} {unit}]")  # fmt: skip
+                     f"[{int(done.sum())}/{done.size} {unit}]"
+                     + (f"  added by {_when(added_by[key])}" if key in added_by else ""))  # fmt: skip
         lines.append(f"  {'array':40s} {'shape':>22s} {'stored':>10s} {'vs f32':>7s}")
         for array_key in store.feature_keys(key):
             size = sizes[array_key]
