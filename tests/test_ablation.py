@@ -28,14 +28,14 @@ def test_the_discriminators_switch_chooses_which_are_built(small_store, digits):
     assert {item.key for item in out.adversarial} == {"logits"}  # one a teacher: _one_step selects both
     none, _, out = _one_step(path, digits, method="meal", discriminators=[])
     assert not none.discriminators and not out.adversarial
-    assert _config(path, method="kd").resolved().discriminators == []
-    assert _config(path, method="meal-v2").resolved().discriminators == ["output"]
+    assert _config(path, method="kd").resolved().options.discriminators == []
+    assert _config(path, method="meal-v2").resolved().options.discriminators == ["output"]
     with pytest.raises(UserError, match="--discriminators takes blocks, output or none, got maps"):
         _config(path, discriminators=["maps"]).resolved()
     # What a pipeline file or a Python caller may write: a comma string, "none", or a list.
-    assert _config(path, discriminators="output, blocks").resolved().discriminators == ["blocks", "output"]
-    assert _config(path, discriminators="none").resolved().discriminators == []
-    assert _config(path, discriminators=["none"]).resolved().discriminators == []
+    assert _config(path, discriminators="output, blocks").resolved().options.discriminators == ["blocks", "output"]
+    assert _config(path, discriminators="none").resolved().options.discriminators == []
+    assert _config(path, discriminators=["none"]).resolved().options.discriminators == []
     with pytest.raises(UserError, match="--discriminators takes blocks, output or none, got 5"):
         _config(path, discriminators=5).resolved()
     with pytest.raises(UserError, match="--discriminators blocks needs block terms, which --method meal-v2 has not"):
@@ -79,16 +79,16 @@ def test_the_reference_preset_fills_in_only_what_the_user_left_at_its_default(sm
     path, _ = small_store
     reference = _config(path, preset="reference").resolved()
     assert (reference.method, reference.soft_loss, reference.temperature, reference.teacher_selection,
-            reference.adv_game, reference.adv_weight) == ("meal", "soft-ce", 1.0, "random", "joint", 1.0)  # fmt: skip
-    assert reference.discriminators == ["blocks", "output"]
-    assert (reference.representation, reference.block_loss) == ("maps", "soft-ce")  # the reference's own maps
-    assert reference.disc_form == "reference"
+            reference.options.adv_game, reference.options.adv_weight) == ("meal", "soft-ce", 1.0, "random", "joint", 1.0)  # fmt: skip
+    assert reference.options.discriminators == ["blocks", "output"]
+    assert (reference.options.representation, reference.options.block_loss) == ("maps", "soft-ce")  # the reference's own maps
+    assert reference.options.disc_form == "reference"
     assert reference.divergent_ratio == 0.0  # no divergent batches from a store that has them, unless asked
     assert _config(path, preset="reference", divergent_ratio=0.5).resolved().divergent_ratio == 0.5
     mine = _config(path, preset="reference", temperature=4.0, adv_weight=0.3).resolved()
-    assert (mine.temperature, mine.adv_weight, mine.soft_loss) == (4.0, 0.3, "soft-ce")
+    assert (mine.temperature, mine.options.adv_weight, mine.soft_loss) == (4.0, 0.3, "soft-ce")
     # The reference's discriminators run at a hundredth of the student's rate, whatever --lr is.
-    assert _config(path, preset="reference", lr=0.1).resolved().disc_lr == pytest.approx(1e-3)
+    assert _config(path, preset="reference", lr=0.1).resolved().options.disc_lr == pytest.approx(1e-3)
     with pytest.raises(UserError, match="unknown preset 'refernce'"):
         _config(path, preset="refernce").resolved()
 
@@ -117,7 +117,7 @@ def test_the_reference_discriminator_is_a_relu_1x1_conv_stack_whose_scores_give_
 def test_the_reference_form_shares_one_discriminator_per_layer_and_feeds_raw_logits(small_store, digits):
     path, _ = small_store
     distiller, config, out = _one_step(path, digits, preset="reference", teacher_selection="all")
-    assert config.disc_form == "reference" and len(distiller.teachers) == 2
+    assert config.options.disc_form == "reference" and len(distiller.teachers) == 2
     ranks = sorted({pair.rank for pair in distiller.pairs})
     assert set(distiller.discriminators) == {f"rank{r}" for r in ranks} | {"logits"}
     assert all(isinstance(d, losses.ReferenceDiscriminator) for d in distiller.discriminators.values())
@@ -167,12 +167,12 @@ def test_a_meal_run_logs_what_each_part_does(small_store, digits, tmp_path):
 
 def test_the_representation_left_unset_follows_what_the_store_holds(small_store):
     path, _ = small_store
-    assert _config(path).resolved(("blocks", "maps")).representation == "blocks"  # the ablation's default
-    assert _config(path).resolved(("maps",)).representation == "maps"  # a maps-only store (--for meal before it)
-    assert _config(path).resolved(()).representation == "blocks"
-    assert _config(path, representation="maps").resolved(("blocks", "maps")).representation == "maps"
+    assert _config(path).resolved(("blocks", "maps")).options.representation == "blocks"  # the ablation's default
+    assert _config(path).resolved(("maps",)).options.representation == "maps"  # a maps-only store (--for meal before it)
+    assert _config(path).resolved(()).options.representation == "blocks"
+    assert _config(path, representation="maps").resolved(("blocks", "maps")).options.representation == "maps"
     maps = _config(path).resolved(("maps",))
-    assert maps.block_loss == "soft-ce"  # the maps' own default loss follows
+    assert maps.options.block_loss == "soft-ce"  # the maps' own default loss follows
 
 
 def test_the_gradient_norm_pass_changes_no_weight(small_store, digits, tmp_path):
@@ -191,9 +191,11 @@ def test_the_gradient_norm_pass_changes_no_weight(small_store, digits, tmp_path)
 
 def test_a_setting_the_user_gives_is_never_filled_in_even_at_its_default_value(small_store, monkeypatch):
     path, _ = small_store
-    assert _config(path, preset="reference", adv_weight=0.1).resolved().adv_weight == 1.0  # left: filled in
+    assert _config(path, preset="reference").resolved().options.adv_weight == 1.0  # left out: filled in
+    # A knob is an option of the method: named at all (its unset value is None), it is given.
+    assert _config(path, preset="reference", adv_weight=0.1).resolved().options.adv_weight == 0.1
     given = _config(path, preset="reference", adv_weight=0.1, given=("adv_weight",)).resolved()
-    assert given.adv_weight == 0.1 and given.temperature == 1.0
+    assert given.options.adv_weight == 0.1 and given.temperature == 1.0
     acn = DistillConfig(store="", student="resnet8_w4", method="acn", soft_weight=1.0, given=("soft_weight",))
     assert acn.resolved().soft_weight == 1.0
     assert DistillConfig(store="", student="resnet8_w4", method="acn").resolved().soft_weight == 0.0
@@ -209,7 +211,7 @@ def test_a_setting_the_user_gives_is_never_filled_in_even_at_its_default_value(s
                               "--adv-weight", "0.1", "--out", "x", "--quiet"])  # fmt: skip
     (config,) = seen
     assert {"adv_weight", "preset", "student", "store"} <= set(config.given)
-    assert "temperature" not in config.given and config.resolved().adv_weight == 0.1
+    assert "temperature" not in config.given and config.resolved().options.adv_weight == 0.1
 
 
 def test_a_negative_gradient_norm_interval_is_one_error_line(small_store, tmp_path):

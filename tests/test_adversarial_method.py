@@ -79,4 +79,4 @@ def test_a_method_without_discriminators_refuses_the_games_settings(method):
     with pytest.raises(UserError, match="--discriminators is not read"):
         DistillConfig(store="", student="resnet8_w4", method=method, discriminators=["output"]).resolved()
     # Left at their defaults (not given), the game's settings are no concern of the method.
-    assert DistillConfig(store="", student="resnet8_w4", method=method).resolved().discriminators == []
+    assert DistillConfig(store="", student="resnet8_w4", method=method).resolved().options.discriminators == []

@@ -268,7 +268,7 @@ def test_an_afd_pipeline_reports_each_peer_against_alone_and_meal(tmp_path):
 def test_the_afd_paper_preset_has_no_teacher_terms_and_the_papers_losses(small_store):
     config = DistillConfig(store=str(small_store[0]), student="resnet8_w4", preset="afd-paper", peers=2,
                            method_options={"mutual": 0.5}).resolved(("blocks", "maps"))  # fmt: skip
-    assert (config.method, config.soft_weight, config.hard_weight, config.adv_loss) == ("afd", 0.0, 1.0, "ls")
+    assert (config.method, config.soft_weight, config.hard_weight, config.options.adv_loss) == ("afd", 0.0, 1.0, "ls")
     # The preset's options fill in around the ones the command names.
     assert config.method_options == {"mutual": 0.5, "mutual_from": "predecessor", "teacher_adv": 0.0,
                                      "adv_update": "separate"}  # fmt: skip
@@ -335,7 +335,7 @@ def test_the_separate_adversarial_step_moves_discriminators_and_peers_before_the
     least_squares = 0.5 * (((real_scores - 1) ** 2).mean() + (fake_scores**2).mean())
     assert float(out.stats["disc/peer1"]) == pytest.approx(float(least_squares), rel=1e-5)
     state = run.own_optimizers["adversarial"].state_dict()["state"]
-    assert state and run.own_optimizers["adversarial"].param_groups[0]["lr"] == run.config.disc_lr
+    assert state and run.own_optimizers["adversarial"].param_groups[0]["lr"] == run.config.options.disc_lr
 
 
 def test_peers_of_different_architectures_meet_through_a_transfer_layer(small_store, digits, tmp_path):

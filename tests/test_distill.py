@@ -74,7 +74,7 @@ def test_blocks_representation_with_adapters_and_conv_discriminators(small_store
     torch.manual_seed(config.seed)  # as distill() seeds before it builds the student and the adapters
     student = create_model("resnet8_w4", 10, 16)
     distiller = method_class(config.method)(student, config, open_store(path), 16)
-    assert config.block_loss == "l2" and len(distiller.adapters) == 6
+    assert config.options.block_loss == "l2" and len(distiller.adapters) == 6
     assert any(type(d).__name__ == "ConvDiscriminator" for d in distiller.discriminators.values())
     for pair in distiller.pairs:  # each adapter maps the student's pooled block onto the teacher's block
         channels, _, _ = block_shapes(student, 16)[pair.student_block]
@@ -332,7 +332,7 @@ def test_the_output_adversarial_weight_does_not_depend_on_the_teacher_count(smal
     (item,) = out.adversarial  # one term: the ensemble
     from meal_cache import losses
 
-    expected = config.adv_weight * losses.generator_loss(config.adv_loss, distiller.discriminators["logits"](item.fake))
+    expected = config.options.adv_weight * losses.generator_loss(config.options.adv_loss, distiller.discriminators["logits"](item.fake))
     actual = distiller.adversarial_losses(out.adversarial)["adv/logits"]
     assert float(actual.detach()) == pytest.approx(float(expected.detach()))
 

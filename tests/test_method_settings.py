@@ -7,6 +7,7 @@ changed, are pinned through their own losses with one teacher against two (sums,
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -133,7 +134,7 @@ def test_meal_terms_by_hand(batch, selection, selected, representation):
     for item in out.adversarial:
         scores = distiller.discriminators[item.key](item.fake.detach().float()).detach()
         name = f"adv/{item.key}"
-        expected_adv[name] = expected_adv.get(name, 0.0) + config.adv_weight * item.weight * fooling_bce(scores)
+        expected_adv[name] = expected_adv.get(name, 0.0) + config.options.adv_weight * item.weight * fooling_bce(scores)
     _assert_losses(adversarial, expected_adv)
 
 
@@ -153,7 +154,7 @@ def test_kd_and_meal_v2_terms_by_hand(batch, method, selection, selected):
     adversarial = distiller.adversarial_losses(out.adversarial)
     student_probs = softmax(logits, config.temperature)
     scores = distiller.discriminators["logits"](student_probs.float()).detach()
-    expected = config.adv_weight * len(sets) * fooling_bce(scores)
+    expected = config.options.adv_weight * len(sets) * fooling_bce(scores)
     assert float(adversarial["adv/logits"].detach()) == pytest.approx(expected, rel=1e-4)
     for item, probs in zip(out.adversarial, sets, strict=True):
         assert torch.allclose(item.real.double(), probs, atol=1e-6) and item.weight == 1.0
@@ -358,3 +359,69 @@ def test_fitnet_trains_from_a_teacher_whose_name_has_a_dot(teacher_dir, digits, 
     distill(config, tmp_path / "run", progress=False, dataset=digits)
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["distiller"]
     assert any(key.startswith("adapters.res_net8.") for key in state), sorted(state)[:5]
+
+
+# ---------------------------------------------------------------------------------- MEAL's knobs as options
+
+MEAL_KNOBS = ("representation", "block_loss", "block_weights", "match_blocks", "adv_weight", "adv_loss", "adv_game",
+              "disc_lr", "discriminators", "disc_form")  # fmt: skip
+
+
+def _recorded(**settings) -> dict:
+    from meal_cache.distill.built_run import config_json
+
+    return config_json(DistillConfig(store="s.zarr", student="resnet8_w4", **settings).resolved(("blocks",)))
+
+
+def test_a_kd_record_holds_none_of_meals_knobs_and_a_meal_record_holds_them_in_its_options():
+    kd = _recorded(method="kd")
+    assert not set(MEAL_KNOBS) & set(kd) and "method_options" not in kd
+    meal = _recorded(method="meal")
+    assert not set(MEAL_KNOBS) & set(meal)
+    assert meal["method_options"] == {
+        "representation": "blocks", "block_loss": "l2", "block_weights": [0.1, 0.05, 0.01], "match_blocks": None,
+        "adv_weight": 0.1, "adv_loss": "bce", "adv_game": "adversarial", "disc_lr": 2e-4,
+        "discriminators": ["blocks", "output"], "disc_form": "meal-cache",
+    }  # fmt: skip
+
+
+def test_a_knobs_flag_and_the_option_of_its_name_make_the_same_run():
+    by_flag = DistillConfig(store="s.zarr", student="resnet8_w4", disc_lr=1e-3, block_weights=[0.2])
+    by_option = DistillConfig(store="s.zarr", student="resnet8_w4", method_options={"disc_lr": 1e-3,
+                                                                                    "block_weights": [0.2]})  # fmt: skip
+    assert by_flag.resolved().options == by_option.resolved().options
+    assert _recorded(disc_lr=1e-3)["method_options"]["disc_lr"] == 1e-3
+    with pytest.raises(UserError, match="--disc-lr 0.001 and --method-option disc_lr=0.002 set one option twice"):
+        DistillConfig(store="s.zarr", student="resnet8_w4", disc_lr=1e-3, method_options={"disc_lr": 2e-3})
+
+
+def test_a_preset_files_share_of_a_knob_still_follows_the_rate(tmp_path, monkeypatch):
+    from meal_cache.distill import config as config_module
+
+    flat = tmp_path / "flat.toml"
+    flat.write_text('method = "meal"\ndisc_lr = { of = "lr", divided_by = 100 }\n')
+    table = tmp_path / "table.toml"
+    table.write_text('method = "meal"\n[method_options]\ndisc_lr = { of = "lr", divided_by = 50 }\n')
+    monkeypatch.setitem(config_module.PRESETS, "flat", config_module.read_preset(flat))
+    monkeypatch.setitem(config_module.PRESETS, "table", config_module.read_preset(table))
+    resolved = DistillConfig(store="s.zarr", student="resnet8_w4", preset="flat", lr=0.1).resolved()
+    assert resolved.options.disc_lr == pytest.approx(1e-3)
+    assert DistillConfig(store="s.zarr", student="resnet8_w4", preset="table", lr=0.1).resolved().options.disc_lr == (
+        pytest.approx(2e-3)
+    )
+    given = DistillConfig(store="s.zarr", student="resnet8_w4", preset="flat", lr=0.1, disc_lr=5e-4).resolved()
+    assert given.options.disc_lr == 5e-4  # the command's own value wins
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"method": "dkd", "method_options": {"disc_lr": 1e-3}}, "--method dkd trains no discriminators: --disc-lr"),
+        ({"method": "kd", "block_weights": [0.1]}, "--method kd does not read --block-weights: leave it out, or use "
+                                                   "--method meal, which reads it"),
+        ({"method": "afd", "disc_form": "reference"}, "--method afd does not read --disc-form"),
+    ],
+)  # fmt: skip
+def test_a_knob_given_to_a_method_that_does_not_read_it_is_one_error_naming_the_method(settings, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        DistillConfig(store="s.zarr", student="resnet8_w4", **settings).resolved()

@@ -284,4 +284,4 @@ def test_the_reference_output_discriminator_refuses_raw_top_k_logits(top5_store,
     ):
         config = DistillConfig(store=str(top5_store), student="resnet8_w4", method="meal", **settings).resolved()
         method = method_class("meal")(create_model("resnet8_w4", 10, 16), config, store, 16)
-        assert ("logits" in method.discriminators) == ("output" in config.discriminators)
+        assert ("logits" in method.discriminators) == ("output" in config.options.discriminators)

@@ -184,22 +184,25 @@ DISTILL_SECTIONS = {
     "--representation",
     default=None,
     type=click.Choice(["maps", "blocks"]),
-    help="blocks: pooled channels through learned adapters (the default, the ablation's choice: docs/results.md); "
-    "maps: channel-mean maps (MEAL's reference, no adapters; the default for a store that holds only maps).",
+    help="meal: blocks: pooled channels through learned adapters (the default, the ablation's choice: "
+    "docs/results.md); maps: channel-mean maps (MEAL's reference, no adapters; the default for a store that holds "
+    "only maps). Each option of this section is the method's option of its name (--method-option "
+    "representation=maps), read by the methods that have it (`meal-cache methods`).",
 )
 @click.option(
     "--block-loss",
     type=click.Choice(["soft-ce", "l1", "l2", "cosine"]),
     default=None,
-    help="Similarity per block (default soft-ce for maps, l2 for blocks).",
+    help="meal: similarity per block (default soft-ce for maps, l2 for blocks).",
 )
 @click.option(
     "--block-weights",
-    default="0.1,0.05,0.01",
-    show_default=True,
-    help="Weights of the matched blocks from the last backwards; their count caps the blocks matched.",
+    default=None,
+    metavar="W,W,...",
+    help="meal: weights of the matched blocks from the last backwards; their count caps the blocks matched. "
+    "Default: 0.1,0.05,0.01.",
 )
-@click.option("--match-blocks", type=int, default=None, help="Match at most this many blocks from the end.")
+@click.option("--match-blocks", type=int, default=None, help="meal: match at most this many blocks from the end.")
 @click.option(
     "--soft-loss",
     type=click.Choice(["kl", "soft-ce", "dkd"]),
@@ -217,15 +220,24 @@ DISTILL_SECTIONS = {
     help="Cross-entropy on labels (MEAL: 0). A method whose paper trains with it fills in its own weight where you "
     "leave this at 0 (`meal-cache methods`).",
 )
-@click.option("--adv-weight", default=0.1, show_default=True, type=float, help="Weight of each adversarial loss.")
-@click.option("--adv-loss", default="bce", show_default=True, type=click.Choice(["bce", "ls"]))
+@click.option(
+    "--adv-weight",
+    default=None,
+    type=float,
+    help="Weight of each adversarial loss (meal, meal-v2, kd, afd). Default: 0.1.",
+)
+@click.option(
+    "--adv-loss",
+    default=None,
+    type=click.Choice(["bce", "ls"]),
+    help="The adversarial loss: bce, or ls (least squares). Default: bce.",
+)
 @click.option(
     "--disc-lr",
-    default=2e-4,
-    show_default=True,
+    default=None,
     type=float,
     help="Learning rate of the discriminators (Adam; with --adv-game joint, their "
-    "part of the student's SGD, at --disc-lr / --lr of its scheduled rate).",
+    "part of the student's SGD, at --disc-lr / --lr of its scheduled rate). Default: 2e-4.",
 )
 @click.option(
     "--discriminators",
@@ -236,20 +248,19 @@ DISTILL_SECTIONS = {
 )
 @click.option(
     "--adv-game",
-    default="adversarial",
-    show_default=True,
+    default=None,
     type=click.Choice(["adversarial", "joint"]),
-    help="adversarial: the discriminators take their own step, then the student learns to fool them; joint: "
-    "MEAL's reference code, their loss added to the student's on one optimiser (at --disc-lr / --lr of its rate).",
+    help="adversarial (the default): the discriminators take their own step, then the student learns to fool them; "
+    "joint: MEAL's reference code, their loss added to the student's on one optimiser (at --disc-lr / --lr of its "
+    "rate).",
 )
 @click.option(
     "--disc-form",
-    default="meal-cache",
-    show_default=True,
+    default=None,
     type=click.Choice(["meal-cache", "reference"]),
-    help="meal-cache: one discriminator per teacher and block (conv or MLP, one score), softened probabilities to "
-    "the output one; reference: MEAL's reference code, one per layer shared by the teachers (1x1-conv stack, "
-    "2-way output), raw logits to the output one.",
+    help="meal's family: meal-cache (the default): one discriminator per teacher and block (conv or MLP, one "
+    "score), softened probabilities to the output one; reference: MEAL's reference code, one per layer shared by "
+    "the teachers (1x1-conv stack, 2-way output), raw logits to the output one.",
 )
 @click.option(
     "--preset",
@@ -329,7 +340,7 @@ DISTILL_SECTIONS = {
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @TENSORBOARD_OPTION
-def distill(block_weights: str, teachers: str, out: str | None, resume: bool, overwrite: bool, quiet: bool,
+def distill(block_weights: str | None, teachers: str, out: str | None, resume: bool, overwrite: bool, quiet: bool,
             tensorboard: bool, **settings) -> None:  # fmt: skip
     """Train a student (and MEAL's discriminators) from a teacher cache alone.
 
@@ -353,7 +364,7 @@ def distill(block_weights: str, teachers: str, out: str | None, resume: bool, ov
 
     context = click.get_current_context()
     given = tuple(name for name in settings if context.get_parameter_source(name) != ParameterSource.DEFAULT)
-    config = DistillConfig(given=given, block_weights=_floats(block_weights),
+    config = DistillConfig(given=given, block_weights=None if block_weights is None else _floats(block_weights),
                            teachers=[t.strip() for t in teachers.split(",") if t.strip()], **settings)  # fmt: skip
     if tensorboard:
         check_tensorboard()  # before anything is written

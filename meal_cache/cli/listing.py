@@ -80,7 +80,8 @@ def methods() -> None:
         click.echo(f"    reads: {cls.store_needs.help} (extract --for {name})")
         fills = {**cls.settings, "teacher_selection": cls.selection, "temperature": cls.temperature}
         click.echo("    defaults: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in fills.items()))
-        options = [f"{f.name}={f.default}" for f in dataclasses.fields(cls.Options)]
+        options = [f"{f.name}={f.default if f.default_factory is dataclasses.MISSING else f.default_factory()}"
+                   for f in dataclasses.fields(cls.Options)]  # fmt: skip
         if options:
             click.echo(f"    options: {', '.join(options)}")
         if cls.__module__.split(".")[0] != "meal_cache":

@@ -20,7 +20,7 @@ from meal_cache.registry import lazy_exports
 # Each module's names that ``meal_cache.distill`` offers, loaded on first use: ``from meal_cache.distill import
 # Method`` loads the method base and not the run, its feed or the loop (tests/test_import_graph.py reads this table).
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "config": ("DIVERGENT_RATIO", "PRESETS", "DistillConfig", "Preset", "parse_discriminators"),
+    "config": ("DIVERGENT_RATIO", "PRESETS", "DistillConfig", "Preset"),
     "feed": (
         "InMemoryBatches", "MultiCropBatches", "OnlineTeachers", "StreamingBatches", "ViewFeed", "make_batch_source",
         "view_bytes",
@@ -30,7 +30,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "methods.base": ("REPRESENTATIONS", "SELECTIONS", "Batch", "Method", "MethodOutput", "StoreNeeds",
                      "soft_target_sets"),
-    "methods.meal": ("BlockPair", "MealFamily", "match_blocks"),
+    "methods.meal": ("BlockPair", "MealFamily", "match_blocks", "parse_discriminators"),
     "registry": ("ENTRY_POINT_GROUP", "available_methods", "method_class"),
     "run": ("DistillRun", "build_run", "distill", "load_store_dataset", "stored_features"),
     "step": ("DistillEpochs", "gradient_norms"),

@@ -19,6 +19,7 @@ from meal_cache.dense import DenseTargets
 from meal_cache.distill.config import DistillConfig, drop_unset
 from meal_cache.distill.feed import DivergentBatches, OnlineTeachers
 from meal_cache.distill.methods.base import Method
+from meal_cache.distill.registry import method_class
 from meal_cache.engine.distributed import World
 from meal_cache.engine.loop import Optimisation, Schedule
 from meal_cache.errors import SettingsMismatch, settings_difference
@@ -132,13 +133,17 @@ class DistillRun:
 
 
 def config_json(config: DistillConfig) -> dict:
-    """The recorded config: everything but how many processes decode, which changes no result."""
+    """The recorded config of a resolved ``config``: everything but how many processes decode, which changes no
+    result; the method's options are those it records (:meth:`Method.recorded_options`: the ones given, and the
+    MEAL family's knobs it reads, resolved)."""
     recorded = drop_unset(dataclasses.asdict(config))
     recorded.pop("workers")
     recorded.pop("decode")
     recorded.pop("grad_norm_every")  # diagnostics only: the weights are the same with or without them
     recorded.pop("given", None)
+    recorded.pop("options", None)
+    recorded["method_options"] = method_class(config.method).recorded_options(config)
     # Runs of methods without options record what they recorded before options existed.
-    if not recorded.get("method_options"):
-        recorded.pop("method_options", None)
+    if not recorded["method_options"]:
+        recorded.pop("method_options")
     return json.loads(json.dumps(recorded))

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
-from dataclasses import dataclass, field
+import typing
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dask.utils import parse_bytes
 
-from meal_cache import losses
 from meal_cache.data.source import check_decode
-from meal_cache.distill.methods.adversarial import ADV_GAMES, DISC_FORMS, DISCRIMINATORS, GAME_SETTINGS, plays_the_game
-from meal_cache.distill.methods.base import REPRESENTATIONS, SELECTIONS, SOFT_TERMS, Method
+from meal_cache.distill.methods.adversarial import GAME_SETTINGS, plays_the_game
+from meal_cache.distill.methods.base import OPTION_FLAGS, SELECTIONS, SOFT_TERMS, Method
+from meal_cache.distill.methods.meal import BlockOptions
 from meal_cache.distill.registry import available_methods, method_class
 from meal_cache.engine.loop import check_nesterov, check_number, check_optimisation, check_workers
 from meal_cache.errors import UserError, unknown_choice
@@ -43,23 +43,10 @@ class DistillConfig:
     # The test split is evaluated after every eval_every-th epoch and the last; recorded only when not 1.
     eval_every: int = 1
     teacher_selection: str | None = None  # None: the method's own
-    # None: pooled block channels through learned adapters, the ablation's choice over MEAL's channel-mean maps
-    # (docs/decisions.md, "MEAL's ablation"), or maps where the store holds maps and no blocks (stores extracted
-    # with --features maps, and --for meal before the ablation); "maps" is the reference's.
-    representation: str | None = None
-    block_loss: str | None = None  # None: soft-ce for maps (MEAL's reference), l2 for blocks
-    block_weights: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.01])
-    match_blocks: int | None = None
     soft_loss: str | None = None
     temperature: float | None = None
     soft_weight: float = 1.0
     hard_weight: float = 0.0
-    adv_weight: float = 0.1
-    adv_loss: str = "bce"
-    disc_lr: float = 2e-4
-    discriminators: list[str] | None = None  # None: the method's own (DISCRIMINATORS); [] none
-    adv_game: str = "adversarial"  # see ADV_GAMES
-    disc_form: str = "meal-cache"  # see DISC_FORMS; recorded only when it is not the default
     preset: str | None = None  # see PRESETS: settings a preset fills in where they are left at their defaults
     data: str | None = None
     data_root: str | None = None
@@ -89,11 +76,36 @@ class DistillConfig:
     # Students trained together (AFD, ACN): how many of --student, or each one's architecture, peer 0 (--student)
     # first. None: one, and the only value a method without peers takes.
     peers: int | list[str] | None = None
-    # The method's own options (its ``Options`` dataclass), ``--method-option NAME=VALUE``; recorded only when set.
+    # The method's own options (its ``Options`` dataclass), ``--method-option NAME=VALUE``, as given (the MEAL
+    # family's knobs below fold in here); a record holds those the method records (Method.recorded_options).
     method_options: dict[str, Any] = field(default_factory=dict)
     # Settings the user gave (on the command line or in a pipeline file), which a preset or a method's defaults
     # never replace, even where their value is the default one; not recorded (the values are).
     given: tuple[str, ...] = ()
+    # The method's options resolved (every default filled in, checked): set by resolved(); not recorded as such.
+    options: Any = None
+    # The MEAL family's and the adversarial game's knobs, options of the methods that read them (Meal.Options,
+    # GameOptions); given here (as their flags, --disc-lr, and as a pipeline's or preset's keys) they fill the
+    # option of the same name in method_options. Constructor arguments only: config.disc_lr is always None (what
+    # dataclasses.replace passes on); a resolved config's value is config.options.disc_lr.
+    representation: InitVar[str | None] = None
+    block_loss: InitVar[str | None] = None
+    block_weights: InitVar[list[float] | None] = None
+    match_blocks: InitVar[int | None] = None
+    adv_weight: InitVar[float | None] = None
+    adv_loss: InitVar[str | None] = None
+    disc_lr: InitVar[float | None] = None
+    discriminators: InitVar[list[str] | None] = None
+    adv_game: InitVar[str | None] = None
+    disc_form: InitVar[str | None] = None
+
+    def __post_init__(self, representation, block_loss, block_weights, match_blocks, adv_weight, adv_loss, disc_lr,
+                      discriminators, adv_game, disc_form) -> None:  # fmt: skip
+        knobs = {"representation": representation, "block_loss": block_loss, "block_weights": block_weights,
+                 "match_blocks": match_blocks, "adv_weight": adv_weight, "adv_loss": adv_loss, "disc_lr": disc_lr,
+                 "discriminators": discriminators, "adv_game": adv_game, "disc_form": disc_form}  # fmt: skip
+        if isinstance(self.method_options, dict):  # anything else is refused by resolved(), with its own line
+            self.method_options = with_knobs(self.method_options, {k: v for k, v in knobs.items() if v is not None})
 
     def resolved(self, stored: tuple[str, ...] | None = None) -> DistillConfig:
         """The config with a preset's and the method's defaults filled in and every choice and number checked;
@@ -101,22 +113,15 @@ class DistillConfig:
         self = self._with_preset()
         method = method_class(self.method)
         self = self._with_defaults(method.settings)
-        if self.representation is None:
-            only_maps = stored is not None and "maps" in stored and "blocks" not in stored
-            self = dataclasses.replace(self, representation="maps" if only_maps else "blocks")
-        if self.representation not in REPRESENTATIONS:
-            raise unknown_choice("representation", self.representation, REPRESENTATIONS)
-        if self.adv_game not in ADV_GAMES:
-            raise unknown_choice("adversarial game", self.adv_game, ADV_GAMES)
-        if self.disc_form not in DISC_FORMS:
-            raise unknown_choice("discriminator form", self.disc_form, DISC_FORMS)
+        if not isinstance(self.method_options, dict):
+            raise UserError(f"method options are NAME=VALUE pairs, got {self.method_options!r}")
+        _refuse_unread_knobs(self, method)
         config = dataclasses.replace(
             self,
-            discriminators=_discriminators(self, method),
             teacher_selection=self.teacher_selection or method.selection,
-            block_loss=self.block_loss or ("soft-ce" if self.representation == "maps" else "l2"),
             soft_loss=self.soft_loss or method.soft_loss,
             temperature=method.temperature if self.temperature is None else self.temperature,
+            options=None,
         )
         _check_choices_and_numbers(config)
         if config.soft_loss not in method.soft_losses:
@@ -124,7 +129,7 @@ class DistillConfig:
             raise UserError(f"--soft-loss {config.soft_loss} is taken by --method {takers}, not --method "
                             f"{config.method}")  # fmt: skip
         config = method.check(_check_peers(config, method))
-        method.options_of(config)
+        config = dataclasses.replace(config, options=method.resolve_options(config, stored))
         if not method.has_a_loss(config):
             raise UserError(f"--method {config.method} with these weights trains on nothing: set --soft-weight or "
                             "--hard-weight above 0 (or, for meal, block or adversarial weights)")  # fmt: skip
@@ -149,9 +154,10 @@ class DistillConfig:
         defaults = {f.name: f.default if f.default is not unset else f.default_factory()
                     for f in dataclasses.fields(self) if (f.default, f.default_factory) != (unset, unset)}  # fmt: skip
         chosen = {k: v(self) if callable(v) else v for k, v in settings.items()
-                  if getattr(self, k) == defaults[k] and k not in self.given}  # fmt: skip
+                  if k != "method_options" and getattr(self, k) == defaults[k] and k not in self.given}  # fmt: skip
         if "method_options" in settings:  # option by option: the ones the command names win
-            chosen["method_options"] = {**settings["method_options"], **self.method_options}
+            filled = {k: v(self) if callable(v) else v for k, v in settings["method_options"].items()}
+            chosen["method_options"] = {**filled, **self.method_options}
         return dataclasses.replace(self, **chosen)
 
 
@@ -174,8 +180,10 @@ SHARE_KEYS = {"of", "divided_by"}
 
 def _preset_value(path: Path, name: str, value: object) -> object:
     """A preset file's value as :meth:`DistillConfig._with_defaults` takes it: a share of another setting becomes
-    a function of the config."""
-    if not isinstance(value, dict) or name == "method_options":
+    a function of the config (in the method's options too)."""
+    if name == "method_options" and isinstance(value, dict):
+        return {key: _preset_value(path, key, item) for key, item in value.items()}
+    if not isinstance(value, dict):
         return value
     if set(value) != SHARE_KEYS:
         raise UserError(f"{path}: {name} takes a value or a share of another setting, "
@@ -185,9 +193,26 @@ def _preset_value(path: Path, name: str, value: object) -> object:
 
 
 def read_preset(path: Path) -> Preset:
-    """One preset file: its settings, shares of other settings as functions of the config."""
-    settings = tomllib.loads(path.read_text())
-    return Preset({name: _preset_value(path, name, value) for name, value in settings.items()}, path)
+    """One preset file: its settings, shares of other settings as functions of the config; the MEAL family's knobs
+    (``disc_lr = ...`` at the top level, as their flags) are options of the method, as in a ``[method_options]``
+    table."""
+    settings = {name: _preset_value(path, name, value) for name, value in tomllib.loads(path.read_text()).items()}
+    knobs = {name: settings.pop(name) for name in list(settings) if name in OPTION_FLAGS}
+    try:
+        options = with_knobs(settings.get("method_options", {}), knobs)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from err
+    return Preset({**settings, "method_options": options} if options else settings, path)
+
+
+def with_knobs(options: dict[str, Any], knobs: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the knobs given by their own names (``disc_lr``, the flag ``--disc-lr``) as options of the
+    same name; one given both ways with two values is refused."""
+    for name, value in knobs.items():
+        if name in options and options[name] != value and not callable(value):
+            raise UserError(f"{OPTION_FLAGS[name]} {value} and --method-option {name}={options[name]} set one "
+                            "option twice: give one of them")  # fmt: skip
+    return {**options, **knobs} if knobs else options
 
 
 PRESETS: dict[str, Preset] = {path.stem: read_preset(path) for path in sorted(PRESET_FOLDER.glob("*.toml"))}
@@ -195,7 +220,20 @@ PRESETS: dict[str, Preset] = {path.stem: read_preset(path) for path in sorted(PR
 
 # Settings a record (config.json, a pipeline step's stamp) holds only when they are set, so the records of runs
 # made before they existed stay the same.
-RECORDED_WHEN_SET = {"peers": None, "disc_form": "meal-cache", "given": (), "nesterov": True, "eval_every": 1}
+RECORDED_WHEN_SET = {"peers": None, "given": (), "nesterov": True, "eval_every": 1, "options": None}
+# The names a distill step's settings take (a pipeline's method table, a --config file): the config's fields and
+# the knobs that fill the options of MEAL's family (OPTION_FLAGS), each with its type.
+KNOB_TYPES: dict[str, object] = {
+    name: kind for name, kind in typing.get_type_hints(BlockOptions).items() if name in OPTION_FLAGS
+}
+
+
+def setting_types() -> dict[str, object]:
+    """Every setting a distill step takes by name (not ``given``, the CLI's own record, nor the resolved
+    ``options``), with its type; the knobs as their options are typed."""
+    hints = typing.get_type_hints(DistillConfig)
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(DistillConfig) if f.name not in ("given", "options")}
+    return {**fields, **KNOB_TYPES}
 
 
 def fillable_settings() -> set[str]:
@@ -211,56 +249,28 @@ def drop_unset(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in RECORDED_WHEN_SET or v != RECORDED_WHEN_SET[k]}
 
 
-def parse_discriminators(value: object) -> list[str]:
-    """``--discriminators``' value as names: a list of them, a comma-separated string, or ``none`` (no
-    discriminators); anything else is one clear error."""
-    if isinstance(value, str):
-        value = [] if value.strip() == "none" else [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise UserError(f"--discriminators takes {', '.join(DISCRIMINATORS)} or none, got {value!r}")
-    names = [] if list(value) == ["none"] else list(value)
-    unknown = [v for v in names if v not in DISCRIMINATORS]
-    if unknown:
-        raise UserError(f"--discriminators takes {', '.join(DISCRIMINATORS)} or none, got {','.join(unknown)}")
-    return names
-
-
-def _discriminators(config: DistillConfig, method: type[Method]) -> list[str]:
-    """The discriminators a run trains: ``--discriminators`` where given, else the method's own; a method without
-    discriminators refuses the settings of the adversarial game."""
-    if not plays_the_game(method):
-        given = [name for name in GAME_SETTINGS if name in config.given]
-        if config.discriminators:
-            given = sorted({*given, "discriminators"})
-        if given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise UserError(f"--method {config.method} trains no discriminators: {flags} is not read (leave it out, "
-                            "or use a method with discriminators: meal, meal-v2, kd, afd)")  # fmt: skip
-        return []
-    if config.discriminators is None:
-        return [d for d in DISCRIMINATORS if d in method.own_discriminators]
-    chosen = parse_discriminators(config.discriminators)
-    if "blocks" in chosen and not method.block_terms:
-        raise UserError(f"--discriminators blocks needs block terms, which --method {config.method} has not "
-                        "(use --method meal, or --discriminators output)")  # fmt: skip
-    return [d for d in DISCRIMINATORS if d in chosen]
+def _refuse_unread_knobs(config: DistillConfig, method: type[Method]) -> None:
+    """A method without discriminators refuses the game's knobs, given as flags or options, naming the flags."""
+    if plays_the_game(method):
+        return
+    given = [name for name in GAME_SETTINGS if name in config.method_options]
+    if given:
+        flags = ", ".join(OPTION_FLAGS[name] for name in given)
+        raise UserError(f"--method {config.method} trains no discriminators: {flags} is not read (leave it out, "
+                        "or use a method with discriminators: meal, meal-v2, kd, afd)")  # fmt: skip
 
 
 def _check_choices_and_numbers(config: DistillConfig) -> None:
     """Every shared choice and number in its range (a method's own options are its own to check)."""
     if config.teacher_selection not in SELECTIONS:
         raise unknown_choice("teacher selection", config.teacher_selection, SELECTIONS)
-    losses.similarity(config.block_loss)
     if config.soft_loss not in SOFT_TERMS:
         raise unknown_choice("soft-label loss", config.soft_loss, list(SOFT_TERMS))
-    if config.adv_loss not in losses.ADVERSARIAL:
-        raise unknown_choice("adversarial loss", config.adv_loss, list(losses.ADVERSARIAL))
     check_optimisation(config)
     check_nesterov(config.nesterov)
     check_number("temperature", config.temperature, low=0.0, low_open=True)
-    for name in ("soft_weight", "hard_weight", "adv_weight"):
+    for name in ("soft_weight", "hard_weight"):
         check_number(name, getattr(config, name), low=0.0)
-    check_number("disc_lr", config.disc_lr, low=0.0, low_open=True)
     check_workers(config.workers)
     check_decode(config.decode)
     _check_crops(config)
@@ -273,10 +283,6 @@ def _check_choices_and_numbers(config: DistillConfig) -> None:
             raise UserError("--divergent-ratio mixes whole batches of divergent views; it does not combine with "
                             "--crops-per-image")  # fmt: skip
     check_number("refine_confidence", config.refine_confidence, low=0.0, high=1.0)
-    if any(not math.isfinite(w) or w < 0 for w in config.block_weights):
-        raise UserError(f"--block-weights must be numbers >= 0, got {config.block_weights}")
-    if config.match_blocks is not None and config.match_blocks < 0:
-        raise UserError(f"--match-blocks must be at least 0, got {config.match_blocks}")
     _check_memory_and_modes(config)
 
 
@@ -293,8 +299,6 @@ def _check_memory_and_modes(config: DistillConfig) -> None:
     if config.refine_labels and not config.hard_weight:
         raise UserError("--refine-labels replaces hard labels, which only train with --hard-weight > 0 "
                         "(MEAL's refinement uses --hard-weight 1)")  # fmt: skip
-    if not isinstance(config.method_options, dict):
-        raise UserError(f"method options are NAME=VALUE pairs, got {config.method_options!r}")
 
 
 def _check_crops(config: DistillConfig) -> None:

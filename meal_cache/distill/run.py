@@ -152,10 +152,11 @@ def build_run(
                            config.nesterov)  # fmt: skip
     d_params = list(distiller.discriminators.parameters()) if isinstance(distiller, AdversarialMethod) else []
     d_opt = None
-    if d_params and config.adv_game == "joint":  # the reference's one optimiser, at disc_lr / lr of its rate
-        s_opt.add_param_group({"params": d_params, "lr": config.disc_lr, "lr_scale": config.disc_lr / config.lr})
+    game = distiller.options  # a player's options hold the game's (GameOptions)
+    if d_params and game.adv_game == "joint":  # the reference's one optimiser, at disc_lr / lr of its rate
+        s_opt.add_param_group({"params": d_params, "lr": game.disc_lr, "lr_scale": game.disc_lr / config.lr})
     elif d_params:
-        d_opt = torch.optim.Adam(d_params, lr=config.disc_lr, betas=(0.5, 0.999))
+        d_opt = torch.optim.Adam(d_params, lr=game.disc_lr, betas=(0.5, 0.999))
     # Parameters DistributedDataParallel does not own: the adapters, and jointly trained discriminators.
     shared = list(distiller.adapters.parameters()) + (d_params if d_opt is None else [])
     optimisation = Optimisation(s_opt, precision.grad_scaler(), lambda: world.average_gradients(shared))

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 from meal_cache.data.datasets import parse_spec
 from meal_cache.distill import DistillConfig, available_methods
+from meal_cache.distill.config import setting_types as distill_setting_types
 from meal_cache.engine.train import TrainConfig
 from meal_cache.errors import UserError, closest_choice, unknown_choice
 from meal_cache.extract.config import ExtractConfig
@@ -149,6 +150,12 @@ def fields_of(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def distill_settings() -> set[str]:
+    """The names a distill step's settings take: :class:`DistillConfig`'s fields and the MEAL family's knobs
+    (``disc_lr``, which fill the method's options of their names)."""
+    return set(distill_setting_types())
+
+
 # The pipelines that ship with the package (in the wheel too): the repository's pipelines/ is this folder.
 SHIPPED_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -191,7 +198,10 @@ NOT_SETTINGS = {"given"}
 
 
 def step_setting_types(command: str) -> dict[str, object]:
-    """The settings a ``command --config FILE`` takes, each with its type (the config field's annotation)."""
+    """The settings a ``command --config FILE`` takes, each with its type (the config field's annotation; distill's
+    MEAL knobs, ``disc_lr``, as the options they fill are typed)."""
+    if command == "distill":
+        return distill_setting_types()
     hints = typing.get_type_hints(STEP_CONFIGS[command])
     return {name: hints[name] for name in fields_of(STEP_CONFIGS[command]) - NOT_SETTINGS}
 
@@ -291,9 +301,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         _check_keys(f"{path} [stores.{name}]", overrides, store_fields)
         _check_augmentation(f"{path} [stores.{name}]", overrides)
     student = dict(raw["student"])
-    _check_keys(
-        f"{path} [student]", student, (fields_of(TrainConfig) | fields_of(DistillConfig)) - {"student", "store"}
-    )
+    _check_keys(f"{path} [student]", student, (fields_of(TrainConfig) | distill_settings()) - {"student", "store"})
     check_model_name(split_weights(student.get("arch", ""))[0])
     methods = {name: dict(overrides) for name, overrides in raw["methods"].items()}
     seeds = [int(s) for s in raw.get("seeds", [0])]
@@ -359,7 +367,7 @@ def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], store
                                                                     if k != "seeds"}})  # fmt: skip
             continue
         # ``store`` names a [stores] table here (the DistillConfig field of that name is the store's path).
-        _check_keys(f"{path} method {name}", overrides, fields_of(DistillConfig) - {"student"} | {"seeds"})
+        _check_keys(f"{path} method {name}", overrides, distill_settings() - {"student"} | {"seeds"})
         if "store" in overrides:
             chosen = overrides["store"]
             if not isinstance(chosen, str):
@@ -371,7 +379,7 @@ def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], store
         if method not in available_methods():
             raise unknown_choice(f"method of '{name}'", method, list(available_methods()))
         # Every choice and number of the method's settings, now rather than after the teachers and the store.
-        shared = {k: v for k, v in student.items() if k in fields_of(DistillConfig) and k != "arch"}
+        shared = {k: v for k, v in student.items() if k in distill_settings() and k != "arch"}
         settings = {**shared, **{k: v for k, v in overrides.items() if k not in ("seeds", "store")}}
         try:
             DistillConfig(store="", student="", **{"method": method, "teachers": ["t"], **settings}).resolved()

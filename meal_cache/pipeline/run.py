@@ -51,7 +51,7 @@ from meal_cache.engine.train import TrainConfig, train_supervised
 from meal_cache.errors import SettingsMismatch, UserError
 from meal_cache.extract.config import ExtractConfig
 from meal_cache.extract.run import extract
-from meal_cache.pipeline.config import ALONE, Pipeline, fields_of, load_pipeline
+from meal_cache.pipeline.config import ALONE, Pipeline, distill_settings, fields_of, load_pipeline
 from meal_cache.pipeline.report import write_report
 from meal_cache.runtime import resolve_device
 from meal_cache.views import augment
@@ -208,7 +208,7 @@ def _student_step(steps: StepRunner, pipeline: Pipeline, run_dir: Path, name: st
 
         steps.run(f"{name}/seed-{seed}", _stamped(config), [], [target], train_alone)
         return
-    student = {k: v for k, v in pipeline.student.items() if k in fields_of(DistillConfig) and k != "arch"}
+    student = {k: v for k, v in pipeline.student.items() if k in distill_settings() and k != "arch"}
     if overrides.get("online"):
         # The online reference runs the pipeline's own teachers in the loop.
         teacher_names = pipeline.teacher_sources()

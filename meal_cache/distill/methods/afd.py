@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from meal_cache import losses
-from meal_cache.distill.methods.adversarial import AdversarialInput, AdversarialMethod, AdversarialOutput
+from meal_cache.distill.methods.adversarial import (
+    AdversarialInput,
+    AdversarialMethod,
+    AdversarialOutput,
+    GameOptions,
+    check_game,
+)
 from meal_cache.distill.methods.base import PRESET_LOGITS, Batch, StoreNeeds
 from meal_cache.distill.methods.peers import build_peers, mutual_kl, peer_architectures
 from meal_cache.errors import UserError
@@ -62,8 +68,9 @@ def smallest_map(shapes: list[tuple[int, int, int]]) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
-class AfdOptions:
-    """``mutual``: weight of the peers' logit KL; ``mutual_from``: all (each other peer, averaged; DML) or
+class AfdOptions(GameOptions):
+    """The adversarial game's options (:class:`GameOptions`, each also a flag: ``--adv-weight``, ...) and AFD's own:
+    ``mutual``: weight of the peers' logit KL; ``mutual_from``: all (each other peer, averaged; DML) or
     predecessor (peer i - 1 only; the paper's); ``teacher_adv``: the teacher discriminators' weight as a share of
     --adv-weight (0: none are built); ``adv_update``: summed (one step) or separate (the paper's own Adam step of
     the peers on their adversarial losses, at --disc-lr)."""
@@ -113,6 +120,7 @@ class Afd(AdversarialMethod):
 
     @classmethod
     def check_options(cls, options: AfdOptions) -> None:
+        check_game(options)
         for name, value, choices in (("mutual_from", options.mutual_from, KL_SOURCES),
                                      ("adv_update", options.adv_update, ADV_UPDATES)):  # fmt: skip
             if value not in choices:
@@ -122,12 +130,12 @@ class Afd(AdversarialMethod):
     @classmethod
     def check(cls, config: DistillConfig) -> DistillConfig:
         """One peer where ``--peers`` is not given; the map discriminators are its own."""
-        if config.discriminators:
+        if "discriminators" in (config.method_options or {}):
             instead = "--adv-weight 0 turns the adversarial terms off"
             raise UserError(f"--method {config.method} trains its own discriminators on the peers' maps; "
                             f"--discriminators is not read ({instead})")  # fmt: skip
         options = cls.options_of(config)
-        if options.adv_update == "separate" and config.adv_game == "joint":
+        if options.adv_update == "separate" and options.adv_game == "joint":
             raise UserError("--method-option adv_update=separate is its own adversarial step; it does not combine "
                             "with --adv-game joint")  # fmt: skip
         return dataclasses.replace(config, peers=1 if config.peers is None else config.peers)
@@ -135,7 +143,7 @@ class Afd(AdversarialMethod):
     @classmethod
     def has_a_loss(cls, config: DistillConfig) -> bool:
         mutual = len(peer_architectures(config)) > 1 and cls.options_of(config).mutual > 0
-        return super().has_a_loss(config) or config.adv_weight > 0 or mutual
+        return super().has_a_loss(config) or cls.options_of(config).adv_weight > 0 or mutual
 
     @property
     def student(self) -> nn.Module:
@@ -157,7 +165,7 @@ class Afd(AdversarialMethod):
         both at ``--disc-lr`` (the loop's optimiser then takes the logit losses only)."""
         if self.options.adv_update != "separate" or not len(self.discriminators):
             return {}
-        rate, betas = self.config.disc_lr, (0.5, 0.999)
+        rate, betas = self.options.disc_lr, (0.5, 0.999)
         return {"discriminators": torch.optim.Adam(self.discriminators.parameters(), rate, betas=betas),
                 "adversarial": torch.optim.Adam(self.student_parameters(), rate, betas=betas)}  # fmt: skip
 

@@ -193,16 +193,42 @@ class Method(nn.Module):
 
     @classmethod
     def options_of(cls, config: MethodSettings) -> Any:
-        """The method's own options from ``config.method_options``, checked; unknown names are one clear error."""
+        """The method's own options: a resolved config's (``config.options``, every default filled in), else from
+        ``config.method_options``, checked; unknown names are one clear error naming the method (and the flag,
+        for a knob that has one, ``--disc-lr``)."""
+        resolved = getattr(config, "options", None)
+        if isinstance(resolved, cls.Options):
+            return resolved
         given = dict(config.method_options or {})
         known = {f.name: f for f in dataclasses.fields(cls.Options)}
         unknown = sorted(set(given) - set(known))
         if unknown:
             takes = ", ".join(known) or "none"
+            flags = [name for name in unknown if name in OPTION_FLAGS]
+            if flags:
+                from meal_cache.distill.registry import available_methods  # the registry imports this module
+
+                named = ", ".join(OPTION_FLAGS[name] for name in flags)
+                readers = [name for name, method in available_methods().items()
+                           if set(flags) <= {f.name for f in dataclasses.fields(method.Options)}]  # fmt: skip
+                raise UserError(f"--method {cls.name} does not read {named}: leave it out, or use --method "
+                                f"{' or '.join(readers) or 'of another plug-in'}, which reads it")  # fmt: skip
             raise UserError(f"--method {cls.name} has no option {', '.join(unknown)} (its options: {takes})")
         options = cls.Options(**{key: _option_value(cls.name, known[key], value) for key, value in given.items()})
         cls.check_options(options)
         return options
+
+    @classmethod
+    def resolve_options(cls, config: MethodSettings, stored: tuple[str, ...] | None) -> Any:
+        """The options a run takes, every default filled in, including those that follow the config or the store
+        (``stored``: its feature kinds, None where unknown); a resolved config holds them as ``config.options``."""
+        return cls.options_of(config)
+
+    @classmethod
+    def recorded_options(cls, config: MethodSettings) -> dict[str, Any]:
+        """The options a run's record (``config.json``, ``last.pt``) holds: those given (a method records what
+        the command named, so a record stays the same as the defaults move)."""
+        return dict(config.method_options or {})
 
     @classmethod
     def check_options(cls, options: Any) -> None:
@@ -323,3 +349,11 @@ def _option_value(method: str, option: dataclasses.Field, value: Any) -> Any:
     if value < low:
         raise UserError(f"--method-option {option.name} of --method {method} must be >= {low}, got {value}")
     return int(value) if whole else float(value)
+
+
+# The options that are also flags of their own (``distill --disc-lr``, MEAL's and the adversarial game's knobs): a
+# flag fills the option of its name, as ``--method-option disc_lr=...`` does.
+OPTION_FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "representation", "block_loss", "block_weights", "match_blocks",
+    "adv_weight", "adv_loss", "adv_game", "disc_lr", "discriminators", "disc_form",
+)}  # fmt: skip

@@ -5,15 +5,25 @@ discriminator)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from meal_cache import losses
-from meal_cache.distill.methods.adversarial import AdversarialInput, AdversarialMethod, AdversarialOutput
+from meal_cache.distill.methods.adversarial import (
+    DISC_FORMS,
+    DISCRIMINATORS,
+    AdversarialInput,
+    AdversarialMethod,
+    AdversarialOutput,
+    GameOptions,
+    check_game,
+)
 from meal_cache.distill.methods.base import (
     PRESET_LOGITS,
     REPRESENTATIONS,
@@ -23,7 +33,7 @@ from meal_cache.distill.methods.base import (
     StoreNeeds,
     soft_target_sets,
 )
-from meal_cache.errors import UserError
+from meal_cache.errors import UserError, unknown_choice
 from meal_cache.nets.taps import BlockTap, block_shapes
 from meal_cache.store.keys import feature_key, logits_key
 from meal_cache.store.schema import BlockSpec
@@ -65,28 +75,100 @@ def match_blocks(
     return pairs
 
 
-def refuse_missing_representation(config: DistillConfig, store: TeacherStore) -> None:
-    """One error line naming the extract flag when the store lacks the block representation the run reads."""
+def refuse_missing_representation(config: DistillConfig, representation: str, store: TeacherStore) -> None:
+    """One error line naming the extract flag when the store lacks the block ``representation`` the run reads."""
     stored = store.layout.features
-    if config.representation in stored:
+    if representation in stored:
         return
     if store.dense:
-        raise UserError(f"--representation {config.representation} reads channel-mean maps of each view, which a "
+        raise UserError(f"--representation {representation} reads channel-mean maps of each view, which a "
                         "dense store cannot derive (it keeps logits and pooled blocks for any crop): distill with "
                         "--representation blocks, or extract a store of views")  # fmt: skip
     other = next((kind for kind in REPRESENTATIONS if kind in stored), None)
     instead = f", or distill with --representation {other}" if other else ""
     if config.preset is not None:
-        instead += f" (--preset {config.preset} reads {config.representation})"
+        instead += f" (--preset {config.preset} reads {representation})"
     preset = (store.attrs.get("settings") or {}).get("preset")
     if preset is not None:
-        wanted = "meal" if config.representation == "blocks" else "all"
-        raise UserError(f"the store holds no block {config.representation}: it was extracted with --for "
+        wanted = "meal" if representation == "blocks" else "all"
+        raise UserError(f"the store holds no block {representation}: it was extracted with --for "
                         f"{preset}, which stores {', '.join(stored) or 'logits only'}; extract with --for "
                         f"{wanted} for --method {config.method}{instead}")  # fmt: skip
-    raise UserError(f"the store holds no block {config.representation} (it was extracted with --features "
-                    f"{','.join(stored)}): extract with --features {config.representation} "
+    raise UserError(f"the store holds no block {representation} (it was extracted with --features "
+                    f"{','.join(stored)}): extract with --features {representation} "
                     f"(or blocks,maps){instead}")  # fmt: skip
+
+
+def parse_discriminators(value: object) -> list[str]:
+    """``--discriminators``' value as names: a list of them, a comma-separated string, or ``none`` (no
+    discriminators); anything else is one clear error."""
+    if isinstance(value, str):
+        value = [] if value.strip() == "none" else [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"--discriminators takes {', '.join(DISCRIMINATORS)} or none, got {value!r}")
+    names = [] if list(value) == ["none"] else list(value)
+    unknown = [v for v in names if v not in DISCRIMINATORS]
+    if unknown:
+        raise UserError(f"--discriminators takes {', '.join(DISCRIMINATORS)} or none, got {','.join(unknown)}")
+    return names
+
+
+# DKD's decoupled KL's options (the family's soft labels may be --soft-loss dkd's).
+DECOUPLED_OPTIONS = tuple(f.name for f in dataclasses.fields(DecoupledOptions))
+
+
+@dataclass(frozen=True)
+class FamilyOptions(GameOptions, DecoupledOptions):
+    """The MEAL family's options: DKD's weights (alpha, beta, warmup; read with ``--soft-loss dkd`` only), the
+    adversarial game's (:class:`GameOptions`), and ``discriminators``, which train (of ``blocks`` and ``output``;
+    None: the member's own), and ``disc_form``, one of :data:`DISC_FORMS`. Each of the game's and these two is also
+    a flag of its own (``--disc-lr``)."""
+
+    discriminators: list[str] | None = None
+    disc_form: str = "meal-cache"
+
+
+@dataclass(frozen=True)
+class BlockOptions(FamilyOptions):
+    """:class:`FamilyOptions` and the block terms' knobs (meal's): ``representation``, blocks (pooled channels
+    through learned adapters) or maps (channel-mean maps; None: blocks, or maps where the store holds only maps);
+    ``block_loss``, the similarity per block (None: soft-ce for maps, l2 for blocks); ``block_weights``, the matched
+    blocks' weights from the last backwards (their count caps the blocks matched); ``match_blocks``, at most this
+    many blocks (None: as many as the weights)."""
+
+    representation: str | None = None
+    block_loss: str | None = None
+    block_weights: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.01])
+    match_blocks: int | None = None
+
+
+def block_options(options: Any) -> dict[str, Any]:
+    """The block terms' knobs of ``options``, by name (what a meal run records)."""
+    inherited = {f.name for f in dataclasses.fields(FamilyOptions)}
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(BlockOptions) if f.name not in inherited}
+
+
+def _check_family(options: FamilyOptions) -> None:
+    check_game(options)
+    if options.disc_form not in DISC_FORMS:
+        raise unknown_choice("discriminator form", options.disc_form, DISC_FORMS)
+    if options.discriminators is not None:
+        parse_discriminators(options.discriminators)
+
+
+def _check_blocks(options: BlockOptions) -> None:
+    if options.representation is not None and options.representation not in REPRESENTATIONS:
+        raise unknown_choice("representation", options.representation, REPRESENTATIONS)
+    if options.block_loss is not None:
+        losses.similarity(options.block_loss)
+    weights = options.block_weights
+    if not isinstance(weights, list | tuple) or not all(
+        isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights
+    ):
+        raise UserError(f"--block-weights must be numbers >= 0, got {weights}")
+    blocks = options.match_blocks
+    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0):
+        raise UserError(f"--match-blocks must be at least 0, got {blocks}")
 
 
 class MealFamily(AdversarialMethod):
@@ -95,42 +177,46 @@ class MealFamily(AdversarialMethod):
     (``--soft-loss dkd``), whose weights are the family's options (alpha, beta, warmup, as DKD's)."""
 
     soft_losses: ClassVar[tuple[str, ...]] = tuple(SOFT_TERMS)
-    Options: ClassVar[type] = DecoupledOptions
+    Options: ClassVar[type] = FamilyOptions
 
     def __init__(self, student: nn.Module, config: DistillConfig, store: TeacherStore, image_size: int) -> None:
         if not self.name:  # the family's terms are its members' (meal, kd, meal-v2), so build one of them
             raise TypeError(f"build the method of a config with method_class(config.method), here "
                             f"method_class('{config.method}'), not the MEAL family's base class")  # fmt: skip
         super().__init__(student, config, store, image_size)
+        if getattr(config, "options", None) is None:  # a config not resolved: the store's kinds choose the maps
+            self.options = self.resolve_options(config, store.layout.features)
+        options = self.options
+        self.representation = options.representation if self.block_terms else None
         teacher_blocks = {t: store.blocks(t) for t in self.teachers} if self.block_terms else {}
-        self.pairs = match_blocks(tuple(student.block_names), teacher_blocks, config.block_weights,
-                                  config.match_blocks)  # fmt: skip
+        self.pairs = (match_blocks(tuple(student.block_names), teacher_blocks, options.block_weights,
+                                   options.match_blocks) if self.block_terms else [])  # fmt: skip
         if self.pairs:
-            refuse_missing_representation(config, store)
-        self.similarity = losses.similarity(config.block_loss)
-        self.reference_form = config.disc_form == "reference"
+            refuse_missing_representation(config, self.representation, store)
+        self.similarity = losses.similarity(options.block_loss) if self.block_terms else None
+        self.reference_form = options.disc_form == "reference"
         student_shapes = block_shapes(student, image_size) if self.pairs else {}
         self.target_shapes: dict[str, tuple[int, ...]] = {}
         for pair in self.pairs:
             channels, height, width = student_shapes[pair.student_block]
             tb = pair.teacher_block
-            if config.representation == "maps" and self.reference_form:
+            if self.representation == "maps" and self.reference_form:
                 # One discriminator per layer reads every teacher's map: all are pooled to one size per rank.
                 shape = self._shared_map_shape(pair.rank, height, width)
-            elif config.representation == "maps":
+            elif self.representation == "maps":
                 shape = (min(height, tb.height), min(width, tb.width))
             else:
                 self.adapters[pair.key] = losses.Adapter(channels, tb.channels)
                 shape = (tb.channels, tb.grid, tb.grid)
             self.target_shapes[pair.key] = shape
-            if "blocks" in config.discriminators:
+            if "blocks" in options.discriminators:
                 self._add_block_discriminator(pair, shape)
-        if "output" in config.discriminators:
+        if "output" in options.discriminators:
             classes = store.attrs["dataset"]["num_classes"]
             layout = store.layout
             compact = layout.logits is not None and not layout.logits_encoding.keeps_every_logit(layout.logits_k,
                                                                                                  classes)  # fmt: skip
-            if self.reference_form and config.adv_weight > 0 and compact:
+            if self.reference_form and options.adv_weight > 0 and compact:
                 # Raw logits of a compact store share one value in the tail: a teacher is told from any student by it.
                 raise UserError(f"--disc-form reference's output discriminator reads raw logits, and '{config.store}' "
                                 f"keeps {layout.logits} of {classes} classes (the rest share one value, which tells a "
@@ -162,33 +248,82 @@ class MealFamily(AdversarialMethod):
             self.discriminators[key] = losses.ReferenceDiscriminator(size)
 
     @classmethod
+    def check_options(cls, options: FamilyOptions) -> None:
+        _check_family(options)
+        if isinstance(options, BlockOptions):
+            _check_blocks(options)
+
+    @classmethod
     def check(cls, config: DistillConfig) -> DistillConfig:
         """The decoupled KL's options weigh only ``--soft-loss dkd``: given with another soft loss they would be
         recorded and do nothing."""
         cls.options_of(config)  # an unknown option's name first
-        if config.method_options and config.soft_loss != "dkd":
-            given = ", ".join(sorted(config.method_options))
-            raise UserError(f"--method {config.method} has no option {given} with --soft-loss {config.soft_loss}: "
-                            "alpha, beta and warmup weigh --soft-loss dkd's parts (add --soft-loss dkd, or leave the "
-                            "option out)")  # fmt: skip
+        decoupled = sorted(set(config.method_options or {}) & set(DECOUPLED_OPTIONS))
+        if decoupled and config.soft_loss != "dkd":
+            raise UserError(f"--method {config.method} has no option {', '.join(decoupled)} with --soft-loss "
+                            f"{config.soft_loss}: alpha, beta and warmup weigh --soft-loss dkd's parts (add "
+                            "--soft-loss dkd, or leave the option out)")  # fmt: skip
         return config
 
     @classmethod
+    def resolve_options(cls, config: DistillConfig, stored: tuple[str, ...] | None) -> FamilyOptions:
+        """The member's options with the discriminators (``--discriminators``, else the member's own) and, for
+        meal, the representation (blocks, or maps where ``stored`` holds maps and no blocks) and its block loss
+        filled in."""
+        options = cls.options_of(config)
+        if options.discriminators is None:
+            chosen = [d for d in DISCRIMINATORS if d in cls.own_discriminators]
+        else:
+            chosen = parse_discriminators(options.discriminators)
+            if "blocks" in chosen and not cls.block_terms:
+                raise UserError(f"--discriminators blocks needs block terms, which --method {config.method} has not "
+                                "(use --method meal, or --discriminators output)")  # fmt: skip
+        options = dataclasses.replace(options, discriminators=[d for d in DISCRIMINATORS if d in chosen])
+        if not isinstance(options, BlockOptions):
+            return options
+        representation = options.representation
+        if representation is None:
+            only_maps = stored is not None and "maps" in stored and "blocks" not in stored
+            representation = "maps" if only_maps else "blocks"
+        block_loss = options.block_loss or ("soft-ce" if representation == "maps" else "l2")
+        return dataclasses.replace(options, representation=representation, block_loss=block_loss,
+                                   block_weights=[float(w) for w in options.block_weights])  # fmt: skip
+
+    @classmethod
+    def trains_discriminators(cls, options: FamilyOptions) -> bool:
+        return bool(options.discriminators)
+
+    @classmethod
+    def recorded_options(cls, config: DistillConfig) -> dict[str, Any]:
+        """The options given, the game's knobs where discriminators train, and meal's block knobs, all resolved;
+        ``disc_form`` and ``discriminators`` with the game's."""
+        options = cls.options_of(config)
+        recorded = super().recorded_options(config)
+        if cls.trains_discriminators(options):
+            recorded |= {"discriminators": list(options.discriminators), "disc_form": options.disc_form}
+        if isinstance(options, BlockOptions):
+            recorded |= block_options(options)
+        return recorded
+
+    @classmethod
     def has_a_loss(cls, config: DistillConfig) -> bool:
-        blocks = cls.block_terms and config.match_blocks != 0 and any(w > 0 for w in config.block_weights)
-        block_adversarial = "blocks" in config.discriminators and blocks and config.adv_weight > 0
+        options = cls.options_of(config)
+        if not isinstance(options, BlockOptions):
+            return super().has_a_loss(config)
+        blocks = options.match_blocks != 0 and any(w > 0 for w in options.block_weights)
+        block_adversarial = "blocks" in (options.discriminators or ()) and blocks and options.adv_weight > 0
         return super().has_a_loss(config) or blocks or block_adversarial
 
     def needed_keys(self) -> list[str]:
         """The store arrays training reads: the logits and the matched blocks' representation."""
-        kind = self.config.representation
+        kind = self.representation
         return super().needed_keys() + [feature_key(p.teacher, kind, p.teacher_block.key) for p in self.pairs]
 
     def _represent(self, pair: BlockPair, student_out: torch.Tensor, teacher_value: torch.Tensor):
         """Student and teacher block representations of equal shape, in float32 (under autocast the adapter
         computes in bf16/fp16; the discriminators' step, outside autocast, takes float32)."""
         shape = self.target_shapes[pair.key]
-        if self.config.representation == "maps":
+        if self.representation == "maps":
             student_rep = F.adaptive_avg_pool2d(student_out.float().mean(1, keepdim=True), shape).flatten(1)
             teacher_rep = F.adaptive_avg_pool2d(teacher_value.float().unsqueeze(1), shape).flatten(1)
             return student_rep, teacher_rep
@@ -221,16 +356,15 @@ class MealFamily(AdversarialMethod):
     def _block_terms(self, out: AdversarialOutput, student_blocks: dict[str, torch.Tensor],
                      targets: dict[str, torch.Tensor], selected: list[str]) -> None:  # fmt: skip
         """Each matched block's similarity loss and discriminator input, for the selected teachers."""
-        config = self.config
         block_weight = self.teacher_share(selected)
         for pair in self.pairs:
             if pair.teacher not in selected:
                 continue
-            stored = targets[feature_key(pair.teacher, config.representation, pair.teacher_block.key)]
+            stored = targets[feature_key(pair.teacher, self.representation, pair.teacher_block.key)]
             student_rep, teacher_rep = self._represent(pair, student_blocks[pair.student_block], stored)
             similarity = self.similarity(student_rep, teacher_rep)
             out.losses[f"sim/{pair.key}"] = pair.weight * block_weight * similarity
-            if config.block_loss == "soft-ce":
+            if self.options.block_loss == "soft-ce":
                 # soft-ce includes the teacher map's entropy, which no student can lower: KL shows the movement.
                 out.stats[f"sim_kl/{pair.key}"] = similarity.detach() - losses.soft_entropy(teacher_rep)
             if self.disc_key(pair) in self.discriminators:
@@ -255,9 +389,10 @@ class MealFamily(AdversarialMethod):
 
 
 @dataclass(frozen=True)
-class MealDecoupledOptions(DecoupledOptions):
-    """meal's weights of DKD's parts: DKD's alpha and beta, and a warm-up of 1 epoch, as measured (DKD's 20 are for
-    240-epoch CIFAR runs; at meal's 30 epochs they would ramp through two thirds of the run)."""
+class MealOptions(BlockOptions):
+    """meal's options (:class:`BlockOptions`), with its weights of DKD's parts: DKD's alpha and beta, and a warm-up
+    of 1 epoch, as measured (DKD's 20 are for 240-epoch CIFAR runs; at meal's 30 epochs they would ramp through two
+    thirds of the run)."""
 
     warmup: float = 1.0
 
@@ -278,7 +413,7 @@ class Meal(MealFamily):
     # DKD's decoupled KL: +6.3 points of top-1 [+2.6, +10.1] over KL on every one of 5 seeds at 100 classes, within
     # noise of dkd itself (docs/results.md, "At the class counts users have"); --soft-loss kl restores Hinton's KL.
     soft_loss: ClassVar[str] = "dkd"
-    Options: ClassVar[type] = MealDecoupledOptions
+    Options: ClassVar[type] = MealOptions
 
 
 class KD(MealFamily):
