@@ -270,8 +270,9 @@ def test_the_afd_paper_preset_has_no_teacher_terms_and_the_papers_losses(small_s
                            method_options={"mutual": 0.5}).resolved(("blocks", "maps"))  # fmt: skip
     assert (config.method, config.soft_weight, config.hard_weight, config.options.adv_loss) == ("afd", 0.0, 1.0, "ls")
     # The preset's options fill in around the ones the command names.
+    # The preset's options (its game knobs, adv_loss and adv_weight, among them) fill in around the command's.
     assert config.method_options == {"mutual": 0.5, "mutual_from": "predecessor", "teacher_adv": 0.0,
-                                     "adv_update": "separate"}  # fmt: skip
+                                     "adv_update": "separate", "adv_loss": "ls", "adv_weight": 1.0}  # fmt: skip
     with pytest.raises(UserError, match="--preset afd-paper is --method afd's settings; got --method kd"):
         DistillConfig(store="", student="resnet8_w4", preset="afd-paper", method="kd").resolved()
     with pytest.raises(UserError, match="adv_update of --method afd takes summed or separate"):
