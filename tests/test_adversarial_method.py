@@ -4,6 +4,7 @@ both games, and a method without discriminators refuses the game's settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import ClassVar
 
@@ -13,7 +14,12 @@ import torch.nn.functional as F
 
 from meal_cache import losses
 from meal_cache.distill import DistillConfig, distill, registry
-from meal_cache.distill.methods.adversarial import AdversarialInput, AdversarialMethod, AdversarialOutput
+from meal_cache.distill.methods.adversarial import (
+    GAME_SETTINGS,
+    AdversarialInput,
+    AdversarialMethod,
+    AdversarialOutput,
+)
 from meal_cache.errors import UserError
 
 
@@ -78,5 +84,6 @@ def test_a_method_without_discriminators_refuses_the_games_settings(method):
             config.resolved()
     with pytest.raises(UserError, match="--discriminators is not read"):
         DistillConfig(store="", student="resnet8_w4", method=method, discriminators=["output"]).resolved()
-    # Left at their defaults (not given), the game's settings are no concern of the method.
-    assert DistillConfig(store="", student="resnet8_w4", method=method).resolved().options.discriminators == []
+    # Left at their defaults (not given), the game's settings are no concern of the method: not among its options.
+    options = DistillConfig(store="", student="resnet8_w4", method=method).resolved().options
+    assert not {f.name for f in dataclasses.fields(options)} & {"discriminators", *GAME_SETTINGS}

@@ -14,16 +14,17 @@ from meal_cache.cli import main
 
 # The presets as meal_cache/distill/config.py defined them before they moved into meal_cache/presets/*.toml: the
 # files must give every run these settings.
-PRESETS_BEFORE_FILES = {
+PRESETS_BEFORE_FILES = {  # MEAL's and the game's knobs are the methods' options
     "reference": distill_config.Preset(
-        {"method": "meal", "representation": "maps", "soft_loss": "soft-ce", "temperature": 1.0,
-         "teacher_selection": "random", "adv_weight": 1.0, "adv_game": "joint", "disc_form": "reference",
-         "disc_lr": lambda config: config.lr / 100, "hard_weight": 0.0, "nesterov": False, "divergent_ratio": 0.0},
+        {"method": "meal", "soft_loss": "soft-ce", "temperature": 1.0, "teacher_selection": "random",
+         "hard_weight": 0.0, "nesterov": False, "divergent_ratio": 0.0,
+         "method_options": {"representation": "maps", "adv_weight": 1.0, "adv_game": "joint",
+                            "disc_form": "reference", "disc_lr": lambda config: config.lr / 100}},
         path=None),
     "afd-paper": distill_config.Preset(
-        {"method": "afd", "soft_weight": 0.0, "hard_weight": 1.0, "adv_loss": "ls", "adv_weight": 1.0,
-         "divergent_ratio": 0.0, "method_options": {"mutual": 1.0, "mutual_from": "predecessor", "teacher_adv": 0.0,
-                                                    "adv_update": "separate"}},
+        {"method": "afd", "soft_weight": 0.0, "hard_weight": 1.0, "divergent_ratio": 0.0,
+         "method_options": {"mutual": 1.0, "mutual_from": "predecessor", "teacher_adv": 0.0,
+                            "adv_update": "separate", "adv_loss": "ls", "adv_weight": 1.0}},
         path=None),
 }  # fmt: skip
 ONE_EPOCH = ["--student", "resnet8_w4", "--epochs", "1", "--batch-size", "256", "--device", "cpu", "--quiet"]

@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from console import one_error_line_of
 from method_hand import (
     SELECTION_IDS,
     SELECTIONS,
@@ -387,8 +388,8 @@ def test_a_kd_record_holds_none_of_meals_knobs_and_a_meal_record_holds_them_in_i
 
 def test_a_knobs_flag_and_the_option_of_its_name_make_the_same_run():
     by_flag = DistillConfig(store="s.zarr", student="resnet8_w4", disc_lr=1e-3, block_weights=[0.2])
-    by_option = DistillConfig(store="s.zarr", student="resnet8_w4", method_options={"disc_lr": 1e-3,
-                                                                                    "block_weights": [0.2]})  # fmt: skip
+    by_option = DistillConfig(store="s.zarr", student="resnet8_w4",
+                              method_options={"disc_lr": 1e-3, "block_weights": [0.2]})  # fmt: skip
     assert by_flag.resolved().options == by_option.resolved().options
     assert _recorded(disc_lr=1e-3)["method_options"]["disc_lr"] == 1e-3
     with pytest.raises(UserError, match="--disc-lr 0.001 and --method-option disc_lr=0.002 set one option twice"):
@@ -425,3 +426,25 @@ def test_a_preset_files_share_of_a_knob_still_follows_the_rate(tmp_path, monkeyp
 def test_a_knob_given_to_a_method_that_does_not_read_it_is_one_error_naming_the_method(settings, message):
     with pytest.raises(UserError, match=re.escape(message)):
         DistillConfig(store="s.zarr", student="resnet8_w4", **settings).resolved()
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "start_the_script"),
+    [
+        (["--method", "kd", "--representation", "maps"],
+         "Error: --method kd does not read --representation: leave it out, or use --method meal, which reads it", True),
+        (["--method", "afd", "--discriminators", "output"],
+         "Error: --method afd trains its own discriminators; --discriminators is not read", False),
+        (["--disc-lr", "1e-3", "--method-option", "disc_lr=2e-3"],
+         "Error: --disc-lr 0.001 and --method-option disc_lr=0.002 set one option twice: give one of them", False),
+        (["--adv-weight", "-1"], "Error: --adv-weight must be >= 0, got -1.0", False),
+    ],
+)  # fmt: skip
+def test_a_knobs_refusal_on_the_command_line_is_one_line_and_writes_nothing(args, message, start_the_script,
+                                                                          small_store, tmp_path):  # fmt: skip
+    """docs/errors.md's rows for the knobs: the flag named as given, before anything is written."""
+    out = tmp_path / "run"
+    line = one_error_line_of(["distill", "--store", str(small_store[0]), "--student", "resnet8_w4", *args, "--out",
+                              str(out)], tmp_path, start_the_script=start_the_script)  # fmt: skip
+    assert line.startswith(message), line
+    assert not out.exists()

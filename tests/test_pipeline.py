@@ -324,5 +324,11 @@ def test_a_method_entrys_settings_count_as_given_and_enter_the_stamp(tmp_path):
     for name in ("acn", "ref", "meal-online"):
         _student_step(Recorder(), pipeline, tmp_path, name, 7, {}, "cpu", False)
     assert stamps["acn/seed-7"]["given"] == ("soft_weight",)
-    assert stamps["ref/seed-7"]["given"] == ("adv_weight",)
+    # A knob is a method option: the step's own beats the preset's option by option, with no "given" needed.
+    ref = stamps["ref/seed-7"]
+    assert "given" not in ref and ref["method_options"] == {"adv_weight": 0.1}
+    from meal_cache.distill import DistillConfig
+
+    resolved = DistillConfig(**{k: ref[k] for k in ("store", "student", "method", "preset", "method_options")})
+    assert resolved.resolved().options.adv_weight == 0.1 and resolved.resolved().options.adv_game == "joint"
     assert "given" not in stamps["meal-online/seed-7"]  # nothing a preset fills in: the stamp of earlier versions

@@ -14,7 +14,6 @@ from dask.utils import parse_bytes
 from meal_cache.data.source import check_decode
 from meal_cache.distill.methods.adversarial import GAME_SETTINGS, plays_the_game
 from meal_cache.distill.methods.base import OPTION_FLAGS, SELECTIONS, SOFT_TERMS, Method
-from meal_cache.distill.methods.meal import BlockOptions
 from meal_cache.distill.registry import available_methods, method_class
 from meal_cache.engine.loop import check_nesterov, check_number, check_optimisation, check_workers
 from meal_cache.errors import UserError, unknown_choice
@@ -221,11 +220,17 @@ PRESETS: dict[str, Preset] = {path.stem: read_preset(path) for path in sorted(PR
 # Settings a record (config.json, a pipeline step's stamp) holds only when they are set, so the records of runs
 # made before they existed stay the same.
 RECORDED_WHEN_SET = {"peers": None, "given": (), "nesterov": True, "eval_every": 1, "options": None}
+
+
 # The names a distill step's settings take (a pipeline's method table, a --config file): the config's fields and
 # the knobs that fill the options of MEAL's family (OPTION_FLAGS), each with its type.
-KNOB_TYPES: dict[str, object] = {
-    name: kind for name, kind in typing.get_type_hints(BlockOptions).items() if name in OPTION_FLAGS
-}
+def knob_types() -> dict[str, object]:
+    """The knobs' types, as the options of the methods that read them are typed."""
+    types: dict[str, object] = {}
+    for method in available_methods().values():
+        hints = typing.get_type_hints(method.Options)
+        types |= {name: hints[name] for name in OPTION_FLAGS if name in hints and name not in types}
+    return types
 
 
 def setting_types() -> dict[str, object]:
@@ -233,7 +238,7 @@ def setting_types() -> dict[str, object]:
     ``options``), with its type; the knobs as their options are typed."""
     hints = typing.get_type_hints(DistillConfig)
     fields = {f.name: hints[f.name] for f in dataclasses.fields(DistillConfig) if f.name not in ("given", "options")}
-    return {**fields, **KNOB_TYPES}
+    return {**fields, **knob_types()}
 
 
 def fillable_settings() -> set[str]:
@@ -250,14 +255,25 @@ def drop_unset(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _refuse_unread_knobs(config: DistillConfig, method: type[Method]) -> None:
-    """A method without discriminators refuses the game's knobs, given as flags or options, naming the flags."""
-    if plays_the_game(method):
+    """A knob given (as its flag or as an option) to a method whose options do not hold it is one line naming the
+    flags: for a method without discriminators the game's, else the methods that do read it."""
+    known = {f.name for f in dataclasses.fields(method.Options)}
+    unread = [name for name in OPTION_FLAGS if name in config.method_options and name not in known]
+    if not unread:
         return
-    given = [name for name in GAME_SETTINGS if name in config.method_options]
-    if given:
-        flags = ", ".join(OPTION_FLAGS[name] for name in given)
+    game = [name for name in GAME_SETTINGS if name in unread]
+    if game and not plays_the_game(method):
+        flags = ", ".join(OPTION_FLAGS[name] for name in game)
         raise UserError(f"--method {config.method} trains no discriminators: {flags} is not read (leave it out, "
                         "or use a method with discriminators: meal, meal-v2, kd, afd)")  # fmt: skip
+    if "discriminators" in unread and plays_the_game(method):
+        raise UserError(f"--method {config.method} trains its own discriminators; --discriminators is not read "
+                        "(--adv-weight 0 turns the adversarial terms off)")  # fmt: skip
+    readers = [name for name, other in available_methods().items()
+               if set(unread) <= {f.name for f in dataclasses.fields(other.Options)}]  # fmt: skip
+    flags = ", ".join(OPTION_FLAGS[name] for name in unread)
+    raise UserError(f"--method {config.method} does not read {flags}: leave it out, or use --method "
+                    f"{' or '.join(readers) or 'of another plug-in'}, which reads it")  # fmt: skip
 
 
 def _check_choices_and_numbers(config: DistillConfig) -> None:

@@ -130,10 +130,6 @@ class Afd(AdversarialMethod):
     @classmethod
     def check(cls, config: DistillConfig) -> DistillConfig:
         """One peer where ``--peers`` is not given; the map discriminators are its own."""
-        if "discriminators" in (config.method_options or {}):
-            instead = "--adv-weight 0 turns the adversarial terms off"
-            raise UserError(f"--method {config.method} trains its own discriminators on the peers' maps; "
-                            f"--discriminators is not read ({instead})")  # fmt: skip
         options = cls.options_of(config)
         if options.adv_update == "separate" and options.adv_game == "joint":
             raise UserError("--method-option adv_update=separate is its own adversarial step; it does not combine "

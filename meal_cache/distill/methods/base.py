@@ -194,8 +194,8 @@ class Method(nn.Module):
     @classmethod
     def options_of(cls, config: MethodSettings) -> Any:
         """The method's own options: a resolved config's (``config.options``, every default filled in), else from
-        ``config.method_options``, checked; unknown names are one clear error naming the method (and the flag,
-        for a knob that has one, ``--disc-lr``)."""
+        ``config.method_options``, checked; unknown names are one clear error naming the method (a knob given
+        to a method that does not read it is refused earlier, by the config, naming the methods that do)."""
         resolved = getattr(config, "options", None)
         if isinstance(resolved, cls.Options):
             return resolved
@@ -204,15 +204,6 @@ class Method(nn.Module):
         unknown = sorted(set(given) - set(known))
         if unknown:
             takes = ", ".join(known) or "none"
-            flags = [name for name in unknown if name in OPTION_FLAGS]
-            if flags:
-                from meal_cache.distill.registry import available_methods  # the registry imports this module
-
-                named = ", ".join(OPTION_FLAGS[name] for name in flags)
-                readers = [name for name, method in available_methods().items()
-                           if set(flags) <= {f.name for f in dataclasses.fields(method.Options)}]  # fmt: skip
-                raise UserError(f"--method {cls.name} does not read {named}: leave it out, or use --method "
-                                f"{' or '.join(readers) or 'of another plug-in'}, which reads it")  # fmt: skip
             raise UserError(f"--method {cls.name} has no option {', '.join(unknown)} (its options: {takes})")
         options = cls.Options(**{key: _option_value(cls.name, known[key], value) for key, value in given.items()})
         cls.check_options(options)
@@ -334,6 +325,12 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
+def _option_named(method: str, name: str) -> str:
+    """An option as a refusal names it: by its flag where it has one (``--adv-weight``), as the user most likely
+    gave it."""
+    return OPTION_FLAGS.get(name) or f"--method-option {name} of --method {method}"
+
+
 def _option_value(method: str, option: dataclasses.Field, value: Any) -> Any:
     """An option's value as its field's type: a number option takes a finite number (a whole one where the
     default is whole) at least the field's ``metadata["low"]`` (0 unless said)."""
@@ -344,10 +341,10 @@ def _option_value(method: str, option: dataclasses.Field, value: Any) -> Any:
     number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not number or (whole and value != int(value)):
         kind = "a whole number" if whole else "a number"
-        raise UserError(f"--method-option {option.name} of --method {method} takes {kind}, got {value!r}")
+        raise UserError(f"{_option_named(method, option.name)} takes {kind}, got {value!r}")
     low = option.metadata.get("low", 0)
     if value < low:
-        raise UserError(f"--method-option {option.name} of --method {method} must be >= {low}, got {value}")
+        raise UserError(f"{_option_named(method, option.name)} must be >= {low}, got {value}")
     return int(value) if whole else float(value)
 
 
