@@ -368,6 +368,28 @@ def test_a_damaged_cache_file_is_ignored_and_rewritten(samples, tmp_path, monkey
     assert read == [] and not [p for p in (tmp_path / "index").iterdir() if p.suffix != ".json"]
 
 
+def test_a_write_stopped_midway_leaves_no_cache_file(samples, tmp_path, monkeypatch):
+    """A load stopped (Ctrl-C) halfway through writing a shard's index leaves neither a half file nor its
+    temporary one, and the next load indexes that shard afresh (a SIGKILL can leave only a ``.tmp`` file, which
+    nothing reads)."""
+    monkeypatch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path / "index"))
+    folder = write_shards(tmp_path / "d", samples)
+    real = json.dump
+
+    def stopped(content, out, **kwargs) -> None:
+        out.write(json.dumps(content)[:100])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(json, "dump", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            load_dataset(f"wds:{folder}")
+    assert json.dump is real and list((tmp_path / "index").iterdir()) == []
+    read = count_header_reads(monkeypatch)
+    assert_index_is(load_dataset(f"wds:{folder}"), folder, shard_contents(samples))
+    assert len(read) == 4 and len(list((tmp_path / "index").iterdir())) == 4
+
+
 def test_an_unwritable_cache_folder_costs_only_the_speed(samples, tmp_path, monkeypatch):
     (tmp_path / "taken").write_text("a file where the cache folder would be")
     monkeypatch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path / "taken" / "index"))
