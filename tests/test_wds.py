@@ -400,6 +400,21 @@ def test_an_unwritable_cache_folder_costs_only_the_speed(samples, tmp_path, monk
     assert len(read) == 8  # every load from the headers, without a word
 
 
+def test_a_file_system_that_gives_no_tag_is_indexed_every_load(samples, tmp_path, monkeypatch):
+    """Without an ETag or mtime in info(), a same-size rewrite could not be told apart: nothing is kept."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    monkeypatch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path / "index"))
+    real = LocalFileSystem.info
+    monkeypatch.setattr(LocalFileSystem, "info", lambda self, path, **kw: {
+        k: v for k, v in real(self, path, **kw).items() if k not in ("mtime", "created")})  # fmt: skip
+    folder = write_shards(tmp_path / "d", samples)
+    read = count_header_reads(monkeypatch)
+    for _ in range(2):
+        assert_index_is(load_dataset(f"wds:{folder}"), folder, shard_contents(samples))
+    assert len(read) == 8 and not (tmp_path / "index").exists()
+
+
 def test_the_index_cache_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.delenv(wds.INDEX_CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
