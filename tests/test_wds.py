@@ -303,7 +303,11 @@ def test_a_second_load_reads_no_tar_headers_and_gives_the_same_index_and_pixels(
     folder = write_shards(tmp_path / "d", samples)
     read = count_header_reads(monkeypatch)
     cold = load_dataset(f"wds:{folder}")
-    assert sorted(read) == sorted(shard_contents(samples)) and len(list((tmp_path / "index").iterdir())) == 4
+    kept = list((tmp_path / "index").iterdir())
+    assert sorted(read) == sorted(shard_contents(samples)) and len(kept) == 4
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(path.stat().st_mode & 0o777 == 0o666 & ~umask for path in kept)  # the umask's, as a shared folder needs
     read.clear()
     warm = load_dataset(f"wds:{folder}")
     assert read == []

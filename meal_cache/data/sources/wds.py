@@ -30,8 +30,8 @@ import hashlib
 import json
 import os
 import posixpath
+import secrets
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -307,7 +307,9 @@ class _IndexCache:
         target = self._file(shard)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
+            temporary = str(target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+            # Not mkstemp, whose files are 0600: the umask's permissions let one folder serve a team.
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except OSError:
             return  # an unwritable cache costs only the speed
         try:
