@@ -394,6 +394,18 @@ def test_a_write_stopped_midway_leaves_no_cache_file(samples, tmp_path, monkeypa
     assert len(read) == 4 and len(list((tmp_path / "index").iterdir())) == 4
 
 
+def test_a_relative_brace_pattern_is_kept_under_its_shards_absolute_paths(samples, tmp_path, monkeypatch):
+    """Else two folders' shards of one relative name, loaded from two working folders, would share an index."""
+    monkeypatch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path / "index"))
+    folder = write_shards(tmp_path / "d", samples)
+    monkeypatch.chdir(tmp_path)
+    read = count_header_reads(monkeypatch)
+    for _ in range(2):
+        assert_index_is(load_dataset("wds:d/{train-{000..002},val-000}.tar"), Path("d"), shard_contents(samples))
+    cache = wds._IndexCache(tmp_path / "index")
+    assert len(read) == 4 and all(cache._file(str(folder / name)).is_file() for name in shard_contents(samples))
+
+
 def test_an_unwritable_cache_folder_costs_only_the_speed(samples, tmp_path, monkeypatch):
     (tmp_path / "taken").write_text("a file where the cache folder would be")
     monkeypatch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path / "taken" / "index"))

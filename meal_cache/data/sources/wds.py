@@ -278,7 +278,7 @@ class _IndexCache:
     folder: Path
 
     def _file(self, shard: str) -> Path:
-        return self.folder / f"{hashlib.sha256(shard.encode(errors='surrogateescape')).hexdigest()[:32]}.json"
+        return self.folder / f"{hashlib.sha256(shard.encode(errors='surrogatepass')).hexdigest()[:32]}.json"
 
     @staticmethod
     def _identity(shard: str, info: dict) -> dict | None:
@@ -297,7 +297,7 @@ class _IndexCache:
                 return None
             index = _ShardIndex(**{name: kept[name] for name in _ShardIndex.__dataclass_fields__})
             return index if _well_formed(index, identity["size"]) else None
-        except (OSError, ValueError, KeyError, TypeError):  # none yet, or not one this version wrote whole
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):  # none yet, or not written whole
             return None
 
     def put(self, shard: str, info: dict, index: _ShardIndex) -> None:
@@ -356,11 +356,11 @@ def index_shards(location: str) -> tuple[ShardReader, dict[str, np.ndarray], np.
         with object_storage_errors(location):
             info = place.filesystem.info(path)  # size and tag: from s3fs's kept listing, else one HEAD
         sizes.append(int(info["size"]))
-        full = place.full(path)
-        index = cache.get(full, info)
+        where = place.full(path) if place.url else os.path.abspath(path)  # a brace pattern's may be relative
+        index = cache.get(where, info)
         if index is None:
             index = _read_headers(place, path, sizes[-1])
-            cache.put(full, info, index)
+            cache.put(where, info, index)
         start = len(offsets)
         split_rows[_split_of(path)].extend(range(start, start + len(index.keys)))
         shard_of.extend([number] * len(index.keys))
