@@ -4,6 +4,8 @@ through extract and distill, and refused in one line when a shard is bad (issue 
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 import tarfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from console import one_error_line, one_error_line_in_process, run_console
 
 from meal_cache.data.datasets import load_dataset
+from meal_cache.data.sources import wds
 from meal_cache.errors import UserError
 from meal_cache.views import augment
 
@@ -68,6 +71,15 @@ def write_folder(root: Path, samples, held_out: int = 15) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
     return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _index_cache(tmp_path_factory):
+    """The shard index cache in this module's own folder, never the user's (the console scripts inherit it); the
+    cache's own tests below each point it at their tmp_path."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path_factory.mktemp("wds-index")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +247,196 @@ def test_a_changed_shard_is_refused_by_its_fingerprint(samples, teachers, tmp_pa
     result = run_console(["distill", "--store", str(tmp_path / "s.zarr"), "--student", "resnet8_w4", "--epochs", "1",
                           "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet"], tmp_path)  # fmt: skip
     assert "fingerprint differs" in one_error_line(result)
+
+
+# ---------------------------------------------------------------------------------------------- the index cache
+
+
+def count_header_reads(monkeypatch) -> list[str]:
+    """The names of the shards whose tar headers are read from now on (wds._index_shard is the one reader)."""
+    read: list[str] = []
+    real = wds._index_shard
+
+    def counted(place, path, size):
+        read.append(posixpath.basename(path))
+        return real(place, path, size)
+
+    monkeypatch.setattr(wds, "_index_shard", counted)
+    return read
+
+
+def write_shard(path: Path, rows) -> None:
+    import webdataset
+
+    with webdataset.TarWriter(str(path)) as sink:
+        for key, label, suffix, data in rows:
+            sink.write({"__key__": key, suffix: data, "cls": str(label)})
+
+
+def assert_index_is(dataset, folder: Path, shards: dict[str, list]) -> None:
+    """The dataset's rows are ``shards``' samples (shard name -> its samples, train shards first, in order):
+    their names, labels and each row's bytes as written, and its offsets and lengths the tar's own members'."""
+    reader = dataset.train.reader
+    expected = [(name, sample) for name, rows in shards.items() for sample in rows]
+    assert reader.shards == tuple(str(folder / name) for name in shards)
+    assert reader.names.tolist() == [f"{name}/{key}.{suffix}".encode() for name, (key, _, suffix, _) in expected]
+    labels = torch.cat([dataset.train.labels, dataset.test.labels])
+    assert labels.tolist() == [label for _, (_, label, _, _) in expected]
+    members = []
+    for name in shards:
+        with tarfile.open(folder / name) as tar:
+            members += [m for m in tar.getmembers() if m.name.rsplit(".", 1)[1] in ("jpg", "png")]
+    assert reader.offsets.tolist() == [m.offset_data for m in members]
+    assert reader.lengths.tolist() == [m.size for m in members]
+    assert [reader.read(row) for row in range(len(expected))] == [data for _, (*_, data) in expected]
+
+
+def shard_contents(samples) -> dict[str, list]:
+    """write_shards' shards of ``samples``: shard name -> its samples."""
+    train, val = samples[:-15], samples[-15:]
+    return {**{f"train-{n:03d}.tar": train[s : s + 16] for n, s in enumerate(range(0, len(train), 16))},
+            "val-000.tar": val}  # fmt: skip
+
+
+def test_a_second_load_reads_no_tar_headers_and_gives_the_same_index_and_pixels(samples, tmp_path, monkeypatch):
+    monkeypatch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path / "index"))
+    folder = write_shards(tmp_path / "d", samples)
+    read = count_header_reads(monkeypatch)
+    cold = load_dataset(f"wds:{folder}")
+    kept = list((tmp_path / "index").iterdir())
+    assert sorted(read) == sorted(shard_contents(samples)) and len(kept) == 4
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(path.stat().st_mode & 0o777 == 0o666 & ~umask for path in kept)  # the umask's, as a shared folder needs
+    read.clear()
+    warm = load_dataset(f"wds:{folder}")
+    assert read == []
+    for field in ("shards", "shard_bytes", "shard_of", "offsets", "lengths", "names"):
+        ours, theirs = getattr(warm.train.reader, field), getattr(cold.train.reader, field)
+        assert type(ours) is type(theirs) and np.array_equal(ours, theirs), field
+        assert getattr(ours, "dtype", None) == getattr(theirs, "dtype", None), field
+    for name in ("train", "test"):
+        assert np.array_equal(warm.split(name).rows, cold.split(name).rows)
+        assert torch.equal(warm.split(name).labels, cold.split(name).labels)
+        assert torch.equal(pixels_of(warm.split(name), warm.split(name).eval_view(0)),
+                           pixels_of(cold.split(name), cold.split(name).eval_view(0)))  # fmt: skip
+    assert warm.fingerprint("train") == cold.fingerprint("train") and warm.classes == CLASSES
+    assert_index_is(warm, folder, shard_contents(samples))
+
+
+def test_a_rewritten_shard_is_indexed_again_and_the_others_come_from_the_cache(samples, tmp_path, monkeypatch):
+    """train-001 rewritten with other samples (other keys, images and size); train-002 with the same images but
+    other labels, so the same size and only its modification time tells (set a second on, as a rewrite a moment
+    later is, whatever the file system's time resolution)."""
+    monkeypatch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path / "index"))
+    folder = write_shards(tmp_path / "d", samples)
+    load_dataset(f"wds:{folder}")
+    shards = shard_contents(samples)
+    shards["train-001.tar"] = digit_samples(76)[60:]  # the same digits' next 16: keys and images not in a shard
+    assert not {key for key, *_ in shards["train-001.tar"]} & {key for key, *_ in samples}
+    shards["train-002.tar"] = [(key, (label + 1) % 3, suffix, data) for key, label, suffix, data in samples[32:45]]
+    before = (folder / "train-002.tar").stat()
+    for name in ("train-001.tar", "train-002.tar"):
+        write_shard(folder / name, shards[name])
+    assert (folder / "train-002.tar").stat().st_size == before.st_size
+    os.utime(folder / "train-002.tar", ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    read = count_header_reads(monkeypatch)
+    dataset = load_dataset(f"wds:{folder}")
+    assert sorted(read) == ["train-001.tar", "train-002.tar"]
+    assert_index_is(dataset, folder, shards)
+    read.clear()
+    assert_index_is(load_dataset(f"wds:{folder}"), folder, shards)
+    assert read == []  # their new indexes were kept
+
+
+def test_a_damaged_cache_file_is_ignored_and_rewritten(samples, tmp_path, monkeypatch):
+    """Cut in half (as a write that was not atomic would leave it), not JSON, JSON of another shape, and
+    well-formed JSON whose offsets lie past the shard's end: each shard is indexed from its headers again."""
+    monkeypatch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path / "index"))
+    folder = write_shards(tmp_path / "d", samples)
+    load_dataset(f"wds:{folder}")
+    cache = wds._IndexCache(tmp_path / "index")
+    files = {name: cache._file(str(folder / name)) for name in shard_contents(samples)}
+    text = files["train-000.tar"].read_text()
+    files["train-000.tar"].write_text(text[: len(text) // 2])
+    files["train-001.tar"].write_bytes(b"\x00" * 100)
+    files["train-002.tar"].write_text("[1, 2, 3]")
+    kept = json.loads(files["val-000.tar"].read_text())
+    kept["offsets"] = [offset + 10**6 for offset in kept["offsets"]]
+    files["val-000.tar"].write_text(json.dumps(kept))
+    read = count_header_reads(monkeypatch)
+    assert_index_is(load_dataset(f"wds:{folder}"), folder, shard_contents(samples))
+    assert sorted(read) == sorted(files)
+    read.clear()
+    assert_index_is(load_dataset(f"wds:{folder}"), folder, shard_contents(samples))
+    assert read == [] and not [p for p in (tmp_path / "index").iterdir() if p.suffix != ".json"]
+
+
+def test_a_write_stopped_midway_leaves_no_cache_file(samples, tmp_path, monkeypatch):
+    """A load stopped (Ctrl-C) halfway through writing a shard's index leaves neither a half file nor its
+    temporary one, and the next load indexes that shard afresh (a SIGKILL can leave only a ``.tmp`` file, which
+    nothing reads)."""
+    monkeypatch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path / "index"))
+    folder = write_shards(tmp_path / "d", samples)
+    real = json.dump
+
+    def stopped(content, out, **kwargs) -> None:
+        out.write(json.dumps(content)[:100])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(json, "dump", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            load_dataset(f"wds:{folder}")
+    assert json.dump is real and list((tmp_path / "index").iterdir()) == []
+    read = count_header_reads(monkeypatch)
+    assert_index_is(load_dataset(f"wds:{folder}"), folder, shard_contents(samples))
+    assert len(read) == 4 and len(list((tmp_path / "index").iterdir())) == 4
+
+
+def test_a_relative_brace_pattern_is_kept_under_its_shards_absolute_paths(samples, tmp_path, monkeypatch):
+    """Else two folders' shards of one relative name, loaded from two working folders, would share an index."""
+    monkeypatch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path / "index"))
+    folder = write_shards(tmp_path / "d", samples)
+    monkeypatch.chdir(tmp_path)
+    read = count_header_reads(monkeypatch)
+    for _ in range(2):
+        assert_index_is(load_dataset("wds:d/{train-{000..002},val-000}.tar"), Path("d"), shard_contents(samples))
+    cache = wds._IndexCache(tmp_path / "index")
+    assert len(read) == 4 and all(cache._file(str(folder / name)).is_file() for name in shard_contents(samples))
+
+
+def test_an_unwritable_cache_folder_costs_only_the_speed(samples, tmp_path, monkeypatch):
+    (tmp_path / "taken").write_text("a file where the cache folder would be")
+    monkeypatch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path / "taken" / "index"))
+    folder = write_shards(tmp_path / "d", samples)
+    read = count_header_reads(monkeypatch)
+    for _ in range(2):
+        assert_index_is(load_dataset(f"wds:{folder}"), folder, shard_contents(samples))
+    assert len(read) == 8  # every load from the headers, without a word
+
+
+def test_a_file_system_that_gives_no_tag_is_indexed_every_load(samples, tmp_path, monkeypatch):
+    """Without an ETag or mtime in info(), a same-size rewrite could not be told apart: nothing is kept."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    monkeypatch.setenv(wds.INDEX_CACHE_ENV, str(tmp_path / "index"))
+    real = LocalFileSystem.info
+    monkeypatch.setattr(LocalFileSystem, "info", lambda self, path, **kw: {
+        k: v for k, v in real(self, path, **kw).items() if k not in ("mtime", "created")})  # fmt: skip
+    folder = write_shards(tmp_path / "d", samples)
+    read = count_header_reads(monkeypatch)
+    for _ in range(2):
+        assert_index_is(load_dataset(f"wds:{folder}"), folder, shard_contents(samples))
+    assert len(read) == 8 and not (tmp_path / "index").exists()
+
+
+def test_the_index_cache_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.delenv(wds.INDEX_CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert wds.index_cache_folder() == tmp_path / "meal-cache" / "wds-index"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert wds.index_cache_folder() == Path.home() / ".cache" / "meal-cache" / "wds-index"
 
 
 # ---------------------------------------------------------------------------------------------- bad shards

@@ -7,19 +7,33 @@ A sample is the members that share a key, as webdataset groups them (its ``base_
 ``label``. Class names come from ``classes.txt`` (one a line) or ``_info.json``'s ``classes`` beside the shards,
 else they are ``"0"`` .. ``"C-1"``, C one more than the largest label.
 
-Random access: the index records each sample's image member as (shard, byte offset, length), read once per load
-from the shards' tar headers; a worker reads a row by seeking there. webdataset 1.0.2 iterates shards only as a
-stream (and its ``wids`` random-access reader is not part of it), so the headers are read with Python's
-``tarfile`` in seekable mode, which skips over the members' data; nothing here parses tar itself.
+Random access: the index records each sample's image member as (shard, byte offset, length), read from the
+shards' tar headers; a worker reads a row by seeking there. webdataset 1.0.2 iterates shards only as a stream (and
+its ``wids`` random-access reader is not part of it), so the headers are read with Python's ``tarfile`` in seekable
+mode, which skips over the members' data; nothing here parses tar itself.
+
+The index cache: reading every shard's headers and each sample's label member is thousands of ranged GETs for
+ImageNet's 1,024 shards in object storage, on every load (each extract, distill, train and torchrun rank), so each
+shard's index (its keys, image members' offsets, lengths and suffixes, and labels) is kept as one JSON file in
+``$MEAL_CACHE_WDS_INDEX`` if set, else ``$XDG_CACHE_HOME/meal-cache/wds-index`` (``~/.cache/meal-cache/wds-index``).
+A file is keyed by what identifies the shard's bytes, as fsspec's ``info()`` gives them: its location, its size, and
+its ``ETag`` (S3) or else its ``mtime`` (local files); a shard with another size or tag is indexed again, and a
+shard whose file system gives neither tag is indexed every load. Files are written whole (a temporary file, then a
+rename), so two ranks or a kill never leave half of one; a file that does not parse or does not match is ignored and
+rewritten; a folder that cannot be written costs only the speed: the shards are indexed from their headers, without
+a word. Only shards that index cleanly are kept, so every refusal of a bad shard below still comes from its headers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
+import secrets
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +57,9 @@ IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 LABEL_SUFFIXES = ("cls", "json")
 TRAIN_PREFIXES = ("train",)
 HELD_OUT_PREFIXES = ("val", "validation", "test")
+INDEX_CACHE_ENV = "MEAL_CACHE_WDS_INDEX"
+INDEX_FORMAT = 1  # raised whenever what a shard's index holds, or how it is read from the headers, changes
+BYTES_TAGS = ("ETag", "etag", "mtime")  # fsspec info() fields that change with a file's bytes: s3fs, gcsfs, local
 
 
 @dataclass(frozen=True)
@@ -138,11 +155,11 @@ class _Sample:
     label_suffix: str = ""
 
 
-def _index_shard(place: _Place, path: str) -> tuple[list[str], list[_Sample], tarfile.TarFile]:
-    """The shard's samples in order, their image and label members (an open tar, to read the labels)."""
+def _index_shard(place: _Place, path: str, size: int) -> tuple[list[str], list[_Sample], tarfile.TarFile]:
+    """The shard's samples in order, their image and label members (an open tar, to read the labels): the one
+    read of its tar headers."""
     from webdataset.tariterators import base_plus_ext
 
-    size = place.filesystem.size(path)
     path = place.full(path)
     try:
         tar = tarfile.open(path, "r:") if not place.url else tarfile.open(fileobj=_opened(place, path), mode="r:")
@@ -220,9 +237,109 @@ def _class_names(place: _Place, folder: str, num_classes: int) -> tuple[str, ...
     return tuple(str(n) for n in names)
 
 
+@dataclass(frozen=True)
+class _ShardIndex:
+    """One shard's samples in order: each one's key, its image member's suffix, data offset and length, its label."""
+
+    keys: list[str]
+    suffixes: list[str]
+    offsets: list[int]
+    lengths: list[int]
+    labels: list[int]
+
+    def as_json(self) -> dict:
+        return {"keys": self.keys, "suffixes": self.suffixes, "offsets": self.offsets, "lengths": self.lengths,
+                "labels": self.labels}  # fmt: skip
+
+
+def _read_headers(place: _Place, path: str, size: int) -> _ShardIndex:
+    """The shard's index from its tar headers and label members; the shard's refusals are raised here."""
+    keys, samples, tar = _index_shard(place, path, size)
+    with tar:
+        labels = [_label(tar, place.full(path), key, sample) for key, sample in zip(keys, samples, strict=True)]
+    return _ShardIndex(keys, [s.image_suffix for s in samples], [s.image.offset_data for s in samples],
+                       [s.image.size for s in samples], labels)  # fmt: skip
+
+
+def index_cache_folder() -> Path:
+    """Where shard indexes are kept: ``$MEAL_CACHE_WDS_INDEX``, else ``$XDG_CACHE_HOME/meal-cache/wds-index``
+    (``~/.cache/meal-cache/wds-index``)."""
+    explicit = os.environ.get(INDEX_CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "meal-cache" / "wds-index"
+
+
+@dataclass(frozen=True)
+class _IndexCache:
+    """Shard indexes as JSON files in ``folder``, one a shard location, each valid for the size and tag it
+    records (the module docstring has the rules)."""
+
+    folder: Path
+
+    def _file(self, shard: str) -> Path:
+        return self.folder / f"{hashlib.sha256(shard.encode(errors='surrogatepass')).hexdigest()[:32]}.json"
+
+    @staticmethod
+    def _identity(shard: str, info: dict) -> dict | None:
+        tags = {name: str(info[name]) for name in BYTES_TAGS if info.get(name) is not None}
+        if not tags:
+            return None  # nothing says when its bytes change: the size alone would keep a rewritten shard's index
+        return {"format": INDEX_FORMAT, "shard": shard, "size": int(info["size"]), "tags": tags}
+
+    def get(self, shard: str, info: dict) -> _ShardIndex | None:
+        identity = self._identity(shard, info)
+        if identity is None:
+            return None
+        try:
+            kept = json.loads(self._file(shard).read_bytes())
+            if {name: kept[name] for name in identity} != identity:
+                return None
+            index = _ShardIndex(**{name: kept[name] for name in _ShardIndex.__dataclass_fields__})
+            return index if _well_formed(index, identity["size"]) else None
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):  # none yet, or not written whole
+            return None
+
+    def put(self, shard: str, info: dict, index: _ShardIndex) -> None:
+        identity = self._identity(shard, info)
+        if identity is None:
+            return
+        target = self._file(shard)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = str(target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+            # Not mkstemp, whose files are 0600: the umask's permissions let one folder serve a team.
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError:
+            return  # an unwritable cache costs only the speed
+        try:
+            with os.fdopen(handle, "w") as out:
+                json.dump({**identity, **index.as_json()}, out)
+            os.replace(temporary, target)  # whole or not at all, whichever rank or kill comes first
+        except OSError:
+            pass
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+
+def _well_formed(index: _ShardIndex, size: int) -> bool:
+    """Whether a parsed cache file holds an index these shards could have: a file edited or damaged so that it
+    still parses is read from the headers again rather than served."""
+    count = len(index.keys)
+    if not all(isinstance(column, list) and len(column) == count for column in index.as_json().values()):
+        return False
+    if not all(isinstance(key, str) for key in index.keys) or not set(index.suffixes) <= set(IMAGE_SUFFIXES):
+        return False
+    if not all(type(n) is int and n >= 0 for n in index.offsets + index.lengths + index.labels):
+        return False
+    return all(o + n <= size for o, n in zip(index.offsets, index.lengths, strict=True))
+
+
 def index_shards(location: str) -> tuple[ShardReader, dict[str, np.ndarray], np.ndarray, _Place, str]:
     """The reader over every shard of ``location``, each split's reader rows, every row's label, and the shards'
-    place and folder."""
+    place and folder. Each shard's index comes from the index cache when it holds one for the shard's bytes, else
+    from its headers (and is then kept)."""
     place, shards = _shard_paths(location)
     by_split = {"train": [s for s in shards if _split_of(s) == "train"],
                 "test": [s for s in shards if _split_of(s) == "test"]}  # fmt: skip
@@ -231,24 +348,33 @@ def index_shards(location: str) -> tuple[ShardReader, dict[str, np.ndarray], np.
             raise UserError(f"wds '{location}' has no {split} shards: it needs {wanted} (found "
                             f"{len(shards)} .tar file(s))")  # fmt: skip
     ordered = by_split["train"] + by_split["test"]
+    cache = _IndexCache(index_cache_folder())
     shard_of, offsets, lengths, names, labels = [], [], [], [], []
     split_rows: dict[str, list[int]] = {"train": [], "test": []}
+    sizes = []
     for number, path in enumerate(ordered):
-        keys, samples, tar = _index_shard(place, path)
-        with tar:
-            for key, sample in zip(keys, samples, strict=True):
-                labels.append(_label(tar, place.full(path), key, sample))
-                split_rows[_split_of(path)].append(len(offsets))
-                shard_of.append(number)
-                offsets.append(sample.image.offset_data)
-                lengths.append(sample.image.size)
-                names.append(os.fsencode(f"{posixpath.basename(path)}/{key}.{sample.image_suffix}"))
+        with object_storage_errors(location):
+            info = place.filesystem.info(path)  # size and tag: from s3fs's kept listing, else one HEAD
+        sizes.append(int(info["size"]))
+        where = place.full(path) if place.url else os.path.abspath(path)  # a brace pattern's may be relative
+        index = cache.get(where, info)
+        if index is None:
+            index = _read_headers(place, path, sizes[-1])
+            cache.put(where, info, index)
+        start = len(offsets)
+        split_rows[_split_of(path)].extend(range(start, start + len(index.keys)))
+        shard_of.extend([number] * len(index.keys))
+        offsets.extend(index.offsets)
+        lengths.extend(index.lengths)
+        labels.extend(index.labels)
+        base = posixpath.basename(path)
+        names.extend(
+            os.fsencode(f"{base}/{key}.{suffix}") for key, suffix in zip(index.keys, index.suffixes, strict=True)
+        )
     for split, rows in split_rows.items():
         if not rows:
             raise UserError(f"wds '{location}': the {split} shards hold no samples")
-    with object_storage_errors(location):
-        sizes = tuple(int(place.filesystem.size(p)) for p in ordered)
-    reader = ShardReader(str(location), tuple(place.full(p) for p in ordered), sizes,
+    reader = ShardReader(str(location), tuple(place.full(p) for p in ordered), tuple(sizes),
                          np.asarray(shard_of, dtype=np.int32), np.asarray(offsets, dtype=np.int64),
                          np.asarray(lengths, dtype=np.int64), np.array(names, dtype=bytes))  # fmt: skip
     rows = {split: np.asarray(r, dtype=np.int64) for split, r in split_rows.items()}
