@@ -22,10 +22,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _datasets_cache(tmp_path_factory):
-    """datasets' Arrow cache (of parquet files and fetched object storage) in the session's own folder, never the
-    user's: set before anything imports datasets, which reads it once, and inherited by the console scripts."""
+    """datasets' Arrow cache (of parquet files and fetched object storage) and the tar shards' index cache in the
+    session's own folders, never the user's: set before anything imports datasets, which reads it once, and
+    inherited by the console scripts."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
+        patch.setenv("MEAL_CACHE_WDS_INDEX", str(tmp_path_factory.mktemp("wds-index")))
         yield
 
 
