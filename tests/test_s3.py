@@ -403,3 +403,33 @@ def test_parquet_in_a_bucket_is_fetched_once_and_again_when_it_changes(s3, tmp_p
     after = load_dataset(f"hf:s3://{BUCKET}/once")
     assert len(set(cache.glob("*/data/*.parquet")) - before - set(fetched)) == 4
     assert after.fingerprint("train") != first.fingerprint("train")
+
+
+def test_shards_in_a_bucket_are_indexed_once_and_again_when_one_changes(s3, tmp_path, monkeypatch):
+    """The shard index cache in object storage (issue 40): a second load of ``wds:s3://`` shards reads no tar
+    headers; one shard uploaded again at the same size with other labels (so only its ETag tells) is indexed
+    again, alone, and its new labels are read."""
+    from test_wds import count_header_reads, digit_samples, write_shard, write_shards
+
+    for name, value in s3.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MEAL_CACHE_WDS_INDEX", str(tmp_path / "index"))
+    samples = digit_samples(count=40)
+    local = write_shards(tmp_path / "shards", samples, held_out=10)
+    filesystem = _bucket(s3)
+    for path in local.iterdir():
+        filesystem.put_file(str(path), f"{BUCKET}/indexed/{path.name}")
+    data = f"wds:s3://{BUCKET}/indexed"
+    read = count_header_reads(monkeypatch)
+    first = load_dataset(data)
+    assert sorted(read) == sorted(p.name for p in local.glob("*.tar"))
+    read.clear()
+    assert torch.equal(load_dataset(data).train.labels, first.train.labels) and read == []
+    relabelled = [(key, (label + 1) % 3, suffix, image) for key, label, suffix, image in samples[16:30]]
+    write_shard(local / "train-001.tar", relabelled)  # train-001 holds samples 16-29: the same bytes but the labels
+    assert (local / "train-001.tar").stat().st_size == filesystem.size(f"{BUCKET}/indexed/train-001.tar")
+    filesystem.put_file(str(local / "train-001.tar"), f"{BUCKET}/indexed/train-001.tar")
+    again = load_dataset(data)
+    assert read == ["train-001.tar"]
+    expected = [label for _, label, _, _ in samples[:16]] + [label for _, label, _, _ in relabelled]
+    assert again.train.labels.tolist() == expected

@@ -122,6 +122,8 @@ def _shard_paths(location: str) -> tuple[_Place, list[str]]:
     place, root = _place(location)
     filesystem = place.filesystem
     with object_storage_errors(location):
+        # fsspec keeps listings per process: a shard replaced since must be seen, its tag in the index cache's key.
+        filesystem.invalidate_cache()
         if "{" in location:
             from webdataset.shardlists import expand_urls
 
