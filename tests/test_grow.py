@@ -72,8 +72,10 @@ def test_only_added_teachers_grow_a_store(small_store, digits, tmp_path):
     extract(one, target, progress=False, dataset=digits)
     with pytest.raises(UserError, match="other settings.*teacher_checkpoints.resnet8_w4.*there, absent now"):
         extract(dataclasses.replace(one, teachers=["densenet_k12"]), target, progress=False, dataset=digits)
-    with pytest.raises(UserError, match="other settings.*views: 1 there, 2 now"):
-        extract(dataclasses.replace(one, teachers=config.teachers, views=2), target, progress=False, dataset=digits)
+    # Teachers and views added grow it (below); with another setting changed besides, it is refused naming it.
+    with pytest.raises(UserError, match="other settings.*seed: 0 there, 1 now"):
+        extract(dataclasses.replace(one, teachers=config.teachers, views=2, seed=1), target, progress=False,
+                dataset=digits)  # fmt: skip
     assert open_store(target).teacher_names == ["resnet8_w4"] and open_store(target).complete
 
 
@@ -223,3 +225,34 @@ def test_a_growth_killed_before_its_origin_is_recorded_is_recorded_by_the_resume
     extract(both, grown, progress=False, dataset=few)
     extract(both, grown, progress=False, dataset=few)
     assert [entry["teachers"] for entry in read_origins(open_store(grown).group)] == [["resnet8_w4"], ["densenet_k12"]]
+
+
+def test_teachers_and_views_added_at_once_give_the_store_extracted_at_once(small_store, digits, tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    """One extract with a teacher and a view more grows the store by both (the teacher, then the views), array for
+    array the store extracted at once; killed between the two steps, the next extract grows it by the views."""
+    import meal_cache.extract.target as target_module
+
+    _, config = small_store
+    few = _first_rows(digits, 256)
+    one = dataclasses.replace(config, teachers=["resnet8_w4"], views=1, identity_view=False)
+    both = dataclasses.replace(one, teachers=TEACHERS, views=2)
+    at_once, grown, killed = tmp_path / "at_once.zarr", tmp_path / "grown.zarr", tmp_path / "killed.zarr"
+    extract(both, at_once, progress=False, dataset=few)
+    for store in (grown, killed):
+        extract(one, store, progress=False, dataset=few)
+    extract(both, grown, progress=False, dataset=few)
+    _assert_same_store(at_once, grown)
+    added = [(entry["teachers"], entry["views"]) for entry in read_origins(open_store(grown).group)]
+    assert added == [(["resnet8_w4"], [0, 1]), (["densenet_k12"], None), ([], [1, 2])]
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target_module, "_grown_by_views", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        extract(both, killed, progress=False, dataset=few)
+    assert open_store(killed).teacher_names == TEACHERS and open_store(killed).num_views == 1
+    monkeypatch.undo()
+    extract(both, killed, progress=False, dataset=few)
+    _assert_same_store(at_once, killed)

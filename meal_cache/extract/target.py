@@ -128,31 +128,57 @@ def _existing(config: ExtractConfig, out: str | Path, dataset: ImageDataset, tea
         return existing
     added = [t.spec for t in teachers if t.spec.key not in existing.teacher_names]
     if added and grows_by_teachers(recorded, settings):
-        if existing.divergent_views:
-            raise UserError(f"'{out}' holds divergent views, searched for on its teachers' disagreement, which "
-                            f"another teacher would change: extract the teachers together into a new --out (or "
-                            "--overwrite)")  # fmt: skip
-        existing.add_teachers(added, settings)
-        record_origins(existing.group, existing.teacher_names, existing.num_views)
-        return existing
+        return _grown_by_teachers(existing, out, added, settings)
     if grows_by_views(recorded, settings):
-        if existing.identity_view is not None or existing.divergent_views or existing.dense:
-            raise UserError(f"'{out}' holds an identity, divergent or dense view after its augmented ones, which more "
-                            "augmented views would move: extract the store again with every view (a new --out, or "
-                            "--overwrite)")  # fmt: skip
-        sizes = dataset.split(config.split).source_sizes(config.workers)
-        draw = _view_drawer(config, dataset, sizes)
-        recipe = dataset.view_recipe(config.augment_options())
-        views_info = _views_info(config, dataset, recipe, config.views, False,
-                                 augment.policy_for(config.recipe, recipe.name), config.mixing(), None)  # fmt: skip
-        existing.add_views([draw(view) for view in range(existing.num_views, config.views)], settings, views_info)
-        record_origins(existing.group, existing.teacher_names, existing.num_views)
-        return existing
+        return _grown_by_views(existing, out, config, dataset, settings)
+    # Teachers and views added at once: the teachers first (over the stored views), then the views (for every
+    # teacher), each step recorded in the store's settings before any unit runs, so a kill between them resumes
+    # into the second.
+    teachers_first = {**settings, "views": recorded.get("views")} if isinstance(recorded, dict) else None
+    if (
+        added
+        and teachers_first is not None
+        and grows_by_teachers(recorded, teachers_first)
+        and grows_by_views(teachers_first, settings)
+    ):
+        _refuse_more_views(existing, out)
+        _grown_by_teachers(existing, out, added, teachers_first)
+        return _grown_by_views(existing, out, config, dataset, settings)
     difference = settings_difference(recorded, settings)
     raise SettingsMismatch(
         f"'{out}' was extracted with other settings ({difference}); "
         "pass --overwrite to replace it, or choose another --out"
     )
+
+
+def _grown_by_teachers(existing: TeacherStore, out: str | Path, added: list, settings: dict) -> TeacherStore:
+    if existing.divergent_views:
+        raise UserError(f"'{out}' holds divergent views, searched for on its teachers' disagreement, which "
+                        f"another teacher would change: extract the teachers together into a new --out (or "
+                        "--overwrite)")  # fmt: skip
+    existing.add_teachers(added, settings)
+    record_origins(existing.group, existing.teacher_names, existing.num_views)
+    return existing
+
+
+def _refuse_more_views(existing: TeacherStore, out: str | Path) -> None:
+    if existing.identity_view is not None or existing.divergent_views or existing.dense:
+        raise UserError(f"'{out}' holds an identity, divergent or dense view after its augmented ones, which more "
+                        "augmented views would move: extract the store again with every view (a new --out, or "
+                        "--overwrite)")  # fmt: skip
+
+
+def _grown_by_views(existing: TeacherStore, out: str | Path, config: ExtractConfig, dataset: ImageDataset,
+                    settings: dict) -> TeacherStore:  # fmt: skip
+    _refuse_more_views(existing, out)
+    sizes = dataset.split(config.split).source_sizes(config.workers)
+    draw = _view_drawer(config, dataset, sizes)
+    recipe = dataset.view_recipe(config.augment_options())
+    views_info = _views_info(config, dataset, recipe, config.views, False,
+                             augment.policy_for(config.recipe, recipe.name), config.mixing(), None)  # fmt: skip
+    existing.add_views([draw(view) for view in range(existing.num_views, config.views)], settings, views_info)
+    record_origins(existing.group, existing.teacher_names, existing.num_views)
+    return existing
 
 
 def _dataset_attrs(config: ExtractConfig, dataset: ImageDataset, split, device: torch.device) -> dict:
