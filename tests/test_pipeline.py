@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from console import one_error_line, run_console
 
 from meal_cache.engine.evaluate import expected_calibration_error, fidelity, kl_to_ensemble
 from meal_cache.errors import UserError
@@ -332,3 +333,32 @@ def test_a_method_entrys_settings_count_as_given_and_enter_the_stamp(tmp_path):
     resolved = DistillConfig(**{k: ref[k] for k in ("store", "student", "method", "preset", "method_options")})
     assert resolved.resolved().options.adv_weight == 0.1 and resolved.resolved().options.adv_game == "joint"
     assert "given" not in stamps["meal-online/seed-7"]  # nothing a preset fills in: the stamp of earlier versions
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("epochs = 2\n", 'epochs = "two"\n', "teacher resnet: epochs takes int, got 'two'"),
+        ("views = 2\n", 'views = "2"\n', "[store]: views takes int, got '2'"),
+        ("[student]\n", '[student]\nlr = "fast"\n', "[student]: lr takes float, got 'fast'"),
+        ("[student]\n", "[student]\nhard_weight = [1]\n", "[student]: hard_weight takes float, got [1]"),
+        ('meal = { method = "meal" }', 'meal = { method = "meal", teachers = "resnet" }',
+         "method meal: teachers takes list[str], got 'resnet'"),
+        ('meal = { method = "meal" }', 'meal = { method = "meal", disc_lr = "fast" }',
+         "method meal: disc_lr takes float, got 'fast'"),
+        ('meal = { method = "meal" }', 'meal = { method = "meal", nesterov = "yes" }',
+         "method meal: nesterov takes true or false, got 'yes'"),
+    ],
+)  # fmt: skip
+def test_a_pipeline_value_of_the_wrong_type_is_refused_naming_its_table(old, new, message, tmp_path):
+    """Every table's settings are typed as a --config file's are (a string where a number or a list goes), before
+    any step; the first case through the console script."""
+    file = tmp_path / "p.toml"
+    file.write_text(TINY.replace(old, new, 1))
+    if old == "epochs = 2\n":
+        line = one_error_line(run_console(["run", str(file), "--runs", str(tmp_path / "runs")], tmp_path))
+        assert line == f"Error: {file} {message}", line
+        assert not (tmp_path / "runs").exists()
+    with pytest.raises(UserError) as refused:
+        load_pipeline(file)
+    assert str(refused.value) == f"{file} {message}"

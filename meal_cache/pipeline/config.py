@@ -223,6 +223,15 @@ def load_step_file(path: str | Path, command: str) -> dict:
     return raw
 
 
+def _check_types(where: str, table: dict, command: str, skip: frozenset[str] = frozenset()) -> None:
+    """Each of ``table``'s settings of ``command`` (``skip`` aside) of its config field's type, as a --config file's
+    are: a string where a number or a list goes is refused naming the table, not met later as a traceback."""
+    types = step_setting_types(command)
+    for name, value in table.items():
+        if name in types and name not in skip and not _has_type(value, types[name]):
+            raise UserError(f"{where}: {name} takes {_type_name(types[name])}, got {value!r}")
+
+
 # A TOML value's check per scalar type: TOML's integers are numbers too, its booleans are not.
 _SCALARS = {
     bool: lambda value: isinstance(value, bool),
@@ -255,6 +264,8 @@ def _type_name(hint: object) -> str:
     """A field's type as a file's reader writes it: ``int`` for ``int | None`` (TOML has no None)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " | ".join(_type_name(arg) for arg in typing.get_args(hint) if arg is not type(None))
+    if hint is bool:
+        return "true or false"
     return hint.__name__ if isinstance(hint, type) else str(hint)
 
 
@@ -277,6 +288,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         if "name" not in teacher or "arch" not in teacher:
             raise UserError(f"{path}: every [[teachers]] entry needs a name and an arch")
         _check_keys(f"{path} teacher {teacher['name']}", teacher, train_fields | {"name"})
+        _check_types(f"{path} teacher {teacher['name']}", teacher, "train")
         _check_augmentation(f"{path} teacher {teacher['name']}", teacher)
         check_model_name(split_weights(teacher["arch"])[0])
         if is_pretrained(teacher):
@@ -290,6 +302,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     store_fields = fields_of(ExtractConfig) - {"teachers", "data", "data_root", "download", "image_size", "teacher_dir",
                                              "device"}  # fmt: skip
     _check_keys(f"{path} [store]", store, store_fields)
+    _check_types(f"{path} [store]", store, "extract")
     _check_augmentation(f"{path} [store]", store)
     stores_raw = raw.get("stores", {})
     if not isinstance(stores_raw, dict) or not all(isinstance(v, dict) for v in stores_raw.values()):
@@ -299,9 +312,12 @@ def load_pipeline(path: str | Path) -> Pipeline:
         if not STORE_NAME.fullmatch(name):
             raise UserError(f"{path}: store name '{name}' may hold only letters, digits, '_', '.' and '-'")
         _check_keys(f"{path} [stores.{name}]", overrides, store_fields)
+        _check_types(f"{path} [stores.{name}]", overrides, "extract")
         _check_augmentation(f"{path} [stores.{name}]", overrides)
     student = dict(raw["student"])
     _check_keys(f"{path} [student]", student, (fields_of(TrainConfig) | distill_settings()) - {"student", "store"})
+    _check_types(f"{path} [student]", student, "distill", skip=frozenset(fields_of(TrainConfig)))
+    _check_types(f"{path} [student]", student, "train")
     check_model_name(split_weights(student.get("arch", ""))[0])
     methods = {name: dict(overrides) for name, overrides in raw["methods"].items()}
     seeds = [int(s) for s in raw.get("seeds", [0])]
@@ -368,6 +384,7 @@ def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], store
             continue
         # ``store`` names a [stores] table here (the DistillConfig field of that name is the store's path).
         _check_keys(f"{path} method {name}", overrides, distill_settings() - {"student"} | {"seeds"})
+        _check_types(f"{path} method {name}", overrides, "distill", skip=frozenset({"store"}))
         if "store" in overrides:
             chosen = overrides["store"]
             if not isinstance(chosen, str):
