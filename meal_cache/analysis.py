@@ -24,6 +24,8 @@ from meal_cache.store.teacher_store import TeacherStore, open_store
 
 DEFAULT_CONFIDENCE = 0.5
 SHOWN_SUSPECTS = 10  # listed by describe_inspection; --csv writes them all
+SHOWN_CLASSES = 12  # rows of describe_inspection's per-class table; --json holds every class
+CLASS_NAME_WIDTH = 24  # a longer class name is cut there in the tables
 
 
 def row_files(store: TeacherStore) -> list[str] | None:
@@ -209,25 +211,44 @@ def _view_legend(result: dict) -> str:
     return f" ({'; '.join(kinds)})" if kinds else ""
 
 
+def _class_lines(per_class: dict[str, list[float]], classes: list[str]) -> list[str]:
+    """The per-class table: a row per class and a column per teacher and the ensemble, so it is as wide at a
+    thousand classes as at ten; above SHOWN_CLASSES classes, only the ones the ensemble (else the last teacher) gets
+    least right, hardest first."""
+    names = list(per_class)
+    order = list(range(len(classes)))
+    title = "top-1 % per class"
+    if len(classes) > SHOWN_CLASSES:
+        judged_by = "ensemble" if "ensemble" in per_class else names[-1]
+        order = sorted(order, key=lambda c: (per_class[judged_by][c], c))[:SHOWN_CLASSES]
+        title += (f": the {SHOWN_CLASSES} of {len(classes)} classes the {judged_by} gets least right "
+                  "(every class: --json PATH)")  # fmt: skip
+    label = min(CLASS_NAME_WIDTH, max(len(classes[c]) for c in order))
+    column = max(7, *(len(name) for name in names))
+    lines = [title, " " * (label + 3) + " ".join(f"{name:>{column}s}" for name in names)]
+    for c in order:
+        name = classes[c] if len(classes[c]) <= label else classes[c][: label - 1] + "~"
+        lines.append(f"  {name:{label}s} " + " ".join(f"{per_class[n][c]:{column}.2f}" for n in names))
+    return lines
+
+
 def describe_inspection(result: dict) -> str:
     teachers = result["teachers"]
     lines = [f"store {result['store']}: {result['rows']} rows, {result['views']} views", ""]
     width = max(len(n) for n in result["accuracy_per_view"])
     num_classes = len(next(iter(result["accuracy_per_class"].values())))
     classes = result.get("classes") or [f"c{i}" for i in range(num_classes)]
-    headers = {"accuracy_per_view": [_view_header(result, view) for view in range(result["views"])],
-               "accuracy_per_class": [str(name)[:7] for name in classes]}  # fmt: skip
-    view_title = "top-1 % per view" + _view_legend(result)
-    for title, key in ((view_title, "accuracy_per_view"), ("top-1 % per class", "accuracy_per_class")):
-        lines += [title, " " * (width + 3) + " ".join(f"{name:>7s}" for name in headers[key])]
-        for name, values in result[key].items():
-            lines.append(f"  {name:{width}s} " + " ".join(f"{v:7.2f}" for v in values))
-        lines.append("")
-    # Rows and columns in the same teacher order; a column is headed by its teacher's first 7 characters.
+    view_headers = [_view_header(result, view) for view in range(result["views"])]
+    lines += ["top-1 % per view" + _view_legend(result), " " * (width + 3) + " ".join(f"{h:>7s}" for h in view_headers)]
+    for name, values in result["accuracy_per_view"].items():
+        lines.append(f"  {name:{width}s} " + " ".join(f"{v:7.2f}" for v in values))
+    lines += ["", *_class_lines(result["accuracy_per_class"], [str(name) for name in classes]), ""]
+    # Rows and columns in the same teacher order, each column as wide as the longest name.
+    column = max(7, *(len(name) for name in teachers))
     lines += ["teacher agreement % (top-1, over every view and row)",
-              " " * (width + 3) + " ".join(f"{name[:7]:>7s}" for name in teachers)]  # fmt: skip
+              " " * (width + 3) + " ".join(f"{name:>{column}s}" for name in teachers)]  # fmt: skip
     for name, row in zip(teachers, result["agreement"], strict=True):
-        lines.append(f"  {name:{width}s} " + " ".join(f"{v:7.2f}" for v in row))
+        lines.append(f"  {name:{width}s} " + " ".join(f"{v:{column}.2f}" for v in row))
     if result.get("disagreement"):
         lines += ["", "teacher disagreement (Jensen-Shannon at T=1, nats; % of rows where top-1 differs)"]
         for kind, row in result["disagreement"].items():

@@ -103,3 +103,46 @@ def test_inspect_on_a_local_dask_distributed_cluster(small_store):
         remote = inspect_store(path, 0.5, scheduler="distributed", address=c.scheduler_address)
     local = inspect_store(path, 0.5)
     assert remote["accuracy_per_view"] == local["accuracy_per_view"] and remote["suspects"] == local["suspects"]
+
+
+def _inspection(num_classes: int, names: list[str]) -> dict:
+    """describe_inspection's input for two teachers: class c's ensemble top-1 is (c * 37) % 100 (every value
+    distinct below 100 classes), the teachers' 1 and 2 above it."""
+    ensemble = [float((c * 37) % 100) for c in range(num_classes)]
+    return {"store": "s.zarr", "rows": 10, "views": 1, "teachers": ["a-teacher-with-a-long-name", "b"],
+            "accuracy_per_view": {"a-teacher-with-a-long-name": [50.0], "b": [40.0], "ensemble": [60.0]},
+            "accuracy_per_class": {"a-teacher-with-a-long-name": [v + 1 for v in ensemble],
+                                   "b": [v + 2 for v in ensemble], "ensemble": ensemble},
+            "classes": names, "agreement": [[100.0, 80.0], [80.0, 100.0]], "confidence": 0.9,
+            "suspects": []}  # fmt: skip
+
+
+def _class_rows(text: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("top-1 % per class")) + 2
+    end = lines.index("", start)
+    return [line.split() for line in lines[start:end]]
+
+
+def test_the_per_class_table_is_a_row_a_class_and_the_hardest_at_many_classes():
+    """At 100 classes (digit pairs'), the 12 classes the ensemble gets least right, hardest first, each name whole
+    up to 24 characters (then cut with ~), a column a teacher headed by its whole name; at 5 classes every class in
+    class order. The hardest are found here by sorting (c * 37) % 100, not by the code under test."""
+    from meal_cache.analysis import describe_inspection
+
+    names = [f"class number {c:03d} of the pairs" for c in range(100)]  # 29 characters
+    text = describe_inspection(_inspection(100, names))
+    assert "top-1 % per class: the 12 of 100 classes the ensemble gets least right (every class: --json PATH)" in text
+    hardest = sorted(range(100), key=lambda c: (c * 37) % 100)[:12]
+    rows = _class_rows(text)
+    assert [" ".join(row[:-3]) for row in rows] == [names[c][:23] + "~" for c in hardest]
+    assert [float(row[-1]) for row in rows] == [float((c * 37) % 100) for c in hardest]
+    assert [float(row[-3]) - float(row[-1]) for row in rows] == [1.0] * 12  # the long-named teacher's column
+    header = text.splitlines()[text.splitlines().index(next(line for line in text.splitlines()
+                                                            if line.startswith("top-1 % per class"))) + 1]  # fmt: skip
+    assert header.split() == ["a-teacher-with-a-long-name", "b", "ensemble"]
+    table = text.splitlines()[text.splitlines().index(header) + 1 :][:12]
+    assert all(len(line) == len(header) for line in table)  # each value right-aligned under its teacher's name
+    few = _class_rows(describe_inspection(_inspection(5, ["cat", "dog", "emu", "fox", "gnu"])))
+    assert [row[0] for row in few] == ["cat", "dog", "emu", "fox", "gnu"]
+    assert [float(row[-1]) for row in few] == [0.0, 37.0, 74.0, 11.0, 48.0]

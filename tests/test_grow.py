@@ -193,6 +193,7 @@ def test_info_names_the_extract_that_added_each_teacher_and_view(small_store, di
     assert [line.split(": ", 1)[1] for line in _origins_shown(at_once)] == [
         "teachers resnet8_w4, densenet_k12; views 0-1"
     ]
+    assert "added by" not in describe_store(open_store(at_once))  # one extract: said once, on the origins line
     # A store made before meal-cache kept the record (no shim): said so, and a growth does not start one.
     shutil.rmtree(grown / "origins")
     extract(dataclasses.replace(both, views=3), grown, progress=False, dataset=few)

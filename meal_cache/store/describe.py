@@ -121,8 +121,10 @@ def _origins_lines(extracts: list[dict] | None) -> list[str]:
 
 
 def _views_origins(extracts: list[dict] | None) -> list[str]:
-    """Below the views line: each range of views with the extract that added it."""
-    ranges = [f"{_views_named(e['views'])} added by {_when(e)}" for e in extracts or [] if e["views"] is not None]
+    """Below the views line of a grown store: each range of views with the extract that added it."""
+    if not extracts or len(extracts) == 1:  # one extract made it all: the origins line says so once
+        return []
+    ranges = [f"{_views_named(e['views'])} added by {_when(e)}" for e in extracts if e["views"] is not None]
     return [f"          {'; '.join(ranges)}"] if ranges else []
 
 
@@ -153,7 +155,8 @@ def describe_store(store: TeacherStore) -> str:
         *_origins_lines(extracts),
         "",
     ]
-    added_by = {key: entry for entry in extracts or [] for key in entry["teachers"]}
+    grown = extracts is not None and len(extracts) > 1
+    added_by = {key: entry for entry in extracts for key in entry["teachers"]} if grown else {}
     sizes = store.sizes()
     total_stored = total_raw32 = 0
     for key in store.teacher_names:
