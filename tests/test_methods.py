@@ -225,9 +225,11 @@ def test_a_method_installed_by_entry_point_runs_end_to_end(tmp_path, teacher_dir
 
 
 REFUSALS = [
-    ("at", "fitnet", "--for at (or --features attention)"),
-    ("fitnet", "at", "--for fitnet (or --features blocks)"),
-]
+    ("at", "fitnet", "--method at reads the teachers' attention maps, which this store lacks (it holds blocks): "
+                     "extract with --for at (or --features attention)"),
+    ("fitnet", "at", "--method fitnet reads the teachers' pooled blocks, which this store lacks (it holds "
+                     "attention): extract with --for fitnet (or --features blocks)"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("method", "store", "flags"), REFUSALS)

@@ -254,7 +254,8 @@ class Method(nn.Module):
                             "crop): distill with a method that reads those (kd, meal, meal-v2, fitnet, ...), or "
                             f"extract a store of views with --for {self.name}")  # fmt: skip
         if missing:
-            raise UserError(f"--method {self.name} reads the teachers' block {' and '.join(missing)}, which this store "
+            named = " and ".join(STORED_KIND_NAMES.get(kind, kind) for kind in missing)
+            raise UserError(f"--method {self.name} reads the teachers' {named}, which this store "
                             f"lacks (it holds {', '.join(store.layout.features) or 'logits only'}): extract with "
                             f"--for {self.name} (or --features {','.join(missing)})")  # fmt: skip
 
@@ -346,6 +347,10 @@ def _option_value(method: str, option: dataclasses.Field, value: Any) -> Any:
     if value < low:
         raise UserError(f"{_option_named(method, option.name)} must be >= {low}, got {value}")
     return int(value) if whole else float(value)
+
+
+# A stored feature kind as a refusal names it.
+STORED_KIND_NAMES = {"blocks": "pooled blocks", "maps": "channel-mean maps", "attention": "attention maps"}
 
 
 # The options that are also flags of their own (``distill --disc-lr``, MEAL's and the adversarial game's knobs): a
