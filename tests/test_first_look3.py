@@ -264,6 +264,16 @@ def test_a_redirected_run_writes_no_bar_refreshes_and_keeps_its_epoch_lines(tmp_
     assert [line.split("  ")[0] for line in ran.stdout.splitlines()[:2]] == ["epoch 1/2", "epoch 2/2"]
 
 
+def test_verify_into_a_log_writes_no_bar(small_store):
+    """verify's bar is the redirect-aware one as extract's and distill's are: nothing in a log for a short check
+    (tqdm's own would write "verify: 100%|..." there)."""
+    from console import ran, run_in_process
+
+    result = ran(run_in_process(["verify", str(small_store[0])]))
+    assert "chunks checked, 0 damaged" in result.stdout
+    assert "%|" not in result.stderr and "verify" not in result.stderr, result.stderr
+
+
 def test_a_bar_on_a_terminal_refreshes_as_tqdm_does_and_in_a_file_every_half_minute():
     import io
 

@@ -56,10 +56,11 @@ def verify(store: str, repair: bool, quiet: bool) -> None:
     1 when something is damaged (with or without --repair: a repaired store still needs the extract run).
     `meal-cache distill` makes the same check on the arrays it reads and refuses a damaged store.
     """
+    from meal_cache.engine.progress import progress_bar
     from meal_cache.store.teacher_store import open_store
     from meal_cache.store.verify import repair_store, verify_store
 
-    report = verify_store(open_store(store), progress=not quiet)
+    report = verify_store(open_store(store), progress=None if quiet else progress_bar)
     for problem in report.problems:
         click.echo(str(problem))
     pending = f"; {report.chunks_pending} not extracted yet (incomplete store)" if report.chunks_pending else ""

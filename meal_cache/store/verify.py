@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -157,17 +157,18 @@ def _decode_problems(array: zarr.Array, key: str, chunks: list[tuple[int, ...]])
     return problems
 
 
-def verify_store(store: TeacherStore, keys: list[str] | None = None, progress: bool = False) -> VerifyReport:
+def verify_store(store: TeacherStore, keys: list[str] | None = None,
+                 progress: Callable[..., Iterable[str]] | None = None) -> VerifyReport:  # fmt: skip
     """Check that every chunk that should hold data exists and decodes (its CRC-32C matches).
 
     Labels and views are written at creation, so all their chunks must exist; a teacher's output chunk must
     exist once its progress mark is set. ``keys`` limits the check to some arrays (distill checks those it
-    reads)."""
-    from tqdm.auto import tqdm
-
+    reads). ``progress`` makes the bar over the arrays, called as tqdm is (the CLI passes
+    ``engine.progress.progress_bar``, which keeps a redirected log short); None: no bar."""
     report = VerifyReport()
     done = {teacher: _progress_marks(store, teacher, report) for teacher in store.teacher_names}
-    for key in tqdm(keys if keys is not None else _all_keys(store), desc="verify", unit="array", disable=not progress):
+    arrays = keys if keys is not None else _all_keys(store)
+    for key in progress(arrays, desc="verify", unit="array") if progress is not None else arrays:
         array = store.group[key]
         stored = _stored_chunks(array)
         if is_teacher_key(key):
