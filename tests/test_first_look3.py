@@ -326,7 +326,7 @@ def test_inspect_marks_the_identity_view_and_heads_the_agreement_matrix(small_st
     at = lines.index("top-1 % per view (id: the identity view, no augmentation)")
     assert lines[at + 1].split() == ["v0", "v1", "v2", "id"]
     at = lines.index("teacher agreement % (top-1, over every view and row)")
-    assert lines[at + 1].split() == ["resnet8", "densene"]  # the columns, in the rows' order
+    assert lines[at + 1].split() == ["resnet8_w4", "densenet_k12"]  # the columns, in the rows' order
     store = open_store(path)
     top1 = {t: np.concatenate([store.read(f"teachers/{t}/logits", v) for v in range(3)]).argmax(1)
             for t in ("resnet8_w4", "densenet_k12")}  # fmt: skip
