@@ -128,7 +128,7 @@ def test_policies_draw_torchvisions_counts_and_bins_and_keep_the_crops():
         glyphs = augment.draw(digits, sizes, augment.view_generator(5, 1), augment.policy_for(name, "digits"))
         drawn = {augment.OP_NAMES[i] for i in glyphs.ops.unique().tolist()}
         assert drawn == set(augment.GLYPH_OPS) and not glyphs.flip.any() and glyphs.space == "randaugment"
-    with pytest.raises(UserError, match="unknown --recipe 'autoaugment'; choose one of: crop, randaugment"):
+    with pytest.raises(UserError, match="unknown --policy 'autoaugment'; choose one of: crop, randaugment"):
         augment.policy_for("autoaugment", "natural")
     assert augment.policy_for("crop", "natural") is None
 
@@ -214,21 +214,21 @@ def _replayed_from_the_arrays(path, view: int, images: torch.Tensor) -> torch.Te
     return augment.render(images, augment.ViewParams(*arrays, space=group.attrs["views"]["policy"]["space"]))
 
 
-@pytest.mark.parametrize("recipe", ["randaugment", "trivialaugment"])
-def test_distill_replays_the_augmented_pixels_the_teacher_saw_in_memory(teacher_dir, tmp_path, monkeypatch, recipe):
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+def test_distill_replays_the_augmented_pixels_the_teacher_saw_in_memory(teacher_dir, tmp_path, monkeypatch, policy):
     from meal_cache.extract.config import ExtractConfig
     from meal_cache.store import FORMAT
 
     spec = "digits?train_fraction=0.1"  # 143 rows
-    config = ExtractConfig(teachers=["resnet8_w4"], data=spec, views=2, identity_view=True, recipe=recipe,
+    config = ExtractConfig(teachers=["resnet8_w4"], data=spec, views=2, identity_view=True, policy=policy,
                            preset="kd", teacher_dir=str(teacher_dir), rows_per_chunk=64, batch_size=50,
                            device="cpu")  # fmt: skip
     path = tmp_path / "s.zarr"
     store, fed = _extract_recording(config, path, monkeypatch)
     attrs = store.attrs
-    assert attrs["format"] == FORMAT and attrs["views"]["policy"]["name"] == recipe
-    assert attrs["settings"]["recipe"] == recipe and store.policy == augment.policy_for(recipe, "digits")
-    k = 2 if recipe == "randaugment" else 1
+    assert attrs["format"] == FORMAT and attrs["views"]["policy"]["name"] == policy
+    assert attrs["settings"]["policy"] == policy and store.policy == augment.policy_for(policy, "digits")
+    k = 2 if policy == "randaugment" else 1
     assert store.array("views/ops").shape == (3, store.n, k) and store.array("views/magnitude").dtype == np.int8
     images = load_dataset(spec).split("train").images
     for view in range(2):
@@ -248,7 +248,7 @@ def test_distill_replays_the_augmented_pixels_the_teacher_saw_from_files(teacher
 
     folder = make_image_folder(tmp_path / "jpegs", classes=10, train=2, val=1, sizes=(40, 90))
     config = ExtractConfig(teachers=["resnet8_w4"], data=f"imagefolder:{folder}", image_size=16, views=2,
-                           recipe="trivialaugment", preset="kd", teacher_dir=str(teacher_dir), rows_per_chunk=8,
+                           policy="trivialaugment", preset="kd", teacher_dir=str(teacher_dir), rows_per_chunk=8,
                            batch_size=8, device="cpu", workers=0)  # fmt: skip
     path = tmp_path / "s.zarr"
     store, fed = _extract_recording(config, path, monkeypatch)
@@ -268,6 +268,6 @@ def test_crop_stores_keep_their_format_settings_and_views(small_store):
 
     path, _ = small_store
     store = open_store(path)
-    assert store.attrs["format"] == FORMAT and store.attrs["settings"]["recipe"] == "crop"
+    assert store.attrs["format"] == FORMAT and store.attrs["settings"]["policy"] == "crop"
     assert store.policy is None and store.view_params(0).ops is None and "views/ops" not in store.group
     assert store.view_keys == ["views/crop", "views/flip"]

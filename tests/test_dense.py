@@ -262,7 +262,7 @@ def made(tmp_path_factory):
     ("extra", "named"),
     [
         (["--mixup", "0.8"], "--mixup/--cutmix"),
-        (["--recipe", "randaugment"], "--recipe randaugment"),
+        (["--policy", "randaugment"], "--policy randaugment"),
         (["--features", "maps"], "--features maps"),
         (["--for", "at"], "--for at"),
         (["--dense-sizes", "16,x"], "--dense-sizes takes pixels"),

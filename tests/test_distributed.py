@@ -54,7 +54,7 @@ def test_two_ranks_grow_a_store_by_a_teacher_to_the_one_rank_store(teacher_dir, 
     # sources' test below creates its store under torchrun.)
     spec = "digits?train_fraction=0.5"  # 718 rows: 6 chunks, 3 a rank
     settings = dict(data=spec, teachers=TEACHERS, views=2, identity_view=True, rows_per_chunk=128, grid=2,
-                    recipe="randaugment", mixup=0.8, cutmix=1.0)  # fmt: skip
+                    policy="randaugment", mixup=0.8, cutmix=1.0)  # fmt: skip
     out = tmp_path / "two.zarr"
     digits = load_dataset(spec)
     threads = _one_thread()
@@ -66,7 +66,7 @@ def test_two_ranks_grow_a_store_by_a_teacher_to_the_one_rank_store(teacher_dir, 
     first_teacher = _written(out / "teachers" / TEACHERS[0])
     result = _torchrun("extract", "--data", spec, "--teachers", ",".join(TEACHERS), "--teacher-dir", str(teacher_dir),
                        "--views",
-                       "2", "--identity-view", "--rows-per-chunk", "128", "--grid", "2", "--recipe", "randaugment",
+                       "2", "--identity-view", "--rows-per-chunk", "128", "--grid", "2", "--policy", "randaugment",
                        "--mixup", "0.8", "--cutmix", "1", "--device", "cpu", "--out", str(out), "--quiet")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     # One report, from rank 0.

@@ -418,7 +418,7 @@ def test_every_view_of_a_chunk_from_one_decode_stores_what_view_by_view_extracti
     spec = f"imagefolder:{folder}"
     teachers = _untrained_teachers(tmp_path / "teachers", spec, 16)
     config = ExtractConfig(teachers=teachers, data=spec, image_size=16, views=3, identity_view=True,
-                           recipe="trivialaugment", cutmix=1.0, teacher_dir=str(tmp_path / "teachers"),
+                           policy="trivialaugment", cutmix=1.0, teacher_dir=str(tmp_path / "teachers"),
                            rows_per_chunk=8, batch_size=5, device="cpu", workers=2)  # fmt: skip
     store = extract(config, tmp_path / "s.zarr", progress=False)
     assert store.complete and store.mixing is not None and store.policy is not None

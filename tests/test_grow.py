@@ -100,7 +100,7 @@ def test_more_views_grow_a_store_of_augmented_views(small_store, digits, tmp_pat
     """A 1-view store asked for 2 views (RandAugment and CutMix drawn, so every kind of view array is grown)
     gains view 1 and equals a 2-view store; its view 0 keeps its files."""
     _, config = small_store
-    mixed = dataclasses.replace(config, teachers=["resnet8_w4"], identity_view=False, recipe="randaugment",
+    mixed = dataclasses.replace(config, teachers=["resnet8_w4"], identity_view=False, policy="randaugment",
                                 cutmix=1.0)  # fmt: skip
     at_once, grown = tmp_path / "two.zarr", tmp_path / "grown.zarr"
     extract(dataclasses.replace(mixed, views=2), at_once, progress=False, dataset=digits)

@@ -128,7 +128,7 @@ def test_distill_replays_the_mixed_pixels_the_teacher_saw_and_mixes_the_hard_lab
     from meal_cache.extract.config import ExtractConfig
     from meal_cache.store import FORMAT, describe_store
 
-    config = ExtractConfig(teachers=["resnet8_w4"], data=SPEC, views=2, identity_view=True, recipe="randaugment",
+    config = ExtractConfig(teachers=["resnet8_w4"], data=SPEC, views=2, identity_view=True, policy="randaugment",
                            mixup=0.8, cutmix=1.0, preset="kd", teacher_dir=str(teacher_dir), rows_per_chunk=64,
                            batch_size=50, device="cpu")  # fmt: skip
     path = tmp_path / "s.zarr"

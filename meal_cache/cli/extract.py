@@ -43,7 +43,7 @@ EXTRACT_SECTIONS = {
                      "device"),
     "What is stored": ("preset", "features", "blocks", "grid", "attention_p", "logits", "logits_temperature"),
     "Fewer bytes": ("dtype", "codec", "keep_bits", "quantize", "project", "projection"),
-    "Views": ("scale", "ratio", "hflip", "vflip", "recipe", "mixup", "cutmix", "mix_prob", "mix_switch_prob"),
+    "Views": ("scale", "ratio", "hflip", "vflip", "policy", "mixup", "cutmix", "mix_prob", "mix_switch_prob"),
     "Data": ("data", "data_root", "download", "image_size", "workers", "decode", "split"),
     "Advanced": ("divergent_views", "divergent_eps", "divergent_steps", "dense", "dense_sizes", "dense_grid",
                  "batch_size", "rows_per_chunk", "shard_chunks", "quiet"),
@@ -88,7 +88,7 @@ EXTRACT_SECTIONS = {
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the views' augmentation parameters.")
 @augmentation_options
 @click.option(
-    "--recipe",
+    "--policy",
     default="crop",
     show_default=True,
     help="What each view draws after the dataset's crop (and flip): crop (nothing more), randaugment "
@@ -159,7 +159,7 @@ EXTRACT_SECTIONS = {
     "(the classifier at each position of its last block, ReLabel's rule) and its blocks on a --dense-grid grid; "
     "distill then draws a fresh crop and flip per row and epoch and derives that crop's targets by RoIAlign over "
     "the maps: unlimited views for one teacher pass. Logits and pooled blocks only (kd, meal, meal-v2, fitnet, "
-    "dkd); no --mixup/--cutmix, --recipe or divergent views. --views is not used. docs/design.md, 'Dense stores'.",
+    "dkd); no --mixup/--cutmix, --policy or divergent views. --views is not used. docs/design.md, 'Dense stores'.",
 )
 @click.option(
     "--dense-sizes",

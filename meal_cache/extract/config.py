@@ -59,7 +59,7 @@ class ExtractConfig:
     split: str = "train"
     views: int = 4  # the views curve (docs/decisions.md): no gain measured beyond
     identity_view: bool = False
-    recipe: str = "crop"  # the views' policy after the crop: crop (none), randaugment, trivialaugment
+    policy: str = "crop"  # the views' policy after the crop: crop (none), randaugment, trivialaugment
     # timm's train.py knobs (None: the data's recipe's own; see augment.AugmentOptions): the random-resized crop's
     # area share and aspect ratio bounds, and each flip's chance.
     scale: tuple[float, float] | None = None
@@ -174,8 +174,8 @@ class ExtractConfig:
             raise UserError("name at least one teacher (--teachers resnet,densenet)")
         if len(set(self.teachers)) != len(self.teachers):
             raise UserError(f"a teacher is named twice in {','.join(self.teachers)}")
-        if self.recipe not in augment.POLICY_NAMES:
-            raise unknown_choice("--recipe", self.recipe, list(augment.POLICY_NAMES))
+        if self.policy not in augment.POLICY_NAMES:
+            raise unknown_choice("--policy", self.policy, list(augment.POLICY_NAMES))
         self.augment_options()
         for name in ("mixup", "cutmix"):
             value = getattr(self, name)
@@ -235,7 +235,7 @@ class ExtractConfig:
         per epoch), and per-view maps."""
         check_settings(self.dense_sizes, self.dense_grid)
         conflicts = {"--mixup/--cutmix": self.mixing() is not None,
-                     f"--recipe {self.recipe}": self.recipe != "crop",
+                     f"--policy {self.policy}": self.policy != "crop",
                      "--divergent-views": bool(self.divergent_views),
                      "--identity-view": self.identity_view}  # fmt: skip
         for option, conflict in conflicts.items():

@@ -64,7 +64,7 @@ def open_or_create(
     split = dataset.split(config.split)
     n = len(split)
     sizes = split.source_sizes(config.workers)
-    policy = augment.policy_for(config.recipe, recipe.name)
+    policy = augment.policy_for(config.policy, recipe.name)
     mixing = config.mixing()
     draw = _view_drawer(config, dataset, sizes)
     search = config.divergent_search()
@@ -98,7 +98,7 @@ def _view_drawer(config: ExtractConfig, dataset: ImageDataset,
     """View ``view``'s parameters of every row, drawn from the seed and the view's index alone (so a view is the
     same whichever extract draws it)."""
     recipe = dataset.view_recipe(config.augment_options())
-    policy = augment.policy_for(config.recipe, recipe.name)
+    policy = augment.policy_for(config.policy, recipe.name)
     mixing = config.mixing()
 
     def draw(view: int) -> augment.ViewParams:
@@ -175,7 +175,7 @@ def _grown_by_views(existing: TeacherStore, out: str | Path, config: ExtractConf
     draw = _view_drawer(config, dataset, sizes)
     recipe = dataset.view_recipe(config.augment_options())
     views_info = _views_info(config, dataset, recipe, config.views, False,
-                             augment.policy_for(config.recipe, recipe.name), config.mixing(), None)  # fmt: skip
+                             augment.policy_for(config.policy, recipe.name), config.mixing(), None)  # fmt: skip
     existing.add_views([draw(view) for view in range(existing.num_views, config.views)], settings, views_info)
     record_origins(existing.group, existing.teacher_names, existing.num_views)
     return existing

@@ -176,7 +176,7 @@ class TeacherStore:
 
     @property
     def policy(self) -> Policy | None:
-        """The views' policy (``extract --recipe``), None for crop-only views."""
+        """The views' policy (``extract --policy``), None for crop-only views."""
         return policy_from_json(self.attrs["views"].get("policy"))
 
     @property

@@ -19,7 +19,7 @@ given either becomes a random-resized crop, as timm's always is) and each flip's
 per-row boolean of its own (``ViewParams.vflip``), present only when the recipe draws it, so views without it
 have the fields they always had.
 
-On top of the crop, a view may take a *policy* (``extract --recipe randaugment|trivialaugment``): its ops are
+On top of the crop, a view may take a *policy* (``extract --policy randaugment|trivialaugment``): its ops are
 drawn after the crop and flip and applied after them (:mod:`meal_cache.views.policies`, whose names this module
 re-exports).
 """

@@ -1,4 +1,4 @@
-"""A view's policy after its crop (``extract --recipe randaugment|trivialaugment``): torchvision.transforms.v2's
+"""A view's policy after its crop (``extract --policy randaugment|trivialaugment``): torchvision.transforms.v2's
 RandAugment (2 ops a row at magnitude bin 9 of 31) and TrivialAugmentWide (1 op a row, a uniform bin), with
 torchvision's op list and magnitude ranges (:data:`SPACES`, checked against torchvision's own tables in the tests).
 Each row's ops are drawn as indices into :data:`OP_NAMES` (int8, -1 none) with signed magnitude bins (int8);
@@ -95,12 +95,12 @@ class Policy:
 
 
 def policy_for(name: str, data_recipe: str) -> Policy | None:
-    """``extract --recipe NAME`` for data of ``data_recipe``: None for ``crop`` (the crop and flip alone).
+    """``extract --policy NAME`` for data of ``data_recipe``: None for ``crop`` (the crop and flip alone).
     RandAugment is torchvision's defaults (2 ops, bin 9 of 31), TrivialAugment its TrivialAugmentWide; glyphs
     draw from :data:`GLYPH_OPS`, and TrivialAugment's wide ranges (rotations to 135 degrees, which turn a 6
     into a 9; 32 px shifts, twice a 16 px digit) become RandAugment's there."""
     if name not in POLICY_NAMES:
-        raise unknown_choice("--recipe", name, list(POLICY_NAMES))
+        raise unknown_choice("--policy", name, list(POLICY_NAMES))
     if name == "crop":
         return None
     glyphs = data_recipe == "digits"
