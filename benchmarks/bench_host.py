@@ -81,11 +81,49 @@ class _Shaped(nn.Module):
         return picked.expand(-1, self.channels, -1, -1)
 
 
+class FreeDenseNet(FreeNet):
+    """:class:`FreeNet` with a head a dense store can read at each position (``extract --dense``): the logits are
+    the last block's output averaged over its positions, so the mean of the per-position logits is the whole
+    image's, as for a classifier after global average pooling. The last block's channels are the input's colours
+    at their own scales (a buffer), so the classes' logits differ from one image to the next."""
+
+    def __init__(self, blocks: list[BlockSpec], num_classes: int) -> None:
+        super().__init__(blocks, num_classes)
+        last = blocks[-1]
+        self.add_module(last.name, _Coloured(last.channels, last.height, last.width))
+        # No weights to learn, but the block probes (nets.taps) find the device from a parameter.
+        self.device_anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    @property
+    def block_names(self) -> list[str]:
+        return self.names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.names:
+            out = self.get_submodule(name)(x)
+        pooled = out.mean((2, 3))  # (rows, C): a row per position where the dense pass spreads the last block
+        return pooled.repeat(1, -(-self.num_classes // pooled.shape[1]))[:, : self.num_classes]
+
+
+class _Coloured(_Shaped):
+    def __init__(self, channels: int, height: int, width: int) -> None:
+        super().__init__(channels, height, width)
+        self.register_buffer("scales", torch.linspace(0.5, 1.5, channels).view(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = max(1, x.shape[-1] // self.width)
+        picked = x[:, :, ::step, ::step][:, :, : self.height, : self.width]
+        if picked.shape[-2:] != (self.height, self.width):
+            picked = F.interpolate(picked, (self.height, self.width))
+        colours = picked.repeat(1, -(-self.channels // picked.shape[1]), 1, 1)[:, : self.channels]
+        return colours * self.scales
+
+
 @contextlib.contextmanager
-def free_teachers(widen: int = 1) -> Iterator[None]:
+def free_teachers(widen: int = 1, dense: bool = False) -> Iterator[None]:
     """extract's teachers resolved as usual (checkpoint, blocks, what the store records), their networks swapped
-    for :class:`FreeNet` of the same block shapes (``widen`` times the channels: a small checkpoint standing in for
-    a wide network's blocks): what extract then spends is its own work."""
+    for :class:`FreeNet` (``dense``: :class:`FreeDenseNet`) of the same block shapes (``widen`` times the channels:
+    a small checkpoint standing in for a wide network's blocks): what extract then spends is its own work."""
     real = extract_run.resolve_teacher
 
     def resolved(*args, **kwargs):
@@ -93,7 +131,8 @@ def free_teachers(widen: int = 1) -> Iterator[None]:
         blocks = [dataclasses.replace(b, name=b.name.replace(".", "_"), channels=b.channels * widen)
                   for b in teacher.spec.blocks]  # fmt: skip
         spec = dataclasses.replace(teacher.spec, blocks=blocks)
-        return dataclasses.replace(teacher, model=FreeNet(blocks, len(spec.classes)).eval(), spec=spec)
+        network = (FreeDenseNet if dense else FreeNet)(blocks, len(spec.classes))
+        return dataclasses.replace(teacher, model=network.eval(), spec=spec)
 
     extract_run.resolve_teacher = resolved
     try:
@@ -121,13 +160,13 @@ def host_teacher(folder: Path, spec: str, size: int, arch: str = HOST_TEACHER) -
 
 
 def extract_seconds(root: Path, teacher_dir: Path, teacher: str, size: int, views: int, out: Path,
-                    preset: str = "kd") -> float:  # fmt: skip
-    """Wall seconds of one extract of ``views`` views at the ``--for`` preset (a fresh store, the dataset loaded
-    afresh)."""
+                    preset: str | None = "kd", dense: bool = False) -> float:  # fmt: skip
+    """Wall seconds of one extract of ``views`` views at the ``--for`` preset, or of a dense store (``dense``: the
+    whole image once, maps for any crop); a fresh store, the dataset loaded afresh."""
     spec = f"imagefolder:{root}"
     config = ExtractConfig(teachers=[teacher], data=spec, image_size=size, views=views, batch_size=HOST_BATCH,
                            teacher_dir=str(teacher_dir), device="cpu", workers=HOST_WORKERS,
-                           preset=preset)  # fmt: skip
+                           preset=None if dense else preset, dense=dense)  # fmt: skip
     started = time.perf_counter()
     extract(config, out, overwrite=True, progress=False, dataset=load_dataset(spec, image_size=size))
     return time.perf_counter() - started
@@ -168,14 +207,17 @@ def stored_bytes(store: Path) -> int:
 
 def bench_host(work: Path, repeats: int, images: int = 300, size: int = 64, views: int = 8) -> dict:
     """The host's ceiling on a generated folder of ``images`` JPEGs of ``size`` px: extract with free teachers at
-    1 and ``views`` views, distill's batch source over the ``views``-view store, the plain torchvision decode of
+    1 and ``views`` views and of a dense store, distill's batch source over the ``views``-view store and over the
+    dense one (fresh crops' targets cut from the maps), the plain torchvision decode of
     the same files, and the bytes a second extract writes at each of HOST_WRITE_PRESETS (one view); the rounds
     alternate, and each figure is the median of its ``repeats``."""
     root = host_folder(work / "host-folder", images, size)
     teacher_dir = work / "host-teachers"
     teacher = host_teacher(teacher_dir, f"imagefolder:{root}", size)
     store = work / "host-views.zarr"
-    seconds: dict[str, list[float]] = {"plain": [], "extract1": [], f"extract{views}": [], "batch_source": []}
+    dense_store = work / "host-dense.zarr"
+    seconds: dict[str, list[float]] = {"plain": [], "extract1": [], f"extract{views}": [], "batch_source": [],
+                                       "extract_dense": [], "dense_batch_source": []}  # fmt: skip
     written: dict[str, list[float]] = {preset: [] for preset in HOST_WRITE_PRESETS}
     bytes_per_image: dict[str, float] = {}
     with free_teachers():
@@ -188,6 +230,11 @@ def bench_host(work: Path, repeats: int, images: int = 300, size: int = 64, view
             seconds[f"extract{views}"].append(extract_seconds(root, teacher_dir, teacher, size, views, store) / images)
             source_s, source_images = batch_source_seconds(store, round_)
             seconds["batch_source"].append(source_s / source_images)
+            with free_teachers(dense=True):
+                seconds["extract_dense"].append(extract_seconds(root, teacher_dir, teacher, size, 1, dense_store,
+                                                                dense=True) / images)  # fmt: skip
+            dense_s, dense_images = batch_source_seconds(dense_store, round_)
+            seconds["dense_batch_source"].append(dense_s / dense_images)
             for preset in HOST_WRITE_PRESETS:
                 out = work / f"host-{preset}.zarr"
                 preset_s = extract_seconds(root, teacher_dir, teacher, size, 1, out, preset=preset)
@@ -203,6 +250,9 @@ def bench_host(work: Path, repeats: int, images: int = 300, size: int = 64, view
         f"host_extract_views{views}_images_per_s": 1 / per_image[f"extract{views}"],
         "host_distill_batch_source_images_per_s": 1 / per_image["batch_source"],
         "host_distill_batch_source_batches_per_s": 1 / (per_image["batch_source"] * HOST_BATCH),
+        "host_extract_dense_images_per_s": 1 / per_image["extract_dense"],
+        "host_distill_dense_batch_source_batches_per_s": 1 / (per_image["dense_batch_source"] * HOST_BATCH),
+        "host_distill_dense_vs_plain_decode": per_image["plain"] / per_image["dense_batch_source"],
         "host_extract_bytes_per_s": {preset: statistics.median(rates) for preset, rates in written.items()},
         "host_extract_bytes_per_image": bytes_per_image,
         f"host_extract_views{views}_per_decode_ratio": per_image[f"extract{views}"] / per_image["extract1"],

@@ -42,3 +42,23 @@ def test_free_teachers_store_the_real_block_shapes_and_logits_taken_from_the_pix
     normalised = augment.normalise(pixels, dataset.mean, dataset.std, channels_last=False)
     expected = normalised.flatten(1)[:, : dataset.num_classes].numpy().astype(np.float16)
     np.testing.assert_array_equal(store.logits(teacher, 1), expected)
+
+
+def test_free_dense_teachers_write_a_dense_store_whose_logits_are_each_positions_colours(tmp_path):
+    """The host section's dense row: extract --dense takes the free teacher (its head passes the per-position
+    check), and each position's logit of class c is the colour c mod 3 there at scale 0.5 + c / (C - 1), so the
+    classes differ within a row and the rows differ from each other (a store that compresses as data)."""
+    root = host_folder(tmp_path / "folder", 20, 24)
+    spec = f"imagefolder:{root}"
+    teacher = host_teacher(tmp_path / "teachers", spec, 16)
+    config = ExtractConfig(teachers=[teacher], data=spec, image_size=16, dense=True, teacher_dir=str(tmp_path /
+                           "teachers"), device="cpu", workers=0, batch_size=8, rows_per_chunk=8)  # fmt: skip
+    with free_teachers(dense=True):
+        store = extract(config, tmp_path / "d.zarr", progress=False)
+    logits = np.asarray(store.array(f"teachers/{teacher}/logits")[0], dtype=np.float64)  # (N, positions, C)
+    channels = store.blocks(teacher)[-1].channels
+    scales = np.linspace(0.5, 1.5, channels)[: logits.shape[-1]]
+    colours = logits / scales  # each class's colour, as the free head took it
+    for c in range(3, logits.shape[-1]):
+        np.testing.assert_allclose(colours[..., c], colours[..., c % 3], rtol=2e-3, atol=2e-3)
+    assert np.ptp(logits, axis=-1).min() > 0 and np.ptp(logits.mean(1), axis=0).min() > 0
