@@ -25,9 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -763,21 +763,12 @@ def bench_decode_sources(work: Path, root: Path, repeats: int) -> dict:
             "decode_hf_vs_imagefolder": rates["hf"] / rates["imagefolder"]}  # fmt: skip
 
 
-@contextlib.contextmanager
-def index_cache_in(folder: Path) -> Iterator[None]:
+def index_cache_in(folder: Path) -> contextlib.AbstractContextManager:
     """wds's shard index cache in ``folder`` (this process's and its children's), so a bench leaves none behind
     in the user's cache."""
     from meal_cache.data.sources.wds import INDEX_CACHE_ENV
 
-    before = os.environ.get(INDEX_CACHE_ENV)
-    os.environ[INDEX_CACHE_ENV] = str(folder)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(INDEX_CACHE_ENV, None)
-        else:
-            os.environ[INDEX_CACHE_ENV] = before
+    return mock.patch.dict(os.environ, {INDEX_CACHE_ENV: str(folder)})
 
 
 def bench_wds_index(work: Path, repeats: int, shards: int = 32, per_shard: int = 256) -> dict:

@@ -72,13 +72,16 @@ class _Shaped(nn.Module):
         super().__init__()
         self.channels, self.height, self.width = channels, height, width
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Every s-th pixel of the first channel, broadcast to the channels: a view, no arithmetic.
+    def picked(self, x: torch.Tensor) -> torch.Tensor:
+        """Every s-th pixel of ``x``, the block's height and width of them: a view, no arithmetic."""
         step = max(1, x.shape[-1] // self.width)
-        picked = x[:, :1, ::step, ::step][:, :, : self.height, : self.width]
+        picked = x[:, :, ::step, ::step][:, :, : self.height, : self.width]
         if picked.shape[-2:] != (self.height, self.width):  # a map larger than the input
             picked = F.interpolate(picked, (self.height, self.width))
-        return picked.expand(-1, self.channels, -1, -1)
+        return picked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.picked(x[:, :1]).expand(-1, self.channels, -1, -1)  # the first channel, broadcast
 
 
 class FreeDenseNet(FreeNet):
@@ -111,10 +114,7 @@ class _Coloured(_Shaped):
         self.register_buffer("scales", torch.linspace(0.5, 1.5, channels).view(1, channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        step = max(1, x.shape[-1] // self.width)
-        picked = x[:, :, ::step, ::step][:, :, : self.height, : self.width]
-        if picked.shape[-2:] != (self.height, self.width):
-            picked = F.interpolate(picked, (self.height, self.width))
+        picked = self.picked(x)
         colours = picked.repeat(1, -(-self.channels // picked.shape[1]), 1, 1)[:, : self.channels]
         return colours * self.scales
 
