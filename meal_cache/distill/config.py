@@ -222,8 +222,6 @@ PRESETS: dict[str, Preset] = {path.stem: read_preset(path) for path in sorted(PR
 RECORDED_WHEN_SET = {"peers": None, "given": (), "nesterov": True, "eval_every": 1, "options": None}
 
 
-# The names a distill step's settings take (a pipeline's method table, a --config file): the config's fields and
-# the knobs that fill the options of MEAL's family (OPTION_FLAGS), each with its type.
 def knob_types() -> dict[str, object]:
     """The knobs' types, as the options of the methods that read them are typed."""
     types: dict[str, object] = {}

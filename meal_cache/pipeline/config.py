@@ -217,16 +217,13 @@ def load_step_file(path: str | Path, command: str) -> dict:
     if isinstance(raw.get(command), dict) and command not in types:
         raise UserError(f"{path}: write the settings at the top level of the file, without the [{command}] header")
     _check_keys(str(path), raw, set(types), listing=f"`meal-cache {command} --help` lists them")
-    for name, value in raw.items():
-        if not _has_type(value, types[name]):
-            raise UserError(f"{path}: {name} takes {_type_name(types[name])}, got {value!r}")
+    _check_types(str(path), raw, types)
     return raw
 
 
-def _check_types(where: str, table: dict, command: str, skip: frozenset[str] = frozenset()) -> None:
-    """Each of ``table``'s settings of ``command`` (``skip`` aside) of its config field's type, as a --config file's
-    are: a string where a number or a list goes is refused naming the table, not met later as a traceback."""
-    types = step_setting_types(command)
+def _check_types(where: str, table: dict, types: dict[str, object], skip: frozenset[str] = frozenset()) -> None:
+    """Each of ``table``'s settings named in ``types`` (``skip`` aside) of its type there: a string where a number
+    or a list goes is refused naming the table, not met later as a traceback."""
     for name, value in table.items():
         if name in types and name not in skip and not _has_type(value, types[name]):
             raise UserError(f"{where}: {name} takes {_type_name(types[name])}, got {value!r}")
@@ -288,7 +285,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         if "name" not in teacher or "arch" not in teacher:
             raise UserError(f"{path}: every [[teachers]] entry needs a name and an arch")
         _check_keys(f"{path} teacher {teacher['name']}", teacher, train_fields | {"name"})
-        _check_types(f"{path} teacher {teacher['name']}", teacher, "train")
+        _check_types(f"{path} teacher {teacher['name']}", teacher, step_setting_types("train"))
         _check_augmentation(f"{path} teacher {teacher['name']}", teacher)
         check_model_name(split_weights(teacher["arch"])[0])
         if is_pretrained(teacher):
@@ -302,7 +299,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     store_fields = fields_of(ExtractConfig) - {"teachers", "data", "data_root", "download", "image_size", "teacher_dir",
                                              "device"}  # fmt: skip
     _check_keys(f"{path} [store]", store, store_fields)
-    _check_types(f"{path} [store]", store, "extract")
+    _check_types(f"{path} [store]", store, step_setting_types("extract"))
     _check_augmentation(f"{path} [store]", store)
     stores_raw = raw.get("stores", {})
     if not isinstance(stores_raw, dict) or not all(isinstance(v, dict) for v in stores_raw.values()):
@@ -312,12 +309,12 @@ def load_pipeline(path: str | Path) -> Pipeline:
         if not STORE_NAME.fullmatch(name):
             raise UserError(f"{path}: store name '{name}' may hold only letters, digits, '_', '.' and '-'")
         _check_keys(f"{path} [stores.{name}]", overrides, store_fields)
-        _check_types(f"{path} [stores.{name}]", overrides, "extract")
+        _check_types(f"{path} [stores.{name}]", overrides, step_setting_types("extract"))
         _check_augmentation(f"{path} [stores.{name}]", overrides)
     student = dict(raw["student"])
     _check_keys(f"{path} [student]", student, (fields_of(TrainConfig) | distill_settings()) - {"student", "store"})
-    _check_types(f"{path} [student]", student, "distill", skip=frozenset(fields_of(TrainConfig)))
-    _check_types(f"{path} [student]", student, "train")
+    _check_types(f"{path} [student]", student, step_setting_types("distill"), skip=frozenset(fields_of(TrainConfig)))
+    _check_types(f"{path} [student]", student, step_setting_types("train"))
     check_model_name(split_weights(student.get("arch", ""))[0])
     methods = {name: dict(overrides) for name, overrides in raw["methods"].items()}
     seeds = [int(s) for s in raw.get("seeds", [0])]
@@ -372,6 +369,8 @@ def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], store
                    student: dict) -> None:  # fmt: skip
     """Each method's settings (over the [student] section's, as its step takes them), seeds (a subset of the
     pipeline's), store name and method name."""
+    distill_types = step_setting_types("distill")
+    settings_names = set(distill_types)
     for name, overrides in methods.items():
         extra = set(overrides.get("seeds", seeds)) - set(seeds)
         if extra:
@@ -383,8 +382,8 @@ def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], store
                                                                     if k != "seeds"}})  # fmt: skip
             continue
         # ``store`` names a [stores] table here (the DistillConfig field of that name is the store's path).
-        _check_keys(f"{path} method {name}", overrides, distill_settings() - {"student"} | {"seeds"})
-        _check_types(f"{path} method {name}", overrides, "distill", skip=frozenset({"store"}))
+        _check_keys(f"{path} method {name}", overrides, settings_names - {"student"} | {"seeds"})
+        _check_types(f"{path} method {name}", overrides, distill_types, skip=frozenset({"store"}))
         if "store" in overrides:
             chosen = overrides["store"]
             if not isinstance(chosen, str):
@@ -396,7 +395,7 @@ def _check_methods(path: Path, methods: dict[str, dict], seeds: list[int], store
         if method not in available_methods():
             raise unknown_choice(f"method of '{name}'", method, list(available_methods()))
         # Every choice and number of the method's settings, now rather than after the teachers and the store.
-        shared = {k: v for k, v in student.items() if k in distill_settings() and k != "arch"}
+        shared = {k: v for k, v in student.items() if k in settings_names and k != "arch"}
         settings = {**shared, **{k: v for k, v in overrides.items() if k not in ("seeds", "store")}}
         try:
             DistillConfig(store="", student="", **{"method": method, "teachers": ["t"], **settings}).resolved()

@@ -208,7 +208,8 @@ def _student_step(steps: StepRunner, pipeline: Pipeline, run_dir: Path, name: st
 
         steps.run(f"{name}/seed-{seed}", _stamped(config), [], [target], train_alone)
         return
-    student = {k: v for k, v in pipeline.student.items() if k in distill_settings() and k != "arch"}
+    settings_names = distill_settings()
+    student = {k: v for k, v in pipeline.student.items() if k in settings_names and k != "arch"}
     if overrides.get("online"):
         # The online reference runs the pipeline's own teachers in the loop.
         teacher_names = pipeline.teacher_sources()

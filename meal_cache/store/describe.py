@@ -112,9 +112,7 @@ def _origins_lines(extracts: list[dict] | None) -> list[str]:
         if entry["teachers"]:
             added.append(("teacher " if len(entry["teachers"]) == 1 else "teachers ") + ", ".join(entry["teachers"]))
         if entry["views"] is not None:
-            added.append(
-                f"view{'s' if entry['views'][1] - entry['views'][0] > 1 else ''} {_view_range(entry['views'])}"
-            )
+            added.append(_views_named(entry["views"]))
         label = "origins" if not lines else ""
         lines.append(f"{label:9s} {_when(entry)}, meal-cache {entry['version']}: {'; '.join(added)}")
     return lines
