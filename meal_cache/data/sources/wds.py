@@ -26,6 +26,7 @@ a word. Only shards that index cleanly are kept, so every refusal of a bad shard
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -250,8 +251,7 @@ class _ShardIndex:
     labels: list[int]
 
     def as_json(self) -> dict:
-        return {"keys": self.keys, "suffixes": self.suffixes, "offsets": self.offsets, "lengths": self.lengths,
-                "labels": self.labels}  # fmt: skip
+        return dataclasses.asdict(self)
 
 
 def _read_headers(place: _Place, path: str, size: int) -> _ShardIndex:

@@ -33,7 +33,6 @@ from meal_cache.distill.methods.adversarial import (
     AdversarialMethod,
     AdversarialOutput,
     GameOptions,
-    check_game,
 )
 from meal_cache.distill.methods.base import PRESET_LOGITS, Batch, StoreNeeds
 from meal_cache.distill.methods.peers import build_peers, mutual_kl, peer_architectures
@@ -120,7 +119,7 @@ class Afd(AdversarialMethod):
 
     @classmethod
     def check_options(cls, options: AfdOptions) -> None:
-        check_game(options)
+        super().check_options(options)  # the game's knobs
         for name, value, choices in (("mutual_from", options.mutual_from, KL_SOURCES),
                                      ("adv_update", options.adv_update, ADV_UPDATES)):  # fmt: skip
             if value not in choices:

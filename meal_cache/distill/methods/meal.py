@@ -22,7 +22,6 @@ from meal_cache.distill.methods.adversarial import (
     AdversarialMethod,
     AdversarialOutput,
     GameOptions,
-    check_game,
 )
 from meal_cache.distill.methods.base import (
     PRESET_LOGITS,
@@ -149,7 +148,6 @@ def block_options(options: Any) -> dict[str, Any]:
 
 
 def _check_family(options: FamilyOptions) -> None:
-    check_game(options)
     if options.disc_form not in DISC_FORMS:
         raise unknown_choice("discriminator form", options.disc_form, DISC_FORMS)
     if options.discriminators is not None:
@@ -249,6 +247,7 @@ class MealFamily(AdversarialMethod):
 
     @classmethod
     def check_options(cls, options: FamilyOptions) -> None:
+        super().check_options(options)  # the game's knobs
         _check_family(options)
         if isinstance(options, BlockOptions):
             _check_blocks(options)
